@@ -1,0 +1,135 @@
+// The compute backend: memory and the ~20 ops of LLaMA training, forward and backward.
+//
+// Conventions for every op:
+// - Buffers are opaque pointers to memory from Allocate(); their element type is the
+//   backend's `dtype()` (the CPU backend: f32 or f64). Token ids are int32 on the host.
+// - Shapes are row-major. A "row" is one token. N = batch * seq tokens.
+// - Linear weights use the Hugging Face layout [out, in].
+// - `accumulate` parameters say whether a result is added into the output (true) or
+//   overwrites it (false). Weight gradients always accumulate.
+// - Ops run in order on the calling thread's stream; results are visible to later ops.
+// - Not thread-safe: one backend serves one training loop.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+#include "core/dtype.h"
+
+namespace llamad {
+
+// Shape of a causal self-attention call. The q|k|v input holds, per token row of width
+// `row_stride`, H query heads then Hkv key heads then Hkv value heads of `head_dim` each.
+struct AttentionShape {
+  int batch = 0;
+  int seq = 0;
+  int heads = 0;        // H
+  int kv_heads = 0;     // Hkv, divides H; query head h reads kv head h / (H / Hkv)
+  int head_dim = 0;     // D
+  int row_stride() const { return (heads + 2 * kv_heads) * head_dim; }
+};
+
+struct AdamWStep {
+  double lr = 0;            // This step's learning rate.
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0;  // Decoupled: p -= lr * weight_decay * p.
+  int64_t step = 1;         // 1-based, for bias correction.
+  double grad_scale = 1.0;  // Gradients are multiplied by this first (clipping).
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string_view name() const = 0;
+  // Element type of every buffer this backend allocates.
+  virtual DType dtype() const = 0;
+
+  // ---- memory -----------------------------------------------------------------------
+  // Returns a zero-filled buffer of `numel` elements; never null (aborts when out of
+  // memory). Free it with Free().
+  virtual void* Allocate(size_t numel) = 0;
+  virtual void Free(void* buffer) = 0;
+  // Bytes currently allocated, and the most ever allocated at once.
+  virtual size_t allocated_bytes() const = 0;
+  virtual size_t peak_allocated_bytes() const = 0;
+  virtual void ResetPeak() = 0;
+  // Copies between host doubles and a buffer (converting), for tests, init and export.
+  virtual void Upload(void* dst, const double* src, size_t numel) = 0;
+  virtual void Download(double* dst, const void* src, size_t numel) = 0;
+  // Copies between host float32 and a buffer (converting).
+  virtual void UploadF32(void* dst, const float* src, size_t numel) = 0;
+  virtual void DownloadF32(float* dst, const void* src, size_t numel) = 0;
+  virtual void Copy(void* dst, const void* src, size_t numel) = 0;
+  virtual void Zero(void* buffer, size_t numel) = 0;
+  // x[i] *= scale.
+  virtual void Scale(void* x, double scale, size_t numel) = 0;
+  // Fills with N(0, std^2) samples from the counter-based generator (seed, stream).
+  virtual void FillNormal(void* x, size_t numel, double std, uint64_t seed, uint64_t stream) = 0;
+  virtual void Fill(void* x, size_t numel, double value) = 0;
+  // Sum of squares, accumulated in double.
+  virtual double SumSquares(const void* x, size_t numel) = 0;
+
+  // ---- layers -----------------------------------------------------------------------
+  // y[n, out] (+)= x[n, in] . w[out, in]^T. Row strides of x and y are `in` and `out`.
+  virtual void Linear(void* y, const void* x, const void* w, int n, int in, int out,
+                      bool accumulate) = 0;
+  // dx[n, in] (+)= dy . w (skipped when dx is null); dw[out, in] += dy^T . x.
+  virtual void LinearBackward(void* dx, void* dw, const void* dy, const void* x, const void* w,
+                              int n, int in, int out, bool accumulate_dx) = 0;
+
+  // out[n, :] = table[tokens[n], :]. Ids must be in [0, vocab).
+  virtual void Embedding(void* out, const int32_t* tokens, const void* table, int n, int dim) = 0;
+  // dtable[tokens[n], :] += dout[n, :].
+  virtual void EmbeddingBackward(void* dtable, const void* dout, const int32_t* tokens, int n,
+                                 int dim) = 0;
+
+  // out = x / sqrt(mean(x^2) + eps) * w, per row; rstd[n] keeps 1 / sqrt(mean + eps).
+  virtual void RmsNorm(void* out, void* rstd, const void* x, const void* w, int n, int dim,
+                       double eps) = 0;
+  // dx (+)= d/dx, dw += d/dw, given the forward's x and rstd.
+  virtual void RmsNormBackward(void* dx, void* dw, const void* dout, const void* x,
+                               const void* w, const void* rstd, int n, int dim,
+                               bool accumulate_dx) = 0;
+
+  // Fills table[seq, head_dim / 2, 2] with (cos, sin) of position * theta^(-2i/head_dim).
+  virtual void RopeTable(void* table, int seq, int head_dim, double theta) = 0;
+  // Rotates the query and key heads of a q|k|v buffer in place with Hugging Face's
+  // rotate_half convention (positions 0..seq-1 in each sequence). With `inverse` it
+  // applies the transposed rotation, which is the backward of the forward rotation.
+  virtual void Rope(void* qkv, const void* table, const AttentionShape& shape, bool inverse) = 0;
+
+  // Causal softmax attention with grouped-query heads, scale 1/sqrt(D).
+  // out[n, H * D]; lse[batch, H, seq] keeps each row's log-sum-exp for the backward.
+  // `block` is the tile size: the kernel never holds more than block x block scores
+  // per head; block >= seq is the standard, unfused algorithm.
+  virtual void Attention(void* out, void* lse, const void* qkv, const AttentionShape& shape,
+                         int block) = 0;
+  // dqkv (overwritten, same layout as qkv) from dout, the forward's out and lse.
+  virtual void AttentionBackward(void* dqkv, const void* dout, const void* out, const void* lse,
+                                 const void* qkv, const AttentionShape& shape, int block) = 0;
+
+  // h[n, f] = silu(gate) * up, where each row of gate_up is [gate(f) | up(f)].
+  virtual void SwiGlu(void* h, const void* gate_up, int n, int ffn) = 0;
+  // dgate_up (overwritten) from dh.
+  virtual void SwiGluBackward(void* dgate_up, const void* dh, const void* gate_up, int n,
+                              int ffn) = 0;
+
+  // Fused LM head and cross-entropy over n rows of x[n, dim] with w[vocab, dim]: never
+  // holds more than a chunk of logits. Rows whose target is negative are ignored.
+  // Returns the sum of the per-row losses (natural log). When dx is not null it
+  // writes dx = d(loss_sum * grad_scale)/dx and adds the same gradient into dw.
+  virtual double LmHeadCrossEntropy(const void* x, const void* w, const int32_t* targets, int n,
+                                    int dim, int vocab, double grad_scale, void* dx,
+                                    void* dw) = 0;
+
+  // ---- optimizer --------------------------------------------------------------------
+  // One AdamW step over param/grad/m/v of `numel` elements (moments in backend dtype).
+  virtual void AdamW(void* param, const void* grad, void* m, void* v, size_t numel,
+                     const AdamWStep& step) = 0;
+};
+
+}  // namespace llamad

@@ -1,0 +1,34 @@
+// The CPU backend: the numerical reference and the default without a GPU.
+// f32 for training, f64 for gradient checks. GEMMs through OpenBLAS, the rest through
+// OpenMP loops with static schedules, so a run is bit-identical for a given thread count.
+#pragma once
+
+#include <memory>
+
+#include "backend/backend.h"
+
+namespace llamad {
+
+struct CpuBackendOptions {
+  DType dtype = DType::kF32;  // kF32 or kF64.
+  int threads = 0;            // Worker threads for OpenMP and OpenBLAS; 0 = all cores.
+  // Rows of logits the fused LM head holds at once is chunk_elements / vocab (>= 16).
+  size_t lm_head_chunk_elements = size_t{8} << 20;
+};
+
+// Creates a CPU backend. Sets the process-wide OpenMP/OpenBLAS thread count.
+std::unique_ptr<Backend> MakeCpuBackend(const CpuBackendOptions& options = {});
+
+// Threads the CPU kernels use.
+int CpuThreads();
+
+}  // namespace llamad
+
+namespace llamad {
+
+// Measured single-precision GEMM throughput of this machine (FLOP/s) for C[m, n] =
+// A[m, k] . B[n, k]^T (the layout of Linear), the best of repeated calls over at least
+// `min_seconds`. The CPU's reference peak for MFU and for benchmarks.
+double MeasureSgemmFlops(int m, int n, int k, double min_seconds = 0.2);
+
+}  // namespace llamad

@@ -1,0 +1,50 @@
+// String building for messages. (Debian's absl is built with its own string_view, which
+// std::string_view does not convert to, so StrCat is not used for messages.)
+#pragma once
+
+#include <fmt/format.h>
+
+#include <iterator>
+#include <string>
+#include <string_view>
+
+#include "absl/strings/string_view.h"
+
+// Status messages are absl::string_view.
+template <>
+struct fmt::formatter<absl::string_view> : fmt::formatter<std::string_view> {
+  template <typename Context>
+  auto format(absl::string_view s, Context& ctx) const {
+    return fmt::formatter<std::string_view>::format(std::string_view(s.data(), s.size()), ctx);
+  }
+};
+
+namespace llamad {
+
+// Concatenates the fmt "{}" rendering of each argument (doubles in shortest form).
+template <typename... Args>
+std::string StrCat(const Args&... args) {
+  std::string out;
+  (fmt::format_to(std::back_inserter(out), "{}", args), ...);
+  return out;
+}
+
+template <typename... Args>
+void StrAppend(std::string* out, const Args&... args) {
+  (fmt::format_to(std::back_inserter(*out), "{}", args), ...);
+}
+
+// Joins the elements of a range with a separator.
+template <typename Range>
+std::string StrJoin(const Range& items, std::string_view separator) {
+  std::string out;
+  bool first = true;
+  for (const auto& item : items) {
+    if (!first) out.append(separator);
+    fmt::format_to(std::back_inserter(out), "{}", item);
+    first = false;
+  }
+  return out;
+}
+
+}  // namespace llamad

@@ -1,0 +1,217 @@
+#include "model/llama.h"
+
+#include <cmath>
+
+#include "core/strings.h"
+
+namespace llamad {
+
+std::vector<ParamInfo> LlamaParamLayout(const ModelConfig& c) {
+  std::vector<ParamInfo> out;
+  size_t offset = 0;
+  auto add = [&](std::string name, std::vector<int64_t> shape, bool decay) {
+    size_t numel = 1;
+    for (int64_t d : shape) numel *= size_t(d);
+    out.push_back({std::move(name), std::move(shape), offset, numel, decay});
+    offset += numel;
+  };
+  const int64_t C = c.hidden_size, F = c.intermediate_size, D = c.head_dim();
+  add("model.embed_tokens.weight", {c.vocab_size, C}, true);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = StrCat("model.layers.", l, ".");
+    add(p + "input_layernorm.weight", {C}, false);
+    add(p + "self_attn.q_proj.weight", {c.num_attention_heads * D, C}, true);
+    add(p + "self_attn.k_proj.weight", {c.num_key_value_heads * D, C}, true);
+    add(p + "self_attn.v_proj.weight", {c.num_key_value_heads * D, C}, true);
+    add(p + "self_attn.o_proj.weight", {C, c.num_attention_heads * D}, true);
+    add(p + "post_attention_layernorm.weight", {C}, false);
+    add(p + "mlp.gate_proj.weight", {F, C}, true);
+    add(p + "mlp.up_proj.weight", {F, C}, true);
+    add(p + "mlp.down_proj.weight", {C, F}, true);
+  }
+  add("model.norm.weight", {C}, false);
+  add("lm_head.weight", {c.vocab_size, C}, true);
+  return out;
+}
+
+LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaOptions& options)
+    : config_(config), backend_(backend), options_(options), params_(LlamaParamLayout(config)) {
+  num_params_ = params_.back().offset + params_.back().numel;
+  layer0_offset_ = params_[1].offset;
+  layer_stride_ = config.num_hidden_layers > 1 ? params_[10].offset - params_[1].offset : 0;
+  params_data_ = backend_->Allocate(num_params_);
+  grads_data_ = backend_->Allocate(num_params_);
+}
+
+LlamaModel::~LlamaModel() {
+  FreeActivations();
+  backend_->Free(params_data_);
+  backend_->Free(grads_data_);
+}
+
+void LlamaModel::InitWeights(uint64_t seed) {
+  char* base = static_cast<char*>(params_data_);
+  const size_t elem = DTypeSize(backend_->dtype());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const ParamInfo& p = params_[i];
+    void* data = base + p.offset * elem;
+    if (p.shape.size() == 1) {
+      backend_->Fill(data, p.numel, 1.0);
+    } else {
+      backend_->FillNormal(data, p.numel, 0.02, seed, /*stream=*/i);
+    }
+  }
+}
+
+void LlamaModel::ZeroGrads() { backend_->Zero(grads_data_, num_params_); }
+
+LlamaModel::LayerWeights LlamaModel::Weights(void* base, int layer) const {
+  char* b = static_cast<char*>(base);
+  const size_t elem = DTypeSize(backend_->dtype());
+  const size_t first = 1 + size_t(layer) * 9;  // Index of the layer's input_layernorm.
+  auto at = [&](size_t k) -> void* { return b + params_[first + k].offset * elem; };
+  return {at(0), at(1), at(4), at(5), at(6), at(8)};
+}
+
+void LlamaModel::FreeActivations() {
+  for (void* p : owned_) backend_->Free(p);
+  owned_.clear();
+  residual_.clear();
+  layers_.clear();
+  activation_bytes_ = 0;
+  batch_ = seq_ = 0;
+}
+
+void LlamaModel::EnsureActivations(int batch, int seq) {
+  if (batch == batch_ && seq == seq_) return;
+  FreeActivations();
+  batch_ = batch;
+  seq_ = seq;
+  const size_t N = size_t(batch) * seq, C = config_.hidden_size, F = config_.intermediate_size;
+  const size_t QKV = config_.qkv_dim(), H = config_.num_attention_heads;
+  const size_t before = backend_->allocated_bytes();
+  auto alloc = [&](size_t numel) {
+    void* p = backend_->Allocate(numel);
+    owned_.push_back(p);
+    return p;
+  };
+  const int L = int(config_.num_hidden_layers);
+  for (int l = 0; l <= L; ++l) residual_.push_back(alloc(N * C));
+  layers_.resize(options_.grad_checkpoint ? 1 : L);
+  for (auto& a : layers_) {
+    a.ln1 = alloc(N * C);
+    a.rstd1 = alloc(N);
+    a.qkv = alloc(N * QKV);
+    a.attn = alloc(N * C);
+    a.lse = alloc(size_t(batch) * H * seq);
+    a.x_mid = alloc(N * C);
+    a.ln2 = alloc(N * C);
+    a.rstd2 = alloc(N);
+    a.gate_up = alloc(N * 2 * F);
+    a.h = alloc(N * F);
+  }
+  final_norm_ = alloc(N * C);
+  final_rstd_ = alloc(N);
+  rope_table_ = alloc(size_t(seq) * config_.head_dim());
+  backend_->RopeTable(rope_table_, seq, int(config_.head_dim()), config_.rope_theta);
+  d_residual_ = alloc(N * C);
+  d_norm_ = alloc(N * C);
+  d_attn_ = alloc(N * C);
+  d_qkv_ = alloc(N * QKV);
+  d_h_ = alloc(N * F);
+  d_gate_up_ = alloc(N * 2 * F);
+  activation_bytes_ = backend_->allocated_bytes() - before;
+}
+
+void LlamaModel::LayerForward(int layer, const void* x_in, void* x_out, LayerActivations& a) {
+  Backend& be = *backend_;
+  const LayerWeights w = Weights(params_data_, layer);
+  const int N = batch_ * seq_, C = int(config_.hidden_size), F = int(config_.intermediate_size);
+  const int QKV = int(config_.qkv_dim());
+  const AttentionShape shape{batch_, seq_, int(config_.num_attention_heads),
+                             int(config_.num_key_value_heads), int(config_.head_dim())};
+  const int block = options_.attention_block > 0 ? options_.attention_block : seq_;
+  be.RmsNorm(a.ln1, a.rstd1, x_in, w.ln1, N, C, config_.rms_norm_eps);
+  be.Linear(a.qkv, a.ln1, w.qkv, N, C, QKV, false);
+  be.Rope(a.qkv, rope_table_, shape, /*inverse=*/false);
+  be.Attention(a.attn, a.lse, a.qkv, shape, block);
+  be.Copy(a.x_mid, x_in, size_t(N) * C);
+  be.Linear(a.x_mid, a.attn, w.o, N, C, C, /*accumulate=*/true);
+  be.RmsNorm(a.ln2, a.rstd2, a.x_mid, w.ln2, N, C, config_.rms_norm_eps);
+  be.Linear(a.gate_up, a.ln2, w.gate_up, N, C, 2 * F, false);
+  be.SwiGlu(a.h, a.gate_up, N, F);
+  if (x_out != nullptr) {
+    be.Copy(x_out, a.x_mid, size_t(N) * C);
+    be.Linear(x_out, a.h, w.down, N, F, C, /*accumulate=*/true);
+  }
+}
+
+void LlamaModel::LayerBackward(int layer, const void* x_in, void* dres, LayerActivations& a) {
+  Backend& be = *backend_;
+  const LayerWeights w = Weights(params_data_, layer);
+  const LayerWeights g = Weights(grads_data_, layer);
+  const int N = batch_ * seq_, C = int(config_.hidden_size), F = int(config_.intermediate_size);
+  const int QKV = int(config_.qkv_dim());
+  const AttentionShape shape{batch_, seq_, int(config_.num_attention_heads),
+                             int(config_.num_key_value_heads), int(config_.head_dim())};
+  const int block = options_.attention_block > 0 ? options_.attention_block : seq_;
+  // MLP branch: x_out = x_mid + down(swiglu(gate_up(norm2(x_mid)))).
+  be.LinearBackward(d_h_, g.down, dres, a.h, w.down, N, F, C, false);
+  be.SwiGluBackward(d_gate_up_, d_h_, a.gate_up, N, F);
+  be.LinearBackward(d_norm_, g.gate_up, d_gate_up_, a.ln2, w.gate_up, N, C, 2 * F, false);
+  be.RmsNormBackward(dres, g.ln2, d_norm_, a.x_mid, w.ln2, a.rstd2, N, C, /*accumulate_dx=*/true);
+  // Attention branch: x_mid = x_in + o(attention(rope(qkv(norm1(x_in))))).
+  be.LinearBackward(d_attn_, g.o, dres, a.attn, w.o, N, C, C, false);
+  be.AttentionBackward(d_qkv_, d_attn_, a.attn, a.lse, a.qkv, shape, block);
+  be.Rope(d_qkv_, rope_table_, shape, /*inverse=*/true);
+  be.LinearBackward(d_norm_, g.qkv, d_qkv_, a.ln1, w.qkv, N, C, QKV, false);
+  be.RmsNormBackward(dres, g.ln1, d_norm_, x_in, w.ln1, a.rstd1, N, C, /*accumulate_dx=*/true);
+}
+
+double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch, int seq,
+                       double grad_scale, bool backward) {
+  EnsureActivations(batch, seq);
+  Backend& be = *backend_;
+  const int N = batch * seq, C = int(config_.hidden_size), V = int(config_.vocab_size);
+  const int L = int(config_.num_hidden_layers);
+  const size_t elem = DTypeSize(be.dtype());
+  char* pbase = static_cast<char*>(params_data_);
+  char* gbase = static_cast<char*>(grads_data_);
+  const ParamInfo& embed = params_.front();
+  const ParamInfo& head = params_.back();
+  const ParamInfo& norm = params_[params_.size() - 2];
+  const bool ckpt = options_.grad_checkpoint;
+
+  be.Embedding(residual_[0], tokens, pbase + embed.offset * elem, N, C);
+  for (int l = 0; l < L; ++l) {
+    LayerForward(l, residual_[l], residual_[l + 1], layers_[ckpt ? 0 : l]);
+  }
+  be.RmsNorm(final_norm_, final_rstd_, residual_[L], pbase + norm.offset * elem, N, C,
+             config_.rms_norm_eps);
+  const double loss = be.LmHeadCrossEntropy(final_norm_, pbase + head.offset * elem, targets, N, C,
+                                            V, grad_scale, backward ? d_norm_ : nullptr,
+                                            backward ? gbase + head.offset * elem : nullptr);
+  if (!backward) return loss;
+
+  be.RmsNormBackward(d_residual_, gbase + norm.offset * elem, d_norm_, residual_[L],
+                     pbase + norm.offset * elem, final_rstd_, N, C, /*accumulate_dx=*/false);
+  for (int l = L - 1; l >= 0; --l) {
+    LayerActivations& a = layers_[ckpt ? 0 : l];
+    // The forward left the last layer's activations in the shared set.
+    if (ckpt && l != L - 1) LayerForward(l, residual_[l], /*x_out=*/nullptr, a);
+    LayerBackward(l, residual_[l], d_residual_, a);
+  }
+  be.EmbeddingBackward(gbase + embed.offset * elem, d_residual_, tokens, N, C);
+  return loss;
+}
+
+double LlamaModel::ForwardBackward(const int32_t* tokens, const int32_t* targets, int batch,
+                                   int seq, double grad_scale) {
+  return Run(tokens, targets, batch, seq, grad_scale, true);
+}
+
+double LlamaModel::Forward(const int32_t* tokens, const int32_t* targets, int batch, int seq) {
+  return Run(tokens, targets, batch, seq, 1.0, false);
+}
+
+}  // namespace llamad

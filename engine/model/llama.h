@@ -1,0 +1,120 @@
+// The LLaMA decoder (Hugging Face LlamaForCausalLM math) with an explicit forward and
+// backward per layer, on any Backend. Owns its parameters, gradients and activations.
+//
+// Parameters live in one contiguous buffer in the order of params(); q|k|v projections
+// are adjacent so that one GEMM computes all three, and so are gate|up.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/config.h"
+
+namespace llamad {
+
+struct ParamInfo {
+  std::string name;             // Hugging Face name, e.g. "model.layers.0.mlp.up_proj.weight".
+  std::vector<int64_t> shape;   // [out, in] for linear weights.
+  size_t offset = 0;            // Element offset in the parameter (and gradient) buffer.
+  size_t numel = 0;
+  bool decay = false;           // Weight decay applies (matrices) or not (norm weights).
+};
+
+// Parameter tensors in buffer order, for a config.
+std::vector<ParamInfo> LlamaParamLayout(const ModelConfig& config);
+
+struct LlamaOptions {
+  // Keep only each layer's input during the forward and recompute the rest of the layer
+  // in the backward (activation checkpointing per layer).
+  bool grad_checkpoint = false;
+  // Attention tile size; 0 means the unfused algorithm (one tile spans the sequence).
+  int attention_block = 64;
+};
+
+class LlamaModel {
+ public:
+  // Allocates parameters and gradients (zeroed) on `backend`, which must outlive it.
+  LlamaModel(const ModelConfig& config, Backend* backend, const LlamaOptions& options = {});
+  ~LlamaModel();
+  LlamaModel(const LlamaModel&) = delete;
+  LlamaModel& operator=(const LlamaModel&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  const std::vector<ParamInfo>& params() const { return params_; }
+  size_t num_params() const { return num_params_; }
+  void* param_data() { return params_data_; }
+  void* grad_data() { return grads_data_; }
+
+  // Seeded initialisation: linear and embedding weights ~ N(0, 0.02^2), norm weights 1.
+  // Each tensor draws from its own counter-based stream: bit-identical on any machine.
+  void InitWeights(uint64_t seed);
+  void ZeroGrads();
+
+  // One micro-batch: tokens and targets are [batch, seq] row-major int32 ids in
+  // [0, vocab); a negative target is ignored. Adds the gradient of
+  // (sum of token losses) * grad_scale into the gradients and returns that loss sum.
+  double ForwardBackward(const int32_t* tokens, const int32_t* targets, int batch, int seq,
+                         double grad_scale);
+  // The loss sum only; gradients untouched.
+  double Forward(const int32_t* tokens, const int32_t* targets, int batch, int seq);
+
+  // Bytes of activations currently held for the last shape.
+  size_t activation_bytes() const { return activation_bytes_; }
+
+ private:
+  struct LayerActivations {
+    void* ln1 = nullptr;      // [N, C] input norm output
+    void* rstd1 = nullptr;    // [N]
+    void* qkv = nullptr;      // [N, qkv_dim], q and k rotated
+    void* attn = nullptr;     // [N, C] attention output (before o_proj)
+    void* lse = nullptr;      // [B, H, T]
+    void* x_mid = nullptr;    // [N, C] residual after attention
+    void* ln2 = nullptr;      // [N, C]
+    void* rstd2 = nullptr;    // [N]
+    void* gate_up = nullptr;  // [N, 2F]
+    void* h = nullptr;        // [N, F] SwiGLU output
+  };
+  struct LayerWeights {
+    void* ln1; void* qkv; void* o; void* ln2; void* gate_up; void* down;
+  };
+
+  void EnsureActivations(int batch, int seq);
+  void FreeActivations();
+  LayerWeights Weights(void* base, int layer) const;
+  // Runs layer `layer` from x_in; writes x_out unless it is null (recomputation).
+  void LayerForward(int layer, const void* x_in, void* x_out, LayerActivations& a);
+  // dres holds d(x_out) on entry and d(x_in) on return.
+  void LayerBackward(int layer, const void* x_in, void* dres, LayerActivations& a);
+  double Run(const int32_t* tokens, const int32_t* targets, int batch, int seq, double grad_scale,
+             bool backward);
+
+  ModelConfig config_;
+  Backend* backend_;
+  LlamaOptions options_;
+  std::vector<ParamInfo> params_;
+  size_t num_params_ = 0;
+  size_t layer0_offset_ = 0, layer_stride_ = 0;
+  void* params_data_ = nullptr;
+  void* grads_data_ = nullptr;
+
+  // Activations for the current (batch, seq).
+  int batch_ = 0, seq_ = 0;
+  std::vector<void*> residual_;           // L + 1 buffers [N, C]: every layer's input
+  std::vector<LayerActivations> layers_;  // L sets, or 1 shared set with checkpointing
+  void* final_norm_ = nullptr;            // [N, C]
+  void* final_rstd_ = nullptr;            // [N]
+  void* rope_table_ = nullptr;            // [T, D/2, 2]
+  // Backward scratch.
+  void* d_residual_ = nullptr;            // [N, C]
+  void* d_norm_ = nullptr;                // [N, C]
+  void* d_attn_ = nullptr;                // [N, C]
+  void* d_qkv_ = nullptr;                 // [N, qkv_dim]
+  void* d_h_ = nullptr;                   // [N, F]
+  void* d_gate_up_ = nullptr;             // [N, 2F]
+  std::vector<void*> owned_;              // Everything above, for freeing.
+  size_t activation_bytes_ = 0;
+};
+
+}  // namespace llamad

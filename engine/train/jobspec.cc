@@ -1,0 +1,160 @@
+#include "train/jobspec.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <filesystem>
+
+#include "core/strings.h"
+#include "core/yaml_fields.h"
+
+namespace llamad {
+namespace {
+
+constexpr std::string_view kPlugins[] = {"ddp", "zero1", "zero2", "zero3", "gemini"};
+constexpr std::string_view kPrecisions[] = {"fp32", "bf16", "fp16"};
+constexpr std::string_view kFormats[] = {"uint32", "bytes"};
+
+template <size_t K>
+bool OneOf(const std::string& value, const std::string_view (&options)[K]) {
+  for (auto o : options) {
+    if (value == o) return true;
+  }
+  return false;
+}
+
+template <size_t K>
+std::string Choices(const std::string_view (&options)[K]) {
+  return StrJoin(options, ", ");
+}
+
+}  // namespace
+
+absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(path);
+  } catch (const YAML::BadFile&) {
+    return absl::NotFoundError(StrCat(path, ": cannot open job file"));
+  } catch (const YAML::Exception& e) {
+    return ConfigError(path, StrCat("not valid YAML: ", e.what()));
+  }
+  JobSpec spec;
+  spec.path = path;
+  spec.name = std::filesystem::path(path).stem().string();
+  const std::string base_dir = std::filesystem::path(path).parent_path().string();
+
+  YamlSection top(root, path, "");
+  top.Get("name", &spec.name);
+  top.Allow("resources");  // The scheduler's; llama-train ignores it.
+  top.Allow("model");
+  if (!root["model"]) {
+    return ConfigError(path, StrCat("model: missing (a preset: ",
+                                          StrJoin(ModelPresetNames(), ", "),
+                                          "; or a mapping of sizes; or a config file)"));
+  }
+
+  const YAML::Node training = root["training"];
+  YamlSection t(training, path, "training");
+  top.Allow("training");
+  TrainingSpec& tr = spec.training;
+  t.Get("max_length", &tr.max_length);
+  t.Get("batch_size", &tr.batch_size);
+  t.Get("global_batch_size", &tr.global_batch_size);
+  t.Get("steps", &tr.steps);
+  t.Get("lr", &tr.lr);
+  t.Get("min_lr_ratio", &tr.min_lr_ratio);
+  t.Get("warmup_steps", &tr.warmup_steps);
+  t.Get("weight_decay", &tr.weight_decay);
+  t.Get("beta1", &tr.beta1);
+  t.Get("beta2", &tr.beta2);
+  t.Get("adam_eps", &tr.adam_eps);
+  t.Get("grad_clip", &tr.grad_clip);
+  t.Get("grad_checkpoint", &tr.grad_checkpoint);
+  t.Get("flash_attention", &tr.flash_attention);
+  t.Get("mixed_precision", &tr.mixed_precision);
+  t.Get("seed", &tr.seed);
+  t.Get("log_interval", &tr.log_interval);
+
+  YamlSection p(root["parallel"], path, "parallel");
+  top.Allow("parallel");
+  p.Get("plugin", &spec.parallel.plugin);
+
+  YamlSection d(root["data"], path, "data");
+  top.Allow("data");
+  if (d.Get("dataset", &spec.data.dataset) && !spec.data.dataset.empty() &&
+      std::filesystem::path(spec.data.dataset).is_relative()) {
+    spec.data.dataset = (std::filesystem::path(base_dir) / spec.data.dataset).string();
+  }
+  d.Get("format", &spec.data.format);
+
+  YamlSection c(root["checkpoint"], path, "checkpoint");
+  top.Allow("checkpoint");
+  if (c.Get("dir", &spec.checkpoint.dir) && !spec.checkpoint.dir.empty() &&
+      std::filesystem::path(spec.checkpoint.dir).is_relative()) {
+    spec.checkpoint.dir = (std::filesystem::path(base_dir) / spec.checkpoint.dir).string();
+  }
+  c.Get("interval", &spec.checkpoint.interval);
+
+  for (YamlSection* s : {&t, &p, &d, &c, &top}) {
+    if (auto status = s->Finish(); !status.ok()) return status;
+  }
+  auto model = ModelConfigFromYaml(root["model"], path, "model", base_dir);
+  if (!model.ok()) return model.status();
+  spec.model = *model;
+  if (auto s = ValidateJobSpec(spec); !s.ok()) return s;
+  return spec;
+}
+
+absl::Status ValidateJobSpec(const JobSpec& spec) {
+  const std::string& f = spec.path.empty() ? std::string("job") : spec.path;
+  auto fail = [&](std::string_view key, auto value, std::string_view why) {
+    return ConfigError(f, StrCat(key, ": ", value, " ", why));
+  };
+  const TrainingSpec& t = spec.training;
+  if (t.max_length <= 0) return fail("training.max_length", t.max_length, "must be a positive integer");
+  if (t.max_length > (int64_t{1} << 20)) return fail("training.max_length", t.max_length, "is too large");
+  if (t.batch_size <= 0) return fail("training.batch_size", t.batch_size, "must be a positive integer");
+  if (t.global_batch_size < 0) {
+    return fail("training.global_batch_size", t.global_batch_size, "must not be negative");
+  }
+  if (t.global_batch_size > 0 && t.global_batch_size % t.batch_size != 0) {
+    return fail("training.global_batch_size", t.global_batch_size,
+                StrCat("is not a multiple of training.batch_size ", t.batch_size));
+  }
+  if (t.steps <= 0) return fail("training.steps", t.steps, "must be a positive integer");
+  if (!(t.lr > 0)) return fail("training.lr", t.lr, "must be positive");
+  if (!(t.min_lr_ratio >= 0 && t.min_lr_ratio <= 1)) {
+    return fail("training.min_lr_ratio", t.min_lr_ratio, "must be within [0, 1]");
+  }
+  if (t.warmup_steps < 0) return fail("training.warmup_steps", t.warmup_steps, "must not be negative");
+  if (!(t.weight_decay >= 0)) return fail("training.weight_decay", t.weight_decay, "must not be negative");
+  if (!(t.beta1 >= 0 && t.beta1 < 1)) return fail("training.beta1", t.beta1, "must be within [0, 1)");
+  if (!(t.beta2 >= 0 && t.beta2 < 1)) return fail("training.beta2", t.beta2, "must be within [0, 1)");
+  if (!(t.adam_eps > 0)) return fail("training.adam_eps", t.adam_eps, "must be positive");
+  if (!(t.grad_clip >= 0)) return fail("training.grad_clip", t.grad_clip, "must not be negative (0 disables)");
+  if (t.log_interval <= 0) return fail("training.log_interval", t.log_interval, "must be a positive integer");
+  if (!OneOf(t.mixed_precision, kPrecisions)) {
+    return fail("training.mixed_precision", StrCat("'", t.mixed_precision, "'"),
+                StrCat("is not one of ", Choices(kPrecisions)));
+  }
+  if (!OneOf(spec.parallel.plugin, kPlugins)) {
+    return fail("parallel.plugin", StrCat("'", spec.parallel.plugin, "'"),
+                StrCat("is not one of ", Choices(kPlugins)));
+  }
+  if (!OneOf(spec.data.format, kFormats)) {
+    return fail("data.format", StrCat("'", spec.data.format, "'"),
+                StrCat("is not one of ", Choices(kFormats)));
+  }
+  if (spec.checkpoint.interval < 0) {
+    return fail("checkpoint.interval", spec.checkpoint.interval, "must not be negative");
+  }
+  return ValidateModelConfig(spec.model, StrCat(f, ": model"));
+}
+
+int64_t GradientAccumulationSteps(const JobSpec& spec) {
+  const int64_t global = spec.training.global_batch_size > 0 ? spec.training.global_batch_size
+                                                              : spec.training.batch_size;
+  return global / spec.training.batch_size;
+}
+
+}  // namespace llamad

@@ -1,0 +1,68 @@
+// The job spec: one YAML file that describes a training run (docs/jobspec.md).
+// llama-train reads the sections it owns and ignores `resources`, which belongs to the
+// scheduler. Every error names the file, the key path and the value.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "model/config.h"
+
+namespace llamad {
+
+struct TrainingSpec {
+  int64_t max_length = 2048;        // Tokens per sequence (T).
+  int64_t batch_size = 1;           // Sequences per micro-batch per rank.
+  int64_t global_batch_size = 0;    // Sequences per optimizer step; 0 = batch_size.
+  int64_t steps = 100;              // Optimizer steps.
+  double lr = 3e-4;                 // Peak learning rate.
+  double min_lr_ratio = 0.1;        // Cosine floor as a fraction of lr.
+  int64_t warmup_steps = 0;         // Linear warmup steps.
+  double weight_decay = 0.1;        // AdamW decoupled weight decay (matrices only).
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double adam_eps = 1e-8;
+  double grad_clip = 1.0;           // Global gradient-norm clip; 0 disables.
+  bool grad_checkpoint = false;     // Activation checkpointing per layer.
+  bool flash_attention = true;      // Tiled attention; false = the unfused algorithm.
+  std::string mixed_precision = "fp32";  // fp32 | bf16 | fp16.
+  uint64_t seed = 42;               // Initialisation and data order.
+  int64_t log_interval = 1;         // Print every this many steps (and the last).
+};
+
+struct ParallelSpec {
+  std::string plugin = "ddp";       // ddp | zero1 | zero2 | zero3 | gemini.
+};
+
+struct DataSpec {
+  std::string dataset;              // Path (relative paths resolve against the job file).
+  std::string format = "uint32";    // uint32: little-endian token ids; bytes: one id per byte.
+};
+
+struct CheckpointSpec {
+  std::string dir;                  // Where checkpoints go.
+  int64_t interval = 0;             // Save every this many steps; 0 = never.
+};
+
+struct JobSpec {
+  std::string path;                 // The file it was read from.
+  std::string name;                 // Job name (defaults to the file's stem).
+  ModelConfig model;
+  TrainingSpec training;
+  ParallelSpec parallel;
+  DataSpec data;
+  CheckpointSpec checkpoint;
+};
+
+// Reads and validates a job file.
+absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path);
+
+// Checks a spec after command-line overrides; errors name the key path and value.
+absl::Status ValidateJobSpec(const JobSpec& spec);
+
+// Sequences per micro-batch times accumulation steps must equal the global batch.
+int64_t GradientAccumulationSteps(const JobSpec& spec);
+
+}  // namespace llamad

@@ -1,0 +1,50 @@
+// AdamW over a model's parameters and the learning-rate schedule.
+#pragma once
+
+#include <cstdint>
+
+#include "backend/backend.h"
+#include "model/llama.h"
+
+namespace llamad {
+
+struct LrSchedule {
+  double max_lr = 3e-4;
+  double min_lr_ratio = 0.1;  // The floor is max_lr * min_lr_ratio.
+  int64_t warmup_steps = 0;
+  int64_t total_steps = 1;
+
+  // Learning rate of 0-based step `step`: linear warmup to max_lr over warmup_steps
+  // (step 0 gets max_lr / warmup_steps), then cosine decay to the floor at total_steps.
+  double At(int64_t step) const;
+};
+
+struct AdamWOptions {
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;  // Applied to matrices, not to norm weights.
+};
+
+// Owns the two moment buffers (backend dtype) for a model's parameters.
+class AdamWOptimizer {
+ public:
+  AdamWOptimizer(LlamaModel* model, Backend* backend, const AdamWOptions& options);
+  ~AdamWOptimizer();
+  AdamWOptimizer(const AdamWOptimizer&) = delete;
+  AdamWOptimizer& operator=(const AdamWOptimizer&) = delete;
+
+  // One update with learning rate `lr`; gradients are multiplied by grad_scale first.
+  void Step(double lr, double grad_scale);
+  int64_t step() const { return step_; }
+
+ private:
+  LlamaModel* model_;
+  Backend* backend_;
+  AdamWOptions options_;
+  void* m_ = nullptr;
+  void* v_ = nullptr;
+  int64_t step_ = 0;
+};
+
+}  // namespace llamad

@@ -1,0 +1,119 @@
+#include "train/trainer.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "core/strings.h"
+
+namespace llamad {
+
+Trainer::Trainer(const JobSpec& spec, Backend* backend, double peak_flops)
+    : spec_(spec), backend_(backend), peak_flops_(peak_flops) {
+  const TrainingSpec& t = spec_.training;
+  LlamaOptions options;
+  options.grad_checkpoint = t.grad_checkpoint;
+  options.attention_block = t.flash_attention ? 64 : 0;
+  model_ = std::make_unique<LlamaModel>(spec_.model, backend_, options);
+  model_->InitWeights(t.seed);
+  optimizer_ = std::make_unique<AdamWOptimizer>(
+      model_.get(), backend_, AdamWOptions{t.beta1, t.beta2, t.adam_eps, t.weight_decay});
+  schedule_ = LrSchedule{t.lr, t.min_lr_ratio, t.warmup_steps, t.steps};
+  const size_t n = size_t(t.batch_size) * t.max_length;
+  tokens_.resize(n);
+  targets_.resize(n);
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Backend* backend,
+                                                         double peak_flops) {
+  if (auto s = ValidateJobSpec(spec); !s.ok()) return s;
+  const std::string& f = spec.path;
+  if (spec.training.mixed_precision != "fp32" && backend->name() == "cpu") {
+    return absl::InvalidArgumentError(StrCat(
+        f, ": training.mixed_precision: '", spec.training.mixed_precision,
+        "' needs the CUDA backend; the CPU backend trains in fp32"));
+  }
+  if (spec.parallel.plugin != "ddp") {
+    return absl::InvalidArgumentError(StrCat(
+        f, ": parallel.plugin: '", spec.parallel.plugin,
+        "' is not available in this build yet (available: ddp, single process)"));
+  }
+  if (spec.checkpoint.interval > 0) {
+    return absl::InvalidArgumentError(StrCat(
+        f, ": checkpoint.interval: ", spec.checkpoint.interval,
+        " asks for checkpoints, which this build cannot save yet (set it to 0)"));
+  }
+  if (spec.training.max_length > spec.model.max_position_embeddings) {
+    return absl::InvalidArgumentError(StrCat(
+        f, ": training.max_length: ", spec.training.max_length,
+        " exceeds the model's max_position_embeddings ", spec.model.max_position_embeddings));
+  }
+  return std::unique_ptr<Trainer>(new Trainer(spec, backend, peak_flops));
+}
+
+StepMetrics Trainer::Step(WindowSampler& sampler) {
+  const auto start = std::chrono::steady_clock::now();
+  const TrainingSpec& t = spec_.training;
+  const int batch = int(t.batch_size), seq = int(t.max_length);
+  const int64_t accumulation = GradientAccumulationSteps(spec_);
+  const double targets_per_step = double(accumulation) * batch * seq;
+
+  StepMetrics m;
+  m.step = optimizer_->step() + 1;
+  model_->ZeroGrads();
+  double loss_sum = 0;
+  for (int64_t micro = 0; micro < accumulation; ++micro) {
+    sampler.Next(batch, tokens_.data(), targets_.data());
+    loss_sum += model_->ForwardBackward(tokens_.data(), targets_.data(), batch, seq,
+                                        1.0 / targets_per_step);
+  }
+  m.loss = loss_sum / targets_per_step;
+  m.grad_norm = std::sqrt(backend_->SumSquares(model_->grad_data(), model_->num_params()));
+  const double clip = t.grad_clip > 0 && m.grad_norm > t.grad_clip ? t.grad_clip / (m.grad_norm + 1e-6) : 1.0;
+  m.lr = schedule_.At(m.step - 1);
+  optimizer_->Step(m.lr, clip);
+
+  m.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  m.tokens_per_s = targets_per_step / m.step_seconds;
+  m.tflops = m.tokens_per_s * spec_.model.TrainingFlopsPerToken(seq) / 1e12;
+  m.mfu = peak_flops_ > 0 ? m.tflops * 1e12 / peak_flops_ : 0;
+  m.peak_memory_bytes = backend_->peak_allocated_bytes();
+  return m;
+}
+
+absl::Status Trainer::Train(const TokenDataset& data,
+                            const std::function<void(const StepMetrics&)>& on_step) {
+  const int seq = int(spec_.training.max_length);
+  if (data.NumWindows(seq) == 0) {
+    return absl::InvalidArgumentError(StrCat(
+        spec_.data.dataset, ": ", data.num_tokens(), " tokens are fewer than one window of ",
+        seq + 1, " (training.max_length + 1)"));
+  }
+  WindowSampler sampler(&data, seq, spec_.training.seed);
+  for (int64_t s = 0; s < spec_.training.steps; ++s) {
+    const StepMetrics m = Step(sampler);
+    if (!std::isfinite(m.loss)) {
+      return absl::InternalError(StrCat("step ", m.step, ": loss is ", m.loss,
+                                              " (diverged; lower training.lr or set training.grad_clip)"));
+    }
+    on_step(m);
+  }
+  return absl::OkStatus();
+}
+
+double Trainer::Evaluate(const TokenDataset& data) {
+  const int seq = int(spec_.training.max_length);
+  const size_t windows = data.NumWindows(seq);
+  double loss_sum = 0;
+  for (size_t w0 = 0; w0 < windows; w0 += size_t(spec_.training.batch_size)) {
+    const int batch = int(std::min<size_t>(spec_.training.batch_size, windows - w0));
+    for (int b = 0; b < batch; ++b) {
+      const int32_t* src = data.tokens().data() + (w0 + b) * seq;
+      std::copy_n(src, seq, tokens_.data() + size_t(b) * seq);
+      std::copy_n(src + 1, seq, targets_.data() + size_t(b) * seq);
+    }
+    loss_sum += model_->Forward(tokens_.data(), targets_.data(), batch, seq);
+  }
+  return windows > 0 ? loss_sum / (double(windows) * seq) : 0.0;
+}
+
+}  // namespace llamad

@@ -1,0 +1,62 @@
+// The training loop of one rank: micro-batches, gradient accumulation, global-norm
+// clipping, the LR schedule and AdamW, with per-step metrics.
+#pragma once
+
+#include <functional>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "backend/backend.h"
+#include "model/llama.h"
+#include "train/jobspec.h"
+#include "train/optimizer.h"
+#include "train/token_data.h"
+
+namespace llamad {
+
+struct StepMetrics {
+  int64_t step = 0;              // 1-based optimizer step.
+  double loss = 0;               // Mean token loss over the global batch.
+  double lr = 0;                 // Learning rate used by this step.
+  double grad_norm = 0;          // Global gradient norm before clipping.
+  double step_seconds = 0;
+  double tokens_per_s = 0;
+  double tflops = 0;             // Achieved model TFLOP/s (6N + attention per token).
+  double mfu = 0;                // tflops / peak; 0 when the peak is unknown.
+  size_t peak_memory_bytes = 0;  // Backend allocation high-water mark.
+};
+
+class Trainer {
+ public:
+  // Checks that this build can run `spec` on `backend` (plugin, precision, checkpoint
+  // support, sequence length) and sets up model and optimizer with seeded weights.
+  // `peak_flops` is the device's peak for MFU (0 = unknown).
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const JobSpec& spec, Backend* backend,
+                                                         double peak_flops);
+
+  // Runs spec.training.steps steps over `data`, calling on_step after each.
+  absl::Status Train(const TokenDataset& data,
+                     const std::function<void(const StepMetrics&)>& on_step);
+
+  // One optimizer step over the next global batch from `sampler`.
+  StepMetrics Step(WindowSampler& sampler);
+
+  // Mean loss over every complete window of `data`, in file order.
+  double Evaluate(const TokenDataset& data);
+
+  LlamaModel& model() { return *model_; }
+  const JobSpec& spec() const { return spec_; }
+
+ private:
+  Trainer(const JobSpec& spec, Backend* backend, double peak_flops);
+
+  JobSpec spec_;
+  Backend* backend_;
+  double peak_flops_;
+  std::unique_ptr<LlamaModel> model_;
+  std::unique_ptr<AdamWOptimizer> optimizer_;
+  LrSchedule schedule_;
+  std::vector<int32_t> tokens_, targets_;
+};
+
+}  // namespace llamad

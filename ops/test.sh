@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs, builds (ops/setup.sh) and runs the whole test suite. Exits non-zero on any
+# failure. GPU tests carry the ctest label `gpu` and skip with a message without a device.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ops/setup.sh
+BUILD_DIR="${LLAMAD_BUILD_DIR:-build}"
+cd "$BUILD_DIR"
+ctest --output-on-failure -j "${LLAMAD_TEST_JOBS:-2}" "$@"
