@@ -1,1 +1,101 @@
+// llama-train as a real process: exit codes and messages for bad input, and a short run.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+namespace {
+
+struct Result {
+  int exit_code;
+  std::string output;  // stdout and stderr
+};
+
+Result RunTrain(const std::string& args) {
+  const std::string command = std::string(LLAMA_TRAIN_BIN) + " " + args + " 2>&1";
+  FILE* pipe = popen(command.c_str(), "r");
+  std::string output;
+  std::array<char, 4096> buf;
+  while (size_t n = fread(buf.data(), 1, buf.size(), pipe)) output.append(buf.data(), n);
+  const int status = pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), output};
+}
+
+std::filesystem::path TempDir() {
+  auto dir = std::filesystem::temp_directory_path() / ("llamad-cli-test-" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+std::string WriteFile(const std::string& name, const std::string& text) {
+  const auto path = TempDir() / name;
+  std::ofstream(path, std::ios::binary) << text;
+  return path.string();
+}
+
+// A small job over a token file of `n` ids below 50.
+std::string SmallJob(const std::string& extra = "", const std::string& name = "job.yaml") {
+  std::string tokens;
+  for (uint32_t i = 0; i < 3000; ++i) {
+    const uint32_t id = (i * 7 + i / 13) % 50;
+    tokens.append(reinterpret_cast<const char*>(&id), 4);
+  }
+  WriteFile("tokens.u32", tokens);
+  return WriteFile(name, R"(
+model: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
+        num_key_value_heads: 2, vocab_size: 64, max_position_embeddings: 128}
+training: {max_length: 32, batch_size: 2, global_batch_size: 4, steps: 3, lr: 1e-3}
+data: {dataset: tokens.u32}
+)" + extra);
+}
+
+TEST(CliTest, TrainsAndPrintsJsonLines) {
+  const Result r = RunTrain("train --config " + SmallJob() + " --log-format json --threads 2");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (const char* key : {"\"step\":3", "\"loss\":", "\"lr\":", "\"grad_norm\":",
+                          "\"tokens_per_s\":", "\"tflops\":", "\"mfu\":"}) {
+    EXPECT_NE(r.output.find(key), std::string::npos) << key << " missing in\n" << r.output;
+  }
+}
+
+TEST(CliTest, EvalPrintsTheMeanLossAsJson) {
+  const std::string job = SmallJob();
+  const Result r = RunTrain("eval --config " + job + " --tokens " + (TempDir() / "tokens.u32").string());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("\"loss\":"), std::string::npos) << r.output;
+}
+
+TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
+  const std::string job = SmallJob();
+  struct Case {
+    std::string args;
+    std::string needle;
+  } cases[] = {
+      {"train --config " + job + " -c 5b", "unknown model preset '5b'"},
+      {"train --config " + job + " -b -4", "training.batch_size: -4"},
+      {"train --config " + job + " --lr 0", "training.lr: 0"},
+      {"train --config " + job + " -p gemini", "parallel.plugin: 'gemini'"},
+      {"train --config " + job + " -x bf16", "training.mixed_precision"},
+      {"train --config " + job + " -l 4096", "max_position_embeddings"},
+      {"train --config " + job + " --no-such-flag", "no-such-flag"},
+      {"train --config /nonexistent/job.yaml", "/nonexistent/job.yaml"},
+      {"train --config " + SmallJob("bogus_key: 1\n", "typo.yaml"), "unknown key 'bogus_key'"},
+      {"train --config " + job + " -d " + WriteFile("odd.bin", "abcde"), "not a multiple of 4"},
+      {"train --config " + job + " -d " + WriteFile("big.bin", std::string("\xff\xff\x00\x00", 4)),
+       "outside the vocabulary"},
+      {"train --config " + job + " -d " + WriteFile("short.bin", std::string(8, '\0')),
+       "fewer than one window"},
+      {"eval --config " + job, "--tokens"},
+  };
+  for (const Case& c : cases) {
+    const Result r = RunTrain(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.output;
+    EXPECT_NE(r.output.find(c.needle), std::string::npos) << c.args << "\n" << r.output;
+  }
+}
+
+}  // namespace

@@ -1,1 +1,130 @@
+// Model presets, Hugging Face config.json, job specs and their error messages.
 #include <gtest/gtest.h>
+#include <yaml-cpp/yaml.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "model/config.h"
+#include "train/jobspec.h"
+
+namespace llamad {
+namespace {
+
+TEST(ModelConfigTest, PresetParameterCounts) {
+  const std::pair<const char*, int64_t> expected[] = {{"7b", 6'738'415'616},
+                                                      {"13b", 13'015'864'320},
+                                                      {"30b", 32'528'943'616},
+                                                      {"65b", 65'285'660'672},
+                                                      {"70b", 68'976'648'192}};
+  for (const auto& [name, count] : expected) {
+    auto config = LoadModelConfig(name);
+    ASSERT_TRUE(config.ok()) << config.status();
+    EXPECT_EQ(config->NumParameters(), count) << name;
+  }
+  auto tiny = LoadModelConfig("tiny");
+  ASSERT_TRUE(tiny.ok());
+  EXPECT_GT(tiny->NumParameters(), 1'000'000);
+  EXPECT_LT(tiny->NumParameters(), 10'000'000);
+  EXPECT_EQ(LoadModelConfig("70b")->num_key_value_heads, 8);
+}
+
+TEST(ModelConfigTest, FlopsPerTokenIsSixNPlusCausalAttention) {
+  auto c = *LoadModelConfig("7b");
+  const double n = double(c.NumParameters() - c.vocab_size * c.hidden_size -
+                          (2 * c.num_hidden_layers + 1) * c.hidden_size);
+  EXPECT_DOUBLE_EQ(c.TrainingFlopsPerToken(2048), 6 * n + 6.0 * 32 * 4096 * 2048);
+}
+
+TEST(ModelConfigTest, ReadsHuggingFaceConfigJson) {
+  const char* json = R"({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+    "tie_word_embeddings": false, "hidden_act": "silu", "torch_dtype": "float16"})";
+  auto config = ModelConfigFromHfJson(json, "config.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->NumParameters(), 68'976'648'192);
+  EXPECT_DOUBLE_EQ(config->rms_norm_eps, 1e-5);
+
+  auto tied = ModelConfigFromHfJson(R"({"hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
+    "tie_word_embeddings": true})", "tied.json");
+  ASSERT_FALSE(tied.ok());
+  EXPECT_NE(tied.status().message().find("tie_word_embeddings"), std::string::npos);
+  auto broken = ModelConfigFromHfJson("{\"hidden_size\": ", "broken.json");
+  ASSERT_FALSE(broken.ok());
+  EXPECT_NE(broken.status().message().find("broken.json"), std::string::npos);
+  auto missing = ModelConfigFromHfJson(R"({"hidden_size": 64})", "m.json");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("intermediate_size: missing"), std::string::npos);
+}
+
+// Writes `text` to a job file in a fresh folder and loads it.
+absl::StatusOr<JobSpec> LoadJobText(const std::string& text) {
+  const auto dir = std::filesystem::temp_directory_path() / ("llamad-config-test-" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  const auto path = dir / "job.yaml";
+  std::ofstream(path) << text;
+  return LoadJobSpec(path.string());
+}
+
+// The error for `text` mentions every string in `needles`.
+void ExpectError(const std::string& text, std::initializer_list<const char*> needles) {
+  auto spec = LoadJobText(text);
+  ASSERT_FALSE(spec.ok()) << "accepted:\n" << text;
+  const std::string message(spec.status().message());
+  for (const char* n : needles) EXPECT_NE(message.find(n), std::string::npos) << message;
+}
+
+TEST(JobSpecTest, ReadsAFullSpecAndIgnoresResources) {
+  auto spec = LoadJobText(R"(
+name: demo
+model: {preset: tiny, num_hidden_layers: 2}
+training: {max_length: 128, batch_size: 4, global_batch_size: 16, steps: 10, lr: 1e-3,
+           grad_checkpoint: true, seed: 7}
+parallel: {plugin: ddp}
+data: {dataset: tokens.bin, format: uint32}
+checkpoint: {dir: ckpt, interval: 0}
+resources: {nodes: 4, devices_per_node: 8, anything: [1, 2]}
+)");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->name, "demo");
+  EXPECT_EQ(spec->model.num_hidden_layers, 2);
+  EXPECT_EQ(spec->model.hidden_size, 256);  // from the preset
+  EXPECT_EQ(GradientAccumulationSteps(*spec), 4);
+  EXPECT_TRUE(spec->training.grad_checkpoint);
+  EXPECT_EQ(spec->training.seed, 7u);
+  EXPECT_TRUE(spec->data.dataset.ends_with("/tokens.bin"));  // resolved against the job file
+}
+
+TEST(JobSpecTest, TheShippedSpecsLoad) {
+  auto spec = LoadJobSpec(std::string(LLAMAD_SOURCE_DIR) + "/configs/tiny.yaml");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->model.name, "tiny");
+}
+
+TEST(JobSpecTest, BadSpecsNameTheKeyAndValue) {
+  ExpectError("model: 5b\n", {"model", "unknown model preset '5b'", "7b"});
+  ExpectError("model: {preset: tiny, num_attention_heads: 7}\n",
+              {"num_attention_heads", "7", "does not divide hidden_size 256"});
+  ExpectError("model: {preset: tiny, num_key_value_heads: 3}\n", {"num_key_value_heads", "3"});
+  ExpectError("model: {preset: tiny, hidden_size: -256}\n", {"hidden_size", "-256", "positive"});
+  ExpectError("model: tiny\ntraining: {batch_size: -1}\n", {"training.batch_size", "-1"});
+  ExpectError("model: tiny\ntraining: {batch_sise: 4}\n",
+              {"unknown key 'training.batch_sise'", "did you mean 'training.batch_size'"});
+  ExpectError("model: tiny\ntrainng: {batch_size: 4}\n", {"unknown key 'trainng'", "'training'"});
+  ExpectError("model: {preset: tiny, hiden_size: 64}\n", {"model.hiden_size", "model.hidden_size"});
+  ExpectError("model: tiny\ntraining: {lr: fast}\n", {"training.lr", "'fast'", "number"});
+  ExpectError("model: tiny\ntraining: {batch_size: 3, global_batch_size: 10}\n",
+              {"training.global_batch_size", "10", "multiple"});
+  ExpectError("model: tiny\nparallel: {plugin: fsdp}\n", {"parallel.plugin", "'fsdp'", "zero3"});
+  ExpectError("model: tiny\ntraining: {mixed_precision: fp8}\n", {"training.mixed_precision", "fp8"});
+  ExpectError("model: tiny\ntraining: [1, 2]\n", {"training", "mapping"});
+  ExpectError("training: {steps: 1}\n", {"model: missing"});
+  ExpectError("model: tiny\ntraining: {steps: 1\n", {"not valid YAML"});
+  ExpectError("model: missing-file.yaml\n", {"missing-file.yaml", "cannot open"});
+}
+
+}  // namespace
+}  // namespace llamad
