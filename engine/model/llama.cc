@@ -73,11 +73,47 @@ LlamaModel::LayerWeights LlamaModel::Weights(void* base, int layer) const {
   return {at(0), at(1), at(4), at(5), at(6), at(8)};
 }
 
+size_t LayoutActivations(const ModelConfig& config, int batch, int seq, bool grad_checkpoint,
+                         ActivationBuffers& a, const std::function<void*(size_t)>& alloc) {
+  const size_t N = size_t(batch) * seq, C = config.hidden_size, F = config.intermediate_size;
+  const size_t QKV = config.qkv_dim(), H = config.num_attention_heads;
+  size_t total = 0;
+  auto take = [&](size_t numel) {
+    total += numel;
+    return alloc(numel);
+  };
+  const int L = int(config.num_hidden_layers);
+  a.residual.clear();
+  for (int l = 0; l <= L; ++l) a.residual.push_back(take(N * C));
+  a.layers.assign(grad_checkpoint ? 1 : L, LayerActivations{});
+  for (auto& layer : a.layers) {
+    layer.ln1 = take(N * C);
+    layer.rstd1 = take(N);
+    layer.qkv = take(N * QKV);
+    layer.attn = take(N * C);
+    layer.lse = take(size_t(batch) * H * seq);
+    layer.x_mid = take(N * C);
+    layer.ln2 = take(N * C);
+    layer.rstd2 = take(N);
+    layer.gate_up = take(N * 2 * F);
+    layer.h = take(N * F);
+  }
+  a.final_norm = take(N * C);
+  a.final_rstd = take(N);
+  a.rope_table = take(size_t(seq) * config.head_dim());
+  a.d_residual = take(N * C);
+  a.d_norm = take(N * C);
+  a.d_attn = take(N * C);
+  a.d_qkv = take(N * QKV);
+  a.d_h = take(N * F);
+  a.d_gate_up = take(N * 2 * F);
+  return total;
+}
+
 void LlamaModel::FreeActivations() {
   for (void* p : owned_) backend_->Free(p);
   owned_.clear();
-  residual_.clear();
-  layers_.clear();
+  acts_ = ActivationBuffers{};
   activation_bytes_ = 0;
   batch_ = seq_ = 0;
 }
@@ -87,39 +123,13 @@ void LlamaModel::EnsureActivations(int batch, int seq) {
   FreeActivations();
   batch_ = batch;
   seq_ = seq;
-  const size_t N = size_t(batch) * seq, C = config_.hidden_size, F = config_.intermediate_size;
-  const size_t QKV = config_.qkv_dim(), H = config_.num_attention_heads;
   const size_t before = backend_->allocated_bytes();
-  auto alloc = [&](size_t numel) {
+  LayoutActivations(config_, batch, seq, options_.grad_checkpoint, acts_, [&](size_t numel) {
     void* p = backend_->Allocate(numel);
     owned_.push_back(p);
     return p;
-  };
-  const int L = int(config_.num_hidden_layers);
-  for (int l = 0; l <= L; ++l) residual_.push_back(alloc(N * C));
-  layers_.resize(options_.grad_checkpoint ? 1 : L);
-  for (auto& a : layers_) {
-    a.ln1 = alloc(N * C);
-    a.rstd1 = alloc(N);
-    a.qkv = alloc(N * QKV);
-    a.attn = alloc(N * C);
-    a.lse = alloc(size_t(batch) * H * seq);
-    a.x_mid = alloc(N * C);
-    a.ln2 = alloc(N * C);
-    a.rstd2 = alloc(N);
-    a.gate_up = alloc(N * 2 * F);
-    a.h = alloc(N * F);
-  }
-  final_norm_ = alloc(N * C);
-  final_rstd_ = alloc(N);
-  rope_table_ = alloc(size_t(seq) * config_.head_dim());
-  backend_->RopeTable(rope_table_, seq, int(config_.head_dim()), config_.rope_theta);
-  d_residual_ = alloc(N * C);
-  d_norm_ = alloc(N * C);
-  d_attn_ = alloc(N * C);
-  d_qkv_ = alloc(N * QKV);
-  d_h_ = alloc(N * F);
-  d_gate_up_ = alloc(N * 2 * F);
+  });
+  backend_->RopeTable(acts_.rope_table, seq, int(config_.head_dim()), config_.rope_theta);
   activation_bytes_ = backend_->allocated_bytes() - before;
 }
 
@@ -133,7 +143,7 @@ void LlamaModel::LayerForward(int layer, const void* x_in, void* x_out, LayerAct
   const int block = options_.attention_block > 0 ? options_.attention_block : seq_;
   be.RmsNorm(a.ln1, a.rstd1, x_in, w.ln1, N, C, config_.rms_norm_eps);
   be.Linear(a.qkv, a.ln1, w.qkv, N, C, QKV, false);
-  be.Rope(a.qkv, rope_table_, shape, /*inverse=*/false);
+  be.Rope(a.qkv, acts_.rope_table, shape, /*inverse=*/false);
   be.Attention(a.attn, a.lse, a.qkv, shape, block);
   be.Copy(a.x_mid, x_in, size_t(N) * C);
   be.Linear(a.x_mid, a.attn, w.o, N, C, C, /*accumulate=*/true);
@@ -156,16 +166,16 @@ void LlamaModel::LayerBackward(int layer, const void* x_in, void* dres, LayerAct
                              int(config_.num_key_value_heads), int(config_.head_dim())};
   const int block = options_.attention_block > 0 ? options_.attention_block : seq_;
   // MLP branch: x_out = x_mid + down(swiglu(gate_up(norm2(x_mid)))).
-  be.LinearBackward(d_h_, g.down, dres, a.h, w.down, N, F, C, false);
-  be.SwiGluBackward(d_gate_up_, d_h_, a.gate_up, N, F);
-  be.LinearBackward(d_norm_, g.gate_up, d_gate_up_, a.ln2, w.gate_up, N, C, 2 * F, false);
-  be.RmsNormBackward(dres, g.ln2, d_norm_, a.x_mid, w.ln2, a.rstd2, N, C, /*accumulate_dx=*/true);
+  be.LinearBackward(acts_.d_h, g.down, dres, a.h, w.down, N, F, C, false);
+  be.SwiGluBackward(acts_.d_gate_up, acts_.d_h, a.gate_up, N, F);
+  be.LinearBackward(acts_.d_norm, g.gate_up, acts_.d_gate_up, a.ln2, w.gate_up, N, C, 2 * F, false);
+  be.RmsNormBackward(dres, g.ln2, acts_.d_norm, a.x_mid, w.ln2, a.rstd2, N, C, /*accumulate_dx=*/true);
   // Attention branch: x_mid = x_in + o(attention(rope(qkv(norm1(x_in))))).
-  be.LinearBackward(d_attn_, g.o, dres, a.attn, w.o, N, C, C, false);
-  be.AttentionBackward(d_qkv_, d_attn_, a.attn, a.lse, a.qkv, shape, block);
-  be.Rope(d_qkv_, rope_table_, shape, /*inverse=*/true);
-  be.LinearBackward(d_norm_, g.qkv, d_qkv_, a.ln1, w.qkv, N, C, QKV, false);
-  be.RmsNormBackward(dres, g.ln1, d_norm_, x_in, w.ln1, a.rstd1, N, C, /*accumulate_dx=*/true);
+  be.LinearBackward(acts_.d_attn, g.o, dres, a.attn, w.o, N, C, C, false);
+  be.AttentionBackward(acts_.d_qkv, acts_.d_attn, a.attn, a.lse, a.qkv, shape, block);
+  be.Rope(acts_.d_qkv, acts_.rope_table, shape, /*inverse=*/true);
+  be.LinearBackward(acts_.d_norm, g.qkv, acts_.d_qkv, a.ln1, w.qkv, N, C, QKV, false);
+  be.RmsNormBackward(dres, g.ln1, acts_.d_norm, x_in, w.ln1, a.rstd1, N, C, /*accumulate_dx=*/true);
 }
 
 double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch, int seq,
@@ -182,26 +192,26 @@ double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch,
   const ParamInfo& norm = params_[params_.size() - 2];
   const bool ckpt = options_.grad_checkpoint;
 
-  be.Embedding(residual_[0], tokens, pbase + embed.offset * elem, N, C);
+  be.Embedding(acts_.residual[0], tokens, pbase + embed.offset * elem, N, C);
   for (int l = 0; l < L; ++l) {
-    LayerForward(l, residual_[l], residual_[l + 1], layers_[ckpt ? 0 : l]);
+    LayerForward(l, acts_.residual[l], acts_.residual[l + 1], acts_.layers[ckpt ? 0 : l]);
   }
-  be.RmsNorm(final_norm_, final_rstd_, residual_[L], pbase + norm.offset * elem, N, C,
+  be.RmsNorm(acts_.final_norm, acts_.final_rstd, acts_.residual[L], pbase + norm.offset * elem, N, C,
              config_.rms_norm_eps);
-  const double loss = be.LmHeadCrossEntropy(final_norm_, pbase + head.offset * elem, targets, N, C,
-                                            V, grad_scale, backward ? d_norm_ : nullptr,
+  const double loss = be.LmHeadCrossEntropy(acts_.final_norm, pbase + head.offset * elem, targets, N, C,
+                                            V, grad_scale, backward ? acts_.d_norm : nullptr,
                                             backward ? gbase + head.offset * elem : nullptr);
   if (!backward) return loss;
 
-  be.RmsNormBackward(d_residual_, gbase + norm.offset * elem, d_norm_, residual_[L],
-                     pbase + norm.offset * elem, final_rstd_, N, C, /*accumulate_dx=*/false);
+  be.RmsNormBackward(acts_.d_residual, gbase + norm.offset * elem, acts_.d_norm, acts_.residual[L],
+                     pbase + norm.offset * elem, acts_.final_rstd, N, C, /*accumulate_dx=*/false);
   for (int l = L - 1; l >= 0; --l) {
-    LayerActivations& a = layers_[ckpt ? 0 : l];
+    LayerActivations& a = acts_.layers[ckpt ? 0 : l];
     // The forward left the last layer's activations in the shared set.
-    if (ckpt && l != L - 1) LayerForward(l, residual_[l], /*x_out=*/nullptr, a);
-    LayerBackward(l, residual_[l], d_residual_, a);
+    if (ckpt && l != L - 1) LayerForward(l, acts_.residual[l], /*x_out=*/nullptr, a);
+    LayerBackward(l, acts_.residual[l], acts_.d_residual, a);
   }
-  be.EmbeddingBackward(gbase + embed.offset * elem, d_residual_, tokens, N, C);
+  be.EmbeddingBackward(gbase + embed.offset * elem, acts_.d_residual, tokens, N, C);
   return loss;
 }
 

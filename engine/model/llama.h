@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,41 @@ struct LlamaOptions {
   // Attention tile size; 0 means the unfused algorithm (one tile spans the sequence).
   int attention_block = 64;
 };
+
+struct LayerActivations {
+  void* ln1 = nullptr;      // [N, C] input norm output
+  void* rstd1 = nullptr;    // [N]
+  void* qkv = nullptr;      // [N, qkv_dim], q and k rotated
+  void* attn = nullptr;     // [N, C] attention output (before o_proj)
+  void* lse = nullptr;      // [B, H, T]
+  void* x_mid = nullptr;    // [N, C] residual after attention
+  void* ln2 = nullptr;      // [N, C]
+  void* rstd2 = nullptr;    // [N]
+  void* gate_up = nullptr;  // [N, 2F]
+  void* h = nullptr;        // [N, F] SwiGLU output
+};
+
+// Every activation and backward scratch buffer of one (batch, seq) shape.
+struct ActivationBuffers {
+  std::vector<void*> residual;           // L + 1 buffers [N, C]: every layer's input
+  std::vector<LayerActivations> layers;  // L sets, or 1 shared set with checkpointing
+  void* final_norm = nullptr;            // [N, C]
+  void* final_rstd = nullptr;            // [N]
+  void* rope_table = nullptr;            // [T, D/2, 2]
+  // Backward scratch.
+  void* d_residual = nullptr;            // [N, C]
+  void* d_norm = nullptr;                // [N, C]
+  void* d_attn = nullptr;                // [N, C]
+  void* d_qkv = nullptr;                 // [N, qkv_dim]
+  void* d_h = nullptr;                   // [N, F]
+  void* d_gate_up = nullptr;             // [N, 2F]
+};
+
+// Lays out the buffers of `acts` for (batch, seq), taking each from alloc(numel), and
+// returns the total number of elements. With an alloc that returns nullptr it only
+// counts (memory planning).
+size_t LayoutActivations(const ModelConfig& config, int batch, int seq, bool grad_checkpoint,
+                         ActivationBuffers& acts, const std::function<void*(size_t)>& alloc);
 
 class LlamaModel {
  public:
@@ -64,18 +100,6 @@ class LlamaModel {
   size_t activation_bytes() const { return activation_bytes_; }
 
  private:
-  struct LayerActivations {
-    void* ln1 = nullptr;      // [N, C] input norm output
-    void* rstd1 = nullptr;    // [N]
-    void* qkv = nullptr;      // [N, qkv_dim], q and k rotated
-    void* attn = nullptr;     // [N, C] attention output (before o_proj)
-    void* lse = nullptr;      // [B, H, T]
-    void* x_mid = nullptr;    // [N, C] residual after attention
-    void* ln2 = nullptr;      // [N, C]
-    void* rstd2 = nullptr;    // [N]
-    void* gate_up = nullptr;  // [N, 2F]
-    void* h = nullptr;        // [N, F] SwiGLU output
-  };
   struct LayerWeights {
     void* ln1; void* qkv; void* o; void* ln2; void* gate_up; void* down;
   };
@@ -101,19 +125,8 @@ class LlamaModel {
 
   // Activations for the current (batch, seq).
   int batch_ = 0, seq_ = 0;
-  std::vector<void*> residual_;           // L + 1 buffers [N, C]: every layer's input
-  std::vector<LayerActivations> layers_;  // L sets, or 1 shared set with checkpointing
-  void* final_norm_ = nullptr;            // [N, C]
-  void* final_rstd_ = nullptr;            // [N]
-  void* rope_table_ = nullptr;            // [T, D/2, 2]
-  // Backward scratch.
-  void* d_residual_ = nullptr;            // [N, C]
-  void* d_norm_ = nullptr;                // [N, C]
-  void* d_attn_ = nullptr;                // [N, C]
-  void* d_qkv_ = nullptr;                 // [N, qkv_dim]
-  void* d_h_ = nullptr;                   // [N, F]
-  void* d_gate_up_ = nullptr;             // [N, 2F]
-  std::vector<void*> owned_;              // Everything above, for freeing.
+  ActivationBuffers acts_;
+  std::vector<void*> owned_;  // Every buffer of acts_, for freeing.
   size_t activation_bytes_ = 0;
 };
 

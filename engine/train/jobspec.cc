@@ -114,6 +114,10 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   if (t.max_length <= 0) return fail("training.max_length", t.max_length, "must be a positive integer");
   if (t.max_length > (int64_t{1} << 20)) return fail("training.max_length", t.max_length, "is too large");
   if (t.batch_size <= 0) return fail("training.batch_size", t.batch_size, "must be a positive integer");
+  if (t.batch_size > ((int64_t{1} << 31) - 1) / t.max_length) {
+    return fail("training.batch_size", t.batch_size,
+                StrCat("times training.max_length ", t.max_length, " exceeds 2^31 tokens per micro-batch"));
+  }
   if (t.global_batch_size < 0) {
     return fail("training.global_batch_size", t.global_batch_size, "must not be negative");
   }

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "core/host_memory.h"
 #include "core/strings.h"
 
 namespace llamad {
@@ -46,6 +47,24 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
     return absl::InvalidArgumentError(StrCat(
         f, ": training.max_length: ", spec.training.max_length,
         " exceeds the model's max_position_embeddings ", spec.model.max_position_embeddings));
+  }
+  if (backend->name() == "cpu") {
+    // Parameters, gradients and two AdamW moments, plus every activation buffer.
+    ActivationBuffers counting;
+    const size_t elements =
+        4 * size_t(spec.model.NumParameters()) +
+        LayoutActivations(spec.model, int(spec.training.batch_size), int(spec.training.max_length),
+                          spec.training.grad_checkpoint, counting, [](size_t) { return nullptr; });
+    const double needed = double(elements) * double(DTypeSize(backend->dtype()));
+    const int64_t available = AvailableHostMemoryBytes();
+    if (available > 0 && needed > double(available)) {
+      return absl::InvalidArgumentError(StrCat(
+          f, ": model ", spec.model.name, " (", spec.model.NumParameters(), " parameters) with batch ",
+          spec.training.batch_size, " x ", spec.training.max_length, " needs ",
+          fmt::format("{:.1f}", needed / (1 << 30)), " GiB of host memory for weights, gradients, ",
+          "optimizer state and activations; ", fmt::format("{:.1f}", double(available) / (1 << 30)),
+          " GiB are available (a smaller model, -b, -l or -g lowers it)"));
+    }
   }
   return std::unique_ptr<Trainer>(new Trainer(spec, backend, peak_flops));
 }

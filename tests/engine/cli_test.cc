@@ -90,6 +90,8 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
       {"train --config " + job + " -d " + WriteFile("short.bin", std::string(8, '\0')),
        "fewer than one window"},
       {"eval --config " + job, "--tokens"},
+      // Far beyond any host's memory: refused before allocating anything.
+      {"train --config " + job + " -c 70b -l 4096 -b 4096 --global-batch-size 4096", "GiB of host memory"},
   };
   for (const Case& c : cases) {
     const Result r = RunTrain(c.args);
