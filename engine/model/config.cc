@@ -27,11 +27,13 @@ void ReadFields(YamlSection& section, ModelConfig& config) {
   section.Get("hidden_size", &config.hidden_size);
   section.Get("intermediate_size", &config.intermediate_size);
   section.Get("num_hidden_layers", &config.num_hidden_layers);
+  // Without an explicit num_key_value_heads, a model that had plain multi-head attention
+  // (or no value yet) keeps it when the head count changes, as Hugging Face defaults.
+  const bool multi_head = config.num_key_value_heads == 0 ||
+                          config.num_key_value_heads == config.num_attention_heads;
   section.Get("num_attention_heads", &config.num_attention_heads);
   const bool has_kv = section.Get("num_key_value_heads", &config.num_key_value_heads);
-  if (!has_kv && config.num_key_value_heads == 0) {
-    config.num_key_value_heads = config.num_attention_heads;
-  }
+  if (!has_kv && multi_head) config.num_key_value_heads = config.num_attention_heads;
   section.Get("vocab_size", &config.vocab_size);
   section.Get("max_position_embeddings", &config.max_position_embeddings);
   section.Get("rms_norm_eps", &config.rms_norm_eps);
@@ -118,6 +120,18 @@ absl::Status ValidateModelConfig(const ModelConfig& c, std::string_view where) {
       {"max_position_embeddings", c.max_position_embeddings}};
   for (const auto& [key, value] : positive) {
     if (value <= 0) return fail(key, value, "must be a positive integer");
+  }
+  // Bounds that keep every size product within int64 and every dimension within int.
+  const std::pair<const char*, std::pair<int64_t, int64_t>> bounded[] = {
+      {"hidden_size", {c.hidden_size, int64_t{1} << 20}},
+      {"intermediate_size", {c.intermediate_size, int64_t{1} << 22}},
+      {"num_hidden_layers", {c.num_hidden_layers, int64_t{1} << 16}},
+      {"num_attention_heads", {c.num_attention_heads, c.hidden_size}},
+      {"max_position_embeddings", {c.max_position_embeddings, int64_t{1} << 24}}};
+  for (const auto& [key, value_limit] : bounded) {
+    if (value_limit.first > value_limit.second) {
+      return fail(key, value_limit.first, StrCat("is too large (at most ", value_limit.second, ")"));
+    }
   }
   if (c.hidden_size % c.num_attention_heads != 0) {
     return fail("num_attention_heads", c.num_attention_heads,

@@ -37,8 +37,6 @@ std::vector<ParamInfo> LlamaParamLayout(const ModelConfig& c) {
 LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaOptions& options)
     : config_(config), backend_(backend), options_(options), params_(LlamaParamLayout(config)) {
   num_params_ = params_.back().offset + params_.back().numel;
-  layer0_offset_ = params_[1].offset;
-  layer_stride_ = config.num_hidden_layers > 1 ? params_[10].offset - params_[1].offset : 0;
   params_data_ = backend_->Allocate(num_params_);
   grads_data_ = backend_->Allocate(num_params_);
 }

@@ -119,7 +119,6 @@ class LlamaModel {
   LlamaOptions options_;
   std::vector<ParamInfo> params_;
   size_t num_params_ = 0;
-  size_t layer0_offset_ = 0, layer_stride_ = 0;
   void* params_data_ = nullptr;
   void* grads_data_ = nullptr;
 

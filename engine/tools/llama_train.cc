@@ -1,17 +1,21 @@
 // llama-train: the engine's entry point.
 //
-//   llama-train train --config JOB.yaml [flags that override the job file]
-//   llama-train eval  --config JOB.yaml --tokens FILE
+//   llama-train train  --config JOB.yaml [flags that override the job file]
+//                      [-o DIR -i N] [-f DIR|latest] [--init-from-hf DIR]
+//   llama-train eval   --config JOB.yaml --tokens FILE
+//   llama-train export --load CKPT_DIR --hf OUT
 //
 // Exit codes: 0 success, 1 runtime failure, 2 bad command line, job file or data.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <filesystem>
 #include <string>
 
 #include "core/strings.h"
 #include "backend/cpu/blas_kernels.h"
 #include "backend/cpu/cpu_backend.h"
+#include "train/checkpointing.h"
 #include "train/jobspec.h"
 #include "train/token_data.h"
 #include "train/trainer.h"
@@ -38,7 +42,8 @@ std::string HumanBytes(double bytes) {
 
 // Command-line values that override the job file when given.
 struct Overrides {
-  std::string model, plugin, precision, dataset, format;
+  std::string model, plugin, precision, dataset, format, checkpoint_dir;
+  int64_t checkpoint_interval = 0;
   int64_t max_length = 0, batch_size = 0, global_batch_size = 0, warmup_steps = 0, steps = 0;
   double lr = 0, min_lr_ratio = 0, weight_decay = 0, grad_clip = 0;
   bool grad_checkpoint = false, flash_attention = true;
@@ -82,6 +87,10 @@ struct Overrides {
         [this](JobSpec& s) { s.data.format = format; });
     add(app->add_option("--seed", seed, "Seed for initialisation and data order"),
         [this](JobSpec& s) { s.training.seed = seed; });
+    add(app->add_option("-o,--checkpoint-dir", checkpoint_dir, "Checkpoint folder"),
+        [this](JobSpec& s) { s.checkpoint.dir = checkpoint_dir; });
+    add(app->add_option("-i,--checkpoint-interval", checkpoint_interval, "Save every N steps (and the last)"),
+        [this](JobSpec& s) { s.checkpoint.interval = checkpoint_interval; });
   }
 
   absl::Status ApplyTo(JobSpec& spec) const {
@@ -101,7 +110,73 @@ struct Common {
   std::string config;
   std::string log_format = "human";
   int threads = 0;
+  std::string resume;         // -f: a checkpoint folder, or "latest"
+  bool resume_fallback = false;
+  std::string init_from_hf;   // a Hugging Face model folder
 };
+
+// Opens the store of the job's checkpoint folder, or the one `resume` points into.
+struct ResumePoint {
+  std::unique_ptr<storage::CheckpointStore> store;  // where to save (may be null)
+  std::unique_ptr<storage::CheckpointStore> source; // where to resume from, when elsewhere
+  int64_t step = -1;                                // -1: start fresh
+};
+
+absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& common) {
+  ResumePoint r;
+  const storage::StoreOptions options{int(spec.checkpoint.keep_last)};
+  if (!spec.checkpoint.dir.empty() && (spec.checkpoint.interval > 0 || common.resume == "latest")) {
+    auto store = storage::CheckpointStore::Open(spec.checkpoint.dir, options);
+    if (!store.ok()) return store.status();
+    r.store = *std::move(store);
+  }
+  if (common.resume.empty()) return r;
+  if (common.resume == "latest") {
+    if (!r.store) return absl::InvalidArgumentError("-f latest: the job has no checkpoint.dir (set it or pass -o DIR)");
+    auto latest = r.store->LatestStep(spec.name);
+    if (latest.ok()) {
+      r.step = *latest;
+    } else if (absl::IsNotFound(latest.status())) {
+      std::fprintf(stderr, "llama-train: no checkpoint of job '%s' in %s yet; starting from step 0\n",
+                   spec.name.c_str(), spec.checkpoint.dir.c_str());
+    } else {
+      return latest.status();
+    }
+    return r;
+  }
+  auto path = storage::ParseCheckpointPath(common.resume);
+  if (!path.ok()) return path.status();
+  if (path->job != spec.name) {
+    return absl::InvalidArgumentError(StrCat("-f ", common.resume, ": the checkpoint is of job '", path->job,
+                                             "', this job is '", spec.name, "' (set name: in the job file)"));
+  }
+  if (r.store && std::filesystem::equivalent(path->root, spec.checkpoint.dir)) {
+    r.step = path->step;
+    return r;
+  }
+  auto source = storage::CheckpointStore::Open(path->root, options);
+  if (!source.ok()) return source.status();
+  r.source = *std::move(source);
+  r.step = path->step;
+  return r;
+}
+
+// Restores step `step`, or with `fallback` the newest older one that restores cleanly.
+absl::Status Resume(const storage::CheckpointStore& store, const std::string& job, int64_t step,
+                    bool fallback, Trainer& trainer) {
+  absl::Status status = RestoreCheckpoint(store, job, step, trainer);
+  if (status.ok() || !fallback || !absl::IsDataLoss(status)) return status;
+  auto steps = store.Steps(job);
+  if (!steps.ok()) return steps.status();
+  for (auto it = steps->rbegin(); it != steps->rend(); ++it) {
+    if (*it >= step) continue;
+    std::fprintf(stderr, "llama-train: %s\nllama-train: falling back to checkpoint step %lld\n",
+                 std::string(status.message()).c_str(), (long long)*it);
+    status = RestoreCheckpoint(store, job, *it, trainer);
+    if (status.ok() || !absl::IsDataLoss(status)) return status;
+  }
+  return status;
+}
 
 absl::StatusOr<JobSpec> ReadSpec(const Common& common, const Overrides& overrides) {
   auto spec = LoadJobSpec(common.config);
@@ -119,12 +194,48 @@ std::unique_ptr<Backend> MakeBackend(const Common& common) {
 int RunTrain(const Common& common, const Overrides& overrides) {
   auto spec = ReadSpec(common, overrides);
   if (!spec.ok()) return Fail(spec.status());
+  if (!common.init_from_hf.empty()) {
+    if (!common.resume.empty()) {
+      return Fail(absl::InvalidArgumentError("--init-from-hf and -f both set the weights; pass one"));
+    }
+    auto hf = ReadHuggingFaceConfig(common.init_from_hf);
+    if (!hf.ok()) return Fail(hf.status());
+    spec->model = *hf;
+    if (auto s = ValidateJobSpec(*spec); !s.ok()) return Fail(s);
+  }
   auto data = TokenDataset::Open(spec->data.dataset, spec->data.format, spec->model.vocab_size);
   if (!data.ok()) return Fail(data.status());
   auto backend = MakeBackend(common);
   const double peak = MeasureSgemmFlops(1024, 1024, 1024, 0.1);
   auto trainer = Trainer::Create(*spec, backend.get(), peak);
   if (!trainer.ok()) return Fail(trainer.status());
+  if (!common.init_from_hf.empty()) {
+    if (auto s = LoadHuggingFaceWeights(common.init_from_hf, (*trainer)->model(), *backend); !s.ok()) return Fail(s);
+    std::fprintf(stderr, "llama-train: weights from %s\n", common.init_from_hf.c_str());
+  }
+  auto checkpoints = OpenCheckpoints(*spec, common);
+  if (!checkpoints.ok()) return Fail(checkpoints.status());
+  if (checkpoints->step >= 0) {
+    const storage::CheckpointStore& from = checkpoints->source ? *checkpoints->source : *checkpoints->store;
+    if (auto s = Resume(from, spec->name, checkpoints->step, common.resume_fallback, **trainer); !s.ok()) {
+      return Fail(s);
+    }
+    std::fprintf(stderr, "llama-train: resumed job '%s' at step %lld from %s\n", spec->name.c_str(),
+                 (long long)(*trainer)->step(), from.root().c_str());
+  }
+  std::unique_ptr<AsyncCheckpointer> checkpointer;
+  if (checkpoints->store && spec->checkpoint.interval > 0) {
+    checkpointer = std::make_unique<AsyncCheckpointer>(
+        checkpoints->store.get(), spec->name, [&](int64_t step, const absl::Status& s) {
+          if (s.ok()) {
+            std::fprintf(stderr, "llama-train: checkpoint step %lld committed (%s)\n", (long long)step,
+                         checkpoints->store->StepDir(spec->name, step).c_str());
+          } else {
+            std::fprintf(stderr, "llama-train: checkpoint step %lld failed: %s\n", (long long)step,
+                         std::string(s.message()).c_str());
+          }
+        });
+  }
 
   const bool json = common.log_format == "json";
   const TrainingSpec& t = spec->training;
@@ -139,9 +250,16 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                CpuThreads(), spec->data.dataset.c_str(), data->num_tokens(), peak / 1e9,
                BlasCoreName());
   double first_loss = 0, last_loss = 0;
-  const auto status = (*trainer)->Train(*data, [&](const StepMetrics& m) {
-    if (m.step == 1) first_loss = m.loss;
+  const int64_t first_step = (*trainer)->step() + 1;
+  const auto status = (*trainer)->Train(*data, [&](const StepMetrics& m) -> absl::Status {
+    if (m.step == first_step) first_loss = m.loss;
     last_loss = m.loss;
+    double stall = 0;
+    if (checkpointer && (m.step % spec->checkpoint.interval == 0 || m.step == t.steps)) {
+      auto seconds = checkpointer->Save(**trainer);
+      if (!seconds.ok()) return seconds.status();
+      stall = *seconds;
+    }
     if (json) {
       nlohmann::json line = {{"step", m.step},
                              {"loss", m.loss},
@@ -152,19 +270,35 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                              {"mfu", m.mfu},
                              {"step_time_s", m.step_seconds},
                              {"peak_memory_bytes", m.peak_memory_bytes}};
+      if (stall > 0) line["checkpoint_stall_s"] = stall;
       std::printf("%s\n", line.dump().c_str());
       std::fflush(stdout);
-    } else if (m.step % t.log_interval == 0 || m.step == t.steps || m.step == 1) {
+    } else if (m.step % t.log_interval == 0 || m.step == t.steps || m.step == first_step) {
       std::printf("step %5lld/%lld  loss %.4f  lr %.3e  grad_norm %.3f  %8.0f tok/s  %6.1f GFLOP/s  "
                   "mfu %4.1f%%  mem %s\n",
                   (long long)m.step, (long long)t.steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s,
                   m.tflops * 1e3, 100 * m.mfu, HumanBytes(double(m.peak_memory_bytes)).c_str());
       std::fflush(stdout);
     }
+    return absl::OkStatus();
   });
   if (!status.ok()) return Fail(status);
+  if (checkpointer) {
+    if (auto s = checkpointer->Wait(); !s.ok()) return Fail(absl::InternalError(s.message()));
+  }
   std::fprintf(stderr, "llama-train: done: loss %.4f -> %.4f after %lld steps\n", first_loss,
                last_loss, (long long)t.steps);
+  return 0;
+}
+
+int RunExport(const std::string& load, const std::string& hf_out) {
+  auto path = storage::ParseCheckpointPath(load);
+  if (!path.ok()) return Fail(path.status());
+  auto store = storage::CheckpointStore::Open(path->root);
+  if (!store.ok()) return Fail(store.status());
+  if (auto s = ExportHuggingFace(**store, path->job, path->step, hf_out); !s.ok()) return Fail(s);
+  std::fprintf(stderr, "llama-train: exported job '%s' step %lld to %s (model.safetensors, config.json)\n",
+               path->job.c_str(), (long long)path->step, hf_out.c_str());
   return 0;
 }
 
@@ -207,11 +341,19 @@ int Main(int argc, char** argv) {
   add_common(train);
   train->add_option("--log-format", common.log_format, "human or json (one object per step)")
       ->check(CLI::IsMember({"human", "json"}));
+  train->add_option("-f,--resume", common.resume, "Resume from a checkpoint folder or 'latest'");
+  train->add_flag("--resume-fallback", common.resume_fallback,
+                  "If the checkpoint is damaged, resume from the newest older one that is intact");
+  train->add_option("--init-from-hf", common.init_from_hf, "Start from Hugging Face weights (folder)");
   train_overrides.Register(train);
   CLI::App* eval = app.add_subcommand("eval", "Mean loss of the model over a token file");
   add_common(eval);
   eval->add_option("--tokens", tokens_path, "Token file to evaluate")->required();
   eval_overrides.Register(eval);
+  std::string load, hf_out;
+  CLI::App* exp = app.add_subcommand("export", "Write a checkpoint as Hugging Face safetensors + config.json");
+  exp->add_option("--load", load, "Checkpoint folder (<root>/<job>/step-<n>)")->required();
+  exp->add_option("--hf", hf_out, "Output folder")->required();
 
   try {
     app.parse(argc, argv);
@@ -219,7 +361,11 @@ int Main(int argc, char** argv) {
     const int code = app.exit(e);
     return code == 0 ? 0 : kExitUsage;
   }
+  if (common.threads < 0 || common.threads > 1024) {
+    return Fail(absl::InvalidArgumentError(StrCat("--threads: ", common.threads, " is not within 0..1024")));
+  }
   if (*train) return RunTrain(common, train_overrides);
+  if (*exp) return RunExport(load, hf_out);
   return RunEval(common, eval_overrides, tokens_path);
 }
 
@@ -228,5 +374,12 @@ int Main(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   llamad::SelectBlasKernels(argv);
-  return llamad::Main(argc, argv);
+  try {
+    return llamad::Main(argc, argv);
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "llama-train: out of memory\n");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "llama-train: internal error: %s\n", e.what());
+  }
+  return 1;
 }

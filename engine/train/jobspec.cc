@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <cmath>
 #include <filesystem>
 
 #include "core/strings.h"
@@ -37,6 +38,9 @@ absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
     return absl::NotFoundError(StrCat(path, ": cannot open job file"));
   } catch (const YAML::Exception& e) {
     return ConfigError(path, StrCat("not valid YAML: ", e.what()));
+  }
+  if (!root.IsMap()) {
+    return ConfigError(path, "expected a mapping of sections (model, training, parallel, data, checkpoint)");
   }
   JobSpec spec;
   spec.path = path;
@@ -94,6 +98,7 @@ absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
     spec.checkpoint.dir = (std::filesystem::path(base_dir) / spec.checkpoint.dir).string();
   }
   c.Get("interval", &spec.checkpoint.interval);
+  c.Get("keep_last", &spec.checkpoint.keep_last);
 
   for (YamlSection* s : {&t, &p, &d, &c, &top}) {
     if (auto status = s->Finish(); !status.ok()) return status;
@@ -126,6 +131,13 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
                 StrCat("is not a multiple of training.batch_size ", t.batch_size));
   }
   if (t.steps <= 0) return fail("training.steps", t.steps, "must be a positive integer");
+  for (const auto& [key, value] : {std::pair<const char*, double>{"training.lr", t.lr},
+                                   {"training.min_lr_ratio", t.min_lr_ratio},
+                                   {"training.weight_decay", t.weight_decay},
+                                   {"training.adam_eps", t.adam_eps},
+                                   {"training.grad_clip", t.grad_clip}}) {
+    if (!std::isfinite(value)) return fail(key, value, "must be a finite number");
+  }
   if (!(t.lr > 0)) return fail("training.lr", t.lr, "must be positive");
   if (!(t.min_lr_ratio >= 0 && t.min_lr_ratio <= 1)) {
     return fail("training.min_lr_ratio", t.min_lr_ratio, "must be within [0, 1]");
@@ -151,6 +163,16 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   }
   if (spec.checkpoint.interval < 0) {
     return fail("checkpoint.interval", spec.checkpoint.interval, "must not be negative");
+  }
+  if (spec.checkpoint.keep_last < 1) {
+    return fail("checkpoint.keep_last", spec.checkpoint.keep_last, "must be at least 1");
+  }
+  if (spec.checkpoint.interval > 0 && spec.checkpoint.dir.empty()) {
+    return fail("checkpoint.interval", spec.checkpoint.interval, "needs checkpoint.dir (or -o DIR)");
+  }
+  if (spec.name.empty() || spec.name.find('/') != std::string::npos || spec.name == "index" ||
+      spec.name == "." || spec.name == "..") {
+    return fail("name", StrCat("'", spec.name, "'"), "must be a plain name (no '/'; not 'index')");
   }
   return ValidateModelConfig(spec.model, StrCat(f, ": model"));
 }

@@ -43,12 +43,13 @@ struct DataSpec {
 
 struct CheckpointSpec {
   std::string dir;                  // Where checkpoints go.
-  int64_t interval = 0;             // Save every this many steps; 0 = never.
+  int64_t interval = 0;             // Save every this many steps (and the last); 0 = never.
+  int64_t keep_last = 2;            // Committed checkpoints kept (older ones are removed).
 };
 
 struct JobSpec {
   std::string path;                 // The file it was read from.
-  std::string name;                 // Job name (defaults to the file's stem).
+  std::string name = "job";         // Job name (defaults to the file's stem).
   ModelConfig model;
   TrainingSpec training;
   ParallelSpec parallel;

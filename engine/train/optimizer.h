@@ -37,6 +37,10 @@ class AdamWOptimizer {
   // One update with learning rate `lr`; gradients are multiplied by grad_scale first.
   void Step(double lr, double grad_scale);
   int64_t step() const { return step_; }
+  // The step counter and the moment buffers (model parameter layout), for checkpoints.
+  void set_step(int64_t step) { step_ = step; }
+  void* exp_avg() { return m_; }
+  void* exp_avg_sq() { return v_; }
 
  private:
   LlamaModel* model_;

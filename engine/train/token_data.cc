@@ -1,6 +1,7 @@
 #include "train/token_data.h"
 
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <numeric>
 
@@ -14,12 +15,15 @@ absl::StatusOr<TokenDataset> TokenDataset::Open(const std::string& path, const s
   if (path.empty()) {
     return absl::InvalidArgumentError("data.dataset: no dataset given (set it in the job file or pass -d FILE)");
   }
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) return absl::NotFoundError(StrCat(path, ": cannot open dataset file"));
-  const std::streamoff size = in.tellg();
-  in.seekg(0);
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) {
+    return absl::NotFoundError(StrCat(path, ": not a readable dataset file"));
+  }
+  const uintmax_t size = std::filesystem::file_size(path, ec);
+  std::ifstream in(path, std::ios::binary);
+  if (!in || ec) return absl::NotFoundError(StrCat(path, ": cannot open dataset file"));
   std::vector<char> bytes(static_cast<size_t>(size));
-  if (size > 0 && !in.read(bytes.data(), size)) {
+  if (size > 0 && !in.read(bytes.data(), std::streamsize(size))) {
     return absl::DataLossError(StrCat(path, ": read failed"));
   }
   TokenDataset data;

@@ -38,6 +38,7 @@ class WindowSampler {
   // windows of the global order.
   void Next(int batch, int32_t* tokens, int32_t* targets);
   uint64_t position() const { return position_; }
+  void set_position(uint64_t position) { position_ = position; }
 
  private:
   void Shuffle(uint64_t epoch);

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 
+#include "backend/cpu/cpu_backend.h"
 #include "core/host_memory.h"
 #include "core/strings.h"
 
@@ -38,11 +39,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
         f, ": parallel.plugin: '", spec.parallel.plugin,
         "' is not available in this build yet (available: ddp, single process)"));
   }
-  if (spec.checkpoint.interval > 0) {
-    return absl::InvalidArgumentError(StrCat(
-        f, ": checkpoint.interval: ", spec.checkpoint.interval,
-        " asks for checkpoints, which this build cannot save yet (set it to 0)"));
-  }
   if (spec.training.max_length > spec.model.max_position_embeddings) {
     return absl::InvalidArgumentError(StrCat(
         f, ": training.max_length: ", spec.training.max_length,
@@ -55,7 +51,13 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
         4 * size_t(spec.model.NumParameters()) +
         LayoutActivations(spec.model, int(spec.training.batch_size), int(spec.training.max_length),
                           spec.training.grad_checkpoint, counting, [](size_t) { return nullptr; });
-    const double needed = double(elements) * double(DTypeSize(backend->dtype()));
+    // The unfused attention holds sequence x sequence scores (three per thread in the
+    // backward); the fused LM head a chunk of logits.
+    const double scores = spec.training.flash_attention
+                              ? 0.0
+                              : 3.0 * CpuThreads() * double(spec.training.max_length) * double(spec.training.max_length);
+    const double needed = (double(elements) + scores + double(CpuBackendOptions{}.lm_head_chunk_elements)) *
+                          double(DTypeSize(backend->dtype()));
     const int64_t available = AvailableHostMemoryBytes();
     if (available > 0 && needed > double(available)) {
       return absl::InvalidArgumentError(StrCat(
@@ -99,8 +101,13 @@ StepMetrics Trainer::Step(WindowSampler& sampler) {
   return m;
 }
 
+void Trainer::SetProgress(int64_t step, uint64_t sampler_position) {
+  optimizer_->set_step(step);
+  sampler_position_ = sampler_position;
+}
+
 absl::Status Trainer::Train(const TokenDataset& data,
-                            const std::function<void(const StepMetrics&)>& on_step) {
+                            const std::function<absl::Status(const StepMetrics&)>& on_step) {
   const int seq = int(spec_.training.max_length);
   if (data.NumWindows(seq) == 0) {
     return absl::InvalidArgumentError(StrCat(
@@ -108,13 +115,15 @@ absl::Status Trainer::Train(const TokenDataset& data,
         seq + 1, " (training.max_length + 1)"));
   }
   WindowSampler sampler(&data, seq, spec_.training.seed);
-  for (int64_t s = 0; s < spec_.training.steps; ++s) {
+  sampler.set_position(sampler_position_);
+  while (optimizer_->step() < spec_.training.steps) {
     const StepMetrics m = Step(sampler);
+    sampler_position_ = sampler.position();
     if (!std::isfinite(m.loss)) {
       return absl::InternalError(StrCat("step ", m.step, ": loss is ", m.loss,
                                               " (diverged; lower training.lr or set training.grad_clip)"));
     }
-    on_step(m);
+    if (auto status = on_step(m); !status.ok()) return status;
   }
   return absl::OkStatus();
 }

@@ -34,12 +34,22 @@ class Trainer {
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(const JobSpec& spec, Backend* backend,
                                                          double peak_flops);
 
-  // Runs spec.training.steps steps over `data`, calling on_step after each.
+  // Runs the steps from the current one up to spec.training.steps over `data`, calling
+  // on_step after each; an error from on_step stops training and is returned.
   absl::Status Train(const TokenDataset& data,
-                     const std::function<void(const StepMetrics&)>& on_step);
+                     const std::function<absl::Status(const StepMetrics&)>& on_step);
 
   // One optimizer step over the next global batch from `sampler`.
   StepMetrics Step(WindowSampler& sampler);
+
+  // Optimizer steps taken so far (0 before the first).
+  int64_t step() const { return optimizer_->step(); }
+  // Windows of the global sample order consumed so far.
+  uint64_t sampler_position() const { return sampler_position_; }
+  // Continue from a restored state (the parameters and moments are restored separately).
+  void SetProgress(int64_t step, uint64_t sampler_position);
+  AdamWOptimizer& optimizer() { return *optimizer_; }
+  Backend& backend() { return *backend_; }
 
   // Mean loss over every complete window of `data`, in file order.
   double Evaluate(const TokenDataset& data);
@@ -57,6 +67,7 @@ class Trainer {
   std::unique_ptr<AdamWOptimizer> optimizer_;
   LrSchedule schedule_;
   std::vector<int32_t> tokens_, targets_;
+  uint64_t sampler_position_ = 0;
 };
 
 }  // namespace llamad

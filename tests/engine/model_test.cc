@@ -207,7 +207,10 @@ std::vector<StepMetrics> TrainRun(const JobSpec& spec, const TokenDataset& data,
   auto trainer = Trainer::Create(spec, be.get(), 0);
   EXPECT_TRUE(trainer.ok()) << trainer.status();
   std::vector<StepMetrics> steps;
-  EXPECT_TRUE((*trainer)->Train(data, [&](const StepMetrics& m) { steps.push_back(m); }).ok());
+  EXPECT_TRUE((*trainer)->Train(data, [&](const StepMetrics& m) {
+    steps.push_back(m);
+    return absl::OkStatus();
+  }).ok());
   if (final_params) {
     final_params->resize((*trainer)->model().num_params());
     be->DownloadF32(final_params->data(), (*trainer)->model().param_data(), final_params->size());
@@ -286,7 +289,7 @@ TEST(TrainerTest, RefusesWhatThisBuildCannotRun) {
   spec.training.max_length = 64;
   t = Trainer::Create(spec, be.get(), 0);
   ASSERT_TRUE(t.ok());
-  const auto status = (*t)->Train(TokenDataset::FromTokens(RandomTokens(10, 23, 1)), [](const StepMetrics&) {});
+  const auto status = (*t)->Train(TokenDataset::FromTokens(RandomTokens(10, 23, 1)), [](const StepMetrics&) { return absl::OkStatus(); });
   EXPECT_FALSE(status.ok());
 }
 

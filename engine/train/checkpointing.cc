@@ -1,0 +1,278 @@
+#include "train/checkpointing.h"
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <nlohmann/json.hpp>
+
+#include "core/strings.h"
+#include "storage/safetensors.h"
+
+namespace llamad {
+namespace {
+
+constexpr int kCheckpointVersion = 1;
+
+nlohmann::json ModelJson(const ModelConfig& c) {
+  return {{"hidden_size", c.hidden_size},
+          {"intermediate_size", c.intermediate_size},
+          {"num_hidden_layers", c.num_hidden_layers},
+          {"num_attention_heads", c.num_attention_heads},
+          {"num_key_value_heads", c.num_key_value_heads},
+          {"vocab_size", c.vocab_size},
+          {"max_position_embeddings", c.max_position_embeddings},
+          {"rms_norm_eps", c.rms_norm_eps},
+          {"rope_theta", c.rope_theta}};
+}
+
+// The state that is not in tensors.
+std::string MetaJson(Trainer& trainer, const std::string& job, int64_t step) {
+  const JobSpec& spec = trainer.spec();
+  const TrainingSpec& t = spec.training;
+  nlohmann::json meta = {
+      {"format", "llamad-checkpoint"},
+      {"version", kCheckpointVersion},
+      {"job", job},
+      {"step", step},
+      {"model", ModelJson(spec.model)},
+      {"world", {{"world_size", 1}, {"plugin", spec.parallel.plugin}, {"ranks", {{{"rank", 0}, {"shard", "rank-0.shard"}}}}}},
+      {"optimizer", {{"name", "adamw"}, {"step", trainer.step()}, {"beta1", t.beta1}, {"beta2", t.beta2},
+                     {"eps", t.adam_eps}, {"weight_decay", t.weight_decay}}},
+      {"lr_schedule", {{"lr", t.lr}, {"min_lr_ratio", t.min_lr_ratio}, {"warmup_steps", t.warmup_steps},
+                       {"total_steps", t.steps}, {"position", trainer.step()}}},
+      {"data", {{"sampler_position", trainer.sampler_position()}, {"max_length", t.max_length},
+                {"global_batch_size", t.batch_size * GradientAccumulationSteps(spec)},
+                {"dataset", spec.data.dataset}}},
+      // The generators are counter-based (core/rng.h): the seed is their whole state.
+      {"rng", {{"kind", "counter-splitmix64"}, {"seed", t.seed}}},
+  };
+  return meta.dump(1);
+}
+
+size_t NumParams(const std::vector<ParamInfo>& params) {
+  return params.empty() ? 0 : params.back().offset + params.back().numel;
+}
+
+}  // namespace
+
+std::string ExpAvgName(const std::string& name) { return "optimizer.exp_avg." + name; }
+std::string ExpAvgSqName(const std::string& name) { return "optimizer.exp_avg_sq." + name; }
+
+AsyncCheckpointer::AsyncCheckpointer(storage::CheckpointStore* store, std::string job,
+                                     std::function<void(int64_t, const absl::Status&)> on_commit)
+    : store_(store), job_(std::move(job)), on_commit_(std::move(on_commit)) {
+  worker_ = std::thread([this] { Worker(); });
+}
+
+AsyncCheckpointer::~AsyncCheckpointer() {
+  {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return !busy_; });
+    stop_ = true;
+  }
+  cv_.notify_all();
+  worker_.join();
+}
+
+absl::Status AsyncCheckpointer::Wait() {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return !busy_; });
+  return last_status_;
+}
+
+absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
+  if (auto s = Wait(); !s.ok()) return s;
+  const auto start = std::chrono::steady_clock::now();
+  LlamaModel& model = trainer.model();
+  Backend& be = trainer.backend();
+  const size_t n = model.num_params();
+  buffer_.resize(3 * n);
+  be.DownloadF32(buffer_.data(), model.param_data(), n);
+  be.DownloadF32(buffer_.data() + n, trainer.optimizer().exp_avg(), n);
+  be.DownloadF32(buffer_.data() + 2 * n, trainer.optimizer().exp_avg_sq(), n);
+  pieces_.clear();
+  for (const ParamInfo& p : model.params()) {
+    const float* base = buffer_.data() + p.offset;
+    pieces_.push_back({p.name, p.shape, storage::ElementType::kF32, 0, p.numel, base});
+    pieces_.push_back({ExpAvgName(p.name), p.shape, storage::ElementType::kF32, 0, p.numel, base + n});
+    pieces_.push_back({ExpAvgSqName(p.name), p.shape, storage::ElementType::kF32, 0, p.numel, base + 2 * n});
+  }
+  step_ = trainer.step();
+  meta_ = MetaJson(trainer, job_, step_);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  {
+    std::lock_guard lock(mu_);
+    busy_ = true;
+  }
+  cv_.notify_all();
+  return seconds;
+}
+
+void AsyncCheckpointer::Worker() {
+  std::unique_lock lock(mu_);
+  while (true) {
+    cv_.wait(lock, [&] { return busy_ || stop_; });
+    if (!busy_ && stop_) return;
+    lock.unlock();
+    absl::Status status;
+    auto records = store_->WriteShard(job_, step_, /*rank=*/0, pieces_);
+    if (!records.ok()) {
+      status = records.status();
+    } else {
+      status = store_->Commit(job_, step_, meta_, *records);
+    }
+    if (on_commit_) on_commit_(step_, status);
+    lock.lock();
+    last_status_ = status;
+    busy_ = false;
+    cv_.notify_all();
+  }
+}
+
+namespace {
+
+absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, const std::string& job,
+                                        int64_t step, Trainer& trainer) {
+  auto meta_text = store.Meta(job, step);
+  if (!meta_text.ok()) return meta_text.status();
+  const std::string where = StrCat(store.StepDir(job, step));
+  nlohmann::json meta;
+  try {
+    meta = nlohmann::json::parse(*meta_text);
+  } catch (const std::exception& e) {
+    return absl::DataLossError(StrCat(where, ": unreadable checkpoint metadata: ", e.what()));
+  }
+  if (meta.value("format", "") != "llamad-checkpoint" || meta.value("version", 0) != kCheckpointVersion) {
+    return absl::InvalidArgumentError(StrCat(where, ": not a version-", kCheckpointVersion, " llamad checkpoint"));
+  }
+  const JobSpec& spec = trainer.spec();
+  const nlohmann::json ours = ModelJson(spec.model);
+  for (const auto& [key, value] : ours.items()) {
+    if (!meta["model"].contains(key) || meta["model"][key] != value) {
+      return absl::InvalidArgumentError(StrCat(where, ": the checkpoint's model has ", key, " ",
+                                               meta["model"].value(key, nlohmann::json()).dump(),
+                                               ", the job has ", value.dump()));
+    }
+  }
+  if (meta["data"]["max_length"] != spec.training.max_length) {
+    return absl::InvalidArgumentError(StrCat(where, ": the checkpoint was trained with training.max_length ",
+                                             meta["data"]["max_length"].dump(), ", the job has ",
+                                             spec.training.max_length));
+  }
+  if (meta["rng"]["seed"] != spec.training.seed) {
+    return absl::InvalidArgumentError(StrCat(where, ": the checkpoint's data order comes from training.seed ",
+                                             meta["rng"]["seed"].dump(), ", the job has ", spec.training.seed));
+  }
+  LlamaModel& model = trainer.model();
+  Backend& be = trainer.backend();
+  std::vector<float> host;
+  auto read = [&](const std::string& name, const ParamInfo& p, void* dst) -> absl::Status {
+    host.resize(p.numel);
+    // One rank of one: this rank's range is the whole tensor.
+    if (auto s = store.ReadRange(job, step, name, 0, p.numel, host.data()); !s.ok()) return s;
+    be.UploadF32(dst, host.data(), p.numel);
+    return absl::OkStatus();
+  };
+  const size_t elem = DTypeSize(be.dtype());
+  auto at = [&](void* base, const ParamInfo& p) { return static_cast<char*>(base) + p.offset * elem; };
+  for (const ParamInfo& p : model.params()) {
+    for (auto s : {read(p.name, p, at(model.param_data(), p)),
+                   read(ExpAvgName(p.name), p, at(trainer.optimizer().exp_avg(), p)),
+                   read(ExpAvgSqName(p.name), p, at(trainer.optimizer().exp_avg_sq(), p))}) {
+      if (!s.ok()) return s;
+    }
+  }
+  trainer.SetProgress(meta["optimizer"]["step"].get<int64_t>(), meta["data"]["sampler_position"].get<uint64_t>());
+  return absl::OkStatus();
+}
+
+absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store, const std::string& job,
+                                        int64_t step, const std::string& out) {
+  auto meta_text = store.Meta(job, step);
+  if (!meta_text.ok()) return meta_text.status();
+  const auto meta = nlohmann::json::parse(*meta_text);
+  auto config = ModelConfigFromHfJson(meta["model"].dump(), store.StepDir(job, step));
+  if (!config.ok()) return config.status();
+  const std::vector<ParamInfo> params = LlamaParamLayout(*config);
+  std::vector<float> data(NumParams(params));
+  std::vector<storage::TensorToWrite> tensors;
+  for (const ParamInfo& p : params) {
+    if (auto s = store.ReadRange(job, step, p.name, 0, p.numel, data.data() + p.offset); !s.ok()) return s;
+    tensors.push_back({p.name, p.shape, data.data() + p.offset});
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(out, ec);
+  if (ec) return absl::InternalError(StrCat(out, ": cannot create: ", ec.message()));
+  if (auto s = storage::WriteSafetensors((std::filesystem::path(out) / "model.safetensors").string(), tensors,
+                                         {{"format", "pt"}, {"llamad_job", job}, {"llamad_step", StrCat(step)}});
+      !s.ok()) {
+    return s;
+  }
+  nlohmann::json hf = meta["model"];
+  hf["architectures"] = {"LlamaForCausalLM"};
+  hf["model_type"] = "llama";
+  hf["hidden_act"] = "silu";
+  hf["tie_word_embeddings"] = false;
+  hf["torch_dtype"] = "float32";
+  hf["bos_token_id"] = 1;
+  hf["eos_token_id"] = 2;
+  hf["attention_bias"] = false;
+  hf["rope_scaling"] = nullptr;
+  std::ofstream config_out(std::filesystem::path(out) / "config.json");
+  config_out << hf.dump(2) << "\n";
+  if (!config_out) return absl::InternalError(StrCat(out, "/config.json: write failed"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// Metadata of the wrong shape makes nlohmann::json throw; that is a damaged checkpoint.
+absl::Status RestoreCheckpoint(const storage::CheckpointStore& store, const std::string& job,
+                               int64_t step, Trainer& trainer) {
+  try {
+    return RestoreCheckpointUnchecked(store, job, step, trainer);
+  } catch (const nlohmann::json::exception& e) {
+    return absl::DataLossError(StrCat(store.StepDir(job, step), ": damaged checkpoint metadata: ", e.what()));
+  }
+}
+
+absl::Status ExportHuggingFace(const storage::CheckpointStore& store, const std::string& job,
+                               int64_t step, const std::string& out) {
+  try {
+    return ExportHuggingFaceUnchecked(store, job, step, out);
+  } catch (const nlohmann::json::exception& e) {
+    return absl::DataLossError(StrCat(store.StepDir(job, step), ": damaged checkpoint metadata: ", e.what()));
+  }
+}
+
+absl::StatusOr<ModelConfig> ReadHuggingFaceConfig(const std::string& dir) {
+  const std::string path = (std::filesystem::path(dir) / "config.json").string();
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(StrCat(path, ": cannot open (a Hugging Face model folder has one)"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ModelConfigFromHfJson(ss.str(), path);
+}
+
+absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, Backend& backend) {
+  auto entries = storage::ListSafetensors(dir);
+  if (!entries.ok()) return entries.status();
+  std::vector<float> host;
+  const size_t elem = DTypeSize(backend.dtype());
+  for (const ParamInfo& p : model.params()) {
+    auto it = entries->find(p.name);
+    if (it == entries->end()) return absl::NotFoundError(StrCat(dir, ": no tensor '", p.name, "'"));
+    if (it->second.shape != p.shape) {
+      return absl::InvalidArgumentError(StrCat(it->second.file, ": tensor '", p.name, "' has shape [",
+                                               StrJoin(it->second.shape, ", "), "], the model needs [",
+                                               StrJoin(p.shape, ", "), "]"));
+    }
+    host.resize(p.numel);
+    if (auto s = storage::ReadAsFloat32(it->second, host.data()); !s.ok()) return s;
+    backend.UploadF32(static_cast<char*>(model.param_data()) + p.offset * elem, host.data(), p.numel);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace llamad

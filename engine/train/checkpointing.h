@@ -1,0 +1,77 @@
+// Training checkpoints on top of storage::CheckpointStore: what a rank saves (fp32
+// master weights, AdamW moments and step, sampler position, seed, LR schedule, world
+// layout), asynchronous saving, exact restore, and Hugging Face import/export.
+#pragma once
+
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "storage/checkpoint_store.h"
+#include "train/trainer.h"
+
+namespace llamad {
+
+// Names of the checkpointed tensors of parameter `name`.
+std::string ExpAvgName(const std::string& name);
+std::string ExpAvgSqName(const std::string& name);
+
+// Saves in the background. Save() copies the trainer's state to a host buffer (the only
+// time training waits, besides waiting for the previous save) and returns; a worker
+// thread writes the shard, fsyncs and commits. At most one save is in flight, so host
+// memory is bounded by one copy of the state.
+class AsyncCheckpointer {
+ public:
+  // `store` must outlive this object. `on_commit` (optional) is called from the worker
+  // after each commit with the step and its status.
+  AsyncCheckpointer(storage::CheckpointStore* store, std::string job,
+                    std::function<void(int64_t, const absl::Status&)> on_commit = {});
+  ~AsyncCheckpointer();  // Waits for the save in flight.
+
+  // Waits for the previous save (returning its error, if any), snapshots `trainer`'s
+  // state at its current step and starts writing it. Returns the seconds spent
+  // snapshotting (the training stall).
+  absl::StatusOr<double> Save(Trainer& trainer);
+  // Waits for the save in flight; returns its status.
+  absl::Status Wait();
+
+ private:
+  void Worker();
+
+  storage::CheckpointStore* store_;
+  std::string job_;
+  std::function<void(int64_t, const absl::Status&)> on_commit_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool busy_ = false, stop_ = false;
+  absl::Status last_status_;
+  // The snapshot being written.
+  int64_t step_ = 0;
+  std::string meta_;
+  std::vector<float> buffer_;
+  std::vector<storage::PieceToWrite> pieces_;
+  std::thread worker_;
+};
+
+// Restores `trainer` from checkpoint `step` of `job`: parameters, moments, optimizer
+// step and sampler position, reading only the element ranges this rank holds. Refuses
+// a checkpoint of another model, sequence length or seed, naming the difference.
+absl::Status RestoreCheckpoint(const storage::CheckpointStore& store, const std::string& job,
+                               int64_t step, Trainer& trainer);
+
+// Writes the model of a checkpoint as Hugging Face safetensors + config.json into `out`.
+absl::Status ExportHuggingFace(const storage::CheckpointStore& store, const std::string& job,
+                               int64_t step, const std::string& out);
+
+// The model config of a Hugging Face folder (config.json).
+absl::StatusOr<ModelConfig> ReadHuggingFaceConfig(const std::string& dir);
+// Loads Hugging Face weights (safetensors) into the model's parameters; every tensor
+// must be there with the model's shape.
+absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, Backend& backend);
+
+}  // namespace llamad

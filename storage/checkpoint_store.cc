@@ -1,0 +1,450 @@
+#include "storage/checkpoint_store.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <rocksdb/db.h>
+#include <rocksdb/write_batch.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+namespace llamad::storage {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr char kMagic[8] = {'L', 'L', 'A', 'M', 'A', 'D', 'C', 'K'};
+constexpr uint32_t kVersion = 1;
+constexpr uint64_t kAlign = 4096;
+
+std::string StepKey(int64_t step) { return fmt::format("{:020d}", step); }
+std::string CkptPrefix(const std::string& job) { return "ckpt/" + job + "/"; }
+std::string StepPrefix(const std::string& job, int64_t step) {
+  return CkptPrefix(job) + StepKey(step) + "/";
+}
+std::string PiecePrefix(const std::string& job, int64_t step, const std::string& name) {
+  return StepPrefix(job, step) + "piece/" + name + "/";
+}
+
+absl::Status IoError(const std::string& what, const std::string& path) {
+  return absl::InternalError(fmt::format("{}: {}: {}", path, what, std::strerror(errno)));
+}
+
+absl::Status FromRocks(const rocksdb::Status& s, const std::string& what) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::InternalError(fmt::format("checkpoint index: {}: {}", what, s.ToString()));
+}
+
+absl::Status FsyncPath(const std::string& path, bool directory) {
+  const int fd = ::open(path.c_str(), (directory ? O_DIRECTORY : 0) | O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return IoError("open for fsync", path);
+  const int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) return IoError("fsync", path);
+  return absl::OkStatus();
+}
+
+absl::Status WriteAll(int fd, const void* data, size_t size, const std::string& path) {
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::write(fd, p, size);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return IoError("write", path);
+    }
+    p += n;
+    size -= size_t(n);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ReadAt(int fd, void* data, size_t size, uint64_t offset, const std::string& path) {
+  char* p = static_cast<char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::pread(fd, p, size, off_t(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return IoError("read", path);
+    }
+    if (n == 0) return absl::DataLossError(fmt::format("{}: file is shorter than its index says", path));
+    p += n;
+    size -= size_t(n);
+    offset += uint64_t(n);
+  }
+  return absl::OkStatus();
+}
+
+nlohmann::json ToJson(const PieceRecord& r) {
+  return {{"name", r.name},     {"shape", r.shape},   {"dtype", ElementTypeName(r.type)},
+          {"begin", r.begin},   {"end", r.end},       {"file", r.file},
+          {"offset", r.offset}, {"length", r.length}, {"xxh3", fmt::format("{:016x}", r.checksum)},
+          {"rank", r.rank}};
+}
+
+absl::StatusOr<PieceRecord> FromJson(const std::string& text) {
+  try {
+    const auto j = nlohmann::json::parse(text);
+    PieceRecord r;
+    r.name = j.at("name").get<std::string>();
+    r.shape = j.at("shape").get<std::vector<int64_t>>();
+    const std::string dtype = j.at("dtype").get<std::string>();
+    bool known = false;
+    for (ElementType t : {ElementType::kF32, ElementType::kF64, ElementType::kI64, ElementType::kU8}) {
+      if (dtype == ElementTypeName(t)) r.type = t, known = true;
+    }
+    if (!known) return absl::DataLossError("checkpoint index: unknown dtype " + dtype);
+    r.begin = j.at("begin").get<uint64_t>();
+    r.end = j.at("end").get<uint64_t>();
+    r.file = j.at("file").get<std::string>();
+    r.offset = j.at("offset").get<uint64_t>();
+    r.length = j.at("length").get<uint64_t>();
+    r.checksum = std::stoull(j.at("xxh3").get<std::string>(), nullptr, 16);
+    r.rank = j.at("rank").get<int>();
+    return r;
+  } catch (const std::exception& e) {
+    return absl::DataLossError(fmt::format("checkpoint index: unreadable piece record: {}", e.what()));
+  }
+}
+
+// Scans keys with `prefix`, calling f(key, value) for each.
+template <typename F>
+absl::Status Scan(rocksdb::DB* db, const std::string& prefix, F&& f) {
+  std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions()));
+  for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
+    if (auto s = f(it->key().ToString(), it->value().ToString()); !s.ok()) return s;
+  }
+  return FromRocks(it->status(), "scan " + prefix);
+}
+
+}  // namespace
+
+size_t ElementSize(ElementType type) {
+  switch (type) {
+    case ElementType::kF32: return 4;
+    case ElementType::kF64: return 8;
+    case ElementType::kI64: return 8;
+    case ElementType::kU8: return 1;
+  }
+  return 0;
+}
+
+const char* ElementTypeName(ElementType type) {
+  switch (type) {
+    case ElementType::kF32: return "f32";
+    case ElementType::kF64: return "f64";
+    case ElementType::kI64: return "i64";
+    case ElementType::kU8: return "u8";
+  }
+  return "?";
+}
+
+CheckpointStore::CheckpointStore(std::string root, StoreOptions options, rocksdb::DB* db)
+    : root_(std::move(root)), options_(options), db_(db) {}
+
+CheckpointStore::~CheckpointStore() = default;
+
+absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(const std::string& root,
+                                                                       const StoreOptions& options) {
+  if (options.keep_last < 1) {
+    return absl::InvalidArgumentError(fmt::format("checkpoint keep_last must be at least 1, got {}", options.keep_last));
+  }
+  std::error_code ec;
+  fs::create_directories(root, ec);
+  if (ec) return absl::InternalError(fmt::format("{}: cannot create checkpoint folder: {}", root, ec.message()));
+  rocksdb::Options db_options;
+  db_options.create_if_missing = true;
+  db_options.max_open_files = 64;
+  db_options.keep_log_file_num = 2;
+  rocksdb::DB* db = nullptr;
+  if (auto s = rocksdb::DB::Open(db_options, (fs::path(root) / "index").string(), &db); !s.ok()) {
+    return absl::InternalError(fmt::format("{}/index: cannot open the checkpoint index: {}", root, s.ToString()));
+  }
+  std::unique_ptr<CheckpointStore> store(new CheckpointStore(root, options, db));
+  if (auto s = store->RemoveUncommitted(); !s.ok()) return s;
+  return store;
+}
+
+std::string CheckpointStore::StepDir(const std::string& job, int64_t step) const {
+  return (fs::path(root_) / job / fmt::format("step-{}", step)).string();
+}
+
+std::string CheckpointStore::ShardPath(const std::string& job, int64_t step, int rank) const {
+  return (fs::path(StepDir(job, step)) / fmt::format("rank-{}.shard", rank)).string();
+}
+
+absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::WriteShard(
+    const std::string& job, int64_t step, int rank, const std::vector<PieceToWrite>& pieces) {
+  const std::string dir = StepDir(job, step);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return absl::InternalError(fmt::format("{}: cannot create: {}", dir, ec.message()));
+  const std::string path = ShardPath(job, step, rank);
+  const std::string relative = fs::relative(path, root_).string();
+
+  // Lay out payloads, checksum them, and describe them in the header.
+  std::vector<PieceRecord> records;
+  nlohmann::json table = nlohmann::json::array();
+  uint64_t offset = kAlign;  // The header gets the first block (or more, see below).
+  for (const PieceToWrite& p : pieces) {
+    if (p.end < p.begin) return absl::InvalidArgumentError("piece " + p.name + ": end before begin");
+    PieceRecord r{p.name, p.shape, p.type, p.begin, p.end, relative, 0,
+                  (p.end - p.begin) * ElementSize(p.type), 0, rank};
+    r.checksum = XXH3_64bits(p.data, r.length);
+    records.push_back(r);
+  }
+  // The header size depends on the offsets it lists; the table is sized with the largest
+  // offsets first, then the real ones (which can only be smaller or equal in length).
+  auto build_header = [&](uint64_t first_offset) {
+    uint64_t o = first_offset;
+    table = nlohmann::json::array();
+    for (PieceRecord& r : records) {
+      r.offset = o;
+      o += (r.length + kAlign - 1) / kAlign * kAlign;
+      table.push_back(ToJson(r));
+    }
+    return nlohmann::json{{"format", "llamad-shard"}, {"version", kVersion}, {"job", job},
+                          {"step", step}, {"rank", rank}, {"pieces", table}}
+        .dump();
+  };
+  std::string header = build_header(uint64_t{1} << 50);
+  offset = (16 + header.size() + kAlign - 1) / kAlign * kAlign;
+  header = build_header(offset);
+
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return IoError("create", path);
+  std::string head(offset, '\0');
+  std::memcpy(head.data(), kMagic, 8);
+  const uint32_t version = kVersion, length = uint32_t(header.size());
+  std::memcpy(head.data() + 8, &version, 4);
+  std::memcpy(head.data() + 12, &length, 4);
+  std::memcpy(head.data() + 16, header.data(), header.size());
+  absl::Status status = WriteAll(fd, head.data(), head.size(), path);
+  static const std::string zeros(kAlign, '\0');
+  for (size_t i = 0; i < records.size() && status.ok(); ++i) {
+    status = WriteAll(fd, pieces[i].data, records[i].length, path);
+    const uint64_t pad = (kAlign - records[i].length % kAlign) % kAlign;
+    if (status.ok() && pad > 0) status = WriteAll(fd, zeros.data(), pad, path);
+  }
+  if (status.ok() && ::fsync(fd) != 0) status = IoError("fsync", path);
+  ::close(fd);
+  if (!status.ok()) return status;
+  for (const std::string& d : {dir, fs::path(dir).parent_path().string(), root_}) {
+    if (auto s = FsyncPath(d, true); !s.ok()) return s;
+  }
+  return records;
+}
+
+absl::Status CheckpointStore::Commit(const std::string& job, int64_t step,
+                                     const std::string& meta_json,
+                                     const std::vector<PieceRecord>& records) {
+  rocksdb::WriteBatch batch;
+  batch.Put(StepPrefix(job, step) + "meta", meta_json);
+  for (const PieceRecord& r : records) {
+    batch.Put(PiecePrefix(job, step, r.name) + fmt::format("{:020d}", r.begin), ToJson(r).dump());
+  }
+  rocksdb::WriteOptions sync;
+  sync.sync = true;
+  if (auto s = FromRocks(db_->Write(sync, &batch), "commit"); !s.ok()) return s;
+  return Retain(job);
+}
+
+absl::StatusOr<std::vector<int64_t>> CheckpointStore::Steps(const std::string& job) const {
+  std::vector<int64_t> steps;
+  auto s = Scan(db_.get(), CkptPrefix(job), [&](const std::string& key, const std::string&) {
+    if (key.ends_with("/meta")) {
+      steps.push_back(std::stoll(key.substr(CkptPrefix(job).size(), 20)));
+    }
+    return absl::OkStatus();
+  });
+  if (!s.ok()) return s;
+  return steps;
+}
+
+absl::StatusOr<int64_t> CheckpointStore::LatestStep(const std::string& job) const {
+  auto steps = Steps(job);
+  if (!steps.ok()) return steps.status();
+  if (steps->empty()) {
+    return absl::NotFoundError(fmt::format("{}: no committed checkpoint of job '{}'", root_, job));
+  }
+  return steps->back();
+}
+
+absl::StatusOr<std::string> CheckpointStore::Meta(const std::string& job, int64_t step) const {
+  std::string value;
+  const auto s = db_->Get(rocksdb::ReadOptions(), StepPrefix(job, step) + "meta", &value);
+  if (s.IsNotFound()) {
+    return absl::NotFoundError(fmt::format("{}: job '{}' has no committed checkpoint at step {}", root_, job, step));
+  }
+  if (auto st = FromRocks(s, "read meta"); !st.ok()) return st;
+  return value;
+}
+
+absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::Pieces(const std::string& job,
+                                                                 int64_t step) const {
+  if (auto meta = Meta(job, step); !meta.ok()) return meta.status();
+  std::vector<PieceRecord> out;
+  auto s = Scan(db_.get(), StepPrefix(job, step) + "piece/", [&](const std::string&, const std::string& v) {
+    auto r = FromJson(v);
+    if (!r.ok()) return r.status();
+    out.push_back(*std::move(r));
+    return absl::OkStatus();
+  });
+  if (!s.ok()) return s;
+  return out;
+}
+
+absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step,
+                                        const std::string& name, uint64_t begin, uint64_t end,
+                                        void* out) const {
+  if (auto meta = Meta(job, step); !meta.ok()) return meta.status();
+  std::vector<PieceRecord> pieces;
+  auto s = Scan(db_.get(), PiecePrefix(job, step, name), [&](const std::string&, const std::string& v) {
+    auto r = FromJson(v);
+    if (!r.ok()) return r.status();
+    if (r->end > begin && r->begin < end) pieces.push_back(*std::move(r));
+    return absl::OkStatus();
+  });
+  if (!s.ok()) return s;
+  if (pieces.empty()) {
+    return absl::NotFoundError(fmt::format("checkpoint {} of job '{}' has no tensor '{}'", step, job, name));
+  }
+  // The pieces must cover [begin, end) with no gap.
+  uint64_t covered = begin;
+  for (const PieceRecord& p : pieces) {
+    if (p.begin > covered) break;
+    covered = std::max(covered, p.end);
+  }
+  if (covered < end) {
+    return absl::DataLossError(fmt::format("checkpoint {} of job '{}': tensor '{}' has no data for elements [{}, {})",
+                                           step, job, name, covered, end));
+  }
+  const size_t elem = ElementSize(pieces.front().type);
+  std::map<std::string, int> fds;
+  absl::Status status;
+  std::vector<char> buffer;
+  for (const PieceRecord& p : pieces) {
+    const std::string path = (fs::path(root_) / p.file).string();
+    int& fd = fds[path];
+    if (fd == 0) {
+      fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) {
+        status = IoError("open shard", path);
+        break;
+      }
+    }
+    buffer.resize(p.length);
+    if (status = ReadAt(fd, buffer.data(), p.length, p.offset, path); !status.ok()) break;
+    if (XXH3_64bits(buffer.data(), p.length) != p.checksum) {
+      status = absl::DataLossError(fmt::format(
+          "{}: tensor '{}' elements [{}, {}) fail their checksum: the shard is corrupt", path,
+          p.name, p.begin, p.end));
+      break;
+    }
+    const uint64_t lo = std::max(begin, p.begin), hi = std::min(end, p.end);
+    std::memcpy(static_cast<char*>(out) + (lo - begin) * elem, buffer.data() + (lo - p.begin) * elem,
+                (hi - lo) * elem);
+  }
+  for (auto& [path, fd] : fds) {
+    if (fd > 0) ::close(fd);
+  }
+  return status;
+}
+
+absl::Status CheckpointStore::Verify(const std::string& job, int64_t step) const {
+  auto pieces = Pieces(job, step);
+  if (!pieces.ok()) return pieces.status();
+  std::vector<char> buffer;
+  for (const PieceRecord& p : *pieces) {
+    buffer.resize(p.length);
+    if (auto s = ReadRange(job, step, p.name, p.begin, p.end, buffer.data()); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckpointStore::Pin(const std::string& job, int64_t step, bool pinned) {
+  rocksdb::WriteOptions sync;
+  sync.sync = true;
+  const std::string key = "pin/" + job + "/" + StepKey(step);
+  return FromRocks(pinned ? db_->Put(sync, key, "") : db_->Delete(sync, key), "pin");
+}
+
+absl::Status CheckpointStore::Retain(const std::string& job) {
+  auto steps = Steps(job);
+  if (!steps.ok()) return steps.status();
+  if (int(steps->size()) <= options_.keep_last) return absl::OkStatus();
+  std::set<int64_t> pinned;
+  auto s = Scan(db_.get(), "pin/" + job + "/", [&](const std::string& key, const std::string&) {
+    pinned.insert(std::stoll(key.substr(key.size() - 20)));
+    return absl::OkStatus();
+  });
+  if (!s.ok()) return s;
+  std::vector<int64_t> doomed(steps->begin(), steps->end() - options_.keep_last);
+  std::erase_if(doomed, [&](int64_t step) { return pinned.count(step) > 0; });
+  if (doomed.empty()) return absl::OkStatus();
+  rocksdb::WriteBatch batch;
+  for (int64_t step : doomed) {
+    const std::string prefix = StepPrefix(job, step);
+    batch.DeleteRange(prefix, prefix + "\xff");
+  }
+  rocksdb::WriteOptions sync;
+  sync.sync = true;
+  if (auto st = FromRocks(db_->Write(sync, &batch), "retention"); !st.ok()) return st;
+  for (int64_t step : doomed) {
+    std::error_code ec;
+    fs::remove_all(StepDir(job, step), ec);  // A leftover is removed at the next Open.
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckpointStore::RemoveUncommitted() {
+  std::error_code ec;
+  for (const auto& job_dir : fs::directory_iterator(root_, ec)) {
+    if (!job_dir.is_directory() || job_dir.path().filename() == "index") continue;
+    const std::string job = job_dir.path().filename().string();
+    auto steps = Steps(job);
+    if (!steps.ok()) return steps.status();
+    for (const auto& step_dir : fs::directory_iterator(job_dir.path(), ec)) {
+      const std::string name = step_dir.path().filename().string();
+      if (!name.starts_with("step-")) continue;
+      int64_t step = -1;
+      try {
+        step = std::stoll(name.substr(5));
+      } catch (const std::exception&) {
+        continue;  // Not ours.
+      }
+      if (!std::binary_search(steps->begin(), steps->end(), step)) {
+        fs::remove_all(step_dir.path(), ec);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CheckpointPath> ParseCheckpointPath(const std::string& step_dir) {
+  fs::path p = fs::path(step_dir).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();
+  const std::string name = p.filename().string();
+  CheckpointPath out;
+  try {
+    if (!name.starts_with("step-")) throw std::invalid_argument(name);
+    size_t used = 0;
+    out.step = std::stoll(name.substr(5), &used);
+    if (used != name.size() - 5) throw std::invalid_argument(name);
+  } catch (const std::exception&) {
+    return absl::InvalidArgumentError(fmt::format(
+        "{}: not a checkpoint folder (expected <root>/<job>/step-<n>)", step_dir));
+  }
+  out.job = p.parent_path().filename().string();
+  out.root = p.parent_path().parent_path().string();
+  if (out.job.empty() || out.root.empty()) out.root = out.root.empty() ? "." : out.root;
+  return out;
+}
+
+}  // namespace llamad::storage

@@ -1,0 +1,130 @@
+// Sharded checkpoints with a RocksDB index.
+//
+// On disk, under a checkpoint root:
+//   <root>/index/                         RocksDB: the only source of truth
+//   <root>/<job>/step-<n>/rank-<r>.shard  one file per rank and checkpoint
+//
+// A shard file holds pieces of tensors: contiguous element ranges [begin, end) of a
+// tensor's flattened data, each with an xxh3-64 checksum. A checkpoint exists once the
+// index holds its records, written by one synced WriteBatch after every shard file and
+// folder is fsynced. Files without index records are leftovers of an interrupted save
+// and are removed when the store opens.
+//
+// Index keys:
+//   ckpt/<job>/<step:020>/meta                         JSON: state, world layout
+//   ckpt/<job>/<step:020>/piece/<tensor>/<begin:020>   JSON: PieceRecord
+//   pin/<job>/<step:020>                               pinned (kept by retention)
+//
+// Thread-safety: a store may be used from several threads (RocksDB is); Commit and
+// Retain of the same job must not run concurrently.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace rocksdb {
+class DB;
+}
+
+namespace llamad::storage {
+
+// Element types a piece may hold.
+enum class ElementType { kF32, kF64, kI64, kU8 };
+size_t ElementSize(ElementType type);
+const char* ElementTypeName(ElementType type);
+
+// One tensor piece to write: elements [begin, end) of the flattened tensor `name`
+// whose full shape is `shape`. `data` holds exactly (end - begin) elements and must stay
+// valid until WriteShard returns.
+struct PieceToWrite {
+  std::string name;
+  std::vector<int64_t> shape;
+  ElementType type = ElementType::kF32;
+  uint64_t begin = 0, end = 0;
+  const void* data = nullptr;
+};
+
+// Where a piece lives: what the index records.
+struct PieceRecord {
+  std::string name;
+  std::vector<int64_t> shape;
+  ElementType type = ElementType::kF32;
+  uint64_t begin = 0, end = 0;
+  std::string file;        // Relative to the checkpoint root.
+  uint64_t offset = 0;     // Byte offset of the payload in the file.
+  uint64_t length = 0;     // Payload bytes.
+  uint64_t checksum = 0;   // xxh3-64 of the payload.
+  int rank = 0;
+};
+
+struct StoreOptions {
+  int keep_last = 2;  // Committed checkpoints kept per job (pinned ones come on top).
+};
+
+class CheckpointStore {
+ public:
+  // Opens (creating) the store at `root` and removes leftovers of uncommitted saves.
+  static absl::StatusOr<std::unique_ptr<CheckpointStore>> Open(const std::string& root,
+                                                               const StoreOptions& options = {});
+  ~CheckpointStore();
+
+  const std::string& root() const { return root_; }
+  // Folder of a checkpoint, and the shard file of a rank in it.
+  std::string StepDir(const std::string& job, int64_t step) const;
+  std::string ShardPath(const std::string& job, int64_t step, int rank) const;
+
+  // Writes one rank's shard file (payloads 4 KiB aligned) and fsyncs it and its folders.
+  // Returns the records to commit. Does not make anything visible.
+  absl::StatusOr<std::vector<PieceRecord>> WriteShard(const std::string& job, int64_t step,
+                                                      int rank,
+                                                      const std::vector<PieceToWrite>& pieces);
+
+  // Makes the checkpoint exist: writes `meta_json` and every record in one synced
+  // WriteBatch, then applies retention. The records of all ranks must be passed.
+  absl::Status Commit(const std::string& job, int64_t step, const std::string& meta_json,
+                      const std::vector<PieceRecord>& records);
+
+  // Committed steps of `job`, ascending.
+  absl::StatusOr<std::vector<int64_t>> Steps(const std::string& job) const;
+  // The newest committed step, or NotFound.
+  absl::StatusOr<int64_t> LatestStep(const std::string& job) const;
+  absl::StatusOr<std::string> Meta(const std::string& job, int64_t step) const;
+  // Every piece record of a committed checkpoint (all tensors), ordered by tensor, begin.
+  absl::StatusOr<std::vector<PieceRecord>> Pieces(const std::string& job, int64_t step) const;
+
+  // Reads elements [begin, end) of tensor `name` into `out` (room for end - begin
+  // elements of the tensor's type), whatever pieces the checkpoint was written in. Reads
+  // only the pieces that overlap, and verifies each piece's checksum; a mismatch is a
+  // DataLoss error naming the file and the tensor.
+  absl::Status ReadRange(const std::string& job, int64_t step, const std::string& name,
+                         uint64_t begin, uint64_t end, void* out) const;
+  // Reads and checks every piece of a checkpoint.
+  absl::Status Verify(const std::string& job, int64_t step) const;
+
+  // Pinned checkpoints are never removed by retention.
+  absl::Status Pin(const std::string& job, int64_t step, bool pinned);
+  // Removes committed checkpoints beyond the newest keep_last (except pinned ones):
+  // index records first (one synced batch), then the files.
+  absl::Status Retain(const std::string& job);
+
+ private:
+  CheckpointStore(std::string root, StoreOptions options, rocksdb::DB* db);
+  absl::Status RemoveUncommitted();
+
+  std::string root_;
+  StoreOptions options_;
+  std::unique_ptr<rocksdb::DB> db_;
+};
+
+// Parses "<root>/<job>/step-<n>" into its parts.
+struct CheckpointPath {
+  std::string root, job;
+  int64_t step = 0;
+};
+absl::StatusOr<CheckpointPath> ParseCheckpointPath(const std::string& step_dir);
+
+}  // namespace llamad::storage

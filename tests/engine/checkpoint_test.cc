@@ -1,0 +1,288 @@
+// Training checkpoints end to end: exact resume (in process and across a SIGKILL),
+// crash consistency under random kills, corruption, and Hugging Face round trips.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <thread>
+
+#include "backend/cpu/cpu_backend.h"
+#include "common/subprocess.h"
+#include "core/rng.h"
+#include "storage/checkpoint_store.h"
+#include "train/checkpointing.h"
+
+namespace llamad {
+namespace {
+namespace fs = std::filesystem;
+using testing::Subprocess;
+
+fs::path FreshDir(const std::string& name) {
+  const fs::path dir = fs::temp_directory_path() / ("llamad-ckpt-" + std::to_string(getpid())) / name;
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+std::vector<int32_t> Tokens(size_t n, int vocab) {
+  std::vector<int32_t> t(n);
+  for (size_t i = 0; i < n; ++i) t[i] = int32_t((i * 7 + i / 13 + RandomBits(1, 0, i) % 3) % vocab);
+  return t;
+}
+
+JobSpec SmallJob(int64_t steps) {
+  JobSpec spec;
+  spec.path = "test";
+  spec.name = "resume";
+  spec.model.hidden_size = 32;
+  spec.model.intermediate_size = 48;
+  spec.model.num_hidden_layers = 2;
+  spec.model.num_attention_heads = 4;
+  spec.model.num_key_value_heads = 2;
+  spec.model.vocab_size = 40;
+  spec.model.max_position_embeddings = 64;
+  spec.training.max_length = 16;
+  spec.training.batch_size = 2;
+  spec.training.global_batch_size = 4;
+  spec.training.steps = steps;
+  spec.training.lr = 3e-3;
+  spec.training.warmup_steps = 3;
+  return spec;
+}
+
+TEST(CheckpointTrainingTest, ResumeIsBitIdentical) {
+  const TokenDataset data = TokenDataset::FromTokens(Tokens(4000, 40));
+  auto be = MakeCpuBackend({DType::kF32, 2});
+  std::vector<double> straight;
+  {
+    auto t = *Trainer::Create(SmallJob(20), be.get(), 0);
+    ASSERT_TRUE(t->Train(data, [&](const StepMetrics& m) {
+      straight.push_back(m.loss);
+      return absl::OkStatus();
+    }).ok());
+  }
+  const fs::path root = FreshDir("inprocess");
+  auto store = *storage::CheckpointStore::Open(root.string());
+  std::vector<double> resumed;
+  {
+    auto t = *Trainer::Create(SmallJob(20), be.get(), 0);
+    AsyncCheckpointer checkpointer(store.get(), "resume");
+    ASSERT_TRUE(t->Train(data, [&](const StepMetrics& m) -> absl::Status {
+      resumed.push_back(m.loss);
+      if (m.step == 10) {
+        if (auto s = checkpointer.Save(*t); !s.ok()) return s.status();
+        return absl::CancelledError("stop after the save");  // the "kill"
+      }
+      return absl::OkStatus();
+    }).code() == absl::StatusCode::kCancelled);
+    ASSERT_TRUE(checkpointer.Wait().ok());
+  }
+  auto t = *Trainer::Create(SmallJob(20), be.get(), 0);
+  ASSERT_TRUE(RestoreCheckpoint(*store, "resume", 10, *t).ok());
+  EXPECT_EQ(t->step(), 10);
+  ASSERT_TRUE(t->Train(data, [&](const StepMetrics& m) {
+    resumed.push_back(m.loss);
+    return absl::OkStatus();
+  }).ok());
+  ASSERT_EQ(resumed.size(), 20u);
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(resumed[i], straight[i]) << "step " << i + 1;
+
+  // A checkpoint of another model or seed is refused, naming the difference.
+  JobSpec other = SmallJob(20);
+  other.model.hidden_size = 64;
+  auto wrong = *Trainer::Create(other, be.get(), 0);
+  const auto s = RestoreCheckpoint(*store, "resume", 10, *wrong);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("hidden_size"), std::string::npos) << s;
+  other = SmallJob(20);
+  other.training.seed = 1;
+  EXPECT_NE(RestoreCheckpoint(*store, "resume", 10, **Trainer::Create(other, be.get(), 0)).message().find("seed"),
+            std::string::npos);
+}
+
+TEST(CheckpointTrainingTest, HuggingFaceExportImportIsExact) {
+  auto be = MakeCpuBackend({DType::kF32, 2});
+  const TokenDataset data = TokenDataset::FromTokens(Tokens(2000, 40));
+  const fs::path root = FreshDir("hf");
+  auto store = *storage::CheckpointStore::Open(root.string());
+  auto t = *Trainer::Create(SmallJob(3), be.get(), 0);
+  ASSERT_TRUE(t->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
+  {
+    AsyncCheckpointer checkpointer(store.get(), "resume");
+    ASSERT_TRUE(checkpointer.Save(*t).ok());
+    ASSERT_TRUE(checkpointer.Wait().ok());
+  }
+  const std::string out = (root / "hf-out").string();
+  ASSERT_TRUE(ExportHuggingFace(*store, "resume", 3, out).ok());
+  auto config = ReadHuggingFaceConfig(out);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->NumParameters(), t->model().config().NumParameters());
+  LlamaModel imported(*config, be.get());
+  ASSERT_TRUE(LoadHuggingFaceWeights(out, imported, *be).ok());
+  EXPECT_EQ(0, std::memcmp(imported.param_data(), t->model().param_data(), t->model().num_params() * 4));
+  // A shape mismatch names the tensor.
+  ModelConfig bigger = *config;
+  bigger.intermediate_size = 64;
+  LlamaModel wrong(bigger, be.get());
+  const auto s = LoadHuggingFaceWeights(out, wrong, *be);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("mlp.gate_proj.weight"), std::string::npos) << s;
+}
+
+// ---- llama-train as a process ------------------------------------------------------
+
+std::string WriteJob(const fs::path& dir, int64_t steps, int64_t interval) {
+  std::string tokens;
+  for (int32_t id : Tokens(6000, 40)) tokens.append(reinterpret_cast<const char*>(&id), 4);
+  std::ofstream(dir / "tokens.u32", std::ios::binary) << tokens;
+  const std::string path = (dir / "job.yaml").string();
+  std::ofstream(path) << "name: proc\n"
+                      << "model: {hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2,\n"
+                      << "        num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 40,\n"
+                      << "        max_position_embeddings: 64}\n"
+                      << "training: {max_length: 16, batch_size: 2, global_batch_size: 4, steps: " << steps
+                      << ", lr: 3.0e-3, warmup_steps: 3}\n"
+                      << "data: {dataset: tokens.u32}\n"
+                      << "checkpoint: {dir: ckpt, interval: " << interval << "}\n";
+  return path;
+}
+
+std::string Train(const std::string& args) { return std::string(LLAMA_TRAIN_BIN) + " train --threads 2 " + args; }
+
+// step -> loss of the JSON lines in `output`.
+std::map<int64_t, double> Losses(const std::string& output) {
+  std::map<int64_t, double> out;
+  std::istringstream in(output);
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty() || line[0] != '{') continue;
+    const auto j = nlohmann::json::parse(line);
+    out[j["step"].get<int64_t>()] = j["loss"].get<double>();
+  }
+  return out;
+}
+
+TEST(CheckpointProcessTest, KilledAfterASaveResumesBitIdentically) {
+  const fs::path a = FreshDir("proc-straight"), b = FreshDir("proc-killed");
+  Subprocess straight(Train("--config " + WriteJob(a, 20, 0) + " --log-format json"));
+  const auto expected = Losses(straight.Drain());
+  ASSERT_EQ(straight.Wait(), 0) << straight.Drain();
+  ASSERT_EQ(expected.size(), 20u);
+
+  const std::string job = WriteJob(b, 20, 10);
+  std::map<int64_t, double> got;
+  {
+    Subprocess first(Train("--config " + job + " --log-format json"));
+    while (auto line = first.ReadLine()) {
+      if (line->find("checkpoint step 10 committed") != std::string::npos) {
+        first.Kill(SIGKILL);
+        break;
+      }
+    }
+    EXPECT_EQ(first.Wait(), 128 + SIGKILL) << first.Drain();
+    for (const auto& [step, loss] : Losses(first.Drain())) {
+      if (step <= 10) got[step] = loss;
+    }
+  }
+  Subprocess second(Train("--config " + job + " --log-format json -f latest"));
+  const std::string output = second.Drain();
+  ASSERT_EQ(second.Wait(), 0) << output;
+  EXPECT_NE(output.find("resumed job 'proc' at step 10"), std::string::npos) << output;
+  for (const auto& [step, loss] : Losses(output)) got[step] = loss;
+  ASSERT_EQ(got.size(), 20u);
+  for (const auto& [step, loss] : expected) EXPECT_EQ(got[step], loss) << "step " << step;
+}
+
+TEST(CheckpointProcessTest, RandomKillsNeverLeaveABrokenOrLostCheckpoint) {
+  const fs::path dir = FreshDir("proc-crash");
+  const std::string job = WriteJob(dir, 100000, 1);  // save after every step
+  std::mt19937 rng(7);
+  int64_t latest = -1;
+  int trials_with_progress = 0;
+  for (int trial = 0; trial < 16; ++trial) {
+    {
+      Subprocess p(Train("--config " + job + " -f latest"));
+      std::this_thread::sleep_for(std::chrono::milliseconds(150 + rng() % 700));
+      p.Kill(SIGKILL);
+      p.Wait();
+    }
+    auto store = storage::CheckpointStore::Open((dir / "ckpt").string());
+    ASSERT_TRUE(store.ok()) << store.status();
+    auto steps = (*store)->Steps("proc");
+    ASSERT_TRUE(steps.ok());
+    if (steps->empty()) {
+      EXPECT_EQ(latest, -1) << "trial " << trial << " lost every checkpoint";
+      continue;
+    }
+    for (int64_t step : *steps) {
+      const auto s = (*store)->Verify("proc", step);
+      EXPECT_TRUE(s.ok()) << "trial " << trial << " step " << step << ": " << s;
+    }
+    EXPECT_GE(steps->back(), latest) << "trial " << trial << " lost the newest checkpoint";
+    trials_with_progress += steps->back() > latest;
+    latest = steps->back();
+  }
+  EXPECT_GT(trials_with_progress, 3) << "the kills came too early to test anything";
+}
+
+TEST(CheckpointProcessTest, CorruptionIsRefusedOrFallsBackWhenAsked) {
+  const fs::path dir = FreshDir("proc-corrupt");
+  const std::string job = WriteJob(dir, 6, 3);
+  Subprocess run(Train("--config " + job));
+  const std::string out = run.Drain();
+  ASSERT_EQ(run.Wait(), 0) << out;
+  const std::string shard = (dir / "ckpt" / "proc" / "step-6" / "rank-0.shard").string();
+  uint64_t offset = 0;  // a byte inside the LM head's payload
+  {
+    auto store = *storage::CheckpointStore::Open((dir / "ckpt").string());
+    for (const auto& piece : *store->Pieces("proc", 6)) {
+      if (piece.name == "lm_head.weight") offset = piece.offset + piece.length / 2;
+    }
+    ASSERT_GT(offset, 0u);
+  }
+  {
+    std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(std::streamoff(offset));
+    char c;
+    f.read(&c, 1);
+    c = char(c ^ 0x01);
+    f.seekp(std::streamoff(offset));
+    f.write(&c, 1);
+  }
+  Subprocess refused(Train("--config " + job + " -f latest --steps 8"));
+  const std::string message = refused.Drain();
+  EXPECT_EQ(refused.Wait(), 2) << message;
+  EXPECT_NE(message.find(shard), std::string::npos) << message;
+  EXPECT_NE(message.find("checksum"), std::string::npos) << message;
+  EXPECT_NE(message.find("tensor 'lm_head.weight'"), std::string::npos) << message;
+
+  Subprocess fallback(Train("--config " + job + " -f latest --resume-fallback --steps 8"));
+  const std::string resumed = fallback.Drain();
+  EXPECT_EQ(fallback.Wait(), 0) << resumed;
+  EXPECT_NE(resumed.find("falling back to checkpoint step 3"), std::string::npos) << resumed;
+  EXPECT_NE(resumed.find("resumed job 'proc' at step 3"), std::string::npos) << resumed;
+}
+
+TEST(CheckpointProcessTest, ExportThenInitFromHf) {
+  const fs::path dir = FreshDir("proc-hf");
+  const std::string job = WriteJob(dir, 2, 2);
+  Subprocess run(Train("--config " + job));
+  ASSERT_EQ(run.Wait(), 0) << run.Drain();
+  const std::string hf = (dir / "hf").string();
+  Subprocess exp(std::string(LLAMA_TRAIN_BIN) + " export --load " + (dir / "ckpt/proc/step-2").string() + " --hf " + hf);
+  ASSERT_EQ(exp.Wait(), 0) << exp.Drain();
+  EXPECT_TRUE(fs::exists(fs::path(hf) / "model.safetensors"));
+  Subprocess init(Train("--config " + job + " -o " + (dir / "ckpt2").string() + " --init-from-hf " + hf + " --steps 1"));
+  const std::string out = init.Drain();
+  EXPECT_EQ(init.Wait(), 0) << out;
+  EXPECT_NE(out.find("weights from " + hf), std::string::npos) << out;
+  Subprocess bad(std::string(LLAMA_TRAIN_BIN) + " export --load " + dir.string() + " --hf " + hf);
+  const std::string bad_out = bad.Drain();
+  EXPECT_EQ(bad.Wait(), 2) << bad_out;
+  EXPECT_NE(bad_out.find("not a checkpoint folder"), std::string::npos) << bad_out;
+}
+
+}  // namespace
+}  // namespace llamad

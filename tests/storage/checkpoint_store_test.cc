@@ -1,0 +1,191 @@
+// The checkpoint store on a real RocksDB and real files.
+#include "storage/checkpoint_store.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+
+#include "storage/safetensors.h"
+
+namespace llamad::storage {
+namespace {
+namespace fs = std::filesystem;
+
+fs::path FreshDir(const std::string& name) {
+  const fs::path dir = fs::temp_directory_path() / ("llamad-store-" + std::to_string(getpid())) / name;
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+// Splits [0, n) into `parts` uneven ranges (the first ones larger).
+std::vector<std::pair<uint64_t, uint64_t>> Split(uint64_t n, int parts) {
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  uint64_t begin = 0;
+  for (int p = 0; p < parts; ++p) {
+    const uint64_t size = n / parts + (uint64_t(p) < n % parts ? 1 : 0);
+    out.emplace_back(begin, begin + size);
+    begin += size;
+  }
+  return out;
+}
+
+// Writes tensors "a" [10, 7] and "b" [33] in `world` shards as checkpoint `step`.
+void WriteLayout(CheckpointStore& store, int64_t step, int world, const std::vector<float>& a,
+                 const std::vector<float>& b) {
+  std::vector<PieceRecord> all;
+  const auto a_ranges = Split(a.size(), world), b_ranges = Split(b.size(), world);
+  for (int rank = 0; rank < world; ++rank) {
+    std::vector<PieceToWrite> pieces = {
+        {"a", {10, 7}, ElementType::kF32, a_ranges[rank].first, a_ranges[rank].second, a.data() + a_ranges[rank].first},
+        {"b", {33}, ElementType::kF32, b_ranges[rank].first, b_ranges[rank].second, b.data() + b_ranges[rank].first}};
+    auto records = store.WriteShard("job", step, rank, pieces);
+    ASSERT_TRUE(records.ok()) << records.status();
+    all.insert(all.end(), records->begin(), records->end());
+  }
+  ASSERT_TRUE(store.Commit("job", step, "{\"world_size\": " + std::to_string(world) + "}", all).ok());
+}
+
+TEST(CheckpointStoreTest, RestoresAnyLayoutIntoAnyOther) {
+  auto store = *CheckpointStore::Open(FreshDir("layouts").string(), {10});
+  std::vector<float> a(70), b(33);
+  std::iota(a.begin(), a.end(), 1.0f);
+  std::iota(b.begin(), b.end(), -100.0f);
+  const int layouts[] = {1, 2, 4, 3};
+  for (int i = 0; i < 4; ++i) WriteLayout(*store, i + 1, layouts[i], a, b);
+  EXPECT_EQ(*store->Steps("job"), (std::vector<int64_t>{1, 2, 3, 4}));
+  for (int step = 1; step <= 4; ++step) {
+    for (int world = 1; world <= 5; ++world) {  // every reader layout
+      for (const auto& [begin, end] : Split(a.size(), world)) {
+        std::vector<float> got(end - begin);
+        ASSERT_TRUE(store->ReadRange("job", step, "a", begin, end, got.data()).ok());
+        EXPECT_TRUE(std::equal(got.begin(), got.end(), a.begin() + begin)) << step << " " << world;
+      }
+      for (const auto& [begin, end] : Split(b.size(), world)) {
+        std::vector<float> got(end - begin);
+        ASSERT_TRUE(store->ReadRange("job", step, "b", begin, end, got.data()).ok());
+        EXPECT_TRUE(std::equal(got.begin(), got.end(), b.begin() + begin));
+      }
+    }
+    EXPECT_TRUE(store->Verify("job", step).ok());
+  }
+  // A reader touches only the shards that overlap its range: with rank 3's file of the
+  // 4-shard checkpoint gone, ranges inside ranks 0-2 still read; the rest fail cleanly.
+  fs::remove(store->ShardPath("job", 3, 3));
+  std::vector<float> got(70);
+  EXPECT_TRUE(store->ReadRange("job", 3, "a", 0, 40, got.data()).ok());
+  const auto missing = store->ReadRange("job", 3, "a", 0, 70, got.data());
+  EXPECT_FALSE(missing.ok());
+  EXPECT_NE(missing.message().find("rank-3.shard"), std::string::npos) << missing;
+  EXPECT_FALSE(store->ReadRange("job", 1, "nope", 0, 1, got.data()).ok());
+  EXPECT_TRUE(absl::IsNotFound(store->ReadRange("job", 9, "a", 0, 1, got.data())));
+}
+
+TEST(CheckpointStoreTest, NothingExistsBeforeCommitAndLeftoversGoAtOpen) {
+  const std::string root = FreshDir("commit").string();
+  std::vector<float> a(70, 1.0f), b(33, 2.0f);
+  {
+    auto store = *CheckpointStore::Open(root);
+    WriteLayout(*store, 5, 2, a, b);
+    // A save that wrote its shard but never committed (the process died).
+    std::vector<PieceToWrite> pieces = {{"a", {10, 7}, ElementType::kF32, 0, 70, a.data()}};
+    ASSERT_TRUE(store->WriteShard("job", 6, 0, pieces).ok());
+    EXPECT_EQ(*store->LatestStep("job"), 5);
+    EXPECT_TRUE(fs::exists(store->StepDir("job", 6)));
+  }
+  auto store = *CheckpointStore::Open(root);
+  EXPECT_FALSE(fs::exists(store->StepDir("job", 6)));
+  EXPECT_TRUE(fs::exists(store->StepDir("job", 5)));
+  EXPECT_TRUE(store->Verify("job", 5).ok());
+  EXPECT_TRUE(absl::IsNotFound(store->LatestStep("other").status()));
+}
+
+TEST(CheckpointStoreTest, RetentionKeepsTheLastKAndPinnedOnes) {
+  auto store = *CheckpointStore::Open(FreshDir("retention").string(), {2});
+  std::vector<float> a(70, 1.0f), b(33, 2.0f);
+  WriteLayout(*store, 1, 1, a, b);
+  ASSERT_TRUE(store->Pin("job", 1, true).ok());
+  for (int step = 2; step <= 5; ++step) WriteLayout(*store, step, 1, a, b);
+  EXPECT_EQ(*store->Steps("job"), (std::vector<int64_t>{1, 4, 5}));
+  EXPECT_FALSE(fs::exists(store->StepDir("job", 2)));
+  EXPECT_FALSE(fs::exists(store->StepDir("job", 3)));
+  ASSERT_TRUE(store->Pin("job", 1, false).ok());
+  ASSERT_TRUE(store->Retain("job").ok());
+  EXPECT_EQ(*store->Steps("job"), (std::vector<int64_t>{4, 5}));
+}
+
+TEST(CheckpointStoreTest, AFlippedByteIsCaughtNamingFileAndTensor) {
+  auto store = *CheckpointStore::Open(FreshDir("corrupt").string());
+  std::vector<float> a(70, 1.5f), b(33, 2.5f);
+  WriteLayout(*store, 1, 2, a, b);
+  auto pieces = *store->Pieces("job", 1);
+  const PieceRecord& victim = pieces[1];  // ordered by tensor then begin
+  const std::string path = (fs::path(store->root()) / victim.file).string();
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(std::streamoff(victim.offset + 5));
+    char c;
+    f.read(&c, 1);
+    c ^= 0x10;
+    f.seekp(std::streamoff(victim.offset + 5));
+    f.write(&c, 1);
+  }
+  std::vector<float> got(70);
+  const auto s = store->ReadRange("job", 1, victim.name, victim.begin, victim.end, got.data());
+  ASSERT_TRUE(absl::IsDataLoss(s)) << s;
+  EXPECT_NE(s.message().find(path), std::string::npos) << s;
+  EXPECT_NE(s.message().find("'" + victim.name + "'"), std::string::npos) << s;
+  EXPECT_FALSE(store->Verify("job", 1).ok());
+}
+
+TEST(CheckpointPathTest, ParsesStepFolders) {
+  auto p = ParseCheckpointPath("/data/ckpt/my-job/step-120/");
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(p->root, "/data/ckpt");
+  EXPECT_EQ(p->job, "my-job");
+  EXPECT_EQ(p->step, 120);
+  EXPECT_FALSE(ParseCheckpointPath("/data/ckpt/my-job").ok());
+  EXPECT_FALSE(ParseCheckpointPath("/data/step-12x").ok());
+}
+
+TEST(SafetensorsTest, RoundTripAndHalfPrecisionReads) {
+  const fs::path dir = FreshDir("safetensors");
+  std::vector<float> x = {1.0f, -2.5f, 3.25f, 0.0f, 1e-3f, 65504.0f};
+  ASSERT_TRUE(WriteSafetensors((dir / "model.safetensors").string(), {{"x", {2, 3}, x.data()}}).ok());
+  auto entries = ListSafetensors(dir.string());
+  ASSERT_TRUE(entries.ok()) << entries.status();
+  const SafetensorsEntry& e = entries->at("x");
+  EXPECT_EQ(e.shape, (std::vector<int64_t>{2, 3}));
+  std::vector<float> got(6);
+  ASSERT_TRUE(ReadAsFloat32(e, got.data()).ok());
+  EXPECT_EQ(got, x);
+
+  // A hand-made file with BF16 and F16 tensors (as Hugging Face checkpoints ship).
+  const std::string header = R"({"h":{"dtype":"F16","shape":[3],"data_offsets":[0,6]},)"
+                             R"("b":{"dtype":"BF16","shape":[2],"data_offsets":[6,10]}})";
+  const uint16_t payload[5] = {0x3c00, 0xc100, 0x0001, 0x3f80, 0xc020};  // 1, -2.5, 2^-24 | 1, -2.5
+  {
+    std::ofstream out(dir / "half.safetensors", std::ios::binary);
+    const uint64_t n = header.size();
+    out.write(reinterpret_cast<const char*>(&n), 8);
+    out << header;
+    out.write(reinterpret_cast<const char*>(payload), sizeof(payload));
+  }
+  auto half = *ListSafetensors((dir / "half.safetensors").string());
+  std::vector<float> h(3), b(2);
+  ASSERT_TRUE(ReadAsFloat32(half.at("h"), h.data()).ok());
+  ASSERT_TRUE(ReadAsFloat32(half.at("b"), b.data()).ok());
+  EXPECT_EQ(h, (std::vector<float>{1.0f, -2.5f, 0x1p-24f}));
+  EXPECT_EQ(b, (std::vector<float>{1.0f, -2.5f}));
+
+  std::ofstream(dir / "bad.safetensors") << "garbage";
+  auto bad = ListSafetensors((dir / "bad.safetensors").string());
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("bad.safetensors"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace llamad::storage
