@@ -213,6 +213,18 @@ double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch,
   return loss;
 }
 
+void LlamaModel::Logits(const int32_t* tokens, int batch, int seq, float* out) {
+  const std::vector<int32_t> ignored(size_t(batch) * seq, -1);
+  Run(tokens, ignored.data(), batch, seq, 1.0, /*backward=*/false);  // fills final_norm
+  const size_t n = size_t(batch) * seq, vocab = size_t(config_.vocab_size);
+  void* logits = backend_->Allocate(n * vocab);
+  const size_t elem = DTypeSize(backend_->dtype());
+  backend_->Linear(logits, acts_.final_norm, static_cast<char*>(params_data_) + params_.back().offset * elem,
+                   int(n), int(config_.hidden_size), int(vocab), false);
+  backend_->DownloadF32(out, logits, n * vocab);
+  backend_->Free(logits);
+}
+
 double LlamaModel::ForwardBackward(const int32_t* tokens, const int32_t* targets, int batch,
                                    int seq, double grad_scale) {
   return Run(tokens, targets, batch, seq, grad_scale, true);

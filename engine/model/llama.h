@@ -96,6 +96,10 @@ class LlamaModel {
   // The loss sum only; gradients untouched.
   double Forward(const int32_t* tokens, const int32_t* targets, int batch, int seq);
 
+  // Writes the logits [batch * seq, vocab] (float32, host) of tokens [batch, seq]: the
+  // forward without the loss, for checking against other implementations.
+  void Logits(const int32_t* tokens, int batch, int seq, float* out);
+
   // Bytes of activations currently held for the last shape.
   size_t activation_bytes() const { return activation_bytes_; }
 
