@@ -13,7 +13,9 @@ PACKAGES=(
   libopenblas-openmp-dev     # CPU GEMMs; the OpenMP build runs single-threaded inside our parallel regions
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev libabsl-dev
   libgtest-dev libgmock-dev
+  librocksdb-dev libxxhash-dev   # checkpoint index and checksums
   python3 python3-numpy      # the independent numpy reference of the model (tests/reference)
+  fio                        # the checkpoint benchmark's disk baseline
 )
 
 missing=()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs, builds (ops/setup.sh) and runs the whole test suite. Exits non-zero on any
-# failure. GPU tests carry the ctest label `gpu` and skip with a message without a device.
+# failure. Pass ctest arguments through, e.g. ops/test.sh -R Checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ops/setup.sh
