@@ -194,6 +194,19 @@ absl::StatusOr<ModelConfig> ModelConfigFromYaml(const YAML::Node& node, std::str
   return config;
 }
 
+std::string ModelConfigToHfJson(const ModelConfig& c) {
+  return nlohmann::json{{"hidden_size", c.hidden_size},
+                        {"intermediate_size", c.intermediate_size},
+                        {"num_hidden_layers", c.num_hidden_layers},
+                        {"num_attention_heads", c.num_attention_heads},
+                        {"num_key_value_heads", c.num_key_value_heads},
+                        {"vocab_size", c.vocab_size},
+                        {"max_position_embeddings", c.max_position_embeddings},
+                        {"rms_norm_eps", c.rms_norm_eps},
+                        {"rope_theta", c.rope_theta}}
+      .dump();
+}
+
 absl::StatusOr<ModelConfig> ModelConfigFromHfJson(std::string_view json_text,
                                                   std::string_view source) {
   nlohmann::json j;

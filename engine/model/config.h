@@ -56,6 +56,10 @@ absl::StatusOr<ModelConfig> LoadModelConfig(std::string_view spec);
 absl::StatusOr<ModelConfig> ModelConfigFromYaml(const YAML::Node& node, std::string_view source,
                                                 std::string_view path, std::string_view base_dir);
 
+// The model's fields as a Hugging Face LlamaConfig JSON object (the fields above only;
+// ModelConfigFromHfJson reads it back exactly).
+std::string ModelConfigToHfJson(const ModelConfig& config);
+
 // Parses a Hugging Face LlamaConfig JSON text. `source` names it in messages.
 absl::StatusOr<ModelConfig> ModelConfigFromHfJson(std::string_view json_text,
                                                   std::string_view source);

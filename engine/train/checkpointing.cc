@@ -14,17 +14,7 @@ namespace {
 
 constexpr int kCheckpointVersion = 1;
 
-nlohmann::json ModelJson(const ModelConfig& c) {
-  return {{"hidden_size", c.hidden_size},
-          {"intermediate_size", c.intermediate_size},
-          {"num_hidden_layers", c.num_hidden_layers},
-          {"num_attention_heads", c.num_attention_heads},
-          {"num_key_value_heads", c.num_key_value_heads},
-          {"vocab_size", c.vocab_size},
-          {"max_position_embeddings", c.max_position_embeddings},
-          {"rms_norm_eps", c.rms_norm_eps},
-          {"rope_theta", c.rope_theta}};
-}
+nlohmann::json ModelJson(const ModelConfig& c) { return nlohmann::json::parse(ModelConfigToHfJson(c)); }
 
 // The state that is not in tensors.
 std::string MetaJson(Trainer& trainer, const std::string& job, int64_t step) {
