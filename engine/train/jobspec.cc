@@ -87,7 +87,7 @@ absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
   top.Allow("data");
   if (d.Get("dataset", &spec.data.dataset) && !spec.data.dataset.empty() &&
       std::filesystem::path(spec.data.dataset).is_relative()) {
-    spec.data.dataset = (std::filesystem::path(base_dir) / spec.data.dataset).string();
+    spec.data.dataset = (std::filesystem::path(base_dir) / spec.data.dataset).lexically_normal().string();
   }
   d.Get("format", &spec.data.format);
 
@@ -95,7 +95,7 @@ absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
   top.Allow("checkpoint");
   if (c.Get("dir", &spec.checkpoint.dir) && !spec.checkpoint.dir.empty() &&
       std::filesystem::path(spec.checkpoint.dir).is_relative()) {
-    spec.checkpoint.dir = (std::filesystem::path(base_dir) / spec.checkpoint.dir).string();
+    spec.checkpoint.dir = (std::filesystem::path(base_dir) / spec.checkpoint.dir).lexically_normal().string();
   }
   c.Get("interval", &spec.checkpoint.interval);
   c.Get("keep_last", &spec.checkpoint.keep_last);
