@@ -46,6 +46,10 @@ struct PieceToWrite {
   ElementType type = ElementType::kF32;
   uint64_t begin = 0, end = 0;
   const void* data = nullptr;
+  // When `data` is 4 KiB aligned and readable for padded_bytes >= the payload rounded up
+  // to 4 KiB, the writer sends it to disk from there (direct I/O, no copy); the bytes past
+  // the payload land in the file's padding. 0: the writer stages a copy.
+  size_t padded_bytes = 0;
 };
 
 // Where a piece lives: what the index records.
@@ -77,7 +81,8 @@ class CheckpointStore {
   std::string StepDir(const std::string& job, int64_t step) const;
   std::string ShardPath(const std::string& job, int64_t step, int rank) const;
 
-  // Writes one rank's shard file (payloads 4 KiB aligned) and fsyncs it and its folders.
+  // Writes one rank's shard file (payloads 4 KiB aligned, direct I/O where the file
+  // system allows it) and fsyncs it and its folders.
   // Returns the records to commit. Does not make anything visible.
   absl::StatusOr<std::vector<PieceRecord>> WriteShard(const std::string& job, int64_t step,
                                                       int rank,

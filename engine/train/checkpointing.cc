@@ -1,6 +1,8 @@
 #include "train/checkpointing.h"
 
+#include <atomic>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -76,17 +78,30 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
   const auto start = std::chrono::steady_clock::now();
   LlamaModel& model = trainer.model();
   Backend& be = trainer.backend();
-  const size_t n = model.num_params();
-  buffer_.resize(3 * n);
-  be.DownloadF32(buffer_.data(), model.param_data(), n);
-  be.DownloadF32(buffer_.data() + n, trainer.optimizer().exp_avg(), n);
-  be.DownloadF32(buffer_.data() + 2 * n, trainer.optimizer().exp_avg_sq(), n);
+  constexpr size_t kAlign = 4096;
+  auto padded = [&](size_t numel) { return (numel * sizeof(float) + kAlign - 1) / kAlign * kAlign; };
+  size_t bytes = 0;
+  for (const ParamInfo& p : model.params()) bytes += 3 * padded(p.numel);
+  if (bytes != buffer_bytes_) {
+    buffer_.reset(static_cast<float*>(std::aligned_alloc(kAlign, std::max(bytes, kAlign))));
+    if (!buffer_) return absl::ResourceExhaustedError(StrCat("checkpoint: cannot allocate ", bytes, " bytes of host memory"));
+    buffer_bytes_ = bytes;
+  }
   pieces_.clear();
+  char* cursor = reinterpret_cast<char*>(buffer_.get());
+  const size_t elem = DTypeSize(be.dtype());
+  auto copy = [&](std::string name, const ParamInfo& p, void* source_base) {
+    float* dst = reinterpret_cast<float*>(cursor);
+    be.DownloadF32(dst, static_cast<char*>(source_base) + p.offset * elem, p.numel);
+    const size_t size = padded(p.numel);
+    std::memset(reinterpret_cast<char*>(dst + p.numel), 0, size - p.numel * sizeof(float));
+    pieces_.push_back({std::move(name), p.shape, storage::ElementType::kF32, 0, p.numel, dst, size});
+    cursor += size;
+  };
   for (const ParamInfo& p : model.params()) {
-    const float* base = buffer_.data() + p.offset;
-    pieces_.push_back({p.name, p.shape, storage::ElementType::kF32, 0, p.numel, base});
-    pieces_.push_back({ExpAvgName(p.name), p.shape, storage::ElementType::kF32, 0, p.numel, base + n});
-    pieces_.push_back({ExpAvgSqName(p.name), p.shape, storage::ElementType::kF32, 0, p.numel, base + 2 * n});
+    copy(p.name, p, model.param_data());
+    copy(ExpAvgName(p.name), p, trainer.optimizer().exp_avg());
+    copy(ExpAvgSqName(p.name), p, trainer.optimizer().exp_avg_sq());
   }
   step_ = trainer.step();
   meta_ = MetaJson(trainer, job_, step_);
@@ -156,22 +171,45 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   }
   LlamaModel& model = trainer.model();
   Backend& be = trainer.backend();
-  std::vector<float> host;
-  auto read = [&](const std::string& name, const ParamInfo& p, void* dst) -> absl::Status {
-    host.resize(p.numel);
-    // One rank of one: this rank's range is the whole tensor.
-    if (auto s = store.ReadRange(job, step, name, 0, p.numel, host.data()); !s.ok()) return s;
-    be.UploadF32(dst, host.data(), p.numel);
-    return absl::OkStatus();
-  };
   const size_t elem = DTypeSize(be.dtype());
-  auto at = [&](void* base, const ParamInfo& p) { return static_cast<char*>(base) + p.offset * elem; };
+  struct Item {
+    std::string name;
+    const ParamInfo* param;
+    void* dst;
+  };
+  std::vector<Item> items;
   for (const ParamInfo& p : model.params()) {
-    for (auto s : {read(p.name, p, at(model.param_data(), p)),
-                   read(ExpAvgName(p.name), p, at(trainer.optimizer().exp_avg(), p)),
-                   read(ExpAvgSqName(p.name), p, at(trainer.optimizer().exp_avg_sq(), p))}) {
-      if (!s.ok()) return s;
-    }
+    auto at = [&](void* base) { return static_cast<char*>(base) + p.offset * elem; };
+    items.push_back({p.name, &p, at(model.param_data())});
+    items.push_back({ExpAvgName(p.name), &p, at(trainer.optimizer().exp_avg())});
+    items.push_back({ExpAvgSqName(p.name), &p, at(trainer.optimizer().exp_avg_sq())});
+  }
+  // Several readers keep the disk busy while others checksum and convert. One rank of
+  // one: each tensor's range is the whole tensor.
+  constexpr int kReaders = 2;
+  std::atomic<size_t> next{0};
+  std::mutex upload_mu;  // The backend is not thread-safe.
+  std::vector<absl::Status> results(kReaders);
+  std::vector<std::thread> readers;
+  for (int r = 0; r < kReaders; ++r) {
+    readers.emplace_back([&, r] {
+      std::vector<float> host;
+      for (size_t i = next++; i < items.size(); i = next++) {
+        const Item& item = items[i];
+        host.resize(item.param->numel);
+        if (auto s = store.ReadRange(job, step, item.name, 0, item.param->numel, host.data()); !s.ok()) {
+          results[r] = s;
+          next = items.size();
+          return;
+        }
+        std::lock_guard lock(upload_mu);
+        be.UploadF32(item.dst, host.data(), item.param->numel);
+      }
+    });
+  }
+  for (auto& t : readers) t.join();
+  for (const auto& s : results) {
+    if (!s.ok()) return s;
   }
   trainer.SetProgress(meta["optimizer"]["step"].get<int64_t>(), meta["data"]["sampler_position"].get<uint64_t>());
   return absl::OkStatus();

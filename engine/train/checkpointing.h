@@ -4,6 +4,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -53,7 +54,10 @@ class AsyncCheckpointer {
   // The snapshot being written.
   int64_t step_ = 0;
   std::string meta_;
-  std::vector<float> buffer_;
+  // Host copy of the state, each tensor 4 KiB aligned and padded so that the writer sends
+  // it to disk with direct I/O and no further copy.
+  std::unique_ptr<float, void (*)(void*)> buffer_{nullptr, &std::free};
+  size_t buffer_bytes_ = 0;
   std::vector<storage::PieceToWrite> pieces_;
   std::thread worker_;
 };

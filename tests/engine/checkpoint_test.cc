@@ -237,7 +237,9 @@ TEST(CheckpointProcessTest, CorruptionIsRefusedOrFallsBackWhenAsked) {
   uint64_t offset = 0;  // a byte inside the LM head's payload
   {
     auto store = *storage::CheckpointStore::Open((dir / "ckpt").string());
-    for (const auto& piece : *store->Pieces("proc", 6)) {
+    const auto pieces = store->Pieces("proc", 6);  // kept alive for the loop
+    ASSERT_TRUE(pieces.ok()) << pieces.status();
+    for (const auto& piece : *pieces) {
       if (piece.name == "lm_head.weight") offset = piece.offset + piece.length / 2;
     }
     ASSERT_GT(offset, 0u);
