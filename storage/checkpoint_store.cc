@@ -94,7 +94,9 @@ absl::Status WriteAt(int fd, const void* data, size_t size, uint64_t offset, con
 absl::Status ReadAt(int fd, void* data, size_t size, uint64_t offset, const std::string& path) {
   char* p = static_cast<char*>(data);
   while (size > 0) {
-    const ssize_t n = ::pread(fd, p, size, off_t(offset));
+    // 1 MiB requests: measured faster than larger ones on virtual disks (fio: 1087 MiB/s
+    // at 1 MiB against 811-859 MiB/s at 16-64 MiB, direct, same disk).
+    const ssize_t n = ::pread(fd, p, std::min<size_t>(size, size_t{1} << 20), off_t(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
       return IoError("read", path);
