@@ -79,7 +79,7 @@ int OpenMaybeDirect(const std::string& path, int flags, bool* direct) {
 absl::Status WriteAt(int fd, const void* data, size_t size, uint64_t offset, const std::string& path) {
   const char* p = static_cast<const char*>(data);
   while (size > 0) {
-    const ssize_t n = ::pwrite(fd, p, std::min<size_t>(size, size_t{1} << 30), off_t(offset));
+    const ssize_t n = ::pwrite(fd, p, std::min<size_t>(size, size_t{1} << 20), off_t(offset));  // see ReadAt
     if (n < 0) {
       if (errno == EINTR) continue;
       return IoError("write", path);
@@ -351,7 +351,7 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::Pieces(const std::stri
 
 absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step,
                                         const std::string& name, uint64_t begin, uint64_t end,
-                                        void* out) const {
+                                        void* out, size_t out_capacity) const {
   if (auto meta = Meta(job, step); !meta.ok()) return meta.status();
   std::vector<PieceRecord> pieces;
   auto s = Scan(db_.get(), PiecePrefix(job, step, name), [&](const std::string&, const std::string& v) {
@@ -397,15 +397,23 @@ absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step,
       status = absl::DataLossError(fmt::format("{}: tensor '{}' has an unaligned payload offset {}", path, p.name, p.offset));
       break;
     }
-    if (!buffer || buffer->size < RoundUp(p.length)) buffer = std::make_unique<AlignedBuffer>(p.length);
-    if (status = ReadAt(fd, buffer->data, RoundUp(p.length), p.offset, path); !status.ok()) break;
-    const char* data = buffer->data;
+    const bool in_place = p.begin == begin && p.end == end && out_capacity >= RoundUp(p.length) &&
+                          reinterpret_cast<uintptr_t>(out) % kAlign == 0;
+    char* data;
+    if (in_place) {
+      data = static_cast<char*>(out);
+    } else {
+      if (!buffer || buffer->size < RoundUp(p.length)) buffer = std::make_unique<AlignedBuffer>(p.length);
+      data = buffer->data;
+    }
+    if (status = ReadAt(fd, data, RoundUp(p.length), p.offset, path); !status.ok()) break;
     if (XXH3_64bits(data, p.length) != p.checksum) {
       status = absl::DataLossError(fmt::format(
           "{}: tensor '{}' elements [{}, {}) fail their checksum: the shard is corrupt", path,
           p.name, p.begin, p.end));
       break;
     }
+    if (in_place) continue;
     const uint64_t lo = std::max(begin, p.begin), hi = std::min(end, p.end);
     std::memcpy(static_cast<char*>(out) + (lo - begin) * elem, data + (lo - p.begin) * elem,
                 (hi - lo) * elem);

@@ -105,8 +105,11 @@ class CheckpointStore {
   // elements of the tensor's type), whatever pieces the checkpoint was written in. Reads
   // only the pieces that overlap, and verifies each piece's checksum; a mismatch is a
   // DataLoss error naming the file and the tensor.
+  // When [begin, end) is exactly one piece and `out` is 4 KiB aligned with room for
+  // out_capacity >= the payload rounded up to 4 KiB, the piece is read straight into it
+  // (no copy); the bytes past the payload are overwritten with the file's padding.
   absl::Status ReadRange(const std::string& job, int64_t step, const std::string& name,
-                         uint64_t begin, uint64_t end, void* out) const;
+                         uint64_t begin, uint64_t end, void* out, size_t out_capacity = 0) const;
   // Reads and checks every piece of a checkpoint.
   absl::Status Verify(const std::string& job, int64_t step) const;
 

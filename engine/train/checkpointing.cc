@@ -186,24 +186,35 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   }
   // Several readers keep the disk busy while others checksum and convert. One rank of
   // one: each tensor's range is the whole tensor.
-  constexpr int kReaders = 2;
+  constexpr int kReaders = 4;
   std::atomic<size_t> next{0};
   std::mutex upload_mu;  // The backend is not thread-safe.
   std::vector<absl::Status> results(kReaders);
   std::vector<std::thread> readers;
   for (int r = 0; r < kReaders; ++r) {
     readers.emplace_back([&, r] {
-      std::vector<float> host;
+      // An aligned, padded staging buffer lets the store read each piece straight into it.
+      std::unique_ptr<float, void (*)(void*)> host(nullptr, &std::free);
+      size_t capacity = 0;
       for (size_t i = next++; i < items.size(); i = next++) {
         const Item& item = items[i];
-        host.resize(item.param->numel);
-        if (auto s = store.ReadRange(job, step, item.name, 0, item.param->numel, host.data()); !s.ok()) {
+        const size_t bytes = (item.param->numel * sizeof(float) + 4095) / 4096 * 4096;
+        if (bytes > capacity) {
+          host.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
+          capacity = host ? bytes : 0;
+          if (!host) {
+            results[r] = absl::ResourceExhaustedError("restore: out of host memory");
+            next = items.size();
+            return;
+          }
+        }
+        if (auto s = store.ReadRange(job, step, item.name, 0, item.param->numel, host.get(), capacity); !s.ok()) {
           results[r] = s;
           next = items.size();
           return;
         }
         std::lock_guard lock(upload_mu);
-        be.UploadF32(item.dst, host.data(), item.param->numel);
+        be.UploadF32(item.dst, host.get(), item.param->numel);
       }
     });
   }
