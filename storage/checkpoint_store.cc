@@ -9,6 +9,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <thread>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -216,7 +217,9 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::WriteShard(
   const std::string path = ShardPath(job, step, rank);
   const std::string relative = fs::relative(path, root_).string();
 
-  // Lay out payloads, checksum them, and describe them in the header.
+  // Lay out payloads and size the header. Checksums are computed by a second thread while
+  // the payloads are written, and the header (fixed-width checksums, so the same size)
+  // goes to its block(s) at offset 0 last.
   std::vector<PieceRecord> records;
   nlohmann::json table = nlohmann::json::array();
   uint64_t offset = kAlign;  // The header gets the first block (or more, see below).
@@ -224,7 +227,6 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::WriteShard(
     if (p.end < p.begin) return absl::InvalidArgumentError("piece " + p.name + ": end before begin");
     PieceRecord r{p.name, p.shape, p.type, p.begin, p.end, relative, 0,
                   (p.end - p.begin) * ElementSize(p.type), 0, rank};
-    r.checksum = XXH3_64bits(p.data, r.length);
     records.push_back(r);
   }
   // The header size depends on the offsets it lists; the table is sized with the largest
@@ -252,16 +254,9 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::WriteShard(
   // each payload padded with zeros. Payloads that are aligned and padded in memory
   // (PieceToWrite::padded_bytes) go straight from there; others through a staging buffer.
   absl::Status status;
-  {
-    AlignedBuffer head(offset);
-    std::memset(head.data, 0, head.size);
-    std::memcpy(head.data, kMagic, 8);
-    const uint32_t version = kVersion, length = uint32_t(header.size());
-    std::memcpy(head.data + 8, &version, 4);
-    std::memcpy(head.data + 12, &length, 4);
-    std::memcpy(head.data + 16, header.data(), header.size());
-    status = WriteAt(fd, head.data, head.size, 0, path);
-  }
+  std::thread hasher([&] {
+    for (size_t i = 0; i < records.size(); ++i) records[i].checksum = XXH3_64bits(pieces[i].data, records[i].length);
+  });
   constexpr size_t kStaging = size_t{16} << 20;
   std::unique_ptr<AlignedBuffer> staging;
   for (size_t i = 0; i < records.size() && status.ok(); ++i) {
@@ -280,6 +275,18 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::WriteShard(
       std::memset(staging->data + payload, 0, chunk - payload);
       status = WriteAt(fd, staging->data, chunk, r.offset + done, path);
     }
+  }
+  hasher.join();
+  if (status.ok()) {
+    header = build_header(offset);
+    AlignedBuffer head(offset);
+    std::memset(head.data, 0, head.size);
+    std::memcpy(head.data, kMagic, 8);
+    const uint32_t version = kVersion, length = uint32_t(header.size());
+    std::memcpy(head.data + 8, &version, 4);
+    std::memcpy(head.data + 12, &length, 4);
+    std::memcpy(head.data + 16, header.data(), header.size());
+    status = WriteAt(fd, head.data, head.size, 0, path);
   }
   if (status.ok() && ::fsync(fd) != 0) status = IoError("fsync", path);
   ::close(fd);
