@@ -2,7 +2,7 @@
 //
 //   llama-train train  --config JOB.yaml [flags that override the job file]
 //                      [-o DIR -i N] [-f DIR|latest] [--init-from-hf DIR]
-//   llama-train eval   --config JOB.yaml --tokens FILE
+//   llama-train eval   --config JOB.yaml --tokens FILE [--load DIR|latest]
 //   llama-train export --load CKPT_DIR --hf OUT
 //
 // Exit codes: 0 success, 1 runtime failure, 2 bad command line, job file or data.
@@ -316,12 +316,24 @@ int RunEval(const Common& common, const Overrides& overrides, const std::string&
   auto backend = MakeBackend(common);
   auto trainer = Trainer::Create(*spec, backend.get(), 0);
   if (!trainer.ok()) return Fail(trainer.status());
+  std::string weights = StrCat("initialised from seed ", spec->training.seed);
+  if (!common.resume.empty()) {
+    auto checkpoints = OpenCheckpoints(*spec, common);
+    if (!checkpoints.ok()) return Fail(checkpoints.status());
+    if (checkpoints->step < 0) {
+      return Fail(absl::NotFoundError(StrCat("--load ", common.resume, ": no checkpoint of job '", spec->name,
+                                             "' in ", spec->checkpoint.dir)));
+    }
+    const storage::CheckpointStore& from = checkpoints->source ? *checkpoints->source : *checkpoints->store;
+    if (auto s = RestoreCheckpoint(from, spec->name, checkpoints->step, **trainer); !s.ok()) return Fail(s);
+    weights = from.StepDir(spec->name, checkpoints->step);
+  }
   const double loss = (*trainer)->Evaluate(*data);
   nlohmann::json out = {{"loss", loss},
                         {"perplexity", std::exp(loss)},
                         {"windows", windows},
                         {"tokens", windows * spec->training.max_length},
-                        {"weights", StrCat("initialised from seed ", spec->training.seed)}};
+                        {"weights", weights}};
   std::printf("%s\n", out.dump().c_str());
   return 0;
 }
@@ -349,6 +361,8 @@ int Main(int argc, char** argv) {
   CLI::App* eval = app.add_subcommand("eval", "Mean loss of the model over a token file");
   add_common(eval);
   eval->add_option("--tokens", tokens_path, "Token file to evaluate")->required();
+  eval->add_option("-f,--load", common.resume,
+                   "Checkpoint to evaluate: a folder <root>/<job>/step-<n>, or 'latest' of the job");
   eval_overrides.Register(eval);
   std::string load, hf_out;
   CLI::App* exp = app.add_subcommand("export", "Write a checkpoint as Hugging Face safetensors + config.json");

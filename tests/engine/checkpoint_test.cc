@@ -260,11 +260,36 @@ TEST(CheckpointProcessTest, CorruptionIsRefusedOrFallsBackWhenAsked) {
   EXPECT_NE(message.find("checksum"), std::string::npos) << message;
   EXPECT_NE(message.find("tensor 'lm_head.weight'"), std::string::npos) << message;
 
+  // eval of a damaged checkpoint is refused the same way.
+  Subprocess eval(std::string(LLAMA_TRAIN_BIN) + " eval --config " + job + " --tokens " +
+                  (dir / "tokens.u32").string() + " --load latest");
+  const std::string eval_out = eval.Drain();
+  EXPECT_EQ(eval.Wait(), 2) << eval_out;
+  EXPECT_NE(eval_out.find("checksum"), std::string::npos) << eval_out;
+
   Subprocess fallback(Train("--config " + job + " -f latest --resume-fallback --steps 8"));
   const std::string resumed = fallback.Drain();
   EXPECT_EQ(fallback.Wait(), 0) << resumed;
   EXPECT_NE(resumed.find("falling back to checkpoint step 3"), std::string::npos) << resumed;
   EXPECT_NE(resumed.find("resumed job 'proc' at step 3"), std::string::npos) << resumed;
+}
+
+TEST(CheckpointProcessTest, EvalOfACheckpointBeatsTheInitialWeights) {
+  const fs::path dir = FreshDir("proc-eval");
+  const std::string job = WriteJob(dir, 30, 30);
+  Subprocess run(Train("--config " + job));
+  ASSERT_EQ(run.Wait(), 0) << run.Drain();
+  auto loss_of = [&](const std::string& extra) {
+    Subprocess eval(std::string(LLAMA_TRAIN_BIN) + " eval --config " + job + " --tokens " +
+                    (dir / "tokens.u32").string() + extra);
+    const std::string out = eval.Drain();
+    EXPECT_EQ(eval.Wait(), 0) << out;
+    const auto line = out.substr(out.find('{'));
+    return nlohmann::json::parse(line.substr(0, line.find('\n')))["loss"].get<double>();
+  };
+  const double initial = loss_of(""), trained = loss_of(" --load latest");
+  EXPECT_LT(trained, initial - 0.1) << "initial " << initial << " trained " << trained;
+  EXPECT_DOUBLE_EQ(loss_of(" --load " + (dir / "ckpt/proc/step-30").string()), trained);
 }
 
 TEST(CheckpointProcessTest, ExportThenInitFromHf) {
