@@ -9,15 +9,16 @@
 #include <xxhash.h>
 
 #include <algorithm>
-#include <thread>
 #include <cerrno>
+#include <charconv>
 #include <cstdlib>
 #include <cstring>
-#include <new>
 #include <filesystem>
 #include <map>
+#include <new>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <thread>
 
 namespace llamad::storage {
 namespace fs = std::filesystem;
@@ -77,10 +78,12 @@ int OpenMaybeDirect(const std::string& path, int flags, bool* direct) {
   return fd;
 }
 
-absl::Status WriteAt(int fd, const void* data, size_t size, uint64_t offset, const std::string& path) {
+absl::Status WriteAt(int fd, const void* data, size_t size, uint64_t offset,
+                     const std::string& path) {
   const char* p = static_cast<const char*>(data);
   while (size > 0) {
-    const ssize_t n = ::pwrite(fd, p, std::min<size_t>(size, size_t{1} << 20), off_t(offset));  // see ReadAt
+    const ssize_t n =
+        ::pwrite(fd, p, std::min<size_t>(size, size_t{1} << 20), off_t(offset));  // see ReadAt
     if (n < 0) {
       if (errno == EINTR) continue;
       return IoError("write", path);
@@ -102,7 +105,8 @@ absl::Status ReadAt(int fd, void* data, size_t size, uint64_t offset, const std:
       if (errno == EINTR) continue;
       return IoError("read", path);
     }
-    if (n == 0) return absl::DataLossError(fmt::format("{}: file is shorter than its index says", path));
+    if (n == 0)
+      return absl::DataLossError(fmt::format("{}: file is shorter than its index says", path));
     p += n;
     size -= size_t(n);
     offset += uint64_t(n);
@@ -125,7 +129,8 @@ absl::StatusOr<PieceRecord> FromJson(const std::string& text) {
     r.shape = j.at("shape").get<std::vector<int64_t>>();
     const std::string dtype = j.at("dtype").get<std::string>();
     bool known = false;
-    for (ElementType t : {ElementType::kF32, ElementType::kF64, ElementType::kI64, ElementType::kU8}) {
+    for (ElementType t :
+         {ElementType::kF32, ElementType::kF64, ElementType::kI64, ElementType::kU8}) {
       if (dtype == ElementTypeName(t)) r.type = t, known = true;
     }
     if (!known) return absl::DataLossError("checkpoint index: unknown dtype " + dtype);
@@ -136,9 +141,15 @@ absl::StatusOr<PieceRecord> FromJson(const std::string& text) {
     r.length = j.at("length").get<uint64_t>();
     r.checksum = std::stoull(j.at("xxh3").get<std::string>(), nullptr, 16);
     r.rank = j.at("rank").get<int>();
+    if (r.end < r.begin || r.length != (r.end - r.begin) * ElementSize(r.type) ||
+        r.offset % kAlign != 0) {
+      return absl::DataLossError(
+          fmt::format("checkpoint index: inconsistent record for tensor '{}'", r.name));
+    }
     return r;
   } catch (const std::exception& e) {
-    return absl::DataLossError(fmt::format("checkpoint index: unreadable piece record: {}", e.what()));
+    return absl::DataLossError(
+        fmt::format("checkpoint index: unreadable piece record: {}", e.what()));
   }
 }
 
@@ -156,20 +167,28 @@ absl::Status Scan(rocksdb::DB* db, const std::string& prefix, F&& f) {
 
 size_t ElementSize(ElementType type) {
   switch (type) {
-    case ElementType::kF32: return 4;
-    case ElementType::kF64: return 8;
-    case ElementType::kI64: return 8;
-    case ElementType::kU8: return 1;
+    case ElementType::kF32:
+      return 4;
+    case ElementType::kF64:
+      return 8;
+    case ElementType::kI64:
+      return 8;
+    case ElementType::kU8:
+      return 1;
   }
   return 0;
 }
 
 const char* ElementTypeName(ElementType type) {
   switch (type) {
-    case ElementType::kF32: return "f32";
-    case ElementType::kF64: return "f64";
-    case ElementType::kI64: return "i64";
-    case ElementType::kU8: return "u8";
+    case ElementType::kF32:
+      return "f32";
+    case ElementType::kF64:
+      return "f64";
+    case ElementType::kI64:
+      return "i64";
+    case ElementType::kU8:
+      return "u8";
   }
   return "?";
 }
@@ -179,21 +198,37 @@ CheckpointStore::CheckpointStore(std::string root, StoreOptions options, rocksdb
 
 CheckpointStore::~CheckpointStore() = default;
 
-absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(const std::string& root,
-                                                                       const StoreOptions& options) {
+absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
+    const std::string& root, const StoreOptions& options) {
   if (options.keep_last < 1) {
-    return absl::InvalidArgumentError(fmt::format("checkpoint keep_last must be at least 1, got {}", options.keep_last));
+    return absl::InvalidArgumentError(
+        fmt::format("checkpoint keep_last must be at least 1, got {}", options.keep_last));
   }
+  const std::string index = (fs::path(root) / "index").string();
   std::error_code ec;
-  fs::create_directories(root, ec);
-  if (ec) return absl::InternalError(fmt::format("{}: cannot create checkpoint folder: {}", root, ec.message()));
   rocksdb::Options db_options;
-  db_options.create_if_missing = true;
   db_options.max_open_files = 64;
   db_options.keep_log_file_num = 2;
   rocksdb::DB* db = nullptr;
-  if (auto s = rocksdb::DB::Open(db_options, (fs::path(root) / "index").string(), &db); !s.ok()) {
-    return absl::InternalError(fmt::format("{}/index: cannot open the checkpoint index: {}", root, s.ToString()));
+  if (options.read_only) {
+    if (!fs::exists(fs::path(index) / "CURRENT", ec)) {
+      return absl::NotFoundError(
+          fmt::format("{}: no checkpoint index here (expected {})", root, index));
+    }
+    if (auto s = rocksdb::DB::OpenForReadOnly(db_options, index, &db); !s.ok()) {
+      return absl::InternalError(
+          fmt::format("{}: cannot open the checkpoint index: {}", index, s.ToString()));
+    }
+    return std::unique_ptr<CheckpointStore>(new CheckpointStore(root, options, db));
+  }
+  fs::create_directories(root, ec);
+  if (ec)
+    return absl::InternalError(
+        fmt::format("{}: cannot create checkpoint folder: {}", root, ec.message()));
+  db_options.create_if_missing = true;
+  if (auto s = rocksdb::DB::Open(db_options, index, &db); !s.ok()) {
+    return absl::InternalError(
+        fmt::format("{}: cannot open the checkpoint index: {}", index, s.ToString()));
   }
   std::unique_ptr<CheckpointStore> store(new CheckpointStore(root, options, db));
   if (auto s = store->RemoveUncommitted(); !s.ok()) return s;
@@ -224,9 +259,11 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::WriteShard(
   nlohmann::json table = nlohmann::json::array();
   uint64_t offset = kAlign;  // The header gets the first block (or more, see below).
   for (const PieceToWrite& p : pieces) {
-    if (p.end < p.begin) return absl::InvalidArgumentError("piece " + p.name + ": end before begin");
-    PieceRecord r{p.name, p.shape, p.type, p.begin, p.end, relative, 0,
-                  (p.end - p.begin) * ElementSize(p.type), 0, rank};
+    if (p.end < p.begin)
+      return absl::InvalidArgumentError("piece " + p.name + ": end before begin");
+    PieceRecord r{p.name, p.shape,  p.type, p.begin,
+                  p.end,  relative, 0,      (p.end - p.begin) * ElementSize(p.type),
+                  0,      rank};
     records.push_back(r);
   }
   // The header size depends on the offsets it lists; the table is sized with the largest
@@ -239,8 +276,12 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::WriteShard(
       o += (r.length + kAlign - 1) / kAlign * kAlign;
       table.push_back(ToJson(r));
     }
-    return nlohmann::json{{"format", "llamad-shard"}, {"version", kVersion}, {"job", job},
-                          {"step", step}, {"rank", rank}, {"pieces", table}}
+    return nlohmann::json{{"format", "llamad-shard"},
+                          {"version", kVersion},
+                          {"job", job},
+                          {"step", step},
+                          {"rank", rank},
+                          {"pieces", table}}
         .dump();
   };
   std::string header = build_header(uint64_t{1} << 50);
@@ -255,26 +296,31 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::WriteShard(
   // (PieceToWrite::padded_bytes) go straight from there; others through a staging buffer.
   absl::Status status;
   std::thread hasher([&] {
-    for (size_t i = 0; i < records.size(); ++i) records[i].checksum = XXH3_64bits(pieces[i].data, records[i].length);
+    for (size_t i = 0; i < records.size(); ++i)
+      records[i].checksum = XXH3_64bits(pieces[i].data, records[i].length);
   });
   constexpr size_t kStaging = size_t{16} << 20;
   std::unique_ptr<AlignedBuffer> staging;
-  for (size_t i = 0; i < records.size() && status.ok(); ++i) {
-    const PieceRecord& r = records[i];
-    const PieceToWrite& piece = pieces[i];
-    const uint64_t padded = RoundUp(r.length);
-    if (reinterpret_cast<uintptr_t>(piece.data) % kAlign == 0 && piece.padded_bytes >= padded) {
-      status = WriteAt(fd, piece.data, padded, r.offset, path);
-      continue;
+  try {
+    for (size_t i = 0; i < records.size() && status.ok(); ++i) {
+      const PieceRecord& r = records[i];
+      const PieceToWrite& piece = pieces[i];
+      const uint64_t padded = RoundUp(r.length);
+      if (reinterpret_cast<uintptr_t>(piece.data) % kAlign == 0 && piece.padded_bytes >= padded) {
+        status = WriteAt(fd, piece.data, padded, r.offset, path);
+        continue;
+      }
+      if (!staging) staging = std::make_unique<AlignedBuffer>(kStaging);
+      for (uint64_t done = 0; done < padded && status.ok(); done += kStaging) {
+        const uint64_t chunk = std::min<uint64_t>(kStaging, padded - done);
+        const uint64_t payload = std::min<uint64_t>(chunk, r.length > done ? r.length - done : 0);
+        std::memcpy(staging->data, static_cast<const char*>(piece.data) + done, payload);
+        std::memset(staging->data + payload, 0, chunk - payload);
+        status = WriteAt(fd, staging->data, chunk, r.offset + done, path);
+      }
     }
-    if (!staging) staging = std::make_unique<AlignedBuffer>(kStaging);
-    for (uint64_t done = 0; done < padded && status.ok(); done += kStaging) {
-      const uint64_t chunk = std::min<uint64_t>(kStaging, padded - done);
-      const uint64_t payload = std::min<uint64_t>(chunk, r.length > done ? r.length - done : 0);
-      std::memcpy(staging->data, static_cast<const char*>(piece.data) + done, payload);
-      std::memset(staging->data + payload, 0, chunk - payload);
-      status = WriteAt(fd, staging->data, chunk, r.offset + done, path);
-    }
+  } catch (const std::bad_alloc&) {  // the staging buffer; the hasher must still be joined
+    status = absl::ResourceExhaustedError(path + ": out of memory for the write buffer");
   }
   hasher.join();
   if (status.ok()) {
@@ -308,14 +354,22 @@ absl::Status CheckpointStore::Commit(const std::string& job, int64_t step,
   rocksdb::WriteOptions sync;
   sync.sync = true;
   if (auto s = FromRocks(db_->Write(sync, &batch), "commit"); !s.ok()) return s;
-  return Retain(job);
+  // The checkpoint is durable now; a failed cleanup of older ones must not make the
+  // save look failed (it is retried at the next commit).
+  (void)Retain(job);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<int64_t>> CheckpointStore::Steps(const std::string& job) const {
   std::vector<int64_t> steps;
   auto s = Scan(db_.get(), CkptPrefix(job), [&](const std::string& key, const std::string&) {
     if (key.ends_with("/meta")) {
-      steps.push_back(std::stoll(key.substr(CkptPrefix(job).size(), 20)));
+      int64_t step = 0;
+      const std::string digits = key.substr(CkptPrefix(job).size(), 20);
+      if (std::from_chars(digits.data(), digits.data() + digits.size(), step).ec != std::errc()) {
+        return absl::DataLossError(fmt::format("{}/index: malformed key '{}'", root_, key));
+      }
+      steps.push_back(step);
     }
     return absl::OkStatus();
   });
@@ -336,7 +390,8 @@ absl::StatusOr<std::string> CheckpointStore::Meta(const std::string& job, int64_
   std::string value;
   const auto s = db_->Get(rocksdb::ReadOptions(), StepPrefix(job, step) + "meta", &value);
   if (s.IsNotFound()) {
-    return absl::NotFoundError(fmt::format("{}: job '{}' has no committed checkpoint at step {}", root_, job, step));
+    return absl::NotFoundError(
+        fmt::format("{}: job '{}' has no committed checkpoint at step {}", root_, job, step));
   }
   if (auto st = FromRocks(s, "read meta"); !st.ok()) return st;
   return value;
@@ -346,30 +401,33 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::Pieces(const std::stri
                                                                  int64_t step) const {
   if (auto meta = Meta(job, step); !meta.ok()) return meta.status();
   std::vector<PieceRecord> out;
-  auto s = Scan(db_.get(), StepPrefix(job, step) + "piece/", [&](const std::string&, const std::string& v) {
-    auto r = FromJson(v);
-    if (!r.ok()) return r.status();
-    out.push_back(*std::move(r));
-    return absl::OkStatus();
-  });
+  auto s = Scan(db_.get(), StepPrefix(job, step) + "piece/",
+                [&](const std::string&, const std::string& v) {
+                  auto r = FromJson(v);
+                  if (!r.ok()) return r.status();
+                  out.push_back(*std::move(r));
+                  return absl::OkStatus();
+                });
   if (!s.ok()) return s;
   return out;
 }
 
 absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step,
-                                        const std::string& name, uint64_t begin, uint64_t end,
-                                        void* out, size_t out_capacity) const {
+                                        const std::string& name, ElementType type, uint64_t begin,
+                                        uint64_t end, void* out, size_t out_capacity) const {
   if (auto meta = Meta(job, step); !meta.ok()) return meta.status();
   std::vector<PieceRecord> pieces;
-  auto s = Scan(db_.get(), PiecePrefix(job, step, name), [&](const std::string&, const std::string& v) {
-    auto r = FromJson(v);
-    if (!r.ok()) return r.status();
-    if (r->end > begin && r->begin < end) pieces.push_back(*std::move(r));
-    return absl::OkStatus();
-  });
+  auto s =
+      Scan(db_.get(), PiecePrefix(job, step, name), [&](const std::string&, const std::string& v) {
+        auto r = FromJson(v);
+        if (!r.ok()) return r.status();
+        if (r->end > begin && r->begin < end) pieces.push_back(*std::move(r));
+        return absl::OkStatus();
+      });
   if (!s.ok()) return s;
   if (pieces.empty()) {
-    return absl::NotFoundError(fmt::format("checkpoint {} of job '{}' has no tensor '{}'", step, job, name));
+    return absl::NotFoundError(
+        fmt::format("checkpoint {} of job '{}' has no tensor '{}'", step, job, name));
   }
   // The pieces must cover [begin, end) with no gap.
   uint64_t covered = begin;
@@ -378,10 +436,18 @@ absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step,
     covered = std::max(covered, p.end);
   }
   if (covered < end) {
-    return absl::DataLossError(fmt::format("checkpoint {} of job '{}': tensor '{}' has no data for elements [{}, {})",
-                                           step, job, name, covered, end));
+    return absl::DataLossError(
+        fmt::format("checkpoint {} of job '{}': tensor '{}' has no data for elements [{}, {})",
+                    step, job, name, covered, end));
   }
-  const size_t elem = ElementSize(pieces.front().type);
+  for (const PieceRecord& p : pieces) {
+    if (p.type != type) {
+      return absl::DataLossError(
+          fmt::format("checkpoint {} of job '{}': tensor '{}' is {} in the index, expected {}",
+                      step, job, name, ElementTypeName(p.type), ElementTypeName(type)));
+    }
+  }
+  const size_t elem = ElementSize(type);
   std::map<std::string, int> fds;
   absl::Status status;
   // Payloads are 4 KiB aligned and padded in the file, so whole blocks are read with
@@ -396,12 +462,14 @@ absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step,
       bool direct = false;
       fd = OpenMaybeDirect(path, O_RDONLY, &direct);
       if (fd < 0) {
-        status = IoError("open shard", path);
+        status = absl::DataLossError(
+            fmt::format("{}: cannot open shard: {}", path, std::strerror(errno)));
         break;
       }
     }
     if (p.offset % kAlign != 0) {
-      status = absl::DataLossError(fmt::format("{}: tensor '{}' has an unaligned payload offset {}", path, p.name, p.offset));
+      status = absl::DataLossError(fmt::format("{}: tensor '{}' has an unaligned payload offset {}",
+                                               path, p.name, p.offset));
       break;
     }
     const bool in_place = p.begin == begin && p.end == end && out_capacity >= RoundUp(p.length) &&
@@ -410,14 +478,20 @@ absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step,
     if (in_place) {
       data = static_cast<char*>(out);
     } else {
-      if (!buffer || buffer->size < RoundUp(p.length)) buffer = std::make_unique<AlignedBuffer>(p.length);
+      if (!buffer || buffer->size < RoundUp(p.length))
+        buffer = std::make_unique<AlignedBuffer>(p.length);
       data = buffer->data;
     }
-    if (status = ReadAt(fd, data, RoundUp(p.length), p.offset, path); !status.ok()) break;
+    if (status = ReadAt(fd, data, RoundUp(p.length), p.offset, path); !status.ok()) {
+      // A shard that cannot be read back is a damaged checkpoint (fallback applies).
+      status = absl::DataLossError(
+          fmt::format("{} (tensor '{}')", std::string(status.message()), p.name));
+      break;
+    }
     if (XXH3_64bits(data, p.length) != p.checksum) {
-      status = absl::DataLossError(fmt::format(
-          "{}: tensor '{}' elements [{}, {}) fail their checksum: the shard is corrupt", path,
-          p.name, p.begin, p.end));
+      status = absl::DataLossError(
+          fmt::format("{}: tensor '{}' elements [{}, {}) fail their checksum: the shard is corrupt",
+                      path, p.name, p.begin, p.end));
       break;
     }
     if (in_place) continue;
@@ -437,9 +511,36 @@ absl::Status CheckpointStore::Verify(const std::string& job, int64_t step) const
   std::vector<char> buffer;
   for (const PieceRecord& p : *pieces) {
     buffer.resize(p.length);
-    if (auto s = ReadRange(job, step, p.name, p.begin, p.end, buffer.data()); !s.ok()) return s;
+    if (auto s = ReadRange(job, step, p.name, p.type, p.begin, p.end, buffer.data()); !s.ok())
+      return s;
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<int64_t>> CheckpointStore::DropNewerThan(const std::string& job,
+                                                                    int64_t step) {
+  if (options_.read_only) return absl::FailedPreconditionError(root_ + ": opened read-only");
+  auto steps = Steps(job);
+  if (!steps.ok()) return steps.status();
+  std::vector<int64_t> newer;
+  for (int64_t s : *steps) {
+    if (s > step) newer.push_back(s);
+  }
+  if (newer.empty()) return newer;
+  rocksdb::WriteBatch batch;
+  for (int64_t s : newer) {
+    const std::string prefix = StepPrefix(job, s);
+    batch.DeleteRange(prefix, prefix + "\xff");
+    batch.Delete("pin/" + job + "/" + StepKey(s));
+  }
+  rocksdb::WriteOptions sync;
+  sync.sync = true;
+  if (auto st = FromRocks(db_->Write(sync, &batch), "drop newer checkpoints"); !st.ok()) return st;
+  for (int64_t s : newer) {
+    std::error_code ec;
+    fs::remove_all(StepDir(job, s), ec);  // A leftover is removed at the next Open.
+  }
+  return newer;
 }
 
 absl::Status CheckpointStore::Pin(const std::string& job, int64_t step, bool pinned) {
@@ -455,7 +556,10 @@ absl::Status CheckpointStore::Retain(const std::string& job) {
   if (int(steps->size()) <= options_.keep_last) return absl::OkStatus();
   std::set<int64_t> pinned;
   auto s = Scan(db_.get(), "pin/" + job + "/", [&](const std::string& key, const std::string&) {
-    pinned.insert(std::stoll(key.substr(key.size() - 20)));
+    int64_t step = 0;
+    const std::string digits = key.substr(key.size() - std::min<size_t>(20, key.size()));
+    if (std::from_chars(digits.data(), digits.data() + digits.size(), step).ec == std::errc())
+      pinned.insert(step);
     return absl::OkStatus();
   });
   if (!s.ok()) return s;
@@ -493,9 +597,14 @@ absl::Status CheckpointStore::RemoveUncommitted() {
       } catch (const std::exception&) {
         continue;  // Not ours.
       }
-      if (!std::binary_search(steps->begin(), steps->end(), step)) {
-        fs::remove_all(step_dir.path(), ec);
+      if (std::binary_search(steps->begin(), steps->end(), step)) continue;
+      // Only folders that hold nothing but our shard files are ours to remove.
+      bool ours = true;
+      for (const auto& f : fs::directory_iterator(step_dir.path(), ec)) {
+        const std::string file = f.path().filename().string();
+        ours = ours && f.is_regular_file() && file.starts_with("rank-") && file.ends_with(".shard");
       }
+      if (ours) fs::remove_all(step_dir.path(), ec);
     }
   }
   return absl::OkStatus();
@@ -512,8 +621,8 @@ absl::StatusOr<CheckpointPath> ParseCheckpointPath(const std::string& step_dir) 
     out.step = std::stoll(name.substr(5), &used);
     if (used != name.size() - 5) throw std::invalid_argument(name);
   } catch (const std::exception&) {
-    return absl::InvalidArgumentError(fmt::format(
-        "{}: not a checkpoint folder (expected <root>/<job>/step-<n>)", step_dir));
+    return absl::InvalidArgumentError(
+        fmt::format("{}: not a checkpoint folder (expected <root>/<job>/step-<n>)", step_dir));
   }
   out.job = p.parent_path().filename().string();
   out.root = p.parent_path().parent_path().string();

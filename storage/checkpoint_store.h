@@ -67,11 +67,15 @@ struct PieceRecord {
 
 struct StoreOptions {
   int keep_last = 2;  // Committed checkpoints kept per job (pinned ones come on top).
+  // Open an existing index for reading only: nothing is created, cleaned up or written.
+  // For export, evaluation and resuming from a store this process does not save to.
+  bool read_only = false;
 };
 
 class CheckpointStore {
  public:
-  // Opens (creating) the store at `root` and removes leftovers of uncommitted saves.
+  // Opens (creating) the store at `root` and removes leftovers of uncommitted saves;
+  // with options.read_only, opens an existing index and touches nothing.
   static absl::StatusOr<std::unique_ptr<CheckpointStore>> Open(const std::string& root,
                                                                const StoreOptions& options = {});
   ~CheckpointStore();
@@ -89,7 +93,8 @@ class CheckpointStore {
                                                       const std::vector<PieceToWrite>& pieces);
 
   // Makes the checkpoint exist: writes `meta_json` and every record in one synced
-  // WriteBatch, then applies retention. The records of all ranks must be passed.
+  // WriteBatch, then applies retention. The records of all ranks must be passed. Once the
+  // batch is durable the result is OK; a retention failure is retried at the next commit.
   absl::Status Commit(const std::string& job, int64_t step, const std::string& meta_json,
                       const std::vector<PieceRecord>& records);
 
@@ -108,10 +113,17 @@ class CheckpointStore {
   // When [begin, end) is exactly one piece and `out` is 4 KiB aligned with room for
   // out_capacity >= the payload rounded up to 4 KiB, the piece is read straight into it
   // (no copy); the bytes past the payload are overwritten with the file's padding.
+  // Every piece must hold `type`; an unreadable or missing shard is DataLoss.
   absl::Status ReadRange(const std::string& job, int64_t step, const std::string& name,
-                         uint64_t begin, uint64_t end, void* out, size_t out_capacity = 0) const;
+                         ElementType type, uint64_t begin, uint64_t end, void* out,
+                         size_t out_capacity = 0) const;
   // Reads and checks every piece of a checkpoint.
   absl::Status Verify(const std::string& job, int64_t step) const;
+
+  // Removes the committed checkpoints of `job` newer than `step` (index first, then
+  // files): a run that resumes from `step` continues a different history, and its saves
+  // must not collide with those steps. Returns the steps removed.
+  absl::StatusOr<std::vector<int64_t>> DropNewerThan(const std::string& job, int64_t step);
 
   // Pinned checkpoints are never removed by retention.
   absl::Status Pin(const std::string& job, int64_t step, bool pinned);

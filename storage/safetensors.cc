@@ -64,8 +64,15 @@ absl::StatusOr<std::vector<SafetensorsEntry>> ReadHeader(const std::string& path
       e.dtype = v.at("dtype").get<std::string>();
       e.shape = v.at("shape").get<std::vector<int64_t>>();
       const auto offsets = v.at("data_offsets").get<std::vector<uint64_t>>();
-      if (offsets.size() != 2 || offsets[1] < offsets[0] || data_start + offsets[1] > file_size) {
+      if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] > file_size - data_start) {
         return absl::InvalidArgumentError(fmt::format("{}: tensor '{}' has data offsets outside the file", path, name));
+      }
+      uint64_t numel = 1;
+      for (int64_t d : e.shape) {
+        if (d < 0 || (d > 0 && numel > (uint64_t{1} << 48) / uint64_t(d))) {
+          return absl::InvalidArgumentError(fmt::format("{}: tensor '{}' has an invalid shape", path, name));
+        }
+        numel *= uint64_t(d);
       }
       e.file = path;
       e.begin = offsets[0];
@@ -137,7 +144,14 @@ absl::StatusOr<std::map<std::string, SafetensorsEntry>> ListSafetensors(const st
         std::ifstream in(index_path);
         const auto j = nlohmann::json::parse(in);
         std::set<std::string> unique;
-        for (const auto& [name, file] : j.at("weight_map").items()) unique.insert(file.get<std::string>());
+        for (const auto& [name, file] : j.at("weight_map").items()) {
+          const std::string f = file.get<std::string>();
+          if (f.empty() || f.find('/') != std::string::npos || f == "..") {
+            return absl::InvalidArgumentError(fmt::format("{}: weight_map names '{}', not a file in this folder",
+                                                          index_path, f));
+          }
+          unique.insert(f);
+        }
         for (const auto& f : unique) files.push_back((dir / f).string());
       } catch (const std::exception& e) {
         return absl::InvalidArgumentError(fmt::format("{}: unreadable: {}", index_path, e.what()));
@@ -153,7 +167,12 @@ absl::StatusOr<std::map<std::string, SafetensorsEntry>> ListSafetensors(const st
   for (const std::string& f : files) {
     auto entries = ReadHeader(f);
     if (!entries.ok()) return entries.status();
-    for (auto& e : *entries) out[e.name] = std::move(e);
+    for (auto& e : *entries) {
+      if (out.count(e.name)) {
+        return absl::InvalidArgumentError(fmt::format("{}: tensor '{}' also appears in {}", f, e.name, out[e.name].file));
+      }
+      out[e.name] = std::move(e);
+    }
   }
   return out;
 }

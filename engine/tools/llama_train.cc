@@ -112,6 +112,7 @@ struct Common {
   int threads = 0;
   std::string resume;         // -f: a checkpoint folder, or "latest"
   bool resume_fallback = false;
+  bool fresh = false;         // discard the job's existing checkpoints
   std::string init_from_hf;   // a Hugging Face model folder
 };
 
@@ -122,21 +123,53 @@ struct ResumePoint {
   int64_t step = -1;                                // -1: start fresh
 };
 
-absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& common) {
+// `saving`: this run writes checkpoints into spec.checkpoint.dir, which is then opened
+// for writing; every other store is opened read-only and left untouched.
+absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& common, bool saving) {
   ResumePoint r;
-  const storage::StoreOptions options{int(spec.checkpoint.keep_last)};
-  if (!spec.checkpoint.dir.empty() && (spec.checkpoint.interval > 0 || common.resume == "latest")) {
-    auto store = storage::CheckpointStore::Open(spec.checkpoint.dir, options);
+  const storage::StoreOptions write_options{int(spec.checkpoint.keep_last), false};
+  const storage::StoreOptions read_options{int(spec.checkpoint.keep_last), true};
+  auto open_source = [&](const std::string& root) -> absl::Status {
+    auto source = storage::CheckpointStore::Open(root, read_options);
+    if (!source.ok()) return source.status();
+    r.source = *std::move(source);
+    return absl::OkStatus();
+  };
+  if (saving) {
+    auto store = storage::CheckpointStore::Open(spec.checkpoint.dir, write_options);
     if (!store.ok()) return store.status();
     r.store = *std::move(store);
   }
-  if (common.resume.empty()) return r;
-  if (common.resume == "latest") {
-    if (!r.store) return absl::InvalidArgumentError("-f latest: the job has no checkpoint.dir (set it or pass -o DIR)");
+  if (common.resume.empty()) {
+    if (!r.store) return r;
     auto latest = r.store->LatestStep(spec.name);
+    if (latest.ok() && !common.fresh) {
+      return absl::InvalidArgumentError(StrCat(
+          spec.checkpoint.dir, ": job '", spec.name, "' already has checkpoints (newest: step ", *latest,
+          "); pass -f latest to continue it, or --fresh to discard them and start over"));
+    }
+    if (latest.ok()) {
+      auto dropped = r.store->DropNewerThan(spec.name, -1);
+      if (!dropped.ok()) return dropped.status();
+      std::fprintf(stderr, "llama-train: --fresh: removed %zu checkpoint(s) of job '%s'\n", dropped->size(),
+                   spec.name.c_str());
+    } else if (!absl::IsNotFound(latest.status())) {
+      return latest.status();
+    }
+    return r;
+  }
+  if (common.resume == "latest") {
+    if (spec.checkpoint.dir.empty()) {
+      return absl::InvalidArgumentError("-f latest: the job has no checkpoint.dir (set it or pass -o DIR)");
+    }
+    if (!r.store) {
+      if (auto s = open_source(spec.checkpoint.dir); !s.ok()) return s;
+    }
+    const storage::CheckpointStore& from = r.source ? *r.source : *r.store;
+    auto latest = from.LatestStep(spec.name);
     if (latest.ok()) {
       r.step = *latest;
-    } else if (absl::IsNotFound(latest.status())) {
+    } else if (absl::IsNotFound(latest.status()) && saving) {
       std::fprintf(stderr, "llama-train: no checkpoint of job '%s' in %s yet; starting from step 0\n",
                    spec.name.c_str(), spec.checkpoint.dir.c_str());
     } else {
@@ -150,13 +183,10 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
     return absl::InvalidArgumentError(StrCat("-f ", common.resume, ": the checkpoint is of job '", path->job,
                                              "', this job is '", spec.name, "' (set name: in the job file)"));
   }
-  if (r.store && std::filesystem::equivalent(path->root, spec.checkpoint.dir)) {
-    r.step = path->step;
-    return r;
+  std::error_code ec;
+  if (!r.store || !std::filesystem::equivalent(path->root, spec.checkpoint.dir, ec)) {
+    if (auto s = open_source(path->root); !s.ok()) return s;
   }
-  auto source = storage::CheckpointStore::Open(path->root, options);
-  if (!source.ok()) return source.status();
-  r.source = *std::move(source);
   r.step = path->step;
   return r;
 }
@@ -213,7 +243,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     if (auto s = LoadHuggingFaceWeights(common.init_from_hf, (*trainer)->model(), *backend); !s.ok()) return Fail(s);
     std::fprintf(stderr, "llama-train: weights from %s\n", common.init_from_hf.c_str());
   }
-  auto checkpoints = OpenCheckpoints(*spec, common);
+  auto checkpoints = OpenCheckpoints(*spec, common, /*saving=*/spec->checkpoint.interval > 0);
   if (!checkpoints.ok()) return Fail(checkpoints.status());
   if (checkpoints->step >= 0) {
     const storage::CheckpointStore& from = checkpoints->source ? *checkpoints->source : *checkpoints->store;
@@ -222,6 +252,16 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     }
     std::fprintf(stderr, "llama-train: resumed job '%s' at step %lld from %s\n", spec->name.c_str(),
                  (long long)(*trainer)->step(), from.root().c_str());
+    if (checkpoints->store) {
+      // Checkpoints past the resumed step belong to another history; this run's saves
+      // would collide with them.
+      auto dropped = checkpoints->store->DropNewerThan(spec->name, (*trainer)->step());
+      if (!dropped.ok()) return Fail(dropped.status());
+      for (int64_t step : *dropped) {
+        std::fprintf(stderr, "llama-train: removed checkpoint step %lld, newer than the resumed step\n",
+                     (long long)step);
+      }
+    }
   }
   std::unique_ptr<AsyncCheckpointer> checkpointer;
   if (checkpoints->store && spec->checkpoint.interval > 0) {
@@ -294,7 +334,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
 int RunExport(const std::string& load, const std::string& hf_out) {
   auto path = storage::ParseCheckpointPath(load);
   if (!path.ok()) return Fail(path.status());
-  auto store = storage::CheckpointStore::Open(path->root);
+  auto store = storage::CheckpointStore::Open(path->root, {2, /*read_only=*/true});
   if (!store.ok()) return Fail(store.status());
   if (auto s = ExportHuggingFace(**store, path->job, path->step, hf_out); !s.ok()) return Fail(s);
   std::fprintf(stderr, "llama-train: exported job '%s' step %lld to %s (model.safetensors, config.json)\n",
@@ -318,7 +358,7 @@ int RunEval(const Common& common, const Overrides& overrides, const std::string&
   if (!trainer.ok()) return Fail(trainer.status());
   std::string weights = StrCat("initialised from seed ", spec->training.seed);
   if (!common.resume.empty()) {
-    auto checkpoints = OpenCheckpoints(*spec, common);
+    auto checkpoints = OpenCheckpoints(*spec, common, /*saving=*/false);
     if (!checkpoints.ok()) return Fail(checkpoints.status());
     if (checkpoints->step < 0) {
       return Fail(absl::NotFoundError(StrCat("--load ", common.resume, ": no checkpoint of job '", spec->name,
@@ -356,6 +396,7 @@ int Main(int argc, char** argv) {
   train->add_option("-f,--resume", common.resume, "Resume from a checkpoint folder or 'latest'");
   train->add_flag("--resume-fallback", common.resume_fallback,
                   "If the checkpoint is damaged, resume from the newest older one that is intact");
+  train->add_flag("--fresh", common.fresh, "Discard the job's existing checkpoints and start from step 0");
   train->add_option("--init-from-hf", common.init_from_hf, "Start from Hugging Face weights (folder)");
   train_overrides.Register(train);
   CLI::App* eval = app.add_subcommand("eval", "Mean loss of the model over a token file");

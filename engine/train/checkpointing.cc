@@ -5,8 +5,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "core/strings.h"
 #include "storage/safetensors.h"
@@ -16,7 +16,9 @@ namespace {
 
 constexpr int kCheckpointVersion = 1;
 
-nlohmann::json ModelJson(const ModelConfig& c) { return nlohmann::json::parse(ModelConfigToHfJson(c)); }
+nlohmann::json ModelJson(const ModelConfig& c) {
+  return nlohmann::json::parse(ModelConfigToHfJson(c));
+}
 
 // The state that is not in tensors.
 std::string MetaJson(Trainer& trainer, const std::string& job, int64_t step) {
@@ -28,14 +30,28 @@ std::string MetaJson(Trainer& trainer, const std::string& job, int64_t step) {
       {"job", job},
       {"step", step},
       {"model", ModelJson(spec.model)},
-      {"world", {{"world_size", 1}, {"plugin", spec.parallel.plugin}, {"ranks", {{{"rank", 0}, {"shard", "rank-0.shard"}}}}}},
-      {"optimizer", {{"name", "adamw"}, {"step", trainer.step()}, {"beta1", t.beta1}, {"beta2", t.beta2},
-                     {"eps", t.adam_eps}, {"weight_decay", t.weight_decay}}},
-      {"lr_schedule", {{"lr", t.lr}, {"min_lr_ratio", t.min_lr_ratio}, {"warmup_steps", t.warmup_steps},
-                       {"total_steps", t.steps}, {"position", trainer.step()}}},
-      {"data", {{"sampler_position", trainer.sampler_position()}, {"max_length", t.max_length},
-                {"global_batch_size", t.batch_size * GradientAccumulationSteps(spec)},
-                {"dataset", spec.data.dataset}}},
+      {"world",
+       {{"world_size", 1},
+        {"plugin", spec.parallel.plugin},
+        {"ranks", {{{"rank", 0}, {"shard", "rank-0.shard"}}}}}},
+      {"optimizer",
+       {{"name", "adamw"},
+        {"step", trainer.step()},
+        {"beta1", t.beta1},
+        {"beta2", t.beta2},
+        {"eps", t.adam_eps},
+        {"weight_decay", t.weight_decay}}},
+      {"lr_schedule",
+       {{"lr", t.lr},
+        {"min_lr_ratio", t.min_lr_ratio},
+        {"warmup_steps", t.warmup_steps},
+        {"total_steps", t.steps},
+        {"position", trainer.step()}}},
+      {"data",
+       {{"sampler_position", trainer.sampler_position()},
+        {"max_length", t.max_length},
+        {"global_batch_size", t.batch_size * GradientAccumulationSteps(spec)},
+        {"dataset", spec.data.dataset}}},
       // The generators are counter-based (core/rng.h): the seed is their whole state.
       {"rng", {{"kind", "counter-splitmix64"}, {"seed", t.seed}}},
   };
@@ -79,12 +95,16 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
   LlamaModel& model = trainer.model();
   Backend& be = trainer.backend();
   constexpr size_t kAlign = 4096;
-  auto padded = [&](size_t numel) { return (numel * sizeof(float) + kAlign - 1) / kAlign * kAlign; };
+  auto padded = [&](size_t numel) {
+    return (numel * sizeof(float) + kAlign - 1) / kAlign * kAlign;
+  };
   size_t bytes = 0;
   for (const ParamInfo& p : model.params()) bytes += 3 * padded(p.numel);
   if (bytes != buffer_bytes_) {
     buffer_.reset(static_cast<float*>(std::aligned_alloc(kAlign, std::max(bytes, kAlign))));
-    if (!buffer_) return absl::ResourceExhaustedError(StrCat("checkpoint: cannot allocate ", bytes, " bytes of host memory"));
+    if (!buffer_)
+      return absl::ResourceExhaustedError(
+          StrCat("checkpoint: cannot allocate ", bytes, " bytes of host memory"));
     buffer_bytes_ = bytes;
   }
   pieces_.clear();
@@ -95,7 +115,8 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
     be.DownloadF32(dst, static_cast<char*>(source_base) + p.offset * elem, p.numel);
     const size_t size = padded(p.numel);
     std::memset(reinterpret_cast<char*>(dst + p.numel), 0, size - p.numel * sizeof(float));
-    pieces_.push_back({std::move(name), p.shape, storage::ElementType::kF32, 0, p.numel, dst, size});
+    pieces_.push_back(
+        {std::move(name), p.shape, storage::ElementType::kF32, 0, p.numel, dst, size});
     cursor += size;
   };
   for (const ParamInfo& p : model.params()) {
@@ -105,7 +126,8 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
   }
   step_ = trainer.step();
   meta_ = MetaJson(trainer, job_, step_);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   {
     std::lock_guard lock(mu_);
     busy_ = true;
@@ -121,11 +143,11 @@ void AsyncCheckpointer::Worker() {
     if (!busy_ && stop_) return;
     lock.unlock();
     absl::Status status;
-    auto records = store_->WriteShard(job_, step_, /*rank=*/0, pieces_);
-    if (!records.ok()) {
-      status = records.status();
-    } else {
-      status = store_->Commit(job_, step_, meta_, *records);
+    try {
+      auto records = store_->WriteShard(job_, step_, /*rank=*/0, pieces_);
+      status = records.ok() ? store_->Commit(job_, step_, meta_, *records) : records.status();
+    } catch (const std::exception& e) {  // a thread must not let an exception escape
+      status = absl::InternalError(StrCat("checkpoint step ", step_, ": ", e.what()));
     }
     if (on_commit_) on_commit_(step_, status);
     lock.lock();
@@ -137,8 +159,8 @@ void AsyncCheckpointer::Worker() {
 
 namespace {
 
-absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, const std::string& job,
-                                        int64_t step, Trainer& trainer) {
+absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
+                                        const std::string& job, int64_t step, Trainer& trainer) {
   auto meta_text = store.Meta(job, step);
   if (!meta_text.ok()) return meta_text.status();
   const std::string where = StrCat(store.StepDir(job, step));
@@ -148,8 +170,10 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   } catch (const std::exception& e) {
     return absl::DataLossError(StrCat(where, ": unreadable checkpoint metadata: ", e.what()));
   }
-  if (meta.value("format", "") != "llamad-checkpoint" || meta.value("version", 0) != kCheckpointVersion) {
-    return absl::InvalidArgumentError(StrCat(where, ": not a version-", kCheckpointVersion, " llamad checkpoint"));
+  if (meta.value("format", "") != "llamad-checkpoint" ||
+      meta.value("version", 0) != kCheckpointVersion) {
+    return absl::InvalidArgumentError(
+        StrCat(where, ": not a version-", kCheckpointVersion, " llamad checkpoint"));
   }
   const JobSpec& spec = trainer.spec();
   const nlohmann::json ours = ModelJson(spec.model);
@@ -161,13 +185,14 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
     }
   }
   if (meta["data"]["max_length"] != spec.training.max_length) {
-    return absl::InvalidArgumentError(StrCat(where, ": the checkpoint was trained with training.max_length ",
-                                             meta["data"]["max_length"].dump(), ", the job has ",
-                                             spec.training.max_length));
+    return absl::InvalidArgumentError(
+        StrCat(where, ": the checkpoint was trained with training.max_length ",
+               meta["data"]["max_length"].dump(), ", the job has ", spec.training.max_length));
   }
   if (meta["rng"]["seed"] != spec.training.seed) {
-    return absl::InvalidArgumentError(StrCat(where, ": the checkpoint's data order comes from training.seed ",
-                                             meta["rng"]["seed"].dump(), ", the job has ", spec.training.seed));
+    return absl::InvalidArgumentError(
+        StrCat(where, ": the checkpoint's data order comes from training.seed ",
+               meta["rng"]["seed"].dump(), ", the job has ", spec.training.seed));
   }
   LlamaModel& model = trainer.model();
   Backend& be = trainer.backend();
@@ -193,28 +218,35 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   std::vector<std::thread> readers;
   for (int r = 0; r < kReaders; ++r) {
     readers.emplace_back([&, r] {
-      // An aligned, padded staging buffer lets the store read each piece straight into it.
-      std::unique_ptr<float, void (*)(void*)> host(nullptr, &std::free);
-      size_t capacity = 0;
-      for (size_t i = next++; i < items.size(); i = next++) {
-        const Item& item = items[i];
-        const size_t bytes = (item.param->numel * sizeof(float) + 4095) / 4096 * 4096;
-        if (bytes > capacity) {
-          host.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
-          capacity = host ? bytes : 0;
-          if (!host) {
-            results[r] = absl::ResourceExhaustedError("restore: out of host memory");
+      try {
+        // An aligned, padded staging buffer lets the store read each piece straight into it.
+        std::unique_ptr<float, void (*)(void*)> host(nullptr, &std::free);
+        size_t capacity = 0;
+        for (size_t i = next++; i < items.size(); i = next++) {
+          const Item& item = items[i];
+          const size_t bytes = (item.param->numel * sizeof(float) + 4095) / 4096 * 4096;
+          if (bytes > capacity) {
+            host.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
+            capacity = host ? bytes : 0;
+            if (!host) {
+              results[r] = absl::ResourceExhaustedError("restore: out of host memory");
+              next = items.size();
+              return;
+            }
+          }
+          if (auto s = store.ReadRange(job, step, item.name, storage::ElementType::kF32, 0,
+                                       item.param->numel, host.get(), capacity);
+              !s.ok()) {
+            results[r] = s;
             next = items.size();
             return;
           }
+          std::lock_guard lock(upload_mu);
+          be.UploadF32(item.dst, host.get(), item.param->numel);
         }
-        if (auto s = store.ReadRange(job, step, item.name, 0, item.param->numel, host.get(), capacity); !s.ok()) {
-          results[r] = s;
-          next = items.size();
-          return;
-        }
-        std::lock_guard lock(upload_mu);
-        be.UploadF32(item.dst, host.get(), item.param->numel);
+      } catch (const std::exception& e) {  // a thread must not let an exception escape
+        results[r] = absl::InternalError(StrCat("restore: ", e.what()));
+        next = items.size();
       }
     });
   }
@@ -222,12 +254,14 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   for (const auto& s : results) {
     if (!s.ok()) return s;
   }
-  trainer.SetProgress(meta["optimizer"]["step"].get<int64_t>(), meta["data"]["sampler_position"].get<uint64_t>());
+  trainer.SetProgress(meta["optimizer"]["step"].get<int64_t>(),
+                      meta["data"]["sampler_position"].get<uint64_t>());
   return absl::OkStatus();
 }
 
-absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store, const std::string& job,
-                                        int64_t step, const std::string& out) {
+absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
+                                        const std::string& job, int64_t step,
+                                        const std::string& out) {
   auto meta_text = store.Meta(job, step);
   if (!meta_text.ok()) return meta_text.status();
   const auto meta = nlohmann::json::parse(*meta_text);
@@ -237,14 +271,18 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store, c
   std::vector<float> data(NumParams(params));
   std::vector<storage::TensorToWrite> tensors;
   for (const ParamInfo& p : params) {
-    if (auto s = store.ReadRange(job, step, p.name, 0, p.numel, data.data() + p.offset); !s.ok()) return s;
+    if (auto s = store.ReadRange(job, step, p.name, storage::ElementType::kF32, 0, p.numel,
+                                 data.data() + p.offset);
+        !s.ok())
+      return s;
     tensors.push_back({p.name, p.shape, data.data() + p.offset});
   }
   std::error_code ec;
   std::filesystem::create_directories(out, ec);
   if (ec) return absl::InternalError(StrCat(out, ": cannot create: ", ec.message()));
-  if (auto s = storage::WriteSafetensors((std::filesystem::path(out) / "model.safetensors").string(), tensors,
-                                         {{"format", "pt"}, {"llamad_job", job}, {"llamad_step", StrCat(step)}});
+  if (auto s = storage::WriteSafetensors(
+          (std::filesystem::path(out) / "model.safetensors").string(), tensors,
+          {{"format", "pt"}, {"llamad_job", job}, {"llamad_step", StrCat(step)}});
       !s.ok()) {
     return s;
   }
@@ -272,7 +310,8 @@ absl::Status RestoreCheckpoint(const storage::CheckpointStore& store, const std:
   try {
     return RestoreCheckpointUnchecked(store, job, step, trainer);
   } catch (const nlohmann::json::exception& e) {
-    return absl::DataLossError(StrCat(store.StepDir(job, step), ": damaged checkpoint metadata: ", e.what()));
+    return absl::DataLossError(
+        StrCat(store.StepDir(job, step), ": damaged checkpoint metadata: ", e.what()));
   }
 }
 
@@ -281,14 +320,16 @@ absl::Status ExportHuggingFace(const storage::CheckpointStore& store, const std:
   try {
     return ExportHuggingFaceUnchecked(store, job, step, out);
   } catch (const nlohmann::json::exception& e) {
-    return absl::DataLossError(StrCat(store.StepDir(job, step), ": damaged checkpoint metadata: ", e.what()));
+    return absl::DataLossError(
+        StrCat(store.StepDir(job, step), ": damaged checkpoint metadata: ", e.what()));
   }
 }
 
 absl::StatusOr<ModelConfig> ReadHuggingFaceConfig(const std::string& dir) {
   const std::string path = (std::filesystem::path(dir) / "config.json").string();
   std::ifstream in(path);
-  if (!in) return absl::NotFoundError(StrCat(path, ": cannot open (a Hugging Face model folder has one)"));
+  if (!in)
+    return absl::NotFoundError(StrCat(path, ": cannot open (a Hugging Face model folder has one)"));
   std::stringstream ss;
   ss << in.rdbuf();
   return ModelConfigFromHfJson(ss.str(), path);
@@ -303,13 +344,14 @@ absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, B
     auto it = entries->find(p.name);
     if (it == entries->end()) return absl::NotFoundError(StrCat(dir, ": no tensor '", p.name, "'"));
     if (it->second.shape != p.shape) {
-      return absl::InvalidArgumentError(StrCat(it->second.file, ": tensor '", p.name, "' has shape [",
-                                               StrJoin(it->second.shape, ", "), "], the model needs [",
-                                               StrJoin(p.shape, ", "), "]"));
+      return absl::InvalidArgumentError(StrCat(
+          it->second.file, ": tensor '", p.name, "' has shape [", StrJoin(it->second.shape, ", "),
+          "], the model needs [", StrJoin(p.shape, ", "), "]"));
     }
     host.resize(p.numel);
     if (auto s = storage::ReadAsFloat32(it->second, host.data()); !s.ok()) return s;
-    backend.UploadF32(static_cast<char*>(model.param_data()) + p.offset * elem, host.data(), p.numel);
+    backend.UploadF32(static_cast<char*>(model.param_data()) + p.offset * elem, host.data(),
+                      p.numel);
   }
   return absl::OkStatus();
 }

@@ -272,6 +272,36 @@ TEST(CheckpointProcessTest, CorruptionIsRefusedOrFallsBackWhenAsked) {
   EXPECT_EQ(fallback.Wait(), 0) << resumed;
   EXPECT_NE(resumed.find("falling back to checkpoint step 3"), std::string::npos) << resumed;
   EXPECT_NE(resumed.find("resumed job 'proc' at step 3"), std::string::npos) << resumed;
+  EXPECT_NE(resumed.find("removed checkpoint step 6"), std::string::npos) << resumed;
+  // The new history saved steps 6 and 8 afresh; everything committed verifies.
+  auto store = *storage::CheckpointStore::Open((dir / "ckpt").string());
+  const auto steps = store->Steps("proc");  // kept alive for the loop
+  ASSERT_TRUE(steps.ok());
+  EXPECT_EQ(*steps, (std::vector<int64_t>{6, 8}));
+  for (int64_t step : *steps) EXPECT_TRUE(store->Verify("proc", step).ok()) << step;
+}
+
+TEST(CheckpointProcessTest, ExistingCheckpointsAreNeverOverwrittenSilently) {
+  const fs::path dir = FreshDir("proc-rerun");
+  const std::string job = WriteJob(dir, 4, 2);
+  Subprocess first(Train("--config " + job));
+  ASSERT_EQ(first.Wait(), 0) << first.Drain();
+  Subprocess again(Train("--config " + job));
+  const std::string out = again.Drain();
+  EXPECT_EQ(again.Wait(), 2) << out;
+  EXPECT_NE(out.find("already has checkpoints (newest: step 4)"), std::string::npos) << out;
+  Subprocess fresh(Train("--config " + job + " --fresh"));
+  const std::string fresh_out = fresh.Drain();
+  EXPECT_EQ(fresh.Wait(), 0) << fresh_out;
+  EXPECT_NE(fresh_out.find("removed 2 checkpoint(s)"), std::string::npos) << fresh_out;
+  // A read-only export elsewhere leaves unrelated folders alone.
+  fs::create_directories(dir / "elsewhere" / "x" / "step-1");
+  Subprocess exp(std::string(LLAMA_TRAIN_BIN) + " export --load " + (dir / "elsewhere/x/step-1").string() +
+                 " --hf " + (dir / "hf").string());
+  const std::string exp_out = exp.Drain();
+  EXPECT_EQ(exp.Wait(), 2) << exp_out;
+  EXPECT_NE(exp_out.find("no checkpoint index"), std::string::npos) << exp_out;
+  EXPECT_TRUE(fs::exists(dir / "elsewhere" / "x" / "step-1"));
 }
 
 TEST(CheckpointProcessTest, EvalOfACheckpointBeatsTheInitialWeights) {

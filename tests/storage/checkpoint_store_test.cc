@@ -61,12 +61,12 @@ TEST(CheckpointStoreTest, RestoresAnyLayoutIntoAnyOther) {
     for (int world = 1; world <= 5; ++world) {  // every reader layout
       for (const auto& [begin, end] : Split(a.size(), world)) {
         std::vector<float> got(end - begin);
-        ASSERT_TRUE(store->ReadRange("job", step, "a", begin, end, got.data()).ok());
+        ASSERT_TRUE(store->ReadRange("job", step, "a", ElementType::kF32, begin, end, got.data()).ok());
         EXPECT_TRUE(std::equal(got.begin(), got.end(), a.begin() + begin)) << step << " " << world;
       }
       for (const auto& [begin, end] : Split(b.size(), world)) {
         std::vector<float> got(end - begin);
-        ASSERT_TRUE(store->ReadRange("job", step, "b", begin, end, got.data()).ok());
+        ASSERT_TRUE(store->ReadRange("job", step, "b", ElementType::kF32, begin, end, got.data()).ok());
         EXPECT_TRUE(std::equal(got.begin(), got.end(), b.begin() + begin));
       }
     }
@@ -76,12 +76,14 @@ TEST(CheckpointStoreTest, RestoresAnyLayoutIntoAnyOther) {
   // 4-shard checkpoint gone, ranges inside ranks 0-2 still read; the rest fail cleanly.
   fs::remove(store->ShardPath("job", 3, 3));
   std::vector<float> got(70);
-  EXPECT_TRUE(store->ReadRange("job", 3, "a", 0, 40, got.data()).ok());
-  const auto missing = store->ReadRange("job", 3, "a", 0, 70, got.data());
-  EXPECT_FALSE(missing.ok());
+  EXPECT_TRUE(store->ReadRange("job", 3, "a", ElementType::kF32, 0, 40, got.data()).ok());
+  const auto missing = store->ReadRange("job", 3, "a", ElementType::kF32, 0, 70, got.data());
+  EXPECT_TRUE(absl::IsDataLoss(missing)) << missing;
   EXPECT_NE(missing.message().find("rank-3.shard"), std::string::npos) << missing;
-  EXPECT_FALSE(store->ReadRange("job", 1, "nope", 0, 1, got.data()).ok());
-  EXPECT_TRUE(absl::IsNotFound(store->ReadRange("job", 9, "a", 0, 1, got.data())));
+  EXPECT_FALSE(store->ReadRange("job", 1, "nope", ElementType::kF32, 0, 1, got.data()).ok());
+  // The index says f32: a reader expecting another type is refused, not overrun.
+  EXPECT_TRUE(absl::IsDataLoss(store->ReadRange("job", 1, "a", ElementType::kF64, 0, 1, got.data())));
+  EXPECT_TRUE(absl::IsNotFound(store->ReadRange("job", 9, "a", ElementType::kF32, 0, 1, got.data())));
 }
 
 TEST(CheckpointStoreTest, NothingExistsBeforeCommitAndLeftoversGoAtOpen) {
@@ -134,11 +136,37 @@ TEST(CheckpointStoreTest, AFlippedByteIsCaughtNamingFileAndTensor) {
     f.write(&c, 1);
   }
   std::vector<float> got(70);
-  const auto s = store->ReadRange("job", 1, victim.name, victim.begin, victim.end, got.data());
+  const auto s = store->ReadRange("job", 1, victim.name, ElementType::kF32, victim.begin, victim.end, got.data());
   ASSERT_TRUE(absl::IsDataLoss(s)) << s;
   EXPECT_NE(s.message().find(path), std::string::npos) << s;
   EXPECT_NE(s.message().find("'" + victim.name + "'"), std::string::npos) << s;
   EXPECT_FALSE(store->Verify("job", 1).ok());
+}
+
+TEST(CheckpointStoreTest, ReadOnlyOpenTouchesNothingAndDropNewerRewinds) {
+  const fs::path root = FreshDir("readonly");
+  // A folder that merely looks like checkpoints, with no index: read-only open refuses it
+  // and deletes nothing.
+  fs::create_directories(root / "other" / "step-3");
+  std::ofstream(root / "other" / "step-3" / "notes.txt") << "keep me";
+  EXPECT_TRUE(absl::IsNotFound(CheckpointStore::Open(root.string(), {2, true}).status()));
+  EXPECT_TRUE(fs::exists(root / "other" / "step-3" / "notes.txt"));
+  std::vector<float> a(70, 1.0f), b(33, 2.0f);
+  {
+    auto store = *CheckpointStore::Open(root.string(), {5});
+    EXPECT_TRUE(fs::exists(root / "other" / "step-3" / "notes.txt")) << "not ours: left alone";
+    for (int step = 1; step <= 4; ++step) WriteLayout(*store, step, 1, a, b);
+    auto dropped = store->DropNewerThan("job", 2);
+    ASSERT_TRUE(dropped.ok());
+    EXPECT_EQ(*dropped, (std::vector<int64_t>{3, 4}));
+    EXPECT_EQ(*store->Steps("job"), (std::vector<int64_t>{1, 2}));
+    EXPECT_FALSE(fs::exists(store->StepDir("job", 4)));
+  }
+  auto reader = CheckpointStore::Open(root.string(), {2, true});
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  EXPECT_EQ(*(*reader)->Steps("job"), (std::vector<int64_t>{1, 2}));
+  EXPECT_TRUE((*reader)->Verify("job", 2).ok());
+  EXPECT_FALSE((*reader)->DropNewerThan("job", 0).ok());
 }
 
 TEST(CheckpointPathTest, ParsesStepFolders) {
@@ -180,6 +208,20 @@ TEST(SafetensorsTest, RoundTripAndHalfPrecisionReads) {
   ASSERT_TRUE(ReadAsFloat32(half.at("b"), b.data()).ok());
   EXPECT_EQ(h, (std::vector<float>{1.0f, -2.5f, 0x1p-24f}));
   EXPECT_EQ(b, (std::vector<float>{1.0f, -2.5f}));
+
+  // Offsets beyond the file and negative shapes are refused, naming the file.
+  for (const std::string& bad_header :
+       {std::string(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,18446744073709551608]}})"),
+        std::string(R"({"t":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})")}) {
+    std::ofstream out(dir / "crafted.safetensors", std::ios::binary | std::ios::trunc);
+    const uint64_t n = bad_header.size();
+    out.write(reinterpret_cast<const char*>(&n), 8);
+    out << bad_header << std::string(8, '\0');
+    out.close();
+    auto crafted = ListSafetensors((dir / "crafted.safetensors").string());
+    ASSERT_FALSE(crafted.ok()) << bad_header;
+    EXPECT_NE(crafted.status().message().find("crafted.safetensors"), std::string::npos);
+  }
 
   std::ofstream(dir / "bad.safetensors") << "garbage";
   auto bad = ListSafetensors((dir / "bad.safetensors").string());
