@@ -526,21 +526,27 @@ absl::StatusOr<std::vector<int64_t>> CheckpointStore::DropNewerThan(const std::s
   for (int64_t s : *steps) {
     if (s > step) newer.push_back(s);
   }
-  if (newer.empty()) return newer;
+  if (auto st = RemoveSteps(job, newer, "drop newer checkpoints"); !st.ok()) return st;
+  return newer;
+}
+
+absl::Status CheckpointStore::RemoveSteps(const std::string& job, const std::vector<int64_t>& steps,
+                                          const char* what) {
+  if (steps.empty()) return absl::OkStatus();
   rocksdb::WriteBatch batch;
-  for (int64_t s : newer) {
-    const std::string prefix = StepPrefix(job, s);
+  for (int64_t step : steps) {
+    const std::string prefix = StepPrefix(job, step);
     batch.DeleteRange(prefix, prefix + "\xff");
-    batch.Delete("pin/" + job + "/" + StepKey(s));
+    batch.Delete("pin/" + job + "/" + StepKey(step));
   }
   rocksdb::WriteOptions sync;
   sync.sync = true;
-  if (auto st = FromRocks(db_->Write(sync, &batch), "drop newer checkpoints"); !st.ok()) return st;
-  for (int64_t s : newer) {
+  if (auto st = FromRocks(db_->Write(sync, &batch), what); !st.ok()) return st;
+  for (int64_t step : steps) {
     std::error_code ec;
-    fs::remove_all(StepDir(job, s), ec);  // A leftover is removed at the next Open.
+    fs::remove_all(StepDir(job, step), ec);  // A leftover is removed at the next Open.
   }
-  return newer;
+  return absl::OkStatus();
 }
 
 absl::Status CheckpointStore::Pin(const std::string& job, int64_t step, bool pinned) {
@@ -565,20 +571,7 @@ absl::Status CheckpointStore::Retain(const std::string& job) {
   if (!s.ok()) return s;
   std::vector<int64_t> doomed(steps->begin(), steps->end() - options_.keep_last);
   std::erase_if(doomed, [&](int64_t step) { return pinned.count(step) > 0; });
-  if (doomed.empty()) return absl::OkStatus();
-  rocksdb::WriteBatch batch;
-  for (int64_t step : doomed) {
-    const std::string prefix = StepPrefix(job, step);
-    batch.DeleteRange(prefix, prefix + "\xff");
-  }
-  rocksdb::WriteOptions sync;
-  sync.sync = true;
-  if (auto st = FromRocks(db_->Write(sync, &batch), "retention"); !st.ok()) return st;
-  for (int64_t step : doomed) {
-    std::error_code ec;
-    fs::remove_all(StepDir(job, step), ec);  // A leftover is removed at the next Open.
-  }
-  return absl::OkStatus();
+  return RemoveSteps(job, doomed, "retention");
 }
 
 absl::Status CheckpointStore::RemoveUncommitted() {

@@ -134,6 +134,8 @@ class CheckpointStore {
  private:
   CheckpointStore(std::string root, StoreOptions options, rocksdb::DB* db);
   absl::Status RemoveUncommitted();
+  // Deletes the index records of `steps` (one synced batch), then their folders.
+  absl::Status RemoveSteps(const std::string& job, const std::vector<int64_t>& steps, const char* what);
 
   std::string root_;
   StoreOptions options_;

@@ -360,10 +360,6 @@ int RunEval(const Common& common, const Overrides& overrides, const std::string&
   if (!common.resume.empty()) {
     auto checkpoints = OpenCheckpoints(*spec, common, /*saving=*/false);
     if (!checkpoints.ok()) return Fail(checkpoints.status());
-    if (checkpoints->step < 0) {
-      return Fail(absl::NotFoundError(StrCat("--load ", common.resume, ": no checkpoint of job '", spec->name,
-                                             "' in ", spec->checkpoint.dir)));
-    }
     const storage::CheckpointStore& from = checkpoints->source ? *checkpoints->source : *checkpoints->store;
     if (auto s = RestoreCheckpoint(from, spec->name, checkpoints->step, **trainer); !s.ok()) return Fail(s);
     weights = from.StepDir(spec->name, checkpoints->step);
