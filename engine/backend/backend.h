@@ -1,8 +1,11 @@
 // The compute backend: memory and the ~20 ops of LLaMA training, forward and backward.
 //
 // Conventions for every op:
-// - Buffers are opaque pointers to memory from Allocate(); their element type is the
-//   backend's `dtype()` (the CPU backend: f32 or f64). Token ids are int32 on the host.
+// - Buffers are opaque pointers to memory from Allocate(), or into it. A buffer keeps the
+//   element type it was allocated with: dtype() for activations and the parameters the
+//   layers read, accum_dtype() for what must keep more precision (see accum_dtype()).
+//   The memory ops convert to and from a buffer's own type. Token ids are int32 on the
+//   host.
 // - Shapes are row-major. A "row" is one token. N = batch * seq tokens.
 // - Linear weights use the Hugging Face layout [out, in].
 // - `accumulate` parameters say whether a result is added into the output (true) or
@@ -45,13 +48,21 @@ class Backend {
   virtual ~Backend() = default;
 
   virtual std::string_view name() const = 0;
-  // Element type of every buffer this backend allocates.
+  // Element type of activations and of the parameters the layers read.
   virtual DType dtype() const = 0;
+  // Element type of weight gradients, master weights, optimizer moments and per-row
+  // statistics: rstd, lse and the RoPE table. Op arguments of this type are marked
+  // [accum] below. The CPU backend uses dtype() for everything; the CUDA backend bf16
+  // activations and parameters with f32 accumulators.
+  virtual DType accum_dtype() const { return dtype(); }
+  // Whether parameters need a separate master copy in accum_dtype() for the optimizer.
+  bool needs_master_weights() const { return accum_dtype() != dtype(); }
 
   // ---- memory -----------------------------------------------------------------------
-  // Returns a zero-filled buffer of `numel` elements; never null (aborts when out of
-  // memory). Free it with Free().
-  virtual void* Allocate(size_t numel) = 0;
+  // Returns a zero-filled buffer of `numel` elements of `type` (dtype() or accum_dtype());
+  // never null (aborts when out of memory). Free it with Free().
+  virtual void* Allocate(size_t numel, DType type) = 0;
+  void* Allocate(size_t numel) { return Allocate(numel, dtype()); }
   virtual void Free(void* buffer) = 0;
   // Bytes currently allocated, and the most ever allocated at once.
   virtual size_t allocated_bytes() const = 0;
@@ -63,6 +74,7 @@ class Backend {
   // Copies between host float32 and a buffer (converting).
   virtual void UploadF32(void* dst, const float* src, size_t numel) = 0;
   virtual void DownloadF32(float* dst, const void* src, size_t numel) = 0;
+  // Copies, converting from src's element type to dst's (a cast when they differ).
   virtual void Copy(void* dst, const void* src, size_t numel) = 0;
   virtual void Zero(void* buffer, size_t numel) = 0;
   // x[i] *= scale.
@@ -70,32 +82,32 @@ class Backend {
   // Fills with N(0, std^2) samples from the counter-based generator (seed, stream).
   virtual void FillNormal(void* x, size_t numel, double std, uint64_t seed, uint64_t stream) = 0;
   virtual void Fill(void* x, size_t numel, double value) = 0;
-  // Sum of squares, accumulated in double.
+  // Sum of squares, accumulated in at least float32 per block and double across blocks.
   virtual double SumSquares(const void* x, size_t numel) = 0;
 
   // ---- layers -----------------------------------------------------------------------
   // y[n, out] (+)= x[n, in] . w[out, in]^T. Row strides of x and y are `in` and `out`.
   virtual void Linear(void* y, const void* x, const void* w, int n, int in, int out,
                       bool accumulate) = 0;
-  // dx[n, in] (+)= dy . w (skipped when dx is null); dw[out, in] += dy^T . x.
+  // dx[n, in] (+)= dy . w (skipped when dx is null); dw[out, in] [accum] += dy^T . x.
   virtual void LinearBackward(void* dx, void* dw, const void* dy, const void* x, const void* w,
                               int n, int in, int out, bool accumulate_dx) = 0;
 
   // out[n, :] = table[tokens[n], :]. Ids must be in [0, vocab).
   virtual void Embedding(void* out, const int32_t* tokens, const void* table, int n, int dim) = 0;
-  // dtable[tokens[n], :] += dout[n, :].
+  // dtable[tokens[n], :] [accum] += dout[n, :].
   virtual void EmbeddingBackward(void* dtable, const void* dout, const int32_t* tokens, int n,
                                  int dim) = 0;
 
-  // out = x / sqrt(mean(x^2) + eps) * w, per row; rstd[n] keeps 1 / sqrt(mean + eps).
+  // out = x / sqrt(mean(x^2) + eps) * w, per row; rstd[n] [accum] keeps 1 / sqrt(mean + eps).
   virtual void RmsNorm(void* out, void* rstd, const void* x, const void* w, int n, int dim,
                        double eps) = 0;
-  // dx (+)= d/dx, dw += d/dw, given the forward's x and rstd.
+  // dx (+)= d/dx, dw [accum] += d/dw, given the forward's x and rstd [accum].
   virtual void RmsNormBackward(void* dx, void* dw, const void* dout, const void* x,
                                const void* w, const void* rstd, int n, int dim,
                                bool accumulate_dx) = 0;
 
-  // Fills table[seq, head_dim / 2, 2] with (cos, sin) of position * theta^(-2i/head_dim).
+  // Fills table[seq, head_dim / 2, 2] [accum] with (cos, sin) of position * theta^(-2i/head_dim).
   virtual void RopeTable(void* table, int seq, int head_dim, double theta) = 0;
   // Rotates the query and key heads of a q|k|v buffer in place with Hugging Face's
   // rotate_half convention (positions 0..seq-1 in each sequence). With `inverse` it
@@ -103,7 +115,7 @@ class Backend {
   virtual void Rope(void* qkv, const void* table, const AttentionShape& shape, bool inverse) = 0;
 
   // Causal softmax attention with grouped-query heads, scale 1/sqrt(D).
-  // out[n, H * D]; lse[batch, H, seq] keeps each row's log-sum-exp for the backward.
+  // out[n, H * D]; lse[batch, H, seq] [accum] keeps each row's log-sum-exp for the backward.
   // `block` is the tile size: the kernel never holds more than block x block scores
   // per head; block >= seq is the standard, unfused algorithm.
   virtual void Attention(void* out, void* lse, const void* qkv, const AttentionShape& shape,
@@ -121,15 +133,17 @@ class Backend {
   // Fused LM head and cross-entropy over n rows of x[n, dim] with w[vocab, dim]: never
   // holds more than a chunk of logits. Rows whose target is negative are ignored.
   // Returns the sum of the per-row losses (natural log). When dx is not null it
-  // writes dx = d(loss_sum * grad_scale)/dx and adds the same gradient into dw.
+  // writes dx = d(loss_sum * grad_scale)/dx and adds the same gradient into dw [accum].
   virtual double LmHeadCrossEntropy(const void* x, const void* w, const int32_t* targets, int n,
                                     int dim, int vocab, double grad_scale, void* dx,
                                     void* dw) = 0;
 
   // ---- optimizer --------------------------------------------------------------------
-  // One AdamW step over param/grad/m/v of `numel` elements (moments in backend dtype).
-  virtual void AdamW(void* param, const void* grad, void* m, void* v, size_t numel,
-                     const AdamWStep& step) = 0;
+  // One AdamW step over `numel` elements. grad, m and v are [accum]. With master weights
+  // (needs_master_weights()) the step updates `master` [accum] and writes its rounding
+  // into `param`; without, master is null and param is updated in place.
+  virtual void AdamW(void* param, void* master, const void* grad, void* m, void* v,
+                     size_t numel, const AdamWStep& step) = 0;
 };
 
 }  // namespace llamad

@@ -38,47 +38,68 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaO
     : config_(config), backend_(backend), options_(options), params_(LlamaParamLayout(config)) {
   num_params_ = params_.back().offset + params_.back().numel;
   params_data_ = backend_->Allocate(num_params_);
-  grads_data_ = backend_->Allocate(num_params_);
+  grads_data_ = backend_->Allocate(num_params_, backend_->accum_dtype());
+  master_data_ = backend_->needs_master_weights()
+                     ? backend_->Allocate(num_params_, backend_->accum_dtype())
+                     : params_data_;
 }
 
 LlamaModel::~LlamaModel() {
   FreeActivations();
+  if (master_data_ != params_data_) backend_->Free(master_data_);
   backend_->Free(params_data_);
   backend_->Free(grads_data_);
 }
 
+size_t LlamaModel::param_byte_offset(size_t offset) const {
+  return offset * DTypeSize(backend_->dtype());
+}
+
+size_t LlamaModel::accum_byte_offset(size_t offset) const {
+  return offset * DTypeSize(backend_->accum_dtype());
+}
+
 void LlamaModel::InitWeights(uint64_t seed) {
-  char* base = static_cast<char*>(params_data_);
-  const size_t elem = DTypeSize(backend_->dtype());
+  char* base = static_cast<char*>(master_data_);
   for (size_t i = 0; i < params_.size(); ++i) {
     const ParamInfo& p = params_[i];
-    void* data = base + p.offset * elem;
+    void* data = base + accum_byte_offset(p.offset);
     if (p.shape.size() == 1) {
       backend_->Fill(data, p.numel, 1.0);
     } else {
       backend_->FillNormal(data, p.numel, 0.02, seed, /*stream=*/i);
     }
   }
+  SyncParamsFromMaster();
+}
+
+void LlamaModel::SyncParamsFromMaster() {
+  if (master_data_ != params_data_) backend_->Copy(params_data_, master_data_, num_params_);
 }
 
 void LlamaModel::ZeroGrads() { backend_->Zero(grads_data_, num_params_); }
 
 LlamaModel::LayerWeights LlamaModel::Weights(void* base, int layer) const {
   char* b = static_cast<char*>(base);
-  const size_t elem = DTypeSize(backend_->dtype());
+  const size_t elem = DTypeSize(base == params_data_ ? backend_->dtype() : backend_->accum_dtype());
   const size_t first = 1 + size_t(layer) * 9;  // Index of the layer's input_layernorm.
   auto at = [&](size_t k) -> void* { return b + params_[first + k].offset * elem; };
   return {at(0), at(1), at(4), at(5), at(6), at(8)};
 }
 
 size_t LayoutActivations(const ModelConfig& config, int batch, int seq, bool grad_checkpoint,
-                         ActivationBuffers& a, const std::function<void*(size_t)>& alloc) {
+                         DType dtype, DType accum, ActivationBuffers& a,
+                         const std::function<void*(size_t, DType)>& alloc) {
   const size_t N = size_t(batch) * seq, C = config.hidden_size, F = config.intermediate_size;
   const size_t QKV = config.qkv_dim(), H = config.num_attention_heads;
   size_t total = 0;
   auto take = [&](size_t numel) {
-    total += numel;
-    return alloc(numel);
+    total += numel * DTypeSize(dtype);
+    return alloc(numel, dtype);
+  };
+  auto take_accum = [&](size_t numel) {
+    total += numel * DTypeSize(accum);
+    return alloc(numel, accum);
   };
   const int L = int(config.num_hidden_layers);
   a.residual.clear();
@@ -86,19 +107,19 @@ size_t LayoutActivations(const ModelConfig& config, int batch, int seq, bool gra
   a.layers.assign(grad_checkpoint ? 1 : L, LayerActivations{});
   for (auto& layer : a.layers) {
     layer.ln1 = take(N * C);
-    layer.rstd1 = take(N);
+    layer.rstd1 = take_accum(N);
     layer.qkv = take(N * QKV);
     layer.attn = take(N * C);
-    layer.lse = take(size_t(batch) * H * seq);
+    layer.lse = take_accum(size_t(batch) * H * seq);
     layer.x_mid = take(N * C);
     layer.ln2 = take(N * C);
-    layer.rstd2 = take(N);
+    layer.rstd2 = take_accum(N);
     layer.gate_up = take(N * 2 * F);
     layer.h = take(N * F);
   }
   a.final_norm = take(N * C);
-  a.final_rstd = take(N);
-  a.rope_table = take(size_t(seq) * config.head_dim());
+  a.final_rstd = take_accum(N);
+  a.rope_table = take_accum(size_t(seq) * config.head_dim());
   a.d_residual = take(N * C);
   a.d_norm = take(N * C);
   a.d_attn = take(N * C);
@@ -122,11 +143,12 @@ void LlamaModel::EnsureActivations(int batch, int seq) {
   batch_ = batch;
   seq_ = seq;
   const size_t before = backend_->allocated_bytes();
-  LayoutActivations(config_, batch, seq, options_.grad_checkpoint, acts_, [&](size_t numel) {
-    void* p = backend_->Allocate(numel);
-    owned_.push_back(p);
-    return p;
-  });
+  LayoutActivations(config_, batch, seq, options_.grad_checkpoint, backend_->dtype(),
+                    backend_->accum_dtype(), acts_, [&](size_t numel, DType type) {
+                      void* p = backend_->Allocate(numel, type);
+                      owned_.push_back(p);
+                      return p;
+                    });
   backend_->RopeTable(acts_.rope_table, seq, int(config_.head_dim()), config_.rope_theta);
   activation_bytes_ = backend_->allocated_bytes() - before;
 }
@@ -182,34 +204,35 @@ double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch,
   Backend& be = *backend_;
   const int N = batch * seq, C = int(config_.hidden_size), V = int(config_.vocab_size);
   const int L = int(config_.num_hidden_layers);
-  const size_t elem = DTypeSize(be.dtype());
   char* pbase = static_cast<char*>(params_data_);
   char* gbase = static_cast<char*>(grads_data_);
+  auto param = [&](const ParamInfo& p) { return pbase + param_byte_offset(p.offset); };
+  auto grad = [&](const ParamInfo& p) { return gbase + accum_byte_offset(p.offset); };
   const ParamInfo& embed = params_.front();
   const ParamInfo& head = params_.back();
   const ParamInfo& norm = params_[params_.size() - 2];
   const bool ckpt = options_.grad_checkpoint;
 
-  be.Embedding(acts_.residual[0], tokens, pbase + embed.offset * elem, N, C);
+  be.Embedding(acts_.residual[0], tokens, param(embed), N, C);
   for (int l = 0; l < L; ++l) {
     LayerForward(l, acts_.residual[l], acts_.residual[l + 1], acts_.layers[ckpt ? 0 : l]);
   }
-  be.RmsNorm(acts_.final_norm, acts_.final_rstd, acts_.residual[L], pbase + norm.offset * elem, N, C,
+  be.RmsNorm(acts_.final_norm, acts_.final_rstd, acts_.residual[L], param(norm), N, C,
              config_.rms_norm_eps);
-  const double loss = be.LmHeadCrossEntropy(acts_.final_norm, pbase + head.offset * elem, targets, N, C,
-                                            V, grad_scale, backward ? acts_.d_norm : nullptr,
-                                            backward ? gbase + head.offset * elem : nullptr);
+  const double loss = be.LmHeadCrossEntropy(acts_.final_norm, param(head), targets, N, C, V,
+                                            grad_scale, backward ? acts_.d_norm : nullptr,
+                                            backward ? grad(head) : nullptr);
   if (!backward) return loss;
 
-  be.RmsNormBackward(acts_.d_residual, gbase + norm.offset * elem, acts_.d_norm, acts_.residual[L],
-                     pbase + norm.offset * elem, acts_.final_rstd, N, C, /*accumulate_dx=*/false);
+  be.RmsNormBackward(acts_.d_residual, grad(norm), acts_.d_norm, acts_.residual[L], param(norm),
+                     acts_.final_rstd, N, C, /*accumulate_dx=*/false);
   for (int l = L - 1; l >= 0; --l) {
     LayerActivations& a = acts_.layers[ckpt ? 0 : l];
     // The forward left the last layer's activations in the shared set.
     if (ckpt && l != L - 1) LayerForward(l, acts_.residual[l], /*x_out=*/nullptr, a);
     LayerBackward(l, acts_.residual[l], acts_.d_residual, a);
   }
-  be.EmbeddingBackward(gbase + embed.offset * elem, acts_.d_residual, tokens, N, C);
+  be.EmbeddingBackward(grad(embed), acts_.d_residual, tokens, N, C);
   return loss;
 }
 
@@ -218,8 +241,8 @@ void LlamaModel::Logits(const int32_t* tokens, int batch, int seq, float* out) {
   Run(tokens, ignored.data(), batch, seq, 1.0, /*backward=*/false);  // fills final_norm
   const size_t n = size_t(batch) * seq, vocab = size_t(config_.vocab_size);
   void* logits = backend_->Allocate(n * vocab);
-  const size_t elem = DTypeSize(backend_->dtype());
-  backend_->Linear(logits, acts_.final_norm, static_cast<char*>(params_data_) + params_.back().offset * elem,
+  backend_->Linear(logits, acts_.final_norm,
+                   static_cast<char*>(params_data_) + param_byte_offset(params_.back().offset),
                    int(n), int(config_.hidden_size), int(vocab), false);
   backend_->DownloadF32(out, logits, n * vocab);
   backend_->Free(logits);

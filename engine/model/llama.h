@@ -2,7 +2,9 @@
 // backward per layer, on any Backend. Owns its parameters, gradients and activations.
 //
 // Parameters live in one contiguous buffer in the order of params(); q|k|v projections
-// are adjacent so that one GEMM computes all three, and so are gate|up.
+// are adjacent so that one GEMM computes all three, and so are gate|up. Gradients (and,
+// on a backend with master weights, the master copy) use the same layout in the
+// backend's accum_dtype().
 #pragma once
 
 #include <cstdint>
@@ -63,11 +65,12 @@ struct ActivationBuffers {
   void* d_gate_up = nullptr;             // [N, 2F]
 };
 
-// Lays out the buffers of `acts` for (batch, seq), taking each from alloc(numel), and
-// returns the total number of elements. With an alloc that returns nullptr it only
-// counts (memory planning).
+// Lays out the buffers of `acts` for (batch, seq), taking each from alloc(numel, type):
+// activations in `dtype`, per-row statistics and the RoPE table in `accum`. Returns the
+// total bytes. With an alloc that returns nullptr it only counts (memory planning).
 size_t LayoutActivations(const ModelConfig& config, int batch, int seq, bool grad_checkpoint,
-                         ActivationBuffers& acts, const std::function<void*(size_t)>& alloc);
+                         DType dtype, DType accum, ActivationBuffers& acts,
+                         const std::function<void*(size_t, DType)>& alloc);
 
 class LlamaModel {
  public:
@@ -80,12 +83,22 @@ class LlamaModel {
   const ModelConfig& config() const { return config_; }
   const std::vector<ParamInfo>& params() const { return params_; }
   size_t num_params() const { return num_params_; }
+  // The parameters the layers read (backend dtype()).
   void* param_data() { return params_data_; }
+  // Gradients and the optimizer's copy of the parameters (accum_dtype()); the master is
+  // param_data() itself when the backend keeps no separate master weights.
   void* grad_data() { return grads_data_; }
+  void* master_data() { return master_data_; }
+  // Byte offset of element `offset` in param_data(), and in the accum_dtype() buffers.
+  size_t param_byte_offset(size_t offset) const;
+  size_t accum_byte_offset(size_t offset) const;
 
   // Seeded initialisation: linear and embedding weights ~ N(0, 0.02^2), norm weights 1.
   // Each tensor draws from its own counter-based stream: bit-identical on any machine.
   void InitWeights(uint64_t seed);
+  // Rounds the master weights into param_data() after they were written (restore, load);
+  // nothing to do without separate master weights.
+  void SyncParamsFromMaster();
   void ZeroGrads();
 
   // One micro-batch: tokens and targets are [batch, seq] row-major int32 ids in
@@ -125,6 +138,7 @@ class LlamaModel {
   size_t num_params_ = 0;
   void* params_data_ = nullptr;
   void* grads_data_ = nullptr;
+  void* master_data_ = nullptr;  // == params_data_ without separate master weights
 
   // Activations for the current (batch, seq).
   int batch_ = 0, seq_ = 0;

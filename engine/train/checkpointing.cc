@@ -109,10 +109,10 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
   }
   pieces_.clear();
   char* cursor = reinterpret_cast<char*>(buffer_.get());
-  const size_t elem = DTypeSize(be.dtype());
+  // Checkpoints hold the optimizer's view: master weights and moments (accum_dtype()).
   auto copy = [&](std::string name, const ParamInfo& p, void* source_base) {
     float* dst = reinterpret_cast<float*>(cursor);
-    be.DownloadF32(dst, static_cast<char*>(source_base) + p.offset * elem, p.numel);
+    be.DownloadF32(dst, static_cast<char*>(source_base) + model.accum_byte_offset(p.offset), p.numel);
     const size_t size = padded(p.numel);
     std::memset(reinterpret_cast<char*>(dst + p.numel), 0, size - p.numel * sizeof(float));
     pieces_.push_back(
@@ -120,7 +120,7 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
     cursor += size;
   };
   for (const ParamInfo& p : model.params()) {
-    copy(p.name, p, model.param_data());
+    copy(p.name, p, model.master_data());
     copy(ExpAvgName(p.name), p, trainer.optimizer().exp_avg());
     copy(ExpAvgSqName(p.name), p, trainer.optimizer().exp_avg_sq());
   }
@@ -196,7 +196,6 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
   }
   LlamaModel& model = trainer.model();
   Backend& be = trainer.backend();
-  const size_t elem = DTypeSize(be.dtype());
   struct Item {
     std::string name;
     const ParamInfo* param;
@@ -204,8 +203,8 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
   };
   std::vector<Item> items;
   for (const ParamInfo& p : model.params()) {
-    auto at = [&](void* base) { return static_cast<char*>(base) + p.offset * elem; };
-    items.push_back({p.name, &p, at(model.param_data())});
+    auto at = [&](void* base) { return static_cast<char*>(base) + model.accum_byte_offset(p.offset); };
+    items.push_back({p.name, &p, at(model.master_data())});
     items.push_back({ExpAvgName(p.name), &p, at(trainer.optimizer().exp_avg())});
     items.push_back({ExpAvgSqName(p.name), &p, at(trainer.optimizer().exp_avg_sq())});
   }
@@ -254,6 +253,7 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
   for (const auto& s : results) {
     if (!s.ok()) return s;
   }
+  model.SyncParamsFromMaster();
   trainer.SetProgress(meta["optimizer"]["step"].get<int64_t>(),
                       meta["data"]["sampler_position"].get<uint64_t>());
   return absl::OkStatus();
@@ -339,7 +339,6 @@ absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, B
   auto entries = storage::ListSafetensors(dir);
   if (!entries.ok()) return entries.status();
   std::vector<float> host;
-  const size_t elem = DTypeSize(backend.dtype());
   for (const ParamInfo& p : model.params()) {
     auto it = entries->find(p.name);
     if (it == entries->end()) return absl::NotFoundError(StrCat(dir, ": no tensor '", p.name, "'"));
@@ -350,9 +349,10 @@ absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, B
     }
     host.resize(p.numel);
     if (auto s = storage::ReadAsFloat32(it->second, host.data()); !s.ok()) return s;
-    backend.UploadF32(static_cast<char*>(model.param_data()) + p.offset * elem, host.data(),
-                      p.numel);
+    backend.UploadF32(static_cast<char*>(model.master_data()) + model.accum_byte_offset(p.offset),
+                      host.data(), p.numel);
   }
+  model.SyncParamsFromMaster();
   return absl::OkStatus();
 }
 

@@ -15,8 +15,8 @@ double LrSchedule::At(int64_t step) const {
 
 AdamWOptimizer::AdamWOptimizer(LlamaModel* model, Backend* backend, const AdamWOptions& options)
     : model_(model), backend_(backend), options_(options) {
-  m_ = backend_->Allocate(model_->num_params());
-  v_ = backend_->Allocate(model_->num_params());
+  m_ = backend_->Allocate(model_->num_params(), backend_->accum_dtype());
+  v_ = backend_->Allocate(model_->num_params(), backend_->accum_dtype());
 }
 
 AdamWOptimizer::~AdamWOptimizer() {
@@ -26,13 +26,17 @@ AdamWOptimizer::~AdamWOptimizer() {
 
 void AdamWOptimizer::Step(double lr, double grad_scale) {
   ++step_;
-  const size_t elem = DTypeSize(backend_->dtype());
-  auto at = [&](void* base, size_t offset) { return static_cast<char*>(base) + offset * elem; };
+  auto accum = [&](void* base, size_t offset) {
+    return static_cast<char*>(base) + model_->accum_byte_offset(offset);
+  };
+  const bool master = model_->master_data() != model_->param_data();
   AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, 0.0, step_, grad_scale};
   for (const ParamInfo& p : model_->params()) {
     s.weight_decay = p.decay ? options_.weight_decay : 0.0;
-    backend_->AdamW(at(model_->param_data(), p.offset), at(model_->grad_data(), p.offset),
-                    at(m_, p.offset), at(v_, p.offset), p.numel, s);
+    backend_->AdamW(static_cast<char*>(model_->param_data()) + model_->param_byte_offset(p.offset),
+                    master ? accum(model_->master_data(), p.offset) : nullptr,
+                    accum(model_->grad_data(), p.offset), accum(m_, p.offset),
+                    accum(v_, p.offset), p.numel, s);
   }
 }
 

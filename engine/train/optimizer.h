@@ -26,7 +26,7 @@ struct AdamWOptions {
   double weight_decay = 0.1;  // Applied to matrices, not to norm weights.
 };
 
-// Owns the two moment buffers (backend dtype) for a model's parameters.
+// Owns the two moment buffers (backend accum_dtype()) for a model's parameters.
 class AdamWOptimizer {
  public:
   AdamWOptimizer(LlamaModel* model, Backend* backend, const AdamWOptions& options);

@@ -47,17 +47,20 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
   if (backend->name() == "cpu") {
     // Parameters, gradients and two AdamW moments, plus every activation buffer.
     ActivationBuffers counting;
-    const size_t elements =
-        4 * size_t(spec.model.NumParameters()) +
-        LayoutActivations(spec.model, int(spec.training.batch_size), int(spec.training.max_length),
-                          spec.training.grad_checkpoint, counting, [](size_t) { return nullptr; });
+    const size_t elem = DTypeSize(backend->dtype());
+    const size_t activation_bytes = LayoutActivations(
+        spec.model, int(spec.training.batch_size), int(spec.training.max_length),
+        spec.training.grad_checkpoint, backend->dtype(), backend->accum_dtype(), counting,
+        [](size_t, DType) { return nullptr; });
     // The unfused attention holds sequence x sequence scores (three per thread in the
     // backward); the fused LM head a chunk of logits.
     const double scores = spec.training.flash_attention
                               ? 0.0
                               : 3.0 * CpuThreads() * double(spec.training.max_length) * double(spec.training.max_length);
-    const double needed = (double(elements) + scores + double(CpuBackendOptions{}.lm_head_chunk_elements)) *
-                          double(DTypeSize(backend->dtype()));
+    const double needed =
+        double(activation_bytes) +
+        (4.0 * double(spec.model.NumParameters()) + scores +
+         double(CpuBackendOptions{}.lm_head_chunk_elements)) * double(elem);
     const int64_t available = AvailableHostMemoryBytes();
     if (available > 0 && needed > double(available)) {
       return absl::InvalidArgumentError(StrCat(

@@ -235,7 +235,7 @@ TEST_F(OpsTest, AdamWMatchesTheFormula) {
   AdamWStep s{1e-2, 0.9, 0.95, 1e-8, 0.1, 0, 0.5};
   for (int step = 1; step <= 3; ++step) {
     s.step = step;
-    be_->AdamW(p, g, m, v, n, s);
+    be_->AdamW(p, nullptr, g, m, v, n, s);
     for (size_t i = 0; i < n; ++i) {  // PyTorch's AdamW
       const double gi = g[i] * 0.5;
       p_ref[i] *= 1 - s.lr * s.weight_decay;

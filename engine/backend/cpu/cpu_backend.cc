@@ -45,7 +45,13 @@ class CpuBackend final : public Backend {
   std::string_view name() const override { return "cpu"; }
   DType dtype() const override { return options_.dtype; }
 
-  void* Allocate(size_t numel) override {
+  using Backend::Allocate;
+  void* Allocate(size_t numel, DType type) override {
+    if (type != options_.dtype) {
+      std::fprintf(stderr, "llamad: the %s CPU backend cannot allocate %s buffers\n",
+                   DTypeName(options_.dtype).data(), DTypeName(type).data());
+      std::abort();
+    }
     const size_t bytes = std::max<size_t>(64, (numel * sizeof(T) + 63) / 64 * 64);
     void* ptr = std::aligned_alloc(64, bytes);
     if (ptr == nullptr) {
@@ -337,8 +343,12 @@ class CpuBackend final : public Backend {
     return total;
   }
 
-  void AdamW(void* param, const void* grad, void* m, void* v, size_t n,
+  void AdamW(void* param, void* master, const void* grad, void* m, void* v, size_t n,
              const AdamWStep& s) override {
+    if (master != nullptr) {
+      std::fprintf(stderr, "llamad: the CPU backend keeps no master weights\n");
+      std::abort();
+    }
     T* p = P(param);
     const T* g = C(grad);
     T* mp = P(m);
