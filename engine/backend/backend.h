@@ -68,6 +68,9 @@ class Backend {
   virtual size_t allocated_bytes() const = 0;
   virtual size_t peak_allocated_bytes() const = 0;
   virtual void ResetPeak() = 0;
+  // Waits until every op issued so far has finished (a no-op for synchronous backends):
+  // for timing, and before reading results through other means than Download.
+  virtual void Synchronize() {}
   // Copies between host doubles and a buffer (converting), for tests, init and export.
   virtual void Upload(void* dst, const double* src, size_t numel) = 0;
   virtual void Download(double* dst, const void* src, size_t numel) = 0;

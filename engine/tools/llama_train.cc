@@ -15,6 +15,7 @@
 #include "core/strings.h"
 #include "backend/cpu/blas_kernels.h"
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cuda/cuda_backend.h"
 #include "train/checkpointing.h"
 #include "train/jobspec.h"
 #include "train/token_data.h"
@@ -215,10 +216,40 @@ absl::StatusOr<JobSpec> ReadSpec(const Common& common, const Overrides& override
   return spec;
 }
 
-std::unique_ptr<Backend> MakeBackend(const Common& common) {
+// The precision picks the backend: fp32 trains on the CPU, bf16 on the CUDA backend.
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const Common& common, const JobSpec& spec) {
+  const std::string& precision = spec.training.mixed_precision;
+  if (precision == "bf16") {
+    auto backend = MakeCudaBackend();
+    if (!backend.ok()) {
+      return absl::FailedPreconditionError(StrCat(
+          "training.mixed_precision bf16 trains on the CUDA backend: ", backend.status().message(),
+          " (-x fp32 trains on the CPU)"));
+    }
+    return backend;
+  }
+  if (precision != "fp32") {
+    return absl::InvalidArgumentError(StrCat(
+        spec.path, ": training.mixed_precision: '", precision,
+        "' is not available in this build (fp32 on the CPU, bf16 on CUDA)"));
+  }
   CpuBackendOptions options;
   options.threads = common.threads;
   return MakeCpuBackend(options);
+}
+
+// MFU's denominator: the GPU's dense bf16 peak, or the CPU's measured sgemm rate.
+double PeakFlops(const Backend& backend) {
+  return backend.name() == "cuda" ? CudaPeakBf16Flops() : MeasureSgemmFlops(1024, 1024, 1024, 0.1);
+}
+
+std::string BackendDescription(const Backend& backend, double peak) {
+  if (backend.name() == "cuda") {
+    return StrCat("CUDA ", CudaDeviceDescription(), ", bf16; MFU is against ",
+                  fmt::format("{:.0f}", peak / 1e12), " TFLOP/s dense bf16");
+  }
+  return StrCat(CpuThreads(), " CPU threads, fp32; MFU is against measured sgemm ",
+                fmt::format("{:.1f}", peak / 1e9), " GFLOP/s (OpenBLAS ", BlasCoreName(), " kernels)");
 }
 
 int RunTrain(const Common& common, const Overrides& overrides) {
@@ -235,8 +266,10 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   }
   auto data = TokenDataset::Open(spec->data.dataset, spec->data.format, spec->model.vocab_size);
   if (!data.ok()) return Fail(data.status());
-  auto backend = MakeBackend(common);
-  const double peak = MeasureSgemmFlops(1024, 1024, 1024, 0.1);
+  auto made = MakeBackend(common, *spec);
+  if (!made.ok()) return Fail(made.status());
+  std::unique_ptr<Backend> backend = std::move(*made);
+  const double peak = PeakFlops(*backend);
   auto trainer = Trainer::Create(*spec, backend.get(), peak);
   if (!trainer.ok()) return Fail(trainer.status());
   if (!common.init_from_hf.empty()) {
@@ -281,14 +314,13 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   const TrainingSpec& t = spec->training;
   std::fprintf(stderr,
                "llama-train: job '%s': model %s (%.2fM parameters), seq %lld, batch %lld x %lld "
-               "accumulation, %lld steps, %s, %d threads, dataset %s (%zu tokens); MFU is against "
-               "measured sgemm %.1f GFLOP/s (OpenBLAS %s kernels)\n",
+               "accumulation, %lld steps, %s, dataset %s (%zu tokens); %s\n",
                spec->name.c_str(), spec->model.name.c_str(), spec->model.NumParameters() / 1e6,
                (long long)t.max_length, (long long)t.batch_size,
                (long long)GradientAccumulationSteps(*spec), (long long)t.steps,
                t.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
-               CpuThreads(), spec->data.dataset.c_str(), data->num_tokens(), peak / 1e9,
-               BlasCoreName());
+               spec->data.dataset.c_str(), data->num_tokens(),
+               BackendDescription(*backend, peak).c_str());
   double first_loss = 0, last_loss = 0;
   const int64_t first_step = (*trainer)->step() + 1;
   const auto status = (*trainer)->Train(*data, [&](const StepMetrics& m) -> absl::Status {
@@ -353,7 +385,9 @@ int RunEval(const Common& common, const Overrides& overrides, const std::string&
         tokens_path, ": ", data->num_tokens(), " tokens are fewer than one window of ",
         spec->training.max_length + 1)));
   }
-  auto backend = MakeBackend(common);
+  auto made = MakeBackend(common, *spec);
+  if (!made.ok()) return Fail(made.status());
+  std::unique_ptr<Backend> backend = std::move(*made);
   auto trainer = Trainer::Create(*spec, backend.get(), 0);
   if (!trainer.ok()) return Fail(trainer.status());
   std::string weights = StrCat("initialised from seed ", spec->training.seed);

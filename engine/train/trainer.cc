@@ -34,6 +34,19 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
         f, ": training.mixed_precision: '", spec.training.mixed_precision,
         "' needs the CUDA backend; the CPU backend trains in fp32"));
   }
+  if (backend->name() == "cuda") {
+    if (spec.training.mixed_precision != "bf16") {
+      return absl::InvalidArgumentError(StrCat(
+          f, ": training.mixed_precision: '", spec.training.mixed_precision,
+          "': the CUDA backend trains in bf16 (with f32 master weights and optimizer state)"));
+    }
+    const int64_t d = spec.model.head_dim();
+    if (d != 32 && d != 64 && d != 128) {
+      return absl::InvalidArgumentError(StrCat(
+          f, ": model ", spec.model.name, " has head_dim ", d,
+          " (hidden_size / num_attention_heads); the CUDA attention kernels take 32, 64 or 128"));
+    }
+  }
   if (spec.parallel.plugin != "ddp") {
     return absl::InvalidArgumentError(StrCat(
         f, ": parallel.plugin: '", spec.parallel.plugin,

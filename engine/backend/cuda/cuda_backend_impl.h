@@ -1,0 +1,31 @@
+// What cuda_backend.cu gives the C++ side (no absl, no CUDA headers: nvcc compiles the
+// one, the host compiler the other).
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "backend/backend.h"
+
+namespace llamad {
+
+struct CudaBackendOptions {
+  int device = 0;
+  // The fused LM head holds at most this many f32 logits (plus as many bf16 gradients).
+  size_t lm_head_chunk_elements = size_t{64} << 20;
+};
+
+// Whether this binary was built with the CUDA backend.
+bool CudaBackendBuilt();
+// Number of CUDA devices present (0 without a driver, a device, or CUDA in the build).
+int CudaDeviceCount();
+// "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 81559 MiB)", or "no CUDA device".
+std::string CudaDeviceDescription(int device = 0);
+// Dense bf16 peak of the device in FLOP/s for MFU: the datasheet figure of known parts,
+// otherwise a measured large GEMM.
+double CudaPeakBf16Flops(int device = 0);
+
+// Creates the backend on an existing device (MakeCudaBackend checks that first).
+std::unique_ptr<Backend> NewCudaBackend(const CudaBackendOptions& options);
+
+}  // namespace llamad

@@ -1,0 +1,329 @@
+// GPU benchmark of the CUDA backend: the device's two ceilings (device-to-device copy
+// bandwidth, an 8192^3 bf16 GEMM), each kernel at the training step's shapes (TFLOP/s
+// for matrix work, GB/s for the rest), causal flash attention at head dim 128 and seq
+// 4096, and the training step of a model preset (tokens/s, MFU against the dense bf16
+// peak, peak memory).
+//
+//   bench-gpu [--model 1b] [--batch 8] [--seq 2048] [--steps 5] [--warmup 2]
+//             [--json FILE] [--no-step]
+//
+// Inputs are random (never zeros). Times are wall clock around a synchronized loop of
+// repetitions after a warm-up; each figure is the median of five such loops.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "backend/cpu/blas_kernels.h"
+#include "backend/cuda/cuda_backend.h"
+#include "model/llama.h"
+#include "train/optimizer.h"
+
+namespace llamad {
+namespace {
+
+struct Options {
+  std::string model = "1b";
+  int batch = 8, seq = 2048, steps = 5, warmup = 2;
+  std::string json;
+  bool step = true;
+};
+
+// Median seconds per call of fn over five synchronized loops of `reps` calls.
+double Time(Backend& be, const std::function<void()>& fn, int reps = 10) {
+  fn();
+  fn();
+  be.Synchronize();
+  std::vector<double> samples;
+  for (int s = 0; s < 5; ++s) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < reps; ++r) fn();
+    be.Synchronize();
+    samples.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps);
+  }
+  std::sort(samples.begin(), samples.end());
+  return samples[2];
+}
+
+class Bench {
+ public:
+  explicit Bench(Backend& be) : be_(be) {}
+  ~Bench() {
+    for (void* p : buffers_) be_.Free(p);
+  }
+  void* Random(size_t n, double std = 1.0, DType type = DType::kBF16) {
+    void* p = be_.Allocate(n, type);
+    be_.FillNormal(p, n, std, 99, stream_++);
+    buffers_.push_back(p);
+    return p;
+  }
+  void FreeAll() {
+    for (void* p : buffers_) be_.Free(p);
+    buffers_.clear();
+  }
+  // Records one row: seconds, and TFLOP/s or GB/s from the work it represents.
+  void Row(const std::string& kernel, const std::string& shape, double seconds, double flops,
+           double bytes) {
+    nlohmann::json r = {{"kernel", kernel}, {"shape", shape}, {"ms", seconds * 1e3}};
+    if (flops > 0) r["tflops"] = flops / seconds / 1e12;
+    if (bytes > 0) r["gbps"] = bytes / seconds / 1e9;
+    std::printf("  %-28s %-34s %9.3f ms  %s\n", kernel.c_str(), shape.c_str(), seconds * 1e3,
+                flops > 0 ? fmt::format("{:7.1f} TFLOP/s", flops / seconds / 1e12).c_str()
+                          : fmt::format("{:7.0f} GB/s", bytes / seconds / 1e9).c_str());
+    std::fflush(stdout);
+    rows.push_back(r);
+  }
+  nlohmann::json rows = nlohmann::json::array();
+
+ private:
+  Backend& be_;
+  std::vector<void*> buffers_;
+  uint64_t stream_ = 0;
+};
+
+std::string Shape(std::initializer_list<long long> dims) {
+  std::string s;
+  for (long long d : dims) s += (s.empty() ? "" : "x") + std::to_string(d);
+  return s;
+}
+
+void Kernels(Backend& be, const ModelConfig& c, const Options& o, nlohmann::json& out) {
+  Bench b(be);
+  std::printf("ceilings\n");
+  {
+    const size_t n = size_t(1) << 29;  // 1 GiB of bf16
+    void* src = b.Random(n);
+    void* dst = b.Random(n);
+    b.Row("copy (device to device)", "1 GiB", Time(be, [&] { be.Copy(dst, src, n); }), 0, 2.0 * n * 2);
+    b.FreeAll();
+    const int m = 8192;
+    void* x = b.Random(size_t(m) * m);
+    void* w = b.Random(size_t(m) * m, 0.01);
+    void* y = b.Random(size_t(m) * m);
+    b.Row("gemm bf16 (cuBLASLt)", Shape({m, m, m}), Time(be, [&] { be.Linear(y, x, w, m, m, m, false); }),
+          2.0 * m * double(m) * m, 0);
+    b.FreeAll();
+  }
+
+  const int N = o.batch * o.seq, C = int(c.hidden_size), F = int(c.intermediate_size);
+  const int QKV = int(c.qkv_dim()), V = int(c.vocab_size);
+  std::printf("kernels at the %s step's shapes (%d tokens)\n", c.name.c_str(), N);
+  const std::pair<const char*, std::pair<int, int>> linears[] = {
+      {"linear qkv", {C, QKV}}, {"linear o", {C, C}}, {"linear gate_up", {C, 2 * F}}, {"linear down", {F, C}}};
+  for (const auto& [name, dims] : linears) {
+    const auto [in, outd] = dims;
+    void* x = b.Random(size_t(N) * in);
+    void* w = b.Random(size_t(outd) * in, 0.02);
+    void* y = b.Random(size_t(N) * outd);
+    void* dx = b.Random(size_t(N) * in);
+    void* dw = b.Random(size_t(outd) * in, 1.0, DType::kF32);
+    const double flops = 2.0 * N * double(in) * outd;
+    b.Row(std::string(name) + " fwd", Shape({N, in, outd}),
+          Time(be, [&] { be.Linear(y, x, w, N, in, outd, false); }), flops, 0);
+    b.Row(std::string(name) + " bwd", Shape({N, in, outd}),
+          Time(be, [&] { be.LinearBackward(dx, dw, y, x, w, N, in, outd, false); }), 2 * flops, 0);
+    b.FreeAll();
+  }
+  {
+    void* x = b.Random(size_t(N) * C);
+    void* w = b.Random(C, 0.1);
+    void* y = b.Random(size_t(N) * C);
+    void* rstd = b.Random(N, 1.0, DType::kF32);
+    void* dw = b.Random(C, 1.0, DType::kF32);
+    be.RmsNorm(y, rstd, x, w, N, C, 1e-5);
+    b.Row("rmsnorm fwd", Shape({N, C}), Time(be, [&] { be.RmsNorm(y, rstd, x, w, N, C, 1e-5); }), 0,
+          4.0 * N * C);
+    b.Row("rmsnorm bwd", Shape({N, C}),
+          Time(be, [&] { be.RmsNormBackward(y, dw, x, x, w, rstd, N, C, true); }), 0, 8.0 * N * C);
+    b.FreeAll();
+  }
+  {
+    void* gu = b.Random(size_t(N) * 2 * F);
+    void* h = b.Random(size_t(N) * F);
+    void* dgu = b.Random(size_t(N) * 2 * F);
+    b.Row("swiglu fwd", Shape({N, F}), Time(be, [&] { be.SwiGlu(h, gu, N, F); }), 0, 6.0 * N * F);
+    b.Row("swiglu bwd", Shape({N, F}), Time(be, [&] { be.SwiGluBackward(dgu, h, gu, N, F); }), 0,
+          10.0 * N * F);
+    b.FreeAll();
+  }
+  {
+    const AttentionShape s{o.batch, o.seq, int(c.num_attention_heads), int(c.num_key_value_heads),
+                           int(c.head_dim())};
+    void* qkv = b.Random(size_t(N) * s.row_stride());
+    void* table = b.Random(size_t(o.seq) * s.head_dim, 1.0, DType::kF32);
+    be.RopeTable(table, o.seq, s.head_dim, 10000.0);
+    b.Row("rope", Shape({N, s.heads + s.kv_heads, s.head_dim}),
+          Time(be, [&] { be.Rope(qkv, table, s, false); }), 0,
+          4.0 * N * (s.heads + s.kv_heads) * s.head_dim);
+    b.FreeAll();
+  }
+  // Causal attention: the step's own shape, and head dim 128 at seq 4096.
+  const AttentionShape attention_shapes[] = {
+      {o.batch, o.seq, int(c.num_attention_heads), int(c.num_key_value_heads), int(c.head_dim())},
+      {4, 4096, 16, 16, 128}};
+  for (const AttentionShape& s : attention_shapes) {
+    const size_t rows = size_t(s.batch) * s.seq;
+    void* qkv = b.Random(rows * s.row_stride());
+    void* o_ = b.Random(rows * s.heads * s.head_dim);
+    void* lse = b.Random(size_t(s.batch) * s.heads * s.seq, 1.0, DType::kF32);
+    void* dout = b.Random(rows * s.heads * s.head_dim);
+    void* dqkv = b.Random(rows * s.row_stride());
+    // Causal: half of the 4 * B * H * T^2 * D of the full product pair; backward 2.5x.
+    const double fwd = 2.0 * s.batch * s.heads * double(s.seq) * s.seq * s.head_dim;
+    const std::string shape = Shape({s.batch, s.seq, s.heads, s.kv_heads, s.head_dim});
+    const double tf = Time(be, [&] { be.Attention(o_, lse, qkv, s, 64); }, 5);
+    b.Row("attention fwd", shape, tf, fwd, 0);
+    const double tb = Time(be, [&] { be.AttentionBackward(dqkv, dout, o_, lse, qkv, s, 64); }, 5);
+    b.Row("attention bwd", shape, tb, 2.5 * fwd, 0);
+    b.Row("attention fwd+bwd", shape, tf + tb, 3.5 * fwd, 0);
+    b.FreeAll();
+  }
+  {
+    void* x = b.Random(size_t(N) * C);
+    void* w = b.Random(size_t(V) * C, 0.02);
+    void* dx = b.Random(size_t(N) * C);
+    void* dw = b.Random(size_t(V) * C, 1.0, DType::kF32);
+    std::vector<int32_t> targets(N);
+    std::mt19937 rng(1);
+    for (auto& t : targets) t = int32_t(rng() % V);
+    b.Row("lm head + CE fwd+bwd", Shape({N, C, V}), Time(be, [&] {
+            be.LmHeadCrossEntropy(x, w, targets.data(), N, C, V, 1.0 / N, dx, dw);
+          }, 3),
+          6.0 * N * double(C) * V, 0);
+    b.FreeAll();
+  }
+  {
+    const size_t n = size_t(256) << 20;
+    void* p = b.Random(n, 0.02);
+    void* master = b.Random(n, 0.02, DType::kF32);
+    void* g = b.Random(n, 1.0, DType::kF32);
+    void* m = b.Random(n, 0.0, DType::kF32);
+    void* v = b.Random(n, 0.0, DType::kF32);
+    be.Fill(m, n, 0.0);
+    be.Fill(v, n, 0.0);
+    AdamWStep s{1e-4, 0.9, 0.95, 1e-8, 0.1, 1, 1.0};
+    b.Row("adamw (f32 master -> bf16)", Shape({static_cast<long long>(n)}),
+          Time(be, [&] { be.AdamW(p, master, g, m, v, n, s); }, 5), 0, 30.0 * n);
+    b.Row("grad norm (sum of squares)", Shape({static_cast<long long>(n)}), Time(be, [&] { be.SumSquares(g, n); }, 5),
+          0, 4.0 * n);
+    b.FreeAll();
+  }
+  out["kernels"] = b.rows;
+}
+
+void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann::json& out) {
+  be.ResetPeak();
+  LlamaModel model(c, &be, {false, 64});
+  model.InitWeights(1);
+  AdamWOptimizer optimizer(&model, &be, {});
+  const int N = o.batch * o.seq;
+  std::vector<int32_t> tokens(N), targets(N);
+  std::mt19937 rng(7);
+  std::vector<double> times, losses;
+  for (int step = 0; step < o.warmup + o.steps; ++step) {
+    for (int i = 0; i < N; ++i) {
+      tokens[i] = int32_t(rng() % c.vocab_size);
+      targets[i] = int32_t(rng() % c.vocab_size);
+    }
+    be.Synchronize();
+    const auto t0 = std::chrono::steady_clock::now();
+    // Trainer::Step's work: gradients, their norm, the clipped AdamW update.
+    model.ZeroGrads();
+    const double loss = model.ForwardBackward(tokens.data(), targets.data(), o.batch, o.seq, 1.0 / N) / N;
+    const double norm = std::sqrt(be.SumSquares(model.grad_data(), model.num_params()));
+    optimizer.Step(3e-4, norm > 1.0 ? 1.0 / (norm + 1e-6) : 1.0);
+    be.Synchronize();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (step >= o.warmup) times.push_back(s);
+    losses.push_back(loss);
+  }
+  std::sort(times.begin(), times.end());
+  const double median = times[times.size() / 2];
+  const double tokens_per_s = N / median;
+  const double flops_per_token = c.TrainingFlopsPerToken(o.seq);
+  const double tflops = tokens_per_s * flops_per_token / 1e12;
+  const double peak = CudaPeakBf16Flops();
+  out["step"] = {{"impl", "llamad"},
+                 {"model", c.name},
+                 {"params", c.NumParameters()},
+                 {"batch", o.batch},
+                 {"seq", o.seq},
+                 {"step_s", median},
+                 {"tokens_per_s", tokens_per_s},
+                 {"flops_per_token", flops_per_token},
+                 {"tflops", tflops},
+                 {"mfu", peak > 0 ? tflops * 1e12 / peak : 0},
+                 {"peak_tflops", peak / 1e12},
+                 {"peak_mem_gib", double(be.peak_allocated_bytes()) / (1 << 30)},
+                 {"loss_first", losses.front()},
+                 {"loss_last", losses.back()}};
+  std::printf("training step: %s (%.2fB parameters), batch %d x seq %d, bf16, no checkpointing\n"
+              "  %.3f s/step  %.0f tokens/s  %.1f TFLOP/s  MFU %.1f%% (of %.0f)  peak memory %.1f GiB  "
+              "loss %.3f -> %.3f\n",
+              c.name.c_str(), c.NumParameters() / 1e9, o.batch, o.seq, median, tokens_per_s, tflops,
+              100 * tflops * 1e12 / peak, peak / 1e12, double(be.peak_allocated_bytes()) / (1 << 30),
+              losses.front(), losses.back());
+}
+
+int Main(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "bench-gpu: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--model") o.model = next();
+    else if (a == "--batch") o.batch = std::atoi(next().c_str());
+    else if (a == "--seq") o.seq = std::atoi(next().c_str());
+    else if (a == "--steps") o.steps = std::atoi(next().c_str());
+    else if (a == "--warmup") o.warmup = std::atoi(next().c_str());
+    else if (a == "--json") o.json = next();
+    else if (a == "--no-step") o.step = false;
+    else {
+      std::fprintf(stderr, "bench-gpu: unknown argument '%s'\n", a.c_str());
+      return 2;
+    }
+  }
+  if (o.batch <= 0 || o.seq <= 0 || o.steps <= 0 || o.warmup < 0) {
+    std::fprintf(stderr, "bench-gpu: --batch, --seq and --steps must be positive\n");
+    return 2;
+  }
+  auto config = LoadModelConfig(o.model);
+  if (!config.ok()) {
+    std::fprintf(stderr, "bench-gpu: --model: %s\n", std::string(config.status().message()).c_str());
+    return 2;
+  }
+  auto backend = MakeCudaBackend();
+  if (!backend.ok()) {
+    std::fprintf(stderr, "bench-gpu: %s\n", std::string(backend.status().message()).c_str());
+    return 1;
+  }
+  nlohmann::json out = {{"device", CudaDeviceDescription()}};
+  std::printf("bench-gpu on %s\n", CudaDeviceDescription().c_str());
+  Kernels(**backend, *config, o, out);
+  if (o.step) TrainingStep(**backend, *config, o, out);
+  if (!o.json.empty()) std::ofstream(o.json) << out.dump(1) << "\n";
+  return 0;
+}
+
+}  // namespace
+}  // namespace llamad
+
+int main(int argc, char** argv) {
+  llamad::SelectBlasKernels(argv);
+  return llamad::Main(argc, argv);
+}
