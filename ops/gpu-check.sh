@@ -22,14 +22,14 @@ if [[ "${1:-}" != "--run" ]]; then
   [[ -f build/build.ninja ]] || ./ops/setup.sh
   grep -q "libllamad_cuda.a" build/build.ninja ||
     { echo "gpu-check: build/ has no CUDA backend (nvcc missing?)" >&2; exit 1; }
-  cmake --build build --target cuda_test bench-gpu
+  cmake --build build --target cuda_test bench-gpu llama-train
   stage=$(mktemp -d)
   mkdir -p "$stage/bin" "$stage/lib"
-  for exe in cuda_test bench-gpu; do
+  for exe in cuda_test bench-gpu llama-train; do
     strip --strip-unneeded -o "$stage/bin/$exe" "build/bin/$exe"
   done
   # Every shared library they load, except the C library, the driver and cuBLASLt.
-  ldd build/bin/cuda_test build/bin/bench-gpu | awk '/=> \// {print $3}' | sort -u |
+  ldd build/bin/cuda_test build/bin/bench-gpu build/bin/llama-train | awk '/=> \// {print $3}' | sort -u |
     grep -Ev '/(libc|libm|libpthread|libdl|librt|libcuda|libcublasLt|libcublas|ld-linux[^/]*)\.so' |
     while read -r lib; do cp -L "$lib" "$stage/lib/"; done
   cp ops/bench/gpu/torch_llama_step.py "$stage/"
@@ -68,6 +68,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 echo "== tests"
 set +e
 timeout 240 "$work/bin/cuda_test" --gtest_brief=1 --gtest_output="json:$OUT/tests.json" 2>&1 | tee "$OUT/tests.log"
+echo "== llama-train on the CUDA backend (tiny preset, bf16)"
+timeout 120 "$work/bin/llama-train" train --config configs/tiny.yaml -x bf16 --steps 200 \
+  --log-format json > "$OUT/train-tiny.jsonl" 2> "$OUT/train-tiny.log"
+echo "exit $?"; tail -n 2 "$OUT/train-tiny.log"
 echo "== llamad benchmark"
 timeout 240 "$work/bin/bench-gpu" --batch "$BATCH" --seq "$SEQ" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 flops=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['step']['flops_per_token'])" 2>/dev/null)
@@ -105,6 +109,12 @@ print(f"{'kernel':30} {'shape':36} {'ms':>9} {'rate':>16}")
 for r in bench.get("kernels", []):
     rate = f"{r['tflops']:.1f} TFLOP/s" if "tflops" in r else f"{r['gbps']:.0f} GB/s"
     print(f"{r['kernel']:30} {r['shape']:36} {r['ms']:9.3f} {rate:>16}")
+try:
+    lines = [json.loads(l) for l in open(os.path.join(out, "train-tiny.jsonl")) if l.strip()]
+    print(f"llama-train tiny bf16: loss {lines[0]['loss']:.3f} -> {lines[-1]['loss']:.3f} over "
+          f"{lines[-1]['step']} steps, {lines[-1]['tokens_per_s']:.0f} tokens/s")
+except Exception as e:
+    print(f"llama-train tiny bf16: failed ({e})")
 ours = bench.get("step")
 print(f"{'training step':22} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
 rows = [("llamad", ours), ("pytorch", torch if "tokens_per_s" in torch else None)]

@@ -107,6 +107,18 @@ class CudaTest : public ::testing::Test {
     EXPECT_LE(err, tol) << what << ": relative error " << err;
     RecordProperty(what, std::to_string(err));
   }
+  // For accumulated outputs: compares what each backend added to `before`, so that the
+  // starting values do not dilute the error.
+  void ExpectIncrementClose(const char* what, const Pair& p, const Vec& before, double tol) {
+    Vec g = Gpu(p), c = Cpu(p);
+    for (size_t i = 0; i < before.size(); ++i) {
+      g[i] -= before[i];
+      c[i] -= before[i];
+    }
+    const double err = RelError(g, c);
+    EXPECT_LE(err, tol) << what << " (increment): relative error " << err;
+    RecordProperty(what, std::to_string(err));
+  }
 
   std::unique_ptr<Backend> gpu_, cpu_;
   std::vector<void*> gpu_buffers_, cpu_buffers_;
@@ -114,9 +126,13 @@ class CudaTest : public ::testing::Test {
   std::mt19937_64 rng_;
 };
 
-// bf16 results of f32 accumulations: one rounding (2^-9 relative) dominates.
+// bf16 results of f32 accumulations: one rounding (unit roundoff 2^-8, about 2^-9.5 in
+// RMS) dominates.
 constexpr double kBf16Out = 8e-3;
-// f32 results of bf16 products.
+// f32 results of products of bf16 inputs that were computed in f32 and rounded to bf16
+// on the way (dy, dlogits): the rounding of those intermediates dominates.
+constexpr double kF32FromBf16 = 5e-3;
+// f32 results of exact bf16 inputs: only the accumulation order differs.
 constexpr double kF32Out = 1e-4;
 
 TEST_F(CudaTest, Linear) {
@@ -130,16 +146,17 @@ TEST_F(CudaTest, Linear) {
   cpu_->Linear(y.cpu, x.cpu, w.cpu, n, in, out, true);
   ExpectClose("y accumulated", y, kBf16Out);
 
-  Pair dy = Make(Random(n * out)), dx = Make(Random(n * in)), dw = Make(Random(out * in), DType::kF32);
+  const Vec dw0 = Random(out * in);
+  Pair dy = Make(Random(n * out)), dx = Make(Random(n * in)), dw = Make(dw0, DType::kF32);
   gpu_->LinearBackward(dx.gpu, dw.gpu, dy.gpu, x.gpu, w.gpu, n, in, out, true);
   cpu_->LinearBackward(dx.cpu, dw.cpu, dy.cpu, x.cpu, w.cpu, n, in, out, true);
   ExpectClose("dx accumulated", dx, kBf16Out);
-  ExpectClose("dw", dw, kF32Out);
+  ExpectIncrementClose("dw", dw, dw0, kF32Out);
   Poison(dx);
   gpu_->LinearBackward(dx.gpu, dw.gpu, dy.gpu, x.gpu, w.gpu, n, in, out, false);
   cpu_->LinearBackward(dx.cpu, dw.cpu, dy.cpu, x.cpu, w.cpu, n, in, out, false);
   ExpectClose("dx", dx, kBf16Out);
-  ExpectClose("dw twice", dw, kF32Out);
+  ExpectIncrementClose("dw twice", dw, dw0, kF32Out);
 }
 
 TEST_F(CudaTest, Embedding) {
@@ -152,10 +169,11 @@ TEST_F(CudaTest, Embedding) {
   gpu_->Embedding(out.gpu, tokens.data(), table.gpu, n, dim);
   cpu_->Embedding(out.cpu, tokens.data(), table.cpu, n, dim);
   EXPECT_EQ(Gpu(out), Cpu(out));  // a gather is exact
-  Pair dout = Make(Random(n * dim)), dtable = Make(Random(vocab * dim), DType::kF32);
+  const Vec dtable0 = Random(vocab * dim);
+  Pair dout = Make(Random(n * dim)), dtable = Make(dtable0, DType::kF32);
   gpu_->EmbeddingBackward(dtable.gpu, dout.gpu, tokens.data(), n, dim);
   cpu_->EmbeddingBackward(dtable.cpu, dout.cpu, tokens.data(), n, dim);
-  ExpectClose("dtable", dtable, 1e-6);
+  ExpectIncrementClose("dtable", dtable, dtable0, 1e-6);
 }
 
 TEST_F(CudaTest, RmsNorm) {
@@ -170,11 +188,12 @@ TEST_F(CudaTest, RmsNorm) {
   ExpectClose("rstd", rstd, 1e-5);
   // The backward from the same rstd on both sides.
   cpu_->Upload(rstd.cpu, Gpu(rstd).data(), n);
-  Pair dout = Make(Random(n * dim)), dx = Make(Random(n * dim)), dw = Make(Random(dim), DType::kF32);
+  const Vec dw0 = Random(dim);
+  Pair dout = Make(Random(n * dim)), dx = Make(Random(n * dim)), dw = Make(dw0, DType::kF32);
   gpu_->RmsNormBackward(dx.gpu, dw.gpu, dout.gpu, x.gpu, w.gpu, rstd.gpu, n, dim, true);
   cpu_->RmsNormBackward(dx.cpu, dw.cpu, dout.cpu, x.cpu, w.cpu, rstd.cpu, n, dim, true);
   ExpectClose("dx", dx, kBf16Out);
-  ExpectClose("dw", dw, 1e-5);
+  ExpectIncrementClose("dw", dw, dw0, 1e-5);
 }
 
 TEST_F(CudaTest, Rope) {
@@ -262,14 +281,15 @@ TEST_F(CudaTest, LmHeadCrossEntropy) {
   std::vector<int32_t> targets(n);
   std::uniform_int_distribution<int32_t> id(0, vocab - 1);
   for (int i = 0; i < n; ++i) targets[i] = i % 7 == 3 ? -1 : id(rng_);
-  Pair dx = Zeros(n * dim), dw = Make(Random(vocab * dim), DType::kF32);
+  const Vec dw0 = Random(vocab * dim);
+  Pair dx = Zeros(n * dim), dw = Make(dw0, DType::kF32);
   Poison(dx);
   const double scale = 0.37;
   const double lg = gpu_->LmHeadCrossEntropy(x.gpu, w.gpu, targets.data(), n, dim, vocab, scale, dx.gpu, dw.gpu);
   const double lc = cpu_->LmHeadCrossEntropy(x.cpu, w.cpu, targets.data(), n, dim, vocab, scale, dx.cpu, dw.cpu);
   EXPECT_NEAR(lg, lc, 1e-4 * std::abs(lc));
   ExpectClose("dx", dx, kBf16Out);
-  ExpectClose("dw", dw, 1e-4);
+  ExpectIncrementClose("dw", dw, dw0, kF32FromBf16);
   // Forward only: the same loss, gradients untouched.
   const Vec dw_before = Gpu(dw);
   EXPECT_NEAR(gpu_->LmHeadCrossEntropy(x.gpu, w.gpu, targets.data(), n, dim, vocab, 1.0, nullptr, nullptr),
@@ -396,7 +416,8 @@ TEST_F(CudaTest, TrainingLossCurve) {
     const double lc = cpu.ForwardBackward(tokens.data(), targets.data(), batch, seq, scale) * scale;
     opt_gpu.Step(3e-3, 1.0);
     opt_cpu.Step(3e-3, 1.0);
-    EXPECT_NEAR(lg, lc, 0.03 * lc + 0.01) << "step " << step;
+    // bf16 and f32 runs drift apart slowly; they must stay on the same curve.
+    EXPECT_NEAR(lg, lc, 0.05 * lc + 0.02) << "step " << step;
     if (step == 0) first_gpu = lg, first_cpu = lc;
     last_gpu = lg;
     last_cpu = lc;

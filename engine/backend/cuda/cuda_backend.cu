@@ -87,8 +87,8 @@ __global__ void SumSquaresKernel(double* partial, const T* x, size_t n) {
   __shared__ double scratch[32];
   double s = 0;
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const float v = ToFloat(x[i]);
-    s += double(v * v);
+    const double v = ToFloat(x[i]);
+    s += v * v;
   }
   s = BlockSum(s, scratch);
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
@@ -525,12 +525,14 @@ class CudaBackend final : public Backend {
   }
 
   void Embedding(void* out, const int32_t* tokens, const void* table, int n, int dim) override {
+    if (n == 0) return;
     const int32_t* d_tokens = UploadIds(tokens, n, ids_);
     EmbeddingKernel<<<n, 128, 0, stream_>>>(static_cast<bf16*>(out), d_tokens, B(table), dim);
     LLAMAD_CUDA_LAUNCHED();
   }
   void EmbeddingBackward(void* dtable, const void* dout, const int32_t* tokens, int n,
                          int dim) override {
+    if (n == 0) return;
     // Rows grouped by token on the host, so that each table row is summed by one block
     // in row order: no atomics, the same result every run.
     std::vector<int32_t> rows(n);
@@ -557,14 +559,21 @@ class CudaBackend final : public Backend {
 
   void RmsNorm(void* out, void* rstd, const void* x, const void* w, int n, int dim,
                double eps) override {
+    if (n == 0) return;
     RmsNormKernel<<<n, kThreads, 0, stream_>>>(static_cast<bf16*>(out), F(rstd), B(x), B(w), dim, float(eps));
     LLAMAD_CUDA_LAUNCHED();
   }
   void RmsNormBackward(void* dx, void* dw, const void* dout, const void* x, const void* w,
                        const void* rstd, int n, int dim, bool accumulate_dx) override {
+    if (n == 0) return;
     const int blocks = std::min(n, 512);
     float* partial = Scratch<float>(norm_partial_, size_t(blocks) * dim);
-    RmsNormBackwardKernel<<<blocks, kThreads, dim * sizeof(float), stream_>>>(
+    const int smem = dim * int(sizeof(float));  // the block's dw row
+    if (smem > 48 * 1024) {
+      LLAMAD_CUDA_CHECK(cudaFuncSetAttribute(RmsNormBackwardKernel,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    }
+    RmsNormBackwardKernel<<<blocks, kThreads, smem, stream_>>>(
         static_cast<bf16*>(dx), partial, B(dout), B(x), B(w), static_cast<const float*>(rstd), n, dim,
         accumulate_dx);
     LLAMAD_CUDA_LAUNCHED();
@@ -612,6 +621,7 @@ class CudaBackend final : public Backend {
 
   double LmHeadCrossEntropy(const void* x, const void* w, const int32_t* targets, int n, int dim,
                             int vocab, double grad_scale, void* dx, void* dw) override {
+    if (n == 0) return 0.0;
     const int chunk = int(std::clamp<size_t>(options_.lm_head_chunk_elements / size_t(vocab), 16,
                                              size_t(std::max(n, 16))));
     float* logits = Scratch<float>(logits_, size_t(chunk) * vocab);
