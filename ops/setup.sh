@@ -14,6 +14,9 @@ PACKAGES=(
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev libabsl-dev
   libgtest-dev libgmock-dev
   librocksdb-dev libxxhash-dev   # checkpoint index and checksums
+  libsentencepiece-dev sentencepiece   # tokenizer (and spm_encode, the tests' reference)
+  libcurl4-openssl-dev libssl-dev      # dataset download and its SHA-256 checks
+  zlib1g-dev libzstd-dev zstd          # .gz and .zst corpora
   python3 python3-numpy      # the independent numpy reference of the model (tests/reference)
   fio                        # the checkpoint benchmark's disk baseline
 )

@@ -16,6 +16,7 @@
 #include "backend/cpu/blas_kernels.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend.h"
+#include "data/dataset.h"
 #include "train/checkpointing.h"
 #include "train/jobspec.h"
 #include "train/token_data.h"
@@ -43,7 +44,7 @@ std::string HumanBytes(double bytes) {
 
 // Command-line values that override the job file when given.
 struct Overrides {
-  std::string model, plugin, precision, dataset, format, checkpoint_dir;
+  std::string model, plugin, precision, dataset, format, tokenizer, checkpoint_dir;
   int64_t checkpoint_interval = 0;
   int64_t max_length = 0, batch_size = 0, global_batch_size = 0, warmup_steps = 0, steps = 0;
   double lr = 0, min_lr_ratio = 0, weight_decay = 0, grad_clip = 0;
@@ -82,10 +83,16 @@ struct Overrides {
         [this](JobSpec& s) { s.training.grad_clip = grad_clip; });
     add(app->add_option("-x,--mixed-precision", precision, "fp32, bf16 or fp16"),
         [this](JobSpec& s) { s.training.mixed_precision = precision; });
-    add(app->add_option("-d,--dataset", dataset, "Token file"),
-        [this](JobSpec& s) { s.data.dataset = dataset; });
-    add(app->add_option("--data-format", format, "uint32 or bytes"),
+    add(app->add_option("-d,--dataset", dataset,
+                        "Prepared dataset, raw corpus, token file, 'sample' or a Hugging Face dataset name"),
+        [this](JobSpec& s) {
+          s.data.dataset = dataset;
+          s.data.base_dir.clear();  // relative to the working directory
+        });
+    add(app->add_option("--data-format", format, "auto, prepared, raw, uint32 or bytes"),
         [this](JobSpec& s) { s.data.format = format; });
+    add(app->add_option("--tokenizer", tokenizer, "SentencePiece model for a raw corpus"),
+        [this](JobSpec& s) { s.data.tokenizer = tokenizer; });
     add(app->add_option("--seed", seed, "Seed for initialisation and data order"),
         [this](JobSpec& s) { s.training.seed = seed; });
     add(app->add_option("-o,--checkpoint-dir", checkpoint_dir, "Checkpoint folder"),
@@ -264,8 +271,9 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     spec->model = *hf;
     if (auto s = ValidateJobSpec(*spec); !s.ok()) return Fail(s);
   }
-  auto data = TokenDataset::Open(spec->data.dataset, spec->data.format, spec->model.vocab_size);
-  if (!data.ok()) return Fail(data.status());
+  auto opened = data::OpenTrainingData(spec->data, spec->model.vocab_size, [](const std::string& line) { std::fprintf(stderr, "llama-train: %s\n", line.c_str()); });
+  if (!opened.ok()) return Fail(opened.status());
+  const TokenSource* data = opened->source.get();
   auto made = MakeBackend(common, *spec);
   if (!made.ok()) return Fail(made.status());
   std::unique_ptr<Backend> backend = std::move(*made);
@@ -314,13 +322,12 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   const TrainingSpec& t = spec->training;
   std::fprintf(stderr,
                "llama-train: job '%s': model %s (%.2fM parameters), seq %lld, batch %lld x %lld "
-               "accumulation, %lld steps, %s, dataset %s (%zu tokens); %s\n",
+               "accumulation, %lld steps, %s, dataset %s; %s\n",
                spec->name.c_str(), spec->model.name.c_str(), spec->model.NumParameters() / 1e6,
                (long long)t.max_length, (long long)t.batch_size,
                (long long)GradientAccumulationSteps(*spec), (long long)t.steps,
                t.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
-               spec->data.dataset.c_str(), data->num_tokens(),
-               BackendDescription(*backend, peak).c_str());
+               opened->description.c_str(), BackendDescription(*backend, peak).c_str());
   double first_loss = 0, last_loss = 0;
   const int64_t first_step = (*trainer)->step() + 1;
   const auto status = (*trainer)->Train(*data, [&](const StepMetrics& m) -> absl::Status {
@@ -377,8 +384,12 @@ int RunExport(const std::string& load, const std::string& hf_out) {
 int RunEval(const Common& common, const Overrides& overrides, const std::string& tokens_path) {
   auto spec = ReadSpec(common, overrides);
   if (!spec.ok()) return Fail(spec.status());
-  auto data = TokenDataset::Open(tokens_path, spec->data.format, spec->model.vocab_size);
-  if (!data.ok()) return Fail(data.status());
+  DataSpec eval_data = spec->data;
+  eval_data.dataset = tokens_path;
+  eval_data.base_dir.clear();  // relative to the working directory
+  auto opened = data::OpenTrainingData(eval_data, spec->model.vocab_size, [](const std::string& line) { std::fprintf(stderr, "llama-train: %s\n", line.c_str()); });
+  if (!opened.ok()) return Fail(opened.status());
+  const TokenSource* data = opened->source.get();
   const size_t windows = data->NumWindows(int(spec->training.max_length));
   if (windows == 0) {
     return Fail(absl::InvalidArgumentError(StrCat(
@@ -431,7 +442,7 @@ int Main(int argc, char** argv) {
   train_overrides.Register(train);
   CLI::App* eval = app.add_subcommand("eval", "Mean loss of the model over a token file");
   add_common(eval);
-  eval->add_option("--tokens", tokens_path, "Token file to evaluate")->required();
+  eval->add_option("--tokens", tokens_path, "Dataset to evaluate (any form -d takes)")->required();
   eval->add_option("-f,--load", common.resume,
                    "Checkpoint to evaluate: a folder <root>/<job>/step-<n>, or 'latest' of the job");
   eval_overrides.Register(eval);

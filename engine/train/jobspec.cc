@@ -13,7 +13,7 @@ namespace {
 
 constexpr std::string_view kPlugins[] = {"ddp", "zero1", "zero2", "zero3", "gemini"};
 constexpr std::string_view kPrecisions[] = {"fp32", "bf16", "fp16"};
-constexpr std::string_view kFormats[] = {"uint32", "bytes"};
+constexpr std::string_view kFormats[] = {"auto", "prepared", "raw", "uint32", "bytes"};
 
 template <size_t K>
 bool OneOf(const std::string& value, const std::string_view (&options)[K]) {
@@ -85,11 +85,13 @@ absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
 
   YamlSection d(root["data"], path, "data");
   top.Allow("data");
-  if (d.Get("dataset", &spec.data.dataset) && !spec.data.dataset.empty() &&
-      std::filesystem::path(spec.data.dataset).is_relative()) {
-    spec.data.dataset = (std::filesystem::path(base_dir) / spec.data.dataset).lexically_normal().string();
-  }
+  d.Get("dataset", &spec.data.dataset);
   d.Get("format", &spec.data.format);
+  if (d.Get("tokenizer", &spec.data.tokenizer) && !spec.data.tokenizer.empty() &&
+      std::filesystem::path(spec.data.tokenizer).is_relative()) {
+    spec.data.tokenizer = (std::filesystem::path(base_dir) / spec.data.tokenizer).lexically_normal().string();
+  }
+  spec.data.base_dir = std::string(base_dir);
 
   YamlSection c(root["checkpoint"], path, "checkpoint");
   top.Allow("checkpoint");

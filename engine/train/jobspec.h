@@ -37,8 +37,15 @@ struct ParallelSpec {
 };
 
 struct DataSpec {
-  std::string dataset;              // Path (relative paths resolve against the job file).
-  std::string format = "uint32";    // uint32: little-endian token ids; bytes: one id per byte.
+  // A prepared dataset folder, a raw corpus (JSONL or text, plain/.gz/.zst, or a folder
+  // of them), a token file, "sample" (the bundled corpus) or a Hugging Face dataset name
+  // ("owner/name", downloaded on first use). Relative paths resolve against base_dir.
+  std::string dataset;
+  // auto (decided by what dataset is), prepared, raw, uint32 (little-endian token ids)
+  // or bytes (one id per byte).
+  std::string format = "auto";
+  std::string tokenizer;            // SentencePiece model for raw corpora ("" = the sample's)
+  std::string base_dir;             // The job file's folder ("" = the working directory).
 };
 
 struct CheckpointSpec {

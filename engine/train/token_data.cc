@@ -3,6 +3,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <algorithm>
 #include <numeric>
 
 #include "core/strings.h"
@@ -66,27 +67,56 @@ size_t TokenDataset::NumWindows(int seq_len) const {
   return tokens_.size() > 0 ? (tokens_.size() - 1) / size_t(seq_len) : 0;
 }
 
-WindowSampler::WindowSampler(const TokenDataset* data, int seq_len, uint64_t seed)
-    : data_(data), seq_len_(seq_len), seed_(seed) {}
+void TokenDataset::ReadWindow(size_t window, int seq_len, int32_t* out) const {
+  std::memcpy(out, tokens_.data() + window * size_t(seq_len), sizeof(int32_t) * (size_t(seq_len) + 1));
+}
 
-void WindowSampler::Shuffle(uint64_t epoch) {
-  order_.resize(data_->NumWindows(seq_len_));
-  std::iota(order_.begin(), order_.end(), 0u);
-  SplitMix64 rng(Mix64(seed_) ^ Mix64(epoch + 1));
-  for (size_t i = order_.size(); i > 1; --i) std::swap(order_[i - 1], order_[rng.Below(i)]);
-  epoch_ = epoch;
+uint64_t PermuteIndex(uint64_t index, uint64_t n, uint64_t seed, uint64_t epoch) {
+  if (n <= 1) return 0;
+  int half = 1;  // bits per Feistel half: the domain 4^half is the first >= n
+  while ((uint64_t{1} << (2 * half)) < n) ++half;
+  const uint64_t mask = (uint64_t{1} << half) - 1;
+  const uint64_t key = Mix64(Mix64(seed) ^ Mix64(epoch + 0x5851f42d4c957f2dULL));
+  uint64_t x = index;
+  do {  // cycle walking: at most a few rounds on average (the domain is < 4n)
+    uint64_t left = x >> half, right = x & mask;
+    for (uint64_t round = 0; round < 4; ++round) {
+      const uint64_t f = Mix64(key + round * 0x9e3779b97f4a7c15ULL + right) & mask;
+      const uint64_t next = left ^ f;
+      left = right;
+      right = next;
+    }
+    x = (left << half) | right;
+  } while (x >= n);
+  return x;
+}
+
+WindowSampler::WindowSampler(const TokenSource* data, int seq_len, uint64_t seed)
+    : data_(data), seq_len_(seq_len), seed_(seed), windows_(data->NumWindows(seq_len)) {}
+
+uint64_t WindowSampler::WindowAt(uint64_t position) const {
+  return PermuteIndex(position % windows_, windows_, seed_, position / windows_);
+}
+
+void WindowSampler::Fill(uint64_t first, int count, int32_t* tokens, int32_t* targets) const {
+  std::vector<int32_t> window(size_t(seq_len_) + 1);
+  for (int b = 0; b < count; ++b) {
+    data_->ReadWindow(WindowAt(first + uint64_t(b)), seq_len_, window.data());
+    std::memcpy(tokens + size_t(b) * seq_len_, window.data(), sizeof(int32_t) * seq_len_);
+    std::memcpy(targets + size_t(b) * seq_len_, window.data() + 1, sizeof(int32_t) * seq_len_);
+  }
 }
 
 void WindowSampler::Next(int batch, int32_t* tokens, int32_t* targets) {
-  const size_t windows = data_->NumWindows(seq_len_);
-  for (int b = 0; b < batch; ++b, ++position_) {
-    const uint64_t epoch = position_ / windows;
-    if (epoch != epoch_) Shuffle(epoch);
-    const size_t start = size_t(order_[position_ % windows]) * seq_len_;
-    const int32_t* src = data_->tokens().data() + start;
-    std::memcpy(tokens + size_t(b) * seq_len_, src, sizeof(int32_t) * seq_len_);
-    std::memcpy(targets + size_t(b) * seq_len_, src + 1, sizeof(int32_t) * seq_len_);
-  }
+  Fill(position_, batch, tokens, targets);
+  position_ += uint64_t(batch);
+}
+
+std::pair<uint64_t, uint64_t> WindowSampler::RankSlice(uint64_t global_batch, int rank, int world) {
+  const uint64_t base = global_batch / uint64_t(world), extra = global_batch % uint64_t(world);
+  const uint64_t r = uint64_t(rank);
+  const uint64_t begin = r * base + std::min(r, extra);
+  return {begin, begin + base + (r < extra ? 1 : 0)};
 }
 
 }  // namespace llamad

@@ -122,7 +122,7 @@ void Trainer::SetProgress(int64_t step, uint64_t sampler_position) {
   sampler_position_ = sampler_position;
 }
 
-absl::Status Trainer::Train(const TokenDataset& data,
+absl::Status Trainer::Train(const TokenSource& data,
                             const std::function<absl::Status(const StepMetrics&)>& on_step) {
   const int seq = int(spec_.training.max_length);
   if (data.NumWindows(seq) == 0) {
@@ -144,16 +144,17 @@ absl::Status Trainer::Train(const TokenDataset& data,
   return absl::OkStatus();
 }
 
-double Trainer::Evaluate(const TokenDataset& data) {
+double Trainer::Evaluate(const TokenSource& data) {
   const int seq = int(spec_.training.max_length);
   const size_t windows = data.NumWindows(seq);
   double loss_sum = 0;
   for (size_t w0 = 0; w0 < windows; w0 += size_t(spec_.training.batch_size)) {
     const int batch = int(std::min<size_t>(spec_.training.batch_size, windows - w0));
+    std::vector<int32_t> window(size_t(seq) + 1);
     for (int b = 0; b < batch; ++b) {
-      const int32_t* src = data.tokens().data() + (w0 + b) * seq;
-      std::copy_n(src, seq, tokens_.data() + size_t(b) * seq);
-      std::copy_n(src + 1, seq, targets_.data() + size_t(b) * seq);
+      data.ReadWindow(w0 + b, seq, window.data());
+      std::copy_n(window.data(), seq, tokens_.data() + size_t(b) * seq);
+      std::copy_n(window.data() + 1, seq, targets_.data() + size_t(b) * seq);
     }
     loss_sum += model_->Forward(tokens_.data(), targets_.data(), batch, seq);
   }

@@ -36,7 +36,7 @@ class Trainer {
 
   // Runs the steps from the current one up to spec.training.steps over `data`, calling
   // on_step after each; an error from on_step stops training and is returned.
-  absl::Status Train(const TokenDataset& data,
+  absl::Status Train(const TokenSource& data,
                      const std::function<absl::Status(const StepMetrics&)>& on_step);
 
   // One optimizer step over the next global batch from `sampler`.
@@ -52,7 +52,7 @@ class Trainer {
   Backend& backend() { return *backend_; }
 
   // Mean loss over every complete window of `data`, in file order.
-  double Evaluate(const TokenDataset& data);
+  double Evaluate(const TokenSource& data);
 
   LlamaModel& model() { return *model_; }
   const JobSpec& spec() const { return spec_; }

@@ -1,0 +1,139 @@
+#include "data/prepare.h"
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+#include <vector>
+
+#include "core/strings.h"
+#include "data/shards.h"
+#include "data/tokenizer.h"
+
+namespace llamad::data {
+namespace fs = std::filesystem;
+
+namespace {
+
+// Tokenizes docs[i] into ids[i] on `threads` threads (static split: same result for any
+// thread count, since every document is encoded on its own).
+void EncodeAll(const Tokenizer& tok, const std::vector<std::string>& docs,
+               std::vector<std::vector<int32_t>>& ids, int threads) {
+  ids.resize(docs.size());
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      for (size_t i = size_t(t); i < docs.size(); i += size_t(threads)) ids[i] = tok.Encode(docs[i]);
+    });
+  }
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+
+absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
+  const auto start = std::chrono::steady_clock::now();
+  std::string error;
+  auto tok = Tokenizer::Load(o.tokenizer, &error);
+  if (!tok) return absl::InvalidArgumentError(StrCat("--tokenizer: ", error));
+  if (tok->eos_id() < 0) {
+    return absl::InvalidArgumentError(StrCat(o.tokenizer, ": the tokenizer has no EOS id (documents are joined with EOS)"));
+  }
+  std::error_code ec;
+  if (fs::exists(o.out + "/index.json", ec) && !o.overwrite) {
+    return absl::AlreadyExistsError(StrCat(o.out, ": already holds a prepared dataset (pass --overwrite to replace it)"));
+  }
+  fs::create_directories(o.out, ec);
+  if (ec) return absl::InternalError(StrCat(o.out, ": cannot create: ", ec.message()));
+  fs::remove(o.out + "/index.json", ec);  // from here on the folder is not a dataset
+
+  const int threads = o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  PrepareResult result;
+  std::vector<ShardInfo> shards;
+  std::unique_ptr<ShardWriter> writer;
+  absl::Status write_status;
+  auto finish_shard = [&]() -> absl::Status {
+    if (!writer) return absl::OkStatus();
+    if (auto s = writer->Finish(); !s.ok()) return s;
+    shards.back().tokens = writer->tokens();
+    shards.back().documents = writer->documents();
+    writer.reset();
+    return absl::OkStatus();
+  };
+  std::vector<std::string> batch;
+  size_t batch_bytes = 0;
+  std::vector<std::vector<int32_t>> ids;
+  auto flush = [&]() -> absl::Status {
+    EncodeAll(*tok, batch, ids, threads);
+    for (const auto& doc : ids) {
+      if (writer && writer->tokens() >= o.shard_tokens) {
+        if (auto s = finish_shard(); !s.ok()) return s;
+      }
+      if (!writer) {
+        const std::string name = fmt::format("shard-{:05d}.tok", shards.size());
+        auto w = ShardWriter::Create(o.out + "/" + name, tok->vocab_size(), tok->eos_id());
+        if (!w.ok()) return w.status();
+        writer = std::move(*w);
+        shards.push_back({name, 0, 0});
+      }
+      if (auto s = writer->Add(doc); !s.ok()) return s;
+      result.tokens += doc.size() + 1;
+      ++result.documents;
+    }
+    batch.clear();
+    batch_bytes = 0;
+    return absl::OkStatus();
+  };
+  auto read = ReadCorpus(o.input, o.corpus, &result.report, [&](std::string&& text) {
+    if (!write_status.ok()) return;
+    batch_bytes += text.size();
+    batch.push_back(std::move(text));
+    if (batch_bytes >= (size_t{16} << 20)) write_status = flush();
+  });
+  if (!read.ok()) return read;
+  if (write_status.ok()) write_status = flush();
+  if (write_status.ok()) write_status = finish_shard();
+  if (!write_status.ok()) return write_status;
+  if (result.documents == 0) {
+    return absl::InvalidArgumentError(StrCat(o.input, ": no documents to prepare\n", result.report.Summary()));
+  }
+
+  // The tokenizer travels with the dataset, and the index goes in last (atomically).
+  {
+    std::ofstream t(o.out + "/tokenizer.model", std::ios::binary | std::ios::trunc);
+    t.write(tok->serialized().data(), std::streamsize(tok->serialized().size()));
+    if (!t) return absl::InternalError(StrCat(o.out, "/tokenizer.model: write failed"));
+  }
+  nlohmann::json index = {{"format", kDatasetFormat},
+                          {"version", kDatasetVersion},
+                          {"vocab_size", tok->vocab_size()},
+                          {"eos_id", tok->eos_id()},
+                          {"bos_id", tok->bos_id()},
+                          {"tokenizer", "tokenizer.model"},
+                          {"source", fs::absolute(o.input).string()},
+                          {"tokens", result.tokens},
+                          {"documents", result.documents},
+                          {"shards", nlohmann::json::array()}};
+  for (const ShardInfo& s : shards) {
+    index["shards"].push_back({{"file", s.file}, {"tokens", s.tokens}, {"documents", s.documents}});
+  }
+  const CorpusReport& r = result.report;
+  index["report"] = {{"files", r.files},           {"lines", r.lines},     {"documents", r.documents},
+                     {"bytes", r.bytes},           {"bad_json", r.bad_json}, {"invalid_utf8", r.invalid_utf8},
+                     {"empty", r.empty},           {"split", r.split},     {"truncated_files", r.truncated_files}};
+  const std::string tmp = o.out + "/index.json.tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    f << index.dump(1) << "\n";
+    f.flush();
+    if (!f) return absl::InternalError(StrCat(tmp, ": write failed"));
+  }
+  fs::rename(tmp, o.out + "/index.json", ec);
+  if (ec) return absl::InternalError(StrCat(o.out, "/index.json: ", ec.message()));
+  result.shards = int(shards.size());
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return result;
+}
+
+}  // namespace llamad::data

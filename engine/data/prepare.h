@@ -1,0 +1,34 @@
+// Raw corpus -> prepared dataset: reads documents (corpus.h), tokenizes them on several
+// threads (the output does not depend on the thread count) and packs them into shards
+// (shards.h). The folder gets index.json last, so an interrupted run leaves no dataset.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "data/corpus.h"
+
+namespace llamad::data {
+
+struct PrepareOptions {
+  std::string input;      // a corpus file or folder
+  std::string tokenizer;  // a SentencePiece model file
+  std::string out;        // the dataset folder (created; must not hold a dataset already)
+  CorpusOptions corpus;
+  int threads = 0;        // 0: all cores
+  uint64_t shard_tokens = uint64_t{1} << 28;  // a new shard after this many tokens
+  bool overwrite = false;
+};
+
+struct PrepareResult {
+  CorpusReport report;
+  uint64_t tokens = 0;
+  uint64_t documents = 0;
+  int shards = 0;
+  double seconds = 0;
+};
+
+absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& options);
+
+}  // namespace llamad::data

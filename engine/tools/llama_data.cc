@@ -1,0 +1,228 @@
+// llama-data: datasets for llama-train.
+//
+//   llama-data prepare -d DATASET --tokenizer MODEL --out DIR [--strict] [--threads N]
+//   llama-data tokenizer train -d DATASET --vocab-size N --out PREFIX [--threads N]
+//   llama-data tokenizer encode --tokenizer MODEL [--input FILE] [--threads N]
+//   llama-data inspect DIR [--verify] [--docs N]
+//
+// DATASET is a corpus file or folder (RedPajama JSONL or text; plain, .gz or .zst),
+// "sample" (the bundled corpus) or a Hugging Face dataset name (downloaded first).
+// Exit codes: 0 success, 2 bad command line or input, 1 other failures.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+
+#include "core/strings.h"
+#include "data/corpus.h"
+#include "data/dataset.h"
+#include "data/download.h"
+#include "data/prepare.h"
+#include "data/shards.h"
+#include "data/tokenizer.h"
+
+namespace llamad::data {
+namespace {
+
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+
+int Fail(const absl::Status& status) {
+  std::fprintf(stderr, "llama-data: %s\n", std::string(status.message()).c_str());
+  const auto code = status.code();
+  return code == absl::StatusCode::kInvalidArgument || code == absl::StatusCode::kNotFound ||
+                 code == absl::StatusCode::kAlreadyExists || code == absl::StatusCode::kDataLoss
+             ? kExitUsage
+             : kExitFailure;
+}
+
+// A local corpus path for DATASET: "sample", a path, or a hub name fetched into the cache.
+absl::StatusOr<std::string> CorpusPath(const std::string& dataset) {
+  if (dataset == "sample") {
+    auto dir = UnpackSample();
+    if (!dir.ok()) return dir.status();
+    return *dir + "/sample.jsonl.zst";
+  }
+  std::error_code ec;
+  if (std::filesystem::exists(dataset, ec)) return dataset;
+  if (dataset.find('/') != std::string::npos && dataset.front() != '.' && dataset.front() != '/') {
+    std::fprintf(stderr, "llama-data: %s is not a local path; fetching it from the Hugging Face hub\n",
+                 dataset.c_str());
+    DownloadOptions options;
+    options.cache_dir = CacheDir();
+    return FetchDataset(dataset, options);
+  }
+  return absl::NotFoundError(StrCat(dataset, ": no such file or folder"));
+}
+
+int Prepare(const std::string& dataset, PrepareOptions o) {
+  auto input = CorpusPath(dataset);
+  if (!input.ok()) return Fail(input.status());
+  o.input = *input;
+  if (o.tokenizer.empty()) {
+    if (dataset != "sample") {
+      return Fail(absl::InvalidArgumentError("--tokenizer: a SentencePiece model is needed "
+                                             "(`llama-data tokenizer train` makes one)"));
+    }
+    o.tokenizer = std::filesystem::path(*input).parent_path().string() + "/tokenizer.model";
+  }
+  auto result = PrepareDataset(o);
+  if (!result.ok()) return Fail(result.status());
+  std::printf("prepared %s: %llu documents, %llu tokens, %d shards in %.1f s (%.1f MB/s)\n%s\n",
+              o.out.c_str(), (unsigned long long)result->documents, (unsigned long long)result->tokens,
+              result->shards, result->seconds, result->report.bytes / 1e6 / result->seconds,
+              result->report.Summary().c_str());
+  return 0;
+}
+
+int TrainTokenizerCommand(const std::string& dataset, const CorpusOptions& corpus,
+                          const TokenizerTrainOptions& options) {
+  auto input = CorpusPath(dataset);
+  if (!input.ok()) return Fail(input.status());
+  // Each non-empty line of each document is one training sentence.
+  std::vector<std::string> lines;
+  CorpusReport report;
+  auto read = ReadCorpus(*input, corpus, &report, [&](std::string&& text) {
+    size_t start = 0;
+    while (start <= text.size()) {
+      size_t end = text.find('\n', start);
+      if (end == std::string::npos) end = text.size();
+      if (text.find_first_not_of(" \t\r", start) < end) lines.push_back(text.substr(start, end - start));
+      start = end + 1;
+    }
+  });
+  if (!read.ok()) return Fail(read);
+  std::fprintf(stderr, "llama-data: training a %d-piece BPE tokenizer on %zu lines\n%s\n", options.vocab_size,
+               lines.size(), report.Summary().c_str());
+  size_t next = 0;
+  const std::string error = TrainTokenizer(options, [&](std::string* line) {
+    if (next >= lines.size()) return false;
+    *line = lines[next++];
+    return true;
+  });
+  if (!error.empty()) return Fail(absl::InvalidArgumentError(StrCat("tokenizer training: ", error)));
+  std::printf("wrote %s.model and %s.vocab\n", options.model_prefix.c_str(), options.model_prefix.c_str());
+  return 0;
+}
+
+// Like spm_encode --output_format=id: one line of ids per input line.
+int Encode(const std::string& model, const std::string& input, int threads) {
+  std::string error;
+  auto tok = Tokenizer::Load(model, &error);
+  if (!tok) return Fail(absl::InvalidArgumentError(error));
+  std::ifstream file;
+  if (!input.empty()) {
+    file.open(input);
+    if (!file) return Fail(absl::NotFoundError(StrCat(input, ": cannot open")));
+  }
+  std::istream& in = input.empty() ? std::cin : file;
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(std::move(line));
+  std::vector<std::string> out(lines.size());
+  std::vector<std::thread> pool;
+  const int n = threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  for (int t = 0; t < n; ++t) {
+    pool.emplace_back([&, t] {
+      for (size_t i = size_t(t); i < lines.size(); i += size_t(n)) {
+        const auto ids = tok->Encode(lines[i]);
+        out[i] = StrJoin(ids, " ");
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  for (const std::string& l : out) std::fwrite((l + "\n").data(), 1, l.size() + 1, stdout);
+  return 0;
+}
+
+int Inspect(const std::string& dir, bool verify, int docs) {
+  auto d = PreparedDataset::Open(dir);
+  if (!d.ok()) return Fail(d.status());
+  if (verify) {
+    if (auto s = (*d)->Verify(); !s.ok()) return Fail(s);
+  }
+  const nlohmann::json index = nlohmann::json::parse((*d)->index_json());
+  std::printf("dataset %s\n  source %s\n  %llu documents, %llu tokens, vocabulary %lld (%s ids), %zu shards%s\n",
+              dir.c_str(), index.value("source", "?").c_str(), (unsigned long long)(*d)->documents(),
+              (unsigned long long)(*d)->num_tokens(), (long long)(*d)->vocab_size(),
+              (*d)->vocab_size() <= 65536 ? "uint16" : "uint32", (*d)->shards().size(),
+              verify ? ", checksums verified" : "");
+  for (const ShardInfo& s : (*d)->shards()) {
+    std::printf("  %s: %llu documents, %llu tokens\n", s.file.c_str(), (unsigned long long)s.documents,
+                (unsigned long long)s.tokens);
+  }
+  if (index.contains("report")) std::printf("  ingestion report: %s\n", index["report"].dump().c_str());
+  for (const int seq : {512, 2048}) {
+    std::printf("  windows at seq_len %d: %zu\n", seq, (*d)->NumWindows(seq));
+  }
+  if (docs > 0 && !(*d)->shards().empty()) {
+    std::string error;
+    auto tok = Tokenizer::Load(dir + "/tokenizer.model", &error);
+    for (int i = 0; i < docs && uint64_t(i) < (*d)->shards()[0].documents; ++i) {
+      const auto ids = (*d)->Document(0, uint64_t(i));
+      std::string text = tok ? tok->Decode(ids) : StrJoin(ids, " ");
+      if (text.size() > 300) text = text.substr(0, 300) + "...";
+      std::printf("  document %d (%zu tokens): %s\n", i, ids.size(), text.c_str());
+    }
+  }
+  return 0;
+}
+
+int Main(int argc, char** argv) {
+  CLI::App app("llama-data: prepare token datasets and tokenizers for llama-train");
+  app.require_subcommand(1);
+  std::string dataset, out, tokenizer, input;
+  PrepareOptions prep;
+  CorpusOptions corpus;
+  TokenizerTrainOptions train;
+  bool verify = false;
+  int docs = 2, threads = 0;
+
+  auto* prepare = app.add_subcommand("prepare", "Tokenize a corpus into a prepared dataset");
+  prepare->add_option("-d,--dataset", dataset, "Corpus file or folder, 'sample', or a Hugging Face dataset")->required();
+  prepare->add_option("--tokenizer", prep.tokenizer, "SentencePiece model (default for -d sample: its own)");
+  prepare->add_option("--out", prep.out, "Dataset folder to create")->required();
+  prepare->add_flag("--strict", prep.corpus.strict, "Fail on the first malformed input instead of skipping it");
+  prepare->add_option("--threads", prep.threads, "Tokenizer threads (default: all cores)");
+  prepare->add_option("--shard-tokens", prep.shard_tokens, "Tokens per shard");
+  prepare->add_option("--max-document-bytes", prep.corpus.max_document_bytes, "Longer documents are split");
+  prepare->add_flag("--overwrite", prep.overwrite, "Replace a dataset already in --out");
+
+  auto* tok = app.add_subcommand("tokenizer", "Train or apply a SentencePiece tokenizer");
+  tok->require_subcommand(1);
+  auto* tok_train = tok->add_subcommand("train", "Train a BPE tokenizer (LLaMA layout) on a corpus");
+  tok_train->add_option("-d,--dataset", dataset, "Corpus file or folder, 'sample', or a Hugging Face dataset")->required();
+  tok_train->add_option("--vocab-size", train.vocab_size, "Pieces")->check(CLI::Range(260, 1 << 20));
+  tok_train->add_option("--out", train.model_prefix, "Output prefix (PREFIX.model, PREFIX.vocab)")->required();
+  tok_train->add_option("--threads", train.threads, "Trainer threads");
+  tok_train->add_option("--input-sentence-size", train.input_sentence_size, "Lines sampled for training");
+  tok_train->add_option("--seed", train.seed, "Seed of the line sample");
+  tok_train->add_flag("--strict", corpus.strict, "Fail on the first malformed input");
+  auto* tok_encode = tok->add_subcommand("encode", "Print ids per input line (as spm_encode --output_format=id)");
+  tok_encode->add_option("--tokenizer", tokenizer, "SentencePiece model")->required();
+  tok_encode->add_option("--input", input, "Text file (default: standard input)");
+  tok_encode->add_option("--threads", threads, "Threads");
+
+  auto* inspect = app.add_subcommand("inspect", "Describe a prepared dataset");
+  inspect->add_option("dir", out, "Dataset folder")->required();
+  inspect->add_flag("--verify", verify, "Recompute every shard's checksum");
+  inspect->add_option("--docs", docs, "Documents to show decoded");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : kExitUsage;
+  }
+  if (*prepare) return Prepare(dataset, prep);
+  if (*tok_train) return TrainTokenizerCommand(dataset, corpus, train);
+  if (*tok_encode) return Encode(tokenizer, input, threads);
+  if (*inspect) return Inspect(out, verify, docs);
+  return kExitUsage;
+}
+
+}  // namespace
+}  // namespace llamad::data
+
+int main(int argc, char** argv) { return llamad::data::Main(argc, argv); }

@@ -1,0 +1,412 @@
+// The data pipeline: tokenizer (against spm_encode), corpus reading with malformed input,
+// prepared shards, the sampler's exactly-once order across world-size changes, and how a
+// job's data section is opened.
+#include <gtest/gtest.h>
+#include <fmt/format.h>
+#include <zstd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <set>
+#include <sstream>
+
+#include "common/subprocess.h"
+#include "data/corpus.h"
+#include "data/dataset.h"
+#include "data/prepare.h"
+#include "data/shards.h"
+#include "data/tokenizer.h"
+#include "train/token_data.h"
+
+namespace llamad::data {
+namespace {
+namespace fs = std::filesystem;
+
+class DataTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("llamad-data-test-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    setenv("LLAMAD_CACHE", (dir_ / "cache").c_str(), 1);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string Write(const std::string& name, const std::string& bytes) {
+    const fs::path p = dir_ / name;
+    fs::create_directories(p.parent_path());
+    std::ofstream(p, std::ios::binary) << bytes;
+    return p.string();
+  }
+  std::string SampleDir() {
+    auto d = UnpackSample();
+    EXPECT_TRUE(d.ok()) << d.status();
+    return *d;
+  }
+  std::unique_ptr<Tokenizer> SampleTokenizer() {
+    std::string error;
+    auto t = Tokenizer::Load(SampleDir() + "/tokenizer.model", &error);
+    EXPECT_TRUE(t) << error;
+    return t;
+  }
+  std::vector<std::string> SampleDocuments() {
+    std::vector<std::string> docs;
+    CorpusReport report;
+    EXPECT_TRUE(ReadCorpus(SampleDir() + "/sample.jsonl.zst", {}, &report,
+                           [&](std::string&& t) { docs.push_back(std::move(t)); }).ok());
+    return docs;
+  }
+
+  fs::path dir_;
+};
+
+TEST_F(DataTest, SampleTokenizerHasLlamaLayout) {
+  auto tok = SampleTokenizer();
+  ASSERT_TRUE(tok);
+  EXPECT_EQ(tok->vocab_size(), 4096);
+  EXPECT_EQ(tok->unk_id(), 0);
+  EXPECT_EQ(tok->bos_id(), 1);
+  EXPECT_EQ(tok->eos_id(), 2);
+  EXPECT_EQ(tok->IdToPiece(0), "<unk>");
+  EXPECT_EQ(tok->IdToPiece(1), "<s>");
+  EXPECT_EQ(tok->IdToPiece(2), "</s>");
+  // LLaMA's byte-fallback pieces follow the specials: <0x00> .. <0xFF> at 3 .. 258.
+  for (int b = 0; b < 256; ++b) {
+    ASSERT_TRUE(tok->IsByte(3 + b)) << b;
+    ASSERT_EQ(tok->IdToPiece(3 + b), fmt::format("<0x{:02X}>", b));
+  }
+}
+
+TEST_F(DataTest, TokenizerRoundTripsTheWholeCorpus) {
+  auto tok = SampleTokenizer();
+  const auto docs = SampleDocuments();
+  ASSERT_EQ(docs.size(), 3310u);
+  int mismatches = 0;
+  for (const std::string& d : docs) {
+    const auto ids = tok->Encode(d);
+    for (int32_t id : ids) ASSERT_TRUE(id > 2 && id < tok->vocab_size());
+    if (tok->Decode(ids) != d) ++mismatches;
+  }
+  EXPECT_EQ(mismatches, 0);
+  // Unseen scripts fall back to bytes and still round-trip.
+  const std::string other = "Ωμέγα — 漢字 🙂 tab\there";
+  EXPECT_EQ(tok->Decode(tok->Encode(other)), other);
+}
+
+TEST_F(DataTest, IdsMatchSpmEncode) {
+  auto tok = SampleTokenizer();
+  const auto docs = SampleDocuments();
+  std::string text;
+  std::vector<std::string> lines;
+  for (size_t i = 0; i < docs.size(); i += 7) {
+    std::istringstream in(docs[i]);
+    for (std::string l; std::getline(in, l);) {
+      if (l.empty()) continue;
+      lines.push_back(l);
+      text += l + "\n";
+    }
+  }
+  const std::string input = Write("lines.txt", text);
+  ::llamad::testing::Subprocess spm("spm_encode --model=" + SampleDir() + "/tokenizer.model --output_format=id < " + input);
+  size_t i = 0;
+  while (auto line = spm.ReadLine()) {
+    ASSERT_LT(i, lines.size()) << "spm_encode printed more lines than it was given";
+    std::vector<int32_t> ids;
+    std::istringstream in(*line);
+    for (int32_t id; in >> id;) ids.push_back(id);
+    ASSERT_EQ(ids, tok->Encode(lines[i])) << "line " << i << ": " << lines[i];
+    ++i;
+  }
+  EXPECT_EQ(spm.Wait(), 0) << "spm_encode (Debian package sentencepiece) failed";
+  EXPECT_EQ(i, lines.size());
+  EXPECT_GT(i, 1000u);
+}
+
+std::string Zstd(const std::string& raw) {
+  std::string out(ZSTD_compressBound(raw.size()), '\0');
+  out.resize(ZSTD_compress(out.data(), out.size(), raw.data(), raw.size(), 3));
+  return out;
+}
+
+TEST_F(DataTest, MalformedInputIsCountedAndReported) {
+  const std::string jsonl =
+      "{\"text\": \"first good document\", \"meta\": {}}\n"
+      "{\"text\": \"broken json\n"                          // line 2: cut short
+      "{\"meta\": {\"no\": \"text\"}}\n"                     // line 3: no text
+      "{\"text\": \"\"}\n"                                   // line 4: empty
+      "{\"text\": \"bad \xff byte\"}\n"                      // line 5: invalid UTF-8
+      "\n"                                                   // line 6: blank, ignored
+      "{\"text\": \"" + std::string(100, 'x') + "\"}\n"      // line 7: huge (limit 40)
+      "{\"text\": \"last good document\"}";                  // line 8: no final newline
+  const std::string folder = (dir_ / "corpus").string();
+  Write("corpus/a.jsonl", jsonl);
+  // A .zst cut in the middle: the lines before the cut survive.
+  std::string lines;
+  // Enough varied text for many compressed blocks (a block decodes only when complete).
+  std::mt19937 rng(3);
+  for (int i = 0; i < 20000; ++i) {
+    lines += "{\"text\": \"zstd document " + std::to_string(i) + "\", \"meta\": {\"r\": " + std::to_string(rng()) + "}}\n";
+  }
+  const std::string z = Zstd(lines);
+  Write("corpus/b.jsonl.zst", z.substr(0, z.size() / 2));
+  Write("corpus/c.txt", "a text document\n");
+  Write("corpus/.hidden.json", "{\"text\": \"never read\"}\n");
+
+  CorpusOptions options;
+  options.max_document_bytes = 40;
+  CorpusReport report;
+  std::vector<std::string> docs;
+  ASSERT_TRUE(ReadCorpus(folder, options, &report, [&](std::string&& t) { docs.push_back(t); }).ok());
+  EXPECT_EQ(report.files, 3u);
+  EXPECT_EQ(report.bad_json, 2u);
+  EXPECT_EQ(report.empty, 1u);
+  EXPECT_EQ(report.invalid_utf8, 1u);
+  EXPECT_EQ(report.split, 1u);
+  EXPECT_EQ(report.truncated_files, 1u);
+  const std::string summary = report.Summary();
+  for (const std::string where : {"a.jsonl:2:", "a.jsonl:3:", "a.jsonl:4:", "a.jsonl:5:", "a.jsonl:7:", "b.jsonl.zst:"}) {
+    EXPECT_NE(summary.find(where), std::string::npos) << where << " missing from\n" << summary;
+  }
+  EXPECT_EQ(docs.front(), "first good document");
+  EXPECT_NE(std::find(docs.begin(), docs.end(), "bad \xEF\xBF\xBD byte"), docs.end());
+  EXPECT_NE(std::find(docs.begin(), docs.end(), "last good document"), docs.end());
+  EXPECT_EQ(std::count(docs.begin(), docs.end(), std::string(40, 'x')), 2);
+  EXPECT_EQ(std::count(docs.begin(), docs.end(), std::string(20, 'x')), 1);
+  // The truncated file gave a prefix of its documents, in order, and no partial line.
+  int zstd_docs = 0;
+  for (const auto& d : docs) {
+    if (d.starts_with("zstd document ")) EXPECT_EQ(d, "zstd document " + std::to_string(zstd_docs++));
+  }
+  EXPECT_GT(zstd_docs, 0);
+  EXPECT_LT(zstd_docs, 20000);
+  EXPECT_EQ(report.documents, docs.size());
+
+  // --strict: the first problem is an error naming the file and line.
+  options.strict = true;
+  CorpusReport strict_report;
+  const auto status = ReadCorpus(folder, options, &strict_report, [](std::string&&) {});
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("a.jsonl:2:"), std::string::npos) << status;
+}
+
+TEST_F(DataTest, TruncatedGzipAndMissingInputAreReported) {
+  // gzip -c of a few lines, cut short (built with zlib through the shell's gzip).
+  std::string lines;
+  for (int i = 0; i < 3000; ++i) lines += "{\"text\": \"gz document " + std::to_string(i) + "\"}\n";
+  const std::string plain = Write("g.jsonl", lines);
+  ASSERT_EQ(std::system(("gzip -kf " + plain).c_str()), 0);
+  std::ifstream in(plain + ".gz", std::ios::binary);
+  std::string gz((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string cut = Write("cut/g.jsonl.gz", gz.substr(0, gz.size() * 2 / 3));
+  CorpusReport report;
+  uint64_t n = 0;
+  ASSERT_TRUE(ReadCorpus(cut, {}, &report, [&](std::string&&) { ++n; }).ok());
+  EXPECT_EQ(report.truncated_files, 1u);
+  EXPECT_GT(n, 0u);
+  EXPECT_LT(n, 3000u);
+  CorpusReport none;
+  const auto missing = ReadCorpus((dir_ / "nothing-here").string(), {}, &none, [](std::string&&) {});
+  EXPECT_EQ(missing.code(), absl::StatusCode::kNotFound);
+  fs::create_directories(dir_ / "empty");
+  EXPECT_EQ(ReadCorpus((dir_ / "empty").string(), {}, &none, [](std::string&&) {}).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(DataTest, PreparedShardsHoldTheDocumentsInOrder) {
+  const std::string sample = SampleDir();
+  auto prepare = [&](const std::string& out, int threads, uint64_t shard_tokens) {
+    PrepareOptions o;
+    o.input = sample + "/sample.jsonl.zst";
+    o.tokenizer = sample + "/tokenizer.model";
+    o.out = (dir_ / out).string();
+    o.threads = threads;
+    o.shard_tokens = shard_tokens;
+    auto r = PrepareDataset(o);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return o.out;
+  };
+  const std::string one = prepare("one", 1, uint64_t{1} << 28);
+  const std::string many = prepare("many", 2, 100000);
+  auto a = PreparedDataset::Open(one);
+  auto b = PreparedDataset::Open(many);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ((*a)->shards().size(), 1u);
+  EXPECT_GE((*b)->shards().size(), 5u);
+  EXPECT_EQ((*a)->num_tokens(), (*b)->num_tokens());
+  EXPECT_EQ((*a)->documents(), 3310u);
+  ASSERT_TRUE((*a)->Verify().ok());
+  // Documents decode back to the corpus, and each is followed by EOS in the stream.
+  auto tok = SampleTokenizer();
+  const auto docs = SampleDocuments();
+  for (size_t d : {size_t(0), size_t(1), size_t(1234), size_t(3309)}) {
+    EXPECT_EQ(tok->Decode((*a)->Document(0, d)), docs[d]);
+  }
+  const int seq = 64;
+  std::vector<int32_t> w(seq + 1), stream;
+  for (size_t i = 0; i < 3; ++i) {
+    (*a)->ReadWindow(i, seq, w.data());
+    stream.insert(stream.end(), w.begin(), w.begin() + seq);
+  }
+  std::vector<int32_t> expected;
+  for (size_t d = 0; expected.size() < stream.size(); ++d) {
+    const auto ids = tok->Encode(docs[d]);
+    expected.insert(expected.end(), ids.begin(), ids.end());
+    expected.push_back(2);
+  }
+  expected.resize(stream.size());
+  EXPECT_EQ(stream, expected);
+  // The same shard bytes for any thread count.
+  const std::string again = prepare("again", 2, uint64_t{1} << 28);
+  std::ifstream f1(one + "/shard-00000.tok", std::ios::binary), f2(again + "/shard-00000.tok", std::ios::binary);
+  EXPECT_TRUE(std::equal(std::istreambuf_iterator<char>(f1), std::istreambuf_iterator<char>(),
+                         std::istreambuf_iterator<char>(f2)));
+  // Preparing over an existing dataset needs --overwrite.
+  PrepareOptions o;
+  o.input = sample + "/sample.jsonl.zst";
+  o.tokenizer = sample + "/tokenizer.model";
+  o.out = one;
+  EXPECT_EQ(PrepareDataset(o).status().code(), absl::StatusCode::kAlreadyExists);
+}
+
+TEST_F(DataTest, DamagedShardsAreDetected) {
+  const std::string sample = SampleDir();
+  PrepareOptions o;
+  o.input = sample + "/sample.jsonl.zst";
+  o.tokenizer = sample + "/tokenizer.model";
+  o.out = (dir_ / "ds").string();
+  ASSERT_TRUE(PrepareDataset(o).ok());
+  const std::string shard = o.out + "/shard-00000.tok";
+  {
+    std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(10000);
+    f.put('\x5a');
+  }
+  auto d = PreparedDataset::Open(o.out);
+  ASSERT_TRUE(d.ok());
+  const auto verify = (*d)->Verify();
+  EXPECT_EQ(verify.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(verify.message().find("shard-00000.tok"), std::string::npos);
+  // A truncated shard fails to open, naming it.
+  fs::resize_file(shard, fs::file_size(shard) - 8);
+  const auto opened = PreparedDataset::Open(o.out);
+  EXPECT_EQ(opened.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(opened.status().message().find("shard-00000.tok"), std::string::npos);
+  // No index: not a dataset.
+  fs::remove(o.out + "/index.json");
+  EXPECT_EQ(PreparedDataset::Open(o.out).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(SamplerTest, PermutationIsABijection) {
+  for (uint64_t n : {1ull, 2ull, 3ull, 17ull, 1000ull, 4097ull, 65536ull}) {
+    for (uint64_t epoch : {0ull, 1ull}) {
+      std::vector<bool> seen(n, false);
+      for (uint64_t i = 0; i < n; ++i) {
+        const uint64_t j = PermuteIndex(i, n, 42, epoch);
+        ASSERT_LT(j, n);
+        ASSERT_FALSE(seen[j]) << "n " << n << " index " << i;
+        seen[j] = true;
+      }
+    }
+  }
+  // Epochs and seeds give different orders.
+  int same_epoch = 0, same_seed = 0;
+  for (uint64_t i = 0; i < 1000; ++i) {
+    same_epoch += PermuteIndex(i, 1000, 42, 0) == PermuteIndex(i, 1000, 42, 1);
+    same_seed += PermuteIndex(i, 1000, 42, 0) == PermuteIndex(i, 1000, 43, 0);
+  }
+  EXPECT_LT(same_epoch, 20);
+  EXPECT_LT(same_seed, 20);
+}
+
+// A run whose world size changes at step boundaries (each change is a stop and a resume
+// from the checkpointed position) reads every window of the epoch exactly once.
+TEST(SamplerTest, ExactlyOnceAcrossWorldSizeChanges) {
+  const uint64_t windows = 997;  // prime: no batch divides it
+  std::vector<int32_t> ids(windows * 8 + 1);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = int32_t(i);
+  const TokenDataset data = TokenDataset::FromTokens(ids);
+  const std::vector<std::vector<int>> schedules = {
+      {4, 3}, {4, 3, 5, 1}, {2, 8, 3, 3, 7}, {1}, {6, 2, 4, 3, 5, 8, 1}};
+  std::mt19937 rng(5);
+  for (const auto& sizes : schedules) {
+    const uint64_t global_batch = 12;
+    std::map<uint64_t, int> reads;  // window -> times read, epoch 0 only
+    uint64_t position = 0;
+    size_t phase = 0;
+    while (position < windows) {
+      // Each phase runs a random number of steps at its world size, then "resumes" at
+      // the next one from the saved position.
+      const int world = sizes[phase % sizes.size()];
+      const int steps = 1 + int(rng() % 20);
+      for (int s = 0; s < steps && position < windows; ++s) {
+        for (int r = 0; r < world; ++r) {
+          WindowSampler sampler(&data, 8, 1234);  // a fresh sampler per rank, as after a restart
+          const auto [begin, end] = WindowSampler::RankSlice(global_batch, r, world);
+          for (uint64_t p = position + begin; p < position + end; ++p) {
+            if (p < windows) ++reads[sampler.WindowAt(p)];
+          }
+        }
+        position += global_batch;
+      }
+      ++phase;
+    }
+    ASSERT_EQ(reads.size(), windows);
+    for (const auto& [w, count] : reads) ASSERT_EQ(count, 1) << "window " << w;
+  }
+  // Rank slices tile the batch.
+  for (int world = 1; world <= 9; ++world) {
+    uint64_t next = 0;
+    for (int r = 0; r < world; ++r) {
+      const auto [b, e] = WindowSampler::RankSlice(20, r, world);
+      EXPECT_EQ(b, next);
+      EXPECT_LE(e - b, 20u / world + 1);
+      next = e;
+    }
+    EXPECT_EQ(next, 20u);
+  }
+}
+
+TEST_F(DataTest, OpensAJobsDataSection) {
+  auto log = [](const std::string&) {};
+  DataSpec spec;
+  spec.dataset = "sample";
+  auto sample = OpenTrainingData(spec, 4096, log);
+  ASSERT_TRUE(sample.ok()) << sample.status();
+  EXPECT_EQ(sample->source->NumWindows(256), (560681 - 1) / 256u);
+  // The second open uses the cache: the same folder, no preparing.
+  std::vector<std::string> lines;
+  auto again = OpenTrainingData(spec, 4096, [&](const std::string& l) { lines.push_back(l); });
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(lines.empty());
+  // A model with fewer ids than the tokenizer.
+  const auto small = OpenTrainingData(spec, 1000, log);
+  EXPECT_EQ(small.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(small.status().message().find("vocab_size"), std::string::npos);
+  // A raw corpus without a tokenizer.
+  spec.dataset = Write("raw/a.jsonl", "{\"text\": \"hello\"}\n");
+  const auto raw = OpenTrainingData(spec, 4096, log);
+  EXPECT_NE(raw.status().message().find("data.tokenizer"), std::string::npos) << raw.status();
+  // Relative paths resolve against the job's folder.
+  spec.dataset = "raw/a.jsonl";
+  spec.base_dir = dir_.string();
+  spec.tokenizer = SampleDir() + "/tokenizer.model";
+  EXPECT_TRUE(OpenTrainingData(spec, 4096, log).ok());
+  spec.dataset = "no/such/file.jsonl";
+  EXPECT_EQ(OpenTrainingData(spec, 4096, log).status().code(), absl::StatusCode::kNotFound);
+  // A name that is no local path is a hub dataset; unreachable, it fails fast and says
+  // how to train without it.
+  setenv("LLAMAD_HF_ENDPOINT", "http://127.0.0.1:9", 1);
+  spec.dataset = "owner/no-such-dataset";
+  const auto hub = OpenTrainingData(spec, 4096, log);
+  unsetenv("LLAMAD_HF_ENDPOINT");
+  EXPECT_EQ(hub.status().code(), absl::StatusCode::kUnavailable) << hub.status();
+  EXPECT_NE(hub.status().message().find("-d sample"), std::string::npos) << hub.status();
+}
+
+}  // namespace
+}  // namespace llamad::data
