@@ -102,6 +102,41 @@ __device__ __forceinline__ void CToA(const float c[8][4], uint32_t a[4][4]) {
   }
 }
 
+// s[8][4] = A . tile^T for A (16 x D) in registers and the 64 rows of `tile`: a 16 x 64
+// block of scores (Q K^T, dO V^T).
+template <int D>
+__device__ __forceinline__ void TimesTileRows(float s[8][4], const uint32_t a[D / 16][4],
+                                              const Tile<D>& tile, int g, int t) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+      uint32_t b0, b1;
+      tile.LoadBRows(b0, b1, j * 8, k * 16, g, t);
+      Mma(s[j], a[k], b0, b1);
+    }
+  }
+}
+
+// acc (16 x D) += C . tile for a 16 x 64 block C held as C fragments (rounded to bf16)
+// and the 64 x D `tile`: P V and dS K.
+template <int D>
+__device__ __forceinline__ void AccumulateTimesTile(float acc[D / 8][4], const float c[8][4],
+                                                    const Tile<D>& tile, int g, int t) {
+  uint32_t a[4][4];
+  CToA(c, a);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      uint32_t b0, b1;
+      tile.LoadBCols(b0, b1, k * 16, n * 8, g, t);
+      Mma(acc[n], a[k], b0, b1);
+    }
+  }
+}
+
 struct Dims {
   int B, T, H, Hkv;
   size_t qkv_stride, out_stride;
@@ -145,16 +180,7 @@ __global__ void __launch_bounds__(kThreads) ForwardKernel(bf16* __restrict__ out
     __syncthreads();
 
     float s[8][4];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-      for (int k = 0; k < D / 16; ++k) {
-        uint32_t b0, b1;
-        ks.LoadBRows(b0, b1, j * 8, k * 16, g, t);
-        Mma(s[j], qf[k], b0, b1);
-      }
-    }
+    TimesTileRows<D>(s, qf, ks, g, t);
     // Scale into log2 units and mask the future and the padding.
     float tile_max[2] = {-FLT_MAX, -FLT_MAX};
 #pragma unroll
@@ -195,17 +221,7 @@ __global__ void __launch_bounds__(kThreads) ForwardKernel(bf16* __restrict__ out
       o[n][2] *= correction[1];
       o[n][3] *= correction[1];
     }
-    uint32_t pf[4][4];
-    CToA(s, pf);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        uint32_t b0, b1;
-        vs.LoadBCols(b0, b1, k * 16, n * 8, g, t);
-        Mma(o[n], pf[k], b0, b1);
-      }
-    }
+    AccumulateTimesTile<D>(o, s, vs, g, t);
   }
 
 #pragma unroll
@@ -291,19 +307,8 @@ __global__ void __launch_bounds__(kThreads) BackwardDqKernel(
     LoadTile<D>(vs, rows, d.qkv_stride, (d.H + d.Hkv + kvh) * D, n0, d.T);
     __syncthreads();
     float s[8][4], dp[8][4];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
-#pragma unroll
-      for (int k = 0; k < D / 16; ++k) {
-        uint32_t b0, b1;
-        ks.LoadBRows(b0, b1, j * 8, k * 16, g, t);
-        Mma(s[j], qf[k], b0, b1);
-        vs.LoadBRows(b0, b1, j * 8, k * 16, g, t);
-        Mma(dp[j], dof[k], b0, b1);
-      }
-    }
+    TimesTileRows<D>(s, qf, ks, g, t);
+    TimesTileRows<D>(dp, dof, vs, g, t);
     // dS = P * (dP - delta), with P recomputed from the saved log-sum-exp.
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -315,17 +320,7 @@ __global__ void __launch_bounds__(kThreads) BackwardDqKernel(
         s[j][e] = p * (dp[j][e] - row_delta[r]);
       }
     }
-    uint32_t dsf[4][4];
-    CToA(s, dsf);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        uint32_t b0, b1;
-        ks.LoadBCols(b0, b1, k * 16, n * 8, g, t);
-        Mma(dq[n], dsf[k], b0, b1);
-      }
-    }
+    AccumulateTimesTile<D>(dq, s, ks, g, t);
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -414,6 +409,8 @@ __global__ void __launch_bounds__(kThreads) BackwardDkvKernel(
           dp[j][e] = p * (dp[j][e] - delta_s[qi]);  // dS^T
         }
       }
+      // dV += P^T dO and dK += dS^T Q in one interleaved loop: at head dim 128 two
+      // separate passes spill registers.
       uint32_t pf[4][4], dsf[4][4];
       CToA(s, pf);
       CToA(dp, dsf);
