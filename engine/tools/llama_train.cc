@@ -7,6 +7,16 @@
 //
 // Exit codes: 0 success, 1 runtime failure, 2 bad command line, job file or data.
 #include <CLI/CLI.hpp>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <thread>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <filesystem>
@@ -16,6 +26,7 @@
 #include "backend/cpu/blas_kernels.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend.h"
+#include "comm/communicator.h"
 #include "data/dataset.h"
 #include "train/checkpointing.h"
 #include "train/jobspec.h"
@@ -30,7 +41,10 @@ constexpr int kExitUsage = 2;
 
 int Fail(const absl::Status& status) {
   std::fprintf(stderr, "llama-train: %s\n", std::string(status.message()).c_str());
-  return status.code() == absl::StatusCode::kInternal ? kExitFailure : kExitUsage;
+  // Bad input exits 2; failures while running (a lost rank, an I/O error) exit 1.
+  const auto code = status.code();
+  return code == absl::StatusCode::kInternal || code == absl::StatusCode::kUnavailable ? kExitFailure
+                                                                                      : kExitUsage;
 }
 
 std::string HumanBytes(double bytes) {
@@ -122,6 +136,7 @@ struct Common {
   bool resume_fallback = false;
   bool fresh = false;         // discard the job's existing checkpoints
   std::string init_from_hf;   // a Hugging Face model folder
+  int nproc = 1;              // data-parallel ranks on this machine
 };
 
 // Opens the store of the job's checkpoint folder, or the one `resume` points into.
@@ -259,6 +274,115 @@ std::string BackendDescription(const Backend& backend, double peak) {
                 fmt::format("{:.1f}", peak / 1e9), " GFLOP/s (OpenBLAS ", BlasCoreName(), " kernels)");
 }
 
+// ---- data-parallel ranks --------------------------------------------------------------
+
+char** g_argv = nullptr;  // this process's command line, which the launcher's ranks rerun
+
+// The launcher's environment for its ranks.
+constexpr char kRankEnv[] = "LLAMAD_RANK";
+constexpr char kWorldEnv[] = "LLAMAD_WORLD_SIZE";
+constexpr char kRendezvousEnv[] = "LLAMAD_RENDEZVOUS";
+
+// This process's communicator: Gloo when started by LaunchRanks, else a single process.
+absl::StatusOr<std::unique_ptr<Communicator>> ConnectRank() {
+  const char* rank = std::getenv(kRankEnv);
+  const char* world = std::getenv(kWorldEnv);
+  const char* store = std::getenv(kRendezvousEnv);
+  if (rank == nullptr || world == nullptr || store == nullptr) return MakeLocalCommunicator();
+  // Collectives wait for the slowest rank's step; a dead rank is noticed at once (its
+  // connections close), so this only bounds a rank that hangs.
+  return MakeGlooCommunicator(std::atoi(rank), std::atoi(world), store, std::chrono::minutes(10));
+}
+
+// Copies rank 0's weights, moments and progress to every rank.
+absl::Status SyncFromRankZero(Trainer& trainer, Communicator& comm) {
+  if (comm.world_size() == 1) return absl::OkStatus();
+  LlamaModel& model = trainer.model();
+  const size_t n = model.num_params();
+  for (void* buffer : {model.master_data(), trainer.optimizer().exp_avg(), trainer.optimizer().exp_avg_sq()}) {
+    if (auto s = comm.Broadcast(static_cast<float*>(buffer), n, 0); !s.ok()) return s;
+  }
+  model.SyncParamsFromMaster();
+  // Exact in doubles: steps and positions stay far below 2^53.
+  double progress[2] = {0, 0};
+  if (comm.rank() == 0) progress[0] = double(trainer.step()), progress[1] = double(trainer.sampler_position());
+  if (auto s = comm.AllReduceSum(progress, 2); !s.ok()) return s;
+  trainer.SetProgress(int64_t(progress[0]), uint64_t(progress[1]));
+  return absl::OkStatus();
+}
+
+// `llama-train train --nproc N`: starts N ranks of this same command line and watches
+// them. When one fails, the others are stopped and the failure is reported by rank.
+int LaunchRanks(int nproc) {
+  char dir[] = "/tmp/llamad-rendezvous-XXXXXX";
+  if (::mkdtemp(dir) == nullptr) {
+    std::fprintf(stderr, "llama-train: cannot create a rendezvous folder: %s\n", std::strerror(errno));
+    return kExitFailure;
+  }
+  std::vector<pid_t> pids(size_t(nproc), -1);
+  for (int r = 0; r < nproc; ++r) {
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+      std::fprintf(stderr, "llama-train: fork failed: %s\n", std::strerror(errno));
+      for (pid_t p : pids) {
+        if (p > 0) ::kill(p, SIGKILL);
+      }
+      return kExitFailure;
+    }
+    if (pid == 0) {
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the launcher
+      ::setenv(kRankEnv, std::to_string(r).c_str(), 1);
+      ::setenv(kWorldEnv, std::to_string(nproc).c_str(), 1);
+      ::setenv(kRendezvousEnv, dir, 1);
+      ::execv("/proc/self/exe", g_argv);
+      std::fprintf(stderr, "llama-train: rank %d: exec failed: %s\n", r, std::strerror(errno));
+      ::_exit(kExitFailure);
+    }
+    pids[size_t(r)] = pid;
+  }
+  int result = 0, running = nproc;
+  bool stopping = false;
+  auto deadline = std::chrono::steady_clock::time_point::max();
+  while (running > 0) {
+    int status = 0;
+    const pid_t pid = ::waitpid(-1, &status, stopping ? WNOHANG : 0);
+    if (pid == 0) {  // stopping, nobody exited yet: escalate after the grace period
+      if (std::chrono::steady_clock::now() > deadline) {
+        for (pid_t p : pids) {
+          if (p > 0) ::kill(p, SIGKILL);
+        }
+        deadline = std::chrono::steady_clock::time_point::max();
+      }
+      ::usleep(50 * 1000);
+      continue;
+    }
+    if (pid < 0) break;
+    const int rank = int(std::find(pids.begin(), pids.end(), pid) - pids.begin());
+    if (rank >= nproc) continue;
+    pids[size_t(rank)] = -1;
+    --running;
+    const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    if (!ok && !stopping) {
+      if (WIFSIGNALED(status)) {
+        std::fprintf(stderr, "llama-train: rank %d of %d was killed by signal %d (%s); stopping the other ranks\n",
+                     rank, nproc, WTERMSIG(status), strsignal(WTERMSIG(status)));
+      } else {
+        std::fprintf(stderr, "llama-train: rank %d of %d exited with code %d; stopping the other ranks\n", rank,
+                     nproc, WEXITSTATUS(status));
+      }
+      result = WIFEXITED(status) ? WEXITSTATUS(status) : kExitFailure;
+      stopping = true;
+      for (pid_t p : pids) {
+        if (p > 0) ::kill(p, SIGTERM);
+      }
+      deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    }
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(dir, ec);
+  return result;
+}
+
 int RunTrain(const Common& common, const Overrides& overrides) {
   auto spec = ReadSpec(common, overrides);
   if (!spec.ok()) return Fail(spec.status());
@@ -271,20 +395,39 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     spec->model = *hf;
     if (auto s = ValidateJobSpec(*spec); !s.ok()) return Fail(s);
   }
-  auto opened = data::OpenTrainingData(spec->data, spec->model.vocab_size, [](const std::string& line) { std::fprintf(stderr, "llama-train: %s\n", line.c_str()); });
+  // A rank of a launched job (LaunchRanks) connects to the others first.
+  auto comm = ConnectRank();
+  if (!comm.ok()) return Fail(comm.status());
+  const int rank = (*comm)->rank();
+  const bool lead = rank == 0;  // rank 0 logs, prepares data, restores and saves
+  auto open_data = [&] {
+    return data::OpenTrainingData(spec->data, spec->model.vocab_size, [](const std::string& line) {
+      std::fprintf(stderr, "llama-train: %s\n", line.c_str());
+    });
+  };
+  // Rank 0 prepares a raw corpus into the cache; the others open the result after it.
+  absl::StatusOr<data::OpenedData> opened = absl::UnknownError("not opened");
+  if (lead) opened = open_data();
+  if (auto s = (*comm)->Barrier(); !s.ok()) return Fail(s);
+  if (!lead) opened = open_data();
   if (!opened.ok()) return Fail(opened.status());
   const TokenSource* data = opened->source.get();
-  auto made = MakeBackend(common, *spec);
+  Common rank_common = common;
+  if (rank_common.threads == 0 && (*comm)->world_size() > 1) {
+    rank_common.threads = std::max(1, int(std::thread::hardware_concurrency()) / (*comm)->world_size());
+  }
+  auto made = MakeBackend(rank_common, *spec);
   if (!made.ok()) return Fail(made.status());
   std::unique_ptr<Backend> backend = std::move(*made);
-  const double peak = PeakFlops(*backend);
-  auto trainer = Trainer::Create(*spec, backend.get(), peak);
+  const double peak = PeakFlops(*backend) * (*comm)->world_size();
+  auto trainer = Trainer::Create(*spec, backend.get(), peak, comm->get());
   if (!trainer.ok()) return Fail(trainer.status());
-  if (!common.init_from_hf.empty()) {
+  if (lead && !common.init_from_hf.empty()) {
     if (auto s = LoadHuggingFaceWeights(common.init_from_hf, (*trainer)->model(), *backend); !s.ok()) return Fail(s);
     std::fprintf(stderr, "llama-train: weights from %s\n", common.init_from_hf.c_str());
   }
-  auto checkpoints = OpenCheckpoints(*spec, common, /*saving=*/spec->checkpoint.interval > 0);
+  absl::StatusOr<ResumePoint> checkpoints = ResumePoint{};
+  if (lead) checkpoints = OpenCheckpoints(*spec, common, /*saving=*/spec->checkpoint.interval > 0);
   if (!checkpoints.ok()) return Fail(checkpoints.status());
   if (checkpoints->step >= 0) {
     const storage::CheckpointStore& from = checkpoints->source ? *checkpoints->source : *checkpoints->store;
@@ -304,6 +447,8 @@ int RunTrain(const Common& common, const Overrides& overrides) {
       }
     }
   }
+  // Every rank starts from rank 0's state (restored, imported or seeded).
+  if (auto s = SyncFromRankZero(**trainer, **comm); !s.ok()) return Fail(s);
   std::unique_ptr<AsyncCheckpointer> checkpointer;
   if (checkpoints->store && spec->checkpoint.interval > 0) {
     checkpointer = std::make_unique<AsyncCheckpointer>(
@@ -320,14 +465,20 @@ int RunTrain(const Common& common, const Overrides& overrides) {
 
   const bool json = common.log_format == "json";
   const TrainingSpec& t = spec->training;
-  std::fprintf(stderr,
-               "llama-train: job '%s': model %s (%.2fM parameters), seq %lld, batch %lld x %lld "
-               "accumulation, %lld steps, %s, dataset %s; %s\n",
-               spec->name.c_str(), spec->model.name.c_str(), spec->model.NumParameters() / 1e6,
-               (long long)t.max_length, (long long)t.batch_size,
-               (long long)GradientAccumulationSteps(*spec), (long long)t.steps,
-               t.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
-               opened->description.c_str(), BackendDescription(*backend, peak).c_str());
+  const int world = (*comm)->world_size();
+  const int64_t global = GradientAccumulationSteps(*spec) * t.batch_size;
+  const int64_t per_rank = (global + world - 1) / world;
+  if (lead) {
+    std::fprintf(stderr,
+                 "llama-train: job '%s': model %s (%.2fM parameters), seq %lld, global batch %lld = "
+                 "%d rank%s x %lld accumulation x batch %lld (at most), %lld steps, %s, dataset %s; %s\n",
+                 spec->name.c_str(), spec->model.name.c_str(), spec->model.NumParameters() / 1e6,
+                 (long long)t.max_length, (long long)global, world, world > 1 ? "s" : "",
+                 (long long)((per_rank + t.batch_size - 1) / t.batch_size), (long long)t.batch_size,
+                 (long long)t.steps,
+                 t.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
+                 opened->description.c_str(), BackendDescription(*backend, peak).c_str());
+  }
   double first_loss = 0, last_loss = 0;
   const int64_t first_step = (*trainer)->step() + 1;
   const auto status = (*trainer)->Train(*data, [&](const StepMetrics& m) -> absl::Status {
@@ -339,6 +490,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
       if (!seconds.ok()) return seconds.status();
       stall = *seconds;
     }
+    if (!lead) return absl::OkStatus();  // rank 0 reports for the job
     if (json) {
       nlohmann::json line = {{"step", m.step},
                              {"loss", m.loss},
@@ -365,8 +517,10 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   if (checkpointer) {
     if (auto s = checkpointer->Wait(); !s.ok()) return Fail(absl::InternalError(s.message()));
   }
-  std::fprintf(stderr, "llama-train: done: loss %.4f -> %.4f after %lld steps\n", first_loss,
-               last_loss, (long long)t.steps);
+  if (lead) {
+    std::fprintf(stderr, "llama-train: done: loss %.4f -> %.4f after %lld steps\n", first_loss,
+                 last_loss, (long long)t.steps);
+  }
   return 0;
 }
 
@@ -420,6 +574,7 @@ int RunEval(const Common& common, const Overrides& overrides, const std::string&
 }
 
 int Main(int argc, char** argv) {
+  g_argv = argv;
   CLI::App app{"llama-train: LLaMA pretraining engine"};
   app.require_subcommand(1);
   Common common;
@@ -439,6 +594,8 @@ int Main(int argc, char** argv) {
                   "If the checkpoint is damaged, resume from the newest older one that is intact");
   train->add_flag("--fresh", common.fresh, "Discard the job's existing checkpoints and start from step 0");
   train->add_option("--init-from-hf", common.init_from_hf, "Start from Hugging Face weights (folder)");
+  train->add_option("--nproc", common.nproc, "Data-parallel ranks on this machine (processes)")
+      ->check(CLI::Range(1, 256));
   train_overrides.Register(train);
   CLI::App* eval = app.add_subcommand("eval", "Mean loss of the model over a token file");
   add_common(eval);
@@ -460,6 +617,7 @@ int Main(int argc, char** argv) {
   if (common.threads < 0 || common.threads > 1024) {
     return Fail(absl::InvalidArgumentError(StrCat("--threads: ", common.threads, " is not within 0..1024")));
   }
+  if (*train && common.nproc > 1 && std::getenv(kRankEnv) == nullptr) return LaunchRanks(common.nproc);
   if (*train) return RunTrain(common, train_overrides);
   if (*exp) return RunExport(load, hf_out);
   return RunEval(common, eval_overrides, tokens_path);

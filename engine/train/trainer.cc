@@ -1,6 +1,7 @@
 #include "train/trainer.h"
 
 #include <chrono>
+#include <algorithm>
 #include <cmath>
 
 #include "backend/cpu/cpu_backend.h"
@@ -9,8 +10,12 @@
 
 namespace llamad {
 
-Trainer::Trainer(const JobSpec& spec, Backend* backend, double peak_flops)
-    : spec_(spec), backend_(backend), peak_flops_(peak_flops) {
+Trainer::Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Communicator* comm)
+    : spec_(spec), backend_(backend), comm_(comm), peak_flops_(peak_flops) {
+  if (comm_ == nullptr) {
+    local_comm_ = MakeLocalCommunicator();
+    comm_ = local_comm_.get();
+  }
   const TrainingSpec& t = spec_.training;
   LlamaOptions options;
   options.grad_checkpoint = t.grad_checkpoint;
@@ -26,7 +31,7 @@ Trainer::Trainer(const JobSpec& spec, Backend* backend, double peak_flops)
 }
 
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Backend* backend,
-                                                         double peak_flops) {
+                                                         double peak_flops, Communicator* comm) {
   if (auto s = ValidateJobSpec(spec); !s.ok()) return s;
   const std::string& f = spec.path;
   if (spec.training.mixed_precision != "fp32" && backend->name() == "cpu") {
@@ -84,24 +89,50 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
           " GiB are available (a smaller model, -b, -l or -g lowers it)"));
     }
   }
-  return std::unique_ptr<Trainer>(new Trainer(spec, backend, peak_flops));
+  if (comm != nullptr && comm->world_size() > 1) {
+    if (backend->name() != "cpu" || backend->accum_dtype() != DType::kF32) {
+      return absl::InvalidArgumentError(StrCat(
+          f, ": data parallelism over ", comm->world_size(),
+          " ranks runs on the CPU backend in fp32 in this build (the NCCL path is not built yet)"));
+    }
+    const int64_t global = spec.training.global_batch_size > 0 ? spec.training.global_batch_size
+                                                                : spec.training.batch_size;
+    if (global < comm->world_size()) {
+      return absl::InvalidArgumentError(StrCat(
+          f, ": the global batch of ", global, " sequences is smaller than the ", comm->world_size(),
+          " ranks (raise training.global_batch_size)"));
+    }
+  }
+  return std::unique_ptr<Trainer>(new Trainer(spec, backend, peak_flops, comm));
 }
 
-StepMetrics Trainer::Step(WindowSampler& sampler) {
+absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   const auto start = std::chrono::steady_clock::now();
   const TrainingSpec& t = spec_.training;
   const int batch = int(t.batch_size), seq = int(t.max_length);
-  const int64_t accumulation = GradientAccumulationSteps(spec_);
-  const double targets_per_step = double(accumulation) * batch * seq;
+  // The global batch is the job's; the world size only decides who reads which part.
+  const uint64_t global = uint64_t(t.global_batch_size > 0 ? t.global_batch_size : t.batch_size);
+  const double targets_per_step = double(global) * seq;
+  const auto [begin, end] = WindowSampler::RankSlice(global, comm_->rank(), comm_->world_size());
 
   StepMetrics m;
   m.step = optimizer_->step() + 1;
   model_->ZeroGrads();
   double loss_sum = 0;
-  for (int64_t micro = 0; micro < accumulation; ++micro) {
-    sampler.Next(batch, tokens_.data(), targets_.data());
-    loss_sum += model_->ForwardBackward(tokens_.data(), targets_.data(), batch, seq,
+  for (uint64_t first = begin; first < end; first += uint64_t(batch)) {
+    const int count = int(std::min<uint64_t>(uint64_t(batch), end - first));
+    sampler.Fill(sampler.position() + first, count, tokens_.data(), targets_.data());
+    loss_sum += model_->ForwardBackward(tokens_.data(), targets_.data(), count, seq,
                                         1.0 / targets_per_step);
+  }
+  sampler.set_position(sampler.position() + global);
+  if (comm_->world_size() > 1) {
+    // Every rank holds the whole gradient (ddp): sum the ranks' parts, and their losses.
+    if (auto s = comm_->AllReduceSum(static_cast<float*>(model_->grad_data()), model_->num_params());
+        !s.ok()) {
+      return s;
+    }
+    if (auto s = comm_->AllReduceSum(&loss_sum, 1); !s.ok()) return s;
   }
   m.loss = loss_sum / targets_per_step;
   m.grad_norm = std::sqrt(backend_->SumSquares(model_->grad_data(), model_->num_params()));
@@ -133,7 +164,9 @@ absl::Status Trainer::Train(const TokenSource& data,
   WindowSampler sampler(&data, seq, spec_.training.seed);
   sampler.set_position(sampler_position_);
   while (optimizer_->step() < spec_.training.steps) {
-    const StepMetrics m = Step(sampler);
+    auto step = Step(sampler);
+    if (!step.ok()) return step.status();
+    const StepMetrics& m = *step;
     sampler_position_ = sampler.position();
     if (!std::isfinite(m.loss)) {
       return absl::InternalError(StrCat("step ", m.step, ": loss is ", m.loss,

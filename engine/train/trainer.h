@@ -7,6 +7,7 @@
 
 #include "absl/status/statusor.h"
 #include "backend/backend.h"
+#include "comm/communicator.h"
 #include "model/llama.h"
 #include "train/jobspec.h"
 #include "train/optimizer.h"
@@ -31,16 +32,21 @@ class Trainer {
   // Checks that this build can run `spec` on `backend` (plugin, precision, checkpoint
   // support, sequence length) and sets up model and optimizer with seeded weights.
   // `peak_flops` is the device's peak for MFU (0 = unknown).
+  // `comm` connects the data-parallel ranks (null: a single process); it must outlive
+  // the trainer.
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(const JobSpec& spec, Backend* backend,
-                                                         double peak_flops);
+                                                         double peak_flops,
+                                                         Communicator* comm = nullptr);
 
   // Runs the steps from the current one up to spec.training.steps over `data`, calling
   // on_step after each; an error from on_step stops training and is returned.
   absl::Status Train(const TokenSource& data,
                      const std::function<absl::Status(const StepMetrics&)>& on_step);
 
-  // One optimizer step over the next global batch from `sampler`.
-  StepMetrics Step(WindowSampler& sampler);
+  // One optimizer step over the next global batch from `sampler`: this rank's slice of
+  // it (WindowSampler::RankSlice) in micro-batches, then the gradients summed over the
+  // ranks. Fails only when a collective does (a lost rank).
+  absl::StatusOr<StepMetrics> Step(WindowSampler& sampler);
 
   // Optimizer steps taken so far (0 before the first).
   int64_t step() const { return optimizer_->step(); }
@@ -58,10 +64,12 @@ class Trainer {
   const JobSpec& spec() const { return spec_; }
 
  private:
-  Trainer(const JobSpec& spec, Backend* backend, double peak_flops);
+  Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Communicator* comm);
 
   JobSpec spec_;
   Backend* backend_;
+  std::unique_ptr<Communicator> local_comm_;  // when no communicator was given
+  Communicator* comm_;
   double peak_flops_;
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<AdamWOptimizer> optimizer_;

@@ -82,7 +82,7 @@ RunResult RunSteps(const JobSpec& spec, const TokenDataset& data, int steps) {
   WindowSampler sampler(&data, int(spec.training.max_length), 1);
   (*trainer)->Step(sampler);  // warm-up: allocations, page faults
   double seconds = 0;
-  for (int s = 0; s < steps; ++s) seconds += (*trainer)->Step(sampler).step_seconds;
+  for (int s = 0; s < steps; ++s) seconds += (*trainer)->Step(sampler)->step_seconds;
   const double tokens = double(spec.training.batch_size) * spec.training.max_length * steps;
   RunResult r;
   r.tokens_per_s = tokens / seconds;

@@ -69,6 +69,9 @@ class Subprocess {
     }
     return output_;
   }
+  pid_t pid() const { return pid_; }
+  // Everything ReadLine has returned so far.
+  const std::string& output() const { return output_; }
   void Kill(int signal) {
     if (pid_ > 0) kill(pid_, signal);
   }

@@ -1,0 +1,40 @@
+// Collective communication between the data-parallel ranks of one job.
+//
+// Every rank calls the same collectives in the same order. An error (a rank that died,
+// a timeout) comes back as Unavailable; the caller stops training, since a collective
+// that failed on one rank cannot be resumed.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace llamad {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  // In-place element-wise sum over all ranks; every rank gets the result. Host memory.
+  virtual absl::Status AllReduceSum(float* data, size_t n) = 0;
+  virtual absl::Status AllReduceSum(double* data, size_t n) = 0;
+  // Copies root's data to every rank.
+  virtual absl::Status Broadcast(float* data, size_t n, int root) = 0;
+  virtual absl::Status Barrier() = 0;
+};
+
+// World size 1: every collective is the identity.
+std::unique_ptr<Communicator> MakeLocalCommunicator();
+
+// Gloo over TCP on the loopback interface (one machine), rendezvous through files in
+// `store_dir`, which all ranks share and which must be empty for a new job. A collective
+// that waits longer than `timeout` fails.
+absl::StatusOr<std::unique_ptr<Communicator>> MakeGlooCommunicator(int rank, int world_size,
+                                                                   const std::string& store_dir,
+                                                                   std::chrono::milliseconds timeout);
+
+}  // namespace llamad

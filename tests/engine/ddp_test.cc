@@ -1,0 +1,124 @@
+// Data parallelism as real processes: `llama-train --nproc N` over Gloo on loopback.
+// The same global batch gives the same losses at world sizes 1, 2 and 4; a checkpoint
+// taken at one world size resumes at others on the same curve; a killed rank stops the
+// job within seconds, named.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "common/subprocess.h"
+
+namespace {
+namespace fs = std::filesystem;
+
+class DdpTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("llamad-ddp-test-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    std::string tokens;
+    for (uint32_t i = 0; i < 6000; ++i) {
+      const uint32_t id = (i * 7 + i / 13 + (i * i) % 11) % 60;
+      tokens.append(reinterpret_cast<const char*>(&id), 4);
+    }
+    std::ofstream(dir_ / "tokens.u32", std::ios::binary) << tokens;
+    // A global batch of 12 windows: 12 / 1, 6 x 2, 3 x 4 and 4 x 3 per rank.
+    std::ofstream(dir_ / "job.yaml") << R"(
+name: ddp
+model: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4,
+        num_key_value_heads: 2, vocab_size: 64, max_position_embeddings: 128}
+training: {max_length: 32, batch_size: 4, global_batch_size: 12, steps: 20, lr: 3e-3,
+           warmup_steps: 2, seed: 9}
+data: {dataset: tokens.u32}
+checkpoint: {dir: ckpt, interval: 0}
+)";
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // Runs llama-train to the end; returns the loss of every step it printed.
+  std::vector<double> Train(const std::string& args) {
+    llamad::testing::Subprocess p(std::string(LLAMA_TRAIN_BIN) + " train --config " +
+                                  (dir_ / "job.yaml").string() + " --log-format json " + args);
+    std::vector<double> losses;
+    std::string log;
+    while (auto line = p.ReadLine(120)) {
+      log += *line + "\n";
+      if (!line->starts_with("{")) continue;
+      losses.push_back(nlohmann::json::parse(*line)["loss"].get<double>());
+    }
+    EXPECT_EQ(p.Wait(), 0) << log;
+    return losses;
+  }
+
+  fs::path dir_;
+};
+
+void ExpectSameCurve(const std::vector<double>& a, const std::vector<double>& b, const char* what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_NEAR(a[i], b[i], 1e-5 * std::abs(b[i])) << what << ", step " << i + 1;
+  }
+}
+
+TEST_F(DdpTest, SameLossAtWorldSizesOneTwoAndFour) {
+  const auto one = Train("--nproc 1 --threads 1");
+  ASSERT_EQ(one.size(), 20u);
+  EXPECT_LT(one.back(), one.front());
+  ExpectSameCurve(Train("--nproc 2 --threads 1"), one, "world size 2");
+  ExpectSameCurve(Train("--nproc 4 --threads 1"), one, "world size 4");
+}
+
+TEST_F(DdpTest, CheckpointAtWorldSizeFourResumesAtTwoAndThree) {
+  // The uninterrupted world-size-4 run saves at steps 10 and 20.
+  const auto uninterrupted = Train("--nproc 4 --threads 1 -i 10");
+  ASSERT_EQ(uninterrupted.size(), 20u);
+  const std::vector<double> tail(uninterrupted.begin() + 10, uninterrupted.end());
+  const fs::path step10 = dir_ / "ckpt" / "ddp" / "step-10";
+  ASSERT_TRUE(fs::exists(step10));
+  for (int world : {2, 3}) {
+    // From step 10, saving nothing (the store stays as it is for the next resume).
+    const auto resumed = Train("--nproc " + std::to_string(world) + " --threads 1 -i 0 -f " + step10.string());
+    ExpectSameCurve(resumed, tail, world == 2 ? "resumed at world size 2" : "resumed at world size 3");
+  }
+}
+
+TEST_F(DdpTest, AKilledRankStopsTheJobWithinSeconds) {
+  llamad::testing::Subprocess p(std::string(LLAMA_TRAIN_BIN) + " train --config " +
+                                (dir_ / "job.yaml").string() +
+                                " --log-format json --nproc 3 --threads 1 --steps 100000");
+  // Wait until training runs, then kill one rank (a child of the launcher).
+  bool running = false;
+  while (auto line = p.ReadLine(60)) {
+    if (line->starts_with("{")) {
+      running = true;
+      break;
+    }
+  }
+  ASSERT_TRUE(running) << p.output();
+  std::ifstream children("/proc/" + std::to_string(p.pid()) + "/task/" + std::to_string(p.pid()) + "/children");
+  std::vector<pid_t> ranks;
+  for (pid_t pid; children >> pid;) ranks.push_back(pid);
+  ASSERT_EQ(ranks.size(), 3u);
+  const auto killed = std::chrono::steady_clock::now();
+  ASSERT_EQ(::kill(ranks[1], SIGKILL), 0);
+  while (p.ReadLine(30)) {
+  }
+  const int code = p.Wait();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - killed).count();
+  EXPECT_NE(code, 0);
+  EXPECT_LT(seconds, 15.0);
+  EXPECT_NE(p.output().find("rank 1 of 3 was killed by signal 9"), std::string::npos) << p.output();
+  std::printf("job stopped %.2f s after rank 1 was killed\n", seconds);
+}
+
+}  // namespace
