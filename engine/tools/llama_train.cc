@@ -449,6 +449,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   }
   // Every rank starts from rank 0's state (restored, imported or seeded).
   if (auto s = SyncFromRankZero(**trainer, **comm); !s.ok()) return Fail(s);
+  if (spec->parallel.plugin == "zero1") (*trainer)->ShardOptimizerState();
   std::unique_ptr<AsyncCheckpointer> checkpointer;
   if (checkpoints->store && spec->checkpoint.interval > 0) {
     checkpointer = std::make_unique<AsyncCheckpointer>(
@@ -485,10 +486,17 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     if (m.step == first_step) first_loss = m.loss;
     last_loss = m.loss;
     double stall = 0;
-    if (checkpointer && (m.step % spec->checkpoint.interval == 0 || m.step == t.steps)) {
-      auto seconds = checkpointer->Save(**trainer);
-      if (!seconds.ok()) return seconds.status();
-      stall = *seconds;
+    const bool save = spec->checkpoint.interval > 0 && (m.step % spec->checkpoint.interval == 0 || m.step == t.steps);
+    if (save) {
+      // Every rank takes part in gathering sharded optimizer state; rank 0 writes.
+      auto saved = (*trainer)->WithFullOptimizerState([&]() -> absl::Status {
+        if (!checkpointer) return absl::OkStatus();
+        auto seconds = checkpointer->Save(**trainer);
+        if (!seconds.ok()) return seconds.status();
+        stall = *seconds;
+        return absl::OkStatus();
+      });
+      if (!saved.ok()) return saved;
     }
     if (!lead) return absl::OkStatus();  // rank 0 reports for the job
     if (json) {
@@ -500,7 +508,8 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                              {"tflops", m.tflops},
                              {"mfu", m.mfu},
                              {"step_time_s", m.step_seconds},
-                             {"peak_memory_bytes", m.peak_memory_bytes}};
+                             {"peak_memory_bytes", m.peak_memory_bytes},
+                             {"optimizer_state_bytes", m.optimizer_state_bytes}};
       if (stall > 0) line["checkpoint_stall_s"] = stall;
       std::printf("%s\n", line.dump().c_str());
       std::fflush(stdout);

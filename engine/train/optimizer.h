@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "backend/backend.h"
 #include "model/llama.h"
@@ -27,6 +28,12 @@ struct AdamWOptions {
 };
 
 // Owns the two moment buffers (backend accum_dtype()) for a model's parameters.
+//
+// ZeRO-1: with Shard(begin, end) the optimizer keeps moments only for the flat element
+// range [begin, end) of the parameter layout and steps only those parameters; the
+// caller all-gathers the updated parameters. exp_avg()/exp_avg_sq() then address the
+// shard; Unshard() makes full buffers again (for checkpoints), Reshard() returns to the
+// shard.
 class AdamWOptimizer {
  public:
   AdamWOptimizer(LlamaModel* model, Backend* backend, const AdamWOptions& options);
@@ -42,12 +49,29 @@ class AdamWOptimizer {
   void* exp_avg() { return m_; }
   void* exp_avg_sq() { return v_; }
 
+  // Keeps only [begin, end) of the moments (taken from the current full buffers).
+  void Shard(size_t begin, size_t end);
+  // Full buffers again: fill(m_full, v_full) must write every rank's part (all-gather).
+  void Unshard(const std::function<void(float* m_full, float* v_full, const float* m_shard,
+                                        const float* v_shard)>& fill);
+  // Back to the shard taken last, dropping the full buffers.
+  void Reshard();
+  size_t shard_begin() const { return shard_begin_; }
+  size_t shard_end() const { return shard_end_; }
+  // Bytes of moments held now.
+  size_t state_bytes() const { return state_bytes_; }
+
  private:
   LlamaModel* model_;
   Backend* backend_;
   AdamWOptions options_;
   void* m_ = nullptr;
   void* v_ = nullptr;
+  void* shard_m_ = nullptr;  // while unsharded: the shard's own buffers
+  void* shard_v_ = nullptr;
+  bool unsharded_ = false;
+  size_t shard_begin_ = 0, shard_end_ = 0;
+  size_t state_bytes_ = 0;
   int64_t step_ = 0;
 };
 

@@ -52,10 +52,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
           " (hidden_size / num_attention_heads); the CUDA attention kernels take 32, 64 or 128"));
     }
   }
-  if (spec.parallel.plugin != "ddp") {
+  if (spec.parallel.plugin != "ddp" && spec.parallel.plugin != "zero1") {
     return absl::InvalidArgumentError(StrCat(
         f, ": parallel.plugin: '", spec.parallel.plugin,
-        "' is not available in this build yet (available: ddp, single process)"));
+        "' is not available in this build yet (available: ddp, zero1)"));
   }
   if (spec.training.max_length > spec.model.max_position_embeddings) {
     return absl::InvalidArgumentError(StrCat(
@@ -139,6 +139,16 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   const double clip = t.grad_clip > 0 && m.grad_norm > t.grad_clip ? t.grad_clip / (m.grad_norm + 1e-6) : 1.0;
   m.lr = schedule_.At(m.step - 1);
   optimizer_->Step(m.lr, clip);
+  if (zero1_) {
+    // Each rank updated its own slice of the parameters: gather them everywhere.
+    float* params = static_cast<float*>(model_->param_data());
+    const size_t n = model_->num_params();
+    for (int r = 0; r < comm_->world_size(); ++r) {
+      const auto [begin, end] = WindowSampler::RankSlice(n, r, comm_->world_size());
+      if (auto s = comm_->Broadcast(params + begin, end - begin, r); !s.ok()) return s;
+    }
+  }
+  m.optimizer_state_bytes = optimizer_->state_bytes();
 
   m.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   m.tokens_per_s = targets_per_step / m.step_seconds;
@@ -146,6 +156,31 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   m.mfu = peak_flops_ > 0 ? m.tflops * 1e12 / peak_flops_ : 0;
   m.peak_memory_bytes = backend_->peak_allocated_bytes();
   return m;
+}
+
+void Trainer::ShardOptimizerState() {
+  const auto [begin, end] = WindowSampler::RankSlice(model_->num_params(), comm_->rank(), comm_->world_size());
+  optimizer_->Shard(begin, end);
+  zero1_ = true;
+}
+
+absl::Status Trainer::WithFullOptimizerState(const std::function<absl::Status()>& f) {
+  if (!zero1_) return f();
+  absl::Status gathered;
+  const size_t n = model_->num_params();
+  optimizer_->Unshard([&](float* m_full, float* v_full, const float* m_own, const float* v_own) {
+    const auto [own_begin, own_end] = WindowSampler::RankSlice(n, comm_->rank(), comm_->world_size());
+    std::copy(m_own, m_own + (own_end - own_begin), m_full + own_begin);
+    std::copy(v_own, v_own + (own_end - own_begin), v_full + own_begin);
+    for (int r = 0; r < comm_->world_size() && gathered.ok(); ++r) {
+      const auto [begin, end] = WindowSampler::RankSlice(n, r, comm_->world_size());
+      gathered = comm_->Broadcast(m_full + begin, end - begin, r);
+      if (gathered.ok()) gathered = comm_->Broadcast(v_full + begin, end - begin, r);
+    }
+  });
+  absl::Status status = gathered.ok() ? f() : gathered;
+  optimizer_->Reshard();
+  return status;
 }
 
 void Trainer::SetProgress(int64_t step, uint64_t sampler_position) {

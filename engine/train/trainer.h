@@ -25,6 +25,7 @@ struct StepMetrics {
   double tflops = 0;             // Achieved model TFLOP/s (6N + attention per token).
   double mfu = 0;                // tflops / peak; 0 when the peak is unknown.
   size_t peak_memory_bytes = 0;  // Backend allocation high-water mark.
+  size_t optimizer_state_bytes = 0;  // AdamW moments held by this rank.
 };
 
 class Trainer {
@@ -57,6 +58,14 @@ class Trainer {
   AdamWOptimizer& optimizer() { return *optimizer_; }
   Backend& backend() { return *backend_; }
 
+  // ZeRO-1 (plugin zero1, after every rank holds the same state): this rank keeps the
+  // AdamW moments of its 1/world of the parameters only and steps those; the updated
+  // parameters are all-gathered after each step.
+  void ShardOptimizerState();
+  // Runs f with the full moments on every rank (gathered; a collective, so every rank
+  // calls it), e.g. to save a checkpoint; then returns to the shard.
+  absl::Status WithFullOptimizerState(const std::function<absl::Status()>& f);
+
   // Mean loss over every complete window of `data`, in file order.
   double Evaluate(const TokenSource& data);
 
@@ -76,6 +85,7 @@ class Trainer {
   LrSchedule schedule_;
   std::vector<int32_t> tokens_, targets_;
   uint64_t sampler_position_ = 0;
+  bool zero1_ = false;
 };
 
 }  // namespace llamad

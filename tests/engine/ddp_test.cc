@@ -45,8 +45,9 @@ checkpoint: {dir: ckpt, interval: 0}
   }
   void TearDown() override { fs::remove_all(dir_); }
 
-  // Runs llama-train to the end; returns the loss of every step it printed.
-  std::vector<double> Train(const std::string& args) {
+  // Runs llama-train to the end; returns the loss of every step it printed (and the
+  // optimizer state bytes rank 0 reported last).
+  std::vector<double> Train(const std::string& args, size_t* state_bytes = nullptr) {
     llamad::testing::Subprocess p(std::string(LLAMA_TRAIN_BIN) + " train --config " +
                                   (dir_ / "job.yaml").string() + " --log-format json " + args);
     std::vector<double> losses;
@@ -54,7 +55,9 @@ checkpoint: {dir: ckpt, interval: 0}
     while (auto line = p.ReadLine(120)) {
       log += *line + "\n";
       if (!line->starts_with("{")) continue;
-      losses.push_back(nlohmann::json::parse(*line)["loss"].get<double>());
+      const auto j = nlohmann::json::parse(*line);
+      losses.push_back(j["loss"].get<double>());
+      if (state_bytes != nullptr) *state_bytes = j["optimizer_state_bytes"].get<size_t>();
     }
     EXPECT_EQ(p.Wait(), 0) << log;
     return losses;
@@ -76,6 +79,27 @@ TEST_F(DdpTest, SameLossAtWorldSizesOneTwoAndFour) {
   EXPECT_LT(one.back(), one.front());
   ExpectSameCurve(Train("--nproc 2 --threads 1"), one, "world size 2");
   ExpectSameCurve(Train("--nproc 4 --threads 1"), one, "world size 4");
+}
+
+// ZeRO-1: the same curve, with each rank holding 1/world of the AdamW moments.
+TEST_F(DdpTest, Zero1MatchesAndShardsOptimizerState) {
+  size_t full = 0;
+  const auto one = Train("--nproc 1 --threads 1", &full);
+  ASSERT_EQ(one.size(), 20u);
+  for (int world : {2, 4}) {
+    size_t bytes = 0;
+    ExpectSameCurve(Train("-p zero1 --nproc " + std::to_string(world) + " --threads 1", &bytes), one,
+                    world == 2 ? "zero1 at world size 2" : "zero1 at world size 4");
+    // Rank 0's share: ceil(params / world) of each moment.
+    EXPECT_NEAR(double(bytes), double(full) / world, 8.0 * world) << "world size " << world;
+    std::printf("zero1, world size %d: optimizer state %zu bytes per rank (%zu unsharded)\n", world, bytes, full);
+  }
+  // A zero1 checkpoint (gathered moments) resumes under ddp at another world size.
+  const auto saved = Train("-p zero1 --nproc 4 --threads 1 -i 10 --fresh");
+  ExpectSameCurve(saved, one, "zero1 at world size 4, saving");
+  const std::vector<double> tail(one.begin() + 10, one.end());
+  ExpectSameCurve(Train("--nproc 2 --threads 1 -i 0 -f " + (dir_ / "ckpt" / "ddp" / "step-10").string()), tail,
+                  "zero1 checkpoint resumed by ddp at world size 2");
 }
 
 TEST_F(DdpTest, CheckpointAtWorldSizeFourResumesAtTwoAndThree) {
