@@ -509,7 +509,8 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                              {"mfu", m.mfu},
                              {"step_time_s", m.step_seconds},
                              {"peak_memory_bytes", m.peak_memory_bytes},
-                             {"optimizer_state_bytes", m.optimizer_state_bytes}};
+                             {"optimizer_state_bytes", m.optimizer_state_bytes},
+                             {"communication_s", m.communication_seconds}};
       if (stall > 0) line["checkpoint_stall_s"] = stall;
       std::printf("%s\n", line.dump().c_str());
       std::fflush(stdout);

@@ -126,6 +126,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
                                         1.0 / targets_per_step);
   }
   sampler.set_position(sampler.position() + global);
+  auto comm_start = std::chrono::steady_clock::now();
   if (comm_->world_size() > 1) {
     // Every rank holds the whole gradient (ddp): sum the ranks' parts, and their losses.
     if (auto s = comm_->AllReduceSum(static_cast<float*>(model_->grad_data()), model_->num_params());
@@ -134,12 +135,14 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     }
     if (auto s = comm_->AllReduceSum(&loss_sum, 1); !s.ok()) return s;
   }
+  m.communication_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_start).count();
   m.loss = loss_sum / targets_per_step;
   m.grad_norm = std::sqrt(backend_->SumSquares(model_->grad_data(), model_->num_params()));
   const double clip = t.grad_clip > 0 && m.grad_norm > t.grad_clip ? t.grad_clip / (m.grad_norm + 1e-6) : 1.0;
   m.lr = schedule_.At(m.step - 1);
   optimizer_->Step(m.lr, clip);
   if (zero1_) {
+    comm_start = std::chrono::steady_clock::now();
     // Each rank updated its own slice of the parameters: gather them everywhere.
     float* params = static_cast<float*>(model_->param_data());
     const size_t n = model_->num_params();
@@ -147,6 +150,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
       const auto [begin, end] = WindowSampler::RankSlice(n, r, comm_->world_size());
       if (auto s = comm_->Broadcast(params + begin, end - begin, r); !s.ok()) return s;
     }
+    m.communication_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_start).count();
   }
   m.optimizer_state_bytes = optimizer_->state_bytes();
 

@@ -26,6 +26,9 @@ struct StepMetrics {
   double mfu = 0;                // tflops / peak; 0 when the peak is unknown.
   size_t peak_memory_bytes = 0;  // Backend allocation high-water mark.
   size_t optimizer_state_bytes = 0;  // AdamW moments held by this rank.
+  // Seconds of the step spent in collectives (none of it overlaps compute yet, so all of
+  // it is exposed).
+  double communication_seconds = 0;
 };
 
 class Trainer {
