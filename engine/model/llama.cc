@@ -226,13 +226,16 @@ double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch,
 
   be.RmsNormBackward(acts_.d_residual, grad(norm), acts_.d_norm, acts_.residual[L], param(norm),
                      acts_.final_rstd, N, C, /*accumulate_dx=*/false);
+  if (grad_ready_) grad_ready_(norm.offset, num_params_);  // final norm and LM head
   for (int l = L - 1; l >= 0; --l) {
     LayerActivations& a = acts_.layers[ckpt ? 0 : l];
     // The forward left the last layer's activations in the shared set.
     if (ckpt && l != L - 1) LayerForward(l, acts_.residual[l], /*x_out=*/nullptr, a);
     LayerBackward(l, acts_.residual[l], acts_.d_residual, a);
+    if (grad_ready_) grad_ready_(params_[1 + 9 * size_t(l)].offset, params_[1 + 9 * size_t(l + 1)].offset);
   }
   be.EmbeddingBackward(grad(embed), acts_.d_residual, tokens, N, C);
+  if (grad_ready_) grad_ready_(0, embed.numel);
   return loss;
 }
 

@@ -106,6 +106,13 @@ class LlamaModel {
   // (sum of token losses) * grad_scale into the gradients and returns that loss sum.
   double ForwardBackward(const int32_t* tokens, const int32_t* targets, int batch, int seq,
                          double grad_scale);
+  // Called during ForwardBackward with each flat range [begin, end) of the gradient
+  // buffer as soon as the backward has finished writing it: the LM head and final norm
+  // first, then each layer from the last, then the embedding. Lets data parallelism
+  // reduce gradients while the backward goes on. Null: no calls.
+  using GradReadyHook = std::function<void(size_t begin, size_t end)>;
+  void set_grad_ready_hook(GradReadyHook hook) { grad_ready_ = std::move(hook); }
+
   // The loss sum only; gradients untouched.
   double Forward(const int32_t* tokens, const int32_t* targets, int batch, int seq);
 
@@ -139,6 +146,7 @@ class LlamaModel {
   void* params_data_ = nullptr;
   void* grads_data_ = nullptr;
   void* master_data_ = nullptr;  // == params_data_ without separate master weights
+  GradReadyHook grad_ready_;
 
   // Activations for the current (batch, seq).
   int batch_ = 0, seq_ = 0;

@@ -510,7 +510,8 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                              {"step_time_s", m.step_seconds},
                              {"peak_memory_bytes", m.peak_memory_bytes},
                              {"optimizer_state_bytes", m.optimizer_state_bytes},
-                             {"communication_s", m.communication_seconds}};
+                             {"communication_s", m.communication_seconds},
+                             {"exposed_communication_s", m.exposed_communication_seconds}};
       if (stall > 0) line["checkpoint_stall_s"] = stall;
       std::printf("%s\n", line.dump().c_str());
       std::fflush(stdout);

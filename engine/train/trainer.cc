@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "backend/cpu/cpu_backend.h"
+#include "comm/background_all_reduce.h"
 #include "core/host_memory.h"
 #include "core/strings.h"
 
@@ -119,23 +120,31 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   m.step = optimizer_->step() + 1;
   model_->ZeroGrads();
   double loss_sum = 0;
+  // With several ranks, the last micro-batch's backward hands each finished gradient
+  // range to a background all-reduce, so communication overlaps the rest of the backward.
+  std::unique_ptr<BackgroundAllReduce> reducer;
   for (uint64_t first = begin; first < end; first += uint64_t(batch)) {
     const int count = int(std::min<uint64_t>(uint64_t(batch), end - first));
+    const bool last = first + uint64_t(count) >= end;
     sampler.Fill(sampler.position() + first, count, tokens_.data(), targets_.data());
+    if (last && comm_->world_size() > 1) {
+      reducer = std::make_unique<BackgroundAllReduce>(comm_, static_cast<float*>(model_->grad_data()));
+      model_->set_grad_ready_hook([&](size_t b, size_t e) { reducer->Add(b, e); });
+    }
     loss_sum += model_->ForwardBackward(tokens_.data(), targets_.data(), count, seq,
                                         1.0 / targets_per_step);
+    model_->set_grad_ready_hook(nullptr);
   }
   sampler.set_position(sampler.position() + global);
   auto comm_start = std::chrono::steady_clock::now();
-  if (comm_->world_size() > 1) {
-    // Every rank holds the whole gradient (ddp): sum the ranks' parts, and their losses.
-    if (auto s = comm_->AllReduceSum(static_cast<float*>(model_->grad_data()), model_->num_params());
-        !s.ok()) {
-      return s;
-    }
+  if (reducer) {
+    // Every rank ends with the whole summed gradient (ddp), and the summed loss.
+    if (auto s = reducer->Finish(); !s.ok()) return s;
     if (auto s = comm_->AllReduceSum(&loss_sum, 1); !s.ok()) return s;
   }
-  m.communication_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_start).count();
+  m.exposed_communication_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_start).count();
+  m.communication_seconds = (reducer ? reducer->busy_seconds() : 0.0) + m.exposed_communication_seconds;
   m.loss = loss_sum / targets_per_step;
   m.grad_norm = std::sqrt(backend_->SumSquares(model_->grad_data(), model_->num_params()));
   const double clip = t.grad_clip > 0 && m.grad_norm > t.grad_clip ? t.grad_clip / (m.grad_norm + 1e-6) : 1.0;
@@ -150,7 +159,9 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
       const auto [begin, end] = WindowSampler::RankSlice(n, r, comm_->world_size());
       if (auto s = comm_->Broadcast(params + begin, end - begin, r); !s.ok()) return s;
     }
-    m.communication_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_start).count();
+    const double gather = std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_start).count();
+    m.communication_seconds += gather;
+    m.exposed_communication_seconds += gather;
   }
   m.optimizer_state_bytes = optimizer_->state_bytes();
 
@@ -163,6 +174,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
 }
 
 void Trainer::ShardOptimizerState() {
+  if (comm_->world_size() == 1) return;  // one rank holds everything anyway
   const auto [begin, end] = WindowSampler::RankSlice(model_->num_params(), comm_->rank(), comm_->world_size());
   optimizer_->Shard(begin, end);
   zero1_ = true;

@@ -26,9 +26,10 @@ struct StepMetrics {
   double mfu = 0;                // tflops / peak; 0 when the peak is unknown.
   size_t peak_memory_bytes = 0;  // Backend allocation high-water mark.
   size_t optimizer_state_bytes = 0;  // AdamW moments held by this rank.
-  // Seconds of the step spent in collectives (none of it overlaps compute yet, so all of
-  // it is exposed).
+  // Seconds of the step spent in collectives, and the part of it the step waited for
+  // (not overlapped with the backward).
   double communication_seconds = 0;
+  double exposed_communication_seconds = 0;
 };
 
 class Trainer {

@@ -1,0 +1,48 @@
+// Gradient all-reduce overlapped with the backward: ranges are summed on a worker thread,
+// in the order they were queued (the same order on every rank), while the caller goes
+// on computing.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "comm/communicator.h"
+
+namespace llamad {
+
+class BackgroundAllReduce {
+ public:
+  // Sums data[begin, end) over the ranks for every range queued; `data` is host f32.
+  BackgroundAllReduce(Communicator* comm, float* data);
+  ~BackgroundAllReduce();  // Finish() if the caller did not
+
+  // Queues a range; ranges of at least bucket_elements go out as one collective, smaller
+  // adjacent ranges (queued from the back of the buffer to the front) are merged first.
+  void Add(size_t begin, size_t end);
+  // Sends what is still merged, waits for every queued collective and stops the worker.
+  // Returns the first error.
+  absl::Status Finish();
+  // Seconds the worker spent inside collectives.
+  double busy_seconds() const { return busy_seconds_; }
+
+  static constexpr size_t kBucketElements = size_t{4} << 20;  // 16 MiB of f32
+
+ private:
+  void Run();
+  void Enqueue(size_t begin, size_t end);
+
+  Communicator* comm_;
+  float* data_;
+  size_t pending_begin_ = 0, pending_end_ = 0;  // merged, not yet queued
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::pair<size_t, size_t>> queue_;
+  bool closing_ = false, finished_ = false;
+  absl::Status status_;
+  double busy_seconds_ = 0;
+  std::thread worker_;
+};
+
+}  // namespace llamad
