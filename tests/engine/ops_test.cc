@@ -3,10 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <vector>
 
+#include "backend/cpu/adamw_simd.h"
 #include "backend/cpu/cpu_backend.h"
+#include "core/rng.h"
 #include "gradcheck.h"
 
 namespace llamad {
@@ -292,6 +295,51 @@ TEST(OpsF32Test, AttentionAndLmHeadAgreeWithF64) {
   const Run a = run(*f32), b = run(*f64);
   for (size_t i = 0; i < n_out; ++i) ASSERT_NEAR(a.out[i], b.out[i], 2e-5) << i;
   for (size_t i = 0; i < n_qkv; ++i) ASSERT_NEAR(a.dqkv[i], b.dqkv[i], 1e-4) << i;
+}
+
+}  // namespace
+}  // namespace llamad
+
+namespace llamad {
+namespace {
+
+// The scalar, AVX2 and AVX-512 AdamW kernels give the same bits (those this CPU runs),
+// and agree with a float64 evaluation of the same update.
+TEST(CpuAdamWTest, SimdPathsAreBitIdentical) {
+  const size_t n = 100003;  // not a multiple of any vector width
+  std::vector<float> p0(n), g(n), m0(n), v0(n);
+  for (size_t i = 0; i < n; ++i) {
+    p0[i] = float(0.05 * RandomNormal(3, 0, i));
+    g[i] = float(RandomNormal(3, 1, i));
+    m0[i] = float(0.1 * RandomNormal(3, 2, i));
+    v0[i] = float(0.01 * std::abs(RandomNormal(3, 3, i)));
+  }
+  const cpu::AdamWScalars s{0.9f, 0.95f, 1e-8f, 0.5f, 1.3e-3f, 1.7f, 0.9999f};
+  std::vector<cpu::SimdLevel> levels = {cpu::SimdLevel::kScalar};
+  if (cpu::DetectSimd() != cpu::SimdLevel::kScalar) levels.push_back(cpu::SimdLevel::kAvx2);
+  if (cpu::DetectSimd() == cpu::SimdLevel::kAvx512) levels.push_back(cpu::SimdLevel::kAvx512);
+  std::vector<float> ref_p;
+  for (cpu::SimdLevel level : levels) {
+    std::vector<float> p = p0, m = m0, v = v0;
+    cpu::AdamWF32(p.data(), g.data(), m.data(), v.data(), n, s, level);
+    if (ref_p.empty()) {
+      ref_p = p;
+      // Against float64 arithmetic on the same inputs.
+      double err = 0, norm = 0;
+      for (size_t i = 0; i < n; ++i) {
+        const double gi = double(g[i]) * s.grad_scale;
+        const double mi = double(s.beta1) * m0[i] + (1.0 - double(s.beta1)) * gi;
+        const double vi = double(s.beta2) * v0[i] + (1.0 - double(s.beta2)) * gi * gi;
+        const double pi = double(p0[i]) * s.decay - double(s.step_size) * mi / (std::sqrt(vi) * s.inv_bias2_sqrt + s.eps);
+        err += (pi - p[i]) * (pi - p[i]);
+        norm += pi * pi;
+      }
+      EXPECT_LT(std::sqrt(err / norm), 1e-6);
+    } else {
+      EXPECT_EQ(0, std::memcmp(p.data(), ref_p.data(), n * sizeof(float))) << cpu::SimdName(level);
+    }
+  }
+  std::printf("AdamW paths checked: %zu (this CPU: %s)\n", levels.size(), cpu::SimdName(cpu::DetectSimd()));
 }
 
 }  // namespace

@@ -9,9 +9,11 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
+#include "backend/cpu/adamw_simd.h"
 #include "backend/cpu/attention.h"
 #include "backend/cpu/blas.h"
 #include "core/rng.h"
@@ -357,6 +359,20 @@ class CpuBackend final : public Backend {
     const T step_size = T(s.lr / (1.0 - std::pow(s.beta1, double(s.step))));
     const T inv_bias2_sqrt = T(1.0 / std::sqrt(1.0 - std::pow(s.beta2, double(s.step))));
     const T decay = T(1.0 - s.lr * s.weight_decay);
+    if constexpr (std::is_same_v<T, float>) {
+      // The SIMD kernel (same operations, same order: identical results), in chunks
+      // spread over the threads.
+      const cpu::AdamWScalars scalars{b1, b2, eps, gs, step_size, inv_bias2_sqrt, decay};
+      const cpu::SimdLevel level = cpu::DetectSimd();
+      constexpr size_t kChunk = size_t{1} << 16;
+      const size_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+      for (size_t c = 0; c < chunks; ++c) {
+        const size_t begin = c * kChunk, len = std::min(kChunk, n - begin);
+        cpu::AdamWF32(p + begin, g + begin, mp + begin, vp + begin, len, scalars, level);
+      }
+      return;
+    }
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) {
       const T gi = g[i] * gs;
