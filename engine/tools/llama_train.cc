@@ -30,6 +30,8 @@
 #include "data/dataset.h"
 #include "train/checkpointing.h"
 #include "train/jobspec.h"
+#include "train/memory_plan.h"
+#include "core/host_memory.h"
 #include "train/token_data.h"
 #include "train/trainer.h"
 
@@ -535,6 +537,67 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   return 0;
 }
 
+// "80GiB", "512MiB", "1e9" -> bytes; 0 and an error on anything else.
+absl::StatusOr<uint64_t> ParseBytes(const std::string& text) {
+  size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  std::string unit = text.substr(used);
+  const std::pair<const char*, double> units[] = {{"", 1},      {"B", 1},      {"KiB", 1024.0},
+                                                  {"MiB", 1 << 20}, {"GiB", double(1 << 30)},
+                                                  {"TiB", 1099511627776.0}, {"KB", 1e3}, {"MB", 1e6},
+                                                  {"GB", 1e9},  {"TB", 1e12}};
+  for (const auto& [name, scale] : units) {
+    if (used > 0 && unit == name && value >= 0) return uint64_t(value * scale);
+  }
+  return absl::InvalidArgumentError(StrCat("'", text, "' is not a size (for example 80GiB or 512MiB)"));
+}
+
+// `llama-train plan`: the per-rank memory of the job on the backend its precision picks.
+int RunPlan(const Common& common, const Overrides& overrides, const std::string& device_memory, bool json) {
+  auto spec = ReadSpec(common, overrides);
+  if (!spec.ok()) return Fail(spec.status());
+  const bool cuda = spec->training.mixed_precision == "bf16";
+  const DType dtype = cuda ? DType::kBF16 : DType::kF32;
+  // The CUDA backend holds a chunk of f32 logits and their bf16 gradients; the CPU
+  // backend a chunk of logits in its own type, and unfused scores per thread.
+  const uint64_t chunk = cuda ? CudaBackendOptions{}.lm_head_chunk_elements : CpuBackendOptions{}.lm_head_chunk_elements;
+  const int logit_bytes = cuda ? 6 : 4;
+  const int threads = common.threads > 0 ? common.threads : std::max(1, int(std::thread::hardware_concurrency()) / common.nproc);
+  const MemoryPlan plan = PlanMemory(*spec, dtype, DType::kF32, common.nproc, chunk, logit_bytes, cuda ? 0 : 3 * threads);
+  uint64_t budget = 0;
+  std::string budget_name;
+  if (!device_memory.empty()) {
+    auto bytes = ParseBytes(device_memory);
+    if (!bytes.ok()) return Fail(absl::InvalidArgumentError(StrCat("--device-memory: ", bytes.status().message())));
+    budget = *bytes;
+    budget_name = StrCat("--device-memory ", device_memory);
+  } else if (!cuda && AvailableHostMemoryBytes() > 0) {
+    budget = uint64_t(AvailableHostMemoryBytes()) / uint64_t(common.nproc);
+    budget_name = StrCat("this host's available memory", common.nproc > 1 ? " per rank" : "");
+  }
+  if (json) {
+    const nlohmann::json out = {{"parameters", plan.parameters},   {"master_weights", plan.master_weights},
+                                {"gradients", plan.gradients},     {"optimizer_state", plan.optimizer_state},
+                                {"activations", plan.activations}, {"workspace", plan.workspace},
+                                {"total", plan.total()},           {"world_size", plan.world_size},
+                                {"budget", budget},                {"fits", budget == 0 || plan.total() <= budget}};
+    std::printf("%s\n", out.dump().c_str());
+    return budget > 0 && plan.total() > budget ? kExitFailure : 0;
+  }
+  std::printf("job '%s': model %s (%.2fM parameters), %s, plugin %s, micro-batch %lld x %lld, %s\n%s",
+              spec->name.c_str(), spec->model.name.c_str(), spec->model.NumParameters() / 1e6,
+              cuda ? "CUDA bf16 (f32 master, gradients, moments)" : "CPU fp32", spec->parallel.plugin.c_str(),
+              (long long)spec->training.batch_size, (long long)spec->training.max_length,
+              spec->training.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
+              plan.Describe(budget, budget_name).c_str());
+  return budget > 0 && plan.total() > budget ? kExitFailure : 0;
+}
+
 int RunExport(const std::string& load, const std::string& hf_out) {
   auto path = storage::ParseCheckpointPath(load);
   if (!path.ok()) return Fail(path.status());
@@ -614,6 +677,16 @@ int Main(int argc, char** argv) {
   eval->add_option("-f,--load", common.resume,
                    "Checkpoint to evaluate: a folder <root>/<job>/step-<n>, or 'latest' of the job");
   eval_overrides.Register(eval);
+  Overrides plan_overrides;
+  std::string device_memory;
+  CLI::App* plan = app.add_subcommand("plan", "Per-rank memory of a job: weights, gradients, optimizer, activations");
+  plan->add_option("--config", common.config, "Job spec YAML file")->required();
+  plan->add_option("--nproc", common.nproc, "Data-parallel ranks")->check(CLI::Range(1, 1 << 20));
+  plan->add_option("--threads", common.threads, "CPU threads per rank (default: the cores / ranks)");
+  plan->add_option("--device-memory", device_memory, "Memory per rank to check against (e.g. 80GiB)");
+  bool plan_json = false;
+  plan->add_flag("--json", plan_json, "Print the plan as one JSON object (bytes)");
+  plan_overrides.Register(plan);
   std::string load, hf_out;
   CLI::App* exp = app.add_subcommand("export", "Write a checkpoint as Hugging Face safetensors + config.json");
   exp->add_option("--load", load, "Checkpoint folder (<root>/<job>/step-<n>)")->required();
@@ -631,6 +704,7 @@ int Main(int argc, char** argv) {
   if (*train && common.nproc > 1 && std::getenv(kRankEnv) == nullptr) return LaunchRanks(common.nproc);
   if (*train) return RunTrain(common, train_overrides);
   if (*exp) return RunExport(load, hf_out);
+  if (*plan) return RunPlan(common, plan_overrides, device_memory, plan_json);
   return RunEval(common, eval_overrides, tokens_path);
 }
 

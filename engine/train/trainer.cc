@@ -7,6 +7,7 @@
 #include "backend/cpu/cpu_backend.h"
 #include "comm/background_all_reduce.h"
 #include "core/host_memory.h"
+#include "train/memory_plan.h"
 #include "core/strings.h"
 
 namespace llamad {
@@ -64,23 +65,13 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
         " exceeds the model's max_position_embeddings ", spec.model.max_position_embeddings));
   }
   if (backend->name() == "cpu") {
-    // Parameters, gradients and two AdamW moments, plus every activation buffer.
-    ActivationBuffers counting;
-    const size_t elem = DTypeSize(backend->dtype());
-    const size_t activation_bytes = LayoutActivations(
-        spec.model, int(spec.training.batch_size), int(spec.training.max_length),
-        spec.training.grad_checkpoint, backend->dtype(), backend->accum_dtype(), counting,
-        [](size_t, DType) { return nullptr; });
-    // The unfused attention holds sequence x sequence scores (three per thread in the
-    // backward); the fused LM head a chunk of logits.
-    const double scores = spec.training.flash_attention
-                              ? 0.0
-                              : 3.0 * CpuThreads() * double(spec.training.max_length) * double(spec.training.max_length);
-    const double needed =
-        double(activation_bytes) +
-        (4.0 * double(spec.model.NumParameters()) + scores +
-         double(CpuBackendOptions{}.lm_head_chunk_elements)) * double(elem);
-    const int64_t available = AvailableHostMemoryBytes();
+    const int world = comm != nullptr ? comm->world_size() : 1;
+    const MemoryPlan plan =
+        PlanMemory(spec, backend->dtype(), backend->accum_dtype(), world,
+                   CpuBackendOptions{}.lm_head_chunk_elements, int(DTypeSize(backend->dtype())),
+                   3 * CpuThreads());
+    const double needed = double(plan.total());
+    const int64_t available = AvailableHostMemoryBytes() / world;  // the ranks share this host
     if (available > 0 && needed > double(available)) {
       return absl::InvalidArgumentError(StrCat(
           f, ": model ", spec.model.name, " (", spec.model.NumParameters(), " parameters) with batch ",

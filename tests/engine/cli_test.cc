@@ -8,6 +8,8 @@
 #include <fstream>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 namespace {
 
 struct Result {
@@ -101,3 +103,24 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
 }
 
 }  // namespace
+
+// The planner's per-rank total is what a run allocates (the backend's peak), and a job
+// that cannot fit is reported as such.
+TEST(CliTest, PlanMatchesTheMeasuredPeak) {
+  const std::string job = SmallJob();
+  const Result plan = RunTrain("plan --config " + job + " --json --threads 2");
+  ASSERT_EQ(plan.exit_code, 0) << plan.output;
+  const auto planned = nlohmann::json::parse(plan.output.substr(plan.output.find('{')));
+  const Result run = RunTrain("train --config " + job + " --log-format json --threads 2");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const size_t at = run.output.rfind("\"peak_memory_bytes\":");
+  ASSERT_NE(at, std::string::npos) << run.output;
+  const double peak = std::stod(run.output.substr(at + 20));
+  const double total = planned["total"].get<double>();
+  EXPECT_NEAR(total, peak, 0.05 * peak) << "planned " << total << " bytes, measured peak " << peak;
+  const Result big = RunTrain("plan --config " + job +
+                              " -c 65b -l 2048 -b 8 --global-batch-size 8 -g -x bf16 --device-memory 80GiB");
+  EXPECT_EQ(big.exit_code, 1) << big.output;
+  EXPECT_NE(big.output.find("does not fit in --device-memory 80GiB"), std::string::npos) << big.output;
+  EXPECT_EQ(RunTrain("plan --config " + job + " --device-memory lots").exit_code, 2);
+}

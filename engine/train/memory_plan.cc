@@ -1,0 +1,51 @@
+#include "train/memory_plan.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+
+#include "model/llama.h"
+
+namespace llamad {
+
+MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_size,
+                      uint64_t lm_head_chunk_elements, int logit_bytes, int score_threads) {
+  MemoryPlan plan;
+  plan.world_size = world_size;
+  const uint64_t n = uint64_t(spec.model.NumParameters());
+  plan.parameters = n * DTypeSize(dtype);
+  plan.master_weights = dtype != accum ? n * DTypeSize(accum) : 0;
+  plan.gradients = n * DTypeSize(accum);
+  const uint64_t sharded = spec.parallel.plugin == "zero1" ? (n + uint64_t(world_size) - 1) / uint64_t(world_size) : n;
+  plan.optimizer_state = 2 * sharded * DTypeSize(accum);
+  // A rank runs micro-batches of at most batch_size sequences.
+  ActivationBuffers counting;
+  plan.activations = LayoutActivations(spec.model, int(spec.training.batch_size), int(spec.training.max_length),
+                                       spec.training.grad_checkpoint, dtype, accum, counting,
+                                       [](size_t, DType) { return nullptr; });
+  const double seq = double(spec.training.max_length);
+  const double scores = spec.training.flash_attention ? 0.0 : double(score_threads) * seq * seq;
+  // The backends' LM-head chunk: rows = clamp(chunk / vocab, 16, max(tokens, 16)).
+  const uint64_t vocab = uint64_t(spec.model.vocab_size);
+  const uint64_t tokens = uint64_t(spec.training.batch_size * spec.training.max_length);
+  const uint64_t rows = std::clamp<uint64_t>(lm_head_chunk_elements / vocab, 16, std::max<uint64_t>(tokens, 16));
+  plan.workspace = rows * vocab * uint64_t(logit_bytes) + uint64_t(scores * double(DTypeSize(dtype)));
+  return plan;
+}
+
+std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name) const {
+  auto gib = [](uint64_t b) { return fmt::format("{:9.2f} GiB", double(b) / double(uint64_t{1} << 30)); };
+  std::string out = fmt::format("per rank ({} rank{}):\n", world_size, world_size > 1 ? "s" : "");
+  const std::pair<const char*, uint64_t> rows[] = {
+      {"parameters", parameters},   {"master weights", master_weights}, {"gradients", gradients},
+      {"optimizer state", optimizer_state}, {"activations", activations},   {"workspace", workspace}};
+  for (const auto& [name, bytes] : rows) out += fmt::format("  {:<16} {}\n", name, gib(bytes));
+  out += fmt::format("  {:<16} {}\n", "total", gib(total()));
+  if (budget > 0) {
+    out += total() <= budget ? fmt::format("fits in {} ({} free of it)\n", budget_name, gib(budget - total()))
+                             : fmt::format("does not fit in {}: {} short\n", budget_name, gib(total() - budget));
+  }
+  return out;
+}
+
+}  // namespace llamad

@@ -1,0 +1,37 @@
+// Per-rank memory of a job, by kind: what `llama-train plan` prints and what Trainer
+// checks before it allocates. The same layout functions the model allocates with
+// (LlamaParamLayout, LayoutActivations) do the counting, so plan and run agree.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "core/dtype.h"
+#include "train/jobspec.h"
+
+namespace llamad {
+
+struct MemoryPlan {
+  int world_size = 1;
+  uint64_t parameters = 0;       // the copy the layers read (dtype)
+  uint64_t master_weights = 0;   // f32 copy for the optimizer, when dtype is not f32
+  uint64_t gradients = 0;        // accum dtype
+  uint64_t optimizer_state = 0;  // two AdamW moments; 1/world_size of them under zero1
+  uint64_t activations = 0;      // every activation and backward scratch buffer
+  uint64_t workspace = 0;        // the LM head's chunk of logits, unfused attention scores
+  uint64_t total() const {
+    return parameters + master_weights + gradients + optimizer_state + activations + workspace;
+  }
+  // A table, one row per kind, with the total and (budget > 0) whether it fits.
+  std::string Describe(uint64_t budget, const std::string& budget_name) const;
+};
+
+// `dtype` and `accum` are the backend's element types (CPU: f32 and f32; CUDA: bf16 and
+// f32). The LM head holds up to lm_head_chunk_elements logits (as many rows as fit, at
+// least 16, at most the micro-batch's tokens) at `logit_bytes` each; `score_threads` is
+// how many unfused score matrices (dtype) the backend holds at once (CPU: 3 per thread;
+// unused with flash attention).
+MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_size,
+                      uint64_t lm_head_chunk_elements, int logit_bytes, int score_threads);
+
+}  // namespace llamad
