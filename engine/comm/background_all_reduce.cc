@@ -1,11 +1,13 @@
 #include "comm/background_all_reduce.h"
 
+#include <algorithm>
 #include <chrono>
 
 namespace llamad {
 
-BackgroundAllReduce::BackgroundAllReduce(Communicator* comm, float* data)
-    : comm_(comm), data_(data), worker_([this] { Run(); }) {}
+BackgroundAllReduce::BackgroundAllReduce(Communicator* comm, float* data, size_t bucket_elements)
+    : comm_(comm), data_(data), bucket_elements_(std::max<size_t>(1, bucket_elements)),
+      worker_([this] { Run(); }) {}
 
 BackgroundAllReduce::~BackgroundAllReduce() {
   if (!finished_) Finish().IgnoreError();
@@ -19,7 +21,7 @@ void BackgroundAllReduce::Add(size_t begin, size_t end) {
     pending_begin_ = begin;
     pending_end_ = end;
   }
-  if (pending_end_ - pending_begin_ >= kBucketElements) {
+  if (pending_end_ - pending_begin_ >= bucket_elements_) {
     Enqueue(pending_begin_, pending_end_);
     pending_begin_ = pending_end_ = 0;
   }

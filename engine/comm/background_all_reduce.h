@@ -15,11 +15,12 @@ namespace llamad {
 class BackgroundAllReduce {
  public:
   // Sums data[begin, end) over the ranks for every range queued; `data` is host f32.
-  BackgroundAllReduce(Communicator* comm, float* data);
+  // Adjacent ranges are merged until they hold at least bucket_elements.
+  BackgroundAllReduce(Communicator* comm, float* data, size_t bucket_elements);
   ~BackgroundAllReduce();  // Finish() if the caller did not
 
-  // Queues a range; ranges of at least bucket_elements go out as one collective, smaller
-  // adjacent ranges (queued from the back of the buffer to the front) are merged first.
+  // Queues a range; adjacent ranges (queued from the back of the buffer to the front)
+  // are merged until they hold at least bucket_elements, then go out as one collective.
   void Add(size_t begin, size_t end);
   // Sends what is still merged, waits for every queued collective and stops the worker.
   // Returns the first error.
@@ -27,14 +28,13 @@ class BackgroundAllReduce {
   // Seconds the worker spent inside collectives.
   double busy_seconds() const { return busy_seconds_; }
 
-  static constexpr size_t kBucketElements = size_t{4} << 20;  // 16 MiB of f32
-
  private:
   void Run();
   void Enqueue(size_t begin, size_t end);
 
   Communicator* comm_;
   float* data_;
+  size_t bucket_elements_;
   size_t pending_begin_ = 0, pending_end_ = 0;  // merged, not yet queued
   std::mutex mu_;
   std::condition_variable cv_;

@@ -25,6 +25,9 @@ class Communicator {
   // Copies root's data to every rank.
   virtual absl::Status Broadcast(float* data, size_t n, int root) = 0;
   virtual absl::Status Barrier() = 0;
+  // How long a collective may wait for the other ranks from now on (setup phases where
+  // one rank works alone, such as preparing data, need longer than training steps).
+  virtual void set_timeout(std::chrono::milliseconds timeout) = 0;
 };
 
 // World size 1: every collective is the identity.

@@ -20,6 +20,7 @@ class LocalCommunicator final : public Communicator {
   absl::Status AllReduceSum(double*, size_t) override { return absl::OkStatus(); }
   absl::Status Broadcast(float*, size_t, int) override { return absl::OkStatus(); }
   absl::Status Barrier() override { return absl::OkStatus(); }
+  void set_timeout(std::chrono::milliseconds) override {}
 };
 
 class GlooCommunicator final : public Communicator {
@@ -28,6 +29,7 @@ class GlooCommunicator final : public Communicator {
       : context_(std::move(context)) {}
   int rank() const override { return context_->rank; }
   int world_size() const override { return context_->size; }
+  void set_timeout(std::chrono::milliseconds timeout) override { context_->setTimeout(timeout); }
 
   absl::Status AllReduceSum(float* data, size_t n) override { return Sum(data, n); }
   absl::Status AllReduceSum(double* data, size_t n) override { return Sum(data, n); }

@@ -178,6 +178,10 @@ class Reader {
         size_t end = std::min(text.size(), begin + options_.max_document_bytes);
         // Back up to a character boundary (never inside a UTF-8 sequence).
         while (end < text.size() && end > begin && (uint8_t(text[end]) & 0xC0) == 0x80) --end;
+        if (end == begin) {  // a limit below one character: take the whole character
+          end = begin + 1;
+          while (end < text.size() && (uint8_t(text[end]) & 0xC0) == 0x80) ++end;
+        }
         Deliver(text.substr(begin, end - begin));
         begin = end;
       }

@@ -1,6 +1,12 @@
 #include "data/dataset.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
 #include <xxhash.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <cstdlib>
 #include <filesystem>
@@ -69,12 +75,27 @@ absl::StatusOr<std::string> PrepareCached(const std::string& input, const std::s
   XXH64_freeState(h);
   std::error_code ec;
   if (fs::exists(dir + "/index.json", ec)) return dir;
+  // One preparer per dataset: others (another job, llama-data) wait for it, then use its
+  // result.
+  fs::create_directories(CacheDir() + "/prepared", ec);
+  const std::string lock_path = dir + ".lock";
+  const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (lock_fd < 0 || ::flock(lock_fd, LOCK_EX) != 0) {
+    if (lock_fd >= 0) ::close(lock_fd);
+    return absl::InternalError(StrCat(lock_path, ": cannot lock: ", std::strerror(errno)));
+  }
+  struct Unlock {
+    int fd;
+    ~Unlock() { ::close(fd); }  // closing releases the lock
+  } unlock{lock_fd};
+  if (fs::exists(dir + "/index.json", ec)) return dir;
   log(StrCat("preparing ", input, " (", files.size(), " files) into ", dir));
   PrepareOptions options;
   options.input = input;
   options.tokenizer = tokenizer;
   options.out = dir + ".partial";
   options.overwrite = true;
+  fs::remove_all(options.out, ec);  // an interrupted run's leftovers
   auto result = PrepareDataset(options);
   if (!result.ok()) return result.status();
   log(StrCat("prepared ", result->documents, " documents, ", result->tokens, " tokens in ",

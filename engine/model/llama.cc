@@ -134,13 +134,18 @@ void LlamaModel::FreeActivations() {
   owned_.clear();
   acts_ = ActivationBuffers{};
   activation_bytes_ = 0;
-  batch_ = seq_ = 0;
+  batch_ = seq_ = capacity_batch_ = 0;
 }
 
 void LlamaModel::EnsureActivations(int batch, int seq) {
-  if (batch == batch_ && seq == seq_) return;
+  // Buffers laid out for a larger batch serve a smaller one (every op takes its sizes),
+  // so a rank's shorter last micro-batch does not reallocate.
+  if (seq == seq_ && batch <= capacity_batch_) {
+    batch_ = batch;
+    return;
+  }
   FreeActivations();
-  batch_ = batch;
+  batch_ = capacity_batch_ = batch;
   seq_ = seq;
   const size_t before = backend_->allocated_bytes();
   LayoutActivations(config_, batch, seq, options_.grad_checkpoint, backend_->dtype(),

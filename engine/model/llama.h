@@ -150,6 +150,7 @@ class LlamaModel {
 
   // Activations for the current (batch, seq).
   int batch_ = 0, seq_ = 0;
+  int capacity_batch_ = 0;  // the batch the buffers were laid out for (>= batch_)
   ActivationBuffers acts_;
   std::vector<void*> owned_;  // Every buffer of acts_, for freeing.
   size_t activation_bytes_ = 0;

@@ -187,7 +187,8 @@ int Main(int argc, char** argv) {
   prepare->add_flag("--strict", prep.corpus.strict, "Fail on the first malformed input instead of skipping it");
   prepare->add_option("--threads", prep.threads, "Tokenizer threads (default: all cores)");
   prepare->add_option("--shard-tokens", prep.shard_tokens, "Tokens per shard");
-  prepare->add_option("--max-document-bytes", prep.corpus.max_document_bytes, "Longer documents are split");
+  prepare->add_option("--max-document-bytes", prep.corpus.max_document_bytes, "Longer documents are split")
+      ->check(CLI::Range(size_t{4}, size_t{1} << 40));
   prepare->add_flag("--overwrite", prep.overwrite, "Replace a dataset already in --out");
 
   auto* tok = app.add_subcommand("tokenizer", "Train or apply a SentencePiece tokenizer");

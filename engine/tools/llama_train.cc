@@ -407,6 +407,10 @@ int RunTrain(const Common& common, const Overrides& overrides) {
       std::fprintf(stderr, "llama-train: %s\n", line.c_str());
     });
   };
+  // Until training starts rank 0 may work alone for long (downloading and preparing
+  // data, restoring a checkpoint) while the others wait; a dead rank is still noticed at
+  // once, since its connections close.
+  (*comm)->set_timeout(std::chrono::hours(24));
   // Rank 0 prepares a raw corpus into the cache; the others open the result after it.
   absl::StatusOr<data::OpenedData> opened = absl::UnknownError("not opened");
   if (lead) opened = open_data();
@@ -452,6 +456,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   // Every rank starts from rank 0's state (restored, imported or seeded).
   if (auto s = SyncFromRankZero(**trainer, **comm); !s.ok()) return Fail(s);
   if (spec->parallel.plugin == "zero1") (*trainer)->ShardOptimizerState();
+  (*comm)->set_timeout(std::chrono::minutes(10));  // a training step's collectives
   std::unique_ptr<AsyncCheckpointer> checkpointer;
   if (checkpoints->store && spec->checkpoint.interval > 0) {
     checkpointer = std::make_unique<AsyncCheckpointer>(

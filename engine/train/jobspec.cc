@@ -82,6 +82,7 @@ absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
   YamlSection p(root["parallel"], path, "parallel");
   top.Allow("parallel");
   p.Get("plugin", &spec.parallel.plugin);
+  p.Get("bucket_mb", &spec.parallel.bucket_mb);
 
   YamlSection d(root["data"], path, "data");
   top.Allow("data");
@@ -154,6 +155,9 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   if (!OneOf(t.mixed_precision, kPrecisions)) {
     return fail("training.mixed_precision", StrCat("'", t.mixed_precision, "'"),
                 StrCat("is not one of ", Choices(kPrecisions)));
+  }
+  if (!(spec.parallel.bucket_mb > 0) || spec.parallel.bucket_mb > 1e6) {
+    return fail("parallel.bucket_mb", spec.parallel.bucket_mb, "must be within (0, 1e6]");
   }
   if (!OneOf(spec.parallel.plugin, kPlugins)) {
     return fail("parallel.plugin", StrCat("'", spec.parallel.plugin, "'"),

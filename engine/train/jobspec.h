@@ -34,6 +34,7 @@ struct TrainingSpec {
 
 struct ParallelSpec {
   std::string plugin = "ddp";       // ddp | zero1 | zero2 | zero3 | gemini.
+  double bucket_mb = 16;            // Gradient all-reduce buckets hold at least this much.
 };
 
 struct DataSpec {

@@ -119,7 +119,9 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     const bool last = first + uint64_t(count) >= end;
     sampler.Fill(sampler.position() + first, count, tokens_.data(), targets_.data());
     if (last && comm_->world_size() > 1) {
-      reducer = std::make_unique<BackgroundAllReduce>(comm_, static_cast<float*>(model_->grad_data()));
+      reducer = std::make_unique<BackgroundAllReduce>(
+          comm_, static_cast<float*>(model_->grad_data()),
+          size_t(spec_.parallel.bucket_mb * double(1 << 20) / sizeof(float)));
       model_->set_grad_ready_hook([&](size_t b, size_t e) { reducer->Add(b, e); });
     }
     loss_sum += model_->ForwardBackward(tokens_.data(), targets_.data(), count, seq,
@@ -127,15 +129,20 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     model_->set_grad_ready_hook(nullptr);
   }
   sampler.set_position(sampler.position() + global);
+  auto seconds_since = [](std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  };
   auto comm_start = std::chrono::steady_clock::now();
   if (reducer) {
     // Every rank ends with the whole summed gradient (ddp), and the summed loss.
     if (auto s = reducer->Finish(); !s.ok()) return s;
+    m.exposed_communication_seconds = seconds_since(comm_start);  // waiting for the buckets
+    const auto loss_start = std::chrono::steady_clock::now();
     if (auto s = comm_->AllReduceSum(&loss_sum, 1); !s.ok()) return s;
+    const double loss_reduce = seconds_since(loss_start);
+    m.exposed_communication_seconds += loss_reduce;
+    m.communication_seconds = reducer->busy_seconds() + loss_reduce;
   }
-  m.exposed_communication_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_start).count();
-  m.communication_seconds = (reducer ? reducer->busy_seconds() : 0.0) + m.exposed_communication_seconds;
   m.loss = loss_sum / targets_per_step;
   m.grad_norm = std::sqrt(backend_->SumSquares(model_->grad_data(), model_->num_params()));
   const double clip = t.grad_clip > 0 && m.grad_norm > t.grad_clip ? t.grad_clip / (m.grad_norm + 1e-6) : 1.0;
@@ -150,7 +157,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
       const auto [begin, end] = WindowSampler::RankSlice(n, r, comm_->world_size());
       if (auto s = comm_->Broadcast(params + begin, end - begin, r); !s.ok()) return s;
     }
-    const double gather = std::chrono::duration<double>(std::chrono::steady_clock::now() - comm_start).count();
+    const double gather = seconds_since(comm_start);
     m.communication_seconds += gather;
     m.exposed_communication_seconds += gather;
   }

@@ -26,8 +26,9 @@ struct StepMetrics {
   double mfu = 0;                // tflops / peak; 0 when the peak is unknown.
   size_t peak_memory_bytes = 0;  // Backend allocation high-water mark.
   size_t optimizer_state_bytes = 0;  // AdamW moments held by this rank.
-  // Seconds of the step spent in collectives, and the part of it the step waited for
-  // (not overlapped with the backward).
+  // Seconds spent inside collectives (the gradient buckets on the worker thread, the loss,
+  // zero1's parameter gather), and the seconds the step itself waited for them (not
+  // overlapped with the backward).
   double communication_seconds = 0;
   double exposed_communication_seconds = 0;
 };

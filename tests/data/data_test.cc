@@ -186,6 +186,15 @@ TEST_F(DataTest, MalformedInputIsCountedAndReported) {
   EXPECT_LT(zstd_docs, 20000);
   EXPECT_EQ(report.documents, docs.size());
 
+  // A limit below one character still makes progress, one character per part.
+  CorpusOptions tiny_parts;
+  tiny_parts.max_document_bytes = 1;
+  CorpusReport parts_report;
+  std::vector<std::string> parts;
+  ASSERT_TRUE(ReadCorpus(Write("utf8.txt", "\xC3\xA9\xE6\xBC\xA2" "a"), tiny_parts, &parts_report,
+                         [&](std::string&& t) { parts.push_back(t); }).ok());
+  EXPECT_EQ(parts, (std::vector<std::string>{"\xC3\xA9", "\xE6\xBC\xA2", "a"}));
+
   // --strict: the first problem is an error naming the file and line.
   options.strict = true;
   CorpusReport strict_report;

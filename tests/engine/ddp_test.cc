@@ -79,6 +79,9 @@ TEST_F(DdpTest, SameLossAtWorldSizesOneTwoAndFour) {
   EXPECT_LT(one.back(), one.front());
   ExpectSameCurve(Train("--nproc 2 --threads 1"), one, "world size 2");
   ExpectSameCurve(Train("--nproc 4 --threads 1"), one, "world size 4");
+  // Small buckets: the gradient goes out in many overlapped collectives.
+  std::ofstream(dir_ / "job.yaml", std::ios::app) << "parallel: {bucket_mb: 0.01}\n";
+  ExpectSameCurve(Train("--nproc 2 --threads 1"), one, "world size 2, 10 KiB buckets");
 }
 
 // ZeRO-1: the same curve, with each rank holding 1/world of the AdamW moments.
