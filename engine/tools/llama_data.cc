@@ -226,4 +226,13 @@ int Main(int argc, char** argv) {
 }  // namespace
 }  // namespace llamad::data
 
-int main(int argc, char** argv) { return llamad::data::Main(argc, argv); }
+int main(int argc, char** argv) {
+  try {
+    return llamad::data::Main(argc, argv);
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "llama-data: out of memory\n");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "llama-data: internal error: %s\n", e.what());
+  }
+  return 1;
+}

@@ -118,6 +118,16 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     const int count = int(std::min<uint64_t>(uint64_t(batch), end - first));
     const bool last = first + uint64_t(count) >= end;
     sampler.Fill(sampler.position() + first, count, tokens_.data(), targets_.data());
+    // A damaged or mismatched dataset must not index past the embedding table.
+    const int64_t vocab = spec_.model.vocab_size;
+    for (size_t i = 0; i < size_t(count) * size_t(seq); ++i) {
+      if (tokens_[i] < 0 || tokens_[i] >= vocab || targets_[i] < 0 || targets_[i] >= vocab) {
+        return absl::DataLossError(StrCat(
+            "window at sample position ", sampler.position() + first + i / size_t(seq), " holds token id ",
+            tokens_[i] < 0 || tokens_[i] >= vocab ? tokens_[i] : targets_[i], ", outside the model's vocabulary of ",
+            vocab, " (a damaged shard, or a dataset prepared for another tokenizer; llama-data inspect --verify)"));
+      }
+    }
     if (last && comm_->world_size() > 1) {
       reducer = std::make_unique<BackgroundAllReduce>(
           comm_, static_cast<float*>(model_->grad_data()),
