@@ -224,6 +224,7 @@ int32_t PreparedDataset::Token(const Mapped& m, uint64_t i) const {
 }
 
 size_t PreparedDataset::NumWindows(int seq_len) const {
+  std::lock_guard lock(windows_mu_);
   if (windows_seq_ != seq_len) {
     window_starts_.assign(1, 0);
     for (const ShardInfo& s : shards_) {
@@ -236,11 +237,16 @@ size_t PreparedDataset::NumWindows(int seq_len) const {
 }
 
 void PreparedDataset::ReadWindow(size_t window, int seq_len, int32_t* out) const {
-  NumWindows(seq_len);
-  const size_t shard = size_t(std::upper_bound(window_starts_.begin(), window_starts_.end(), window) -
-                              window_starts_.begin()) - 1;
+  size_t shard;
+  uint64_t first;
+  {
+    NumWindows(seq_len);
+    std::lock_guard lock(windows_mu_);
+    shard = size_t(std::upper_bound(window_starts_.begin(), window_starts_.end(), window) -
+                   window_starts_.begin()) - 1;
+    first = (window - window_starts_[shard]) * uint64_t(seq_len);
+  }
   const Mapped& m = maps_[shard];
-  const uint64_t first = (window - window_starts_[shard]) * uint64_t(seq_len);
   for (int i = 0; i <= seq_len; ++i) out[i] = Token(m, first + uint64_t(i));
 }
 

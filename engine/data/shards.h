@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -95,6 +96,7 @@ class PreparedDataset final : public TokenSource {
   uint64_t tokens_ = 0, documents_ = 0;
   std::vector<ShardInfo> shards_;
   std::vector<Mapped> maps_;
+  mutable std::mutex windows_mu_;                // guards the two below
   mutable std::vector<uint64_t> window_starts_;  // prefix sums of windows per shard
   mutable int windows_seq_ = -1;
 };

@@ -315,7 +315,16 @@ absl::Status SyncFromRankZero(Trainer& trainer, Communicator& comm) {
 
 // `llama-train train --nproc N`: starts N ranks of this same command line and watches
 // them. When one fails, the others are stopped and the failure is reported by rank.
+volatile sig_atomic_t g_stop_signal = 0;  // SIGINT/SIGTERM received by the launcher
+
 int LaunchRanks(int nproc) {
+  // A stop request for the job goes to every rank (they may be saving a checkpoint).
+  struct sigaction on_stop {};
+  on_stop.sa_handler = [](int sig) { g_stop_signal = sig; };
+  sigemptyset(&on_stop.sa_mask);
+  on_stop.sa_flags = 0;  // no SA_RESTART: waitpid returns EINTR
+  sigaction(SIGINT, &on_stop, nullptr);
+  sigaction(SIGTERM, &on_stop, nullptr);
   char dir[] = "/tmp/llamad-rendezvous-XXXXXX";
   if (::mkdtemp(dir) == nullptr) {
     std::fprintf(stderr, "llama-train: cannot create a rendezvous folder: %s\n", std::strerror(errno));
@@ -356,6 +365,18 @@ int LaunchRanks(int nproc) {
         deadline = std::chrono::steady_clock::time_point::max();
       }
       ::usleep(50 * 1000);
+      continue;
+    }
+    if (pid < 0 && errno == EINTR) {
+      if (g_stop_signal != 0 && !stopping) {
+        std::fprintf(stderr, "llama-train: %s received; stopping the %d ranks\n", strsignal(g_stop_signal), running);
+        stopping = true;
+        result = 128 + g_stop_signal;
+        for (pid_t p : pids) {
+          if (p > 0) ::kill(p, SIGTERM);
+        }
+        deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+      }
       continue;
     }
     if (pid < 0) break;
