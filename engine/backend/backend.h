@@ -14,6 +14,7 @@
 // - Not thread-safe: one backend serves one training loop.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
@@ -32,6 +33,13 @@ struct AttentionShape {
   int head_dim = 0;     // D
   int row_stride() const { return (heads + 2 * kv_heads) * head_dim; }
 };
+
+// Rows of logits the fused LM head holds at once: as many as fit in chunk_elements, at
+// least 16, at most the n rows it is given (16 when n is smaller). Backends and the memory
+// planner size the chunk with this one rule.
+inline int LmHeadChunkRows(size_t chunk_elements, int vocab, int n) {
+  return int(std::clamp<size_t>(chunk_elements / size_t(vocab), 16, size_t(std::max(n, 16))));
+}
 
 struct AdamWStep {
   double lr = 0;            // This step's learning rate.

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "absl/status/statusor.h"
 
@@ -29,6 +30,18 @@ class Communicator {
   // one rank works alone, such as preparing data, need longer than training steps).
   virtual void set_timeout(std::chrono::milliseconds timeout) = 0;
 };
+
+// The contiguous part [begin, end) of n items that rank `rank` of `world` owns: parts
+// differ in size by at most one. Batches and ZeRO shards are split this way.
+inline std::pair<size_t, size_t> EvenSlice(size_t n, int rank, int world) {
+  const size_t base = n / size_t(world), extra = n % size_t(world), r = size_t(rank);
+  const size_t begin = r * base + (r < extra ? r : extra);
+  return {begin, begin + base + (r < extra ? 1 : 0)};
+}
+
+// All-gather in place: each rank holds its EvenSlice of data[0, n) and ends with all of
+// them (one broadcast per rank).
+absl::Status AllGatherSlices(Communicator& comm, float* data, size_t n);
 
 // World size 1: every collective is the identity.
 std::unique_ptr<Communicator> MakeLocalCommunicator();

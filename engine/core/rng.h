@@ -6,10 +6,17 @@
 #include <cmath>
 #include <cstdint>
 
+// The generator's arithmetic also runs in CUDA kernels (the CUDA backend's FillNormal).
+#if defined(__CUDACC__)
+#define LLAMAD_HOST_DEVICE __host__ __device__
+#else
+#define LLAMAD_HOST_DEVICE
+#endif
+
 namespace llamad {
 
 // SplitMix64 finaliser: a bijective 64-bit mixer with good avalanche.
-constexpr uint64_t Mix64(uint64_t x) {
+LLAMAD_HOST_DEVICE constexpr uint64_t Mix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ULL;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
@@ -17,12 +24,12 @@ constexpr uint64_t Mix64(uint64_t x) {
 }
 
 // The 64 random bits at `index` of the stream `stream` under `seed`.
-constexpr uint64_t RandomBits(uint64_t seed, uint64_t stream, uint64_t index) {
+LLAMAD_HOST_DEVICE constexpr uint64_t RandomBits(uint64_t seed, uint64_t stream, uint64_t index) {
   return Mix64(Mix64(seed ^ Mix64(stream + 0x632be59bd9b4e019ULL)) + index);
 }
 
 // Uniform in (0, 1), never exactly 0 or 1 (53-bit resolution).
-inline double RandomUniform(uint64_t seed, uint64_t stream, uint64_t index) {
+LLAMAD_HOST_DEVICE inline double RandomUniform(uint64_t seed, uint64_t stream, uint64_t index) {
   return (static_cast<double>(RandomBits(seed, stream, index) >> 11) + 0.5) * 0x1.0p-53;
 }
 

@@ -157,12 +157,14 @@ class Reader {
     return absl::OkStatus();
   }
 
-  absl::Status Document(std::string text, const std::string& file, uint64_t line) {
+  // `utf8_checked`: the text came out of the JSON parser, which accepts only valid UTF-8
+  // (the line was repaired before parsing), so it needs no second scan.
+  absl::Status Document(std::string text, const std::string& file, uint64_t line, bool utf8_checked) {
     if (text.empty()) {
       ++report_->empty;
       return Problem(file, line, "empty document (skipped)");
     }
-    if (RepairUtf8(&text)) {
+    if (!utf8_checked && RepairUtf8(&text)) {
       ++report_->invalid_utf8;
       if (auto s = Problem(file, line, "invalid UTF-8 (replaced by U+FFFD)"); !s.ok()) return s;
     }
@@ -216,7 +218,7 @@ class Reader {
         return Problem(path, line, j.is_discarded() ? "not valid JSON (skipped)"
                                                     : "no string \"text\" member (skipped)");
       }
-      return Document(j["text"].get<std::string>(), path, line);
+      return Document(j["text"].get<std::string>(), path, line, /*utf8_checked=*/true);
     };
     while (true) {
       const long got = (*stream)->Read(buf.data(), buf.size());
@@ -245,7 +247,7 @@ class Reader {
     if (jsonl && !pending.empty()) {
       if (auto s = on_line(pending); !s.ok()) return s;
     }
-    if (!jsonl) return Document(std::move(text), path, 1);
+    if (!jsonl) return Document(std::move(text), path, 1, /*utf8_checked=*/false);
     return absl::OkStatus();
   }
 

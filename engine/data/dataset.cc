@@ -11,7 +11,6 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <regex>
 
 #include "core/strings.h"
 #include "data/corpus.h"
@@ -43,11 +42,6 @@ absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes
   fs::rename(tmp, path, ec);
   if (ec) return absl::InternalError(StrCat(path, ": ", ec.message()));
   return absl::OkStatus();
-}
-
-bool LooksLikeHubName(const std::string& name) {
-  static const std::regex re("^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$");
-  return std::regex_match(name, re);
 }
 
 // Prepares `input` with `tokenizer` into the cache, keyed by the corpus files' names,
@@ -142,73 +136,76 @@ absl::StatusOr<std::string> UnpackSample() {
   return dir;
 }
 
+absl::StatusOr<std::string> LocalDatasetPath(const std::string& dataset, const std::string& base_dir,
+                                             bool allow_hub,
+                                             const std::function<void(const std::string&)>& log) {
+  if (dataset == "sample") {
+    auto dir = UnpackSample();
+    if (!dir.ok()) return dir.status();
+    return *dir + "/sample.jsonl.zst";
+  }
+  fs::path p(dataset);
+  if (p.is_relative() && !base_dir.empty()) p = fs::path(base_dir) / p;
+  const std::string path = p.lexically_normal().string();
+  std::error_code ec;
+  if (fs::exists(path, ec)) return path;
+  if (!allow_hub || !IsHubDatasetName(dataset)) {
+    return absl::NotFoundError(StrCat(path, ": no such file or folder (dataset '", dataset, "')"));
+  }
+  log(StrCat(dataset, ": not a local path; fetching it from the Hugging Face hub into ", CacheDir()));
+  DownloadOptions options;
+  options.cache_dir = CacheDir();
+  return FetchDataset(dataset, options);
+}
+
 absl::StatusOr<OpenedData> OpenTrainingData(const DataSpec& spec, int64_t vocab_size,
                                             const std::function<void(const std::string&)>& log) {
   if (spec.dataset.empty()) {
     return absl::InvalidArgumentError(
         "data.dataset: no dataset given (set it in the job file, or pass -d PATH or -d sample)");
   }
-  std::string format = spec.format, path, tokenizer = spec.tokenizer;
-  if (spec.dataset == "sample") {
-    auto dir = UnpackSample();
-    if (!dir.ok()) return dir.status();
-    path = *dir + "/sample.jsonl.zst";
-    if (tokenizer.empty()) tokenizer = *dir + "/tokenizer.model";
-    if (format == "auto") format = "raw";
-  } else {
-    fs::path p(spec.dataset);
-    if (p.is_relative() && !spec.base_dir.empty()) p = fs::path(spec.base_dir) / p;
-    path = p.lexically_normal().string();
-    std::error_code ec;
-    if (!fs::exists(path, ec)) {
-      if (!LooksLikeHubName(spec.dataset) || (format != "auto" && format != "raw")) {
-        return absl::NotFoundError(StrCat(path, ": no such file or folder (data.dataset '", spec.dataset, "')"));
-      }
-      log(StrCat(spec.dataset, ": not a local path; fetching it from the Hugging Face hub into ", CacheDir()));
-      DownloadOptions options;
-      options.cache_dir = CacheDir();
-      auto fetched = FetchDataset(spec.dataset, options);
-      if (!fetched.ok()) return fetched.status();
-      path = *fetched;
-      if (format == "auto") format = "raw";
-    }
+  std::string format = spec.format, tokenizer = spec.tokenizer;
+  // A hub name stands only for a raw corpus.
+  auto path = LocalDatasetPath(spec.dataset, spec.base_dir, format == "auto" || format == "raw", log);
+  if (!path.ok()) return path.status();
+  if (spec.dataset == "sample" && tokenizer.empty()) {
+    tokenizer = fs::path(*path).parent_path().string() + "/tokenizer.model";
   }
   std::error_code ec;
   if (format == "auto") {
-    if (fs::is_directory(path, ec)) {
-      format = fs::exists(path + "/index.json", ec) ? "prepared" : "raw";
+    if (fs::is_directory(*path, ec)) {
+      format = fs::exists(*path + "/index.json", ec) ? "prepared" : "raw";
     } else {
       // A corpus file by its name (.jsonl, .json, .txt, maybe compressed); else token ids.
-      format = IsCorpusFileName(path) ? "raw" : "uint32";
+      format = IsCorpusFileName(*path) ? "raw" : "uint32";
     }
   }
   OpenedData out;
   if (format == "uint32" || format == "bytes") {
-    auto data = TokenDataset::Open(path, format, vocab_size);
+    auto data = TokenDataset::Open(*path, format, vocab_size);
     if (!data.ok()) return data.status();
-    out.description = StrCat(path, " (", format, ", ", data->num_tokens(), " tokens)");
+    out.description = StrCat(*path, " (", format, ", ", data->num_tokens(), " tokens)");
     out.source = std::make_unique<TokenDataset>(std::move(*data));
     return out;
   }
   if (format == "raw") {
     if (tokenizer.empty()) {
       return absl::InvalidArgumentError(StrCat(
-          path, ": a raw corpus needs a SentencePiece model: set data.tokenizer or pass --tokenizer "
+          *path, ": a raw corpus needs a SentencePiece model: set data.tokenizer or pass --tokenizer "
                 "(`llama-data tokenizer train` makes one)"));
     }
-    auto dir = PrepareCached(path, tokenizer, log);
-    if (!dir.ok()) return dir.status();
-    path = *dir;
+    path = PrepareCached(*path, tokenizer, log);
+    if (!path.ok()) return path.status();
   }
-  auto prepared = PreparedDataset::Open(path);
+  auto prepared = PreparedDataset::Open(*path);
   if (!prepared.ok()) return prepared.status();
   if ((*prepared)->vocab_size() > vocab_size) {
     return absl::InvalidArgumentError(StrCat(
-        path, ": the dataset's tokenizer has ", (*prepared)->vocab_size(), " ids, more than the model's vocab_size ",
+        *path, ": the dataset's tokenizer has ", (*prepared)->vocab_size(), " ids, more than the model's vocab_size ",
         vocab_size));
   }
   out.description = StrCat(spec.dataset, " (", (*prepared)->documents(), " documents, ",
-                           (*prepared)->num_tokens(), " tokens, prepared in ", path, ")");
+                           (*prepared)->num_tokens(), " tokens, prepared in ", *path, ")");
   out.source = std::move(*prepared);
   return out;
 }

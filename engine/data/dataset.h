@@ -3,6 +3,7 @@
 // or downloads a Hugging Face dataset first.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -21,6 +22,14 @@ std::string_view SampleTokenizer();
 // Writes both into the cache (once) and returns the folder holding sample.jsonl.zst and
 // tokenizer.model.
 absl::StatusOr<std::string> UnpackSample();
+
+// The local corpus or dataset a DATASET argument names: "sample" (unpacked into the
+// cache), a path (relative ones against base_dir, or the working directory when empty),
+// or, when no such path exists and `allow_hub`, a Hugging Face dataset fetched into the
+// cache. NotFound names the path otherwise.
+absl::StatusOr<std::string> LocalDatasetPath(const std::string& dataset, const std::string& base_dir,
+                                             bool allow_hub,
+                                             const std::function<void(const std::string&)>& log);
 
 struct OpenedData {
   std::unique_ptr<TokenSource> source;

@@ -1,4 +1,5 @@
 #include "data/download.h"
+#include "data/corpus.h"
 
 #include <curl/curl.h>
 #include <fcntl.h>
@@ -550,11 +551,9 @@ bool Complete(const fs::path& folder, const Manifest& m,
 
 }  // namespace
 
-bool IsCorpusFile(const std::string& path) {
-  for (const char* ext :
-       {".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".txt", ".txt.gz", ".zst"})
-    if (path.ends_with(ext)) return true;
-  return false;
+bool IsHubDatasetName(const std::string& name) {
+  const size_t slash = name.find('/');
+  return slash != std::string::npos && SafeName(name.substr(0, slash)) && SafeName(name.substr(slash + 1));
 }
 
 absl::StatusOr<std::string> Sha256File(const std::string& path) {
@@ -566,9 +565,7 @@ absl::StatusOr<std::string> Sha256File(const std::string& path) {
 absl::StatusOr<std::string> FetchDataset(
     const std::string& name, const DownloadOptions& options,
     const std::function<bool(const std::string& path)>& want_arg) {
-  const size_t slash = name.find('/');
-  if (slash == std::string::npos || !SafeName(name.substr(0, slash)) ||
-      !SafeName(name.substr(slash + 1)))
+  if (!IsHubDatasetName(name))
     return absl::InvalidArgumentError(fmt::format(
         "invalid dataset name '{}': expected owner/name (letters, digits, '-', '_', '.')", name));
   // Revisions are branch names, tags or commits; "refs/convert/parquet" has slashes.
@@ -587,7 +584,7 @@ absl::StatusOr<std::string> FetchDataset(
   if (cache.empty() && !Env("HOME").empty()) cache = Env("HOME") + "/.cache/llamad";
   if (cache.empty())
     return absl::FailedPreconditionError("no cache folder: set LLAMAD_CACHE or HOME");
-  const auto want = want_arg ? want_arg : std::function<bool(const std::string&)>(IsCorpusFile);
+  const auto want = want_arg ? want_arg : std::function<bool(const std::string&)>(IsCorpusFileName);
   const fs::path folder = fs::path(cache) / "datasets" / name / o.revision;
 
   // Complete already: no network at all, not even the listing.

@@ -29,12 +29,12 @@ struct DownloadOptions {
   std::function<void(const std::string& file, uint64_t done, uint64_t total)> progress;
 };
 
-// The default file selection: text corpus files (.jsonl, .jsonl.gz, .jsonl.zst,
-// .json.gz, .txt, .txt.gz, .zst).
-bool IsCorpusFile(const std::string& path);
+// Whether `name` has the form of a hub dataset name: owner/name, each of letters,
+// digits, '-', '_' and '.'.
+bool IsHubDatasetName(const std::string& name);
 
 // Fetches the files of dataset `name` ("owner/name") for which want(path) is true
-// (default IsCorpusFile) into <cache>/datasets/<owner>/<name>/<revision>/ and returns
+// (default: corpus files, IsCorpusFileName of corpus.h) into <cache>/datasets/<owner>/<name>/<revision>/ and returns
 // that folder. Errors: InvalidArgument for a bad name or an unsafe listed path;
 // NotFound/PermissionDenied when the listing is refused; Unavailable when the endpoint
 // cannot be reached (the message says how to use local files instead); DataLoss when a

@@ -223,8 +223,7 @@ int32_t PreparedDataset::Token(const Mapped& m, uint64_t i) const {
   return int32_t(v);
 }
 
-size_t PreparedDataset::NumWindows(int seq_len) const {
-  std::lock_guard lock(windows_mu_);
+const std::vector<uint64_t>& PreparedDataset::WindowStarts(int seq_len) const {
   if (windows_seq_ != seq_len) {
     window_starts_.assign(1, 0);
     for (const ShardInfo& s : shards_) {
@@ -233,18 +232,22 @@ size_t PreparedDataset::NumWindows(int seq_len) const {
     }
     windows_seq_ = seq_len;
   }
-  return window_starts_.back();
+  return window_starts_;
+}
+
+size_t PreparedDataset::NumWindows(int seq_len) const {
+  std::lock_guard lock(windows_mu_);
+  return WindowStarts(seq_len).back();
 }
 
 void PreparedDataset::ReadWindow(size_t window, int seq_len, int32_t* out) const {
   size_t shard;
   uint64_t first;
   {
-    NumWindows(seq_len);
     std::lock_guard lock(windows_mu_);
-    shard = size_t(std::upper_bound(window_starts_.begin(), window_starts_.end(), window) -
-                   window_starts_.begin()) - 1;
-    first = (window - window_starts_[shard]) * uint64_t(seq_len);
+    const std::vector<uint64_t>& starts = WindowStarts(seq_len);
+    shard = size_t(std::upper_bound(starts.begin(), starts.end(), window) - starts.begin()) - 1;
+    first = (window - starts[shard]) * uint64_t(seq_len);
   }
   const Mapped& m = maps_[shard];
   for (int i = 0; i <= seq_len; ++i) out[i] = Token(m, first + uint64_t(i));

@@ -90,6 +90,8 @@ class PreparedDataset final : public TokenSource {
     uint64_t checksum = 0;
   };
   int32_t Token(const Mapped& m, uint64_t i) const;
+  // Prefix sums of windows per shard for seq_len (cached); windows_mu_ held.
+  const std::vector<uint64_t>& WindowStarts(int seq_len) const;
 
   std::string dir_, index_json_;
   int64_t vocab_size_ = 0;

@@ -41,21 +41,9 @@ int Fail(const absl::Status& status) {
 
 // A local corpus path for DATASET: "sample", a path, or a hub name fetched into the cache.
 absl::StatusOr<std::string> CorpusPath(const std::string& dataset) {
-  if (dataset == "sample") {
-    auto dir = UnpackSample();
-    if (!dir.ok()) return dir.status();
-    return *dir + "/sample.jsonl.zst";
-  }
-  std::error_code ec;
-  if (std::filesystem::exists(dataset, ec)) return dataset;
-  if (dataset.find('/') != std::string::npos && dataset.front() != '.' && dataset.front() != '/') {
-    std::fprintf(stderr, "llama-data: %s is not a local path; fetching it from the Hugging Face hub\n",
-                 dataset.c_str());
-    DownloadOptions options;
-    options.cache_dir = CacheDir();
-    return FetchDataset(dataset, options);
-  }
-  return absl::NotFoundError(StrCat(dataset, ": no such file or folder"));
+  return LocalDatasetPath(dataset, /*base_dir=*/"", /*allow_hub=*/true, [](const std::string& line) {
+    std::fprintf(stderr, "llama-data: %s\n", line.c_str());
+  });
 }
 
 int Prepare(const std::string& dataset, PrepareOptions o) {

@@ -25,11 +25,10 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
                                        [](size_t, DType) { return nullptr; });
   const double seq = double(spec.training.max_length);
   const double scores = spec.training.flash_attention ? 0.0 : double(score_threads) * seq * seq;
-  // The backends' LM-head chunk: rows = clamp(chunk / vocab, 16, max(tokens, 16)).
-  const uint64_t vocab = uint64_t(spec.model.vocab_size);
-  const uint64_t tokens = uint64_t(spec.training.batch_size * spec.training.max_length);
-  const uint64_t rows = std::clamp<uint64_t>(lm_head_chunk_elements / vocab, 16, std::max<uint64_t>(tokens, 16));
-  plan.workspace = rows * vocab * uint64_t(logit_bytes) + uint64_t(scores * double(DTypeSize(dtype)));
+  const int vocab = int(spec.model.vocab_size);
+  const uint64_t rows = uint64_t(LmHeadChunkRows(lm_head_chunk_elements, vocab,
+                                                 int(spec.training.batch_size * spec.training.max_length)));
+  plan.workspace = rows * uint64_t(vocab) * uint64_t(logit_bytes) + uint64_t(scores * double(DTypeSize(dtype)));
   return plan;
 }
 

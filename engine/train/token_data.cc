@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <numeric>
 
+#include "comm/communicator.h"
 #include "core/strings.h"
 #include "core/rng.h"
 
@@ -113,10 +114,7 @@ void WindowSampler::Next(int batch, int32_t* tokens, int32_t* targets) {
 }
 
 std::pair<uint64_t, uint64_t> WindowSampler::RankSlice(uint64_t global_batch, int rank, int world) {
-  const uint64_t base = global_batch / uint64_t(world), extra = global_batch % uint64_t(world);
-  const uint64_t r = uint64_t(rank);
-  const uint64_t begin = r * base + std::min(r, extra);
-  return {begin, begin + base + (r < extra ? 1 : 0)};
+  return EvenSlice(global_batch, rank, world);
 }
 
 }  // namespace llamad

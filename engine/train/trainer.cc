@@ -161,11 +161,9 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   if (zero1_) {
     comm_start = std::chrono::steady_clock::now();
     // Each rank updated its own slice of the parameters: gather them everywhere.
-    float* params = static_cast<float*>(model_->param_data());
-    const size_t n = model_->num_params();
-    for (int r = 0; r < comm_->world_size(); ++r) {
-      const auto [begin, end] = WindowSampler::RankSlice(n, r, comm_->world_size());
-      if (auto s = comm_->Broadcast(params + begin, end - begin, r); !s.ok()) return s;
+    if (auto s = AllGatherSlices(*comm_, static_cast<float*>(model_->param_data()), model_->num_params());
+        !s.ok()) {
+      return s;
     }
     const double gather = seconds_since(comm_start);
     m.communication_seconds += gather;
@@ -183,7 +181,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
 
 void Trainer::ShardOptimizerState() {
   if (comm_->world_size() == 1) return;  // one rank holds everything anyway
-  const auto [begin, end] = WindowSampler::RankSlice(model_->num_params(), comm_->rank(), comm_->world_size());
+  const auto [begin, end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
   optimizer_->Shard(begin, end);
   zero1_ = true;
 }
@@ -193,14 +191,11 @@ absl::Status Trainer::WithFullOptimizerState(const std::function<absl::Status()>
   absl::Status gathered;
   const size_t n = model_->num_params();
   optimizer_->Unshard([&](float* m_full, float* v_full, const float* m_own, const float* v_own) {
-    const auto [own_begin, own_end] = WindowSampler::RankSlice(n, comm_->rank(), comm_->world_size());
+    const auto [own_begin, own_end] = EvenSlice(n, comm_->rank(), comm_->world_size());
     std::copy(m_own, m_own + (own_end - own_begin), m_full + own_begin);
     std::copy(v_own, v_own + (own_end - own_begin), v_full + own_begin);
-    for (int r = 0; r < comm_->world_size() && gathered.ok(); ++r) {
-      const auto [begin, end] = WindowSampler::RankSlice(n, r, comm_->world_size());
-      gathered = comm_->Broadcast(m_full + begin, end - begin, r);
-      if (gathered.ok()) gathered = comm_->Broadcast(v_full + begin, end - begin, r);
-    }
+    gathered = AllGatherSlices(*comm_, m_full, n);
+    if (gathered.ok()) gathered = AllGatherSlices(*comm_, v_full, n);
   });
   absl::Status status = gathered.ok() ? f() : gathered;
   optimizer_->Reshard();

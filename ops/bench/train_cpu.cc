@@ -61,8 +61,7 @@ std::map<GemmShape, int> StepGemms(const ModelConfig& c, int tokens, size_t lm_c
   linear(tokens, C, C, L);
   linear(tokens, C, 2 * F, L);
   linear(tokens, F, C, L);
-  // As CpuBackend::LmHeadCrossEntropy chooses its chunk.
-  const int chunk = int(std::clamp<size_t>(lm_chunk_elements / V, 16, size_t(std::max(tokens, 16))));
+  const int chunk = LmHeadChunkRows(lm_chunk_elements, V, tokens);
   for (int r0 = 0; r0 < tokens; r0 += chunk) linear(std::min(chunk, tokens - r0), C, V, 1);
   return shapes;
 }

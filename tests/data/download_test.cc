@@ -55,7 +55,7 @@ int ClosedPort() {
   return ntohs(a.sin_port);
 }
 
-constexpr char kBig[] = "shards/big.zst";
+constexpr char kBig[] = "shards/big.jsonl.zst";
 constexpr size_t kBigSize = 3'000'000;
 
 class DownloadTest : public ::testing::Test {

@@ -295,8 +295,7 @@ class CpuBackend final : public Backend {
                             int vocab, double grad_scale, void* dx, void* dw) override {
     const T* xp = C(x);
     const T* wp = C(w);
-    const int chunk = int(std::clamp<size_t>(options_.lm_head_chunk_elements / size_t(vocab), 16,
-                                             size_t(std::max(n, 16))));
+    const int chunk = LmHeadChunkRows(options_.lm_head_chunk_elements, vocab, n);
     if (logits_capacity_ < size_t(chunk) * vocab) {
       Free(logits_);
       logits_capacity_ = size_t(chunk) * vocab;

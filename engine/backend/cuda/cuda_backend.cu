@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_common.cuh"
+#include "core/rng.h"
 
 namespace llamad {
 namespace cuda {
@@ -60,22 +61,12 @@ __global__ void ScaleKernel(T* x, size_t n, float scale) {
     x[i] = FromFloat<T>(ToFloat(x[i]) * scale);
 }
 
-// The counter-based generator of core/rng.h, computed on the device: the same samples
-// as the CPU backend up to the last bit of the double-precision log and cos.
-__device__ __forceinline__ uint64_t Mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-__device__ __forceinline__ double Uniform(uint64_t key, uint64_t index) {
-  return (double(Mix64(key + index) >> 11) + 0.5) * 0x1.0p-53;
-}
-
+// core/rng.h's counter-based normals on the device: the same uniforms, and the CPU's
+// Box-Muller up to the last bit of the device's double-precision log and cos.
 template <typename T>
-__global__ void FillNormalKernel(T* x, size_t n, double std, uint64_t key) {
+__global__ void FillNormalKernel(T* x, size_t n, double std, uint64_t seed, uint64_t stream) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const double u1 = Uniform(key, 2 * i), u2 = Uniform(key, 2 * i + 1);
+    const double u1 = RandomUniform(seed, stream, 2 * i), u2 = RandomUniform(seed, stream, 2 * i + 1);
     x[i] = FromFloat<T>(float(std * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2)));
   }
 }
@@ -477,18 +468,10 @@ class CudaBackend final : public Backend {
     LLAMAD_CUDA_LAUNCHED();
   }
   void FillNormal(void* x, size_t n, double std, uint64_t seed, uint64_t stream) override {
-    // RandomBits(seed, stream, index) = Mix64(key + index) with this key (core/rng.h).
-    auto mix = [](uint64_t v) {
-      v += 0x9e3779b97f4a7c15ULL;
-      v = (v ^ (v >> 30)) * 0xbf58476d1ce4e5b9ULL;
-      v = (v ^ (v >> 27)) * 0x94d049bb133111ebULL;
-      return v ^ (v >> 31);
-    };
-    const uint64_t key = mix(seed ^ mix(stream + 0x632be59bd9b4e019ULL));
     if (TypeOf(x, n) == DType::kF32) {
-      FillNormalKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<float*>(x), n, std, key);
+      FillNormalKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<float*>(x), n, std, seed, stream);
     } else {
-      FillNormalKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(x), n, std, key);
+      FillNormalKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(x), n, std, seed, stream);
     }
     LLAMAD_CUDA_LAUNCHED();
   }
@@ -622,8 +605,7 @@ class CudaBackend final : public Backend {
   double LmHeadCrossEntropy(const void* x, const void* w, const int32_t* targets, int n, int dim,
                             int vocab, double grad_scale, void* dx, void* dw) override {
     if (n == 0) return 0.0;
-    const int chunk = int(std::clamp<size_t>(options_.lm_head_chunk_elements / size_t(vocab), 16,
-                                             size_t(std::max(n, 16))));
+    const int chunk = LmHeadChunkRows(options_.lm_head_chunk_elements, vocab, n);
     float* logits = Scratch<float>(logits_, size_t(chunk) * vocab);
     bf16* dlogits = dx != nullptr ? Scratch<bf16>(dlogits_, size_t(chunk) * vocab) : nullptr;
     float* losses = Scratch<float>(losses_, size_t(n));
