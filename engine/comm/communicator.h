@@ -7,9 +7,11 @@
 
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -46,11 +48,31 @@ absl::Status AllGatherSlices(Communicator& comm, float* data, size_t n);
 // World size 1: every collective is the identity.
 std::unique_ptr<Communicator> MakeLocalCommunicator();
 
-// Gloo over TCP on the loopback interface (one machine), rendezvous through files in
-// `store_dir`, which all ranks share and which must be empty for a new job. A collective
-// that waits longer than `timeout` fails.
+// A key-value store that ranks meet through (they publish their addresses in it).
+// Implementations are thread-compatible; one per rank.
+class RendezvousStore {
+ public:
+  virtual ~RendezvousStore() = default;
+  virtual absl::Status Set(const std::string& key, const std::string& value) = 0;
+  // Waits until every key exists, for at most `timeout`; returns the values in order.
+  virtual absl::StatusOr<std::vector<std::string>> Get(const std::vector<std::string>& keys,
+                                                       std::chrono::milliseconds timeout) = 0;
+};
+
+// Makes the store of an address "<scheme>://...". The engine knows folders of files
+// (plain paths); llamad's workers register "grpc" (the scheduler's Rendezvous service)
+// without the engine depending on the control plane.
+using RendezvousStoreFactory =
+    std::function<absl::StatusOr<std::unique_ptr<RendezvousStore>>(const std::string& address)>;
+void RegisterRendezvousScheme(const std::string& scheme, RendezvousStoreFactory factory);
+
+// Gloo over TCP, this rank listening on `host` (an address of this machine the other
+// ranks can reach). `rendezvous` is a folder of files that all ranks share and that is
+// empty for a new job, or "<scheme>://..." of a registered store. A collective that
+// waits longer than `timeout` fails.
 absl::StatusOr<std::unique_ptr<Communicator>> MakeGlooCommunicator(int rank, int world_size,
-                                                                   const std::string& store_dir,
-                                                                   std::chrono::milliseconds timeout);
+                                                                   const std::string& rendezvous,
+                                                                   std::chrono::milliseconds timeout,
+                                                                   const std::string& host = "127.0.0.1");
 
 }  // namespace llamad

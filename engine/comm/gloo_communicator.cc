@@ -3,11 +3,16 @@
 #include <gloo/broadcast.h>
 #include <gloo/common/error.h>
 #include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/store.h>
 #include <gloo/rendezvous/file_store.h>
 #include <gloo/transport/tcp/device.h>
 
 #include "comm/communicator.h"
 #include "core/strings.h"
+
+#include <map>
+#include <mutex>
+#include <stdexcept>
 
 namespace llamad {
 namespace {
@@ -93,23 +98,87 @@ absl::Status AllGatherSlices(Communicator& comm, float* data, size_t n) {
 
 std::unique_ptr<Communicator> MakeLocalCommunicator() { return std::make_unique<LocalCommunicator>(); }
 
+namespace {
+
+std::mutex g_schemes_mu;
+std::map<std::string, RendezvousStoreFactory>& Schemes() {
+  static auto* schemes = new std::map<std::string, RendezvousStoreFactory>();
+  return *schemes;
+}
+
+// Gloo's store interface over ours. Gloo reports failures by exception, which
+// MakeGlooCommunicator turns back into a Status.
+class GlooStoreAdapter final : public gloo::rendezvous::Store {
+ public:
+  GlooStoreAdapter(RendezvousStore* store, std::chrono::milliseconds timeout) : store_(store), timeout_(timeout) {}
+  void set(const std::string& key, const std::vector<char>& data) override {
+    if (auto s = store_->Set(key, std::string(data.begin(), data.end())); !s.ok()) {
+      throw std::runtime_error(std::string(s.message()));
+    }
+  }
+  std::vector<char> get(const std::string& key) override {
+    auto values = store_->Get({key}, timeout_);
+    if (!values.ok()) throw std::runtime_error(std::string(values.status().message()));
+    return std::vector<char>((*values)[0].begin(), (*values)[0].end());
+  }
+  void wait(const std::vector<std::string>& keys) override { wait(keys, timeout_); }
+  void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& timeout) override {
+    if (auto values = store_->Get(keys, timeout); !values.ok()) {
+      throw std::runtime_error(std::string(values.status().message()));
+    }
+  }
+
+ private:
+  RendezvousStore* store_;
+  std::chrono::milliseconds timeout_;
+};
+
+}  // namespace
+
+void RegisterRendezvousScheme(const std::string& scheme, RendezvousStoreFactory factory) {
+  std::lock_guard lock(g_schemes_mu);
+  Schemes()[scheme] = std::move(factory);
+}
+
 absl::StatusOr<std::unique_ptr<Communicator>> MakeGlooCommunicator(int rank, int world_size,
-                                                                   const std::string& store_dir,
-                                                                   std::chrono::milliseconds timeout) {
+                                                                   const std::string& rendezvous,
+                                                                   std::chrono::milliseconds timeout,
+                                                                   const std::string& host) {
   if (world_size < 1 || rank < 0 || rank >= world_size) {
     return absl::InvalidArgumentError(StrCat("rank ", rank, " is not within world size ", world_size));
   }
+  std::unique_ptr<RendezvousStore> remote;
+  if (const size_t colon = rendezvous.find("://"); colon != std::string::npos) {
+    const std::string scheme = rendezvous.substr(0, colon);
+    RendezvousStoreFactory factory;
+    {
+      std::lock_guard lock(g_schemes_mu);
+      if (auto it = Schemes().find(scheme); it != Schemes().end()) factory = it->second;
+    }
+    if (!factory) {
+      return absl::InvalidArgumentError(StrCat("rendezvous ", rendezvous, ": no store for scheme '", scheme,
+                                               "' in this build"));
+    }
+    auto store = factory(rendezvous);
+    if (!store.ok()) return store.status();
+    remote = std::move(*store);
+  }
   try {
-    gloo::transport::tcp::attr attr("127.0.0.1");
+    gloo::transport::tcp::attr attr(host.c_str());
     auto device = gloo::transport::tcp::CreateDevice(attr);
-    gloo::rendezvous::FileStore store(store_dir);
     auto context = std::make_shared<gloo::rendezvous::Context>(rank, world_size);
     context->setTimeout(timeout);
-    context->connectFullMesh(store, device);
+    if (remote) {
+      GlooStoreAdapter store(remote.get(), timeout);
+      context->connectFullMesh(store, device);
+    } else {
+      gloo::rendezvous::FileStore store(rendezvous);
+      context->connectFullMesh(store, device);
+    }
     return std::unique_ptr<Communicator>(new GlooCommunicator(std::move(context)));
   } catch (const std::exception& e) {
     return absl::UnavailableError(StrCat("rank ", rank, ": connecting ", world_size, " ranks through ",
-                                         store_dir, " failed: ", e.what()));
+                                         rendezvous, " failed: ", e.what()));
   }
 }
 

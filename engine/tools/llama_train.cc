@@ -16,6 +16,8 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <thread>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -132,6 +134,7 @@ struct Overrides {
 
 struct Common {
   std::string config;
+  std::string spec_origin;    // where the spec was submitted from (llamad's workers)
   std::string log_format = "human";
   int threads = 0;
   std::string resume;         // -f: a checkpoint folder, or "latest"
@@ -234,7 +237,17 @@ absl::Status Resume(const storage::CheckpointStore& store, const std::string& jo
 }
 
 absl::StatusOr<JobSpec> ReadSpec(const Common& common, const Overrides& overrides) {
-  auto spec = LoadJobSpec(common.config);
+  absl::StatusOr<JobSpec> spec;
+  if (common.spec_origin.empty()) {
+    spec = LoadJobSpec(common.config);
+  } else {
+    // A copy of a submitted spec: its relative paths mean what they meant where it was written.
+    std::ifstream in(common.config);
+    if (!in) return absl::NotFoundError(StrCat(common.config, ": cannot open job file"));
+    std::stringstream text;
+    text << in.rdbuf();
+    spec = ParseJobSpec(text.str(), common.spec_origin);
+  }
   if (!spec.ok()) return spec.status();
   if (auto s = overrides.ApplyTo(*spec); !s.ok()) return s;
   return spec;
@@ -293,7 +306,10 @@ absl::StatusOr<std::unique_ptr<Communicator>> ConnectRank() {
   if (rank == nullptr || world == nullptr || store == nullptr) return MakeLocalCommunicator();
   // Collectives wait for the slowest rank's step; a dead rank is noticed at once (its
   // connections close), so this only bounds a rank that hangs.
-  return MakeGlooCommunicator(std::atoi(rank), std::atoi(world), store, std::chrono::minutes(10));
+  // Under llamad, ranks on several machines listen on the address the daemon gives.
+  const char* host = std::getenv("LLAMAD_COMM_HOST");
+  return MakeGlooCommunicator(std::atoi(rank), std::atoi(world), store, std::chrono::minutes(10),
+                              host != nullptr && *host != '\0' ? host : "127.0.0.1");
 }
 
 // Copies rank 0's weights, moments and progress to every rank.
@@ -684,6 +700,8 @@ int Main(int argc, char** argv) {
   auto add_common = [&](CLI::App* sub) {
     sub->add_option("--config", common.config, "Job spec YAML file")->required();
     sub->add_option("--threads", common.threads, "CPU threads (default: all cores)");
+    sub->add_option("--spec-origin", common.spec_origin,
+                    "Path the spec was submitted from: relative paths resolve against its folder");
   };
   CLI::App* train = app.add_subcommand("train", "Train a model from a job spec");
   add_common(train);

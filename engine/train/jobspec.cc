@@ -28,6 +28,9 @@ std::string Choices(const std::string_view (&options)[K]) {
   return StrJoin(options, ", ");
 }
 
+
+absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::string& path);
+
 }  // namespace
 
 absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
@@ -39,6 +42,22 @@ absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
   } catch (const YAML::Exception& e) {
     return ConfigError(path, StrCat("not valid YAML: ", e.what()));
   }
+  return JobSpecFromYaml(root, path);
+}
+
+absl::StatusOr<JobSpec> ParseJobSpec(const std::string& yaml_text, const std::string& origin) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::Exception& e) {
+    return ConfigError(origin, StrCat("not valid YAML: ", e.what()));
+  }
+  return JobSpecFromYaml(root, origin);
+}
+
+namespace {
+
+absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::string& path) {
   if (!root.IsMap()) {
     return ConfigError(path, "expected a mapping of sections (model, training, parallel, data, checkpoint)");
   }
@@ -49,7 +68,6 @@ absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
 
   YamlSection top(root, path, "");
   top.Get("name", &spec.name);
-  top.Allow("resources");  // The scheduler's; llama-train ignores it.
   top.Allow("model");
   if (!root["model"]) {
     return ConfigError(path, StrCat("model: missing (a preset: ",
@@ -103,7 +121,16 @@ absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
   c.Get("interval", &spec.checkpoint.interval);
   c.Get("keep_last", &spec.checkpoint.keep_last);
 
-  for (YamlSection* s : {&t, &p, &d, &c, &top}) {
+  YamlSection r(root["resources"], path, "resources");
+  top.Allow("resources");
+  ResourcesSpec& res = spec.resources;
+  r.Get("nodes", &res.nodes);
+  r.Get("devices_per_node", &res.devices_per_node);
+  r.Get("min_nodes", &res.min_nodes);
+  r.Get("max_nodes", &res.max_nodes);
+  r.Get("priority", &res.priority);
+
+  for (YamlSection* s : {&t, &p, &d, &c, &r, &top}) {
     if (auto status = s->Finish(); !status.ok()) return status;
   }
   auto model = ModelConfigFromYaml(root["model"], path, "model", base_dir);
@@ -112,6 +139,8 @@ absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path) {
   if (auto s = ValidateJobSpec(spec); !s.ok()) return s;
   return spec;
 }
+
+}  // namespace
 
 absl::Status ValidateJobSpec(const JobSpec& spec) {
   const std::string& f = spec.path.empty() ? std::string("job") : spec.path;
@@ -175,6 +204,17 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   }
   if (spec.checkpoint.interval > 0 && spec.checkpoint.dir.empty()) {
     return fail("checkpoint.interval", spec.checkpoint.interval, "needs checkpoint.dir (or -o DIR)");
+  }
+  const ResourcesSpec& r = spec.resources;
+  if (r.nodes < 1 || r.nodes > 100000) return fail("resources.nodes", r.nodes, "must be within [1, 100000]");
+  if (r.devices_per_node < 1 || r.devices_per_node > 1024) {
+    return fail("resources.devices_per_node", r.devices_per_node, "must be within [1, 1024]");
+  }
+  if (r.min_nodes < 0 || r.min_nodes > r.nodes) {
+    return fail("resources.min_nodes", r.min_nodes, StrCat("must be within [0, resources.nodes ", r.nodes, "]"));
+  }
+  if (r.max_nodes != 0 && r.max_nodes < r.nodes) {
+    return fail("resources.max_nodes", r.max_nodes, StrCat("must be 0 or at least resources.nodes ", r.nodes));
   }
   if (spec.name.empty() || spec.name.find('/') != std::string::npos || spec.name == "index" ||
       spec.name == "." || spec.name == "..") {

@@ -55,6 +55,16 @@ struct CheckpointSpec {
   int64_t keep_last = 2;            // Committed checkpoints kept (older ones are removed).
 };
 
+// The scheduler's section: how many nodes and devices the job runs on. llama-train reads
+// it only to validate it; the world size of a run comes from its launcher.
+struct ResourcesSpec {
+  int64_t nodes = 1;                // Nodes the job starts on, all at once (gang).
+  int64_t devices_per_node = 1;     // Ranks per node: one per GPU, or CPU slots.
+  int64_t min_nodes = 0;            // Fewest nodes it may shrink to; 0 = nodes.
+  int64_t max_nodes = 0;            // Most nodes it may grow to; 0 = nodes.
+  int64_t priority = 0;             // Higher starts first; ties start in submission order.
+};
+
 struct JobSpec {
   std::string path;                 // The file it was read from.
   std::string name = "job";         // Job name (defaults to the file's stem).
@@ -63,10 +73,16 @@ struct JobSpec {
   ParallelSpec parallel;
   DataSpec data;
   CheckpointSpec checkpoint;
+  ResourcesSpec resources;
 };
 
 // Reads and validates a job file.
 absl::StatusOr<JobSpec> LoadJobSpec(const std::string& path);
+
+// Parses and validates a job spec held in memory. `origin` is the file it came from:
+// errors name it, and relative paths resolve against its folder (it need not be
+// readable here: the scheduler validates specs submitted from other machines).
+absl::StatusOr<JobSpec> ParseJobSpec(const std::string& yaml_text, const std::string& origin);
 
 // Checks a spec after command-line overrides; errors name the key path and value.
 absl::Status ValidateJobSpec(const JobSpec& spec);

@@ -1,0 +1,79 @@
+#include "daemon/config.h"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <yaml-cpp/yaml.h>
+
+#include <functional>
+#include <variant>
+
+#include "core/yaml_fields.h"
+
+namespace llamad::daemon {
+
+
+DaemonFlags::DaemonFlags(CLI::App& app) {
+  app.add_option("--config", config_path_, "YAML file with the fields below (flags win)");
+  auto add = [&](std::string name, auto member, std::string help) {
+    std::string flag = "--" + name;
+    std::replace(flag.begin(), flag.end(), '_', '-');
+    Field field{name, member, nullptr};
+    std::visit([&](auto m) { field.option = app.add_option(flag, flags_.*m, help); }, field.member);
+    fields_.push_back(field);
+  };
+  add("role", &DaemonConfig::role, "node, scheduler or both");
+  add("listen", &DaemonConfig::listen, "Scheduler listen address host:port");
+  add("scheduler", &DaemonConfig::scheduler, "Scheduler address for the node agent (default: --listen)");
+  add("data_dir", &DaemonConfig::data_dir, "State, job folders and rank logs");
+  add("devices", &DaemonConfig::devices, "auto, cuda:N or cpu:N");
+  add("node_id", &DaemonConfig::node_id, "This node's name (default: host name)");
+  add("token_file", &DaemonConfig::token_file, "Bearer token file (default: DATA_DIR/token)");
+  add("tls_ca", &DaemonConfig::tls_ca, "CA certificate (mutual TLS on a scheduler; server check on a node)");
+  add("tls_cert", &DaemonConfig::tls_cert, "TLS certificate");
+  add("tls_key", &DaemonConfig::tls_key, "TLS private key");
+  add("heartbeat_interval_ms", &DaemonConfig::heartbeat_interval_ms, "Node heartbeat interval");
+  add("lease_timeout_ms", &DaemonConfig::lease_timeout_ms, "Silence after which a node is lost");
+  add("worker_binary", &DaemonConfig::worker_binary, "llama-train (default: next to llamad)");
+  add("worker_threads", &DaemonConfig::worker_threads, "CPU threads per rank (0 = cores / devices)");
+  add("comm_host", &DaemonConfig::comm_host, "Address this node's ranks listen on for their peers");
+  add("stop_grace_ms", &DaemonConfig::stop_grace_ms, "SIGTERM, then SIGKILL after this long");
+}
+
+absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {
+  DaemonConfig config;
+  if (!config_path_.empty()) {
+    YAML::Node root;
+    try {
+      root = YAML::LoadFile(config_path_);
+    } catch (const YAML::BadFile&) {
+      return absl::NotFoundError(fmt::format("{}: cannot open the llamad config", config_path_));
+    } catch (const YAML::Exception& e) {
+      return ConfigError(config_path_, fmt::format("not valid YAML: {}", e.what()));
+    }
+    YamlSection section(root, config_path_, "");
+    for (const Field& f : fields_) {
+      std::visit([&](auto m) { section.Get(f.name, &(config.*m)); }, f.member);
+    }
+    if (auto s = section.Finish(); !s.ok()) return s;
+  }
+  for (const Field& f : fields_) {
+    if (f.option->count() > 0) std::visit([&](auto m) { config.*m = flags_.*m; }, f.member);
+  }
+  const std::string where = config_path_.empty() ? std::string("llamad") : config_path_;
+  if (config.role != "node" && config.role != "scheduler" && config.role != "both") {
+    return ConfigError(where, fmt::format("role: '{}' is not one of node, scheduler, both", config.role));
+  }
+  if (config.data_dir.empty()) return ConfigError(where, "data_dir: must not be empty");
+  if (config.role == "node" && config.scheduler.empty()) {
+    return ConfigError(where, "scheduler: a node needs the scheduler's address (host:port)");
+  }
+  if (config.heartbeat_interval_ms <= 0 || config.lease_timeout_ms <= config.heartbeat_interval_ms) {
+    return ConfigError(where, fmt::format("lease_timeout_ms: {} must exceed heartbeat_interval_ms {} (> 0)",
+                                          config.lease_timeout_ms, config.heartbeat_interval_ms));
+  }
+  if (config.worker_threads < 0) return ConfigError(where, "worker_threads: must not be negative");
+  if (config.stop_grace_ms < 0) return ConfigError(where, "stop_grace_ms: must not be negative");
+  return config;
+}
+
+}  // namespace llamad::daemon

@@ -1,0 +1,123 @@
+// llamad: the per-node daemon. The composition root: reads the config, then hosts the
+// scheduler (role scheduler or both) and the node agent (role node or both), and stops
+// them cleanly on SIGTERM/SIGINT (workers get SIGTERM, then SIGKILL after the grace
+// period, and their jobs are requeued elsewhere).
+#include <CLI/CLI.hpp>
+#include <signal.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "daemon/config.h"
+#include "daemon/devices.h"
+#include "daemon/node_agent.h"
+#include "scheduler/clock.h"
+#include "scheduler/scheduler.h"
+#include "scheduler/server.h"
+
+namespace {
+
+int Fail(const absl::Status& s) {
+  std::fprintf(stderr, "llamad: %s\n", std::string(s.message()).c_str());
+  return 2;
+}
+
+std::string HostName() {
+  char name[HOST_NAME_MAX + 1] = {};
+  ::gethostname(name, sizeof(name) - 1);
+  return name;
+}
+
+std::string SelfDir() { return std::filesystem::read_symlink("/proc/self/exe").parent_path().string(); }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app("llamad: the llamad node daemon and scheduler");
+  llamad::daemon::DaemonFlags flags(app);
+  CLI11_PARSE(app, argc, argv);
+  auto config = flags.Resolve();
+  if (!config.ok()) return Fail(config.status());
+  if (config->token_file.empty()) config->token_file = (std::filesystem::path(config->data_dir) / "token").string();
+  const bool hosts_scheduler = config->role != "node";
+  const bool hosts_node = config->role != "scheduler";
+
+  // Signals are taken by sigwait below, not by whichever thread they land on.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+
+  const llamad::rpc::TlsFiles tls{config->tls_ca, config->tls_cert, config->tls_key};
+  llamad::scheduler::SystemClock clock;
+  std::unique_ptr<llamad::scheduler::Scheduler> scheduler;
+  std::unique_ptr<llamad::scheduler::SchedulerServer> server;
+  std::string token;
+  std::string scheduler_address = config->scheduler;
+  if (hosts_scheduler) {
+    auto t = llamad::rpc::LoadOrCreateToken(config->token_file);
+    if (!t.ok()) return Fail(t.status());
+    token = *t;
+    llamad::scheduler::SchedulerOptions options;
+    options.data_dir = (std::filesystem::path(config->data_dir) / "scheduler").string();
+    options.heartbeat_interval_ms = config->heartbeat_interval_ms;
+    options.lease_timeout_ms = config->lease_timeout_ms;
+    options.rendezvous_address = config->scheduler.empty() ? config->listen : config->scheduler;
+    auto opened = llamad::scheduler::Scheduler::Open(options, &clock);
+    if (!opened.ok()) return Fail(opened.status());
+    scheduler = std::move(*opened);
+    auto started = llamad::scheduler::SchedulerServer::Start(scheduler.get(), {config->listen, token, tls});
+    if (!started.ok()) return Fail(started.status());
+    server = std::move(*started);
+    if (scheduler_address.empty()) {
+      scheduler_address = server->address();
+      scheduler->SetRendezvousAddress(scheduler_address);
+    }
+    // Where a client (or a test) finds the scheduler when the port was chosen by the system.
+    std::ofstream(std::filesystem::path(config->data_dir) / "scheduler.address") << server->address() << "\n";
+    std::fprintf(stderr, "llamad: scheduler listening on %s%s; token file %s\n", server->address().c_str(),
+                 tls.enabled() ? " (TLS)" : "", config->token_file.c_str());
+  }
+
+  std::unique_ptr<llamad::daemon::NodeAgent> agent;
+  if (hosts_node) {
+    if (token.empty()) {
+      auto t = llamad::rpc::ReadToken(config->token_file);
+      if (!t.ok()) return Fail(t.status());
+      token = *t;
+    }
+    auto devices = llamad::daemon::ResolveDevices(config->devices);
+    if (!devices.ok()) return Fail(devices.status());
+    llamad::daemon::NodeAgentOptions options;
+    options.scheduler_address = scheduler_address;
+    options.tls = tls;
+    options.token = token;
+    options.token_file = config->token_file;
+    options.hostname = HostName();
+    options.node_id = config->node_id.empty() ? options.hostname : config->node_id;
+    options.devices = devices->count;
+    options.device_kind = devices->kind;
+    options.data_dir = config->data_dir;
+    options.worker_binary = config->worker_binary.empty() ? SelfDir() + "/llama-train" : config->worker_binary;
+    options.worker_threads = int(config->worker_threads);
+    options.comm_host = config->comm_host;
+    options.stop_grace_ms = config->stop_grace_ms;
+    if (::access(options.worker_binary.c_str(), X_OK) != 0) {
+      return Fail(absl::NotFoundError("worker_binary: " + options.worker_binary + " is not an executable"));
+    }
+    agent = std::make_unique<llamad::daemon::NodeAgent>(options);
+    agent->Start();
+  }
+
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  std::fprintf(stderr, "llamad: %s received; stopping\n", strsignal(sig));
+  if (agent) agent->Stop(/*preempted=*/true);
+  if (server) server->Shutdown();
+  return 0;
+}

@@ -1,0 +1,358 @@
+#include "daemon/node_agent.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+
+#include "train/jobspec.h"
+
+namespace llamad::daemon {
+namespace {
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+// One rank: its process, the reader threads of its stdout and stderr, and the lines
+// they collected since the last heartbeat.
+struct NodeAgent::Worker {
+  pb::StartRank order;
+  pid_t pid = -1;
+  std::thread stdout_reader, stderr_reader;
+  std::mutex mu;
+  std::deque<std::string> metric_lines, log_lines;
+  int64_t dropped = 0;
+  std::string log_path;
+  std::ofstream log;
+  int64_t log_bytes = 0;
+  bool exited = false;
+  int exit_code = 0;
+  int64_t kill_at_ms = 0;  // SIGKILL after this (0 = no stop requested)
+  bool preempted = false;
+
+  // Keeps a line: on disk always (bounded by rotation), and for the scheduler up to
+  // `max_lines` (the oldest are dropped and counted).
+  void Keep(const std::string& line, bool metric, size_t max_lines, int64_t max_bytes) {
+    std::lock_guard lock(mu);
+    if (log.is_open()) {
+      if (log_bytes + int64_t(line.size()) + 1 > max_bytes / 2) {
+        log.close();
+        std::error_code ec;
+        std::filesystem::rename(log_path, log_path + ".1", ec);
+        log.open(log_path, std::ios::trunc);
+        log_bytes = 0;
+      }
+      log << line << '\n';
+      log.flush();
+      log_bytes += int64_t(line.size()) + 1;
+    }
+    auto& queue = metric ? metric_lines : log_lines;
+    queue.push_back(line);
+    if (queue.size() > max_lines) {
+      queue.pop_front();
+      if (!metric) ++dropped;
+    }
+  }
+};
+
+NodeAgent::NodeAgent(NodeAgentOptions options) : options_(std::move(options)) {}
+
+NodeAgent::~NodeAgent() { Stop(false); }
+
+void NodeAgent::Start() {
+  loop_ = std::thread([this] { Loop(); });
+}
+
+absl::Status NodeAgent::Register() {
+  if (stub_ == nullptr) {
+    auto channel = rpc::Dial(options_.scheduler_address, options_.tls);
+    if (!channel.ok()) return channel.status();
+    stub_ = pb::Node::NewStub(*channel);
+  }
+  pb::RegisterNodeRequest request;
+  request.set_node_id(options_.node_id);
+  request.set_hostname(options_.hostname);
+  request.set_devices(options_.devices);
+  request.set_device_kind(options_.device_kind);
+  pb::RegisterNodeResponse response;
+  grpc::ClientContext context;
+  rpc::PrepareCall(context, options_.token, 5000);
+  auto s = rpc::FromGrpc(stub_->RegisterNode(&context, request, &response),
+                         fmt::format("registering with the scheduler at {}", options_.scheduler_address));
+  if (!s.ok()) return s;
+  heartbeat_interval_ms_ = std::max<int64_t>(10, response.heartbeat_interval_ms());
+  return absl::OkStatus();
+}
+
+void NodeAgent::Loop() {
+  bool registered = false;
+  int failures = 0;
+  while (!stopping_.load()) {
+    absl::Status s = registered ? HeartbeatOnce() : Register();
+    if (s.ok()) {
+      if (!registered) {
+        std::fprintf(stderr, "llamad: node %s registered with %d %s device(s) at %s\n", options_.node_id.c_str(),
+                     options_.devices, options_.device_kind.c_str(), options_.scheduler_address.c_str());
+      }
+      registered = true;
+      failures = 0;
+    } else {
+      if (absl::IsNotFound(s)) registered = false;  // the scheduler asked for a new registration
+      // The first failure and then one in thirty: a wrong address is said, not spammed.
+      if (failures++ % 30 == 0) std::fprintf(stderr, "llamad: %s\n", std::string(s.message()).c_str());
+    }
+    ReapWorkers();
+    const int64_t wait = registered ? heartbeat_interval_ms_ : 1000;
+    for (int64_t waited = 0; waited < wait && !stopping_.load(); waited += 10) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+}
+
+absl::Status NodeAgent::HeartbeatOnce() {
+  pb::HeartbeatRequest request;
+  request.set_node_id(options_.node_id);
+  std::vector<std::shared_ptr<Worker>> reported;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [key, w] : workers_) {
+      std::lock_guard wlock(w->mu);
+      pb::RankReport* r = request.add_ranks();
+      r->set_job_id(w->order.job_id());
+      r->set_generation(w->order.generation());
+      r->set_rank(w->order.rank());
+      r->set_state(w->exited ? pb::RANK_STATE_EXITED : pb::RANK_STATE_RUNNING);
+      r->set_exit_code(w->exit_code);
+      r->set_preempted(w->preempted);
+      for (auto& line : w->metric_lines) r->add_metric_lines(line);
+      for (auto& line : w->log_lines) r->add_log_lines(line);
+      r->set_dropped_log_lines(w->dropped);
+      reported.push_back(w);
+    }
+  }
+  pb::HeartbeatResponse response;
+  grpc::ClientContext context;
+  rpc::PrepareCall(context, options_.token, std::max<int64_t>(2000, 3 * heartbeat_interval_ms_));
+  auto s = rpc::FromGrpc(stub_->Heartbeat(&context, request, &response),
+                         fmt::format("heartbeat to the scheduler at {}", options_.scheduler_address));
+  if (!s.ok()) return s;  // the lines stay buffered for the next beat
+  // Delivered: forget the lines that were sent, and the workers whose exit was reported.
+  {
+    std::lock_guard lock(mu_);
+    for (size_t i = 0; i < reported.size(); ++i) {
+      Worker& w = *reported[i];
+      const pb::RankReport& r = request.ranks(int(i));
+      {
+        std::lock_guard wlock(w.mu);
+        w.metric_lines.erase(w.metric_lines.begin(), w.metric_lines.begin() + r.metric_lines_size());
+        w.log_lines.erase(w.log_lines.begin(), w.log_lines.begin() + std::min<size_t>(w.log_lines.size(), r.log_lines_size()));
+        w.dropped -= r.dropped_log_lines();
+      }
+      if (r.state() == pb::RANK_STATE_EXITED) {
+        if (w.stdout_reader.joinable()) w.stdout_reader.join();
+        if (w.stderr_reader.joinable()) w.stderr_reader.join();
+        workers_.erase({r.job_id(), r.generation(), r.rank()});
+      }
+    }
+  }
+  if (response.reregister()) return absl::NotFoundError("the scheduler does not know this node; registering again");
+  for (const pb::StopRank& stop : response.stop()) {
+    std::lock_guard lock(mu_);
+    auto it = workers_.find({stop.job_id(), stop.generation(), stop.rank()});
+    if (it == workers_.end() || it->second->kill_at_ms != 0) continue;
+    std::fprintf(stderr, "llamad: stopping job %s rank %d: %s\n", stop.job_id().c_str(), stop.rank(),
+                 stop.reason().c_str());
+    SignalWorker(*it->second, SIGTERM);
+    it->second->kill_at_ms = NowMs() + options_.stop_grace_ms;
+  }
+  for (const pb::StartRank& start : response.start()) StartWorker(start);
+  return absl::OkStatus();
+}
+
+void NodeAgent::SignalWorker(Worker& w, int sig) {
+  if (w.pid > 0 && !w.exited) ::kill(-w.pid, sig);  // the worker's process group
+}
+
+void NodeAgent::StartWorker(const pb::StartRank& order) {
+  const Key key{order.job_id(), order.generation(), order.rank()};
+  {
+    std::lock_guard lock(mu_);
+    if (workers_.contains(key) || stopping_.load()) return;  // already running, or exited and not yet reported
+  }
+  auto w = std::make_shared<Worker>();
+  w->order = order;
+  const std::filesystem::path dir = std::filesystem::path(options_.data_dir) / "jobs" / order.job_id() /
+                                    fmt::format("gen-{}", order.generation());
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  const std::string spec_path = (dir / "job.yaml").string();
+  {
+    std::ofstream spec(spec_path, std::ios::trunc);
+    spec << order.spec_yaml();
+  }
+  w->log_path = (dir / fmt::format("rank-{}.log", order.rank())).string();
+  w->log.open(w->log_path, std::ios::app);
+
+  // A restarted job (generation 2 on: a lost node, a preemption, `llamactl resume`)
+  // continues from its latest checkpoint when it saves any; the first generation starts
+  // fresh (and refuses to overwrite another run's checkpoints of the same name).
+  auto spec = ParseJobSpec(order.spec_yaml(), order.spec_origin());
+  const bool resumable =
+      order.generation() > 1 && spec.ok() && !spec->checkpoint.dir.empty() && spec->checkpoint.interval > 0;
+  const int cores = int(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
+  const int threads = options_.worker_threads > 0 ? options_.worker_threads : std::max(1, cores / options_.devices);
+  std::vector<std::string> args = {options_.worker_binary, "train", "--config", spec_path,
+                                   "--spec-origin", order.spec_origin(), "--log-format", "json",
+                                   "--threads", std::to_string(threads)};
+  if (resumable) args.insert(args.end(), {"-f", "latest"});
+  std::vector<std::pair<std::string, std::string>> env = {
+      {"LLAMAD_RANK", std::to_string(order.rank())},
+      {"LLAMAD_WORLD_SIZE", std::to_string(order.world_size())},
+      {"LLAMAD_GENERATION", std::to_string(order.generation())},
+      {"LLAMAD_RENDEZVOUS",
+       fmt::format("grpc://{}/{}/{}", order.rendezvous_address(), order.job_id(), order.generation())},
+      {"LLAMAD_TOKEN_FILE", options_.token_file},
+      {"LLAMAD_COMM_HOST", options_.comm_host},
+      {"LLAMAD_TLS_CA", options_.tls.ca},
+      {"LLAMAD_TLS_CERT", options_.tls.cert},
+      {"LLAMAD_TLS_KEY", options_.tls.key}};
+  if (options_.device_kind == "cuda") env.emplace_back("CUDA_VISIBLE_DEVICES", std::to_string(order.local_rank()));
+
+  int out_pipe[2], err_pipe[2];
+  if (::pipe2(out_pipe, O_CLOEXEC) != 0 || ::pipe2(err_pipe, O_CLOEXEC) != 0) {
+    w->exited = true;
+    w->exit_code = 127;
+    w->Keep(fmt::format("llamad: cannot create pipes: {}", std::strerror(errno)), false, options_.forward_max_lines,
+            options_.log_max_bytes);
+    std::lock_guard lock(mu_);
+    workers_[key] = w;
+    return;
+  }
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::setpgid(0, 0);
+    // A worker never outlives its daemon.
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != parent) ::_exit(128 + SIGTERM);
+    ::dup2(out_pipe[1], 1);
+    ::dup2(err_pipe[1], 2);
+    for (auto& [name, value] : env) ::setenv(name.c_str(), value.c_str(), 1);
+    ::execv(argv[0], argv.data());
+    std::fprintf(stderr, "llamad: cannot run %s: %s\n", argv[0], std::strerror(errno));
+    ::_exit(127);
+  }
+  ::close(out_pipe[1]);
+  ::close(err_pipe[1]);
+  if (pid < 0) {
+    ::close(out_pipe[0]);
+    ::close(err_pipe[0]);
+    w->exited = true;
+    w->exit_code = 127;
+    w->Keep(fmt::format("llamad: cannot fork: {}", std::strerror(errno)), false, options_.forward_max_lines,
+            options_.log_max_bytes);
+  } else {
+    w->pid = pid;
+    ::setpgid(pid, pid);
+    auto reader = [this, w](int fd, bool is_stdout) {
+      std::string pending;
+      char buffer[8192];
+      ssize_t n;
+      while ((n = ::read(fd, buffer, sizeof(buffer))) > 0 || (n < 0 && errno == EINTR)) {
+        if (n < 0) continue;
+        pending.append(buffer, size_t(n));
+        size_t newline;
+        while ((newline = pending.find('\n')) != std::string::npos) {
+          std::string line = pending.substr(0, newline);
+          pending.erase(0, newline + 1);
+          const bool metric = is_stdout && !line.empty() && line.front() == '{';
+          w->Keep(line, metric, options_.forward_max_lines, options_.log_max_bytes);
+        }
+      }
+      if (!pending.empty()) w->Keep(pending, false, options_.forward_max_lines, options_.log_max_bytes);
+      ::close(fd);
+    };
+    w->stdout_reader = std::thread(reader, out_pipe[0], true);
+    w->stderr_reader = std::thread(reader, err_pipe[0], false);
+    std::fprintf(stderr, "llamad: started job %s generation %lld rank %d/%d (pid %d), log %s\n",
+                 order.job_id().c_str(), (long long)order.generation(), order.rank(), order.world_size(), pid,
+                 w->log_path.c_str());
+  }
+  std::lock_guard lock(mu_);
+  workers_[key] = w;
+}
+
+void NodeAgent::ReapWorkers() {
+  std::lock_guard lock(mu_);
+  const int64_t now = NowMs();
+  for (auto& [key, w] : workers_) {
+    if (w->exited || w->pid <= 0) continue;
+    int status = 0;
+    const pid_t r = ::waitpid(w->pid, &status, WNOHANG);
+    if (r == w->pid) {
+      ::kill(-w->pid, SIGKILL);  // anything the worker left in its group holds the pipes
+      // Wait for the readers so the last lines (a crash's message) go with the exit report.
+      if (w->stdout_reader.joinable()) w->stdout_reader.join();
+      if (w->stderr_reader.joinable()) w->stderr_reader.join();
+      std::lock_guard wlock(w->mu);
+      w->exited = true;
+      w->exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      std::fprintf(stderr, "llamad: job %s rank %d exited with status %d\n", w->order.job_id().c_str(),
+                   w->order.rank(), w->exit_code);
+    } else if (w->kill_at_ms != 0 && now >= w->kill_at_ms) {
+      SignalWorker(*w, SIGKILL);
+    }
+  }
+}
+
+int NodeAgent::running_workers() {
+  std::lock_guard lock(mu_);
+  int n = 0;
+  for (auto& [key, w] : workers_) n += w->exited ? 0 : 1;
+  return n;
+}
+
+void NodeAgent::Stop(bool preempted) {
+  if (stopping_.exchange(true)) {
+    if (loop_.joinable()) loop_.join();
+    return;
+  }
+  if (loop_.joinable()) loop_.join();
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [key, w] : workers_) {
+      w->preempted = preempted;
+      SignalWorker(*w, SIGTERM);
+      w->kill_at_ms = NowMs() + options_.stop_grace_ms;
+    }
+  }
+  while (running_workers() > 0) {
+    ReapWorkers();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  // One last beat so the scheduler learns of the exits now, not by the lease.
+  if (stub_ != nullptr) HeartbeatOnce().IgnoreError();
+  std::lock_guard lock(mu_);
+  for (auto& [key, w] : workers_) {
+    if (w->stdout_reader.joinable()) w->stdout_reader.join();
+    if (w->stderr_reader.joinable()) w->stderr_reader.join();
+  }
+  workers_.clear();
+}
+
+}  // namespace llamad::daemon

@@ -1,0 +1,80 @@
+// The node agent of llamad: registers this machine's devices with the scheduler,
+// heartbeats, and runs the ranks the scheduler assigns as child processes
+// (`llama-train train ...`), forwarding their JSON step lines and stderr and reporting
+// their exits. A worker that crashes is reported, never fatal to the agent.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "llamad/v1/llamad.grpc.pb.h"
+#include "proto/rpc.h"
+
+namespace llamad::daemon {
+
+namespace pb = ::llamad::v1;
+
+struct NodeAgentOptions {
+  std::string scheduler_address;      // "host:port" of the scheduler
+  rpc::TlsFiles tls;                  // how to reach it (empty: plain TCP)
+  std::string token;                  // bearer token
+  std::string token_file;             // the same token's file, handed to the workers
+  std::string node_id;                // this node's name at the scheduler
+  std::string hostname;               // informational
+  int devices = 1;                    // devices (GPUs or CPU slots) offered
+  std::string device_kind = "cpu";    // "cuda" (one rank per GPU) or "cpu"
+  std::string data_dir;               // jobs/<job>/gen-<g>/: spec copies and rank logs
+  std::string worker_binary;          // llama-train
+  std::string comm_host = "127.0.0.1";  // where this node's ranks listen for their peers
+  int worker_threads = 0;             // CPU threads per rank (0 = cores / devices)
+  int64_t stop_grace_ms = 10'000;     // SIGTERM, then SIGKILL after this long
+  int64_t log_max_bytes = 64 << 20;   // per rank log file; the older half is rotated to .1
+  size_t forward_max_lines = 5'000;   // lines buffered per rank between heartbeats
+};
+
+class NodeAgent {
+ public:
+  explicit NodeAgent(NodeAgentOptions options);
+  ~NodeAgent();  // Stop(false)
+
+  // Starts the heartbeat thread. It registers first, retrying every second while the
+  // scheduler cannot be reached, and says so on stderr.
+  void Start();
+  // Stops every worker (SIGTERM, SIGKILL after the grace period), reports their exits
+  // (as preempted when `preempted`: the scheduler requeues their jobs), and returns.
+  void Stop(bool preempted);
+
+  // The ranks this node runs now (tests and status).
+  int running_workers();
+
+ private:
+  struct Worker;
+  using Key = std::tuple<std::string, int64_t, int32_t>;  // job, generation, rank
+
+  void Loop();
+  absl::Status Register();
+  absl::Status HeartbeatOnce();
+  void StartWorker(const pb::StartRank& order);
+  void SignalWorker(Worker& w, int sig);
+  void ReapWorkers();
+  std::unique_ptr<pb::Node::Stub> stub_;
+
+  NodeAgentOptions options_;
+  std::atomic<bool> stopping_{false};
+  std::thread loop_;
+  int64_t heartbeat_interval_ms_ = 1000;
+  std::mutex mu_;
+  std::map<Key, std::shared_ptr<Worker>> workers_;
+};
+
+}  // namespace llamad::daemon

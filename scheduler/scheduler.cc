@@ -1,0 +1,745 @@
+#include "scheduler/scheduler.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <rocksdb/db.h>
+#include <rocksdb/write_batch.h>
+
+#include <algorithm>
+#include <filesystem>
+
+#include "train/jobspec.h"
+
+namespace llamad::scheduler {
+namespace {
+
+// RocksDB keys. Numbers are zero-padded so that keys sort in numeric order.
+std::string JobKey(const std::string& id) { return "job/" + id; }
+std::string NodeKey(const std::string& id) { return "node/" + id; }
+std::string EventKey(const std::string& job, int64_t seq) { return fmt::format("event/{}/{:016d}", job, seq); }
+std::string LogKey(const std::string& job, int64_t seq) { return fmt::format("log/{}/{:016d}", job, seq); }
+constexpr char kNextJobKey[] = "meta/next_job";
+
+int64_t SeqOfKey(const std::string& key) { return std::stoll(key.substr(key.rfind('/') + 1)); }
+
+absl::Status FromRocks(const rocksdb::Status& s, std::string_view what) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::InternalError(fmt::format("scheduler state: {}: {}", what, s.ToString()));
+}
+
+rocksdb::WriteOptions Synced() {
+  rocksdb::WriteOptions o;
+  o.sync = true;
+  return o;
+}
+
+}  // namespace
+
+bool IsFinished(pb::JobState state) {
+  return state == pb::JOB_STATE_SUCCEEDED || state == pb::JOB_STATE_FAILED || state == pb::JOB_STATE_CANCELLED;
+}
+
+std::string JobStateName(pb::JobState state) {
+  switch (state) {
+    case pb::JOB_STATE_QUEUED: return "queued";
+    case pb::JOB_STATE_RUNNING: return "running";
+    case pb::JOB_STATE_SUCCEEDED: return "succeeded";
+    case pb::JOB_STATE_FAILED: return "failed";
+    case pb::JOB_STATE_CANCELLED: return "cancelled";
+    default: return "unknown";
+  }
+}
+
+std::string NodeStateName(pb::NodeState state) {
+  switch (state) {
+    case pb::NODE_STATE_READY: return "ready";
+    case pb::NODE_STATE_DRAINING: return "draining";
+    case pb::NODE_STATE_LOST: return "lost";
+    default: return "unknown";
+  }
+}
+
+absl::StatusOr<pb::Job> JobFromSpec(const std::string& spec_yaml, const std::string& spec_origin) {
+  if (spec_yaml.empty()) return absl::InvalidArgumentError("spec_yaml: empty job spec");
+  const std::string origin = spec_origin.empty() ? std::string("job.yaml") : spec_origin;
+  auto spec = ParseJobSpec(spec_yaml, origin);
+  if (!spec.ok()) return absl::InvalidArgumentError(spec.status().message());
+  pb::Job job;
+  job.set_name(spec->name);
+  job.set_spec_yaml(spec_yaml);
+  job.set_spec_origin(origin);
+  pb::Resources* r = job.mutable_resources();
+  r->set_nodes(int32_t(spec->resources.nodes));
+  r->set_devices_per_node(int32_t(spec->resources.devices_per_node));
+  r->set_min_nodes(int32_t(spec->resources.min_nodes > 0 ? spec->resources.min_nodes : spec->resources.nodes));
+  r->set_max_nodes(int32_t(spec->resources.max_nodes > 0 ? spec->resources.max_nodes : spec->resources.nodes));
+  r->set_priority(int32_t(spec->resources.priority));
+  job.mutable_progress()->set_total_steps(spec->training.steps);
+  job.set_failed_rank(-1);
+  return job;
+}
+
+Scheduler::Scheduler(const SchedulerOptions& options, Clock* clock) : options_(options), clock_(clock) {}
+Scheduler::~Scheduler() = default;
+
+absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Open(const SchedulerOptions& options, Clock* clock) {
+  if (options.data_dir.empty()) return absl::InvalidArgumentError("scheduler: data_dir is empty");
+  if (options.heartbeat_interval_ms <= 0 || options.lease_timeout_ms <= options.heartbeat_interval_ms) {
+    return absl::InvalidArgumentError(fmt::format(
+        "scheduler: lease_timeout_ms ({}) must exceed heartbeat_interval_ms ({}) > 0",
+        options.lease_timeout_ms, options.heartbeat_interval_ms));
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(options.data_dir, ec);
+  if (ec) return absl::InvalidArgumentError(fmt::format("{}: cannot create: {}", options.data_dir, ec.message()));
+  std::unique_ptr<Scheduler> s(new Scheduler(options, clock));
+  rocksdb::Options db_options;
+  db_options.create_if_missing = true;
+  rocksdb::DB* db = nullptr;
+  const std::string path = (std::filesystem::path(options.data_dir) / "state").string();
+  if (auto st = FromRocks(rocksdb::DB::Open(db_options, path, &db), "open " + path); !st.ok()) return st;
+  s->db_.reset(db);
+  if (auto st = s->Load(); !st.ok()) return st;
+  return s;
+}
+
+absl::Status Scheduler::Load() {
+  std::lock_guard lock(mu_);
+  const int64_t now = clock_->NowMs();
+  std::string value;
+  if (db_->Get(rocksdb::ReadOptions(), kNextJobKey, &value).ok()) next_job_number_ = std::stoll(value);
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+  for (it->Seek("job/"); it->Valid() && it->key().starts_with("job/"); it->Next()) {
+    pb::Job job;
+    if (!job.ParseFromArray(it->value().data(), int(it->value().size()))) {
+      return absl::DataLossError(fmt::format("scheduler state: record {} is damaged", it->key().ToString()));
+    }
+    jobs_[job.id()] = job;
+    job_runtime_[job.id()];
+  }
+  for (it->Seek("node/"); it->Valid() && it->key().starts_with("node/"); it->Next()) {
+    pb::NodeInfo node;
+    if (!node.ParseFromArray(it->value().data(), int(it->value().size()))) {
+      return absl::DataLossError(fmt::format("scheduler state: record {} is damaged", it->key().ToString()));
+    }
+    NodeRuntime& n = nodes_[node.id()];
+    n.info = node;
+    n.last_heartbeat_ms = now;  // a fresh lease: daemons have lease_timeout_ms to come back
+  }
+  // Sequence numbers continue after the last stored event and log line of each job.
+  for (auto& [id, rt] : job_runtime_) {
+    for (auto [prefix, next] : {std::pair{"event/" + id + "/", &rt.next_event_seq},
+                                std::pair{"log/" + id + "/", &rt.next_log_seq}}) {
+      it->SeekForPrev(prefix + "~");
+      if (it->Valid() && it->key().starts_with(prefix)) *next = SeqOfKey(it->key().ToString()) + 1;
+    }
+    it->Seek("log/" + id + "/");
+    if (it->Valid() && it->key().starts_with("log/" + id + "/")) rt.first_log_seq = SeqOfKey(it->key().ToString());
+  }
+  // The ranks running jobs should have, from their placements.
+  for (auto& [id, job] : jobs_) {
+    if (job.state() != pb::JOB_STATE_RUNNING) continue;
+    std::set<int32_t> finished(job.finished_ranks().begin(), job.finished_ranks().end());
+    for (const pb::Placement& p : job.placement()) {
+      for (int32_t local = 0; local < p.devices(); ++local) {
+        const int32_t rank = p.first_rank() + local;
+        if (!finished.contains(rank)) expected_[{id, job.generation(), rank}] = {p.node_id(), local, true};
+      }
+    }
+  }
+  for (it->Seek("rdv/"); it->Valid() && it->key().starts_with("rdv/"); it->Next()) {
+    const std::string key = it->key().ToString();
+    const size_t split = key.find('\x1f');
+    if (split == std::string::npos) continue;
+    rendezvous_[key.substr(4, split - 4)][key.substr(split + 1)] = it->value().ToString();
+  }
+  return it->status().ok() ? absl::OkStatus() : FromRocks(it->status(), "load");
+}
+
+pb::Job* Scheduler::FindJobLocked(const std::string& id_or_name) {
+  if (auto it = jobs_.find(id_or_name); it != jobs_.end()) return &it->second;
+  pb::Job* newest = nullptr;
+  for (auto& [id, job] : jobs_) {
+    if (job.name() == id_or_name) newest = &job;  // ids sort in submission order
+  }
+  return newest;
+}
+
+absl::Status Scheduler::PersistJobLocked(const pb::Job& job, const std::string& event_kind,
+                                         const std::string& message) {
+  rocksdb::WriteBatch batch;
+  batch.Put(JobKey(job.id()), job.SerializeAsString());
+  if (!event_kind.empty()) {
+    JobRuntime& rt = job_runtime_[job.id()];
+    pb::JobEvent event;
+    event.set_job_id(job.id());
+    event.set_seq(rt.next_event_seq);
+    event.set_unix_ms(clock_->NowMs());
+    event.set_kind(event_kind);
+    event.set_message(message);
+    *event.mutable_job() = job;
+    event.mutable_job()->clear_spec_yaml();  // the spec is in the job record
+    batch.Put(EventKey(job.id(), rt.next_event_seq), event.SerializeAsString());
+    auto s = FromRocks(db_->Write(Synced(), &batch), "write job " + job.id());
+    if (!s.ok()) return s;
+    ++rt.next_event_seq;
+    changed_.notify_all();
+    return absl::OkStatus();
+  }
+  return FromRocks(db_->Write(Synced(), &batch), "write job " + job.id());
+}
+
+absl::Status Scheduler::PersistNodeLocked(const pb::NodeInfo& node) {
+  return FromRocks(db_->Put(Synced(), NodeKey(node.id()), node.SerializeAsString()), "write node " + node.id());
+}
+
+void Scheduler::SetRendezvousAddress(const std::string& address) {
+  std::lock_guard lock(mu_);
+  options_.rendezvous_address = address;
+}
+
+// ---- jobs -----------------------------------------------------------------------------
+
+absl::StatusOr<pb::Job> Scheduler::SubmitJob(const pb::SubmitJobRequest& request) {
+  auto job = JobFromSpec(request.spec_yaml(), request.spec_origin());
+  if (!job.ok()) return job.status();
+  std::lock_guard lock(mu_);
+  const int64_t number = next_job_number_;
+  job->set_id(fmt::format("j-{:06d}", number));
+  job->set_owner(request.owner());
+  job->set_state(pb::JOB_STATE_QUEUED);
+  job->set_reason("waiting for the scheduler to place it");
+  job->set_submitted_unix_ms(clock_->NowMs());
+  // The counter and the job in one synced batch: an id is never handed out twice.
+  rocksdb::WriteBatch batch;
+  batch.Put(kNextJobKey, std::to_string(number + 1));
+  if (auto s = FromRocks(db_->Write(Synced(), &batch), "job counter"); !s.ok()) return s;
+  next_job_number_ = number + 1;
+  jobs_[job->id()] = *job;
+  job_runtime_[job->id()];
+  const auto& r = job->resources();
+  if (auto s = PersistJobLocked(*job, "submitted",
+                                fmt::format("{} node(s) x {} device(s), priority {}", r.nodes(),
+                                            r.devices_per_node(), r.priority()));
+      !s.ok()) {
+    jobs_.erase(job->id());
+    return s;
+  }
+  TickLocked();
+  return jobs_[job->id()];
+}
+
+absl::StatusOr<pb::Job> Scheduler::GetJob(const std::string& id_or_name) {
+  std::lock_guard lock(mu_);
+  pb::Job* job = FindJobLocked(id_or_name);
+  if (job == nullptr) return absl::NotFoundError(fmt::format("no job '{}'", id_or_name));
+  return *job;
+}
+
+std::vector<pb::Job> Scheduler::ListJobs(bool include_finished, int limit) {
+  std::lock_guard lock(mu_);
+  std::vector<pb::Job> out;
+  if (limit <= 0) limit = 100;
+  for (auto it = jobs_.rbegin(); it != jobs_.rend() && int(out.size()) < limit; ++it) {
+    if (!include_finished && IsFinished(it->second.state())) continue;
+    out.push_back(it->second);
+    out.back().clear_spec_yaml();
+  }
+  return out;
+}
+
+void Scheduler::EndGenerationLocked(pb::Job& job) {
+  for (auto it = expected_.begin(); it != expected_.end();) {
+    if (it->first.job_id == job.id()) {
+      it = expected_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  pb::RendezvousScope scope;
+  scope.set_job_id(job.id());
+  scope.set_generation(job.generation());
+  const std::string scope_key = ScopeKey(scope);
+  if (auto it = rendezvous_.find(scope_key); it != rendezvous_.end()) {
+    rocksdb::WriteBatch batch;
+    for (const auto& [key, value] : it->second) batch.Delete("rdv/" + scope_key + '\x1f' + key);
+    db_->Write(rocksdb::WriteOptions(), &batch);  // best effort: stale keys are never read again
+    rendezvous_.erase(it);
+  }
+  job.clear_placement();
+  job.clear_finished_ranks();
+}
+
+absl::StatusOr<pb::Job> Scheduler::CancelJob(const std::string& id_or_name) {
+  std::lock_guard lock(mu_);
+  pb::Job* job = FindJobLocked(id_or_name);
+  if (job == nullptr) return absl::NotFoundError(fmt::format("no job '{}'", id_or_name));
+  if (IsFinished(job->state())) {
+    return absl::FailedPreconditionError(
+        fmt::format("job {} already ended ({})", job->id(), JobStateName(job->state())));
+  }
+  pb::Job updated = *job;
+  EndGenerationLocked(updated);
+  updated.set_state(pb::JOB_STATE_CANCELLED);
+  updated.set_reason("cancelled by a user");
+  updated.set_finished_unix_ms(clock_->NowMs());
+  if (auto s = PersistJobLocked(updated, "cancelled", "cancelled by a user"); !s.ok()) return s;
+  *job = updated;
+  TickLocked();
+  return *job;
+}
+
+absl::StatusOr<pb::Job> Scheduler::ResumeJob(const std::string& id_or_name) {
+  std::lock_guard lock(mu_);
+  pb::Job* job = FindJobLocked(id_or_name);
+  if (job == nullptr) return absl::NotFoundError(fmt::format("no job '{}'", id_or_name));
+  if (job->state() != pb::JOB_STATE_FAILED && job->state() != pb::JOB_STATE_CANCELLED) {
+    return absl::FailedPreconditionError(fmt::format(
+        "job {} is {}: only failed or cancelled jobs resume", job->id(), JobStateName(job->state())));
+  }
+  pb::Job updated = *job;
+  updated.set_state(pb::JOB_STATE_QUEUED);
+  updated.set_reason("resumed; waiting for nodes");
+  updated.set_finished_unix_ms(0);
+  updated.set_exit_code(0);
+  updated.set_failed_rank(-1);
+  updated.clear_last_log_lines();
+  if (auto s = PersistJobLocked(updated, "resumed", "back in the queue; ranks restore the latest checkpoint");
+      !s.ok()) {
+    return s;
+  }
+  *job = updated;
+  TickLocked();
+  return *job;
+}
+
+absl::StatusOr<std::vector<pb::JobEvent>> Scheduler::WaitJobEvents(const std::string& job_id, int64_t after_seq,
+                                                                   int64_t wait_ms) {
+  std::unique_lock lock(mu_);
+  pb::Job* job = FindJobLocked(job_id);
+  if (job == nullptr) return absl::NotFoundError(fmt::format("no job '{}'", job_id));
+  const std::string id = job->id();
+  changed_.wait_for(lock, std::chrono::milliseconds(wait_ms),
+                    [&] { return job_runtime_[id].next_event_seq > after_seq + 1; });
+  std::vector<pb::JobEvent> events;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+  const std::string prefix = "event/" + id + "/";
+  for (it->Seek(EventKey(id, after_seq + 1)); it->Valid() && it->key().starts_with(prefix); it->Next()) {
+    pb::JobEvent& e = events.emplace_back();
+    if (!e.ParseFromArray(it->value().data(), int(it->value().size()))) {
+      return absl::DataLossError(fmt::format("scheduler state: event {} is damaged", it->key().ToString()));
+    }
+  }
+  return events;
+}
+
+absl::StatusOr<std::vector<pb::LogLine>> Scheduler::GetLogs(const std::string& id_or_name, int64_t after_seq,
+                                                            int tail) {
+  std::lock_guard lock(mu_);
+  pb::Job* job = FindJobLocked(id_or_name);
+  if (job == nullptr) return absl::NotFoundError(fmt::format("no job '{}'", id_or_name));
+  const JobRuntime& rt = job_runtime_[job->id()];
+  int64_t from = after_seq + 1;
+  if (after_seq <= 0) from = std::max<int64_t>(rt.first_log_seq, rt.next_log_seq - (tail > 0 ? tail : 100));
+  std::vector<pb::LogLine> lines;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+  const std::string prefix = "log/" + job->id() + "/";
+  for (it->Seek(LogKey(job->id(), from)); it->Valid() && it->key().starts_with(prefix) && lines.size() < 10000;
+       it->Next()) {
+    lines.emplace_back().ParseFromArray(it->value().data(), int(it->value().size()));
+  }
+  return lines;
+}
+
+// ---- nodes ----------------------------------------------------------------------------
+
+std::vector<pb::NodeInfo> Scheduler::ListNodes() {
+  std::lock_guard lock(mu_);
+  std::vector<pb::NodeInfo> out;
+  for (auto& [id, n] : nodes_) {
+    out.push_back(n.info);
+    out.back().set_devices_in_use(DevicesInUseLocked(id));
+    out.back().set_last_heartbeat_unix_ms(n.last_heartbeat_ms);
+  }
+  return out;
+}
+
+absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id) {
+  std::lock_guard lock(mu_);
+  auto it = nodes_.find(node_id);
+  if (it == nodes_.end()) return absl::NotFoundError(fmt::format("no node '{}'", node_id));
+  pb::NodeInfo info = it->second.info;
+  if (info.state() == pb::NODE_STATE_READY) {
+    info.set_state(pb::NODE_STATE_DRAINING);
+    if (auto s = PersistNodeLocked(info); !s.ok()) return s;
+    it->second.info = info;
+  }
+  info.set_devices_in_use(DevicesInUseLocked(node_id));
+  return info;
+}
+
+absl::StatusOr<pb::RegisterNodeResponse> Scheduler::RegisterNode(const pb::RegisterNodeRequest& request) {
+  if (request.node_id().empty() || request.node_id().find('/') != std::string::npos) {
+    return absl::InvalidArgumentError(fmt::format("node_id: '{}' must be a plain non-empty name", request.node_id()));
+  }
+  if (request.devices() < 1) {
+    return absl::InvalidArgumentError(fmt::format("devices: {} must be at least 1", request.devices()));
+  }
+  std::lock_guard lock(mu_);
+  const int64_t now = clock_->NowMs();
+  NodeRuntime& n = nodes_[request.node_id()];
+  pb::NodeInfo info = n.info;
+  const bool known = !info.id().empty();
+  info.set_id(request.node_id());
+  info.set_hostname(request.hostname());
+  info.set_devices(request.devices());
+  info.set_device_kind(request.device_kind());
+  // A node that was lost comes back ready; a draining one stays draining.
+  if (!known || info.state() != pb::NODE_STATE_DRAINING) info.set_state(pb::NODE_STATE_READY);
+  if (!known) info.set_registered_unix_ms(now);
+  if (auto s = PersistNodeLocked(info); !s.ok()) {
+    if (!known) nodes_.erase(request.node_id());
+    return s;
+  }
+  n.info = info;
+  n.last_heartbeat_ms = now;
+  pb::RegisterNodeResponse response;
+  response.set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
+  response.set_lease_timeout_ms(options_.lease_timeout_ms);
+  TickLocked();
+  return response;
+}
+
+int32_t Scheduler::DevicesInUseLocked(const std::string& node_id) const {
+  int32_t used = 0;
+  for (const auto& [key, rank] : expected_) used += rank.node_id == node_id ? 1 : 0;
+  return used;
+}
+
+void Scheduler::AppendLogsLocked(pb::Job& job, const pb::RankReport& report) {
+  JobRuntime& rt = job_runtime_[job.id()];
+  rocksdb::WriteBatch batch;
+  auto append = [&](const std::string& text) {
+    pb::LogLine line;
+    line.set_seq(rt.next_log_seq);
+    line.set_rank(report.rank());
+    line.set_generation(report.generation());
+    line.set_text(text);
+    batch.Put(LogKey(job.id(), rt.next_log_seq), line.SerializeAsString());
+    ++rt.next_log_seq;
+    auto& recent = rt.recent_stderr[report.rank()];
+    recent.push_back(text);
+    if (int(recent.size()) > options_.failure_log_lines) recent.pop_front();
+  };
+  if (report.dropped_log_lines() > 0) {
+    append(fmt::format("[llamad: {} lines of rank {} not forwarded; the node keeps them on disk]",
+                       report.dropped_log_lines(), report.rank()));
+  }
+  for (const std::string& text : report.log_lines()) append(text);
+  if (rt.next_log_seq - rt.first_log_seq > options_.log_lines_kept) {
+    const int64_t new_first = rt.next_log_seq - options_.log_lines_kept;
+    batch.DeleteRange(LogKey(job.id(), rt.first_log_seq), LogKey(job.id(), new_first));
+    rt.first_log_seq = new_first;
+  }
+  if (batch.Count() > 0) db_->Write(rocksdb::WriteOptions(), &batch);  // WAL, not fsync: see the header
+}
+
+void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::RankReport& report,
+                                       std::set<RankKey>& running_on_node) {
+  const RankKey key{report.job_id(), report.generation(), report.rank()};
+  if (report.state() == pb::RANK_STATE_RUNNING) running_on_node.insert(key);
+  auto job_it = jobs_.find(report.job_id());
+  if (job_it == jobs_.end()) return;
+  pb::Job& job = job_it->second;
+  if (report.generation() != job.generation()) return;  // a rank of an ended generation
+  if (!report.log_lines().empty() || report.dropped_log_lines() > 0) AppendLogsLocked(job, report);
+  auto expected = expected_.find(key);
+  if (expected == expected_.end() || job.state() != pb::JOB_STATE_RUNNING) return;
+  if (expected->second.node_id != node_id) return;
+  if (report.state() == pb::RANK_STATE_RUNNING) expected->second.seen_running = true;
+
+  // Rank 0's step lines are the job's progress.
+  if (report.rank() == 0 && !report.metric_lines().empty()) {
+    auto line = nlohmann::json::parse(report.metric_lines().rbegin()->c_str(), nullptr, false);
+    if (line.is_object() && line.contains("step")) {
+      pb::Progress* p = job.mutable_progress();
+      p->set_step(line.value("step", int64_t{0}));
+      p->set_loss(line.value("loss", 0.0));
+      p->set_lr(line.value("lr", 0.0));
+      p->set_tokens_per_s(line.value("tokens_per_s", 0.0));
+      p->set_mfu(line.value("mfu", 0.0));
+      p->set_unix_ms(clock_->NowMs());
+      db_->Put(rocksdb::WriteOptions(), JobKey(job.id()), job.SerializeAsString());
+    }
+  }
+  if (report.state() != pb::RANK_STATE_EXITED) return;
+
+  pb::Job updated = job;
+  const int64_t now = clock_->NowMs();
+  if (report.exit_code() == 0) {
+    expected_.erase(expected);
+    updated.add_finished_ranks(report.rank());
+    const int32_t world = [&] {
+      int32_t w = 0;
+      for (const auto& p : updated.placement()) w += p.devices();
+      return w;
+    }();
+    if (updated.finished_ranks_size() < world) {
+      if (PersistJobLocked(updated, "", "").ok()) job = updated;
+      return;
+    }
+    EndGenerationLocked(updated);
+    updated.set_state(pb::JOB_STATE_SUCCEEDED);
+    updated.set_reason(fmt::format("all {} ranks finished", world));
+    updated.set_finished_unix_ms(now);
+    if (PersistJobLocked(updated, "succeeded", updated.reason()).ok()) job = updated;
+    return;
+  }
+  EndGenerationLocked(updated);
+  if (report.preempted()) {
+    // The node is going away (SIGTERM to its daemon): restart elsewhere, from the
+    // latest checkpoint, instead of failing the job.
+    updated.set_state(pb::JOB_STATE_QUEUED);
+    updated.set_reason(fmt::format("node {} stopped (preempted); restarting from the latest checkpoint", node_id));
+    if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) job = updated;
+    return;
+  }
+  updated.set_state(pb::JOB_STATE_FAILED);
+  updated.set_exit_code(report.exit_code());
+  updated.set_failed_rank(report.rank());
+  updated.set_finished_unix_ms(now);
+  updated.clear_last_log_lines();
+  for (const std::string& line : job_runtime_[job.id()].recent_stderr[report.rank()]) updated.add_last_log_lines(line);
+  updated.set_reason(report.exit_code() > 128
+                         ? fmt::format("rank {} on node {} was killed by signal {}", report.rank(), node_id,
+                                       report.exit_code() - 128)
+                         : fmt::format("rank {} on node {} exited with status {}", report.rank(), node_id,
+                                       report.exit_code()));
+  if (PersistJobLocked(updated, "failed", updated.reason()).ok()) job = updated;
+}
+
+absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRequest& request) {
+  std::lock_guard lock(mu_);
+  pb::HeartbeatResponse response;
+  auto node_it = nodes_.find(request.node_id());
+  if (node_it == nodes_.end()) {
+    response.set_reregister(true);
+    return response;
+  }
+  NodeRuntime& node = node_it->second;
+  node.last_heartbeat_ms = clock_->NowMs();
+  if (node.info.state() == pb::NODE_STATE_LOST) {
+    // It came back after its lease expired: its old ranks were given up (they are
+    // stopped below), and it takes new work again.
+    node.info.set_state(pb::NODE_STATE_READY);
+    PersistNodeLocked(node.info).IgnoreError();
+  }
+  std::set<RankKey> running;
+  for (const pb::RankReport& report : request.ranks()) RecordRankReportLocked(request.node_id(), report, running);
+  TickLocked();
+
+  // What the node should run, minus what it runs: start; what it runs but should not: stop.
+  for (const auto& [key, rank] : expected_) {
+    if (rank.node_id != request.node_id() || running.contains(key)) continue;
+    const pb::Job& job = jobs_[key.job_id];
+    pb::StartRank* start = response.add_start();
+    start->set_job_id(key.job_id);
+    start->set_generation(key.generation);
+    start->set_rank(key.rank);
+    int32_t world = 0;
+    for (const auto& p : job.placement()) world += p.devices();
+    start->set_world_size(world);
+    start->set_local_rank(rank.local_rank);
+    start->set_spec_yaml(job.spec_yaml());
+    start->set_spec_origin(job.spec_origin());
+    start->set_rendezvous_address(options_.rendezvous_address);
+    start->set_job_name(job.name());
+  }
+  for (const RankKey& key : running) {
+    auto it = expected_.find(key);
+    if (it != expected_.end() && it->second.node_id == request.node_id()) continue;
+    pb::StopRank* stop = response.add_stop();
+    stop->set_job_id(key.job_id);
+    stop->set_generation(key.generation);
+    stop->set_rank(key.rank);
+    auto job = jobs_.find(key.job_id);
+    stop->set_reason(job == jobs_.end() ? "unknown job"
+                                        : fmt::format("job is {} (generation {})", JobStateName(job->second.state()),
+                                                      job->second.generation()));
+  }
+  response.set_state(node.info.state());
+  return response;
+}
+
+// ---- placement and leases ------------------------------------------------------------
+
+void Scheduler::Tick() {
+  std::lock_guard lock(mu_);
+  TickLocked();
+}
+
+void Scheduler::TickLocked() {
+  const int64_t now = clock_->NowMs();
+  ExpireLeasesLocked(now);
+  PlaceJobsLocked(now);
+}
+
+void Scheduler::ExpireLeasesLocked(int64_t now) {
+  for (auto& [id, node] : nodes_) {
+    if (node.info.state() == pb::NODE_STATE_LOST || now - node.last_heartbeat_ms <= options_.lease_timeout_ms) continue;
+    node.info.set_state(pb::NODE_STATE_LOST);
+    PersistNodeLocked(node.info).IgnoreError();
+    // Every job with a rank there loses its generation and goes back to the queue.
+    std::set<std::string> affected;
+    for (const auto& [key, rank] : expected_) {
+      if (rank.node_id == id) affected.insert(key.job_id);
+    }
+    for (const std::string& job_id : affected) {
+      pb::Job updated = jobs_[job_id];
+      EndGenerationLocked(updated);
+      updated.set_state(pb::JOB_STATE_QUEUED);
+      updated.set_reason(fmt::format("node {} lost (no heartbeat for {} ms); restarting from the latest checkpoint",
+                                     id, now - node.last_heartbeat_ms));
+      if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) jobs_[job_id] = updated;
+    }
+  }
+}
+
+void Scheduler::PlaceJobsLocked(int64_t now) {
+  std::vector<pb::Job*> queue;
+  for (auto& [id, job] : jobs_) {
+    if (job.state() == pb::JOB_STATE_QUEUED) queue.push_back(&job);
+  }
+  // Priority first, then submission order (ids increase with submission).
+  std::stable_sort(queue.begin(), queue.end(), [](const pb::Job* a, const pb::Job* b) {
+    return a->resources().priority() > b->resources().priority();
+  });
+  std::map<std::string, int32_t> free;
+  int32_t ready = 0;
+  for (auto& [id, node] : nodes_) {
+    if (node.info.state() != pb::NODE_STATE_READY) continue;
+    ++ready;
+    free[id] = node.info.devices() - DevicesInUseLocked(id);
+  }
+  const pb::Job* blocker = nullptr;
+  for (pb::Job* job : queue) {
+    const pb::Resources& r = job->resources();
+    std::string reason;
+    if (blocker != nullptr) {
+      // Strict order: a job never overtakes one that came before it at the same or a
+      // higher priority, so a large job cannot starve behind a stream of small ones.
+      reason = fmt::format("behind job {} (priority {}), which waits for nodes", blocker->id(),
+                           blocker->resources().priority());
+    } else {
+      std::vector<std::string> fit;
+      for (const auto& [id, devices] : free) {
+        if (devices >= r.devices_per_node()) fit.push_back(id);
+      }
+      // A first start takes the requested size; a restart after a lost node may shrink
+      // to min_nodes (the global batch stays; accumulation absorbs the difference).
+      const int32_t need = job->generation() == 0 ? r.nodes() : r.min_nodes();
+      if (int32_t(fit.size()) >= need) {
+        const int32_t take = std::min<int32_t>(int32_t(fit.size()), job->generation() == 0 ? r.nodes() : r.max_nodes());
+        pb::Job updated = *job;
+        updated.set_generation(job->generation() + 1);
+        updated.set_state(pb::JOB_STATE_RUNNING);
+        updated.set_started_unix_ms(now);
+        updated.clear_placement();
+        updated.clear_finished_ranks();
+        for (int32_t i = 0; i < take; ++i) {
+          pb::Placement* p = updated.add_placement();
+          p->set_node_id(fit[i]);
+          p->set_first_rank(i * r.devices_per_node());
+          p->set_devices(r.devices_per_node());
+        }
+        std::vector<std::string> names(fit.begin(), fit.begin() + take);
+        updated.set_reason(fmt::format("generation {} on {}", updated.generation(), fmt::join(names, ", ")));
+        if (!PersistJobLocked(updated, "started", updated.reason()).ok()) continue;
+        *job = updated;
+        for (const pb::Placement& p : job->placement()) {
+          free[p.node_id()] -= p.devices();
+          for (int32_t local = 0; local < p.devices(); ++local) {
+            expected_[{job->id(), job->generation(), p.first_rank() + local}] = {p.node_id(), local, false};
+          }
+        }
+        continue;
+      }
+      reason = fmt::format("waiting for {} node(s) with {} free device(s) each: {} of {} ready node(s) have them",
+                           need, r.devices_per_node(), fit.size(), ready);
+      blocker = job;
+    }
+    if (job->reason() != reason) {
+      job->set_reason(reason);
+      db_->Put(rocksdb::WriteOptions(), JobKey(job->id()), job->SerializeAsString());
+    }
+  }
+}
+
+// ---- rendezvous -----------------------------------------------------------------------
+
+std::string Scheduler::ScopeKey(const pb::RendezvousScope& scope) const {
+  return fmt::format("{}/{:010d}", scope.job_id(), scope.generation());
+}
+
+absl::Status Scheduler::RendezvousSetLocked(const pb::RendezvousScope& scope, const std::string& key,
+                                            const std::string& value) {
+  auto job = jobs_.find(scope.job_id());
+  if (job == jobs_.end() || job->second.generation() != scope.generation() ||
+      job->second.state() != pb::JOB_STATE_RUNNING) {
+    return absl::FailedPreconditionError(fmt::format("rendezvous: job {} generation {} is not running",
+                                                     scope.job_id(), scope.generation()));
+  }
+  const std::string scope_key = ScopeKey(scope);
+  db_->Put(rocksdb::WriteOptions(), "rdv/" + scope_key + '\x1f' + key, value);
+  rendezvous_[scope_key][key] = value;
+  changed_.notify_all();
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::RendezvousSet(const pb::RendezvousScope& scope, const std::string& key,
+                                      const std::string& value) {
+  std::lock_guard lock(mu_);
+  return RendezvousSetLocked(scope, key, value);
+}
+
+absl::StatusOr<std::vector<std::string>> Scheduler::RendezvousGet(const pb::RendezvousScope& scope,
+                                                                  const std::vector<std::string>& keys,
+                                                                  int64_t timeout_ms) {
+  std::unique_lock lock(mu_);
+  const std::string scope_key = ScopeKey(scope);
+  auto all_present = [&] {
+    auto it = rendezvous_.find(scope_key);
+    if (it == rendezvous_.end()) return keys.empty();
+    for (const std::string& k : keys) {
+      if (!it->second.contains(k)) return false;
+    }
+    return true;
+  };
+  if (timeout_ms <= 0) timeout_ms = 30000;
+  if (!changed_.wait_for(lock, std::chrono::milliseconds(timeout_ms), all_present)) {
+    return absl::DeadlineExceededError(fmt::format("rendezvous: job {} generation {}: keys not set within {} ms",
+                                                   scope.job_id(), scope.generation(), timeout_ms));
+  }
+  std::vector<std::string> values;
+  for (const std::string& k : keys) values.push_back(rendezvous_[scope_key][k]);
+  return values;
+}
+
+absl::StatusOr<int64_t> Scheduler::RendezvousAdd(const pb::RendezvousScope& scope, const std::string& key,
+                                                 int64_t delta) {
+  std::lock_guard lock(mu_);
+  int64_t value = 0;
+  auto& store = rendezvous_[ScopeKey(scope)];
+  if (auto it = store.find(key); it != store.end()) {
+    try {
+      value = std::stoll(it->second);
+    } catch (const std::exception&) {
+      return absl::FailedPreconditionError(fmt::format("rendezvous: key '{}' does not hold a number", key));
+    }
+  }
+  value += delta;
+  if (auto s = RendezvousSetLocked(scope, key, std::to_string(value)); !s.ok()) return s;
+  return value;
+}
+
+}  // namespace llamad::scheduler

@@ -1,0 +1,172 @@
+// The cluster scheduler: jobs, nodes, gang placement, node leases, rank supervision and
+// the workers' rendezvous store, with every state change in RocksDB.
+//
+// Transport-free: the gRPC services (service.h) translate requests into these calls,
+// and tests drive it directly with a ManualClock. All methods are thread-safe (one
+// mutex; no call blocks on I/O other than a RocksDB write, except the Wait* calls).
+//
+// Durability: job and node state changes, and events, are synced RocksDB writes; a
+// scheduler killed with SIGKILL restarts with every job, node and event it had
+// acknowledged. Step progress and log lines are written without fsync (the WAL keeps
+// them across a process crash; a machine crash may lose the last ones).
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "llamad/v1/llamad.pb.h"
+#include "scheduler/clock.h"
+
+namespace rocksdb {
+class DB;
+}
+
+namespace llamad::scheduler {
+
+namespace pb = ::llamad::v1;
+
+struct SchedulerOptions {
+  // Folder of the RocksDB state (created if absent).
+  std::string data_dir;
+  // How often daemons heartbeat, and the silence after which a node is lost.
+  int64_t heartbeat_interval_ms = 1000;
+  int64_t lease_timeout_ms = 5000;
+  // Log lines kept per job (older ones are deleted).
+  int64_t log_lines_kept = 50'000;
+  // The last stderr lines of a failed rank copied into the job record.
+  int failure_log_lines = 20;
+  // Where workers reach the Rendezvous service ("host:port"), sent with start orders.
+  std::string rendezvous_address;
+};
+
+class Scheduler {
+ public:
+  // Opens (or creates) the state in options.data_dir and loads it. `clock` must outlive
+  // the scheduler. Nodes loaded from disk get a fresh lease: daemons that still run
+  // keep their jobs by heartbeating within lease_timeout_ms.
+  static absl::StatusOr<std::unique_ptr<Scheduler>> Open(const SchedulerOptions& options, Clock* clock);
+  ~Scheduler();
+
+  const SchedulerOptions& options() const { return options_; }
+  // Where workers reach the Rendezvous service, once the server knows its port.
+  void SetRendezvousAddress(const std::string& address);
+
+  // ---- jobs (the Scheduler service) ----
+  // Validates the spec (INVALID_ARGUMENT naming the field), stores and queues the job,
+  // and places it when nodes are free.
+  absl::StatusOr<pb::Job> SubmitJob(const pb::SubmitJobRequest& request);
+  // By id, or by name (the newest job of that name). NOT_FOUND otherwise.
+  absl::StatusOr<pb::Job> GetJob(const std::string& id_or_name);
+  std::vector<pb::Job> ListJobs(bool include_finished, int limit);
+  // Stops a queued or running job's ranks and marks it cancelled. FAILED_PRECONDITION
+  // when it already ended.
+  absl::StatusOr<pb::Job> CancelJob(const std::string& id_or_name);
+  // Puts a failed or cancelled job back in the queue (its ranks resume from the latest
+  // checkpoint). FAILED_PRECONDITION for a queued, running or succeeded job.
+  absl::StatusOr<pb::Job> ResumeJob(const std::string& id_or_name);
+  // Events of a job with seq > after_seq, waiting up to `wait_ms` for one when there
+  // is none yet. Returns an empty list on timeout.
+  absl::StatusOr<std::vector<pb::JobEvent>> WaitJobEvents(const std::string& job_id, int64_t after_seq,
+                                                          int64_t wait_ms);
+  // Log lines of a job: those after `after_seq`, or the last `tail` when after_seq is 0.
+  absl::StatusOr<std::vector<pb::LogLine>> GetLogs(const std::string& id_or_name, int64_t after_seq, int tail);
+
+  // ---- nodes ----
+  std::vector<pb::NodeInfo> ListNodes();
+  // The node finishes what it runs and takes nothing new.
+  absl::StatusOr<pb::NodeInfo> DrainNode(const std::string& node_id);
+  absl::StatusOr<pb::RegisterNodeResponse> RegisterNode(const pb::RegisterNodeRequest& request);
+  // Records the node's rank reports, renews its lease, and answers with the ranks it
+  // should start and stop (level-triggered: what the node should run, minus what it
+  // reports, so a lost answer is repaired by the next beat).
+  absl::StatusOr<pb::HeartbeatResponse> Heartbeat(const pb::HeartbeatRequest& request);
+
+  // Expires leases and places queued jobs. Called after every state change and by the
+  // host's timer (at least every heartbeat interval).
+  void Tick();
+
+  // ---- rendezvous (scoped by job and generation) ----
+  absl::Status RendezvousSet(const pb::RendezvousScope& scope, const std::string& key, const std::string& value);
+  // Waits until every key exists; DEADLINE_EXCEEDED after timeout_ms.
+  absl::StatusOr<std::vector<std::string>> RendezvousGet(const pb::RendezvousScope& scope,
+                                                         const std::vector<std::string>& keys, int64_t timeout_ms);
+  absl::StatusOr<int64_t> RendezvousAdd(const pb::RendezvousScope& scope, const std::string& key, int64_t delta);
+
+ private:
+  struct NodeRuntime {
+    pb::NodeInfo info;
+    int64_t last_heartbeat_ms = 0;
+  };
+  struct RankKey {
+    std::string job_id;
+    int64_t generation;
+    int32_t rank;
+    auto operator<=>(const RankKey&) const = default;
+  };
+  struct ExpectedRank {
+    std::string node_id;
+    int32_t local_rank;
+    bool seen_running = false;
+  };
+  struct JobRuntime {
+    int64_t next_event_seq = 1;
+    int64_t next_log_seq = 1;
+    int64_t first_log_seq = 1;  // the oldest line still stored
+    std::map<int32_t, std::deque<std::string>> recent_stderr;  // per rank, for failures
+  };
+
+  Scheduler(const SchedulerOptions& options, Clock* clock);
+  absl::Status Load();
+
+  // All below run with mu_ held.
+  pb::Job* FindJobLocked(const std::string& id_or_name);
+  absl::Status PersistJobLocked(const pb::Job& job, const std::string& event_kind, const std::string& message);
+  absl::Status PersistNodeLocked(const pb::NodeInfo& node);
+  void TickLocked();
+  void ExpireLeasesLocked(int64_t now);
+  void PlaceJobsLocked(int64_t now);
+  // Ends the job's current generation: forgets its expected ranks (the nodes are told
+  // to stop them by the next heartbeat) and drops its rendezvous keys.
+  void EndGenerationLocked(pb::Job& job);
+  void RecordRankReportLocked(const std::string& node_id, const pb::RankReport& report,
+                              std::set<RankKey>& running_on_node);
+  void AppendLogsLocked(pb::Job& job, const pb::RankReport& report);
+  int32_t DevicesInUseLocked(const std::string& node_id) const;
+  std::string ScopeKey(const pb::RendezvousScope& scope) const;
+  absl::Status RendezvousSetLocked(const pb::RendezvousScope& scope, const std::string& key,
+                                   const std::string& value);
+
+  SchedulerOptions options_;
+  Clock* clock_;
+  std::unique_ptr<rocksdb::DB> db_;
+
+  std::mutex mu_;
+  std::condition_variable changed_;  // an event, or a rendezvous key, was added
+  std::map<std::string, pb::Job> jobs_;
+  std::map<std::string, JobRuntime> job_runtime_;
+  std::map<std::string, NodeRuntime> nodes_;
+  std::map<RankKey, ExpectedRank> expected_;  // ranks that should run, by job/gen/rank
+  std::map<std::string, std::map<std::string, std::string>> rendezvous_;  // scope -> key -> value
+  int64_t next_job_number_ = 1;
+};
+
+// A job's spec, validated: the resources and name the scheduler needs. Errors are
+// INVALID_ARGUMENT naming the field path.
+absl::StatusOr<pb::Job> JobFromSpec(const std::string& spec_yaml, const std::string& spec_origin);
+
+// True for succeeded, failed and cancelled jobs.
+bool IsFinished(pb::JobState state);
+
+// "queued", "running", ... for tables and JSON.
+std::string JobStateName(pb::JobState state);
+std::string NodeStateName(pb::NodeState state);
+
+}  // namespace llamad::scheduler
