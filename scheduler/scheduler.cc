@@ -501,6 +501,7 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
     // latest checkpoint, instead of failing the job.
     updated.set_state(pb::JOB_STATE_QUEUED);
     updated.set_reason(fmt::format("node {} stopped (preempted); restarting from the latest checkpoint", node_id));
+    job_runtime_[job.id()].requeue_cause = updated.reason();
     if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) job = updated;
     return;
   }
@@ -600,6 +601,7 @@ void Scheduler::ExpireLeasesLocked(int64_t now) {
       updated.set_state(pb::JOB_STATE_QUEUED);
       updated.set_reason(fmt::format("node {} lost (no heartbeat for {} ms); restarting from the latest checkpoint",
                                      id, now - node.last_heartbeat_ms));
+      job_runtime_[job_id].requeue_cause = updated.reason();
       if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) jobs_[job_id] = updated;
     }
   }
@@ -656,6 +658,7 @@ void Scheduler::PlaceJobsLocked(int64_t now) {
         updated.set_reason(fmt::format("generation {} on {}", updated.generation(), fmt::join(names, ", ")));
         if (!PersistJobLocked(updated, "started", updated.reason()).ok()) continue;
         *job = updated;
+        job_runtime_[job->id()].requeue_cause.clear();
         for (const pb::Placement& p : job->placement()) {
           free[p.node_id()] -= p.devices();
           for (int32_t local = 0; local < p.devices(); ++local) {
@@ -666,6 +669,9 @@ void Scheduler::PlaceJobsLocked(int64_t now) {
       }
       reason = fmt::format("waiting for {} node(s) with {} free device(s) each: {} of {} ready node(s) have them",
                            need, r.devices_per_node(), fit.size(), ready);
+      if (const std::string& cause = job_runtime_[job->id()].requeue_cause; !cause.empty()) {
+        reason = cause + "; " + reason;
+      }
       blocker = job;
     }
     if (job->reason() != reason) {

@@ -121,6 +121,7 @@ class Scheduler {
     int64_t next_log_seq = 1;
     int64_t first_log_seq = 1;  // the oldest line still stored
     std::map<int32_t, std::deque<std::string>> recent_stderr;  // per rank, for failures
+    std::string requeue_cause;  // why a running job went back to the queue (kept in its reason)
   };
 
   Scheduler(const SchedulerOptions& options, Clock* clock);

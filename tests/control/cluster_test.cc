@@ -1,0 +1,206 @@
+// Whole clusters on loopback: a `llamad --role scheduler` process, node daemons with
+// CPU slots (`llamad --role node`), real llama-train workers, and llamactl as the user.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "common/subprocess.h"
+
+namespace {
+namespace fs = std::filesystem;
+using llamad::testing::Subprocess;
+
+const std::string kBin = LLAMAD_BIN_DIR;
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("llamad-cluster-test-" + std::to_string(::getpid()) + "-" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    std::string tokens;
+    for (uint32_t i = 0; i < 6000; ++i) {
+      const uint32_t id = (i * 7 + i / 13 + (i * i) % 11) % 60;
+      tokens.append(reinterpret_cast<const char*>(&id), 4);
+    }
+    std::ofstream(dir_ / "tokens.u32", std::ios::binary) << tokens;
+    StartScheduler();
+  }
+  void TearDown() override {
+    nodes_.clear();
+    scheduler_.reset();
+    fs::remove_all(dir_);
+  }
+
+  void StartScheduler(const std::string& listen = "127.0.0.1:0") {
+    fs::remove(dir_ / "sched" / "scheduler.address");
+    scheduler_ = std::make_unique<Subprocess>(kBin + "/llamad --role scheduler --listen " + listen + " --data-dir " +
+                                              (dir_ / "sched").string() +
+                                              " --heartbeat-interval-ms 100 --lease-timeout-ms 3000");
+    for (int i = 0; i < 200 && !fs::exists(dir_ / "sched" / "scheduler.address"); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    std::ifstream(dir_ / "sched" / "scheduler.address") >> address_;
+    ASSERT_FALSE(address_.empty()) << scheduler_->Drain();
+  }
+  void StartNode(const std::string& id) {
+    nodes_.push_back(std::make_unique<Subprocess>(
+        kBin + "/llamad --role node --node-id " + id + " --devices cpu:1 --worker-threads 1 --scheduler " + address_ +
+        " --token-file " + (dir_ / "sched" / "token").string() + " --data-dir " + (dir_ / id).string() +
+        " --stop-grace-ms 2000"));
+  }
+  // Runs llamactl; returns its exit code and fills *out with what it printed.
+  int Ctl(const std::string& args, std::string* out = nullptr, const std::string& token_file = "") {
+    Subprocess p(kBin + "/llamactl --server " + address_ + " --token-file " +
+                 (token_file.empty() ? (dir_ / "sched" / "token").string() : token_file) + " " + args);
+    p.Drain();
+    const int code = p.Wait();
+    if (out != nullptr) *out = p.output();
+    return code;
+  }
+  nlohmann::json Job(const std::string& id) {
+    std::string out;
+    if (Ctl("--json status " + id, &out) != 0) return {};
+    return nlohmann::json::parse(out, nullptr, false);
+  }
+  // Waits up to `seconds` for the job's state.
+  bool WaitFor(const std::string& id, const std::string& state, double seconds) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (Job(id).value("state", "") == state) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+    return false;
+  }
+  std::string WriteSpec(const std::string& name, int nodes, int steps, const std::string& dataset = "tokens.u32") {
+    const fs::path path = dir_ / (name + ".yaml");
+    std::ofstream(path) << "name: " << name << R"(
+model: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4,
+        num_key_value_heads: 2, vocab_size: 64, max_position_embeddings: 128}
+training: {max_length: 32, batch_size: 2, global_batch_size: 8, steps: )" << steps << R"(, lr: 3e-3, seed: 9}
+data: {dataset: )" << dataset << R"(}
+resources:
+  nodes: )" << nodes << R"(
+  devices_per_node: 1
+)";
+    return path.string();
+  }
+  std::string Submit(const std::string& spec) {
+    std::string out;
+    EXPECT_EQ(Ctl("--json submit " + spec, &out), 0) << out;
+    return nlohmann::json::parse(out, nullptr, false).value("id", "");
+  }
+  // Worker processes of this test that are alive.
+  int Workers() {
+    Subprocess p("pgrep -f '" + dir_.string() + "/node.*/jobs/j-'");
+    p.Drain();
+    p.Wait();
+    int n = 0;
+    for (char c : p.output()) n += c == '\n';
+    return n;
+  }
+
+  fs::path dir_;
+  std::string address_;
+  std::unique_ptr<Subprocess> scheduler_;
+  std::vector<std::unique_ptr<Subprocess>> nodes_;
+};
+
+TEST_F(ClusterTest, GangStartsQueuesCancelsAndReportsCrashes) {
+  for (auto id : {"node1", "node2", "node3"}) StartNode(id);
+  // A 2-node job starts on two daemons at once and completes.
+  const std::string two = Submit(WriteSpec("two", 2, 4));
+  ASSERT_TRUE(WaitFor(two, "JOB_STATE_SUCCEEDED", 120)) << Job(two).dump(1);
+  EXPECT_EQ(Job(two)["progress"].value("step", "0"), "4");
+  std::string logs;
+  EXPECT_EQ(Ctl("logs " + two, &logs), 0);
+  EXPECT_NE(logs.find("[rank 0]"), std::string::npos) << logs;
+
+  // A 4-node job waits, saying why, and starts when a fourth daemon joins.
+  const std::string four = Submit(WriteSpec("four", 4, 100000));
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  nlohmann::json queued = Job(four);
+  EXPECT_EQ(queued.value("state", ""), "JOB_STATE_QUEUED");
+  EXPECT_NE(queued.value("reason", "").find("waiting for 4 node(s)"), std::string::npos) << queued.dump(1);
+  StartNode("node4");
+  ASSERT_TRUE(WaitFor(four, "JOB_STATE_RUNNING", 30)) << Job(four).dump(1);
+  for (int i = 0; i < 100 && Workers() < 4; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(Workers(), 4);
+
+  // Cancel stops every worker within 5 s.
+  const auto cancelled_at = std::chrono::steady_clock::now();
+  ASSERT_EQ(Ctl("cancel " + four), 0);
+  while (Workers() > 0 && std::chrono::steady_clock::now() - cancelled_at < std::chrono::seconds(10)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  const double stop_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - cancelled_at).count();
+  std::printf("cancel stopped 4 workers in %.2f s\n", stop_s);
+  EXPECT_EQ(Workers(), 0);
+  EXPECT_LT(stop_s, 5.0);
+
+  // A worker that fails marks its job failed with the exit status and its last lines.
+  const std::string bad = Submit(WriteSpec("bad", 1, 4, "missing.u32"));
+  ASSERT_TRUE(WaitFor(bad, "JOB_STATE_FAILED", 30)) << Job(bad).dump(1);
+  nlohmann::json failed = Job(bad);
+  EXPECT_NE(failed.value("exit_code", 0), 0);
+  EXPECT_NE(failed["last_log_lines"].dump().find("missing.u32"), std::string::npos) << failed.dump(1);
+  std::string status;
+  EXPECT_EQ(Ctl("status " + bad, &status), 0);
+  EXPECT_NE(status.find("missing.u32"), std::string::npos) << status;
+}
+
+TEST_F(ClusterTest, TokensSpecsAndAddressesAreChecked) {
+  const fs::path wrong = dir_ / "wrong-token";
+  std::ofstream(wrong) << "not-the-token\n";
+  std::string out;
+  EXPECT_EQ(Ctl("list", &out, wrong.string()), 4) << out;
+  EXPECT_NE(out.find("bearer token"), std::string::npos) << out;
+  // A malformed spec: INVALID_ARGUMENT naming the field, exit code 2, nothing queued.
+  const std::string spec = WriteSpec("typo", 1, 4);
+  std::ofstream(spec, std::ios::app) << "  devices_per_nod: 2\n";
+  EXPECT_EQ(Ctl("submit " + spec, &out), 2) << out;
+  EXPECT_NE(out.find("resources.devices_per_nod"), std::string::npos) << out;
+  EXPECT_EQ(Ctl("--json list -a", &out), 0);
+  EXPECT_EQ(out.find("typo"), std::string::npos) << out;
+  // A daemon pointed at nothing says so.
+  Subprocess lost(kBin + "/llamad --role node --node-id lost --devices cpu:1 --scheduler 127.0.0.1:1 --token-file " +
+                  (dir_ / "sched" / "token").string() + " --data-dir " + (dir_ / "lost").string());
+  auto line = lost.ReadLine(15);
+  ASSERT_TRUE(line.has_value());
+  EXPECT_NE(line->find("127.0.0.1:1"), std::string::npos) << *line;
+  EXPECT_NE(line->find("UNAVAILABLE") == std::string::npos ? line->find("scheduler") : 0, std::string::npos) << *line;
+}
+
+TEST_F(ClusterTest, SchedulerKilledMidJobLosesNothing) {
+  StartNode("node1");
+  StartNode("node2");
+  const std::string job = Submit(WriteSpec("survivor", 2, 60));
+  ASSERT_TRUE(WaitFor(job, "JOB_STATE_RUNNING", 30));
+  for (int i = 0; i < 300 && std::stoi(Job(job)["progress"].value("step", "0")) < 2; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  const std::string before = Job(job)["progress"].value("step", "0");
+  scheduler_->Kill(SIGKILL);
+  scheduler_->Wait();
+  StartScheduler(address_);  // same port: the daemons reconnect by themselves
+  nlohmann::json after = Job(job);
+  EXPECT_EQ(after.value("state", ""), "JOB_STATE_RUNNING") << after.dump(1);
+  EXPECT_EQ(after.value("generation", "0"), "1");
+  std::string nodes;
+  EXPECT_EQ(Ctl("nodes", &nodes), 0);
+  EXPECT_NE(nodes.find("node2"), std::string::npos) << nodes;
+  // The same generation runs on to the end; its progress kept coming after the restart.
+  ASSERT_TRUE(WaitFor(job, "JOB_STATE_SUCCEEDED", 180)) << Job(job).dump(1);
+  EXPECT_EQ(Job(job)["progress"].value("step", "0"), "60");
+  EXPECT_EQ(Job(job).value("generation", "0"), "1");
+  std::printf("progress before the kill: step %s\n", before.c_str());
+}
+
+}  // namespace

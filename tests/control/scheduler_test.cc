@@ -1,0 +1,265 @@
+// The scheduler on a real RocksDB with a manual clock: gang placement, queue reasons,
+// leases, rank supervision, restart, and spec validation.
+#include "scheduler/scheduler.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "daemon/rendezvous_wire.h"
+
+namespace llamad::scheduler {
+namespace {
+namespace fs = std::filesystem;
+
+constexpr char kSpec[] = R"(
+name: gang
+model: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4,
+        vocab_size: 64, max_position_embeddings: 128}
+training: {max_length: 32, batch_size: 4, steps: 5}
+data: {dataset: tokens.u32}
+resources:
+  nodes: NODES
+  devices_per_node: 1
+)";
+
+std::string Spec(int nodes, int priority = 0) {
+  std::string s = kSpec;
+  s.replace(s.find("NODES"), 5, std::to_string(nodes));
+  if (priority != 0) s += "  priority: " + std::to_string(priority) + "\n";
+  return s;
+}
+
+class SchedulerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("llamad-scheduler-test-" + std::to_string(::getpid()) + "-" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    Reopen();
+  }
+  void TearDown() override {
+    scheduler_.reset();
+    fs::remove_all(dir_);
+  }
+  void Reopen() {
+    scheduler_.reset();
+    SchedulerOptions options;
+    options.data_dir = dir_.string();
+    options.heartbeat_interval_ms = 1000;
+    options.lease_timeout_ms = 5000;
+    options.rendezvous_address = "127.0.0.1:1";
+    auto s = Scheduler::Open(options, &clock_);
+    ASSERT_TRUE(s.ok()) << s.status();
+    scheduler_ = std::move(*s);
+  }
+  void AddNode(const std::string& id, int devices = 1) {
+    pb::RegisterNodeRequest r;
+    r.set_node_id(id);
+    r.set_devices(devices);
+    r.set_device_kind("cpu");
+    ASSERT_TRUE(scheduler_->RegisterNode(r).ok());
+  }
+  pb::Job Submit(int nodes, int priority = 0) {
+    pb::SubmitJobRequest r;
+    r.set_spec_yaml(Spec(nodes, priority));
+    r.set_spec_origin("/jobs/gang.yaml");
+    auto job = scheduler_->SubmitJob(r);
+    EXPECT_TRUE(job.ok()) << job.status();
+    return job.ok() ? *job : pb::Job();
+  }
+  pb::Job Get(const std::string& id) { return *scheduler_->GetJob(id); }
+  // One heartbeat of `node` reporting `ranks`; returns the orders.
+  pb::HeartbeatResponse Beat(const std::string& node, std::vector<pb::RankReport> ranks = {}) {
+    pb::HeartbeatRequest r;
+    r.set_node_id(node);
+    for (auto& rank : ranks) *r.add_ranks() = rank;
+    auto resp = scheduler_->Heartbeat(r);
+    EXPECT_TRUE(resp.ok());
+    return *resp;
+  }
+  static pb::RankReport Report(const pb::StartRank& start, pb::RankState state, int exit_code = 0) {
+    pb::RankReport r;
+    r.set_job_id(start.job_id());
+    r.set_generation(start.generation());
+    r.set_rank(start.rank());
+    r.set_state(state);
+    r.set_exit_code(exit_code);
+    return r;
+  }
+
+  fs::path dir_;
+  ManualClock clock_;
+  std::unique_ptr<Scheduler> scheduler_;
+};
+
+TEST_F(SchedulerTest, GangStartsAllOrNothingAndSaysWhyItWaits) {
+  for (auto n : {"a", "b", "c"}) AddNode(n);
+  pb::Job two = Submit(2);
+  EXPECT_EQ(Get(two.id()).state(), pb::JOB_STATE_RUNNING);
+  EXPECT_EQ(Get(two.id()).placement_size(), 2);
+  pb::Job four = Submit(4);
+  pb::Job j = Get(four.id());
+  EXPECT_EQ(j.state(), pb::JOB_STATE_QUEUED);
+  EXPECT_NE(j.reason().find("waiting for 4 node(s)"), std::string::npos) << j.reason();
+  EXPECT_NE(j.reason().find("1 of 3 ready"), std::string::npos) << j.reason();
+  // A later small job does not overtake the waiting one.
+  pb::Job one = Submit(1);
+  EXPECT_EQ(Get(one.id()).state(), pb::JOB_STATE_QUEUED);
+  EXPECT_NE(Get(one.id()).reason().find("behind job " + four.id()), std::string::npos);
+  // The first job ends; then a fourth node makes room for all four.
+  pb::HeartbeatResponse orders_a = Beat("a");
+  ASSERT_EQ(orders_a.start_size(), 1);
+  Beat("a", {Report(orders_a.start(0), pb::RANK_STATE_EXITED, 0)});
+  pb::HeartbeatResponse orders_b = Beat("b");
+  ASSERT_EQ(orders_b.start_size(), 1);
+  EXPECT_EQ(orders_b.start(0).world_size(), 2);
+  Beat("b", {Report(orders_b.start(0), pb::RANK_STATE_EXITED, 0)});
+  EXPECT_EQ(Get(two.id()).state(), pb::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(Get(four.id()).state(), pb::JOB_STATE_QUEUED);
+  AddNode("d");
+  EXPECT_EQ(Get(four.id()).state(), pb::JOB_STATE_RUNNING);
+  EXPECT_EQ(Get(four.id()).placement_size(), 4);
+  EXPECT_EQ(Get(one.id()).state(), pb::JOB_STATE_QUEUED);
+}
+
+TEST_F(SchedulerTest, PriorityGoesFirst) {
+  AddNode("a");
+  pb::Job running = Submit(1);
+  pb::Job low = Submit(1, 0);
+  pb::Job high = Submit(1, 5);
+  scheduler_->CancelJob(running.id()).IgnoreError();
+  EXPECT_EQ(Get(high.id()).state(), pb::JOB_STATE_RUNNING);
+  EXPECT_EQ(Get(low.id()).state(), pb::JOB_STATE_QUEUED);
+}
+
+TEST_F(SchedulerTest, ExpiredLeaseRequeuesTheJobWithoutSleeping) {
+  AddNode("a");
+  AddNode("b");
+  pb::Job job = Submit(2);
+  ASSERT_EQ(Get(job.id()).state(), pb::JOB_STATE_RUNNING);
+  clock_.Advance(3000);
+  Beat("a");  // a keeps its lease, b goes silent
+  clock_.Advance(3000);
+  scheduler_->Tick();
+  pb::Job j = Get(job.id());
+  EXPECT_EQ(j.state(), pb::JOB_STATE_QUEUED);
+  EXPECT_NE(j.reason().find("node b lost"), std::string::npos) << j.reason();
+  auto nodes = scheduler_->ListNodes();
+  EXPECT_EQ(nodes[1].state(), pb::NODE_STATE_LOST);
+  // a is told to stop its rank of the ended generation.
+  pb::RankReport stale;
+  stale.set_job_id(job.id());
+  stale.set_generation(1);
+  stale.set_rank(0);
+  stale.set_state(pb::RANK_STATE_RUNNING);
+  EXPECT_EQ(Beat("a", {stale}).stop_size(), 1);
+  // b comes back: the job starts again as generation 2.
+  Beat("b");
+  EXPECT_EQ(Get(job.id()).state(), pb::JOB_STATE_RUNNING);
+  EXPECT_EQ(Get(job.id()).generation(), 2);
+}
+
+TEST_F(SchedulerTest, FailedRankFailsTheJobWithItsLastLines) {
+  AddNode("a");
+  pb::Job job = Submit(1);
+  pb::HeartbeatResponse orders = Beat("a");
+  ASSERT_EQ(orders.start_size(), 1);
+  pb::RankReport report = Report(orders.start(0), pb::RANK_STATE_EXITED, 134);
+  report.add_log_lines("loading");
+  report.add_log_lines("boom: out of memory");
+  Beat("a", {report});
+  pb::Job j = Get(job.id());
+  EXPECT_EQ(j.state(), pb::JOB_STATE_FAILED);
+  EXPECT_EQ(j.exit_code(), 134);
+  EXPECT_NE(j.reason().find("signal 6"), std::string::npos) << j.reason();
+  ASSERT_EQ(j.last_log_lines_size(), 2);
+  EXPECT_EQ(j.last_log_lines(1), "boom: out of memory");
+  auto logs = scheduler_->GetLogs(job.id(), 0, 10);
+  ASSERT_TRUE(logs.ok());
+  EXPECT_EQ(logs->size(), 2u);
+  // Resume puts it back in the queue; it starts as generation 2.
+  ASSERT_TRUE(scheduler_->ResumeJob(job.id()).ok());
+  EXPECT_EQ(Get(job.id()).generation(), 2);
+}
+
+TEST_F(SchedulerTest, RestartLosesNoJobNodeOrEvent) {
+  AddNode("a");
+  pb::Job running = Submit(1);
+  pb::Job queued = Submit(1);
+  auto events_before = scheduler_->WaitJobEvents(running.id(), 0, 0);
+  ASSERT_TRUE(events_before.ok());
+  Reopen();
+  EXPECT_EQ(Get(running.id()).state(), pb::JOB_STATE_RUNNING);
+  EXPECT_EQ(Get(queued.id()).state(), pb::JOB_STATE_QUEUED);
+  EXPECT_EQ(scheduler_->ListNodes().size(), 1u);
+  auto events_after = scheduler_->WaitJobEvents(running.id(), 0, 0);
+  ASSERT_TRUE(events_after.ok());
+  EXPECT_EQ(events_after->size(), events_before->size());
+  // The node's rank is still expected; new ids continue after the old ones.
+  EXPECT_EQ(Beat("a").start_size(), 1);
+  EXPECT_GT(Submit(1).id(), queued.id());
+}
+
+TEST_F(SchedulerTest, MalformedSpecNamesTheField) {
+  pb::SubmitJobRequest r;
+  r.set_spec_origin("/jobs/bad.yaml");
+  r.set_spec_yaml(Spec(1) + "  devices_per_nod: 2\n");
+  auto job = scheduler_->SubmitJob(r);
+  ASSERT_EQ(job.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(job.status().message().find("resources.devices_per_nod"), std::string::npos) << job.status();
+  r.set_spec_yaml(Spec(0));
+  job = scheduler_->SubmitJob(r);
+  ASSERT_EQ(job.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(job.status().message().find("resources.nodes"), std::string::npos) << job.status();
+  EXPECT_TRUE(scheduler_->ListJobs(true, 0).empty());
+}
+
+TEST_F(SchedulerTest, RendezvousWaitsForKeysAndIsScopedByGeneration) {
+  AddNode("a");
+  pb::Job job = Submit(1);
+  pb::RendezvousScope scope;
+  scope.set_job_id(job.id());
+  scope.set_generation(1);
+  std::thread setter([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    EXPECT_TRUE(scheduler_->RendezvousSet(scope, "rank0", "addr").ok());
+  });
+  auto values = scheduler_->RendezvousGet(scope, {"rank0"}, 5000);
+  setter.join();
+  ASSERT_TRUE(values.ok()) << values.status();
+  EXPECT_EQ((*values)[0], "addr");
+  pb::RendezvousScope old = scope;
+  old.set_generation(0);
+  EXPECT_EQ(scheduler_->RendezvousGet(old, {"rank0"}, 10).status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(*scheduler_->RendezvousAdd(scope, "n", 2), 2);
+  EXPECT_EQ(*scheduler_->RendezvousAdd(scope, "n", 3), 5);
+}
+
+// The workers' hand-encoded messages are what the generated classes read and write.
+TEST(RendezvousWire, MatchesTheGeneratedClasses) {
+  pb::RendezvousSetRequest set;
+  ASSERT_TRUE(set.ParseFromString(daemon::wire::EncodeSetRequest("j-000007", 3, "rank1", std::string("a\0b", 3))));
+  EXPECT_EQ(set.scope().job_id(), "j-000007");
+  EXPECT_EQ(set.scope().generation(), 3);
+  EXPECT_EQ(set.key(), "rank1");
+  EXPECT_EQ(set.value(), std::string("a\0b", 3));
+  pb::RendezvousGetRequest get;
+  ASSERT_TRUE(get.ParseFromString(daemon::wire::EncodeGetRequest("j-1", 300, {"x", "y"}, 123456)));
+  EXPECT_EQ(get.scope().generation(), 300);
+  ASSERT_EQ(get.keys_size(), 2);
+  EXPECT_EQ(get.keys(1), "y");
+  EXPECT_EQ(get.timeout_ms(), 123456);
+  pb::RendezvousGetResponse response;
+  response.add_values(std::string(300, 'v'));
+  response.add_values("");
+  auto values = daemon::wire::DecodeGetResponse(response.SerializeAsString());
+  ASSERT_TRUE(values.has_value());
+  ASSERT_EQ(values->size(), 2u);
+  EXPECT_EQ((*values)[0], std::string(300, 'v'));
+  EXPECT_FALSE(daemon::wire::DecodeGetResponse("\x0a\x05" "ab").has_value());
+}
+
+}  // namespace
+}  // namespace llamad::scheduler
