@@ -70,6 +70,18 @@ absl::StatusOr<JobSpec> LoadJobText(const std::string& text) {
 }
 
 // The error for `text` mentions every string in `needles`.
+void ExpectError(const std::string& text, std::initializer_list<const char*> needles);
+
+TEST(JobSpecTest, ResourcesAreValidated) {
+  const std::string base = "model: tiny\ndata: {dataset: x}\n";
+  ExpectError(base + "resources: {nodes: 2, anything: 1}\n", {"resources.anything"});
+  ExpectError(base + "resources: {nodes: 0}\n", {"resources.nodes"});
+  ExpectError(base + "resources: {nodes: 2, min_nodes: 3}\n", {"resources.min_nodes"});
+  ExpectError(base + "resources: {nodes: 2, max_nodes: 1}\n", {"resources.max_nodes"});
+  ExpectError(base + "resources: {devices_per_node: 0}\n", {"resources.devices_per_node"});
+}
+
+// The error for `text` mentions every string in `needles`.
 void ExpectError(const std::string& text, std::initializer_list<const char*> needles) {
   auto spec = LoadJobText(text);
   ASSERT_FALSE(spec.ok()) << "accepted:\n" << text;
@@ -77,7 +89,7 @@ void ExpectError(const std::string& text, std::initializer_list<const char*> nee
   for (const char* n : needles) EXPECT_NE(message.find(n), std::string::npos) << message;
 }
 
-TEST(JobSpecTest, ReadsAFullSpecAndIgnoresResources) {
+TEST(JobSpecTest, ReadsAFullSpecWithResources) {
   auto spec = LoadJobText(R"(
 name: demo
 model: {preset: tiny, num_hidden_layers: 2}
@@ -86,10 +98,14 @@ training: {max_length: 128, batch_size: 4, global_batch_size: 16, steps: 10, lr:
 parallel: {plugin: ddp}
 data: {dataset: tokens.bin, format: uint32}
 checkpoint: {dir: ckpt, interval: 0}
-resources: {nodes: 4, devices_per_node: 8, anything: [1, 2]}
+resources: {nodes: 4, devices_per_node: 8, min_nodes: 2, priority: 3}
 )");
   ASSERT_TRUE(spec.ok()) << spec.status();
   EXPECT_EQ(spec->name, "demo");
+  EXPECT_EQ(spec->resources.nodes, 4);
+  EXPECT_EQ(spec->resources.devices_per_node, 8);
+  EXPECT_EQ(spec->resources.min_nodes, 2);
+  EXPECT_EQ(spec->resources.priority, 3);
   EXPECT_EQ(spec->model.num_hidden_layers, 2);
   EXPECT_EQ(spec->model.hidden_size, 256);  // from the preset
   EXPECT_EQ(GradientAccumulationSteps(*spec), 4);
