@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "common/subprocess.h"
+#include "common/synthetic_tokens.h"
 
 namespace {
 namespace fs = std::filesystem;
@@ -25,12 +26,7 @@ class ClusterTest : public ::testing::Test {
                                         ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
-    std::string tokens;
-    for (uint32_t i = 0; i < 6000; ++i) {
-      const uint32_t id = (i * 7 + i / 13 + (i * i) % 11) % 60;
-      tokens.append(reinterpret_cast<const char*>(&id), 4);
-    }
-    std::ofstream(dir_ / "tokens.u32", std::ios::binary) << tokens;
+    llamad::testing::WriteSyntheticTokens(dir_ / "tokens.u32");
     StartScheduler();
   }
   void TearDown() override {
