@@ -206,6 +206,14 @@ absl::StatusOr<pb::Job> Follow(Connection& c, const std::string& job_id, bool js
   return last;
 }
 
+// Follows a job to its end, prints it (unless --json) and returns llamactl's exit code.
+int FollowToEnd(Connection& c, const std::string& job_id, bool json) {
+  auto final_job = Follow(c, job_id, json);
+  if (!final_job.ok()) return Fail(final_job.status());
+  if (!json) PrintJob(*final_job);
+  return final_job->state() == pb::JOB_STATE_SUCCEEDED ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -302,13 +310,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "llamactl: running job %s (%s) on this machine: %d %s slot(s); logs in %s/jobs/%s\n",
                  submitted->id().c_str(), submitted->name().c_str(), agent_options.devices,
                  found->kind.c_str(), data_dir.c_str(), submitted->id().c_str());
-    auto final_job = Follow(*conn, submitted->id(), json);
+    const int code = FollowToEnd(*conn, submitted->id(), json);
     agent.Stop(false);
     (*srv)->Shutdown();
-    if (!final_job.ok()) return Fail(final_job.status());
-    if (!json) PrintJob(*final_job);
     std::fprintf(stderr, "llamactl: rank logs in %s/jobs/%s\n", data_dir.c_str(), submitted->id().c_str());
-    return final_job->state() == pb::JOB_STATE_SUCCEEDED ? 0 : 1;
+    return code;
   }
 
   auto conn = Connect(server, token_file, tls);
@@ -325,11 +331,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "llamactl: submitted %s (%s): %s\n", job->id().c_str(), job->name().c_str(),
                    job->reason().c_str());
     }
-    if (!wait) return 0;
-    auto final_job = Follow(c, job->id(), json);
-    if (!final_job.ok()) return Fail(final_job.status());
-    if (!json) PrintJob(*final_job);
-    return final_job->state() == pb::JOB_STATE_SUCCEEDED ? 0 : 1;
+    return wait ? FollowToEnd(c, job->id(), json) : 0;
   }
   if (*status && !job_id.empty()) {
     pb::GetJobRequest request;
