@@ -21,6 +21,7 @@
 
 #include <google/protobuf/util/json_util.h>
 
+#include "core/self_executable.h"
 #include "daemon/devices.h"
 #include "daemon/node_agent.h"
 #include "llamad/v1/llamad.grpc.pb.h"
@@ -300,7 +301,7 @@ int main(int argc, char** argv) {
     agent_options.device_kind = found->kind;
     agent_options.data_dir = data_dir;
     agent_options.worker_binary =
-        std::filesystem::read_symlink("/proc/self/exe").parent_path().string() + "/llama-train";
+        std::filesystem::path(llamad::SelfExecutable()).parent_path().string() + "/llama-train";
     llamad::daemon::NodeAgent agent(agent_options);
     agent.Start();
     auto conn = Connect((*srv)->address(), data_dir + "/token", {});

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "core/self_executable.h"
 #include "daemon/config.h"
 #include "daemon/devices.h"
 #include "daemon/node_agent.h"
@@ -31,7 +32,7 @@ std::string HostName() {
   return name;
 }
 
-std::string SelfDir() { return std::filesystem::read_symlink("/proc/self/exe").parent_path().string(); }
+std::string SelfDir() { return std::filesystem::path(llamad::SelfExecutable()).parent_path().string(); }
 
 }  // namespace
 

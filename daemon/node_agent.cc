@@ -247,6 +247,12 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
   const pid_t pid = ::fork();
   if (pid == 0) {
     ::setpgid(0, 0);
+    // The daemon blocks SIGINT/SIGTERM in every thread (it takes them with sigwait), and
+    // a signal mask survives fork and exec: unblock them, or the worker could be stopped
+    // only by SIGKILL and would outlive a daemon that dies.
+    sigset_t none;
+    sigemptyset(&none);
+    ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
     // A worker never outlives its daemon.
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (::getppid() != parent) ::_exit(128 + SIGTERM);

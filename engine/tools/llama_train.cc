@@ -34,6 +34,7 @@
 #include "train/jobspec.h"
 #include "train/memory_plan.h"
 #include "core/host_memory.h"
+#include "core/self_executable.h"
 #include "train/token_data.h"
 #include "train/trainer.h"
 
@@ -347,6 +348,7 @@ int LaunchRanks(int nproc) {
     return kExitFailure;
   }
   std::vector<pid_t> pids(size_t(nproc), -1);
+  const std::string self = SelfExecutable();
   for (int r = 0; r < nproc; ++r) {
     const pid_t pid = ::fork();
     if (pid < 0) {
@@ -361,7 +363,7 @@ int LaunchRanks(int nproc) {
       ::setenv(kRankEnv, std::to_string(r).c_str(), 1);
       ::setenv(kWorldEnv, std::to_string(nproc).c_str(), 1);
       ::setenv(kRendezvousEnv, dir, 1);
-      ::execv("/proc/self/exe", g_argv);
+      ::execv(self.c_str(), g_argv);
       std::fprintf(stderr, "llama-train: rank %d: exec failed: %s\n", r, std::strerror(errno));
       ::_exit(kExitFailure);
     }

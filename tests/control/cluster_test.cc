@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
 #include <thread>
 
 #include "common/subprocess.h"
@@ -50,7 +52,8 @@ class ClusterTest : public ::testing::Test {
     nodes_.push_back(std::make_unique<Subprocess>(
         kBin + "/llamad --role node --node-id " + id + " --devices cpu:1 --worker-threads 1 --scheduler " + address_ +
         " --token-file " + (dir_ / "sched" / "token").string() + " --data-dir " + (dir_ / id).string() +
-        " --stop-grace-ms 2000"));
+        // Longer than the 5 s a cancel may take: stopping must come from SIGTERM.
+        " --stop-grace-ms 10000"));
   }
   // Runs llamactl; returns its exit code and fills *out with what it printed.
   int Ctl(const std::string& args, std::string* out = nullptr, const std::string& token_file = "") {
@@ -93,14 +96,48 @@ resources:
     EXPECT_EQ(Ctl("--json submit " + spec, &out), 0) << out;
     return nlohmann::json::parse(out, nullptr, false).value("id", "");
   }
-  // Worker processes of this test that are alive.
-  int Workers() {
-    Subprocess p("pgrep -f '" + dir_.string() + "/node.*/jobs/j-'");
-    p.Drain();
-    p.Wait();
-    int n = 0;
-    for (char c : p.output()) n += c == '\n';
-    return n;
+  // Live llama-train processes whose parent is `parent`, or any of this test's node
+  // daemons when it is 0. Read from /proc/<pid>/stat, which (unlike the command line
+  // pgrep -f reads) stays readable while a starting worker maps its memory.
+  std::vector<pid_t> WorkerPids(pid_t parent = 0) {
+    std::set<pid_t> parents;
+    if (parent != 0) parents.insert(parent);
+    for (const auto& node : nodes_) {
+      if (parent == 0) parents.insert(node->pid());
+    }
+    std::vector<pid_t> pids;
+    for (const auto& entry : fs::directory_iterator("/proc")) {
+      pid_t ppid = 0;
+      if (const std::string name = entry.path().filename().string();
+          IsLiveWorker(name, &ppid) && parents.contains(ppid)) {
+        pids.push_back(std::stoi(name));
+      }
+    }
+    return pids;
+  }
+  int Workers() { return int(WorkerPids().size()); }
+  // Whether /proc/<pid> is a llama-train process that has not exited; sets its parent.
+  static bool IsLiveWorker(const std::string& pid, pid_t* ppid) {
+    std::ifstream stat("/proc/" + pid + "/stat");
+    std::string line;
+    if (!std::getline(stat, line)) return false;
+    // pid (comm) state ppid ...
+    const size_t open = line.find('('), close = line.rfind(')');
+    if (open == std::string::npos || close == std::string::npos) return false;
+    std::istringstream rest(line.substr(close + 1));
+    char state = 0;
+    rest >> state >> *ppid;
+    return line.substr(open + 1, close - open - 1) == "llama-train" && state != 'Z';
+  }
+  // Every rank log the node daemons kept, for failure messages.
+  std::string RankLogs() {
+    std::string all;
+    for (const auto& entry : fs::recursive_directory_iterator(dir_)) {
+      if (!entry.path().filename().string().starts_with("rank-")) continue;
+      std::ifstream in(entry.path());
+      all += "\n== " + entry.path().string() + "\n" + std::string(std::istreambuf_iterator<char>(in), {});
+    }
+    return all;
   }
 
   fs::path dir_;
@@ -128,7 +165,7 @@ TEST_F(ClusterTest, GangStartsQueuesCancelsAndReportsCrashes) {
   StartNode("node4");
   ASSERT_TRUE(WaitFor(four, "JOB_STATE_RUNNING", 30)) << Job(four).dump(1);
   for (int i = 0; i < 100 && Workers() < 4; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  EXPECT_EQ(Workers(), 4);
+  EXPECT_EQ(Workers(), 4) << Job(four).dump(1) << RankLogs();
 
   // Cancel stops every worker within 5 s.
   const auto cancelled_at = std::chrono::steady_clock::now();
@@ -150,6 +187,53 @@ TEST_F(ClusterTest, GangStartsQueuesCancelsAndReportsCrashes) {
   std::string status;
   EXPECT_EQ(Ctl("status " + bad, &status), 0);
   EXPECT_NE(status.find("missing.u32"), std::string::npos) << status;
+}
+
+TEST_F(ClusterTest, LostNodeTakesItsWorkersAndTheJobMovesOn) {
+  for (auto id : {"node1", "node2", "node3"}) StartNode(id);
+  const std::string job = Submit(WriteSpec("mover", 2, 100000));
+  ASSERT_TRUE(WaitFor(job, "JOB_STATE_RUNNING", 30)) << Job(job).dump(1);
+  const std::string victim = Job(job)["placement"][1].value("node_id", "");
+  ASSERT_TRUE(victim.starts_with("node")) << Job(job).dump(1);
+  Subprocess& daemon = *nodes_[size_t(victim.back() - '1')];
+  std::vector<pid_t> orphans;
+  for (int i = 0; i < 100 && orphans.empty(); ++i) {
+    orphans = WorkerPids(daemon.pid());
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_EQ(orphans.size(), 1u) << RankLogs();
+
+  // The daemon dies without a word: its worker follows it (parent-death signal)...
+  daemon.Kill(SIGKILL);
+  daemon.Wait();
+  const auto killed_at = std::chrono::steady_clock::now();
+  auto alive = [&] {
+    pid_t ppid = 0;
+    return IsLiveWorker(std::to_string(orphans[0]), &ppid);
+  };
+  while (alive() && std::chrono::steady_clock::now() - killed_at < std::chrono::seconds(10)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_FALSE(alive()) << "the worker of a dead daemon is still running";
+  std::printf("the dead daemon's worker exited after %.2f s\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - killed_at).count());
+
+  // ...its lease runs out, and the job starts its next generation on the two live nodes.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  nlohmann::json moved;
+  while (std::chrono::steady_clock::now() < deadline) {
+    moved = Job(job);
+    if (moved.value("generation", "0") == "2" && moved.value("state", "") == "JOB_STATE_RUNNING") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  ASSERT_EQ(moved.value("generation", "0"), "2") << moved.dump(1);
+  EXPECT_EQ(moved.value("state", ""), "JOB_STATE_RUNNING") << moved.dump(1);
+  EXPECT_EQ(moved.dump().find(victim), std::string::npos) << moved.dump(1);
+  std::string nodes;
+  EXPECT_EQ(Ctl("nodes", &nodes), 0);
+  EXPECT_NE(nodes.find("lost"), std::string::npos) << nodes;
+  EXPECT_EQ(Ctl("cancel " + job), 0);
+  EXPECT_TRUE(WaitFor(job, "JOB_STATE_CANCELLED", 30)) << Job(job).dump(1);
 }
 
 TEST_F(ClusterTest, TokensSpecsAndAddressesAreChecked) {

@@ -6,6 +6,8 @@
 #include <initializer_list>
 #include <cstring>
 
+#include "core/self_executable.h"
+
 extern "C" char* openblas_get_corename(void);
 
 namespace llamad {
@@ -45,7 +47,8 @@ void SelectBlasKernels(char** argv) {
   if (best == nullptr || KernelLevel(BlasCoreName()) >= level) return;
   setenv("OPENBLAS_CORETYPE", best, 1);
   setenv("LLAMAD_BLAS_REEXEC", "1", 1);
-  execv("/proc/self/exe", argv);
+  const std::string self = SelfExecutable();
+  execv(self.c_str(), argv);
   // Still here: the exec failed; carry on with the generic kernels.
   unsetenv("OPENBLAS_CORETYPE");
 #else
