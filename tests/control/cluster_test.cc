@@ -9,9 +9,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 #include <thread>
 
+#include "common/process_table.h"
 #include "common/subprocess.h"
 #include "common/synthetic_tokens.h"
 
@@ -97,38 +97,16 @@ resources:
     return nlohmann::json::parse(out, nullptr, false).value("id", "");
   }
   // Live llama-train processes whose parent is `parent`, or any of this test's node
-  // daemons when it is 0. Read from /proc/<pid>/stat, which (unlike the command line
-  // pgrep -f reads) stays readable while a starting worker maps its memory.
+  // daemons when it is 0.
   std::vector<pid_t> WorkerPids(pid_t parent = 0) {
     std::set<pid_t> parents;
     if (parent != 0) parents.insert(parent);
     for (const auto& node : nodes_) {
       if (parent == 0) parents.insert(node->pid());
     }
-    std::vector<pid_t> pids;
-    for (const auto& entry : fs::directory_iterator("/proc")) {
-      pid_t ppid = 0;
-      if (const std::string name = entry.path().filename().string();
-          IsLiveWorker(name, &ppid) && parents.contains(ppid)) {
-        pids.push_back(std::stoi(name));
-      }
-    }
-    return pids;
+    return llamad::testing::LiveChildren(parents, "llama-train");
   }
   int Workers() { return int(WorkerPids().size()); }
-  // Whether /proc/<pid> is a llama-train process that has not exited; sets its parent.
-  static bool IsLiveWorker(const std::string& pid, pid_t* ppid) {
-    std::ifstream stat("/proc/" + pid + "/stat");
-    std::string line;
-    if (!std::getline(stat, line)) return false;
-    // pid (comm) state ppid ...
-    const size_t open = line.find('('), close = line.rfind(')');
-    if (open == std::string::npos || close == std::string::npos) return false;
-    std::istringstream rest(line.substr(close + 1));
-    char state = 0;
-    rest >> state >> *ppid;
-    return line.substr(open + 1, close - open - 1) == "llama-train" && state != 'Z';
-  }
   // Every rank log the node daemons kept, for failure messages.
   std::string RankLogs() {
     std::string all;
@@ -207,10 +185,7 @@ TEST_F(ClusterTest, LostNodeTakesItsWorkersAndTheJobMovesOn) {
   daemon.Kill(SIGKILL);
   daemon.Wait();
   const auto killed_at = std::chrono::steady_clock::now();
-  auto alive = [&] {
-    pid_t ppid = 0;
-    return IsLiveWorker(std::to_string(orphans[0]), &ppid);
-  };
+  auto alive = [&] { return llamad::testing::IsLiveProcess(orphans[0], "llama-train"); };
   while (alive() && std::chrono::steady_clock::now() - killed_at < std::chrono::seconds(10)) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
