@@ -27,6 +27,7 @@
 
 namespace rocksdb {
 class DB;
+class WriteBatch;
 }
 
 namespace llamad::scheduler {
@@ -131,9 +132,19 @@ class Scheduler {
   pb::Job* FindJobLocked(const std::string& id_or_name);
   absl::Status PersistJobLocked(const pb::Job& job, const std::string& event_kind, const std::string& message);
   absl::Status PersistNodeLocked(const pb::NodeInfo& node);
+  // While group_ is set, the two above add to it instead of writing; this writes it
+  // (synced) and clears group_.
+  absl::Status CommitGroupLocked(rocksdb::WriteBatch& group);
   void TickLocked();
   void ExpireLeasesLocked(int64_t now);
   void PlaceJobsLocked(int64_t now);
+  // What a heartbeat runs: placement only when a job, node or allocation changed since
+  // the last pass (a pass looks at every queued job and node; 1,000 nodes beating each
+  // second must not each pay for one). Leases are checked by the timer's Tick.
+  void PlaceJobsIfChangedLocked(int64_t now);
+  // expected_ and its index by node change together through these two.
+  void ExpectRankLocked(const RankKey& key, const ExpectedRank& rank);
+  std::map<RankKey, ExpectedRank>::iterator ForgetRankLocked(std::map<RankKey, ExpectedRank>::iterator it);
   // Ends the job's current generation: forgets its expected ranks (the nodes are told
   // to stop them by the next heartbeat) and drops its rendezvous keys.
   void EndGenerationLocked(pb::Job& job);
@@ -155,6 +166,9 @@ class Scheduler {
   std::map<std::string, JobRuntime> job_runtime_;
   std::map<std::string, NodeRuntime> nodes_;
   std::map<RankKey, ExpectedRank> expected_;  // ranks that should run, by job/gen/rank
+  std::map<std::string, std::set<RankKey>> expected_by_node_;  // the same ranks, by node
+  bool placement_dirty_ = true;
+  rocksdb::WriteBatch* group_ = nullptr;  // the batch of the request in progress, if any  // something placement depends on changed since its last pass
   std::map<std::string, std::map<std::string, std::string>> rendezvous_;  // scope -> key -> value
   int64_t next_job_number_ = 1;
 };
