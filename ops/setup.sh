@@ -19,6 +19,7 @@ PACKAGES=(
   zlib1g-dev libzstd-dev zstd          # .gz and .zst corpora
   libgloo-dev                          # collectives between CPU ranks (data parallelism)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler   # the control plane
+  openssl                    # certificates for the mutual TLS test
   python3 python3-numpy      # the independent numpy reference of the model (tests/reference)
   fio                        # the checkpoint benchmark's disk baseline
 )

@@ -157,7 +157,17 @@ grpc::Status ToGrpc(const absl::Status& status) {
 absl::Status FromGrpc(const grpc::Status& status, const std::string& what) {
   if (status.ok()) return absl::OkStatus();
   std::string message = status.error_message();
-  if (status.error_code() == grpc::StatusCode::UNAVAILABLE) message += " (is the scheduler running there?)";
+  if (status.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    // A TLS mismatch (either side without TLS, or no client certificate for a scheduler
+    // that requires one) shows up as a connection closed during its setup.
+    const bool closed_in_setup = message.find("Socket closed") != std::string::npos ||
+                                 message.find("andshake") != std::string::npos ||
+                                 message.find("SSL") != std::string::npos || message.find("ssl") != std::string::npos;
+    message += closed_in_setup ? " (the connection was closed while it was set up: when the scheduler serves TLS, "
+                                 "pass its CA with --tls-ca, and --tls-cert/--tls-key if it requires client "
+                                 "certificates; when it does not, pass none of them)"
+                               : " (is the scheduler running there?)";
+  }
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()), what + ": " + message);
 }
 

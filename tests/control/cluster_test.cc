@@ -37,23 +37,23 @@ class ClusterTest : public ::testing::Test {
     fs::remove_all(dir_);
   }
 
-  void StartScheduler(const std::string& listen = "127.0.0.1:0") {
+  void StartScheduler(const std::string& listen = "127.0.0.1:0", const std::string& flags = "") {
     fs::remove(dir_ / "sched" / "scheduler.address");
     scheduler_ = std::make_unique<Subprocess>(kBin + "/llamad --role scheduler --listen " + listen + " --data-dir " +
                                               (dir_ / "sched").string() +
-                                              " --heartbeat-interval-ms 100 --lease-timeout-ms 3000");
+                                              " --heartbeat-interval-ms 100 --lease-timeout-ms 3000 " + flags);
     for (int i = 0; i < 200 && !fs::exists(dir_ / "sched" / "scheduler.address"); ++i) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     std::ifstream(dir_ / "sched" / "scheduler.address") >> address_;
     ASSERT_FALSE(address_.empty()) << scheduler_->Drain();
   }
-  void StartNode(const std::string& id) {
+  void StartNode(const std::string& id, const std::string& flags = "") {
     nodes_.push_back(std::make_unique<Subprocess>(
         kBin + "/llamad --role node --node-id " + id + " --devices cpu:1 --worker-threads 1 --scheduler " + address_ +
         " --token-file " + (dir_ / "sched" / "token").string() + " --data-dir " + (dir_ / id).string() +
         // Longer than the 5 s a cancel may take: stopping must come from SIGTERM.
-        " --stop-grace-ms 10000"));
+        " --stop-grace-ms 10000 " + flags));
   }
   // Runs llamactl; returns its exit code and fills *out with what it printed.
   int Ctl(const std::string& args, std::string* out = nullptr, const std::string& token_file = "") {
@@ -230,6 +230,55 @@ TEST_F(ClusterTest, TokensSpecsAndAddressesAreChecked) {
   auto line = lost.ReadLine(15);
   ASSERT_TRUE(line.has_value());
   EXPECT_NE(line->find("registering with the scheduler at 127.0.0.1:1"), std::string::npos) << *line;
+}
+
+// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+void MakeCertificates(const fs::path& dir) {
+  fs::create_directories(dir);
+  std::ofstream(dir / "server.ext") << "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n";
+  std::ofstream(dir / "client.ext") << "extendedKeyUsage=clientAuth\n";
+  const std::string d = dir.string() + "/";
+  const std::string ec = " -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes ";
+  std::string script = "openssl req -x509" + ec + "-keyout " + d + "ca.key -out " + d + "ca.pem -days 2 -subj /CN=llamad-test-ca";
+  for (const std::string who : {"server", "client"}) {
+    script += " && openssl req" + ec + "-keyout " + d + who + ".key -out " + d + who + ".csr -subj /CN=llamad-" + who +
+              " && openssl x509 -req -in " + d + who + ".csr -CA " + d + "ca.pem -CAkey " + d + "ca.key -CAcreateserial" +
+              " -days 2 -out " + d + who + ".pem -extfile " + d + who + ".ext";
+  }
+  Subprocess openssl("sh -c '" + script + "'");
+  const std::string out = openssl.Drain();
+  ASSERT_EQ(openssl.Wait(), 0) << out;
+}
+
+TEST_F(ClusterTest, MutualTlsAdmitsOnlyClientsWithACertificate) {
+  const fs::path certs = dir_ / "certs";
+  ASSERT_NO_FATAL_FAILURE(MakeCertificates(certs));
+  const std::string c = certs.string() + "/";
+  scheduler_.reset();
+  StartScheduler("127.0.0.1:0", "--tls-ca " + c + "ca.pem --tls-cert " + c + "server.pem --tls-key " + c + "server.key");
+  const std::string client_tls = "--tls-ca " + c + "ca.pem --tls-cert " + c + "client.pem --tls-key " + c + "client.key";
+  std::string out;
+  EXPECT_EQ(Ctl(client_tls + " list", &out), 0) << out;
+  // Plain TCP, and TLS without a client certificate, are turned away.
+  EXPECT_EQ(Ctl("list", &out), 5) << out;
+  EXPECT_NE(out.find("pass its CA with --tls-ca"), std::string::npos) << out;
+  EXPECT_EQ(Ctl("--tls-ca " + c + "ca.pem list", &out), 5) << out;
+  EXPECT_NE(out.find("--tls-cert/--tls-key"), std::string::npos) << out;
+  // Daemons and their workers (whose rendezvous crosses the same TLS) run a 2-node job.
+  const std::string node_tls = "--tls-ca " + c + "ca.pem --tls-cert " + c + "client.pem --tls-key " + c + "client.key";
+  StartNode("node1", node_tls);
+  StartNode("node2", node_tls);
+  const std::string spec = WriteSpec("secure", 2, 4);
+  ASSERT_EQ(Ctl(client_tls + " --json submit " + spec, &out), 0) << out;
+  const std::string id = nlohmann::json::parse(out, nullptr, false).value("id", "");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  nlohmann::json job;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (Ctl(client_tls + " --json status " + id, &out) == 0) job = nlohmann::json::parse(out, nullptr, false);
+    if (job.is_object() && job.value("state", "") == "JOB_STATE_SUCCEEDED") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  EXPECT_EQ(job.value("state", ""), "JOB_STATE_SUCCEEDED") << job.dump(1) << RankLogs();
 }
 
 TEST_F(ClusterTest, SchedulerKilledMidJobLosesNothing) {
