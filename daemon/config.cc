@@ -76,4 +76,15 @@ absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {
   return config;
 }
 
+std::string DaemonFlags::ToYaml(const DaemonConfig& config) const {
+  YAML::Emitter out;
+  out << YAML::BeginMap;
+  for (const Field& f : fields_) {
+    out << YAML::Key << f.name << YAML::Value;
+    std::visit([&](auto m) { out << config.*m; }, f.member);
+  }
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
+}
+
 }  // namespace llamad::daemon

@@ -39,6 +39,8 @@ class DaemonFlags {
   explicit DaemonFlags(CLI::App& app);
   // The file (when --config was given), then the flags that were given.
   absl::StatusOr<DaemonConfig> Resolve() const;
+  // `config` as the YAML file that would give it, one field per line (`llamad --check`).
+  std::string ToYaml(const DaemonConfig& config) const;
 
  private:
   // One field: its YAML key (the flag is --key with '-' for '_') and where it lives.

@@ -39,10 +39,16 @@ std::string SelfDir() { return std::filesystem::path(llamad::SelfExecutable()).p
 int main(int argc, char** argv) {
   CLI::App app("llamad: the llamad node daemon and scheduler");
   llamad::daemon::DaemonFlags flags(app);
+  bool check = false;
+  app.add_flag("--check", check, "Check the config (file and flags), print it resolved, and exit");
   CLI11_PARSE(app, argc, argv);
   auto config = flags.Resolve();
   if (!config.ok()) return Fail(config.status());
   if (config->token_file.empty()) config->token_file = (std::filesystem::path(config->data_dir) / "token").string();
+  if (check) {
+    std::fputs(flags.ToYaml(*config).c_str(), stdout);
+    return 0;
+  }
   const bool hosts_scheduler = config->role != "node";
   const bool hosts_node = config->role != "scheduler";
 
