@@ -12,6 +12,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -158,12 +159,24 @@ absl::StatusOr<pb::Job> Submit(Connection& c, const std::string& path) {
   return response.job();
 }
 
-// Follows a job's events until it ends: a progress bar on a terminal, one line per
-// event otherwise. Returns the final job.
+// One line of a running job's progress: a bar that redraws itself on a terminal.
+void PrintProgress(const pb::Job& job, bool tty) {
+  const pb::Progress& p = job.progress();
+  const int width = 30;
+  const int filled = p.total_steps() > 0 ? int(width * std::min(p.step(), p.total_steps()) / p.total_steps()) : 0;
+  std::fprintf(stderr, "%s[%s%s] step %lld/%lld loss %.4f %.0f tok/s%s", tty ? "\r\033[K" : "",
+               std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(), (long long)p.step(),
+               (long long)p.total_steps(), p.loss(), p.tokens_per_s(), tty ? "" : "\n");
+}
+
+// Follows a job's events and progress until it ends: a progress bar on a terminal, one
+// line per event (and a progress line every 10 s) otherwise, every event with --json.
+// Returns the final job.
 absl::StatusOr<pb::Job> Follow(Connection& c, const std::string& job_id, bool json) {
   const bool tty = ::isatty(2);
   int64_t after = 0;
   pb::Job last;
+  auto last_progress_line = std::chrono::steady_clock::now() - std::chrono::hours(1);
   while (true) {
     grpc::ClientContext context;
     llamad::rpc::PrepareCall(context, c.token, 0);
@@ -178,7 +191,13 @@ absl::StatusOr<pb::Job> Follow(Connection& c, const std::string& job_id, bool js
       if (json) {
         std::printf("%s\n", Json(event).c_str());
         std::fflush(stdout);
-      } else if (event.kind() != "progress") {
+      } else if (event.kind() == "progress") {
+        const auto now = std::chrono::steady_clock::now();
+        if (tty || now - last_progress_line >= std::chrono::seconds(10)) {
+          PrintProgress(last, tty);
+          last_progress_line = now;
+        }
+      } else {
         if (tty) std::fprintf(stderr, "\r\033[K");
         std::fprintf(stderr, "%s: %s\n", event.kind().c_str(), event.message().c_str());
       }
@@ -187,21 +206,14 @@ absl::StatusOr<pb::Job> Follow(Connection& c, const std::string& job_id, bool js
     if (IsFinished(last.state())) break;
     auto s = llamad::rpc::FromGrpc(reader->Finish(), "watch " + job_id);
     if (!s.ok()) return s;
-    // The stream also ends when nothing happened for a while: show progress, then watch on.
+    // The stream ended without the job ending (the scheduler is stopping): look, then watch on.
     pb::GetJobRequest get;
     get.set_job_id(job_id);
     pb::Job job;
     if (auto g = c.Unary(&pb::Scheduler::Stub::GetJob, get, &job, "status " + job_id); !g.ok()) return g;
     last = job;
-    if (!json && job.state() == pb::JOB_STATE_RUNNING && job.progress().step() > 0) {
-      const pb::Progress& p = job.progress();
-      const int width = 30;
-      const int filled = p.total_steps() > 0 ? int(width * p.step() / p.total_steps()) : 0;
-      std::fprintf(stderr, "%s[%s%s] step %lld/%lld loss %.4f %.0f tok/s%s", tty ? "\r\033[K" : "",
-                   std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(), (long long)p.step(),
-                   (long long)p.total_steps(), p.loss(), p.tokens_per_s(), tty ? "" : "\n");
-    }
     if (IsFinished(job.state())) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
   if (tty && !json) std::fprintf(stderr, "\r\033[K");
   return last;

@@ -334,15 +334,21 @@ absl::StatusOr<pb::Job> Scheduler::ResumeJob(const std::string& id_or_name) {
   return *job;
 }
 
-absl::StatusOr<std::vector<pb::JobEvent>> Scheduler::WaitJobEvents(const std::string& job_id, int64_t after_seq,
-                                                                   int64_t wait_ms) {
+absl::StatusOr<Scheduler::JobUpdates> Scheduler::WaitJobUpdates(const std::string& job_id, int64_t after_seq,
+                                                                 int64_t progress_after_ms, int64_t wait_ms) {
   std::unique_lock lock(mu_);
   pb::Job* job = FindJobLocked(job_id);
   if (job == nullptr) return absl::NotFoundError(fmt::format("no job '{}'", job_id));
   const std::string id = job->id();
+  auto progressed = [&] { return jobs_[id].progress().unix_ms() > progress_after_ms; };
   changed_.wait_for(lock, std::chrono::milliseconds(wait_ms),
-                    [&] { return job_runtime_[id].next_event_seq > after_seq + 1; });
-  std::vector<pb::JobEvent> events;
+                    [&] { return job_runtime_[id].next_event_seq > after_seq + 1 || progressed(); });
+  JobUpdates updates;
+  if (progressed()) {
+    updates.progressed = jobs_[id];
+    updates.progressed->clear_spec_yaml();
+  }
+  std::vector<pb::JobEvent>& events = updates.events;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
   const std::string prefix = "event/" + id + "/";
   for (it->Seek(EventKey(id, after_seq + 1)); it->Valid() && it->key().starts_with(prefix); it->Next()) {
@@ -351,7 +357,7 @@ absl::StatusOr<std::vector<pb::JobEvent>> Scheduler::WaitJobEvents(const std::st
       return absl::DataLossError(fmt::format("scheduler state: event {} is damaged", it->key().ToString()));
     }
   }
-  return events;
+  return updates;
 }
 
 absl::StatusOr<std::vector<pb::LogLine>> Scheduler::GetLogs(const std::string& id_or_name, int64_t after_seq,
@@ -505,8 +511,10 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
       p->set_lr(line.value("lr", 0.0));
       p->set_tokens_per_s(line.value("tokens_per_s", 0.0));
       p->set_mfu(line.value("mfu", 0.0));
-      p->set_unix_ms(clock_->NowMs());
+      // Strictly increasing, so a watcher that saw one update never misses the next.
+      p->set_unix_ms(std::max(clock_->NowMs(), p->unix_ms() + 1));
       db_->Put(rocksdb::WriteOptions(), JobKey(job.id()), job.SerializeAsString());
+      changed_.notify_all();
     }
   }
   if (report.state() != pb::RANK_STATE_EXITED) return;

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <optional>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -73,10 +74,16 @@ class Scheduler {
   // Puts a failed or cancelled job back in the queue (its ranks resume from the latest
   // checkpoint). FAILED_PRECONDITION for a queued, running or succeeded job.
   absl::StatusOr<pb::Job> ResumeJob(const std::string& id_or_name);
-  // Events of a job with seq > after_seq, waiting up to `wait_ms` for one when there
-  // is none yet. Returns an empty list on timeout.
-  absl::StatusOr<std::vector<pb::JobEvent>> WaitJobEvents(const std::string& job_id, int64_t after_seq,
-                                                          int64_t wait_ms);
+  // What changed in a job: its stored events with seq > after_seq, and the job itself
+  // when its progress is newer than `progress_after_ms` (step progress is not stored as
+  // events: that would be a synced write per step).
+  struct JobUpdates {
+    std::vector<pb::JobEvent> events;
+    std::optional<pb::Job> progressed;
+  };
+  // Waits up to `wait_ms` for either; both empty on timeout.
+  absl::StatusOr<JobUpdates> WaitJobUpdates(const std::string& job_id, int64_t after_seq, int64_t progress_after_ms,
+                                            int64_t wait_ms);
   // Log lines of a job: those after `after_seq`, or the last `tail` when after_seq is 0.
   absl::StatusOr<std::vector<pb::LogLine>> GetLogs(const std::string& id_or_name, int64_t after_seq, int tail);
 

@@ -49,17 +49,27 @@ class SchedulerServer::SchedulerService final : public pb::Scheduler::Service {
   grpc::Status WatchJob(grpc::ServerContext* c, const pb::WatchJobRequest* req,
                         grpc::ServerWriter<pb::JobEvent>* writer) override {
     return Authorized(c, token_, [&]() -> absl::Status {
-      int64_t after = req->after_seq();
+      int64_t after = req->after_seq(), progress_ms = 0;
       while (!c->IsCancelled() && !stopping_->load()) {
-        auto events = s_->WaitJobEvents(req->job_id(), after, 1000);
-        if (!events.ok()) return events.status();
-        // A quiet second ends the stream: the client shows progress and watches again
-        // from its last seq (step progress is not an event: it would sync every step).
-        if (events->empty()) return absl::OkStatus();
-        for (const pb::JobEvent& e : *events) {
+        auto updates = s_->WaitJobUpdates(req->job_id(), after, progress_ms, 1000);
+        if (!updates.ok()) return updates.status();
+        for (const pb::JobEvent& e : updates->events) {
           if (!writer->Write(e)) return absl::OkStatus();  // the client went away
           after = e.seq();
           if (IsFinished(e.job().state())) return absl::OkStatus();
+        }
+        if (updates->progressed) {
+          // Not stored: it carries the seq of the last stored event the watcher has.
+          const pb::Job& job = *updates->progressed;
+          pb::JobEvent e;
+          e.set_job_id(job.id());
+          e.set_seq(after);
+          e.set_unix_ms(job.progress().unix_ms());
+          e.set_kind("progress");
+          e.set_message(fmt::format("step {}/{}", job.progress().step(), job.progress().total_steps()));
+          *e.mutable_job() = job;
+          if (!writer->Write(e)) return absl::OkStatus();
+          progress_ms = job.progress().unix_ms();
         }
       }
       return absl::OkStatus();

@@ -4,11 +4,13 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "common/process_table.h"
@@ -126,10 +128,31 @@ resources:
 
 TEST_F(ClusterTest, GangStartsQueuesCancelsAndReportsCrashes) {
   for (auto id : {"node1", "node2", "node3"}) StartNode(id);
-  // A 2-node job starts on two daemons at once and completes.
-  const std::string two = Submit(WriteSpec("two", 2, 4));
-  ASSERT_TRUE(WaitFor(two, "JOB_STATE_SUCCEEDED", 120)) << Job(two).dump(1);
-  EXPECT_EQ(Job(two)["progress"].value("step", "0"), "4");
+  // A 2-node job starts on two daemons at once and completes; `submit --wait` follows
+  // it with its events and the steps its rank 0 reports.
+  std::string followed;
+  ASSERT_EQ(Ctl("--json submit --wait " + WriteSpec("two", 2, 200), &followed), 0) << followed;
+  std::string two;
+  std::vector<std::string> kinds;
+  int64_t last_step = 0;
+  std::istringstream lines(followed);
+  for (std::string line; std::getline(lines, line);) {
+    auto event = nlohmann::json::parse(line, nullptr, false);
+    if (!event.is_object() || !event.contains("kind")) continue;
+    two = event.value("job_id", two);
+    const std::string kind = event.value("kind", "");
+    if (kinds.empty() || kinds.back() != kind) kinds.push_back(kind);
+    if (kind == "progress") {
+      const int64_t step = std::stoll(event["job"]["progress"].value("step", "0"));
+      EXPECT_GT(step, last_step) << line;
+      last_step = step;
+    }
+  }
+  EXPECT_EQ(kinds.front(), "submitted") << followed;
+  EXPECT_EQ(kinds.back(), "succeeded") << followed;
+  EXPECT_NE(std::find(kinds.begin(), kinds.end(), "progress"), kinds.end()) << followed;
+  ASSERT_FALSE(two.empty()) << followed;
+  EXPECT_EQ(Job(two)["progress"].value("step", "0"), "200");
   std::string logs;
   EXPECT_EQ(Ctl("logs " + two, &logs), 0);
   EXPECT_NE(logs.find("[rank 0]"), std::string::npos) << logs;

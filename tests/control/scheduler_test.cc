@@ -188,15 +188,15 @@ TEST_F(SchedulerTest, RestartLosesNoJobNodeOrEvent) {
   AddNode("a");
   pb::Job running = Submit(1);
   pb::Job queued = Submit(1);
-  auto events_before = scheduler_->WaitJobEvents(running.id(), 0, 0);
+  auto events_before = scheduler_->WaitJobUpdates(running.id(), 0, 0, 0);
   ASSERT_TRUE(events_before.ok());
   Reopen();
   EXPECT_EQ(Get(running.id()).state(), pb::JOB_STATE_RUNNING);
   EXPECT_EQ(Get(queued.id()).state(), pb::JOB_STATE_QUEUED);
   EXPECT_EQ(scheduler_->ListNodes().size(), 1u);
-  auto events_after = scheduler_->WaitJobEvents(running.id(), 0, 0);
+  auto events_after = scheduler_->WaitJobUpdates(running.id(), 0, 0, 0);
   ASSERT_TRUE(events_after.ok());
-  EXPECT_EQ(events_after->size(), events_before->size());
+  EXPECT_EQ(events_after->events.size(), events_before->events.size());
   // The node's rank is still expected; new ids continue after the old ones.
   EXPECT_EQ(Beat("a").start_size(), 1);
   EXPECT_GT(Submit(1).id(), queued.id());
