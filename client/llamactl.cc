@@ -23,6 +23,7 @@
 #include <google/protobuf/util/json_util.h>
 
 #include "core/self_executable.h"
+#include "train/jobspec.h"
 #include "daemon/devices.h"
 #include "daemon/node_agent.h"
 #include "llamad/v1/llamad.grpc.pb.h"
@@ -327,6 +328,16 @@ int main(int argc, char** argv) {
     agent.Stop(false);
     (*srv)->Shutdown();
     std::fprintf(stderr, "llamactl: rank logs in %s/jobs/%s\n", data_dir.c_str(), submitted->id().c_str());
+    // The result: the job's checkpoints, when its spec saves any.
+    if (auto spec = llamad::ParseJobSpec(*text, origin); spec.ok() && spec->checkpoint.interval > 0) {
+      std::fprintf(stderr,
+                   "llamactl: checkpoints in %s/%s (llama-train export --load %s/%s/step-<n> --hf OUT for "
+                   "Hugging Face)\n",
+                   spec->checkpoint.dir.c_str(), spec->name.c_str(), spec->checkpoint.dir.c_str(),
+                   spec->name.c_str());
+    } else if (code == 0) {
+      std::fprintf(stderr, "llamactl: no checkpoints were saved (checkpoint.interval is 0 in %s)\n", origin.c_str());
+    }
     return code;
   }
 
