@@ -207,6 +207,7 @@ absl::StatusOr<OpenedData> OpenTrainingData(const DataSpec& spec, int64_t vocab_
   out.description = StrCat(spec.dataset, " (", (*prepared)->documents(), " documents, ",
                            (*prepared)->num_tokens(), " tokens, prepared in ", *path, ")");
   out.source = std::move(*prepared);
+  if (fs::exists(fs::path(*path) / "tokenizer.model", ec)) out.tokenizer_model = (fs::path(*path) / "tokenizer.model").string();
   return out;
 }
 

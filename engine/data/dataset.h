@@ -34,6 +34,9 @@ absl::StatusOr<std::string> LocalDatasetPath(const std::string& dataset, const s
 struct OpenedData {
   std::unique_ptr<TokenSource> source;
   std::string description;  // what was opened, for the run's log
+  // The SentencePiece model that made the tokens (a prepared dataset's tokenizer.model);
+  // empty for bare token files, which do not say.
+  std::string tokenizer_model;
 };
 
 // Opens spec's dataset for a model of `vocab_size`. `log` receives progress lines

@@ -508,6 +508,14 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                          std::string(s.message()).c_str());
           }
         });
+    // Checkpoints carry the tokenizer that made the data, for exports.
+    if (!opened->tokenizer_model.empty()) {
+      std::ifstream in(opened->tokenizer_model, std::ios::binary);
+      std::stringstream bytes;
+      bytes << in.rdbuf();
+      if (!in) return Fail(absl::NotFoundError(opened->tokenizer_model + ": cannot read the dataset's tokenizer"));
+      checkpointer->set_tokenizer_model(bytes.str());
+    }
   }
 
   const bool json = common.log_format == "json";
@@ -647,9 +655,12 @@ int RunExport(const std::string& load, const std::string& hf_out) {
   if (!path.ok()) return Fail(path.status());
   auto store = storage::CheckpointStore::Open(path->root, {2, /*read_only=*/true});
   if (!store.ok()) return Fail(store.status());
-  if (auto s = ExportHuggingFace(**store, path->job, path->step, hf_out); !s.ok()) return Fail(s);
-  std::fprintf(stderr, "llama-train: exported job '%s' step %lld to %s (model.safetensors, config.json)\n",
-               path->job.c_str(), (long long)path->step, hf_out.c_str());
+  bool with_tokenizer = false;
+  if (auto s = ExportHuggingFace(**store, path->job, path->step, hf_out, &with_tokenizer); !s.ok()) return Fail(s);
+  std::fprintf(stderr, "llama-train: exported job '%s' step %lld to %s (model.safetensors, config.json%s)\n",
+               path->job.c_str(), (long long)path->step, hf_out.c_str(),
+               with_tokenizer ? ", tokenizer.model, tokenizer_config.json"
+                              : "; no tokenizer: the job trained on bare token ids");
   return 0;
 }
 

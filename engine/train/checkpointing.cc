@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "core/strings.h"
+#include "data/tokenizer.h"
 #include "storage/safetensors.h"
 
 namespace llamad {
@@ -123,6 +124,10 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
     copy(p.name, p, model.master_data());
     copy(ExpAvgName(p.name), p, trainer.optimizer().exp_avg());
     copy(ExpAvgSqName(p.name), p, trainer.optimizer().exp_avg_sq());
+  }
+  if (!tokenizer_model_.empty()) {
+    const uint64_t n = tokenizer_model_.size();
+    pieces_.push_back({kTokenizerTensor, {int64_t(n)}, storage::ElementType::kU8, 0, n, tokenizer_model_.data(), 0});
   }
   step_ = trainer.step();
   meta_ = MetaJson(trainer, job_, step_);
@@ -259,9 +264,49 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
   return absl::OkStatus();
 }
 
+// Writes the checkpoint's tokenizer model, if it has one, as a Hugging Face
+// LlamaTokenizer (tokenizer.model + tokenizer_config.json + special_tokens_map.json).
+namespace fs = std::filesystem;
+
+absl::StatusOr<bool> ExportTokenizer(const storage::CheckpointStore& store, const std::string& job, int64_t step,
+                                     const std::string& out) {
+  auto pieces = store.Pieces(job, step);
+  if (!pieces.ok()) return pieces.status();
+  uint64_t size = 0;
+  for (const storage::PieceRecord& p : *pieces) {
+    if (p.name == kTokenizerTensor && !p.shape.empty()) size = uint64_t(p.shape[0]);
+  }
+  if (size == 0) return false;
+  std::string bytes(size, '\0');
+  if (auto s = store.ReadRange(job, step, kTokenizerTensor, storage::ElementType::kU8, 0, size, bytes.data()); !s.ok()) {
+    return s;
+  }
+  std::string error;
+  auto tokenizer = data::Tokenizer::FromSerialized(bytes, &error);
+  if (!tokenizer) {
+    return absl::DataLossError(StrCat(store.StepDir(job, step), ": the saved tokenizer does not load: ", error));
+  }
+  const fs::path dir(out);
+  std::ofstream(dir / "tokenizer.model", std::ios::binary | std::ios::trunc) << bytes;
+  const nlohmann::json special = {{"bos_token", tokenizer->IdToPiece(tokenizer->bos_id())},
+                                  {"eos_token", tokenizer->IdToPiece(tokenizer->eos_id())},
+                                  {"unk_token", tokenizer->IdToPiece(tokenizer->unk_id())}};
+  nlohmann::json config = special;
+  config["tokenizer_class"] = "LlamaTokenizer";
+  config["add_bos_token"] = true;
+  config["add_eos_token"] = false;
+  config["clean_up_tokenization_spaces"] = false;
+  config["legacy"] = false;
+  std::ofstream(dir / "special_tokens_map.json") << special.dump(2) << "\n";
+  std::ofstream config_out(dir / "tokenizer_config.json");
+  config_out << config.dump(2) << "\n";
+  if (!config_out) return absl::InternalError(StrCat(out, "/tokenizer_config.json: write failed"));
+  return true;
+}
+
 absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
                                         const std::string& job, int64_t step,
-                                        const std::string& out) {
+                                        const std::string& out, bool* with_tokenizer) {
   auto meta_text = store.Meta(job, step);
   if (!meta_text.ok()) return meta_text.status();
   const auto meta = nlohmann::json::parse(*meta_text);
@@ -299,6 +344,9 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
   std::ofstream config_out(std::filesystem::path(out) / "config.json");
   config_out << hf.dump(2) << "\n";
   if (!config_out) return absl::InternalError(StrCat(out, "/config.json: write failed"));
+  auto tokenizer = ExportTokenizer(store, job, step, out);
+  if (!tokenizer.ok()) return tokenizer.status();
+  if (with_tokenizer != nullptr) *with_tokenizer = *tokenizer;
   return absl::OkStatus();
 }
 
@@ -316,9 +364,9 @@ absl::Status RestoreCheckpoint(const storage::CheckpointStore& store, const std:
 }
 
 absl::Status ExportHuggingFace(const storage::CheckpointStore& store, const std::string& job,
-                               int64_t step, const std::string& out) {
+                               int64_t step, const std::string& out, bool* with_tokenizer) {
   try {
-    return ExportHuggingFaceUnchecked(store, job, step, out);
+    return ExportHuggingFaceUnchecked(store, job, step, out, with_tokenizer);
   } catch (const nlohmann::json::exception& e) {
     return absl::DataLossError(
         StrCat(store.StepDir(job, step), ": damaged checkpoint metadata: ", e.what()));

@@ -40,6 +40,9 @@ class AsyncCheckpointer {
   absl::StatusOr<double> Save(Trainer& trainer);
   // Waits for the save in flight; returns its status.
   absl::Status Wait();
+  // The tokenizer model's bytes, saved with every checkpoint (tensor "tokenizer.model",
+  // u8) so that an export carries the tokenizer the model was trained with.
+  void set_tokenizer_model(std::string bytes) { tokenizer_model_ = std::move(bytes); }
 
  private:
   void Worker();
@@ -59,6 +62,7 @@ class AsyncCheckpointer {
   std::unique_ptr<float, void (*)(void*)> buffer_{nullptr, &std::free};
   size_t buffer_bytes_ = 0;
   std::vector<storage::PieceToWrite> pieces_;
+  std::string tokenizer_model_;
   std::thread worker_;
 };
 
@@ -68,9 +72,14 @@ class AsyncCheckpointer {
 absl::Status RestoreCheckpoint(const storage::CheckpointStore& store, const std::string& job,
                                int64_t step, Trainer& trainer);
 
-// Writes the model of a checkpoint as Hugging Face safetensors + config.json into `out`.
+// The checkpointed tensor holding the tokenizer model's bytes.
+inline constexpr char kTokenizerTensor[] = "tokenizer.model";
+
+// Writes the model of a checkpoint as Hugging Face safetensors + config.json into `out`,
+// and its tokenizer (tokenizer.model, tokenizer_config.json, special_tokens_map.json)
+// when the checkpoint holds one. *with_tokenizer (optional) says whether it did.
 absl::Status ExportHuggingFace(const storage::CheckpointStore& store, const std::string& job,
-                               int64_t step, const std::string& out);
+                               int64_t step, const std::string& out, bool* with_tokenizer = nullptr);
 
 // The model config of a Hugging Face folder (config.json).
 absl::StatusOr<ModelConfig> ReadHuggingFaceConfig(const std::string& dir);

@@ -12,6 +12,7 @@
 #include "backend/cpu/cpu_backend.h"
 #include "common/subprocess.h"
 #include "core/rng.h"
+#include "data/dataset.h"
 #include "storage/checkpoint_store.h"
 #include "train/checkpointing.h"
 
@@ -110,13 +111,26 @@ TEST(CheckpointTrainingTest, HuggingFaceExportImportIsExact) {
   auto store = *storage::CheckpointStore::Open(root.string());
   auto t = *Trainer::Create(SmallJob(3), be.get(), 0);
   ASSERT_TRUE(t->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
+  const std::string tokenizer(data::SampleTokenizer());
   {
     AsyncCheckpointer checkpointer(store.get(), "resume");
+    checkpointer.set_tokenizer_model(tokenizer);
     ASSERT_TRUE(checkpointer.Save(*t).ok());
     ASSERT_TRUE(checkpointer.Wait().ok());
   }
   const std::string out = (root / "hf-out").string();
-  ASSERT_TRUE(ExportHuggingFace(*store, "resume", 3, out).ok());
+  bool with_tokenizer = false;
+  ASSERT_TRUE(ExportHuggingFace(*store, "resume", 3, out, &with_tokenizer).ok());
+  // The tokenizer travels with the checkpoint into the export, as a LlamaTokenizer.
+  EXPECT_TRUE(with_tokenizer);
+  std::ifstream exported_tokenizer(fs::path(out) / "tokenizer.model", std::ios::binary);
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(exported_tokenizer), {}), tokenizer);
+  std::ifstream tokenizer_config(fs::path(out) / "tokenizer_config.json");
+  const auto tc = nlohmann::json::parse(tokenizer_config, nullptr, false);
+  EXPECT_EQ(tc.value("tokenizer_class", ""), "LlamaTokenizer");
+  EXPECT_EQ(tc.value("bos_token", ""), "<s>");
+  EXPECT_EQ(tc.value("eos_token", ""), "</s>");
+  EXPECT_TRUE(fs::exists(fs::path(out) / "special_tokens_map.json"));
   auto config = ReadHuggingFaceConfig(out);
   ASSERT_TRUE(config.ok()) << config.status();
   EXPECT_EQ(config->NumParameters(), t->model().config().NumParameters());
