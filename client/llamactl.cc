@@ -10,11 +10,13 @@
 #include <nlohmann/json.hpp>
 #include <pwd.h>
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -220,6 +222,39 @@ absl::StatusOr<pb::Job> Follow(Connection& c, const std::string& job_id, bool js
   return last;
 }
 
+// Exports checkpoint `step` (-1: the latest) of `job` into `out` by running
+// `llama-train export` (next to llamactl) on the job's checkpoint folder, which must be
+// reachable from here (the same machine, or a shared file system).
+int ExportJob(const pb::Job& job, int64_t step, const std::string& out) {
+  auto spec = llamad::ParseJobSpec(job.spec_yaml(), job.spec_origin());
+  if (!spec.ok()) return Fail(spec.status());
+  if (spec->checkpoint.dir.empty() || spec->checkpoint.interval <= 0) {
+    return Fail(absl::FailedPreconditionError(fmt::format(
+        "job {} ({}) saves no checkpoints: its spec sets no checkpoint.dir and checkpoint.interval", job.id(),
+        job.name())));
+  }
+  const std::string load = fmt::format("{}/{}/{}", spec->checkpoint.dir, spec->name,
+                                       step >= 0 ? fmt::format("step-{}", step) : std::string("latest"));
+  std::vector<std::string> args = {
+      std::filesystem::path(llamad::SelfExecutable()).parent_path().string() + "/llama-train", "export", "--load",
+      load, "--hf", std::filesystem::absolute(out).string()};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execv(argv[0], argv.data());
+    std::fprintf(stderr, "llamactl: cannot run %s: %s\n", argv[0], std::strerror(errno));
+    ::_exit(127);
+  }
+  int status = 0;
+  if (pid < 0 || ::waitpid(pid, &status, 0) != pid) {
+    return Fail(absl::InternalError(fmt::format("cannot run {}: {}", args[0], std::strerror(errno))));
+  }
+  // llama-train's 2 (bad input: no such checkpoint, damaged data) stays 2; other failures are 1.
+  return WIFEXITED(status) ? (WEXITSTATUS(status) == 0 ? 0 : WEXITSTATUS(status) == 2 ? 2 : 1) : 1;
+}
+
 // Follows a job to its end, prints it (unless --json) and returns llamactl's exit code.
 int FollowToEnd(Connection& c, const std::string& job_id, bool json) {
   auto final_job = Follow(c, job_id, json);
@@ -266,6 +301,12 @@ int main(int argc, char** argv) {
   cancel->add_option("job", job_id, "Job id or name")->required();
   CLI::App* resume = app.add_subcommand("resume", "Requeue a failed or cancelled job from its latest checkpoint");
   resume->add_option("job", job_id, "Job id or name")->required();
+  std::string hf_out;
+  int64_t export_step = -1;
+  CLI::App* exp = app.add_subcommand("export", "Write a job's checkpoint as a Hugging Face model (llama-train export)");
+  exp->add_option("job", job_id, "Job id or name")->required();
+  exp->add_option("--hf", hf_out, "Output folder")->required();
+  exp->add_option("--step", export_step, "Checkpoint step (default: the latest)");
   CLI::App* nodes = app.add_subcommand("nodes", "The cluster's nodes");
   CLI::App* drain = app.add_subcommand("drain", "Let a node finish its ranks and take no new ones");
   drain->add_option("node", node_id, "Node id")->required();
@@ -424,6 +465,13 @@ int main(int argc, char** argv) {
     json ? (void)std::printf("%s\n", Json(job).c_str())
          : (void)std::printf("%s %s: %s\n", job.id().c_str(), JobStateName(job.state()).c_str(), job.reason().c_str());
     return 0;
+  }
+  if (*exp) {
+    pb::GetJobRequest get;
+    get.set_job_id(job_id);
+    pb::Job job;
+    if (auto s = c.Unary(&pb::Scheduler::Stub::GetJob, get, &job, "status " + job_id); !s.ok()) return Fail(s);
+    return ExportJob(job, export_step, hf_out);
   }
   if (*nodes) {
     pb::ListNodesResponse response;

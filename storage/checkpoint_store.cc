@@ -609,13 +609,17 @@ absl::StatusOr<CheckpointPath> ParseCheckpointPath(const std::string& step_dir) 
   const std::string name = p.filename().string();
   CheckpointPath out;
   try {
-    if (!name.starts_with("step-")) throw std::invalid_argument(name);
+    if (name == "latest") {
+      out.step = CheckpointPath::kLatest;
+    } else {
+      if (!name.starts_with("step-")) throw std::invalid_argument(name);
     size_t used = 0;
-    out.step = std::stoll(name.substr(5), &used);
-    if (used != name.size() - 5) throw std::invalid_argument(name);
+      out.step = std::stoll(name.substr(5), &used);
+      if (used != name.size() - 5) throw std::invalid_argument(name);
+    }
   } catch (const std::exception&) {
     return absl::InvalidArgumentError(
-        fmt::format("{}: not a checkpoint folder (expected <root>/<job>/step-<n>)", step_dir));
+        fmt::format("{}: not a checkpoint folder (expected <root>/<job>/step-<n> or <root>/<job>/latest)", step_dir));
   }
   out.job = p.parent_path().filename().string();
   out.root = p.parent_path().parent_path().string();

@@ -142,8 +142,10 @@ class CheckpointStore {
   std::unique_ptr<rocksdb::DB> db_;
 };
 
-// Parses "<root>/<job>/step-<n>" into its parts.
+// Parses "<root>/<job>/step-<n>" into its parts; "<root>/<job>/latest" gives step
+// kLatest, which the caller resolves with LatestStep.
 struct CheckpointPath {
+  static constexpr int64_t kLatest = -1;
   std::string root, job;
   int64_t step = 0;
 };

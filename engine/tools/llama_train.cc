@@ -217,6 +217,11 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
     if (auto s = open_source(path->root); !s.ok()) return s;
   }
   r.step = path->step;
+  if (r.step == storage::CheckpointPath::kLatest) {
+    auto latest = (r.source ? *r.source : *r.store).LatestStep(spec.name);
+    if (!latest.ok()) return latest.status();
+    r.step = *latest;
+  }
   return r;
 }
 
@@ -655,6 +660,11 @@ int RunExport(const std::string& load, const std::string& hf_out) {
   if (!path.ok()) return Fail(path.status());
   auto store = storage::CheckpointStore::Open(path->root, {2, /*read_only=*/true});
   if (!store.ok()) return Fail(store.status());
+  if (path->step == storage::CheckpointPath::kLatest) {
+    auto latest = (*store)->LatestStep(path->job);
+    if (!latest.ok()) return Fail(latest.status());
+    path->step = *latest;
+  }
   bool with_tokenizer = false;
   if (auto s = ExportHuggingFace(**store, path->job, path->step, hf_out, &with_tokenizer); !s.ok()) return Fail(s);
   std::fprintf(stderr, "llama-train: exported job '%s' step %lld to %s (model.safetensors, config.json%s)\n",
@@ -746,7 +756,7 @@ int Main(int argc, char** argv) {
   plan_overrides.Register(plan);
   std::string load, hf_out;
   CLI::App* exp = app.add_subcommand("export", "Write a checkpoint as Hugging Face safetensors + config.json");
-  exp->add_option("--load", load, "Checkpoint folder (<root>/<job>/step-<n>)")->required();
+  exp->add_option("--load", load, "Checkpoint folder (<root>/<job>/step-<n>, or <root>/<job>/latest)")->required();
   exp->add_option("--hf", hf_out, "Output folder")->required();
 
   try {

@@ -255,6 +255,28 @@ TEST_F(ClusterTest, TokensSpecsAndAddressesAreChecked) {
   EXPECT_NE(line->find("registering with the scheduler at 127.0.0.1:1"), std::string::npos) << *line;
 }
 
+TEST_F(ClusterTest, ExportWritesAJobsCheckpointAsAHuggingFaceModel) {
+  StartNode("node1");
+  const std::string spec = WriteSpec("saver", 1, 4);
+  std::ofstream(spec, std::ios::app) << "checkpoint: {dir: ckpt, interval: 2}\n";
+  const std::string job = Submit(spec);
+  ASSERT_TRUE(WaitFor(job, "JOB_STATE_SUCCEEDED", 120)) << Job(job).dump(1) << RankLogs();
+  std::string out;
+  EXPECT_EQ(Ctl("export " + job + " --hf " + (dir_ / "hf-latest").string(), &out), 0) << out;
+  EXPECT_NE(out.find("step 4"), std::string::npos) << out;
+  EXPECT_TRUE(fs::exists(dir_ / "hf-latest" / "model.safetensors")) << out;
+  EXPECT_TRUE(fs::exists(dir_ / "hf-latest" / "config.json")) << out;
+  EXPECT_EQ(Ctl("export saver --step 2 --hf " + (dir_ / "hf-2").string(), &out), 0) << out;
+  EXPECT_NE(out.find("step 2"), std::string::npos) << out;
+  // A step that was never saved, and a job that saves nothing, are refused by name.
+  EXPECT_NE(Ctl("export " + job + " --step 3 --hf " + (dir_ / "hf-3").string(), &out), 0) << out;
+  EXPECT_NE(out.find("no committed checkpoint at step 3"), std::string::npos) << out;
+  const std::string plain = Submit(WriteSpec("plain", 1, 2));
+  ASSERT_TRUE(WaitFor(plain, "JOB_STATE_SUCCEEDED", 120)) << Job(plain).dump(1);
+  EXPECT_EQ(Ctl("export " + plain + " --hf " + (dir_ / "hf-plain").string(), &out), 2) << out;
+  EXPECT_NE(out.find("saves no checkpoints"), std::string::npos) << out;
+}
+
 // A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
 void MakeCertificates(const fs::path& dir) {
   fs::create_directories(dir);

@@ -175,6 +175,10 @@ TEST(CheckpointPathTest, ParsesStepFolders) {
   EXPECT_EQ(p->root, "/data/ckpt");
   EXPECT_EQ(p->job, "my-job");
   EXPECT_EQ(p->step, 120);
+  auto latest = ParseCheckpointPath("/data/ckpt/my-job/latest");
+  ASSERT_TRUE(latest.ok());
+  EXPECT_EQ(latest->job, "my-job");
+  EXPECT_EQ(latest->step, CheckpointPath::kLatest);
   EXPECT_FALSE(ParseCheckpointPath("/data/ckpt/my-job").ok());
   EXPECT_FALSE(ParseCheckpointPath("/data/step-12x").ok());
 }
