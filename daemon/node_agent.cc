@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <deque>
@@ -243,6 +244,21 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
+  // The child's environment, built here: between fork and exec a child of this
+  // multi-threaded process may only make async-signal-safe calls (setenv is not).
+  std::vector<std::string> env_strings;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string entry = *e;
+    const std::string name = entry.substr(0, entry.find('='));
+    if (std::none_of(env.begin(), env.end(), [&](const auto& kv) { return kv.first == name; })) {
+      env_strings.push_back(entry);
+    }
+  }
+  for (auto& [name, value] : env) env_strings.push_back(name + "=" + value);
+  std::vector<char*> envp;
+  for (auto& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  const std::string exec_failed = fmt::format("llamad: cannot run {}\n", args[0]);
   const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid == 0) {
@@ -256,11 +272,11 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
     // A worker never outlives its daemon.
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (::getppid() != parent) ::_exit(128 + SIGTERM);
+    ::signal(SIGPIPE, SIG_DFL);  // the daemon ignores it; an ignored signal survives exec
     ::dup2(out_pipe[1], 1);
     ::dup2(err_pipe[1], 2);
-    for (auto& [name, value] : env) ::setenv(name.c_str(), value.c_str(), 1);
-    ::execv(argv[0], argv.data());
-    std::fprintf(stderr, "llamad: cannot run %s: %s\n", argv[0], std::strerror(errno));
+    ::execve(argv[0], argv.data(), envp.data());
+    [[maybe_unused]] auto written = ::write(2, exec_failed.data(), exec_failed.size());
     ::_exit(127);
   }
   ::close(out_pipe[1]);

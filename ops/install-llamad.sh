@@ -42,8 +42,9 @@ echo "install-llamad.sh: installed into ${DESTDIR:-/} (binaries in $PREFIX/bin, 
 if [ "$START" = 1 ] && [ -z "$DESTDIR" ]; then
   if [ -d /run/systemd/system ]; then
     systemctl daemon-reload
-    systemctl enable --now llamad
-    systemctl --no-pager status llamad | head -n 5
+    systemctl enable llamad
+    systemctl restart llamad  # a reinstall replaces a running llamad with the new binary
+    systemctl --no-pager status llamad 2>&1 | head -n 5 || true
   else
     echo "install-llamad.sh: systemd is not running here; start llamad with:"
     echo "  $PREFIX/bin/llamad --config /etc/llamad/llamad.yaml"

@@ -111,6 +111,11 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> Dial(const std::string& address, 
   }
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
+  // Pings while a call is open, so a long stream (WatchJob, a rendezvous wait) to a
+  // scheduler that vanished without closing the connection fails instead of hanging.
+  // The scheduler accepts a ping every 20 s (scheduler/server.cc).
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30'000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10'000);
   if (!tls.enabled()) return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
   grpc::SslCredentialsOptions options;
   if (!tls.ca.empty()) {
@@ -162,6 +167,7 @@ absl::Status FromGrpc(const grpc::Status& status, const std::string& what) {
     // that requires one) shows up as a connection closed during its setup.
     const bool closed_in_setup = message.find("Socket closed") != std::string::npos ||
                                  message.find("andshake") != std::string::npos ||
+                                 message.find("Connection reset") != std::string::npos ||
                                  message.find("SSL") != std::string::npos || message.find("ssl") != std::string::npos;
     message += closed_in_setup ? " (the connection was closed while it was set up: when the scheduler serves TLS, "
                                  "pass its CA with --tls-ca, and --tls-cert/--tls-key if it requires client "

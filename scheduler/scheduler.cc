@@ -6,8 +6,12 @@
 #include <rocksdb/write_batch.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
 #include <filesystem>
 
+#include "core/exit_codes.h"
 #include "train/jobspec.h"
 
 namespace llamad::scheduler {
@@ -210,8 +214,20 @@ absl::Status Scheduler::CommitGroupLocked(rocksdb::WriteBatch& group) {
   group_ = nullptr;
   if (group.Count() == 0) return absl::OkStatus();
   auto s = FromRocks(db_->Write(Synced(), &group), "write the state changes of a heartbeat");
+  if (!s.ok()) {
+    // Memory already holds these changes (and event numbers) that the disk refused.
+    // Going on would serve state that a restart forgets; restarting reloads the last
+    // durable state, and the nodes, level-triggered, report their ranks again.
+    std::fprintf(stderr, "llamad scheduler: %s; stopping so that a restart reloads the durable state\n",
+                 std::string(s.message()).c_str());
+    std::abort();
+  }
   changed_.notify_all();
   return s;
+}
+
+void Scheduler::FlushUnsyncedLocked(rocksdb::WriteBatch& own) {
+  if (own.Count() > 0) db_->Write(rocksdb::WriteOptions(), &own);  // WAL, not fsync: see the header
 }
 
 void Scheduler::SetRendezvousAddress(const std::string& address) {
@@ -443,6 +459,9 @@ int32_t Scheduler::DevicesInUseLocked(const std::string& node_id) const {
 }
 
 void Scheduler::ExpectRankLocked(const RankKey& key, const ExpectedRank& rank) {
+  if (auto old = expected_.find(key); old != expected_.end() && old->second.node_id != rank.node_id) {
+    expected_by_node_[old->second.node_id].erase(key);
+  }
   expected_.insert_or_assign(key, rank);
   expected_by_node_[rank.node_id].insert(key);
   placement_dirty_ = true;
@@ -461,7 +480,8 @@ std::map<Scheduler::RankKey, Scheduler::ExpectedRank>::iterator Scheduler::Forge
 
 void Scheduler::AppendLogsLocked(pb::Job& job, const pb::RankReport& report) {
   JobRuntime& rt = job_runtime_[job.id()];
-  rocksdb::WriteBatch batch;
+  rocksdb::WriteBatch own;
+  rocksdb::WriteBatch& batch = UnsyncedBatchLocked(own);
   auto append = [&](const std::string& text) {
     pb::LogLine line;
     line.set_seq(rt.next_log_seq);
@@ -484,7 +504,7 @@ void Scheduler::AppendLogsLocked(pb::Job& job, const pb::RankReport& report) {
     batch.DeleteRange(LogKey(job.id(), rt.first_log_seq), LogKey(job.id(), new_first));
     rt.first_log_seq = new_first;
   }
-  if (batch.Count() > 0) db_->Write(rocksdb::WriteOptions(), &batch);  // WAL, not fsync: see the header
+  FlushUnsyncedLocked(own);
 }
 
 void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::RankReport& report,
@@ -504,23 +524,64 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
   // Rank 0's step lines are the job's progress.
   if (report.rank() == 0 && !report.metric_lines().empty()) {
     auto line = nlohmann::json::parse(report.metric_lines().rbegin()->c_str(), nullptr, false);
-    if (line.is_object() && line.contains("step")) {
+    // A worker's line is input: a field of another type (a diverged loss prints as
+    // null) reads as 0 rather than throwing.
+    auto number = [&](const char* key) {
+      auto it = line.find(key);
+      return it != line.end() && it->is_number() ? it->get<double>() : 0.0;
+    };
+    if (line.is_object() && line.contains("step") && line["step"].is_number_integer() &&
+        line["step"].get<int64_t>() != job.progress().step()) {
       pb::Progress* p = job.mutable_progress();
-      p->set_step(line.value("step", int64_t{0}));
-      p->set_loss(line.value("loss", 0.0));
-      p->set_lr(line.value("lr", 0.0));
-      p->set_tokens_per_s(line.value("tokens_per_s", 0.0));
-      p->set_mfu(line.value("mfu", 0.0));
+      p->set_step(line["step"].get<int64_t>());
+      p->set_loss(number("loss"));
+      p->set_lr(number("lr"));
+      p->set_tokens_per_s(number("tokens_per_s"));
+      p->set_mfu(number("mfu"));
       // Strictly increasing, so a watcher that saw one update never misses the next.
       p->set_unix_ms(std::max(clock_->NowMs(), p->unix_ms() + 1));
-      db_->Put(rocksdb::WriteOptions(), JobKey(job.id()), job.SerializeAsString());
+      rocksdb::WriteBatch own;
+      UnsyncedBatchLocked(own).Put(JobKey(job.id()), job.SerializeAsString());
+      FlushUnsyncedLocked(own);
       changed_.notify_all();
+      job_runtime_[job.id()].peer_lost_restarts = 0;  // it trains: earlier restarts were not a loop
     }
   }
   if (report.state() != pb::RANK_STATE_EXITED) return;
 
   pb::Job updated = job;
   const int64_t now = clock_->NowMs();
+  if (report.exit_code() == kExitPeerLost && !report.preempted()) {
+    // Not this rank's fault: wait for the cause. Another rank's failure fails the job
+    // with its own reason; a lost node's lease expiry restarts it. Only when every rank
+    // left of the generation lost its peers is there nobody else to hear from.
+    expected->second.lost_peer = true;
+    for (auto it = expected_.lower_bound({job.id(), job.generation(), std::numeric_limits<int32_t>::min()});
+         it != expected_.end() && it->first.job_id == job.id() && it->first.generation == job.generation(); ++it) {
+      if (!it->second.lost_peer) return;
+    }
+    EndGenerationLocked(updated);
+    JobRuntime& rt = job_runtime_[job.id()];
+    if (++rt.peer_lost_restarts > options_.peer_lost_restarts) {
+      updated.set_state(pb::JOB_STATE_FAILED);
+      updated.set_exit_code(report.exit_code());
+      updated.set_failed_rank(report.rank());
+      updated.set_finished_unix_ms(now);
+      updated.clear_last_log_lines();
+      for (const std::string& line : rt.recent_stderr[report.rank()]) updated.add_last_log_lines(line);
+      updated.set_reason(fmt::format("every rank lost its peers, {} times in a row without a step in between",
+                                     rt.peer_lost_restarts));
+      if (PersistJobLocked(updated, "failed", updated.reason()).ok()) job = updated;
+      return;
+    }
+    updated.set_state(pb::JOB_STATE_QUEUED);
+    updated.set_reason(fmt::format("every rank lost its peers (rank {} on node {} last); restarting from the "
+                                   "latest checkpoint",
+                                   report.rank(), node_id));
+    rt.requeue_cause = updated.reason();
+    if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) job = updated;
+    return;
+  }
   if (report.exit_code() == 0) {
     ForgetRankLocked(expected);
     updated.add_finished_ranks(report.rank());
@@ -579,6 +640,10 @@ absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRe
   // a node whose eight ranks finish together costs one fsync, not eight.
   rocksdb::WriteBatch group;
   group_ = &group;
+  struct CloseGroup {  // group_ never outlives `group`, whatever leaves this function
+    rocksdb::WriteBatch*& group;
+    ~CloseGroup() { group = nullptr; }
+  } close_group{group_};
   if (node.info.state() == pb::NODE_STATE_LOST) {
     // It came back after its lease expired: its old ranks were given up (they are
     // stopped below), and it takes new work again.
@@ -595,6 +660,7 @@ absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRe
   for (const RankKey& key : mine == expected_by_node_.end() ? kNone : mine->second) {
     if (running.contains(key)) continue;
     const ExpectedRank& rank = expected_.at(key);
+    if (rank.lost_peer) continue;  // it exited; the job's fate is pending, not its restart
     const pb::Job& job = jobs_[key.job_id];
     pb::StartRank* start = response.add_start();
     start->set_job_id(key.job_id);
@@ -739,7 +805,9 @@ void Scheduler::PlaceJobsLocked(int64_t now) {
     }
     if (job->reason() != reason) {
       job->set_reason(reason);
-      db_->Put(rocksdb::WriteOptions(), JobKey(job->id()), job->SerializeAsString());
+      rocksdb::WriteBatch own;
+      UnsyncedBatchLocked(own).Put(JobKey(job->id()), job->SerializeAsString());
+      FlushUnsyncedLocked(own);
     }
   }
 }

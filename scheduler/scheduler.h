@@ -45,6 +45,9 @@ struct SchedulerOptions {
   int64_t log_lines_kept = 50'000;
   // The last stderr lines of a failed rank copied into the job record.
   int failure_log_lines = 20;
+  // Restarts in a row when every rank lost its peers and none failed by itself; one
+  // more fails the job (a step in between starts the count again).
+  int peer_lost_restarts = 3;
   // Where workers reach the Rendezvous service ("host:port"), sent with start orders.
   std::string rendezvous_address;
 };
@@ -123,8 +126,12 @@ class Scheduler {
     std::string node_id;
     int32_t local_rank;
     bool seen_running = false;
+    // It exited with kPeerLostExitCode: it is not restarted, and the job's fate waits
+    // for the cause (another rank's failure, or a lost node) or for all ranks to stop.
+    bool lost_peer = false;
   };
   struct JobRuntime {
+    int32_t peer_lost_restarts = 0;  // restarts in a row because every rank lost its peers
     int64_t next_event_seq = 1;
     int64_t next_log_seq = 1;
     int64_t first_log_seq = 1;  // the oldest line still stored
@@ -142,6 +149,11 @@ class Scheduler {
   // While group_ is set, the two above add to it instead of writing; this writes it
   // (synced) and clears group_.
   absl::Status CommitGroupLocked(rocksdb::WriteBatch& group);
+  // Unsynced writes (progress, a queued job's reason, log lines) go into the batch this
+  // returns: group_ when a request's group is open (so they neither land before it nor
+  // get undone by it), else `own`, which FlushUnsyncedLocked then writes.
+  rocksdb::WriteBatch& UnsyncedBatchLocked(rocksdb::WriteBatch& own) { return group_ != nullptr ? *group_ : own; }
+  void FlushUnsyncedLocked(rocksdb::WriteBatch& own);
   void TickLocked();
   void ExpireLeasesLocked(int64_t now);
   void PlaceJobsLocked(int64_t now);

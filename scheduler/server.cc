@@ -58,6 +58,13 @@ class SchedulerServer::SchedulerService final : public pb::Scheduler::Service {
           after = e.seq();
           if (IsFinished(e.job().state())) return absl::OkStatus();
         }
+        if (updates->events.empty() && !updates->progressed) {
+          // Quiet: a watcher that asked from past the job's end has nothing more coming.
+          auto job = s_->GetJob(req->job_id());
+          if (!job.ok()) return job.status();
+          if (IsFinished(job->state())) return absl::OkStatus();
+          continue;
+        }
         if (updates->progressed) {
           // Not stored: it carries the seq of the last stored event the watcher has.
           const pb::Job& job = *updates->progressed;
@@ -176,6 +183,9 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(Schedule
   builder.RegisterService(server->node_service_.get());
   builder.RegisterService(server->rendezvous_service_.get());
   builder.SetMaxReceiveMessageSize(64 << 20);
+  // Clients ping every 30 s during calls (rpc::Dial); gRPC's default would answer pings
+  // more often than every 5 minutes with GOAWAY.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 20'000);
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || port == 0) {
     return absl::UnavailableError(fmt::format("scheduler: cannot listen on {} (in use, or not a local address?)",

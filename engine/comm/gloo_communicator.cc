@@ -70,13 +70,14 @@ class GlooCommunicator final : public Communicator {
   }
 
   // Gloo reports a lost peer or a timeout by throwing; the training loop wants a status.
+  // ABORTED: the rank exits with kExitPeerLost (core/exit_codes.h).
   template <typename F>
   absl::Status Run(const char* what, F&& f) {
     try {
       f();
       return absl::OkStatus();
     } catch (const std::exception& e) {
-      return absl::UnavailableError(StrCat("rank ", rank(), ": ", what, " across ", world_size(),
+      return absl::AbortedError(StrCat("rank ", rank(), ": ", what, " across ", world_size(),
                                            " ranks failed (a rank exited or stopped answering): ",
                                            e.what()));
     }
@@ -177,7 +178,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> MakeGlooCommunicator(int rank, int
     }
     return std::unique_ptr<Communicator>(new GlooCommunicator(std::move(context)));
   } catch (const std::exception& e) {
-    return absl::UnavailableError(StrCat("rank ", rank, ": connecting ", world_size, " ranks through ",
+    return absl::AbortedError(StrCat("rank ", rank, ": connecting ", world_size, " ranks through ",
                                          rendezvous, " failed: ", e.what()));
   }
 }

@@ -34,6 +34,7 @@
 #include "train/jobspec.h"
 #include "train/memory_plan.h"
 #include "core/host_memory.h"
+#include "core/exit_codes.h"
 #include "core/self_executable.h"
 #include "train/token_data.h"
 #include "train/trainer.h"
@@ -41,13 +42,11 @@
 namespace llamad {
 namespace {
 
-constexpr int kExitFailure = 1;
-constexpr int kExitUsage = 2;
-
 int Fail(const absl::Status& status) {
   std::fprintf(stderr, "llama-train: %s\n", std::string(status.message()).c_str());
-  // Bad input exits 2; failures while running (a lost rank, an I/O error) exit 1.
+  // Bad input exits 2; a lost peer rank 75; other failures while running 1.
   const auto code = status.code();
+  if (code == absl::StatusCode::kAborted) return kExitPeerLost;
   return code == absl::StatusCode::kInternal || code == absl::StatusCode::kUnavailable ? kExitFailure
                                                                                       : kExitUsage;
 }

@@ -203,6 +203,11 @@ TEST_F(ClusterTest, LostNodeTakesItsWorkersAndTheJobMovesOn) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   ASSERT_EQ(orphans.size(), 1u) << RankLogs();
+  // Training has started, so the surviving rank sees its peer vanish mid-collective.
+  for (int i = 0; i < 300 && std::stoll(Job(job)["progress"].value("step", "0")) < 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_GE(std::stoll(Job(job)["progress"].value("step", "0")), 1) << Job(job).dump(1) << RankLogs();
 
   // The daemon dies without a word: its worker follows it (parent-death signal)...
   daemon.Kill(SIGKILL);
@@ -216,7 +221,9 @@ TEST_F(ClusterTest, LostNodeTakesItsWorkersAndTheJobMovesOn) {
   std::printf("the dead daemon's worker exited after %.2f s\n",
               std::chrono::duration<double>(std::chrono::steady_clock::now() - killed_at).count());
 
-  // ...its lease runs out, and the job starts its next generation on the two live nodes.
+  // ...the surviving rank exits for want of its peer (which alone must not fail the
+  // job), the lost node's lease runs out, and the job's next generation runs on the two
+  // live nodes.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   nlohmann::json moved;
   while (std::chrono::steady_clock::now() < deadline) {
@@ -224,7 +231,7 @@ TEST_F(ClusterTest, LostNodeTakesItsWorkersAndTheJobMovesOn) {
     if (moved.value("generation", "0") == "2" && moved.value("state", "") == "JOB_STATE_RUNNING") break;
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
-  ASSERT_EQ(moved.value("generation", "0"), "2") << moved.dump(1);
+  ASSERT_EQ(moved.value("generation", "0"), "2") << moved.dump(1) << RankLogs();
   EXPECT_EQ(moved.value("state", ""), "JOB_STATE_RUNNING") << moved.dump(1);
   EXPECT_EQ(moved.dump().find(victim), std::string::npos) << moved.dump(1);
   std::string nodes;

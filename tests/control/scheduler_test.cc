@@ -184,6 +184,38 @@ TEST_F(SchedulerTest, FailedRankFailsTheJobWithItsLastLines) {
   EXPECT_EQ(Get(job.id()).generation(), 2);
 }
 
+TEST_F(SchedulerTest, ARankThatLostItsPeersWaitsForTheCause) {
+  AddNode("a");
+  AddNode("b");
+  pb::Job job = Submit(2);
+  const pb::StartRank on_a = Beat("a").start(0), on_b = Beat("b").start(0);
+  // a's rank lost its peer: the job waits, and a is not told to start it again.
+  pb::HeartbeatResponse orders = Beat("a", {Report(on_a, pb::RANK_STATE_EXITED, 75)});
+  EXPECT_EQ(orders.start_size(), 0);
+  EXPECT_EQ(Get(job.id()).state(), pb::JOB_STATE_RUNNING);
+  // The cause: b's rank failed by itself. The job fails with b's reason, not a's.
+  Beat("b", {Report(on_b, pb::RANK_STATE_EXITED, 1)});
+  pb::Job failed = Get(job.id());
+  EXPECT_EQ(failed.state(), pb::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.failed_rank(), on_b.rank());
+  EXPECT_NE(failed.reason().find("node b exited with status 1"), std::string::npos) << failed.reason();
+
+  // When every rank lost its peers there is nobody to blame: restart, a few times.
+  pb::Job again = Submit(2);
+  for (int generation = 1; generation <= 4; ++generation) {
+    ASSERT_EQ(Get(again.id()).generation(), generation);
+    const pb::StartRank a = Beat("a").start(0), b = Beat("b").start(0);
+    Beat("a", {Report(a, pb::RANK_STATE_EXITED, 75)});
+    Beat("b", {Report(b, pb::RANK_STATE_EXITED, 75)});
+    if (generation < 4) {
+      EXPECT_EQ(Get(again.id()).state(), pb::JOB_STATE_RUNNING) << Get(again.id()).reason();  // requeued and placed
+    }
+  }
+  pb::Job gave_up = Get(again.id());
+  EXPECT_EQ(gave_up.state(), pb::JOB_STATE_FAILED);
+  EXPECT_NE(gave_up.reason().find("every rank lost its peers, 4 times"), std::string::npos) << gave_up.reason();
+}
+
 TEST_F(SchedulerTest, RestartLosesNoJobNodeOrEvent) {
   AddNode("a");
   pb::Job running = Submit(1);

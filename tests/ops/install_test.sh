@@ -6,6 +6,9 @@ set -euo pipefail
 source_dir="$1"
 root="$(mktemp -d)"
 trap 'rm -rf "$root"' EXIT
+export PREFIX=/usr/local
+# The test installs this build; it must not start one (ops/setup.sh) of its own.
+[ -x "$LLAMAD_BUILD_DIR/bin/llamad" ] || { echo "no build in '$LLAMAD_BUILD_DIR'"; exit 1; }
 DESTDIR="$root" "$source_dir/ops/install-llamad.sh" --no-start
 for f in usr/local/bin/llamad usr/local/bin/llama-train usr/local/bin/llamactl usr/local/bin/llama-data \
          etc/llamad/llamad.yaml etc/systemd/system/llamad.service usr/local/share/doc/llamad/README.md; do
@@ -13,13 +16,14 @@ for f in usr/local/bin/llamad usr/local/bin/llama-train usr/local/bin/llamactl u
 done
 resolved="$("$root/usr/local/bin/llamad" --config "$root/etc/llamad/llamad.yaml" --check)"
 grep -q '^role: both$' <<<"$resolved" || { echo "$resolved"; exit 1; }
-grep -q '^ExecStart=/usr/local/bin/llamad --config /etc/llamad/llamad.yaml$' "$root/etc/systemd/system/llamad.service"
-grep -q '^KillMode=mixed$' "$root/etc/systemd/system/llamad.service"
+unit="$root/etc/systemd/system/llamad.service"
+grep -q '^ExecStart=/usr/local/bin/llamad --config /etc/llamad/llamad.yaml$' "$unit" || { cat "$unit"; exit 1; }
+grep -q '^KillMode=mixed$' "$unit" || { cat "$unit"; exit 1; }
 echo "role: node" > "$root/etc/llamad/llamad.yaml"
 echo "scheduler: 10.0.0.1:7070" >> "$root/etc/llamad/llamad.yaml"
 out="$(DESTDIR="$root" "$source_dir/ops/install-llamad.sh" --no-start)"
 grep -q "keeping the existing" <<<"$out" || { echo "$out"; exit 1; }
-grep -q '^role: node$' "$root/etc/llamad/llamad.yaml"
+grep -q '^role: node$' "$root/etc/llamad/llamad.yaml" || { echo "the existing config was replaced"; exit 1; }
 # A broken config stops the install with the file and key named.
 echo "rol: node" > "$root/etc/llamad/llamad.yaml"
 if out="$(DESTDIR="$root" "$source_dir/ops/install-llamad.sh" --no-start 2>&1)"; then

@@ -1,0 +1,14 @@
+#pragma once
+// What a llama-train process's exit status means; the daemon and the scheduler act on it.
+
+namespace llamad {
+
+inline constexpr int kExitFailure = 1;  // failed while running (an I/O error, a diverged loss)
+inline constexpr int kExitUsage = 2;    // bad input: command line, job file, data, checkpoint
+// A peer rank was lost (a collective or the connection to the other ranks failed). Not
+// the rank's own fault: the scheduler decides the job's fate by what happened to the
+// peers (one failed: the job fails with that rank's reason; a node was lost: the job
+// restarts), not by this rank. 75 is sysexits' EX_TEMPFAIL.
+inline constexpr int kExitPeerLost = 75;
+
+}  // namespace llamad
