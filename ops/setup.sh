@@ -18,6 +18,7 @@ PACKAGES=(
   libcurl4-openssl-dev libssl-dev      # dataset download and its SHA-256 checks
   zlib1g-dev libzstd-dev zstd          # .gz and .zst corpora
   libgloo-dev                          # collectives between CPU ranks (data parallelism)
+  liburing-dev                         # the NVMe tier of optimizer state (io_uring)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler   # the control plane
   openssl                    # certificates for the mutual TLS test
   python3 python3-numpy      # the independent numpy reference of the model (tests/reference)

@@ -499,6 +499,11 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   // Every rank starts from rank 0's state (restored, imported or seeded).
   if (auto s = SyncFromRankZero(**trainer, **comm); !s.ok()) return Fail(s);
   if (spec->parallel.plugin == "zero1") (*trainer)->ShardOptimizerState();
+  if (auto s = (*trainer)->OffloadOptimizerState(); !s.ok()) return Fail(s);
+  if (lead && (*trainer)->optimizer().offloaded()) {
+    std::fprintf(stderr, "llama-train: optimizer state (%s) in an NVMe swap file under %s\n",
+                 HumanBytes(double((*trainer)->optimizer().swap()->size())).c_str(), spec->offload.nvme_path.c_str());
+  }
   (*comm)->set_timeout(std::chrono::minutes(10));  // a training step's collectives
   std::unique_ptr<AsyncCheckpointer> checkpointer;
   if (checkpoints->store && spec->checkpoint.interval > 0) {

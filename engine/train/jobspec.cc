@@ -121,6 +121,17 @@ absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::strin
   c.Get("interval", &spec.checkpoint.interval);
   c.Get("keep_last", &spec.checkpoint.keep_last);
 
+  YamlSection o(root["offload"], path, "offload");
+  top.Allow("offload");
+  o.Get("optimizer", &spec.offload.optimizer);
+  if (o.Get("nvme_path", &spec.offload.nvme_path) && !spec.offload.nvme_path.empty() &&
+      std::filesystem::path(spec.offload.nvme_path).is_relative()) {
+    spec.offload.nvme_path = (std::filesystem::path(base_dir) / spec.offload.nvme_path).lexically_normal().string();
+  }
+  o.Get("queue_depth", &spec.offload.queue_depth);
+  o.Get("chunk_mb", &spec.offload.chunk_mb);
+  o.Get("block_kb", &spec.offload.block_kb);
+
   YamlSection r(root["resources"], path, "resources");
   top.Allow("resources");
   ResourcesSpec& res = spec.resources;
@@ -130,7 +141,7 @@ absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::strin
   r.Get("max_nodes", &res.max_nodes);
   r.Get("priority", &res.priority);
 
-  for (YamlSection* s : {&t, &p, &d, &c, &r, &top}) {
+  for (YamlSection* s : {&t, &p, &d, &c, &o, &r, &top}) {
     if (auto status = s->Finish(); !status.ok()) return status;
   }
   auto model = ModelConfigFromYaml(root["model"], path, "model", base_dir);
@@ -204,6 +215,22 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   }
   if (spec.checkpoint.interval > 0 && spec.checkpoint.dir.empty()) {
     return fail("checkpoint.interval", spec.checkpoint.interval, "needs checkpoint.dir (or -o DIR)");
+  }
+  const OffloadSpec& o = spec.offload;
+  if (o.optimizer != "memory" && o.optimizer != "nvme") {
+    return fail("offload.optimizer", StrCat("'", o.optimizer, "'"), "is not one of memory, nvme");
+  }
+  if (o.optimizer == "nvme" && o.nvme_path.empty()) {
+    return fail("offload.nvme_path", "''", "must name a folder on a local disk for offload.optimizer nvme");
+  }
+  if (o.queue_depth < 1 || o.queue_depth > 4096) {
+    return fail("offload.queue_depth", o.queue_depth, "must be within [1, 4096]");
+  }
+  if (o.block_kb < 4 || o.block_kb % 4 != 0 || o.block_kb > 65536) {
+    return fail("offload.block_kb", o.block_kb, "must be a multiple of 4 within [4, 65536]");
+  }
+  if (!(o.chunk_mb * 1024 >= double(o.block_kb)) || o.chunk_mb > 4096) {
+    return fail("offload.chunk_mb", o.chunk_mb, StrCat("must be within [block_kb ", o.block_kb, " KiB, 4096]"));
   }
   const ResourcesSpec& r = spec.resources;
   if (r.nodes < 1 || r.nodes > 100000) return fail("resources.nodes", r.nodes, "must be within [1, 100000]");

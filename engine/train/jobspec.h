@@ -55,6 +55,17 @@ struct CheckpointSpec {
   int64_t keep_last = 2;            // Committed checkpoints kept (older ones are removed).
 };
 
+// Where the optimizer's state lives (DeepSpeed's offload_optimizer.device). `nvme`
+// keeps the AdamW moments in a scratch file under nvme_path (io_uring, O_DIRECT) and
+// streams them through memory chunk by chunk each step.
+struct OffloadSpec {
+  std::string optimizer = "memory";  // memory | nvme
+  std::string nvme_path;             // folder on a local disk (nvme); relative to the job file
+  int64_t queue_depth = 32;          // I/O requests in flight
+  double chunk_mb = 64;              // the update pipeline's unit (reads, updates, writes)
+  int64_t block_kb = 1024;           // one read or write request
+};
+
 // The scheduler's section: how many nodes and devices the job runs on. llama-train reads
 // it only to validate it; the world size of a run comes from its launcher.
 struct ResourcesSpec {
@@ -73,6 +84,7 @@ struct JobSpec {
   ParallelSpec parallel;
   DataSpec data;
   CheckpointSpec checkpoint;
+  OffloadSpec offload;
   ResourcesSpec resources;
 };
 

@@ -18,6 +18,15 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   plan.gradients = n * DTypeSize(accum);
   const uint64_t sharded = spec.parallel.plugin == "zero1" ? (n + uint64_t(world_size) - 1) / uint64_t(world_size) : n;
   plan.optimizer_state = 2 * sharded * DTypeSize(accum);
+  if (spec.offload.optimizer == "nvme") {
+    // The same chunking as AdamWOptimizer::OffloadToNvme: both moments of a range of
+    // elements per chunk, whole chunks in the file, three chunks in memory.
+    const uint64_t chunk_elements =
+        std::max<uint64_t>(1, uint64_t(spec.offload.chunk_mb * double(1 << 20)) / 4096 * 4096 / (2 * DTypeSize(accum)));
+    const uint64_t chunk_bytes = chunk_elements * 2 * DTypeSize(accum);
+    plan.optimizer_state_nvme = (sharded + chunk_elements - 1) / chunk_elements * chunk_bytes;
+    plan.optimizer_state = 3 * chunk_bytes;
+  }
   // A rank runs micro-batches of at most batch_size sequences.
   ActivationBuffers counting;
   plan.activations = LayoutActivations(spec.model, int(spec.training.batch_size), int(spec.training.max_length),
@@ -40,6 +49,9 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
       {"optimizer state", optimizer_state}, {"activations", activations},   {"workspace", workspace}};
   for (const auto& [name, bytes] : rows) out += fmt::format("  {:<16} {}\n", name, gib(bytes));
   out += fmt::format("  {:<16} {}\n", "total", gib(total()));
+  if (optimizer_state_nvme > 0) {
+    out += fmt::format("  {:<16} {} (the AdamW moments, in the NVMe swap file)\n", "on NVMe", gib(optimizer_state_nvme));
+  }
   if (budget > 0) {
     out += total() <= budget ? fmt::format("fits in {} ({} free of it)\n", budget_name, gib(budget - total()))
                              : fmt::format("does not fit in {}: {} short\n", budget_name, gib(total() - budget));

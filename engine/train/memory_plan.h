@@ -17,6 +17,8 @@ struct MemoryPlan {
   uint64_t master_weights = 0;   // f32 copy for the optimizer, when dtype is not f32
   uint64_t gradients = 0;        // accum dtype
   uint64_t optimizer_state = 0;  // two AdamW moments; 1/world_size of them under zero1
+                                 // (offloaded: the swap pipeline's three chunk buffers)
+  uint64_t optimizer_state_nvme = 0;  // the moments in the NVMe swap file (not in total())
   uint64_t activations = 0;      // every activation and backward scratch buffer
   uint64_t workspace = 0;        // the LM head's chunk of logits, unfused attention scores
   uint64_t total() const {

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/strings.h"
+
 namespace llamad {
 
 double LrSchedule::At(int64_t step) const {
@@ -29,25 +31,93 @@ AdamWOptimizer::~AdamWOptimizer() {
   }
 }
 
-void AdamWOptimizer::Step(double lr, double grad_scale) {
-  ++step_;
+void AdamWOptimizer::UpdateRange(size_t lo, size_t hi, char* m, char* v, AdamWStep s) {
   const size_t elem = DTypeSize(backend_->accum_dtype());
   auto accum = [&](void* base, size_t offset) {
     return static_cast<char*>(base) + model_->accum_byte_offset(offset);
   };
   const bool master = model_->master_data() != model_->param_data();
-  AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, 0.0, step_, grad_scale};
   for (const ParamInfo& p : model_->params()) {
-    // The part of this tensor inside the shard (all of it without sharding).
-    const size_t begin = std::max(p.offset, shard_begin_), end = std::min(p.offset + p.numel, shard_end_);
+    // The part of this tensor inside [lo, hi).
+    const size_t begin = std::max(p.offset, lo), end = std::min(p.offset + p.numel, hi);
     if (begin >= end) continue;
     s.weight_decay = p.decay ? options_.weight_decay : 0.0;
     backend_->AdamW(static_cast<char*>(model_->param_data()) + model_->param_byte_offset(begin),
-                    master ? accum(model_->master_data(), begin) : nullptr,
-                    accum(model_->grad_data(), begin),
-                    static_cast<char*>(m_) + (begin - shard_begin_) * elem,
-                    static_cast<char*>(v_) + (begin - shard_begin_) * elem, end - begin, s);
+                    master ? accum(model_->master_data(), begin) : nullptr, accum(model_->grad_data(), begin),
+                    m + (begin - lo) * elem, v + (begin - lo) * elem, end - begin, s);
   }
+}
+
+absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
+  ++step_;
+  const AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, 0.0, step_, grad_scale};
+  if (!swap_) {
+    UpdateRange(shard_begin_, shard_end_, static_cast<char*>(m_), static_cast<char*>(v_), s);
+    return absl::OkStatus();
+  }
+  // Chunk c is read while c-1 is written and c+1 read: the disk works during the update.
+  return swap_->Stream([&](size_t c, char* data) {
+    const size_t lo = shard_begin_ + c * chunk_elements_, hi = std::min(shard_end_, lo + chunk_elements_);
+    if (lo < hi) UpdateRange(lo, hi, data, data + chunk_elements_ * sizeof(float), s);
+  });
+}
+
+absl::Status AdamWOptimizer::CopyMoments(float* m, float* v, bool to_swap) {
+  const size_t n = shard_end_ - shard_begin_;
+  return swap_->Stream(
+      [&](size_t c, char* data) {
+        const size_t lo = c * chunk_elements_, count = lo < n ? std::min(chunk_elements_, n - lo) : 0;
+        float* cm = reinterpret_cast<float*>(data);
+        float* cv = reinterpret_cast<float*>(data + chunk_elements_ * sizeof(float));
+        if (to_swap) {
+          std::copy(m + lo, m + lo + count, cm);
+          std::copy(v + lo, v + lo + count, cv);
+        } else {
+          std::copy(cm, cm + count, m + lo);
+          std::copy(cv, cv + count, v + lo);
+        }
+      },
+      to_swap ? offload::SwapFile::Mode::kWrite : offload::SwapFile::Mode::kRead);
+}
+
+absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload::SwapOptions& options) {
+  if (backend_->name() != "cpu" || backend_->accum_dtype() != DType::kF32) {
+    return absl::FailedPreconditionError(StrCat(
+        "offload.optimizer: nvme runs with the CPU backend's fp32 state for now, not the ", backend_->name(),
+        " backend"));
+  }
+  if (swap_) return absl::OkStatus();
+  const size_t n = shard_end_ - shard_begin_;
+  chunk_elements_ = std::max<size_t>(1, options.chunk_bytes / (2 * sizeof(float)));
+  offload::SwapOptions o = options;
+  o.chunk_bytes = chunk_elements_ * 2 * sizeof(float);  // exp_avg and exp_avg_sq of the same elements
+  const size_t chunks = (n + chunk_elements_ - 1) / chunk_elements_;
+  auto swap = offload::SwapFile::Create(dir, chunks * o.chunk_bytes, o);
+  if (!swap.ok()) return swap.status();
+  swap_ = std::move(*swap);
+  if (auto s = CopyMoments(static_cast<float*>(m_), static_cast<float*>(v_), /*to_swap=*/true); !s.ok()) {
+    swap_.reset();
+    return s;
+  }
+  backend_->Free(m_);
+  backend_->Free(v_);
+  m_ = v_ = nullptr;
+  state_bytes_ = 3 * o.chunk_bytes;  // the pipeline's buffers
+  return absl::OkStatus();
+}
+
+absl::Status AdamWOptimizer::WithMomentsInMemory(const std::function<absl::Status()>& f, bool modified) {
+  if (!swap_) return f();
+  const size_t n = shard_end_ - shard_begin_;
+  m_ = backend_->Allocate(n, backend_->accum_dtype());
+  v_ = backend_->Allocate(n, backend_->accum_dtype());
+  absl::Status status = CopyMoments(static_cast<float*>(m_), static_cast<float*>(v_), /*to_swap=*/false);
+  if (status.ok()) status = f();
+  if (status.ok() && modified) status = CopyMoments(static_cast<float*>(m_), static_cast<float*>(v_), true);
+  backend_->Free(m_);
+  backend_->Free(v_);
+  m_ = v_ = nullptr;
+  return status;
 }
 
 void AdamWOptimizer::Shard(size_t begin, size_t end) {

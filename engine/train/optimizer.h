@@ -4,8 +4,13 @@
 #include <cstdint>
 #include <functional>
 
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
 #include "backend/backend.h"
 #include "model/llama.h"
+#include "offload/swap_file.h"
 
 namespace llamad {
 
@@ -42,7 +47,8 @@ class AdamWOptimizer {
   AdamWOptimizer& operator=(const AdamWOptimizer&) = delete;
 
   // One update with learning rate `lr`; gradients are multiplied by grad_scale first.
-  void Step(double lr, double grad_scale);
+  // Fails only when offloaded state cannot be read or written.
+  absl::Status Step(double lr, double grad_scale);
   int64_t step() const { return step_; }
   // The step counter and the moment buffers (model parameter layout), for checkpoints.
   void set_step(int64_t step) { step_ = step; }
@@ -58,8 +64,19 @@ class AdamWOptimizer {
   void Reshard();
   size_t shard_begin() const { return shard_begin_; }
   size_t shard_end() const { return shard_end_; }
-  // Bytes of moments held now.
+  // Bytes of moments held in memory now (offloaded: the pipeline's chunk buffers).
   size_t state_bytes() const { return state_bytes_; }
+
+  // The NVMe tier: moves the moments (of the shard, after Shard) into a swap file in
+  // `dir` and frees them from memory; Step then streams them through memory chunk by
+  // chunk. The update is the same arithmetic on the same values, so parameters stay
+  // bit-identical to keeping the moments in memory. CPU backend only.
+  absl::Status OffloadToNvme(const std::string& dir, const offload::SwapOptions& options);
+  bool offloaded() const { return swap_ != nullptr; }
+  // While offloaded: the moments in memory for f (exp_avg()/exp_avg_sq() address them),
+  // then written back when `modified`, and freed. Otherwise just f().
+  absl::Status WithMomentsInMemory(const std::function<absl::Status()>& f, bool modified);
+  const offload::SwapFile* swap() const { return swap_.get(); }
 
  private:
   LlamaModel* model_;
@@ -73,6 +90,14 @@ class AdamWOptimizer {
   size_t shard_begin_ = 0, shard_end_ = 0;
   size_t state_bytes_ = 0;
   int64_t step_ = 0;
+  // Offloaded: chunk c of the swap holds exp_avg then exp_avg_sq of shard elements
+  // [c * chunk_elements_, (c + 1) * chunk_elements_).
+  std::unique_ptr<offload::SwapFile> swap_;
+  size_t chunk_elements_ = 0;
+  // Copies between the swap's chunks and full moment buffers m/v (shard layout).
+  absl::Status CopyMoments(float* m, float* v, bool to_swap);
+  // Updates the parameters of shard elements [lo, hi) with moments m/v of that range.
+  void UpdateRange(size_t lo, size_t hi, char* m, char* v, AdamWStep s);
 };
 
 }  // namespace llamad

@@ -157,7 +157,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   m.grad_norm = std::sqrt(backend_->SumSquares(model_->grad_data(), model_->num_params()));
   const double clip = t.grad_clip > 0 && m.grad_norm > t.grad_clip ? t.grad_clip / (m.grad_norm + 1e-6) : 1.0;
   m.lr = schedule_.At(m.step - 1);
-  optimizer_->Step(m.lr, clip);
+  if (auto s = optimizer_->Step(m.lr, clip); !s.ok()) return s;
   if (zero1_) {
     comm_start = std::chrono::steady_clock::now();
     // Each rank updated its own slice of the parameters: gather them everywhere.
@@ -186,7 +186,25 @@ void Trainer::ShardOptimizerState() {
   zero1_ = true;
 }
 
+absl::Status Trainer::OffloadOptimizerState() {
+  const OffloadSpec& o = spec_.offload;
+  if (o.optimizer != "nvme") return absl::OkStatus();
+  offload::SwapOptions options;
+  options.chunk_bytes = size_t(o.chunk_mb * double(1 << 20)) / 4096 * 4096;
+  options.block_bytes = size_t(o.block_kb) * 1024;
+  options.queue_depth = int(o.queue_depth);
+  return optimizer_->OffloadToNvme(o.nvme_path, options);
+}
+
 absl::Status Trainer::WithFullOptimizerState(const std::function<absl::Status()>& f) {
+  // Offloaded moments come into memory first (a checkpoint reads them; nothing changes).
+  if (optimizer_->offloaded()) {
+    return optimizer_->WithMomentsInMemory([&] { return WithFullShardedState(f); }, /*modified=*/false);
+  }
+  return WithFullShardedState(f);
+}
+
+absl::Status Trainer::WithFullShardedState(const std::function<absl::Status()>& f) {
   if (!zero1_) return f();
   absl::Status gathered;
   const size_t n = model_->num_params();

@@ -67,8 +67,12 @@ class Trainer {
   // AdamW moments of its 1/world of the parameters only and steps those; the updated
   // parameters are all-gathered after each step.
   void ShardOptimizerState();
-  // Runs f with the full moments on every rank (gathered; a collective, so every rank
-  // calls it), e.g. to save a checkpoint; then returns to the shard.
+  // offload.optimizer nvme (after restoring and sharding): the moments move to a swap
+  // file under offload.nvme_path. Errors name the folder and what is wrong with it.
+  absl::Status OffloadOptimizerState();
+  // Runs f with the full moments in memory on every rank (read back from the swap when
+  // offloaded; gathered when sharded, a collective, so every rank calls it), e.g. to
+  // save a checkpoint; then returns to the shard and the swap.
   absl::Status WithFullOptimizerState(const std::function<absl::Status()>& f);
 
   // Mean loss over every complete window of `data`, in file order.
@@ -79,6 +83,7 @@ class Trainer {
 
  private:
   Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Communicator* comm);
+  absl::Status WithFullShardedState(const std::function<absl::Status()>& f);
 
   JobSpec spec_;
   Backend* backend_;

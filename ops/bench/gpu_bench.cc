@@ -241,7 +241,10 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
     model.ZeroGrads();
     const double loss = model.ForwardBackward(tokens.data(), targets.data(), o.batch, o.seq, 1.0 / N) / N;
     const double norm = std::sqrt(be.SumSquares(model.grad_data(), model.num_params()));
-    optimizer.Step(3e-4, norm > 1.0 ? 1.0 / (norm + 1e-6) : 1.0);
+    if (auto status = optimizer.Step(3e-4, norm > 1.0 ? 1.0 / (norm + 1e-6) : 1.0); !status.ok()) {
+      std::fprintf(stderr, "bench-gpu: optimizer step: %s\n", std::string(status.message()).c_str());
+      std::exit(1);
+    }
     be.Synchronize();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (step >= o.warmup) times.push_back(s);

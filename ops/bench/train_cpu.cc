@@ -79,9 +79,15 @@ RunResult RunSteps(const JobSpec& spec, const TokenDataset& data, int steps) {
     std::exit(2);
   }
   WindowSampler sampler(&data, int(spec.training.max_length), 1);
-  (*trainer)->Step(sampler);  // warm-up: allocations, page faults
   double seconds = 0;
-  for (int s = 0; s < steps; ++s) seconds += (*trainer)->Step(sampler)->step_seconds;
+  for (int s = -1; s < steps; ++s) {  // step -1 warms up: allocations, page faults
+    auto step = (*trainer)->Step(sampler);
+    if (!step.ok()) {
+      std::fprintf(stderr, "bench: %s\n", std::string(step.status().message()).c_str());
+      std::exit(1);
+    }
+    if (s >= 0) seconds += step->step_seconds;
+  }
   const double tokens = double(spec.training.batch_size) * spec.training.max_length * steps;
   RunResult r;
   r.tokens_per_s = tokens / seconds;

@@ -1,0 +1,218 @@
+#include "offload/swap_file.h"
+
+#include <fcntl.h>
+#include <liburing.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+
+#include "core/strings.h"
+
+namespace llamad::offload {
+namespace {
+
+constexpr size_t kAlign = 4096;  // direct I/O: offsets, lengths and buffers
+
+size_t RoundUp(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+std::string Gib(double bytes) { return StrCat(int64_t(bytes / double(1 << 20)), " MiB"); }
+
+// user_data of a request: its buffer slot, whether it writes, and its length.
+uint64_t Tag(size_t slot, bool write, size_t length) { return (uint64_t(length) << 8) | (write ? 0x10 : 0) | slot; }
+size_t TagSlot(uint64_t tag) { return tag & 0x0f; }
+bool TagWrite(uint64_t tag) { return (tag & 0x10) != 0; }
+size_t TagLength(uint64_t tag) { return size_t(tag >> 8); }
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<SwapFile>> SwapFile::Create(const std::string& dir, size_t bytes,
+                                                           const SwapOptions& options) {
+  if (options.chunk_bytes == 0 || options.chunk_bytes % kAlign != 0 || options.block_bytes == 0 ||
+      options.block_bytes % kAlign != 0) {
+    return absl::InvalidArgumentError(StrCat("NVMe swap: chunk (", options.chunk_bytes, " bytes) and block (",
+                                             options.block_bytes, " bytes) must be positive multiples of 4 KiB"));
+  }
+  if (options.queue_depth < 1 || options.queue_depth > 4096) {
+    return absl::InvalidArgumentError(StrCat("NVMe swap: queue depth ", options.queue_depth, " is not in 1..4096"));
+  }
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) {
+    return absl::NotFoundError(StrCat(dir, ": no such folder for the NVMe swap file"));
+  }
+  bytes = RoundUp(std::max<size_t>(bytes, 1), kAlign);
+  std::string path = (std::filesystem::path(dir) / "llamad-swap-XXXXXX").string();
+  const int plain = ::mkstemp(path.data());
+  if (plain < 0) {
+    return absl::PermissionDeniedError(StrCat(dir, ": cannot create the NVMe swap file: ", std::strerror(errno)));
+  }
+  const int fd = ::open(path.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+  const int open_errno = errno;
+  ::close(plain);
+  ::unlink(path.c_str());  // scratch: gone with the process, whatever happens
+  if (fd < 0) {
+    return absl::FailedPreconditionError(
+        open_errno == EINVAL
+            ? StrCat(dir, ": this file system cannot do direct I/O (O_DIRECT; tmpfs and some network file systems "
+                          "cannot); put the NVMe swap on a local disk")
+            : StrCat(dir, ": cannot open the NVMe swap file with O_DIRECT: ", std::strerror(open_errno)));
+  }
+  auto fail = [&](absl::Status s) {
+    ::close(fd);
+    return s;
+  };
+  if (::fallocate(fd, 0, 0, off_t(bytes)) != 0) {
+    const int e = errno;
+    struct statvfs vfs {};
+    const double free_bytes = ::fstatvfs(fd, &vfs) == 0 ? double(vfs.f_bavail) * double(vfs.f_frsize) : 0;
+    if (e == ENOSPC || e == EFBIG) {
+      return fail(absl::ResourceExhaustedError(StrCat(dir, ": not enough free space for the NVMe swap: it needs ",
+                                                      Gib(double(bytes)), ", ", Gib(free_bytes), " are free")));
+    }
+    if (e != EOPNOTSUPP) {
+      return fail(absl::InternalError(StrCat(dir, ": cannot allocate the NVMe swap file: ", std::strerror(e))));
+    }
+    // No fallocate here: size the file, and check the space instead.
+    if (free_bytes < double(bytes)) {
+      return fail(absl::ResourceExhaustedError(StrCat(dir, ": not enough free space for the NVMe swap: it needs ",
+                                                      Gib(double(bytes)), ", ", Gib(free_bytes), " are free")));
+    }
+    if (::ftruncate(fd, off_t(bytes)) != 0) {
+      return fail(absl::InternalError(StrCat(dir, ": cannot size the NVMe swap file: ", std::strerror(errno))));
+    }
+  }
+  // A file system whose direct I/O needs more than 4 KiB alignment fails here, at start.
+  void* probe = std::aligned_alloc(kAlign, kAlign);
+  std::memset(probe, 0, kAlign);
+  const ssize_t wrote = ::pwrite(fd, probe, kAlign, 0);
+  const int probe_errno = errno;
+  std::free(probe);
+  if (wrote != ssize_t(kAlign)) {
+    return fail(absl::FailedPreconditionError(
+        StrCat(dir, ": a 4 KiB direct write to the NVMe swap file failed (", std::strerror(probe_errno),
+               "); its file system needs larger or other alignment")));
+  }
+  std::unique_ptr<SwapFile> swap(new SwapFile(path, fd, bytes, options));
+  if (const int r = ::io_uring_queue_init(unsigned(options.queue_depth), swap->ring_.get(), 0); r < 0) {
+    swap->ring_.reset();
+    return absl::FailedPreconditionError(StrCat("NVMe swap: io_uring is not available: ", std::strerror(-r)));
+  }
+  for (int i = 0; i < 3; ++i) {
+    swap->buffers_.emplace_back(static_cast<char*>(std::aligned_alloc(kAlign, options.chunk_bytes)), &std::free);
+    if (!swap->buffers_.back()) {
+      return absl::ResourceExhaustedError(
+          StrCat("NVMe swap: cannot allocate ", Gib(double(options.chunk_bytes)), " chunk buffers"));
+    }
+  }
+  return swap;
+}
+
+SwapFile::SwapFile(std::string path, int fd, size_t bytes, const SwapOptions& options)
+    : path_(std::move(path)), fd_(fd), bytes_(bytes), options_(options), ring_(std::make_unique<io_uring>()),
+      pending_(3, 0), errors_(3) {}
+
+SwapFile::~SwapFile() {
+  // Requests still in flight (after an error) must finish before their buffers go.
+  while (in_flight_ > 0 && ReapOne().ok()) {
+  }
+  if (ring_) ::io_uring_queue_exit(ring_.get());
+  if (fd_ >= 0) ::close(fd_);
+}
+
+size_t SwapFile::chunk_size(size_t i) const {
+  return std::min(options_.chunk_bytes, bytes_ - i * options_.chunk_bytes);
+}
+
+absl::Status SwapFile::ReapOne() {
+  io_uring_cqe* cqe = nullptr;
+  int r;
+  do {
+    r = ::io_uring_wait_cqe(ring_.get(), &cqe);
+  } while (r == -EINTR);
+  if (r < 0) return absl::InternalError(StrCat(path_, ": io_uring wait failed: ", std::strerror(-r)));
+  const uint64_t tag = ::io_uring_cqe_get_data64(cqe);
+  const int result = cqe->res;
+  ::io_uring_cqe_seen(ring_.get(), cqe);
+  --in_flight_;
+  const size_t slot = TagSlot(tag);
+  --pending_[slot];
+  if (result != int(TagLength(tag)) && errors_[slot].empty()) {
+    errors_[slot] = result < 0 ? std::strerror(-result)
+                               : StrCat("moved ", result, " of ", TagLength(tag), " bytes");
+    errors_[slot] = StrCat(TagWrite(tag) ? "writing" : "reading", " the NVMe swap file: ", errors_[slot],
+                           result == -ENOSPC ? " (the disk is full)" : "");
+  }
+  (TagWrite(tag) ? bytes_written_ : bytes_read_) += uint64_t(std::max(result, 0));
+  return absl::OkStatus();
+}
+
+absl::Status SwapFile::Queue(bool write, size_t chunk, size_t slot) {
+  const size_t base = chunk * options_.chunk_bytes, size = chunk_size(chunk);
+  for (size_t done = 0; done < size;) {
+    const size_t length = std::min(options_.block_bytes, size - done);
+    io_uring_sqe* sqe = in_flight_ < options_.queue_depth ? ::io_uring_get_sqe(ring_.get()) : nullptr;
+    if (sqe == nullptr) {  // the queue is full: send what is queued, then make room
+      if (const int r = ::io_uring_submit(ring_.get()); r < 0) {
+        return absl::InternalError(StrCat(path_, ": io_uring submit failed: ", std::strerror(-r)));
+      }
+      if (auto s = ReapOne(); !s.ok()) return s;
+      continue;
+    }
+    char* data = buffers_[slot].get() + done;
+    if (write) {
+      ::io_uring_prep_write(sqe, fd_, data, unsigned(length), base + done);
+    } else {
+      ::io_uring_prep_read(sqe, fd_, data, unsigned(length), base + done);
+    }
+    ::io_uring_sqe_set_data64(sqe, Tag(slot, write, length));
+    ++in_flight_;
+    ++pending_[slot];
+    done += length;
+  }
+  if (const int r = ::io_uring_submit(ring_.get()); r < 0) {
+    return absl::InternalError(StrCat(path_, ": io_uring submit failed: ", std::strerror(-r)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SwapFile::Drain(size_t slot) {
+  while (pending_[slot] > 0) {
+    if (auto s = ReapOne(); !s.ok()) return s;
+  }
+  if (!errors_[slot].empty()) {
+    std::string error;
+    std::swap(error, errors_[slot]);
+    return absl::DataLossError(error);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SwapFile::Stream(const std::function<void(size_t, char*)>& update, Mode mode) {
+  const size_t n = num_chunks();
+  const bool read = mode != Mode::kWrite, write = mode != Mode::kRead;
+  auto slot = [](size_t i) { return i % 3; };
+  absl::Status status = read ? Queue(false, 0, slot(0)) : absl::OkStatus();
+  for (size_t i = 0; status.ok() && i < n; ++i) {
+    if (i + 1 < n) {
+      // Its buffer last held chunk i-2, whose write must be done before reading into it.
+      status = Drain(slot(i + 1));
+      if (status.ok() && read) status = Queue(false, i + 1, slot(i + 1));
+    }
+    if (status.ok()) status = Drain(slot(i));
+    if (!status.ok()) break;
+    update(i, buffers_[slot(i)].get());
+    if (write) status = Queue(true, i, slot(i));
+  }
+  // Whatever happened, nothing may stay in flight past this call.
+  for (size_t s = 0; s < 3; ++s) {
+    auto drained = Drain(s);
+    if (status.ok()) status = drained;
+  }
+  return status;
+}
+
+}  // namespace llamad::offload
