@@ -124,6 +124,7 @@ absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::strin
   YamlSection o(root["offload"], path, "offload");
   top.Allow("offload");
   o.Get("optimizer", &spec.offload.optimizer);
+  o.Get("memory_budget_gb", &spec.offload.memory_budget_gb);
   if (o.Get("nvme_path", &spec.offload.nvme_path) && !spec.offload.nvme_path.empty() &&
       std::filesystem::path(spec.offload.nvme_path).is_relative()) {
     spec.offload.nvme_path = (std::filesystem::path(base_dir) / spec.offload.nvme_path).lexically_normal().string();
@@ -217,9 +218,10 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
     return fail("checkpoint.interval", spec.checkpoint.interval, "needs checkpoint.dir (or -o DIR)");
   }
   const OffloadSpec& o = spec.offload;
-  if (o.optimizer != "memory" && o.optimizer != "nvme") {
-    return fail("offload.optimizer", StrCat("'", o.optimizer, "'"), "is not one of memory, nvme");
+  if (o.optimizer != "memory" && o.optimizer != "nvme" && o.optimizer != "auto") {
+    return fail("offload.optimizer", StrCat("'", o.optimizer, "'"), "is not one of memory, nvme, auto");
   }
+  if (!(o.memory_budget_gb >= 0)) return fail("offload.memory_budget_gb", o.memory_budget_gb, "must not be negative");
   if (o.optimizer == "nvme" && o.nvme_path.empty()) {
     return fail("offload.nvme_path", "''", "must name a folder on a local disk for offload.optimizer nvme");
   }

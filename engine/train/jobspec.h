@@ -59,7 +59,9 @@ struct CheckpointSpec {
 // keeps the AdamW moments in a scratch file under nvme_path (io_uring, O_DIRECT) and
 // streams them through memory chunk by chunk each step.
 struct OffloadSpec {
-  std::string optimizer = "memory";  // memory | nvme
+  // memory | nvme | auto (memory when the job fits memory_budget_gb, else nvme).
+  std::string optimizer = "memory";
+  double memory_budget_gb = 0;       // per rank; 0 = the host's available memory / ranks
   std::string nvme_path;             // folder on a local disk (nvme); relative to the job file
   int64_t queue_depth = 32;          // I/O requests in flight
   double chunk_mb = 64;              // the update pipeline's unit (reads, updates, writes)

@@ -64,21 +64,41 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
         f, ": training.max_length: ", spec.training.max_length,
         " exceeds the model's max_position_embeddings ", spec.model.max_position_embeddings));
   }
+  JobSpec placed = spec;  // with offload.optimizer auto resolved
   if (backend->name() == "cpu") {
     const int world = comm != nullptr ? comm->world_size() : 1;
-    const MemoryPlan plan =
-        PlanMemory(spec, backend->dtype(), backend->accum_dtype(), world,
-                   CpuBackendOptions{}.lm_head_chunk_elements, int(DTypeSize(backend->dtype())),
-                   3 * CpuThreads());
-    const double needed = double(plan.total());
-    const int64_t available = AvailableHostMemoryBytes() / world;  // the ranks share this host
-    if (available > 0 && needed > double(available)) {
+    auto plan_with = [&](const std::string& tier) {
+      JobSpec s = spec;
+      s.offload.optimizer = tier;
+      return PlanMemory(s, backend->dtype(), backend->accum_dtype(), world, CpuBackendOptions{}.lm_head_chunk_elements,
+                        int(DTypeSize(backend->dtype())), 3 * CpuThreads());
+    };
+    const OffloadSpec& o = spec.offload;
+    // The ranks share this host's memory, unless the job gives each rank a budget.
+    const int64_t budget = o.memory_budget_gb > 0 ? int64_t(o.memory_budget_gb * double(1 << 30))
+                                                  : AvailableHostMemoryBytes() / world;
+    if (o.optimizer == "auto") {
+      // The planner places the optimizer state: in memory when everything fits the budget.
+      const bool fits = budget <= 0 || plan_with("memory").total() <= uint64_t(budget);
+      if (!fits && o.nvme_path.empty()) {
+        return absl::InvalidArgumentError(StrCat(
+            f, ": offload.optimizer auto: the job needs ",
+            fmt::format("{:.2f}", double(plan_with("memory").total()) / (1 << 30)), " GiB with the optimizer state in ",
+            "memory, more than the budget of ", fmt::format("{:.2f}", double(budget) / (1 << 30)),
+            " GiB; set offload.nvme_path for the NVMe tier"));
+      }
+      placed.offload.optimizer = fits ? "memory" : "nvme";
+    }
+    const double needed = double(plan_with(placed.offload.optimizer).total());
+    if (budget > 0 && needed > double(budget)) {
       return absl::InvalidArgumentError(StrCat(
           f, ": model ", spec.model.name, " (", spec.model.NumParameters(), " parameters) with batch ",
           spec.training.batch_size, " x ", spec.training.max_length, " needs ",
-          fmt::format("{:.1f}", needed / (1 << 30)), " GiB of host memory for weights, gradients, ",
-          "optimizer state and activations; ", fmt::format("{:.1f}", double(available) / (1 << 30)),
-          " GiB are available (a smaller model, -b, -l or -g lowers it)"));
+          fmt::format("{:.2f}", needed / (1 << 30)), " GiB of host memory for weights, gradients, ",
+          "optimizer state and activations; ", fmt::format("{:.2f}", double(budget) / (1 << 30)), " GiB ",
+          o.memory_budget_gb > 0 ? "is offload.memory_budget_gb" : "are available",
+          " (a smaller model, -b, -l or -g lowers it", placed.offload.optimizer == "memory" ? "; so does offload.optimizer nvme" : "",
+          ")"));
     }
   }
   if (comm != nullptr && comm->world_size() > 1) {
@@ -95,7 +115,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
           " ranks (raise training.global_batch_size)"));
     }
   }
-  return std::unique_ptr<Trainer>(new Trainer(spec, backend, peak_flops, comm));
+  return std::unique_ptr<Trainer>(new Trainer(placed, backend, peak_flops, comm));
 }
 
 absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {

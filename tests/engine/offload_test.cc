@@ -116,6 +116,41 @@ TEST(NvmeOffloadTest, MomentsOnNvmeTrainBitIdenticallyToMomentsInMemory) {
   EXPECT_EQ(Copy(restored->optimizer().exp_avg_sq(), n), Copy(in_memory->optimizer().exp_avg_sq(), n));
 }
 
+TEST(NvmeOffloadTest, AMemoryBudgetPlacesTheOptimizerState) {
+  const TokenDataset data = Data();
+  auto be = MakeCpuBackend({DType::kF32, 1});
+  JobSpec spec = OffloadJob(3);
+  spec.offload.optimizer = "auto";
+  spec.offload.nvme_path = ScratchDir("auto").string();
+  spec.offload.chunk_mb = 8.0 / 1024;
+  spec.offload.block_kb = 4;
+  // A roomy budget keeps the moments in memory...
+  spec.offload.memory_budget_gb = 4;
+  auto roomy = *Trainer::Create(spec, be.get(), 0);
+  EXPECT_EQ(roomy->spec().offload.optimizer, "memory");
+  ASSERT_TRUE(roomy->OffloadOptimizerState().ok());
+  EXPECT_FALSE(roomy->optimizer().offloaded());
+  // ...one the moments do not fit sends them to the NVMe tier, with the same training.
+  JobSpec tight_spec = spec;
+  const MemoryPlan in_memory = PlanMemory(OffloadJob(3), DType::kF32, DType::kF32, 1,
+                                          CpuBackendOptions{}.lm_head_chunk_elements, 4, 3 * CpuThreads());
+  tight_spec.offload.memory_budget_gb = double(in_memory.total() - in_memory.optimizer_state / 4) / double(1 << 30);
+  auto tight = Trainer::Create(tight_spec, be.get(), 0);
+  ASSERT_TRUE(tight.ok()) << tight.status();
+  EXPECT_EQ((*tight)->spec().offload.optimizer, "nvme");
+  ASSERT_TRUE((*tight)->OffloadOptimizerState().ok());
+  EXPECT_TRUE((*tight)->optimizer().offloaded());
+  ASSERT_TRUE(roomy->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
+  ASSERT_TRUE((*tight)->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
+  const size_t n = roomy->model().num_params();
+  EXPECT_EQ(0, std::memcmp(roomy->model().param_data(), (*tight)->model().param_data(), n * sizeof(float)));
+  // Without a folder for the swap, a budget the job does not fit is an error naming it.
+  tight_spec.offload.nvme_path.clear();
+  auto nowhere = Trainer::Create(tight_spec, be.get(), 0);
+  ASSERT_FALSE(nowhere.ok());
+  EXPECT_NE(nowhere.status().message().find("set offload.nvme_path"), std::string::npos) << nowhere.status();
+}
+
 TEST(NvmeOffloadTest, ABadSwapFolderIsAClearErrorAtStart) {
   offload::SwapOptions options;
   auto missing = offload::SwapFile::Create("/nonexistent/nvme", 1 << 20, options);
