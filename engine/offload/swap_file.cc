@@ -131,8 +131,10 @@ absl::Status SwapFile::ReapOne() {
   io_uring_cqe* cqe = nullptr;
   int r;
   do {
-    r = ::io_uring_wait_cqe(ring_.get(), &cqe);
-  } while (r == -EINTR);
+    // Submits anything a short submit left in the queue, then waits for a completion.
+    r = ::io_uring_submit_and_wait(ring_.get(), 1);
+    if (r >= 0) r = ::io_uring_peek_cqe(ring_.get(), &cqe);
+  } while (r == -EINTR || r == -EAGAIN);
   if (r < 0) return absl::InternalError(StrCat(path_, ": io_uring wait failed: ", std::strerror(-r)));
   const uint64_t tag = ::io_uring_cqe_get_data64(cqe);
   const int result = cqe->res;
