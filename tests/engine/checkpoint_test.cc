@@ -11,6 +11,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "common/subprocess.h"
+#include "engine/small_job.h"
 #include "core/rng.h"
 #include "data/dataset.h"
 #include "storage/checkpoint_store.h"
@@ -28,31 +29,8 @@ fs::path FreshDir(const std::string& name) {
   return dir;
 }
 
-std::vector<int32_t> Tokens(size_t n, int vocab) {
-  std::vector<int32_t> t(n);
-  for (size_t i = 0; i < n; ++i) t[i] = int32_t((i * 7 + i / 13 + RandomBits(1, 0, i) % 3) % vocab);
-  return t;
-}
-
-JobSpec SmallJob(int64_t steps) {
-  JobSpec spec;
-  spec.path = "test";
-  spec.name = "resume";
-  spec.model.hidden_size = 32;
-  spec.model.intermediate_size = 48;
-  spec.model.num_hidden_layers = 2;
-  spec.model.num_attention_heads = 4;
-  spec.model.num_key_value_heads = 2;
-  spec.model.vocab_size = 40;
-  spec.model.max_position_embeddings = 64;
-  spec.training.max_length = 16;
-  spec.training.batch_size = 2;
-  spec.training.global_batch_size = 4;
-  spec.training.steps = steps;
-  spec.training.lr = 3e-3;
-  spec.training.warmup_steps = 3;
-  return spec;
-}
+using testing::SmallJob;
+using testing::Tokens;
 
 TEST(CheckpointTrainingTest, ResumeIsBitIdentical) {
   const TokenDataset data = TokenDataset::FromTokens(Tokens(4000, 40));

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
-#include "core/rng.h"
+#include "engine/small_job.h"
 #include "offload/swap_file.h"
 #include "storage/checkpoint_store.h"
 #include "train/checkpointing.h"
@@ -28,31 +28,22 @@ fs::path ScratchDir(const std::string& name) {
   return dir;
 }
 
-JobSpec OffloadJob(int64_t steps) {
-  JobSpec spec;
-  spec.path = "test";
-  spec.name = "offload";
-  spec.model.hidden_size = 32;
-  spec.model.intermediate_size = 48;
-  spec.model.num_hidden_layers = 2;
-  spec.model.num_attention_heads = 4;
-  spec.model.num_key_value_heads = 2;
-  spec.model.vocab_size = 40;
-  spec.model.max_position_embeddings = 64;
-  spec.training.max_length = 16;
-  spec.training.batch_size = 2;
-  spec.training.global_batch_size = 4;
-  spec.training.steps = steps;
-  spec.training.lr = 3e-3;
-  spec.training.warmup_steps = 2;
+JobSpec OffloadJob(int64_t steps) { return testing::SmallJob(steps, "offload", 2); }
+
+// The job with its moments placed by `tier` (nvme or auto) and a swap folder. Small
+// chunks and blocks, so that the parameters span many chunks and a chunk many
+// requests: the pipeline (read ahead, update, write behind) really runs.
+JobSpec OffloadedJob(int64_t steps, const std::string& tier, const std::string& folder) {
+  JobSpec spec = OffloadJob(steps);
+  spec.offload.optimizer = tier;
+  spec.offload.nvme_path = ScratchDir(folder).string();
+  spec.offload.chunk_mb = 8.0 / 1024;
+  spec.offload.block_kb = 4;
+  spec.offload.queue_depth = 3;
   return spec;
 }
 
-TokenDataset Data() {
-  std::vector<int32_t> t(4000);
-  for (size_t i = 0; i < t.size(); ++i) t[i] = int32_t((i * 7 + i / 13 + RandomBits(1, 0, i) % 3) % 40);
-  return TokenDataset::FromTokens(t);
-}
+TokenDataset Data() { return TokenDataset::FromTokens(testing::Tokens(4000, 40)); }
 
 std::vector<float> Copy(const void* data, size_t n) {
   const float* f = static_cast<const float*>(data);
@@ -65,14 +56,7 @@ TEST(NvmeOffloadTest, MomentsOnNvmeTrainBitIdenticallyToMomentsInMemory) {
   auto in_memory = *Trainer::Create(OffloadJob(6), be.get(), 0);
   ASSERT_TRUE(in_memory->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
 
-  JobSpec spec = OffloadJob(6);
-  spec.offload.optimizer = "nvme";
-  spec.offload.nvme_path = ScratchDir("bit-identical").string();
-  // Small chunks and blocks, so that the parameters span many chunks and a chunk many
-  // requests: the pipeline (read ahead, update, write behind) really runs.
-  spec.offload.chunk_mb = 8.0 / 1024;
-  spec.offload.block_kb = 4;
-  spec.offload.queue_depth = 3;
+  const JobSpec spec = OffloadedJob(6, "nvme", "bit-identical");
   auto offloaded = *Trainer::Create(spec, be.get(), 0);
   ASSERT_TRUE(offloaded->OffloadOptimizerState().ok());
   ASSERT_TRUE(offloaded->optimizer().offloaded());
@@ -119,11 +103,7 @@ TEST(NvmeOffloadTest, MomentsOnNvmeTrainBitIdenticallyToMomentsInMemory) {
 TEST(NvmeOffloadTest, AMemoryBudgetPlacesTheOptimizerState) {
   const TokenDataset data = Data();
   auto be = MakeCpuBackend({DType::kF32, 1});
-  JobSpec spec = OffloadJob(3);
-  spec.offload.optimizer = "auto";
-  spec.offload.nvme_path = ScratchDir("auto").string();
-  spec.offload.chunk_mb = 8.0 / 1024;
-  spec.offload.block_kb = 4;
+  JobSpec spec = OffloadedJob(3, "auto", "auto");
   // A roomy budget keeps the moments in memory...
   spec.offload.memory_budget_gb = 4;
   auto roomy = *Trainer::Create(spec, be.get(), 0);
