@@ -37,6 +37,9 @@ absl::StatusOr<std::unique_ptr<SwapFile>> SwapFile::Create(const std::string& di
     return absl::InvalidArgumentError(StrCat("NVMe swap: chunk (", options.chunk_bytes, " bytes) and block (",
                                              options.block_bytes, " bytes) must be positive multiples of 4 KiB"));
   }
+  if (options.block_bytes > (size_t{64} << 20)) {
+    return absl::InvalidArgumentError(StrCat("NVMe swap: block of ", options.block_bytes, " bytes exceeds 64 MiB"));
+  }
   if (options.queue_depth < 1 || options.queue_depth > 4096) {
     return absl::InvalidArgumentError(StrCat("NVMe swap: queue depth ", options.queue_depth, " is not in 1..4096"));
   }
@@ -46,14 +49,19 @@ absl::StatusOr<std::unique_ptr<SwapFile>> SwapFile::Create(const std::string& di
   }
   bytes = RoundUp(std::max<size_t>(bytes, 1), kAlign);
   std::string path = (std::filesystem::path(dir) / "llamad-swap-XXXXXX").string();
-  const int plain = ::mkstemp(path.data());
-  if (plain < 0) {
+  int fd = ::mkostemp(path.data(), O_CLOEXEC);
+  if (fd < 0) {
     return absl::PermissionDeniedError(StrCat(dir, ": cannot create the NVMe swap file: ", std::strerror(errno)));
   }
-  const int fd = ::open(path.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
-  const int open_errno = errno;
-  ::close(plain);
   ::unlink(path.c_str());  // scratch: gone with the process, whatever happens
+  // Direct I/O on the descriptor mkostemp made (not a reopen by name, which another user
+  // of a shared folder could redirect).
+  const int flags = ::fcntl(fd, F_GETFL);
+  const int open_errno = flags >= 0 && ::fcntl(fd, F_SETFL, flags | O_DIRECT) == 0 ? 0 : errno;
+  if (open_errno != 0) {
+    ::close(fd);
+    fd = -1;
+  }
   if (fd < 0) {
     return absl::FailedPreconditionError(
         open_errno == EINVAL

@@ -120,10 +120,42 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
         {std::move(name), p.shape, storage::ElementType::kF32, 0, p.numel, dst, size});
     cursor += size;
   };
-  for (const ParamInfo& p : model.params()) {
-    copy(p.name, p, model.master_data());
-    copy(ExpAvgName(p.name), p, trainer.optimizer().exp_avg());
-    copy(ExpAvgSqName(p.name), p, trainer.optimizer().exp_avg_sq());
+  AdamWOptimizer& optimizer = trainer.optimizer();
+  if (optimizer.exp_avg() != nullptr) {
+    for (const ParamInfo& p : model.params()) {
+      copy(p.name, p, model.master_data());
+      copy(ExpAvgName(p.name), p, optimizer.exp_avg());
+      copy(ExpAvgSqName(p.name), p, optimizer.exp_avg_sq());
+    }
+  } else {
+    // Moments on the NVMe tier: streamed from the swap straight into the snapshot, so a
+    // save needs no second copy of them in memory.
+    std::vector<std::pair<float*, float*>> moments;  // per parameter: exp_avg, exp_avg_sq
+    for (const ParamInfo& p : model.params()) {
+      copy(p.name, p, model.master_data());
+      std::pair<float*, float*> dst;
+      for (float** d : {&dst.first, &dst.second}) {
+        *d = reinterpret_cast<float*>(cursor);
+        const size_t size = padded(p.numel);
+        std::memset(cursor, 0, size);
+        pieces_.push_back({d == &dst.first ? ExpAvgName(p.name) : ExpAvgSqName(p.name), p.shape,
+                           storage::ElementType::kF32, 0, p.numel, *d, size});
+        cursor += size;
+      }
+      moments.push_back(dst);
+    }
+    const auto& params = model.params();
+    auto s = optimizer.ReadOffloadedMoments([&](size_t begin, size_t count, const float* m, const float* v) {
+      const size_t end = begin + count;
+      for (size_t i = 0; i < params.size(); ++i) {
+        const ParamInfo& p = params[i];
+        const size_t lo = std::max(p.offset, begin), hi = std::min(p.offset + p.numel, end);
+        if (lo >= hi) continue;
+        std::copy(m + (lo - begin), m + (hi - begin), moments[i].first + (lo - p.offset));
+        std::copy(v + (lo - begin), v + (hi - begin), moments[i].second + (lo - p.offset));
+      }
+    });
+    if (!s.ok()) return s;
   }
   if (!tokenizer_model_.empty()) {
     const uint64_t n = tokenizer_model_.size();

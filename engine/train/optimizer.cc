@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "core/strings.h"
 
@@ -80,6 +82,20 @@ absl::Status AdamWOptimizer::CopyMoments(float* m, float* v, bool to_swap) {
       to_swap ? offload::SwapFile::Mode::kWrite : offload::SwapFile::Mode::kRead);
 }
 
+absl::Status AdamWOptimizer::ReadOffloadedMoments(
+    const std::function<void(size_t, size_t, const float*, const float*)>& f) {
+  if (!swap_) return absl::FailedPreconditionError("the optimizer state is not offloaded");
+  const size_t n = shard_end_ - shard_begin_;
+  return swap_->Stream(
+      [&](size_t c, char* data) {
+        const size_t lo = c * chunk_elements_, count = lo < n ? std::min(chunk_elements_, n - lo) : 0;
+        if (count == 0) return;
+        const float* cm = reinterpret_cast<const float*>(data);
+        f(shard_begin_ + lo, count, cm, cm + chunk_elements_);
+      },
+      offload::SwapFile::Mode::kRead);
+}
+
 absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload::SwapOptions& options) {
   if (backend_->name() != "cpu" || backend_->accum_dtype() != DType::kF32) {
     return absl::FailedPreconditionError(StrCat(
@@ -121,6 +137,10 @@ absl::Status AdamWOptimizer::WithMomentsInMemory(const std::function<absl::Statu
 }
 
 void AdamWOptimizer::Shard(size_t begin, size_t end) {
+  if (swap_) {  // the moments are in the swap: shard first, then offload (Trainer does)
+    std::fprintf(stderr, "llamad: AdamWOptimizer::Shard after OffloadToNvme\n");
+    std::abort();
+  }
   const size_t elem = DTypeSize(backend_->accum_dtype());
   void* m = backend_->Allocate(end - begin, backend_->accum_dtype());
   void* v = backend_->Allocate(end - begin, backend_->accum_dtype());

@@ -77,6 +77,11 @@ class AdamWOptimizer {
   // then written back when `modified`, and freed. Otherwise just f().
   absl::Status WithMomentsInMemory(const std::function<absl::Status()>& f, bool modified);
   const offload::SwapFile* swap() const { return swap_.get(); }
+  // While offloaded: streams the moments from the swap, calling f(begin, count, m, v)
+  // for flat elements [begin, begin + count) of the parameter layout, in order, without
+  // holding them all in memory (a checkpoint copies them straight into its snapshot).
+  absl::Status ReadOffloadedMoments(
+      const std::function<void(size_t begin, size_t count, const float* m, const float* v)>& f);
 
  private:
   LlamaModel* model_;

@@ -217,8 +217,9 @@ absl::Status Trainer::OffloadOptimizerState() {
 }
 
 absl::Status Trainer::WithFullOptimizerState(const std::function<absl::Status()>& f) {
-  // Offloaded moments come into memory first (a checkpoint reads them; nothing changes).
-  if (optimizer_->offloaded()) {
+  // Offloaded moments of the whole model stay in the swap: the checkpointer streams them.
+  // A zero1 shard must come into memory to be gathered with the other ranks' shards.
+  if (optimizer_->offloaded() && zero1_) {
     return optimizer_->WithMomentsInMemory([&] { return WithFullShardedState(f); }, /*modified=*/false);
   }
   return WithFullShardedState(f);
