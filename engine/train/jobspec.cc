@@ -102,22 +102,23 @@ absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::strin
   p.Get("plugin", &spec.parallel.plugin);
   p.Get("bucket_mb", &spec.parallel.bucket_mb);
 
+  // A path field: relative paths are taken against the job file's folder.
+  auto get_path = [&](YamlSection& section, const char* key, std::string* field) {
+    if (section.Get(key, field) && !field->empty() && std::filesystem::path(*field).is_relative()) {
+      *field = (std::filesystem::path(base_dir) / *field).lexically_normal().string();
+    }
+  };
+
   YamlSection d(root["data"], path, "data");
   top.Allow("data");
   d.Get("dataset", &spec.data.dataset);
   d.Get("format", &spec.data.format);
-  if (d.Get("tokenizer", &spec.data.tokenizer) && !spec.data.tokenizer.empty() &&
-      std::filesystem::path(spec.data.tokenizer).is_relative()) {
-    spec.data.tokenizer = (std::filesystem::path(base_dir) / spec.data.tokenizer).lexically_normal().string();
-  }
+  get_path(d, "tokenizer", &spec.data.tokenizer);
   spec.data.base_dir = std::string(base_dir);
 
   YamlSection c(root["checkpoint"], path, "checkpoint");
   top.Allow("checkpoint");
-  if (c.Get("dir", &spec.checkpoint.dir) && !spec.checkpoint.dir.empty() &&
-      std::filesystem::path(spec.checkpoint.dir).is_relative()) {
-    spec.checkpoint.dir = (std::filesystem::path(base_dir) / spec.checkpoint.dir).lexically_normal().string();
-  }
+  get_path(c, "dir", &spec.checkpoint.dir);
   c.Get("interval", &spec.checkpoint.interval);
   c.Get("keep_last", &spec.checkpoint.keep_last);
 
@@ -125,10 +126,7 @@ absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::strin
   top.Allow("offload");
   o.Get("optimizer", &spec.offload.optimizer);
   o.Get("memory_budget_gb", &spec.offload.memory_budget_gb);
-  if (o.Get("nvme_path", &spec.offload.nvme_path) && !spec.offload.nvme_path.empty() &&
-      std::filesystem::path(spec.offload.nvme_path).is_relative()) {
-    spec.offload.nvme_path = (std::filesystem::path(base_dir) / spec.offload.nvme_path).lexically_normal().string();
-  }
+  get_path(o, "nvme_path", &spec.offload.nvme_path);
   o.Get("queue_depth", &spec.offload.queue_depth);
   o.Get("chunk_mb", &spec.offload.chunk_mb);
   o.Get("block_kb", &spec.offload.block_kb);
