@@ -32,6 +32,11 @@ if [[ "${1:-}" != "--run" ]]; then
   ldd build/bin/cuda_test build/bin/bench-gpu build/bin/llama-train | awk '/=> \// {print $3}' | sort -u |
     grep -Ev '/(libc|libm|libpthread|libdl|librt|libcuda|libcublasLt|libcublas|ld-linux[^/]*)\.so' |
     while read -r lib; do cp -L "$lib" "$stage/lib/"; done
+  # The C library too, for a GPU machine whose own is older than this one's.
+  mkdir -p "$stage/glibc"
+  for lib in ld-linux-x86-64.so.2 libc.so.6 libm.so.6 libpthread.so.0 libdl.so.2 librt.so.1; do
+    cp -L "/lib/x86_64-linux-gnu/$lib" "$stage/glibc/"
+  done
   cp ops/bench/gpu/torch_llama_step.py "$stage/"
   mkdir -p "$BUNDLE_DIR"
   tar czf "$BUNDLE_DIR/bundle.tgz" -C "$stage" .
@@ -55,38 +60,94 @@ OUT=${OUT:-/tmp/llamad-gpu-check}
 mkdir -p "$OUT"
 work=$(mktemp -d)
 tar xzf "$BUNDLE_DIR/bundle.tgz" -C "$work"
-# cuBLASLt: the toolkit's, else the one PyTorch's wheels carry.
+# cuBLASLt, and cuDNN with what it loads (the CUDA runtime, NVRTC): the toolkit's, then
+# those PyTorch's wheels carry. The bundled libraries are for our programs alone
+# (PyTorch keeps its own C++ runtime): `ours` runs one of them.
 libs=$work/lib
 for d in /usr/local/cuda/lib64 /usr/local/cuda/lib; do [[ -d $d ]] && libs=$libs:$d; done
-wheel_cublas=$(python3 -c 'import nvidia.cublas, os; print(os.path.join(list(nvidia.cublas.__path__)[0], "lib"))' 2>/dev/null || true)
-[[ -n "$wheel_cublas" ]] && libs=$libs:$wheel_cublas
-export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+wheel_libs=$(python3 - <<'PY' 2>/dev/null || true
+import glob, os
+import nvidia
+dirs = []
+for root in nvidia.__path__:
+    for name in ("libcublasLt.so.13", "libcudnn_graph.so.9", "libcudart.so.13", "libnvrtc.so.13"):
+        for hit in glob.glob(os.path.join(root, "**", name), recursive=True):
+            if os.path.dirname(hit) not in dirs:
+                dirs.append(os.path.dirname(hit))
+print(":".join(dirs))
+PY
+)
+[[ -n "$wheel_libs" ]] && libs=$libs:$wheel_libs
+echo "gpu-check: libraries from $libs"
+loader=()
+ours() {  # ours SECONDS PROGRAM ARGS...: one of our programs, under a time limit
+  local limit=$1
+  shift
+  timeout "$limit" env LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "${loader[@]}" "$@"
+}
+# A machine whose C library is older than the build machine's runs our programs through
+# the bundled one.
+if ! ours 60 "$work/bin/cuda_test" --gtest_list_tests > "$OUT/tests-list.txt" 2> "$OUT/preflight.log"; then
+  cat "$OUT/preflight.log"
+  echo "gpu-check: the programs do not start with this machine's C library; using the bundled one"
+  loader=("$work/glibc/ld-linux-x86-64.so.2" --library-path "$work/glibc:$libs")
+  ours 60 "$work/bin/cuda_test" --gtest_list_tests > "$OUT/tests-list.txt"
+fi
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader \
   | tee "$OUT/nvidia-smi.txt" || true
 
-echo "== tests"
+echo "== tests (one process each, so that a test that aborts leaves the others' results)"
 set +e
-timeout 240 "$work/bin/cuda_test" --gtest_brief=1 --gtest_output="json:$OUT/tests.json" 2>&1 | tee "$OUT/tests.log"
+mkdir -p "$work/tests"
+awk '/^[^ ]/ {suite=$1} /^  / {print suite $1}' "$OUT/tests-list.txt" > "$work/tests.txt"
+while read -r test; do
+  ours 90 "$work/bin/cuda_test" --gtest_filter="$test" \
+    --gtest_output="json:$work/tests/${test//\//_}.json" >> "$OUT/tests.log" 2>&1
+  rc=$?
+  if [[ $rc -ne 0 ]]; then
+    echo "FAILED $test (exit $rc)"
+    tail -n 15 "$OUT/tests.log"
+    # Bad memory accesses and races, where the machine's runtime lets the sanitizer in.
+    if command -v compute-sanitizer > /dev/null && [[ $SECONDS -lt 150 ]]; then
+      timeout 60 env LD_LIBRARY_PATH="$libs" compute-sanitizer --print-limit 5 "$work/bin/cuda_test" --gtest_filter="$test" \
+        >> "$OUT/sanitizer.log" 2>&1
+      grep -E "=========" "$OUT/sanitizer.log" | tail -n 12
+    fi
+  else
+    echo "ok     $test"
+  fi
+done < "$work/tests.txt"
+python3 - "$work/tests" "$OUT/tests.json" <<'PY'
+import glob, json, sys
+merged = {"testsuites": []}
+for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
+    try:
+        merged["testsuites"] += json.load(open(f))["testsuites"]
+    except Exception:
+        pass
+json.dump(merged, open(sys.argv[2], "w"), indent=1)
+PY
+expected=$(wc -l < "$work/tests.txt")
 echo "== llama-train on the CUDA backend (tiny preset, bf16)"
-timeout 120 "$work/bin/llama-train" train --config configs/tiny.yaml -x bf16 --steps 200 \
+ours 90 "$work/bin/llama-train" train --config configs/tiny.yaml -x bf16 --steps 200 \
   --log-format json > "$OUT/train-tiny.jsonl" 2> "$OUT/train-tiny.log"
-echo "exit $?"; tail -n 2 "$OUT/train-tiny.log"
+echo "exit $?"; tail -n 3 "$OUT/train-tiny.log"
 echo "== llamad benchmark"
-timeout 240 "$work/bin/bench-gpu" --batch "$BATCH" --seq "$SEQ" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
-flops=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['step']['flops_per_token'])" 2>/dev/null)
-peak=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['step']['peak_tflops'])" 2>/dev/null)
+ours 200 "$work/bin/bench-gpu" --batch "$BATCH" --seq "$SEQ" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+flops=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['flops_per_token'])" 2>/dev/null)
+peak=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['peak_tflops'])" 2>/dev/null)
 echo "== PyTorch (transformers.LlamaForCausalLM, bf16, AdamW) on the same card"
 if [[ -n "$flops" ]]; then
-  PYTHONUNBUFFERED=1 timeout 240 python3 "$work/torch_llama_step.py" --batch "$BATCH" --seq "$SEQ" \
+  PYTHONUNBUFFERED=1 timeout 200 python3 "$work/torch_llama_step.py" --batch "$BATCH" --seq "$SEQ" \
     --flops-per-token "$flops" --peak-tflops "$peak" --json > "$OUT/torch.json" 2> "$OUT/torch.log"
   tail -n 3 "$OUT/torch.log"
 fi
 set -e
 
-python3 - "$OUT" <<'EOF'
+python3 - "$OUT" "$expected" <<'EOF'
 import json, os, sys
-out = sys.argv[1]
+out, expected = sys.argv[1], int(sys.argv[2])
 def load(name):
     try:
         with open(os.path.join(out, name)) as f:
@@ -96,12 +157,14 @@ def load(name):
 tests, bench, torch = load("tests.json"), load("bench.json"), load("torch.json")
 print()
 print(f"GPU check on {bench.get('device', '?')}")
-if "tests" in tests:
+if tests.get("testsuites"):
     cases = [(f"{s['name']}.{t['name']}", t) for s in tests["testsuites"] for t in s["testsuite"]]
     failed = [name for name, t in cases if t.get("failures")]
     skipped = [name for name, t in cases if t.get("result") == "SKIPPED"]
     passed = len(cases) - len(failed) - len(skipped)
-    print(f"tests: {passed} passed, {len(failed)} failed, {len(skipped)} skipped"
+    missing = expected - len(cases)  # aborted or timed out: no report
+    print(f"tests: {passed} passed, {len(failed)} failed, {len(skipped)} skipped, "
+          f"{missing} crashed or timed out (of {expected})"
           + (f" (failed: {', '.join(failed)})" if failed else ""))
 else:
     print(f"tests: did not finish ({tests.get('error')})")
@@ -115,7 +178,10 @@ try:
           f"{lines[-1]['step']} steps, {lines[-1]['tokens_per_s']:.0f} tokens/s")
 except Exception as e:
     print(f"llama-train tiny bf16: failed ({e})")
+for impl, why in bench.get("attention_unavailable", {}).items():
+    print(f"attention {impl}: not measured ({why})")
 ours = bench.get("step")
+print(f"llamad's step runs attention on: {bench.get('step_attention', '?')}")
 print(f"{'training step':22} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
 rows = [("llamad", ours), ("pytorch", torch if "tokens_per_s" in torch else None)]
 for name, s in rows:

@@ -22,6 +22,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler   # the control plane
   openssl                    # certificates for the mutual TLS test
   python3 python3-numpy      # the independent numpy reference of the model (tests/reference)
+  python3-pip                # fetches the cuDNN frontend headers (CUDA builds)
   fio                        # the checkpoint benchmark's disk baseline
 )
 
@@ -35,6 +36,29 @@ if [[ ${#missing[@]} -gt 0 && -z "${LLAMAD_SKIP_INSTALL:-}" ]]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# cuDNN's fused attention (optional, CUDA builds): the cuDNN frontend's headers, from
+# NVIDIA's wheel on PyPI (the headers are the same in every wheel; one pinned file is
+# fetched and checked). Without them the CUDA backend uses its own attention kernels.
+FRONTEND_VERSION=1.32.0
+FRONTEND_WHEEL=nvidia_cudnn_frontend-$FRONTEND_VERSION-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl
+FRONTEND_SHA256=c6006556017a4d1c914c52a556c71b1267f2d6a0500f742e7b4edef539878df0
+FRONTEND_DIR=.deps/cudnn-frontend-$FRONTEND_VERSION
+if [[ -x /usr/local/cuda/bin/nvcc && ! -f $FRONTEND_DIR/include/cudnn_frontend.h ]]; then
+  fetch=$(mktemp -d)
+  if python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+       --implementation cp --platform manylinux_2_28_x86_64 -d "$fetch" \
+       "nvidia-cudnn-frontend==$FRONTEND_VERSION" 2>"$fetch/log" &&
+     echo "$FRONTEND_SHA256  $fetch/$FRONTEND_WHEEL" | sha256sum -c --quiet; then
+    mkdir -p "$FRONTEND_DIR"
+    python3 -m zipfile -e "$fetch/$FRONTEND_WHEEL" "$fetch/wheel"
+    rm -rf "$FRONTEND_DIR/include" && mv "$fetch/wheel/include" "$FRONTEND_DIR/include"
+  else
+    echo "setup: could not fetch the cuDNN frontend headers ($(tail -n 1 "$fetch/log"));" \
+         "the CUDA backend builds with its own attention kernels only" >&2
+  fi
+  rm -rf "$fetch"
 fi
 
 BUILD_DIR="${LLAMAD_BUILD_DIR:-build}"

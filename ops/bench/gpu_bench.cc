@@ -57,7 +57,10 @@ double Time(Backend& be, const std::function<void()>& fn, int reps = 10) {
 
 class Bench {
  public:
-  explicit Bench(Backend& be) : be_(be) {}
+  // Each row is also written into out["kernels"] and saved at once (a later kernel that
+  // aborts keeps the earlier rows).
+  Bench(Backend& be, nlohmann::json& out, std::function<void()> save)
+      : be_(be), out_(out), save_(std::move(save)) {}
   ~Bench() {
     for (void* p : buffers_) be_.Free(p);
   }
@@ -81,12 +84,14 @@ class Bench {
                 flops > 0 ? fmt::format("{:7.1f} TFLOP/s", flops / seconds / 1e12).c_str()
                           : fmt::format("{:7.0f} GB/s", bytes / seconds / 1e9).c_str());
     std::fflush(stdout);
-    rows.push_back(r);
+    out_["kernels"].push_back(r);
+    save_();
   }
-  nlohmann::json rows = nlohmann::json::array();
 
  private:
   Backend& be_;
+  nlohmann::json& out_;
+  std::function<void()> save_;
   std::vector<void*> buffers_;
   uint64_t stream_ = 0;
 };
@@ -97,8 +102,10 @@ std::string Shape(std::initializer_list<long long> dims) {
   return s;
 }
 
-void Kernels(Backend& be, const ModelConfig& c, const Options& o, nlohmann::json& out) {
-  Bench b(be);
+void Kernels(Backend& be, const ModelConfig& c, const Options& o, nlohmann::json& out,
+             const std::function<void()>& save) {
+  out["kernels"] = nlohmann::json::array();
+  Bench b(be, out, save);
   std::printf("ceilings\n");
   {
     const size_t n = size_t(1) << 29;  // 1 GiB of bf16
@@ -167,26 +174,43 @@ void Kernels(Backend& be, const ModelConfig& c, const Options& o, nlohmann::json
           4.0 * N * (s.heads + s.kv_heads) * s.head_dim);
     b.FreeAll();
   }
-  // Causal attention: the step's own shape, and head dim 128 at seq 4096.
+  // Causal attention: the step's own shape, and head dim 128 at seq 4096, on each
+  // implementation (a backend of its own each).
   const AttentionShape attention_shapes[] = {
       {o.batch, o.seq, int(c.num_attention_heads), int(c.num_key_value_heads), int(c.head_dim())},
       {4, 4096, 16, 16, 128}};
-  for (const AttentionShape& s : attention_shapes) {
-    const size_t rows = size_t(s.batch) * s.seq;
-    void* qkv = b.Random(rows * s.row_stride());
-    void* o_ = b.Random(rows * s.heads * s.head_dim);
-    void* lse = b.Random(size_t(s.batch) * s.heads * s.seq, 1.0, DType::kF32);
-    void* dout = b.Random(rows * s.heads * s.head_dim);
-    void* dqkv = b.Random(rows * s.row_stride());
-    // Causal: half of the 4 * B * H * T^2 * D of the full product pair; backward 2.5x.
-    const double fwd = 2.0 * s.batch * s.heads * double(s.seq) * s.seq * s.head_dim;
-    const std::string shape = Shape({s.batch, s.seq, s.heads, s.kv_heads, s.head_dim});
-    const double tf = Time(be, [&] { be.Attention(o_, lse, qkv, s, 64); }, 5);
-    b.Row("attention fwd", shape, tf, fwd, 0);
-    const double tb = Time(be, [&] { be.AttentionBackward(dqkv, dout, o_, lse, qkv, s, 64); }, 5);
-    b.Row("attention bwd", shape, tb, 2.5 * fwd, 0);
-    b.Row("attention fwd+bwd", shape, tf + tb, 3.5 * fwd, 0);
-    b.FreeAll();
+  for (const auto& [impl, label] : {std::pair{CudaAttention::kCudnn, "cudnn"},
+                                    std::pair{CudaAttention::kLlamad, "llamad"}}) {
+    CudaBackendOptions options;
+    options.attention = impl;
+    auto impl_backend = MakeCudaBackend(options);
+    if (!impl_backend.ok()) {
+      std::printf("  attention (%s): not measured: %s\n", label,
+                  std::string(impl_backend.status().message()).c_str());
+      out["attention_unavailable"][label] = std::string(impl_backend.status().message());
+      continue;
+    }
+    Backend& ab = **impl_backend;
+    Bench bench(ab, out, save);
+    for (const AttentionShape& s : attention_shapes) {
+      const size_t rows = size_t(s.batch) * s.seq;
+      void* qkv = bench.Random(rows * s.row_stride());
+      void* o_ = bench.Random(rows * s.heads * s.head_dim);
+      void* lse = bench.Random(size_t(s.batch) * s.heads * s.seq, 1.0, DType::kF32);
+      void* dout = bench.Random(rows * s.heads * s.head_dim);
+      void* dqkv = bench.Random(rows * s.row_stride());
+      // Causal: half of the 4 * B * H * T^2 * D of the full product pair; backward 2.5x.
+      const double fwd = 2.0 * s.batch * s.heads * double(s.seq) * s.seq * s.head_dim;
+      const std::string shape = Shape({s.batch, s.seq, s.heads, s.kv_heads, s.head_dim});
+      const std::string name = std::string("attention ") + label;
+      ab.Attention(o_, lse, qkv, s, 64);  // the backward's inputs come from a forward
+      const double tf = Time(ab, [&] { ab.Attention(o_, lse, qkv, s, 64); }, 5);
+      bench.Row(name + " fwd", shape, tf, fwd, 0);
+      const double tb = Time(ab, [&] { ab.AttentionBackward(dqkv, dout, o_, lse, qkv, s, 64); }, 5);
+      bench.Row(name + " bwd", shape, tb, 2.5 * fwd, 0);
+      bench.Row(name + " fwd+bwd", shape, tf + tb, 3.5 * fwd, 0);
+      bench.FreeAll();
+    }
   }
   {
     void* x = b.Random(size_t(N) * C);
@@ -218,7 +242,6 @@ void Kernels(Backend& be, const ModelConfig& c, const Options& o, nlohmann::json
           0, 4.0 * n);
     b.FreeAll();
   }
-  out["kernels"] = b.rows;
 }
 
 void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann::json& out) {
@@ -315,11 +338,24 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "bench-gpu: %s\n", std::string(backend.status().message()).c_str());
     return 1;
   }
-  nlohmann::json out = {{"device", CudaDeviceDescription()}};
+  // The model's FLOPs per token and the peak come first, and the file is rewritten after
+  // each part, so that a part that fails leaves the others' numbers (and the PyTorch
+  // baseline its inputs).
+  nlohmann::json out = {{"device", CudaDeviceDescription()},
+                        {"model", config->name},
+                        {"flops_per_token", config->TrainingFlopsPerToken(o.seq)},
+                        {"peak_tflops", CudaPeakBf16Flops() / 1e12}};
+  // The step's attention (the default, kAuto): cuDNN's where it runs here.
+  std::string why;
+  out["step_attention"] = CudnnAttentionAvailable(&why) ? "cudnn" : "llamad (" + why + ")";
+  auto save = [&] {
+    if (!o.json.empty()) std::ofstream(o.json) << out.dump(1) << "\n";
+  };
+  save();
   std::printf("bench-gpu on %s\n", CudaDeviceDescription().c_str());
-  Kernels(**backend, *config, o, out);
+  Kernels(**backend, *config, o, out, save);
   if (o.step) TrainingStep(**backend, *config, o, out);
-  if (!o.json.empty()) std::ofstream(o.json) << out.dump(1) << "\n";
+  save();
   return 0;
 }
 

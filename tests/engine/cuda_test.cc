@@ -14,6 +14,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
@@ -46,6 +47,13 @@ double RelError(const Vec& a, const Vec& ref) {
   return std::sqrt(num / std::max(den, 1e-300));
 }
 
+// A relative error for the test report: three significant digits at any magnitude.
+std::string Sci(double v) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.3g", v);
+  return text;
+}
+
 class CudaTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -55,6 +63,11 @@ class CudaTest : public ::testing::Test {
     }
     CudaBackendOptions options;
     options.lm_head_chunk_elements = 40 * 1000;  // several chunks in the LM-head test
+    options.attention = AttentionKernels();
+    if (options.attention == CudaAttention::kCudnn) {
+      std::string why;
+      if (!CudnnAttentionAvailable(&why)) GTEST_SKIP() << "cuDNN attention: " << why;
+    }
     auto gpu = MakeCudaBackend(options);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     gpu_ = std::move(*gpu);
@@ -67,6 +80,9 @@ class CudaTest : public ::testing::Test {
     for (void* p : gpu_buffers_) gpu_->Free(p);
     for (void* p : cpu_buffers_) cpu_->Free(p);
   }
+
+  // The attention kernels under test: cuDNN's where it is installed, else the own.
+  virtual CudaAttention AttentionKernels() const { return CudaAttention::kAuto; }
 
   Vec Random(size_t n, double std = 1.0, double mean = 0.0) {
     std::normal_distribution<double> normal(mean, std);
@@ -105,7 +121,7 @@ class CudaTest : public ::testing::Test {
   void ExpectClose(const char* what, const Pair& p, double tol) {
     const double err = RelError(Gpu(p), Cpu(p));
     EXPECT_LE(err, tol) << what << ": relative error " << err;
-    RecordProperty(what, std::to_string(err));
+    RecordProperty(what, Sci(err));
   }
   // For accumulated outputs: compares what each backend added to `before`, so that the
   // starting values do not dilute the error.
@@ -117,7 +133,7 @@ class CudaTest : public ::testing::Test {
     }
     const double err = RelError(g, c);
     EXPECT_LE(err, tol) << what << " (increment): relative error " << err;
-    RecordProperty(what, std::to_string(err));
+    RecordProperty(what, Sci(err));
   }
 
   std::unique_ptr<Backend> gpu_, cpu_;
@@ -224,10 +240,16 @@ TEST_F(CudaTest, SwiGlu) {
   ExpectClose("dgate_up", dgu, kBf16Out);
 }
 
-class CudaAttentionTest : public CudaTest, public ::testing::WithParamInterface<AttentionShape> {};
+// Each shape on both implementations: the own flash kernels and cuDNN's fused attention.
+class CudaAttentionTest
+    : public CudaTest,
+      public ::testing::WithParamInterface<std::tuple<CudaAttention, AttentionShape>> {
+ protected:
+  CudaAttention AttentionKernels() const override { return std::get<0>(GetParam()); }
+};
 
 TEST_P(CudaAttentionTest, ForwardAndBackward) {
-  const AttentionShape s = GetParam();
+  const AttentionShape s = std::get<1>(GetParam());
   const size_t rows = size_t(s.batch) * s.seq;
   Pair qkv = Make(Random(rows * s.row_stride()));
   Pair out = Zeros(rows * s.heads * s.head_dim), lse = Zeros(size_t(s.batch) * s.heads * s.seq, DType::kF32);
@@ -259,18 +281,25 @@ TEST_P(CudaAttentionTest, ForwardAndBackward) {
     }
     const double err = RelError(gp, cp);
     EXPECT_LE(err, 2e-2) << names[part] << ": relative error " << err;
+    RecordProperty(names[part], Sci(err));
   }
+  // Deterministic: the same gradients again.
+  Poison(dqkv);
+  gpu_->AttentionBackward(dqkv.gpu, dout.gpu, out.gpu, lse.gpu, qkv.gpu, s, 64);
+  EXPECT_EQ(Gpu(dqkv), g) << "a second backward gave different gradients";
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, CudaAttentionTest,
-    ::testing::Values(AttentionShape{2, 130, 4, 2, 64},   // partial last tile, GQA 2
-                      AttentionShape{1, 256, 2, 1, 128},  // head dim 128, GQA 2
-                      AttentionShape{2, 70, 8, 4, 32},    // the tiny preset's heads
-                      AttentionShape{1, 17, 4, 4, 64}),  // shorter than one tile, MHA
-    [](const ::testing::TestParamInfo<AttentionShape>& info) {
-      const AttentionShape& s = info.param;
-      return "b" + std::to_string(s.batch) + "_t" + std::to_string(s.seq) + "_h" +
+    ::testing::Combine(
+        ::testing::Values(CudaAttention::kLlamad, CudaAttention::kCudnn),
+        ::testing::Values(AttentionShape{2, 130, 4, 2, 64},   // partial last tile, GQA 2
+                          AttentionShape{1, 256, 2, 1, 128},  // head dim 128, GQA 2
+                          AttentionShape{2, 70, 8, 4, 32},    // the tiny preset's heads
+                          AttentionShape{1, 17, 4, 4, 64})),  // shorter than one tile, MHA
+    [](const ::testing::TestParamInfo<std::tuple<CudaAttention, AttentionShape>>& info) {
+      const AttentionShape& s = std::get<1>(info.param);
+      return std::string(std::get<0>(info.param) == CudaAttention::kCudnn ? "cudnn_" : "llamad_") + "b" + std::to_string(s.batch) + "_t" + std::to_string(s.seq) + "_h" +
              std::to_string(s.heads) + "_kv" + std::to_string(s.kv_heads) + "_d" +
              std::to_string(s.head_dim);
     });

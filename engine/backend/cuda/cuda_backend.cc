@@ -1,5 +1,9 @@
 #include "backend/cuda/cuda_backend.h"
 
+#include <cstdlib>
+#include <string>
+#include <string_view>
+
 #include "core/strings.h"
 
 namespace llamad {
@@ -18,7 +22,27 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOption
     return absl::InvalidArgumentError(
         StrCat("CUDA device ", options.device, " does not exist (", count, " present)"));
   }
-  return NewCudaBackend(options);
+  CudaBackendOptions resolved = options;
+  // LLAMAD_ATTENTION picks the attention kernels of a backend left on kAuto.
+  if (const char* env = std::getenv("LLAMAD_ATTENTION"); env != nullptr && *env != '\0' &&
+      options.attention == CudaAttention::kAuto) {
+    const std::string_view value = env;
+    if (value == "cudnn") {
+      resolved.attention = CudaAttention::kCudnn;
+    } else if (value == "llamad") {
+      resolved.attention = CudaAttention::kLlamad;
+    } else if (value != "auto") {
+      return absl::InvalidArgumentError(StrCat(
+          "LLAMAD_ATTENTION='", value, "': expected auto, cudnn or llamad"));
+    }
+  }
+  if (resolved.attention == CudaAttention::kCudnn) {
+    std::string why;
+    if (!CudnnAttentionAvailable(&why)) {
+      return absl::FailedPreconditionError(StrCat("cuDNN attention was asked for: ", why));
+    }
+  }
+  return NewCudaBackend(resolved);
 }
 
 }  // namespace llamad

@@ -12,12 +12,14 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <set>
 #include <sstream>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/cudnn_attention.h"
 #include "core/rng.h"
 
 namespace llamad {
@@ -355,9 +357,17 @@ class CudaBackend final : public Backend {
     LLAMAD_CUDA_CHECK(cudaSetDevice(options.device));
     LLAMAD_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     gemm_ = std::make_unique<Gemm>(stream_);
+    if (options.attention != CudaAttention::kLlamad) {
+      std::string why;
+      cudnn_ = CudnnAttention::Create(stream_, &why);
+      if (cudnn_ == nullptr && options.attention == CudaAttention::kCudnn) {
+        Fail(why.c_str(), __FILE__, __LINE__);  // MakeCudaBackend checked this first
+      }
+    }
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    cudnn_.reset();
     gemm_.reset();
     for (auto& [address, alloc] : allocs_) cudaFree(reinterpret_cast<void*>(address));
     for (void* p : scratch_) cudaFree(p);
@@ -578,16 +588,29 @@ class CudaBackend final : public Backend {
     LLAMAD_CUDA_LAUNCHED();
   }
 
-  // The tile is the kernel's own (64); `block` only matters to the CPU reference.
+  // cuDNN's fused attention where it runs the shape, else the own kernels (whose tile is
+  // their own, 64; `block` only matters to the CPU reference). Both give the same
+  // log-sum-exp, so a forward of one pairs with a backward of the other.
   void Attention(void* out, void* lse, const void* qkv, const AttentionShape& s,
                  int block) override {
-    AttentionForward(static_cast<bf16*>(out), F(lse), B(qkv), Args(s), stream_);
+    const AttentionArgs args = Args(s);
+    std::string why;
+    if (cudnn_ != nullptr && cudnn_->Forward(out, F(lse), qkv, args, &why)) return;
+    CudnnFellBack(why);
+    AttentionForward(static_cast<bf16*>(out), F(lse), B(qkv), args, stream_);
   }
   void AttentionBackward(void* dqkv, const void* dout, const void* out, const void* lse,
                          const void* qkv, const AttentionShape& s, int block) override {
+    const AttentionArgs args = Args(s);
+    std::string why;
+    if (cudnn_ != nullptr &&
+        cudnn_->Backward(dqkv, dout, out, static_cast<const float*>(lse), qkv, args, &why)) {
+      return;
+    }
+    CudnnFellBack(why);
     float* delta = Scratch<float>(delta_, size_t(s.batch) * s.heads * s.seq);
     cuda::AttentionBackward(static_cast<bf16*>(dqkv), delta, B(dout), B(out),
-                            static_cast<const float*>(lse), B(qkv), Args(s), stream_);
+                            static_cast<const float*>(lse), B(qkv), args, stream_);
   }
 
   void SwiGlu(void* h, const void* gate_up, int n, int ffn) override {
@@ -660,6 +683,18 @@ class CudaBackend final : public Backend {
     size_t bytes = 0;
   };
 
+  // After cuDNN declined a shape: an error where cuDNN was asked for, else a note (once
+  // per reason) that the own kernels run instead.
+  void CudnnFellBack(const std::string& why) {
+    if (cudnn_ == nullptr) return;
+    if (options_.attention == CudaAttention::kCudnn) {
+      Fail(Cat("attention: ", why).c_str(), __FILE__, __LINE__);
+    }
+    if (fallback_reasons_.insert(why).second) {
+      std::fprintf(stderr, "llamad: attention: %s; running llamad's flash kernels instead\n", why.c_str());
+    }
+  }
+
   static const bf16* B(const void* p) { return static_cast<const bf16*>(p); }
   static float* F(void* p) { return static_cast<float*>(p); }
   static AttentionArgs Args(const AttentionShape& s) {
@@ -710,6 +745,8 @@ class CudaBackend final : public Backend {
   CudaBackendOptions options_;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<Gemm> gemm_;
+  std::unique_ptr<CudnnAttention> cudnn_;  // null: the own attention kernels
+  std::set<std::string> fallback_reasons_;
   std::map<uintptr_t, Alloc> allocs_;
   std::vector<void*> scratch_;
   size_t allocated_ = 0, peak_ = 0;
@@ -772,6 +809,10 @@ double CudaPeakBf16Flops(int device) {
   be.Free(b);
   be.Free(c);
   return best;
+}
+
+bool CudnnAttentionAvailable(std::string* why) {
+  return cuda::CudnnAttention::Create(nullptr, why) != nullptr;
 }
 
 std::unique_ptr<Backend> NewCudaBackend(const CudaBackendOptions& options) {

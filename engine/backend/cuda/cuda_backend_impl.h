@@ -9,8 +9,15 @@
 
 namespace llamad {
 
+// Which attention kernels the backend runs. kAuto: cuDNN's fused attention where cuDNN
+// is installed and has an engine for the shape, the backend's own flash kernels
+// otherwise. kCudnn: cuDNN only (MakeCudaBackend fails without it). kLlamad: the own
+// kernels only.
+enum class CudaAttention { kAuto, kCudnn, kLlamad };
+
 struct CudaBackendOptions {
   int device = 0;
+  CudaAttention attention = CudaAttention::kAuto;
   // The fused LM head holds at most this many f32 logits (plus as many bf16 gradients).
   size_t lm_head_chunk_elements = size_t{64} << 20;
 };
@@ -24,6 +31,9 @@ std::string CudaDeviceDescription(int device = 0);
 // Dense bf16 peak of the device in FLOP/s for MFU: the datasheet figure of known parts,
 // otherwise a measured large GEMM.
 double CudaPeakBf16Flops(int device = 0);
+
+// Whether cuDNN's fused attention can run here; the reason in `why` when not.
+bool CudnnAttentionAvailable(std::string* why);
 
 // Creates the backend on an existing device (MakeCudaBackend checks that first).
 std::unique_ptr<Backend> NewCudaBackend(const CudaBackendOptions& options);

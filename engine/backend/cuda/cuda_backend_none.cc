@@ -10,6 +10,10 @@ bool CudaBackendBuilt() { return false; }
 int CudaDeviceCount() { return 0; }
 std::string CudaDeviceDescription(int) { return "no CUDA backend in this build"; }
 double CudaPeakBf16Flops(int) { return 0; }
+bool CudnnAttentionAvailable(std::string* why) {
+  *why = "this build has no CUDA backend";
+  return false;
+}
 std::unique_ptr<Backend> NewCudaBackend(const CudaBackendOptions&) {
   std::fprintf(stderr, "llamad: this build has no CUDA backend\n");
   std::abort();

@@ -8,6 +8,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "backend/cuda/attention_args.h"
+
 namespace llamad::cuda {
 
 // A failed CUDA call is a broken device or a bug, never bad user input: report where and
@@ -60,9 +62,6 @@ __device__ __forceinline__ T BlockSum(T v, T* scratch) {
 
 // Flash attention (attention.cu). Pointers are device memory; qkv/out/dout/dqkv bf16,
 // lse f32 [B, H, T] in natural-log units; delta is f32 scratch of B*H*T.
-struct AttentionArgs {
-  int batch, seq, heads, kv_heads, head_dim;
-};
 bool AttentionSupportsHeadDim(int head_dim);
 void AttentionForward(bf16* out, float* lse, const bf16* qkv, const AttentionArgs& a,
                       cudaStream_t stream);
