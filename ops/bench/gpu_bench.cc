@@ -5,7 +5,7 @@
 // peak, peak memory).
 //
 //   bench-gpu [--model 1b] [--batch 8] [--seq 2048] [--steps 5] [--warmup 2]
-//             [--json FILE] [--no-step]
+//             [--grad-checkpoint] [--json FILE] [--no-step] [--no-kernels]
 //
 // Inputs are random (never zeros). Times are wall clock around a synchronized loop of
 // repetitions after a warm-up; each figure is the median of five such loops.
@@ -36,7 +36,7 @@ struct Options {
   std::string model = "1b";
   int batch = 8, seq = 2048, steps = 5, warmup = 2;
   std::string json;
-  bool step = true;
+  bool step = true, kernels = true, grad_checkpoint = false;
 };
 
 // Median seconds per call of fn over five synchronized loops of `reps` calls.
@@ -246,7 +246,7 @@ void Kernels(Backend& be, const ModelConfig& c, const Options& o, nlohmann::json
 
 void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann::json& out) {
   be.ResetPeak();
-  LlamaModel model(c, &be, {false, 64});
+  LlamaModel model(c, &be, {o.grad_checkpoint, 64});
   model.InitWeights(1);
   AdamWOptimizer optimizer(&model, &be, {});
   const int N = o.batch * o.seq;
@@ -284,6 +284,7 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
                  {"params", c.NumParameters()},
                  {"batch", o.batch},
                  {"seq", o.seq},
+                 {"grad_checkpoint", o.grad_checkpoint},
                  {"step_s", median},
                  {"tokens_per_s", tokens_per_s},
                  {"flops_per_token", flops_per_token},
@@ -293,10 +294,11 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
                  {"peak_mem_gib", double(be.peak_allocated_bytes()) / (1 << 30)},
                  {"loss_first", losses.front()},
                  {"loss_last", losses.back()}};
-  std::printf("training step: %s (%.2fB parameters), batch %d x seq %d, bf16, no checkpointing\n"
+  std::printf("training step: %s (%.2fB parameters), batch %d x seq %d, bf16, %s\n"
               "  %.3f s/step  %.0f tokens/s  %.1f TFLOP/s  MFU %.1f%% (of %.0f)  peak memory %.1f GiB  "
               "loss %.3f -> %.3f\n",
-              c.name.c_str(), c.NumParameters() / 1e9, o.batch, o.seq, median, tokens_per_s, tflops,
+              c.name.c_str(), c.NumParameters() / 1e9, o.batch, o.seq,
+              o.grad_checkpoint ? "activation checkpointing" : "no checkpointing", median, tokens_per_s, tflops,
               100 * tflops * 1e12 / peak, peak / 1e12, double(be.peak_allocated_bytes()) / (1 << 30),
               losses.front(), losses.back());
 }
@@ -319,6 +321,8 @@ int Main(int argc, char** argv) {
     else if (a == "--warmup") o.warmup = std::atoi(next().c_str());
     else if (a == "--json") o.json = next();
     else if (a == "--no-step") o.step = false;
+    else if (a == "--no-kernels") o.kernels = false;
+    else if (a == "--grad-checkpoint") o.grad_checkpoint = true;
     else {
       std::fprintf(stderr, "bench-gpu: unknown argument '%s'\n", a.c_str());
       return 2;
@@ -353,7 +357,7 @@ int Main(int argc, char** argv) {
   };
   save();
   std::printf("bench-gpu on %s\n", CudaDeviceDescription().c_str());
-  Kernels(**backend, *config, o, out, save);
+  if (o.kernels) Kernels(**backend, *config, o, out, save);
   if (o.step) TrainingStep(**backend, *config, o, out);
   save();
   return 0;

@@ -105,50 +105,78 @@ __global__ void EmbeddingBackwardKernel(float* dtable, const bf16* dout, const i
   }
 }
 
-// One block per row.
+// One block per row; each thread reads V consecutive elements at a time.
+template <int V>
 __global__ void RmsNormKernel(bf16* out, float* rstd, const bf16* x, const bf16* w, int dim,
                               float eps) {
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;
   const bf16* xr = x + row * dim;
   float s = 0.f;
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-    const float v = ToFloat(xr[c]);
-    s += v * v;
+  for (int c = threadIdx.x * V; c < dim; c += blockDim.x * V) {
+    float v[V];
+    LoadBf16<V>(xr + c, v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) s += v[k] * v[k];
   }
   s = BlockSum(s, scratch);
   const float r = rsqrtf(s / float(dim) + eps);
-  for (int c = threadIdx.x; c < dim; c += blockDim.x)
-    out[row * dim + c] = FromFloat<bf16>(ToFloat(xr[c]) * r * ToFloat(w[c]));
+  for (int c = threadIdx.x * V; c < dim; c += blockDim.x * V) {
+    float v[V], wv[V];
+    LoadBf16<V>(xr + c, v);
+    LoadBf16<V>(w + c, wv);
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] = v[k] * r * wv[k];
+    StoreBf16<V>(out + row * dim + c, v);
+  }
   if (threadIdx.x == 0) rstd[row] = r;
 }
 
 // dx = r * w * g - r^3 * x * mean(g * w * x); each block also sums g * x * r over its rows
-// into its own row of `partial` [blocks, dim] (reduced in order by RmsNormDwKernel).
+// into its own row of `partial` [blocks, dim] (reduced in order by ReduceRowsKernel).
+// A thread always owns the same columns, so its part of the block's dw row is its own.
+template <int V>
 __global__ void RmsNormBackwardKernel(bf16* dx, float* partial, const bf16* dout, const bf16* x,
                                       const bf16* w, const float* rstd, int n, int dim,
                                       bool accumulate) {
   __shared__ float scratch[32];
   extern __shared__ float dw_s[];
   for (int c = threadIdx.x; c < dim; c += blockDim.x) dw_s[c] = 0.f;
+  __syncthreads();
   for (int row = blockIdx.x; row < n; row += gridDim.x) {
     const bf16* xr = x + size_t(row) * dim;
     const bf16* gr = dout + size_t(row) * dim;
+    bf16* dxr = dx + size_t(row) * dim;
     const float r = rstd[row];
     float dot = 0.f;
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-      const float xv = ToFloat(xr[c]), gv = ToFloat(gr[c]);
-      dot += gv * ToFloat(w[c]) * xv;
-      dw_s[c] += gv * xv * r;
+    for (int c = threadIdx.x * V; c < dim; c += blockDim.x * V) {
+      float xv[V], gv[V], wv[V];
+      LoadBf16<V>(xr + c, xv);
+      LoadBf16<V>(gr + c, gv);
+      LoadBf16<V>(w + c, wv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        dot += gv[k] * wv[k] * xv[k];
+        dw_s[c + k] += gv[k] * xv[k] * r;
+      }
     }
     dot = BlockSum(dot, scratch);
-    const float k = r * r * r * dot / float(dim);
-    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-      float v = r * ToFloat(w[c]) * ToFloat(gr[c]) - k * ToFloat(xr[c]);
-      if (accumulate) v += ToFloat(dx[size_t(row) * dim + c]);
-      dx[size_t(row) * dim + c] = FromFloat<bf16>(v);
+    const float k3 = r * r * r * dot / float(dim);
+    for (int c = threadIdx.x * V; c < dim; c += blockDim.x * V) {
+      float xv[V], gv[V], wv[V], out[V];
+      LoadBf16<V>(xr + c, xv);
+      LoadBf16<V>(gr + c, gv);
+      LoadBf16<V>(w + c, wv);
+      if (accumulate) LoadBf16<V>(dxr + c, out);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float v = r * wv[k] * gv[k] - k3 * xv[k];
+        out[k] = accumulate ? out[k] + v : v;
+      }
+      StoreBf16<V>(dxr + c, out);
     }
   }
+  __syncthreads();
   for (int c = threadIdx.x; c < dim; c += blockDim.x) partial[size_t(blockIdx.x) * dim + c] = dw_s[c];
 }
 
@@ -170,41 +198,68 @@ __global__ void RopeTableKernel(float* table, int seq, int head_dim, double thet
   table[2 * i + 1] = float(sin(angle));
 }
 
-// One thread per (row, rotated head, i < D/2).
+// One thread per (row, rotated head, V consecutive i < D/2): rotates the pairs
+// (i, i + D/2) by the position's angles.
+template <int V>
 __global__ void RopeKernel(bf16* qkv, const float* table, int n, int seq, int rotated, int head_dim,
                            int stride, float sign) {
-  const int half = head_dim / 2;
+  const int half = head_dim / 2, groups = half / V;
   const size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
-  if (i >= size_t(n) * rotated * half) return;
-  const int k = int(i % half);
-  const int h = int((i / half) % rotated);
-  const int row = int(i / (size_t(half) * rotated));
-  const float* cs = table + (size_t(row % seq) * half + k) * 2;
-  const float c = cs[0], s = sign * cs[1];
+  if (i >= size_t(n) * rotated * groups) return;
+  const int k = int(i % groups) * V;
+  const int h = int((i / groups) % rotated);
+  const int row = int(i / (size_t(groups) * rotated));
+  const float* cs = table + (size_t(row % seq) * half + k) * 2;  // cos, sin of k, k + 1, ...
   bf16* v = qkv + size_t(row) * stride + size_t(h) * head_dim;
-  const float x1 = ToFloat(v[k]), x2 = ToFloat(v[k + half]);
-  v[k] = FromFloat<bf16>(x1 * c - x2 * s);
-  v[k + half] = FromFloat<bf16>(x2 * c + x1 * s);
+  float x1[V], x2[V];
+  LoadBf16<V>(v + k, x1);
+  LoadBf16<V>(v + k + half, x2);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const float c = cs[2 * j], s = sign * cs[2 * j + 1];
+    const float a = x1[j], b = x2[j];
+    x1[j] = a * c - b * s;
+    x2[j] = b * c + a * s;
+  }
+  StoreBf16<V>(v + k, x1);
+  StoreBf16<V>(v + k + half, x2);
 }
 
+// One thread per V consecutive columns of one row: h = silu(gate) * up.
+template <int V>
 __global__ void SwiGluKernel(bf16* h, const bf16* gate_up, int n, int ffn) {
+  const int groups = ffn / V;
   const size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
-  if (i >= size_t(n) * ffn) return;
-  const size_t row = i / ffn, c = i % ffn;
-  const float g = ToFloat(gate_up[row * 2 * ffn + c]), u = ToFloat(gate_up[row * 2 * ffn + ffn + c]);
-  h[i] = FromFloat<bf16>(g / (1.f + __expf(-g)) * u);
+  if (i >= size_t(n) * groups) return;
+  const size_t row = i / groups, c = (i % groups) * V;
+  float g[V], u[V];
+  LoadBf16<V>(gate_up + row * 2 * ffn + c, g);
+  LoadBf16<V>(gate_up + row * 2 * ffn + ffn + c, u);
+#pragma unroll
+  for (int k = 0; k < V; ++k) g[k] = g[k] / (1.f + __expf(-g[k])) * u[k];
+  StoreBf16<V>(h + row * ffn + c, g);
 }
 
+template <int V>
 __global__ void SwiGluBackwardKernel(bf16* dgate_up, const bf16* dh, const bf16* gate_up, int n,
                                      int ffn) {
+  const int groups = ffn / V;
   const size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
-  if (i >= size_t(n) * ffn) return;
-  const size_t row = i / ffn, c = i % ffn;
-  const float g = ToFloat(gate_up[row * 2 * ffn + c]), u = ToFloat(gate_up[row * 2 * ffn + ffn + c]);
-  const float d = ToFloat(dh[i]);
-  const float sig = 1.f / (1.f + __expf(-g));
-  dgate_up[row * 2 * ffn + c] = FromFloat<bf16>(d * u * sig * (1.f + g * (1.f - sig)));
-  dgate_up[row * 2 * ffn + ffn + c] = FromFloat<bf16>(d * g * sig);
+  if (i >= size_t(n) * groups) return;
+  const size_t row = i / groups, c = (i % groups) * V;
+  float g[V], u[V], d[V];
+  LoadBf16<V>(gate_up + row * 2 * ffn + c, g);
+  LoadBf16<V>(gate_up + row * 2 * ffn + ffn + c, u);
+  LoadBf16<V>(dh + row * ffn + c, d);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const float sig = 1.f / (1.f + __expf(-g[k]));
+    const float dgate = d[k] * u[k] * sig * (1.f + g[k] * (1.f - sig));
+    u[k] = d[k] * g[k] * sig;  // d up
+    g[k] = dgate;
+  }
+  StoreBf16<V>(dgate_up + row * 2 * ffn + c, g);
+  StoreBf16<V>(dgate_up + row * 2 * ffn + ffn + c, u);
 }
 
 // One block per row of f32 logits: the row's loss, and (dlogits != null) the gradient
@@ -553,7 +608,11 @@ class CudaBackend final : public Backend {
   void RmsNorm(void* out, void* rstd, const void* x, const void* w, int n, int dim,
                double eps) override {
     if (n == 0) return;
-    RmsNormKernel<<<n, kThreads, 0, stream_>>>(static_cast<bf16*>(out), F(rstd), B(x), B(w), dim, float(eps));
+    if (VectorsFit(8, dim, {out, x, w})) {
+      RmsNormKernel<8><<<n, kThreads, 0, stream_>>>(static_cast<bf16*>(out), F(rstd), B(x), B(w), dim, float(eps));
+    } else {
+      RmsNormKernel<1><<<n, kThreads, 0, stream_>>>(static_cast<bf16*>(out), F(rstd), B(x), B(w), dim, float(eps));
+    }
     LLAMAD_CUDA_LAUNCHED();
   }
   void RmsNormBackward(void* dx, void* dw, const void* dout, const void* x, const void* w,
@@ -562,14 +621,19 @@ class CudaBackend final : public Backend {
     const int blocks = std::min(n, 512);
     float* partial = Scratch<float>(norm_partial_, size_t(blocks) * dim);
     const int smem = dim * int(sizeof(float));  // the block's dw row
-    if (smem > 48 * 1024) {
-      LLAMAD_CUDA_CHECK(cudaFuncSetAttribute(RmsNormBackwardKernel,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    auto launch = [&](auto kernel) {
+      if (smem > 48 * 1024) {
+        LLAMAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      }
+      kernel<<<blocks, kThreads, smem, stream_>>>(static_cast<bf16*>(dx), partial, B(dout), B(x), B(w),
+                                                  static_cast<const float*>(rstd), n, dim, accumulate_dx);
+      LLAMAD_CUDA_LAUNCHED();
+    };
+    if (VectorsFit(8, dim, {dx, dout, x, w})) {
+      launch(RmsNormBackwardKernel<8>);
+    } else {
+      launch(RmsNormBackwardKernel<1>);
     }
-    RmsNormBackwardKernel<<<blocks, kThreads, smem, stream_>>>(
-        static_cast<bf16*>(dx), partial, B(dout), B(x), B(w), static_cast<const float*>(rstd), n, dim,
-        accumulate_dx);
-    LLAMAD_CUDA_LAUNCHED();
     ReduceRowsKernel<<<(dim + 255) / 256, 256, 0, stream_>>>(F(dw), partial, blocks, dim);
     LLAMAD_CUDA_LAUNCHED();
   }
@@ -580,12 +644,20 @@ class CudaBackend final : public Backend {
     LLAMAD_CUDA_LAUNCHED();
   }
   void Rope(void* qkv, const void* table, const AttentionShape& s, bool inverse) override {
-    const int rotated = s.heads + s.kv_heads, n = s.batch * s.seq;
-    const size_t threads = size_t(n) * rotated * (s.head_dim / 2);
-    RopeKernel<<<unsigned((threads + 255) / 256), 256, 0, stream_>>>(
-        static_cast<bf16*>(qkv), static_cast<const float*>(table), n, s.seq, rotated, s.head_dim,
-        s.row_stride(), inverse ? -1.f : 1.f);
-    LLAMAD_CUDA_LAUNCHED();
+    const int rotated = s.heads + s.kv_heads, n = s.batch * s.seq, half = s.head_dim / 2;
+    auto launch = [&](auto kernel, int v) {
+      const size_t threads = size_t(n) * rotated * (half / v);
+      kernel<<<unsigned((threads + 255) / 256), 256, 0, stream_>>>(
+          static_cast<bf16*>(qkv), static_cast<const float*>(table), n, s.seq, rotated, s.head_dim,
+          s.row_stride(), inverse ? -1.f : 1.f);
+      LLAMAD_CUDA_LAUNCHED();
+    };
+    // Pairs of columns at once where each head's halves and rows stay 4-byte aligned.
+    if (half % 2 == 0 && s.row_stride() % 2 == 0 && VectorsFit(2, 2, {qkv})) {
+      launch(RopeKernel<2>, 2);
+    } else {
+      launch(RopeKernel<1>, 1);
+    }
   }
 
   // cuDNN's fused attention where it runs the shape, else the own kernels (whose tile is
@@ -614,15 +686,20 @@ class CudaBackend final : public Backend {
   }
 
   void SwiGlu(void* h, const void* gate_up, int n, int ffn) override {
-    const size_t total = size_t(n) * ffn;
-    SwiGluKernel<<<unsigned((total + 255) / 256), 256, 0, stream_>>>(static_cast<bf16*>(h), B(gate_up), n, ffn);
-    LLAMAD_CUDA_LAUNCHED();
+    if (VectorsFit(8, ffn, {h, gate_up})) {
+      LaunchRows(SwiGluKernel<8>, size_t(n) * ffn / 8, static_cast<bf16*>(h), B(gate_up), n, ffn);
+    } else {
+      LaunchRows(SwiGluKernel<1>, size_t(n) * ffn, static_cast<bf16*>(h), B(gate_up), n, ffn);
+    }
   }
   void SwiGluBackward(void* dgate_up, const void* dh, const void* gate_up, int n, int ffn) override {
-    const size_t total = size_t(n) * ffn;
-    SwiGluBackwardKernel<<<unsigned((total + 255) / 256), 256, 0, stream_>>>(
-        static_cast<bf16*>(dgate_up), B(dh), B(gate_up), n, ffn);
-    LLAMAD_CUDA_LAUNCHED();
+    if (VectorsFit(8, ffn, {dgate_up, dh, gate_up})) {
+      LaunchRows(SwiGluBackwardKernel<8>, size_t(n) * ffn / 8, static_cast<bf16*>(dgate_up), B(dh),
+                 B(gate_up), n, ffn);
+    } else {
+      LaunchRows(SwiGluBackwardKernel<1>, size_t(n) * ffn, static_cast<bf16*>(dgate_up), B(dh),
+                 B(gate_up), n, ffn);
+    }
   }
 
   double LmHeadCrossEntropy(const void* x, const void* w, const int32_t* targets, int n, int dim,
@@ -682,6 +759,14 @@ class CudaBackend final : public Backend {
     void* data = nullptr;
     size_t bytes = 0;
   };
+
+  // One thread per work item (`threads` of them), 256 to a block.
+  template <typename... KernelArgs, typename... Args>
+  void LaunchRows(void (*kernel)(KernelArgs...), size_t threads, Args... args) {
+    if (threads == 0) return;
+    kernel<<<unsigned((threads + 255) / 256), 256, 0, stream_>>>(args...);
+    LLAMAD_CUDA_LAUNCHED();
+  }
 
   // After cuDNN declined a shape: an error where cuDNN was asked for, else a note (once
   // per reason) that the own kernels run instead.

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
+#include <type_traits>
 
 #include "backend/cuda/attention_args.h"
 
@@ -39,6 +41,49 @@ template <>
 __device__ __forceinline__ float FromFloat<float>(float x) { return x; }
 template <>
 __device__ __forceinline__ bf16 FromFloat<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+// V consecutive bf16 as floats, in one access: 16 bytes for V = 8 (p 16-byte aligned), 4
+// for V = 2 (4-byte aligned).
+template <int V>
+__device__ __forceinline__ void LoadBf16(const bf16* p, float (&f)[V]) {
+  if constexpr (V == 1) {
+    f[0] = __bfloat162float(*p);
+  } else {
+    static_assert(V == 2 || V == 8, "bf16 vectors are 1, 2 or 8 wide");
+    using Word = std::conditional_t<V == 8, uint4, uint32_t>;
+    const Word word = *reinterpret_cast<const Word*>(p);
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&word);
+#pragma unroll
+    for (int k = 0; k < V / 2; ++k) {
+      const float2 t = __bfloat1622float2(pairs[k]);
+      f[2 * k] = t.x;
+      f[2 * k + 1] = t.y;
+    }
+  }
+}
+template <int V>
+__device__ __forceinline__ void StoreBf16(bf16* p, const float (&f)[V]) {
+  if constexpr (V == 1) {
+    *p = __float2bfloat16_rn(f[0]);
+  } else {
+    static_assert(V == 2 || V == 8, "bf16 vectors are 1, 2 or 8 wide");
+    using Word = std::conditional_t<V == 8, uint4, uint32_t>;
+    Word word;
+    __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&word);
+#pragma unroll
+    for (int k = 0; k < V / 2; ++k) pairs[k] = __floats2bfloat162_rn(f[2 * k], f[2 * k + 1]);
+    *reinterpret_cast<Word*>(p) = word;
+  }
+}
+
+// Whether rows of `width` bf16 starting at each pointer can be accessed `v` at a time.
+inline bool VectorsFit(int v, int width, std::initializer_list<const void*> pointers) {
+  if (width % v != 0) return false;
+  for (const void* p : pointers) {
+    if (reinterpret_cast<uintptr_t>(p) % (v * sizeof(bf16)) != 0) return false;
+  }
+  return true;
+}
 
 inline unsigned Blocks(size_t n, unsigned threads, unsigned cap = 65535u * 8) {
   size_t b = (n + threads - 1) / threads;
