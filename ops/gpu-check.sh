@@ -129,9 +129,9 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
 json.dump(merged, open(sys.argv[2], "w"), indent=1)
 PY
 expected=$(wc -l < "$work/tests.txt")
-echo "== llama-train on the CUDA backend (tiny preset, bf16)"
+echo "== llama-train on the CUDA backend (tiny preset, bf16, checkpoints at steps 100 and 200)"
 ours 90 "$work/bin/llama-train" train --config configs/tiny.yaml -x bf16 --steps 200 \
-  --log-format json > "$OUT/train-tiny.jsonl" 2> "$OUT/train-tiny.log"
+  -i 100 -o "$work/runs" --log-format json > "$OUT/train-tiny.jsonl" 2> "$OUT/train-tiny.log"
 echo "exit $?"; tail -n 3 "$OUT/train-tiny.log"
 echo "== llamad benchmark"
 ours 200 "$work/bin/bench-gpu" --batch "$BATCH" --seq "$SEQ" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"

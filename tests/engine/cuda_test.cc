@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -21,8 +22,13 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend.h"
+#include "data/dataset.h"
+#include "engine/small_job.h"
+#include "storage/checkpoint_store.h"
+#include "train/checkpointing.h"
 #include "model/llama.h"
 #include "train/optimizer.h"
+#include "train/trainer.h"
 
 namespace llamad {
 namespace {
@@ -481,6 +487,68 @@ TEST_F(CudaTest, TrainingLossCurve) {
   // Both learn.
   EXPECT_LT(gpu_end, 0.5 * gpu_losses.front());
   EXPECT_LT(cpu_end, 0.5 * cpu_losses.front());
+}
+
+// A training run on the GPU stopped after a checkpoint and resumed from it gives the
+// same losses, to the bit, as the run straight through (the backend is deterministic:
+// fixed-order reductions, cuDNN's deterministic attention backward). The checkpoint also
+// resumes on the CPU backend in fp32, on the same loss curve.
+TEST_F(CudaTest, CheckpointResumeIsExact) {
+  JobSpec spec = testing::SmallJob(20, "gpu-resume");
+  spec.model.hidden_size = 128;  // head dim 32: the CUDA attention kernels' smallest
+  spec.model.intermediate_size = 256;
+  spec.training.mixed_precision = "bf16";
+  const TokenDataset data = TokenDataset::FromTokens(testing::Tokens(4000, 40));
+  auto losses_of = [&](Trainer& t, std::vector<double>& into, int stop_after,
+                       AsyncCheckpointer* checkpointer) {
+    return t.Train(data, [&](const StepMetrics& m) -> absl::Status {
+      into.push_back(m.loss);
+      if (m.step == stop_after) {
+        if (auto saved = checkpointer->Save(t); !saved.ok()) return saved.status();
+        return absl::CancelledError("stop after the save");
+      }
+      return absl::OkStatus();
+    });
+  };
+  std::vector<double> straight, resumed;
+  {
+    auto t = Trainer::Create(spec, gpu_.get(), 0);
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE(losses_of(**t, straight, -1, nullptr).ok());
+  }
+  const std::filesystem::path root =
+      std::filesystem::temp_directory_path() / ("llamad-gpu-ckpt-" + std::to_string(getpid()));
+  std::filesystem::remove_all(root);
+  auto store = storage::CheckpointStore::Open(root.string());
+  ASSERT_TRUE(store.ok()) << store.status();
+  {
+    auto t = *Trainer::Create(spec, gpu_.get(), 0);
+    AsyncCheckpointer checkpointer(store->get(), spec.name);
+    EXPECT_EQ(losses_of(*t, resumed, 10, &checkpointer).code(), absl::StatusCode::kCancelled);
+    ASSERT_TRUE(checkpointer.Wait().ok());
+  }
+  {
+    auto t = *Trainer::Create(spec, gpu_.get(), 0);
+    ASSERT_TRUE(RestoreCheckpoint(**store, spec.name, 10, *t).ok());
+    ASSERT_TRUE(losses_of(*t, resumed, -1, nullptr).ok());
+  }
+  ASSERT_EQ(resumed.size(), straight.size());
+  for (size_t i = 0; i < straight.size(); ++i) EXPECT_EQ(resumed[i], straight[i]) << "step " << i + 1;
+
+  // The same checkpoint on the CPU backend in fp32.
+  JobSpec cpu_spec = spec;
+  cpu_spec.training.mixed_precision = "fp32";
+  auto cpu_f32 = MakeCpuBackend({DType::kF32, 0});
+  auto t = *Trainer::Create(cpu_spec, cpu_f32.get(), 0);
+  const absl::Status restored = RestoreCheckpoint(**store, spec.name, 10, *t);
+  ASSERT_TRUE(restored.ok()) << restored;
+  std::vector<double> on_cpu;
+  ASSERT_TRUE(losses_of(*t, on_cpu, -1, nullptr).ok());
+  ASSERT_EQ(on_cpu.size(), 10u);
+  for (size_t i = 0; i < on_cpu.size(); ++i) {
+    EXPECT_NEAR(on_cpu[i], straight[10 + i], 0.05 * straight[10 + i]) << "step " << 11 + i;
+  }
+  std::filesystem::remove_all(root);
 }
 
 }  // namespace
