@@ -28,6 +28,7 @@
 #include "backend/cpu/blas_kernels.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend.h"
+#include "comm/backend_collectives.h"
 #include "comm/communicator.h"
 #include "data/dataset.h"
 #include "train/checkpointing.h"
@@ -259,10 +260,15 @@ absl::StatusOr<JobSpec> ReadSpec(const Common& common, const Overrides& override
 }
 
 // The precision picks the backend: fp32 trains on the CPU, bf16 on the CUDA backend.
-absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const Common& common, const JobSpec& spec) {
+// Data-parallel rank r of this machine trains on GPU r modulo the GPUs it sees (under
+// llamad, CUDA_VISIBLE_DEVICES leaves each rank its own one).
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const Common& common, const JobSpec& spec,
+                                                     int rank = 0) {
   const std::string& precision = spec.training.mixed_precision;
   if (precision == "bf16") {
-    auto backend = MakeCudaBackend();
+    CudaBackendOptions options;
+    if (const int devices = CudaDeviceCount(); devices > 0) options.device = rank % devices;
+    auto backend = MakeCudaBackend(options);
     if (!backend.ok()) {
       return absl::FailedPreconditionError(StrCat(
           "training.mixed_precision bf16 trains on the CUDA backend: ", backend.status().message(),
@@ -323,7 +329,7 @@ absl::Status SyncFromRankZero(Trainer& trainer, Communicator& comm) {
   LlamaModel& model = trainer.model();
   const size_t n = model.num_params();
   for (void* buffer : {model.master_data(), trainer.optimizer().exp_avg(), trainer.optimizer().exp_avg_sq()}) {
-    if (auto s = comm.Broadcast(static_cast<float*>(buffer), n, 0); !s.ok()) return s;
+    if (auto s = BroadcastOnBackend(comm, trainer.backend(), buffer, n, 0); !s.ok()) return s;
   }
   model.SyncParamsFromMaster();
   // Exact in doubles: steps and positions stay far below 2^53.
@@ -465,7 +471,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   if (rank_common.threads == 0 && (*comm)->world_size() > 1) {
     rank_common.threads = std::max(1, int(std::thread::hardware_concurrency()) / (*comm)->world_size());
   }
-  auto made = MakeBackend(rank_common, *spec);
+  auto made = MakeBackend(rank_common, *spec, rank);
   if (!made.ok()) return Fail(made.status());
   std::unique_ptr<Backend> backend = std::move(*made);
   const double peak = PeakFlops(*backend) * (*comm)->world_size();

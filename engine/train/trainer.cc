@@ -6,6 +6,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "comm/background_all_reduce.h"
+#include "comm/backend_collectives.h"
 #include "core/host_memory.h"
 #include "train/memory_plan.h"
 #include "core/strings.h"
@@ -102,10 +103,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
     }
   }
   if (comm != nullptr && comm->world_size() > 1) {
-    if (backend->name() != "cpu" || backend->accum_dtype() != DType::kF32) {
+    if (!BuffersInHostMemory(*backend) && spec.parallel.plugin != "ddp") {
       return absl::InvalidArgumentError(StrCat(
-          f, ": data parallelism over ", comm->world_size(),
-          " ranks runs on the CPU backend in fp32 in this build (the NCCL path is not built yet)"));
+          f, ": parallel.plugin: '", spec.parallel.plugin, "' over ", comm->world_size(),
+          " ranks runs on the CPU backend in this build; GPU ranks train with ddp"));
+    }
+    if (!BuffersInHostMemory(*backend) && spec.offload.optimizer == "nvme") {
+      return absl::InvalidArgumentError(StrCat(
+          f, ": offload.optimizer: nvme runs on the CPU backend in this build"));
     }
     const int64_t global = spec.training.global_batch_size > 0 ? spec.training.global_batch_size
                                                                 : spec.training.batch_size;
@@ -148,7 +153,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
             vocab, " (a damaged shard, or a dataset prepared for another tokenizer; llama-data inspect --verify)"));
       }
     }
-    if (last && comm_->world_size() > 1) {
+    if (last && comm_->world_size() > 1 && BuffersInHostMemory(*backend_)) {
       reducer = std::make_unique<BackgroundAllReduce>(
           comm_, static_cast<float*>(model_->grad_data()),
           size_t(spec_.parallel.bucket_mb * double(1 << 20) / sizeof(float)));
@@ -163,6 +168,15 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
   };
   auto comm_start = std::chrono::steady_clock::now();
+  if (comm_->world_size() > 1 && !reducer) {
+    // GPU ranks: the whole gradient through host memory once the backward is done.
+    if (auto s = AllReduceSumOnBackend(*comm_, *backend_, model_->grad_data(), model_->num_params());
+        !s.ok()) {
+      return s;
+    }
+    if (auto s = comm_->AllReduceSum(&loss_sum, 1); !s.ok()) return s;
+    m.communication_seconds = m.exposed_communication_seconds = seconds_since(comm_start);
+  }
   if (reducer) {
     // Every rank ends with the whole summed gradient (ddp), and the summed loss.
     if (auto s = reducer->Finish(); !s.ok()) return s;
