@@ -19,9 +19,26 @@ double LrSchedule::At(int64_t step) const {
 
 AdamWOptimizer::AdamWOptimizer(LlamaModel* model, Backend* backend, const AdamWOptions& options)
     : model_(model), backend_(backend), options_(options), shard_end_(model->num_params()) {
-  m_ = backend_->Allocate(model_->num_params(), backend_->accum_dtype());
-  v_ = backend_->Allocate(model_->num_params(), backend_->accum_dtype());
   state_bytes_ = 2 * model_->num_params() * DTypeSize(backend_->accum_dtype());
+}
+
+// The moments come into memory at their first use (all zeros until the first step), so
+// that a shard or an NVMe swap file set up before training never holds them whole in
+// memory first: a fresh swap file reads as zeros.
+void AdamWOptimizer::EnsureMoments() {
+  if (swap_ != nullptr || m_ != nullptr) return;
+  m_ = backend_->Allocate(shard_end_ - shard_begin_, backend_->accum_dtype());
+  v_ = backend_->Allocate(shard_end_ - shard_begin_, backend_->accum_dtype());
+}
+
+void* AdamWOptimizer::exp_avg() {
+  EnsureMoments();
+  return m_;
+}
+
+void* AdamWOptimizer::exp_avg_sq() {
+  EnsureMoments();
+  return v_;
 }
 
 AdamWOptimizer::~AdamWOptimizer() {
@@ -54,6 +71,7 @@ absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
   ++step_;
   const AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, 0.0, step_, grad_scale};
   if (!swap_) {
+    EnsureMoments();
     UpdateRange(shard_begin_, shard_end_, static_cast<char*>(m_), static_cast<char*>(v_), s);
     return absl::OkStatus();
   }
@@ -111,13 +129,17 @@ absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload
   auto swap = offload::SwapFile::Create(dir, chunks * o.chunk_bytes, o);
   if (!swap.ok()) return swap.status();
   swap_ = std::move(*swap);
-  if (auto s = CopyMoments(static_cast<float*>(m_), static_cast<float*>(v_), /*to_swap=*/true); !s.ok()) {
-    swap_.reset();
-    return s;
+  // Moments already in memory (a restored checkpoint's) move into the swap; untouched
+  // ones are zeros, which the fresh file already reads as.
+  if (m_ != nullptr) {
+    if (auto s = CopyMoments(static_cast<float*>(m_), static_cast<float*>(v_), /*to_swap=*/true); !s.ok()) {
+      swap_.reset();
+      return s;
+    }
+    backend_->Free(m_);
+    backend_->Free(v_);
+    m_ = v_ = nullptr;
   }
-  backend_->Free(m_);
-  backend_->Free(v_);
-  m_ = v_ = nullptr;
   state_bytes_ = 3 * o.chunk_bytes;  // the pipeline's buffers
   return absl::OkStatus();
 }
@@ -142,20 +164,23 @@ void AdamWOptimizer::Shard(size_t begin, size_t end) {
     std::abort();
   }
   const size_t elem = DTypeSize(backend_->accum_dtype());
-  void* m = backend_->Allocate(end - begin, backend_->accum_dtype());
-  void* v = backend_->Allocate(end - begin, backend_->accum_dtype());
-  backend_->Copy(m, static_cast<char*>(m_) + (begin - shard_begin_) * elem, end - begin);
-  backend_->Copy(v, static_cast<char*>(v_) + (begin - shard_begin_) * elem, end - begin);
-  backend_->Free(m_);
-  backend_->Free(v_);
-  m_ = m;
-  v_ = v;
+  if (m_ != nullptr) {  // keep this range of the moments held now
+    void* m = backend_->Allocate(end - begin, backend_->accum_dtype());
+    void* v = backend_->Allocate(end - begin, backend_->accum_dtype());
+    backend_->Copy(m, static_cast<char*>(m_) + (begin - shard_begin_) * elem, end - begin);
+    backend_->Copy(v, static_cast<char*>(v_) + (begin - shard_begin_) * elem, end - begin);
+    backend_->Free(m_);
+    backend_->Free(v_);
+    m_ = m;
+    v_ = v;
+  }
   shard_begin_ = begin;
   shard_end_ = end;
   state_bytes_ = 2 * (end - begin) * elem;
 }
 
 void AdamWOptimizer::Unshard(const std::function<void(float*, float*, const float*, const float*)>& fill) {
+  EnsureMoments();
   shard_m_ = m_;
   shard_v_ = v_;
   m_ = backend_->Allocate(model_->num_params(), backend_->accum_dtype());

@@ -52,8 +52,10 @@ class AdamWOptimizer {
   int64_t step() const { return step_; }
   // The step counter and the moment buffers (model parameter layout), for checkpoints.
   void set_step(int64_t step) { step_ = step; }
-  void* exp_avg() { return m_; }
-  void* exp_avg_sq() { return v_; }
+  // The moments in memory (allocated, as zeros, at first use); null while offloaded
+  // outside WithMomentsInMemory.
+  void* exp_avg();
+  void* exp_avg_sq();
 
   // Keeps only [begin, end) of the moments (taken from the current full buffers).
   void Shard(size_t begin, size_t end);
@@ -84,6 +86,8 @@ class AdamWOptimizer {
       const std::function<void(size_t begin, size_t count, const float* m, const float* v)>& f);
 
  private:
+  void EnsureMoments();
+
   LlamaModel* model_;
   Backend* backend_;
   AdamWOptions options_;
