@@ -25,6 +25,9 @@ class Communicator {
   // In-place element-wise sum over all ranks; every rank gets the result. Host memory.
   virtual absl::Status AllReduceSum(float* data, size_t n) = 0;
   virtual absl::Status AllReduceSum(double* data, size_t n) = 0;
+  // Element-wise sum over all ranks into root's data; the other ranks' data is left
+  // unspecified (Gloo uses it as scratch).
+  virtual absl::Status ReduceSum(float* data, size_t n, int root) = 0;
   // Copies root's data to every rank.
   virtual absl::Status Broadcast(float* data, size_t n, int root) = 0;
   virtual absl::Status Barrier() = 0;

@@ -1,6 +1,7 @@
 #include <gloo/allreduce.h>
 #include <gloo/barrier.h>
 #include <gloo/broadcast.h>
+#include <gloo/reduce.h>
 #include <gloo/common/error.h>
 #include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/store.h>
@@ -23,6 +24,7 @@ class LocalCommunicator final : public Communicator {
   int world_size() const override { return 1; }
   absl::Status AllReduceSum(float*, size_t) override { return absl::OkStatus(); }
   absl::Status AllReduceSum(double*, size_t) override { return absl::OkStatus(); }
+  absl::Status ReduceSum(float*, size_t, int) override { return absl::OkStatus(); }
   absl::Status Broadcast(float*, size_t, int) override { return absl::OkStatus(); }
   absl::Status Barrier() override { return absl::OkStatus(); }
   void set_timeout(std::chrono::milliseconds) override {}
@@ -38,6 +40,17 @@ class GlooCommunicator final : public Communicator {
 
   absl::Status AllReduceSum(float* data, size_t n) override { return Sum(data, n); }
   absl::Status AllReduceSum(double* data, size_t n) override { return Sum(data, n); }
+
+  absl::Status ReduceSum(float* data, size_t n, int root) override {
+    return Run("reduce", [&] {
+      gloo::ReduceOptions opts(context_);
+      opts.setOutput(data, n);
+      opts.setRoot(root);
+      opts.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
+      opts.setTag(next_tag_++);
+      gloo::reduce(opts);
+    });
+  }
 
   absl::Status Broadcast(float* data, size_t n, int root) override {
     return Run("broadcast", [&] {

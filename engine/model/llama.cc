@@ -37,6 +37,7 @@ std::vector<ParamInfo> LlamaParamLayout(const ModelConfig& c) {
 LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaOptions& options)
     : config_(config), backend_(backend), options_(options), params_(LlamaParamLayout(config)) {
   num_params_ = params_.back().offset + params_.back().numel;
+  grad_end_ = num_params_;
   params_data_ = backend_->Allocate(num_params_);
   grads_data_ = backend_->Allocate(num_params_, backend_->accum_dtype());
   master_data_ = backend_->needs_master_weights()
@@ -49,6 +50,48 @@ LlamaModel::~LlamaModel() {
   if (master_data_ != params_data_) backend_->Free(master_data_);
   backend_->Free(params_data_);
   backend_->Free(grads_data_);
+  backend_->Free(grad_scratch_);
+}
+
+void* LlamaModel::grad_at(size_t offset) {
+  return static_cast<char*>(grads_data_) + accum_byte_offset(offset - grad_begin_);
+}
+
+size_t LlamaModel::grad_bytes() const {
+  return accum_byte_offset(grad_end_ - grad_begin_ + grad_scratch_elements_);
+}
+
+size_t LargestGradientRegion(const ModelConfig& config) {
+  // The regions Run hands out: final norm and LM head, each layer, the embedding.
+  const std::vector<ParamInfo> params = LlamaParamLayout(config);
+  const size_t n = params.back().offset + params.back().numel;
+  size_t largest = std::max(n - params[params.size() - 2].offset, params.front().numel);
+  for (size_t l = 0; l < size_t(config.num_hidden_layers); ++l) {
+    largest = std::max(largest, params[1 + 9 * (l + 1)].offset - params[1 + 9 * l].offset);
+  }
+  return largest;
+}
+
+void LlamaModel::ShardGradients(size_t begin, size_t end, GradSink sink) {
+  const size_t largest = LargestGradientRegion(config_);
+  backend_->Free(grads_data_);
+  grads_data_ = backend_->Allocate(end - begin, backend_->accum_dtype());
+  grad_scratch_ = backend_->Allocate(largest, backend_->accum_dtype());
+  grad_scratch_elements_ = largest;
+  grad_begin_ = begin;
+  grad_end_ = end;
+  grad_sink_ = std::move(sink);
+}
+
+void LlamaModel::BeginGradRegion(size_t begin) {
+  if (!grad_sink_) return;
+  region_begin_ = begin;
+  backend_->Zero(grad_scratch_, grad_scratch_elements_);
+}
+
+void LlamaModel::EndGradRegion(size_t begin, size_t end) {
+  if (grad_sink_) grad_sink_(begin, end, grad_scratch_);
+  if (grad_ready_) grad_ready_(begin, end);
 }
 
 size_t LlamaModel::param_byte_offset(size_t offset) const {
@@ -77,13 +120,21 @@ void LlamaModel::SyncParamsFromMaster() {
   if (master_data_ != params_data_) backend_->Copy(params_data_, master_data_, num_params_);
 }
 
-void LlamaModel::ZeroGrads() { backend_->Zero(grads_data_, num_params_); }
+void LlamaModel::ZeroGrads() { backend_->Zero(grads_data_, grad_end_ - grad_begin_); }
 
 LlamaModel::LayerWeights LlamaModel::Weights(void* base, int layer) const {
   char* b = static_cast<char*>(base);
   const size_t elem = DTypeSize(base == params_data_ ? backend_->dtype() : backend_->accum_dtype());
   const size_t first = 1 + size_t(layer) * 9;  // Index of the layer's input_layernorm.
   auto at = [&](size_t k) -> void* { return b + params_[first + k].offset * elem; };
+  return {at(0), at(1), at(4), at(5), at(6), at(8)};
+}
+
+LlamaModel::LayerWeights LlamaModel::GradWeights(int layer) {
+  if (!grad_sink_) return Weights(grads_data_, layer);
+  char* b = static_cast<char*>(grad_scratch_);
+  const size_t first = 1 + size_t(layer) * 9;
+  auto at = [&](size_t k) -> void* { return b + accum_byte_offset(params_[first + k].offset - region_begin_); };
   return {at(0), at(1), at(4), at(5), at(6), at(8)};
 }
 
@@ -184,7 +235,7 @@ void LlamaModel::LayerForward(int layer, const void* x_in, void* x_out, LayerAct
 void LlamaModel::LayerBackward(int layer, const void* x_in, void* dres, LayerActivations& a) {
   Backend& be = *backend_;
   const LayerWeights w = Weights(params_data_, layer);
-  const LayerWeights g = Weights(grads_data_, layer);
+  const LayerWeights g = GradWeights(layer);
   const int N = batch_ * seq_, C = int(config_.hidden_size), F = int(config_.intermediate_size);
   const int QKV = int(config_.qkv_dim());
   const AttentionShape shape{batch_, seq_, int(config_.num_attention_heads),
@@ -210,9 +261,12 @@ double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch,
   const int N = batch * seq, C = int(config_.hidden_size), V = int(config_.vocab_size);
   const int L = int(config_.num_hidden_layers);
   char* pbase = static_cast<char*>(params_data_);
-  char* gbase = static_cast<char*>(grads_data_);
   auto param = [&](const ParamInfo& p) { return pbase + param_byte_offset(p.offset); };
-  auto grad = [&](const ParamInfo& p) { return gbase + accum_byte_offset(p.offset); };
+  // The gradient of tensor p in the region being written (see BeginGradRegion).
+  auto grad = [&](const ParamInfo& p) -> void* {
+    if (!grad_sink_) return static_cast<char*>(grads_data_) + accum_byte_offset(p.offset);
+    return static_cast<char*>(grad_scratch_) + accum_byte_offset(p.offset - region_begin_);
+  };
   const ParamInfo& embed = params_.front();
   const ParamInfo& head = params_.back();
   const ParamInfo& norm = params_[params_.size() - 2];
@@ -224,6 +278,7 @@ double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch,
   }
   be.RmsNorm(acts_.final_norm, acts_.final_rstd, acts_.residual[L], param(norm), N, C,
              config_.rms_norm_eps);
+  if (backward) BeginGradRegion(norm.offset);  // final norm and LM head
   const double loss = be.LmHeadCrossEntropy(acts_.final_norm, param(head), targets, N, C, V,
                                             grad_scale, backward ? acts_.d_norm : nullptr,
                                             backward ? grad(head) : nullptr);
@@ -231,16 +286,19 @@ double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch,
 
   be.RmsNormBackward(acts_.d_residual, grad(norm), acts_.d_norm, acts_.residual[L], param(norm),
                      acts_.final_rstd, N, C, /*accumulate_dx=*/false);
-  if (grad_ready_) grad_ready_(norm.offset, num_params_);  // final norm and LM head
+  EndGradRegion(norm.offset, num_params_);
   for (int l = L - 1; l >= 0; --l) {
     LayerActivations& a = acts_.layers[ckpt ? 0 : l];
     // The forward left the last layer's activations in the shared set.
     if (ckpt && l != L - 1) LayerForward(l, acts_.residual[l], /*x_out=*/nullptr, a);
+    const size_t begin = params_[1 + 9 * size_t(l)].offset, end = params_[1 + 9 * size_t(l + 1)].offset;
+    BeginGradRegion(begin);
     LayerBackward(l, acts_.residual[l], acts_.d_residual, a);
-    if (grad_ready_) grad_ready_(params_[1 + 9 * size_t(l)].offset, params_[1 + 9 * size_t(l + 1)].offset);
+    EndGradRegion(begin, end);
   }
+  BeginGradRegion(0);
   be.EmbeddingBackward(grad(embed), acts_.d_residual, tokens, N, C);
-  if (grad_ready_) grad_ready_(0, embed.numel);
+  EndGradRegion(0, embed.numel);
   return loss;
 }
 

@@ -27,6 +27,9 @@ struct ParamInfo {
 
 // Parameter tensors in buffer order, for a config.
 std::vector<ParamInfo> LlamaParamLayout(const ModelConfig& config);
+// Elements of the largest region the backward writes at once (the LM head and final
+// norm, one layer, or the embedding): the scratch a ZeRO-2 rank holds besides its shard.
+size_t LargestGradientRegion(const ModelConfig& config);
 
 struct LlamaOptions {
   // Keep only each layer's input during the forward and recompute the rest of the layer
@@ -89,6 +92,11 @@ class LlamaModel {
   // param_data() itself when the backend keeps no separate master weights.
   void* grad_data() { return grads_data_; }
   void* master_data() { return master_data_; }
+  // The gradient of flat element `offset` (the whole buffer, or under ShardGradients the
+  // shard, which must hold it).
+  void* grad_at(size_t offset);
+  // Bytes the gradients hold: the whole buffer, or the shard and the region scratch.
+  size_t grad_bytes() const;
   // Byte offset of element `offset` in param_data(), and in the accum_dtype() buffers.
   size_t param_byte_offset(size_t offset) const;
   size_t accum_byte_offset(size_t offset) const;
@@ -113,6 +121,15 @@ class LlamaModel {
   using GradReadyHook = std::function<void(size_t begin, size_t end)>;
   void set_grad_ready_hook(GradReadyHook hook) { grad_ready_ = std::move(hook); }
 
+  // ZeRO-2: the model keeps the gradient of the flat range [begin, end) only. Each
+  // micro-batch's backward computes one region at a time (the LM head and final norm,
+  // then each layer from the last, then the embedding) into a scratch buffer the size of
+  // the largest region and hands it to `sink`, which must add this rank's part of the
+  // sum over ranks into the shard (grad_at) before it returns. ZeroGrads zeroes the shard.
+  using GradSink = std::function<void(size_t begin, size_t end, void* grads)>;
+  void ShardGradients(size_t begin, size_t end, GradSink sink);
+  bool gradients_sharded() const { return grad_sink_ != nullptr; }
+
   // The loss sum only; gradients untouched.
   double Forward(const int32_t* tokens, const int32_t* targets, int batch, int seq);
 
@@ -131,6 +148,11 @@ class LlamaModel {
   void EnsureActivations(int batch, int seq);
   void FreeActivations();
   LayerWeights Weights(void* base, int layer) const;
+  LayerWeights GradWeights(int layer);
+  // Where the backward writes gradients: the whole buffer, or (sharded) the scratch that
+  // holds region [begin, end) from now on, zeroed; EndRegion passes it on.
+  void BeginGradRegion(size_t begin);
+  void EndGradRegion(size_t begin, size_t end);
   // Runs layer `layer` from x_in; writes x_out unless it is null (recomputation).
   void LayerForward(int layer, const void* x_in, void* x_out, LayerActivations& a);
   // dres holds d(x_out) on entry and d(x_in) on return.
@@ -147,6 +169,12 @@ class LlamaModel {
   void* grads_data_ = nullptr;
   void* master_data_ = nullptr;  // == params_data_ without separate master weights
   GradReadyHook grad_ready_;
+  // ZeRO-2 (ShardGradients): grads_data_ is then the shard [grad_begin_, grad_end_).
+  GradSink grad_sink_;
+  size_t grad_begin_ = 0, grad_end_ = 0;
+  void* grad_scratch_ = nullptr;
+  size_t grad_scratch_elements_ = 0;
+  size_t region_begin_ = 0;  // the region the scratch holds
 
   // Activations for the current (batch, seq).
   int batch_ = 0, seq_ = 0;

@@ -504,7 +504,8 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   }
   // Every rank starts from rank 0's state (restored, imported or seeded).
   if (auto s = SyncFromRankZero(**trainer, **comm); !s.ok()) return Fail(s);
-  if (spec->parallel.plugin == "zero1") (*trainer)->ShardOptimizerState();
+  if (spec->parallel.plugin == "zero1" || spec->parallel.plugin == "zero2") (*trainer)->ShardOptimizerState();
+  if (spec->parallel.plugin == "zero2") (*trainer)->ShardGradients();
   if (auto s = (*trainer)->OffloadOptimizerState(); !s.ok()) return Fail(s);
   if (lead && (*trainer)->optimizer().offloaded()) {
     std::fprintf(stderr, "llama-train: optimizer state (%s) in an NVMe swap file under %s\n",
@@ -579,6 +580,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                              {"step_time_s", m.step_seconds},
                              {"peak_memory_bytes", m.peak_memory_bytes},
                              {"optimizer_state_bytes", m.optimizer_state_bytes},
+                             {"gradient_bytes", m.gradient_bytes},
                              {"communication_s", m.communication_seconds},
                              {"exposed_communication_s", m.exposed_communication_seconds}};
       if (stall > 0) line["checkpoint_stall_s"] = stall;

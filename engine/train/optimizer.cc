@@ -62,7 +62,7 @@ void AdamWOptimizer::UpdateRange(size_t lo, size_t hi, char* m, char* v, AdamWSt
     if (begin >= end) continue;
     s.weight_decay = p.decay ? options_.weight_decay : 0.0;
     backend_->AdamW(static_cast<char*>(model_->param_data()) + model_->param_byte_offset(begin),
-                    master ? accum(model_->master_data(), begin) : nullptr, accum(model_->grad_data(), begin),
+                    master ? accum(model_->master_data(), begin) : nullptr, model_->grad_at(begin),
                     m + (begin - lo) * elem, v + (begin - lo) * elem, end - begin, s);
   }
 }

@@ -55,10 +55,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
           " (hidden_size / num_attention_heads); the CUDA attention kernels take 32, 64 or 128"));
     }
   }
-  if (spec.parallel.plugin != "ddp" && spec.parallel.plugin != "zero1") {
+  if (spec.parallel.plugin != "ddp" && spec.parallel.plugin != "zero1" && spec.parallel.plugin != "zero2") {
     return absl::InvalidArgumentError(StrCat(
         f, ": parallel.plugin: '", spec.parallel.plugin,
-        "' is not available in this build yet (available: ddp, zero1)"));
+        "' is not available in this build yet (available: ddp, zero1, zero2)"));
   }
   if (spec.training.max_length > spec.model.max_position_embeddings) {
     return absl::InvalidArgumentError(StrCat(
@@ -135,6 +135,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   StepMetrics m;
   m.step = optimizer_->step() + 1;
   model_->ZeroGrads();
+  grad_reduce_seconds_ = 0;
   double loss_sum = 0;
   // With several ranks, the last micro-batch's backward hands each finished gradient
   // range to a background all-reduce, so communication overlaps the rest of the backward.
@@ -153,7 +154,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
             vocab, " (a damaged shard, or a dataset prepared for another tokenizer; llama-data inspect --verify)"));
       }
     }
-    if (last && comm_->world_size() > 1 && BuffersInHostMemory(*backend_)) {
+    if (last && comm_->world_size() > 1 && BuffersInHostMemory(*backend_) && !model_->gradients_sharded()) {
       reducer = std::make_unique<BackgroundAllReduce>(
           comm_, static_cast<float*>(model_->grad_data()),
           size_t(spec_.parallel.bucket_mb * double(1 << 20) / sizeof(float)));
@@ -162,13 +163,18 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     loss_sum += model_->ForwardBackward(tokens_.data(), targets_.data(), count, seq,
                                         1.0 / targets_per_step);
     model_->set_grad_ready_hook(nullptr);
+    if (!grad_reduce_status_.ok()) return grad_reduce_status_;
   }
   sampler.set_position(sampler.position() + global);
   auto seconds_since = [](std::chrono::steady_clock::time_point t) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
   };
   auto comm_start = std::chrono::steady_clock::now();
-  if (comm_->world_size() > 1 && !reducer) {
+  if (model_->gradients_sharded()) {
+    // zero2: the gradients were reduced region by region during the backward.
+    if (auto s = comm_->AllReduceSum(&loss_sum, 1); !s.ok()) return s;
+    m.communication_seconds = m.exposed_communication_seconds = grad_reduce_seconds_ + seconds_since(comm_start);
+  } else if (comm_->world_size() > 1 && !reducer) {
     // GPU ranks: the whole gradient through host memory once the backward is done.
     if (auto s = AllReduceSumOnBackend(*comm_, *backend_, model_->grad_data(), model_->num_params());
         !s.ok()) {
@@ -188,7 +194,14 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     m.communication_seconds = reducer->busy_seconds() + loss_reduce;
   }
   m.loss = loss_sum / targets_per_step;
-  m.grad_norm = std::sqrt(backend_->SumSquares(model_->grad_data(), model_->num_params()));
+  if (model_->gradients_sharded()) {
+    const size_t begin = optimizer_->shard_begin(), end = optimizer_->shard_end();
+    double squares = backend_->SumSquares(model_->grad_at(begin), end - begin);
+    if (auto s = comm_->AllReduceSum(&squares, 1); !s.ok()) return s;
+    m.grad_norm = std::sqrt(squares);
+  } else {
+    m.grad_norm = std::sqrt(backend_->SumSquares(model_->grad_data(), model_->num_params()));
+  }
   const double clip = t.grad_clip > 0 && m.grad_norm > t.grad_clip ? t.grad_clip / (m.grad_norm + 1e-6) : 1.0;
   m.lr = schedule_.At(m.step - 1);
   if (auto s = optimizer_->Step(m.lr, clip); !s.ok()) return s;
@@ -204,6 +217,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     m.exposed_communication_seconds += gather;
   }
   m.optimizer_state_bytes = optimizer_->state_bytes();
+  m.gradient_bytes = model_->grad_bytes();
 
   m.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   m.tokens_per_s = targets_per_step / m.step_seconds;
@@ -218,6 +232,31 @@ void Trainer::ShardOptimizerState() {
   const auto [begin, end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
   optimizer_->Shard(begin, end);
   zero1_ = true;
+}
+
+void Trainer::ShardGradients() {
+  if (comm_->world_size() == 1) return;
+  const size_t n = model_->num_params();
+  const int world = comm_->world_size(), rank = comm_->rank();
+  const auto [own_begin, own_end] = EvenSlice(n, rank, world);
+  model_->ShardGradients(own_begin, own_end, [this, n, world, rank](size_t begin, size_t end, void* grads) {
+    if (!grad_reduce_status_.ok()) return;  // a peer is gone: no more collectives
+    const auto start = std::chrono::steady_clock::now();
+    float* g = static_cast<float*>(grads);  // region [begin, end); host f32 (CPU backend)
+    // Each rank's part of the region is summed to that rank, which adds it to its shard.
+    for (int r = 0; r < world; ++r) {
+      const auto [slice_begin, slice_end] = EvenSlice(n, r, world);
+      const size_t lo = std::max(slice_begin, begin), hi = std::min(slice_end, end);
+      if (lo >= hi) continue;
+      grad_reduce_status_ = comm_->ReduceSum(g + (lo - begin), hi - lo, r);
+      if (!grad_reduce_status_.ok()) return;
+      if (r != rank) continue;
+      float* shard = static_cast<float*>(model_->grad_at(lo));
+      const float* part = g + (lo - begin);
+      for (size_t i = 0; i < hi - lo; ++i) shard[i] += part[i];
+    }
+    grad_reduce_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  });
 }
 
 absl::Status Trainer::OffloadOptimizerState() {

@@ -26,6 +26,7 @@ struct StepMetrics {
   double mfu = 0;                // tflops / peak; 0 when the peak is unknown.
   size_t peak_memory_bytes = 0;  // Backend allocation high-water mark.
   size_t optimizer_state_bytes = 0;  // AdamW moments held by this rank.
+  size_t gradient_bytes = 0;         // Gradients held by this rank (zero2: shard + scratch).
   // Seconds spent inside collectives (the gradient buckets on the worker thread, the loss,
   // zero1's parameter gather), and the seconds the step itself waited for them (not
   // overlapped with the backward).
@@ -67,6 +68,10 @@ class Trainer {
   // AdamW moments of its 1/world of the parameters only and steps those; the updated
   // parameters are all-gathered after each step.
   void ShardOptimizerState();
+  // ZeRO-2 (plugin zero2, after ShardOptimizerState): this rank also keeps only the
+  // gradients of its 1/world; the backward reduces each region's gradients to the ranks
+  // that own them as it finishes the region.
+  void ShardGradients();
   // offload.optimizer nvme (after restoring and sharding): the moments move to a swap
   // file under offload.nvme_path. Errors name the folder and what is wrong with it.
   absl::Status OffloadOptimizerState();
@@ -96,6 +101,10 @@ class Trainer {
   std::vector<int32_t> tokens_, targets_;
   uint64_t sampler_position_ = 0;
   bool zero1_ = false;
+  // zero2: the first failure of a collective inside the backward, and the seconds spent
+  // in them this step.
+  absl::Status grad_reduce_status_;
+  double grad_reduce_seconds_ = 0;
 };
 
 }  // namespace llamad

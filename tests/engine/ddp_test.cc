@@ -43,7 +43,8 @@ checkpoint: {dir: ckpt, interval: 0}
 
   // Runs llama-train to the end; returns the loss of every step it printed (and the
   // optimizer state bytes rank 0 reported last).
-  std::vector<double> Train(const std::string& args, size_t* state_bytes = nullptr) {
+  std::vector<double> Train(const std::string& args, size_t* state_bytes = nullptr,
+                            size_t* gradient_bytes = nullptr) {
     llamad::testing::Subprocess p(std::string(LLAMA_TRAIN_BIN) + " train --config " +
                                   (dir_ / "job.yaml").string() + " --log-format json " + args);
     std::vector<double> losses;
@@ -54,6 +55,7 @@ checkpoint: {dir: ckpt, interval: 0}
       const auto j = nlohmann::json::parse(*line);
       losses.push_back(j["loss"].get<double>());
       if (state_bytes != nullptr) *state_bytes = j["optimizer_state_bytes"].get<size_t>();
+      if (gradient_bytes != nullptr) *gradient_bytes = j["gradient_bytes"].get<size_t>();
     }
     EXPECT_EQ(p.Wait(), 0) << log;
     return losses;
@@ -99,6 +101,32 @@ TEST_F(DdpTest, Zero1MatchesAndShardsOptimizerState) {
   const std::vector<double> tail(one.begin() + 10, one.end());
   ExpectSameCurve(Train("--nproc 2 --threads 1 -i 0 -f " + (dir_ / "ckpt" / "ddp" / "step-10").string()), tail,
                   "zero1 checkpoint resumed by ddp at world size 2");
+}
+
+// ZeRO-2: the same curve again, each rank holding 1/world of the moments and of the
+// gradients, plus the scratch of one region (here a layer, the largest).
+TEST_F(DdpTest, Zero2MatchesAndShardsGradients) {
+  size_t full_state = 0, full_grads = 0;
+  const auto one = Train("--nproc 1 --threads 1", &full_state, &full_grads);
+  ASSERT_EQ(one.size(), 20u);
+  const size_t params = full_grads / sizeof(float);
+  // A layer: two norms [64], q/k/v [64 + 2 x 32, 64], o [64, 64], gate_up [2 x 128, 64],
+  // down [64, 128].
+  const size_t scratch = 2 * 64 + 128 * 64 + 64 * 64 + 256 * 64 + 64 * 128;
+  for (int world : {2, 3, 4}) {
+    size_t state = 0, grads = 0;
+    ExpectSameCurve(Train("-p zero2 --nproc " + std::to_string(world) + " --threads 1", &state, &grads), one,
+                    ("zero2 at world size " + std::to_string(world)).c_str());
+    EXPECT_NEAR(double(state), double(full_state) / world, 8.0 * world) << "world size " << world;
+    EXPECT_EQ(grads, ((params + world - 1) / world + scratch) * sizeof(float)) << "world size " << world;
+    std::printf("zero2, world size %d: per rank %zu bytes of optimizer state (%zu unsharded), %zu of gradients "
+                "(%zu unsharded)\n", world, state, full_state, grads, full_grads);
+  }
+  // A zero2 checkpoint resumes under ddp at another world size.
+  ASSERT_EQ(Train("-p zero2 --nproc 4 --threads 1 -i 10 --fresh").size(), 20u);
+  const std::vector<double> tail(one.begin() + 10, one.end());
+  ExpectSameCurve(Train("--nproc 2 --threads 1 -i 0 -f " + (dir_ / "ckpt" / "ddp" / "step-10").string()), tail,
+                  "zero2 checkpoint resumed by ddp at world size 2");
 }
 
 TEST_F(DdpTest, CheckpointAtWorldSizeFourResumesAtTwoAndThree) {
