@@ -1,5 +1,8 @@
 #include "model/llama.h"
 
+#include <cstdio>
+#include <cstdlib>
+
 #include <cmath>
 
 #include "core/strings.h"
@@ -37,7 +40,7 @@ std::vector<ParamInfo> LlamaParamLayout(const ModelConfig& c) {
 LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaOptions& options)
     : config_(config), backend_(backend), options_(options), params_(LlamaParamLayout(config)) {
   num_params_ = params_.back().offset + params_.back().numel;
-  grad_end_ = num_params_;
+  grad_end_ = param_end_ = num_params_;
   params_data_ = backend_->Allocate(num_params_);
   grads_data_ = backend_->Allocate(num_params_, backend_->accum_dtype());
   master_data_ = backend_->needs_master_weights()
@@ -51,6 +54,7 @@ LlamaModel::~LlamaModel() {
   backend_->Free(params_data_);
   backend_->Free(grads_data_);
   backend_->Free(grad_scratch_);
+  backend_->Free(param_scratch_);
 }
 
 void* LlamaModel::grad_at(size_t offset) {
@@ -81,6 +85,50 @@ void LlamaModel::ShardGradients(size_t begin, size_t end, GradSink sink) {
   grad_begin_ = begin;
   grad_end_ = end;
   grad_sink_ = std::move(sink);
+}
+
+void* LlamaModel::param_at(size_t offset) {
+  return static_cast<char*>(params_data_) + param_byte_offset(offset - param_begin_);
+}
+
+size_t LlamaModel::param_bytes() const {
+  return param_byte_offset(param_end_ - param_begin_ + param_scratch_elements_);
+}
+
+void LlamaModel::ShardParameters(size_t begin, size_t end, ParamGather gather) {
+  if (backend_->needs_master_weights()) {
+    std::fprintf(stderr, "llamad: LlamaModel::ShardParameters with separate master weights\n");
+    std::abort();
+  }
+  const size_t largest = LargestGradientRegion(config_);
+  void* shard = backend_->Allocate(end - begin);
+  backend_->Copy(shard, static_cast<char*>(params_data_) + param_byte_offset(begin), end - begin);
+  backend_->Free(params_data_);
+  params_data_ = master_data_ = shard;
+  param_scratch_ = backend_->Allocate(largest);
+  param_scratch_elements_ = largest;
+  param_begin_ = begin;
+  param_end_ = end;
+  param_gather_ = std::move(gather);
+}
+
+void LlamaModel::UnshardParameters(const std::function<void(void* full)>& fill) {
+  void* full = backend_->Allocate(num_params_);
+  fill(full);  // param_at() still addresses the shard
+  param_shard_ = params_data_;
+  params_data_ = master_data_ = full;
+  unsharded_begin_ = param_begin_;
+  param_begin_ = 0;
+  saved_gather_ = std::move(param_gather_);
+  param_gather_ = nullptr;
+}
+
+void LlamaModel::ReshardParameters() {
+  backend_->Free(params_data_);
+  params_data_ = master_data_ = param_shard_;
+  param_shard_ = nullptr;
+  param_begin_ = unsharded_begin_;
+  param_gather_ = std::move(saved_gather_);
 }
 
 void LlamaModel::BeginGradRegion(size_t begin) {
@@ -122,20 +170,29 @@ void LlamaModel::SyncParamsFromMaster() {
 
 void LlamaModel::ZeroGrads() { backend_->Zero(grads_data_, grad_end_ - grad_begin_); }
 
-LlamaModel::LayerWeights LlamaModel::Weights(void* base, int layer) const {
-  char* b = static_cast<char*>(base);
-  const size_t elem = DTypeSize(base == params_data_ ? backend_->dtype() : backend_->accum_dtype());
+void* LlamaModel::ParamPtr(size_t offset) const {
+  if (!param_gather_) return static_cast<char*>(params_data_) + param_byte_offset(offset);
+  return static_cast<char*>(param_scratch_) + param_byte_offset(offset - param_region_begin_);
+}
+
+void* LlamaModel::GradPtr(size_t offset) const {
+  if (!grad_sink_) return static_cast<char*>(grads_data_) + accum_byte_offset(offset);
+  return static_cast<char*>(grad_scratch_) + accum_byte_offset(offset - region_begin_);
+}
+
+LlamaModel::LayerWeights LlamaModel::LayerPointers(int layer, bool grads) const {
   const size_t first = 1 + size_t(layer) * 9;  // Index of the layer's input_layernorm.
-  auto at = [&](size_t k) -> void* { return b + params_[first + k].offset * elem; };
+  auto at = [&](size_t k) -> void* {
+    const size_t offset = params_[first + k].offset;
+    return grads ? GradPtr(offset) : ParamPtr(offset);
+  };
   return {at(0), at(1), at(4), at(5), at(6), at(8)};
 }
 
-LlamaModel::LayerWeights LlamaModel::GradWeights(int layer) {
-  if (!grad_sink_) return Weights(grads_data_, layer);
-  char* b = static_cast<char*>(grad_scratch_);
-  const size_t first = 1 + size_t(layer) * 9;
-  auto at = [&](size_t k) -> void* { return b + accum_byte_offset(params_[first + k].offset - region_begin_); };
-  return {at(0), at(1), at(4), at(5), at(6), at(8)};
+void LlamaModel::UseParamRegion(size_t begin, size_t end) {
+  if (!param_gather_) return;
+  param_gather_(begin, end, param_scratch_);
+  param_region_begin_ = begin;
 }
 
 size_t LayoutActivations(const ModelConfig& config, int batch, int seq, bool grad_checkpoint,
@@ -211,7 +268,7 @@ void LlamaModel::EnsureActivations(int batch, int seq) {
 
 void LlamaModel::LayerForward(int layer, const void* x_in, void* x_out, LayerActivations& a) {
   Backend& be = *backend_;
-  const LayerWeights w = Weights(params_data_, layer);
+  const LayerWeights w = LayerPointers(layer, /*grads=*/false);
   const int N = batch_ * seq_, C = int(config_.hidden_size), F = int(config_.intermediate_size);
   const int QKV = int(config_.qkv_dim());
   const AttentionShape shape{batch_, seq_, int(config_.num_attention_heads),
@@ -234,8 +291,8 @@ void LlamaModel::LayerForward(int layer, const void* x_in, void* x_out, LayerAct
 
 void LlamaModel::LayerBackward(int layer, const void* x_in, void* dres, LayerActivations& a) {
   Backend& be = *backend_;
-  const LayerWeights w = Weights(params_data_, layer);
-  const LayerWeights g = GradWeights(layer);
+  const LayerWeights w = LayerPointers(layer, /*grads=*/false);
+  const LayerWeights g = LayerPointers(layer, /*grads=*/true);
   const int N = batch_ * seq_, C = int(config_.hidden_size), F = int(config_.intermediate_size);
   const int QKV = int(config_.qkv_dim());
   const AttentionShape shape{batch_, seq_, int(config_.num_attention_heads),
@@ -260,22 +317,23 @@ double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch,
   Backend& be = *backend_;
   const int N = batch * seq, C = int(config_.hidden_size), V = int(config_.vocab_size);
   const int L = int(config_.num_hidden_layers);
-  char* pbase = static_cast<char*>(params_data_);
-  auto param = [&](const ParamInfo& p) { return pbase + param_byte_offset(p.offset); };
-  // The gradient of tensor p in the region being written (see BeginGradRegion).
-  auto grad = [&](const ParamInfo& p) -> void* {
-    if (!grad_sink_) return static_cast<char*>(grads_data_) + accum_byte_offset(p.offset);
-    return static_cast<char*>(grad_scratch_) + accum_byte_offset(p.offset - region_begin_);
-  };
+  // Tensor p's parameters and gradient in the regions in use (UseParamRegion,
+  // BeginGradRegion).
+  auto param = [&](const ParamInfo& p) { return ParamPtr(p.offset); };
+  auto grad = [&](const ParamInfo& p) { return GradPtr(p.offset); };
   const ParamInfo& embed = params_.front();
   const ParamInfo& head = params_.back();
   const ParamInfo& norm = params_[params_.size() - 2];
   const bool ckpt = options_.grad_checkpoint;
 
+  auto layer_begin = [&](int l) { return params_[1 + 9 * size_t(l)].offset; };
+  UseParamRegion(0, embed.numel);
   be.Embedding(acts_.residual[0], tokens, param(embed), N, C);
   for (int l = 0; l < L; ++l) {
+    UseParamRegion(layer_begin(l), layer_begin(l + 1));
     LayerForward(l, acts_.residual[l], acts_.residual[l + 1], acts_.layers[ckpt ? 0 : l]);
   }
+  UseParamRegion(norm.offset, num_params_);  // final norm and LM head
   be.RmsNorm(acts_.final_norm, acts_.final_rstd, acts_.residual[L], param(norm), N, C,
              config_.rms_norm_eps);
   if (backward) BeginGradRegion(norm.offset);  // final norm and LM head
@@ -289,9 +347,10 @@ double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch,
   EndGradRegion(norm.offset, num_params_);
   for (int l = L - 1; l >= 0; --l) {
     LayerActivations& a = acts_.layers[ckpt ? 0 : l];
+    const size_t begin = layer_begin(l), end = layer_begin(l + 1);
+    UseParamRegion(begin, end);
     // The forward left the last layer's activations in the shared set.
     if (ckpt && l != L - 1) LayerForward(l, acts_.residual[l], /*x_out=*/nullptr, a);
-    const size_t begin = params_[1 + 9 * size_t(l)].offset, end = params_[1 + 9 * size_t(l + 1)].offset;
     BeginGradRegion(begin);
     LayerBackward(l, acts_.residual[l], acts_.d_residual, a);
     EndGradRegion(begin, end);
@@ -307,8 +366,7 @@ void LlamaModel::Logits(const int32_t* tokens, int batch, int seq, float* out) {
   Run(tokens, ignored.data(), batch, seq, 1.0, /*backward=*/false);  // fills final_norm
   const size_t n = size_t(batch) * seq, vocab = size_t(config_.vocab_size);
   void* logits = backend_->Allocate(n * vocab);
-  backend_->Linear(logits, acts_.final_norm,
-                   static_cast<char*>(params_data_) + param_byte_offset(params_.back().offset),
+  backend_->Linear(logits, acts_.final_norm, ParamPtr(params_.back().offset),  // Run left its region in use
                    int(n), int(config_.hidden_size), int(vocab), false);
   backend_->DownloadF32(out, logits, n * vocab);
   backend_->Free(logits);

@@ -92,6 +92,11 @@ class LlamaModel {
   // param_data() itself when the backend keeps no separate master weights.
   void* grad_data() { return grads_data_; }
   void* master_data() { return master_data_; }
+  // The parameter of flat element `offset` (the whole buffer, or under ShardParameters
+  // the shard, which must hold it).
+  void* param_at(size_t offset);
+  // Bytes the parameters hold: the whole buffer, or the shard and the region scratch.
+  size_t param_bytes() const;
   // The gradient of flat element `offset` (the whole buffer, or under ShardGradients the
   // shard, which must hold it).
   void* grad_at(size_t offset);
@@ -130,6 +135,19 @@ class LlamaModel {
   void ShardGradients(size_t begin, size_t end, GradSink sink);
   bool gradients_sharded() const { return grad_sink_ != nullptr; }
 
+  // ZeRO-3 (backends without separate master weights): the model keeps parameters
+  // [begin, end) only. Before the forward or backward uses a region (as above) it calls
+  // `gather`, which must fill `dst` with the region's parameters from the ranks that own
+  // them: a collective, so every rank runs the same forwards and backwards.
+  using ParamGather = std::function<void(size_t begin, size_t end, void* dst)>;
+  void ShardParameters(size_t begin, size_t end, ParamGather gather);
+  bool parameters_sharded() const { return param_gather_ != nullptr || param_shard_ != nullptr; }
+  // All parameters again for a while (checkpoints): fill(full) must write every rank's
+  // part (param_at still addresses the shard while it runs); param_data() and
+  // master_data() then address them until ReshardParameters.
+  void UnshardParameters(const std::function<void(void* full)>& fill);
+  void ReshardParameters();
+
   // The loss sum only; gradients untouched.
   double Forward(const int32_t* tokens, const int32_t* targets, int batch, int seq);
 
@@ -147,8 +165,13 @@ class LlamaModel {
 
   void EnsureActivations(int batch, int seq);
   void FreeActivations();
-  LayerWeights Weights(void* base, int layer) const;
-  LayerWeights GradWeights(int layer);
+  // Where the forward reads parameter `offset` and the backward writes its gradient:
+  // the whole buffers, or the region scratch under sharding.
+  void* ParamPtr(size_t offset) const;
+  void* GradPtr(size_t offset) const;
+  LayerWeights LayerPointers(int layer, bool grads) const;
+  // Under ShardParameters: gathers the region's parameters into the scratch.
+  void UseParamRegion(size_t begin, size_t end);
   // Where the backward writes gradients: the whole buffer, or (sharded) the scratch that
   // holds region [begin, end) from now on, zeroed; EndRegion passes it on.
   void BeginGradRegion(size_t begin);
@@ -175,6 +198,13 @@ class LlamaModel {
   void* grad_scratch_ = nullptr;
   size_t grad_scratch_elements_ = 0;
   size_t region_begin_ = 0;  // the region the scratch holds
+  // ZeRO-3 (ShardParameters): params_data_ is then the shard [param_begin_, param_end_).
+  ParamGather param_gather_, saved_gather_;
+  size_t param_begin_ = 0, param_end_ = 0, unsharded_begin_ = 0;
+  void* param_scratch_ = nullptr;
+  size_t param_scratch_elements_ = 0;
+  size_t param_region_begin_ = 0;
+  void* param_shard_ = nullptr;  // while unsharded
 
   // Activations for the current (batch, seq).
   int batch_ = 0, seq_ = 0;

@@ -504,8 +504,10 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   }
   // Every rank starts from rank 0's state (restored, imported or seeded).
   if (auto s = SyncFromRankZero(**trainer, **comm); !s.ok()) return Fail(s);
-  if (spec->parallel.plugin == "zero1" || spec->parallel.plugin == "zero2") (*trainer)->ShardOptimizerState();
-  if (spec->parallel.plugin == "zero2") (*trainer)->ShardGradients();
+  const std::string& plugin = spec->parallel.plugin;
+  if (plugin == "zero1" || plugin == "zero2" || plugin == "zero3") (*trainer)->ShardOptimizerState();
+  if (plugin == "zero2" || plugin == "zero3") (*trainer)->ShardGradients();
+  if (plugin == "zero3") (*trainer)->ShardParameters();
   if (auto s = (*trainer)->OffloadOptimizerState(); !s.ok()) return Fail(s);
   if (lead && (*trainer)->optimizer().offloaded()) {
     std::fprintf(stderr, "llama-train: optimizer state (%s) in an NVMe swap file under %s\n",
@@ -581,6 +583,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                              {"peak_memory_bytes", m.peak_memory_bytes},
                              {"optimizer_state_bytes", m.optimizer_state_bytes},
                              {"gradient_bytes", m.gradient_bytes},
+                             {"parameter_bytes", m.parameter_bytes},
                              {"communication_s", m.communication_seconds},
                              {"exposed_communication_s", m.exposed_communication_seconds}};
       if (stall > 0) line["checkpoint_stall_s"] = stall;

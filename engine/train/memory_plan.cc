@@ -13,14 +13,16 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   MemoryPlan plan;
   plan.world_size = world_size;
   const uint64_t n = uint64_t(spec.model.NumParameters());
-  plan.parameters = n * DTypeSize(dtype);
-  plan.master_weights = dtype != accum ? n * DTypeSize(accum) : 0;
   const std::string& plugin = spec.parallel.plugin;
+  const bool many = world_size > 1;
   const uint64_t shard = (n + uint64_t(world_size) - 1) / uint64_t(world_size);
-  const uint64_t sharded = (plugin == "zero1" || plugin == "zero2") && world_size > 1 ? shard : n;
-  // zero2: the gradient shard and one region's scratch (LlamaModel::ShardGradients).
-  plan.gradients = (plugin == "zero2" && world_size > 1 ? shard + LargestGradientRegion(spec.model) : n) *
-                   DTypeSize(accum);
+  const uint64_t sharded = (plugin == "zero1" || plugin == "zero2" || plugin == "zero3") && many ? shard : n;
+  // zero2 and zero3 shard the gradients, zero3 the parameters too, each with one
+  // region's scratch besides the shard (LlamaModel::ShardGradients, ShardParameters).
+  const uint64_t region = LargestGradientRegion(spec.model);
+  plan.parameters = (plugin == "zero3" && many ? shard + region : n) * DTypeSize(dtype);
+  plan.master_weights = dtype != accum ? n * DTypeSize(accum) : 0;
+  plan.gradients = ((plugin == "zero2" || plugin == "zero3") && many ? shard + region : n) * DTypeSize(accum);
   plan.optimizer_state = 2 * sharded * DTypeSize(accum);
   if (spec.offload.optimizer == "nvme") {
     // The same chunking as AdamWOptimizer::OffloadToNvme: both moments of a range of

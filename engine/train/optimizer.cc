@@ -61,7 +61,7 @@ void AdamWOptimizer::UpdateRange(size_t lo, size_t hi, char* m, char* v, AdamWSt
     const size_t begin = std::max(p.offset, lo), end = std::min(p.offset + p.numel, hi);
     if (begin >= end) continue;
     s.weight_decay = p.decay ? options_.weight_decay : 0.0;
-    backend_->AdamW(static_cast<char*>(model_->param_data()) + model_->param_byte_offset(begin),
+    backend_->AdamW(model_->param_at(begin),
                     master ? accum(model_->master_data(), begin) : nullptr, model_->grad_at(begin),
                     m + (begin - lo) * elem, v + (begin - lo) * elem, end - begin, s);
   }

@@ -55,10 +55,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
           " (hidden_size / num_attention_heads); the CUDA attention kernels take 32, 64 or 128"));
     }
   }
-  if (spec.parallel.plugin != "ddp" && spec.parallel.plugin != "zero1" && spec.parallel.plugin != "zero2") {
+  if (spec.parallel.plugin == "gemini") {
     return absl::InvalidArgumentError(StrCat(
-        f, ": parallel.plugin: '", spec.parallel.plugin,
-        "' is not available in this build yet (available: ddp, zero1, zero2)"));
+        f, ": parallel.plugin: 'gemini' is not available in this build yet (available: ddp, zero1, zero2, "
+        "zero3; offload.optimizer moves the optimizer state to NVMe)"));
   }
   if (spec.training.max_length > spec.model.max_position_embeddings) {
     return absl::InvalidArgumentError(StrCat(
@@ -135,7 +135,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   StepMetrics m;
   m.step = optimizer_->step() + 1;
   model_->ZeroGrads();
-  grad_reduce_seconds_ = 0;
+  model_collective_seconds_ = 0;
   double loss_sum = 0;
   // With several ranks, the last micro-batch's backward hands each finished gradient
   // range to a background all-reduce, so communication overlaps the rest of the backward.
@@ -163,7 +163,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     loss_sum += model_->ForwardBackward(tokens_.data(), targets_.data(), count, seq,
                                         1.0 / targets_per_step);
     model_->set_grad_ready_hook(nullptr);
-    if (!grad_reduce_status_.ok()) return grad_reduce_status_;
+    if (!model_collective_status_.ok()) return model_collective_status_;
   }
   sampler.set_position(sampler.position() + global);
   auto seconds_since = [](std::chrono::steady_clock::time_point t) {
@@ -173,7 +173,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   if (model_->gradients_sharded()) {
     // zero2: the gradients were reduced region by region during the backward.
     if (auto s = comm_->AllReduceSum(&loss_sum, 1); !s.ok()) return s;
-    m.communication_seconds = m.exposed_communication_seconds = grad_reduce_seconds_ + seconds_since(comm_start);
+    m.communication_seconds = m.exposed_communication_seconds = model_collective_seconds_ + seconds_since(comm_start);
   } else if (comm_->world_size() > 1 && !reducer) {
     // GPU ranks: the whole gradient through host memory once the backward is done.
     if (auto s = AllReduceSumOnBackend(*comm_, *backend_, model_->grad_data(), model_->num_params());
@@ -205,7 +205,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   const double clip = t.grad_clip > 0 && m.grad_norm > t.grad_clip ? t.grad_clip / (m.grad_norm + 1e-6) : 1.0;
   m.lr = schedule_.At(m.step - 1);
   if (auto s = optimizer_->Step(m.lr, clip); !s.ok()) return s;
-  if (zero1_) {
+  if (zero1_ && !model_->parameters_sharded()) {
     comm_start = std::chrono::steady_clock::now();
     // Each rank updated its own slice of the parameters: gather them everywhere.
     if (auto s = AllGatherSlices(*comm_, static_cast<float*>(model_->param_data()), model_->num_params());
@@ -218,6 +218,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   }
   m.optimizer_state_bytes = optimizer_->state_bytes();
   m.gradient_bytes = model_->grad_bytes();
+  m.parameter_bytes = model_->param_bytes();
 
   m.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   m.tokens_per_s = targets_per_step / m.step_seconds;
@@ -240,7 +241,7 @@ void Trainer::ShardGradients() {
   const int world = comm_->world_size(), rank = comm_->rank();
   const auto [own_begin, own_end] = EvenSlice(n, rank, world);
   model_->ShardGradients(own_begin, own_end, [this, n, world, rank](size_t begin, size_t end, void* grads) {
-    if (!grad_reduce_status_.ok()) return;  // a peer is gone: no more collectives
+    if (!model_collective_status_.ok()) return;  // a peer is gone: no more collectives
     const auto start = std::chrono::steady_clock::now();
     float* g = static_cast<float*>(grads);  // region [begin, end); host f32 (CPU backend)
     // Each rank's part of the region is summed to that rank, which adds it to its shard.
@@ -248,14 +249,39 @@ void Trainer::ShardGradients() {
       const auto [slice_begin, slice_end] = EvenSlice(n, r, world);
       const size_t lo = std::max(slice_begin, begin), hi = std::min(slice_end, end);
       if (lo >= hi) continue;
-      grad_reduce_status_ = comm_->ReduceSum(g + (lo - begin), hi - lo, r);
-      if (!grad_reduce_status_.ok()) return;
+      model_collective_status_ = comm_->ReduceSum(g + (lo - begin), hi - lo, r);
+      if (!model_collective_status_.ok()) return;
       if (r != rank) continue;
       float* shard = static_cast<float*>(model_->grad_at(lo));
       const float* part = g + (lo - begin);
       for (size_t i = 0; i < hi - lo; ++i) shard[i] += part[i];
     }
-    grad_reduce_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    model_collective_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  });
+}
+
+void Trainer::ShardParameters() {
+  if (comm_->world_size() == 1) return;
+  const size_t n = model_->num_params();
+  const int world = comm_->world_size(), rank = comm_->rank();
+  const auto [own_begin, own_end] = EvenSlice(n, rank, world);
+  model_->ShardParameters(own_begin, own_end, [this, n, world, rank](size_t begin, size_t end, void* dst) {
+    if (!model_collective_status_.ok()) return;  // a peer is gone: no more collectives
+    const auto start = std::chrono::steady_clock::now();
+    float* region = static_cast<float*>(dst);  // host f32 (CPU backend)
+    // Each owner broadcasts its part of the region.
+    for (int r = 0; r < world; ++r) {
+      const auto [slice_begin, slice_end] = EvenSlice(n, r, world);
+      const size_t lo = std::max(slice_begin, begin), hi = std::min(slice_end, end);
+      if (lo >= hi) continue;
+      if (r == rank) {
+        const float* own = static_cast<const float*>(model_->param_at(lo));
+        std::copy(own, own + (hi - lo), region + (lo - begin));
+      }
+      model_collective_status_ = comm_->Broadcast(region + (lo - begin), hi - lo, r);
+      if (!model_collective_status_.ok()) return;
+    }
+    model_collective_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   });
 }
 
@@ -279,6 +305,24 @@ absl::Status Trainer::WithFullOptimizerState(const std::function<absl::Status()>
 }
 
 absl::Status Trainer::WithFullShardedState(const std::function<absl::Status()>& f) {
+  if (model_->parameters_sharded()) {
+    // zero3: all parameters first (each rank broadcasts its shard), then the moments.
+    absl::Status gathered;
+    const size_t n = model_->num_params();
+    const auto [own_begin, own_end] = EvenSlice(n, comm_->rank(), comm_->world_size());
+    model_->UnshardParameters([&](void* full) {
+      const float* own = static_cast<const float*>(model_->param_at(own_begin));
+      std::copy(own, own + (own_end - own_begin), static_cast<float*>(full) + own_begin);
+      gathered = AllGatherSlices(*comm_, static_cast<float*>(full), n);
+    });
+    absl::Status status = gathered.ok() ? WithFullMoments(f) : gathered;
+    model_->ReshardParameters();
+    return status;
+  }
+  return WithFullMoments(f);
+}
+
+absl::Status Trainer::WithFullMoments(const std::function<absl::Status()>& f) {
   if (!zero1_) return f();
   absl::Status gathered;
   const size_t n = model_->num_params();

@@ -27,6 +27,7 @@ struct StepMetrics {
   size_t peak_memory_bytes = 0;  // Backend allocation high-water mark.
   size_t optimizer_state_bytes = 0;  // AdamW moments held by this rank.
   size_t gradient_bytes = 0;         // Gradients held by this rank (zero2: shard + scratch).
+  size_t parameter_bytes = 0;        // Parameters held by this rank (zero3: shard + scratch).
   // Seconds spent inside collectives (the gradient buckets on the worker thread, the loss,
   // zero1's parameter gather), and the seconds the step itself waited for them (not
   // overlapped with the backward).
@@ -72,6 +73,10 @@ class Trainer {
   // gradients of its 1/world; the backward reduces each region's gradients to the ranks
   // that own them as it finishes the region.
   void ShardGradients();
+  // ZeRO-3 (plugin zero3, after ShardGradients): this rank also keeps only its 1/world of
+  // the parameters; each region is gathered from its owners before the forward and the
+  // backward use it, and the step updates the shard alone (nothing to all-gather).
+  void ShardParameters();
   // offload.optimizer nvme (after restoring and sharding): the moments move to a swap
   // file under offload.nvme_path. Errors name the folder and what is wrong with it.
   absl::Status OffloadOptimizerState();
@@ -89,6 +94,7 @@ class Trainer {
  private:
   Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Communicator* comm);
   absl::Status WithFullShardedState(const std::function<absl::Status()>& f);
+  absl::Status WithFullMoments(const std::function<absl::Status()>& f);
 
   JobSpec spec_;
   Backend* backend_;
@@ -101,10 +107,10 @@ class Trainer {
   std::vector<int32_t> tokens_, targets_;
   uint64_t sampler_position_ = 0;
   bool zero1_ = false;
-  // zero2: the first failure of a collective inside the backward, and the seconds spent
-  // in them this step.
-  absl::Status grad_reduce_status_;
-  double grad_reduce_seconds_ = 0;
+  // zero2/3: the first failure of a collective inside the forward or backward, and the
+  // seconds spent in them this step.
+  absl::Status model_collective_status_;
+  double model_collective_seconds_ = 0;
 };
 
 }  // namespace llamad

@@ -5,10 +5,11 @@ Runs `llama-train train --nproc N -p PLUGIN` (CPU backend, Gloo over loopback) o
 synthetic token stream for each plugin and prints the median over the steps after the
 first two: the step time, the seconds spent inside collectives, the seconds the step
 waited for them (not overlapped with the backward), the compute (step minus exposed
-communication) and the memory each rank holds for gradients and optimizer state.
+communication) and the memory each rank holds for parameters, gradients and optimizer
+state.
 
   ops/bench/data_parallel.py [--nproc 2] [--steps 8] [--hidden 512] [--layers 8]
-                             [--plugins ddp,zero1,zero2] [--llama-train build/bin/llama-train]
+                             [--plugins ddp,zero1,zero2,zero3] [--llama-train build/bin/llama-train]
 """
 import argparse
 import json
@@ -30,7 +31,7 @@ def main():
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=2, help="sequences per rank and micro-batch")
-    p.add_argument("--plugins", default="ddp,zero1,zero2")
+    p.add_argument("--plugins", default="ddp,zero1,zero2,zero3")
     p.add_argument("--llama-train", default=os.path.join(ROOT, "build", "bin", "llama-train"))
     a = p.parse_args()
     if a.steps < 3:
@@ -68,18 +69,18 @@ checkpoint: {{dir: ckpt, interval: 0}}
         steps = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")][2:]
         med = lambda k: statistics.median(s[k] for s in steps)
         step, comm, exposed = med("step_time_s"), med("communication_s"), med("exposed_communication_s")
-        rows.append((plugin, step, step - exposed, comm, exposed, steps[-1]["gradient_bytes"],
-                     steps[-1]["optimizer_state_bytes"], med("tokens_per_s")))
+        rows.append((plugin, step, step - exposed, comm, exposed, steps[-1]["parameter_bytes"],
+                     steps[-1]["gradient_bytes"], steps[-1]["optimizer_state_bytes"], med("tokens_per_s")))
 
     mib = lambda b: f"{b / (1 << 20):8.1f}"
     print(f"world size {a.nproc}, hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, "
           f"{a.batch} x {a.seq} tokens per rank, CPU backend (1 thread per rank), Gloo on loopback; "
           f"median of steps 3..{a.steps}")
     print(f"{'plugin':8} {'step s':>8} {'compute s':>10} {'comm s':>8} {'exposed s':>10} "
-          f"{'grads MiB':>10} {'optim MiB':>10} {'tokens/s':>9}")
-    for plugin, step, compute, comm, exposed, grads, optim, tps in rows:
-        print(f"{plugin:8} {step:8.3f} {compute:10.3f} {comm:8.3f} {exposed:10.3f} {mib(grads):>10} "
-              f"{mib(optim):>10} {tps:9.0f}")
+          f"{'params MiB':>11} {'grads MiB':>10} {'optim MiB':>10} {'tokens/s':>9}")
+    for plugin, step, compute, comm, exposed, params, grads, optim, tps in rows:
+        print(f"{plugin:8} {step:8.3f} {compute:10.3f} {comm:8.3f} {exposed:10.3f} {mib(params):>11} "
+              f"{mib(grads):>10} {mib(optim):>10} {tps:9.0f}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ checkpoint: {dir: ckpt, interval: 0}
   // Runs llama-train to the end; returns the loss of every step it printed (and the
   // optimizer state bytes rank 0 reported last).
   std::vector<double> Train(const std::string& args, size_t* state_bytes = nullptr,
-                            size_t* gradient_bytes = nullptr) {
+                            size_t* gradient_bytes = nullptr, size_t* parameter_bytes = nullptr) {
     llamad::testing::Subprocess p(std::string(LLAMA_TRAIN_BIN) + " train --config " +
                                   (dir_ / "job.yaml").string() + " --log-format json " + args);
     std::vector<double> losses;
@@ -56,6 +56,7 @@ checkpoint: {dir: ckpt, interval: 0}
       losses.push_back(j["loss"].get<double>());
       if (state_bytes != nullptr) *state_bytes = j["optimizer_state_bytes"].get<size_t>();
       if (gradient_bytes != nullptr) *gradient_bytes = j["gradient_bytes"].get<size_t>();
+      if (parameter_bytes != nullptr) *parameter_bytes = j["parameter_bytes"].get<size_t>();
     }
     EXPECT_EQ(p.Wait(), 0) << log;
     return losses;
@@ -127,6 +128,34 @@ TEST_F(DdpTest, Zero2MatchesAndShardsGradients) {
   const std::vector<double> tail(one.begin() + 10, one.end());
   ExpectSameCurve(Train("--nproc 2 --threads 1 -i 0 -f " + (dir_ / "ckpt" / "ddp" / "step-10").string()), tail,
                   "zero2 checkpoint resumed by ddp at world size 2");
+}
+
+// ZeRO-3: the same curve again, each rank holding 1/world of the moments, gradients and
+// parameters (each plus one region's scratch); gathered checkpoints resume elsewhere.
+TEST_F(DdpTest, Zero3MatchesAndShardsParameters) {
+  size_t full_state = 0, full_grads = 0, full_params = 0;
+  const auto one = Train("--nproc 1 --threads 1 -g", &full_state, &full_grads, &full_params);
+  ASSERT_EQ(one.size(), 20u);
+  ASSERT_EQ(full_params, full_grads);  // fp32 on the CPU
+  const size_t params = full_params / sizeof(float);
+  const size_t scratch = 2 * 64 + 128 * 64 + 64 * 64 + 256 * 64 + 64 * 128;  // a layer, as above
+  for (int world : {2, 3}) {
+    size_t state = 0, grads = 0, weights = 0;
+    // With activation checkpointing: the backward's recomputation reads gathered layers too.
+    ExpectSameCurve(Train("-p zero3 -g --nproc " + std::to_string(world) + " --threads 1", &state, &grads, &weights),
+                    one, ("zero3 at world size " + std::to_string(world)).c_str());
+    const size_t shard_bytes = ((params + world - 1) / world + scratch) * sizeof(float);
+    EXPECT_EQ(weights, shard_bytes) << "world size " << world;
+    EXPECT_EQ(grads, shard_bytes) << "world size " << world;
+    EXPECT_NEAR(double(state), double(full_state) / world, 8.0 * world) << "world size " << world;
+    std::printf("zero3, world size %d: per rank %zu bytes of parameters (%zu unsharded), %zu of gradients, "
+                "%zu of optimizer state (%zu)\n", world, weights, full_params, grads, state, full_state);
+  }
+  // Saved at world size 4 under zero3, resumed by ddp at world size 2 on the same curve.
+  ASSERT_EQ(Train("-p zero3 -g --nproc 4 --threads 1 -i 10 --fresh").size(), 20u);
+  const std::vector<double> tail(one.begin() + 10, one.end());
+  ExpectSameCurve(Train("-g --nproc 2 --threads 1 -i 0 -f " + (dir_ / "ckpt" / "ddp" / "step-10").string()), tail,
+                  "zero3 checkpoint resumed by ddp at world size 2");
 }
 
 TEST_F(DdpTest, CheckpointAtWorldSizeFourResumesAtTwoAndThree) {
