@@ -235,53 +235,50 @@ void Trainer::ShardOptimizerState() {
   zero1_ = true;
 }
 
+void Trainer::ForEachOwnerPart(size_t begin, size_t end,
+                               const std::function<absl::Status(int owner, size_t lo, size_t hi)>& part) {
+  if (!model_collective_status_.ok()) return;  // a peer is gone: no more collectives
+  const auto start = std::chrono::steady_clock::now();
+  const size_t n = model_->num_params();
+  for (int r = 0; r < comm_->world_size(); ++r) {
+    const auto [slice_begin, slice_end] = EvenSlice(n, r, comm_->world_size());
+    const size_t lo = std::max(slice_begin, begin), hi = std::min(slice_end, end);
+    if (lo >= hi) continue;
+    model_collective_status_ = part(r, lo, hi);
+    if (!model_collective_status_.ok()) return;
+  }
+  model_collective_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
 void Trainer::ShardGradients() {
   if (comm_->world_size() == 1) return;
-  const size_t n = model_->num_params();
-  const int world = comm_->world_size(), rank = comm_->rank();
-  const auto [own_begin, own_end] = EvenSlice(n, rank, world);
-  model_->ShardGradients(own_begin, own_end, [this, n, world, rank](size_t begin, size_t end, void* grads) {
-    if (!model_collective_status_.ok()) return;  // a peer is gone: no more collectives
-    const auto start = std::chrono::steady_clock::now();
-    float* g = static_cast<float*>(grads);  // region [begin, end); host f32 (CPU backend)
+  const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
+  model_->ShardGradients(own_begin, own_end, [this](size_t begin, size_t end, void* grads) {
+    float* region = static_cast<float*>(grads);  // host f32 (CPU backend)
     // Each rank's part of the region is summed to that rank, which adds it to its shard.
-    for (int r = 0; r < world; ++r) {
-      const auto [slice_begin, slice_end] = EvenSlice(n, r, world);
-      const size_t lo = std::max(slice_begin, begin), hi = std::min(slice_end, end);
-      if (lo >= hi) continue;
-      model_collective_status_ = comm_->ReduceSum(g + (lo - begin), hi - lo, r);
-      if (!model_collective_status_.ok()) return;
-      if (r != rank) continue;
+    ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
+      float* part = region + (lo - begin);
+      if (auto s = comm_->ReduceSum(part, hi - lo, owner); !s.ok() || owner != comm_->rank()) return s;
       float* shard = static_cast<float*>(model_->grad_at(lo));
-      const float* part = g + (lo - begin);
       for (size_t i = 0; i < hi - lo; ++i) shard[i] += part[i];
-    }
-    model_collective_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      return absl::OkStatus();
+    });
   });
 }
 
 void Trainer::ShardParameters() {
   if (comm_->world_size() == 1) return;
-  const size_t n = model_->num_params();
-  const int world = comm_->world_size(), rank = comm_->rank();
-  const auto [own_begin, own_end] = EvenSlice(n, rank, world);
-  model_->ShardParameters(own_begin, own_end, [this, n, world, rank](size_t begin, size_t end, void* dst) {
-    if (!model_collective_status_.ok()) return;  // a peer is gone: no more collectives
-    const auto start = std::chrono::steady_clock::now();
+  const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
+  model_->ShardParameters(own_begin, own_end, [this](size_t begin, size_t end, void* dst) {
     float* region = static_cast<float*>(dst);  // host f32 (CPU backend)
     // Each owner broadcasts its part of the region.
-    for (int r = 0; r < world; ++r) {
-      const auto [slice_begin, slice_end] = EvenSlice(n, r, world);
-      const size_t lo = std::max(slice_begin, begin), hi = std::min(slice_end, end);
-      if (lo >= hi) continue;
-      if (r == rank) {
+    ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
+      if (owner == comm_->rank()) {
         const float* own = static_cast<const float*>(model_->param_at(lo));
         std::copy(own, own + (hi - lo), region + (lo - begin));
       }
-      model_collective_status_ = comm_->Broadcast(region + (lo - begin), hi - lo, r);
-      if (!model_collective_status_.ok()) return;
-    }
-    model_collective_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      return comm_->Broadcast(region + (lo - begin), hi - lo, owner);
+    });
   });
 }
 

@@ -95,6 +95,10 @@ class Trainer {
   Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Communicator* comm);
   absl::Status WithFullShardedState(const std::function<absl::Status()>& f);
   absl::Status WithFullMoments(const std::function<absl::Status()>& f);
+  // zero2/3: part(owner, lo, hi) for each rank's part [lo, hi) of the flat range
+  // [begin, end), in rank order, until one fails (model_collective_status_ keeps it).
+  void ForEachOwnerPart(size_t begin, size_t end,
+                        const std::function<absl::Status(int owner, size_t lo, size_t hi)>& part);
 
   JobSpec spec_;
   Backend* backend_;
