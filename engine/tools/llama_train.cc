@@ -656,6 +656,8 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
     const nlohmann::json out = {{"parameters", plan.parameters},   {"master_weights", plan.master_weights},
                                 {"gradients", plan.gradients},     {"optimizer_state", plan.optimizer_state},
                                 {"activations", plan.activations}, {"workspace", plan.workspace},
+                                {"checkpoint_snapshot", plan.checkpoint_snapshot},
+                                {"checkpoint_gather", plan.checkpoint_gather},
                                 {"total", plan.total()},           {"world_size", plan.world_size},
                                 {"budget", budget},                {"fits", budget == 0 || plan.total() <= budget}};
     std::printf("%s\n", out.dump().c_str());

@@ -44,6 +44,12 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   const uint64_t rows = uint64_t(LmHeadChunkRows(lm_head_chunk_elements, vocab,
                                                  int(spec.training.batch_size * spec.training.max_length)));
   plan.workspace = rows * uint64_t(vocab) * uint64_t(logit_bytes) + uint64_t(scores * double(DTypeSize(dtype)));
+  if (spec.checkpoint.interval > 0) {
+    // AsyncCheckpointer's snapshot: each tensor's f32 values padded to 4 KiB, three times.
+    for (const ParamInfo& p : LlamaParamLayout(spec.model)) plan.checkpoint_snapshot += 3 * ((p.numel * 4 + 4095) / 4096 * 4096);
+    if (sharded != n) plan.checkpoint_gather = 2 * n * DTypeSize(accum) + (plugin == "zero3" ? n * DTypeSize(dtype) : 0);
+  }
+  plan.snapshot_on_this_tier = dtype == accum;  // the CPU backend's memory is the host's
   return plan;
 }
 
@@ -54,6 +60,13 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
       {"parameters", parameters},   {"master weights", master_weights}, {"gradients", gradients},
       {"optimizer state", optimizer_state}, {"activations", activations},   {"workspace", workspace}};
   for (const auto& [name, bytes] : rows) out += fmt::format("  {:<16} {}\n", name, gib(bytes));
+  if (checkpoint_gather > 0) {
+    out += fmt::format("  {:<16} {} (full moments gathered on every rank during a save)\n", "checkpoint", gib(checkpoint_gather));
+  }
+  if (checkpoint_snapshot > 0) {
+    out += fmt::format("  {:<16} {} (rank 0's snapshot of a save{})\n", "snapshot", gib(checkpoint_snapshot),
+                       snapshot_on_this_tier ? "" : ", host memory: not in the total");
+  }
   out += fmt::format("  {:<16} {}\n", "total", gib(total()));
   if (optimizer_state_nvme > 0) {
     out += fmt::format("  {:<16} {} (the AdamW moments, in the NVMe swap file)\n", "on NVMe", gib(optimizer_state_nvme));

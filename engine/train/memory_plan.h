@@ -21,8 +21,15 @@ struct MemoryPlan {
   uint64_t optimizer_state_nvme = 0;  // the moments in the NVMe swap file (not in total())
   uint64_t activations = 0;      // every activation and backward scratch buffer
   uint64_t workspace = 0;        // the LM head's chunk of logits, unfused attention scores
+  // Checkpoint saves (checkpoint.interval > 0): rank 0's snapshot of the master weights and
+  // moments (f32, host memory, kept between saves), and under zero1/2/3 the full moments
+  // (zero3: and parameters) every rank gathers while a save runs.
+  uint64_t checkpoint_snapshot = 0;
+  uint64_t checkpoint_gather = 0;
+  bool snapshot_on_this_tier = true;  // false where the plan's memory is a GPU's
   uint64_t total() const {
-    return parameters + master_weights + gradients + optimizer_state + activations + workspace;
+    return parameters + master_weights + gradients + optimizer_state + activations + workspace +
+           checkpoint_gather + (snapshot_on_this_tier ? checkpoint_snapshot : 0);
   }
   // A table, one row per kind, with the total and (budget > 0) whether it fits.
   std::string Describe(uint64_t budget, const std::string& budget_name) const;

@@ -123,4 +123,21 @@ TEST(CliTest, PlanMatchesTheMeasuredPeak) {
   EXPECT_EQ(big.exit_code, 1) << big.output;
   EXPECT_NE(big.output.find("does not fit in --device-memory 80GiB"), std::string::npos) << big.output;
   EXPECT_EQ(RunTrain("plan --config " + job + " --device-memory lots").exit_code, 2);
+
+  // Saving checkpoints adds rank 0's snapshot (master weights and both moments, f32, each
+  // tensor padded to 4 KiB) and, for sharded state, what every rank gathers for a save.
+  auto plan_of = [&](const std::string& args) {
+    const Result r = RunTrain("plan --config " + job + " --json --threads 2 " + args);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return nlohmann::json::parse(r.output.substr(r.output.find('{')));
+  };
+  const auto saving = plan_of("-i 10 -o ckpt");
+  const double n = planned["parameters"].get<double>() / 4;
+  EXPECT_GE(saving["checkpoint_snapshot"].get<double>(), 3 * 4 * n);
+  EXPECT_LT(saving["checkpoint_snapshot"].get<double>(), 3 * 4 * n + 3 * 4096 * 40);  // padding
+  EXPECT_EQ(saving["total"].get<double>(), total + saving["checkpoint_snapshot"].get<double>());
+  EXPECT_EQ(saving["checkpoint_gather"].get<double>(), 0);
+  const auto zero3 = plan_of("-i 10 -o ckpt -p zero3 --nproc 2");
+  EXPECT_EQ(zero3["checkpoint_gather"].get<double>(), 3 * 4 * n);  // both moments and the parameters
+
 }
