@@ -42,7 +42,8 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaO
   num_params_ = params_.back().offset + params_.back().numel;
   grad_end_ = param_end_ = num_params_;
   params_data_ = backend_->Allocate(num_params_);
-  grads_data_ = backend_->Allocate(num_params_, backend_->accum_dtype());
+  // The gradients come at their first use (EnsureGrads): a ZeRO-2/3 rank shards them
+  // before training and so never holds them whole.
   master_data_ = backend_->needs_master_weights()
                      ? backend_->Allocate(num_params_, backend_->accum_dtype())
                      : params_data_;
@@ -57,7 +58,18 @@ LlamaModel::~LlamaModel() {
   backend_->Free(param_scratch_);
 }
 
+void LlamaModel::EnsureGrads() {
+  if (grads_data_ != nullptr) return;
+  grads_data_ = backend_->Allocate(grad_end_ - grad_begin_, backend_->accum_dtype());  // zeros
+}
+
+void* LlamaModel::grad_data() {
+  EnsureGrads();
+  return grads_data_;
+}
+
 void* LlamaModel::grad_at(size_t offset) {
+  EnsureGrads();
   return static_cast<char*>(grads_data_) + accum_byte_offset(offset - grad_begin_);
 }
 
@@ -78,7 +90,7 @@ size_t LargestGradientRegion(const ModelConfig& config) {
 
 void LlamaModel::ShardGradients(size_t begin, size_t end, GradSink sink) {
   const size_t largest = LargestGradientRegion(config_);
-  backend_->Free(grads_data_);
+  backend_->Free(grads_data_);  // null when never used
   grads_data_ = backend_->Allocate(end - begin, backend_->accum_dtype());
   grad_scratch_ = backend_->Allocate(largest, backend_->accum_dtype());
   grad_scratch_elements_ = largest;
@@ -168,7 +180,10 @@ void LlamaModel::SyncParamsFromMaster() {
   if (master_data_ != params_data_) backend_->Copy(params_data_, master_data_, num_params_);
 }
 
-void LlamaModel::ZeroGrads() { backend_->Zero(grads_data_, grad_end_ - grad_begin_); }
+void LlamaModel::ZeroGrads() {
+  EnsureGrads();
+  backend_->Zero(grads_data_, grad_end_ - grad_begin_);
+}
 
 void* LlamaModel::ParamPtr(size_t offset) const {
   if (!param_gather_) return static_cast<char*>(params_data_) + param_byte_offset(offset);
@@ -374,6 +389,7 @@ void LlamaModel::Logits(const int32_t* tokens, int batch, int seq, float* out) {
 
 double LlamaModel::ForwardBackward(const int32_t* tokens, const int32_t* targets, int batch,
                                    int seq, double grad_scale) {
+  EnsureGrads();
   return Run(tokens, targets, batch, seq, grad_scale, true);
 }
 

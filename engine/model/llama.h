@@ -89,8 +89,9 @@ class LlamaModel {
   // The parameters the layers read (backend dtype()).
   void* param_data() { return params_data_; }
   // Gradients and the optimizer's copy of the parameters (accum_dtype()); the master is
-  // param_data() itself when the backend keeps no separate master weights.
-  void* grad_data() { return grads_data_; }
+  // param_data() itself when the backend keeps no separate master weights. The
+  // gradients are allocated, as zeros, at their first use.
+  void* grad_data();
   void* master_data() { return master_data_; }
   // The parameter of flat element `offset` (the whole buffer, or under ShardParameters
   // the shard, which must hold it).
@@ -165,6 +166,7 @@ class LlamaModel {
 
   void EnsureActivations(int batch, int seq);
   void FreeActivations();
+  void EnsureGrads();  // allocates the gradients (the shard, when sharded) as zeros
   // Where the forward reads parameter `offset` and the backward writes its gradient:
   // the whole buffers, or the region scratch under sharding.
   void* ParamPtr(size_t offset) const;

@@ -323,23 +323,6 @@ absl::StatusOr<std::unique_ptr<Communicator>> ConnectRank() {
                               host != nullptr && *host != '\0' ? host : "127.0.0.1");
 }
 
-// Copies rank 0's weights, moments and progress to every rank.
-absl::Status SyncFromRankZero(Trainer& trainer, Communicator& comm) {
-  if (comm.world_size() == 1) return absl::OkStatus();
-  LlamaModel& model = trainer.model();
-  const size_t n = model.num_params();
-  for (void* buffer : {model.master_data(), trainer.optimizer().exp_avg(), trainer.optimizer().exp_avg_sq()}) {
-    if (auto s = BroadcastOnBackend(comm, trainer.backend(), buffer, n, 0); !s.ok()) return s;
-  }
-  model.SyncParamsFromMaster();
-  // Exact in doubles: steps and positions stay far below 2^53.
-  double progress[2] = {0, 0};
-  if (comm.rank() == 0) progress[0] = double(trainer.step()), progress[1] = double(trainer.sampler_position());
-  if (auto s = comm.AllReduceSum(progress, 2); !s.ok()) return s;
-  trainer.SetProgress(int64_t(progress[0]), uint64_t(progress[1]));
-  return absl::OkStatus();
-}
-
 // `llama-train train --nproc N`: starts N ranks of this same command line and watches
 // them. When one fails, the others are stopped and the failure is reported by rank.
 volatile sig_atomic_t g_stop_signal = 0;  // SIGINT/SIGTERM received by the launcher
@@ -503,11 +486,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     }
   }
   // Every rank starts from rank 0's state (restored, imported or seeded).
-  if (auto s = SyncFromRankZero(**trainer, **comm); !s.ok()) return Fail(s);
-  const std::string& plugin = spec->parallel.plugin;
-  if (plugin == "zero1" || plugin == "zero2" || plugin == "zero3") (*trainer)->ShardOptimizerState();
-  if (plugin == "zero2" || plugin == "zero3") (*trainer)->ShardGradients();
-  if (plugin == "zero3") (*trainer)->ShardParameters();
+  if (auto s = (*trainer)->StartFromRankZero(); !s.ok()) return Fail(s);
   if (auto s = (*trainer)->OffloadOptimizerState(); !s.ok()) return Fail(s);
   if (lead && (*trainer)->optimizer().offloaded()) {
     std::fprintf(stderr, "llama-train: optimizer state (%s) in an NVMe swap file under %s\n",
@@ -560,8 +539,8 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     double stall = 0;
     const bool save = spec->checkpoint.interval > 0 && (m.step % spec->checkpoint.interval == 0 || m.step == t.steps);
     if (save) {
-      // Every rank takes part in gathering sharded optimizer state; rank 0 writes.
-      auto saved = (*trainer)->WithFullOptimizerState([&]() -> absl::Status {
+      // Every rank sends its shards of the state to rank 0, which writes.
+      auto saved = (*trainer)->WithFullStateOnRankZero([&]() -> absl::Status {
         if (!checkpointer) return absl::OkStatus();
         auto seconds = checkpointer->Save(**trainer);
         if (!seconds.ok()) return seconds.status();

@@ -61,7 +61,7 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
       {"optimizer state", optimizer_state}, {"activations", activations},   {"workspace", workspace}};
   for (const auto& [name, bytes] : rows) out += fmt::format("  {:<16} {}\n", name, gib(bytes));
   if (checkpoint_gather > 0) {
-    out += fmt::format("  {:<16} {} (full moments gathered on every rank during a save)\n", "checkpoint", gib(checkpoint_gather));
+    out += fmt::format("  {:<16} {} (rank 0 gathers the shards into full state for a save)\n", "checkpoint", gib(checkpoint_gather));
   }
   if (checkpoint_snapshot > 0) {
     out += fmt::format("  {:<16} {} (rank 0's snapshot of a save{})\n", "snapshot", gib(checkpoint_snapshot),

@@ -1,4 +1,5 @@
-// Per-rank memory of a job, by kind: what `llama-train plan` prints and what Trainer
+// Per-rank memory of a job, by kind (rank 0's, the largest: it alone gathers and
+// snapshots the state for checkpoint saves): what `llama-train plan` prints and what Trainer
 // checks before it allocates. The same layout functions the model allocates with
 // (LlamaParamLayout, LayoutActivations) do the counting, so plan and run agree.
 #pragma once
@@ -23,7 +24,7 @@ struct MemoryPlan {
   uint64_t workspace = 0;        // the LM head's chunk of logits, unfused attention scores
   // Checkpoint saves (checkpoint.interval > 0): rank 0's snapshot of the master weights and
   // moments (f32, host memory, kept between saves), and under zero1/2/3 the full moments
-  // (zero3: and parameters) every rank gathers while a save runs.
+  // (zero3: and parameters) rank 0 gathers from the shards while a save runs.
   uint64_t checkpoint_snapshot = 0;
   uint64_t checkpoint_gather = 0;
   bool snapshot_on_this_tier = true;  // false where the plan's memory is a GPU's

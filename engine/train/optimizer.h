@@ -56,6 +56,9 @@ class AdamWOptimizer {
   // outside WithMomentsInMemory.
   void* exp_avg();
   void* exp_avg_sq();
+  // Whether moments are in memory: false until their first use (they are zeros then) and
+  // while offloaded.
+  bool has_moments() const { return m_ != nullptr; }
 
   // Keeps only [begin, end) of the moments (taken from the current full buffers).
   void Shard(size_t begin, size_t end);

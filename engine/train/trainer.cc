@@ -140,28 +140,47 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   // With several ranks, the last micro-batch's backward hands each finished gradient
   // range to a background all-reduce, so communication overlaps the rest of the backward.
   std::unique_ptr<BackgroundAllReduce> reducer;
-  for (uint64_t first = begin; first < end; first += uint64_t(batch)) {
-    const int count = int(std::min<uint64_t>(uint64_t(batch), end - first));
-    const bool last = first + uint64_t(count) >= end;
-    sampler.Fill(sampler.position() + first, count, tokens_.data(), targets_.data());
-    // A damaged or mismatched dataset must not index past the embedding table.
-    const int64_t vocab = spec_.model.vocab_size;
-    for (size_t i = 0; i < size_t(count) * size_t(seq); ++i) {
-      if (tokens_[i] < 0 || tokens_[i] >= vocab || targets_[i] < 0 || targets_[i] >= vocab) {
-        return absl::DataLossError(StrCat(
-            "window at sample position ", sampler.position() + first + i / size_t(seq), " holds token id ",
-            tokens_[i] < 0 || tokens_[i] >= vocab ? tokens_[i] : targets_[i], ", outside the model's vocabulary of ",
-            vocab, " (a damaged shard, or a dataset prepared for another tokenizer; llama-data inspect --verify)"));
+  // zero2 and zero3 reduce gradients and gather parameters region by region inside every
+  // micro-batch, so each rank runs as many micro-batches as the rank with the most. A
+  // rank with fewer repeats its last one with weight 0: the same collectives, no
+  // gradient, no loss.
+  auto rounds_of = [&](uint64_t windows) { return (windows + uint64_t(batch) - 1) / uint64_t(batch); };
+  uint64_t rounds = rounds_of(end - begin);
+  if (model_->gradients_sharded() || model_->parameters_sharded()) {
+    for (int r = 0; r < comm_->world_size(); ++r) {
+      const auto [b, e] = WindowSampler::RankSlice(global, r, comm_->world_size());
+      rounds = std::max(rounds, rounds_of(e - b));
+    }
+  }
+  int count = 0;
+  for (uint64_t round = 0; round < rounds; ++round) {
+    const uint64_t first = begin + round * uint64_t(batch);
+    const bool padding = first >= end;  // tokens_ still holds the previous micro-batch
+    if (!padding) {
+      count = int(std::min<uint64_t>(uint64_t(batch), end - first));
+      sampler.Fill(sampler.position() + first, count, tokens_.data(), targets_.data());
+      // A damaged or mismatched dataset must not index past the embedding table.
+      const int64_t vocab = spec_.model.vocab_size;
+      for (size_t i = 0; i < size_t(count) * size_t(seq); ++i) {
+        if (tokens_[i] < 0 || tokens_[i] >= vocab || targets_[i] < 0 || targets_[i] >= vocab) {
+          return absl::DataLossError(StrCat(
+              "window at sample position ", sampler.position() + first + i / size_t(seq), " holds token id ",
+              tokens_[i] < 0 || tokens_[i] >= vocab ? tokens_[i] : targets_[i], ", outside the model's vocabulary of ",
+              vocab, " (a damaged shard, or a dataset prepared for another tokenizer; llama-data inspect --verify)"));
+        }
       }
     }
-    if (last && comm_->world_size() > 1 && BuffersInHostMemory(*backend_) && !model_->gradients_sharded()) {
+    const bool last = first + uint64_t(count) >= end;
+    if (last && !padding && comm_->world_size() > 1 && BuffersInHostMemory(*backend_) &&
+        !model_->gradients_sharded()) {
       reducer = std::make_unique<BackgroundAllReduce>(
           comm_, static_cast<float*>(model_->grad_data()),
           size_t(spec_.parallel.bucket_mb * double(1 << 20) / sizeof(float)));
       model_->set_grad_ready_hook([&](size_t b, size_t e) { reducer->Add(b, e); });
     }
-    loss_sum += model_->ForwardBackward(tokens_.data(), targets_.data(), count, seq,
-                                        1.0 / targets_per_step);
+    const double loss = model_->ForwardBackward(tokens_.data(), targets_.data(), count, seq,
+                                                padding ? 0.0 : 1.0 / targets_per_step);
+    if (!padding) loss_sum += loss;
     model_->set_grad_ready_hook(nullptr);
     if (!model_collective_status_.ok()) return model_collective_status_;
   }
@@ -228,11 +247,54 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   return m;
 }
 
-void Trainer::ShardOptimizerState() {
-  if (comm_->world_size() == 1) return;  // one rank holds everything anyway
-  const auto [begin, end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
-  optimizer_->Shard(begin, end);
+absl::Status Trainer::StartFromRankZero() {
+  const int world = comm_->world_size(), rank = comm_->rank();
+  if (world == 1) return absl::OkStatus();
+  // The progress, and whether rank 0 holds moments (restored ones; fresh moments are
+  // zeros everywhere and not allocated yet). Exact in doubles: far below 2^53.
+  double progress[3] = {0, 0, 0};
+  if (rank == 0) progress[0] = double(step()), progress[1] = double(sampler_position_), progress[2] = optimizer_->has_moments() ? 1 : 0;
+  if (auto s = comm_->AllReduceSum(progress, 3); !s.ok()) return s;
+  SetProgress(int64_t(progress[0]), uint64_t(progress[1]));
+  const bool restored_moments = progress[2] > 0;
+  if (auto s = BroadcastOnBackend(*comm_, *backend_, model_->master_data(), model_->num_params(), 0); !s.ok()) {
+    return s;
+  }
+  model_->SyncParamsFromMaster();
+  const std::string& plugin = spec_.parallel.plugin;
+  if (plugin == "ddp") {
+    if (!restored_moments) return absl::OkStatus();
+    for (void* moment : {optimizer_->exp_avg(), optimizer_->exp_avg_sq()}) {
+      if (auto s = BroadcastOnBackend(*comm_, *backend_, moment, model_->num_params(), 0); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+  if (auto s = ShardOptimizerState(restored_moments); !s.ok()) return s;
+  if (plugin == "zero2" || plugin == "zero3") ShardGradients();
+  if (plugin == "zero3") ShardParameters();
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::ShardOptimizerState(bool moments_from_rank_zero) {
+  // Create refused the sharded plugins on GPU ranks: the buffers here are host f32.
+  const size_t n = model_->num_params();
+  const auto [begin, end] = EvenSlice(n, comm_->rank(), comm_->world_size());
   zero1_ = true;
+  if (!moments_from_rank_zero) {
+    optimizer_->Shard(begin, end);  // the shard's moments are allocated, as zeros, at first use
+    return absl::OkStatus();
+  }
+  // Rank 0 keeps its full moments until every other rank has received its part.
+  const bool root = comm_->rank() == 0;
+  if (!root) optimizer_->Shard(begin, end);
+  for (void* moment : {optimizer_->exp_avg(), optimizer_->exp_avg_sq()}) {
+    float* held = static_cast<float*>(moment);
+    if (auto s = comm_->ScatterSlices(root ? held : nullptr, root ? held + begin : held, n, 0); !s.ok()) {
+      return s;
+    }
+  }
+  if (root) optimizer_->Shard(begin, end);
+  return absl::OkStatus();
 }
 
 void Trainer::ForEachOwnerPart(size_t begin, size_t end,
@@ -251,7 +313,6 @@ void Trainer::ForEachOwnerPart(size_t begin, size_t end,
 }
 
 void Trainer::ShardGradients() {
-  if (comm_->world_size() == 1) return;
   const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
   model_->ShardGradients(own_begin, own_end, [this](size_t begin, size_t end, void* grads) {
     float* region = static_cast<float*>(grads);  // host f32 (CPU backend)
@@ -267,7 +328,6 @@ void Trainer::ShardGradients() {
 }
 
 void Trainer::ShardParameters() {
-  if (comm_->world_size() == 1) return;
   const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
   model_->ShardParameters(own_begin, own_end, [this](size_t begin, size_t end, void* dst) {
     float* region = static_cast<float*>(dst);  // host f32 (CPU backend)
@@ -292,7 +352,7 @@ absl::Status Trainer::OffloadOptimizerState() {
   return optimizer_->OffloadToNvme(o.nvme_path, options);
 }
 
-absl::Status Trainer::WithFullOptimizerState(const std::function<absl::Status()>& f) {
+absl::Status Trainer::WithFullStateOnRankZero(const std::function<absl::Status()>& f) {
   // Offloaded moments of the whole model stay in the swap: the checkpointer streams them.
   // A zero1 shard must come into memory to be gathered with the other ranks' shards.
   if (optimizer_->offloaded() && zero1_) {
@@ -302,33 +362,36 @@ absl::Status Trainer::WithFullOptimizerState(const std::function<absl::Status()>
 }
 
 absl::Status Trainer::WithFullShardedState(const std::function<absl::Status()>& f) {
-  if (model_->parameters_sharded()) {
-    // zero3: all parameters first (each rank broadcasts its shard), then the moments.
-    absl::Status gathered;
-    const size_t n = model_->num_params();
-    const auto [own_begin, own_end] = EvenSlice(n, comm_->rank(), comm_->world_size());
-    model_->UnshardParameters([&](void* full) {
-      const float* own = static_cast<const float*>(model_->param_at(own_begin));
-      std::copy(own, own + (own_end - own_begin), static_cast<float*>(full) + own_begin);
-      gathered = AllGatherSlices(*comm_, static_cast<float*>(full), n);
-    });
-    absl::Status status = gathered.ok() ? WithFullMoments(f) : gathered;
-    model_->ReshardParameters();
-    return status;
+  if (!model_->parameters_sharded()) return WithFullMoments(f);
+  // zero3: the parameters first, then the moments.
+  const size_t n = model_->num_params();
+  const auto [own_begin, own_end] = EvenSlice(n, comm_->rank(), comm_->world_size());
+  const float* own = static_cast<const float*>(model_->param_at(own_begin));
+  if (comm_->rank() != 0) {
+    if (auto s = comm_->GatherSlices(own, nullptr, n, 0); !s.ok()) return s;
+    return WithFullMoments(f);
   }
-  return WithFullMoments(f);
+  absl::Status gathered;
+  model_->UnshardParameters([&](void* full) { gathered = comm_->GatherSlices(own, static_cast<float*>(full), n, 0); });
+  absl::Status status = gathered.ok() ? WithFullMoments(f) : gathered;
+  model_->ReshardParameters();
+  return status;
 }
 
 absl::Status Trainer::WithFullMoments(const std::function<absl::Status()>& f) {
-  if (!zero1_) return f();
-  absl::Status gathered;
+  const bool root = comm_->rank() == 0;
+  if (!zero1_) return root ? f() : absl::OkStatus();
   const size_t n = model_->num_params();
+  if (!root) {
+    for (void* moment : {optimizer_->exp_avg(), optimizer_->exp_avg_sq()}) {
+      if (auto s = comm_->GatherSlices(static_cast<const float*>(moment), nullptr, n, 0); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+  absl::Status gathered;
   optimizer_->Unshard([&](float* m_full, float* v_full, const float* m_own, const float* v_own) {
-    const auto [own_begin, own_end] = EvenSlice(n, comm_->rank(), comm_->world_size());
-    std::copy(m_own, m_own + (own_end - own_begin), m_full + own_begin);
-    std::copy(v_own, v_own + (own_end - own_begin), v_full + own_begin);
-    gathered = AllGatherSlices(*comm_, m_full, n);
-    if (gathered.ok()) gathered = AllGatherSlices(*comm_, v_full, n);
+    gathered = comm_->GatherSlices(m_own, m_full, n, 0);
+    if (gathered.ok()) gathered = comm_->GatherSlices(v_own, v_full, n, 0);
   });
   absl::Status status = gathered.ok() ? f() : gathered;
   optimizer_->Reshard();

@@ -65,25 +65,22 @@ class Trainer {
   AdamWOptimizer& optimizer() { return *optimizer_; }
   Backend& backend() { return *backend_; }
 
-  // ZeRO-1 (plugin zero1, after every rank holds the same state): this rank keeps the
-  // AdamW moments of its 1/world of the parameters only and steps those; the updated
-  // parameters are all-gathered after each step.
-  void ShardOptimizerState();
-  // ZeRO-2 (plugin zero2, after ShardOptimizerState): this rank also keeps only the
-  // gradients of its 1/world; the backward reduces each region's gradients to the ranks
-  // that own them as it finishes the region.
-  void ShardGradients();
-  // ZeRO-3 (plugin zero3, after ShardGradients): this rank also keeps only its 1/world of
-  // the parameters; each region is gathered from its owners before the forward and the
-  // backward use it, and the step updates the shard alone (nothing to all-gather).
-  void ShardParameters();
-  // offload.optimizer nvme (after restoring and sharding): the moments move to a swap
-  // file under offload.nvme_path. Errors name the folder and what is wrong with it.
+  // With several ranks: every rank takes rank 0's state (seeded, imported from Hugging
+  // Face or restored from a checkpoint there), then keeps the part its plugin gives it.
+  // zero1 keeps 1/world of the AdamW moments and steps that part, zero2 also 1/world of
+  // the gradients, zero3 also 1/world of the parameters. Moments cross the wire only
+  // when rank 0 restored some, and then each rank receives only its own part, so no rank
+  // holds state it will not keep. A collective: every rank calls it once, before Train.
+  absl::Status StartFromRankZero();
+  // offload.optimizer nvme (after StartFromRankZero): the moments move to a swap file
+  // under offload.nvme_path. Errors name the folder and what is wrong with it.
   absl::Status OffloadOptimizerState();
-  // Runs f with the full moments in memory on every rank (read back from the swap when
-  // offloaded; gathered when sharded, a collective, so every rank calls it), e.g. to
-  // save a checkpoint; then returns to the shard and the swap.
-  absl::Status WithFullOptimizerState(const std::function<absl::Status()>& f);
+  // Runs f on rank 0 with the whole model's state there, e.g. to save a checkpoint: the
+  // other ranks' shards of the moments (and of the parameters under zero3) are gathered
+  // into full buffers on rank 0 for the duration of f; moments offloaded to NVMe stay in
+  // the swap (the checkpointer streams them). The other ranks send their shards and do
+  // not run f. A collective: every rank calls it.
+  absl::Status WithFullStateOnRankZero(const std::function<absl::Status()>& f);
 
   // Mean loss over every complete window of `data`, in file order.
   double Evaluate(const TokenSource& data);
@@ -93,6 +90,11 @@ class Trainer {
 
  private:
   Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Communicator* comm);
+  // The plugins' sharding (StartFromRankZero). `moments_from_rank_zero`: rank 0 holds
+  // restored moments of the whole model, which go to their owners.
+  absl::Status ShardOptimizerState(bool moments_from_rank_zero);
+  void ShardGradients();
+  void ShardParameters();
   absl::Status WithFullShardedState(const std::function<absl::Status()>& f);
   absl::Status WithFullMoments(const std::function<absl::Status()>& f);
   // zero2/3: part(owner, lo, hi) for each rank's part [lo, hi) of the flat range

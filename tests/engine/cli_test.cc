@@ -125,7 +125,7 @@ TEST(CliTest, PlanMatchesTheMeasuredPeak) {
   EXPECT_EQ(RunTrain("plan --config " + job + " --device-memory lots").exit_code, 2);
 
   // Saving checkpoints adds rank 0's snapshot (master weights and both moments, f32, each
-  // tensor padded to 4 KiB) and, for sharded state, what every rank gathers for a save.
+  // tensor padded to 4 KiB) and, for sharded state, what rank 0 gathers for a save.
   auto plan_of = [&](const std::string& args) {
     const Result r = RunTrain("plan --config " + job + " --json --threads 2 " + args);
     EXPECT_EQ(r.exit_code, 0) << r.output;

@@ -97,7 +97,7 @@ TEST(NvmeOffloadTest, MomentsOnNvmeTrainBitIdenticallyToMomentsInMemory) {
   // snapshot) restores into an in-memory trainer exactly.
   auto store = *storage::CheckpointStore::Open(ScratchDir("checkpoints").string());
   ASSERT_TRUE(offloaded
-                  ->WithFullOptimizerState([&] {
+                  ->WithFullStateOnRankZero([&] {
                     AsyncCheckpointer checkpointer(store.get(), "offload");
                     if (auto s = checkpointer.Save(*offloaded); !s.ok()) return s.status();
                     return checkpointer.Wait();
