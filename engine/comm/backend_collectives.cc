@@ -6,14 +6,22 @@
 namespace llamad {
 namespace {
 
+// Host f32 memory for staging n elements, kept between calls: staged collectives run
+// every step, and the largest is the whole gradient.
+float* Staging(size_t n) {
+  thread_local std::vector<float> host;
+  if (host.size() < n) host.resize(n);
+  return host.data();
+}
+
 // Runs `collective` on the buffer's values in host f32 memory.
 absl::Status OnHost(Backend& backend, void* buffer, size_t n,
                     const std::function<absl::Status(float*)>& collective) {
   if (BuffersInHostMemory(backend)) return collective(static_cast<float*>(buffer));
-  std::vector<float> host(n);
-  backend.DownloadF32(host.data(), buffer, n);
-  if (auto s = collective(host.data()); !s.ok()) return s;
-  backend.UploadF32(buffer, host.data(), n);
+  float* host = Staging(n);
+  backend.DownloadF32(host, buffer, n);
+  if (auto s = collective(host); !s.ok()) return s;
+  backend.UploadF32(buffer, host, n);
   return absl::OkStatus();
 }
 
@@ -29,6 +37,43 @@ absl::Status AllReduceSumOnBackend(Communicator& comm, Backend& backend, void* b
 
 absl::Status BroadcastOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n, int root) {
   return OnHost(backend, buffer, n, [&](float* data) { return comm.Broadcast(data, n, root); });
+}
+
+absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n) {
+  return OnHost(backend, buffer, n, [&](float* data) { return AllGatherSlices(comm, data, n); });
+}
+
+absl::Status GatherSlicesOnBackend(Communicator& comm, Backend& backend, const void* own, void* full, size_t n,
+                                   int root) {
+  if (BuffersInHostMemory(backend)) {
+    return comm.GatherSlices(static_cast<const float*>(own), static_cast<float*>(full), n, root);
+  }
+  const auto [begin, end] = EvenSlice(n, comm.rank(), comm.world_size());
+  if (comm.rank() != root) {
+    float* host = Staging(end - begin);
+    backend.DownloadF32(host, own, end - begin);
+    return comm.GatherSlices(host, nullptr, n, root);
+  }
+  // Root's own part goes in place into the staged whole.
+  float* host = Staging(n);
+  backend.DownloadF32(host + begin, own, end - begin);
+  if (auto s = comm.GatherSlices(host + begin, host, n, root); !s.ok()) return s;
+  backend.UploadF32(full, host, n);
+  return absl::OkStatus();
+}
+
+absl::Status ScatterSlicesOnBackend(Communicator& comm, Backend& backend, const void* full, void* own, size_t n,
+                                    int root) {
+  if (BuffersInHostMemory(backend)) {
+    return comm.ScatterSlices(static_cast<const float*>(full), static_cast<float*>(own), n, root);
+  }
+  const auto [begin, end] = EvenSlice(n, comm.rank(), comm.world_size());
+  float* host = Staging(comm.rank() == root ? n : end - begin);
+  float* mine = comm.rank() == root ? host + begin : host;
+  if (comm.rank() == root) backend.DownloadF32(host, full, n);
+  if (auto s = comm.ScatterSlices(comm.rank() == root ? host : nullptr, mine, n, root); !s.ok()) return s;
+  backend.UploadF32(own, mine, end - begin);
+  return absl::OkStatus();
 }
 
 }  // namespace llamad

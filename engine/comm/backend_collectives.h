@@ -20,5 +20,13 @@ bool BuffersInHostMemory(const Backend& backend);
 absl::Status AllReduceSumOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n);
 // Copies root's n elements of `buffer` to every rank.
 absl::Status BroadcastOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n, int root);
+// In place: each rank's EvenSlice of the n elements of `buffer` goes to every rank.
+absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n);
+// Communicator::GatherSlices and ScatterSlices on backend buffers: `own` holds this
+// rank's EvenSlice of n elements, `full` root's n elements (null on the other ranks).
+absl::Status GatherSlicesOnBackend(Communicator& comm, Backend& backend, const void* own, void* full, size_t n,
+                                   int root);
+absl::Status ScatterSlicesOnBackend(Communicator& comm, Backend& backend, const void* full, void* own, size_t n,
+                                    int root);
 
 }  // namespace llamad

@@ -179,14 +179,13 @@ void AdamWOptimizer::Shard(size_t begin, size_t end) {
   state_bytes_ = 2 * (end - begin) * elem;
 }
 
-void AdamWOptimizer::Unshard(const std::function<void(float*, float*, const float*, const float*)>& fill) {
+void AdamWOptimizer::Unshard(const std::function<void(void*, void*, const void*, const void*)>& fill) {
   EnsureMoments();
   shard_m_ = m_;
   shard_v_ = v_;
   m_ = backend_->Allocate(model_->num_params(), backend_->accum_dtype());
   v_ = backend_->Allocate(model_->num_params(), backend_->accum_dtype());
-  fill(static_cast<float*>(m_), static_cast<float*>(v_), static_cast<const float*>(shard_m_),
-       static_cast<const float*>(shard_v_));
+  fill(m_, v_, shard_m_, shard_v_);
   unsharded_ = true;
 }
 

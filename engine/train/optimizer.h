@@ -62,9 +62,10 @@ class AdamWOptimizer {
 
   // Keeps only [begin, end) of the moments (taken from the current full buffers).
   void Shard(size_t begin, size_t end);
-  // Full buffers again: fill(m_full, v_full) must write every rank's part (all-gather).
-  void Unshard(const std::function<void(float* m_full, float* v_full, const float* m_shard,
-                                        const float* v_shard)>& fill);
+  // Full buffers again (backend accum_dtype()): fill(m_full, v_full, m_shard, v_shard)
+  // must write every rank's part (gathered from the ranks).
+  void Unshard(const std::function<void(void* m_full, void* v_full, const void* m_shard,
+                                        const void* v_shard)>& fill);
   // Back to the shard taken last, dropping the full buffers.
   void Reshard();
   size_t shard_begin() const { return shard_begin_; }

@@ -103,10 +103,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
     }
   }
   if (comm != nullptr && comm->world_size() > 1) {
-    if (!BuffersInHostMemory(*backend) && spec.parallel.plugin != "ddp") {
+    if (!BuffersInHostMemory(*backend) && (spec.parallel.plugin == "zero2" || spec.parallel.plugin == "zero3")) {
       return absl::InvalidArgumentError(StrCat(
           f, ": parallel.plugin: '", spec.parallel.plugin, "' over ", comm->world_size(),
-          " ranks runs on the CPU backend in this build; GPU ranks train with ddp"));
+          " ranks runs on the CPU backend in this build; GPU ranks train with ddp or zero1"));
     }
     if (!BuffersInHostMemory(*backend) && spec.offload.optimizer == "nvme") {
       return absl::InvalidArgumentError(StrCat(
@@ -226,11 +226,13 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   if (auto s = optimizer_->Step(m.lr, clip); !s.ok()) return s;
   if (zero1_ && !model_->parameters_sharded()) {
     comm_start = std::chrono::steady_clock::now();
-    // Each rank updated its own slice of the parameters: gather them everywhere.
-    if (auto s = AllGatherSlices(*comm_, static_cast<float*>(model_->param_data()), model_->num_params());
+    // Each rank updated its own slice of the parameters (of the master weights, which the
+    // layers' copy is then rounded from): gather them everywhere.
+    if (auto s = AllGatherSlicesOnBackend(*comm_, *backend_, model_->master_data(), model_->num_params());
         !s.ok()) {
       return s;
     }
+    model_->SyncParamsFromMaster();
     const double gather = seconds_since(comm_start);
     m.communication_seconds += gather;
     m.exposed_communication_seconds += gather;
@@ -276,7 +278,6 @@ absl::Status Trainer::StartFromRankZero() {
 }
 
 absl::Status Trainer::ShardOptimizerState(bool moments_from_rank_zero) {
-  // Create refused the sharded plugins on GPU ranks: the buffers here are host f32.
   const size_t n = model_->num_params();
   const auto [begin, end] = EvenSlice(n, comm_->rank(), comm_->world_size());
   zero1_ = true;
@@ -287,9 +288,11 @@ absl::Status Trainer::ShardOptimizerState(bool moments_from_rank_zero) {
   // Rank 0 keeps its full moments until every other rank has received its part.
   const bool root = comm_->rank() == 0;
   if (!root) optimizer_->Shard(begin, end);
+  const size_t offset = begin * DTypeSize(backend_->accum_dtype());
   for (void* moment : {optimizer_->exp_avg(), optimizer_->exp_avg_sq()}) {
-    float* held = static_cast<float*>(moment);
-    if (auto s = comm_->ScatterSlices(root ? held : nullptr, root ? held + begin : held, n, 0); !s.ok()) {
+    char* held = static_cast<char*>(moment);
+    if (auto s = ScatterSlicesOnBackend(*comm_, *backend_, root ? held : nullptr, root ? held + offset : held, n, 0);
+        !s.ok()) {
       return s;
     }
   }
@@ -384,14 +387,14 @@ absl::Status Trainer::WithFullMoments(const std::function<absl::Status()>& f) {
   const size_t n = model_->num_params();
   if (!root) {
     for (void* moment : {optimizer_->exp_avg(), optimizer_->exp_avg_sq()}) {
-      if (auto s = comm_->GatherSlices(static_cast<const float*>(moment), nullptr, n, 0); !s.ok()) return s;
+      if (auto s = GatherSlicesOnBackend(*comm_, *backend_, moment, nullptr, n, 0); !s.ok()) return s;
     }
     return absl::OkStatus();
   }
   absl::Status gathered;
-  optimizer_->Unshard([&](float* m_full, float* v_full, const float* m_own, const float* v_own) {
-    gathered = comm_->GatherSlices(m_own, m_full, n, 0);
-    if (gathered.ok()) gathered = comm_->GatherSlices(v_own, v_full, n, 0);
+  optimizer_->Unshard([&](void* m_full, void* v_full, const void* m_own, const void* v_own) {
+    gathered = GatherSlicesOnBackend(*comm_, *backend_, m_own, m_full, n, 0);
+    if (gathered.ok()) gathered = GatherSlicesOnBackend(*comm_, *backend_, v_own, v_full, n, 0);
   });
   absl::Status status = gathered.ok() ? f() : gathered;
   optimizer_->Reshard();

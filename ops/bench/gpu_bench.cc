@@ -351,7 +351,7 @@ int Main(int argc, char** argv) {
                         {"peak_tflops", CudaPeakBf16Flops() / 1e12}};
   // The step's attention (the default, kAuto): cuDNN's where it runs here.
   std::string why;
-  out["step_attention"] = CudnnAttentionAvailable(&why) ? "cudnn" : "llamad (" + why + ")";
+  out["step_attention"] = CudnnAttentionAvailable(0, &why) ? "cudnn" : "llamad (" + why + ")";
   auto save = [&] {
     if (!o.json.empty()) std::ofstream(o.json) << out.dump(1) << "\n";
   };

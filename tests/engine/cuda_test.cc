@@ -80,7 +80,7 @@ class CudaTest : public ::testing::Test {
     options.attention = AttentionKernels();
     if (options.attention == CudaAttention::kCudnn) {
       std::string why;
-      if (!CudnnAttentionAvailable(&why)) GTEST_SKIP() << "cuDNN attention: " << why;
+      if (!CudnnAttentionAvailable(0, &why)) GTEST_SKIP() << "cuDNN attention: " << why;
     }
     auto gpu = MakeCudaBackend(options);
     ASSERT_TRUE(gpu.ok()) << gpu.status();
@@ -558,7 +558,8 @@ TEST_F(CudaTest, CheckpointResumeIsExact) {
 }
 
 // Two data-parallel GPU ranks (here sharing one GPU) train the same global batch as one
-// rank, on the same loss curve: each rank's gradients go through host memory and Gloo.
+// rank, on the same loss curve, under ddp and zero1: each rank's gradients go through
+// host memory and Gloo.
 // The micro-batches' f32 gradients are summed in another order at most (on an H200 the
 // losses of 12 steps were identical), so 1e-5 relative is the bound, as on the CPU.
 TEST_F(CudaTest, TwoRanksTrainLikeOne) {
@@ -580,9 +581,9 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
       << "checkpoint: {dir: ckpt, interval: 0}\n";
   // llama-train sits beside this test binary, in the build and in the GPU check's bundle.
   const std::string train = (std::filesystem::path(SelfExecutable()).parent_path() / "llama-train").string();
-  auto run = [&](int nproc) {
+  auto run = [&](int nproc, const std::string& args = "") {
     testing::Subprocess p(train + " train --config " + (dir / "job.yaml").string() +
-                          " --log-format json --nproc " + std::to_string(nproc));
+                          " --log-format json --nproc " + std::to_string(nproc) + " " + args);
     const std::string& output = p.Drain();
     EXPECT_EQ(p.Wait(), 0) << output;
     std::vector<nlohmann::json> steps;
@@ -604,6 +605,25 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   RecordProperty("max relative loss difference", Sci(worst));
   EXPECT_GT(two.back()["communication_s"].get<double>(), 0.0) << "two ranks must communicate";
   EXPECT_LT(one.back()["loss"].get<double>(), one.front()["loss"].get<double>());
+
+  // zero1: each GPU rank keeps and steps half of the AdamW moments, and the updated master
+  // weights are gathered. A checkpoint at step 6 gathers the moments to rank 0; resumed
+  // under zero1, rank 0 sends each rank its half back.
+  const auto zero1 = run(2, "-p zero1 -i 6");
+  ASSERT_EQ(zero1.size(), 12u);
+  for (size_t i = 0; i < one.size(); ++i) {
+    EXPECT_NEAR(zero1[i]["loss"].get<double>(), one[i]["loss"].get<double>(), 1e-5 * one[i]["loss"].get<double>())
+        << "zero1, step " << i + 1;
+  }
+  EXPECT_NEAR(zero1.back()["optimizer_state_bytes"].get<double>(),
+              one.back()["optimizer_state_bytes"].get<double>() / 2, 8.0);
+  const auto resumed = run(2, "-p zero1 -i 0 -f " + (dir / "ckpt" / "gpu-ddp" / "step-6").string());
+  ASSERT_EQ(resumed.size(), 6u);
+  for (size_t i = 0; i < resumed.size(); ++i) {
+    EXPECT_NEAR(resumed[i]["loss"].get<double>(), one[6 + i]["loss"].get<double>(),
+                1e-5 * one[6 + i]["loss"].get<double>())
+        << "zero1 resumed, step " << 7 + i;
+  }
   std::filesystem::remove_all(dir);
 }
 

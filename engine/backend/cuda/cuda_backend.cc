@@ -38,7 +38,7 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOption
   }
   if (resolved.attention == CudaAttention::kCudnn) {
     std::string why;
-    if (!CudnnAttentionAvailable(&why)) {
+    if (!CudnnAttentionAvailable(resolved.device, &why)) {
       return absl::FailedPreconditionError(StrCat("cuDNN attention was asked for: ", why));
     }
   }

@@ -464,9 +464,12 @@ class CudaBackend final : public Backend {
     allocs_.erase(it);
     LLAMAD_CUDA_CHECK(cudaFree(buffer));
   }
-  size_t allocated_bytes() const override { return allocated_; }
+  // cuDNN's attention workspace is its own allocation, but GPU memory all the same.
+  size_t allocated_bytes() const override {
+    return allocated_ + (cudnn_ != nullptr ? cudnn_->workspace_bytes() : 0);
+  }
   size_t peak_allocated_bytes() const override { return peak_; }
-  void ResetPeak() override { peak_ = allocated_; }
+  void ResetPeak() override { peak_ = allocated_bytes(); }
   void Synchronize() override { LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
   void Upload(void* dst, const double* src, size_t n) override {
@@ -667,7 +670,10 @@ class CudaBackend final : public Backend {
                  int block) override {
     const AttentionArgs args = Args(s);
     std::string why;
-    if (cudnn_ != nullptr && cudnn_->Forward(out, F(lse), qkv, args, &why)) return;
+    if (cudnn_ != nullptr && cudnn_->Forward(out, F(lse), qkv, args, &why)) {
+      peak_ = std::max(peak_, allocated_bytes());  // the workspace may have grown
+      return;
+    }
     CudnnFellBack(why);
     AttentionForward(static_cast<bf16*>(out), F(lse), B(qkv), args, stream_);
   }
@@ -677,6 +683,7 @@ class CudaBackend final : public Backend {
     std::string why;
     if (cudnn_ != nullptr &&
         cudnn_->Backward(dqkv, dout, out, static_cast<const float*>(lse), qkv, args, &why)) {
+      peak_ = std::max(peak_, allocated_bytes());
       return;
     }
     CudnnFellBack(why);
@@ -896,7 +903,13 @@ double CudaPeakBf16Flops(int device) {
   return best;
 }
 
-bool CudnnAttentionAvailable(std::string* why) {
+bool CudnnAttentionAvailable(int device, std::string* why) {
+  // The probe's cuDNN handle belongs to the current device: make it the rank's GPU, so a
+  // rank never starts a context on another rank's GPU.
+  if (cudaSetDevice(device) != cudaSuccess) {
+    *why = "cannot select GPU " + std::to_string(device);
+    return false;
+  }
   return cuda::CudnnAttention::Create(nullptr, why) != nullptr;
 }
 

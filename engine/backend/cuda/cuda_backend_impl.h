@@ -32,8 +32,9 @@ std::string CudaDeviceDescription(int device = 0);
 // otherwise a measured large GEMM.
 double CudaPeakBf16Flops(int device = 0);
 
-// Whether cuDNN's fused attention can run here; the reason in `why` when not.
-bool CudnnAttentionAvailable(std::string* why);
+// Whether cuDNN's fused attention can run on GPU `device` (which becomes the current
+// device); the reason in `why` when not.
+bool CudnnAttentionAvailable(int device, std::string* why);
 
 // Creates the backend on an existing device (MakeCudaBackend checks that first).
 std::unique_ptr<Backend> NewCudaBackend(const CudaBackendOptions& options);

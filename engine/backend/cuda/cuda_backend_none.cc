@@ -10,7 +10,7 @@ bool CudaBackendBuilt() { return false; }
 int CudaDeviceCount() { return 0; }
 std::string CudaDeviceDescription(int) { return "no CUDA backend in this build"; }
 double CudaPeakBf16Flops(int) { return 0; }
-bool CudnnAttentionAvailable(std::string* why) {
+bool CudnnAttentionAvailable(int, std::string* why) {
   *why = "this build has no CUDA backend";
   return false;
 }

@@ -43,6 +43,7 @@ class CudnnAttentionImpl final : public CudnnAttention {
     fe::detail::destroy_handle(handle_);
   }
 
+  size_t workspace_bytes() const override { return workspace_bytes_; }
   std::string Version() const override {
     return std::to_string(version_ / 10000) + "." + std::to_string(version_ / 100 % 100) + "." +
            std::to_string(version_ % 100);

@@ -28,6 +28,8 @@ class CudnnAttention {
 
   // The cuDNN version in use, e.g. "9.19.0".
   virtual std::string Version() const = 0;
+  // Device memory of the workspace held now (grown to the largest graph run so far).
+  virtual size_t workspace_bytes() const = 0;
 
   // Each returns false, with the reason, when cuDNN has no engine for the shape (the
   // caller then runs its own kernel); nothing has been written in that case. Pointers
