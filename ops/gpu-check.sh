@@ -138,6 +138,9 @@ ours 200 "$work/bin/bench-gpu" --batch "$BATCH" --seq "$SEQ" --json "$OUT/bench.
 echo "== llamad 7B step on one GPU (batch 2 x seq 2048, activation checkpointing)"
 ours 150 "$work/bin/bench-gpu" --model 7b --batch 2 --seq 2048 --grad-checkpoint --no-kernels \
   --steps 3 --json "$OUT/bench-7b.json" 2>&1 | tee "$OUT/bench-7b.log"
+echo "== llamad 7B step with the optimizer state in host memory (batch 8 x seq 2048, checkpointing)"
+ours 240 "$work/bin/bench-gpu" --model 7b --batch 8 --seq 2048 --grad-checkpoint --no-kernels \
+  --offload-optimizer-host --warmup 1 --steps 2 --json "$OUT/bench-7b-host.json" 2>&1 | tee "$OUT/bench-7b-host.log"
 flops=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['flops_per_token'])" 2>/dev/null)
 peak=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['peak_tflops'])" 2>/dev/null)
 echo "== PyTorch (transformers.LlamaForCausalLM, bf16, AdamW) on the same card"
@@ -158,7 +161,7 @@ def load(name):
     except Exception as e:
         return {"error": f"{name}: {e}"}
 tests, bench, torch = load("tests.json"), load("bench.json"), load("torch.json")
-bench7b = load("bench-7b.json")
+bench7b, bench7b_host = load("bench-7b.json"), load("bench-7b-host.json")
 print()
 print(f"GPU check on {bench.get('device', '?')}")
 if tests.get("testsuites"):
@@ -188,13 +191,15 @@ ours = bench.get("step")
 print(f"llamad's step runs attention on: {bench.get('step_attention', '?')}")
 print(f"{'training step':22} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
 rows = [("llamad", ours), ("pytorch", torch if "tokens_per_s" in torch else None),
-        ("llamad 7b (ckpt, b2)", bench7b.get("step"))]
+        ("llamad 7b (ckpt, b2)", bench7b.get("step")),
+        ("llamad 7b host-opt b8", bench7b_host.get("step"))]
 for name, s in rows:
     if s:
         print(f"{name:22} {s['tokens_per_s']:10.0f} {s['tflops']:8.1f} {100 * s['mfu']:5.1f}% "
               f"{s.get('peak_mem_gib', 0):9.1f}")
     else:
-        err = {"pytorch": torch, "llamad": bench}.get(name, bench7b).get("error", "did not finish")
+        err = {"pytorch": torch, "llamad": bench, "llamad 7b host-opt b8": bench7b_host}.get(
+            name, bench7b).get("error", "did not finish")
         print(f"{name:22} failed: {err}")
 if ours and "tokens_per_s" in torch:
     print(f"llamad / pytorch tokens/s: {ours['tokens_per_s'] / torch['tokens_per_s']:.2f}x "

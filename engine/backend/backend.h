@@ -79,6 +79,11 @@ class Backend {
   // Waits until every op issued so far has finished (a no-op for synchronous backends):
   // for timing, and before reading results through other means than Download.
   virtual void Synchronize() {}
+  // Page-locks host memory that UploadF32/DownloadF32 will move often, so that the
+  // device copies it at full speed (best effort; a no-op for host backends). Unpin it
+  // before freeing it.
+  virtual void PinHostMemory(void* host, size_t bytes) {}
+  virtual void UnpinHostMemory(void* host) {}
   // Copies between host doubles and a buffer (converting), for tests, init and export.
   virtual void Upload(void* dst, const double* src, size_t numel) = 0;
   virtual void Download(double* dst, const void* src, size_t numel) = 0;

@@ -177,7 +177,13 @@ void LlamaModel::InitWeights(uint64_t seed) {
 }
 
 void LlamaModel::SyncParamsFromMaster() {
-  if (master_data_ != params_data_) backend_->Copy(params_data_, master_data_, num_params_);
+  if (master_data_ != params_data_ && master_data_ != nullptr) backend_->Copy(params_data_, master_data_, num_params_);
+}
+
+void LlamaModel::ReleaseMasterWeights() {
+  if (master_data_ == params_data_) return;
+  backend_->Free(master_data_);
+  master_data_ = nullptr;
 }
 
 void LlamaModel::ZeroGrads() {

@@ -113,6 +113,9 @@ class LlamaModel {
   // Rounds the master weights into param_data() after they were written (restore, load);
   // nothing to do without separate master weights.
   void SyncParamsFromMaster();
+  // The optimizer took the master weights elsewhere (host memory): frees the backend's
+  // copy; master_data() is null from then on.
+  void ReleaseMasterWeights();
   void ZeroGrads();
 
   // One micro-batch: tokens and targets are [batch, seq] row-major int32 ids in

@@ -487,7 +487,11 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   }
   // Every rank starts from rank 0's state (restored, imported or seeded).
   if (auto s = (*trainer)->StartFromRankZero(); !s.ok()) return Fail(s);
-  if (auto s = (*trainer)->OffloadOptimizerState(); !s.ok()) return Fail(s);
+  if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
+  if (lead && (*trainer)->optimizer().host_offloaded()) {
+    std::fprintf(stderr, "llama-train: master weights and AdamW moments (%s) in host memory, updated by the CPU\n",
+                 HumanBytes(12.0 * double((*trainer)->model().num_params())).c_str());
+  }
   if (lead && (*trainer)->optimizer().offloaded()) {
     std::fprintf(stderr, "llama-train: optimizer state (%s) in an NVMe swap file under %s\n",
                  HumanBytes(double((*trainer)->optimizer().swap()->size())).c_str(), spec->offload.nvme_path.c_str());
@@ -637,6 +641,7 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
                                 {"activations", plan.activations}, {"workspace", plan.workspace},
                                 {"checkpoint_snapshot", plan.checkpoint_snapshot},
                                 {"checkpoint_gather", plan.checkpoint_gather},
+                                {"optimizer_state_host", plan.optimizer_state_host},
                                 {"total", plan.total()},           {"world_size", plan.world_size},
                                 {"budget", budget},                {"fits", budget == 0 || plan.total() <= budget}};
     std::printf("%s\n", out.dump().c_str());

@@ -111,9 +111,14 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
   pieces_.clear();
   char* cursor = reinterpret_cast<char*>(buffer_.get());
   // Checkpoints hold the optimizer's view: master weights and moments (accum_dtype()).
-  auto copy = [&](std::string name, const ParamInfo& p, void* source_base) {
+  // source_base: the backend's buffer, or (host_base) the host-offloaded optimizer's.
+  auto copy = [&](std::string name, const ParamInfo& p, void* source_base, const float* host_base = nullptr) {
     float* dst = reinterpret_cast<float*>(cursor);
-    be.DownloadF32(dst, static_cast<char*>(source_base) + model.accum_byte_offset(p.offset), p.numel);
+    if (host_base != nullptr) {
+      std::copy(host_base + p.offset, host_base + p.offset + p.numel, dst);
+    } else {
+      be.DownloadF32(dst, static_cast<char*>(source_base) + model.accum_byte_offset(p.offset), p.numel);
+    }
     const size_t size = padded(p.numel);
     std::memset(reinterpret_cast<char*>(dst + p.numel), 0, size - p.numel * sizeof(float));
     pieces_.push_back(
@@ -121,7 +126,13 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
     cursor += size;
   };
   AdamWOptimizer& optimizer = trainer.optimizer();
-  if (optimizer.exp_avg() != nullptr) {
+  if (optimizer.host_offloaded()) {
+    for (const ParamInfo& p : model.params()) {
+      copy(p.name, p, nullptr, optimizer.host_master());
+      copy(ExpAvgName(p.name), p, nullptr, optimizer.host_exp_avg());
+      copy(ExpAvgSqName(p.name), p, nullptr, optimizer.host_exp_avg_sq());
+    }
+  } else if (optimizer.exp_avg() != nullptr) {
     for (const ParamInfo& p : model.params()) {
       copy(p.name, p, model.master_data());
       copy(ExpAvgName(p.name), p, optimizer.exp_avg());
@@ -230,6 +241,10 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
     return absl::InvalidArgumentError(
         StrCat(where, ": the checkpoint's data order comes from training.seed ",
                meta["rng"]["seed"].dump(), ", the job has ", spec.training.seed));
+  }
+  if (trainer.optimizer().host_offloaded()) {
+    return absl::FailedPreconditionError(StrCat(
+        where, ": restore before moving the optimizer state to host memory (offload.optimizer host)"));
   }
   LlamaModel& model = trainer.model();
   Backend& be = trainer.backend();

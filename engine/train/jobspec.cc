@@ -216,8 +216,8 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
     return fail("checkpoint.interval", spec.checkpoint.interval, "needs checkpoint.dir (or -o DIR)");
   }
   const OffloadSpec& o = spec.offload;
-  if (o.optimizer != "memory" && o.optimizer != "nvme" && o.optimizer != "auto") {
-    return fail("offload.optimizer", StrCat("'", o.optimizer, "'"), "is not one of memory, nvme, auto");
+  if (o.optimizer != "memory" && o.optimizer != "host" && o.optimizer != "nvme" && o.optimizer != "auto") {
+    return fail("offload.optimizer", StrCat("'", o.optimizer, "'"), "is not one of memory, host, nvme, auto");
   }
   if (!(o.memory_budget_gb >= 0)) return fail("offload.memory_budget_gb", o.memory_budget_gb, "must not be negative");
   if (o.optimizer == "nvme" && o.nvme_path.empty()) {

@@ -59,7 +59,10 @@ struct CheckpointSpec {
 // keeps the AdamW moments in a scratch file under nvme_path (io_uring, O_DIRECT) and
 // streams them through memory chunk by chunk each step.
 struct OffloadSpec {
-  // memory | nvme | auto (memory when the job fits memory_budget_gb, else nvme).
+  // memory | host | nvme | auto. memory: with the parameters (a GPU's memory on the CUDA
+  // backend); host: a GPU's f32 master weights and moments in host memory, updated by
+  // the CPU (ZeRO-Offload); nvme: a swap file (CPU backend); auto: memory when the job
+  // fits memory_budget_gb, else nvme (CPU backend).
   std::string optimizer = "memory";
   double memory_budget_gb = 0;       // per rank; 0 = the host's available memory / ranks
   std::string nvme_path;             // folder on a local disk (nvme); relative to the job file

@@ -33,6 +33,13 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
     plan.optimizer_state_nvme = (sharded + chunk_elements - 1) / chunk_elements * chunk_bytes;
     plan.optimizer_state = 3 * chunk_bytes;
   }
+  if (spec.offload.optimizer == "host" && dtype != accum) {
+    // AdamWOptimizer::OffloadToHost: master weights and moments in host f32, and one
+    // gradient chunk of at most 16 Mi elements; the device keeps none of them.
+    plan.optimizer_state_host = (plan.master_weights + 2 * n * 4) + std::min<uint64_t>(n, uint64_t{16} << 20) * 4;
+    plan.master_weights = 0;
+    plan.optimizer_state = 0;
+  }
   // A rank runs micro-batches of at most batch_size sequences.
   ActivationBuffers counting;
   plan.activations = LayoutActivations(spec.model, int(spec.training.batch_size), int(spec.training.max_length),
@@ -68,6 +75,10 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
                        snapshot_on_this_tier ? "" : ", host memory: not in the total");
   }
   out += fmt::format("  {:<16} {}\n", "total", gib(total()));
+  if (optimizer_state_host > 0) {
+    out += fmt::format("  {:<16} {} (f32 master weights and AdamW moments, updated by the CPU)\n", "in host memory",
+                       gib(optimizer_state_host));
+  }
   if (optimizer_state_nvme > 0) {
     out += fmt::format("  {:<16} {} (the AdamW moments, in the NVMe swap file)\n", "on NVMe", gib(optimizer_state_nvme));
   }

@@ -20,6 +20,9 @@ struct MemoryPlan {
   uint64_t optimizer_state = 0;  // two AdamW moments; 1/world_size of them under zero1/2/3
                                  // (offloaded: the swap pipeline's three chunk buffers)
   uint64_t optimizer_state_nvme = 0;  // the moments in the NVMe swap file (not in total())
+  // offload.optimizer host: a GPU's f32 master weights and moments, and the gradient
+  // chunk the CPU update works on, in host memory (not in total(), which is the GPU's).
+  uint64_t optimizer_state_host = 0;
   uint64_t activations = 0;      // every activation and backward scratch buffer
   uint64_t workspace = 0;        // the LM head's chunk of logits, unfused attention scores
   // Checkpoint saves (checkpoint.interval > 0): rank 0's snapshot of the master weights and

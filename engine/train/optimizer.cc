@@ -1,10 +1,15 @@
 #include "train/optimizer.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <future>
+#include <new>
 
+#include "backend/cpu/cpu_backend.h"
 #include "core/strings.h"
 
 namespace llamad {
@@ -42,6 +47,10 @@ void* AdamWOptimizer::exp_avg_sq() {
 }
 
 AdamWOptimizer::~AdamWOptimizer() {
+  if (host_master_) backend_->UnpinHostMemory(host_master_.get());
+  for (auto& g : host_grad_) {
+    if (g) backend_->UnpinHostMemory(g.get());
+  }
   backend_->Free(m_);
   backend_->Free(v_);
   if (unsharded_) {
@@ -70,6 +79,7 @@ void AdamWOptimizer::UpdateRange(size_t lo, size_t hi, char* m, char* v, AdamWSt
 absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
   ++step_;
   const AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, 0.0, step_, grad_scale};
+  if (host_) return StepOnHost(s);
   if (!swap_) {
     EnsureMoments();
     UpdateRange(shard_begin_, shard_end_, static_cast<char*>(m_), static_cast<char*>(v_), s);
@@ -80,6 +90,80 @@ absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
     const size_t lo = shard_begin_ + c * chunk_elements_, hi = std::min(shard_end_, lo + chunk_elements_);
     if (lo < hi) UpdateRange(lo, hi, data, data + chunk_elements_ * sizeof(float), s);
   });
+}
+
+absl::Status AdamWOptimizer::OffloadToHost(int threads) {
+  if (host_) return absl::OkStatus();
+  const size_t n = model_->num_params();
+  if (!backend_->needs_master_weights() || backend_->accum_dtype() != DType::kF32) {
+    return absl::FailedPreconditionError(StrCat(
+        "offload.optimizer: host moves a GPU's f32 optimizer state to host memory; the ", backend_->name(),
+        " backend keeps it there already (offload.optimizer: memory)"));
+  }
+  if (shard_begin_ != 0 || shard_end_ != n || swap_) {
+    return absl::FailedPreconditionError("offload.optimizer: host does not combine with zero1/2/3 or nvme yet");
+  }
+  auto make = [&](bool zeros) -> std::unique_ptr<float[]> {
+    return std::unique_ptr<float[]>(zeros ? new (std::nothrow) float[n]() : new (std::nothrow) float[n]);
+  };
+  host_master_ = make(false);
+  host_m_ = make(true);
+  host_v_ = make(true);
+  // One 64 MiB gradient chunk per transfer: large enough for PCIe, small next to the state.
+  host_chunk_elements_ = std::min<size_t>(n, size_t{16} << 20);
+  for (auto& g : host_grad_) g.reset(new (std::nothrow) float[host_chunk_elements_]);
+  if (!host_master_ || !host_m_ || !host_v_ || !host_grad_[0] || !host_grad_[1]) {
+    host_master_.reset(), host_m_.reset(), host_v_.reset(), host_grad_[0].reset(), host_grad_[1].reset();
+    return absl::ResourceExhaustedError(StrCat(
+        "offload.optimizer: host: cannot allocate ", fmt::format("{:.2f}", 12.0 * double(n) / (1 << 30)),
+        " GiB of host memory for the master weights and AdamW moments"));
+  }
+  // What crosses PCIe every step: the gradient chunks down, the master weights up.
+  backend_->PinHostMemory(host_master_.get(), n * sizeof(float));
+  for (auto& g : host_grad_) backend_->PinHostMemory(g.get(), host_chunk_elements_ * sizeof(float));
+  backend_->DownloadF32(host_master_.get(), model_->master_data(), n);
+  if (m_ != nullptr) {  // restored moments come along; fresh ones are the zeros above
+    backend_->DownloadF32(host_m_.get(), m_, n);
+    backend_->DownloadF32(host_v_.get(), v_, n);
+    backend_->Free(m_);
+    backend_->Free(v_);
+    m_ = v_ = nullptr;
+  }
+  model_->ReleaseMasterWeights();
+  host_ = MakeCpuBackend({DType::kF32, threads});
+  state_bytes_ = 0;  // nothing of the optimizer stays on the device
+  return absl::OkStatus();
+}
+
+absl::Status AdamWOptimizer::StepOnHost(const AdamWStep& s) {
+  const size_t n = model_->num_params(), chunk = host_chunk_elements_;
+  auto download = [&](size_t c) {
+    const size_t lo = c * chunk;
+    backend_->DownloadF32(host_grad_[c % 2].get(), model_->grad_at(lo), std::min(n, lo + chunk) - lo);
+  };
+  download(0);
+  for (size_t c = 0; c * chunk < n; ++c) {
+    const size_t lo = c * chunk, hi = std::min(n, lo + chunk);
+    // The next chunk's gradients come down while the CPU updates this one.
+    std::future<void> next;
+    if (hi < n) next = std::async(std::launch::async, download, c + 1);
+    const float* grad = host_grad_[c % 2].get();
+    for (const ParamInfo& p : model_->params()) {  // weight decay differs per tensor
+      const size_t begin = std::max(p.offset, lo), end = std::min(p.offset + p.numel, hi);
+      if (begin >= end) continue;
+      AdamWStep step = s;
+      step.weight_decay = p.decay ? options_.weight_decay : 0.0;
+      host_->AdamW(host_master_.get() + begin, nullptr, grad + (begin - lo), host_m_.get() + begin,
+                   host_v_.get() + begin, end - begin, step);
+    }
+    if (next.valid()) next.get();  // before this thread issues more work on the device
+    // The chunk's gradients are spent: their device memory carries the updated weights
+    // up, and the device rounds them into the layers' bf16 copy, as its AdamW would (no
+    // staging buffer on the device).
+    backend_->UploadF32(model_->grad_at(lo), host_master_.get() + lo, hi - lo);
+    backend_->Copy(model_->param_at(lo), model_->grad_at(lo), hi - lo);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status AdamWOptimizer::CopyMoments(float* m, float* v, bool to_swap) {

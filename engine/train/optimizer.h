@@ -83,6 +83,19 @@ class AdamWOptimizer {
   // then written back when `modified`, and freed. Otherwise just f().
   absl::Status WithMomentsInMemory(const std::function<absl::Status()>& f, bool modified);
   const offload::SwapFile* swap() const { return swap_.get(); }
+  // ZeRO-Offload (offload.optimizer host; a backend with separate master weights, the
+  // GPU's): the f32 master weights and both moments move to host memory, and the model's
+  // device copy of the master weights is freed. Step then runs AdamW on the CPU chunk by
+  // chunk: the chunk's gradients come down, the CPU updates its master weights and
+  // moments, and the weights go back up as the layers' bf16 copy. The device keeps the
+  // bf16 parameters, the gradients and the activations; the gradients are scratch after
+  // such a Step. `threads`: CPU threads for the update (0: all). Not with Shard.
+  absl::Status OffloadToHost(int threads);
+  bool host_offloaded() const { return host_ != nullptr; }
+  // While host-offloaded: the master weights and moments (model parameter layout).
+  const float* host_master() const { return host_master_.get(); }
+  const float* host_exp_avg() const { return host_m_.get(); }
+  const float* host_exp_avg_sq() const { return host_v_.get(); }
   // While offloaded: streams the moments from the swap, calling f(begin, count, m, v)
   // for flat elements [begin, begin + count) of the parameter layout, in order, without
   // holding them all in memory (a checkpoint copies them straight into its snapshot).
@@ -111,6 +124,13 @@ class AdamWOptimizer {
   absl::Status CopyMoments(float* m, float* v, bool to_swap);
   // Updates the parameters of shard elements [lo, hi) with moments m/v of that range.
   void UpdateRange(size_t lo, size_t hi, char* m, char* v, AdamWStep s);
+  // Host-offloaded: the CPU backend that runs the update, the state it updates, and the
+  // gradient chunk brought down from the device.
+  std::unique_ptr<Backend> host_;
+  std::unique_ptr<float[]> host_master_, host_m_, host_v_;
+  std::unique_ptr<float[]> host_grad_[2];  // chunk c's gradients in [c % 2]
+  size_t host_chunk_elements_ = 0;
+  absl::Status StepOnHost(const AdamWStep& s);
 };
 
 }  // namespace llamad

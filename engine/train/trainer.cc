@@ -66,6 +66,18 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
         " exceeds the model's max_position_embeddings ", spec.model.max_position_embeddings));
   }
   JobSpec placed = spec;  // with offload.optimizer auto resolved
+  if (spec.offload.optimizer == "host") {
+    if (!backend->needs_master_weights()) {
+      return absl::InvalidArgumentError(StrCat(
+          f, ": offload.optimizer: host moves a GPU's optimizer state to host memory; the ", backend->name(),
+          " backend keeps it in host memory already (use memory, or nvme for the NVMe tier)"));
+    }
+    if (spec.parallel.plugin != "ddp") {
+      return absl::InvalidArgumentError(StrCat(
+          f, ": offload.optimizer: host runs with parallel.plugin ddp in this build, not '",
+          spec.parallel.plugin, "'"));
+    }
+  }
   if (backend->name() == "cpu") {
     const int world = comm != nullptr ? comm->world_size() : 1;
     auto plan_with = [&](const std::string& tier) {
@@ -345,8 +357,9 @@ void Trainer::ShardParameters() {
   });
 }
 
-absl::Status Trainer::OffloadOptimizerState() {
+absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
   const OffloadSpec& o = spec_.offload;
+  if (o.optimizer == "host") return optimizer_->OffloadToHost(cpu_threads);
   if (o.optimizer != "nvme") return absl::OkStatus();
   offload::SwapOptions options;
   options.chunk_bytes = size_t(o.chunk_mb * double(1 << 20)) / 4096 * 4096;

@@ -72,9 +72,11 @@ class Trainer {
   // when rank 0 restored some, and then each rank receives only its own part, so no rank
   // holds state it will not keep. A collective: every rank calls it once, before Train.
   absl::Status StartFromRankZero();
-  // offload.optimizer nvme (after StartFromRankZero): the moments move to a swap file
-  // under offload.nvme_path. Errors name the folder and what is wrong with it.
-  absl::Status OffloadOptimizerState();
+  // After StartFromRankZero: offload.optimizer nvme moves the moments to a swap file
+  // under offload.nvme_path (errors name the folder and what is wrong with it); host
+  // moves a GPU's master weights and moments to host memory, updated by `cpu_threads`
+  // CPU threads (0: all).
+  absl::Status OffloadOptimizerState(int cpu_threads = 0);
   // Runs f on rank 0 with the whole model's state there, e.g. to save a checkpoint: the
   // other ranks' shards of the moments (and of the parameters under zero3) are gathered
   // into full buffers on rank 0 for the duration of f; moments offloaded to NVMe stay in

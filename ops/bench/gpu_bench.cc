@@ -5,7 +5,8 @@
 // peak, peak memory).
 //
 //   bench-gpu [--model 1b] [--batch 8] [--seq 2048] [--steps 5] [--warmup 2]
-//             [--grad-checkpoint] [--json FILE] [--no-step] [--no-kernels]
+//             [--grad-checkpoint] [--offload-optimizer-host] [--json FILE] [--no-step]
+//             [--no-kernels]
 //
 // Inputs are random (never zeros). Times are wall clock around a synchronized loop of
 // repetitions after a warm-up; each figure is the median of five such loops.
@@ -37,6 +38,7 @@ struct Options {
   int batch = 8, seq = 2048, steps = 5, warmup = 2;
   std::string json;
   bool step = true, kernels = true, grad_checkpoint = false;
+  bool offload_host = false;  // master weights and moments in host memory, AdamW on the CPU
 };
 
 // Median seconds per call of fn over five synchronized loops of `reps` calls.
@@ -249,6 +251,12 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
   LlamaModel model(c, &be, {o.grad_checkpoint, 64});
   model.InitWeights(1);
   AdamWOptimizer optimizer(&model, &be, {});
+  if (o.offload_host) {
+    if (auto status = optimizer.OffloadToHost(0); !status.ok()) {
+      std::fprintf(stderr, "bench-gpu: %s\n", std::string(status.message()).c_str());
+      std::exit(1);
+    }
+  }
   const int N = o.batch * o.seq;
   std::vector<int32_t> tokens(N), targets(N);
   std::mt19937 rng(7);
@@ -285,6 +293,7 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
                  {"batch", o.batch},
                  {"seq", o.seq},
                  {"grad_checkpoint", o.grad_checkpoint},
+                 {"optimizer", o.offload_host ? "host" : "device"},
                  {"step_s", median},
                  {"tokens_per_s", tokens_per_s},
                  {"flops_per_token", flops_per_token},
@@ -294,11 +303,12 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
                  {"peak_mem_gib", double(be.peak_allocated_bytes()) / (1 << 30)},
                  {"loss_first", losses.front()},
                  {"loss_last", losses.back()}};
-  std::printf("training step: %s (%.2fB parameters), batch %d x seq %d, bf16, %s\n"
+  std::printf("training step: %s (%.2fB parameters), batch %d x seq %d, bf16, %s%s\n"
               "  %.3f s/step  %.0f tokens/s  %.1f TFLOP/s  MFU %.1f%% (of %.0f)  peak memory %.1f GiB  "
               "loss %.3f -> %.3f\n",
               c.name.c_str(), c.NumParameters() / 1e9, o.batch, o.seq,
-              o.grad_checkpoint ? "activation checkpointing" : "no checkpointing", median, tokens_per_s, tflops,
+              o.grad_checkpoint ? "activation checkpointing" : "no checkpointing",
+              o.offload_host ? ", optimizer state in host memory (AdamW on the CPU)" : "", median, tokens_per_s, tflops,
               100 * tflops * 1e12 / peak, peak / 1e12, double(be.peak_allocated_bytes()) / (1 << 30),
               losses.front(), losses.back());
 }
@@ -323,6 +333,7 @@ int Main(int argc, char** argv) {
     else if (a == "--no-step") o.step = false;
     else if (a == "--no-kernels") o.kernels = false;
     else if (a == "--grad-checkpoint") o.grad_checkpoint = true;
+    else if (a == "--offload-optimizer-host") o.offload_host = true;
     else {
       std::fprintf(stderr, "bench-gpu: unknown argument '%s'\n", a.c_str());
       return 2;

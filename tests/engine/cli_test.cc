@@ -140,4 +140,23 @@ TEST(CliTest, PlanMatchesTheMeasuredPeak) {
   const auto zero3 = plan_of("-i 10 -o ckpt -p zero3 --nproc 2");
   EXPECT_EQ(zero3["checkpoint_gather"].get<double>(), 3 * 4 * n);  // both moments and the parameters
 
+  // offload.optimizer host (GPU): the f32 master weights and both moments leave the
+  // device's plan for host memory, with one gradient chunk (here the whole model).
+  const std::string host_job = SmallJob("offload: {optimizer: host}\n", "host.yaml");
+  auto plan_host = [&](const std::string& config) {
+    const Result r = RunTrain("plan --config " + config + " --json -x bf16");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return nlohmann::json::parse(r.output.substr(r.output.find('{')));
+  };
+  const auto on_gpu = plan_host(job), on_host = plan_host(host_job);
+  EXPECT_EQ(on_host["optimizer_state_host"].get<double>(), 4 * n + 2 * 4 * n + 4 * n);
+  EXPECT_EQ(on_host["master_weights"].get<double>(), 0);
+  EXPECT_EQ(on_host["optimizer_state"].get<double>(), 0);
+  EXPECT_EQ(on_host["total"].get<double>(), on_gpu["total"].get<double>() - 3 * 4 * n);
+  // The CPU backend has nothing to move: a clear error.
+  const Result cpu_host = RunTrain("train --config " + host_job);
+  EXPECT_EQ(cpu_host.exit_code, 2) << cpu_host.output;
+  EXPECT_NE(cpu_host.output.find("offload.optimizer: host moves a GPU's optimizer state to host memory"),
+            std::string::npos) << cpu_host.output;
+
 }

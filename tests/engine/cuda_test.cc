@@ -357,18 +357,30 @@ TEST_F(CudaTest, AdamWWithMasterWeights) {
   const Vec start = Random(n, 0.05);
   Pair param = Make(start), master = Make(start, DType::kF32);
   Pair m = Zeros(n, DType::kF32), v = Zeros(n, DType::kF32);
+  // The CPU backend's f32 update, which offload.optimizer host runs on the host, must
+  // give the very same bits.
+  auto f32 = MakeCpuBackend({DType::kF32, 2});
+  std::vector<float> host_w(start.begin(), start.end()), host_m(n, 0.f), host_v(n, 0.f), host_g(n);
   for (int step = 1; step <= 3; ++step) {
-    Pair grad = Make(Random(n), DType::kF32);
+    const Vec g = Random(n);
+    Pair grad = Make(g, DType::kF32);
     const AdamWStep s{1e-2 / step, 0.9, 0.95, 1e-8, 0.1, step, 0.5};
     gpu_->AdamW(param.gpu, master.gpu, grad.gpu, m.gpu, v.gpu, n, s);
     cpu_->AdamW(master.cpu, nullptr, grad.cpu, m.cpu, v.cpu, n, s);
+    std::copy(g.begin(), g.end(), host_g.begin());
+    f32->AdamW(host_w.data(), nullptr, host_g.data(), host_m.data(), host_v.data(), n, s);
   }
   ExpectClose("master", master, 1e-6);
   ExpectClose("exp_avg", m, 1e-6);
   ExpectClose("exp_avg_sq", v, 1e-6);
   // The parameters are exactly the master weights rounded to bf16.
-  const Vec p = Gpu(param), w = Gpu(master);
+  const Vec p = Gpu(param), w = Gpu(master), gm = Gpu(m), gv = Gpu(v);
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(p[i], RoundBf16(w[i])) << i;
+  for (size_t i = 0; i < n; ++i) {
+    ASSERT_EQ(float(w[i]), host_w[i]) << "master " << i;
+    ASSERT_EQ(float(gm[i]), host_m[i]) << "exp_avg " << i;
+    ASSERT_EQ(float(gv[i]), host_v[i]) << "exp_avg_sq " << i;
+  }
 }
 
 TEST_F(CudaTest, MemoryOps) {
@@ -557,32 +569,35 @@ TEST_F(CudaTest, CheckpointResumeIsExact) {
   std::filesystem::remove_all(root);
 }
 
-// Two data-parallel GPU ranks (here sharing one GPU) train the same global batch as one
-// rank, on the same loss curve, under ddp and zero1: each rank's gradients go through
-// host memory and Gloo.
-// The micro-batches' f32 gradients are summed in another order at most (on an H200 the
-// losses of 12 steps were identical), so 1e-5 relative is the bound, as on the CPU.
-TEST_F(CudaTest, TwoRanksTrainLikeOne) {
-  const std::filesystem::path dir =
-      std::filesystem::temp_directory_path() / ("llamad-gpu-ddp-" + std::to_string(getpid()));
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  std::string tokens;
-  for (int32_t id : testing::Tokens(6000, 40)) tokens.append(reinterpret_cast<const char*>(&id), 4);
-  std::ofstream(dir / "tokens.u32", std::ios::binary) << tokens;
-  std::ofstream(dir / "job.yaml")
-      << "name: gpu-ddp\n"
-      << "model: {hidden_size: 128, intermediate_size: 256, num_hidden_layers: 2,\n"
-      << "        num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 40,\n"
-      << "        max_position_embeddings: 64}\n"
-      << "training: {max_length: 16, batch_size: 2, global_batch_size: 4, steps: 12,\n"
-      << "           lr: 3.0e-3, warmup_steps: 3, mixed_precision: bf16}\n"
-      << "data: {dataset: tokens.u32}\n"
-      << "checkpoint: {dir: ckpt, interval: 0}\n";
-  // llama-train sits beside this test binary, in the build and in the GPU check's bundle.
-  const std::string train = (std::filesystem::path(SelfExecutable()).parent_path() / "llama-train").string();
-  auto run = [&](int nproc, const std::string& args = "") {
-    testing::Subprocess p(train + " train --config " + (dir / "job.yaml").string() +
+// llama-train runs of a small bf16 job in a scratch folder, one JSON object per step.
+class GpuJob {
+ public:
+  // `extra`: more top-level YAML for the job file.
+  explicit GpuJob(const std::string& name, const std::string& extra = "")
+      : dir_(std::filesystem::temp_directory_path() / (name + "-" + std::to_string(getpid()))) {
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+    std::string tokens;
+    for (int32_t id : testing::Tokens(6000, 40)) tokens.append(reinterpret_cast<const char*>(&id), 4);
+    std::ofstream(dir_ / "tokens.u32", std::ios::binary) << tokens;
+    std::ofstream(dir_ / "job.yaml")
+        << "name: gpu-ddp\n"
+        << "model: {hidden_size: 128, intermediate_size: 256, num_hidden_layers: 2,\n"
+        << "        num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 40,\n"
+        << "        max_position_embeddings: 64}\n"
+        << "training: {max_length: 16, batch_size: 2, global_batch_size: 4, steps: 12,\n"
+        << "           lr: 3.0e-3, warmup_steps: 3, mixed_precision: bf16}\n"
+        << "data: {dataset: tokens.u32}\n"
+        << "checkpoint: {dir: ckpt, interval: 0}\n"
+        << extra;
+  }
+  ~GpuJob() { std::filesystem::remove_all(dir_); }
+  const std::filesystem::path& dir() const { return dir_; }
+
+  std::vector<nlohmann::json> Run(int nproc, const std::string& args = "") {
+    // llama-train sits beside this test binary, in the build and in the GPU check's bundle.
+    const std::string train = (std::filesystem::path(SelfExecutable()).parent_path() / "llama-train").string();
+    testing::Subprocess p(train + " train --config " + (dir_ / "job.yaml").string() +
                           " --log-format json --nproc " + std::to_string(nproc) + " " + args);
     const std::string& output = p.Drain();
     EXPECT_EQ(p.Wait(), 0) << output;
@@ -592,7 +607,21 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
       if (!line.empty() && line[0] == '{') steps.push_back(nlohmann::json::parse(line));
     }
     return steps;
-  };
+  }
+
+ private:
+  std::filesystem::path dir_;
+};
+
+// Two data-parallel GPU ranks (here sharing one GPU) train the same global batch as one
+// rank, on the same loss curve, under ddp and zero1: each rank's gradients go through
+// host memory and Gloo.
+// The micro-batches' f32 gradients are summed in another order at most (on an H200 the
+// losses of 12 steps were identical), so 1e-5 relative is the bound, as on the CPU.
+TEST_F(CudaTest, TwoRanksTrainLikeOne) {
+  GpuJob job("llamad-gpu-ddp");
+  auto run = [&](int nproc, const std::string& args = "") { return job.Run(nproc, args); };
+  const std::filesystem::path dir = job.dir();
   const auto one = run(1), two = run(2);
   ASSERT_EQ(one.size(), 12u);
   ASSERT_EQ(two.size(), 12u);
@@ -624,7 +653,30 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
                 1e-5 * one[6 + i]["loss"].get<double>())
         << "zero1 resumed, step " << 7 + i;
   }
-  std::filesystem::remove_all(dir);
+}
+
+// offload.optimizer host: the master weights and moments live in host memory and the
+// CPU runs AdamW, with the same arithmetic as the GPU kernel, so the losses are the same
+// bits as on the device, while the GPU holds 12 bytes per parameter less. A checkpoint
+// of the offloaded run resumes on the device on the same curve.
+TEST_F(CudaTest, OptimizerOnTheHostTrainsBitIdentically) {
+  GpuJob on_device("llamad-gpu-device"), on_host("llamad-gpu-host", "offload: {optimizer: host}\n");
+  const auto device = on_device.Run(1), host = on_host.Run(1, "-i 6");
+  ASSERT_EQ(device.size(), 12u);
+  ASSERT_EQ(host.size(), 12u);
+  for (size_t i = 0; i < device.size(); ++i) {
+    EXPECT_EQ(host[i]["loss"].get<double>(), device[i]["loss"].get<double>()) << "step " << i + 1;
+  }
+  const double params = device.back()["parameter_bytes"].get<double>() / 2;  // bf16
+  const double saved = device.back()["peak_memory_bytes"].get<double>() - host.back()["peak_memory_bytes"].get<double>();
+  RecordProperty("GPU bytes saved per parameter", Sci(saved / params));
+  EXPECT_GE(saved, 11.9 * params) << "the f32 master weights and both moments leave the GPU";
+  EXPECT_EQ(host.back()["optimizer_state_bytes"].get<double>(), 0);
+  const auto resumed = on_device.Run(1, "-i 0 -f " + (on_host.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
+  ASSERT_EQ(resumed.size(), 6u);
+  for (size_t i = 0; i < resumed.size(); ++i) {
+    EXPECT_EQ(resumed[i]["loss"].get<double>(), host[6 + i]["loss"].get<double>()) << "resumed, step " << 7 + i;
+  }
 }
 
 }  // namespace

@@ -303,14 +303,19 @@ template <typename P>
 __global__ void AdamWKernel(P* param, float* master, const float* grad, float* m, float* v,
                             size_t n, float b1, float b2, float eps, float grad_scale,
                             float step_size, float inv_bias2_sqrt, float decay) {
+  // Each operation rounded on its own (no contraction into fused multiply-adds), in the
+  // CPU kernel's order (cpu/adamw_simd.h): the host-offloaded update on the CPU and this
+  // one give bit-identical weights.
+  const float c1 = __fsub_rn(1.f, b1), c2 = __fsub_rn(1.f, b2);
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const float g = grad[i] * grad_scale;
-    const float mi = b1 * m[i] + (1.f - b1) * g;
-    const float vi = b2 * v[i] + (1.f - b2) * g * g;
+    const float g = __fmul_rn(grad[i], grad_scale);
+    const float mi = __fadd_rn(__fmul_rn(b1, m[i]), __fmul_rn(c1, g));
+    const float vi = __fadd_rn(__fmul_rn(b2, v[i]), __fmul_rn(__fmul_rn(c2, g), g));
     m[i] = mi;
     v[i] = vi;
     const float p0 = master != nullptr ? master[i] : ToFloat(param[i]);
-    const float p = p0 * decay - step_size * mi / (sqrtf(vi) * inv_bias2_sqrt + eps);
+    const float denominator = __fadd_rn(__fmul_rn(__fsqrt_rn(vi), inv_bias2_sqrt), eps);
+    const float p = __fsub_rn(__fmul_rn(p0, decay), __fdiv_rn(__fmul_rn(step_size, mi), denominator));
     if (master != nullptr) master[i] = p;
     param[i] = FromFloat<P>(p);
   }
@@ -454,6 +459,14 @@ class CudaBackend final : public Backend {
     allocated_ += bytes;
     peak_ = std::max(peak_, allocated_);
     return p;
+  }
+  void PinHostMemory(void* host, size_t bytes) override {
+    if (cudaHostRegister(host, bytes, cudaHostRegisterDefault) != cudaSuccess) {
+      (void)cudaGetLastError();  // stays pageable: slower copies, same results
+    }
+  }
+  void UnpinHostMemory(void* host) override {
+    if (cudaHostUnregister(host) != cudaSuccess) (void)cudaGetLastError();
   }
   void Free(void* buffer) override {
     if (buffer == nullptr) return;
