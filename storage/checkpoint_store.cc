@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <sstream>
+#include <fstream>
 #include <map>
 #include <new>
 #include <nlohmann/json.hpp>
@@ -227,30 +229,125 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
         fmt::format("{}: cannot create checkpoint folder: {}", root, ec.message()));
   db_options.create_if_missing = true;
   if (auto s = rocksdb::DB::Open(db_options, index, &db); !s.ok()) {
-    return absl::InternalError(
-        fmt::format("{}: cannot open the checkpoint index: {}", index, s.ToString()));
+    // One process writes a store at a time; RocksDB's lock file says another has it.
+    const bool locked = s.ToString().find("lock") != std::string::npos;
+    return (locked ? absl::FailedPreconditionError : absl::InternalError)(fmt::format(
+        "{}: cannot open the checkpoint index: {}{}", index, s.ToString(),
+        locked ? " (another process is saving to this store: an earlier run of the job still exiting, or "
+                 "another job with the same checkpoint.dir)"
+               : ""));
   }
   std::unique_ptr<CheckpointStore> store(new CheckpointStore(root, options, db));
   if (auto s = store->RemoveUncommitted(); !s.ok()) return s;
   return store;
 }
 
+std::string StepDirIn(const std::string& root, const std::string& job, int64_t step) {
+  return (fs::path(root) / job / fmt::format("step-{}", step)).string();
+}
+
+std::string ShardPathIn(const std::string& root, const std::string& job, int64_t step, int rank) {
+  return (fs::path(StepDirIn(root, job, step)) / fmt::format("rank-{}.shard", rank)).string();
+}
+
 std::string CheckpointStore::StepDir(const std::string& job, int64_t step) const {
-  return (fs::path(root_) / job / fmt::format("step-{}", step)).string();
+  return StepDirIn(root_, job, step);
 }
 
 std::string CheckpointStore::ShardPath(const std::string& job, int64_t step, int rank) const {
-  return (fs::path(StepDir(job, step)) / fmt::format("rank-{}.shard", rank)).string();
+  return ShardPathIn(root_, job, step, rank);
 }
 
 absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::WriteShard(
     const std::string& job, int64_t step, int rank, const std::vector<PieceToWrite>& pieces) {
-  const std::string dir = StepDir(job, step);
+  return WriteShardFile(root_, job, step, rank, pieces);
+}
+
+namespace {
+
+std::string RecordsPath(const std::string& root, const std::string& job, int64_t step, int rank) {
+  return (fs::path(StepDirIn(root, job, step)) / fmt::format("rank-{}.records", rank)).string();
+}
+
+}  // namespace
+
+absl::Status PublishShardRecords(const std::string& root, const std::string& job, int64_t step, int rank,
+                                 uint64_t run, const absl::StatusOr<std::vector<PieceRecord>>& outcome) {
+  nlohmann::json out = {{"rank", rank}, {"run", run}};
+  if (outcome.ok()) {
+    out["records"] = nlohmann::json::array();
+    for (const PieceRecord& r : *outcome) out["records"].push_back(ToJson(r));
+  } else {
+    out["error"] = std::string(outcome.status().message());
+  }
+  const std::string dir = StepDirIn(root, job, step), path = RecordsPath(root, job, step, rank);
+  std::error_code ec;
+  fs::create_directories(dir, ec);  // a failed save may not have made it
+  if (ec) return absl::InternalError(fmt::format("{}: cannot create: {}", dir, ec.message()));
+  const std::string text = out.dump(), temporary = path + ".tmp";
+  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return IoError("create", temporary);
+  const bool written = ::write(fd, text.data(), text.size()) == ssize_t(text.size()) && ::fsync(fd) == 0;
+  ::close(fd);
+  if (!written) return IoError("write", temporary);
+  if (::rename(temporary.c_str(), path.c_str()) != 0) return IoError("rename", temporary);
+  return FsyncPath(dir, true);
+}
+
+absl::StatusOr<std::vector<PieceRecord>> CollectShardRecords(const std::string& root, const std::string& job,
+                                                             int64_t step, int world, uint64_t run,
+                                                             std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::vector<PieceRecord> records;
+  for (int rank = 1; rank < world; ++rank) {
+    const std::string path = RecordsPath(root, job, step, rank);
+    nlohmann::json j;
+    while (true) {
+      if (fs::exists(path)) {
+        std::ifstream in(path);
+        std::stringstream text;
+        text << in.rdbuf();
+        try {
+          j = nlohmann::json::parse(text.str());
+        } catch (const std::exception& e) {
+          return absl::DataLossError(fmt::format("{}: unreadable: {}", path, e.what()));
+        }
+        if (j.value("run", uint64_t{0}) == run) break;
+        fs::remove(path);  // an earlier run's, killed before it committed
+      }
+      if (std::chrono::steady_clock::now() > deadline) {
+        return absl::DeadlineExceededError(fmt::format(
+            "checkpoint step {}: rank {} did not publish its shard within {} s ({})", step, rank,
+            std::chrono::duration_cast<std::chrono::seconds>(timeout).count(), path));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    if (j.contains("error")) {
+      return absl::InternalError(
+          fmt::format("checkpoint step {}: rank {}: {}", step, rank, j["error"].get<std::string>()));
+    }
+    for (const auto& r : j.at("records")) {
+      auto record = FromJson(r.dump());
+      if (!record.ok()) return record.status();
+      if (record->rank != rank) {
+        return absl::DataLossError(fmt::format("{}: holds a record of rank {}", path, record->rank));
+      }
+      records.push_back(*std::move(record));
+    }
+    fs::remove(path);
+  }
+  return records;
+}
+
+absl::StatusOr<std::vector<PieceRecord>> WriteShardFile(const std::string& root, const std::string& job,
+                                                        int64_t step, int rank,
+                                                        const std::vector<PieceToWrite>& pieces) {
+  const std::string dir = StepDirIn(root, job, step);
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) return absl::InternalError(fmt::format("{}: cannot create: {}", dir, ec.message()));
-  const std::string path = ShardPath(job, step, rank);
-  const std::string relative = fs::relative(path, root_).string();
+  const std::string path = ShardPathIn(root, job, step, rank);
+  const std::string relative = fs::relative(path, root).string();
 
   // Lay out payloads and size the header. Checksums are computed by a second thread while
   // the payloads are written, and the header (fixed-width checksums, so the same size)
@@ -337,7 +434,7 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::WriteShard(
   if (status.ok() && ::fsync(fd) != 0) status = IoError("fsync", path);
   ::close(fd);
   if (!status.ok()) return status;
-  for (const std::string& d : {dir, fs::path(dir).parent_path().string(), root_}) {
+  for (const std::string& d : {dir, fs::path(dir).parent_path().string(), root}) {
     if (auto s = FsyncPath(d, true); !s.ok()) return s;
   }
   return records;

@@ -19,6 +19,7 @@
 // Retain of the same job must not run concurrently.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -64,6 +65,36 @@ struct PieceRecord {
   uint64_t checksum = 0;   // xxh3-64 of the payload.
   int rank = 0;
 };
+
+// ---- Saves by several ranks --------------------------------------------------------
+// Every rank writes its own shard; one process owns the index and commits. The others
+// need no index: they write their shard under the root and publish its records, and the
+// committing rank collects them before Commit.
+
+// Folder of a checkpoint, and the shard file of a rank in it, under checkpoint `root`.
+std::string StepDirIn(const std::string& root, const std::string& job, int64_t step);
+std::string ShardPathIn(const std::string& root, const std::string& job, int64_t step, int rank);
+
+// Writes one rank's shard file (payloads 4 KiB aligned, direct I/O where the file system
+// allows it) and fsyncs it and its folders. Returns the records to commit; does not make
+// anything visible. CheckpointStore::WriteShard is this under the store's root.
+absl::StatusOr<std::vector<PieceRecord>> WriteShardFile(const std::string& root, const std::string& job,
+                                                        int64_t step, int rank,
+                                                        const std::vector<PieceToWrite>& pieces);
+
+// A rank's outcome for the committing rank: its records once its shard is durable, or
+// its error. Written whole (a temporary file, fsynced, then renamed) as
+// <step dir>/rank-<r>.records. `run` names this run of the job (the same number on every
+// rank), so that a file left by an earlier, killed run is never taken for this one's.
+absl::Status PublishShardRecords(const std::string& root, const std::string& job, int64_t step, int rank,
+                                 uint64_t run, const absl::StatusOr<std::vector<PieceRecord>>& outcome);
+
+// Waits until ranks [1, world) have published for `step` in run `run`, for at most
+// `timeout`; returns their records in rank order, or the first rank's error (naming the
+// rank). Removes the files it read, and files of other runs.
+absl::StatusOr<std::vector<PieceRecord>> CollectShardRecords(const std::string& root, const std::string& job,
+                                                             int64_t step, int world, uint64_t run,
+                                                             std::chrono::milliseconds timeout);
 
 struct StoreOptions {
   int keep_last = 2;  // Committed checkpoints kept per job (pinned ones come on top).

@@ -43,25 +43,6 @@ absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void
   return OnHost(backend, buffer, n, [&](float* data) { return AllGatherSlices(comm, data, n); });
 }
 
-absl::Status GatherSlicesOnBackend(Communicator& comm, Backend& backend, const void* own, void* full, size_t n,
-                                   int root) {
-  if (BuffersInHostMemory(backend)) {
-    return comm.GatherSlices(static_cast<const float*>(own), static_cast<float*>(full), n, root);
-  }
-  const auto [begin, end] = EvenSlice(n, comm.rank(), comm.world_size());
-  if (comm.rank() != root) {
-    float* host = Staging(end - begin);
-    backend.DownloadF32(host, own, end - begin);
-    return comm.GatherSlices(host, nullptr, n, root);
-  }
-  // Root's own part goes in place into the staged whole.
-  float* host = Staging(n);
-  backend.DownloadF32(host + begin, own, end - begin);
-  if (auto s = comm.GatherSlices(host + begin, host, n, root); !s.ok()) return s;
-  backend.UploadF32(full, host, n);
-  return absl::OkStatus();
-}
-
 absl::Status ScatterSlicesOnBackend(Communicator& comm, Backend& backend, const void* full, void* own, size_t n,
                                     int root) {
   if (BuffersInHostMemory(backend)) {

@@ -22,10 +22,8 @@ absl::Status AllReduceSumOnBackend(Communicator& comm, Backend& backend, void* b
 absl::Status BroadcastOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n, int root);
 // In place: each rank's EvenSlice of the n elements of `buffer` goes to every rank.
 absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n);
-// Communicator::GatherSlices and ScatterSlices on backend buffers: `own` holds this
-// rank's EvenSlice of n elements, `full` root's n elements (null on the other ranks).
-absl::Status GatherSlicesOnBackend(Communicator& comm, Backend& backend, const void* own, void* full, size_t n,
-                                   int root);
+// Communicator::ScatterSlices on backend buffers: `own` receives this rank's EvenSlice
+// of n elements of root's `full` (null on the other ranks).
 absl::Status ScatterSlicesOnBackend(Communicator& comm, Backend& backend, const void* full, void* own, size_t n,
                                     int root);
 

@@ -29,10 +29,6 @@ class LocalCommunicator final : public Communicator {
   absl::Status AllReduceSum(double*, size_t) override { return absl::OkStatus(); }
   absl::Status ReduceSum(float*, size_t, int) override { return absl::OkStatus(); }
   absl::Status Broadcast(float*, size_t, int) override { return absl::OkStatus(); }
-  absl::Status GatherSlices(const float* own, float* full, size_t n, int) override {
-    if (own != full) std::copy(own, own + n, full);
-    return absl::OkStatus();
-  }
   absl::Status ScatterSlices(const float* full, float* own, size_t n, int) override {
     if (own != full) std::copy(full, full + n, own);
     return absl::OkStatus();
@@ -72,11 +68,38 @@ class GlooCommunicator final : public Communicator {
       gloo::broadcast(opts);
     });
   }
-  absl::Status GatherSlices(const float* own, float* full, size_t n, int root) override {
-    return Slices("gather", const_cast<float*>(own), full, n, root, /*to_root=*/true);
-  }
   absl::Status ScatterSlices(const float* full, float* own, size_t n, int root) override {
-    return Slices("scatter", own, const_cast<float*>(full), n, root, /*to_root=*/false);
+    const uint64_t slot = gloo::Slot::build(kSlicesSlotPrefix, next_tag_++);
+    return Run("scatter", [&] {
+      // Point-to-point sends from root: Gloo's own scatter takes equal parts only, and
+      // EvenSlice parts differ by one element.
+      const int world = world_size();
+      const auto timeout = context_->getTimeout();
+      auto wait = [&](gloo::transport::UnboundBuffer& buffer, bool receiving) {
+        if (!(receiving ? buffer.waitRecv(timeout) : buffer.waitSend(timeout))) {
+          throw std::runtime_error("transfer aborted");
+        }
+      };
+      const auto [own_begin, own_end] = EvenSlice(n, rank(), world);
+      if (rank() != root) {
+        if (own_begin == own_end) return;
+        auto buffer = context_->createUnboundBuffer(own, (own_end - own_begin) * sizeof(float));
+        buffer->recv(root, slot);
+        wait(*buffer, true);
+        return;
+      }
+      std::unique_ptr<gloo::transport::UnboundBuffer> buffer;
+      int pending = 0;
+      for (int r = 0; r < world; ++r) {
+        const auto [begin, end] = EvenSlice(n, r, world);
+        if (r == root || begin == end) continue;
+        if (!buffer) buffer = context_->createUnboundBuffer(const_cast<float*>(full), n * sizeof(float));
+        buffer->send(r, slot, begin * sizeof(float), (end - begin) * sizeof(float));
+        ++pending;
+      }
+      if (own != full + own_begin) std::copy(full + own_begin, full + own_end, own);  // may be in place
+      for (; pending > 0; --pending) wait(*buffer, false);
+    });
   }
 
   absl::Status Barrier() override {
@@ -100,44 +123,6 @@ class GlooCommunicator final : public Communicator {
     });
   }
 
-  // Gather (to_root) or scatter of EvenSlices between root's `full` and each rank's
-  // `own`, as point-to-point transfers between root and each other rank. Gloo's own
-  // gather and scatter take equal parts only; EvenSlice parts differ by one element.
-  absl::Status Slices(const char* what, float* own, float* full, size_t n, int root, bool to_root) {
-    const uint64_t slot = gloo::Slot::build(kSlicesSlotPrefix, next_tag_++);
-    return Run(what, [&] {
-      const int world = world_size();
-      const auto timeout = context_->getTimeout();
-      auto wait = [&](gloo::transport::UnboundBuffer& buffer, bool receiving) {
-        if (!(receiving ? buffer.waitRecv(timeout) : buffer.waitSend(timeout))) {
-          throw std::runtime_error("transfer aborted");
-        }
-      };
-      const auto [own_begin, own_end] = EvenSlice(n, rank(), world);
-      if (rank() != root) {
-        if (own_begin == own_end) return;
-        auto buffer = context_->createUnboundBuffer(own, (own_end - own_begin) * sizeof(float));
-        to_root ? buffer->send(root, slot) : buffer->recv(root, slot);
-        wait(*buffer, !to_root);
-        return;
-      }
-      std::unique_ptr<gloo::transport::UnboundBuffer> buffer;
-      int pending = 0;
-      for (int r = 0; r < world; ++r) {
-        const auto [begin, end] = EvenSlice(n, r, world);
-        if (r == root || begin == end) continue;
-        if (!buffer) buffer = context_->createUnboundBuffer(full, n * sizeof(float));
-        const size_t offset = begin * sizeof(float), bytes = (end - begin) * sizeof(float);
-        to_root ? buffer->recv(r, slot, offset, bytes) : buffer->send(r, slot, offset, bytes);
-        ++pending;
-      }
-      if (own != full + own_begin) {  // root's own part (the callers may hold it in place)
-        to_root ? (void)std::copy(own, own + (own_end - own_begin), full + own_begin)
-                : (void)std::copy(full + own_begin, full + own_end, own);
-      }
-      for (; pending > 0; --pending) wait(*buffer, to_root);
-    });
-  }
   // Slots of our point-to-point transfers; Gloo's collectives use prefixes 0x01-0x08.
   static constexpr uint8_t kSlicesSlotPrefix = 0x40;
 

@@ -124,25 +124,6 @@ void LlamaModel::ShardParameters(size_t begin, size_t end, ParamGather gather) {
   param_gather_ = std::move(gather);
 }
 
-void LlamaModel::UnshardParameters(const std::function<void(void* full)>& fill) {
-  void* full = backend_->Allocate(num_params_);
-  fill(full);  // param_at() still addresses the shard
-  param_shard_ = params_data_;
-  params_data_ = master_data_ = full;
-  unsharded_begin_ = param_begin_;
-  param_begin_ = 0;
-  saved_gather_ = std::move(param_gather_);
-  param_gather_ = nullptr;
-}
-
-void LlamaModel::ReshardParameters() {
-  backend_->Free(params_data_);
-  params_data_ = master_data_ = param_shard_;
-  param_shard_ = nullptr;
-  param_begin_ = unsharded_begin_;
-  param_gather_ = std::move(saved_gather_);
-}
-
 void LlamaModel::BeginGradRegion(size_t begin) {
   if (!grad_sink_) return;
   region_begin_ = begin;

@@ -145,12 +145,7 @@ class LlamaModel {
   // them: a collective, so every rank runs the same forwards and backwards.
   using ParamGather = std::function<void(size_t begin, size_t end, void* dst)>;
   void ShardParameters(size_t begin, size_t end, ParamGather gather);
-  bool parameters_sharded() const { return param_gather_ != nullptr || param_shard_ != nullptr; }
-  // All parameters again for a while (checkpoints): fill(full) must write every rank's
-  // part (param_at still addresses the shard while it runs); param_data() and
-  // master_data() then address them until ReshardParameters.
-  void UnshardParameters(const std::function<void(void* full)>& fill);
-  void ReshardParameters();
+  bool parameters_sharded() const { return param_gather_ != nullptr; }
 
   // The loss sum only; gradients untouched.
   double Forward(const int32_t* tokens, const int32_t* targets, int batch, int seq);
@@ -204,12 +199,11 @@ class LlamaModel {
   size_t grad_scratch_elements_ = 0;
   size_t region_begin_ = 0;  // the region the scratch holds
   // ZeRO-3 (ShardParameters): params_data_ is then the shard [param_begin_, param_end_).
-  ParamGather param_gather_, saved_gather_;
-  size_t param_begin_ = 0, param_end_ = 0, unsharded_begin_ = 0;
+  ParamGather param_gather_;
+  size_t param_begin_ = 0, param_end_ = 0;
   void* param_scratch_ = nullptr;
   size_t param_scratch_elements_ = 0;
   size_t param_region_begin_ = 0;
-  void* param_shard_ = nullptr;  // while unsharded
 
   // Activations for the current (batch, seq).
   int batch_ = 0, seq_ = 0;

@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <thread>
 #include <cstdio>
@@ -498,14 +499,20 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   }
   (*comm)->set_timeout(std::chrono::minutes(10));  // a training step's collectives
   std::unique_ptr<AsyncCheckpointer> checkpointer;
-  if (checkpoints->store && spec->checkpoint.interval > 0) {
+  if (spec->checkpoint.interval > 0) {
+    // Every rank writes its part of each checkpoint; rank 0 commits them together. Rank
+    // 0 draws a number for this run, which tells its ranks' saves from a killed run's.
+    double run = 0;
+    if (lead) run = double(std::random_device{}() & 0xfffffff) + 1;
+    if (auto s = (*comm)->AllReduceSum(&run, 1); !s.ok()) return Fail(s);
     checkpointer = std::make_unique<AsyncCheckpointer>(
-        checkpoints->store.get(), spec->name, [&](int64_t step, const absl::Status& s) {
-          if (s.ok()) {
+        checkpoints->store.get(), spec->checkpoint.dir, spec->name, rank, (*comm)->world_size(), uint64_t(run),
+        [&](int64_t step, const absl::Status& s) {
+          if (s.ok() && lead) {
             std::fprintf(stderr, "llama-train: checkpoint step %lld committed (%s)\n", (long long)step,
                          checkpoints->store->StepDir(spec->name, step).c_str());
-          } else {
-            std::fprintf(stderr, "llama-train: checkpoint step %lld failed: %s\n", (long long)step,
+          } else if (!s.ok()) {
+            std::fprintf(stderr, "llama-train: rank %d: checkpoint step %lld failed: %s\n", rank, (long long)step,
                          std::string(s.message()).c_str());
           }
         });
@@ -543,15 +550,9 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     double stall = 0;
     const bool save = spec->checkpoint.interval > 0 && (m.step % spec->checkpoint.interval == 0 || m.step == t.steps);
     if (save) {
-      // Every rank sends its shards of the state to rank 0, which writes.
-      auto saved = (*trainer)->WithFullStateOnRankZero([&]() -> absl::Status {
-        if (!checkpointer) return absl::OkStatus();
-        auto seconds = checkpointer->Save(**trainer);
-        if (!seconds.ok()) return seconds.status();
-        stall = *seconds;
-        return absl::OkStatus();
-      });
-      if (!saved.ok()) return saved;
+      auto seconds = checkpointer->Save(**trainer);
+      if (!seconds.ok()) return seconds.status();
+      stall = *seconds;
     }
     if (!lead) return absl::OkStatus();  // rank 0 reports for the job
     if (json) {
@@ -640,7 +641,6 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
                                 {"gradients", plan.gradients},     {"optimizer_state", plan.optimizer_state},
                                 {"activations", plan.activations}, {"workspace", plan.workspace},
                                 {"checkpoint_snapshot", plan.checkpoint_snapshot},
-                                {"checkpoint_gather", plan.checkpoint_gather},
                                 {"optimizer_state_host", plan.optimizer_state_host},
                                 {"total", plan.total()},           {"world_size", plan.world_size},
                                 {"budget", budget},                {"fits", budget == 0 || plan.total() <= budget}};

@@ -22,19 +22,19 @@ nlohmann::json ModelJson(const ModelConfig& c) {
 }
 
 // The state that is not in tensors.
-std::string MetaJson(Trainer& trainer, const std::string& job, int64_t step) {
+std::string MetaJson(Trainer& trainer, const std::string& job, int64_t step, int world) {
   const JobSpec& spec = trainer.spec();
   const TrainingSpec& t = spec.training;
+  // Each rank wrote the EvenSlice of the flat parameter layout its rank number gives.
+  nlohmann::json ranks = nlohmann::json::array();
+  for (int r = 0; r < world; ++r) ranks.push_back({{"rank", r}, {"shard", StrCat("rank-", r, ".shard")}});
   nlohmann::json meta = {
       {"format", "llamad-checkpoint"},
       {"version", kCheckpointVersion},
       {"job", job},
       {"step", step},
       {"model", ModelJson(spec.model)},
-      {"world",
-       {{"world_size", 1},
-        {"plugin", spec.parallel.plugin},
-        {"ranks", {{{"rank", 0}, {"shard", "rank-0.shard"}}}}}},
+      {"world", {{"world_size", world}, {"plugin", spec.parallel.plugin}, {"ranks", ranks}}},
       {"optimizer",
        {{"name", "adamw"},
         {"step", trainer.step()},
@@ -70,7 +70,13 @@ std::string ExpAvgSqName(const std::string& name) { return "optimizer.exp_avg_sq
 
 AsyncCheckpointer::AsyncCheckpointer(storage::CheckpointStore* store, std::string job,
                                      std::function<void(int64_t, const absl::Status&)> on_commit)
-    : store_(store), job_(std::move(job)), on_commit_(std::move(on_commit)) {
+    : AsyncCheckpointer(store, store->root(), std::move(job), 0, 1, 0, std::move(on_commit)) {}
+
+AsyncCheckpointer::AsyncCheckpointer(storage::CheckpointStore* store, std::string root, std::string job, int rank,
+                                     int world, uint64_t run,
+                                     std::function<void(int64_t, const absl::Status&)> on_commit)
+    : store_(store), root_(std::move(root)), job_(std::move(job)), rank_(rank), world_(world), run_(run),
+      on_commit_(std::move(on_commit)) {
   worker_ = std::thread([this] { Worker(); });
 }
 
@@ -95,12 +101,25 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
   const auto start = std::chrono::steady_clock::now();
   LlamaModel& model = trainer.model();
   Backend& be = trainer.backend();
+  AdamWOptimizer& optimizer = trainer.optimizer();
+  // This rank's part of the flat parameter layout; each tensor part in it becomes three
+  // pieces (master weights, exp_avg, exp_avg_sq), 4 KiB aligned and padded.
+  const auto [begin, end] = EvenSlice(model.num_params(), rank_, world_);
   constexpr size_t kAlign = 4096;
-  auto padded = [&](size_t numel) {
-    return (numel * sizeof(float) + kAlign - 1) / kAlign * kAlign;
+  auto padded = [&](size_t numel) { return (numel * sizeof(float) + kAlign - 1) / kAlign * kAlign; };
+  struct Part {
+    const ParamInfo* param;
+    size_t lo, hi;         // flat elements
+    float* dst[3] = {};    // master, exp_avg, exp_avg_sq
   };
+  std::vector<Part> parts;
   size_t bytes = 0;
-  for (const ParamInfo& p : model.params()) bytes += 3 * padded(p.numel);
+  for (const ParamInfo& p : model.params()) {
+    const size_t lo = std::max(p.offset, begin), hi = std::min(p.offset + p.numel, end);
+    if (lo >= hi) continue;
+    parts.push_back({&p, lo, hi});
+    bytes += 3 * padded(hi - lo);
+  }
   if (bytes != buffer_bytes_) {
     buffer_.reset(static_cast<float*>(std::aligned_alloc(kAlign, std::max(bytes, kAlign))));
     if (!buffer_)
@@ -110,70 +129,58 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
   }
   pieces_.clear();
   char* cursor = reinterpret_cast<char*>(buffer_.get());
-  // Checkpoints hold the optimizer's view: master weights and moments (accum_dtype()).
-  // source_base: the backend's buffer, or (host_base) the host-offloaded optimizer's.
-  auto copy = [&](std::string name, const ParamInfo& p, void* source_base, const float* host_base = nullptr) {
-    float* dst = reinterpret_cast<float*>(cursor);
-    if (host_base != nullptr) {
-      std::copy(host_base + p.offset, host_base + p.offset + p.numel, dst);
-    } else {
-      be.DownloadF32(dst, static_cast<char*>(source_base) + model.accum_byte_offset(p.offset), p.numel);
+  for (Part& part : parts) {
+    const ParamInfo& p = *part.param;
+    const std::string names[3] = {p.name, ExpAvgName(p.name), ExpAvgSqName(p.name)};
+    const size_t count = part.hi - part.lo, size = padded(count);
+    for (int kind = 0; kind < 3; ++kind) {
+      part.dst[kind] = reinterpret_cast<float*>(cursor);
+      std::memset(cursor + count * sizeof(float), 0, size - count * sizeof(float));
+      pieces_.push_back({names[kind], p.shape, storage::ElementType::kF32, part.lo - p.offset,
+                         part.hi - p.offset, cursor, size});
+      cursor += size;
     }
-    const size_t size = padded(p.numel);
-    std::memset(reinterpret_cast<char*>(dst + p.numel), 0, size - p.numel * sizeof(float));
-    pieces_.push_back(
-        {std::move(name), p.shape, storage::ElementType::kF32, 0, p.numel, dst, size});
-    cursor += size;
-  };
-  AdamWOptimizer& optimizer = trainer.optimizer();
-  if (optimizer.host_offloaded()) {
-    for (const ParamInfo& p : model.params()) {
-      copy(p.name, p, nullptr, optimizer.host_master());
-      copy(ExpAvgName(p.name), p, nullptr, optimizer.host_exp_avg());
-      copy(ExpAvgSqName(p.name), p, nullptr, optimizer.host_exp_avg_sq());
+  }
+  // Checkpoints hold the optimizer's view (f32 master weights and moments), copied from
+  // wherever this rank keeps it: the backend's buffers (whole, or the shard the rank
+  // owns), the host-offloaded optimizer's arrays, or the NVMe swap.
+  const size_t moment_base = optimizer.shard_begin();
+  for (const Part& part : parts) {
+    const size_t count = part.hi - part.lo;
+    if (optimizer.host_offloaded()) {
+      std::copy_n(optimizer.host_master() + part.lo, count, part.dst[0]);
+      std::copy_n(optimizer.host_exp_avg() + part.lo, count, part.dst[1]);
+      std::copy_n(optimizer.host_exp_avg_sq() + part.lo, count, part.dst[2]);
+      continue;
     }
-  } else if (optimizer.exp_avg() != nullptr) {
-    for (const ParamInfo& p : model.params()) {
-      copy(p.name, p, model.master_data());
-      copy(ExpAvgName(p.name), p, optimizer.exp_avg());
-      copy(ExpAvgSqName(p.name), p, optimizer.exp_avg_sq());
-    }
-  } else {
+    const void* master = model.parameters_sharded()
+                             ? model.param_at(part.lo)  // zero3 (no separate master weights)
+                             : static_cast<char*>(model.master_data()) + model.accum_byte_offset(part.lo);
+    be.DownloadF32(part.dst[0], master, count);
+    if (optimizer.offloaded()) continue;  // streamed below
+    const size_t moment_offset = model.accum_byte_offset(part.lo - moment_base);
+    be.DownloadF32(part.dst[1], static_cast<char*>(optimizer.exp_avg()) + moment_offset, count);
+    be.DownloadF32(part.dst[2], static_cast<char*>(optimizer.exp_avg_sq()) + moment_offset, count);
+  }
+  if (optimizer.offloaded()) {
     // Moments on the NVMe tier: streamed from the swap straight into the snapshot, so a
     // save needs no second copy of them in memory.
-    std::vector<std::pair<float*, float*>> moments;  // per parameter: exp_avg, exp_avg_sq
-    for (const ParamInfo& p : model.params()) {
-      copy(p.name, p, model.master_data());
-      std::pair<float*, float*> dst;
-      for (float** d : {&dst.first, &dst.second}) {
-        *d = reinterpret_cast<float*>(cursor);
-        const size_t size = padded(p.numel);
-        std::memset(cursor, 0, size);
-        pieces_.push_back({d == &dst.first ? ExpAvgName(p.name) : ExpAvgSqName(p.name), p.shape,
-                           storage::ElementType::kF32, 0, p.numel, *d, size});
-        cursor += size;
-      }
-      moments.push_back(dst);
-    }
-    const auto& params = model.params();
-    auto s = optimizer.ReadOffloadedMoments([&](size_t begin, size_t count, const float* m, const float* v) {
-      const size_t end = begin + count;
-      for (size_t i = 0; i < params.size(); ++i) {
-        const ParamInfo& p = params[i];
-        const size_t lo = std::max(p.offset, begin), hi = std::min(p.offset + p.numel, end);
+    auto s = optimizer.ReadOffloadedMoments([&](size_t first, size_t count, const float* m, const float* v) {
+      for (const Part& part : parts) {
+        const size_t lo = std::max(part.lo, first), hi = std::min(part.hi, first + count);
         if (lo >= hi) continue;
-        std::copy(m + (lo - begin), m + (hi - begin), moments[i].first + (lo - p.offset));
-        std::copy(v + (lo - begin), v + (hi - begin), moments[i].second + (lo - p.offset));
+        std::copy(m + (lo - first), m + (hi - first), part.dst[1] + (lo - part.lo));
+        std::copy(v + (lo - first), v + (hi - first), part.dst[2] + (lo - part.lo));
       }
     });
     if (!s.ok()) return s;
   }
-  if (!tokenizer_model_.empty()) {
+  if (!tokenizer_model_.empty() && rank_ == 0) {
     const uint64_t n = tokenizer_model_.size();
     pieces_.push_back({kTokenizerTensor, {int64_t(n)}, storage::ElementType::kU8, 0, n, tokenizer_model_.data(), 0});
   }
   step_ = trainer.step();
-  meta_ = MetaJson(trainer, job_, step_);
+  meta_ = MetaJson(trainer, job_, step_, world_);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   {
@@ -192,8 +199,22 @@ void AsyncCheckpointer::Worker() {
     lock.unlock();
     absl::Status status;
     try {
-      auto records = store_->WriteShard(job_, step_, /*rank=*/0, pieces_);
-      status = records.ok() ? store_->Commit(job_, step_, meta_, *records) : records.status();
+      auto records = storage::WriteShardFile(root_, job_, step_, rank_, pieces_);
+      if (rank_ != 0) {
+        // Rank 0 commits once every rank's shard is durable, or reports the failure.
+        status = storage::PublishShardRecords(root_, job_, step_, rank_, run_, records);
+        if (status.ok()) status = records.status();
+      } else if (records.ok()) {
+        auto others = storage::CollectShardRecords(root_, job_, step_, world_, run_, kPeerSaveTimeout);
+        if (others.ok()) {
+          records->insert(records->end(), others->begin(), others->end());
+          status = store_->Commit(job_, step_, meta_, *records);
+        } else {
+          status = others.status();
+        }
+      } else {
+        status = records.status();
+      }
     } catch (const std::exception& e) {  // a thread must not let an exception escape
       status = absl::InternalError(StrCat("checkpoint step ", step_, ": ", e.what()));
     }

@@ -3,6 +3,7 @@
 // layout), asynchronous saving, exact restore, and Hugging Face import/export.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <functional>
@@ -22,16 +23,26 @@ namespace llamad {
 std::string ExpAvgName(const std::string& name);
 std::string ExpAvgSqName(const std::string& name);
 
-// Saves in the background. Save() copies the trainer's state to a host buffer (the only
-// time training waits, besides waiting for the previous save) and returns; a worker
-// thread writes the shard, fsyncs and commits. At most one save is in flight, so host
-// memory is bounded by one copy of the state.
+// Saves in the background. Save() copies this rank's part of the trainer's state to a
+// host buffer (the only time training waits, besides waiting for the previous save) and
+// returns; a worker thread writes the rank's shard and fsyncs it. With several ranks each
+// saves the EvenSlice of the flat parameter layout its rank number gives (whatever part
+// it holds in memory), the others publish their shards' records, and rank 0 commits them
+// all with its own. At most one save is in flight per rank, so host memory is bounded by
+// one copy of the rank's part of the state.
 class AsyncCheckpointer {
  public:
-  // `store` must outlive this object. `on_commit` (optional) is called from the worker
-  // after each commit with the step and its status.
+  // One process saving alone. `store` must outlive this object. `on_commit` (optional) is
+  // called from the worker after each commit with the step and its status.
   AsyncCheckpointer(storage::CheckpointStore* store, std::string job,
                     std::function<void(int64_t, const absl::Status&)> on_commit = {});
+  // Rank `rank` of `world` saving under checkpoint `root`, which must be the same folder
+  // for every rank (shared storage when ranks run on several machines). Rank 0 passes the
+  // store it commits to; the others pass null, and on_commit is called when their shard
+  // is published. `run`: a number every rank of this run shares and earlier runs of the
+  // job did not use (storage::PublishShardRecords).
+  AsyncCheckpointer(storage::CheckpointStore* store, std::string root, std::string job, int rank, int world,
+                    uint64_t run, std::function<void(int64_t, const absl::Status&)> on_commit = {});
   ~AsyncCheckpointer();  // Waits for the save in flight.
 
   // Waits for the previous save (returning its error, if any), snapshots `trainer`'s
@@ -47,8 +58,14 @@ class AsyncCheckpointer {
  private:
   void Worker();
 
-  storage::CheckpointStore* store_;
+  // How long rank 0 waits for the other ranks' shards after writing its own.
+  static constexpr std::chrono::minutes kPeerSaveTimeout{30};
+
+  storage::CheckpointStore* store_;  // null on ranks other than 0
+  std::string root_;
   std::string job_;
+  int rank_ = 0, world_ = 1;
+  uint64_t run_ = 0;
   std::function<void(int64_t, const absl::Status&)> on_commit_;
   std::mutex mu_;
   std::condition_variable cv_;

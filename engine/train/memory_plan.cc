@@ -52,9 +52,14 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
                                                  int(spec.training.batch_size * spec.training.max_length)));
   plan.workspace = rows * uint64_t(vocab) * uint64_t(logit_bytes) + uint64_t(scores * double(DTypeSize(dtype)));
   if (spec.checkpoint.interval > 0) {
-    // AsyncCheckpointer's snapshot: each tensor's f32 values padded to 4 KiB, three times.
-    for (const ParamInfo& p : LlamaParamLayout(spec.model)) plan.checkpoint_snapshot += 3 * ((p.numel * 4 + 4095) / 4096 * 4096);
-    if (sharded != n) plan.checkpoint_gather = 2 * n * DTypeSize(accum) + (plugin == "zero3" ? n * DTypeSize(dtype) : 0);
+    // AsyncCheckpointer's snapshot of rank 0's part (the largest): the f32 values of each
+    // tensor part in it padded to 4 KiB, three times (master weights and both moments).
+    const uint64_t end = (n + uint64_t(world_size) - 1) / uint64_t(world_size);
+    for (const ParamInfo& p : LlamaParamLayout(spec.model)) {
+      if (p.offset >= end) break;
+      const uint64_t count = std::min<uint64_t>(p.offset + p.numel, end) - p.offset;
+      plan.checkpoint_snapshot += 3 * ((count * 4 + 4095) / 4096 * 4096);
+    }
   }
   plan.snapshot_on_this_tier = dtype == accum;  // the CPU backend's memory is the host's
   return plan;
@@ -67,11 +72,9 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
       {"parameters", parameters},   {"master weights", master_weights}, {"gradients", gradients},
       {"optimizer state", optimizer_state}, {"activations", activations},   {"workspace", workspace}};
   for (const auto& [name, bytes] : rows) out += fmt::format("  {:<16} {}\n", name, gib(bytes));
-  if (checkpoint_gather > 0) {
-    out += fmt::format("  {:<16} {} (rank 0 gathers the shards into full state for a save)\n", "checkpoint", gib(checkpoint_gather));
-  }
   if (checkpoint_snapshot > 0) {
-    out += fmt::format("  {:<16} {} (rank 0's snapshot of a save{})\n", "snapshot", gib(checkpoint_snapshot),
+    out += fmt::format("  {:<16} {} (this rank's part of a checkpoint, kept between saves{})\n", "snapshot",
+                       gib(checkpoint_snapshot),
                        snapshot_on_this_tier ? "" : ", host memory: not in the total");
   }
   out += fmt::format("  {:<16} {}\n", "total", gib(total()));

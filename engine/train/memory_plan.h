@@ -1,5 +1,4 @@
-// Per-rank memory of a job, by kind (rank 0's, the largest: it alone gathers and
-// snapshots the state for checkpoint saves): what `llama-train plan` prints and what Trainer
+// Per-rank memory of a job, by kind (rank 0's, the largest by at most a few elements): what `llama-train plan` prints and what Trainer
 // checks before it allocates. The same layout functions the model allocates with
 // (LlamaParamLayout, LayoutActivations) do the counting, so plan and run agree.
 #pragma once
@@ -25,15 +24,13 @@ struct MemoryPlan {
   uint64_t optimizer_state_host = 0;
   uint64_t activations = 0;      // every activation and backward scratch buffer
   uint64_t workspace = 0;        // the LM head's chunk of logits, unfused attention scores
-  // Checkpoint saves (checkpoint.interval > 0): rank 0's snapshot of the master weights and
-  // moments (f32, host memory, kept between saves), and under zero1/2/3 the full moments
-  // (zero3: and parameters) rank 0 gathers from the shards while a save runs.
+  // Checkpoint saves (checkpoint.interval > 0): the snapshot of this rank's part (1/world
+  // size) of the master weights and moments (f32, host memory, kept between saves).
   uint64_t checkpoint_snapshot = 0;
-  uint64_t checkpoint_gather = 0;
   bool snapshot_on_this_tier = true;  // false where the plan's memory is a GPU's
   uint64_t total() const {
     return parameters + master_weights + gradients + optimizer_state + activations + workspace +
-           checkpoint_gather + (snapshot_on_this_tier ? checkpoint_snapshot : 0);
+           (snapshot_on_this_tier ? checkpoint_snapshot : 0);
   }
   // A table, one row per kind, with the total and (budget > 0) whether it fits.
   std::string Describe(uint64_t budget, const std::string& budget_name) const;

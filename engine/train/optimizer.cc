@@ -53,10 +53,6 @@ AdamWOptimizer::~AdamWOptimizer() {
   }
   backend_->Free(m_);
   backend_->Free(v_);
-  if (unsharded_) {
-    backend_->Free(shard_m_);
-    backend_->Free(shard_v_);
-  }
 }
 
 void AdamWOptimizer::UpdateRange(size_t lo, size_t hi, char* m, char* v, AdamWStep s) {
@@ -261,25 +257,6 @@ void AdamWOptimizer::Shard(size_t begin, size_t end) {
   shard_begin_ = begin;
   shard_end_ = end;
   state_bytes_ = 2 * (end - begin) * elem;
-}
-
-void AdamWOptimizer::Unshard(const std::function<void(void*, void*, const void*, const void*)>& fill) {
-  EnsureMoments();
-  shard_m_ = m_;
-  shard_v_ = v_;
-  m_ = backend_->Allocate(model_->num_params(), backend_->accum_dtype());
-  v_ = backend_->Allocate(model_->num_params(), backend_->accum_dtype());
-  fill(m_, v_, shard_m_, shard_v_);
-  unsharded_ = true;
-}
-
-void AdamWOptimizer::Reshard() {
-  backend_->Free(m_);
-  backend_->Free(v_);
-  m_ = shard_m_;
-  v_ = shard_v_;
-  shard_m_ = shard_v_ = nullptr;
-  unsharded_ = false;
 }
 
 }  // namespace llamad

@@ -37,7 +37,6 @@ struct AdamWOptions {
 // ZeRO-1: with Shard(begin, end) the optimizer keeps moments only for the flat element
 // range [begin, end) of the parameter layout and steps only those parameters; the
 // caller all-gathers the updated parameters. exp_avg()/exp_avg_sq() then address the
-// shard; Unshard() makes full buffers again (for checkpoints), Reshard() returns to the
 // shard.
 class AdamWOptimizer {
  public:
@@ -62,12 +61,6 @@ class AdamWOptimizer {
 
   // Keeps only [begin, end) of the moments (taken from the current full buffers).
   void Shard(size_t begin, size_t end);
-  // Full buffers again (backend accum_dtype()): fill(m_full, v_full, m_shard, v_shard)
-  // must write every rank's part (gathered from the ranks).
-  void Unshard(const std::function<void(void* m_full, void* v_full, const void* m_shard,
-                                        const void* v_shard)>& fill);
-  // Back to the shard taken last, dropping the full buffers.
-  void Reshard();
   size_t shard_begin() const { return shard_begin_; }
   size_t shard_end() const { return shard_end_; }
   // Bytes of moments held in memory now (offloaded: the pipeline's chunk buffers).
@@ -110,9 +103,6 @@ class AdamWOptimizer {
   AdamWOptions options_;
   void* m_ = nullptr;
   void* v_ = nullptr;
-  void* shard_m_ = nullptr;  // while unsharded: the shard's own buffers
-  void* shard_v_ = nullptr;
-  bool unsharded_ = false;
   size_t shard_begin_ = 0, shard_end_ = 0;
   size_t state_bytes_ = 0;
   int64_t step_ = 0;

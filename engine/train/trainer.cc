@@ -368,52 +368,6 @@ absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
   return optimizer_->OffloadToNvme(o.nvme_path, options);
 }
 
-absl::Status Trainer::WithFullStateOnRankZero(const std::function<absl::Status()>& f) {
-  // Offloaded moments of the whole model stay in the swap: the checkpointer streams them.
-  // A zero1 shard must come into memory to be gathered with the other ranks' shards.
-  if (optimizer_->offloaded() && zero1_) {
-    return optimizer_->WithMomentsInMemory([&] { return WithFullShardedState(f); }, /*modified=*/false);
-  }
-  return WithFullShardedState(f);
-}
-
-absl::Status Trainer::WithFullShardedState(const std::function<absl::Status()>& f) {
-  if (!model_->parameters_sharded()) return WithFullMoments(f);
-  // zero3: the parameters first, then the moments.
-  const size_t n = model_->num_params();
-  const auto [own_begin, own_end] = EvenSlice(n, comm_->rank(), comm_->world_size());
-  const float* own = static_cast<const float*>(model_->param_at(own_begin));
-  if (comm_->rank() != 0) {
-    if (auto s = comm_->GatherSlices(own, nullptr, n, 0); !s.ok()) return s;
-    return WithFullMoments(f);
-  }
-  absl::Status gathered;
-  model_->UnshardParameters([&](void* full) { gathered = comm_->GatherSlices(own, static_cast<float*>(full), n, 0); });
-  absl::Status status = gathered.ok() ? WithFullMoments(f) : gathered;
-  model_->ReshardParameters();
-  return status;
-}
-
-absl::Status Trainer::WithFullMoments(const std::function<absl::Status()>& f) {
-  const bool root = comm_->rank() == 0;
-  if (!zero1_) return root ? f() : absl::OkStatus();
-  const size_t n = model_->num_params();
-  if (!root) {
-    for (void* moment : {optimizer_->exp_avg(), optimizer_->exp_avg_sq()}) {
-      if (auto s = GatherSlicesOnBackend(*comm_, *backend_, moment, nullptr, n, 0); !s.ok()) return s;
-    }
-    return absl::OkStatus();
-  }
-  absl::Status gathered;
-  optimizer_->Unshard([&](void* m_full, void* v_full, const void* m_own, const void* v_own) {
-    gathered = GatherSlicesOnBackend(*comm_, *backend_, m_own, m_full, n, 0);
-    if (gathered.ok()) gathered = GatherSlicesOnBackend(*comm_, *backend_, v_own, v_full, n, 0);
-  });
-  absl::Status status = gathered.ok() ? f() : gathered;
-  optimizer_->Reshard();
-  return status;
-}
-
 void Trainer::SetProgress(int64_t step, uint64_t sampler_position) {
   optimizer_->set_step(step);
   sampler_position_ = sampler_position;

@@ -77,12 +77,6 @@ class Trainer {
   // moves a GPU's master weights and moments to host memory, updated by `cpu_threads`
   // CPU threads (0: all).
   absl::Status OffloadOptimizerState(int cpu_threads = 0);
-  // Runs f on rank 0 with the whole model's state there, e.g. to save a checkpoint: the
-  // other ranks' shards of the moments (and of the parameters under zero3) are gathered
-  // into full buffers on rank 0 for the duration of f; moments offloaded to NVMe stay in
-  // the swap (the checkpointer streams them). The other ranks send their shards and do
-  // not run f. A collective: every rank calls it.
-  absl::Status WithFullStateOnRankZero(const std::function<absl::Status()>& f);
 
   // Mean loss over every complete window of `data`, in file order.
   double Evaluate(const TokenSource& data);
@@ -97,8 +91,6 @@ class Trainer {
   absl::Status ShardOptimizerState(bool moments_from_rank_zero);
   void ShardGradients();
   void ShardParameters();
-  absl::Status WithFullShardedState(const std::function<absl::Status()>& f);
-  absl::Status WithFullMoments(const std::function<absl::Status()>& f);
   // zero2/3: part(owner, lo, hi) for each rank's part [lo, hi) of the flat range
   // [begin, end), in rank order, until one fails (model_collective_status_ keeps it).
   void ForEachOwnerPart(size_t begin, size_t end,

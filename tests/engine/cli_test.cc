@@ -124,8 +124,8 @@ TEST(CliTest, PlanMatchesTheMeasuredPeak) {
   EXPECT_NE(big.output.find("does not fit in --device-memory 80GiB"), std::string::npos) << big.output;
   EXPECT_EQ(RunTrain("plan --config " + job + " --device-memory lots").exit_code, 2);
 
-  // Saving checkpoints adds rank 0's snapshot (master weights and both moments, f32, each
-  // tensor padded to 4 KiB) and, for sharded state, what rank 0 gathers for a save.
+  // Saving checkpoints adds the snapshot of the rank's part of the state (master weights
+  // and both moments, f32, each tensor part padded to 4 KiB): every rank writes its own.
   auto plan_of = [&](const std::string& args) {
     const Result r = RunTrain("plan --config " + job + " --json --threads 2 " + args);
     EXPECT_EQ(r.exit_code, 0) << r.output;
@@ -136,9 +136,9 @@ TEST(CliTest, PlanMatchesTheMeasuredPeak) {
   EXPECT_GE(saving["checkpoint_snapshot"].get<double>(), 3 * 4 * n);
   EXPECT_LT(saving["checkpoint_snapshot"].get<double>(), 3 * 4 * n + 3 * 4096 * 40);  // padding
   EXPECT_EQ(saving["total"].get<double>(), total + saving["checkpoint_snapshot"].get<double>());
-  EXPECT_EQ(saving["checkpoint_gather"].get<double>(), 0);
-  const auto zero3 = plan_of("-i 10 -o ckpt -p zero3 --nproc 2");
-  EXPECT_EQ(zero3["checkpoint_gather"].get<double>(), 3 * 4 * n);  // both moments and the parameters
+  const auto two = plan_of("-i 10 -o ckpt -p zero3 --nproc 2");
+  EXPECT_GE(two["checkpoint_snapshot"].get<double>(), 3 * 4 * n / 2);
+  EXPECT_LT(two["checkpoint_snapshot"].get<double>(), 3 * 4 * n / 2 + 3 * 4096 * 40);
 
   // offload.optimizer host (GPU): the f32 master weights and both moments leave the
   // device's plan for host memory, with one gradient chunk (here the whole model).

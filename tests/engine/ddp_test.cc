@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -212,6 +213,11 @@ TEST_F(DdpTest, CheckpointAtWorldSizeFourResumesAtTwoAndThree) {
   const std::vector<double> tail(uninterrupted.begin() + 10, uninterrupted.end());
   const fs::path step10 = dir_ / "ckpt" / "ddp" / "step-10";
   ASSERT_TRUE(fs::exists(step10));
+  // Each rank wrote its own part; rank 0 committed them (nothing else is left over).
+  std::vector<std::string> files;
+  for (const auto& e : fs::directory_iterator(step10)) files.push_back(e.path().filename().string());
+  std::sort(files.begin(), files.end());
+  EXPECT_EQ(files, (std::vector<std::string>{"rank-0.shard", "rank-1.shard", "rank-2.shard", "rank-3.shard"}));
   for (int world : {2, 3}) {
     // From step 10, saving nothing (the store stays as it is for the next resume).
     const auto resumed = Train("--nproc " + std::to_string(world) + " --threads 1 -i 0 -f " + step10.string());
