@@ -148,9 +148,10 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
   for (const Part& part : parts) {
     const size_t count = part.hi - part.lo;
     if (optimizer.host_offloaded()) {
-      std::copy_n(optimizer.host_master() + part.lo, count, part.dst[0]);
-      std::copy_n(optimizer.host_exp_avg() + part.lo, count, part.dst[1]);
-      std::copy_n(optimizer.host_exp_avg_sq() + part.lo, count, part.dst[2]);
+      const size_t at = part.lo - moment_base;
+      std::copy_n(optimizer.host_master() + at, count, part.dst[0]);
+      std::copy_n(optimizer.host_exp_avg() + at, count, part.dst[1]);
+      std::copy_n(optimizer.host_exp_avg_sq() + at, count, part.dst[2]);
       continue;
     }
     const void* master = model.parameters_sharded()

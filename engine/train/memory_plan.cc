@@ -36,7 +36,7 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   if (spec.offload.optimizer == "host" && dtype != accum) {
     // AdamWOptimizer::OffloadToHost: master weights and moments in host f32, and one
     // gradient chunk of at most 16 Mi elements; the device keeps none of them.
-    plan.optimizer_state_host = (plan.master_weights + 2 * n * 4) + std::min<uint64_t>(n, uint64_t{16} << 20) * 4;
+    plan.optimizer_state_host = 3 * sharded * 4 + std::min<uint64_t>(sharded, uint64_t{16} << 20) * 4;
     plan.master_weights = 0;
     plan.optimizer_state = 0;
   }

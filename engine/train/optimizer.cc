@@ -90,15 +90,15 @@ absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
 
 absl::Status AdamWOptimizer::OffloadToHost(int threads) {
   if (host_) return absl::OkStatus();
-  const size_t n = model_->num_params();
   if (!backend_->needs_master_weights() || backend_->accum_dtype() != DType::kF32) {
     return absl::FailedPreconditionError(StrCat(
         "offload.optimizer: host moves a GPU's f32 optimizer state to host memory; the ", backend_->name(),
         " backend keeps it there already (offload.optimizer: memory)"));
   }
-  if (shard_begin_ != 0 || shard_end_ != n || swap_) {
-    return absl::FailedPreconditionError("offload.optimizer: host does not combine with zero1/2/3 or nvme yet");
-  }
+  if (swap_) return absl::FailedPreconditionError("offload.optimizer: host and nvme are exclusive");
+  // The shard (all of it without ZeRO): the master weights outside it are not this
+  // rank's to update, and the parameters of the others' shards arrive gathered.
+  const size_t n = shard_end_ - shard_begin_;
   auto make = [&](bool zeros) -> std::unique_ptr<float[]> {
     return std::unique_ptr<float[]>(zeros ? new (std::nothrow) float[n]() : new (std::nothrow) float[n]);
   };
@@ -117,7 +117,8 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads) {
   // What crosses PCIe every step: the gradient chunks down, the master weights up.
   backend_->PinHostMemory(host_master_.get(), n * sizeof(float));
   for (auto& g : host_grad_) backend_->PinHostMemory(g.get(), host_chunk_elements_ * sizeof(float));
-  backend_->DownloadF32(host_master_.get(), model_->master_data(), n);
+  backend_->DownloadF32(host_master_.get(),
+                        static_cast<char*>(model_->master_data()) + model_->accum_byte_offset(shard_begin_), n);
   if (m_ != nullptr) {  // restored moments come along; fresh ones are the zeros above
     backend_->DownloadF32(host_m_.get(), m_, n);
     backend_->DownloadF32(host_v_.get(), v_, n);
@@ -132,31 +133,37 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads) {
 }
 
 absl::Status AdamWOptimizer::StepOnHost(const AdamWStep& s) {
-  const size_t n = model_->num_params(), chunk = host_chunk_elements_;
+  const size_t chunk = host_chunk_elements_;
+  // Chunk c covers shard elements [c * chunk, ...); host arrays are indexed from the shard's start.
+  auto range = [&](size_t c) {
+    const size_t lo = shard_begin_ + c * chunk;
+    return std::pair<size_t, size_t>{lo, std::min(shard_end_, lo + chunk)};
+  };
   auto download = [&](size_t c) {
-    const size_t lo = c * chunk;
-    backend_->DownloadF32(host_grad_[c % 2].get(), model_->grad_at(lo), std::min(n, lo + chunk) - lo);
+    const auto [lo, hi] = range(c);
+    backend_->DownloadF32(host_grad_[c % 2].get(), model_->grad_at(lo), hi - lo);
   };
   download(0);
-  for (size_t c = 0; c * chunk < n; ++c) {
-    const size_t lo = c * chunk, hi = std::min(n, lo + chunk);
+  for (size_t c = 0; range(c).first < shard_end_; ++c) {
+    const auto [lo, hi] = range(c);
     // The next chunk's gradients come down while the CPU updates this one.
     std::future<void> next;
-    if (hi < n) next = std::async(std::launch::async, download, c + 1);
+    if (hi < shard_end_) next = std::async(std::launch::async, download, c + 1);
     const float* grad = host_grad_[c % 2].get();
     for (const ParamInfo& p : model_->params()) {  // weight decay differs per tensor
       const size_t begin = std::max(p.offset, lo), end = std::min(p.offset + p.numel, hi);
       if (begin >= end) continue;
       AdamWStep step = s;
       step.weight_decay = p.decay ? options_.weight_decay : 0.0;
-      host_->AdamW(host_master_.get() + begin, nullptr, grad + (begin - lo), host_m_.get() + begin,
-                   host_v_.get() + begin, end - begin, step);
+      const size_t at = begin - shard_begin_;
+      host_->AdamW(host_master_.get() + at, nullptr, grad + (begin - lo), host_m_.get() + at, host_v_.get() + at,
+                   end - begin, step);
     }
     if (next.valid()) next.get();  // before this thread issues more work on the device
     // The chunk's gradients are spent: their device memory carries the updated weights
     // up, and the device rounds them into the layers' bf16 copy, as its AdamW would (no
     // staging buffer on the device).
-    backend_->UploadF32(model_->grad_at(lo), host_master_.get() + lo, hi - lo);
+    backend_->UploadF32(model_->grad_at(lo), host_master_.get() + (lo - shard_begin_), hi - lo);
     backend_->Copy(model_->param_at(lo), model_->grad_at(lo), hi - lo);
   }
   return absl::OkStatus();
@@ -239,8 +246,8 @@ absl::Status AdamWOptimizer::WithMomentsInMemory(const std::function<absl::Statu
 }
 
 void AdamWOptimizer::Shard(size_t begin, size_t end) {
-  if (swap_) {  // the moments are in the swap: shard first, then offload (Trainer does)
-    std::fprintf(stderr, "llamad: AdamWOptimizer::Shard after OffloadToNvme\n");
+  if (swap_ || host_) {  // the moments are elsewhere: shard first, then offload (Trainer does)
+    std::fprintf(stderr, "llamad: AdamWOptimizer::Shard after offloading\n");
     std::abort();
   }
   const size_t elem = DTypeSize(backend_->accum_dtype());

@@ -82,10 +82,12 @@ class AdamWOptimizer {
   // chunk: the chunk's gradients come down, the CPU updates its master weights and
   // moments, and the weights go back up as the layers' bf16 copy. The device keeps the
   // bf16 parameters, the gradients and the activations; the gradients are scratch after
-  // such a Step. `threads`: CPU threads for the update (0: all). Not with Shard.
+  // such a Step. After Shard, only the shard's state moves (and only its parameters are
+  // updated; the caller gathers the rest). `threads`: CPU threads for the update (0: all).
   absl::Status OffloadToHost(int threads);
   bool host_offloaded() const { return host_ != nullptr; }
-  // While host-offloaded: the master weights and moments (model parameter layout).
+  // While host-offloaded: the master weights and moments of flat elements [shard_begin(),
+  // shard_end()), the first at index 0.
   const float* host_master() const { return host_master_.get(); }
   const float* host_exp_avg() const { return host_m_.get(); }
   const float* host_exp_avg_sq() const { return host_v_.get(); }

@@ -72,9 +72,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
           f, ": offload.optimizer: host moves a GPU's optimizer state to host memory; the ", backend->name(),
           " backend keeps it in host memory already (use memory, or nvme for the NVMe tier)"));
     }
-    if (spec.parallel.plugin != "ddp") {
+    if (spec.parallel.plugin != "ddp" && spec.parallel.plugin != "zero1") {
       return absl::InvalidArgumentError(StrCat(
-          f, ": offload.optimizer: host runs with parallel.plugin ddp in this build, not '",
+          f, ": offload.optimizer: host runs with parallel.plugin ddp or zero1 in this build, not '",
           spec.parallel.plugin, "'"));
     }
   }
@@ -238,13 +238,13 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   if (auto s = optimizer_->Step(m.lr, clip); !s.ok()) return s;
   if (zero1_ && !model_->parameters_sharded()) {
     comm_start = std::chrono::steady_clock::now();
-    // Each rank updated its own slice of the parameters (of the master weights, which the
-    // layers' copy is then rounded from): gather them everywhere.
-    if (auto s = AllGatherSlicesOnBackend(*comm_, *backend_, model_->master_data(), model_->num_params());
+    // Each rank updated its own slice of the parameters: gather them everywhere. On a GPU
+    // these are the layers' bf16 copy; the f32 master weights outside a rank's slice go
+    // stale, and nothing reads them (a checkpoint saves each rank's own slice).
+    if (auto s = AllGatherSlicesOnBackend(*comm_, *backend_, model_->param_data(), model_->num_params());
         !s.ok()) {
       return s;
     }
-    model_->SyncParamsFromMaster();
     const double gather = seconds_since(comm_start);
     m.communication_seconds += gather;
     m.exposed_communication_seconds += gather;

@@ -635,9 +635,9 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   EXPECT_GT(two.back()["communication_s"].get<double>(), 0.0) << "two ranks must communicate";
   EXPECT_LT(one.back()["loss"].get<double>(), one.front()["loss"].get<double>());
 
-  // zero1: each GPU rank keeps and steps half of the AdamW moments, and the updated master
-  // weights are gathered. A checkpoint at step 6 gathers the moments to rank 0; resumed
-  // under zero1, rank 0 sends each rank its half back.
+  // zero1: each GPU rank keeps and steps half of the AdamW moments, and the updated bf16
+  // parameters are gathered. At step 6 each rank saves its half; resumed under zero1,
+  // rank 0 reads the checkpoint and sends each rank its half of the moments.
   const auto zero1 = run(2, "-p zero1 -i 6");
   ASSERT_EQ(zero1.size(), 12u);
   for (size_t i = 0; i < one.size(); ++i) {
@@ -652,6 +652,13 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
     EXPECT_NEAR(resumed[i]["loss"].get<double>(), one[6 + i]["loss"].get<double>(),
                 1e-5 * one[6 + i]["loss"].get<double>())
         << "zero1 resumed, step " << 7 + i;
+  }
+  // zero1 with each rank's half of the optimizer state in host memory: the same bits.
+  GpuJob host_job("llamad-gpu-ddp-host", "offload: {optimizer: host}\n");
+  const auto zero1_host = host_job.Run(2, "-p zero1");
+  ASSERT_EQ(zero1_host.size(), 12u);
+  for (size_t i = 0; i < zero1.size(); ++i) {
+    EXPECT_EQ(zero1_host[i]["loss"].get<double>(), zero1[i]["loss"].get<double>()) << "zero1 + host, step " << i + 1;
   }
 }
 
