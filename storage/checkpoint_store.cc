@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <sstream>
 #include <fstream>
 #include <map>
@@ -230,7 +231,7 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
   db_options.create_if_missing = true;
   if (auto s = rocksdb::DB::Open(db_options, index, &db); !s.ok()) {
     // One process writes a store at a time; RocksDB's lock file says another has it.
-    const bool locked = s.ToString().find("lock") != std::string::npos;
+    const bool locked = s.IsIOError() && s.ToString().find("lock file") != std::string::npos;
     return (locked ? absl::FailedPreconditionError : absl::InternalError)(fmt::format(
         "{}: cannot open the checkpoint index: {}{}", index, s.ToString(),
         locked ? " (another process is saving to this store: an earlier run of the job still exiting, or "
@@ -265,8 +266,9 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::WriteShard(
 
 namespace {
 
-std::string RecordsPath(const std::string& root, const std::string& job, int64_t step, int rank) {
-  return (fs::path(StepDirIn(root, job, step)) / fmt::format("rank-{}.records", rank)).string();
+// Named by run too, so that a killed run's file and this run's are never the same path.
+std::string RecordsPath(const std::string& root, const std::string& job, int64_t step, int rank, uint64_t run) {
+  return (fs::path(StepDirIn(root, job, step)) / fmt::format("rank-{}.run-{}.records", rank, run)).string();
 }
 
 }  // namespace
@@ -280,7 +282,7 @@ absl::Status PublishShardRecords(const std::string& root, const std::string& job
   } else {
     out["error"] = std::string(outcome.status().message());
   }
-  const std::string dir = StepDirIn(root, job, step), path = RecordsPath(root, job, step, rank);
+  const std::string dir = StepDirIn(root, job, step), path = RecordsPath(root, job, step, rank, run);
   std::error_code ec;
   fs::create_directories(dir, ec);  // a failed save may not have made it
   if (ec) return absl::InternalError(fmt::format("{}: cannot create: {}", dir, ec.message()));
@@ -296,11 +298,12 @@ absl::Status PublishShardRecords(const std::string& root, const std::string& job
 
 absl::StatusOr<std::vector<PieceRecord>> CollectShardRecords(const std::string& root, const std::string& job,
                                                              int64_t step, int world, uint64_t run,
-                                                             std::chrono::milliseconds timeout) {
+                                                             std::chrono::milliseconds timeout,
+                                                             const std::function<bool()>& cancelled) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   std::vector<PieceRecord> records;
   for (int rank = 1; rank < world; ++rank) {
-    const std::string path = RecordsPath(root, job, step, rank);
+    const std::string path = RecordsPath(root, job, step, rank, run);
     nlohmann::json j;
     while (true) {
       if (fs::exists(path)) {
@@ -312,8 +315,10 @@ absl::StatusOr<std::vector<PieceRecord>> CollectShardRecords(const std::string& 
         } catch (const std::exception& e) {
           return absl::DataLossError(fmt::format("{}: unreadable: {}", path, e.what()));
         }
-        if (j.value("run", uint64_t{0}) == run) break;
-        fs::remove(path);  // an earlier run's, killed before it committed
+        break;
+      }
+      if (cancelled && cancelled()) {
+        return absl::CancelledError(fmt::format("checkpoint step {}: stopped waiting for rank {}", step, rank));
       }
       if (std::chrono::steady_clock::now() > deadline) {
         return absl::DeadlineExceededError(fmt::format(
@@ -334,7 +339,11 @@ absl::StatusOr<std::vector<PieceRecord>> CollectShardRecords(const std::string& 
       }
       records.push_back(*std::move(record));
     }
-    fs::remove(path);
+  }
+  // This run's files are read; any others are a killed run's.
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(StepDirIn(root, job, step), ec)) {
+    if (entry.path().extension() == ".records") fs::remove(entry.path(), ec);
   }
   return records;
 }

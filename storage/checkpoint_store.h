@@ -21,6 +21,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -84,17 +85,19 @@ absl::StatusOr<std::vector<PieceRecord>> WriteShardFile(const std::string& root,
 
 // A rank's outcome for the committing rank: its records once its shard is durable, or
 // its error. Written whole (a temporary file, fsynced, then renamed) as
-// <step dir>/rank-<r>.records. `run` names this run of the job (the same number on every
+// <step dir>/rank-<r>.run-<run>.records. `run` names this run of the job (the same number on every
 // rank), so that a file left by an earlier, killed run is never taken for this one's.
 absl::Status PublishShardRecords(const std::string& root, const std::string& job, int64_t step, int rank,
                                  uint64_t run, const absl::StatusOr<std::vector<PieceRecord>>& outcome);
 
 // Waits until ranks [1, world) have published for `step` in run `run`, for at most
-// `timeout`; returns their records in rank order, or the first rank's error (naming the
-// rank). Removes the files it read, and files of other runs.
+// `timeout` and until `cancelled` (optional, polled) says to stop; returns their records
+// in rank order, or the first rank's error (naming the rank). Then removes the step's
+// published files, this run's and any a killed run left.
 absl::StatusOr<std::vector<PieceRecord>> CollectShardRecords(const std::string& root, const std::string& job,
                                                              int64_t step, int world, uint64_t run,
-                                                             std::chrono::milliseconds timeout);
+                                                             std::chrono::milliseconds timeout,
+                                                             const std::function<bool()>& cancelled = {});
 
 struct StoreOptions {
   int keep_last = 2;  // Committed checkpoints kept per job (pinned ones come on top).

@@ -90,7 +90,9 @@ class LlamaModel {
   void* param_data() { return params_data_; }
   // Gradients and the optimizer's copy of the parameters (accum_dtype()); the master is
   // param_data() itself when the backend keeps no separate master weights. The
-  // gradients are allocated, as zeros, at their first use.
+  // gradients are allocated, as zeros, at their first use. Under ZeRO-1 only the rank's
+  // slice of separate master weights is kept current (the others' go stale; the layers'
+  // copy is gathered instead), and after ReleaseMasterWeights master_data() is null.
   void* grad_data();
   void* master_data() { return master_data_; }
   // The parameter of flat element `offset` (the whole buffer, or under ShardParameters

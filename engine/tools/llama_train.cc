@@ -490,8 +490,9 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   if (auto s = (*trainer)->StartFromRankZero(); !s.ok()) return Fail(s);
   if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
   if (lead && (*trainer)->optimizer().host_offloaded()) {
-    std::fprintf(stderr, "llama-train: master weights and AdamW moments (%s) in host memory, updated by the CPU\n",
-                 HumanBytes(12.0 * double((*trainer)->model().num_params())).c_str());
+    const AdamWOptimizer& o = (*trainer)->optimizer();
+    std::fprintf(stderr, "llama-train: master weights and AdamW moments (%s per rank) in host memory, updated by the CPU\n",
+                 HumanBytes(12.0 * double(o.shard_end() - o.shard_begin())).c_str());
   }
   if (lead && (*trainer)->optimizer().offloaded()) {
     std::fprintf(stderr, "llama-train: optimizer state (%s) in an NVMe swap file under %s\n",

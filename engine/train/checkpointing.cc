@@ -81,6 +81,9 @@ AsyncCheckpointer::AsyncCheckpointer(storage::CheckpointStore* store, std::strin
 }
 
 AsyncCheckpointer::~AsyncCheckpointer() {
+  // Training has stopped (finished, or failed with a lost rank): rank 0 stops waiting for
+  // shards that may never come. A finished run has waited for its saves already (Wait).
+  abandon_ = true;
   {
     std::unique_lock lock(mu_);
     cv_.wait(lock, [&] { return !busy_; });
@@ -206,7 +209,8 @@ void AsyncCheckpointer::Worker() {
         status = storage::PublishShardRecords(root_, job_, step_, rank_, run_, records);
         if (status.ok()) status = records.status();
       } else if (records.ok()) {
-        auto others = storage::CollectShardRecords(root_, job_, step_, world_, run_, kPeerSaveTimeout);
+        auto others = storage::CollectShardRecords(root_, job_, step_, world_, run_, kPeerSaveTimeout,
+                                                   [this] { return abandon_.load(); });
         if (others.ok()) {
           records->insert(records->end(), others->begin(), others->end());
           status = store_->Commit(job_, step_, meta_, *records);

@@ -3,6 +3,7 @@
 // layout), asynchronous saving, exact restore, and Hugging Face import/export.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -43,7 +44,9 @@ class AsyncCheckpointer {
   // job did not use (storage::PublishShardRecords).
   AsyncCheckpointer(storage::CheckpointStore* store, std::string root, std::string job, int rank, int world,
                     uint64_t run, std::function<void(int64_t, const absl::Status&)> on_commit = {});
-  ~AsyncCheckpointer();  // Waits for the save in flight.
+  // Waits for the save in flight; rank 0 of several no longer waits for the others'
+  // shards (they may be gone), so call Wait() first to finish a save.
+  ~AsyncCheckpointer();
 
   // Waits for the previous save (returning its error, if any), snapshots `trainer`'s
   // state at its current step and starts writing it. Returns the seconds spent
@@ -66,6 +69,7 @@ class AsyncCheckpointer {
   std::string job_;
   int rank_ = 0, world_ = 1;
   uint64_t run_ = 0;
+  std::atomic<bool> abandon_{false};  // set by the destructor: stop waiting for peers
   std::function<void(int64_t, const absl::Status&)> on_commit_;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -34,9 +34,10 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
     plan.optimizer_state = 3 * chunk_bytes;
   }
   if (spec.offload.optimizer == "host" && dtype != accum) {
-    // AdamWOptimizer::OffloadToHost: master weights and moments in host f32, and one
-    // gradient chunk of at most 16 Mi elements; the device keeps none of them.
-    plan.optimizer_state_host = 3 * sharded * 4 + std::min<uint64_t>(sharded, uint64_t{16} << 20) * 4;
+    // AdamWOptimizer::OffloadToHost: master weights and moments of the rank's shard in
+    // host f32, and two gradient chunks of at most 16 Mi elements (one updated while the
+    // next comes down); the device keeps none of them.
+    plan.optimizer_state_host = 3 * sharded * 4 + 2 * std::min<uint64_t>(sharded, uint64_t{16} << 20) * 4;
     plan.master_weights = 0;
     plan.optimizer_state = 0;
   }

@@ -653,12 +653,21 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
                 1e-5 * one[6 + i]["loss"].get<double>())
         << "zero1 resumed, step " << 7 + i;
   }
-  // zero1 with each rank's half of the optimizer state in host memory: the same bits.
+  // zero1 with each rank's half of the optimizer state in host memory: the same bits,
+  // and its step-6 checkpoint (each rank's half from host memory) resumes on the devices
+  // on the same bits as well.
   GpuJob host_job("llamad-gpu-ddp-host", "offload: {optimizer: host}\n");
-  const auto zero1_host = host_job.Run(2, "-p zero1");
+  const auto zero1_host = host_job.Run(2, "-p zero1 -i 6");
   ASSERT_EQ(zero1_host.size(), 12u);
   for (size_t i = 0; i < zero1.size(); ++i) {
     EXPECT_EQ(zero1_host[i]["loss"].get<double>(), zero1[i]["loss"].get<double>()) << "zero1 + host, step " << i + 1;
+  }
+  EXPECT_EQ(zero1_host.back()["optimizer_state_bytes"].get<double>(), 0);
+  const auto host_resumed = job.Run(2, "-p zero1 -i 0 -f " + (host_job.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
+  ASSERT_EQ(host_resumed.size(), 6u);
+  for (size_t i = 0; i < host_resumed.size(); ++i) {
+    EXPECT_EQ(host_resumed[i]["loss"].get<double>(), zero1_host[6 + i]["loss"].get<double>())
+        << "zero1 + host checkpoint resumed, step " << 7 + i;
   }
 }
 

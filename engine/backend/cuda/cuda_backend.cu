@@ -457,7 +457,7 @@ class CudaBackend final : public Backend {
     LLAMAD_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
     allocs_[reinterpret_cast<uintptr_t>(p)] = {bytes, type};
     allocated_ += bytes;
-    peak_ = std::max(peak_, allocated_);
+    peak_ = std::max(peak_, allocated_bytes());
     return p;
   }
   void PinHostMemory(void* host, size_t bytes) override {
@@ -494,25 +494,48 @@ class CudaBackend final : public Backend {
     DownloadF32(f.data(), src, n);
     std::copy(f.begin(), f.end(), dst);
   }
+  // Host copies may come from other threads (the host-offloaded optimizer's), whose
+  // current device is not necessarily this backend's: a runtime call there would start a
+  // context on that other GPU.
+  void BindDevice() const {
+    int current = -1;
+    if (cudaGetDevice(&current) != cudaSuccess || current != options_.device) {
+      LLAMAD_CUDA_CHECK(cudaSetDevice(options_.device));
+    }
+  }
+  // bf16 goes through an f32 staging buffer on the device in pieces of at most this many
+  // elements, so that copying a whole model's parameters holds no model-sized scratch.
+  static constexpr size_t kStagingElements = size_t{16} << 20;
+
   void UploadF32(void* dst, const float* src, size_t n) override {
+    BindDevice();
     if (TypeOf(dst, n) == DType::kF32) {
       LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * 4, cudaMemcpyHostToDevice, stream_));
     } else {
-      float* staging = Scratch<float>(staging_, n);
-      LLAMAD_CUDA_CHECK(cudaMemcpyAsync(staging, src, n * 4, cudaMemcpyHostToDevice, stream_));
-      ConvertKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(dst), staging, n);
-      LLAMAD_CUDA_LAUNCHED();
+      float* staging = Scratch<float>(staging_, std::min(n, kStagingElements));
+      for (size_t done = 0; done < n; done += kStagingElements) {
+        const size_t count = std::min(kStagingElements, n - done);
+        LLAMAD_CUDA_CHECK(cudaMemcpyAsync(staging, src + done, count * 4, cudaMemcpyHostToDevice, stream_));
+        ConvertKernel<<<Blocks(count, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(dst) + done, staging,
+                                                                          count);
+        LLAMAD_CUDA_LAUNCHED();
+      }
     }
     LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_));  // src may go away
   }
   void DownloadF32(float* dst, const void* src, size_t n) override {
+    BindDevice();
     if (TypeOf(src, n) == DType::kF32) {
       LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * 4, cudaMemcpyDeviceToHost, stream_));
     } else {
-      float* staging = Scratch<float>(staging_, n);
-      ConvertKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(staging, static_cast<const bf16*>(src), n);
-      LLAMAD_CUDA_LAUNCHED();
-      LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst, staging, n * 4, cudaMemcpyDeviceToHost, stream_));
+      float* staging = Scratch<float>(staging_, std::min(n, kStagingElements));
+      for (size_t done = 0; done < n; done += kStagingElements) {
+        const size_t count = std::min(kStagingElements, n - done);
+        ConvertKernel<<<Blocks(count, kThreads), kThreads, 0, stream_>>>(
+            staging, static_cast<const bf16*>(src) + done, count);
+        LLAMAD_CUDA_LAUNCHED();
+        LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst + done, staging, count * 4, cudaMemcpyDeviceToHost, stream_));
+      }
     }
     LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
