@@ -40,7 +40,7 @@ std::vector<ParamInfo> LlamaParamLayout(const ModelConfig& c) {
 LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaOptions& options)
     : config_(config), backend_(backend), options_(options), params_(LlamaParamLayout(config)) {
   num_params_ = params_.back().offset + params_.back().numel;
-  grad_end_ = param_end_ = num_params_;
+  grad_end_ = param_end_ = master_end_ = num_params_;
   params_data_ = backend_->Allocate(num_params_);
   // The gradients come at their first use (EnsureGrads): a ZeRO-2/3 rank shards them
   // before training and so never holds them whole.
@@ -158,7 +158,24 @@ void LlamaModel::InitWeights(uint64_t seed) {
 }
 
 void LlamaModel::SyncParamsFromMaster() {
-  if (master_data_ != params_data_ && master_data_ != nullptr) backend_->Copy(params_data_, master_data_, num_params_);
+  if (master_data_ == params_data_ || master_data_ == nullptr) return;
+  backend_->Copy(static_cast<char*>(params_data_) + param_byte_offset(master_begin_), master_data_,
+                 master_end_ - master_begin_);
+}
+
+void* LlamaModel::master_at(size_t offset) {
+  if (master_data_ == params_data_) return param_at(offset);
+  return static_cast<char*>(master_data_) + accum_byte_offset(offset - master_begin_);
+}
+
+void LlamaModel::ShardMasterWeights(size_t begin, size_t end) {
+  if (master_data_ == params_data_ || master_data_ == nullptr) return;
+  void* shard = backend_->Allocate(end - begin, backend_->accum_dtype());
+  backend_->Copy(shard, master_at(begin), end - begin);
+  backend_->Free(master_data_);
+  master_data_ = shard;
+  master_begin_ = begin;
+  master_end_ = end;
 }
 
 void LlamaModel::ReleaseMasterWeights() {

@@ -90,11 +90,16 @@ class LlamaModel {
   void* param_data() { return params_data_; }
   // Gradients and the optimizer's copy of the parameters (accum_dtype()); the master is
   // param_data() itself when the backend keeps no separate master weights. The
-  // gradients are allocated, as zeros, at their first use. Under ZeRO-1 only the rank's
-  // slice of separate master weights is kept current (the others' go stale; the layers'
-  // copy is gathered instead), and after ReleaseMasterWeights master_data() is null.
+  // gradients are allocated, as zeros, at their first use. master_data() is the whole
+  // buffer until ShardMasterWeights, and null after ReleaseMasterWeights.
   void* grad_data();
   void* master_data() { return master_data_; }
+  // The master weight of flat element `offset` (the whole buffer, the shard, or without
+  // separate master weights the parameter itself).
+  void* master_at(size_t offset);
+  // ZeRO (separate master weights only): keeps master weights [begin, end) alone, the
+  // optimizer's shard; the layers' copy of the others arrives gathered.
+  void ShardMasterWeights(size_t begin, size_t end);
   // The parameter of flat element `offset` (the whole buffer, or under ShardParameters
   // the shard, which must hold it).
   void* param_at(size_t offset);
@@ -112,8 +117,8 @@ class LlamaModel {
   // Seeded initialisation: linear and embedding weights ~ N(0, 0.02^2), norm weights 1.
   // Each tensor draws from its own counter-based stream: bit-identical on any machine.
   void InitWeights(uint64_t seed);
-  // Rounds the master weights into param_data() after they were written (restore, load);
-  // nothing to do without separate master weights.
+  // Rounds the master weights (those held: all, or the shard) into param_data() after
+  // they were written (restore, load); nothing to do without separate master weights.
   void SyncParamsFromMaster();
   // The optimizer took the master weights elsewhere (host memory): frees the backend's
   // copy; master_data() is null from then on.
@@ -193,6 +198,7 @@ class LlamaModel {
   void* params_data_ = nullptr;
   void* grads_data_ = nullptr;
   void* master_data_ = nullptr;  // == params_data_ without separate master weights
+  size_t master_begin_ = 0, master_end_ = 0;  // the flat elements master_data_ holds
   GradReadyHook grad_ready_;
   // ZeRO-2 (ShardGradients): grads_data_ is then the shard [grad_begin_, grad_end_).
   GradSink grad_sink_;

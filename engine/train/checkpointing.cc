@@ -157,10 +157,7 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
       std::copy_n(optimizer.host_exp_avg_sq() + at, count, part.dst[2]);
       continue;
     }
-    const void* master = model.parameters_sharded()
-                             ? model.param_at(part.lo)  // zero3 (no separate master weights)
-                             : static_cast<char*>(model.master_data()) + model.accum_byte_offset(part.lo);
-    be.DownloadF32(part.dst[0], master, count);
+    be.DownloadF32(part.dst[0], model.master_at(part.lo), count);
     if (optimizer.offloaded()) continue;  // streamed below
     const size_t moment_offset = model.accum_byte_offset(part.lo - moment_base);
     be.DownloadF32(part.dst[1], static_cast<char*>(optimizer.exp_avg()) + moment_offset, count);

@@ -21,7 +21,7 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   // region's scratch besides the shard (LlamaModel::ShardGradients, ShardParameters).
   const uint64_t region = LargestGradientRegion(spec.model);
   plan.parameters = (plugin == "zero3" && many ? shard + region : n) * DTypeSize(dtype);
-  plan.master_weights = dtype != accum ? n * DTypeSize(accum) : 0;
+  plan.master_weights = dtype != accum ? sharded * DTypeSize(accum) : 0;  // sharded with the moments
   plan.gradients = ((plugin == "zero2" || plugin == "zero3") && many ? shard + region : n) * DTypeSize(accum);
   plan.optimizer_state = 2 * sharded * DTypeSize(accum);
   if (spec.offload.optimizer == "nvme") {

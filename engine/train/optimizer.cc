@@ -60,14 +60,14 @@ void AdamWOptimizer::UpdateRange(size_t lo, size_t hi, char* m, char* v, AdamWSt
   auto accum = [&](void* base, size_t offset) {
     return static_cast<char*>(base) + model_->accum_byte_offset(offset);
   };
-  const bool master = model_->master_data() != model_->param_data();
+  const bool master = backend_->needs_master_weights();
   for (const ParamInfo& p : model_->params()) {
     // The part of this tensor inside [lo, hi).
     const size_t begin = std::max(p.offset, lo), end = std::min(p.offset + p.numel, hi);
     if (begin >= end) continue;
     s.weight_decay = p.decay ? options_.weight_decay : 0.0;
     backend_->AdamW(model_->param_at(begin),
-                    master ? accum(model_->master_data(), begin) : nullptr, model_->grad_at(begin),
+                    master ? model_->master_at(begin) : nullptr, model_->grad_at(begin),
                     m + (begin - lo) * elem, v + (begin - lo) * elem, end - begin, s);
   }
 }
@@ -117,8 +117,7 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads) {
   // What crosses PCIe every step: the gradient chunks down, the master weights up.
   backend_->PinHostMemory(host_master_.get(), n * sizeof(float));
   for (auto& g : host_grad_) backend_->PinHostMemory(g.get(), host_chunk_elements_ * sizeof(float));
-  backend_->DownloadF32(host_master_.get(),
-                        static_cast<char*>(model_->master_data()) + model_->accum_byte_offset(shard_begin_), n);
+  backend_->DownloadF32(host_master_.get(), model_->master_at(shard_begin_), n);
   if (m_ != nullptr) {  // restored moments come along; fresh ones are the zeros above
     backend_->DownloadF32(host_m_.get(), m_, n);
     backend_->DownloadF32(host_v_.get(), v_, n);

@@ -238,9 +238,8 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   if (auto s = optimizer_->Step(m.lr, clip); !s.ok()) return s;
   if (zero1_ && !model_->parameters_sharded()) {
     comm_start = std::chrono::steady_clock::now();
-    // Each rank updated its own slice of the parameters: gather them everywhere. On a GPU
-    // these are the layers' bf16 copy; the f32 master weights outside a rank's slice go
-    // stale, and nothing reads them (a checkpoint saves each rank's own slice).
+    // Each rank updated its own slice of the parameters: gather them everywhere (on a GPU
+    // the layers' bf16 copy; each rank holds the master weights of its slice only).
     if (auto s = AllGatherSlicesOnBackend(*comm_, *backend_, model_->param_data(), model_->num_params());
         !s.ok()) {
       return s;
@@ -293,6 +292,8 @@ absl::Status Trainer::ShardOptimizerState(bool moments_from_rank_zero) {
   const size_t n = model_->num_params();
   const auto [begin, end] = EvenSlice(n, comm_->rank(), comm_->world_size());
   zero1_ = true;
+  // Separate master weights (a GPU's) are read and updated only in the optimizer's shard.
+  model_->ShardMasterWeights(begin, end);
   if (!moments_from_rank_zero) {
     optimizer_->Shard(begin, end);  // the shard's moments are allocated, as zeros, at first use
     return absl::OkStatus();

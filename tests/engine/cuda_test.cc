@@ -646,6 +646,12 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   }
   EXPECT_NEAR(zero1.back()["optimizer_state_bytes"].get<double>(),
               one.back()["optimizer_state_bytes"].get<double>() / 2, 8.0);
+  // Half the moments and half the f32 master weights stay off each GPU: 6 bytes per
+  // parameter below ddp's peak.
+  const double params = one.back()["parameter_bytes"].get<double>() / 2;  // bf16
+  const double saved = two.back()["peak_memory_bytes"].get<double>() - zero1.back()["peak_memory_bytes"].get<double>();
+  RecordProperty("zero1 GPU bytes saved per parameter at 2 ranks", Sci(saved / params));
+  EXPECT_GE(saved, 5.9 * params);
   const auto resumed = run(2, "-p zero1 -i 0 -f " + (dir / "ckpt" / "gpu-ddp" / "step-6").string());
   ASSERT_EQ(resumed.size(), 6u);
   for (size_t i = 0; i < resumed.size(); ++i) {
