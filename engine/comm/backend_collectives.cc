@@ -39,6 +39,25 @@ absl::Status BroadcastOnBackend(Communicator& comm, Backend& backend, void* buff
   return OnHost(backend, buffer, n, [&](float* data) { return comm.Broadcast(data, n, root); });
 }
 
+absl::Status ReduceAddOnBackend(Communicator& comm, Backend& backend, void* data, size_t n, int root, void* into) {
+  const bool root_here = comm.rank() == root;
+  if (BuffersInHostMemory(backend)) {
+    float* sum = static_cast<float*>(data);
+    if (auto s = comm.ReduceSum(sum, n, root); !s.ok() || !root_here) return s;
+    float* total = static_cast<float*>(into);
+    for (size_t i = 0; i < n; ++i) total[i] += sum[i];
+    return absl::OkStatus();
+  }
+  float* host = Staging(root_here ? 2 * n : n);
+  backend.DownloadF32(host, data, n);
+  if (auto s = comm.ReduceSum(host, n, root); !s.ok() || !root_here) return s;
+  float* total = host + n;
+  backend.DownloadF32(total, into, n);
+  for (size_t i = 0; i < n; ++i) total[i] += host[i];
+  backend.UploadF32(into, total, n);
+  return absl::OkStatus();
+}
+
 absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n) {
   return OnHost(backend, buffer, n, [&](float* data) { return AllGatherSlices(comm, data, n); });
 }

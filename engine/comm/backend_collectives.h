@@ -20,6 +20,9 @@ bool BuffersInHostMemory(const Backend& backend);
 absl::Status AllReduceSumOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n);
 // Copies root's n elements of `buffer` to every rank.
 absl::Status BroadcastOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n, int root);
+// Sums n elements of `data` over all ranks and adds the sum into root's `into` (n
+// elements; the other ranks' is untouched). Every rank's `data` is scratch afterwards.
+absl::Status ReduceAddOnBackend(Communicator& comm, Backend& backend, void* data, size_t n, int root, void* into);
 // In place: each rank's EvenSlice of the n elements of `buffer` goes to every rank.
 absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n);
 // Communicator::ScatterSlices on backend buffers: `own` receives this rank's EvenSlice

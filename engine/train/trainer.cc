@@ -72,10 +72,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
           f, ": offload.optimizer: host moves a GPU's optimizer state to host memory; the ", backend->name(),
           " backend keeps it in host memory already (use memory, or nvme for the NVMe tier)"));
     }
-    if (spec.parallel.plugin != "ddp" && spec.parallel.plugin != "zero1") {
+    if (spec.parallel.plugin == "zero3") {
       return absl::InvalidArgumentError(StrCat(
-          f, ": offload.optimizer: host runs with parallel.plugin ddp or zero1 in this build, not '",
-          spec.parallel.plugin, "'"));
+          f, ": offload.optimizer: host runs with parallel.plugin ddp, zero1 or zero2 in this build, not zero3"));
     }
   }
   if (backend->name() == "cpu") {
@@ -115,10 +114,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
     }
   }
   if (comm != nullptr && comm->world_size() > 1) {
-    if (!BuffersInHostMemory(*backend) && (spec.parallel.plugin == "zero2" || spec.parallel.plugin == "zero3")) {
+    if (!BuffersInHostMemory(*backend) && spec.parallel.plugin == "zero3") {
       return absl::InvalidArgumentError(StrCat(
-          f, ": parallel.plugin: '", spec.parallel.plugin, "' over ", comm->world_size(),
-          " ranks runs on the CPU backend in this build; GPU ranks train with ddp or zero1"));
+          f, ": parallel.plugin: 'zero3' over ", comm->world_size(),
+          " ranks runs on the CPU backend in this build; GPU ranks train with ddp, zero1 or zero2"));
     }
     if (!BuffersInHostMemory(*backend) && spec.offload.optimizer == "nvme") {
       return absl::InvalidArgumentError(StrCat(
@@ -331,14 +330,11 @@ void Trainer::ForEachOwnerPart(size_t begin, size_t end,
 void Trainer::ShardGradients() {
   const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
   model_->ShardGradients(own_begin, own_end, [this](size_t begin, size_t end, void* grads) {
-    float* region = static_cast<float*>(grads);  // host f32 (CPU backend)
     // Each rank's part of the region is summed to that rank, which adds it to its shard.
     ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
-      float* part = region + (lo - begin);
-      if (auto s = comm_->ReduceSum(part, hi - lo, owner); !s.ok() || owner != comm_->rank()) return s;
-      float* shard = static_cast<float*>(model_->grad_at(lo));
-      for (size_t i = 0; i < hi - lo; ++i) shard[i] += part[i];
-      return absl::OkStatus();
+      void* part = static_cast<char*>(grads) + model_->accum_byte_offset(lo - begin);
+      return ReduceAddOnBackend(*comm_, *backend_, part, hi - lo, owner,
+                                owner == comm_->rank() ? model_->grad_at(lo) : nullptr);
     });
   });
 }

@@ -614,8 +614,8 @@ class GpuJob {
 };
 
 // Two data-parallel GPU ranks (here sharing one GPU) train the same global batch as one
-// rank, on the same loss curve, under ddp and zero1: each rank's gradients go through
-// host memory and Gloo.
+// rank, on the same loss curve, under ddp, zero1 and zero2: each rank's gradients go
+// through host memory and Gloo.
 // The micro-batches' f32 gradients are summed in another order at most (on an H200 the
 // losses of 12 steps were identical), so 1e-5 relative is the bound, as on the CPU.
 TEST_F(CudaTest, TwoRanksTrainLikeOne) {
@@ -669,6 +669,23 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
     EXPECT_EQ(zero1_host[i]["loss"].get<double>(), zero1[i]["loss"].get<double>()) << "zero1 + host, step " << i + 1;
   }
   EXPECT_EQ(zero1_host.back()["optimizer_state_bytes"].get<double>(), 0);
+
+  // zero2: each GPU rank also keeps half of the gradients (plus a layer's scratch), each
+  // region's gradients reduced to their owners through host memory as the backward ends
+  // it; with the optimizer in host memory, the same bits again.
+  const auto zero2 = run(2, "-p zero2"), zero2_host = host_job.Run(2, "-p zero2");
+  ASSERT_EQ(zero2.size(), 12u);
+  ASSERT_EQ(zero2_host.size(), 12u);
+  for (size_t i = 0; i < one.size(); ++i) {
+    EXPECT_NEAR(zero2[i]["loss"].get<double>(), one[i]["loss"].get<double>(), 1e-5 * one[i]["loss"].get<double>())
+        << "zero2, step " << i + 1;
+    EXPECT_EQ(zero2_host[i]["loss"].get<double>(), zero2[i]["loss"].get<double>()) << "zero2 + host, step " << i + 1;
+  }
+  // Half the gradients, plus a layer's scratch: norms 2 x 128, qkv (128 + 2 x 64) x 128,
+  // o 128 x 128, gate_up 2 x 256 x 128, down 128 x 256.
+  const size_t n = size_t(one.back()["gradient_bytes"].get<double>()) / 4;
+  const size_t layer = 2 * 128 + 256 * 128 + 128 * 128 + 512 * 128 + 128 * 256;
+  EXPECT_EQ(size_t(zero2.back()["gradient_bytes"].get<double>()), ((n + 1) / 2 + layer) * 4);
   const auto host_resumed = job.Run(2, "-p zero1 -i 0 -f " + (host_job.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
   ASSERT_EQ(host_resumed.size(), 6u);
   for (size_t i = 0; i < host_resumed.size(); ++i) {
