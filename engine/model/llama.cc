@@ -108,15 +108,13 @@ size_t LlamaModel::param_bytes() const {
 }
 
 void LlamaModel::ShardParameters(size_t begin, size_t end, ParamGather gather) {
-  if (backend_->needs_master_weights()) {
-    std::fprintf(stderr, "llamad: LlamaModel::ShardParameters with separate master weights\n");
-    std::abort();
-  }
+  const bool separate_master = master_data_ != params_data_;  // sharded on their own
   const size_t largest = LargestGradientRegion(config_);
   void* shard = backend_->Allocate(end - begin);
   backend_->Copy(shard, static_cast<char*>(params_data_) + param_byte_offset(begin), end - begin);
   backend_->Free(params_data_);
-  params_data_ = master_data_ = shard;
+  params_data_ = shard;
+  if (!separate_master) master_data_ = shard;
   param_scratch_ = backend_->Allocate(largest);
   param_scratch_elements_ = largest;
   param_begin_ = begin;
@@ -159,8 +157,7 @@ void LlamaModel::InitWeights(uint64_t seed) {
 
 void LlamaModel::SyncParamsFromMaster() {
   if (master_data_ == params_data_ || master_data_ == nullptr) return;
-  backend_->Copy(static_cast<char*>(params_data_) + param_byte_offset(master_begin_), master_data_,
-                 master_end_ - master_begin_);
+  backend_->Copy(param_at(master_begin_), master_data_, master_end_ - master_begin_);
 }
 
 void* LlamaModel::master_at(size_t offset) {

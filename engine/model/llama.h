@@ -146,8 +146,8 @@ class LlamaModel {
   void ShardGradients(size_t begin, size_t end, GradSink sink);
   bool gradients_sharded() const { return grad_sink_ != nullptr; }
 
-  // ZeRO-3 (backends without separate master weights): the model keeps parameters
-  // [begin, end) only. Before the forward or backward uses a region (as above) it calls
+  // ZeRO-3: the model keeps parameters [begin, end) only (separate master weights are
+  // sharded by ShardMasterWeights, which must come first). Before the forward or backward uses a region (as above) it calls
   // `gather`, which must fill `dst` with the region's parameters from the ranks that own
   // them: a collective, so every rank runs the same forwards and backwards.
   using ParamGather = std::function<void(size_t begin, size_t end, void* dst)>;

@@ -72,10 +72,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
           f, ": offload.optimizer: host moves a GPU's optimizer state to host memory; the ", backend->name(),
           " backend keeps it in host memory already (use memory, or nvme for the NVMe tier)"));
     }
-    if (spec.parallel.plugin == "zero3") {
-      return absl::InvalidArgumentError(StrCat(
-          f, ": offload.optimizer: host runs with parallel.plugin ddp, zero1 or zero2 in this build, not zero3"));
-    }
   }
   if (backend->name() == "cpu") {
     const int world = comm != nullptr ? comm->world_size() : 1;
@@ -114,11 +110,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
     }
   }
   if (comm != nullptr && comm->world_size() > 1) {
-    if (!BuffersInHostMemory(*backend) && spec.parallel.plugin == "zero3") {
-      return absl::InvalidArgumentError(StrCat(
-          f, ": parallel.plugin: 'zero3' over ", comm->world_size(),
-          " ranks runs on the CPU backend in this build; GPU ranks train with ddp, zero1 or zero2"));
-    }
     if (!BuffersInHostMemory(*backend) && spec.offload.optimizer == "nvme") {
       return absl::InvalidArgumentError(StrCat(
           f, ": offload.optimizer: nvme runs on the CPU backend in this build"));
@@ -342,14 +333,11 @@ void Trainer::ShardGradients() {
 void Trainer::ShardParameters() {
   const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
   model_->ShardParameters(own_begin, own_end, [this](size_t begin, size_t end, void* dst) {
-    float* region = static_cast<float*>(dst);  // host f32 (CPU backend)
     // Each owner broadcasts its part of the region.
     ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
-      if (owner == comm_->rank()) {
-        const float* own = static_cast<const float*>(model_->param_at(lo));
-        std::copy(own, own + (hi - lo), region + (lo - begin));
-      }
-      return comm_->Broadcast(region + (lo - begin), hi - lo, owner);
+      void* part = static_cast<char*>(dst) + model_->param_byte_offset(lo - begin);
+      if (owner == comm_->rank()) backend_->Copy(part, model_->param_at(lo), hi - lo);
+      return BroadcastOnBackend(*comm_, *backend_, part, hi - lo, owner);
     });
   });
 }

@@ -614,8 +614,8 @@ class GpuJob {
 };
 
 // Two data-parallel GPU ranks (here sharing one GPU) train the same global batch as one
-// rank, on the same loss curve, under ddp, zero1 and zero2: each rank's gradients go
-// through host memory and Gloo.
+// rank, on the same loss curve, under ddp and ZeRO-1/2/3: each rank's gradients and
+// parameters go through host memory and Gloo.
 // The micro-batches' f32 gradients are summed in another order at most (on an H200 the
 // losses of 12 steps were identical), so 1e-5 relative is the bound, as on the CPU.
 TEST_F(CudaTest, TwoRanksTrainLikeOne) {
@@ -686,6 +686,19 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   const size_t n = size_t(one.back()["gradient_bytes"].get<double>()) / 4;
   const size_t layer = 2 * 128 + 256 * 128 + 128 * 128 + 512 * 128 + 128 * 256;
   EXPECT_EQ(size_t(zero2.back()["gradient_bytes"].get<double>()), ((n + 1) / 2 + layer) * 4);
+
+  // zero3: the bf16 parameters too, each layer gathered before the forward and again
+  // before the backward (and its recomputation, with -g); with activation checkpointing
+  // against one rank with it, and with the optimizer in host memory the same bits.
+  const auto one_g = run(1, "-g"), zero3 = run(2, "-p zero3 -g"), zero3_host = host_job.Run(2, "-p zero3 -g");
+  ASSERT_EQ(zero3.size(), 12u);
+  ASSERT_EQ(zero3_host.size(), 12u);
+  for (size_t i = 0; i < one_g.size(); ++i) {
+    EXPECT_NEAR(zero3[i]["loss"].get<double>(), one_g[i]["loss"].get<double>(), 1e-5 * one_g[i]["loss"].get<double>())
+        << "zero3, step " << i + 1;
+    EXPECT_EQ(zero3_host[i]["loss"].get<double>(), zero3[i]["loss"].get<double>()) << "zero3 + host, step " << i + 1;
+  }
+  EXPECT_EQ(size_t(zero3.back()["parameter_bytes"].get<double>()), ((n + 1) / 2 + layer) * 2);  // bf16
   const auto host_resumed = job.Run(2, "-p zero1 -i 0 -f " + (host_job.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
   ASSERT_EQ(host_resumed.size(), 6u);
   for (size_t i = 0; i < host_resumed.size(); ++i) {
