@@ -644,9 +644,10 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
                                 {"checkpoint_snapshot", plan.checkpoint_snapshot},
                                 {"optimizer_state_host", plan.optimizer_state_host},
                                 {"total", plan.total()},           {"world_size", plan.world_size},
-                                {"budget", budget},                {"fits", budget == 0 || plan.total() <= budget}};
+                                {"startup", plan.startup},         {"peak", plan.peak()},
+                                {"budget", budget},                {"fits", budget == 0 || plan.peak() <= budget}};
     std::printf("%s\n", out.dump().c_str());
-    return budget > 0 && plan.total() > budget ? kExitFailure : 0;
+    return budget > 0 && plan.peak() > budget ? kExitFailure : 0;
   }
   std::printf("job '%s': model %s (%.2fM parameters), %s, plugin %s, micro-batch %lld x %lld, %s\n%s",
               spec->name.c_str(), spec->model.name.c_str(), spec->model.NumParameters() / 1e6,
@@ -654,7 +655,7 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
               (long long)spec->training.batch_size, (long long)spec->training.max_length,
               spec->training.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
               plan.Describe(budget, budget_name).c_str());
-  return budget > 0 && plan.total() > budget ? kExitFailure : 0;
+  return budget > 0 && plan.peak() > budget ? kExitFailure : 0;
 }
 
 int RunExport(const std::string& load, const std::string& hf_out) {

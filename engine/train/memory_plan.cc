@@ -24,6 +24,7 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   plan.master_weights = dtype != accum ? sharded * DTypeSize(accum) : 0;  // sharded with the moments
   plan.gradients = ((plugin == "zero2" || plugin == "zero3") && many ? shard + region : n) * DTypeSize(accum);
   plan.optimizer_state = 2 * sharded * DTypeSize(accum);
+  plan.startup = n * DTypeSize(dtype) + (dtype != accum ? n * DTypeSize(accum) : 0);
   if (spec.offload.optimizer == "nvme") {
     // The same chunking as AdamWOptimizer::OffloadToNvme: both moments of a range of
     // elements per chunk, whole chunks in the file, three chunks in memory.
@@ -79,6 +80,11 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
                        snapshot_on_this_tier ? "" : ", host memory: not in the total");
   }
   out += fmt::format("  {:<16} {}\n", "total", gib(total()));
+  if (startup > total()) {
+    out += fmt::format("  {:<16} {} (every rank builds the whole model before it shards it; more than the\n"
+                       "  {:<16} {:>13} training total, so this is the rank's peak)\n",
+                       "start-up", gib(startup), "", "");
+  }
   if (optimizer_state_host > 0) {
     out += fmt::format("  {:<16} {} (f32 master weights and AdamW moments, updated by the CPU)\n", "in host memory",
                        gib(optimizer_state_host));
@@ -87,8 +93,8 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
     out += fmt::format("  {:<16} {} (the AdamW moments, in the NVMe swap file)\n", "on NVMe", gib(optimizer_state_nvme));
   }
   if (budget > 0) {
-    out += total() <= budget ? fmt::format("fits in {} ({} free of it)\n", budget_name, gib(budget - total()))
-                             : fmt::format("does not fit in {}: {} short\n", budget_name, gib(total() - budget));
+    out += peak() <= budget ? fmt::format("fits in {} ({} free of it)\n", budget_name, gib(budget - peak()))
+                            : fmt::format("does not fit in {}: {} short\n", budget_name, gib(peak() - budget));
   }
   return out;
 }

@@ -87,17 +87,17 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
                                                   : AvailableHostMemoryBytes() / world;
     if (o.optimizer == "auto") {
       // The planner places the optimizer state: in memory when everything fits the budget.
-      const bool fits = budget <= 0 || plan_with("memory").total() <= uint64_t(budget);
+      const bool fits = budget <= 0 || plan_with("memory").peak() <= uint64_t(budget);
       if (!fits && o.nvme_path.empty()) {
         return absl::InvalidArgumentError(StrCat(
             f, ": offload.optimizer auto: the job needs ",
-            fmt::format("{:.2f}", double(plan_with("memory").total()) / (1 << 30)), " GiB with the optimizer state in ",
+            fmt::format("{:.2f}", double(plan_with("memory").peak()) / (1 << 30)), " GiB with the optimizer state in ",
             "memory, more than the budget of ", fmt::format("{:.2f}", double(budget) / (1 << 30)),
             " GiB; set offload.nvme_path for the NVMe tier"));
       }
       placed.offload.optimizer = fits ? "memory" : "nvme";
     }
-    const double needed = double(plan_with(placed.offload.optimizer).total());
+    const double needed = double(plan_with(placed.offload.optimizer).peak());
     if (budget > 0 && needed > double(budget)) {
       return absl::InvalidArgumentError(StrCat(
           f, ": model ", spec.model.name, " (", spec.model.NumParameters(), " parameters) with batch ",
