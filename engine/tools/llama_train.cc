@@ -465,6 +465,13 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     if (auto s = LoadHuggingFaceWeights(common.init_from_hf, (*trainer)->model(), *backend); !s.ok()) return Fail(s);
     std::fprintf(stderr, "llama-train: weights from %s\n", common.init_from_hf.c_str());
   }
+  // A single process with the moments on the NVMe tier offloads first, so that a restore
+  // streams them into the swap instead of holding them in memory. (With several ranks
+  // rank 0 restores them whole, to send each rank its part, and the ranks offload after.)
+  const bool offload_first = (*comm)->world_size() == 1 && (*trainer)->spec().offload.optimizer == "nvme";
+  if (offload_first) {
+    if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
+  }
   absl::StatusOr<ResumePoint> checkpoints = ResumePoint{};
   if (lead) checkpoints = OpenCheckpoints(*spec, common, /*saving=*/spec->checkpoint.interval > 0);
   if (!checkpoints.ok()) return Fail(checkpoints.status());
@@ -488,7 +495,9 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   }
   // Every rank starts from rank 0's state (restored, imported or seeded).
   if (auto s = (*trainer)->StartFromRankZero(); !s.ok()) return Fail(s);
-  if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
+  if (!offload_first) {
+    if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
+  }
   if (lead && (*trainer)->optimizer().host_offloaded()) {
     const AdamWOptimizer& o = (*trainer)->optimizer();
     std::fprintf(stderr, "llama-train: master weights and AdamW moments (%s per rank) in host memory, updated by the CPU\n",

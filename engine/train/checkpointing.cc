@@ -277,11 +277,13 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
     void* dst;
   };
   std::vector<Item> items;
+  AdamWOptimizer& optimizer = trainer.optimizer();
   for (const ParamInfo& p : model.params()) {
     auto at = [&](void* base) { return static_cast<char*>(base) + model.accum_byte_offset(p.offset); };
     items.push_back({p.name, &p, at(model.master_data())});
-    items.push_back({ExpAvgName(p.name), &p, at(trainer.optimizer().exp_avg())});
-    items.push_back({ExpAvgSqName(p.name), &p, at(trainer.optimizer().exp_avg_sq())});
+    if (optimizer.offloaded()) continue;  // streamed into the swap below
+    items.push_back({ExpAvgName(p.name), &p, at(optimizer.exp_avg())});
+    items.push_back({ExpAvgSqName(p.name), &p, at(optimizer.exp_avg_sq())});
   }
   // Several readers keep the disk busy while others checksum and convert. One rank of
   // one: each tensor's range is the whole tensor.
@@ -326,6 +328,33 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
   }
   for (auto& t : readers) t.join();
   for (const auto& s : results) {
+    if (!s.ok()) return s;
+  }
+  if (optimizer.offloaded()) {
+    // Moments on the NVMe tier go from the checkpoint into the swap chunk by chunk, so a
+    // restore never holds them whole in memory: only the tensor a chunk is in (both
+    // moments), each tensor read once since chunks come in layout order.
+    const ParamInfo* cached = nullptr;
+    std::vector<float> cached_m, cached_v;
+    auto s = optimizer.WriteOffloadedMoments([&](size_t first, size_t count, float* m, float* v) -> absl::Status {
+      for (const ParamInfo& p : model.params()) {
+        const size_t lo = std::max(p.offset, first), hi = std::min(p.offset + p.numel, first + count);
+        if (lo >= hi) continue;
+        if (cached != &p) {
+          cached_m.resize(p.numel);
+          cached_v.resize(p.numel);
+          for (auto [name, out] : {std::pair{ExpAvgName(p.name), &cached_m}, std::pair{ExpAvgSqName(p.name), &cached_v}}) {
+            if (auto r = store.ReadRange(job, step, name, storage::ElementType::kF32, 0, p.numel, out->data()); !r.ok()) {
+              return r;
+            }
+          }
+          cached = &p;
+        }
+        std::copy(cached_m.begin() + long(lo - p.offset), cached_m.begin() + long(hi - p.offset), m + (lo - first));
+        std::copy(cached_v.begin() + long(lo - p.offset), cached_v.begin() + long(hi - p.offset), v + (lo - first));
+      }
+      return absl::OkStatus();
+    });
     if (!s.ok()) return s;
   }
   model.SyncParamsFromMaster();

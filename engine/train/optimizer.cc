@@ -200,6 +200,22 @@ absl::Status AdamWOptimizer::ReadOffloadedMoments(
       offload::SwapFile::Mode::kRead);
 }
 
+absl::Status AdamWOptimizer::WriteOffloadedMoments(
+    const std::function<absl::Status(size_t, size_t, float*, float*)>& f) {
+  if (!swap_) return absl::FailedPreconditionError("the optimizer state is not offloaded");
+  const size_t n = shard_end_ - shard_begin_;
+  absl::Status first_error;
+  auto streamed = swap_->Stream(
+      [&](size_t c, char* data) {
+        const size_t lo = c * chunk_elements_, count = lo < n ? std::min(chunk_elements_, n - lo) : 0;
+        if (count == 0 || !first_error.ok()) return;
+        float* cm = reinterpret_cast<float*>(data);
+        first_error = f(shard_begin_ + lo, count, cm, cm + chunk_elements_);
+      },
+      offload::SwapFile::Mode::kWrite);
+  return first_error.ok() ? streamed : first_error;
+}
+
 absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload::SwapOptions& options) {
   if (backend_->name() != "cpu" || backend_->accum_dtype() != DType::kF32) {
     return absl::FailedPreconditionError(StrCat(

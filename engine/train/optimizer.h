@@ -96,6 +96,11 @@ class AdamWOptimizer {
   // holding them all in memory (a checkpoint copies them straight into its snapshot).
   absl::Status ReadOffloadedMoments(
       const std::function<void(size_t begin, size_t count, const float* m, const float* v)>& f);
+  // While offloaded: sets the moments in the swap chunk by chunk (a restore): f(begin,
+  // count, m, v) writes those of flat elements [begin, begin + count), in order; its
+  // first error stops the stream and is returned.
+  absl::Status WriteOffloadedMoments(
+      const std::function<absl::Status(size_t begin, size_t count, float* m, float* v)>& f);
 
  private:
   void EnsureMoments();

@@ -106,6 +106,20 @@ TEST(NvmeOffloadTest, MomentsOnNvmeTrainBitIdenticallyToMomentsInMemory) {
   EXPECT_EQ(Copy(restored->model().param_data(), n), Copy(in_memory->model().param_data(), n));
   EXPECT_EQ(Copy(restored->optimizer().exp_avg(), n), Copy(in_memory->optimizer().exp_avg(), n));
   EXPECT_EQ(Copy(restored->optimizer().exp_avg_sq(), n), Copy(in_memory->optimizer().exp_avg_sq(), n));
+
+  // And into an offloaded trainer: the moments go from the checkpoint into its swap
+  // without ever being whole in memory, and both continue on the same bits.
+  auto resumed_be = MakeCpuBackend({DType::kF32, 2});
+  auto resumed = *Trainer::Create(OffloadedJob(8, "nvme", "resumed"), resumed_be.get(), 0);
+  ASSERT_TRUE(resumed->OffloadOptimizerState().ok());
+  const absl::Status into_swap = RestoreCheckpoint(*store, "offload", 6, *resumed);
+  ASSERT_TRUE(into_swap.ok()) << into_swap;
+  EXPECT_FALSE(resumed->optimizer().has_moments());
+  EXPECT_EQ(resumed_be->peak_allocated_bytes(), resumed_be->allocated_bytes());
+  ASSERT_TRUE(restored->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
+  ASSERT_TRUE(resumed->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
+  EXPECT_EQ(resumed->step(), 8);
+  EXPECT_EQ(0, std::memcmp(resumed->model().param_data(), restored->model().param_data(), n * sizeof(float)));
 }
 
 TEST(NvmeOffloadTest, AMemoryBudgetPlacesTheOptimizerState) {
