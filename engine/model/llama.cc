@@ -108,7 +108,11 @@ size_t LlamaModel::param_bytes() const {
 }
 
 void LlamaModel::ShardParameters(size_t begin, size_t end, ParamGather gather) {
-  const bool separate_master = master_data_ != params_data_;  // sharded on their own
+  const bool separate_master = master_data_ != params_data_;  // sharded on their own, first
+  if (separate_master && (master_begin_ != begin || master_end_ != end)) {
+    std::fprintf(stderr, "llamad: LlamaModel::ShardParameters before ShardMasterWeights\n");
+    std::abort();
+  }
   const size_t largest = LargestGradientRegion(config_);
   void* shard = backend_->Allocate(end - begin);
   backend_->Copy(shard, static_cast<char*>(params_data_) + param_byte_offset(begin), end - begin);
@@ -162,6 +166,11 @@ void LlamaModel::SyncParamsFromMaster() {
 
 void* LlamaModel::master_at(size_t offset) {
   if (master_data_ == params_data_) return param_at(offset);
+  if (master_data_ == nullptr || offset < master_begin_ || offset > master_end_) {
+    std::fprintf(stderr, "llamad: master weight %zu outside the held [%zu, %zu)\n", offset, master_begin_,
+                 master_data_ == nullptr ? master_begin_ : master_end_);
+    std::abort();
+  }
   return static_cast<char*>(master_data_) + accum_byte_offset(offset - master_begin_);
 }
 

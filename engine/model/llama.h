@@ -100,6 +100,12 @@ class LlamaModel {
   // ZeRO (separate master weights only): keeps master weights [begin, end) alone, the
   // optimizer's shard; the layers' copy of the others arrives gathered.
   void ShardMasterWeights(size_t begin, size_t end);
+  // Whether any of the model's state is held in part only (ZeRO), or the master weights
+  // were released: whole-model writes (restore, import) are then refused.
+  bool sharded() const {
+    return master_begin_ != 0 || master_end_ != num_params_ || master_data_ == nullptr || grad_sink_ != nullptr ||
+           param_gather_ != nullptr;
+  }
   // The parameter of flat element `offset` (the whole buffer, or under ShardParameters
   // the shard, which must hold it).
   void* param_at(size_t offset);

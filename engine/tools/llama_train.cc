@@ -654,6 +654,7 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
                                 {"optimizer_state_host", plan.optimizer_state_host},
                                 {"total", plan.total()},           {"world_size", plan.world_size},
                                 {"startup", plan.startup},         {"peak", plan.peak()},
+                                {"resume_extra", plan.resume_extra},
                                 {"budget", budget},                {"fits", budget == 0 || plan.peak() <= budget}};
     std::printf("%s\n", out.dump().c_str());
     return budget > 0 && plan.peak() > budget ? kExitFailure : 0;

@@ -269,6 +269,10 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
     return absl::FailedPreconditionError(StrCat(
         where, ": restore before moving the optimizer state to host memory (offload.optimizer host)"));
   }
+  if (trainer.model().sharded() || trainer.optimizer().shard_begin() != 0 ||
+      trainer.optimizer().shard_end() != trainer.model().num_params()) {
+    return absl::FailedPreconditionError(StrCat(where, ": restore before the state is sharded (ZeRO)"));
+  }
   LlamaModel& model = trainer.model();
   Backend& be = trainer.backend();
   struct Item {
@@ -334,28 +338,44 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
     // Moments on the NVMe tier go from the checkpoint into the swap chunk by chunk, so a
     // restore never holds them whole in memory: only the tensor a chunk is in (both
     // moments), each tensor read once since chunks come in layout order.
+    // The cache is 4 KiB aligned and padded, so the store reads each piece straight into
+    // it (no staging buffer of its own kept past the restore).
+    using Aligned = std::unique_ptr<float, void (*)(void*)>;
+    Aligned cached_m(nullptr, &std::free), cached_v(nullptr, &std::free);
+    size_t capacity = 0;
     const ParamInfo* cached = nullptr;
-    std::vector<float> cached_m, cached_v;
-    auto s = optimizer.WriteOffloadedMoments([&](size_t first, size_t count, float* m, float* v) -> absl::Status {
+    absl::Status read_error;  // the checkpoint's, as opposed to the swap's
+    auto streamed = optimizer.WriteOffloadedMoments([&](size_t first, size_t count, float* m, float* v) -> absl::Status {
       for (const ParamInfo& p : model.params()) {
         const size_t lo = std::max(p.offset, first), hi = std::min(p.offset + p.numel, first + count);
         if (lo >= hi) continue;
         if (cached != &p) {
-          cached_m.resize(p.numel);
-          cached_v.resize(p.numel);
-          for (auto [name, out] : {std::pair{ExpAvgName(p.name), &cached_m}, std::pair{ExpAvgSqName(p.name), &cached_v}}) {
-            if (auto r = store.ReadRange(job, step, name, storage::ElementType::kF32, 0, p.numel, out->data()); !r.ok()) {
-              return r;
+          const size_t bytes = (p.numel * sizeof(float) + 4095) / 4096 * 4096;
+          if (bytes > capacity) {
+            cached_m.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
+            cached_v.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
+            capacity = cached_m && cached_v ? bytes : 0;
+            if (capacity == 0) {
+              return read_error = absl::ResourceExhaustedError(
+                         StrCat("restore: no host memory for the ", 2 * bytes, " bytes of tensor ", p.name, "'s moments"));
+            }
+          }
+          for (auto [name, out] : {std::pair{ExpAvgName(p.name), cached_m.get()}, std::pair{ExpAvgSqName(p.name), cached_v.get()}}) {
+            if (auto r = store.ReadRange(job, step, name, storage::ElementType::kF32, 0, p.numel, out, capacity); !r.ok()) {
+              return read_error = r;
             }
           }
           cached = &p;
         }
-        std::copy(cached_m.begin() + long(lo - p.offset), cached_m.begin() + long(hi - p.offset), m + (lo - first));
-        std::copy(cached_v.begin() + long(lo - p.offset), cached_v.begin() + long(hi - p.offset), v + (lo - first));
+        std::copy(cached_m.get() + (lo - p.offset), cached_m.get() + (hi - p.offset), m + (lo - first));
+        std::copy(cached_v.get() + (lo - p.offset), cached_v.get() + (hi - p.offset), v + (lo - first));
       }
       return absl::OkStatus();
     });
-    if (!s.ok()) return s;
+    if (!read_error.ok()) return read_error;
+    // A failure of the swap's disk is not damage to the checkpoint: not DataLoss, which
+    // would send --resume-fallback to an older checkpoint (and drop the newer ones).
+    if (!streamed.ok()) return absl::UnavailableError(StrCat("restoring into the NVMe swap: ", streamed.message()));
   }
   model.SyncParamsFromMaster();
   trainer.SetProgress(meta["optimizer"]["step"].get<int64_t>(),
@@ -483,6 +503,7 @@ absl::StatusOr<ModelConfig> ReadHuggingFaceConfig(const std::string& dir) {
 }
 
 absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, Backend& backend) {
+  if (model.sharded()) return absl::FailedPreconditionError(StrCat(dir, ": load before the model is sharded (ZeRO)"));
   auto entries = storage::ListSafetensors(dir);
   if (!entries.ok()) return entries.status();
   std::vector<float> host;

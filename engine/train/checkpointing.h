@@ -88,8 +88,10 @@ class AsyncCheckpointer {
 };
 
 // Restores `trainer` from checkpoint `step` of `job`: parameters, moments, optimizer
-// step and sampler position, reading only the element ranges this rank holds. Refuses
-// a checkpoint of another model, sequence length or seed, naming the difference.
+// step and sampler position, whatever layout wrote it, into a trainer that is not
+// sharded yet (rank 0 then sends the other ranks their parts). Moments on the NVMe tier
+// are streamed into the swap. Refuses a checkpoint of another model, sequence length or
+// seed, naming the difference; damage to the checkpoint is DataLoss.
 absl::Status RestoreCheckpoint(const storage::CheckpointStore& store, const std::string& job,
                                int64_t step, Trainer& trainer);
 

@@ -24,7 +24,22 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   plan.master_weights = dtype != accum ? sharded * DTypeSize(accum) : 0;  // sharded with the moments
   plan.gradients = ((plugin == "zero2" || plugin == "zero3") && many ? shard + region : n) * DTypeSize(accum);
   plan.optimizer_state = 2 * sharded * DTypeSize(accum);
-  plan.startup = n * DTypeSize(dtype) + (dtype != accum ? n * DTypeSize(accum) : 0);
+  {
+    // Every rank builds the whole model (parameters, and separate master weights) and
+    // then shards it, each shard allocated while the whole still exists: the master
+    // weights' (ShardMasterWeights), then under zero3 the parameters' with its region
+    // scratch, when the gradient shard and scratch are already there.
+    const bool separate = dtype != accum, zero = sharded != n;
+    const uint64_t whole = n * DTypeSize(dtype) + (separate ? n * DTypeSize(accum) : 0);
+    const uint64_t master_step = whole + (separate && zero ? shard * DTypeSize(accum) : 0);
+    const uint64_t params_step = plugin == "zero3" && many
+                                     ? n * DTypeSize(dtype) + (separate ? shard * DTypeSize(accum) : 0) +
+                                           (shard + region) * (DTypeSize(accum) + DTypeSize(dtype))
+                                     : 0;
+    plan.startup = std::max({whole, master_step, params_step});
+    // Resuming, rank 0 restores the moments whole before it sends each rank its part.
+    if (zero) plan.resume_extra = 2 * n * DTypeSize(accum);
+  }
   if (spec.offload.optimizer == "nvme") {
     // The same chunking as AdamWOptimizer::OffloadToNvme: both moments of a range of
     // elements per chunk, whole chunks in the file, three chunks in memory.
@@ -84,6 +99,11 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
     out += fmt::format("  {:<16} {} (every rank builds the whole model before it shards it; more than the\n"
                        "  {:<16} {:>13} training total, so this is the rank's peak)\n",
                        "start-up", gib(startup), "", "");
+  }
+  if (resume_extra > 0) {
+    out += fmt::format("  {:<16} {} more on rank 0 at start when resuming (the moments, restored whole\n"
+                       "  {:<16} {:>13} before each rank gets its part; not in the peak)\n",
+                       "resume", gib(resume_extra), "", "");
   }
   if (optimizer_state_host > 0) {
     out += fmt::format("  {:<16} {} (f32 master weights and AdamW moments, updated by the CPU)\n", "in host memory",

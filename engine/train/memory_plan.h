@@ -30,9 +30,12 @@ struct MemoryPlan {
   uint64_t checkpoint_snapshot = 0;
   bool snapshot_on_this_tier = true;  // false where the plan's memory is a GPU's
   // Before it shards anything, every rank builds the whole model: all parameters and
-  // (separate) master weights, whatever the plugin. (Resuming adds the moments, which
-  // rank 0 restores whole before they are sharded or offloaded.)
+  // (separate) master weights, whatever the plugin, and each shard is allocated while
+  // the whole still exists.
   uint64_t startup = 0;
+  // Under ZeRO with several ranks, resuming adds the moments on rank 0, which restores
+  // them whole before it sends each rank its part (not in peak()).
+  uint64_t resume_extra = 0;
   // Training's steady state.
   uint64_t total() const {
     return parameters + master_weights + gradients + optimizer_state + activations + workspace +

@@ -57,9 +57,6 @@ AdamWOptimizer::~AdamWOptimizer() {
 
 void AdamWOptimizer::UpdateRange(size_t lo, size_t hi, char* m, char* v, AdamWStep s) {
   const size_t elem = DTypeSize(backend_->accum_dtype());
-  auto accum = [&](void* base, size_t offset) {
-    return static_cast<char*>(base) + model_->accum_byte_offset(offset);
-  };
   const bool master = backend_->needs_master_weights();
   for (const ParamInfo& p : model_->params()) {
     // The part of this tensor inside [lo, hi).

@@ -97,8 +97,9 @@ class AdamWOptimizer {
   absl::Status ReadOffloadedMoments(
       const std::function<void(size_t begin, size_t count, const float* m, const float* v)>& f);
   // While offloaded: sets the moments in the swap chunk by chunk (a restore): f(begin,
-  // count, m, v) writes those of flat elements [begin, begin + count), in order; its
-  // first error stops the stream and is returned.
+  // count, m, v) writes those of flat elements [begin, begin + count), in order. After
+  // f's first error f is not called again (the remaining chunks are written as they
+  // were) and that error is returned; otherwise the swap's own status.
   absl::Status WriteOffloadedMoments(
       const std::function<absl::Status(size_t begin, size_t count, float* m, float* v)>& f);
 

@@ -72,10 +72,11 @@ class Trainer {
   // when rank 0 restored some, and then each rank receives only its own part, so no rank
   // holds state it will not keep. A collective: every rank calls it once, before Train.
   absl::Status StartFromRankZero();
-  // After StartFromRankZero: offload.optimizer nvme moves the moments to a swap file
-  // under offload.nvme_path (errors name the folder and what is wrong with it); host
-  // moves a GPU's master weights and moments to host memory, updated by `cpu_threads`
-  // CPU threads (0: all).
+  // After StartFromRankZero (a single process may offload to NVMe before restoring,
+  // which then streams into the swap): offload.optimizer nvme moves the moments to a
+  // swap file under offload.nvme_path (errors name the folder and what is wrong with
+  // it); host moves a GPU's master weights and moments to host memory, updated by
+  // `cpu_threads` CPU threads (0: all).
   absl::Status OffloadOptimizerState(int cpu_threads = 0);
 
   // Mean loss over every complete window of `data`, in file order.
