@@ -226,10 +226,19 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
   return r;
 }
 
+// The checkpoint root a run resumes from (-f latest: checkpoint.dir; -f PATH: its root),
+// as every rank can tell from the same command line.
+absl::StatusOr<std::string> ResumeRoot(const JobSpec& spec, const Common& common) {
+  if (common.resume == "latest") return spec.checkpoint.dir;
+  auto path = storage::ParseCheckpointPath(common.resume);
+  if (!path.ok()) return path.status();
+  return path->root;
+}
+
 // Restores step `step`, or with `fallback` the newest older one that restores cleanly.
 absl::Status Resume(const storage::CheckpointStore& store, const std::string& job, int64_t step,
-                    bool fallback, Trainer& trainer) {
-  absl::Status status = RestoreCheckpoint(store, job, step, trainer);
+                    bool fallback, Trainer& trainer, RestoreParts parts) {
+  absl::Status status = RestoreCheckpoint(store, job, step, trainer, parts);
   if (status.ok() || !fallback || !absl::IsDataLoss(status)) return status;
   auto steps = store.Steps(job);
   if (!steps.ok()) return steps.status();
@@ -237,7 +246,7 @@ absl::Status Resume(const storage::CheckpointStore& store, const std::string& jo
     if (*it >= step) continue;
     std::fprintf(stderr, "llama-train: %s\nllama-train: falling back to checkpoint step %lld\n",
                  std::string(status.message()).c_str(), (long long)*it);
-    status = RestoreCheckpoint(store, job, *it, trainer);
+    status = RestoreCheckpoint(store, job, *it, trainer, parts);
     if (status.ok() || !absl::IsDataLoss(status)) return status;
   }
   return status;
@@ -475,9 +484,14 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   absl::StatusOr<ResumePoint> checkpoints = ResumePoint{};
   if (lead) checkpoints = OpenCheckpoints(*spec, common, /*saving=*/spec->checkpoint.interval > 0);
   if (!checkpoints.ok()) return Fail(checkpoints.status());
+  // Under ZeRO with several ranks each rank reads its own part of the moments once the
+  // state is sharded (below); rank 0 restores only the weights here.
+  const bool zero_ranks = (*comm)->world_size() > 1 && spec->parallel.plugin != "ddp";
   if (checkpoints->step >= 0) {
     const storage::CheckpointStore& from = checkpoints->source ? *checkpoints->source : *checkpoints->store;
-    if (auto s = Resume(from, spec->name, checkpoints->step, common.resume_fallback, **trainer); !s.ok()) {
+    if (auto s = Resume(from, spec->name, checkpoints->step, common.resume_fallback, **trainer,
+                        zero_ranks ? RestoreParts::kWeights : RestoreParts::kAll);
+        !s.ok()) {
       return Fail(s);
     }
     std::fprintf(stderr, "llama-train: resumed job '%s' at step %lld from %s\n", spec->name.c_str(),
@@ -495,6 +509,29 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   }
   // Every rank starts from rank 0's state (restored, imported or seeded).
   if (auto s = (*trainer)->StartFromRankZero(); !s.ok()) return Fail(s);
+  if (zero_ranks) {
+    // Whether rank 0 resumed; if so each rank reads its shard's moments of that step.
+    double resumed = lead && checkpoints->step >= 0 ? 1 : 0;
+    if (auto s = (*comm)->AllReduceSum(&resumed, 1); !s.ok()) return Fail(s);
+    if (resumed > 0) {
+      std::unique_ptr<storage::CheckpointStore> own;
+      const storage::CheckpointStore* from = nullptr;
+      if (lead) {
+        from = checkpoints->source ? checkpoints->source.get() : checkpoints->store.get();
+      } else {
+        auto root = ResumeRoot(*spec, common);
+        if (!root.ok()) return Fail(root.status());
+        auto opened_store = storage::CheckpointStore::Open(*root, {int(spec->checkpoint.keep_last), true});
+        if (!opened_store.ok()) return Fail(opened_store.status());
+        own = *std::move(opened_store);
+        from = own.get();
+      }
+      if (auto s = RestoreCheckpoint(*from, spec->name, (*trainer)->step(), **trainer, RestoreParts::kOptimizerShard);
+          !s.ok()) {
+        return Fail(s);
+      }
+    }
+  }
   if (!offload_first) {
     if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
   }
@@ -654,7 +691,6 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
                                 {"optimizer_state_host", plan.optimizer_state_host},
                                 {"total", plan.total()},           {"world_size", plan.world_size},
                                 {"startup", plan.startup},         {"peak", plan.peak()},
-                                {"resume_extra", plan.resume_extra},
                                 {"budget", budget},                {"fits", budget == 0 || plan.peak() <= budget}};
     std::printf("%s\n", out.dump().c_str());
     return budget > 0 && plan.peak() > budget ? kExitFailure : 0;

@@ -230,8 +230,8 @@ void AsyncCheckpointer::Worker() {
 
 namespace {
 
-absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
-                                        const std::string& job, int64_t step, Trainer& trainer) {
+absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, const std::string& job,
+                                        int64_t step, Trainer& trainer, RestoreParts parts) {
   auto meta_text = store.Meta(job, step);
   if (!meta_text.ok()) return meta_text.status();
   const std::string where = StrCat(store.StepDir(job, step));
@@ -269,25 +269,31 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
     return absl::FailedPreconditionError(StrCat(
         where, ": restore before moving the optimizer state to host memory (offload.optimizer host)"));
   }
-  if (trainer.model().sharded() || trainer.optimizer().shard_begin() != 0 ||
-      trainer.optimizer().shard_end() != trainer.model().num_params()) {
-    return absl::FailedPreconditionError(StrCat(where, ": restore before the state is sharded (ZeRO)"));
+  const bool weights = parts != RestoreParts::kOptimizerShard, moments = parts != RestoreParts::kWeights;
+  if (weights && (trainer.model().sharded() || trainer.optimizer().shard_begin() != 0 ||
+                  trainer.optimizer().shard_end() != trainer.model().num_params())) {
+    return absl::FailedPreconditionError(StrCat(where, ": restore the weights before the state is sharded (ZeRO)"));
   }
   LlamaModel& model = trainer.model();
   Backend& be = trainer.backend();
+  AdamWOptimizer& optimizer = trainer.optimizer();
+  // Elements [begin, end) of a checkpointed tensor go to dst (the backend's buffers).
   struct Item {
     std::string name;
-    const ParamInfo* param;
+    size_t begin, end;
     void* dst;
   };
   std::vector<Item> items;
-  AdamWOptimizer& optimizer = trainer.optimizer();
+  // The moments this optimizer holds: all, or its ZeRO shard.
+  const size_t shard_begin = optimizer.shard_begin(), shard_end = optimizer.shard_end();
   for (const ParamInfo& p : model.params()) {
-    auto at = [&](void* base) { return static_cast<char*>(base) + model.accum_byte_offset(p.offset); };
-    items.push_back({p.name, &p, at(model.master_data())});
-    if (optimizer.offloaded()) continue;  // streamed into the swap below
-    items.push_back({ExpAvgName(p.name), &p, at(optimizer.exp_avg())});
-    items.push_back({ExpAvgSqName(p.name), &p, at(optimizer.exp_avg_sq())});
+    if (weights) items.push_back({p.name, 0, p.numel, model.master_at(p.offset)});
+    const size_t lo = std::max(p.offset, shard_begin), hi = std::min(p.offset + p.numel, shard_end);
+    if (!moments || optimizer.offloaded() || lo >= hi) continue;  // offloaded: streamed into the swap below
+    const size_t at = model.accum_byte_offset(lo - shard_begin);
+    items.push_back({ExpAvgName(p.name), lo - p.offset, hi - p.offset, static_cast<char*>(optimizer.exp_avg()) + at});
+    items.push_back(
+        {ExpAvgSqName(p.name), lo - p.offset, hi - p.offset, static_cast<char*>(optimizer.exp_avg_sq()) + at});
   }
   // Several readers keep the disk busy while others checksum and convert. One rank of
   // one: each tensor's range is the whole tensor.
@@ -304,7 +310,8 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
         size_t capacity = 0;
         for (size_t i = next++; i < items.size(); i = next++) {
           const Item& item = items[i];
-          const size_t bytes = (item.param->numel * sizeof(float) + 4095) / 4096 * 4096;
+          const size_t count = item.end - item.begin;
+          const size_t bytes = (count * sizeof(float) + 4095) / 4096 * 4096;
           if (bytes > capacity) {
             host.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
             capacity = host ? bytes : 0;
@@ -314,15 +321,15 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
               return;
             }
           }
-          if (auto s = store.ReadRange(job, step, item.name, storage::ElementType::kF32, 0,
-                                       item.param->numel, host.get(), capacity);
+          if (auto s = store.ReadRange(job, step, item.name, storage::ElementType::kF32, item.begin, item.end,
+                                       host.get(), capacity);
               !s.ok()) {
             results[r] = s;
             next = items.size();
             return;
           }
           std::lock_guard lock(upload_mu);
-          be.UploadF32(item.dst, host.get(), item.param->numel);
+          be.UploadF32(item.dst, host.get(), count);
         }
       } catch (const std::exception& e) {  // a thread must not let an exception escape
         results[r] = absl::InternalError(StrCat("restore: ", e.what()));
@@ -334,10 +341,10 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
   for (const auto& s : results) {
     if (!s.ok()) return s;
   }
-  if (optimizer.offloaded()) {
+  if (moments && optimizer.offloaded()) {
     // Moments on the NVMe tier go from the checkpoint into the swap chunk by chunk, so a
-    // restore never holds them whole in memory: only the tensor a chunk is in (both
-    // moments), each tensor read once since chunks come in layout order.
+    // restore never holds them whole in memory: only the tensor (its part in the shard)
+    // a chunk is in, both moments, each read once since chunks come in layout order.
     // The cache is 4 KiB aligned and padded, so the store reads each piece straight into
     // it (no staging buffer of its own kept past the restore).
     using Aligned = std::unique_ptr<float, void (*)(void*)>;
@@ -349,8 +356,10 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
       for (const ParamInfo& p : model.params()) {
         const size_t lo = std::max(p.offset, first), hi = std::min(p.offset + p.numel, first + count);
         if (lo >= hi) continue;
+        // The tensor's part in the shard, which [lo, hi) lies in.
+        const size_t part_lo = std::max(p.offset, shard_begin), part_hi = std::min(p.offset + p.numel, shard_end);
         if (cached != &p) {
-          const size_t bytes = (p.numel * sizeof(float) + 4095) / 4096 * 4096;
+          const size_t bytes = ((part_hi - part_lo) * sizeof(float) + 4095) / 4096 * 4096;
           if (bytes > capacity) {
             cached_m.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
             cached_v.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
@@ -361,14 +370,16 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
             }
           }
           for (auto [name, out] : {std::pair{ExpAvgName(p.name), cached_m.get()}, std::pair{ExpAvgSqName(p.name), cached_v.get()}}) {
-            if (auto r = store.ReadRange(job, step, name, storage::ElementType::kF32, 0, p.numel, out, capacity); !r.ok()) {
+            if (auto r = store.ReadRange(job, step, name, storage::ElementType::kF32, part_lo - p.offset,
+                                         part_hi - p.offset, out, capacity);
+                !r.ok()) {
               return read_error = r;
             }
           }
           cached = &p;
         }
-        std::copy(cached_m.get() + (lo - p.offset), cached_m.get() + (hi - p.offset), m + (lo - first));
-        std::copy(cached_v.get() + (lo - p.offset), cached_v.get() + (hi - p.offset), v + (lo - first));
+        std::copy(cached_m.get() + (lo - part_lo), cached_m.get() + (hi - part_lo), m + (lo - first));
+        std::copy(cached_v.get() + (lo - part_lo), cached_v.get() + (hi - part_lo), v + (lo - first));
       }
       return absl::OkStatus();
     });
@@ -377,6 +388,7 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store,
     // would send --resume-fallback to an older checkpoint (and drop the newer ones).
     if (!streamed.ok()) return absl::UnavailableError(StrCat("restoring into the NVMe swap: ", streamed.message()));
   }
+  if (!weights) return absl::OkStatus();
   model.SyncParamsFromMaster();
   trainer.SetProgress(meta["optimizer"]["step"].get<int64_t>(),
                       meta["data"]["sampler_position"].get<uint64_t>());
@@ -473,9 +485,9 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
 
 // Metadata of the wrong shape makes nlohmann::json throw; that is a damaged checkpoint.
 absl::Status RestoreCheckpoint(const storage::CheckpointStore& store, const std::string& job,
-                               int64_t step, Trainer& trainer) {
+                               int64_t step, Trainer& trainer, RestoreParts parts) {
   try {
-    return RestoreCheckpointUnchecked(store, job, step, trainer);
+    return RestoreCheckpointUnchecked(store, job, step, trainer, parts);
   } catch (const nlohmann::json::exception& e) {
     return absl::DataLossError(
         StrCat(store.StepDir(job, step), ": damaged checkpoint metadata: ", e.what()));

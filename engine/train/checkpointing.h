@@ -87,13 +87,18 @@ class AsyncCheckpointer {
   std::thread worker_;
 };
 
-// Restores `trainer` from checkpoint `step` of `job`: parameters, moments, optimizer
-// step and sampler position, whatever layout wrote it, into a trainer that is not
-// sharded yet (rank 0 then sends the other ranks their parts). Moments on the NVMe tier
-// are streamed into the swap. Refuses a checkpoint of another model, sequence length or
+// What RestoreCheckpoint restores: everything; the master weights (and parameters) with
+// the optimizer step and sampler position; or the moments of the optimizer's shard.
+enum class RestoreParts { kAll, kWeights, kOptimizerShard };
+
+// Restores `trainer` from checkpoint `step` of `job`, whatever world size and plugin
+// wrote it, reading only the element ranges it needs. Weights go into a trainer that is
+// not sharded yet (rank 0 then sends the other ranks theirs); under ZeRO each rank then
+// reads the moments of its own shard (kOptimizerShard). Moments on the NVMe tier are
+// streamed into the swap. Refuses a checkpoint of another model, sequence length or
 // seed, naming the difference; damage to the checkpoint is DataLoss.
 absl::Status RestoreCheckpoint(const storage::CheckpointStore& store, const std::string& job,
-                               int64_t step, Trainer& trainer);
+                               int64_t step, Trainer& trainer, RestoreParts parts = RestoreParts::kAll);
 
 // The checkpointed tensor holding the tokenizer model's bytes.
 inline constexpr char kTokenizerTensor[] = "tokenizer.model";

@@ -37,8 +37,6 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
                                            (shard + region) * (DTypeSize(accum) + DTypeSize(dtype))
                                      : 0;
     plan.startup = std::max({whole, master_step, params_step});
-    // Resuming, rank 0 restores the moments whole before it sends each rank its part.
-    if (zero) plan.resume_extra = 2 * n * DTypeSize(accum);
   }
   if (spec.offload.optimizer == "nvme") {
     // The same chunking as AdamWOptimizer::OffloadToNvme: both moments of a range of
@@ -99,11 +97,6 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
     out += fmt::format("  {:<16} {} (every rank builds the whole model before it shards it; more than the\n"
                        "  {:<16} {:>13} training total, so this is the rank's peak)\n",
                        "start-up", gib(startup), "", "");
-  }
-  if (resume_extra > 0) {
-    out += fmt::format("  {:<16} {} more on rank 0 at start when resuming (the moments, restored whole\n"
-                       "  {:<16} {:>13} before each rank gets its part; not in the peak)\n",
-                       "resume", gib(resume_extra), "", "");
   }
   if (optimizer_state_host > 0) {
     out += fmt::format("  {:<16} {} (f32 master weights and AdamW moments, updated by the CPU)\n", "in host memory",

@@ -33,9 +33,6 @@ struct MemoryPlan {
   // (separate) master weights, whatever the plugin, and each shard is allocated while
   // the whole still exists.
   uint64_t startup = 0;
-  // Under ZeRO with several ranks, resuming adds the moments on rank 0, which restores
-  // them whole before it sends each rank its part (not in peak()).
-  uint64_t resume_extra = 0;
   // Training's steady state.
   uint64_t total() const {
     return parameters + master_weights + gradients + optimizer_state + activations + workspace +

@@ -69,8 +69,9 @@ class Trainer {
   // Face or restored from a checkpoint there), then keeps the part its plugin gives it.
   // zero1 keeps 1/world of the AdamW moments and steps that part, zero2 also 1/world of
   // the gradients, zero3 also 1/world of the parameters. Moments cross the wire only
-  // when rank 0 restored some, and then each rank receives only its own part, so no rank
-  // holds state it will not keep. A collective: every rank calls it once, before Train.
+  // when rank 0 restored some, and then each rank receives only its own part (llama-train
+  // has each ZeRO rank read its part from the checkpoint instead, RestoreParts). A
+  // collective: every rank calls it once, before Train.
   absl::Status StartFromRankZero();
   // After StartFromRankZero (a single process may offload to NVMe before restoring,
   // which then streams into the swap): offload.optimizer nvme moves the moments to a

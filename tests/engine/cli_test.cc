@@ -167,7 +167,6 @@ TEST(CliTest, PlanMatchesTheMeasuredPeak) {
   // 2 + 4 bytes per parameter, plus the master weights' 1/8 allocated before the whole is freed.
   const double n1b = bf16_params / 2;
   EXPECT_GE(z3["startup"].get<double>(), 6 * n1b + 4 * (n1b / 8) - 64);
-  EXPECT_EQ(z3["resume_extra"].get<double>(), 8 * n1b);
   EXPECT_GT(z3["startup"].get<double>(), z3["total"].get<double>());
   EXPECT_EQ(z3["peak"].get<double>(), z3["startup"].get<double>());
   // The CPU backend has nothing to move: a clear error.
