@@ -22,11 +22,6 @@ size_t RoundUp(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 std::string Gib(double bytes) { return StrCat(int64_t(bytes / double(1 << 20)), " MiB"); }
 
-// user_data of a request: its buffer slot, whether it writes, and its length.
-uint64_t Tag(size_t slot, bool write, size_t length) { return (uint64_t(length) << 8) | (write ? 0x10 : 0) | slot; }
-size_t TagSlot(uint64_t tag) { return tag & 0x0f; }
-bool TagWrite(uint64_t tag) { return (tag & 0x10) != 0; }
-size_t TagLength(uint64_t tag) { return size_t(tag >> 8); }
 
 }  // namespace
 
@@ -121,7 +116,19 @@ absl::StatusOr<std::unique_ptr<SwapFile>> SwapFile::Create(const std::string& di
 
 SwapFile::SwapFile(std::string path, int fd, size_t bytes, const SwapOptions& options)
     : path_(std::move(path)), fd_(fd), bytes_(bytes), options_(options), ring_(std::make_unique<io_uring>()),
-      pending_(3, 0), errors_(3) {}
+      pending_(3, 0), errors_(3), requests_(size_t(options.queue_depth)) {
+  for (uint32_t id = uint32_t(options.queue_depth); id > 0; --id) free_requests_.push_back(id - 1);
+}
+
+void SwapFile::Prepare(io_uring_sqe* sqe, uint32_t id) {
+  const Request& r = requests_[id];
+  if (r.write) {
+    ::io_uring_prep_write(sqe, fd_, r.data, unsigned(r.length), r.offset);
+  } else {
+    ::io_uring_prep_read(sqe, fd_, r.data, unsigned(r.length), r.offset);
+  }
+  ::io_uring_sqe_set_data64(sqe, id);
+}
 
 SwapFile::~SwapFile() {
   // Requests still in flight (after an error) must finish before their buffers go.
@@ -144,19 +151,35 @@ absl::Status SwapFile::ReapOne() {
     if (r >= 0) r = ::io_uring_peek_cqe(ring_.get(), &cqe);
   } while (r == -EINTR || r == -EAGAIN);
   if (r < 0) return absl::InternalError(StrCat(path_, ": io_uring wait failed: ", std::strerror(-r)));
-  const uint64_t tag = ::io_uring_cqe_get_data64(cqe);
+  const uint32_t id = uint32_t(::io_uring_cqe_get_data64(cqe));
   const int result = cqe->res;
   ::io_uring_cqe_seen(ring_.get(), cqe);
-  --in_flight_;
-  const size_t slot = TagSlot(tag);
-  --pending_[slot];
-  if (result != int(TagLength(tag)) && errors_[slot].empty()) {
-    errors_[slot] = result < 0 ? std::strerror(-result)
-                               : StrCat("moved ", result, " of ", TagLength(tag), " bytes");
-    errors_[slot] = StrCat(TagWrite(tag) ? "writing" : "reading", " the NVMe swap file: ", errors_[slot],
-                           result == -ENOSPC ? " (the disk is full)" : "");
+  Request& request = requests_[id];
+  (request.write ? bytes_written_ : bytes_read_) += uint64_t(std::max(result, 0));
+  if (result > 0 && size_t(result) < request.length) {
+    // A short transfer: the rest goes out again, as the same request. Its entry in the
+    // submission queue was consumed, so there is room.
+    request.data += result;
+    request.offset += uint64_t(result);
+    request.length -= size_t(result);
+    if (io_uring_sqe* sqe = ::io_uring_get_sqe(ring_.get()); sqe != nullptr) {
+      Prepare(sqe, id);
+      if (const int s = ::io_uring_submit(ring_.get()); s < 0) {
+        return absl::InternalError(StrCat(path_, ": io_uring submit failed: ", std::strerror(-s)));
+      }
+      return absl::OkStatus();
+    }
   }
-  (TagWrite(tag) ? bytes_written_ : bytes_read_) += uint64_t(std::max(result, 0));
+  --in_flight_;
+  --pending_[request.slot];
+  free_requests_.push_back(id);
+  if (size_t(std::max(result, 0)) != request.length && errors_[request.slot].empty()) {
+    const std::string what = result < 0    ? std::strerror(-result)
+                             : result == 0 ? StrCat("no bytes moved of the ", request.length, " left")
+                                           : StrCat("moved ", result, " of ", request.length, " bytes");
+    errors_[request.slot] = StrCat(request.write ? "writing" : "reading", " the NVMe swap file: ", what,
+                                   result == -ENOSPC ? " (the disk is full)" : "");
+  }
   return absl::OkStatus();
 }
 
@@ -172,13 +195,10 @@ absl::Status SwapFile::Queue(bool write, size_t chunk, size_t slot) {
       if (auto s = ReapOne(); !s.ok()) return s;
       continue;
     }
-    char* data = buffers_[slot].get() + done;
-    if (write) {
-      ::io_uring_prep_write(sqe, fd_, data, unsigned(length), base + done);
-    } else {
-      ::io_uring_prep_read(sqe, fd_, data, unsigned(length), base + done);
-    }
-    ::io_uring_sqe_set_data64(sqe, Tag(slot, write, length));
+    const uint32_t id = free_requests_.back();  // in_flight_ < queue_depth: one is free
+    free_requests_.pop_back();
+    requests_[id] = {buffers_[slot].get() + done, base + done, length, slot, write};
+    Prepare(sqe, id);
     ++in_flight_;
     ++pending_[slot];
     done += length;

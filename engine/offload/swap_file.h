@@ -19,6 +19,7 @@
 #include "absl/status/statusor.h"
 
 struct io_uring;
+struct io_uring_sqe;
 
 namespace llamad::offload {
 
@@ -65,8 +66,19 @@ class SwapFile {
   absl::Status Queue(bool write, size_t chunk, size_t slot);
   // Waits for every queued request of `slot`.
   absl::Status Drain(size_t slot);
-  // Reaps one completion, accounting it to its slot.
+  // Reaps one completion, accounting it to its slot; a short transfer is resubmitted for
+  // the rest (a request completes once all of it moved, or failed).
   absl::Status ReapOne();
+  // A request in flight: where its bytes go, and how many are left.
+  struct Request {
+    char* data = nullptr;
+    uint64_t offset = 0;
+    size_t length = 0;
+    size_t slot = 0;
+    bool write = false;
+  };
+  // Fills a submission entry from request `id` (io_uring user_data = id).
+  void Prepare(io_uring_sqe* sqe, uint32_t id);
 
   std::string path_;
   int fd_ = -1;
@@ -78,6 +90,8 @@ class SwapFile {
   std::vector<int> pending_;     // requests in flight per buffer
   std::vector<std::string> errors_;  // the first failed request per buffer
   int in_flight_ = 0;
+  std::vector<Request> requests_;         // indexed by id, queue_depth of them
+  std::vector<uint32_t> free_requests_;   // ids not in flight
   uint64_t bytes_read_ = 0, bytes_written_ = 0;
 };
 

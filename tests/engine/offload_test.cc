@@ -1,6 +1,9 @@
 // The NVMe tier: optimizer moments in an io_uring/O_DIRECT swap file give the same
 // training, bit for bit, as moments in memory; a bad swap folder is a clear error.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -205,6 +208,53 @@ TEST(NvmeOffloadTest, StreamUpdatesEveryChunkOnce) {
                       offload::SwapFile::Mode::kRead)
                   .ok());
   EXPECT_EQ(seen, std::vector<int>({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
+}
+
+// A write that the kernel cuts short (here at a file size limit, set once the swap file
+// exists) is resubmitted for the rest; the rest then fails with the limit's own error
+// (EFBIG), not as a silently short chunk. Runs in a child process, whose limit it sets.
+TEST(NvmeOffloadTest, AShortTransferIsResubmittedForTheRest) {
+  offload::SwapOptions options;
+  options.chunk_bytes = 64 << 10;
+  options.block_bytes = 16 << 10;
+  options.queue_depth = 4;
+  const std::string dir = ScratchDir("short").string();
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::close(fds[0]);
+    auto swap = offload::SwapFile::Create(dir, 4 * options.chunk_bytes, options);
+    std::string report = swap.ok() ? "" : "create: " + std::string(swap.status().message());
+    if (swap.ok()) {
+      ::signal(SIGXFSZ, SIG_IGN);
+      // 8 KiB before the end: the last 16 KiB request is the only one the limit cuts,
+      // and 8 KiB of it go through.
+      const rlim_t at = rlim_t(4 * options.chunk_bytes - (8 << 10));
+      const rlimit limit{at, at};
+      ::setrlimit(RLIMIT_FSIZE, &limit);
+      const absl::Status s = (*swap)->Stream([](size_t, char* data) { std::memset(data, 7, 64 << 10); },
+                                             offload::SwapFile::Mode::kWrite);
+      report = s.ok() ? "ok" : std::string(s.message());
+      report += "\nwritten " + std::to_string((*swap)->bytes_written());
+    }
+    (void)!::write(fds[1], report.data(), report.size());
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  std::string report;
+  char buffer[512];
+  for (ssize_t n; (n = ::read(fds[0], buffer, sizeof(buffer))) > 0;) report.append(buffer, size_t(n));
+  ::close(fds[0]);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status)) << report;
+  // Before: "moved 8192 of 16384 bytes". Now the rest was sent again and met the limit.
+  EXPECT_NE(report.find("writing the NVMe swap file: " + std::string(std::strerror(EFBIG))), std::string::npos)
+      << report;
+  EXPECT_NE(report.find("written " + std::to_string(4 * options.chunk_bytes - (8 << 10))), std::string::npos)
+      << report;
 }
 
 }  // namespace
