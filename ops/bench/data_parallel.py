@@ -70,17 +70,19 @@ checkpoint: {{dir: ckpt, interval: 0}}
         med = lambda k: statistics.median(s[k] for s in steps)
         step, comm, exposed = med("step_time_s"), med("communication_s"), med("exposed_communication_s")
         rows.append((plugin, step, step - exposed, comm, exposed, steps[-1]["parameter_bytes"],
-                     steps[-1]["gradient_bytes"], steps[-1]["optimizer_state_bytes"], med("tokens_per_s")))
+                     steps[-1]["gradient_bytes"], steps[-1]["optimizer_state_bytes"],
+                     steps[-1]["peak_memory_bytes"], med("tokens_per_s")))
 
     mib = lambda b: f"{b / (1 << 20):8.1f}"
     print(f"world size {a.nproc}, hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, "
           f"{a.batch} x {a.seq} tokens per rank, CPU backend (1 thread per rank), Gloo on loopback; "
           f"median of steps 3..{a.steps}")
+    # peak: rank 0's high-water mark of backend memory since start (start-up included).
     print(f"{'plugin':8} {'step s':>8} {'compute s':>10} {'comm s':>8} {'exposed s':>10} "
-          f"{'params MiB':>11} {'grads MiB':>10} {'optim MiB':>10} {'tokens/s':>9}")
-    for plugin, step, compute, comm, exposed, params, grads, optim, tps in rows:
+          f"{'params MiB':>11} {'grads MiB':>10} {'optim MiB':>10} {'peak MiB':>9} {'tokens/s':>9}")
+    for plugin, step, compute, comm, exposed, params, grads, optim, peak, tps in rows:
         print(f"{plugin:8} {step:8.3f} {compute:10.3f} {comm:8.3f} {exposed:10.3f} {mib(params):>11} "
-              f"{mib(grads):>10} {mib(optim):>10} {tps:9.0f}")
+              f"{mib(grads):>10} {mib(optim):>10} {mib(peak):>9} {tps:9.0f}")
 
 
 if __name__ == "__main__":
