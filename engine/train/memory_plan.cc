@@ -23,6 +23,9 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   plan.parameters = (plugin == "zero3" && many ? shard + region : n) * DTypeSize(dtype);
   plan.master_weights = dtype != accum ? sharded * DTypeSize(accum) : 0;  // sharded with the moments
   plan.gradients = ((plugin == "zero2" || plugin == "zero3") && many ? shard + region : n) * DTypeSize(accum);
+  // zero2 in host memory reduces each region from a copy while the backward goes on
+  // (Trainer::ShardGradients).
+  if (plugin == "zero2" && many && dtype == accum) plan.gradients += region * DTypeSize(accum);
   plan.optimizer_state = 2 * sharded * DTypeSize(accum);
   {
     // Every rank builds the whole model (parameters, and separate master weights) and

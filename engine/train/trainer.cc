@@ -33,6 +33,18 @@ Trainer::Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Commu
   targets_.resize(n);
 }
 
+Trainer::~Trainer() {
+  FinishRegionReduce();
+  backend_->Free(region_copy_);
+}
+
+void Trainer::FinishRegionReduce() {
+  if (!region_reduce_.valid()) return;
+  const auto start = std::chrono::steady_clock::now();
+  region_reduce_.get();
+  model_wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Backend* backend,
                                                          double peak_flops, Communicator* comm) {
   if (auto s = ValidateJobSpec(spec); !s.ok()) return s;
@@ -137,7 +149,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   StepMetrics m;
   m.step = optimizer_->step() + 1;
   model_->ZeroGrads();
-  model_collective_seconds_ = 0;
+  model_collective_seconds_ = model_wait_seconds_ = 0;
   double loss_sum = 0;
   // With several ranks, the last micro-batch's backward hands each finished gradient
   // range to a background all-reduce, so communication overlaps the rest of the backward.
@@ -184,6 +196,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
                                                 padding ? 0.0 : 1.0 / targets_per_step);
     if (!padding) loss_sum += loss;
     model_->set_grad_ready_hook(nullptr);
+    FinishRegionReduce();  // the embedding's, last of the backward
     if (!model_collective_status_.ok()) return model_collective_status_;
   }
   sampler.set_position(sampler.position() + global);
@@ -194,7 +207,9 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   if (model_->gradients_sharded()) {
     // zero2: the gradients were reduced region by region during the backward.
     if (auto s = comm_->AllReduceSum(&loss_sum, 1); !s.ok()) return s;
-    m.communication_seconds = m.exposed_communication_seconds = model_collective_seconds_ + seconds_since(comm_start);
+    const double after = seconds_since(comm_start);
+    m.communication_seconds = model_collective_seconds_ + after;
+    m.exposed_communication_seconds = model_wait_seconds_ + after;
   } else if (comm_->world_size() > 1 && !reducer) {
     // GPU ranks: the whole gradient through host memory once the backward is done.
     if (auto s = AllReduceSumOnBackend(*comm_, *backend_, model_->grad_data(), model_->num_params());
@@ -320,25 +335,42 @@ void Trainer::ForEachOwnerPart(size_t begin, size_t end,
 
 void Trainer::ShardGradients() {
   const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
-  model_->ShardGradients(own_begin, own_end, [this](size_t begin, size_t end, void* grads) {
+  // Overlap needs the collectives off the main thread: not under zero3 (whose backward
+  // gathers parameters on it) nor on a GPU (whose backend is not thread-safe).
+  const bool overlap = spec_.parallel.plugin == "zero2" && BuffersInHostMemory(*backend_);
+  if (overlap) region_copy_ = backend_->Allocate(LargestGradientRegion(spec_.model), backend_->accum_dtype());
+  model_->ShardGradients(own_begin, own_end, [this, overlap](size_t begin, size_t end, void* grads) {
     // Each rank's part of the region is summed to that rank, which adds it to its shard.
-    ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
-      void* part = static_cast<char*>(grads) + model_->accum_byte_offset(lo - begin);
-      return ReduceAddOnBackend(*comm_, *backend_, part, hi - lo, owner,
-                                owner == comm_->rank() ? model_->grad_at(lo) : nullptr);
-    });
+    auto reduce = [this, begin, end](void* region) {
+      ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
+        void* part = static_cast<char*>(region) + model_->accum_byte_offset(lo - begin);
+        return ReduceAddOnBackend(*comm_, *backend_, part, hi - lo, owner,
+                                  owner == comm_->rank() ? model_->grad_at(lo) : nullptr);
+      });
+    };
+    if (!overlap) {
+      const auto start = std::chrono::steady_clock::now();
+      reduce(grads);
+      model_wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      return;
+    }
+    FinishRegionReduce();  // the previous region's: then the copy is free
+    backend_->Copy(region_copy_, grads, end - begin);
+    region_reduce_ = std::async(std::launch::async, reduce, region_copy_);
   });
 }
 
 void Trainer::ShardParameters() {
   const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
   model_->ShardParameters(own_begin, own_end, [this](size_t begin, size_t end, void* dst) {
-    // Each owner broadcasts its part of the region.
+    // Each owner broadcasts its part of the region; the forward or backward waits for it.
+    const auto start = std::chrono::steady_clock::now();
     ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
       void* part = static_cast<char*>(dst) + model_->param_byte_offset(lo - begin);
       if (owner == comm_->rank()) backend_->Copy(part, model_->param_at(lo), hi - lo);
       return BroadcastOnBackend(*comm_, *backend_, part, hi - lo, owner);
     });
+    model_wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   });
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <functional>
+#include <future>
 #include <memory>
 
 #include "absl/status/statusor.h"
@@ -88,6 +89,10 @@ class Trainer {
 
  private:
   Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Communicator* comm);
+ public:
+  ~Trainer();
+
+ private:
   // The plugins' sharding (StartFromRankZero). `moments_from_rank_zero`: rank 0 holds
   // restored moments of the whole model, which go to their owners.
   absl::Status ShardOptimizerState(bool moments_from_rank_zero);
@@ -109,10 +114,17 @@ class Trainer {
   std::vector<int32_t> tokens_, targets_;
   uint64_t sampler_position_ = 0;
   bool zero1_ = false;
-  // zero2/3: the first failure of a collective inside the forward or backward, and the
-  // seconds spent in them this step.
+  // zero2/3: the first failure of a collective inside the forward or backward, the
+  // seconds spent in them this step, and the seconds the step waited for them.
   absl::Status model_collective_status_;
   double model_collective_seconds_ = 0;
+  double model_wait_seconds_ = 0;
+  // zero2 on host memory: each region's gradients are reduced on a helper thread, from a
+  // copy (so the model's scratch is free for the next region), while the backward goes
+  // on. One region in flight at a time.
+  void* region_copy_ = nullptr;
+  std::future<void> region_reduce_;
+  void FinishRegionReduce();
 };
 
 }  // namespace llamad
