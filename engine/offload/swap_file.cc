@@ -158,17 +158,20 @@ absl::Status SwapFile::ReapOne() {
   (request.write ? bytes_written_ : bytes_read_) += uint64_t(std::max(result, 0));
   if (result > 0 && size_t(result) < request.length) {
     // A short transfer: the rest goes out again, as the same request. Its entry in the
-    // submission queue was consumed, so there is room.
+    // submission queue was consumed (the queue was flushed before the wait), so there is
+    // room.
+    io_uring_sqe* sqe = ::io_uring_get_sqe(ring_.get());
+    if (sqe == nullptr) {
+      return absl::InternalError(StrCat(path_, ": io_uring has no room to resubmit a short transfer"));
+    }
     request.data += result;
     request.offset += uint64_t(result);
     request.length -= size_t(result);
-    if (io_uring_sqe* sqe = ::io_uring_get_sqe(ring_.get()); sqe != nullptr) {
-      Prepare(sqe, id);
-      if (const int s = ::io_uring_submit(ring_.get()); s < 0) {
-        return absl::InternalError(StrCat(path_, ": io_uring submit failed: ", std::strerror(-s)));
-      }
-      return absl::OkStatus();
+    Prepare(sqe, id);
+    if (const int s = ::io_uring_submit(ring_.get()); s < 0) {
+      return absl::InternalError(StrCat(path_, ": io_uring submit failed: ", std::strerror(-s)));
     }
+    return absl::OkStatus();
   }
   --in_flight_;
   --pending_[request.slot];

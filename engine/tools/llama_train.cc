@@ -238,7 +238,15 @@ absl::StatusOr<std::string> ResumeRoot(const JobSpec& spec, const Common& common
 // Restores step `step`, or with `fallback` the newest older one that restores cleanly.
 absl::Status Resume(const storage::CheckpointStore& store, const std::string& job, int64_t step,
                     bool fallback, Trainer& trainer, RestoreParts parts) {
-  absl::Status status = RestoreCheckpoint(store, job, step, trainer, parts);
+  // Reading the weights alone (the ranks read the moments later) checks the rest of the
+  // checkpoint first when a damaged one may be skipped.
+  auto restore = [&](int64_t at) {
+    if (fallback && parts == RestoreParts::kWeights) {
+      if (auto s = store.Verify(job, at); !s.ok()) return s;
+    }
+    return RestoreCheckpoint(store, job, at, trainer, parts);
+  };
+  absl::Status status = restore(step);
   if (status.ok() || !fallback || !absl::IsDataLoss(status)) return status;
   auto steps = store.Steps(job);
   if (!steps.ok()) return steps.status();
@@ -246,7 +254,7 @@ absl::Status Resume(const storage::CheckpointStore& store, const std::string& jo
     if (*it >= step) continue;
     std::fprintf(stderr, "llama-train: %s\nllama-train: falling back to checkpoint step %lld\n",
                  std::string(status.message()).c_str(), (long long)*it);
-    status = RestoreCheckpoint(store, job, *it, trainer, parts);
+    status = restore(*it);
     if (status.ok() || !absl::IsDataLoss(status)) return status;
   }
   return status;
@@ -474,19 +482,22 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     if (auto s = LoadHuggingFaceWeights(common.init_from_hf, (*trainer)->model(), *backend); !s.ok()) return Fail(s);
     std::fprintf(stderr, "llama-train: weights from %s\n", common.init_from_hf.c_str());
   }
-  // A single process with the moments on the NVMe tier offloads first, so that a restore
-  // streams them into the swap instead of holding them in memory. (With several ranks
-  // rank 0 restores them whole, to send each rank its part, and the ranks offload after.)
-  const bool offload_first = (*comm)->world_size() == 1 && (*trainer)->spec().offload.optimizer == "nvme";
-  if (offload_first) {
+  // With the moments on the NVMe tier, the swap exists before they are restored, so that
+  // a restore streams them into it instead of holding them in memory: a single process
+  // offloads now, ZeRO ranks once sharded (below). ddp ranks receive rank 0's restored
+  // moments in memory and offload after.
+  const bool nvme = (*trainer)->spec().offload.optimizer == "nvme";
+  const bool zero_ranks = (*comm)->world_size() > 1 && spec->parallel.plugin != "ddp";
+  bool offloaded = false;
+  if (nvme && (*comm)->world_size() == 1) {
     if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
+    offloaded = true;
   }
   absl::StatusOr<ResumePoint> checkpoints = ResumePoint{};
   if (lead) checkpoints = OpenCheckpoints(*spec, common, /*saving=*/spec->checkpoint.interval > 0);
   if (!checkpoints.ok()) return Fail(checkpoints.status());
   // Under ZeRO with several ranks each rank reads its own part of the moments once the
   // state is sharded (below); rank 0 restores only the weights here.
-  const bool zero_ranks = (*comm)->world_size() > 1 && spec->parallel.plugin != "ddp";
   if (checkpoints->step >= 0) {
     const storage::CheckpointStore& from = checkpoints->source ? *checkpoints->source : *checkpoints->store;
     if (auto s = Resume(from, spec->name, checkpoints->step, common.resume_fallback, **trainer,
@@ -510,29 +521,44 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   // Every rank starts from rank 0's state (restored, imported or seeded).
   if (auto s = (*trainer)->StartFromRankZero(); !s.ok()) return Fail(s);
   if (zero_ranks) {
-    // Whether rank 0 resumed; if so each rank reads its shard's moments of that step.
-    double resumed = lead && checkpoints->step >= 0 ? 1 : 0;
+    // The step rank 0 resumed (0: none); each rank then reads its shard's moments of it.
+    double resumed = lead && checkpoints->step >= 0 ? double((*trainer)->step()) + 1 : 0;
     if (auto s = (*comm)->AllReduceSum(&resumed, 1); !s.ok()) return Fail(s);
+    if (nvme) {
+      if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
+      offloaded = true;
+    }
     if (resumed > 0) {
       std::unique_ptr<storage::CheckpointStore> own;
       const storage::CheckpointStore* from = nullptr;
+      absl::Status restored;
       if (lead) {
         from = checkpoints->source ? checkpoints->source.get() : checkpoints->store.get();
       } else {
         auto root = ResumeRoot(*spec, common);
-        if (!root.ok()) return Fail(root.status());
-        auto opened_store = storage::CheckpointStore::Open(*root, {int(spec->checkpoint.keep_last), true});
-        if (!opened_store.ok()) return Fail(opened_store.status());
-        own = *std::move(opened_store);
-        from = own.get();
+        auto opened_store = root.ok() ? storage::CheckpointStore::Open(*root, {int(spec->checkpoint.keep_last), true})
+                                      : absl::StatusOr<std::unique_ptr<storage::CheckpointStore>>(root.status());
+        if (opened_store.ok()) {
+          own = *std::move(opened_store);
+          from = own.get();
+        } else {
+          restored = opened_store.status();
+        }
       }
-      if (auto s = RestoreCheckpoint(*from, spec->name, (*trainer)->step(), **trainer, RestoreParts::kOptimizerShard);
-          !s.ok()) {
-        return Fail(s);
+      if (from != nullptr) {
+        restored = RestoreCheckpoint(*from, spec->name, int64_t(resumed) - 1, **trainer, RestoreParts::kOptimizerShard);
+      }
+      // Every rank learns whether all restored their part, so that they stop together.
+      double failed = restored.ok() ? 0 : 1;
+      if (auto s = (*comm)->AllReduceSum(&failed, 1); !s.ok()) return Fail(s);
+      if (!restored.ok()) return Fail(restored);
+      if (failed > 0) {
+        return Fail(absl::AbortedError(StrCat("rank ", rank, ": ", int(failed), " other rank(s) could not restore ",
+                                              "their part of checkpoint step ", int64_t(resumed) - 1)));
       }
     }
   }
-  if (!offload_first) {
+  if (!offloaded) {
     if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
   }
   if (lead && (*trainer)->optimizer().host_offloaded()) {

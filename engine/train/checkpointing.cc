@@ -295,8 +295,7 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
     items.push_back(
         {ExpAvgSqName(p.name), lo - p.offset, hi - p.offset, static_cast<char*>(optimizer.exp_avg_sq()) + at});
   }
-  // Several readers keep the disk busy while others checksum and convert. One rank of
-  // one: each tensor's range is the whole tensor.
+  // Several readers keep the disk busy while others checksum and convert.
   constexpr int kReaders = 4;
   std::atomic<size_t> next{0};
   std::mutex upload_mu;  // The backend is not thread-safe.

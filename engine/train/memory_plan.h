@@ -17,6 +17,7 @@ struct MemoryPlan {
   uint64_t parameters = 0;       // the copy the layers read (dtype); zero3: 1/world_size and one region
   uint64_t master_weights = 0;   // f32 copy for the optimizer, when dtype is not f32
   uint64_t gradients = 0;        // accum dtype; zero2/3: 1/world_size of them and one region
+                                 // (zero2 on host memory: two, one being reduced)
   uint64_t optimizer_state = 0;  // two AdamW moments; 1/world_size of them under zero1/2/3
                                  // (offloaded: the swap pipeline's three chunk buffers)
   uint64_t optimizer_state_nvme = 0;  // the moments in the NVMe swap file (not in total())

@@ -254,7 +254,8 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     m.exposed_communication_seconds += gather;
   }
   m.optimizer_state_bytes = optimizer_->state_bytes();
-  m.gradient_bytes = model_->grad_bytes();
+  m.gradient_bytes = model_->grad_bytes() +  // and zero2's copy of the region being reduced
+                     (region_copy_ != nullptr ? model_->accum_byte_offset(LargestGradientRegion(spec_.model)) : 0);
   m.parameter_bytes = model_->param_bytes();
 
   m.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

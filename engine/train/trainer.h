@@ -27,7 +27,8 @@ struct StepMetrics {
   double mfu = 0;                // tflops / peak; 0 when the peak is unknown.
   size_t peak_memory_bytes = 0;  // Backend allocation high-water mark.
   size_t optimizer_state_bytes = 0;  // AdamW moments held by this rank.
-  size_t gradient_bytes = 0;         // Gradients held by this rank (zero2: shard + scratch).
+  size_t gradient_bytes = 0;         // Gradients held by this rank (zero2/3: shard + scratch,
+                                     // and zero2 on host memory the region being reduced).
   size_t parameter_bytes = 0;        // Parameters held by this rank (zero3: shard + scratch).
   // Seconds spent inside collectives (the gradient buckets on the worker thread, the loss,
   // zero1's parameter gather), and the seconds the step itself waited for them (not
@@ -46,6 +47,7 @@ class Trainer {
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(const JobSpec& spec, Backend* backend,
                                                          double peak_flops,
                                                          Communicator* comm = nullptr);
+  ~Trainer();  // waits for a gradient reduction still in flight
 
   // Runs the steps from the current one up to spec.training.steps over `data`, calling
   // on_step after each; an error from on_step stops training and is returned.
@@ -89,10 +91,6 @@ class Trainer {
 
  private:
   Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Communicator* comm);
- public:
-  ~Trainer();
-
- private:
   // The plugins' sharding (StartFromRankZero). `moments_from_rank_zero`: rank 0 holds
   // restored moments of the whole model, which go to their owners.
   absl::Status ShardOptimizerState(bool moments_from_rank_zero);

@@ -26,6 +26,8 @@ void OnRanks(int world, const std::string& name, const std::function<void(Commun
       auto comm = MakeGlooCommunicator(r, world, store.string(), std::chrono::seconds(30));
       ASSERT_TRUE(comm.ok()) << comm.status();
       f(**comm);
+      // No rank closes its connections while another may still be setting up or sending.
+      EXPECT_TRUE((*comm)->Barrier().ok());
     });
   }
   for (auto& t : ranks) t.join();

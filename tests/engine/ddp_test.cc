@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -129,7 +130,8 @@ TEST_F(DdpTest, Zero2MatchesAndShardsGradients) {
     ExpectSameCurve(Train("-p zero2 --nproc " + std::to_string(world) + " --threads 1", &state, &grads), one,
                     ("zero2 at world size " + std::to_string(world)).c_str());
     EXPECT_NEAR(double(state), double(full_state) / world, 8.0 * world) << "world size " << world;
-    EXPECT_EQ(grads, ((params + world - 1) / world + scratch) * sizeof(float)) << "world size " << world;
+    // The shard, the model's scratch, and the copy of the region being reduced.
+    EXPECT_EQ(grads, ((params + world - 1) / world + 2 * scratch) * sizeof(float)) << "world size " << world;
     std::printf("zero2, world size %d: per rank %zu bytes of optimizer state (%zu unsharded), %zu of gradients "
                 "(%zu unsharded)\n", world, state, full_state, grads, full_grads);
   }
@@ -229,6 +231,49 @@ TEST_F(DdpTest, CheckpointAtWorldSizeFourResumesAtTwoAndThree) {
     const auto resumed = Train("--nproc " + std::to_string(world) + " --threads 1 -i 0 -f " + step10.string());
     ExpectSameCurve(resumed, tail, world == 2 ? "resumed at world size 2" : "resumed at world size 3");
   }
+}
+
+// Under ZeRO each rank reads its own moments after rank 0 restored the weights. A damaged
+// moment piece in the newest checkpoint stops every rank, naming the damage, or with
+// --resume-fallback sends all of them back to the previous checkpoint together.
+TEST_F(DdpTest, ADamagedMomentPieceStopsOrFallsBackOnEveryRank) {
+  const auto saved = Train("-p zero1 --nproc 2 --threads 1 -i 10");
+  ASSERT_EQ(saved.size(), 20u);
+  // Flip a byte in the first AdamW moment piece of rank 1's shard of step 20 (the shard's
+  // header, after 16 bytes of magic, version and length, lists every piece's offset).
+  const fs::path shard = dir_ / "ckpt" / "ddp" / "step-20" / "rank-1.shard";
+  std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+  char prefix[16];
+  f.read(prefix, 16);
+  uint32_t header_length = 0;
+  std::memcpy(&header_length, prefix + 12, 4);
+  std::string header(header_length, '\0');
+  f.read(header.data(), header_length);
+  uint64_t offset = 0;
+  const auto table = nlohmann::json::parse(header);
+  for (const auto& piece : table["pieces"]) {
+    if (piece["name"].get<std::string>().starts_with("optimizer.exp_avg.")) {
+      offset = piece["offset"].get<uint64_t>() + 1;
+      break;
+    }
+  }
+  ASSERT_GT(offset, 0u) << header;
+  char c = 0;
+  f.seekg(std::streamoff(offset));
+  f.get(c);
+  f.seekp(std::streamoff(offset));
+  f.put(char(c ^ 0x01));
+  f.close();
+
+  llamad::testing::Subprocess refused(std::string(LLAMA_TRAIN_BIN) + " train --config " + (dir_ / "job.yaml").string() +
+                                      " --log-format json -p zero1 --nproc 2 --threads 1 -i 0 -f latest");
+  const std::string output = refused.Drain();
+  EXPECT_NE(refused.Wait(), 0) << output;
+  EXPECT_NE(output.find("rank-1.shard"), std::string::npos) << output;
+  // With the fallback: step 10 on every rank, then the uninterrupted curve.
+  const std::vector<double> tail(saved.begin() + 10, saved.end());
+  ExpectSameCurve(Train("-p zero1 --nproc 2 --threads 1 -i 0 -f latest --resume-fallback"), tail,
+                  "zero1 fallback to step 10");
 }
 
 TEST_F(DdpTest, AKilledRankStopsTheJobWithinSeconds) {

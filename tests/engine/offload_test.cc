@@ -233,11 +233,14 @@ TEST(NvmeOffloadTest, AShortTransferIsResubmittedForTheRest) {
       // and 8 KiB of it go through.
       const rlim_t at = rlim_t(4 * options.chunk_bytes - (8 << 10));
       const rlimit limit{at, at};
-      ::setrlimit(RLIMIT_FSIZE, &limit);
-      const absl::Status s = (*swap)->Stream([](size_t, char* data) { std::memset(data, 7, 64 << 10); },
-                                             offload::SwapFile::Mode::kWrite);
-      report = s.ok() ? "ok" : std::string(s.message());
-      report += "\nwritten " + std::to_string((*swap)->bytes_written());
+      if (::setrlimit(RLIMIT_FSIZE, &limit) != 0) {
+        report = "setrlimit failed";
+      } else {
+        const absl::Status s = (*swap)->Stream([](size_t, char* data) { std::memset(data, 7, 64 << 10); },
+                                               offload::SwapFile::Mode::kWrite);
+        report = s.ok() ? "ok" : std::string(s.message());
+        report += "\nwritten " + std::to_string((*swap)->bytes_written());
+      }
     }
     (void)!::write(fds[1], report.data(), report.size());
     ::_exit(0);
@@ -250,6 +253,7 @@ TEST(NvmeOffloadTest, AShortTransferIsResubmittedForTheRest) {
   int status = 0;
   ::waitpid(child, &status, 0);
   ASSERT_TRUE(WIFEXITED(status)) << report;
+  if (report.starts_with("create: ")) GTEST_SKIP() << "no swap file here: " << report;
   // Before: "moved 8192 of 16384 bytes". Now the rest was sent again and met the limit.
   EXPECT_NE(report.find("writing the NVMe swap file: " + std::string(std::strerror(EFBIG))), std::string::npos)
       << report;
