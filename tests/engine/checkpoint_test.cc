@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "backend/cpu/cpu_backend.h"
+#include "common/step_losses.h"
 #include "common/subprocess.h"
 #include "engine/small_job.h"
 #include "core/rng.h"
@@ -144,22 +145,12 @@ std::string WriteJob(const fs::path& dir, int64_t steps, int64_t interval) {
 
 std::string Train(const std::string& args) { return std::string(LLAMA_TRAIN_BIN) + " train --threads 2 " + args; }
 
-// step -> loss of the JSON lines in `output`.
-std::map<int64_t, double> Losses(const std::string& output) {
-  std::map<int64_t, double> out;
-  std::istringstream in(output);
-  for (std::string line; std::getline(in, line);) {
-    if (line.empty() || line[0] != '{') continue;
-    const auto j = nlohmann::json::parse(line);
-    out[j["step"].get<int64_t>()] = j["loss"].get<double>();
-  }
-  return out;
-}
+using llamad::testing::StepLosses;
 
 TEST(CheckpointProcessTest, KilledAfterASaveResumesBitIdentically) {
   const fs::path a = FreshDir("proc-straight"), b = FreshDir("proc-killed");
   Subprocess straight(Train("--config " + WriteJob(a, 20, 0) + " --log-format json"));
-  const auto expected = Losses(straight.Drain());
+  const auto expected = StepLosses(straight.Drain());
   ASSERT_EQ(straight.Wait(), 0) << straight.Drain();
   ASSERT_EQ(expected.size(), 20u);
 
@@ -174,7 +165,7 @@ TEST(CheckpointProcessTest, KilledAfterASaveResumesBitIdentically) {
       }
     }
     EXPECT_EQ(first.Wait(), 128 + SIGKILL) << first.Drain();
-    for (const auto& [step, loss] : Losses(first.Drain())) {
+    for (const auto& [step, loss] : StepLosses(first.Drain())) {
       if (step <= 10) got[step] = loss;
     }
   }
@@ -182,7 +173,7 @@ TEST(CheckpointProcessTest, KilledAfterASaveResumesBitIdentically) {
   const std::string output = second.Drain();
   ASSERT_EQ(second.Wait(), 0) << output;
   EXPECT_NE(output.find("resumed job 'proc' at step 10"), std::string::npos) << output;
-  for (const auto& [step, loss] : Losses(output)) got[step] = loss;
+  for (const auto& [step, loss] : StepLosses(output)) got[step] = loss;
   ASSERT_EQ(got.size(), 20u);
   for (const auto& [step, loss] : expected) EXPECT_EQ(got[step], loss) << "step " << step;
 }

@@ -6,11 +6,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <map>
-#include <sstream>
 #include <string>
 
 #include <nlohmann/json.hpp>
+
+#include "common/step_losses.h"
 
 namespace {
 
@@ -186,23 +186,13 @@ TEST(CliTest, AnNvmeJobResumesOnTheSameLosses) {
       "offload: {optimizer: nvme, nvme_path: swap, chunk_mb: 0.0625, block_kb: 4}\n"
       "checkpoint: {dir: nvme-ckpt, interval: 2}\n",
       "nvme.yaml");
-  auto losses = [](const std::string& output) {
-    std::map<int64_t, double> out;
-    std::istringstream in(output);
-    for (std::string line; std::getline(in, line);) {
-      if (line.empty() || line[0] != '{') continue;
-      const auto j = nlohmann::json::parse(line);
-      out[j["step"].get<int64_t>()] = j["loss"].get<double>();
-    }
-    return out;
-  };
   const Result straight = RunTrain("train --config " + job + " --log-format json --threads 2");
   ASSERT_EQ(straight.exit_code, 0) << straight.output;
   EXPECT_NE(straight.output.find("NVMe swap file"), std::string::npos) << straight.output;
   const Result resumed = RunTrain("train --config " + job + " --log-format json --threads 2 -i 0 -f " +
                                   (TempDir() / "nvme-ckpt" / "nvme" / "step-2").string());
   ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
-  const auto a = losses(straight.output), b = losses(resumed.output);
+  const auto a = llamad::testing::StepLosses(straight.output), b = llamad::testing::StepLosses(resumed.output);
   ASSERT_EQ(a.size(), 3u);
   ASSERT_EQ(b.size(), 1u);
   EXPECT_EQ(b.at(3), a.at(3));
