@@ -62,18 +62,4 @@ absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void
   return OnHost(backend, buffer, n, [&](float* data) { return AllGatherSlices(comm, data, n); });
 }
 
-absl::Status ScatterSlicesOnBackend(Communicator& comm, Backend& backend, const void* full, void* own, size_t n,
-                                    int root) {
-  if (BuffersInHostMemory(backend)) {
-    return comm.ScatterSlices(static_cast<const float*>(full), static_cast<float*>(own), n, root);
-  }
-  const auto [begin, end] = EvenSlice(n, comm.rank(), comm.world_size());
-  float* host = Staging(comm.rank() == root ? n : end - begin);
-  float* mine = comm.rank() == root ? host + begin : host;
-  if (comm.rank() == root) backend.DownloadF32(host, full, n);
-  if (auto s = comm.ScatterSlices(comm.rank() == root ? host : nullptr, mine, n, root); !s.ok()) return s;
-  backend.UploadF32(own, mine, end - begin);
-  return absl::OkStatus();
-}
-
 }  // namespace llamad

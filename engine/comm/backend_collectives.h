@@ -25,9 +25,5 @@ absl::Status BroadcastOnBackend(Communicator& comm, Backend& backend, void* buff
 absl::Status ReduceAddOnBackend(Communicator& comm, Backend& backend, void* data, size_t n, int root, void* into);
 // In place: each rank's EvenSlice of the n elements of `buffer` goes to every rank.
 absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n);
-// Communicator::ScatterSlices on backend buffers: `own` receives this rank's EvenSlice
-// of n elements of root's `full` (null on the other ranks).
-absl::Status ScatterSlicesOnBackend(Communicator& comm, Backend& backend, const void* full, void* own, size_t n,
-                                    int root);
 
 }  // namespace llamad

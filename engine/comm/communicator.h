@@ -30,9 +30,6 @@ class Communicator {
   virtual absl::Status ReduceSum(float* data, size_t n, int root) = 0;
   // Copies root's data to every rank.
   virtual absl::Status Broadcast(float* data, size_t n, int root) = 0;
-  // Root's `full` (n elements; null on the other ranks) goes out by EvenSlice, each rank
-  // receiving its slice into `own`. Point to point: only root needs room for all n.
-  virtual absl::Status ScatterSlices(const float* full, float* own, size_t n, int root) = 0;
   virtual absl::Status Barrier() = 0;
   // How long a collective may wait for the other ranks from now on (setup phases where
   // one rank works alone, such as preparing data, need longer than training steps).

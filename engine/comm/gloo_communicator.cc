@@ -7,13 +7,10 @@
 #include <gloo/rendezvous/store.h>
 #include <gloo/rendezvous/file_store.h>
 #include <gloo/transport/tcp/device.h>
-#include <gloo/transport/unbound_buffer.h>
-#include <gloo/types.h>
 
 #include "comm/communicator.h"
 #include "core/strings.h"
 
-#include <algorithm>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -29,10 +26,6 @@ class LocalCommunicator final : public Communicator {
   absl::Status AllReduceSum(double*, size_t) override { return absl::OkStatus(); }
   absl::Status ReduceSum(float*, size_t, int) override { return absl::OkStatus(); }
   absl::Status Broadcast(float*, size_t, int) override { return absl::OkStatus(); }
-  absl::Status ScatterSlices(const float* full, float* own, size_t n, int) override {
-    if (own != full) std::copy(full, full + n, own);
-    return absl::OkStatus();
-  }
   absl::Status Barrier() override { return absl::OkStatus(); }
   void set_timeout(std::chrono::milliseconds) override {}
 };
@@ -68,40 +61,6 @@ class GlooCommunicator final : public Communicator {
       gloo::broadcast(opts);
     });
   }
-  absl::Status ScatterSlices(const float* full, float* own, size_t n, int root) override {
-    const uint64_t slot = gloo::Slot::build(kSlicesSlotPrefix, next_tag_++);
-    return Run("scatter", [&] {
-      // Point-to-point sends from root: Gloo's own scatter takes equal parts only, and
-      // EvenSlice parts differ by one element.
-      const int world = world_size();
-      const auto timeout = context_->getTimeout();
-      auto wait = [&](gloo::transport::UnboundBuffer& buffer, bool receiving) {
-        if (!(receiving ? buffer.waitRecv(timeout) : buffer.waitSend(timeout))) {
-          throw std::runtime_error("transfer aborted");
-        }
-      };
-      const auto [own_begin, own_end] = EvenSlice(n, rank(), world);
-      if (rank() != root) {
-        if (own_begin == own_end) return;
-        auto buffer = context_->createUnboundBuffer(own, (own_end - own_begin) * sizeof(float));
-        buffer->recv(root, slot);
-        wait(*buffer, true);
-        return;
-      }
-      std::unique_ptr<gloo::transport::UnboundBuffer> buffer;
-      int pending = 0;
-      for (int r = 0; r < world; ++r) {
-        const auto [begin, end] = EvenSlice(n, r, world);
-        if (r == root || begin == end) continue;
-        if (!buffer) buffer = context_->createUnboundBuffer(const_cast<float*>(full), n * sizeof(float));
-        buffer->send(r, slot, begin * sizeof(float), (end - begin) * sizeof(float));
-        ++pending;
-      }
-      if (own != full + own_begin) std::copy(full + own_begin, full + own_end, own);  // may be in place
-      for (; pending > 0; --pending) wait(*buffer, false);
-    });
-  }
-
   absl::Status Barrier() override {
     return Run("barrier", [&] {
       gloo::BarrierOptions opts(context_);
@@ -122,9 +81,6 @@ class GlooCommunicator final : public Communicator {
       gloo::allreduce(opts);
     });
   }
-
-  // Slots of our point-to-point transfers; Gloo's collectives use prefixes 0x01-0x08.
-  static constexpr uint8_t kSlicesSlotPrefix = 0x40;
 
   // Gloo reports a lost peer or a timeout by throwing; the training loop wants a status.
   // ABORTED: the rank exits with kExitPeerLost (core/exit_codes.h).

@@ -7,6 +7,8 @@
 // backend's accum_dtype().
 #pragma once
 
+#include <algorithm>
+
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -27,6 +29,16 @@ struct ParamInfo {
 
 // Parameter tensors in buffer order, for a config.
 std::vector<ParamInfo> LlamaParamLayout(const ModelConfig& config);
+
+// Calls f(param, lo, hi) with each tensor's part [lo, hi) (flat elements) of the range
+// [begin, end), in layout order: a shard, a chunk or a rank's slice cut at tensors.
+template <typename F>
+void ForEachTensorPart(const std::vector<ParamInfo>& params, size_t begin, size_t end, F&& f) {
+  for (const ParamInfo& p : params) {
+    const size_t lo = std::max(p.offset, begin), hi = std::min(p.offset + p.numel, end);
+    if (lo < hi) f(p, lo, hi);
+  }
+}
 // Elements of the largest region the backward writes at once (the LM head and final
 // norm, one layer, or the embedding): the scratch a ZeRO-2 rank holds besides its shard.
 size_t LargestGradientRegion(const ModelConfig& config);

@@ -117,12 +117,10 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
   };
   std::vector<Part> parts;
   size_t bytes = 0;
-  for (const ParamInfo& p : model.params()) {
-    const size_t lo = std::max(p.offset, begin), hi = std::min(p.offset + p.numel, end);
-    if (lo >= hi) continue;
+  ForEachTensorPart(model.params(), begin, end, [&](const ParamInfo& p, size_t lo, size_t hi) {
     parts.push_back({&p, lo, hi});
     bytes += 3 * padded(hi - lo);
-  }
+  });
   if (bytes != buffer_bytes_) {
     buffer_.reset(static_cast<float*>(std::aligned_alloc(kAlign, std::max(bytes, kAlign))));
     if (!buffer_)
@@ -286,14 +284,16 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   std::vector<Item> items;
   // The moments this optimizer holds: all, or its ZeRO shard.
   const size_t shard_begin = optimizer.shard_begin(), shard_end = optimizer.shard_end();
-  for (const ParamInfo& p : model.params()) {
-    if (weights) items.push_back({p.name, 0, p.numel, model.master_at(p.offset)});
-    const size_t lo = std::max(p.offset, shard_begin), hi = std::min(p.offset + p.numel, shard_end);
-    if (!moments || optimizer.offloaded() || lo >= hi) continue;  // offloaded: streamed into the swap below
-    const size_t at = model.accum_byte_offset(lo - shard_begin);
-    items.push_back({ExpAvgName(p.name), lo - p.offset, hi - p.offset, static_cast<char*>(optimizer.exp_avg()) + at});
-    items.push_back(
-        {ExpAvgSqName(p.name), lo - p.offset, hi - p.offset, static_cast<char*>(optimizer.exp_avg_sq()) + at});
+  if (weights) {
+    for (const ParamInfo& p : model.params()) items.push_back({p.name, 0, p.numel, model.master_at(p.offset)});
+  }
+  if (moments && !optimizer.offloaded()) {  // offloaded: streamed into the swap below
+    ForEachTensorPart(model.params(), shard_begin, shard_end, [&](const ParamInfo& p, size_t lo, size_t hi) {
+      const size_t at = model.accum_byte_offset(lo - shard_begin);
+      items.push_back({ExpAvgName(p.name), lo - p.offset, hi - p.offset, static_cast<char*>(optimizer.exp_avg()) + at});
+      items.push_back(
+          {ExpAvgSqName(p.name), lo - p.offset, hi - p.offset, static_cast<char*>(optimizer.exp_avg_sq()) + at});
+    });
   }
   // Several readers keep the disk busy while others checksum and convert.
   constexpr int kReaders = 4;

@@ -72,12 +72,10 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   if (spec.checkpoint.interval > 0) {
     // AsyncCheckpointer's snapshot of rank 0's part (the largest): the f32 values of each
     // tensor part in it padded to 4 KiB, three times (master weights and both moments).
-    const uint64_t end = (n + uint64_t(world_size) - 1) / uint64_t(world_size);
-    for (const ParamInfo& p : LlamaParamLayout(spec.model)) {
-      if (p.offset >= end) break;
-      const uint64_t count = std::min<uint64_t>(p.offset + p.numel, end) - p.offset;
-      plan.checkpoint_snapshot += 3 * ((count * 4 + 4095) / 4096 * 4096);
-    }
+    ForEachTensorPart(LlamaParamLayout(spec.model), 0, shard,  // rank 0's EvenSlice
+                      [&](const ParamInfo&, size_t lo, size_t hi) {
+                        plan.checkpoint_snapshot += 3 * (((hi - lo) * 4 + 4095) / 4096 * 4096);
+                      });
   }
   plan.snapshot_on_this_tier = dtype == accum;  // the CPU backend's memory is the host's
   return plan;

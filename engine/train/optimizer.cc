@@ -58,15 +58,11 @@ AdamWOptimizer::~AdamWOptimizer() {
 void AdamWOptimizer::UpdateRange(size_t lo, size_t hi, char* m, char* v, AdamWStep s) {
   const size_t elem = DTypeSize(backend_->accum_dtype());
   const bool master = backend_->needs_master_weights();
-  for (const ParamInfo& p : model_->params()) {
-    // The part of this tensor inside [lo, hi).
-    const size_t begin = std::max(p.offset, lo), end = std::min(p.offset + p.numel, hi);
-    if (begin >= end) continue;
-    s.weight_decay = p.decay ? options_.weight_decay : 0.0;
-    backend_->AdamW(model_->param_at(begin),
-                    master ? model_->master_at(begin) : nullptr, model_->grad_at(begin),
+  ForEachTensorPart(model_->params(), lo, hi, [&](const ParamInfo& p, size_t begin, size_t end) {
+    s.weight_decay = p.decay ? options_.weight_decay : 0.0;  // matrices only
+    backend_->AdamW(model_->param_at(begin), master ? model_->master_at(begin) : nullptr, model_->grad_at(begin),
                     m + (begin - lo) * elem, v + (begin - lo) * elem, end - begin, s);
-  }
+  });
 }
 
 absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
@@ -146,15 +142,13 @@ absl::Status AdamWOptimizer::StepOnHost(const AdamWStep& s) {
     std::future<void> next;
     if (hi < shard_end_) next = std::async(std::launch::async, download, c + 1);
     const float* grad = host_grad_[c % 2].get();
-    for (const ParamInfo& p : model_->params()) {  // weight decay differs per tensor
-      const size_t begin = std::max(p.offset, lo), end = std::min(p.offset + p.numel, hi);
-      if (begin >= end) continue;
-      AdamWStep step = s;
-      step.weight_decay = p.decay ? options_.weight_decay : 0.0;
+    AdamWStep step = s;
+    ForEachTensorPart(model_->params(), lo, hi, [&](const ParamInfo& p, size_t begin, size_t end) {
+      step.weight_decay = p.decay ? options_.weight_decay : 0.0;  // matrices only
       const size_t at = begin - shard_begin_;
       host_->AdamW(host_master_.get() + at, nullptr, grad + (begin - lo), host_m_.get() + at, host_v_.get() + at,
                    end - begin, step);
-    }
+    });
     if (next.valid()) next.get();  // before this thread issues more work on the device
     // The chunk's gradients are spent: their device memory carries the updated weights
     // up, and the device rounds them into the layers' bf16 copy, as its AdamW would (no

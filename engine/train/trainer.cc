@@ -254,8 +254,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     m.exposed_communication_seconds += gather;
   }
   m.optimizer_state_bytes = optimizer_->state_bytes();
-  m.gradient_bytes = model_->grad_bytes() +  // and zero2's copy of the region being reduced
-                     (region_copy_ != nullptr ? model_->accum_byte_offset(LargestGradientRegion(spec_.model)) : 0);
+  m.gradient_bytes = model_->grad_bytes() + region_copy_bytes_;  // and zero2's copy of a region
   m.parameter_bytes = model_->param_bytes();
 
   m.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -276,11 +275,16 @@ absl::Status Trainer::StartFromRankZero() {
   if (auto s = comm_->AllReduceSum(progress, 3); !s.ok()) return s;
   SetProgress(int64_t(progress[0]), uint64_t(progress[1]));
   const bool restored_moments = progress[2] > 0;
+  const std::string& plugin = spec_.parallel.plugin;
+  if (restored_moments && plugin != "ddp") {
+    return absl::FailedPreconditionError(
+        "under ZeRO each rank restores its own part of the moments after StartFromRankZero "
+        "(RestoreParts::kWeights on rank 0, then kOptimizerShard everywhere)");
+  }
   if (auto s = BroadcastOnBackend(*comm_, *backend_, model_->master_data(), model_->num_params(), 0); !s.ok()) {
     return s;
   }
   model_->SyncParamsFromMaster();
-  const std::string& plugin = spec_.parallel.plugin;
   if (plugin == "ddp") {
     if (!restored_moments) return absl::OkStatus();
     for (void* moment : {optimizer_->exp_avg(), optimizer_->exp_avg_sq()}) {
@@ -288,35 +292,18 @@ absl::Status Trainer::StartFromRankZero() {
     }
     return absl::OkStatus();
   }
-  if (auto s = ShardOptimizerState(restored_moments); !s.ok()) return s;
+  ShardOptimizerState();
   if (plugin == "zero2" || plugin == "zero3") ShardGradients();
   if (plugin == "zero3") ShardParameters();
   return absl::OkStatus();
 }
 
-absl::Status Trainer::ShardOptimizerState(bool moments_from_rank_zero) {
-  const size_t n = model_->num_params();
-  const auto [begin, end] = EvenSlice(n, comm_->rank(), comm_->world_size());
+void Trainer::ShardOptimizerState() {
+  const auto [begin, end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
   zero1_ = true;
   // Separate master weights (a GPU's) are read and updated only in the optimizer's shard.
   model_->ShardMasterWeights(begin, end);
-  if (!moments_from_rank_zero) {
-    optimizer_->Shard(begin, end);  // the shard's moments are allocated, as zeros, at first use
-    return absl::OkStatus();
-  }
-  // Rank 0 keeps its full moments until every other rank has received its part.
-  const bool root = comm_->rank() == 0;
-  if (!root) optimizer_->Shard(begin, end);
-  const size_t offset = begin * DTypeSize(backend_->accum_dtype());
-  for (void* moment : {optimizer_->exp_avg(), optimizer_->exp_avg_sq()}) {
-    char* held = static_cast<char*>(moment);
-    if (auto s = ScatterSlicesOnBackend(*comm_, *backend_, root ? held : nullptr, root ? held + offset : held, n, 0);
-        !s.ok()) {
-      return s;
-    }
-  }
-  if (root) optimizer_->Shard(begin, end);
-  return absl::OkStatus();
+  optimizer_->Shard(begin, end);  // the shard's moments are allocated, as zeros, at first use
 }
 
 void Trainer::ForEachOwnerPart(size_t begin, size_t end,
@@ -339,7 +326,11 @@ void Trainer::ShardGradients() {
   // Overlap needs the collectives off the main thread: not under zero3 (whose backward
   // gathers parameters on it) nor on a GPU (whose backend is not thread-safe).
   const bool overlap = spec_.parallel.plugin == "zero2" && BuffersInHostMemory(*backend_);
-  if (overlap) region_copy_ = backend_->Allocate(LargestGradientRegion(spec_.model), backend_->accum_dtype());
+  if (overlap) {
+    const size_t region = LargestGradientRegion(spec_.model);
+    region_copy_ = backend_->Allocate(region, backend_->accum_dtype());
+    region_copy_bytes_ = model_->accum_byte_offset(region);
+  }
   model_->ShardGradients(own_begin, own_end, [this, overlap](size_t begin, size_t end, void* grads) {
     // Each rank's part of the region is summed to that rank, which adds it to its shard.
     auto reduce = [this, begin, end](void* region) {

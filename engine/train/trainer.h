@@ -68,13 +68,14 @@ class Trainer {
   AdamWOptimizer& optimizer() { return *optimizer_; }
   Backend& backend() { return *backend_; }
 
-  // With several ranks: every rank takes rank 0's state (seeded, imported from Hugging
-  // Face or restored from a checkpoint there), then keeps the part its plugin gives it.
-  // zero1 keeps 1/world of the AdamW moments and steps that part, zero2 also 1/world of
-  // the gradients, zero3 also 1/world of the parameters. Moments cross the wire only
-  // when rank 0 restored some, and then each rank receives only its own part (llama-train
-  // has each ZeRO rank read its part from the checkpoint instead, RestoreParts). A
-  // collective: every rank calls it once, before Train.
+  // With several ranks: every rank takes rank 0's weights and progress (seeded, imported
+  // from Hugging Face or restored from a checkpoint there), then keeps the part its
+  // plugin gives it. zero1 keeps 1/world of the AdamW moments (and of separate master
+  // weights) and steps that part, zero2 also 1/world of the gradients, zero3 also 1/world
+  // of the parameters. Under ddp rank 0's restored moments are broadcast; under ZeRO
+  // each rank restores its own part afterwards (RestoreParts::kOptimizerShard), and
+  // moments restored on rank 0 are refused. A collective: every rank calls it once,
+  // before Train.
   absl::Status StartFromRankZero();
   // After StartFromRankZero (a single process may offload to NVMe before restoring,
   // which then streams into the swap): offload.optimizer nvme moves the moments to a
@@ -91,9 +92,8 @@ class Trainer {
 
  private:
   Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Communicator* comm);
-  // The plugins' sharding (StartFromRankZero). `moments_from_rank_zero`: rank 0 holds
-  // restored moments of the whole model, which go to their owners.
-  absl::Status ShardOptimizerState(bool moments_from_rank_zero);
+  // The plugins' sharding (StartFromRankZero).
+  void ShardOptimizerState();
   void ShardGradients();
   void ShardParameters();
   // zero2/3: part(owner, lo, hi) for each rank's part [lo, hi) of the flat range
@@ -121,6 +121,7 @@ class Trainer {
   // copy (so the model's scratch is free for the next region), while the backward goes
   // on. One region in flight at a time.
   void* region_copy_ = nullptr;
+  size_t region_copy_bytes_ = 0;
   std::future<void> region_reduce_;
   void FinishRegionReduce();
 };

@@ -569,6 +569,21 @@ TEST_F(CudaTest, CheckpointResumeIsExact) {
   std::filesystem::remove_all(root);
 }
 
+// Each step's loss of `got` against `want`'s from step `from` + 1 on, within `relative`
+// (0: the same bits).
+void ExpectLosses(const std::vector<nlohmann::json>& got, const std::vector<nlohmann::json>& want, size_t from,
+                  double relative, const std::string& what) {
+  ASSERT_LE(from + got.size(), want.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double g = got[i]["loss"].get<double>(), w = want[from + i]["loss"].get<double>();
+    if (relative == 0) {
+      EXPECT_EQ(g, w) << what << ", step " << from + i + 1;
+    } else {
+      EXPECT_NEAR(g, w, relative * w) << what << ", step " << from + i + 1;
+    }
+  }
+}
+
 // llama-train runs of a small bf16 job in a scratch folder, one JSON object per step.
 class GpuJob {
  public:
@@ -637,13 +652,10 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
 
   // zero1: each GPU rank keeps and steps half of the AdamW moments, and the updated bf16
   // parameters are gathered. At step 6 each rank saves its half; resumed under zero1,
-  // rank 0 reads the checkpoint and sends each rank its half of the moments.
+  // rank 0 restores the weights and each rank reads its half of the moments.
   const auto zero1 = run(2, "-p zero1 -i 6");
   ASSERT_EQ(zero1.size(), 12u);
-  for (size_t i = 0; i < one.size(); ++i) {
-    EXPECT_NEAR(zero1[i]["loss"].get<double>(), one[i]["loss"].get<double>(), 1e-5 * one[i]["loss"].get<double>())
-        << "zero1, step " << i + 1;
-  }
+  ExpectLosses(zero1, one, 0, 1e-5, "zero1");
   EXPECT_NEAR(zero1.back()["optimizer_state_bytes"].get<double>(),
               one.back()["optimizer_state_bytes"].get<double>() / 2, 8.0);
   // Half the moments and half the f32 master weights stay off each GPU: 6 bytes per
@@ -654,20 +666,14 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   EXPECT_GE(saved, 5.9 * params);
   const auto resumed = run(2, "-p zero1 -i 0 -f " + (dir / "ckpt" / "gpu-ddp" / "step-6").string());
   ASSERT_EQ(resumed.size(), 6u);
-  for (size_t i = 0; i < resumed.size(); ++i) {
-    EXPECT_NEAR(resumed[i]["loss"].get<double>(), one[6 + i]["loss"].get<double>(),
-                1e-5 * one[6 + i]["loss"].get<double>())
-        << "zero1 resumed, step " << 7 + i;
-  }
+  ExpectLosses(resumed, one, 6, 1e-5, "zero1 resumed");
   // zero1 with each rank's half of the optimizer state in host memory: the same bits,
   // and its step-6 checkpoint (each rank's half from host memory) resumes on the devices
   // on the same bits as well.
   GpuJob host_job("llamad-gpu-ddp-host", "offload: {optimizer: host}\n");
   const auto zero1_host = host_job.Run(2, "-p zero1 -i 6");
   ASSERT_EQ(zero1_host.size(), 12u);
-  for (size_t i = 0; i < zero1.size(); ++i) {
-    EXPECT_EQ(zero1_host[i]["loss"].get<double>(), zero1[i]["loss"].get<double>()) << "zero1 + host, step " << i + 1;
-  }
+  ExpectLosses(zero1_host, zero1, 0, 0, "zero1 + host");
   EXPECT_EQ(zero1_host.back()["optimizer_state_bytes"].get<double>(), 0);
 
   // zero2: each GPU rank also keeps half of the gradients (plus a layer's scratch), each
@@ -676,11 +682,8 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   const auto zero2 = run(2, "-p zero2"), zero2_host = host_job.Run(2, "-p zero2");
   ASSERT_EQ(zero2.size(), 12u);
   ASSERT_EQ(zero2_host.size(), 12u);
-  for (size_t i = 0; i < one.size(); ++i) {
-    EXPECT_NEAR(zero2[i]["loss"].get<double>(), one[i]["loss"].get<double>(), 1e-5 * one[i]["loss"].get<double>())
-        << "zero2, step " << i + 1;
-    EXPECT_EQ(zero2_host[i]["loss"].get<double>(), zero2[i]["loss"].get<double>()) << "zero2 + host, step " << i + 1;
-  }
+  ExpectLosses(zero2, one, 0, 1e-5, "zero2");
+  ExpectLosses(zero2_host, zero2, 0, 0, "zero2 + host");
   // Half the gradients, plus a layer's scratch: norms 2 x 128, qkv (128 + 2 x 64) x 128,
   // o 128 x 128, gate_up 2 x 256 x 128, down 128 x 256.
   const size_t n = size_t(one.back()["gradient_bytes"].get<double>()) / 4;
@@ -693,18 +696,13 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   const auto one_g = run(1, "-g"), zero3 = run(2, "-p zero3 -g"), zero3_host = host_job.Run(2, "-p zero3 -g");
   ASSERT_EQ(zero3.size(), 12u);
   ASSERT_EQ(zero3_host.size(), 12u);
-  for (size_t i = 0; i < one_g.size(); ++i) {
-    EXPECT_NEAR(zero3[i]["loss"].get<double>(), one_g[i]["loss"].get<double>(), 1e-5 * one_g[i]["loss"].get<double>())
-        << "zero3, step " << i + 1;
-    EXPECT_EQ(zero3_host[i]["loss"].get<double>(), zero3[i]["loss"].get<double>()) << "zero3 + host, step " << i + 1;
-  }
+  ASSERT_EQ(one_g.size(), 12u);
+  ExpectLosses(zero3, one_g, 0, 1e-5, "zero3");
+  ExpectLosses(zero3_host, zero3, 0, 0, "zero3 + host");
   EXPECT_EQ(size_t(zero3.back()["parameter_bytes"].get<double>()), ((n + 1) / 2 + layer) * 2);  // bf16
   const auto host_resumed = job.Run(2, "-p zero1 -i 0 -f " + (host_job.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
   ASSERT_EQ(host_resumed.size(), 6u);
-  for (size_t i = 0; i < host_resumed.size(); ++i) {
-    EXPECT_EQ(host_resumed[i]["loss"].get<double>(), zero1_host[6 + i]["loss"].get<double>())
-        << "zero1 + host checkpoint resumed, step " << 7 + i;
-  }
+  ExpectLosses(host_resumed, zero1_host, 6, 0, "zero1 + host checkpoint resumed");
 }
 
 // offload.optimizer host: the master weights and moments live in host memory and the
@@ -716,9 +714,7 @@ TEST_F(CudaTest, OptimizerOnTheHostTrainsBitIdentically) {
   const auto device = on_device.Run(1), host = on_host.Run(1, "-i 6");
   ASSERT_EQ(device.size(), 12u);
   ASSERT_EQ(host.size(), 12u);
-  for (size_t i = 0; i < device.size(); ++i) {
-    EXPECT_EQ(host[i]["loss"].get<double>(), device[i]["loss"].get<double>()) << "step " << i + 1;
-  }
+  ExpectLosses(host, device, 0, 0, "optimizer in host memory");
   const double params = device.back()["parameter_bytes"].get<double>() / 2;  // bf16
   const double saved = device.back()["peak_memory_bytes"].get<double>() - host.back()["peak_memory_bytes"].get<double>();
   RecordProperty("GPU bytes saved per parameter", Sci(saved / params));
@@ -726,9 +722,7 @@ TEST_F(CudaTest, OptimizerOnTheHostTrainsBitIdentically) {
   EXPECT_EQ(host.back()["optimizer_state_bytes"].get<double>(), 0);
   const auto resumed = on_device.Run(1, "-i 0 -f " + (on_host.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
   ASSERT_EQ(resumed.size(), 6u);
-  for (size_t i = 0; i < resumed.size(); ++i) {
-    EXPECT_EQ(resumed[i]["loss"].get<double>(), host[6 + i]["loss"].get<double>()) << "resumed, step " << 7 + i;
-  }
+  ExpectLosses(resumed, host, 6, 0, "resumed on the device");
 }
 
 }  // namespace
