@@ -1,7 +1,6 @@
 #include "offload/swap_file.h"
 
 #include <fcntl.h>
-#include <liburing.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -100,10 +99,9 @@ absl::StatusOr<std::unique_ptr<SwapFile>> SwapFile::Create(const std::string& di
                "); its file system needs larger or other alignment")));
   }
   std::unique_ptr<SwapFile> swap(new SwapFile(path, fd, bytes, options));
-  if (const int r = ::io_uring_queue_init(unsigned(options.queue_depth), swap->ring_.get(), 0); r < 0) {
-    swap->ring_.reset();
-    return absl::FailedPreconditionError(StrCat("NVMe swap: io_uring is not available: ", std::strerror(-r)));
-  }
+  auto io = storage::DirectIoQueue::Create(fd, "the NVMe swap file", options.block_bytes, options.queue_depth);
+  if (!io.ok()) return io.status();
+  swap->io_ = *std::move(io);
   for (int i = 0; i < 3; ++i) {
     swap->buffers_.emplace_back(static_cast<char*>(std::aligned_alloc(kAlign, options.chunk_bytes)), &std::free);
     if (!swap->buffers_.back()) {
@@ -115,26 +113,10 @@ absl::StatusOr<std::unique_ptr<SwapFile>> SwapFile::Create(const std::string& di
 }
 
 SwapFile::SwapFile(std::string path, int fd, size_t bytes, const SwapOptions& options)
-    : path_(std::move(path)), fd_(fd), bytes_(bytes), options_(options), ring_(std::make_unique<io_uring>()),
-      pending_(3, 0), errors_(3), requests_(size_t(options.queue_depth)) {
-  for (uint32_t id = uint32_t(options.queue_depth); id > 0; --id) free_requests_.push_back(id - 1);
-}
-
-void SwapFile::Prepare(io_uring_sqe* sqe, uint32_t id) {
-  const Request& r = requests_[id];
-  if (r.write) {
-    ::io_uring_prep_write(sqe, fd_, r.data, unsigned(r.length), r.offset);
-  } else {
-    ::io_uring_prep_read(sqe, fd_, r.data, unsigned(r.length), r.offset);
-  }
-  ::io_uring_sqe_set_data64(sqe, id);
-}
+    : path_(std::move(path)), fd_(fd), bytes_(bytes), options_(options) {}
 
 SwapFile::~SwapFile() {
-  // Requests still in flight (after an error) must finish before their buffers go.
-  while (in_flight_ > 0 && ReapOne().ok()) {
-  }
-  if (ring_) ::io_uring_queue_exit(ring_.get());
+  io_.reset();  // requests still in flight (after an error) finish before the buffers go
   if (fd_ >= 0) ::close(fd_);
 }
 
@@ -142,86 +124,8 @@ size_t SwapFile::chunk_size(size_t i) const {
   return std::min(options_.chunk_bytes, bytes_ - i * options_.chunk_bytes);
 }
 
-absl::Status SwapFile::ReapOne() {
-  io_uring_cqe* cqe = nullptr;
-  int r;
-  do {
-    // Submits anything a short submit left in the queue, then waits for a completion.
-    r = ::io_uring_submit_and_wait(ring_.get(), 1);
-    if (r >= 0) r = ::io_uring_peek_cqe(ring_.get(), &cqe);
-  } while (r == -EINTR || r == -EAGAIN);
-  if (r < 0) return absl::InternalError(StrCat(path_, ": io_uring wait failed: ", std::strerror(-r)));
-  const uint32_t id = uint32_t(::io_uring_cqe_get_data64(cqe));
-  const int result = cqe->res;
-  ::io_uring_cqe_seen(ring_.get(), cqe);
-  Request& request = requests_[id];
-  (request.write ? bytes_written_ : bytes_read_) += uint64_t(std::max(result, 0));
-  if (result > 0 && size_t(result) < request.length) {
-    // A short transfer: the rest goes out again, as the same request. Its entry in the
-    // submission queue was consumed (the queue was flushed before the wait), so there is
-    // room.
-    io_uring_sqe* sqe = ::io_uring_get_sqe(ring_.get());
-    if (sqe == nullptr) {
-      return absl::InternalError(StrCat(path_, ": io_uring has no room to resubmit a short transfer"));
-    }
-    request.data += result;
-    request.offset += uint64_t(result);
-    request.length -= size_t(result);
-    Prepare(sqe, id);
-    if (const int s = ::io_uring_submit(ring_.get()); s < 0) {
-      return absl::InternalError(StrCat(path_, ": io_uring submit failed: ", std::strerror(-s)));
-    }
-    return absl::OkStatus();
-  }
-  --in_flight_;
-  --pending_[request.slot];
-  free_requests_.push_back(id);
-  if (size_t(std::max(result, 0)) != request.length && errors_[request.slot].empty()) {
-    const std::string what = result < 0    ? std::strerror(-result)
-                             : result == 0 ? StrCat("no bytes moved of the ", request.length, " left")
-                                           : StrCat("moved ", result, " of ", request.length, " bytes");
-    errors_[request.slot] = StrCat(request.write ? "writing" : "reading", " the NVMe swap file: ", what,
-                                   result == -ENOSPC ? " (the disk is full)" : "");
-  }
-  return absl::OkStatus();
-}
-
 absl::Status SwapFile::Queue(bool write, size_t chunk, size_t slot) {
-  const size_t base = chunk * options_.chunk_bytes, size = chunk_size(chunk);
-  for (size_t done = 0; done < size;) {
-    const size_t length = std::min(options_.block_bytes, size - done);
-    io_uring_sqe* sqe = in_flight_ < options_.queue_depth ? ::io_uring_get_sqe(ring_.get()) : nullptr;
-    if (sqe == nullptr) {  // the queue is full: send what is queued, then make room
-      if (const int r = ::io_uring_submit(ring_.get()); r < 0) {
-        return absl::InternalError(StrCat(path_, ": io_uring submit failed: ", std::strerror(-r)));
-      }
-      if (auto s = ReapOne(); !s.ok()) return s;
-      continue;
-    }
-    const uint32_t id = free_requests_.back();  // in_flight_ < queue_depth: one is free
-    free_requests_.pop_back();
-    requests_[id] = {buffers_[slot].get() + done, base + done, length, slot, write};
-    Prepare(sqe, id);
-    ++in_flight_;
-    ++pending_[slot];
-    done += length;
-  }
-  if (const int r = ::io_uring_submit(ring_.get()); r < 0) {
-    return absl::InternalError(StrCat(path_, ": io_uring submit failed: ", std::strerror(-r)));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status SwapFile::Drain(size_t slot) {
-  while (pending_[slot] > 0) {
-    if (auto s = ReapOne(); !s.ok()) return s;
-  }
-  if (!errors_[slot].empty()) {
-    std::string error;
-    std::swap(error, errors_[slot]);
-    return absl::DataLossError(error);
-  }
-  return absl::OkStatus();
+  return io_->Queue(write, buffers_[slot].get(), chunk * options_.chunk_bytes, chunk_size(chunk), slot);
 }
 
 absl::Status SwapFile::Stream(const std::function<void(size_t, char*)>& update, Mode mode) {
@@ -232,20 +136,17 @@ absl::Status SwapFile::Stream(const std::function<void(size_t, char*)>& update, 
   for (size_t i = 0; status.ok() && i < n; ++i) {
     if (i + 1 < n) {
       // Its buffer last held chunk i-2, whose write must be done before reading into it.
-      status = Drain(slot(i + 1));
+      status = io_->Drain(slot(i + 1));
       if (status.ok() && read) status = Queue(false, i + 1, slot(i + 1));
     }
-    if (status.ok()) status = Drain(slot(i));
+    if (status.ok()) status = io_->Drain(slot(i));
     if (!status.ok()) break;
     update(i, buffers_[slot(i)].get());
     if (write) status = Queue(true, i, slot(i));
   }
   // Whatever happened, nothing may stay in flight past this call.
-  for (size_t s = 0; s < 3; ++s) {
-    auto drained = Drain(s);
-    if (status.ok()) status = drained;
-  }
-  return status;
+  auto drained = io_->DrainAll();
+  return status.ok() ? drained : status;
 }
 
 }  // namespace llamad::offload

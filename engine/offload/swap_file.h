@@ -17,9 +17,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-
-struct io_uring;
-struct io_uring_sqe;
+#include "storage/direct_io.h"
 
 namespace llamad::offload {
 
@@ -57,42 +55,22 @@ class SwapFile {
   absl::Status Stream(const std::function<void(size_t chunk, char* data)>& update, Mode mode = Mode::kUpdate);
 
   // Bytes moved by Stream so far.
-  uint64_t bytes_read() const { return bytes_read_; }
-  uint64_t bytes_written() const { return bytes_written_; }
+  uint64_t bytes_read() const { return io_->bytes_read(); }
+  uint64_t bytes_written() const { return io_->bytes_written(); }
 
  private:
   SwapFile(std::string path, int fd, size_t bytes, const SwapOptions& options);
-  // Queues one chunk's requests (read or write) for buffer `slot`.
+  // Queues one chunk's requests (read or write) for buffer `slot` (the queue's tag).
   absl::Status Queue(bool write, size_t chunk, size_t slot);
-  // Waits for every queued request of `slot`.
-  absl::Status Drain(size_t slot);
-  // Reaps one completion, accounting it to its slot; a short transfer is resubmitted for
-  // the rest (a request completes once all of it moved, or failed).
-  absl::Status ReapOne();
-  // A request in flight: where its bytes go, and how many are left.
-  struct Request {
-    char* data = nullptr;
-    uint64_t offset = 0;
-    size_t length = 0;
-    size_t slot = 0;
-    bool write = false;
-  };
-  // Fills a submission entry from request `id` (io_uring user_data = id).
-  void Prepare(io_uring_sqe* sqe, uint32_t id);
 
   std::string path_;
   int fd_ = -1;
   size_t bytes_ = 0;
   SwapOptions options_;
-  std::unique_ptr<io_uring> ring_;
-  // Three chunk buffers: reading ahead, being updated, being written.
+  // Three chunk buffers: reading ahead, being updated, being written. Declared before
+  // the queue, so that the queue (which waits for requests in flight) goes first.
   std::vector<std::unique_ptr<char, void (*)(void*)>> buffers_;
-  std::vector<int> pending_;     // requests in flight per buffer
-  std::vector<std::string> errors_;  // the first failed request per buffer
-  int in_flight_ = 0;
-  std::vector<Request> requests_;         // indexed by id, queue_depth of them
-  std::vector<uint32_t> free_requests_;   // ids not in flight
-  uint64_t bytes_read_ = 0, bytes_written_ = 0;
+  std::unique_ptr<storage::DirectIoQueue> io_;
 };
 
 }  // namespace llamad::offload

@@ -143,6 +143,43 @@ TEST(CheckpointStoreTest, AFlippedByteIsCaughtNamingFileAndTensor) {
   EXPECT_FALSE(store->Verify("job", 1).ok());
 }
 
+// Tensors larger than the write staging buffer (16 MiB) and the read segment (8 MiB):
+// many requests in flight at once, through both the staging and the in-place paths.
+TEST(CheckpointStoreTest, LargeTensorsRoundTripAndACutShardIsCaught) {
+  auto store = *CheckpointStore::Open(FreshDir("large").string());
+  const uint64_t n = (uint64_t{21} << 20) / 4 + 123;  // 21 MiB and a bit: not a whole block
+  std::vector<float> source(n + 1);
+  for (uint64_t i = 0; i < source.size(); ++i) source[i] = float(i % 100003) * 0.5f - 7.0f;
+  // Starting one element in, the payload is not 4 KiB aligned: it goes through staging.
+  const float* unaligned = source.data() + 1;
+  std::vector<PieceToWrite> pieces = {{"big", {int64_t(n)}, ElementType::kF32, 0, n, unaligned},
+                                      {"small", {3}, ElementType::kF32, 0, 3, source.data()}};
+  auto records = store->WriteShard("job", 1, 0, pieces);
+  ASSERT_TRUE(records.ok()) << records.status();
+  ASSERT_TRUE(store->Commit("job", 1, "{\"world_size\": 1}", *records).ok());
+  std::vector<float> got(n);
+  ASSERT_TRUE(store->ReadRange("job", 1, "big", ElementType::kF32, 0, n, got.data()).ok());
+  EXPECT_TRUE(std::equal(got.begin(), got.end(), unaligned));
+  // A range in the middle, across segment boundaries.
+  std::vector<float> middle(3 << 20);
+  ASSERT_TRUE(store->ReadRange("job", 1, "big", ElementType::kF32, 1 << 20, (1 << 20) + middle.size(),
+                               middle.data())
+                  .ok());
+  EXPECT_TRUE(std::equal(middle.begin(), middle.end(), unaligned + (1 << 20)));
+  EXPECT_TRUE(store->Verify("job", 1).ok());
+
+  // Cut the shard short in the middle of the big payload.
+  const PieceRecord& big = (*records)[0];
+  const std::string path = (fs::path(store->root()) / big.file).string();
+  fs::resize_file(path, big.offset + (uint64_t{10} << 20));
+  const auto s = store->ReadRange("job", 1, "big", ElementType::kF32, 0, n, got.data());
+  ASSERT_TRUE(absl::IsDataLoss(s)) << s;
+  EXPECT_NE(s.message().find(path), std::string::npos) << s;
+  EXPECT_NE(s.message().find("'big'"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("shorter than expected"), std::string::npos) << s;
+  EXPECT_FALSE(store->Verify("job", 1).ok());
+}
+
 TEST(CheckpointStoreTest, ReadOnlyOpenTouchesNothingAndDropNewerRewinds) {
   const fs::path root = FreshDir("readonly");
   // A folder that merely looks like checkpoints, with no index: read-only open refuses it
