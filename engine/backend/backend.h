@@ -95,8 +95,11 @@ class Backend {
   virtual void Zero(void* buffer, size_t numel) = 0;
   // x[i] *= scale.
   virtual void Scale(void* x, double scale, size_t numel) = 0;
-  // Fills with N(0, std^2) samples from the counter-based generator (seed, stream).
-  virtual void FillNormal(void* x, size_t numel, double std, uint64_t seed, uint64_t stream) = 0;
+  // Fills with N(0, std^2) samples from the counter-based generator (seed, stream):
+  // x[i] is the stream's sample `first + i`, so a part of a tensor filled on its own
+  // holds the same values as that part of the whole tensor filled at once.
+  virtual void FillNormal(void* x, size_t numel, double std, uint64_t seed, uint64_t stream,
+                          uint64_t first = 0) = 0;
   virtual void Fill(void* x, size_t numel, double value) = 0;
   // Sum of squares, accumulated in at least float32 per block and double across blocks.
   virtual double SumSquares(const void* x, size_t numel) = 0;

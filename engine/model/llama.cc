@@ -1,5 +1,6 @@
 #include "model/llama.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 
@@ -41,12 +42,32 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaO
     : config_(config), backend_(backend), options_(options), params_(LlamaParamLayout(config)) {
   num_params_ = params_.back().offset + params_.back().numel;
   grad_end_ = param_end_ = master_end_ = num_params_;
-  params_data_ = backend_->Allocate(num_params_);
+  const bool shard = options.shard_end > options.shard_begin;
+  if (shard && (options.shard_end > num_params_)) {
+    std::fprintf(stderr, "llamad: LlamaModel shard [%zu, %zu) beyond the model's %zu elements\n",
+                 options.shard_begin, options.shard_end, num_params_);
+    std::abort();
+  }
+  if (shard && options.shard_parameters) {
+    param_begin_ = options.shard_begin;
+    param_end_ = options.shard_end;
+    params_data_ = backend_->Allocate(param_end_ - param_begin_);
+    param_scratch_elements_ = LargestGradientRegion(config_);
+    param_scratch_ = backend_->Allocate(param_scratch_elements_);
+  } else {
+    params_data_ = backend_->Allocate(num_params_);
+  }
   // The gradients come at their first use (EnsureGrads): a ZeRO-2/3 rank shards them
   // before training and so never holds them whole.
-  master_data_ = backend_->needs_master_weights()
-                     ? backend_->Allocate(num_params_, backend_->accum_dtype())
-                     : params_data_;
+  if (!backend_->needs_master_weights()) {
+    master_data_ = params_data_;
+  } else if (shard) {
+    master_begin_ = options.shard_begin;
+    master_end_ = options.shard_end;
+    master_data_ = backend_->Allocate(master_end_ - master_begin_, backend_->accum_dtype());
+  } else {
+    master_data_ = backend_->Allocate(num_params_, backend_->accum_dtype());
+  }
 }
 
 LlamaModel::~LlamaModel() {
@@ -113,6 +134,10 @@ void LlamaModel::ShardParameters(size_t begin, size_t end, ParamGather gather) {
     std::fprintf(stderr, "llamad: LlamaModel::ShardParameters before ShardMasterWeights\n");
     std::abort();
   }
+  if (param_scratch_ != nullptr && param_begin_ == begin && param_end_ == end) {  // built sharded
+    param_gather_ = std::move(gather);
+    return;
+  }
   const size_t largest = LargestGradientRegion(config_);
   void* shard = backend_->Allocate(end - begin);
   backend_->Copy(shard, static_cast<char*>(params_data_) + param_byte_offset(begin), end - begin);
@@ -146,14 +171,15 @@ size_t LlamaModel::accum_byte_offset(size_t offset) const {
 }
 
 void LlamaModel::InitWeights(uint64_t seed) {
-  char* base = static_cast<char*>(master_data_);
+  const auto [held_begin, held_end] = held_master_range();
   for (size_t i = 0; i < params_.size(); ++i) {
     const ParamInfo& p = params_[i];
-    void* data = base + accum_byte_offset(p.offset);
+    const size_t lo = std::max(p.offset, held_begin), hi = std::min(p.offset + p.numel, held_end);
+    if (lo >= hi) continue;
     if (p.shape.size() == 1) {
-      backend_->Fill(data, p.numel, 1.0);
+      backend_->Fill(master_at(lo), hi - lo, 1.0);
     } else {
-      backend_->FillNormal(data, p.numel, 0.02, seed, /*stream=*/i);
+      backend_->FillNormal(master_at(lo), hi - lo, 0.02, seed, /*stream=*/i, /*first=*/lo - p.offset);
     }
   }
   SyncParamsFromMaster();
@@ -176,6 +202,7 @@ void* LlamaModel::master_at(size_t offset) {
 
 void LlamaModel::ShardMasterWeights(size_t begin, size_t end) {
   if (master_data_ == params_data_ || master_data_ == nullptr) return;
+  if (master_begin_ == begin && master_end_ == end) return;  // built sharded
   void* shard = backend_->Allocate(end - begin, backend_->accum_dtype());
   backend_->Copy(shard, master_at(begin), end - begin);
   backend_->Free(master_data_);

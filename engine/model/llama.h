@@ -49,6 +49,12 @@ struct LlamaOptions {
   bool grad_checkpoint = false;
   // Attention tile size; 0 means the unfused algorithm (one tile spans the sequence).
   int attention_block = 64;
+  // ZeRO: the model is built holding only this rank's shard [shard_begin, shard_end) of
+  // the flat elements: of the separate master weights, and with shard_parameters of the
+  // parameters too (with their region scratch), so that no rank ever holds the whole
+  // model. shard_end 0: the whole model.
+  size_t shard_begin = 0, shard_end = 0;
+  bool shard_parameters = false;
 };
 
 struct LayerActivations {
@@ -112,11 +118,11 @@ class LlamaModel {
   // ZeRO (separate master weights only): keeps master weights [begin, end) alone, the
   // optimizer's shard; the layers' copy of the others arrives gathered.
   void ShardMasterWeights(size_t begin, size_t end);
-  // Whether any of the model's state is held in part only (ZeRO), or the master weights
-  // were released: whole-model writes (restore, import) are then refused.
-  bool sharded() const {
-    return master_begin_ != 0 || master_end_ != num_params_ || master_data_ == nullptr || grad_sink_ != nullptr ||
-           param_gather_ != nullptr;
+  // The flat elements whose master weights the model holds: all, or the ZeRO shard (the
+  // parameters' shard without separate master weights). Restores and imports write
+  // these, then SyncParamsFromMaster.
+  std::pair<size_t, size_t> held_master_range() const {
+    return master_data_ != params_data_ ? std::pair{master_begin_, master_end_} : std::pair{param_begin_, param_end_};
   }
   // The parameter of flat element `offset` (the whole buffer, or under ShardParameters
   // the shard, which must hold it).
@@ -133,10 +139,13 @@ class LlamaModel {
   size_t accum_byte_offset(size_t offset) const;
 
   // Seeded initialisation: linear and embedding weights ~ N(0, 0.02^2), norm weights 1.
-  // Each tensor draws from its own counter-based stream: bit-identical on any machine.
+  // Each tensor draws from its own counter-based stream: bit-identical on any machine,
+  // and a shard holds the same values as that part of the whole model. Fills the held
+  // master weights (held_master_range) and rounds them into the parameters.
   void InitWeights(uint64_t seed);
   // Rounds the master weights (those held: all, or the shard) into param_data() after
   // they were written (restore, load); nothing to do without separate master weights.
+  // Under ZeRO-1/2 the rest of the parameters then come from the other ranks.
   void SyncParamsFromMaster();
   // The optimizer took the master weights elsewhere (host memory): frees the backend's
   // copy; master_data() is null from then on.

@@ -237,14 +237,14 @@ absl::StatusOr<std::string> ResumeRoot(const JobSpec& spec, const Common& common
 
 // Restores step `step`, or with `fallback` the newest older one that restores cleanly.
 absl::Status Resume(const storage::CheckpointStore& store, const std::string& job, int64_t step,
-                    bool fallback, Trainer& trainer, RestoreParts parts) {
-  // Reading the weights alone (the ranks read the moments later) checks the rest of the
-  // checkpoint first when a damaged one may be skipped.
+                    bool fallback, Trainer& trainer, bool others_read_too) {
+  // When other ranks read other parts of the checkpoint (ZeRO), the part this rank picks
+  // the step for is not all of it: with a fallback allowed, the whole is checked first.
   auto restore = [&](int64_t at) {
-    if (fallback && parts == RestoreParts::kWeights) {
+    if (fallback && others_read_too) {
       if (auto s = store.Verify(job, at); !s.ok()) return s;
     }
-    return RestoreCheckpoint(store, job, at, trainer, parts);
+    return RestoreCheckpoint(store, job, at, trainer);
   };
   absl::Status status = restore(step);
   if (status.ok() || !fallback || !absl::IsDataLoss(status)) return status;
@@ -478,30 +478,31 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   const double peak = PeakFlops(*backend) * (*comm)->world_size();
   auto trainer = Trainer::Create(*spec, backend.get(), peak, comm->get());
   if (!trainer.ok()) return Fail(trainer.status());
-  if (lead && !common.init_from_hf.empty()) {
+  // ZeRO ranks are built sharded: each imports and restores its own part. Under ddp rank
+  // 0 does, and the others take its state (StartRanks).
+  const bool zero_ranks = (*comm)->world_size() > 1 && spec->parallel.plugin != "ddp";
+  if ((lead || zero_ranks) && !common.init_from_hf.empty()) {
     if (auto s = LoadHuggingFaceWeights(common.init_from_hf, (*trainer)->model(), *backend); !s.ok()) return Fail(s);
-    std::fprintf(stderr, "llama-train: weights from %s\n", common.init_from_hf.c_str());
+    if (lead) std::fprintf(stderr, "llama-train: weights from %s\n", common.init_from_hf.c_str());
   }
   // With the moments on the NVMe tier, the swap exists before they are restored, so that
   // a restore streams them into it instead of holding them in memory: a single process
-  // offloads now, ZeRO ranks once sharded (below). ddp ranks receive rank 0's restored
-  // moments in memory and offload after.
+  // and ZeRO ranks offload now. ddp ranks receive rank 0's restored moments in memory and
+  // offload after.
   const bool nvme = (*trainer)->spec().offload.optimizer == "nvme";
-  const bool zero_ranks = (*comm)->world_size() > 1 && spec->parallel.plugin != "ddp";
   bool offloaded = false;
-  if (nvme && (*comm)->world_size() == 1) {
+  if (nvme && ((*comm)->world_size() == 1 || zero_ranks)) {
     if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
     offloaded = true;
   }
   absl::StatusOr<ResumePoint> checkpoints = ResumePoint{};
   if (lead) checkpoints = OpenCheckpoints(*spec, common, /*saving=*/spec->checkpoint.interval > 0);
   if (!checkpoints.ok()) return Fail(checkpoints.status());
-  // Under ZeRO with several ranks each rank reads its own part of the moments once the
-  // state is sharded (below); rank 0 restores only the weights here.
+  // Rank 0 picks the step and restores its state (under ZeRO its part; the other ranks
+  // read theirs of the same step below).
   if (checkpoints->step >= 0) {
     const storage::CheckpointStore& from = checkpoints->source ? *checkpoints->source : *checkpoints->store;
-    if (auto s = Resume(from, spec->name, checkpoints->step, common.resume_fallback, **trainer,
-                        zero_ranks ? RestoreParts::kWeights : RestoreParts::kAll);
+    if (auto s = Resume(from, spec->name, checkpoints->step, common.resume_fallback, **trainer, zero_ranks);
         !s.ok()) {
       return Fail(s);
     }
@@ -518,35 +519,17 @@ int RunTrain(const Common& common, const Overrides& overrides) {
       }
     }
   }
-  // Every rank starts from rank 0's state (restored, imported or seeded).
-  if (auto s = (*trainer)->StartFromRankZero(); !s.ok()) return Fail(s);
   if (zero_ranks) {
-    // The step rank 0 resumed (0: none); each rank then reads its shard's moments of it.
+    // The step rank 0 resumed (0: none); the other ranks then read their part of it.
     double resumed = lead && checkpoints->step >= 0 ? double((*trainer)->step()) + 1 : 0;
     if (auto s = (*comm)->AllReduceSum(&resumed, 1); !s.ok()) return Fail(s);
-    if (nvme) {
-      if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
-      offloaded = true;
-    }
     if (resumed > 0) {
-      std::unique_ptr<storage::CheckpointStore> own;
-      const storage::CheckpointStore* from = nullptr;
       absl::Status restored;
-      if (lead) {
-        from = checkpoints->source ? checkpoints->source.get() : checkpoints->store.get();
-      } else {
+      if (!lead) {
         auto root = ResumeRoot(*spec, common);
-        auto opened_store = root.ok() ? storage::CheckpointStore::Open(*root, {int(spec->checkpoint.keep_last), true})
-                                      : absl::StatusOr<std::unique_ptr<storage::CheckpointStore>>(root.status());
-        if (opened_store.ok()) {
-          own = *std::move(opened_store);
-          from = own.get();
-        } else {
-          restored = opened_store.status();
-        }
-      }
-      if (from != nullptr) {
-        restored = RestoreCheckpoint(*from, spec->name, int64_t(resumed) - 1, **trainer, RestoreParts::kOptimizerShard);
+        auto from = root.ok() ? storage::CheckpointStore::Open(*root, {int(spec->checkpoint.keep_last), true})
+                              : absl::StatusOr<std::unique_ptr<storage::CheckpointStore>>(root.status());
+        restored = from.ok() ? RestoreCheckpoint(**from, spec->name, int64_t(resumed) - 1, **trainer) : from.status();
       }
       // Every rank learns whether all restored their part, so that they stop together.
       double failed = restored.ok() ? 0 : 1;
@@ -558,6 +541,9 @@ int RunTrain(const Common& common, const Overrides& overrides) {
       }
     }
   }
+  // Every rank takes rank 0's progress; ddp ranks its state too, ZeRO ranks the
+  // parameters' slices of the others.
+  if (auto s = (*trainer)->StartRanks(); !s.ok()) return Fail(s);
   if (!offloaded) {
     if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
   }
@@ -716,10 +702,9 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
                                 {"checkpoint_snapshot", plan.checkpoint_snapshot},
                                 {"optimizer_state_host", plan.optimizer_state_host},
                                 {"total", plan.total()},           {"world_size", plan.world_size},
-                                {"startup", plan.startup},         {"peak", plan.peak()},
-                                {"budget", budget},                {"fits", budget == 0 || plan.peak() <= budget}};
+                                {"budget", budget},                {"fits", budget == 0 || plan.total() <= budget}};
     std::printf("%s\n", out.dump().c_str());
-    return budget > 0 && plan.peak() > budget ? kExitFailure : 0;
+    return budget > 0 && plan.total() > budget ? kExitFailure : 0;
   }
   std::printf("job '%s': model %s (%.2fM parameters), %s, plugin %s, micro-batch %lld x %lld, %s\n%s",
               spec->name.c_str(), spec->model.name.c_str(), spec->model.NumParameters() / 1e6,
@@ -727,7 +712,7 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
               (long long)spec->training.batch_size, (long long)spec->training.max_length,
               spec->training.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
               plan.Describe(budget, budget_name).c_str());
-  return budget > 0 && plan.peak() > budget ? kExitFailure : 0;
+  return budget > 0 && plan.total() > budget ? kExitFailure : 0;
 }
 
 int RunExport(const std::string& load, const std::string& hf_out) {

@@ -229,7 +229,7 @@ void AsyncCheckpointer::Worker() {
 namespace {
 
 absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, const std::string& job,
-                                        int64_t step, Trainer& trainer, RestoreParts parts) {
+                                        int64_t step, Trainer& trainer) {
   auto meta_text = store.Meta(job, step);
   if (!meta_text.ok()) return meta_text.status();
   const std::string where = StrCat(store.StepDir(job, step));
@@ -267,11 +267,6 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
     return absl::FailedPreconditionError(StrCat(
         where, ": restore before moving the optimizer state to host memory (offload.optimizer host)"));
   }
-  const bool weights = parts != RestoreParts::kOptimizerShard, moments = parts != RestoreParts::kWeights;
-  if (weights && (trainer.model().sharded() || trainer.optimizer().shard_begin() != 0 ||
-                  trainer.optimizer().shard_end() != trainer.model().num_params())) {
-    return absl::FailedPreconditionError(StrCat(where, ": restore the weights before the state is sharded (ZeRO)"));
-  }
   LlamaModel& model = trainer.model();
   Backend& be = trainer.backend();
   AdamWOptimizer& optimizer = trainer.optimizer();
@@ -284,10 +279,12 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   std::vector<Item> items;
   // The moments this optimizer holds: all, or its ZeRO shard.
   const size_t shard_begin = optimizer.shard_begin(), shard_end = optimizer.shard_end();
-  if (weights) {
-    for (const ParamInfo& p : model.params()) items.push_back({p.name, 0, p.numel, model.master_at(p.offset)});
-  }
-  if (moments && !optimizer.offloaded()) {  // offloaded: streamed into the swap below
+  // The master weights this model holds: all, or its ZeRO shard.
+  const auto [held_begin, held_end] = model.held_master_range();
+  ForEachTensorPart(model.params(), held_begin, held_end, [&](const ParamInfo& p, size_t lo, size_t hi) {
+    items.push_back({p.name, lo - p.offset, hi - p.offset, model.master_at(lo)});
+  });
+  if (!optimizer.offloaded()) {  // offloaded: streamed into the swap below
     ForEachTensorPart(model.params(), shard_begin, shard_end, [&](const ParamInfo& p, size_t lo, size_t hi) {
       const size_t at = model.accum_byte_offset(lo - shard_begin);
       items.push_back({ExpAvgName(p.name), lo - p.offset, hi - p.offset, static_cast<char*>(optimizer.exp_avg()) + at});
@@ -340,7 +337,7 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   for (const auto& s : results) {
     if (!s.ok()) return s;
   }
-  if (moments && optimizer.offloaded()) {
+  if (optimizer.offloaded()) {
     // Moments on the NVMe tier go from the checkpoint into the swap chunk by chunk, so a
     // restore never holds them whole in memory: only the tensor (its part in the shard)
     // a chunk is in, both moments, each read once since chunks come in layout order.
@@ -387,7 +384,6 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
     // would send --resume-fallback to an older checkpoint (and drop the newer ones).
     if (!streamed.ok()) return absl::UnavailableError(StrCat("restoring into the NVMe swap: ", streamed.message()));
   }
-  if (!weights) return absl::OkStatus();
   model.SyncParamsFromMaster();
   trainer.SetProgress(meta["optimizer"]["step"].get<int64_t>(),
                       meta["data"]["sampler_position"].get<uint64_t>());
@@ -484,9 +480,9 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
 
 // Metadata of the wrong shape makes nlohmann::json throw; that is a damaged checkpoint.
 absl::Status RestoreCheckpoint(const storage::CheckpointStore& store, const std::string& job,
-                               int64_t step, Trainer& trainer, RestoreParts parts) {
+                               int64_t step, Trainer& trainer) {
   try {
-    return RestoreCheckpointUnchecked(store, job, step, trainer, parts);
+    return RestoreCheckpointUnchecked(store, job, step, trainer);
   } catch (const nlohmann::json::exception& e) {
     return absl::DataLossError(
         StrCat(store.StepDir(job, step), ": damaged checkpoint metadata: ", e.what()));
@@ -514,9 +510,15 @@ absl::StatusOr<ModelConfig> ReadHuggingFaceConfig(const std::string& dir) {
 }
 
 absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, Backend& backend) {
-  if (model.sharded()) return absl::FailedPreconditionError(StrCat(dir, ": load before the model is sharded (ZeRO)"));
+  if (model.master_data() == nullptr) {
+    return absl::FailedPreconditionError(
+        StrCat(dir, ": load before moving the optimizer state to host memory (offload.optimizer host)"));
+  }
   auto entries = storage::ListSafetensors(dir);
   if (!entries.ok()) return entries.status();
+  // Every tensor is checked; a ZeRO rank reads whole the tensors its shard touches
+  // (one at a time) and keeps its part.
+  const auto [held_begin, held_end] = model.held_master_range();
   std::vector<float> host;
   for (const ParamInfo& p : model.params()) {
     auto it = entries->find(p.name);
@@ -526,10 +528,11 @@ absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, B
           it->second.file, ": tensor '", p.name, "' has shape [", StrJoin(it->second.shape, ", "),
           "], the model needs [", StrJoin(p.shape, ", "), "]"));
     }
+    const size_t lo = std::max(p.offset, held_begin), hi = std::min(p.offset + p.numel, held_end);
+    if (lo >= hi) continue;
     host.resize(p.numel);
     if (auto s = storage::ReadAsFloat32(it->second, host.data()); !s.ok()) return s;
-    backend.UploadF32(static_cast<char*>(model.master_data()) + model.accum_byte_offset(p.offset),
-                      host.data(), p.numel);
+    backend.UploadF32(model.master_at(lo), host.data() + (lo - p.offset), hi - lo);
   }
   model.SyncParamsFromMaster();
   return absl::OkStatus();

@@ -87,18 +87,15 @@ class AsyncCheckpointer {
   std::thread worker_;
 };
 
-// What RestoreCheckpoint restores: everything; the master weights (and parameters) with
-// the optimizer step and sampler position; or the moments of the optimizer's shard.
-enum class RestoreParts { kAll, kWeights, kOptimizerShard };
-
 // Restores `trainer` from checkpoint `step` of `job`, whatever world size and plugin
-// wrote it, reading only the element ranges it needs. Weights go into a trainer that is
-// not sharded yet (rank 0 then sends the other ranks theirs); under ZeRO each rank then
-// reads the moments of its own shard (kOptimizerShard). Moments on the NVMe tier are
-// streamed into the swap. Refuses a checkpoint of another model, sequence length or
-// seed, naming the difference; damage to the checkpoint is DataLoss.
+// wrote it, reading only the element ranges it holds: the master weights (all, or a
+// ZeRO rank's shard, rounded into the parameters), the moments of the optimizer's shard,
+// the optimizer step and the sampler position. A ZeRO rank's other parameters come from
+// the other ranks (Trainer::StartRanks). Moments on the NVMe tier are streamed into the
+// swap. Refuses a checkpoint of another model, sequence length or seed, naming the
+// difference; damage to the checkpoint is DataLoss.
 absl::Status RestoreCheckpoint(const storage::CheckpointStore& store, const std::string& job,
-                               int64_t step, Trainer& trainer, RestoreParts parts = RestoreParts::kAll);
+                               int64_t step, Trainer& trainer);
 
 // The checkpointed tensor holding the tokenizer model's bytes.
 inline constexpr char kTokenizerTensor[] = "tokenizer.model";
@@ -111,8 +108,10 @@ absl::Status ExportHuggingFace(const storage::CheckpointStore& store, const std:
 
 // The model config of a Hugging Face folder (config.json).
 absl::StatusOr<ModelConfig> ReadHuggingFaceConfig(const std::string& dir);
-// Loads Hugging Face weights (safetensors) into the model's parameters; every tensor
-// must be there with the model's shape.
+// Loads Hugging Face weights (safetensors) into the model's master weights it holds (all,
+// or a ZeRO rank's shard) and rounds them into its parameters; every tensor must be there
+// with the model's shape. A ZeRO rank's other parameters come from the other ranks
+// (Trainer::StartRanks).
 absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, Backend& backend);
 
 }  // namespace llamad

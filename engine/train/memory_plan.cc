@@ -27,20 +27,6 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   // (Trainer::ShardGradients).
   if (plugin == "zero2" && many && dtype == accum) plan.gradients += region * DTypeSize(accum);
   plan.optimizer_state = 2 * sharded * DTypeSize(accum);
-  {
-    // Every rank builds the whole model (parameters, and separate master weights) and
-    // then shards it, each shard allocated while the whole still exists: the master
-    // weights' (ShardMasterWeights), then under zero3 the parameters' with its region
-    // scratch, when the gradient shard and scratch are already there.
-    const bool separate = dtype != accum, zero = sharded != n;
-    const uint64_t whole = n * DTypeSize(dtype) + (separate ? n * DTypeSize(accum) : 0);
-    const uint64_t master_step = whole + (separate && zero ? shard * DTypeSize(accum) : 0);
-    const uint64_t params_step = plugin == "zero3" && many
-                                     ? n * DTypeSize(dtype) + (separate ? shard * DTypeSize(accum) : 0) +
-                                           (shard + region) * (DTypeSize(accum) + DTypeSize(dtype))
-                                     : 0;
-    plan.startup = std::max({whole, master_step, params_step});
-  }
   if (spec.offload.optimizer == "nvme") {
     // The same chunking as AdamWOptimizer::OffloadToNvme: both moments of a range of
     // elements per chunk, whole chunks in the file, three chunks in memory.
@@ -94,11 +80,6 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
                        snapshot_on_this_tier ? "" : ", host memory: not in the total");
   }
   out += fmt::format("  {:<16} {}\n", "total", gib(total()));
-  if (startup > total()) {
-    out += fmt::format("  {:<16} {} (every rank builds the whole model before it shards it; more than the\n"
-                       "  {:<16} {:>13} training total, so this is the rank's peak)\n",
-                       "start-up", gib(startup), "", "");
-  }
   if (optimizer_state_host > 0) {
     out += fmt::format("  {:<16} {} (f32 master weights and AdamW moments, updated by the CPU)\n", "in host memory",
                        gib(optimizer_state_host));
@@ -107,8 +88,8 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
     out += fmt::format("  {:<16} {} (the AdamW moments, in the NVMe swap file)\n", "on NVMe", gib(optimizer_state_nvme));
   }
   if (budget > 0) {
-    out += peak() <= budget ? fmt::format("fits in {} ({} free of it)\n", budget_name, gib(budget - peak()))
-                            : fmt::format("does not fit in {}: {} short\n", budget_name, gib(peak() - budget));
+    out += total() <= budget ? fmt::format("fits in {} ({} free of it)\n", budget_name, gib(budget - total()))
+                            : fmt::format("does not fit in {}: {} short\n", budget_name, gib(total() - budget));
   }
   return out;
 }

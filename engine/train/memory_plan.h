@@ -30,17 +30,12 @@ struct MemoryPlan {
   // size) of the master weights and moments (f32, host memory, kept between saves).
   uint64_t checkpoint_snapshot = 0;
   bool snapshot_on_this_tier = true;  // false where the plan's memory is a GPU's
-  // Before it shards anything, every rank builds the whole model: all parameters and
-  // (separate) master weights, whatever the plugin, and each shard is allocated while
-  // the whole still exists.
-  uint64_t startup = 0;
-  // Training's steady state.
+  // Training's steady state, which is also the rank's peak: a ZeRO rank builds only its
+  // shard of the model, so no rank ever holds more at start-up.
   uint64_t total() const {
     return parameters + master_weights + gradients + optimizer_state + activations + workspace +
            (snapshot_on_this_tier ? checkpoint_snapshot : 0);
   }
-  // What the rank must have room for: the larger of start-up and training.
-  uint64_t peak() const { return std::max(total(), startup); }
   // A table, one row per kind, with the total and (budget > 0) whether it fits.
   std::string Describe(uint64_t budget, const std::string& budget_name) const;
 };

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 #include "backend/cpu/cpu_backend.h"
 #include "comm/background_all_reduce.h"
@@ -23,10 +24,23 @@ Trainer::Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Commu
   LlamaOptions options;
   options.grad_checkpoint = t.grad_checkpoint;
   options.attention_block = t.flash_attention ? 64 : 0;
+  const std::string& plugin = spec_.parallel.plugin;
+  const bool zero = plugin != "ddp" && comm_->world_size() > 1;
+  if (zero) {
+    // Each rank builds only its shard: the whole model never exists on one rank.
+    std::tie(options.shard_begin, options.shard_end) =
+        EvenSlice(size_t(spec_.model.NumParameters()), comm_->rank(), comm_->world_size());
+    options.shard_parameters = plugin == "zero3";
+  }
   model_ = std::make_unique<LlamaModel>(spec_.model, backend_, options);
   model_->InitWeights(t.seed);
   optimizer_ = std::make_unique<AdamWOptimizer>(
       model_.get(), backend_, AdamWOptions{t.beta1, t.beta2, t.adam_eps, t.weight_decay});
+  if (zero) {
+    ShardOptimizerState();
+    if (plugin == "zero2" || plugin == "zero3") ShardGradients();
+    if (plugin == "zero3") ShardParameters();
+  }
   schedule_ = LrSchedule{t.lr, t.min_lr_ratio, t.warmup_steps, t.steps};
   const size_t n = size_t(t.batch_size) * t.max_length;
   tokens_.resize(n);
@@ -99,17 +113,17 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
                                                   : AvailableHostMemoryBytes() / world;
     if (o.optimizer == "auto") {
       // The planner places the optimizer state: in memory when everything fits the budget.
-      const bool fits = budget <= 0 || plan_with("memory").peak() <= uint64_t(budget);
+      const bool fits = budget <= 0 || plan_with("memory").total() <= uint64_t(budget);
       if (!fits && o.nvme_path.empty()) {
         return absl::InvalidArgumentError(StrCat(
             f, ": offload.optimizer auto: the job needs ",
-            fmt::format("{:.2f}", double(plan_with("memory").peak()) / (1 << 30)), " GiB with the optimizer state in ",
+            fmt::format("{:.2f}", double(plan_with("memory").total()) / (1 << 30)), " GiB with the optimizer state in ",
             "memory, more than the budget of ", fmt::format("{:.2f}", double(budget) / (1 << 30)),
             " GiB; set offload.nvme_path for the NVMe tier"));
       }
       placed.offload.optimizer = fits ? "memory" : "nvme";
     }
-    const double needed = double(plan_with(placed.offload.optimizer).peak());
+    const double needed = double(plan_with(placed.offload.optimizer).total());
     if (budget > 0 && needed > double(budget)) {
       return absl::InvalidArgumentError(StrCat(
           f, ": model ", spec.model.name, " (", spec.model.NumParameters(), " parameters) with batch ",
@@ -265,7 +279,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   return m;
 }
 
-absl::Status Trainer::StartFromRankZero() {
+absl::Status Trainer::StartRanks() {
   const int world = comm_->world_size(), rank = comm_->rank();
   if (world == 1) return absl::OkStatus();
   // The progress, and whether rank 0 holds moments (restored ones; fresh moments are
@@ -274,27 +288,20 @@ absl::Status Trainer::StartFromRankZero() {
   if (rank == 0) progress[0] = double(step()), progress[1] = double(sampler_position_), progress[2] = optimizer_->has_moments() ? 1 : 0;
   if (auto s = comm_->AllReduceSum(progress, 3); !s.ok()) return s;
   SetProgress(int64_t(progress[0]), uint64_t(progress[1]));
-  const bool restored_moments = progress[2] > 0;
-  const std::string& plugin = spec_.parallel.plugin;
-  if (restored_moments && plugin != "ddp") {
-    return absl::FailedPreconditionError(
-        "under ZeRO each rank restores its own part of the moments after StartFromRankZero "
-        "(RestoreParts::kWeights on rank 0, then kOptimizerShard everywhere)");
+  if (zero1_) {
+    // Each rank holds the master weights of its slice (seeded, imported or restored
+    // there): the parameters' other slices come from their owners, as after a step.
+    if (model_->parameters_sharded()) return absl::OkStatus();
+    return AllGatherSlicesOnBackend(*comm_, *backend_, model_->param_data(), model_->num_params());
   }
   if (auto s = BroadcastOnBackend(*comm_, *backend_, model_->master_data(), model_->num_params(), 0); !s.ok()) {
     return s;
   }
   model_->SyncParamsFromMaster();
-  if (plugin == "ddp") {
-    if (!restored_moments) return absl::OkStatus();
-    for (void* moment : {optimizer_->exp_avg(), optimizer_->exp_avg_sq()}) {
-      if (auto s = BroadcastOnBackend(*comm_, *backend_, moment, model_->num_params(), 0); !s.ok()) return s;
-    }
-    return absl::OkStatus();
+  if (progress[2] == 0) return absl::OkStatus();
+  for (void* moment : {optimizer_->exp_avg(), optimizer_->exp_avg_sq()}) {
+    if (auto s = BroadcastOnBackend(*comm_, *backend_, moment, model_->num_params(), 0); !s.ok()) return s;
   }
-  ShardOptimizerState();
-  if (plugin == "zero2" || plugin == "zero3") ShardGradients();
-  if (plugin == "zero3") ShardParameters();
   return absl::OkStatus();
 }
 

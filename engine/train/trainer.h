@@ -68,17 +68,17 @@ class Trainer {
   AdamWOptimizer& optimizer() { return *optimizer_; }
   Backend& backend() { return *backend_; }
 
-  // With several ranks: every rank takes rank 0's weights and progress (seeded, imported
-  // from Hugging Face or restored from a checkpoint there), then keeps the part its
-  // plugin gives it. zero1 keeps 1/world of the AdamW moments (and of separate master
-  // weights) and steps that part, zero2 also 1/world of the gradients, zero3 also 1/world
-  // of the parameters. Under ddp rank 0's restored moments are broadcast; under ZeRO
-  // each rank restores its own part afterwards (RestoreParts::kOptimizerShard), and
-  // moments restored on rank 0 are refused. A collective: every rank calls it once,
-  // before Train.
-  absl::Status StartFromRankZero();
-  // After StartFromRankZero (a single process may offload to NVMe before restoring,
-  // which then streams into the swap): offload.optimizer nvme moves the moments to a
+  // With several ranks, once each has its weights (seeded, imported from Hugging Face or
+  // restored from a checkpoint): every rank takes rank 0's progress. Under ddp it also
+  // takes rank 0's weights and restored moments (ddp restores and imports on rank 0
+  // alone). Under ZeRO the trainer is built sharded and each rank seeds, imports or
+  // restores its own part: zero1 keeps 1/world of the AdamW moments (and of separate
+  // master weights) and steps that part, zero2 also 1/world of the gradients, zero3 also
+  // 1/world of the parameters; under zero1/2 each rank then gathers the parameters'
+  // other slices. A collective: every rank calls it once, before Train.
+  absl::Status StartRanks();
+  // Before or after StartRanks (a single process or a ZeRO rank may offload to NVMe
+  // before restoring, which then streams into the swap): offload.optimizer nvme moves the moments to a
   // swap file under offload.nvme_path (errors name the folder and what is wrong with
   // it); host moves a GPU's master weights and moments to host memory, updated by
   // `cpu_threads` CPU threads (0: all).
@@ -92,7 +92,7 @@ class Trainer {
 
  private:
   Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Communicator* comm);
-  // The plugins' sharding (StartFromRankZero).
+  // The ZeRO plugins' sharding (at construction).
   void ShardOptimizerState();
   void ShardGradients();
   void ShardParameters();

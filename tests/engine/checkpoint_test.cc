@@ -327,10 +327,24 @@ TEST(CheckpointProcessTest, ExportThenInitFromHf) {
   Subprocess exp(std::string(LLAMA_TRAIN_BIN) + " export --load " + (dir / "ckpt/proc/step-2").string() + " --hf " + hf);
   ASSERT_EQ(exp.Wait(), 0) << exp.Drain();
   EXPECT_TRUE(fs::exists(fs::path(hf) / "model.safetensors"));
-  Subprocess init(Train("--config " + job + " -o " + (dir / "ckpt2").string() + " --init-from-hf " + hf + " --steps 1"));
+  Subprocess init(Train("--config " + job + " -o " + (dir / "ckpt2").string() + " --init-from-hf " + hf +
+                        " --steps 3 --log-format json"));
   const std::string out = init.Drain();
   EXPECT_EQ(init.Wait(), 0) << out;
   EXPECT_NE(out.find("weights from " + hf), std::string::npos) << out;
+  // ZeRO ranks each import their own shard (zero3: of the parameters too) and go on
+  // from the same weights.
+  const auto expected = StepLosses(out);
+  ASSERT_EQ(expected.size(), 3u) << out;
+  for (const char* ranks : {"-p zero1 --nproc 3", "-p zero3 --nproc 2"}) {
+    Subprocess zero(Train("--config " + job + " -o " + (dir / "ckpt3").string() + " --init-from-hf " + hf +
+                          " --steps 3 --log-format json --fresh " + ranks));
+    const std::string zero_out = zero.Drain();
+    ASSERT_EQ(zero.Wait(), 0) << ranks << "\n" << zero_out;
+    const auto got = StepLosses(zero_out);
+    ASSERT_EQ(got.size(), 3u) << ranks << "\n" << zero_out;
+    for (const auto& [step, loss] : expected) EXPECT_NEAR(got.at(step), loss, 1e-5 * loss) << ranks << " step " << step;
+  }
   Subprocess bad(std::string(LLAMA_TRAIN_BIN) + " export --load " + dir.string() + " --hf " + hf);
   const std::string bad_out = bad.Drain();
   EXPECT_EQ(bad.Wait(), 2) << bad_out;

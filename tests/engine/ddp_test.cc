@@ -168,8 +168,7 @@ TEST_F(DdpTest, Zero3MatchesAndShardsParameters) {
   const std::vector<double> tail(one.begin() + 10, one.end());
   ExpectSameCurve(Train("-g --nproc 2 --threads 1 -i 0 -f " + (dir_ / "ckpt" / "ddp" / "step-10").string()), tail,
                   "zero3 checkpoint resumed by ddp at world size 2");
-  // And by zero3 at world size 3: rank 0 restores the whole state and sends each rank its
-  // part of the moments.
+  // And by zero3 at world size 3: each rank restores its own part.
   ExpectSameCurve(Train("-p zero3 -g --nproc 3 --threads 1 -i 0 -f " + (dir_ / "ckpt" / "ddp" / "step-10").string()),
                   tail, "zero3 checkpoint resumed by zero3 at world size 3");
 }

@@ -2,12 +2,15 @@
 // accumulation, memorisation and run-to-run determinism.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "comm/communicator.h"
 #include "gradcheck.h"
 #include "model/llama.h"
 #include "train/trainer.h"
@@ -147,6 +150,36 @@ std::vector<double> F32Gradients(const LlamaOptions& options, int batch, int seq
   auto targets = RandomTokens(batch * seq, int(config.vocab_size), 4);
   model.ForwardBackward(tokens.data(), targets.data(), batch, seq, 1.0 / (batch * seq));
   return Grads(model, *be);
+}
+
+// A ZeRO rank builds only its shard: it allocates the shard (and a region's scratch)
+// and holds bit for bit the values of that part of the whole model, however the shard
+// boundaries cut the tensors.
+TEST(ModelTest, AShardBuiltAloneHoldsThatPartOfTheWholeModel) {
+  const ModelConfig config = SmallConfig();
+  auto whole_be = MakeCpuBackend({DType::kF32, 2});
+  LlamaModel whole(config, whole_be.get());
+  whole.InitWeights(23);
+  const float* all = static_cast<const float*>(whole.param_data());
+  const size_t n = whole.num_params();
+  for (int world : {2, 3, 7}) {
+    for (int rank = 0; rank < world; ++rank) {
+      auto be = MakeCpuBackend({DType::kF32, 2});
+      LlamaOptions options;
+      std::tie(options.shard_begin, options.shard_end) = EvenSlice(n, rank, world);
+      options.shard_parameters = true;
+      LlamaModel shard(config, be.get(), options);
+      shard.InitWeights(23);
+      const size_t count = options.shard_end - options.shard_begin;
+      // Two buffers, each rounded up to the allocator's 64 bytes.
+      const size_t expected = (count + LargestGradientRegion(config)) * sizeof(float);
+      EXPECT_GE(be->peak_allocated_bytes(), expected);
+      EXPECT_LE(be->peak_allocated_bytes(), expected + 2 * 64);
+      EXPECT_EQ(shard.held_master_range(), std::make_pair(options.shard_begin, options.shard_end));
+      const float* held = static_cast<const float*>(shard.param_at(options.shard_begin));
+      EXPECT_TRUE(std::equal(held, held + count, all + options.shard_begin)) << "rank " << rank << " of " << world;
+    }
+  }
 }
 
 TEST(ModelTest, ActivationCheckpointingGivesIdenticalGradients) {

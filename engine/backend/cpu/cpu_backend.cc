@@ -99,10 +99,10 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; ++i) p[i] *= s;
   }
-  void FillNormal(void* x, size_t n, double std, uint64_t seed, uint64_t stream) override {
+  void FillNormal(void* x, size_t n, double std, uint64_t seed, uint64_t stream, uint64_t first) override {
     T* p = P(x);
 #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; ++i) p[i] = T(std * RandomNormal(seed, stream, i));
+    for (size_t i = 0; i < n; ++i) p[i] = T(std * RandomNormal(seed, stream, first + i));
   }
   double SumSquares(const void* x, size_t n) override {
     const T* p = C(x);

@@ -66,9 +66,10 @@ __global__ void ScaleKernel(T* x, size_t n, float scale) {
 // core/rng.h's counter-based normals on the device: the same uniforms, and the CPU's
 // Box-Muller up to the last bit of the device's double-precision log and cos.
 template <typename T>
-__global__ void FillNormalKernel(T* x, size_t n, double std, uint64_t seed, uint64_t stream) {
+__global__ void FillNormalKernel(T* x, size_t n, double std, uint64_t seed, uint64_t stream, uint64_t first) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const double u1 = RandomUniform(seed, stream, 2 * i), u2 = RandomUniform(seed, stream, 2 * i + 1);
+    const uint64_t k = first + i;
+    const double u1 = RandomUniform(seed, stream, 2 * k), u2 = RandomUniform(seed, stream, 2 * k + 1);
     x[i] = FromFloat<T>(float(std * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2)));
   }
 }
@@ -571,11 +572,13 @@ class CudaBackend final : public Backend {
     }
     LLAMAD_CUDA_LAUNCHED();
   }
-  void FillNormal(void* x, size_t n, double std, uint64_t seed, uint64_t stream) override {
+  void FillNormal(void* x, size_t n, double std, uint64_t seed, uint64_t stream, uint64_t first) override {
     if (TypeOf(x, n) == DType::kF32) {
-      FillNormalKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<float*>(x), n, std, seed, stream);
+      FillNormalKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<float*>(x), n, std, seed, stream,
+                                                                        first);
     } else {
-      FillNormalKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(x), n, std, seed, stream);
+      FillNormalKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(x), n, std, seed, stream,
+                                                                       first);
     }
     LLAMAD_CUDA_LAUNCHED();
   }
