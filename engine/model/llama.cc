@@ -53,7 +53,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaO
     param_end_ = options.shard_end;
     params_data_ = backend_->Allocate(param_end_ - param_begin_);
     param_scratch_elements_ = LargestGradientRegion(config_);
-    param_scratch_ = backend_->Allocate(param_scratch_elements_);
+    param_scratch_[0] = backend_->Allocate(param_scratch_elements_);
   } else {
     params_data_ = backend_->Allocate(num_params_);
   }
@@ -76,7 +76,7 @@ LlamaModel::~LlamaModel() {
   backend_->Free(params_data_);
   backend_->Free(grads_data_);
   backend_->Free(grad_scratch_);
-  backend_->Free(param_scratch_);
+  for (void* scratch : param_scratch_) backend_->Free(scratch);
 }
 
 void LlamaModel::EnsureGrads() {
@@ -125,30 +125,17 @@ void* LlamaModel::param_at(size_t offset) {
 }
 
 size_t LlamaModel::param_bytes() const {
-  return param_byte_offset(param_end_ - param_begin_ + param_scratch_elements_);
+  return param_byte_offset(param_end_ - param_begin_ + (param_prefetch_ ? 2 : 1) * param_scratch_elements_);
 }
 
-void LlamaModel::ShardParameters(size_t begin, size_t end, ParamGather gather) {
-  const bool separate_master = master_data_ != params_data_;  // sharded on their own, first
-  if (separate_master && (master_begin_ != begin || master_end_ != end)) {
-    std::fprintf(stderr, "llamad: LlamaModel::ShardParameters before ShardMasterWeights\n");
+void LlamaModel::GatherParametersWith(ParamGather gather, bool prefetch) {
+  if (param_scratch_[0] == nullptr) {
+    std::fprintf(stderr, "llamad: LlamaModel::GatherParametersWith on a model built without shard_parameters\n");
     std::abort();
   }
-  if (param_scratch_ != nullptr && param_begin_ == begin && param_end_ == end) {  // built sharded
-    param_gather_ = std::move(gather);
-    return;
-  }
-  const size_t largest = LargestGradientRegion(config_);
-  void* shard = backend_->Allocate(end - begin);
-  backend_->Copy(shard, static_cast<char*>(params_data_) + param_byte_offset(begin), end - begin);
-  backend_->Free(params_data_);
-  params_data_ = shard;
-  if (!separate_master) master_data_ = shard;
-  param_scratch_ = backend_->Allocate(largest);
-  param_scratch_elements_ = largest;
-  param_begin_ = begin;
-  param_end_ = end;
+  if (prefetch && param_scratch_[1] == nullptr) param_scratch_[1] = backend_->Allocate(param_scratch_elements_);
   param_gather_ = std::move(gather);
+  param_prefetch_ = prefetch;
 }
 
 void LlamaModel::BeginGradRegion(size_t begin) {
@@ -200,17 +187,6 @@ void* LlamaModel::master_at(size_t offset) {
   return static_cast<char*>(master_data_) + accum_byte_offset(offset - master_begin_);
 }
 
-void LlamaModel::ShardMasterWeights(size_t begin, size_t end) {
-  if (master_data_ == params_data_ || master_data_ == nullptr) return;
-  if (master_begin_ == begin && master_end_ == end) return;  // built sharded
-  void* shard = backend_->Allocate(end - begin, backend_->accum_dtype());
-  backend_->Copy(shard, master_at(begin), end - begin);
-  backend_->Free(master_data_);
-  master_data_ = shard;
-  master_begin_ = begin;
-  master_end_ = end;
-}
-
 void LlamaModel::ReleaseMasterWeights() {
   if (master_data_ == params_data_) return;
   backend_->Free(master_data_);
@@ -224,7 +200,7 @@ void LlamaModel::ZeroGrads() {
 
 void* LlamaModel::ParamPtr(size_t offset) const {
   if (!param_gather_) return static_cast<char*>(params_data_) + param_byte_offset(offset);
-  return static_cast<char*>(param_scratch_) + param_byte_offset(offset - param_region_begin_);
+  return static_cast<char*>(param_scratch_[param_slot_]) + param_byte_offset(offset - param_region_begin_);
 }
 
 void* LlamaModel::GradPtr(size_t offset) const {
@@ -241,10 +217,27 @@ LlamaModel::LayerWeights LlamaModel::LayerPointers(int layer, bool grads) const 
   return {at(0), at(1), at(4), at(5), at(6), at(8)};
 }
 
-void LlamaModel::UseParamRegion(size_t begin, size_t end) {
+void LlamaModel::UseParamRegion(const std::vector<std::pair<size_t, size_t>>& regions, size_t k) {
   if (!param_gather_) return;
-  param_gather_(begin, end, param_scratch_);
-  param_region_begin_ = begin;
+  const std::pair<size_t, size_t> region = regions[k];
+  if (has_prefetch_ && prefetched_ == region) {
+    if (prefetch_wait_) prefetch_wait_();
+    param_slot_ = 1 - param_slot_;  // the prefetch went into the slot not in use
+  } else {
+    // Not prefetched (the first region of a Run). Any other prefetch is a collective
+    // already started: it must end before its slot is written again.
+    if (has_prefetch_ && prefetch_wait_) prefetch_wait_();
+    param_slot_ = param_prefetch_ ? 1 - param_slot_ : 0;
+    if (ParamWait wait = param_gather_(region.first, region.second, param_scratch_[param_slot_])) wait();
+  }
+  has_prefetch_ = false;
+  prefetch_wait_ = nullptr;
+  param_region_begin_ = region.first;
+  if (param_prefetch_ && k + 1 < regions.size()) {
+    prefetched_ = regions[k + 1];
+    has_prefetch_ = true;
+    prefetch_wait_ = param_gather_(prefetched_.first, prefetched_.second, param_scratch_[1 - param_slot_]);
+  }
 }
 
 size_t LayoutActivations(const ModelConfig& config, int batch, int seq, bool grad_checkpoint,
@@ -379,13 +372,24 @@ double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch,
   const bool ckpt = options_.grad_checkpoint;
 
   auto layer_begin = [&](int l) { return params_[1 + 9 * size_t(l)].offset; };
-  UseParamRegion(0, embed.numel);
+  // The parameter regions in the order this Run uses them (the embedding's backward
+  // needs no parameters), so that each region's gather can start ahead of its use.
+  std::vector<std::pair<size_t, size_t>> regions;
+  if (param_gather_) {
+    regions.emplace_back(0, embed.numel);
+    for (int l = 0; l < L; ++l) regions.emplace_back(layer_begin(l), layer_begin(l + 1));
+    regions.emplace_back(norm.offset, num_params_);  // final norm and LM head
+    for (int l = L - 1; backward && l >= 0; --l) regions.emplace_back(layer_begin(l), layer_begin(l + 1));
+  }
+  size_t next_region = 0;
+  auto use_next_region = [&] { UseParamRegion(regions, next_region++); };
+  use_next_region();  // the embedding
   be.Embedding(acts_.residual[0], tokens, param(embed), N, C);
   for (int l = 0; l < L; ++l) {
-    UseParamRegion(layer_begin(l), layer_begin(l + 1));
+    use_next_region();
     LayerForward(l, acts_.residual[l], acts_.residual[l + 1], acts_.layers[ckpt ? 0 : l]);
   }
-  UseParamRegion(norm.offset, num_params_);  // final norm and LM head
+  use_next_region();  // final norm and LM head
   be.RmsNorm(acts_.final_norm, acts_.final_rstd, acts_.residual[L], param(norm), N, C,
              config_.rms_norm_eps);
   if (backward) BeginGradRegion(norm.offset);  // final norm and LM head
@@ -400,7 +404,7 @@ double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch,
   for (int l = L - 1; l >= 0; --l) {
     LayerActivations& a = acts_.layers[ckpt ? 0 : l];
     const size_t begin = layer_begin(l), end = layer_begin(l + 1);
-    UseParamRegion(begin, end);
+    use_next_region();
     // The forward left the last layer's activations in the shared set.
     if (ckpt && l != L - 1) LayerForward(l, acts_.residual[l], /*x_out=*/nullptr, a);
     BeginGradRegion(begin);

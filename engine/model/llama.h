@@ -115,9 +115,6 @@ class LlamaModel {
   // The master weight of flat element `offset` (the whole buffer, the shard, or without
   // separate master weights the parameter itself).
   void* master_at(size_t offset);
-  // ZeRO (separate master weights only): keeps master weights [begin, end) alone, the
-  // optimizer's shard; the layers' copy of the others arrives gathered.
-  void ShardMasterWeights(size_t begin, size_t end);
   // The flat elements whose master weights the model holds: all, or the ZeRO shard (the
   // parameters' shard without separate master weights). Restores and imports write
   // these, then SyncParamsFromMaster.
@@ -173,12 +170,16 @@ class LlamaModel {
   void ShardGradients(size_t begin, size_t end, GradSink sink);
   bool gradients_sharded() const { return grad_sink_ != nullptr; }
 
-  // ZeRO-3: the model keeps parameters [begin, end) only (separate master weights are
-  // sharded by ShardMasterWeights, which must come first). Before the forward or backward uses a region (as above) it calls
-  // `gather`, which must fill `dst` with the region's parameters from the ranks that own
-  // them: a collective, so every rank runs the same forwards and backwards.
-  using ParamGather = std::function<void(size_t begin, size_t end, void* dst)>;
-  void ShardParameters(size_t begin, size_t end, ParamGather gather);
+  // ZeRO-3, for a model built with LlamaOptions::shard_parameters: before the forward or
+  // backward uses a region (as above) the model calls `gather`, which must start filling
+  // `dst` with the region's parameters from the ranks that own them and return a
+  // function that waits until they are there (or an empty one when they are already): a
+  // collective, so every rank runs the same forwards and backwards. With `prefetch` the
+  // model keeps a second region scratch and starts each region's gather when the region
+  // before it comes into use, so that the gather overlaps that region's compute.
+  using ParamWait = std::function<void()>;
+  using ParamGather = std::function<ParamWait(size_t begin, size_t end, void* dst)>;
+  void GatherParametersWith(ParamGather gather, bool prefetch);
   bool parameters_sharded() const { return param_gather_ != nullptr; }
 
   // The loss sum only; gradients untouched.
@@ -204,8 +205,10 @@ class LlamaModel {
   void* ParamPtr(size_t offset) const;
   void* GradPtr(size_t offset) const;
   LayerWeights LayerPointers(int layer, bool grads) const;
-  // Under ShardParameters: gathers the region's parameters into the scratch.
-  void UseParamRegion(size_t begin, size_t end);
+  // Under GatherParametersWith: brings regions[k], the k-th region this Run uses, into
+  // a scratch (waiting for its gather, started here unless prefetched) and, with
+  // prefetch, starts the gather of regions[k + 1] into the other scratch.
+  void UseParamRegion(const std::vector<std::pair<size_t, size_t>>& regions, size_t k);
   // Where the backward writes gradients: the whole buffer, or (sharded) the scratch that
   // holds region [begin, end) from now on, zeroed; EndRegion passes it on.
   void BeginGradRegion(size_t begin);
@@ -233,12 +236,19 @@ class LlamaModel {
   void* grad_scratch_ = nullptr;
   size_t grad_scratch_elements_ = 0;
   size_t region_begin_ = 0;  // the region the scratch holds
-  // ZeRO-3 (ShardParameters): params_data_ is then the shard [param_begin_, param_end_).
+  // ZeRO-3 (shard_parameters): params_data_ is the shard [param_begin_, param_end_); the
+  // regions in use are gathered into param_scratch_[param_slot_] (two with prefetch).
   ParamGather param_gather_;
+  bool param_prefetch_ = false;
   size_t param_begin_ = 0, param_end_ = 0;
-  void* param_scratch_ = nullptr;
+  void* param_scratch_[2] = {nullptr, nullptr};
   size_t param_scratch_elements_ = 0;
+  int param_slot_ = 0;
   size_t param_region_begin_ = 0;
+  // The region whose gather was started ahead (into the slot not in use), and its wait.
+  bool has_prefetch_ = false;
+  std::pair<size_t, size_t> prefetched_{0, 0};
+  ParamWait prefetch_wait_;
 
   // Activations for the current (batch, seq).
   int batch_ = 0, seq_ = 0;

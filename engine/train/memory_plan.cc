@@ -18,14 +18,16 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   const uint64_t shard = (n + uint64_t(world_size) - 1) / uint64_t(world_size);
   const uint64_t sharded = (plugin == "zero1" || plugin == "zero2" || plugin == "zero3") && many ? shard : n;
   // zero2 and zero3 shard the gradients, zero3 the parameters too, each with one
-  // region's scratch besides the shard (LlamaModel::ShardGradients, ShardParameters).
+  // region's scratch besides the shard (LlamaModel::ShardGradients,
+  // GatherParametersWith). In host memory (Trainer::ShardGradients, ShardParameters)
+  // each region's gradients are reduced from a copy while the backward goes on, and
+  // zero3 gathers the next region's parameters into a second scratch.
   const uint64_t region = LargestGradientRegion(spec.model);
-  plan.parameters = (plugin == "zero3" && many ? shard + region : n) * DTypeSize(dtype);
+  const bool overlapped = many && dtype == accum;
+  plan.parameters = (plugin == "zero3" && many ? shard + region * (overlapped ? 2 : 1) : n) * DTypeSize(dtype);
   plan.master_weights = dtype != accum ? sharded * DTypeSize(accum) : 0;  // sharded with the moments
   plan.gradients = ((plugin == "zero2" || plugin == "zero3") && many ? shard + region : n) * DTypeSize(accum);
-  // zero2 in host memory reduces each region from a copy while the backward goes on
-  // (Trainer::ShardGradients).
-  if (plugin == "zero2" && many && dtype == accum) plan.gradients += region * DTypeSize(accum);
+  if ((plugin == "zero2" || plugin == "zero3") && overlapped) plan.gradients += region * DTypeSize(accum);
   plan.optimizer_state = 2 * sharded * DTypeSize(accum);
   if (spec.offload.optimizer == "nvme") {
     // The same chunking as AdamWOptimizer::OffloadToNvme: both moments of a range of

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 
 #include "backend/cpu/cpu_backend.h"
@@ -55,7 +56,9 @@ Trainer::~Trainer() {
 void Trainer::FinishRegionReduce() {
   if (!region_reduce_.valid()) return;
   const auto start = std::chrono::steady_clock::now();
-  region_reduce_.get();
+  std::shared_future<void> done = std::move(region_reduce_);
+  region_reduce_ = {};
+  done.get();
   model_wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
@@ -308,8 +311,6 @@ absl::Status Trainer::StartRanks() {
 void Trainer::ShardOptimizerState() {
   const auto [begin, end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
   zero1_ = true;
-  // Separate master weights (a GPU's) are read and updated only in the optimizer's shard.
-  model_->ShardMasterWeights(begin, end);
   optimizer_->Shard(begin, end);  // the shard's moments are allocated, as zeros, at first use
 }
 
@@ -330,10 +331,11 @@ void Trainer::ForEachOwnerPart(size_t begin, size_t end,
 
 void Trainer::ShardGradients() {
   const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
-  // Overlap needs the collectives off the main thread: not under zero3 (whose backward
-  // gathers parameters on it) nor on a GPU (whose backend is not thread-safe).
-  const bool overlap = spec_.parallel.plugin == "zero2" && BuffersInHostMemory(*backend_);
+  // Overlap runs the collectives on the helper thread: not on a GPU, whose backend is
+  // not thread-safe.
+  const bool overlap = BuffersInHostMemory(*backend_);
   if (overlap) {
+    if (!collectives_) collectives_ = std::make_unique<SerialWorker>();
     const size_t region = LargestGradientRegion(spec_.model);
     region_copy_ = backend_->Allocate(region, backend_->accum_dtype());
     region_copy_bytes_ = model_->accum_byte_offset(region);
@@ -355,22 +357,46 @@ void Trainer::ShardGradients() {
     }
     FinishRegionReduce();  // the previous region's: then the copy is free
     backend_->Copy(region_copy_, grads, end - begin);
-    region_reduce_ = std::async(std::launch::async, reduce, region_copy_);
+    region_reduce_ = collectives_->Post([reduce, this] { reduce(region_copy_); });
   });
 }
 
 void Trainer::ShardParameters() {
-  const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
-  model_->ShardParameters(own_begin, own_end, [this](size_t begin, size_t end, void* dst) {
-    // Each owner broadcasts its part of the region; the forward or backward waits for it.
+  // On host memory each region's gather runs on the helper thread, started while the
+  // region before it computes (prefetch); a GPU rank gathers inline.
+  const bool prefetch = BuffersInHostMemory(*backend_);
+  if (prefetch && !collectives_) collectives_ = std::make_unique<SerialWorker>();
+  auto timed = [this](const std::function<void()>& wait) {
     const auto start = std::chrono::steady_clock::now();
-    ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
-      void* part = static_cast<char*>(dst) + model_->param_byte_offset(lo - begin);
-      if (owner == comm_->rank()) backend_->Copy(part, model_->param_at(lo), hi - lo);
-      return BroadcastOnBackend(*comm_, *backend_, part, hi - lo, owner);
-    });
+    wait();
     model_wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  });
+  };
+  model_->GatherParametersWith(
+      [this, prefetch, timed](size_t begin, size_t end, void* dst) -> LlamaModel::ParamWait {
+        // Each owner broadcasts its part of the region.
+        auto gather = [this, begin, end, dst, prefetch] {
+          ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
+            void* part = static_cast<char*>(dst) + model_->param_byte_offset(lo - begin);
+            if (owner == comm_->rank()) {
+              // Off the main thread only the communicator is used: on host memory a
+              // plain copy, not the backend.
+              if (prefetch) {
+                std::memcpy(part, model_->param_at(lo), model_->param_byte_offset(hi - lo));
+              } else {
+                backend_->Copy(part, model_->param_at(lo), hi - lo);
+              }
+            }
+            return BroadcastOnBackend(*comm_, *backend_, part, hi - lo, owner);
+          });
+        };
+        if (!prefetch) {
+          timed(gather);
+          return nullptr;
+        }
+        std::shared_future<void> done = collectives_->Post(gather);
+        return [timed, done] { timed([&] { done.get(); }); };
+      },
+      prefetch);
 }
 
 absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {

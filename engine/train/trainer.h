@@ -9,6 +9,7 @@
 #include "absl/status/statusor.h"
 #include "backend/backend.h"
 #include "comm/communicator.h"
+#include "core/serial_worker.h"
 #include "model/llama.h"
 #include "train/jobspec.h"
 #include "train/optimizer.h"
@@ -117,12 +118,15 @@ class Trainer {
   absl::Status model_collective_status_;
   double model_collective_seconds_ = 0;
   double model_wait_seconds_ = 0;
-  // zero2 on host memory: each region's gradients are reduced on a helper thread, from a
-  // copy (so the model's scratch is free for the next region), while the backward goes
-  // on. One region in flight at a time.
+  // zero2/3 on host memory: the collectives inside the forward and backward run on one
+  // helper thread, in the order posted. Each region's gradients are reduced there from a
+  // copy (so the model's scratch is free for the next region) while the backward goes
+  // on, one region in flight at a time; under zero3 each region's parameters are
+  // gathered there while the region before it computes.
+  std::unique_ptr<SerialWorker> collectives_;
   void* region_copy_ = nullptr;
   size_t region_copy_bytes_ = 0;
-  std::future<void> region_reduce_;
+  std::shared_future<void> region_reduce_;
   void FinishRegionReduce();
 };
 

@@ -143,7 +143,9 @@ TEST_F(DdpTest, Zero2MatchesAndShardsGradients) {
 }
 
 // ZeRO-3: the same curve again, each rank holding 1/world of the moments, gradients and
-// parameters (each plus one region's scratch); gathered checkpoints resume elsewhere.
+// parameters, the last two with two regions besides: the parameters' scratch and the
+// next region's, gathered ahead; the gradients' scratch and the copy being reduced.
+// Gathered checkpoints resume elsewhere.
 TEST_F(DdpTest, Zero3MatchesAndShardsParameters) {
   size_t full_state = 0, full_grads = 0, full_params = 0;
   const auto one = Train("--nproc 1 --threads 1 -g", &full_state, &full_grads, &full_params);
@@ -156,7 +158,7 @@ TEST_F(DdpTest, Zero3MatchesAndShardsParameters) {
     // With activation checkpointing: the backward's recomputation reads gathered layers too.
     ExpectSameCurve(Train("-p zero3 -g --nproc " + std::to_string(world) + " --threads 1", &state, &grads, &weights),
                     one, ("zero3 at world size " + std::to_string(world)).c_str());
-    const size_t shard_bytes = ((params + world - 1) / world + scratch) * sizeof(float);
+    const size_t shard_bytes = ((params + world - 1) / world + 2 * scratch) * sizeof(float);
     EXPECT_EQ(weights, shard_bytes) << "world size " << world;
     EXPECT_EQ(grads, shard_bytes) << "world size " << world;
     EXPECT_NEAR(double(state), double(full_state) / world, 8.0 * world) << "world size " << world;
@@ -187,12 +189,13 @@ TEST_F(DdpTest, ShardedPluginsWithUnevenMicroBatchCounts) {
 
 // Each plugin lowers a rank's high-water mark, start-up included: a rank never holds the
 // full gradients or moments of a state it will shard (the gradients come at their first
-// use, fresh moments are not sent). Here the parameters (3.97M, 15.1 MiB a buffer)
-// outweigh the activations, as in real jobs.
+// use, fresh moments are not sent). Here the parameters (4.76M, 18.1 MiB a buffer)
+// outweigh the activations, and a layer is an eighth of them, as in real jobs (where it
+// is less).
 TEST_F(DdpTest, ShardedPluginsLowerPeakMemoryFromTheStart) {
   std::ofstream(dir_ / "job.yaml") << R"(
 name: ddp
-model: {hidden_size: 256, intermediate_size: 1024, num_hidden_layers: 4, num_attention_heads: 4,
+model: {hidden_size: 256, intermediate_size: 512, num_hidden_layers: 8, num_attention_heads: 4,
         num_key_value_heads: 2, vocab_size: 64, max_position_embeddings: 128}
 training: {max_length: 32, batch_size: 2, global_batch_size: 8, steps: 2, lr: 3e-3, seed: 9}
 data: {dataset: tokens.u32}
@@ -206,11 +209,12 @@ checkpoint: {dir: ckpt, interval: 0}
     if (buffer == 0) buffer = last_metrics_["parameter_bytes"].get<double>();
     std::printf("%s at world size 2: peak %.2f MiB per rank\n", plugin, peak[plugin] / (1 << 20));
   }
-  // zero1 drops half the moments (a whole buffer); zero2 half the gradients less a
-  // layer's scratch; zero3 half the parameters less a layer's scratch.
+  // zero1 drops half the moments (a whole buffer); zero2 half the gradients less two
+  // layers (the scratch and the copy being reduced); zero3 half the parameters less two
+  // layers (the scratch and the next layer, gathered ahead).
   EXPECT_LT(peak["zero1"], peak["ddp"] - 0.9 * buffer);
-  EXPECT_LT(peak["zero2"], peak["zero1"]);
-  EXPECT_LT(peak["zero3"], peak["zero2"]);
+  EXPECT_LT(peak["zero2"], peak["zero1"] - 0.15 * buffer);
+  EXPECT_LT(peak["zero3"], peak["zero2"] - 0.15 * buffer);
 }
 
 TEST_F(DdpTest, CheckpointAtWorldSizeFourResumesAtTwoAndThree) {
