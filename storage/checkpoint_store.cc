@@ -106,30 +106,38 @@ absl::Status WriteAt(int fd, const void* data, size_t size, uint64_t offset,
   return absl::OkStatus();
 }
 
-// Reads the `length`-byte payload at `offset` (its padding to 4 KiB too) into `data`
-// and returns its xxh3. The payload moves in segments, two of them in flight, so that
-// the checksum of one runs while the next is read.
-absl::StatusOr<uint64_t> ReadAndHash(DirectIoQueue& io, char* data, uint64_t offset, uint64_t length) {
-  constexpr uint64_t kSegment = uint64_t{8} << 20;
+// Reads the `length`-byte payload at `offset` and its padding to 4 KiB in 8 MiB
+// segments, segment k into segment_buffer(k), two segments in flight: while one is read,
+// the one before it is hashed and its payload bytes handed to consume(at, data, bytes)
+// (`at`: the bytes' offset in the payload; null: none). Returns the payload's xxh3.
+constexpr uint64_t kSegment = uint64_t{8} << 20;
+using SegmentConsumer = std::function<void(uint64_t at, const char* data, uint64_t bytes)>;
+absl::StatusOr<uint64_t> ReadAndHash(DirectIoQueue& io, uint64_t offset, uint64_t length,
+                                     const std::function<char*(uint64_t k)>& segment_buffer,
+                                     const SegmentConsumer& consume) {
   const uint64_t padded = RoundUp(length);
   const uint64_t segments = (padded + kSegment - 1) / kSegment;
   auto queue = [&](uint64_t k) {
     const uint64_t at = k * kSegment;
-    return io.Queue(false, data + at, offset + at, std::min(kSegment, padded - at), k % 2);
+    return io.Queue(false, segment_buffer(k), offset + at, std::min(kSegment, padded - at), k % 2);
   };
   std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> state(XXH3_createState(), &XXH3_freeState);
   if (!state) throw std::bad_alloc();
   XXH3_64bits_reset(state.get());
   absl::Status status = segments > 0 ? queue(0) : absl::OkStatus();
   for (uint64_t k = 0; k < segments && status.ok(); ++k) {
+    // Segment k+1 goes into the buffer segment k-1 was consumed from.
     if (k + 1 < segments) status = queue(k + 1);
     if (status.ok()) status = io.Drain(k % 2);
     if (!status.ok()) break;
     const uint64_t at = k * kSegment;
-    if (at < length) XXH3_64bits_update(state.get(), data + at, std::min(kSegment, length - at));
+    if (at >= length) continue;  // padding only
+    const uint64_t bytes = std::min(kSegment, length - at);
+    XXH3_64bits_update(state.get(), segment_buffer(k), bytes);
+    if (consume) consume(at, segment_buffer(k), bytes);
   }
   if (!status.ok()) {
-    (void)io.DrainAll();  // the buffer is the caller's again only once nothing is in flight
+    (void)io.DrainAll();  // the buffers are the caller's again only once nothing is in flight
     return status;
   }
   return XXH3_64bits_digest(state.get());
@@ -562,9 +570,9 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::Pieces(const std::stri
   return out;
 }
 
-absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step,
-                                        const std::string& name, ElementType type, uint64_t begin,
-                                        uint64_t end, void* out, size_t out_capacity) const {
+absl::Status CheckpointStore::ReadPieces(
+    const std::string& job, int64_t step, const std::string& name, ElementType type, uint64_t begin, uint64_t end,
+    const std::function<SegmentReader>& read) const {
   if (auto meta = Meta(job, step); !meta.ok()) return meta.status();
   std::vector<PieceRecord> pieces;
   auto s =
@@ -597,18 +605,12 @@ absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step,
                       step, job, name, ElementTypeName(p.type), ElementTypeName(type)));
     }
   }
-  const size_t elem = ElementSize(type);
   struct OpenShard {
     int fd = -1;
     std::unique_ptr<DirectIoQueue> io;
   };
   std::map<std::string, OpenShard> shards;
   absl::Status status;
-  // Payloads are 4 KiB aligned and padded in the file, so whole blocks are read with
-  // direct I/O (no page cache pollution) into an aligned buffer.
-  // The buffer is kept per thread across calls: a restore reads hundreds of pieces, and
-  // fresh allocations of that size cost a page fault per 4 KiB each time.
-  thread_local std::unique_ptr<AlignedBuffer> buffer;
   for (const PieceRecord& p : pieces) {
     const std::string path = (fs::path(root_) / p.file).string();
     OpenShard& shard = shards[path];
@@ -632,17 +634,7 @@ absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step,
                                                path, p.name, p.offset));
       break;
     }
-    const bool in_place = p.begin == begin && p.end == end && out_capacity >= RoundUp(p.length) &&
-                          reinterpret_cast<uintptr_t>(out) % kAlign == 0;
-    char* data;
-    if (in_place) {
-      data = static_cast<char*>(out);
-    } else {
-      if (!buffer || buffer->size < RoundUp(p.length))
-        buffer = std::make_unique<AlignedBuffer>(p.length);
-      data = buffer->data;
-    }
-    auto checksum = ReadAndHash(*shard.io, data, p.offset, p.length);
+    auto checksum = read(p, *shard.io);
     if (!checksum.ok()) {
       // A shard that cannot be read back is a damaged checkpoint (fallback applies).
       status = absl::DataLossError(
@@ -655,16 +647,61 @@ absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step,
                       path, p.name, p.begin, p.end));
       break;
     }
-    if (in_place) continue;
-    const uint64_t lo = std::max(begin, p.begin), hi = std::min(end, p.end);
-    std::memcpy(static_cast<char*>(out) + (lo - begin) * elem, data + (lo - p.begin) * elem,
-                (hi - lo) * elem);
   }
   for (auto& [path, shard] : shards) {
     shard.io.reset();  // waits for anything in flight (after an error)
     if (shard.fd >= 0) ::close(shard.fd);
   }
   return status;
+}
+
+absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step, const std::string& name,
+                                        ElementType type, uint64_t begin, uint64_t end, void* out,
+                                        size_t out_capacity) const {
+  const size_t elem = ElementSize(type);
+  // Payloads are 4 KiB aligned and padded in the file, so whole blocks are read with
+  // direct I/O (no page cache pollution) into an aligned buffer.
+  // The buffer is kept per thread across calls: a restore reads hundreds of pieces, and
+  // fresh allocations of that size cost a page fault per 4 KiB each time.
+  thread_local std::unique_ptr<AlignedBuffer> buffer;
+  return ReadPieces(job, step, name, type, begin, end, [&](const PieceRecord& p, DirectIoQueue& io) {
+    const bool in_place = p.begin == begin && p.end == end && out_capacity >= RoundUp(p.length) &&
+                          reinterpret_cast<uintptr_t>(out) % kAlign == 0;
+    char* data;
+    if (in_place) {
+      data = static_cast<char*>(out);
+    } else {
+      if (!buffer || buffer->size < RoundUp(p.length)) buffer = std::make_unique<AlignedBuffer>(p.length);
+      data = buffer->data;
+    }
+    auto checksum = ReadAndHash(io, p.offset, p.length, [&](uint64_t k) { return data + k * kSegment; }, nullptr);
+    if (checksum.ok() && !in_place) {
+      const uint64_t lo = std::max(begin, p.begin), hi = std::min(end, p.end);
+      std::memcpy(static_cast<char*>(out) + (lo - begin) * elem, data + (lo - p.begin) * elem, (hi - lo) * elem);
+    }
+    return checksum;
+  });
+}
+
+absl::Status CheckpointStore::ReadRangeStreamed(const std::string& job, int64_t step, const std::string& name,
+                                                ElementType type, uint64_t begin, uint64_t end,
+                                                const ElementSink& sink) const {
+  const uint64_t elem = ElementSize(type);
+  // Two segment buffers, kept per thread across calls (see ReadRange).
+  thread_local std::unique_ptr<AlignedBuffer> segments;
+  if (!segments) segments = std::make_unique<AlignedBuffer>(2 * kSegment);
+  return ReadPieces(job, step, name, type, begin, end, [&](const PieceRecord& p, DirectIoQueue& io) {
+    // The bytes of elements [begin, end) in this piece's payload.
+    const uint64_t want_lo = (std::max(begin, p.begin) - p.begin) * elem;
+    const uint64_t want_hi = (std::min(end, p.end) - p.begin) * elem;
+    return ReadAndHash(
+        io, p.offset, p.length, [&](uint64_t k) { return segments->data + (k % 2) * kSegment; },
+        [&](uint64_t at, const char* data, uint64_t bytes) {
+          // Segments end on element boundaries: kSegment is a multiple of every size.
+          const uint64_t lo = std::max(at, want_lo), hi = std::min(at + bytes, want_hi);
+          if (lo < hi) sink(p.begin + lo / elem, data + (lo - at), (hi - lo) / elem);
+        });
+  });
 }
 
 absl::Status CheckpointStore::Verify(const std::string& job, int64_t step) const {

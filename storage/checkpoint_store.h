@@ -106,6 +106,8 @@ struct StoreOptions {
   bool read_only = false;
 };
 
+class DirectIoQueue;
+
 class CheckpointStore {
  public:
   // Opens (creating) the store at `root` and removes leftovers of uncommitted saves;
@@ -151,6 +153,14 @@ class CheckpointStore {
   absl::Status ReadRange(const std::string& job, int64_t step, const std::string& name,
                          ElementType type, uint64_t begin, uint64_t end, void* out,
                          size_t out_capacity = 0) const;
+  // Streams elements [begin, end) of tensor `name` to `sink` in order, as they are read:
+  // sink(first, data, count) gets elements [first, first + count), at most 8 MiB at a
+  // time. Holds two 8 MiB buffers (per thread) instead of whole pieces. A piece's
+  // checksum is checked once its last segment is read, so what `sink` got is verified
+  // only when the call returns OK; otherwise as ReadRange.
+  using ElementSink = std::function<void(uint64_t first, const void* data, uint64_t count)>;
+  absl::Status ReadRangeStreamed(const std::string& job, int64_t step, const std::string& name, ElementType type,
+                                 uint64_t begin, uint64_t end, const ElementSink& sink) const;
   // Reads and checks every piece of a checkpoint.
   absl::Status Verify(const std::string& job, int64_t step) const;
 
@@ -166,6 +176,12 @@ class CheckpointStore {
   absl::Status Retain(const std::string& job);
 
  private:
+  // Finds the pieces of `name` that overlap [begin, end) (checking that they cover it and
+  // hold `type`) and calls read(piece, queue) for each, with a queue on its shard file;
+  // `read` returns the payload's xxh3, which must match the index.
+  using SegmentReader = absl::StatusOr<uint64_t>(const PieceRecord& piece, DirectIoQueue& io);
+  absl::Status ReadPieces(const std::string& job, int64_t step, const std::string& name, ElementType type,
+                          uint64_t begin, uint64_t end, const std::function<SegmentReader>& read) const;
   CheckpointStore(std::string root, StoreOptions options, rocksdb::DB* db);
   absl::Status RemoveUncommitted();
   // Deletes the index records of `steps` (one synced batch), then their folders.

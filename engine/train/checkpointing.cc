@@ -292,7 +292,9 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
           {ExpAvgSqName(p.name), lo - p.offset, hi - p.offset, static_cast<char*>(optimizer.exp_avg_sq()) + at});
     });
   }
-  // Several readers keep the disk busy while others checksum and convert.
+  // Several readers keep the disk busy while others checksum and convert. Each streams
+  // its tensors through two 8 MiB buffers of the store's, uploading each segment as it
+  // comes: bounded memory, and no fresh pages to fault in for every tensor.
   constexpr int kReaders = 4;
   std::atomic<size_t> next{0};
   std::mutex upload_mu;  // The backend is not thread-safe.
@@ -301,31 +303,20 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   for (int r = 0; r < kReaders; ++r) {
     readers.emplace_back([&, r] {
       try {
-        // An aligned, padded staging buffer lets the store read each piece straight into it.
-        std::unique_ptr<float, void (*)(void*)> host(nullptr, &std::free);
-        size_t capacity = 0;
         for (size_t i = next++; i < items.size(); i = next++) {
           const Item& item = items[i];
-          const size_t count = item.end - item.begin;
-          const size_t bytes = (count * sizeof(float) + 4095) / 4096 * 4096;
-          if (bytes > capacity) {
-            host.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
-            capacity = host ? bytes : 0;
-            if (!host) {
-              results[r] = absl::ResourceExhaustedError("restore: out of host memory");
-              next = items.size();
-              return;
-            }
-          }
-          if (auto s = store.ReadRange(job, step, item.name, storage::ElementType::kF32, item.begin, item.end,
-                                       host.get(), capacity);
-              !s.ok()) {
+          auto s = store.ReadRangeStreamed(job, step, item.name, storage::ElementType::kF32, item.begin, item.end,
+                                           [&](uint64_t first, const void* data, uint64_t count) {
+                                             void* dst = static_cast<char*>(item.dst) +
+                                                         model.accum_byte_offset(first - item.begin);
+                                             std::lock_guard lock(upload_mu);
+                                             be.UploadF32(dst, static_cast<const float*>(data), count);
+                                           });
+          if (!s.ok()) {
             results[r] = s;
             next = items.size();
             return;
           }
-          std::lock_guard lock(upload_mu);
-          be.UploadF32(item.dst, host.get(), count);
         }
       } catch (const std::exception& e) {  // a thread must not let an exception escape
         results[r] = absl::InternalError(StrCat("restore: ", e.what()));

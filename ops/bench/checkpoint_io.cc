@@ -9,7 +9,7 @@
 // round saves, runs fio write, restores and runs fio read, and the medians over the
 // rounds are compared.
 //
-//   bench-checkpoint-io [--dir DIR] [--hidden 512] [--layers 8] [--vocab 32000] [--rounds 5]
+//   bench-checkpoint-io [--dir DIR] [--hidden 512] [--layers 8] [--vocab 32000] [--rounds 7]
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -67,7 +67,7 @@ void DropCache(const std::string& path) {
 
 int Main(int argc, char** argv) {
   std::map<std::string, std::string> opt = {{"dir", "build/bench-checkpoint"}, {"hidden", "512"},
-                                            {"layers", "8"}, {"vocab", "32000"}, {"rounds", "5"}};
+                                            {"layers", "8"}, {"vocab", "32000"}, {"rounds", "7"}};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string key = std::string(argv[i]).substr(2);
     if (!opt.count(key)) {
@@ -143,6 +143,12 @@ int Main(int argc, char** argv) {
   };
   const double stall = median(stalls), write_bw = median(writes), read_bw = median(reads);
   const double fio_write = median(fio_writes), fio_read = median(fio_reads);
+  // Each round's ratio to the fio run right after it, the pairs closest in time.
+  std::vector<double> write_ratios, read_ratios;
+  for (int i = 0; i < rounds; ++i) {
+    if (fio_writes[i] > 0) write_ratios.push_back(writes[i] / fio_writes[i]);
+    if (fio_reads[i] > 0) read_ratios.push_back(reads[i] / fio_reads[i]);
+  }
 
   auto mbs = [](double bw) { return bw / 1048576.0; };
   std::printf("\nmedians over %d rounds\n", rounds);
@@ -155,6 +161,17 @@ int Main(int argc, char** argv) {
   std::printf("%-48s %10.0f\n", "fio read, direct, 1 MiB, io_uring, depth 4", mbs(fio_read));
   std::printf("%-48s %10.0f\n", "fio write, direct, 1 MiB, psync (depth 1)", mbs(median(fio_writes_qd1)));
   std::printf("%-48s %10.0f\n", "fio read, direct, 1 MiB, psync (depth 1)", mbs(median(fio_reads_qd1)));
+  if (!write_ratios.empty()) {
+    auto range = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return std::make_pair(v.front(), v.back());
+    };
+    const auto [wl, wh] = range(write_ratios);
+    const auto [rl, rh] = range(read_ratios);
+    std::printf("per round, against the fio run right after: write %.0f%% (median; %.0f-%.0f%%), "
+                "restore %.0f%% (%.0f-%.0f%%)\n",
+                100 * median(write_ratios), 100 * wl, 100 * wh, 100 * median(read_ratios), 100 * rl, 100 * rh);
+  }
   std::printf("training stall per save (host copy): %.1f ms for %.0f MiB (%.1f GiB/s)\n", 1e3 * stall,
               state_bytes / 1048576.0, state_bytes / stall / (1 << 30));
   if (fio_write == 0) std::printf("fio not found or failed: install it (ops/setup.sh does)\n");

@@ -140,6 +140,11 @@ TEST(CheckpointStoreTest, AFlippedByteIsCaughtNamingFileAndTensor) {
   ASSERT_TRUE(absl::IsDataLoss(s)) << s;
   EXPECT_NE(s.message().find(path), std::string::npos) << s;
   EXPECT_NE(s.message().find("'" + victim.name + "'"), std::string::npos) << s;
+  // Streamed, the damage shows once the piece is read: the call fails the same way.
+  const auto streamed = store->ReadRangeStreamed("job", 1, victim.name, ElementType::kF32, victim.begin, victim.end,
+                                                 [](uint64_t, const void*, uint64_t) {});
+  ASSERT_TRUE(absl::IsDataLoss(streamed)) << streamed;
+  EXPECT_NE(streamed.message().find(path), std::string::npos) << streamed;
   EXPECT_FALSE(store->Verify("job", 1).ok());
 }
 
@@ -166,6 +171,21 @@ TEST(CheckpointStoreTest, LargeTensorsRoundTripAndACutShardIsCaught) {
                                middle.data())
                   .ok());
   EXPECT_TRUE(std::equal(middle.begin(), middle.end(), unaligned + (1 << 20)));
+  // Streamed: the same elements, in order, in segments of at most 8 MiB.
+  std::vector<float> streamed;
+  uint64_t largest = 0;
+  ASSERT_TRUE(store
+                  ->ReadRangeStreamed("job", 1, "big", ElementType::kF32, 1 << 20, n,
+                                      [&](uint64_t first, const void* data, uint64_t count) {
+                                        EXPECT_EQ(first, (1u << 20) + streamed.size());
+                                        largest = std::max(largest, count);
+                                        const float* f = static_cast<const float*>(data);
+                                        streamed.insert(streamed.end(), f, f + count);
+                                      })
+                  .ok());
+  ASSERT_EQ(streamed.size(), n - (1 << 20));
+  EXPECT_TRUE(std::equal(streamed.begin(), streamed.end(), unaligned + (1 << 20)));
+  EXPECT_LE(largest, (uint64_t{8} << 20) / 4);
   EXPECT_TRUE(store->Verify("job", 1).ok());
 
   // Cut the shard short in the middle of the big payload.
@@ -177,6 +197,9 @@ TEST(CheckpointStoreTest, LargeTensorsRoundTripAndACutShardIsCaught) {
   EXPECT_NE(s.message().find(path), std::string::npos) << s;
   EXPECT_NE(s.message().find("'big'"), std::string::npos) << s;
   EXPECT_NE(s.message().find("shorter than expected"), std::string::npos) << s;
+  const auto streamed_cut =
+      store->ReadRangeStreamed("job", 1, "big", ElementType::kF32, 0, n, [](uint64_t, const void*, uint64_t) {});
+  EXPECT_TRUE(absl::IsDataLoss(streamed_cut)) << streamed_cut;
   EXPECT_FALSE(store->Verify("job", 1).ok());
 }
 
