@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "comm/backend_collectives.h"
 #include "core/strings.h"
 #include "data/tokenizer.h"
 #include "storage/safetensors.h"
@@ -297,7 +298,11 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   // comes: bounded memory, and no fresh pages to fault in for every tensor.
   constexpr int kReaders = 4;
   std::atomic<size_t> next{0};
-  std::mutex upload_mu;  // The backend is not thread-safe.
+  std::mutex upload_mu;  // The backend is not thread-safe...
+  // ...but f32 buffers in host memory take plain copies, which need no lock: every item
+  // has its own destination (a restore on tmpfs: 2.7 GB/s through the backend under the
+  // lock, 3.7 GB/s with copies).
+  const bool host_f32 = BuffersInHostMemory(be);
   std::vector<absl::Status> results(kReaders);
   std::vector<std::thread> readers;
   for (int r = 0; r < kReaders; ++r) {
@@ -309,6 +314,10 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
                                            [&](uint64_t first, const void* data, uint64_t count) {
                                              void* dst = static_cast<char*>(item.dst) +
                                                          model.accum_byte_offset(first - item.begin);
+                                             if (host_f32) {
+                                               std::memcpy(dst, data, count * sizeof(float));
+                                               return;
+                                             }
                                              std::lock_guard lock(upload_mu);
                                              be.UploadF32(dst, static_cast<const float*>(data), count);
                                            });
