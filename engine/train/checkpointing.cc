@@ -1,5 +1,6 @@
 #include "train/checkpointing.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -276,6 +277,7 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
     std::string name;
     size_t begin, end;
     void* dst;
+    size_t order;  // where a save put it: by flat element, then weight, exp_avg, exp_avg_sq
   };
   std::vector<Item> items;
   // The moments this optimizer holds: all, or its ZeRO shard.
@@ -283,16 +285,20 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   // The master weights this model holds: all, or its ZeRO shard.
   const auto [held_begin, held_end] = model.held_master_range();
   ForEachTensorPart(model.params(), held_begin, held_end, [&](const ParamInfo& p, size_t lo, size_t hi) {
-    items.push_back({p.name, lo - p.offset, hi - p.offset, model.master_at(lo)});
+    items.push_back({p.name, lo - p.offset, hi - p.offset, model.master_at(lo), 3 * lo});
   });
   if (!optimizer.offloaded()) {  // offloaded: streamed into the swap below
     ForEachTensorPart(model.params(), shard_begin, shard_end, [&](const ParamInfo& p, size_t lo, size_t hi) {
       const size_t at = model.accum_byte_offset(lo - shard_begin);
-      items.push_back({ExpAvgName(p.name), lo - p.offset, hi - p.offset, static_cast<char*>(optimizer.exp_avg()) + at});
-      items.push_back(
-          {ExpAvgSqName(p.name), lo - p.offset, hi - p.offset, static_cast<char*>(optimizer.exp_avg_sq()) + at});
+      items.push_back({ExpAvgName(p.name), lo - p.offset, hi - p.offset,
+                       static_cast<char*>(optimizer.exp_avg()) + at, 3 * lo + 1});
+      items.push_back({ExpAvgSqName(p.name), lo - p.offset, hi - p.offset,
+                       static_cast<char*>(optimizer.exp_avg_sq()) + at, 3 * lo + 2});
     });
   }
+  // In the order a save writes them (AsyncCheckpointer::Save), so that the readers
+  // together move through each shard file front to back.
+  std::sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.order < b.order; });
   // Several readers keep the disk busy while others checksum and convert. Each streams
   // its tensors through two 8 MiB buffers of the store's, uploading each segment as it
   // comes: bounded memory, and no fresh pages to fault in for every tensor.
