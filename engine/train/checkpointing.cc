@@ -158,10 +158,12 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
       continue;
     }
     be.DownloadF32(part.dst[0], model.master_at(part.lo), count);
-    if (optimizer.offloaded()) continue;  // streamed below
+    // The moments in memory; those on the NVMe tier are streamed below.
+    const size_t hi = std::min(part.hi, optimizer.memory_end());
+    if (part.lo >= hi) continue;
     const size_t moment_offset = model.accum_byte_offset(part.lo - moment_base);
-    be.DownloadF32(part.dst[1], static_cast<char*>(optimizer.exp_avg()) + moment_offset, count);
-    be.DownloadF32(part.dst[2], static_cast<char*>(optimizer.exp_avg_sq()) + moment_offset, count);
+    be.DownloadF32(part.dst[1], static_cast<char*>(optimizer.exp_avg()) + moment_offset, hi - part.lo);
+    be.DownloadF32(part.dst[2], static_cast<char*>(optimizer.exp_avg_sq()) + moment_offset, hi - part.lo);
   }
   if (optimizer.offloaded()) {
     // Moments on the NVMe tier: streamed from the swap straight into the snapshot, so a
@@ -287,8 +289,8 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   ForEachTensorPart(model.params(), held_begin, held_end, [&](const ParamInfo& p, size_t lo, size_t hi) {
     items.push_back({p.name, lo - p.offset, hi - p.offset, model.master_at(lo), 3 * lo});
   });
-  if (!optimizer.offloaded()) {  // offloaded: streamed into the swap below
-    ForEachTensorPart(model.params(), shard_begin, shard_end, [&](const ParamInfo& p, size_t lo, size_t hi) {
+  {  // the moments in memory; those on the NVMe tier are streamed into the swap below
+    ForEachTensorPart(model.params(), shard_begin, optimizer.memory_end(), [&](const ParamInfo& p, size_t lo, size_t hi) {
       const size_t at = model.accum_byte_offset(lo - shard_begin);
       items.push_back({ExpAvgName(p.name), lo - p.offset, hi - p.offset,
                        static_cast<char*>(optimizer.exp_avg()) + at, 3 * lo + 1});
@@ -358,8 +360,9 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
       for (const ParamInfo& p : model.params()) {
         const size_t lo = std::max(p.offset, first), hi = std::min(p.offset + p.numel, first + count);
         if (lo >= hi) continue;
-        // The tensor's part in the shard, which [lo, hi) lies in.
-        const size_t part_lo = std::max(p.offset, shard_begin), part_hi = std::min(p.offset + p.numel, shard_end);
+        // The tensor's part on the NVMe tier, which [lo, hi) lies in.
+        const size_t part_lo = std::max(p.offset, optimizer.memory_end());
+        const size_t part_hi = std::min(p.offset + p.numel, shard_end);
         if (cached != &p) {
           const size_t bytes = ((part_hi - part_lo) * sizeof(float) + 4095) / 4096 * 4096;
           if (bytes > capacity) {

@@ -127,6 +127,7 @@ absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::strin
   o.Get("optimizer", &spec.offload.optimizer);
   o.Get("memory_budget_gb", &spec.offload.memory_budget_gb);
   get_path(o, "nvme_path", &spec.offload.nvme_path);
+  o.Get("nvme_fraction", &spec.offload.nvme_fraction);
   o.Get("queue_depth", &spec.offload.queue_depth);
   o.Get("chunk_mb", &spec.offload.chunk_mb);
   o.Get("block_kb", &spec.offload.block_kb);
@@ -222,6 +223,9 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   if (!(o.memory_budget_gb >= 0)) return fail("offload.memory_budget_gb", o.memory_budget_gb, "must not be negative");
   if (o.optimizer == "nvme" && o.nvme_path.empty()) {
     return fail("offload.nvme_path", "''", "must name a folder on a local disk for offload.optimizer nvme");
+  }
+  if (!(o.nvme_fraction > 0 && o.nvme_fraction <= 1)) {
+    return fail("offload.nvme_fraction", o.nvme_fraction, "must be within (0, 1]");
   }
   if (o.queue_depth < 1 || o.queue_depth > 4096) {
     return fail("offload.queue_depth", o.queue_depth, "must be within [1, 4096]");

@@ -62,8 +62,11 @@ struct OffloadSpec {
   // memory | host | nvme | auto. memory: with the parameters (a GPU's memory on the CUDA
   // backend); host: a GPU's f32 master weights and moments in host memory, updated by
   // the CPU (ZeRO-Offload); nvme: a swap file (CPU backend); auto: memory when the job
-  // fits memory_budget_gb, else nvme (CPU backend).
+  // fits memory_budget_gb, else as much as fits in memory and the rest on NVMe.
   std::string optimizer = "memory";
+  // nvme: the fraction of the rank's moments in the swap file (its last elements), the
+  // rest in memory (Colossal-AI's nvme_offload_fraction). auto sets it.
+  double nvme_fraction = 1.0;
   double memory_budget_gb = 0;       // per rank; 0 = the host's available memory / ranks
   std::string nvme_path;             // folder on a local disk (nvme); relative to the job file
   int64_t queue_depth = 32;          // I/O requests in flight

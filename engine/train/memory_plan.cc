@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "model/llama.h"
 
@@ -30,13 +31,16 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   if ((plugin == "zero2" || plugin == "zero3") && overlapped) plan.gradients += region * DTypeSize(accum);
   plan.optimizer_state = 2 * sharded * DTypeSize(accum);
   if (spec.offload.optimizer == "nvme") {
-    // The same chunking as AdamWOptimizer::OffloadToNvme: both moments of a range of
-    // elements per chunk, whole chunks in the file, three chunks in memory.
+    // The same split and chunking as AdamWOptimizer::OffloadToNvme: the last
+    // nvme_fraction of the elements in the file, both moments of a range of elements per
+    // chunk, whole chunks; the other moments and three chunks in memory.
+    const uint64_t swapped =
+        std::min(sharded, uint64_t(std::ceil(spec.offload.nvme_fraction * double(sharded))));
     const uint64_t chunk_elements =
         std::max<uint64_t>(1, uint64_t(spec.offload.chunk_mb * double(1 << 20)) / 4096 * 4096 / (2 * DTypeSize(accum)));
     const uint64_t chunk_bytes = chunk_elements * 2 * DTypeSize(accum);
-    plan.optimizer_state_nvme = (sharded + chunk_elements - 1) / chunk_elements * chunk_bytes;
-    plan.optimizer_state = 3 * chunk_bytes;
+    plan.optimizer_state_nvme = (swapped + chunk_elements - 1) / chunk_elements * chunk_bytes;
+    plan.optimizer_state = 2 * (sharded - swapped) * DTypeSize(accum) + 3 * chunk_bytes;
   }
   if (spec.offload.optimizer == "host" && dtype != accum) {
     // AdamWOptimizer::OffloadToHost: master weights and moments of the rank's shard in

@@ -23,7 +23,11 @@ double LrSchedule::At(int64_t step) const {
 }
 
 AdamWOptimizer::AdamWOptimizer(LlamaModel* model, Backend* backend, const AdamWOptions& options)
-    : model_(model), backend_(backend), options_(options), shard_end_(model->num_params()) {
+    : model_(model),
+      backend_(backend),
+      options_(options),
+      shard_end_(model->num_params()),
+      memory_end_(model->num_params()) {
   state_bytes_ = 2 * model_->num_params() * DTypeSize(backend_->accum_dtype());
 }
 
@@ -31,9 +35,9 @@ AdamWOptimizer::AdamWOptimizer(LlamaModel* model, Backend* backend, const AdamWO
 // that a shard or an NVMe swap file set up before training never holds them whole in
 // memory first: a fresh swap file reads as zeros.
 void AdamWOptimizer::EnsureMoments() {
-  if (swap_ != nullptr || m_ != nullptr) return;
-  m_ = backend_->Allocate(shard_end_ - shard_begin_, backend_->accum_dtype());
-  v_ = backend_->Allocate(shard_end_ - shard_begin_, backend_->accum_dtype());
+  if (m_ != nullptr || memory_end_ == shard_begin_) return;
+  m_ = backend_->Allocate(memory_end_ - shard_begin_, backend_->accum_dtype());
+  v_ = backend_->Allocate(memory_end_ - shard_begin_, backend_->accum_dtype());
 }
 
 void* AdamWOptimizer::exp_avg() {
@@ -69,14 +73,14 @@ absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
   ++step_;
   const AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, 0.0, step_, grad_scale};
   if (host_) return StepOnHost(s);
-  if (!swap_) {
-    EnsureMoments();
-    UpdateRange(shard_begin_, shard_end_, static_cast<char*>(m_), static_cast<char*>(v_), s);
-    return absl::OkStatus();
+  EnsureMoments();
+  if (memory_end_ > shard_begin_) {
+    UpdateRange(shard_begin_, memory_end_, static_cast<char*>(m_), static_cast<char*>(v_), s);
   }
+  if (!swap_) return absl::OkStatus();
   // Chunk c is read while c-1 is written and c+1 read: the disk works during the update.
   return swap_->Stream([&](size_t c, char* data) {
-    const size_t lo = shard_begin_ + c * chunk_elements_, hi = std::min(shard_end_, lo + chunk_elements_);
+    const size_t lo = memory_end_ + c * chunk_elements_, hi = std::min(shard_end_, lo + chunk_elements_);
     if (lo < hi) UpdateRange(lo, hi, data, data + chunk_elements_ * sizeof(float), s);
   });
 }
@@ -159,34 +163,16 @@ absl::Status AdamWOptimizer::StepOnHost(const AdamWStep& s) {
   return absl::OkStatus();
 }
 
-absl::Status AdamWOptimizer::CopyMoments(float* m, float* v, bool to_swap) {
-  const size_t n = shard_end_ - shard_begin_;
-  return swap_->Stream(
-      [&](size_t c, char* data) {
-        const size_t lo = c * chunk_elements_, count = lo < n ? std::min(chunk_elements_, n - lo) : 0;
-        float* cm = reinterpret_cast<float*>(data);
-        float* cv = reinterpret_cast<float*>(data + chunk_elements_ * sizeof(float));
-        if (to_swap) {
-          std::copy(m + lo, m + lo + count, cm);
-          std::copy(v + lo, v + lo + count, cv);
-        } else {
-          std::copy(cm, cm + count, m + lo);
-          std::copy(cv, cv + count, v + lo);
-        }
-      },
-      to_swap ? offload::SwapFile::Mode::kWrite : offload::SwapFile::Mode::kRead);
-}
-
 absl::Status AdamWOptimizer::ReadOffloadedMoments(
     const std::function<void(size_t, size_t, const float*, const float*)>& f) {
   if (!swap_) return absl::FailedPreconditionError("the optimizer state is not offloaded");
-  const size_t n = shard_end_ - shard_begin_;
+  const size_t n = shard_end_ - memory_end_;
   return swap_->Stream(
       [&](size_t c, char* data) {
         const size_t lo = c * chunk_elements_, count = lo < n ? std::min(chunk_elements_, n - lo) : 0;
         if (count == 0) return;
         const float* cm = reinterpret_cast<const float*>(data);
-        f(shard_begin_ + lo, count, cm, cm + chunk_elements_);
+        f(memory_end_ + lo, count, cm, cm + chunk_elements_);
       },
       offload::SwapFile::Mode::kRead);
 }
@@ -194,61 +180,72 @@ absl::Status AdamWOptimizer::ReadOffloadedMoments(
 absl::Status AdamWOptimizer::WriteOffloadedMoments(
     const std::function<absl::Status(size_t, size_t, float*, float*)>& f) {
   if (!swap_) return absl::FailedPreconditionError("the optimizer state is not offloaded");
-  const size_t n = shard_end_ - shard_begin_;
+  const size_t n = shard_end_ - memory_end_;
   absl::Status first_error;
   auto streamed = swap_->Stream(
       [&](size_t c, char* data) {
         const size_t lo = c * chunk_elements_, count = lo < n ? std::min(chunk_elements_, n - lo) : 0;
         if (count == 0 || !first_error.ok()) return;
         float* cm = reinterpret_cast<float*>(data);
-        first_error = f(shard_begin_ + lo, count, cm, cm + chunk_elements_);
+        first_error = f(memory_end_ + lo, count, cm, cm + chunk_elements_);
       },
       offload::SwapFile::Mode::kWrite);
   return first_error.ok() ? streamed : first_error;
 }
 
-absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload::SwapOptions& options) {
+absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload::SwapOptions& options,
+                                           double fraction) {
   if (backend_->name() != "cpu" || backend_->accum_dtype() != DType::kF32) {
     return absl::FailedPreconditionError(StrCat(
         "offload.optimizer: nvme runs with the CPU backend's fp32 state for now, not the ", backend_->name(),
         " backend"));
   }
+  if (!(fraction > 0 && fraction <= 1)) {
+    return absl::InvalidArgumentError(StrCat("offload.nvme_fraction ", fraction, " is not within (0, 1]"));
+  }
   if (swap_) return absl::OkStatus();
+  // The last `fraction` of the shard's elements go to the swap.
   const size_t n = shard_end_ - shard_begin_;
+  const size_t swapped = std::min(n, size_t(std::ceil(fraction * double(n))));
+  const size_t memory_end = shard_end_ - swapped;
   chunk_elements_ = std::max<size_t>(1, options.chunk_bytes / (2 * sizeof(float)));
   offload::SwapOptions o = options;
   o.chunk_bytes = chunk_elements_ * 2 * sizeof(float);  // exp_avg and exp_avg_sq of the same elements
-  const size_t chunks = (n + chunk_elements_ - 1) / chunk_elements_;
+  const size_t chunks = (swapped + chunk_elements_ - 1) / chunk_elements_;
   auto swap = offload::SwapFile::Create(dir, chunks * o.chunk_bytes, o);
   if (!swap.ok()) return swap.status();
-  swap_ = std::move(*swap);
-  // Moments already in memory (a restored checkpoint's) move into the swap; untouched
-  // ones are zeros, which the fresh file already reads as.
+  // Moments already in memory (a restored checkpoint's): those of the swapped elements
+  // move into the swap, the others into buffers of their own size. Untouched moments
+  // are zeros, which a fresh swap file already reads as.
+  void* kept_m = nullptr;
+  void* kept_v = nullptr;
   if (m_ != nullptr) {
-    if (auto s = CopyMoments(static_cast<float*>(m_), static_cast<float*>(v_), /*to_swap=*/true); !s.ok()) {
-      swap_.reset();
-      return s;
+    const float* m = static_cast<const float*>(m_) + (memory_end - shard_begin_);
+    const float* v = static_cast<const float*>(v_) + (memory_end - shard_begin_);
+    auto s = (*swap)->Stream(
+        [&](size_t c, char* data) {
+          const size_t lo = c * chunk_elements_, count = std::min(chunk_elements_, swapped - lo);
+          std::copy(m + lo, m + lo + count, reinterpret_cast<float*>(data));
+          std::copy(v + lo, v + lo + count, reinterpret_cast<float*>(data) + chunk_elements_);
+        },
+        offload::SwapFile::Mode::kWrite);
+    if (!s.ok()) return s;
+    if (memory_end > shard_begin_) {
+      kept_m = backend_->Allocate(memory_end - shard_begin_, backend_->accum_dtype());
+      kept_v = backend_->Allocate(memory_end - shard_begin_, backend_->accum_dtype());
+      backend_->Copy(kept_m, m_, memory_end - shard_begin_);
+      backend_->Copy(kept_v, v_, memory_end - shard_begin_);
     }
     backend_->Free(m_);
     backend_->Free(v_);
-    m_ = v_ = nullptr;
+    m_ = kept_m;
+    v_ = kept_v;
   }
-  state_bytes_ = 3 * o.chunk_bytes;  // the pipeline's buffers
+  swap_ = std::move(*swap);
+  memory_end_ = memory_end;
+  // The moments kept in memory and the pipeline's buffers.
+  state_bytes_ = 2 * (memory_end_ - shard_begin_) * sizeof(float) + 3 * o.chunk_bytes;
   return absl::OkStatus();
-}
-
-absl::Status AdamWOptimizer::WithMomentsInMemory(const std::function<absl::Status()>& f, bool modified) {
-  if (!swap_) return f();
-  const size_t n = shard_end_ - shard_begin_;
-  m_ = backend_->Allocate(n, backend_->accum_dtype());
-  v_ = backend_->Allocate(n, backend_->accum_dtype());
-  absl::Status status = CopyMoments(static_cast<float*>(m_), static_cast<float*>(v_), /*to_swap=*/false);
-  if (status.ok()) status = f();
-  if (status.ok() && modified) status = CopyMoments(static_cast<float*>(m_), static_cast<float*>(v_), true);
-  backend_->Free(m_);
-  backend_->Free(v_);
-  m_ = v_ = nullptr;
-  return status;
 }
 
 void AdamWOptimizer::Shard(size_t begin, size_t end) {
@@ -268,7 +265,7 @@ void AdamWOptimizer::Shard(size_t begin, size_t end) {
     v_ = v;
   }
   shard_begin_ = begin;
-  shard_end_ = end;
+  shard_end_ = memory_end_ = end;
   state_bytes_ = 2 * (end - begin) * elem;
 }
 

@@ -51,30 +51,31 @@ class AdamWOptimizer {
   int64_t step() const { return step_; }
   // The step counter and the moment buffers (model parameter layout), for checkpoints.
   void set_step(int64_t step) { step_ = step; }
-  // The moments in memory (allocated, as zeros, at first use); null while offloaded
-  // outside WithMomentsInMemory.
+  // The moments in memory, of flat elements [shard_begin(), memory_end()) (allocated, as
+  // zeros, at first use); null when there are none (all offloaded).
   void* exp_avg();
   void* exp_avg_sq();
   // Whether moments are in memory: false until their first use (they are zeros then) and
-  // while offloaded.
+  // while all are offloaded.
   bool has_moments() const { return m_ != nullptr; }
 
   // Keeps only [begin, end) of the moments (taken from the current full buffers).
   void Shard(size_t begin, size_t end);
   size_t shard_begin() const { return shard_begin_; }
   size_t shard_end() const { return shard_end_; }
+  // The moments of [shard_begin(), memory_end()) are in memory; those of [memory_end(),
+  // shard_end()) on the NVMe tier (none unless offloaded).
+  size_t memory_end() const { return memory_end_; }
   // Bytes of moments held in memory now (offloaded: the pipeline's chunk buffers).
   size_t state_bytes() const { return state_bytes_; }
 
-  // The NVMe tier: moves the moments (of the shard, after Shard) into a swap file in
-  // `dir` and frees them from memory; Step then streams them through memory chunk by
-  // chunk. The update is the same arithmetic on the same values, so parameters stay
-  // bit-identical to keeping the moments in memory. CPU backend only.
-  absl::Status OffloadToNvme(const std::string& dir, const offload::SwapOptions& options);
+  // The NVMe tier: moves the moments of the last `fraction` (0, 1] of the shard's
+  // elements (all of the shard, after Shard, by default) into a swap file in `dir` and
+  // frees them from memory; Step then updates the rest in memory and streams these
+  // through memory chunk by chunk. The update is the same arithmetic on the same values,
+  // so parameters stay bit-identical to keeping the moments in memory. CPU backend only.
+  absl::Status OffloadToNvme(const std::string& dir, const offload::SwapOptions& options, double fraction = 1.0);
   bool offloaded() const { return swap_ != nullptr; }
-  // While offloaded: the moments in memory for f (exp_avg()/exp_avg_sq() address them),
-  // then written back when `modified`, and freed. Otherwise just f().
-  absl::Status WithMomentsInMemory(const std::function<absl::Status()>& f, bool modified);
   const offload::SwapFile* swap() const { return swap_.get(); }
   // ZeRO-Offload (offload.optimizer host; a backend with separate master weights, the
   // GPU's): the f32 master weights and both moments move to host memory, and the model's
@@ -112,14 +113,13 @@ class AdamWOptimizer {
   void* m_ = nullptr;
   void* v_ = nullptr;
   size_t shard_begin_ = 0, shard_end_ = 0;
+  size_t memory_end_ = 0;
   size_t state_bytes_ = 0;
   int64_t step_ = 0;
-  // Offloaded: chunk c of the swap holds exp_avg then exp_avg_sq of shard elements
-  // [c * chunk_elements_, (c + 1) * chunk_elements_).
+  // Offloaded: chunk c of the swap holds exp_avg then exp_avg_sq of flat elements
+  // memory_end_ + [c * chunk_elements_, (c + 1) * chunk_elements_).
   std::unique_ptr<offload::SwapFile> swap_;
   size_t chunk_elements_ = 0;
-  // Copies between the swap's chunks and full moment buffers m/v (shard layout).
-  absl::Status CopyMoments(float* m, float* v, bool to_swap);
   // Updates the parameters of shard elements [lo, hi) with moments m/v of that range.
   void UpdateRange(size_t lo, size_t hi, char* m, char* v, AdamWStep s);
   // Host-offloaded: the CPU backend that runs the update, the state it updates, and the

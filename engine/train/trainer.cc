@@ -104,9 +104,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
   }
   if (backend->name() == "cpu") {
     const int world = comm != nullptr ? comm->world_size() : 1;
-    auto plan_with = [&](const std::string& tier) {
+    auto plan_with = [&](const std::string& tier, double nvme_fraction) {
       JobSpec s = spec;
       s.offload.optimizer = tier;
+      s.offload.nvme_fraction = nvme_fraction;
       return PlanMemory(s, backend->dtype(), backend->accum_dtype(), world, CpuBackendOptions{}.lm_head_chunk_elements,
                         int(DTypeSize(backend->dtype())), 3 * CpuThreads());
     };
@@ -115,18 +116,31 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
     const int64_t budget = o.memory_budget_gb > 0 ? int64_t(o.memory_budget_gb * double(1 << 30))
                                                   : AvailableHostMemoryBytes() / world;
     if (o.optimizer == "auto") {
-      // The planner places the optimizer state: in memory when everything fits the budget.
-      const bool fits = budget <= 0 || plan_with("memory").total() <= uint64_t(budget);
+      // The planner places the optimizer state: in memory when everything fits the budget,
+      // else as little of it on the NVMe tier as makes the rest fit (in 1/1024ths).
+      const bool fits = budget <= 0 || plan_with("memory", 1).total() <= uint64_t(budget);
       if (!fits && o.nvme_path.empty()) {
         return absl::InvalidArgumentError(StrCat(
             f, ": offload.optimizer auto: the job needs ",
-            fmt::format("{:.2f}", double(plan_with("memory").total()) / (1 << 30)), " GiB with the optimizer state in ",
+            fmt::format("{:.2f}", double(plan_with("memory", 1).total()) / (1 << 30)), " GiB with the optimizer state in ",
             "memory, more than the budget of ", fmt::format("{:.2f}", double(budget) / (1 << 30)),
             " GiB; set offload.nvme_path for the NVMe tier"));
       }
       placed.offload.optimizer = fits ? "memory" : "nvme";
+      if (!fits) {
+        int lo = 1, hi = 1024;  // the plan shrinks as the fraction grows: the smallest that fits
+        while (lo < hi) {
+          const int mid = (lo + hi) / 2;
+          if (plan_with("nvme", mid / 1024.0).total() <= uint64_t(budget)) {
+            hi = mid;
+          } else {
+            lo = mid + 1;
+          }
+        }
+        placed.offload.nvme_fraction = lo / 1024.0;
+      }
     }
-    const double needed = double(plan_with(placed.offload.optimizer).total());
+    const double needed = double(plan_with(placed.offload.optimizer, placed.offload.nvme_fraction).total());
     if (budget > 0 && needed > double(budget)) {
       return absl::InvalidArgumentError(StrCat(
           f, ": model ", spec.model.name, " (", spec.model.NumParameters(), " parameters) with batch ",
@@ -407,7 +421,7 @@ absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
   options.chunk_bytes = size_t(o.chunk_mb * double(1 << 20)) / 4096 * 4096;
   options.block_bytes = size_t(o.block_kb) * 1024;
   options.queue_depth = int(o.queue_depth);
-  return optimizer_->OffloadToNvme(o.nvme_path, options);
+  return optimizer_->OffloadToNvme(o.nvme_path, options, o.nvme_fraction);
 }
 
 void Trainer::SetProgress(int64_t step, uint64_t sampler_position) {

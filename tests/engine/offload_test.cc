@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <vector>
@@ -53,6 +54,26 @@ std::vector<float> Copy(const void* data, size_t n) {
   return std::vector<float>(f, f + n);
 }
 
+// Both moments of an optimizer's shard, wherever they are: memory, then the swap.
+std::pair<std::vector<float>, std::vector<float>> AllMoments(AdamWOptimizer& optimizer) {
+  const size_t in_memory = optimizer.memory_end() - optimizer.shard_begin();
+  std::vector<float> m, v;
+  if (in_memory > 0) {
+    m = Copy(optimizer.exp_avg(), in_memory);
+    v = Copy(optimizer.exp_avg_sq(), in_memory);
+  }
+  if (optimizer.offloaded()) {
+    EXPECT_TRUE(optimizer
+                    .ReadOffloadedMoments([&](size_t first, size_t count, const float* cm, const float* cv) {
+                      EXPECT_EQ(first, optimizer.shard_begin() + m.size());
+                      m.insert(m.end(), cm, cm + count);
+                      v.insert(v.end(), cv, cv + count);
+                    })
+                    .ok());
+  }
+  return {m, v};
+}
+
 TEST(NvmeOffloadTest, MomentsOnNvmeTrainBitIdenticallyToMomentsInMemory) {
   const TokenDataset data = Data();
   auto be = MakeCpuBackend({DType::kF32, 2});
@@ -80,16 +101,9 @@ TEST(NvmeOffloadTest, MomentsOnNvmeTrainBitIdenticallyToMomentsInMemory) {
 
   EXPECT_EQ(0, std::memcmp(offloaded->model().param_data(), in_memory->model().param_data(), n * sizeof(float)));
   // The moments too, read back from the swap.
-  ASSERT_TRUE(offloaded->optimizer()
-                  .WithMomentsInMemory(
-                      [&] {
-                    EXPECT_EQ(Copy(offloaded->optimizer().exp_avg(), n), Copy(in_memory->optimizer().exp_avg(), n));
-                    EXPECT_EQ(Copy(offloaded->optimizer().exp_avg_sq(), n),
-                              Copy(in_memory->optimizer().exp_avg_sq(), n));
-                    return absl::OkStatus();
-                      },
-                      /*modified=*/false)
-                  .ok());
+  const auto [m, v] = AllMoments(offloaded->optimizer());
+  EXPECT_EQ(m, Copy(in_memory->optimizer().exp_avg(), n));
+  EXPECT_EQ(v, Copy(in_memory->optimizer().exp_avg_sq(), n));
   // Swap reads and writes happened: 6 steps of all moments each way, plus the read back
   // (a fresh swap reads as zeros: nothing is written before the first step).
   const uint64_t moments = 2 * n * sizeof(float);
@@ -125,6 +139,64 @@ TEST(NvmeOffloadTest, MomentsOnNvmeTrainBitIdenticallyToMomentsInMemory) {
   EXPECT_EQ(0, std::memcmp(resumed->model().param_data(), restored->model().param_data(), n * sizeof(float)));
 }
 
+// Colossal-AI's nvme_offload_fraction: part of the moments on the NVMe tier, the rest in
+// memory. The same bits as all in memory, and checkpoints move between placements.
+TEST(NvmeOffloadTest, AFractionOfTheMomentsOnNvmeTrainsBitIdentically) {
+  const TokenDataset data = Data();
+  auto be = MakeCpuBackend({DType::kF32, 2});
+  auto in_memory = *Trainer::Create(OffloadJob(6), be.get(), 0);
+  ASSERT_TRUE(in_memory->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
+  const size_t n = in_memory->model().num_params();
+
+  JobSpec spec = OffloadedJob(6, "nvme", "fraction");
+  spec.offload.nvme_fraction = 0.4;
+  auto split_be = MakeCpuBackend({DType::kF32, 2});
+  auto split = *Trainer::Create(spec, split_be.get(), 0);
+  ASSERT_TRUE(split->OffloadOptimizerState().ok());
+  const AdamWOptimizer& o = split->optimizer();
+  const size_t swapped = n - o.memory_end();
+  EXPECT_EQ(swapped, size_t(std::ceil(0.4 * double(n))));
+  // Planned as held: the moments kept in memory and three chunks; the rest in the file.
+  const MemoryPlan plan = PlanMemory(spec, DType::kF32, DType::kF32, 1, 1 << 20, 4, 1);
+  EXPECT_EQ(plan.optimizer_state, o.state_bytes());
+  EXPECT_EQ(plan.optimizer_state_nvme, o.swap()->size());
+  EXPECT_LT(o.swap()->size(), 2 * n * sizeof(float) / 2);
+  ASSERT_TRUE(split->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
+  EXPECT_EQ(0, std::memcmp(split->model().param_data(), in_memory->model().param_data(), n * sizeof(float)));
+  const auto [m, v] = AllMoments(split->optimizer());
+  EXPECT_EQ(m, Copy(in_memory->optimizer().exp_avg(), n));
+  EXPECT_EQ(v, Copy(in_memory->optimizer().exp_avg_sq(), n));
+
+  // Saved from the split placement, restored into another split (0.7) and into memory,
+  // both go on alike.
+  auto store = *storage::CheckpointStore::Open(ScratchDir("fraction-checkpoints").string());
+  {
+    AsyncCheckpointer checkpointer(store.get(), "offload");
+    ASSERT_TRUE(checkpointer.Save(*split).ok());
+    ASSERT_TRUE(checkpointer.Wait().ok());
+  }
+  JobSpec other = OffloadedJob(8, "nvme", "fraction-resumed");
+  other.offload.nvme_fraction = 0.7;
+  auto resumed = *Trainer::Create(other, be.get(), 0);
+  ASSERT_TRUE(resumed->OffloadOptimizerState().ok());
+  const absl::Status restored = RestoreCheckpoint(*store, "offload", 6, *resumed);
+  ASSERT_TRUE(restored.ok()) << restored;
+  auto straight = *Trainer::Create(OffloadJob(8), be.get(), 0);
+  ASSERT_TRUE(RestoreCheckpoint(*store, "offload", 6, *straight).ok());
+  ASSERT_TRUE(straight->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
+  ASSERT_TRUE(resumed->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
+  EXPECT_EQ(resumed->step(), 8);
+  EXPECT_EQ(0, std::memcmp(resumed->model().param_data(), straight->model().param_data(), n * sizeof(float)));
+  // Moments restored into memory first (a checkpoint, then the offload) split the same way.
+  auto late = *Trainer::Create(other, be.get(), 0);
+  ASSERT_TRUE(RestoreCheckpoint(*store, "offload", 6, *late).ok());
+  ASSERT_TRUE(late->OffloadOptimizerState().ok());
+  const auto [late_m, late_v] = AllMoments(late->optimizer());
+  const auto [split_m, split_v] = AllMoments(split->optimizer());
+  EXPECT_EQ(late_m, split_m);
+  EXPECT_EQ(late_v, split_v);
+}
+
 TEST(NvmeOffloadTest, AMemoryBudgetPlacesTheOptimizerState) {
   const TokenDataset data = Data();
   auto be = MakeCpuBackend({DType::kF32, 1});
@@ -143,6 +215,14 @@ TEST(NvmeOffloadTest, AMemoryBudgetPlacesTheOptimizerState) {
   auto tight = Trainer::Create(tight_spec, be.get(), 0);
   ASSERT_TRUE(tight.ok()) << tight.status();
   EXPECT_EQ((*tight)->spec().offload.optimizer, "nvme");
+  // Only what does not fit goes: about a quarter of the moments, not all of them.
+  const double fraction = (*tight)->spec().offload.nvme_fraction;
+  std::printf("a budget short of a quarter of the moments puts %.3f of them on NVMe\n", fraction);
+  EXPECT_GT(fraction, 0.2);
+  EXPECT_LT(fraction, 0.5);
+  const MemoryPlan placed = PlanMemory((*tight)->spec(), DType::kF32, DType::kF32, 1,
+                                       CpuBackendOptions{}.lm_head_chunk_elements, 4, 3 * CpuThreads());
+  EXPECT_LE(double(placed.total()), tight_spec.offload.memory_budget_gb * double(1 << 30));
   ASSERT_TRUE((*tight)->OffloadOptimizerState().ok());
   EXPECT_TRUE((*tight)->optimizer().offloaded());
   ASSERT_TRUE(roomy->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
