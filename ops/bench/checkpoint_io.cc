@@ -6,8 +6,9 @@
 // time (psync).
 //
 // A virtual disk's speed drifts from minute to minute (fio varies by 1.5x here), so each
-// round saves, runs fio write, restores and runs fio read, and the medians over the
-// rounds are compared.
+// round saves and restores next to a fio write of the same size and a fio read of the
+// same shard file, fio first in every other round, and the medians over the rounds are
+// compared, as are the pairs of each round.
 //
 //   bench-checkpoint-io [--dir DIR] [--hidden 512] [--layers 8] [--vocab 32000] [--rounds 7]
 #include <fcntl.h>
@@ -35,23 +36,24 @@ double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// fio's bandwidth in bytes/s for a sequential direct-I/O job of 1 MiB blocks with
-// `queue_depth` in flight (io_uring; psync for 1), or 0 when fio is missing.
-// A write job writes a new file, as a checkpoint does (overwriting allocated blocks is
-// faster: 2.7-3.2 against 2.0-2.3 GB/s here); a read job reads the last one written.
-double Fio(const std::string& dir, const char* rw, uint64_t bytes, int queue_depth) {
-  const std::string out = dir + "/fio.json";
-  if (rw == std::string("write")) fs::remove(dir + "/fio.tmp");
+// fio's bandwidth in bytes/s for a sequential direct-I/O job of 1 MiB blocks over
+// `bytes` of `file` with `queue_depth` in flight (io_uring; psync for 1), or 0 when fio
+// is missing. A write job writes a new file, as a checkpoint does (overwriting
+// allocated blocks is faster: 2.7-3.2 against 2.0-2.3 GB/s here); a read job only reads.
+double Fio(const std::string& file, const char* rw, uint64_t bytes, int queue_depth) {
+  const std::string out = fs::path(file).parent_path().string() + "/fio.json";
+  const bool write = rw == std::string("write");
+  if (write) fs::remove(file);
   const std::string engine =
       queue_depth == 1 ? "--ioengine=psync" : "--ioengine=io_uring --iodepth=" + std::to_string(queue_depth);
-  const std::string cmd = "fio --name=bench --filename=" + dir + "/fio.tmp --rw=" + rw + " --bs=1M --direct=1 " +
-                          engine + " --size=" + std::to_string(bytes) + " --output-format=json --output=" + out +
-                          " >/dev/null 2>&1";
+  const std::string cmd = "fio --name=bench --filename=" + file + " --rw=" + rw + " --bs=1M --direct=1 " + engine +
+                          (write ? "" : " --readonly") + " --size=" + std::to_string(bytes) +
+                          " --output-format=json --output=" + out + " >/dev/null 2>&1";
   if (std::system(cmd.c_str()) != 0) return 0;
   try {
     std::ifstream in(out);
     const auto j = nlohmann::json::parse(in);
-    return j["jobs"][0][rw == std::string("write") ? "write" : "read"]["bw_bytes"].get<double>();
+    return j["jobs"][0][write ? "write" : "read"]["bw_bytes"].get<double>();
   } catch (const std::exception&) {
     return 0;
   }
@@ -114,8 +116,18 @@ int Main(int argc, char** argv) {
   });
   constexpr int kDepth = 4;  // the shard files' queue depth (storage/checkpoint_store.cc)
   std::vector<double> stalls, writes, reads, fio_writes, fio_reads, fio_writes_qd1, fio_reads_qd1;
+  const std::string fio_file = dir + "/fio.tmp";
   for (int round = 0; round < rounds; ++round) {
     const int64_t step = round + 1;
+    // fio writes a file of the checkpoint's size and reads the shard the restore reads,
+    // one right before or after ours, alternating, so that neither gains from whatever
+    // the disk's host still caches of what it last did.
+    const bool fio_first = round % 2 == 1;
+    auto fio_write = [&] {
+      fio_writes.push_back(Fio(fio_file, "write", state_bytes, kDepth));
+      fio_writes_qd1.push_back(Fio(fio_file, "write", state_bytes, 1));
+    };
+    if (fio_first) fio_write();
     (*trainer)->SetProgress(step, 0);
     auto stall = checkpointer.Save(**trainer);
     if (!stall.ok()) return 1;
@@ -123,27 +135,38 @@ int Main(int argc, char** argv) {
     if (!checkpointer.Wait().ok()) return 1;
     stalls.push_back(*stall);
     writes.push_back(state_bytes / (commit_time - write_started));
-    fio_writes.push_back(Fio(dir, "write", state_bytes, kDepth));
-    fio_writes_qd1.push_back(Fio(dir, "write", state_bytes, 1));
+    if (!fio_first) fio_write();
 
-    DropCache((*store)->ShardPath("bench", step, 0));
+    const std::string shard = (*store)->ShardPath("bench", step, 0);
+    const uint64_t shard_bytes = fs::file_size(shard);
+    auto fio_read = [&] {
+      DropCache(shard);
+      fio_reads.push_back(Fio(shard, "read", shard_bytes, kDepth));
+      fio_reads_qd1.push_back(Fio(shard, "read", shard_bytes, 1));
+    };
+    if (fio_first) fio_read();
+    DropCache(shard);
     const double t0 = Now();
     if (auto s = RestoreCheckpoint(**store, "bench", step, **trainer); !s.ok()) {
       std::fprintf(stderr, "bench: %s\n", std::string(s.message()).c_str());
       return 1;
     }
     reads.push_back(state_bytes / (Now() - t0));
-    fio_reads.push_back(Fio(dir, "read", state_bytes, kDepth));
-    fio_reads_qd1.push_back(Fio(dir, "read", state_bytes, 1));
+    if (!fio_first) fio_read();
   }
   fs::remove(dir + "/fio.tmp");
+  std::printf("%-6s %12s %12s %12s %12s  (MiB/s)\n", "round", "write", "fio write", "restore", "fio read");
+  for (int i = 0; i < rounds; ++i) {
+    std::printf("%-6d %12.0f %12.0f %12.0f %12.0f\n", i + 1, writes[i] / 1048576.0, fio_writes[i] / 1048576.0,
+                reads[i] / 1048576.0, fio_reads[i] / 1048576.0);
+  }
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
   const double stall = median(stalls), write_bw = median(writes), read_bw = median(reads);
   const double fio_write = median(fio_writes), fio_read = median(fio_reads);
-  // Each round's ratio to the fio run right after it, the pairs closest in time.
+  // Each round's ratio to fio in the same round, the pairs closest in time.
   std::vector<double> write_ratios, read_ratios;
   for (int i = 0; i < rounds; ++i) {
     if (fio_writes[i] > 0) write_ratios.push_back(writes[i] / fio_writes[i]);
@@ -168,7 +191,7 @@ int Main(int argc, char** argv) {
     };
     const auto [wl, wh] = range(write_ratios);
     const auto [rl, rh] = range(read_ratios);
-    std::printf("per round, against the fio run right after: write %.0f%% (median; %.0f-%.0f%%), "
+    std::printf("per round, against fio in the same round: write %.0f%% (median; %.0f-%.0f%%), "
                 "restore %.0f%% (%.0f-%.0f%%)\n",
                 100 * median(write_ratios), 100 * wl, 100 * wh, 100 * median(read_ratios), 100 * rl, 100 * rh);
   }
