@@ -22,6 +22,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler   # the control plane
   openssl                    # certificates for the mutual TLS test
   python3 python3-numpy      # the independent numpy reference of the model (tests/reference)
+  python3-yaml               # the cluster speed-test harness (ops/bench/cluster_bench.py)
   python3-pip                # fetches the cuDNN frontend headers (CUDA builds)
   fio                        # the checkpoint benchmark's disk baseline
 )
