@@ -120,6 +120,13 @@ TEST(JobSpecTest, TheShippedSpecsLoad) {
   auto spec = LoadJobSpec(std::string(LLAMAD_SOURCE_DIR) + "/configs/tiny.yaml");
   ASSERT_TRUE(spec.ok()) << spec.status();
   EXPECT_EQ(spec->model.name, "tiny");
+  // The cluster speed tests' specs too.
+  for (const char* bench : {"7b", "65b"}) {
+    auto b = LoadJobSpec(std::string(LLAMAD_SOURCE_DIR) + "/ops/bench/" + bench + "/job.yaml");
+    ASSERT_TRUE(b.ok()) << bench << ": " << b.status();
+    EXPECT_EQ(b->model.name, bench);
+    EXPECT_EQ(b->training.max_length, 2048);
+  }
 }
 
 TEST(JobSpecTest, BadSpecsNameTheKeyAndValue) {
@@ -138,6 +145,10 @@ TEST(JobSpecTest, BadSpecsNameTheKeyAndValue) {
               {"training.global_batch_size", "10", "multiple"});
   ExpectError("model: tiny\nparallel: {plugin: fsdp}\n", {"parallel.plugin", "'fsdp'", "zero3"});
   ExpectError("model: tiny\ntraining: {mixed_precision: fp8}\n", {"training.mixed_precision", "fp8"});
+  ExpectError("model: tiny\noffload: {optimizer: nvme, nvme_path: swap, nvme_fraction: 0}\n",
+              {"offload.nvme_fraction", "0", "(0, 1]"});
+  ExpectError("model: tiny\noffload: {optimizer: nvme, nvme_path: swap, nvme_fraction: 1.5}\n",
+              {"offload.nvme_fraction", "1.5"});
   ExpectError("model: tiny\ntraining: [1, 2]\n", {"training", "mapping"});
   ExpectError("training: {steps: 1}\n", {"model: missing"});
   ExpectError("model: tiny\ntraining: {steps: 1\n", {"not valid YAML"});
