@@ -636,9 +636,10 @@ absl::Status CheckpointStore::ReadPieces(
     }
     auto checksum = read(p, *shard.io);
     if (!checksum.ok()) {
-      // A shard that cannot be read back is a damaged checkpoint (fallback applies).
-      status = absl::DataLossError(
-          fmt::format("{} (tensor '{}')", std::string(checksum.status().message()), p.name));
+      // A shard that cannot be read back is a damaged checkpoint (DataLoss: fallback
+      // applies); a failure of this machine's I/O queue is not, and keeps its code.
+      status = absl::Status(checksum.status().code(),
+                            fmt::format("{} (tensor '{}')", std::string(checksum.status().message()), p.name));
       break;
     }
     if (*checksum != p.checksum) {

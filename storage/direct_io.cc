@@ -5,7 +5,10 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <string>
+#include <unistd.h>
 
 namespace llamad::storage {
 
@@ -18,11 +21,11 @@ absl::StatusOr<std::unique_ptr<DirectIoQueue>> DirectIoQueue::Create(int fd, std
     return absl::InvalidArgumentError(fmt::format("{}: queue depth {} is not in 1..4096", what, queue_depth));
   }
   std::unique_ptr<DirectIoQueue> queue(new DirectIoQueue(fd, std::move(what), block_bytes, queue_depth));
-  if (const int r = ::io_uring_queue_init(unsigned(queue_depth), queue->ring_.get(), 0); r < 0) {
-    return absl::FailedPreconditionError(
-        fmt::format("{}: io_uring is not available: {}", queue->what_, std::strerror(-r)));
+  const char* allowed = std::getenv("LLAMAD_IO_URING");
+  if (allowed == nullptr || std::string(allowed) != "0") {
+    // Unavailable (ENOSYS, EPERM under seccomp or the sysctl): one request at a time.
+    queue->ring_ready_ = ::io_uring_queue_init(unsigned(queue_depth), queue->ring_.get(), 0) == 0;
   }
-  queue->ring_ready_ = true;
   return queue;
 }
 
@@ -91,25 +94,52 @@ absl::Status DirectIoQueue::ReapOne() {
   --in_flight_;
   --pending_[request.tag];
   free_requests_.push_back(id);
-  if (size_t(std::max(result, 0)) != request.length && errors_[request.tag].empty()) {
-    std::string failure;
-    if (result < 0) {
-      failure = std::strerror(-result);
-    } else if (result == 0 && !request.write) {
-      failure = fmt::format("the file ends before byte {}: it is shorter than expected", request.offset);
-    } else {
-      failure = fmt::format("moved {} of the {} bytes left", result, request.length);
-    }
-    errors_[request.tag] = fmt::format("{} {}: {}{}", request.write ? "writing" : "reading", what_, failure,
-                                       result == -ENOSPC ? " (the disk is full)" : "");
-  }
+  if (size_t(std::max(result, 0)) != request.length) RecordFailure(request, result, request.length);
   return absl::OkStatus();
+}
+
+void DirectIoQueue::RecordFailure(const Request& request, long result, size_t left) {
+  if (!errors_[request.tag].empty()) return;
+  std::string failure;
+  if (result < 0) {
+    failure = std::strerror(int(-result));
+  } else if (result == 0 && !request.write) {
+    failure = fmt::format("the file ends before byte {}: it is shorter than expected", request.offset);
+  } else {
+    failure = fmt::format("moved {} of the {} bytes left", result, left);
+  }
+  errors_[request.tag] = fmt::format("{} {}: {}{}", request.write ? "writing" : "reading", what_, failure,
+                                     result == -ENOSPC ? " (the disk is full)" : "");
+}
+
+void DirectIoQueue::Transfer(const Request& request) {
+  char* data = request.data;
+  uint64_t offset = request.offset;
+  size_t left = request.length;
+  while (left > 0) {
+    const ssize_t n = request.write ? ::pwrite(fd_, data, left, off_t(offset)) : ::pread(fd_, data, left, off_t(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      RecordFailure(request, n < 0 ? -long(errno) : 0, left);
+      return;
+    }
+    (request.write ? bytes_written_ : bytes_read_) += uint64_t(n);
+    data += n;
+    offset += uint64_t(n);
+    left -= size_t(n);
+  }
 }
 
 absl::Status DirectIoQueue::Queue(bool write, char* data, uint64_t offset, size_t size, size_t tag) {
   if (tag >= pending_.size()) {
     pending_.resize(tag + 1, 0);
     errors_.resize(tag + 1);
+  }
+  if (!ring_ready_) {
+    for (size_t done = 0; done < size; done += block_bytes_) {
+      Transfer({data + done, offset + done, std::min(block_bytes_, size - done), tag, write});
+    }
+    return absl::OkStatus();
   }
   for (size_t done = 0; done < size;) {
     const size_t length = std::min(block_bytes_, size - done);

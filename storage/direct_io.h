@@ -10,6 +10,10 @@
 // Short transfers are resubmitted for the rest; a request completes when all its bytes
 // moved or it failed, and the first failure per tag is reported by Drain(tag).
 //
+// Where io_uring is not available (a container whose seccomp profile blocks it, the
+// kernel.io_uring_disabled sysctl, or LLAMAD_IO_URING=0 in the environment) the queue
+// moves each request at once with pread/pwrite, one at a time: slower, same results.
+//
 // Not thread-safe: one thread queues and drains.
 #pragma once
 
@@ -30,7 +34,8 @@ class DirectIoQueue {
  public:
   // `fd` stays owned by the caller and must outlive the queue. `what` names the file in
   // errors ("the NVMe swap file", a shard's path). `block_bytes` is the largest request;
-  // `queue_depth` (1..4096) the most requests in flight.
+  // `queue_depth` (1..4096) the most requests in flight. A request that fails to move
+  // is DataLoss from Drain; a failure of the queue itself (io_uring) is Internal.
   static absl::StatusOr<std::unique_ptr<DirectIoQueue>> Create(int fd, std::string what, size_t block_bytes,
                                                                int queue_depth);
   // Waits for whatever is still in flight (after an error) before the buffers can go.
@@ -50,6 +55,8 @@ class DirectIoQueue {
 
   uint64_t bytes_read() const { return bytes_read_; }
   uint64_t bytes_written() const { return bytes_written_; }
+  // Whether requests move one at a time with pread/pwrite (no io_uring here).
+  bool synchronous() const { return !ring_ready_; }
 
  private:
   DirectIoQueue(int fd, std::string what, size_t block_bytes, int queue_depth);
@@ -65,6 +72,11 @@ class DirectIoQueue {
   // Reaps one completion, accounting it to its tag; a short transfer goes out again.
   absl::Status ReapOne();
   absl::Status Submit();
+  // Without io_uring: moves the request now, recording a failure under its tag.
+  void Transfer(const Request& request);
+  // The first failure of a request under `tag`: `result` is what the last transfer
+  // returned (-errno, 0 or the bytes moved), `left` the bytes it still had to move.
+  void RecordFailure(const Request& request, long result, size_t left);
 
   int fd_;
   std::string what_;

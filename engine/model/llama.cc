@@ -236,7 +236,11 @@ void LlamaModel::UseParamRegion(const std::vector<std::pair<size_t, size_t>>& re
   if (param_prefetch_ && k + 1 < regions.size()) {
     prefetched_ = regions[k + 1];
     has_prefetch_ = true;
-    prefetch_wait_ = param_gather_(prefetched_.first, prefetched_.second, param_scratch_[1 - param_slot_]);
+    // Consecutive regions alternate slots, so the other slot still holds regions[k - 1]:
+    // the last layer, used again by the backward right after the LM head, needs no gather.
+    const bool still_there = k >= 1 && regions[k - 1] == prefetched_;
+    prefetch_wait_ =
+        still_there ? nullptr : param_gather_(prefetched_.first, prefetched_.second, param_scratch_[1 - param_slot_]);
   }
 }
 

@@ -482,7 +482,12 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   // 0 does, and the others take its state (StartRanks).
   const bool zero_ranks = (*comm)->world_size() > 1 && spec->parallel.plugin != "ddp";
   if ((lead || zero_ranks) && !common.init_from_hf.empty()) {
-    if (auto s = LoadHuggingFaceWeights(common.init_from_hf, (*trainer)->model(), *backend); !s.ok()) return Fail(s);
+    const AdamWOptimizer& optimizer = (*trainer)->optimizer();
+    if (auto s = LoadHuggingFaceWeights(common.init_from_hf, (*trainer)->model(), *backend, optimizer.shard_begin(),
+                                        optimizer.shard_end());
+        !s.ok()) {
+      return Fail(s);
+    }
     if (lead) std::fprintf(stderr, "llama-train: weights from %s\n", common.init_from_hf.c_str());
   }
   // With the moments on the NVMe tier, the swap exists before they are restored, so that

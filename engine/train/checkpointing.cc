@@ -284,9 +284,12 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   std::vector<Item> items;
   // The moments this optimizer holds: all, or its ZeRO shard.
   const size_t shard_begin = optimizer.shard_begin(), shard_end = optimizer.shard_end();
-  // The master weights this model holds: all, or its ZeRO shard.
+  // The master weights this model holds (all, or its ZeRO shard), of the elements this
+  // rank steps: a ZeRO rank whose model holds all of them (the CPU's zero1/2) reads its
+  // shard and gathers the rest from the others, as after a step.
   const auto [held_begin, held_end] = model.held_master_range();
-  ForEachTensorPart(model.params(), held_begin, held_end, [&](const ParamInfo& p, size_t lo, size_t hi) {
+  const size_t weights_begin = std::max(held_begin, shard_begin), weights_end = std::min(held_end, shard_end);
+  ForEachTensorPart(model.params(), weights_begin, weights_end, [&](const ParamInfo& p, size_t lo, size_t hi) {
     items.push_back({p.name, lo - p.offset, hi - p.offset, model.master_at(lo), 3 * lo});
   });
   {  // the moments in memory; those on the NVMe tier are streamed into the swap below
@@ -518,7 +521,8 @@ absl::StatusOr<ModelConfig> ReadHuggingFaceConfig(const std::string& dir) {
   return ModelConfigFromHfJson(ss.str(), path);
 }
 
-absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, Backend& backend) {
+absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, Backend& backend, size_t begin,
+                                    size_t end) {
   if (model.master_data() == nullptr) {
     return absl::FailedPreconditionError(
         StrCat(dir, ": load before moving the optimizer state to host memory (offload.optimizer host)"));
@@ -527,7 +531,8 @@ absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, B
   if (!entries.ok()) return entries.status();
   // Every tensor is checked; a ZeRO rank reads whole the tensors its shard touches
   // (one at a time) and keeps its part.
-  const auto [held_begin, held_end] = model.held_master_range();
+  const size_t held_begin = std::max(model.held_master_range().first, begin);
+  const size_t held_end = std::min(model.held_master_range().second, end);
   std::vector<float> host;
   for (const ParamInfo& p : model.params()) {
     auto it = entries->find(p.name);

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <cstdlib>
 #include <functional>
 #include <memory>
@@ -109,9 +110,10 @@ absl::Status ExportHuggingFace(const storage::CheckpointStore& store, const std:
 // The model config of a Hugging Face folder (config.json).
 absl::StatusOr<ModelConfig> ReadHuggingFaceConfig(const std::string& dir);
 // Loads Hugging Face weights (safetensors) into the model's master weights it holds (all,
-// or a ZeRO rank's shard) and rounds them into its parameters; every tensor must be there
-// with the model's shape. A ZeRO rank's other parameters come from the other ranks
-// (Trainer::StartRanks).
-absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, Backend& backend);
+// or a ZeRO rank's shard), of flat elements [begin, end) only, and rounds them into its
+// parameters; every tensor must be there with the model's shape. A ZeRO rank passes the
+// elements it steps; its other parameters come from the other ranks (Trainer::StartRanks).
+absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, Backend& backend, size_t begin = 0,
+                                    size_t end = SIZE_MAX);
 
 }  // namespace llamad

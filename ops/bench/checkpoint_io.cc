@@ -184,11 +184,11 @@ int Main(int argc, char** argv) {
   std::printf("%-48s %10.0f\n", "fio read, direct, 1 MiB, io_uring, depth 4", mbs(fio_read));
   std::printf("%-48s %10.0f\n", "fio write, direct, 1 MiB, psync (depth 1)", mbs(median(fio_writes_qd1)));
   std::printf("%-48s %10.0f\n", "fio read, direct, 1 MiB, psync (depth 1)", mbs(median(fio_reads_qd1)));
-  if (!write_ratios.empty()) {
-    auto range = [](std::vector<double> v) {
-      std::sort(v.begin(), v.end());
-      return std::make_pair(v.front(), v.back());
-    };
+  auto range = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return std::make_pair(v.front(), v.back());
+  };
+  if (!write_ratios.empty() && !read_ratios.empty()) {
     const auto [wl, wh] = range(write_ratios);
     const auto [rl, rh] = range(read_ratios);
     std::printf("per round, against fio in the same round: write %.0f%% (median; %.0f-%.0f%%), "

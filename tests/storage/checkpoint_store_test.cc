@@ -2,12 +2,14 @@
 #include "storage/checkpoint_store.h"
 
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <numeric>
 
+#include "storage/direct_io.h"
 #include "storage/safetensors.h"
 
 namespace llamad::storage {
@@ -150,8 +152,8 @@ TEST(CheckpointStoreTest, AFlippedByteIsCaughtNamingFileAndTensor) {
 
 // Tensors larger than the write staging buffer (16 MiB) and the read segment (8 MiB):
 // many requests in flight at once, through both the staging and the in-place paths.
-TEST(CheckpointStoreTest, LargeTensorsRoundTripAndACutShardIsCaught) {
-  auto store = *CheckpointStore::Open(FreshDir("large").string());
+void LargeTensorsRoundTripAndACutShardIsCaught(const std::string& dir) {
+  auto store = *CheckpointStore::Open(FreshDir(dir).string());
   const uint64_t n = (uint64_t{21} << 20) / 4 + 123;  // 21 MiB and a bit: not a whole block
   std::vector<float> source(n + 1);
   for (uint64_t i = 0; i < source.size(); ++i) source[i] = float(i % 100003) * 0.5f - 7.0f;
@@ -201,6 +203,31 @@ TEST(CheckpointStoreTest, LargeTensorsRoundTripAndACutShardIsCaught) {
       store->ReadRangeStreamed("job", 1, "big", ElementType::kF32, 0, n, [](uint64_t, const void*, uint64_t) {});
   EXPECT_TRUE(absl::IsDataLoss(streamed_cut)) << streamed_cut;
   EXPECT_FALSE(store->Verify("job", 1).ok());
+}
+
+TEST(CheckpointStoreTest, LargeTensorsRoundTripAndACutShardIsCaught) { LargeTensorsRoundTripAndACutShardIsCaught("large"); }
+
+// Where io_uring is blocked (container seccomp profiles, the sysctl), shard files move
+// one request at a time with pread/pwrite, to the same results and errors.
+TEST(CheckpointStoreTest, WithoutIoUringTheSameBytesMoveOneRequestAtATime) {
+  ::setenv("LLAMAD_IO_URING", "0", 1);
+  {
+    const int fd = ::open((FreshDir("sync-queue") / "f").c_str(), O_RDWR | O_CREAT, 0644);
+    ASSERT_GE(fd, 0);
+    auto queue = DirectIoQueue::Create(fd, "f", 4096, 4);
+    ASSERT_TRUE(queue.ok()) << queue.status();
+    EXPECT_TRUE((*queue)->synchronous());
+    queue->reset();
+    ::close(fd);
+  }
+  LargeTensorsRoundTripAndACutShardIsCaught("large-sync");
+  std::vector<float> a(70, 1.5f), b(33, 2.5f);
+  auto store = *CheckpointStore::Open(FreshDir("sync-layouts").string());
+  WriteLayout(*store, 1, 3, a, b);
+  std::vector<float> got(70);
+  EXPECT_TRUE(store->ReadRange("job", 1, "a", ElementType::kF32, 0, 70, got.data()).ok());
+  EXPECT_EQ(got, a);
+  ::unsetenv("LLAMAD_IO_URING");
 }
 
 TEST(CheckpointStoreTest, ReadOnlyOpenTouchesNothingAndDropNewerRewinds) {
