@@ -177,15 +177,21 @@ absl::StatusOr<std::map<std::string, SafetensorsEntry>> ListSafetensors(const st
   return out;
 }
 
-absl::Status ReadAsFloat32(const SafetensorsEntry& e, float* out) {
+absl::Status ReadAsFloat32(const SafetensorsEntry& e, float* out) { return ReadAsFloat32(e, 0, e.numel(), out); }
+
+absl::Status ReadAsFloat32(const SafetensorsEntry& e, uint64_t first, uint64_t last, float* out) {
   const size_t bytes = DTypeBytes(e.dtype);
   if (bytes == 0) {
     return absl::InvalidArgumentError(fmt::format("{}: tensor '{}' has dtype {}; F32, F16 and BF16 are supported",
                                                   e.file, e.name, e.dtype));
   }
+  if (first > last || last > e.numel()) {
+    return absl::InvalidArgumentError(
+        fmt::format("{}: tensor '{}' has {} elements, not [{}, {})", e.file, e.name, e.numel(), first, last));
+  }
   std::ifstream in(e.file, std::ios::binary);
-  in.seekg(std::streamoff(e.data_start + e.begin));
-  const uint64_t n = e.numel();
+  in.seekg(std::streamoff(e.data_start + e.begin + first * bytes));
+  const uint64_t n = last - first;
   if (e.dtype == "F32") {
     in.read(reinterpret_cast<char*>(out), std::streamsize(4 * n));
   } else {

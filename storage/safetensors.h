@@ -38,5 +38,7 @@ absl::StatusOr<std::map<std::string, SafetensorsEntry>> ListSafetensors(const st
 
 // Reads a tensor as float32 into out[numel()].
 absl::Status ReadAsFloat32(const SafetensorsEntry& entry, float* out);
+// Elements [first, last) of the tensor only.
+absl::Status ReadAsFloat32(const SafetensorsEntry& entry, uint64_t first, uint64_t last, float* out);
 
 }  // namespace llamad::storage

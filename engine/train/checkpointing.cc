@@ -529,8 +529,7 @@ absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, B
   }
   auto entries = storage::ListSafetensors(dir);
   if (!entries.ok()) return entries.status();
-  // Every tensor is checked; a ZeRO rank reads whole the tensors its shard touches
-  // (one at a time) and keeps its part.
+  // Every tensor is checked; a ZeRO rank reads only its part of the tensors.
   const size_t held_begin = std::max(model.held_master_range().first, begin);
   const size_t held_end = std::min(model.held_master_range().second, end);
   std::vector<float> host;
@@ -544,9 +543,9 @@ absl::Status LoadHuggingFaceWeights(const std::string& dir, LlamaModel& model, B
     }
     const size_t lo = std::max(p.offset, held_begin), hi = std::min(p.offset + p.numel, held_end);
     if (lo >= hi) continue;
-    host.resize(p.numel);
-    if (auto s = storage::ReadAsFloat32(it->second, host.data()); !s.ok()) return s;
-    backend.UploadF32(model.master_at(lo), host.data() + (lo - p.offset), hi - lo);
+    host.resize(hi - lo);
+    if (auto s = storage::ReadAsFloat32(it->second, lo - p.offset, hi - p.offset, host.data()); !s.ok()) return s;
+    backend.UploadF32(model.master_at(lo), host.data(), hi - lo);
   }
   model.SyncParamsFromMaster();
   return absl::OkStatus();

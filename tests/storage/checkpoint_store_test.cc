@@ -299,6 +299,13 @@ TEST(SafetensorsTest, RoundTripAndHalfPrecisionReads) {
   ASSERT_TRUE(ReadAsFloat32(half.at("b"), b.data()).ok());
   EXPECT_EQ(h, (std::vector<float>{1.0f, -2.5f, 0x1p-24f}));
   EXPECT_EQ(b, (std::vector<float>{1.0f, -2.5f}));
+  // A range of elements alone (a ZeRO rank imports its part of each tensor).
+  std::vector<float> part(2);
+  ASSERT_TRUE(ReadAsFloat32(half.at("h"), 1, 3, part.data()).ok());
+  EXPECT_EQ(part, (std::vector<float>{-2.5f, 0x1p-24f}));
+  ASSERT_TRUE(ReadAsFloat32(e, 2, 4, part.data()).ok());
+  EXPECT_EQ(part, (std::vector<float>{3.25f, 0.0f}));
+  EXPECT_FALSE(ReadAsFloat32(e, 4, 7, part.data()).ok());
 
   // Offsets beyond the file and negative shapes are refused, naming the file.
   for (const std::string& bad_header :
