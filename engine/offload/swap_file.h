@@ -57,6 +57,8 @@ class SwapFile {
   // Bytes moved by Stream so far.
   uint64_t bytes_read() const { return io_->bytes_read(); }
   uint64_t bytes_written() const { return io_->bytes_written(); }
+  // Whether requests move one at a time with pread/pwrite (io_uring is blocked here).
+  bool synchronous() const { return io_->synchronous(); }
 
  private:
   SwapFile(std::string path, int fd, size_t bytes, const SwapOptions& options);

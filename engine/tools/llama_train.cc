@@ -558,8 +558,11 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                  HumanBytes(12.0 * double(o.shard_end() - o.shard_begin())).c_str());
   }
   if (lead && (*trainer)->optimizer().offloaded()) {
-    std::fprintf(stderr, "llama-train: optimizer state (%s) in an NVMe swap file under %s\n",
-                 HumanBytes(double((*trainer)->optimizer().swap()->size())).c_str(), spec->offload.nvme_path.c_str());
+    const AdamWOptimizer& o = (*trainer)->optimizer();
+    const double share = double(o.shard_end() - o.memory_end()) / double(std::max<size_t>(1, o.shard_end() - o.shard_begin()));
+    std::fprintf(stderr, "llama-train: optimizer state (%s, %.1f%% of the moments) in an NVMe swap file under %s%s\n",
+                 HumanBytes(double(o.swap()->size())).c_str(), 100 * share, spec->offload.nvme_path.c_str(),
+                 o.swap()->synchronous() ? " (io_uring is not available here: one request at a time)" : "");
   }
   (*comm)->set_timeout(std::chrono::minutes(10));  // a training step's collectives
   std::unique_ptr<AsyncCheckpointer> checkpointer;

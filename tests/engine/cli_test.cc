@@ -195,4 +195,14 @@ TEST(CliTest, AnNvmeJobResumesOnTheSameLosses) {
   ASSERT_EQ(a.size(), 3u);
   ASSERT_EQ(b.size(), 1u);
   EXPECT_EQ(b.at(3), a.at(3));
+  // Half of the moments on NVMe resumes the same checkpoint on the same loss, and says so.
+  const std::string half_job = SmallJob(
+      "offload: {optimizer: nvme, nvme_path: swap, nvme_fraction: 0.5, chunk_mb: 0.0625, block_kb: 4}\n"
+      "checkpoint: {dir: nvme-ckpt, interval: 2}\n",
+      "nvme.yaml");
+  const Result half = RunTrain("train --config " + half_job + " --log-format json --threads 2 -i 0 -f " +
+                               (TempDir() / "nvme-ckpt" / "nvme" / "step-2").string());
+  ASSERT_EQ(half.exit_code, 0) << half.output;
+  EXPECT_NE(half.output.find("50.0% of the moments"), std::string::npos) << half.output;
+  EXPECT_EQ(llamad::testing::StepLosses(half.output).at(3), a.at(3));
 }
