@@ -68,6 +68,8 @@ absl::Status FsyncPath(const std::string& path, bool directory) {
 
 uint64_t RoundUp(uint64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
+}  // namespace
+
 // A 4 KiB-aligned heap buffer, as direct I/O needs.
 struct AlignedBuffer {
   explicit AlignedBuffer(size_t bytes) : size(RoundUp(std::max<size_t>(bytes, 1))) {
@@ -80,6 +82,8 @@ struct AlignedBuffer {
   char* data;
   size_t size;
 };
+
+namespace {
 
 // Opens with O_DIRECT where the file system supports it (tmpfs does not), else buffered.
 int OpenMaybeDirect(const std::string& path, int flags, bool* direct) {
@@ -570,13 +574,35 @@ absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::Pieces(const std::stri
   return out;
 }
 
-absl::Status CheckpointStore::ReadPieces(
-    const std::string& job, int64_t step, const std::string& name, ElementType type, uint64_t begin, uint64_t end,
-    const std::function<SegmentReader>& read) const {
+struct CheckpointStore::Reader::OpenShard {
+  std::string path;
+  int fd = -1;
+  std::unique_ptr<DirectIoQueue> io;
+};
+
+CheckpointStore::Reader::Reader(const CheckpointStore& store, std::string job, int64_t step)
+    : store_(store), job_(std::move(job)), step_(step) {}
+
+CheckpointStore::Reader::~Reader() {
+  for (auto& shard : shards_) {
+    shard->io.reset();  // waits for anything in flight (after an error)
+    if (shard->fd >= 0) ::close(shard->fd);
+  }
+}
+
+absl::StatusOr<std::unique_ptr<CheckpointStore::Reader>> CheckpointStore::OpenReader(const std::string& job,
+                                                                                      int64_t step) const {
   if (auto meta = Meta(job, step); !meta.ok()) return meta.status();
+  return std::unique_ptr<Reader>(new Reader(*this, job, step));
+}
+
+absl::Status CheckpointStore::Reader::ReadPieces(const std::string& name, ElementType type, uint64_t begin,
+                                                 uint64_t end, const std::function<PieceReader>& read) {
+  const std::string& job = job_;
+  const int64_t step = step_;
   std::vector<PieceRecord> pieces;
   auto s =
-      Scan(db_.get(), PiecePrefix(job, step, name), [&](const std::string&, const std::string& v) {
+      Scan(store_.db_.get(), PiecePrefix(job, step, name), [&](const std::string&, const std::string& v) {
         auto r = FromJson(v);
         if (!r.ok()) return r.status();
         if (r->end > begin && r->begin < end) pieces.push_back(*std::move(r));
@@ -605,30 +631,31 @@ absl::Status CheckpointStore::ReadPieces(
                       step, job, name, ElementTypeName(p.type), ElementTypeName(type)));
     }
   }
-  struct OpenShard {
-    int fd = -1;
-    std::unique_ptr<DirectIoQueue> io;
-  };
-  std::map<std::string, OpenShard> shards;
   absl::Status status;
   for (const PieceRecord& p : pieces) {
-    const std::string path = (fs::path(root_) / p.file).string();
-    OpenShard& shard = shards[path];
-    if (shard.fd < 0) {
+    const std::string path = (fs::path(store_.root_) / p.file).string();
+    auto open = std::find_if(shards_.begin(), shards_.end(), [&](const auto& shard) { return shard->path == path; });
+    if (open == shards_.end()) {
+      auto shard = std::make_unique<OpenShard>();
+      shard->path = path;
       bool direct = false;
-      shard.fd = OpenMaybeDirect(path, O_RDONLY, &direct);
-      if (shard.fd < 0) {
+      shard->fd = OpenMaybeDirect(path, O_RDONLY, &direct);
+      if (shard->fd < 0) {
         status = absl::DataLossError(
             fmt::format("{}: cannot open shard: {}", path, std::strerror(errno)));
         break;
       }
-      auto io = DirectIoQueue::Create(shard.fd, path, kIoBlock, kIoDepth);
+      auto io = DirectIoQueue::Create(shard->fd, path, kIoBlock, kIoDepth);
       if (!io.ok()) {
+        ::close(shard->fd);
         status = io.status();
         break;
       }
-      shard.io = *std::move(io);
+      shard->io = *std::move(io);
+      shards_.push_back(std::move(shard));
+      open = shards_.end() - 1;
     }
+    OpenShard& shard = **open;
     if (p.offset % kAlign != 0) {
       status = absl::DataLossError(fmt::format("{}: tensor '{}' has an unaligned payload offset {}",
                                                path, p.name, p.offset));
@@ -649,23 +676,25 @@ absl::Status CheckpointStore::ReadPieces(
       break;
     }
   }
-  for (auto& [path, shard] : shards) {
-    shard.io.reset();  // waits for anything in flight (after an error)
-    if (shard.fd >= 0) ::close(shard.fd);
-  }
   return status;
 }
 
 absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step, const std::string& name,
                                         ElementType type, uint64_t begin, uint64_t end, void* out,
                                         size_t out_capacity) const {
+  auto reader = OpenReader(job, step);
+  if (!reader.ok()) return reader.status();
+  return (*reader)->ReadRange(name, type, begin, end, out, out_capacity);
+}
+
+absl::Status CheckpointStore::Reader::ReadRange(const std::string& name, ElementType type, uint64_t begin,
+                                                uint64_t end, void* out, size_t out_capacity) {
   const size_t elem = ElementSize(type);
   // Payloads are 4 KiB aligned and padded in the file, so whole blocks are read with
-  // direct I/O (no page cache pollution) into an aligned buffer.
-  // The buffer is kept per thread across calls: a restore reads hundreds of pieces, and
-  // fresh allocations of that size cost a page fault per 4 KiB each time.
-  thread_local std::unique_ptr<AlignedBuffer> buffer;
-  return ReadPieces(job, step, name, type, begin, end, [&](const PieceRecord& p, DirectIoQueue& io) {
+  // direct I/O (no page cache pollution) into an aligned buffer, kept from one read to
+  // the next: fresh allocations of that size cost a page fault per 4 KiB each time.
+  std::unique_ptr<AlignedBuffer>& buffer = piece_buffer_;
+  return ReadPieces(name, type, begin, end, [&](const PieceRecord& p, DirectIoQueue& io) {
     const bool in_place = p.begin == begin && p.end == end && out_capacity >= RoundUp(p.length) &&
                           reinterpret_cast<uintptr_t>(out) % kAlign == 0;
     char* data;
@@ -684,14 +713,12 @@ absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step, co
   });
 }
 
-absl::Status CheckpointStore::ReadRangeStreamed(const std::string& job, int64_t step, const std::string& name,
-                                                ElementType type, uint64_t begin, uint64_t end,
-                                                const ElementSink& sink) const {
+absl::Status CheckpointStore::Reader::ReadRangeStreamed(const std::string& name, ElementType type, uint64_t begin,
+                                                        uint64_t end, const ElementSink& sink) {
   const uint64_t elem = ElementSize(type);
-  // Two segment buffers, kept per thread across calls (see ReadRange).
-  thread_local std::unique_ptr<AlignedBuffer> segments;
-  if (!segments) segments = std::make_unique<AlignedBuffer>(2 * kSegment);
-  return ReadPieces(job, step, name, type, begin, end, [&](const PieceRecord& p, DirectIoQueue& io) {
+  if (!segments_) segments_ = std::make_unique<AlignedBuffer>(2 * kSegment);
+  AlignedBuffer* segments = segments_.get();
+  return ReadPieces(name, type, begin, end, [&](const PieceRecord& p, DirectIoQueue& io) {
     // The bytes of elements [begin, end) in this piece's payload.
     const uint64_t want_lo = (std::max(begin, p.begin) - p.begin) * elem;
     const uint64_t want_hi = (std::min(end, p.end) - p.begin) * elem;
@@ -708,11 +735,13 @@ absl::Status CheckpointStore::ReadRangeStreamed(const std::string& job, int64_t 
 absl::Status CheckpointStore::Verify(const std::string& job, int64_t step) const {
   auto pieces = Pieces(job, step);
   if (!pieces.ok()) return pieces.status();
-  std::vector<char> buffer;
+  auto reader = OpenReader(job, step);
+  if (!reader.ok()) return reader.status();
   for (const PieceRecord& p : *pieces) {
-    buffer.resize(p.length);
-    if (auto s = ReadRange(job, step, p.name, p.type, p.begin, p.end, buffer.data()); !s.ok())
+    if (auto s = (*reader)->ReadRangeStreamed(p.name, p.type, p.begin, p.end, [](uint64_t, const void*, uint64_t) {});
+        !s.ok()) {
       return s;
+    }
   }
   return absl::OkStatus();
 }

@@ -107,6 +107,7 @@ struct StoreOptions {
 };
 
 class DirectIoQueue;
+struct AlignedBuffer;
 
 class CheckpointStore {
  public:
@@ -142,25 +143,55 @@ class CheckpointStore {
   // Every piece record of a committed checkpoint (all tensors), ordered by tensor, begin.
   absl::StatusOr<std::vector<PieceRecord>> Pieces(const std::string& job, int64_t step) const;
 
-  // Reads elements [begin, end) of tensor `name` into `out` (room for end - begin
-  // elements of the tensor's type), whatever pieces the checkpoint was written in. Reads
-  // only the pieces that overlap, and verifies each piece's checksum; a mismatch is a
-  // DataLoss error naming the file and the tensor.
-  // When [begin, end) is exactly one piece and `out` is 4 KiB aligned with room for
-  // out_capacity >= the payload rounded up to 4 KiB, the piece is read straight into it
-  // (no copy); the bytes past the payload are overwritten with the file's padding.
-  // Every piece must hold `type`; an unreadable or missing shard is DataLoss.
-  absl::Status ReadRange(const std::string& job, int64_t step, const std::string& name,
-                         ElementType type, uint64_t begin, uint64_t end, void* out,
-                         size_t out_capacity = 0) const;
-  // Streams elements [begin, end) of tensor `name` to `sink` in order, as they are read:
-  // sink(first, data, count) gets elements [first, first + count), at most 8 MiB at a
-  // time. Holds two 8 MiB buffers (per thread) instead of whole pieces. A piece's
-  // checksum is checked once its last segment is read, so what `sink` got is verified
-  // only when the call returns OK; otherwise as ReadRange.
-  using ElementSink = std::function<void(uint64_t first, const void* data, uint64_t count)>;
-  absl::Status ReadRangeStreamed(const std::string& job, int64_t step, const std::string& name, ElementType type,
-                                 uint64_t begin, uint64_t end, const ElementSink& sink) const;
+  // Reads of one committed checkpoint, for one thread. It keeps the shard files it opened
+  // and an I/O queue on each from one read to the next (a restore makes hundreds), and
+  // its buffers until it goes.
+  class Reader {
+   public:
+    ~Reader();
+    Reader(const Reader&) = delete;
+    Reader& operator=(const Reader&) = delete;
+
+    // Reads elements [begin, end) of tensor `name` into `out` (room for end - begin
+    // elements of the tensor's type), whatever pieces the checkpoint was written in.
+    // Reads only the pieces that overlap, and verifies each piece's checksum; a mismatch
+    // is a DataLoss error naming the file and the tensor.
+    // When [begin, end) is exactly one piece and `out` is 4 KiB aligned with room for
+    // out_capacity >= the payload rounded up to 4 KiB, the piece is read straight into it
+    // (no copy); the bytes past the payload are overwritten with the file's padding.
+    // Every piece must hold `type`; an unreadable or missing shard is DataLoss.
+    absl::Status ReadRange(const std::string& name, ElementType type, uint64_t begin, uint64_t end, void* out,
+                           size_t out_capacity = 0);
+    // Streams elements [begin, end) of tensor `name` to `sink` in order, as they are
+    // read: sink(first, data, count) gets elements [first, first + count), at most 8 MiB
+    // at a time, through two 8 MiB buffers instead of whole pieces. A piece's checksum
+    // is checked once its last segment is read, so what `sink` got is verified only when
+    // the call returns OK; otherwise as ReadRange.
+    using ElementSink = std::function<void(uint64_t first, const void* data, uint64_t count)>;
+    absl::Status ReadRangeStreamed(const std::string& name, ElementType type, uint64_t begin, uint64_t end,
+                                   const ElementSink& sink);
+
+   private:
+    friend class CheckpointStore;
+    Reader(const CheckpointStore& store, std::string job, int64_t step);
+    // Finds the pieces of `name` that overlap [begin, end) (checking that they cover it
+    // and hold `type`) and calls read(piece, queue) for each, with a queue on its shard
+    // file; `read` returns the payload's xxh3, which must match the index.
+    using PieceReader = absl::StatusOr<uint64_t>(const PieceRecord& piece, DirectIoQueue& io);
+    absl::Status ReadPieces(const std::string& name, ElementType type, uint64_t begin, uint64_t end,
+                            const std::function<PieceReader>& read);
+    struct OpenShard;
+    const CheckpointStore& store_;
+    std::string job_;
+    int64_t step_;
+    std::vector<std::unique_ptr<OpenShard>> shards_;  // in the order opened
+    std::unique_ptr<AlignedBuffer> piece_buffer_, segments_;
+  };
+  // A reader of checkpoint `step` of `job`, which must be committed.
+  absl::StatusOr<std::unique_ptr<Reader>> OpenReader(const std::string& job, int64_t step) const;
+  // One read through a reader of its own (see Reader).
+  absl::Status ReadRange(const std::string& job, int64_t step, const std::string& name, ElementType type,
+                         uint64_t begin, uint64_t end, void* out, size_t out_capacity = 0) const;
   // Reads and checks every piece of a checkpoint.
   absl::Status Verify(const std::string& job, int64_t step) const;
 
@@ -176,12 +207,6 @@ class CheckpointStore {
   absl::Status Retain(const std::string& job);
 
  private:
-  // Finds the pieces of `name` that overlap [begin, end) (checking that they cover it and
-  // hold `type`) and calls read(piece, queue) for each, with a queue on its shard file;
-  // `read` returns the payload's xxh3, which must match the index.
-  using SegmentReader = absl::StatusOr<uint64_t>(const PieceRecord& piece, DirectIoQueue& io);
-  absl::Status ReadPieces(const std::string& job, int64_t step, const std::string& name, ElementType type,
-                          uint64_t begin, uint64_t end, const std::function<SegmentReader>& read) const;
   CheckpointStore(std::string root, StoreOptions options, rocksdb::DB* db);
   absl::Status RemoveUncommitted();
   // Deletes the index records of `steps` (one synced batch), then their folders.

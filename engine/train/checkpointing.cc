@@ -319,19 +319,26 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   for (int r = 0; r < kReaders; ++r) {
     readers.emplace_back([&, r] {
       try {
+        // Each reader keeps its shard files and I/O queues open from one tensor to the next.
+        auto reader = store.OpenReader(job, step);
+        if (!reader.ok()) {
+          results[r] = reader.status();
+          next = items.size();
+          return;
+        }
         for (size_t i = next++; i < items.size(); i = next++) {
           const Item& item = items[i];
-          auto s = store.ReadRangeStreamed(job, step, item.name, storage::ElementType::kF32, item.begin, item.end,
-                                           [&](uint64_t first, const void* data, uint64_t count) {
-                                             void* dst = static_cast<char*>(item.dst) +
-                                                         model.accum_byte_offset(first - item.begin);
-                                             if (host_f32) {
-                                               std::memcpy(dst, data, count * sizeof(float));
-                                               return;
-                                             }
-                                             std::lock_guard lock(upload_mu);
-                                             be.UploadF32(dst, static_cast<const float*>(data), count);
-                                           });
+          auto s = (*reader)->ReadRangeStreamed(item.name, storage::ElementType::kF32, item.begin, item.end,
+                                                [&](uint64_t first, const void* data, uint64_t count) {
+                                                  void* dst = static_cast<char*>(item.dst) +
+                                                              model.accum_byte_offset(first - item.begin);
+                                                  if (host_f32) {
+                                                    std::memcpy(dst, data, count * sizeof(float));
+                                                    return;
+                                                  }
+                                                  std::lock_guard lock(upload_mu);
+                                                  be.UploadF32(dst, static_cast<const float*>(data), count);
+                                                });
           if (!s.ok()) {
             results[r] = s;
             next = items.size();
@@ -354,6 +361,8 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
     // a chunk is in, both moments, each read once since chunks come in layout order.
     // The cache is 4 KiB aligned and padded, so the store reads each piece straight into
     // it (no staging buffer of its own kept past the restore).
+    auto reader = store.OpenReader(job, step);
+    if (!reader.ok()) return reader.status();
     using Aligned = std::unique_ptr<float, void (*)(void*)>;
     Aligned cached_m(nullptr, &std::free), cached_v(nullptr, &std::free);
     size_t capacity = 0;
@@ -378,8 +387,8 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
             }
           }
           for (auto [name, out] : {std::pair{ExpAvgName(p.name), cached_m.get()}, std::pair{ExpAvgSqName(p.name), cached_v.get()}}) {
-            if (auto r = store.ReadRange(job, step, name, storage::ElementType::kF32, part_lo - p.offset,
-                                         part_hi - p.offset, out, capacity);
+            if (auto r = (*reader)->ReadRange(name, storage::ElementType::kF32, part_lo - p.offset,
+                                              part_hi - p.offset, out, capacity);
                 !r.ok()) {
               return read_error = r;
             }

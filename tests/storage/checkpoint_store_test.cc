@@ -143,8 +143,9 @@ TEST(CheckpointStoreTest, AFlippedByteIsCaughtNamingFileAndTensor) {
   EXPECT_NE(s.message().find(path), std::string::npos) << s;
   EXPECT_NE(s.message().find("'" + victim.name + "'"), std::string::npos) << s;
   // Streamed, the damage shows once the piece is read: the call fails the same way.
-  const auto streamed = store->ReadRangeStreamed("job", 1, victim.name, ElementType::kF32, victim.begin, victim.end,
-                                                 [](uint64_t, const void*, uint64_t) {});
+  const auto streamed = (*store->OpenReader("job", 1))
+                            ->ReadRangeStreamed(victim.name, ElementType::kF32, victim.begin, victim.end,
+                                                [](uint64_t, const void*, uint64_t) {});
   ASSERT_TRUE(absl::IsDataLoss(streamed)) << streamed;
   EXPECT_NE(streamed.message().find(path), std::string::npos) << streamed;
   EXPECT_FALSE(store->Verify("job", 1).ok());
@@ -176,8 +177,8 @@ void LargeTensorsRoundTripAndACutShardIsCaught(const std::string& dir) {
   // Streamed: the same elements, in order, in segments of at most 8 MiB.
   std::vector<float> streamed;
   uint64_t largest = 0;
-  ASSERT_TRUE(store
-                  ->ReadRangeStreamed("job", 1, "big", ElementType::kF32, 1 << 20, n,
+  ASSERT_TRUE((*store->OpenReader("job", 1))
+                  ->ReadRangeStreamed("big", ElementType::kF32, 1 << 20, n,
                                       [&](uint64_t first, const void* data, uint64_t count) {
                                         EXPECT_EQ(first, (1u << 20) + streamed.size());
                                         largest = std::max(largest, count);
@@ -199,8 +200,8 @@ void LargeTensorsRoundTripAndACutShardIsCaught(const std::string& dir) {
   EXPECT_NE(s.message().find(path), std::string::npos) << s;
   EXPECT_NE(s.message().find("'big'"), std::string::npos) << s;
   EXPECT_NE(s.message().find("shorter than expected"), std::string::npos) << s;
-  const auto streamed_cut =
-      store->ReadRangeStreamed("job", 1, "big", ElementType::kF32, 0, n, [](uint64_t, const void*, uint64_t) {});
+  const auto streamed_cut = (*store->OpenReader("job", 1))
+                                ->ReadRangeStreamed("big", ElementType::kF32, 0, n, [](uint64_t, const void*, uint64_t) {});
   EXPECT_TRUE(absl::IsDataLoss(streamed_cut)) << streamed_cut;
   EXPECT_FALSE(store->Verify("job", 1).ok());
 }
