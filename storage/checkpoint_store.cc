@@ -111,16 +111,17 @@ absl::Status WriteAt(int fd, const void* data, size_t size, uint64_t offset,
 }
 
 // Reads the `length`-byte payload at `offset` and its padding to 4 KiB in 8 MiB
-// segments, segment k into segment_buffer(k), two segments in flight: while one is read,
-// the one before it is hashed and its payload bytes handed to consume(at, data, bytes)
-// (`at`: the bytes' offset in the payload; null: none). Returns the payload's xxh3.
+// segments through `buffers` (2 x kSegment, 4 KiB aligned), two segments in flight:
+// while one is read, the one before it is hashed and its payload bytes handed to
+// consume(at, data, bytes) (`at`: the bytes' offset in the payload). Returns the
+// payload's xxh3.
 constexpr uint64_t kSegment = uint64_t{8} << 20;
 using SegmentConsumer = std::function<void(uint64_t at, const char* data, uint64_t bytes)>;
-absl::StatusOr<uint64_t> ReadAndHash(DirectIoQueue& io, uint64_t offset, uint64_t length,
-                                     const std::function<char*(uint64_t k)>& segment_buffer,
+absl::StatusOr<uint64_t> ReadAndHash(DirectIoQueue& io, uint64_t offset, uint64_t length, char* buffers,
                                      const SegmentConsumer& consume) {
   const uint64_t padded = RoundUp(length);
   const uint64_t segments = (padded + kSegment - 1) / kSegment;
+  auto segment_buffer = [&](uint64_t k) { return buffers + (k % 2) * kSegment; };
   auto queue = [&](uint64_t k) {
     const uint64_t at = k * kSegment;
     return io.Queue(false, segment_buffer(k), offset + at, std::min(kSegment, padded - at), k % 2);
@@ -138,7 +139,7 @@ absl::StatusOr<uint64_t> ReadAndHash(DirectIoQueue& io, uint64_t offset, uint64_
     if (at >= length) continue;  // padding only
     const uint64_t bytes = std::min(kSegment, length - at);
     XXH3_64bits_update(state.get(), segment_buffer(k), bytes);
-    if (consume) consume(at, segment_buffer(k), bytes);
+    consume(at, segment_buffer(k), bytes);
   }
   if (!status.ok()) {
     (void)io.DrainAll();  // the buffers are the caller's again only once nothing is in flight
@@ -154,9 +155,8 @@ nlohmann::json ToJson(const PieceRecord& r) {
           {"rank", r.rank}};
 }
 
-absl::StatusOr<PieceRecord> FromJson(const std::string& text) {
+absl::StatusOr<PieceRecord> FromJson(const nlohmann::json& j) {
   try {
-    const auto j = nlohmann::json::parse(text);
     PieceRecord r;
     r.name = j.at("name").get<std::string>();
     r.shape = j.at("shape").get<std::vector<int64_t>>();
@@ -183,6 +183,14 @@ absl::StatusOr<PieceRecord> FromJson(const std::string& text) {
   } catch (const std::exception& e) {
     return absl::DataLossError(
         fmt::format("checkpoint index: unreadable piece record: {}", e.what()));
+  }
+}
+
+absl::StatusOr<PieceRecord> FromJson(const std::string& text) {
+  try {
+    return FromJson(nlohmann::json::parse(text));
+  } catch (const std::exception& e) {
+    return absl::DataLossError(fmt::format("checkpoint index: unreadable piece record: {}", e.what()));
   }
 }
 
@@ -319,9 +327,10 @@ absl::Status PublishShardRecords(const std::string& root, const std::string& job
   const std::string text = out.dump(), temporary = path + ".tmp";
   const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return IoError("create", temporary);
-  const bool written = ::write(fd, text.data(), text.size()) == ssize_t(text.size()) && ::fsync(fd) == 0;
+  absl::Status written = WriteAt(fd, text.data(), text.size(), 0, temporary);
+  if (written.ok() && ::fsync(fd) != 0) written = IoError("fsync", temporary);
   ::close(fd);
-  if (!written) return IoError("write", temporary);
+  if (!written.ok()) return written;
   if (::rename(temporary.c_str(), path.c_str()) != 0) return IoError("rename", temporary);
   return FsyncPath(dir, true);
 }
@@ -361,8 +370,11 @@ absl::StatusOr<std::vector<PieceRecord>> CollectShardRecords(const std::string& 
       return absl::InternalError(
           fmt::format("checkpoint step {}: rank {}: {}", step, rank, j["error"].get<std::string>()));
     }
-    for (const auto& r : j.at("records")) {
-      auto record = FromJson(r.dump());
+    if (!j.contains("records") || !j["records"].is_array()) {
+      return absl::DataLossError(fmt::format("{}: holds no records", path));
+    }
+    for (const auto& r : j["records"]) {
+      auto record = FromJson(r);
       if (!record.ok()) return record.status();
       if (record->rank != rank) {
         return absl::DataLossError(fmt::format("{}: holds a record of rank {}", path, record->rank));
@@ -680,55 +692,36 @@ absl::Status CheckpointStore::Reader::ReadPieces(const std::string& name, Elemen
 }
 
 absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step, const std::string& name,
-                                        ElementType type, uint64_t begin, uint64_t end, void* out,
-                                        size_t out_capacity) const {
+                                        ElementType type, uint64_t begin, uint64_t end, void* out) const {
   auto reader = OpenReader(job, step);
   if (!reader.ok()) return reader.status();
-  return (*reader)->ReadRange(name, type, begin, end, out, out_capacity);
+  return (*reader)->ReadRange(name, type, begin, end, out);
 }
 
 absl::Status CheckpointStore::Reader::ReadRange(const std::string& name, ElementType type, uint64_t begin,
-                                                uint64_t end, void* out, size_t out_capacity) {
+                                                uint64_t end, void* out) {
   const size_t elem = ElementSize(type);
-  // Payloads are 4 KiB aligned and padded in the file, so whole blocks are read with
-  // direct I/O (no page cache pollution) into an aligned buffer, kept from one read to
-  // the next: fresh allocations of that size cost a page fault per 4 KiB each time.
-  std::unique_ptr<AlignedBuffer>& buffer = piece_buffer_;
-  return ReadPieces(name, type, begin, end, [&](const PieceRecord& p, DirectIoQueue& io) {
-    const bool in_place = p.begin == begin && p.end == end && out_capacity >= RoundUp(p.length) &&
-                          reinterpret_cast<uintptr_t>(out) % kAlign == 0;
-    char* data;
-    if (in_place) {
-      data = static_cast<char*>(out);
-    } else {
-      if (!buffer || buffer->size < RoundUp(p.length)) buffer = std::make_unique<AlignedBuffer>(p.length);
-      data = buffer->data;
-    }
-    auto checksum = ReadAndHash(io, p.offset, p.length, [&](uint64_t k) { return data + k * kSegment; }, nullptr);
-    if (checksum.ok() && !in_place) {
-      const uint64_t lo = std::max(begin, p.begin), hi = std::min(end, p.end);
-      std::memcpy(static_cast<char*>(out) + (lo - begin) * elem, data + (lo - p.begin) * elem, (hi - lo) * elem);
-    }
-    return checksum;
+  return ReadRangeStreamed(name, type, begin, end, [&](uint64_t first, const void* data, uint64_t count) {
+    std::memcpy(static_cast<char*>(out) + (first - begin) * elem, data, count * elem);
   });
 }
 
 absl::Status CheckpointStore::Reader::ReadRangeStreamed(const std::string& name, ElementType type, uint64_t begin,
                                                         uint64_t end, const ElementSink& sink) {
   const uint64_t elem = ElementSize(type);
+  // Payloads are 4 KiB aligned and padded in the file, so whole blocks are read with
+  // direct I/O (no page cache pollution) into the segment buffers, kept from one read to
+  // the next: fresh allocations cost a page fault per 4 KiB each time.
   if (!segments_) segments_ = std::make_unique<AlignedBuffer>(2 * kSegment);
-  AlignedBuffer* segments = segments_.get();
   return ReadPieces(name, type, begin, end, [&](const PieceRecord& p, DirectIoQueue& io) {
     // The bytes of elements [begin, end) in this piece's payload.
     const uint64_t want_lo = (std::max(begin, p.begin) - p.begin) * elem;
     const uint64_t want_hi = (std::min(end, p.end) - p.begin) * elem;
-    return ReadAndHash(
-        io, p.offset, p.length, [&](uint64_t k) { return segments->data + (k % 2) * kSegment; },
-        [&](uint64_t at, const char* data, uint64_t bytes) {
-          // Segments end on element boundaries: kSegment is a multiple of every size.
-          const uint64_t lo = std::max(at, want_lo), hi = std::min(at + bytes, want_hi);
-          if (lo < hi) sink(p.begin + lo / elem, data + (lo - at), (hi - lo) / elem);
-        });
+    return ReadAndHash(io, p.offset, p.length, segments_->data, [&](uint64_t at, const char* data, uint64_t bytes) {
+      // Segments end on element boundaries: kSegment is a multiple of every size.
+      const uint64_t lo = std::max(at, want_lo), hi = std::min(at + bytes, want_hi);
+      if (lo < hi) sink(p.begin + lo / elem, data + (lo - at), (hi - lo) / elem);
+    });
   });
 }
 

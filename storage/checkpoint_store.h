@@ -152,24 +152,18 @@ class CheckpointStore {
     Reader(const Reader&) = delete;
     Reader& operator=(const Reader&) = delete;
 
-    // Reads elements [begin, end) of tensor `name` into `out` (room for end - begin
-    // elements of the tensor's type), whatever pieces the checkpoint was written in.
-    // Reads only the pieces that overlap, and verifies each piece's checksum; a mismatch
-    // is a DataLoss error naming the file and the tensor.
-    // When [begin, end) is exactly one piece and `out` is 4 KiB aligned with room for
-    // out_capacity >= the payload rounded up to 4 KiB, the piece is read straight into it
-    // (no copy); the bytes past the payload are overwritten with the file's padding.
-    // Every piece must hold `type`; an unreadable or missing shard is DataLoss.
-    absl::Status ReadRange(const std::string& name, ElementType type, uint64_t begin, uint64_t end, void* out,
-                           size_t out_capacity = 0);
     // Streams elements [begin, end) of tensor `name` to `sink` in order, as they are
-    // read: sink(first, data, count) gets elements [first, first + count), at most 8 MiB
-    // at a time, through two 8 MiB buffers instead of whole pieces. A piece's checksum
-    // is checked once its last segment is read, so what `sink` got is verified only when
-    // the call returns OK; otherwise as ReadRange.
+    // read, whatever pieces the checkpoint was written in: sink(first, data, count) gets
+    // elements [first, first + count), at most 8 MiB at a time, through two 8 MiB
+    // buffers. Reads only the pieces that overlap and checks each piece's checksum once
+    // its last segment is read, so what `sink` got is verified only when the call returns
+    // OK; a mismatch is a DataLoss error naming the file and the tensor. Every piece must
+    // hold `type`; an unreadable or missing shard is DataLoss.
     using ElementSink = std::function<void(uint64_t first, const void* data, uint64_t count)>;
     absl::Status ReadRangeStreamed(const std::string& name, ElementType type, uint64_t begin, uint64_t end,
                                    const ElementSink& sink);
+    // The same into `out` (room for end - begin elements of the tensor's type).
+    absl::Status ReadRange(const std::string& name, ElementType type, uint64_t begin, uint64_t end, void* out);
 
    private:
     friend class CheckpointStore;
@@ -185,13 +179,13 @@ class CheckpointStore {
     std::string job_;
     int64_t step_;
     std::vector<std::unique_ptr<OpenShard>> shards_;  // in the order opened
-    std::unique_ptr<AlignedBuffer> piece_buffer_, segments_;
+    std::unique_ptr<AlignedBuffer> segments_;
   };
   // A reader of checkpoint `step` of `job`, which must be committed.
   absl::StatusOr<std::unique_ptr<Reader>> OpenReader(const std::string& job, int64_t step) const;
   // One read through a reader of its own (see Reader).
   absl::Status ReadRange(const std::string& job, int64_t step, const std::string& name, ElementType type,
-                         uint64_t begin, uint64_t end, void* out, size_t out_capacity = 0) const;
+                         uint64_t begin, uint64_t end, void* out) const;
   // Reads and checks every piece of a checkpoint.
   absl::Status Verify(const std::string& job, int64_t step) const;
 

@@ -14,12 +14,13 @@ float* Staging(size_t n) {
   return host.data();
 }
 
-// Runs `collective` on the buffer's values in host f32 memory.
-absl::Status OnHost(Backend& backend, void* buffer, size_t n,
+// Runs `collective` on the buffer's values in host f32 memory. Without `download` the
+// collective only writes the staging (a broadcast's receivers), so nothing comes down.
+absl::Status OnHost(Backend& backend, void* buffer, size_t n, bool download,
                     const std::function<absl::Status(float*)>& collective) {
   if (BuffersInHostMemory(backend)) return collective(static_cast<float*>(buffer));
   float* host = Staging(n);
-  backend.DownloadF32(host, buffer, n);
+  if (download) backend.DownloadF32(host, buffer, n);
   if (auto s = collective(host); !s.ok()) return s;
   backend.UploadF32(buffer, host, n);
   return absl::OkStatus();
@@ -32,11 +33,11 @@ bool BuffersInHostMemory(const Backend& backend) {
 }
 
 absl::Status AllReduceSumOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n) {
-  return OnHost(backend, buffer, n, [&](float* data) { return comm.AllReduceSum(data, n); });
+  return OnHost(backend, buffer, n, true, [&](float* data) { return comm.AllReduceSum(data, n); });
 }
 
 absl::Status BroadcastOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n, int root) {
-  return OnHost(backend, buffer, n, [&](float* data) { return comm.Broadcast(data, n, root); });
+  return OnHost(backend, buffer, n, comm.rank() == root, [&](float* data) { return comm.Broadcast(data, n, root); });
 }
 
 absl::Status ReduceAddOnBackend(Communicator& comm, Backend& backend, void* data, size_t n, int root, void* into) {
@@ -59,7 +60,7 @@ absl::Status ReduceAddOnBackend(Communicator& comm, Backend& backend, void* data
 }
 
 absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n) {
-  return OnHost(backend, buffer, n, [&](float* data) { return AllGatherSlices(comm, data, n); });
+  return OnHost(backend, buffer, n, true, [&](float* data) { return AllGatherSlices(comm, data, n); });
 }
 
 }  // namespace llamad

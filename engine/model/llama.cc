@@ -159,16 +159,14 @@ size_t LlamaModel::accum_byte_offset(size_t offset) const {
 
 void LlamaModel::InitWeights(uint64_t seed) {
   const auto [held_begin, held_end] = held_master_range();
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const ParamInfo& p = params_[i];
-    const size_t lo = std::max(p.offset, held_begin), hi = std::min(p.offset + p.numel, held_end);
-    if (lo >= hi) continue;
+  ForEachTensorPart(params_, held_begin, held_end, [&](const ParamInfo& p, size_t lo, size_t hi) {
     if (p.shape.size() == 1) {
       backend_->Fill(master_at(lo), hi - lo, 1.0);
     } else {
-      backend_->FillNormal(master_at(lo), hi - lo, 0.02, seed, /*stream=*/i, /*first=*/lo - p.offset);
+      const uint64_t stream = uint64_t(&p - params_.data());  // each tensor its own
+      backend_->FillNormal(master_at(lo), hi - lo, 0.02, seed, stream, /*first=*/lo - p.offset);
     }
-  }
+  });
   SyncParamsFromMaster();
 }
 

@@ -108,8 +108,9 @@ class LlamaModel {
   void* param_data() { return params_data_; }
   // Gradients and the optimizer's copy of the parameters (accum_dtype()); the master is
   // param_data() itself when the backend keeps no separate master weights. The
-  // gradients are allocated, as zeros, at their first use. master_data() is the whole
-  // buffer until ShardMasterWeights, and null after ReleaseMasterWeights.
+  // gradients are allocated, as zeros, at their first use. master_data() holds
+  // held_master_range() (all, or a ZeRO rank's shard), and is null after
+  // ReleaseMasterWeights.
   void* grad_data();
   void* master_data() { return master_data_; }
   // The master weight of flat element `offset` (the whole buffer, the shard, or without

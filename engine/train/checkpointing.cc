@@ -359,46 +359,36 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
     // Moments on the NVMe tier go from the checkpoint into the swap chunk by chunk, so a
     // restore never holds them whole in memory: only the tensor (its part in the shard)
     // a chunk is in, both moments, each read once since chunks come in layout order.
-    // The cache is 4 KiB aligned and padded, so the store reads each piece straight into
-    // it (no staging buffer of its own kept past the restore).
     auto reader = store.OpenReader(job, step);
     if (!reader.ok()) return reader.status();
-    using Aligned = std::unique_ptr<float, void (*)(void*)>;
-    Aligned cached_m(nullptr, &std::free), cached_v(nullptr, &std::free);
-    size_t capacity = 0;
+    std::vector<float> cached_m, cached_v;
     const ParamInfo* cached = nullptr;
     absl::Status read_error;  // the checkpoint's, as opposed to the swap's
     auto streamed = optimizer.WriteOffloadedMoments([&](size_t first, size_t count, float* m, float* v) -> absl::Status {
-      for (const ParamInfo& p : model.params()) {
-        const size_t lo = std::max(p.offset, first), hi = std::min(p.offset + p.numel, first + count);
-        if (lo >= hi) continue;
+      ForEachTensorPart(model.params(), first, first + count, [&](const ParamInfo& p, size_t lo, size_t hi) {
+        if (!read_error.ok()) return;
         // The tensor's part on the NVMe tier, which [lo, hi) lies in.
         const size_t part_lo = std::max(p.offset, optimizer.memory_end());
         const size_t part_hi = std::min(p.offset + p.numel, shard_end);
         if (cached != &p) {
-          const size_t bytes = ((part_hi - part_lo) * sizeof(float) + 4095) / 4096 * 4096;
-          if (bytes > capacity) {
-            cached_m.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
-            cached_v.reset(static_cast<float*>(std::aligned_alloc(4096, bytes)));
-            capacity = cached_m && cached_v ? bytes : 0;
-            if (capacity == 0) {
-              return read_error = absl::ResourceExhaustedError(
-                         StrCat("restore: no host memory for the ", 2 * bytes, " bytes of tensor ", p.name, "'s moments"));
-            }
+          try {
+            cached_m.resize(part_hi - part_lo);
+            cached_v.resize(part_hi - part_lo);
+          } catch (const std::bad_alloc&) {
+            read_error = absl::ResourceExhaustedError(StrCat(
+                "restore: no host memory for the ", 8 * (part_hi - part_lo), " bytes of tensor ", p.name, "'s moments"));
+            return;
           }
-          for (auto [name, out] : {std::pair{ExpAvgName(p.name), cached_m.get()}, std::pair{ExpAvgSqName(p.name), cached_v.get()}}) {
-            if (auto r = (*reader)->ReadRange(name, storage::ElementType::kF32, part_lo - p.offset,
-                                              part_hi - p.offset, out, capacity);
-                !r.ok()) {
-              return read_error = r;
-            }
+          for (auto [name, out] : {std::pair{ExpAvgName(p.name), cached_m.data()}, std::pair{ExpAvgSqName(p.name), cached_v.data()}}) {
+            read_error = (*reader)->ReadRange(name, storage::ElementType::kF32, part_lo - p.offset, part_hi - p.offset, out);
+            if (!read_error.ok()) return;
           }
           cached = &p;
         }
-        std::copy(cached_m.get() + (lo - part_lo), cached_m.get() + (hi - part_lo), m + (lo - first));
-        std::copy(cached_v.get() + (lo - part_lo), cached_v.get() + (hi - part_lo), v + (lo - first));
-      }
-      return absl::OkStatus();
+        std::copy(cached_m.begin() + (lo - part_lo), cached_m.begin() + (hi - part_lo), m + (lo - first));
+        std::copy(cached_v.begin() + (lo - part_lo), cached_v.begin() + (hi - part_lo), v + (lo - first));
+      });
+      return read_error;
     });
     if (!read_error.ok()) return read_error;
     // A failure of the swap's disk is not damage to the checkpoint: not DataLoss, which
@@ -462,9 +452,10 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
   const std::vector<ParamInfo> params = LlamaParamLayout(*config);
   std::vector<float> data(NumParams(params));
   std::vector<storage::TensorToWrite> tensors;
+  auto reader = store.OpenReader(job, step);
+  if (!reader.ok()) return reader.status();
   for (const ParamInfo& p : params) {
-    if (auto s = store.ReadRange(job, step, p.name, storage::ElementType::kF32, 0, p.numel,
-                                 data.data() + p.offset);
+    if (auto s = (*reader)->ReadRange(p.name, storage::ElementType::kF32, 0, p.numel, data.data() + p.offset);
         !s.ok())
       return s;
     tensors.push_back({p.name, p.shape, data.data() + p.offset});

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "model/llama.h"
+#include "train/optimizer.h"
 
 namespace llamad {
 
@@ -46,7 +47,7 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
     // AdamWOptimizer::OffloadToHost: master weights and moments of the rank's shard in
     // host f32, and two gradient chunks of at most 16 Mi elements (one updated while the
     // next comes down); the device keeps none of them.
-    plan.optimizer_state_host = 3 * sharded * 4 + 2 * std::min<uint64_t>(sharded, uint64_t{16} << 20) * 4;
+    plan.optimizer_state_host = 3 * sharded * 4 + 2 * std::min<uint64_t>(sharded, AdamWOptimizer::kHostChunkElements) * 4;
     plan.master_weights = 0;
     plan.optimizer_state = 0;
   }

@@ -102,8 +102,7 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads) {
   host_master_ = make(false);
   host_m_ = make(true);
   host_v_ = make(true);
-  // One 64 MiB gradient chunk per transfer: large enough for PCIe, small next to the state.
-  host_chunk_elements_ = std::min<size_t>(n, size_t{16} << 20);
+  host_chunk_elements_ = std::min<size_t>(n, kHostChunkElements);
   for (auto& g : host_grad_) g.reset(new (std::nothrow) float[host_chunk_elements_]);
   if (!host_master_ || !host_m_ || !host_v_ || !host_grad_[0] || !host_grad_[1]) {
     host_master_.reset(), host_m_.reset(), host_v_.reset(), host_grad_[0].reset(), host_grad_[1].reset();

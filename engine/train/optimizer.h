@@ -86,6 +86,9 @@ class AdamWOptimizer {
   // such a Step. After Shard, only the shard's state moves (and only its parameters are
   // updated; the caller gathers the rest). `threads`: CPU threads for the update (0: all).
   absl::Status OffloadToHost(int threads);
+  // Host-offloaded: the gradients come down in chunks of this many elements (64 MiB of
+  // f32: large enough for PCIe, small next to the state), two of them in host memory.
+  static constexpr size_t kHostChunkElements = size_t{16} << 20;
   bool host_offloaded() const { return host_ != nullptr; }
   // While host-offloaded: the master weights and moments of flat elements [shard_begin(),
   // shard_end()), the first at index 0.

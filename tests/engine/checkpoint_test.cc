@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "backend/cpu/cpu_backend.h"
+#include "common/flip_byte.h"
 #include "common/step_losses.h"
 #include "common/subprocess.h"
 #include "engine/small_job.h"
@@ -240,15 +241,7 @@ TEST(CheckpointProcessTest, CorruptionIsRefusedOrFallsBackWhenAsked) {
     }
     ASSERT_GT(offset, 0u);
   }
-  {
-    std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
-    f.seekg(std::streamoff(offset));
-    char c;
-    f.read(&c, 1);
-    c = char(c ^ 0x01);
-    f.seekp(std::streamoff(offset));
-    f.write(&c, 1);
-  }
+  ASSERT_TRUE(llamad::testing::FlipByte(shard, offset));
   Subprocess refused(Train("--config " + job + " -f latest --steps 8"));
   const std::string message = refused.Drain();
   EXPECT_EQ(refused.Wait(), 2) << message;

@@ -16,8 +16,10 @@
 #include <string>
 #include <vector>
 
+#include "common/flip_byte.h"
 #include "common/subprocess.h"
 #include "common/synthetic_tokens.h"
+#include "storage/checkpoint_store.h"
 
 namespace {
 namespace fs = std::filesystem;
@@ -242,31 +244,23 @@ TEST_F(DdpTest, CheckpointAtWorldSizeFourResumesAtTwoAndThree) {
 TEST_F(DdpTest, ADamagedMomentPieceStopsOrFallsBackOnEveryRank) {
   const auto saved = Train("-p zero1 --nproc 2 --threads 1 -i 10");
   ASSERT_EQ(saved.size(), 20u);
-  // Flip a byte in the first AdamW moment piece of rank 1's shard of step 20 (the shard's
-  // header, after 16 bytes of magic, version and length, lists every piece's offset).
+  // Flip a byte in the first AdamW moment piece of rank 1's shard of step 20.
   const fs::path shard = dir_ / "ckpt" / "ddp" / "step-20" / "rank-1.shard";
-  std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
-  char prefix[16];
-  f.read(prefix, 16);
-  uint32_t header_length = 0;
-  std::memcpy(&header_length, prefix + 12, 4);
-  std::string header(header_length, '\0');
-  f.read(header.data(), header_length);
   uint64_t offset = 0;
-  const auto table = nlohmann::json::parse(header);
-  for (const auto& piece : table["pieces"]) {
-    if (piece["name"].get<std::string>().starts_with("optimizer.exp_avg.")) {
-      offset = piece["offset"].get<uint64_t>() + 1;
-      break;
+  {
+    auto store = llamad::storage::CheckpointStore::Open((dir_ / "ckpt").string(), {2, /*read_only=*/true});
+    ASSERT_TRUE(store.ok()) << store.status();
+    const auto pieces = (*store)->Pieces("ddp", 20);
+    ASSERT_TRUE(pieces.ok()) << pieces.status();
+    for (const auto& piece : *pieces) {
+      if (piece.rank == 1 && piece.name.starts_with("optimizer.exp_avg.")) {
+        offset = piece.offset + 1;
+        break;
+      }
     }
   }
-  ASSERT_GT(offset, 0u) << header;
-  char c = 0;
-  f.seekg(std::streamoff(offset));
-  f.get(c);
-  f.seekp(std::streamoff(offset));
-  f.put(char(c ^ 0x01));
-  f.close();
+  ASSERT_GT(offset, 0u);
+  ASSERT_TRUE(llamad::testing::FlipByte(shard.string(), offset));
 
   llamad::testing::Subprocess refused(std::string(LLAMA_TRAIN_BIN) + " train --config " + (dir_ / "job.yaml").string() +
                                       " --log-format json -p zero1 --nproc 2 --threads 1 -i 0 -f latest");

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <numeric>
 
+#include "common/flip_byte.h"
 #include "storage/direct_io.h"
 #include "storage/safetensors.h"
 
@@ -128,15 +129,7 @@ TEST(CheckpointStoreTest, AFlippedByteIsCaughtNamingFileAndTensor) {
   auto pieces = *store->Pieces("job", 1);
   const PieceRecord& victim = pieces[1];  // ordered by tensor then begin
   const std::string path = (fs::path(store->root()) / victim.file).string();
-  {
-    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
-    f.seekg(std::streamoff(victim.offset + 5));
-    char c;
-    f.read(&c, 1);
-    c ^= 0x10;
-    f.seekp(std::streamoff(victim.offset + 5));
-    f.write(&c, 1);
-  }
+  ASSERT_TRUE(llamad::testing::FlipByte(path, victim.offset + 5, 0x10));
   std::vector<float> got(70);
   const auto s = store->ReadRange("job", 1, victim.name, ElementType::kF32, victim.begin, victim.end, got.data());
   ASSERT_TRUE(absl::IsDataLoss(s)) << s;
