@@ -110,43 +110,9 @@ absl::Status WriteAt(int fd, const void* data, size_t size, uint64_t offset,
   return absl::OkStatus();
 }
 
-// Reads the `length`-byte payload at `offset` and its padding to 4 KiB in 8 MiB
-// segments through `buffers` (2 x kSegment, 4 KiB aligned), two segments in flight:
-// while one is read, the one before it is hashed and its payload bytes handed to
-// consume(at, data, bytes) (`at`: the bytes' offset in the payload). Returns the
-// payload's xxh3.
+// Reads move payloads (with their padding to 4 KiB) in segments of this size, two of
+// them in flight: while one is read, the one before it is hashed and handed on.
 constexpr uint64_t kSegment = uint64_t{8} << 20;
-using SegmentConsumer = std::function<void(uint64_t at, const char* data, uint64_t bytes)>;
-absl::StatusOr<uint64_t> ReadAndHash(DirectIoQueue& io, uint64_t offset, uint64_t length, char* buffers,
-                                     const SegmentConsumer& consume) {
-  const uint64_t padded = RoundUp(length);
-  const uint64_t segments = (padded + kSegment - 1) / kSegment;
-  auto segment_buffer = [&](uint64_t k) { return buffers + (k % 2) * kSegment; };
-  auto queue = [&](uint64_t k) {
-    const uint64_t at = k * kSegment;
-    return io.Queue(false, segment_buffer(k), offset + at, std::min(kSegment, padded - at), k % 2);
-  };
-  std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> state(XXH3_createState(), &XXH3_freeState);
-  if (!state) throw std::bad_alloc();
-  XXH3_64bits_reset(state.get());
-  absl::Status status = segments > 0 ? queue(0) : absl::OkStatus();
-  for (uint64_t k = 0; k < segments && status.ok(); ++k) {
-    // Segment k+1 goes into the buffer segment k-1 was consumed from.
-    if (k + 1 < segments) status = queue(k + 1);
-    if (status.ok()) status = io.Drain(k % 2);
-    if (!status.ok()) break;
-    const uint64_t at = k * kSegment;
-    if (at >= length) continue;  // padding only
-    const uint64_t bytes = std::min(kSegment, length - at);
-    XXH3_64bits_update(state.get(), segment_buffer(k), bytes);
-    consume(at, segment_buffer(k), bytes);
-  }
-  if (!status.ok()) {
-    (void)io.DrainAll();  // the buffers are the caller's again only once nothing is in flight
-    return status;
-  }
-  return XXH3_64bits_digest(state.get());
-}
 
 nlohmann::json ToJson(const PieceRecord& r) {
   return {{"name", r.name},     {"shape", r.shape},   {"dtype", ElementTypeName(r.type)},
@@ -608,13 +574,12 @@ absl::StatusOr<std::unique_ptr<CheckpointStore::Reader>> CheckpointStore::OpenRe
   return std::unique_ptr<Reader>(new Reader(*this, job, step));
 }
 
-absl::Status CheckpointStore::Reader::ReadPieces(const std::string& name, ElementType type, uint64_t begin,
-                                                 uint64_t end, const std::function<PieceReader>& read) {
-  const std::string& job = job_;
-  const int64_t step = step_;
+absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::Reader::FindPieces(const std::string& name,
+                                                                             ElementType type, uint64_t begin,
+                                                                             uint64_t end) {
   std::vector<PieceRecord> pieces;
   auto s =
-      Scan(store_.db_.get(), PiecePrefix(job, step, name), [&](const std::string&, const std::string& v) {
+      Scan(store_.db_.get(), PiecePrefix(job_, step_, name), [&](const std::string&, const std::string& v) {
         auto r = FromJson(v);
         if (!r.ok()) return r.status();
         if (r->end > begin && r->begin < end) pieces.push_back(*std::move(r));
@@ -623,7 +588,7 @@ absl::Status CheckpointStore::Reader::ReadPieces(const std::string& name, Elemen
   if (!s.ok()) return s;
   if (pieces.empty()) {
     return absl::NotFoundError(
-        fmt::format("checkpoint {} of job '{}' has no tensor '{}'", step, job, name));
+        fmt::format("checkpoint {} of job '{}' has no tensor '{}'", step_, job_, name));
   }
   // The pieces must cover [begin, end) with no gap.
   uint64_t covered = begin;
@@ -634,61 +599,42 @@ absl::Status CheckpointStore::Reader::ReadPieces(const std::string& name, Elemen
   if (covered < end) {
     return absl::DataLossError(
         fmt::format("checkpoint {} of job '{}': tensor '{}' has no data for elements [{}, {})",
-                    step, job, name, covered, end));
+                    step_, job_, name, covered, end));
   }
   for (const PieceRecord& p : pieces) {
     if (p.type != type) {
       return absl::DataLossError(
           fmt::format("checkpoint {} of job '{}': tensor '{}' is {} in the index, expected {}",
-                      step, job, name, ElementTypeName(p.type), ElementTypeName(type)));
+                      step_, job_, name, ElementTypeName(p.type), ElementTypeName(type)));
     }
-  }
-  absl::Status status;
-  for (const PieceRecord& p : pieces) {
-    const std::string path = (fs::path(store_.root_) / p.file).string();
-    auto open = std::find_if(shards_.begin(), shards_.end(), [&](const auto& shard) { return shard->path == path; });
-    if (open == shards_.end()) {
-      auto shard = std::make_unique<OpenShard>();
-      shard->path = path;
-      bool direct = false;
-      shard->fd = OpenMaybeDirect(path, O_RDONLY, &direct);
-      if (shard->fd < 0) {
-        status = absl::DataLossError(
-            fmt::format("{}: cannot open shard: {}", path, std::strerror(errno)));
-        break;
-      }
-      auto io = DirectIoQueue::Create(shard->fd, path, kIoBlock, kIoDepth);
-      if (!io.ok()) {
-        ::close(shard->fd);
-        status = io.status();
-        break;
-      }
-      shard->io = *std::move(io);
-      shards_.push_back(std::move(shard));
-      open = shards_.end() - 1;
-    }
-    OpenShard& shard = **open;
     if (p.offset % kAlign != 0) {
-      status = absl::DataLossError(fmt::format("{}: tensor '{}' has an unaligned payload offset {}",
-                                               path, p.name, p.offset));
-      break;
-    }
-    auto checksum = read(p, *shard.io);
-    if (!checksum.ok()) {
-      // A shard that cannot be read back is a damaged checkpoint (DataLoss: fallback
-      // applies); a failure of this machine's I/O queue is not, and keeps its code.
-      status = absl::Status(checksum.status().code(),
-                            fmt::format("{} (tensor '{}')", std::string(checksum.status().message()), p.name));
-      break;
-    }
-    if (*checksum != p.checksum) {
-      status = absl::DataLossError(
-          fmt::format("{}: tensor '{}' elements [{}, {}) fail their checksum: the shard is corrupt",
-                      path, p.name, p.begin, p.end));
-      break;
+      return absl::DataLossError(fmt::format("{}: tensor '{}' has an unaligned payload offset {}",
+                                             (fs::path(store_.root_) / p.file).string(), p.name, p.offset));
     }
   }
-  return status;
+  return pieces;
+}
+
+absl::StatusOr<CheckpointStore::Reader::OpenShard*> CheckpointStore::Reader::Shard(const std::string& file) {
+  const std::string path = (fs::path(store_.root_) / file).string();
+  for (auto& shard : shards_) {
+    if (shard->path == path) return shard.get();
+  }
+  auto shard = std::make_unique<OpenShard>();
+  shard->path = path;
+  bool direct = false;
+  shard->fd = OpenMaybeDirect(path, O_RDONLY, &direct);
+  if (shard->fd < 0) {
+    return absl::DataLossError(fmt::format("{}: cannot open shard: {}", path, std::strerror(errno)));
+  }
+  auto io = DirectIoQueue::Create(shard->fd, path, kIoBlock, kIoDepth);
+  if (!io.ok()) {
+    ::close(shard->fd);
+    return io.status();
+  }
+  shard->io = *std::move(io);
+  shards_.push_back(std::move(shard));
+  return shards_.back().get();
 }
 
 absl::Status CheckpointStore::ReadRange(const std::string& job, int64_t step, const std::string& name,
@@ -708,21 +654,95 @@ absl::Status CheckpointStore::Reader::ReadRange(const std::string& name, Element
 
 absl::Status CheckpointStore::Reader::ReadRangeStreamed(const std::string& name, ElementType type, uint64_t begin,
                                                         uint64_t end, const ElementSink& sink) {
-  const uint64_t elem = ElementSize(type);
+  return ReadRangesStreamed({RangeRead{name, type, begin, end, sink}});
+}
+
+absl::Status CheckpointStore::Reader::ReadRangesStreamed(const std::vector<RangeRead>& ranges) {
+  // Every piece to read, in order, with its shard and the range it serves.
+  struct PieceRead {
+    PieceRecord piece;
+    OpenShard* shard;
+    const RangeRead* range;
+  };
+  std::vector<PieceRead> reads;
+  for (const RangeRead& range : ranges) {
+    auto pieces = FindPieces(range.name, range.type, range.begin, range.end);
+    if (!pieces.ok()) return pieces.status();
+    for (PieceRecord& p : *pieces) {
+      auto shard = Shard(p.file);
+      if (!shard.ok()) return shard.status();
+      reads.push_back({std::move(p), *shard, &range});
+    }
+  }
+  // The segments of all pieces, one stream: segment i goes into buffer i % 2. A piece
+  // of no bytes still gets one (empty) segment, where its checksum is checked.
+  struct Segment {
+    size_t read;       // index in reads
+    uint64_t at;       // offset in the piece's payload
+    uint64_t bytes;    // bytes to read (whole 4 KiB blocks)
+    bool last;         // the piece's last
+  };
+  std::vector<Segment> segments;
+  for (size_t r = 0; r < reads.size(); ++r) {
+    const uint64_t padded = RoundUp(reads[r].piece.length);
+    uint64_t at = 0;
+    do {
+      const uint64_t bytes = std::min(kSegment, padded - at);
+      segments.push_back({r, at, bytes, at + bytes >= padded});
+      at += bytes;
+    } while (at < padded);
+  }
   // Payloads are 4 KiB aligned and padded in the file, so whole blocks are read with
   // direct I/O (no page cache pollution) into the segment buffers, kept from one read to
   // the next: fresh allocations cost a page fault per 4 KiB each time.
   if (!segments_) segments_ = std::make_unique<AlignedBuffer>(2 * kSegment);
-  return ReadPieces(name, type, begin, end, [&](const PieceRecord& p, DirectIoQueue& io) {
-    // The bytes of elements [begin, end) in this piece's payload.
-    const uint64_t want_lo = (std::max(begin, p.begin) - p.begin) * elem;
-    const uint64_t want_hi = (std::min(end, p.end) - p.begin) * elem;
-    return ReadAndHash(io, p.offset, p.length, segments_->data, [&](uint64_t at, const char* data, uint64_t bytes) {
-      // Segments end on element boundaries: kSegment is a multiple of every size.
-      const uint64_t lo = std::max(at, want_lo), hi = std::min(at + bytes, want_hi);
-      if (lo < hi) sink(p.begin + lo / elem, data + (lo - at), (hi - lo) / elem);
-    });
-  });
+  auto buffer = [&](size_t i) { return segments_->data + (i % 2) * kSegment; };
+  auto queue = [&](size_t i) {
+    const Segment& g = segments[i];
+    if (g.bytes == 0) return absl::OkStatus();
+    const PieceRead& r = reads[g.read];
+    return r.shard->io->Queue(false, buffer(i), r.piece.offset + g.at, g.bytes, i % 2);
+  };
+  std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> state(XXH3_createState(), &XXH3_freeState);
+  if (!state) throw std::bad_alloc();
+  absl::Status status = segments.empty() ? absl::OkStatus() : queue(0);
+  for (size_t i = 0; i < segments.size() && status.ok(); ++i) {
+    const Segment& g = segments[i];
+    const PieceRead& r = reads[g.read];
+    const PieceRecord& p = r.piece;
+    // Segment i+1, of this piece or the next, goes into the buffer segment i-1 was
+    // consumed from.
+    if (i + 1 < segments.size()) status = queue(i + 1);
+    if (status.ok() && g.bytes > 0) status = r.shard->io->Drain(i % 2);
+    if (!status.ok()) {
+      // A shard that cannot be read back is a damaged checkpoint (DataLoss: fallback
+      // applies); a failure of this machine's I/O queue is not, and keeps its code.
+      status = absl::Status(status.code(), fmt::format("{} (tensor '{}')", std::string(status.message()), p.name));
+      break;
+    }
+    if (g.at == 0) XXH3_64bits_reset(state.get());
+    if (g.at < p.length) {
+      const uint64_t bytes = std::min(g.bytes, p.length - g.at);
+      XXH3_64bits_update(state.get(), buffer(i), bytes);
+      // The bytes of the range's elements in this piece's payload; segments end on
+      // element boundaries (kSegment is a multiple of every element size).
+      const uint64_t elem = ElementSize(p.type);
+      const uint64_t want_lo = (std::max(r.range->begin, p.begin) - p.begin) * elem;
+      const uint64_t want_hi = (std::min(r.range->end, p.end) - p.begin) * elem;
+      const uint64_t lo = std::max(g.at, want_lo), hi = std::min(g.at + bytes, want_hi);
+      if (lo < hi) r.range->sink(p.begin + lo / elem, buffer(i) + (lo - g.at), (hi - lo) / elem);
+    }
+    if (g.last && XXH3_64bits_digest(state.get()) != p.checksum) {
+      status = absl::DataLossError(
+          fmt::format("{}: tensor '{}' elements [{}, {}) fail their checksum: the shard is corrupt",
+                      r.shard->path, p.name, p.begin, p.end));
+    }
+  }
+  if (!status.ok()) {
+    // The buffers are free again only once nothing is in flight.
+    for (auto& shard : shards_) (void)shard->io->DrainAll();
+  }
+  return status;
 }
 
 absl::Status CheckpointStore::Verify(const std::string& job, int64_t step) const {
@@ -730,13 +750,15 @@ absl::Status CheckpointStore::Verify(const std::string& job, int64_t step) const
   if (!pieces.ok()) return pieces.status();
   auto reader = OpenReader(job, step);
   if (!reader.ok()) return reader.status();
+  // In file order: each shard front to back.
+  std::sort(pieces->begin(), pieces->end(), [](const PieceRecord& a, const PieceRecord& b) {
+    return std::tie(a.file, a.offset) < std::tie(b.file, b.offset);
+  });
+  std::vector<Reader::RangeRead> ranges;
   for (const PieceRecord& p : *pieces) {
-    if (auto s = (*reader)->ReadRangeStreamed(p.name, p.type, p.begin, p.end, [](uint64_t, const void*, uint64_t) {});
-        !s.ok()) {
-      return s;
-    }
+    ranges.push_back({p.name, p.type, p.begin, p.end, [](uint64_t, const void*, uint64_t) {}});
   }
-  return absl::OkStatus();
+  return (*reader)->ReadRangesStreamed(ranges);
 }
 
 absl::StatusOr<std::vector<int64_t>> CheckpointStore::DropNewerThan(const std::string& job,

@@ -162,19 +162,32 @@ class CheckpointStore {
     using ElementSink = std::function<void(uint64_t first, const void* data, uint64_t count)>;
     absl::Status ReadRangeStreamed(const std::string& name, ElementType type, uint64_t begin, uint64_t end,
                                    const ElementSink& sink);
+    // One range of ReadRangesStreamed.
+    struct RangeRead {
+      std::string name;
+      ElementType type;
+      uint64_t begin, end;
+      ElementSink sink;
+    };
+    // Streams several ranges in the order given, as ReadRangeStreamed does each, but as
+    // one pipeline: the next piece's first segment is already being read while the last
+    // segment of the piece before is checked and handed on. Ranges given in the order a
+    // save wrote them then read each shard file front to back with no pause between
+    // tensors, as a sequential reader of the file would. Stops at the first error.
+    absl::Status ReadRangesStreamed(const std::vector<RangeRead>& ranges);
     // The same into `out` (room for end - begin elements of the tensor's type).
     absl::Status ReadRange(const std::string& name, ElementType type, uint64_t begin, uint64_t end, void* out);
 
    private:
     friend class CheckpointStore;
     Reader(const CheckpointStore& store, std::string job, int64_t step);
-    // Finds the pieces of `name` that overlap [begin, end) (checking that they cover it
-    // and hold `type`) and calls read(piece, queue) for each, with a queue on its shard
-    // file; `read` returns the payload's xxh3, which must match the index.
-    using PieceReader = absl::StatusOr<uint64_t>(const PieceRecord& piece, DirectIoQueue& io);
-    absl::Status ReadPieces(const std::string& name, ElementType type, uint64_t begin, uint64_t end,
-                            const std::function<PieceReader>& read);
+    // The pieces of `name` that overlap [begin, end), checked to cover it and hold `type`.
+    absl::StatusOr<std::vector<PieceRecord>> FindPieces(const std::string& name, ElementType type, uint64_t begin,
+                                                        uint64_t end);
     struct OpenShard;
+    // The shard file `file` (relative to the store's root), opened with its I/O queue at
+    // first use.
+    absl::StatusOr<OpenShard*> Shard(const std::string& file);
     const CheckpointStore& store_;
     std::string job_;
     int64_t step_;

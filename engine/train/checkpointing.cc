@@ -301,55 +301,55 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
                        static_cast<char*>(optimizer.exp_avg_sq()) + at, 3 * lo + 2});
     });
   }
-  // In the order a save writes them (AsyncCheckpointer::Save), so that the readers
-  // together move through each shard file front to back.
+  // In the order a save writes them (AsyncCheckpointer::Save): each reader streams a
+  // run of consecutive items, so that it moves through the shard file front to back.
   std::sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.order < b.order; });
-  // Several readers keep the disk busy while others checksum and convert. Each streams
-  // its tensors through two 8 MiB buffers of the store's, uploading each segment as it
-  // comes: bounded memory, and no fresh pages to fault in for every tensor.
   constexpr int kReaders = 4;
-  std::atomic<size_t> next{0};
+  // Each reader streams its run through two 8 MiB buffers of the store's, uploading
+  // each segment as it comes: bounded memory, and no fresh pages to fault in per tensor.
   std::mutex upload_mu;  // The backend is not thread-safe...
   // ...but f32 buffers in host memory take plain copies, which need no lock: every item
   // has its own destination (a restore on tmpfs: 2.7 GB/s through the backend under the
   // lock, 3.7 GB/s with copies).
   const bool host_f32 = BuffersInHostMemory(be);
+  size_t total = 0;
+  for (const Item& item : items) total += item.end - item.begin;
   std::vector<absl::Status> results(kReaders);
   std::vector<std::thread> readers;
+  size_t first = 0, done = 0;
   for (int r = 0; r < kReaders; ++r) {
-    readers.emplace_back([&, r] {
+    // Runs of about equal size.
+    size_t last = first;
+    const size_t until = total * size_t(r + 1) / size_t(kReaders);
+    while (last < items.size() && (done < until || r + 1 == kReaders)) done += items[last].end - items[last].begin, ++last;
+    if (last == first) continue;
+    readers.emplace_back([&, r, first, last] {
       try {
-        // Each reader keeps its shard files and I/O queues open from one tensor to the next.
         auto reader = store.OpenReader(job, step);
         if (!reader.ok()) {
           results[r] = reader.status();
-          next = items.size();
           return;
         }
-        for (size_t i = next++; i < items.size(); i = next++) {
+        std::vector<storage::CheckpointStore::Reader::RangeRead> ranges;
+        for (size_t i = first; i < last; ++i) {
           const Item& item = items[i];
-          auto s = (*reader)->ReadRangeStreamed(item.name, storage::ElementType::kF32, item.begin, item.end,
-                                                [&](uint64_t first, const void* data, uint64_t count) {
-                                                  void* dst = static_cast<char*>(item.dst) +
-                                                              model.accum_byte_offset(first - item.begin);
-                                                  if (host_f32) {
-                                                    std::memcpy(dst, data, count * sizeof(float));
-                                                    return;
-                                                  }
-                                                  std::lock_guard lock(upload_mu);
-                                                  be.UploadF32(dst, static_cast<const float*>(data), count);
-                                                });
-          if (!s.ok()) {
-            results[r] = s;
-            next = items.size();
-            return;
-          }
+          ranges.push_back({item.name, storage::ElementType::kF32, item.begin, item.end,
+                            [&](uint64_t from, const void* data, uint64_t count) {
+                              void* dst = static_cast<char*>(item.dst) + model.accum_byte_offset(from - item.begin);
+                              if (host_f32) {
+                                std::memcpy(dst, data, count * sizeof(float));
+                                return;
+                              }
+                              std::lock_guard lock(upload_mu);
+                              be.UploadF32(dst, static_cast<const float*>(data), count);
+                            }});
         }
+        results[r] = (*reader)->ReadRangesStreamed(ranges);
       } catch (const std::exception& e) {  // a thread must not let an exception escape
         results[r] = absl::InternalError(StrCat("restore: ", e.what()));
-        next = items.size();
       }
     });
+    first = last;
   }
   for (auto& t : readers) t.join();
   for (const auto& s : results) {

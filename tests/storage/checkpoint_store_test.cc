@@ -144,6 +144,56 @@ TEST(CheckpointStoreTest, AFlippedByteIsCaughtNamingFileAndTensor) {
   EXPECT_FALSE(store->Verify("job", 1).ok());
 }
 
+// Several ranges through one reader as one pipeline, across pieces of both shard files:
+// each sink gets its own elements in order; a damaged piece stops the stream there,
+// named, and no range after it is handed anything.
+TEST(CheckpointStoreTest, SeveralRangesStreamInOrderAndStopAtDamage) {
+  auto store = *CheckpointStore::Open(FreshDir("ranges").string());
+  std::vector<float> a(70), b(33);
+  std::iota(a.begin(), a.end(), 1.0f);
+  std::iota(b.begin(), b.end(), -100.0f);
+  WriteLayout(*store, 1, 2, a, b);  // a: [0, 35) and [35, 70); b: [0, 17) and [17, 33)
+  std::vector<float> got_a, got_b, got_tail;
+  auto into = [](std::vector<float>& out, uint64_t begin) {
+    return [&out, begin](uint64_t first, const void* data, uint64_t count) {
+      EXPECT_EQ(first, begin + out.size());
+      const float* f = static_cast<const float*>(data);
+      out.insert(out.end(), f, f + count);
+    };
+  };
+  using Range = CheckpointStore::Reader::RangeRead;
+  const std::vector<Range> ranges = {{"a", ElementType::kF32, 10, 60, into(got_a, 10)},
+                                     {"b", ElementType::kF32, 5, 30, into(got_b, 5)},
+                                     {"a", ElementType::kF32, 65, 70, into(got_tail, 65)}};
+  auto reader = *store->OpenReader("job", 1);
+  ASSERT_TRUE(reader->ReadRangesStreamed(ranges).ok());
+  EXPECT_EQ(got_a, std::vector<float>(a.begin() + 10, a.begin() + 60));
+  EXPECT_EQ(got_b, std::vector<float>(b.begin() + 5, b.begin() + 30));
+  EXPECT_EQ(got_tail, std::vector<float>(a.begin() + 65, a.end()));
+
+  // Damage b's second piece (rank 1's shard).
+  PieceRecord victim;
+  const auto pieces = store->Pieces("job", 1);
+  ASSERT_TRUE(pieces.ok()) << pieces.status();
+  for (const PieceRecord& p : *pieces) {
+    if (p.name == "b" && p.begin > 0) victim = p;
+  }
+  const std::string path = (fs::path(store->root()) / victim.file).string();
+  ASSERT_TRUE(llamad::testing::FlipByte(path, victim.offset + 3, 0x01));
+  got_a.clear(), got_b.clear(), got_tail.clear();
+  const auto s = reader->ReadRangesStreamed(ranges);
+  ASSERT_TRUE(absl::IsDataLoss(s)) << s;
+  EXPECT_NE(s.message().find(path), std::string::npos) << s;
+  EXPECT_NE(s.message().find("'b'"), std::string::npos) << s;
+  EXPECT_EQ(got_a.size(), 50u);   // read before the damage, and checked
+  EXPECT_TRUE(got_tail.empty());  // never reached
+  // A missing tensor fails before anything is read.
+  got_a.clear();
+  const auto missing = reader->ReadRangesStreamed({ranges[0], {"c", ElementType::kF32, 0, 1, into(got_b, 0)}});
+  EXPECT_TRUE(absl::IsNotFound(missing)) << missing;
+  EXPECT_TRUE(got_a.empty());
+}
+
 // Tensors larger than the write staging buffer (16 MiB) and the read segment (8 MiB):
 // many requests in flight at once, through both the staging and the in-place paths.
 void LargeTensorsRoundTripAndACutShardIsCaught(const std::string& dir) {
