@@ -35,6 +35,7 @@
 #include "train/checkpointing.h"
 #include "train/jobspec.h"
 #include "train/memory_plan.h"
+#include "train/placement.h"
 #include "core/host_memory.h"
 #include "core/exit_codes.h"
 #include "core/self_executable.h"
@@ -64,7 +65,8 @@ std::string HumanBytes(double bytes) {
 
 // Command-line values that override the job file when given.
 struct Overrides {
-  std::string model, plugin, precision, dataset, format, tokenizer, checkpoint_dir;
+  std::string model, plugin, placement, precision, dataset, format, tokenizer, checkpoint_dir;
+  double shard_param_frac = 1, offload_optim_frac = 0, offload_param_frac = 0;
   int64_t checkpoint_interval = 0;
   int64_t max_length = 0, batch_size = 0, global_batch_size = 0, warmup_steps = 0, steps = 0;
   double lr = 0, min_lr_ratio = 0, weight_decay = 0, grad_clip = 0;
@@ -90,6 +92,16 @@ struct Overrides {
         [this](JobSpec& s) { s.training.flash_attention = flash_attention; });
     add(app->add_option("-p,--plugin", plugin, "Parallel plugin: ddp, zero1, zero2, zero3, gemini"),
         [this](JobSpec& s) { s.parallel.plugin = plugin; });
+    // gemini's placement, with Colossal-AI's names.
+    add(app->add_option("--placement", placement, "gemini: static (by the fractions) or auto (by memory)"),
+        [this](JobSpec& s) { s.parallel.placement = placement; });
+    add(app->add_option("--shard-param-frac", shard_param_frac, "gemini: parameters sharded (1) or replicated (0)"),
+        [this](JobSpec& s) { s.parallel.shard_param_frac = shard_param_frac; });
+    add(app->add_option("--offload-optim-frac", offload_optim_frac,
+                        "gemini: share of a GPU's optimizer state in host memory (0 or 1)"),
+        [this](JobSpec& s) { s.parallel.offload_optim_frac = offload_optim_frac; });
+    add(app->add_option("--offload-param-frac", offload_param_frac, "gemini: share of the parameters in host memory"),
+        [this](JobSpec& s) { s.parallel.offload_param_frac = offload_param_frac; });
     add(app->add_option("--lr", lr, "Peak learning rate"), [this](JobSpec& s) { s.training.lr = lr; });
     add(app->add_option("--min-lr-ratio", min_lr_ratio, "Cosine floor as a fraction of --lr"),
         [this](JobSpec& s) { s.training.min_lr_ratio = min_lr_ratio; });
@@ -478,6 +490,9 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   const double peak = PeakFlops(*backend) * (*comm)->world_size();
   auto trainer = Trainer::Create(*spec, backend.get(), peak, comm->get());
   if (!trainer.ok()) return Fail(trainer.status());
+  if (lead && !(*trainer)->placement().empty()) {
+    std::fprintf(stderr, "llama-train: %s\n", (*trainer)->placement().c_str());
+  }
   // ZeRO ranks are built sharded: each imports and restores its own part. Under ddp rank
   // 0 does, and the others take its state (StartRanks).
   const bool zero_ranks = (*comm)->world_size() > 1 && spec->parallel.plugin != "ddp";
@@ -680,18 +695,19 @@ absl::StatusOr<uint64_t> ParseBytes(const std::string& text) {
   return absl::InvalidArgumentError(StrCat("'", text, "' is not a size (for example 80GiB or 512MiB)"));
 }
 
-// `llama-train plan`: the per-rank memory of the job on the backend its precision picks.
-int RunPlan(const Common& common, const Overrides& overrides, const std::string& device_memory, bool json) {
+// `llama-train plan`: the per-rank memory of the job on the backend its precision picks,
+// with gemini and offload.optimizer auto placed as a run would place them.
+int RunPlan(const Common& common, const Overrides& overrides, const std::string& device_memory, int nodes,
+            int devices_per_node, bool nproc_given, bool json) {
   auto spec = ReadSpec(common, overrides);
   if (!spec.ok()) return Fail(spec.status());
   const bool cuda = spec->training.mixed_precision == "bf16";
-  const DType dtype = cuda ? DType::kBF16 : DType::kF32;
-  // The CUDA backend holds a chunk of f32 logits and their bf16 gradients; the CPU
-  // backend a chunk of logits in its own type, and unfused scores per thread.
-  const uint64_t chunk = cuda ? CudaBackendOptions{}.lm_head_chunk_elements : CpuBackendOptions{}.lm_head_chunk_elements;
-  const int logit_bytes = cuda ? 6 : 4;
-  const int threads = common.threads > 0 ? common.threads : std::max(1, int(std::thread::hardware_concurrency()) / common.nproc);
-  const MemoryPlan plan = PlanMemory(*spec, dtype, DType::kF32, common.nproc, chunk, logit_bytes, cuda ? 0 : 3 * threads);
+  // --nproc, or --nodes times --devices-per-node, gives the world; the job's resources
+  // section fills in what is not given.
+  const int world = nproc_given ? common.nproc
+                                : (nodes > 0 ? nodes : int(spec->resources.nodes)) *
+                                      (devices_per_node > 0 ? devices_per_node : int(spec->resources.devices_per_node));
+  const int threads = common.threads > 0 ? common.threads : std::max(1, int(std::thread::hardware_concurrency()) / world);
   uint64_t budget = 0;
   std::string budget_name;
   if (!device_memory.empty()) {
@@ -699,28 +715,50 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
     if (!bytes.ok()) return Fail(absl::InvalidArgumentError(StrCat("--device-memory: ", bytes.status().message())));
     budget = *bytes;
     budget_name = StrCat("--device-memory ", device_memory);
+  } else if (spec->offload.memory_budget_gb > 0) {
+    budget = uint64_t(spec->offload.memory_budget_gb * double(1 << 30));
+    budget_name = "offload.memory_budget_gb";
   } else if (!cuda && AvailableHostMemoryBytes() > 0) {
-    budget = uint64_t(AvailableHostMemoryBytes()) / uint64_t(common.nproc);
-    budget_name = StrCat("this host's available memory", common.nproc > 1 ? " per rank" : "");
+    budget = uint64_t(AvailableHostMemoryBytes()) / uint64_t(world);
+    budget_name = StrCat("this host's available memory", world > 1 ? " per rank" : "");
   }
+  auto plan_of = [&](const JobSpec& s) { return PlanMemoryOn(s, cuda, world, threads); };
+  auto gemini = PlaceGemini(*spec, cuda, world, budget, plan_of);
+  if (!gemini.ok()) return Fail(gemini.status());
+  JobSpec placed = gemini->spec;
+  if (!cuda && placed.offload.optimizer == "auto") {
+    // Where a run would put the optimizer state; when nothing fits, the plan with it in
+    // memory shows by how much.
+    auto within = PlaceOptimizerState(placed, budget, plan_of);
+    if (within.ok()) {
+      placed = *std::move(within);
+    } else {
+      placed.offload.optimizer = "memory";
+    }
+  }
+  const MemoryPlan plan = plan_of(placed);
+  const bool fits = budget == 0 || plan.total() <= budget;
   if (json) {
-    const nlohmann::json out = {{"parameters", plan.parameters},   {"master_weights", plan.master_weights},
-                                {"gradients", plan.gradients},     {"optimizer_state", plan.optimizer_state},
-                                {"activations", plan.activations}, {"workspace", plan.workspace},
-                                {"checkpoint_snapshot", plan.checkpoint_snapshot},
-                                {"optimizer_state_host", plan.optimizer_state_host},
-                                {"total", plan.total()},           {"world_size", plan.world_size},
-                                {"budget", budget},                {"fits", budget == 0 || plan.total() <= budget}};
+    nlohmann::json out = {{"parameters", plan.parameters},   {"master_weights", plan.master_weights},
+                          {"gradients", plan.gradients},     {"optimizer_state", plan.optimizer_state},
+                          {"activations", plan.activations}, {"workspace", plan.workspace},
+                          {"checkpoint_snapshot", plan.checkpoint_snapshot},
+                          {"optimizer_state_host", plan.optimizer_state_host},
+                          {"optimizer_state_nvme", plan.optimizer_state_nvme},
+                          {"total", plan.total()},           {"world_size", plan.world_size},
+                          {"plugin", placed.parallel.plugin}, {"optimizer", placed.offload.optimizer},
+                          {"budget", budget},                {"fits", fits}};
+    if (!gemini->summary.empty()) out["placement"] = gemini->summary;
     std::printf("%s\n", out.dump().c_str());
-    return budget > 0 && plan.total() > budget ? kExitFailure : 0;
+    return fits ? 0 : kExitFailure;
   }
-  std::printf("job '%s': model %s (%.2fM parameters), %s, plugin %s, micro-batch %lld x %lld, %s\n%s",
+  std::printf("job '%s': model %s (%.2fM parameters), %s, plugin %s, micro-batch %lld x %lld, %s\n%s%s",
               spec->name.c_str(), spec->model.name.c_str(), spec->model.NumParameters() / 1e6,
               cuda ? "CUDA bf16 (f32 master, gradients, moments)" : "CPU fp32", spec->parallel.plugin.c_str(),
               (long long)spec->training.batch_size, (long long)spec->training.max_length,
               spec->training.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
-              plan.Describe(budget, budget_name).c_str());
-  return budget > 0 && plan.total() > budget ? kExitFailure : 0;
+              gemini->summary.empty() ? "" : (gemini->summary + "\n").c_str(), plan.Describe(budget, budget_name).c_str());
+  return fits ? 0 : kExitFailure;
 }
 
 int RunExport(const std::string& load, const std::string& hf_out) {
@@ -816,7 +854,13 @@ int Main(int argc, char** argv) {
   std::string device_memory;
   CLI::App* plan = app.add_subcommand("plan", "Per-rank memory of a job: weights, gradients, optimizer, activations");
   plan->add_option("--config", common.config, "Job spec YAML file")->required();
-  plan->add_option("--nproc", common.nproc, "Data-parallel ranks")->check(CLI::Range(1, 1 << 20));
+  CLI::Option* plan_nproc = plan->add_option("--nproc", common.nproc, "Data-parallel ranks (default: the job's resources)")
+                                ->check(CLI::Range(1, 1 << 20));
+  int plan_nodes = 0, plan_devices = 0;
+  plan->add_option("--nodes", plan_nodes, "Nodes (ranks: nodes x devices per node; default: the job's resources)")
+      ->check(CLI::Range(1, 100000));
+  plan->add_option("--devices-per-node", plan_devices, "Ranks per node (default: the job's resources)")
+      ->check(CLI::Range(1, 1024));
   plan->add_option("--threads", common.threads, "CPU threads per rank (default: the cores / ranks)");
   plan->add_option("--device-memory", device_memory, "Memory per rank to check against (e.g. 80GiB)");
   bool plan_json = false;
@@ -839,7 +883,10 @@ int Main(int argc, char** argv) {
   if (*train && common.nproc > 1 && std::getenv(kRankEnv) == nullptr) return LaunchRanks(common.nproc);
   if (*train) return RunTrain(common, train_overrides);
   if (*exp) return RunExport(load, hf_out);
-  if (*plan) return RunPlan(common, plan_overrides, device_memory, plan_json);
+  if (*plan) {
+    return RunPlan(common, plan_overrides, device_memory, plan_nodes, plan_devices, plan_nproc->count() > 0,
+                   plan_json);
+  }
   return RunEval(common, eval_overrides, tokens_path);
 }
 

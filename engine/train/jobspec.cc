@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <tuple>
 
 #include "core/strings.h"
 #include "core/yaml_fields.h"
@@ -101,6 +102,10 @@ absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::strin
   top.Allow("parallel");
   p.Get("plugin", &spec.parallel.plugin);
   p.Get("bucket_mb", &spec.parallel.bucket_mb);
+  p.Get("placement", &spec.parallel.placement);
+  p.Get("shard_param_frac", &spec.parallel.shard_param_frac);
+  p.Get("offload_optim_frac", &spec.parallel.offload_optim_frac);
+  p.Get("offload_param_frac", &spec.parallel.offload_param_frac);
 
   // A path field: relative paths are taken against the job file's folder.
   auto get_path = [&](YamlSection& section, const char* key, std::string* field) {
@@ -202,6 +207,27 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   if (!OneOf(spec.parallel.plugin, kPlugins)) {
     return fail("parallel.plugin", StrCat("'", spec.parallel.plugin, "'"),
                 StrCat("is not one of ", Choices(kPlugins)));
+  }
+  const ParallelSpec& par = spec.parallel;
+  if (par.placement != "static" && par.placement != "auto") {
+    return fail("parallel.placement", StrCat("'", par.placement, "'"), "is not one of static, auto");
+  }
+  const ParallelSpec defaults;
+  for (const auto& [key, value, fallback] :
+       {std::tuple<const char*, double, double>{"parallel.shard_param_frac", par.shard_param_frac, defaults.shard_param_frac},
+        {"parallel.offload_optim_frac", par.offload_optim_frac, defaults.offload_optim_frac},
+        {"parallel.offload_param_frac", par.offload_param_frac, defaults.offload_param_frac}}) {
+    if (!(value >= 0 && value <= 1)) return fail(key, value, "must be within [0, 1]");
+    if (value != fallback && par.plugin != "gemini") {
+      return fail(key, value, StrCat("places gemini's chunks; parallel.plugin is '", par.plugin, "'"));
+    }
+    if (value != fallback && par.placement == "auto") {
+      return fail(key, value, "is a static placement's; parallel.placement auto places by the memory budget");
+    }
+  }
+  if (par.placement != defaults.placement && par.plugin != "gemini") {
+    return fail("parallel.placement", StrCat("'", par.placement, "'"),
+                StrCat("places gemini's chunks; parallel.plugin is '", par.plugin, "'"));
   }
   if (!OneOf(spec.data.format, kFormats)) {
     return fail("data.format", StrCat("'", spec.data.format, "'"),

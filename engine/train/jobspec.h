@@ -35,6 +35,13 @@ struct TrainingSpec {
 struct ParallelSpec {
   std::string plugin = "ddp";       // ddp | zero1 | zero2 | zero3 | gemini.
   double bucket_mb = 16;            // Gradient all-reduce buckets hold at least this much.
+  // gemini (Colossal-AI's GeminiPlugin, its names): where parameters and optimizer state
+  // live (train/placement.h). static: by the fractions; auto: the memory planner picks
+  // the least sharding and offloading that fits the rank's memory.
+  std::string placement = "static";
+  double shard_param_frac = 1.0;    // 1: parameters sharded over the ranks; 0: replicated
+  double offload_optim_frac = 0.0;  // share of the optimizer state in host memory
+  double offload_param_frac = 0.0;  // share of the parameters in host memory
 };
 
 struct DataSpec {

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cuda/cuda_backend_impl.h"
 #include "model/llama.h"
 #include "train/optimizer.h"
 
@@ -72,6 +74,15 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   }
   plan.snapshot_on_this_tier = dtype == accum;  // the CPU backend's memory is the host's
   return plan;
+}
+
+MemoryPlan PlanMemoryOn(const JobSpec& spec, bool cuda, int world_size, int cpu_threads) {
+  if (cuda) {
+    return PlanMemory(spec, DType::kBF16, DType::kF32, world_size, CudaBackendOptions{}.lm_head_chunk_elements,
+                      /*logit_bytes=*/6, /*score_threads=*/0);
+  }
+  return PlanMemory(spec, DType::kF32, DType::kF32, world_size, CpuBackendOptions{}.lm_head_chunk_elements,
+                    /*logit_bytes=*/4, 3 * cpu_threads);
 }
 
 std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name) const {

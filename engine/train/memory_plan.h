@@ -47,5 +47,10 @@ struct MemoryPlan {
 // unused with flash attention).
 MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_size,
                       uint64_t lm_head_chunk_elements, int logit_bytes, int score_threads);
+// PlanMemory with the types and buffers of the backend the job runs on: the CUDA
+// backend's (bf16, f32 master weights, a chunk of f32 logits and their bf16 gradients),
+// or the CPU backend's (f32, `cpu_threads` threads per rank). A gemini job is planned
+// as the layout PlaceGemini resolves it to (train/placement.h), which takes this plan.
+MemoryPlan PlanMemoryOn(const JobSpec& spec, bool cuda, int world_size, int cpu_threads);
 
 }  // namespace llamad

@@ -11,6 +11,7 @@
 #include "comm/backend_collectives.h"
 #include "core/host_memory.h"
 #include "train/memory_plan.h"
+#include "train/placement.h"
 #include "core/strings.h"
 
 namespace llamad {
@@ -84,17 +85,41 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
           " (hidden_size / num_attention_heads); the CUDA attention kernels take 32, 64 or 128"));
     }
   }
-  if (spec.parallel.plugin == "gemini") {
-    return absl::InvalidArgumentError(StrCat(
-        f, ": parallel.plugin: 'gemini' is not available in this build yet (available: ddp, zero1, zero2, "
-        "zero3; offload.optimizer moves the optimizer state to NVMe)"));
-  }
   if (spec.training.max_length > spec.model.max_position_embeddings) {
     return absl::InvalidArgumentError(StrCat(
         f, ": training.max_length: ", spec.training.max_length,
         " exceeds the model's max_position_embeddings ", spec.model.max_position_embeddings));
   }
-  JobSpec placed = spec;  // with offload.optimizer auto resolved
+  return CreateWithinMemory(spec, backend, peak_flops, comm);
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateWithinMemory(const JobSpec& requested, Backend* backend,
+                                                                     double peak_flops, Communicator* comm) {
+  const int world = comm != nullptr ? comm->world_size() : 1;
+  const bool cuda = backend->name() == "cuda";
+  // The ranks share this host's memory, unless the job gives each rank a budget; a GPU's
+  // own memory, less a tenth for the CUDA context, cuBLASLt's workspaces and
+  // fragmentation.
+  int64_t budget = requested.offload.memory_budget_gb > 0
+                             ? int64_t(requested.offload.memory_budget_gb * double(1 << 30))
+                         : cuda ? int64_t(double(backend->device_memory_bytes()) * 0.9)
+                                : AvailableHostMemoryBytes() / world;
+  if (requested.parallel.plugin == "gemini" && requested.parallel.placement == "auto" && world > 1) {
+    // Every rank must choose the same layout: they agree on the smallest budget.
+    std::vector<double> budgets(size_t(world), 0);
+    budgets[size_t(comm->rank())] = double(budget);
+    if (auto s = comm->AllReduceSum(budgets.data(), budgets.size()); !s.ok()) return s;
+    budget = int64_t(*std::min_element(budgets.begin(), budgets.end()));
+  }
+  auto plan_of = [&](const JobSpec& s) {
+    if (cuda) return PlanMemoryOn(s, /*cuda=*/true, world, 0);
+    return PlanMemory(s, backend->dtype(), backend->accum_dtype(), world, CpuBackendOptions{}.lm_head_chunk_elements,
+                      int(DTypeSize(backend->dtype())), 3 * CpuThreads());
+  };
+  auto gemini = PlaceGemini(requested, cuda, world, uint64_t(std::max<int64_t>(budget, 0)), plan_of);
+  if (!gemini.ok()) return gemini.status();
+  const JobSpec& spec = gemini->spec;  // gemini resolved to zero2/zero3 and an optimizer tier
+  const std::string& f = spec.path;
   if (spec.offload.optimizer == "host") {
     if (!backend->needs_master_weights()) {
       return absl::InvalidArgumentError(StrCat(
@@ -102,55 +127,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
           " backend keeps it in host memory already (use memory, or nvme for the NVMe tier)"));
     }
   }
+  JobSpec placed = spec;
   if (backend->name() == "cpu") {
-    const int world = comm != nullptr ? comm->world_size() : 1;
-    auto plan_with = [&](const std::string& tier, double nvme_fraction) {
-      JobSpec s = spec;
-      s.offload.optimizer = tier;
-      s.offload.nvme_fraction = nvme_fraction;
-      return PlanMemory(s, backend->dtype(), backend->accum_dtype(), world, CpuBackendOptions{}.lm_head_chunk_elements,
-                        int(DTypeSize(backend->dtype())), 3 * CpuThreads());
-    };
-    const OffloadSpec& o = spec.offload;
-    // The ranks share this host's memory, unless the job gives each rank a budget.
-    const int64_t budget = o.memory_budget_gb > 0 ? int64_t(o.memory_budget_gb * double(1 << 30))
-                                                  : AvailableHostMemoryBytes() / world;
-    if (o.optimizer == "auto") {
-      // The planner places the optimizer state: in memory when everything fits the budget,
-      // else as little of it on the NVMe tier as makes the rest fit (in 1/1024ths).
-      const bool fits = budget <= 0 || plan_with("memory", 1).total() <= uint64_t(budget);
-      if (!fits && o.nvme_path.empty()) {
-        return absl::InvalidArgumentError(StrCat(
-            f, ": offload.optimizer auto: the job needs ",
-            fmt::format("{:.2f}", double(plan_with("memory", 1).total()) / (1 << 30)), " GiB with the optimizer state in ",
-            "memory, more than the budget of ", fmt::format("{:.2f}", double(budget) / (1 << 30)),
-            " GiB; set offload.nvme_path for the NVMe tier"));
-      }
-      placed.offload.optimizer = fits ? "memory" : "nvme";
-      if (!fits) {
-        int lo = 1, hi = 1024;  // the plan shrinks as the fraction grows: the smallest that fits
-        while (lo < hi) {
-          const int mid = (lo + hi) / 2;
-          if (plan_with("nvme", mid / 1024.0).total() <= uint64_t(budget)) {
-            hi = mid;
-          } else {
-            lo = mid + 1;
-          }
-        }
-        placed.offload.nvme_fraction = lo / 1024.0;
-      }
-    }
-    const double needed = double(plan_with(placed.offload.optimizer, placed.offload.nvme_fraction).total());
-    if (budget > 0 && needed > double(budget)) {
-      return absl::InvalidArgumentError(StrCat(
-          f, ": model ", spec.model.name, " (", spec.model.NumParameters(), " parameters) with batch ",
-          spec.training.batch_size, " x ", spec.training.max_length, " needs ",
-          fmt::format("{:.2f}", needed / (1 << 30)), " GiB of host memory for weights, gradients, ",
-          "optimizer state and activations; ", fmt::format("{:.2f}", double(budget) / (1 << 30)), " GiB ",
-          o.memory_budget_gb > 0 ? "is offload.memory_budget_gb" : "are available",
-          " (a smaller model, -b, -l or -g lowers it", placed.offload.optimizer == "memory" ? "; so does offload.optimizer nvme" : "",
-          ")"));
-    }
+    // offload.optimizer auto resolved, and the job checked against the rank's memory.
+    auto within = PlaceOptimizerState(spec, uint64_t(std::max<int64_t>(budget, 0)), plan_of);
+    if (!within.ok()) return within.status();
+    placed = *std::move(within);
   }
   if (comm != nullptr && comm->world_size() > 1) {
     if (!BuffersInHostMemory(*backend) && spec.offload.optimizer == "nvme") {
@@ -165,7 +147,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Ba
           " ranks (raise training.global_batch_size)"));
     }
   }
-  return std::unique_ptr<Trainer>(new Trainer(placed, backend, peak_flops, comm));
+  auto trainer = std::unique_ptr<Trainer>(new Trainer(placed, backend, peak_flops, comm));
+  trainer->placement_ = gemini->summary;
+  return trainer;
 }
 
 absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {

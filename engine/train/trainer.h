@@ -89,7 +89,11 @@ class Trainer {
   double Evaluate(const TokenSource& data);
 
   LlamaModel& model() { return *model_; }
+  // The spec it runs: gemini resolved to the ZeRO stage and optimizer tier it placed
+  // (train/placement.h), offload.optimizer auto to the tier the memory planner chose.
   const JobSpec& spec() const { return spec_; }
+  // gemini: one line on what was placed where and why; empty for the other plugins.
+  const std::string& placement() const { return placement_; }
 
  private:
   Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Communicator* comm);
@@ -102,7 +106,13 @@ class Trainer {
   void ForEachOwnerPart(size_t begin, size_t end,
                         const std::function<absl::Status(int owner, size_t lo, size_t hi)>& part);
 
+  // Create after the checks that need no memory plan: places gemini and the optimizer
+  // state within the rank's memory budget, checks that the job fits, and builds.
+  static absl::StatusOr<std::unique_ptr<Trainer>> CreateWithinMemory(const JobSpec& spec, Backend* backend,
+                                                                     double peak_flops, Communicator* comm);
+
   JobSpec spec_;
+  std::string placement_;
   Backend* backend_;
   std::unique_ptr<Communicator> local_comm_;  // when no communicator was given
   Communicator* comm_;

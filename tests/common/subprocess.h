@@ -90,4 +90,16 @@ class Subprocess {
   std::string buffer_, output_;
 };
 
+// Runs `command` to its end: its exit code (or 128 + signal) and everything it printed.
+struct CommandResult {
+  int exit_code;
+  std::string output;  // stdout and stderr
+};
+inline CommandResult RunCommand(const std::string& command) {
+  Subprocess p(command);
+  while (p.ReadLine(/*timeout_s=*/900)) {
+  }
+  return {p.Wait(), p.output()};
+}
+
 }  // namespace llamad::testing

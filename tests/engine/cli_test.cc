@@ -1,8 +1,6 @@
 // llama-train as a real process: exit codes and messages for bad input, and a short run.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -11,23 +9,14 @@
 #include <nlohmann/json.hpp>
 
 #include "common/step_losses.h"
+#include "common/subprocess.h"
 
 namespace {
 
-struct Result {
-  int exit_code;
-  std::string output;  // stdout and stderr
-};
+using Result = llamad::testing::CommandResult;
 
-Result RunTrain(const std::string& args) {
-  const std::string command = std::string(LLAMA_TRAIN_BIN) + " " + args + " 2>&1";
-  FILE* pipe = popen(command.c_str(), "r");
-  std::string output;
-  std::array<char, 4096> buf;
-  while (size_t n = fread(buf.data(), 1, buf.size(), pipe)) output.append(buf.data(), n);
-  const int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), output};
-}
+// llama-train with `args`.
+Result RunTrain(const std::string& args) { return llamad::testing::RunCommand(std::string(LLAMA_TRAIN_BIN) + " " + args); }
 
 std::filesystem::path TempDir() {
   auto dir = std::filesystem::temp_directory_path() / ("llamad-cli-test-" + std::to_string(getpid()));
@@ -82,7 +71,8 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
       {"train --config " + job + " -c 5b", "unknown model preset '5b'"},
       {"train --config " + job + " -b -4", "training.batch_size: -4"},
       {"train --config " + job + " --lr 0", "training.lr: 0"},
-      {"train --config " + job + " -p gemini", "parallel.plugin: 'gemini'"},
+      {"train --config " + job + " -p gemini --shard-param-frac 0.5", "parallel.shard_param_frac: 0.5"},
+      {"train --config " + job + " --offload-optim-frac 1", "parallel.offload_optim_frac: 1 places gemini's"},
       {"train --config " + job + " -x bf16", "training.mixed_precision"},
       {"train --config " + job + " -l 4096", "max_position_embeddings"},
       {"train --config " + job + " --no-such-flag", "no-such-flag"},

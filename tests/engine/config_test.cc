@@ -145,6 +145,13 @@ TEST(JobSpecTest, BadSpecsNameTheKeyAndValue) {
               {"training.global_batch_size", "10", "multiple"});
   ExpectError("model: tiny\nparallel: {plugin: fsdp}\n", {"parallel.plugin", "'fsdp'", "zero3"});
   ExpectError("model: tiny\ntraining: {mixed_precision: fp8}\n", {"training.mixed_precision", "fp8"});
+  ExpectError("model: tiny\nparallel: {plugin: gemini, placement: dynamic}\n", {"parallel.placement", "'dynamic'"});
+  ExpectError("model: tiny\nparallel: {plugin: gemini, offload_param_frac: 1.5}\n",
+              {"parallel.offload_param_frac", "1.5", "[0, 1]"});
+  ExpectError("model: tiny\nparallel: {plugin: zero3, shard_param_frac: 0}\n",
+              {"parallel.shard_param_frac", "gemini", "'zero3'"});
+  ExpectError("model: tiny\nparallel: {plugin: gemini, placement: auto, offload_optim_frac: 1}\n",
+              {"parallel.offload_optim_frac", "placement auto"});
   ExpectError("model: tiny\noffload: {optimizer: nvme, nvme_path: swap, nvme_fraction: 0}\n",
               {"offload.nvme_fraction", "0", "(0, 1]"});
   ExpectError("model: tiny\noffload: {optimizer: nvme, nvme_path: swap, nvme_fraction: 1.5}\n",

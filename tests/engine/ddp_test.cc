@@ -219,6 +219,76 @@ checkpoint: {dir: ckpt, interval: 0}
   EXPECT_LT(peak["zero3"], peak["zero2"] - 0.15 * buffer);
 }
 
+// gemini places a job as zero2 or zero3, by its static fractions or (placement auto) by
+// the memory planner against the rank's budget, with the optimizer state partly on the
+// NVMe tier when even zero3 does not fit. The curve is the same wherever things go.
+TEST_F(DdpTest, GeminiPlacesByFractionsOrByMemoryBudget) {
+  const std::string job = R"(
+name: ddp
+model: {hidden_size: 256, intermediate_size: 512, num_hidden_layers: 8, num_attention_heads: 4,
+        num_key_value_heads: 2, vocab_size: 64, max_position_embeddings: 128}
+training: {max_length: 32, batch_size: 2, global_batch_size: 8, steps: 4, lr: 3e-3, seed: 9}
+data: {dataset: tokens.u32}
+checkpoint: {dir: ckpt, interval: 0}
+)";
+  auto write_job = [&](const std::string& extra) { std::ofstream(dir_ / "job.yaml") << job << extra; };
+  write_job("");
+  size_t full_params = 0;
+  const auto one = Train("--nproc 1 --threads 1", nullptr, nullptr, &full_params);
+  ASSERT_EQ(one.size(), 4u);
+  auto run = [&](const std::string& args, const char* what) {
+    size_t state = 0, params = 0;
+    ExpectSameCurve(Train(args + " --nproc 2 --threads 1", &state, nullptr, &params), one, what);
+    return std::pair{params, state};
+  };
+  // static: shard_param_frac 1 (the default) shards the parameters as zero3 does; 0
+  // keeps them whole on every rank, as zero2 does.
+  const auto [zero3_params, zero3_state] = run("-p gemini", "gemini static, parameters sharded");
+  EXPECT_LT(zero3_params, 0.8 * full_params);
+  EXPECT_EQ(run("-p gemini --shard-param-frac 0", "gemini static, parameters replicated").first, full_params);
+  // Fractions this build cannot place are refused, naming the key.
+  const auto half = llamad::testing::RunCommand(std::string(LLAMA_TRAIN_BIN) + " train --config " +
+                                                (dir_ / "job.yaml").string() + " -p gemini --shard-param-frac 0.5");
+  EXPECT_EQ(half.exit_code, 2) << half.output;
+  EXPECT_NE(half.output.find("parallel.shard_param_frac: 0.5"), std::string::npos) << half.output;
+
+  // auto: what each layout needs per rank, from the planner...
+  auto planned = [&](const std::string& args) {
+    const auto r = llamad::testing::RunCommand(std::string(LLAMA_TRAIN_BIN) + " plan --config " +
+                                               (dir_ / "job.yaml").string() + " --json --nproc 2 --threads 1 " + args);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return nlohmann::json::parse(r.output.substr(r.output.find('{')))["total"].get<double>();
+  };
+  const double zero2 = planned("-p zero2"), zero3 = planned("-p zero3");
+  // The swap pipeline's chunks small next to this model's moments (3 x 64 KiB in memory).
+  const std::string swap = "nvme_path: swap, chunk_mb: 0.0625, block_kb: 4";
+  fs::create_directories(dir_ / "swap");
+  write_job("offload: {optimizer: nvme, " + swap + "}\n");
+  const double zero3_nvme = planned("-p zero3");
+  ASSERT_LT(zero3, zero2);
+  ASSERT_LT(zero3_nvme, zero3);
+  // ...and the layout each budget gets: zero2 when it fits, else zero3, else zero3 with
+  // as many moments on NVMe as it takes.
+  auto with_budget = [&](double bytes, bool nvme) {
+    write_job("parallel: {plugin: gemini, placement: auto}\noffload: {memory_budget_gb: " +
+              std::to_string(bytes / (1 << 30)) + (nvme ? ", " + swap : "") + "}\n");
+  };
+  with_budget(zero2 * 1.01, false);
+  EXPECT_EQ(run("", "gemini auto, zero2 fits").first, full_params);
+  with_budget((zero2 + zero3) / 2, false);
+  EXPECT_EQ(run("", "gemini auto, zero3 fits").first, zero3_params);
+  with_budget((zero3 + zero3_nvme) / 2, true);
+  const auto [params, state] = run("", "gemini auto, zero3 with moments on NVMe");
+  EXPECT_EQ(params, zero3_params);
+  EXPECT_LT(state, zero3_state);
+  // Nothing fits: a clear error that says what each layout needs.
+  with_budget(zero3_nvme / 2, true);
+  const auto none = llamad::testing::RunCommand(std::string(LLAMA_TRAIN_BIN) + " train --config " +
+                                                (dir_ / "job.yaml").string() + " --nproc 2 --threads 1");
+  EXPECT_NE(none.exit_code, 0) << none.output;
+  EXPECT_NE(none.output.find("no layout fits"), std::string::npos) << none.output;
+}
+
 TEST_F(DdpTest, CheckpointAtWorldSizeFourResumesAtTwoAndThree) {
   // The uninterrupted world-size-4 run saves at steps 10 and 20.
   const auto uninterrupted = Train("--nproc 4 --threads 1 -i 10");

@@ -483,6 +483,10 @@ class CudaBackend final : public Backend {
     return allocated_ + (cudnn_ != nullptr ? cudnn_->workspace_bytes() : 0);
   }
   size_t peak_allocated_bytes() const override { return peak_; }
+  size_t device_memory_bytes() const override {
+    size_t free_bytes = 0, total = 0;
+    return cudaMemGetInfo(&free_bytes, &total) == cudaSuccess ? total : 0;
+  }
   void ResetPeak() override { peak_ = allocated_bytes(); }
   void Synchronize() override { LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 

@@ -1,0 +1,165 @@
+#include "train/placement.h"
+
+#include <fmt/format.h>
+
+#include <vector>
+
+#include "core/strings.h"
+#include "core/yaml_fields.h"
+
+namespace llamad {
+namespace {
+
+// Bytes for people: GiB, or MiB below one GiB.
+std::string Gib(uint64_t bytes) {
+  if (bytes < (uint64_t{1} << 30)) return fmt::format("{:.1f} MiB", double(bytes) / double(1 << 20));
+  return fmt::format("{:.2f} GiB", double(bytes) / double(uint64_t{1} << 30));
+}
+
+// What a resolved layout is, in words.
+std::string Describe(const JobSpec& s, bool cuda, int world) {
+  std::string out = world == 1                       ? StrCat("one rank holds all (", s.parallel.plugin, ")")
+                    : s.parallel.plugin == "zero3" ? StrCat("parameters sharded over ", world, " ranks (zero3)")
+                                                   : StrCat("parameters replicated, gradients and optimizer state "
+                                                            "sharded over ", world, " ranks (zero2)");
+  if (s.offload.optimizer == "host") return StrCat(out, ", optimizer state in host memory, updated by the CPU");
+  if (s.offload.optimizer == "nvme") return StrCat(out, ", AdamW moments partly on the NVMe tier");
+  if (s.offload.optimizer == "auto") return StrCat(out, ", AdamW moments in memory and, as needed, on the NVMe tier");
+  return StrCat(out, cuda ? ", optimizer state on the device" : ", everything in host memory");
+}
+
+}  // namespace
+
+absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int world, uint64_t budget,
+                                            const std::function<MemoryPlan(const JobSpec&)>& plan) {
+  if (spec.parallel.plugin != "gemini") return GeminiPlacement{spec, ""};
+  const std::string& f = spec.path;
+  const ParallelSpec& p = spec.parallel;
+  auto with = [&](const char* plugin, const std::string& optimizer) {
+    JobSpec s = spec;
+    s.parallel.plugin = plugin;
+    s.offload.optimizer = optimizer;
+    return s;
+  };
+  if (cuda && spec.offload.optimizer != "memory") {
+    return ConfigError(f, StrCat("offload.optimizer: '", spec.offload.optimizer,
+                                 "': under parallel.plugin gemini, parallel.offload_optim_frac places a GPU's "
+                                 "optimizer state (1: host memory); leave offload.optimizer memory"));
+  }
+
+  if (p.placement == "static") {
+    if (p.shard_param_frac != 0 && p.shard_param_frac != 1) {
+      return ConfigError(f, StrCat("parallel.shard_param_frac: ", p.shard_param_frac,
+                                   ": this build shards all of the parameters (1, as zero3) or none (0, as zero2)"));
+    }
+    const char* plugin = p.shard_param_frac == 1 ? "zero3" : "zero2";
+    if (!cuda) {
+      // The CPU backend's memory is the host's: nothing to move, whatever the fractions.
+      JobSpec s = with(plugin, spec.offload.optimizer);
+      std::string summary = StrCat("gemini static: ", Describe(s, cuda, world));
+      if (p.offload_optim_frac > 0 || p.offload_param_frac > 0) {
+        summary += " (the offload fractions move nothing: the CPU backend's memory is host memory)";
+      }
+      return GeminiPlacement{std::move(s), std::move(summary)};
+    }
+    if (p.offload_optim_frac != 0 && p.offload_optim_frac != 1) {
+      return ConfigError(f, StrCat("parallel.offload_optim_frac: ", p.offload_optim_frac,
+                                   ": this build keeps all of a GPU's optimizer state on the device (0) or in host "
+                                   "memory (1)"));
+    }
+    if (p.offload_param_frac != 0) {
+      return ConfigError(f, StrCat("parallel.offload_param_frac: ", p.offload_param_frac,
+                                   ": this build keeps the parameters' shard on the device (0); offload_optim_frac 1 "
+                                   "moves the optimizer state, the larger part, to host memory"));
+    }
+    JobSpec s = with(plugin, p.offload_optim_frac == 1 ? "host" : "memory");
+    std::string summary = StrCat("gemini static: ", Describe(s, cuda, world));
+    return GeminiPlacement{std::move(s), std::move(summary)};
+  }
+
+  // auto: the first candidate that fits, fastest first. zero2 moves the least (no
+  // parameter gathers); zero3 holds the least; offloading the optimizer state trades a
+  // slower step for room.
+  std::vector<JobSpec> candidates = {with("zero2", "memory"), with("zero3", "memory")};
+  if (cuda) {
+    candidates.push_back(with("zero3", "host"));
+  } else if (!spec.offload.nvme_path.empty()) {
+    // All moments on NVMe is the least this tier can hold in memory; Trainer::Create's
+    // offload.optimizer auto then keeps in memory as many as fit.
+    JobSpec s = with("zero3", "nvme");
+    s.offload.nvme_fraction = 1;
+    candidates.push_back(std::move(s));
+  }
+  std::string tried;
+  for (JobSpec& s : candidates) {
+    const uint64_t need = plan(s).total();
+    if (budget == 0 || need <= budget) {
+      if (s.offload.optimizer == "nvme") s.offload.optimizer = "auto";
+      std::string summary = StrCat("gemini auto: ", Describe(s, cuda, world));
+      if (budget > 0) {
+        summary += StrCat(": ", Gib(need), " of the rank's ", Gib(budget));
+        if (!tried.empty()) summary += StrCat(" (", tried, ")");
+      }
+      return GeminiPlacement{std::move(s), std::move(summary)};
+    }
+    tried += StrCat(tried.empty() ? "" : "; ", s.parallel.plugin,
+                    s.offload.optimizer == "memory" ? "" : StrCat(" with the optimizer state on ",
+                                                                  s.offload.optimizer == "host" ? "host" : "NVMe"),
+                    " needs ", Gib(need));
+  }
+  return absl::ResourceExhaustedError(StrCat(
+      f, ": parallel.placement auto: no layout fits the rank's ", Gib(budget), " (", tried, "); ",
+      cuda ? "more ranks, training.grad_checkpoint or a smaller -b/-l lower it"
+           : (spec.offload.nvme_path.empty() ? "set offload.nvme_path for the NVMe tier, or use more ranks"
+                                              : "more ranks, training.grad_checkpoint or a smaller -b/-l lower it")));
+}
+
+absl::StatusOr<JobSpec> PlaceOptimizerState(const JobSpec& spec, uint64_t budget,
+                                            const std::function<MemoryPlan(const JobSpec&)>& plan) {
+  const std::string& f = spec.path;
+  auto plan_with = [&](const std::string& tier, double nvme_fraction) {
+    JobSpec s = spec;
+    s.offload.optimizer = tier;
+    s.offload.nvme_fraction = nvme_fraction;
+    return plan(s);
+  };
+  const OffloadSpec& o = spec.offload;
+  JobSpec placed = spec;
+  if (o.optimizer == "auto") {
+    // In memory when everything fits the budget, else as little of it on the NVMe tier
+    // as makes the rest fit.
+    const uint64_t in_memory = plan_with("memory", 1).total();
+    const bool fits = budget == 0 || in_memory <= budget;
+    if (!fits && o.nvme_path.empty()) {
+      return absl::InvalidArgumentError(StrCat(
+          f, ": offload.optimizer auto: the job needs ", Gib(in_memory), " with the optimizer state in memory, ",
+          "more than the budget of ", Gib(budget), "; set offload.nvme_path for the NVMe tier"));
+    }
+    placed.offload.optimizer = fits ? "memory" : "nvme";
+    if (!fits) {
+      int lo = 1, hi = 1024;  // the plan shrinks as the fraction grows: the smallest that fits
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (plan_with("nvme", mid / 1024.0).total() <= budget) {
+          hi = mid;
+        } else {
+          lo = mid + 1;
+        }
+      }
+      placed.offload.nvme_fraction = lo / 1024.0;
+    }
+  }
+  const uint64_t needed = plan(placed).total();
+  if (budget > 0 && needed > budget) {
+    return absl::InvalidArgumentError(StrCat(
+        f, ": model ", spec.model.name, " (", spec.model.NumParameters(), " parameters) with batch ",
+        spec.training.batch_size, " x ", spec.training.max_length, " needs ", Gib(needed),
+        " of host memory for weights, gradients, optimizer state and activations; ", Gib(budget), " ",
+        o.memory_budget_gb > 0 ? "is offload.memory_budget_gb" : "are available",
+        " (a smaller model, -b, -l or -g lowers it",
+        placed.offload.optimizer == "memory" ? "; so does offload.optimizer nvme" : "", ")"));
+  }
+  return placed;
+}
+
+}  // namespace llamad
