@@ -249,16 +249,8 @@ absl::StatusOr<std::string> ResumeRoot(const JobSpec& spec, const Common& common
 
 // Restores step `step`, or with `fallback` the newest older one that restores cleanly.
 absl::Status Resume(const storage::CheckpointStore& store, const std::string& job, int64_t step,
-                    bool fallback, Trainer& trainer, bool others_read_too) {
-  // When other ranks read other parts of the checkpoint (ZeRO), the part this rank picks
-  // the step for is not all of it: with a fallback allowed, the whole is checked first.
-  auto restore = [&](int64_t at) {
-    if (fallback && others_read_too) {
-      if (auto s = store.Verify(job, at); !s.ok()) return s;
-    }
-    return RestoreCheckpoint(store, job, at, trainer);
-  };
-  absl::Status status = restore(step);
+                    bool fallback, Trainer& trainer) {
+  absl::Status status = RestoreCheckpoint(store, job, step, trainer);
   if (status.ok() || !fallback || !absl::IsDataLoss(status)) return status;
   auto steps = store.Steps(job);
   if (!steps.ok()) return steps.status();
@@ -266,10 +258,75 @@ absl::Status Resume(const storage::CheckpointStore& store, const std::string& jo
     if (*it >= step) continue;
     std::fprintf(stderr, "llama-train: %s\nllama-train: falling back to checkpoint step %lld\n",
                  std::string(status.message()).c_str(), (long long)*it);
-    status = restore(*it);
+    status = RestoreCheckpoint(store, job, *it, trainer);
     if (status.ok() || !absl::IsDataLoss(status)) return status;
   }
   return status;
+}
+
+// ZeRO ranks each restore their own part of a checkpoint, of the steps rank 0 offers,
+// together: every rank restores step s, and when the only failures are damage (DataLoss)
+// and `fallback` allows it, all go back to the next older committed step. Each part is
+// read once, by its rank. `lead_store`: rank 0's store to resume from, and `first` the
+// step it offers first (-1: none); the other ranks open the store read-only themselves.
+// Returns the step every rank restored, or -1 when there was none to restore.
+absl::StatusOr<int64_t> ResumeZeroRanks(Communicator& comm, const storage::CheckpointStore* lead_store,
+                                        const JobSpec& spec, const Common& common, int64_t first, Trainer& trainer) {
+  const bool lead = comm.rank() == 0;
+  std::vector<int64_t> steps;  // rank 0: the committed steps, for falling back
+  if (lead && first >= 0 && common.resume_fallback) {
+    auto all = lead_store->Steps(spec.name);
+    if (!all.ok()) return all.status();
+    steps = *std::move(all);
+  }
+  std::unique_ptr<storage::CheckpointStore> own;  // the other ranks' read-only view
+  constexpr int64_t kNoneLeft = -2;               // every older step was tried
+  int64_t step = first;
+  while (true) {
+    // Rank 0's offer, shifted to be non-negative; the others add nothing.
+    double offer = lead ? double(step + 2) : 0;
+    if (auto s = comm.AllReduceSum(&offer, 1); !s.ok()) return s;
+    step = int64_t(offer) - 2;
+    if (step == -1) return int64_t{-1};
+    if (step == kNoneLeft) {
+      return absl::DataLossError(StrCat("no older checkpoint of job '", spec.name, "' restores on every rank"));
+    }
+    absl::Status restored;
+    const storage::CheckpointStore* from = lead_store;
+    if (!lead && !own) {
+      auto root = ResumeRoot(spec, common);
+      auto opened = root.ok() ? storage::CheckpointStore::Open(*root, {int(spec.checkpoint.keep_last), true})
+                              : absl::StatusOr<std::unique_ptr<storage::CheckpointStore>>(root.status());
+      if (opened.ok()) own = *std::move(opened);
+      else restored = opened.status();
+    }
+    if (!lead) from = own.get();
+    if (from != nullptr) restored = RestoreCheckpoint(*from, spec.name, step, trainer);
+    // Every rank learns how the others did, so that they go on or stop together.
+    const bool damaged = absl::IsDataLoss(restored);
+    double failures[2] = {damaged ? 1.0 : 0.0, !restored.ok() && !damaged ? 1.0 : 0.0};
+    if (auto s = comm.AllReduceSum(failures, 2); !s.ok()) return s;
+    if (failures[0] + failures[1] == 0) return step;
+    if (failures[1] > 0 || !common.resume_fallback) {
+      if (!restored.ok()) return restored;
+      return absl::AbortedError(StrCat("rank ", comm.rank(), ": ", int(failures[0] + failures[1]),
+                                       " other rank(s) could not restore their part of checkpoint step ", step));
+    }
+    if (!restored.ok()) {
+      std::fprintf(stderr, "llama-train: rank %d: %s\n", comm.rank(), std::string(restored.message()).c_str());
+    }
+    if (lead) {
+      const int64_t tried = step;
+      step = kNoneLeft;
+      for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+        if (*it < tried) {
+          step = *it;
+          break;
+        }
+      }
+      if (step >= 0) std::fprintf(stderr, "llama-train: falling back to checkpoint step %lld\n", (long long)step);
+    }
+  }
 }
 
 absl::StatusOr<JobSpec> ReadSpec(const Common& common, const Overrides& overrides) {
@@ -518,16 +575,24 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   absl::StatusOr<ResumePoint> checkpoints = ResumePoint{};
   if (lead) checkpoints = OpenCheckpoints(*spec, common, /*saving=*/spec->checkpoint.interval > 0);
   if (!checkpoints.ok()) return Fail(checkpoints.status());
-  // Rank 0 picks the step and restores its state (under ZeRO its part; the other ranks
-  // read theirs of the same step below).
-  if (checkpoints->step >= 0) {
-    const storage::CheckpointStore& from = checkpoints->source ? *checkpoints->source : *checkpoints->store;
-    if (auto s = Resume(from, spec->name, checkpoints->step, common.resume_fallback, **trainer, zero_ranks);
-        !s.ok()) {
+  // Rank 0 picks the step. A single process or a ddp rank 0 restores the whole state
+  // (the other ddp ranks take it from there); ZeRO ranks each restore their own part.
+  const storage::CheckpointStore* from =
+      lead ? (checkpoints->source ? checkpoints->source.get() : checkpoints->store.get()) : nullptr;
+  int64_t resumed = -1;
+  if (zero_ranks) {
+    auto step = ResumeZeroRanks(**comm, from, *spec, common, lead ? checkpoints->step : -1, **trainer);
+    if (!step.ok()) return Fail(step.status());
+    resumed = *step;
+  } else if (checkpoints->step >= 0) {
+    if (auto s = Resume(*from, spec->name, checkpoints->step, common.resume_fallback, **trainer); !s.ok()) {
       return Fail(s);
     }
+    resumed = (*trainer)->step();
+  }
+  if (lead && resumed >= 0) {
     std::fprintf(stderr, "llama-train: resumed job '%s' at step %lld from %s\n", spec->name.c_str(),
-                 (long long)(*trainer)->step(), from.root().c_str());
+                 (long long)(*trainer)->step(), from->root().c_str());
     if (checkpoints->store) {
       // Checkpoints past the resumed step belong to another history; this run's saves
       // would collide with them.
@@ -536,28 +601,6 @@ int RunTrain(const Common& common, const Overrides& overrides) {
       for (int64_t step : *dropped) {
         std::fprintf(stderr, "llama-train: removed checkpoint step %lld, newer than the resumed step\n",
                      (long long)step);
-      }
-    }
-  }
-  if (zero_ranks) {
-    // The step rank 0 resumed (0: none); the other ranks then read their part of it.
-    double resumed = lead && checkpoints->step >= 0 ? double((*trainer)->step()) + 1 : 0;
-    if (auto s = (*comm)->AllReduceSum(&resumed, 1); !s.ok()) return Fail(s);
-    if (resumed > 0) {
-      absl::Status restored;
-      if (!lead) {
-        auto root = ResumeRoot(*spec, common);
-        auto from = root.ok() ? storage::CheckpointStore::Open(*root, {int(spec->checkpoint.keep_last), true})
-                              : absl::StatusOr<std::unique_ptr<storage::CheckpointStore>>(root.status());
-        restored = from.ok() ? RestoreCheckpoint(**from, spec->name, int64_t(resumed) - 1, **trainer) : from.status();
-      }
-      // Every rank learns whether all restored their part, so that they stop together.
-      double failed = restored.ok() ? 0 : 1;
-      if (auto s = (*comm)->AllReduceSum(&failed, 1); !s.ok()) return Fail(s);
-      if (!restored.ok()) return Fail(restored);
-      if (failed > 0) {
-        return Fail(absl::AbortedError(StrCat("rank ", rank, ": ", int(failed), " other rank(s) could not restore ",
-                                              "their part of checkpoint step ", int64_t(resumed) - 1)));
       }
     }
   }
