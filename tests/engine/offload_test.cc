@@ -18,6 +18,7 @@
 #include "storage/checkpoint_store.h"
 #include "train/checkpointing.h"
 #include "train/memory_plan.h"
+#include "train/placement.h"
 #include "train/trainer.h"
 
 namespace llamad {
@@ -339,6 +340,89 @@ TEST(NvmeOffloadTest, AShortTransferIsResubmittedForTheRest) {
       << report;
   EXPECT_NE(report.find("written " + std::to_string(4 * options.chunk_bytes - (8 << 10))), std::string::npos)
       << report;
+}
+
+}  // namespace
+}  // namespace llamad
+
+namespace llamad {
+namespace {
+
+// gemini on GPUs, planned as a run places it: LLaMA-65B (sequence 2048, micro-batch 8,
+// activation checkpointing) against 80 GiB GPUs.
+TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
+  JobSpec spec;
+  spec.path = "65b.yaml";
+  auto model = LoadModelConfig("65b");
+  ASSERT_TRUE(model.ok()) << model.status();
+  spec.model = *model;
+  spec.training.max_length = 2048;
+  spec.training.batch_size = 8;
+  spec.training.grad_checkpoint = true;
+  spec.training.mixed_precision = "bf16";
+  spec.parallel.plugin = "gemini";
+  const uint64_t gpu = uint64_t{80} << 30;
+  auto place = [&](const JobSpec& s, int world, uint64_t budget) {
+    return PlaceGemini(s, /*cuda=*/true, world, budget,
+                       [world](const JobSpec& r) { return PlanMemoryOn(r, /*cuda=*/true, world, 0); });
+  };
+  auto total = [](const absl::StatusOr<GeminiPlacement>& p, int world) {
+    return PlanMemoryOn(p->spec, /*cuda=*/true, world, 0).total();
+  };
+
+  // static, the defaults: parameters sharded, optimizer state on the GPU. On 4 x 8 GPUs
+  // it fits (configs/65b.yaml).
+  auto defaults = place(spec, 32, 0);
+  ASSERT_TRUE(defaults.ok()) << defaults.status();
+  EXPECT_EQ(defaults->spec.parallel.plugin, "zero3");
+  EXPECT_EQ(defaults->spec.offload.optimizer, "memory");
+  EXPECT_LT(total(defaults, 32), gpu);
+  // offload_optim_frac 1: the f32 master weights and moments (12 bytes a parameter of the
+  // shard) leave the GPU.
+  JobSpec offloaded = spec;
+  offloaded.parallel.offload_optim_frac = 1;
+  auto host = place(offloaded, 32, 0);
+  ASSERT_TRUE(host.ok()) << host.status();
+  EXPECT_EQ(host->spec.offload.optimizer, "host");
+  const double shard = double(spec.model.NumParameters()) / 32;
+  EXPECT_NEAR(double(total(defaults, 32) - total(host, 32)), 12 * shard, 0.01 * 12 * shard);
+  // shard_param_frac 0: every GPU holds all the parameters (zero2).
+  JobSpec replicated = spec;
+  replicated.parallel.shard_param_frac = 0;
+  EXPECT_EQ(place(replicated, 32, 0)->spec.parallel.plugin, "zero2");
+  // What this build cannot place is refused, naming the key.
+  JobSpec half = spec;
+  half.parallel.offload_optim_frac = 0.5;
+  EXPECT_NE(place(half, 32, 0).status().message().find("parallel.offload_optim_frac: 0.5"), std::string::npos);
+  JobSpec params = spec;
+  params.parallel.offload_param_frac = 1;
+  EXPECT_NE(place(params, 32, 0).status().message().find("parallel.offload_param_frac: 1"), std::string::npos);
+  JobSpec nvme = spec;
+  nvme.offload.optimizer = "nvme";
+  EXPECT_NE(place(nvme, 32, 0).status().message().find("offload.optimizer: 'nvme'"), std::string::npos);
+
+  // auto: the fastest layout that fits. 32 GPUs: zero3 (zero2's whole parameters alone
+  // would not fit); 8 GPUs: zero3 with the optimizer state in host memory; with room to
+  // spare, zero2; too little, an error listing what each layout needs.
+  spec.parallel.placement = "auto";
+  auto on32 = place(spec, 32, gpu);
+  ASSERT_TRUE(on32.ok()) << on32.status();
+  EXPECT_EQ(on32->spec.parallel.plugin, "zero3");
+  EXPECT_EQ(on32->spec.offload.optimizer, "memory");
+  auto on8 = place(spec, 8, gpu);
+  ASSERT_TRUE(on8.ok()) << on8.status();
+  EXPECT_EQ(on8->spec.parallel.plugin, "zero3");
+  EXPECT_EQ(on8->spec.offload.optimizer, "host");
+  EXPECT_LE(total(on8, 8), gpu);
+  EXPECT_NE(on8->summary.find("zero2 needs"), std::string::npos) << on8->summary;
+  auto roomy = place(spec, 8, uint64_t{1} << 40);
+  ASSERT_TRUE(roomy.ok()) << roomy.status();
+  EXPECT_EQ(roomy->spec.parallel.plugin, "zero2");
+  auto tight = place(spec, 8, uint64_t{20} << 30);
+  ASSERT_FALSE(tight.ok());
+  EXPECT_NE(tight.status().message().find("no layout fits"), std::string::npos) << tight.status();
+  EXPECT_NE(tight.status().message().find("zero3 with the optimizer state on host needs"), std::string::npos)
+      << tight.status();
 }
 
 }  // namespace
