@@ -558,8 +558,8 @@ struct CheckpointStore::Reader::OpenShard {
   std::unique_ptr<DirectIoQueue> io;
 };
 
-CheckpointStore::Reader::Reader(const CheckpointStore& store, std::string job, int64_t step)
-    : store_(store), job_(std::move(job)), step_(step) {}
+CheckpointStore::Reader::Reader(const CheckpointStore& store, std::string job, int64_t step, int queue_depth)
+    : store_(store), job_(std::move(job)), step_(step), queue_depth_(std::clamp(queue_depth, 1, 4096)) {}
 
 CheckpointStore::Reader::~Reader() {
   for (auto& shard : shards_) {
@@ -569,9 +569,10 @@ CheckpointStore::Reader::~Reader() {
 }
 
 absl::StatusOr<std::unique_ptr<CheckpointStore::Reader>> CheckpointStore::OpenReader(const std::string& job,
-                                                                                      int64_t step) const {
+                                                                                      int64_t step,
+                                                                                      int queue_depth) const {
   if (auto meta = Meta(job, step); !meta.ok()) return meta.status();
-  return std::unique_ptr<Reader>(new Reader(*this, job, step));
+  return std::unique_ptr<Reader>(new Reader(*this, job, step, queue_depth));
 }
 
 absl::StatusOr<std::vector<PieceRecord>> CheckpointStore::Reader::FindPieces(const std::string& name,
@@ -627,7 +628,7 @@ absl::StatusOr<CheckpointStore::Reader::OpenShard*> CheckpointStore::Reader::Sha
   if (shard->fd < 0) {
     return absl::DataLossError(fmt::format("{}: cannot open shard: {}", path, std::strerror(errno)));
   }
-  auto io = DirectIoQueue::Create(shard->fd, path, kIoBlock, kIoDepth);
+  auto io = DirectIoQueue::Create(shard->fd, path, kIoBlock, queue_depth_);
   if (!io.ok()) {
     ::close(shard->fd);
     return io.status();

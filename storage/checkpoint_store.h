@@ -180,7 +180,7 @@ class CheckpointStore {
 
    private:
     friend class CheckpointStore;
-    Reader(const CheckpointStore& store, std::string job, int64_t step);
+    Reader(const CheckpointStore& store, std::string job, int64_t step, int queue_depth);
     // The pieces of `name` that overlap [begin, end), checked to cover it and hold `type`.
     absl::StatusOr<std::vector<PieceRecord>> FindPieces(const std::string& name, ElementType type, uint64_t begin,
                                                         uint64_t end);
@@ -191,11 +191,16 @@ class CheckpointStore {
     const CheckpointStore& store_;
     std::string job_;
     int64_t step_;
+    int queue_depth_;
     std::vector<std::unique_ptr<OpenShard>> shards_;  // in the order opened
     std::unique_ptr<AlignedBuffer> segments_;
   };
-  // A reader of checkpoint `step` of `job`, which must be committed.
-  absl::StatusOr<std::unique_ptr<Reader>> OpenReader(const std::string& job, int64_t step) const;
+  // A reader of checkpoint `step` of `job`, which must be committed, with `queue_depth`
+  // 1 MiB requests in flight per shard file. The default keeps as many in flight as a
+  // save does; readers that run side by side can share that depth among them.
+  static constexpr int kDefaultReadDepth = 4;
+  absl::StatusOr<std::unique_ptr<Reader>> OpenReader(const std::string& job, int64_t step,
+                                                     int queue_depth = kDefaultReadDepth) const;
   // One read through a reader of its own (see Reader).
   absl::Status ReadRange(const std::string& job, int64_t step, const std::string& name, ElementType type,
                          uint64_t begin, uint64_t end, void* out) const;
