@@ -765,6 +765,10 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
     budget = uint64_t(AvailableHostMemoryBytes()) / uint64_t(world);
     budget_name = StrCat("this host's available memory", world > 1 ? " per rank" : "");
   }
+  if (cuda && budget == 0 && spec->parallel.plugin == "gemini" && spec->parallel.placement == "auto") {
+    return Fail(absl::InvalidArgumentError(
+        "--device-memory: gemini's placement auto places by the GPU's memory; give it (for example 80GiB)"));
+  }
   auto plan_of = [&](const JobSpec& s) { return PlanMemoryOn(s, cuda, world, threads); };
   auto gemini = PlaceGemini(*spec, cuda, world, budget, plan_of);
   if (!gemini.ok()) return Fail(gemini.status());

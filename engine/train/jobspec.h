@@ -74,7 +74,9 @@ struct OffloadSpec {
   // nvme: the fraction of the rank's moments in the swap file (its last elements), the
   // rest in memory (Colossal-AI's nvme_offload_fraction). auto sets it.
   double nvme_fraction = 1.0;
-  double memory_budget_gb = 0;       // per rank; 0 = the host's available memory / ranks
+  // Per rank; 0 = the host's available memory / ranks (CPU backend), or under gemini's
+  // placement auto nine tenths of the GPU's memory.
+  double memory_budget_gb = 0;
   std::string nvme_path;             // folder on a local disk (nvme); relative to the job file
   int64_t queue_depth = 32;          // I/O requests in flight
   double chunk_mb = 64;              // the update pipeline's unit (reads, updates, writes)

@@ -73,6 +73,7 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
       {"train --config " + job + " --lr 0", "training.lr: 0"},
       {"train --config " + job + " -p gemini --shard-param-frac 0.5", "parallel.shard_param_frac: 0.5"},
       {"train --config " + job + " --offload-optim-frac 1", "parallel.offload_optim_frac: 1 places gemini's"},
+      {"plan --config " + job + " -x bf16 -p gemini --placement auto", "--device-memory"},
       {"train --config " + job + " -x bf16", "training.mixed_precision"},
       {"train --config " + job + " -l 4096", "max_position_embeddings"},
       {"train --config " + job + " --no-such-flag", "no-such-flag"},
