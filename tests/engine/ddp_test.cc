@@ -72,6 +72,21 @@ checkpoint: {dir: ckpt, interval: 0}
   nlohmann::json last_metrics_;  // rank 0's last step line of the last Train
 };
 
+// A job whose parameters (4.76M, 18.1 MiB a buffer) outweigh its activations, and whose
+// layers are an eighth of them each, as in real jobs (where they are less): sharding
+// shows in its memory.
+std::string LayeredJob(int steps) {
+  return R"(
+name: ddp
+model: {hidden_size: 256, intermediate_size: 512, num_hidden_layers: 8, num_attention_heads: 4,
+        num_key_value_heads: 2, vocab_size: 64, max_position_embeddings: 128}
+training: {max_length: 32, batch_size: 2, global_batch_size: 8, steps: )" +
+         std::to_string(steps) + R"(, lr: 3e-3, seed: 9}
+data: {dataset: tokens.u32}
+checkpoint: {dir: ckpt, interval: 0}
+)";
+}
+
 void ExpectSameCurve(const std::vector<double>& a, const std::vector<double>& b, const char* what) {
   ASSERT_EQ(a.size(), b.size()) << what;
   for (size_t i = 0; i < a.size(); ++i) {
@@ -191,18 +206,10 @@ TEST_F(DdpTest, ShardedPluginsWithUnevenMicroBatchCounts) {
 
 // Each plugin lowers a rank's high-water mark, start-up included: a rank never holds the
 // full gradients or moments of a state it will shard (the gradients come at their first
-// use, fresh moments are not sent). Here the parameters (4.76M, 18.1 MiB a buffer)
-// outweigh the activations, and a layer is an eighth of them, as in real jobs (where it
-// is less).
+// use, fresh moments are not sent). Here the parameters outweigh the activations
+// (LayeredJob).
 TEST_F(DdpTest, ShardedPluginsLowerPeakMemoryFromTheStart) {
-  std::ofstream(dir_ / "job.yaml") << R"(
-name: ddp
-model: {hidden_size: 256, intermediate_size: 512, num_hidden_layers: 8, num_attention_heads: 4,
-        num_key_value_heads: 2, vocab_size: 64, max_position_embeddings: 128}
-training: {max_length: 32, batch_size: 2, global_batch_size: 8, steps: 2, lr: 3e-3, seed: 9}
-data: {dataset: tokens.u32}
-checkpoint: {dir: ckpt, interval: 0}
-)";
+  std::ofstream(dir_ / "job.yaml") << LayeredJob(2);
   std::map<std::string, double> peak;
   double buffer = 0;  // bytes of one f32 buffer the size of the parameters
   for (const char* plugin : {"ddp", "zero1", "zero2", "zero3"}) {
@@ -223,14 +230,7 @@ checkpoint: {dir: ckpt, interval: 0}
 // the memory planner against the rank's budget, with the optimizer state partly on the
 // NVMe tier when even zero3 does not fit. The curve is the same wherever things go.
 TEST_F(DdpTest, GeminiPlacesByFractionsOrByMemoryBudget) {
-  const std::string job = R"(
-name: ddp
-model: {hidden_size: 256, intermediate_size: 512, num_hidden_layers: 8, num_attention_heads: 4,
-        num_key_value_heads: 2, vocab_size: 64, max_position_embeddings: 128}
-training: {max_length: 32, batch_size: 2, global_batch_size: 8, steps: 4, lr: 3e-3, seed: 9}
-data: {dataset: tokens.u32}
-checkpoint: {dir: ckpt, interval: 0}
-)";
+  const std::string job = LayeredJob(4);
   auto write_job = [&](const std::string& extra) { std::ofstream(dir_ / "job.yaml") << job << extra; };
   write_job("");
   size_t full_params = 0;
