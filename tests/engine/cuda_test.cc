@@ -700,6 +700,10 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   ExpectLosses(zero3, one_g, 0, 1e-5, "zero3");
   ExpectLosses(zero3_host, zero3, 0, 0, "zero3 + host");
   EXPECT_EQ(size_t(zero3.back()["parameter_bytes"].get<double>()), ((n + 1) / 2 + layer) * 2);  // bf16
+  // gemini places these: its static defaults are zero3, offload_optim_frac 1 is zero3
+  // with the optimizer in host memory; the same bits as those.
+  ExpectLosses(run(2, "-p gemini -g"), zero3, 0, 0, "gemini static");
+  ExpectLosses(run(2, "-p gemini -g --offload-optim-frac 1"), zero3_host, 0, 0, "gemini static, optimizer on host");
   const auto host_resumed = job.Run(2, "-p zero1 -i 0 -f " + (host_job.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
   ASSERT_EQ(host_resumed.size(), 6u);
   ExpectLosses(host_resumed, zero1_host, 6, 0, "zero1 + host checkpoint resumed");
