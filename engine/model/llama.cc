@@ -109,6 +109,22 @@ size_t LargestGradientRegion(const ModelConfig& config) {
   return largest;
 }
 
+size_t ReplicatedBegin(const ModelConfig& config, double sharded_share) {
+  const std::vector<ParamInfo> params = LlamaParamLayout(config);
+  const size_t n = params.back().offset + params.back().numel;
+  if (sharded_share >= 1) return n;
+  const double at = sharded_share * double(n);
+  // Region starts: the embedding, each layer (params[1 + 9 l]), the final norm and LM
+  // head (params[1 + 9 L]); then the end.
+  std::vector<size_t> boundaries = {0};
+  for (size_t l = 0; l <= size_t(config.num_hidden_layers); ++l) boundaries.push_back(params[1 + 9 * l].offset);
+  boundaries.push_back(n);
+  for (size_t b : boundaries) {
+    if (double(b) >= at) return b;
+  }
+  return n;
+}
+
 void LlamaModel::ShardGradients(size_t begin, size_t end, GradSink sink) {
   const size_t largest = LargestGradientRegion(config_);
   backend_->Free(grads_data_);  // null when never used

@@ -42,6 +42,10 @@ void ForEachTensorPart(const std::vector<ParamInfo>& params, size_t begin, size_
 // Elements of the largest region the backward writes at once (the LM head and final
 // norm, one layer, or the embedding): the scratch a ZeRO-2 rank holds besides its shard.
 size_t LargestGradientRegion(const ModelConfig& config);
+// gemini's partial sharding: the first region boundary (the embedding's end, a layer's
+// start, the final norm's) at or after share x the flat elements, the whole count for a
+// share of 1. zero3 shards the regions before it; every rank holds those after it whole.
+size_t ReplicatedBegin(const ModelConfig& config, double sharded_share);
 
 struct LlamaOptions {
   // Keep only each layer's input during the forward and recompute the rest of the layer

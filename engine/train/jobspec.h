@@ -42,6 +42,10 @@ struct ParallelSpec {
   double shard_param_frac = 1.0;    // 1: parameters sharded over the ranks; 0: replicated
   double offload_optim_frac = 0.0;  // share of the optimizer state in host memory
   double offload_param_frac = 0.0;  // share of the parameters in host memory
+  // Not a job key: set by PlaceGemini (train/placement.h) for zero3 with a
+  // shard_param_frac below 1. zero3 shards the regions in this first share of the flat
+  // parameters (ReplicatedBegin); every rank holds the rest whole.
+  double sharded_share = 1.0;
 };
 
 struct DataSpec {

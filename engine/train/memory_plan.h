@@ -15,6 +15,7 @@ namespace llamad {
 struct MemoryPlan {
   int world_size = 1;
   uint64_t parameters = 0;       // the copy the layers read (dtype); zero3: 1/world_size and one region
+                                 // (and the regions it holds whole, under gemini's partial sharding)
   uint64_t master_weights = 0;   // f32 copy for the optimizer, when dtype is not f32
   uint64_t gradients = 0;        // accum dtype; zero2/3: 1/world_size of them and one region
                                  // (zero2 on host memory: two, one being reduced)

@@ -18,10 +18,15 @@ std::string Gib(uint64_t bytes) {
 
 // What a resolved layout is, in words.
 std::string Describe(const JobSpec& s, bool cuda, int world) {
-  std::string out = world == 1                       ? StrCat("one rank holds all (", s.parallel.plugin, ")")
-                    : s.parallel.plugin == "zero3" ? StrCat("parameters sharded over ", world, " ranks (zero3)")
-                                                   : StrCat("parameters replicated, gradients and optimizer state "
-                                                            "sharded over ", world, " ranks (zero2)");
+  std::string out =
+      world == 1 ? StrCat("one rank holds all (", s.parallel.plugin, ")")
+      : s.parallel.plugin == "zero3"
+          ? (s.parallel.sharded_share < 1
+                 ? StrCat("the regions in the first ", fmt::format("{:g}", 100 * s.parallel.sharded_share),
+                          "% of the parameters sharded over ", world,
+                          " ranks (zero3), the rest held whole on every rank")
+                 : StrCat("parameters sharded over ", world, " ranks (zero3)"))
+          : StrCat("parameters replicated, gradients and optimizer state sharded over ", world, " ranks (zero2)");
   if (s.offload.optimizer == "host") return StrCat(out, ", optimizer state in host memory, updated by the CPU");
   if (s.offload.optimizer == "nvme") return StrCat(out, ", AdamW moments partly on the NVMe tier");
   if (s.offload.optimizer == "auto") return StrCat(out, ", AdamW moments in memory and, as needed, on the NVMe tier");
@@ -35,9 +40,14 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
   if (spec.parallel.plugin != "gemini") return GeminiPlacement{spec, ""};
   const std::string& f = spec.path;
   const ParallelSpec& p = spec.parallel;
-  auto with = [&](const char* plugin, const std::string& optimizer) {
+  // The spec as the engine runs it: a ZeRO stage and an optimizer tier, gemini's own
+  // keys back at their defaults.
+  auto with = [&](const char* plugin, const std::string& optimizer, double sharded_share = 1.0) {
     JobSpec s = spec;
+    s.parallel = ParallelSpec{};
+    s.parallel.bucket_mb = spec.parallel.bucket_mb;
     s.parallel.plugin = plugin;
+    s.parallel.sharded_share = sharded_share;
     s.offload.optimizer = optimizer;
     return s;
   };
@@ -48,14 +58,13 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
   }
 
   if (p.placement == "static") {
-    if (p.shard_param_frac != 0 && p.shard_param_frac != 1) {
-      return ConfigError(f, StrCat("parallel.shard_param_frac: ", p.shard_param_frac,
-                                   ": this build shards all of the parameters (1, as zero3) or none (0, as zero2)"));
-    }
-    const char* plugin = p.shard_param_frac == 1 ? "zero3" : "zero2";
+    // 0: zero2; above: zero3, the regions past the first shard_param_frac of the
+    // parameters held whole on every rank.
+    const char* plugin = p.shard_param_frac > 0 ? "zero3" : "zero2";
+    const double share = p.shard_param_frac > 0 ? p.shard_param_frac : 1.0;
     if (!cuda) {
       // The CPU backend's memory is the host's: nothing to move, whatever the fractions.
-      JobSpec s = with(plugin, spec.offload.optimizer);
+      JobSpec s = with(plugin, spec.offload.optimizer, share);
       std::string summary = StrCat("gemini static: ", Describe(s, cuda, world));
       if (p.offload_optim_frac > 0 || p.offload_param_frac > 0) {
         summary += " (the offload fractions move nothing: the CPU backend's memory is host memory)";
@@ -72,7 +81,7 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
                                    ": this build keeps the parameters' shard on the device (0); offload_optim_frac 1 "
                                    "moves the optimizer state, the larger part, to host memory"));
     }
-    JobSpec s = with(plugin, p.offload_optim_frac == 1 ? "host" : "memory");
+    JobSpec s = with(plugin, p.offload_optim_frac == 1 ? "host" : "memory", share);
     std::string summary = StrCat("gemini static: ", Describe(s, cuda, world));
     return GeminiPlacement{std::move(s), std::move(summary)};
   }

@@ -7,7 +7,10 @@
 // forward and backward reach them. PlaceGemini turns a gemini job into the ZeRO stage
 // the ranks run and the tier of the optimizer state:
 //
-//   static  shard_param_frac 1: parameters sharded (zero3); 0: replicated (zero2).
+//   static  shard_param_frac 1: parameters sharded (zero3); 0: replicated (zero2);
+//           between: zero3 for the regions in that first share of the parameters,
+//           and every rank holds the regions after it whole, refreshed once after
+//           each step instead of gathered at every use (ParallelSpec::sharded_share).
 //           offload_optim_frac 1: the f32 master weights and moments in host memory,
 //           updated by the CPU (offload.optimizer host); 0: on the device.
 //           offload_param_frac: 0 (the parameters' shard stays on the device).
@@ -18,8 +21,8 @@
 //
 // On the CPU backend the device's memory is the host's: the offload fractions move
 // nothing there, and the NVMe tier (offload.optimizer nvme, nvme_fraction) is the one
-// below it. Fractions strictly between 0 and 1 are refused with an error that says so:
-// this build moves whole tiers.
+// below it. Offload fractions strictly between 0 and 1 are refused with an error that
+// says so: this build moves a GPU's optimizer state as a whole.
 #pragma once
 
 #include <cstdint>

@@ -136,6 +136,13 @@ class Trainer {
   std::unique_ptr<SerialWorker> collectives_;
   void* region_copy_ = nullptr;
   size_t region_copy_bytes_ = 0;
+  // gemini's partial sharding (zero3, spec.parallel.sharded_share < 1): every rank holds
+  // the flat parameters [replicated_begin_, n) whole in replica_, gathered from their
+  // owners after each step (RefreshReplica), and the model's gathers of those regions
+  // copy from it instead of going over the network. replicated_begin_ == n: none.
+  size_t replicated_begin_ = 0;
+  void* replica_ = nullptr;
+  absl::Status RefreshReplica();
   std::shared_future<void> region_reduce_;
   void FinishRegionReduce();
 };

@@ -10,6 +10,8 @@ state.
 
   ops/bench/data_parallel.py [--nproc 2] [--steps 8] [--hidden 512] [--layers 8]
                              [--plugins ddp,zero1,zero2,zero3] [--llama-train build/bin/llama-train]
+
+A plugin entry may carry its flags: --plugins "zero3,gemini --shard-param-frac 0.5".
 """
 import argparse
 import json
@@ -61,7 +63,7 @@ checkpoint: {{dir: ckpt, interval: 0}}
     rows = []
     for plugin in a.plugins.split(","):
         cmd = [a.llama_train, "train", "--config", os.path.join(work, "job.yaml"), "--log-format", "json",
-               "--nproc", str(a.nproc), "--threads", "1", "-p", plugin, "--fresh"]
+               "--nproc", str(a.nproc), "--threads", "1", "-p", *plugin.split(), "--fresh"]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{plugin}: llama-train failed ({out.returncode}): {out.stderr.strip()[-400:]}")
@@ -78,10 +80,11 @@ checkpoint: {{dir: ckpt, interval: 0}}
           f"{a.batch} x {a.seq} tokens per rank, CPU backend (1 thread per rank), Gloo on loopback; "
           f"median of steps 3..{a.steps}")
     # peak: rank 0's high-water mark of backend memory since start (start-up included).
-    print(f"{'plugin':8} {'step s':>8} {'compute s':>10} {'comm s':>8} {'exposed s':>10} "
+    width = max([8] + [len(r[0]) for r in rows])
+    print(f"{'plugin':{width}} {'step s':>8} {'compute s':>10} {'comm s':>8} {'exposed s':>10} "
           f"{'params MiB':>11} {'grads MiB':>10} {'optim MiB':>10} {'peak MiB':>9} {'tokens/s':>9}")
     for plugin, step, compute, comm, exposed, params, grads, optim, peak, tps in rows:
-        print(f"{plugin:8} {step:8.3f} {compute:10.3f} {comm:8.3f} {exposed:10.3f} {mib(params):>11} "
+        print(f"{plugin:{width}} {step:8.3f} {compute:10.3f} {comm:8.3f} {exposed:10.3f} {mib(params):>11} "
               f"{mib(grads):>10} {mib(optim):>10} {mib(peak):>9} {tps:9.0f}")
 
 

@@ -71,7 +71,7 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
       {"train --config " + job + " -c 5b", "unknown model preset '5b'"},
       {"train --config " + job + " -b -4", "training.batch_size: -4"},
       {"train --config " + job + " --lr 0", "training.lr: 0"},
-      {"train --config " + job + " -p gemini --shard-param-frac 0.5", "parallel.shard_param_frac: 0.5"},
+      {"train --config " + job + " -p gemini --shard-param-frac 1.5", "parallel.shard_param_frac: 1.5"},
       {"train --config " + job + " --offload-optim-frac 1", "parallel.offload_optim_frac: 1 places gemini's"},
       {"plan --config " + job + " -x bf16 -p gemini --placement auto", "--device-memory"},
       {"train --config " + job + " -x bf16", "training.mixed_precision"},

@@ -390,6 +390,17 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
   JobSpec replicated = spec;
   replicated.parallel.shard_param_frac = 0;
   EXPECT_EQ(place(replicated, 32, 0)->spec.parallel.plugin, "zero2");
+  // shard_param_frac 0.5: zero3 for the regions in the first half of the parameters,
+  // the rest held whole on every GPU.
+  JobSpec part = spec;
+  part.parallel.shard_param_frac = 0.5;
+  auto partly = place(part, 32, 0);
+  ASSERT_TRUE(partly.ok()) << partly.status();
+  EXPECT_EQ(partly->spec.parallel.plugin, "zero3");
+  EXPECT_EQ(partly->spec.parallel.sharded_share, 0.5);
+  const uint64_t whole = uint64_t(spec.model.NumParameters()) - ReplicatedBegin(spec.model, 0.5);
+  EXPECT_GE(whole, uint64_t(spec.model.NumParameters()) / 2 - uint64_t(spec.model.NumParameters()) / 40);
+  EXPECT_EQ(total(partly, 32) - total(defaults, 32), 2 * whole);  // bf16
   // What this build cannot place is refused, naming the key.
   JobSpec half = spec;
   half.parallel.offload_optim_frac = 0.5;
