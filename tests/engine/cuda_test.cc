@@ -704,6 +704,9 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   // with the optimizer in host memory; the same bits as those.
   ExpectLosses(run(2, "-p gemini -g"), zero3, 0, 0, "gemini static");
   ExpectLosses(run(2, "-p gemini -g --offload-optim-frac 1"), zero3_host, 0, 0, "gemini static, optimizer on host");
+  // Half sharded: the other half's parameters are the owners' values, gathered once a
+  // step instead of at each use; the same bits.
+  ExpectLosses(run(2, "-p gemini -g --shard-param-frac 0.5"), zero3, 0, 0, "gemini static, half sharded");
   const auto host_resumed = job.Run(2, "-p zero1 -i 0 -f " + (host_job.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
   ASSERT_EQ(host_resumed.size(), 6u);
   ExpectLosses(host_resumed, zero1_host, 6, 0, "zero1 + host checkpoint resumed");
