@@ -110,8 +110,9 @@ absl::Status WriteAt(int fd, const void* data, size_t size, uint64_t offset,
   return absl::OkStatus();
 }
 
-// Reads move payloads (with their padding to 4 KiB) in segments of this size, two of
-// them in flight: while one is read, the one before it is hashed and handed on.
+// Reads move payloads (with their padding to 4 KiB) in segments of this size through
+// two buffers: while one segment is hashed and handed on, the next one's requests are
+// in flight (up to the queue depth at a time).
 constexpr uint64_t kSegment = uint64_t{8} << 20;
 
 nlohmann::json ToJson(const PieceRecord& r) {
@@ -712,13 +713,16 @@ absl::Status CheckpointStore::Reader::ReadRangesStreamed(const std::vector<Range
     const PieceRead& r = reads[g.read];
     const PieceRecord& p = r.piece;
     // Segment i+1, of this piece or the next, goes into the buffer segment i-1 was
-    // consumed from.
+    // consumed from. Queueing returns once all but a queue depth of its requests are
+    // submitted; those still in flight keep the disk busy while segment i is consumed.
+    size_t failed = i + 1;
     if (i + 1 < segments.size()) status = queue(i + 1);
-    if (status.ok() && g.bytes > 0) status = r.shard->io->Drain(i % 2);
+    if (status.ok() && g.bytes > 0) failed = i, status = r.shard->io->Drain(i % 2);
     if (!status.ok()) {
       // A shard that cannot be read back is a damaged checkpoint (DataLoss: fallback
       // applies); a failure of this machine's I/O queue is not, and keeps its code.
-      status = absl::Status(status.code(), fmt::format("{} (tensor '{}')", std::string(status.message()), p.name));
+      status = absl::Status(status.code(), fmt::format("{} (tensor '{}')", std::string(status.message()),
+                                                       reads[segments[failed].read].piece.name));
       break;
     }
     if (g.at == 0) XXH3_64bits_reset(state.get());

@@ -170,8 +170,9 @@ class CheckpointStore {
       ElementSink sink;
     };
     // Streams several ranges in the order given, as ReadRangeStreamed does each, but as
-    // one pipeline: the next piece's first segment is already being read while the last
-    // segment of the piece before is checked and handed on. Ranges given in the order a
+    // one pipeline: the next piece's first segment is already being read (up to the
+    // queue depth of requests in flight) while the last segment of the piece before is
+    // checked and handed on. Ranges given in the order a
     // save wrote them then read each shard file front to back with no pause between
     // tensors, as a sequential reader of the file would. Stops at the first error.
     absl::Status ReadRangesStreamed(const std::vector<RangeRead>& ranges);
