@@ -76,8 +76,8 @@ class Backend {
   virtual size_t allocated_bytes() const = 0;
   virtual size_t peak_allocated_bytes() const = 0;
   virtual void ResetPeak() = 0;
-  // The memory this backend's buffers come from, when it is its own (a GPU's total);
-  // 0 when the buffers share host memory with everything else.
+  // The memory this backend's buffers can still come from, when it is its own (what a
+  // GPU has free now); 0 when the buffers share host memory with everything else.
   virtual size_t device_memory_bytes() const { return 0; }
   // Waits until every op issued so far has finished (a no-op for synchronous backends):
   // for timing, and before reading results through other means than Download.

@@ -273,21 +273,31 @@ absl::Status Resume(const storage::CheckpointStore& store, const std::string& jo
 absl::StatusOr<int64_t> ResumeZeroRanks(Communicator& comm, const storage::CheckpointStore* lead_store,
                                         const JobSpec& spec, const Common& common, int64_t first, Trainer& trainer) {
   const bool lead = comm.rank() == 0;
+  constexpr int64_t kNoneLeft = -2;     // every older step was tried
+  constexpr int64_t kLeadFailed = -3;   // rank 0 cannot go on (it says why)
   std::vector<int64_t> steps;  // rank 0: the committed steps, for falling back
+  absl::Status lead_status;
+  int64_t step = first;
   if (lead && first >= 0 && common.resume_fallback) {
     auto all = lead_store->Steps(spec.name);
-    if (!all.ok()) return all.status();
-    steps = *std::move(all);
+    if (all.ok()) {
+      steps = *std::move(all);
+    } else {
+      lead_status = all.status();
+      step = kLeadFailed;  // offered, so that the others stop with it
+    }
   }
   std::unique_ptr<storage::CheckpointStore> own;  // the other ranks' read-only view
-  constexpr int64_t kNoneLeft = -2;               // every older step was tried
-  int64_t step = first;
   while (true) {
     // Rank 0's offer, shifted to be non-negative; the others add nothing.
-    double offer = lead ? double(step + 2) : 0;
+    double offer = lead ? double(step + 3) : 0;
     if (auto s = comm.AllReduceSum(&offer, 1); !s.ok()) return s;
-    step = int64_t(offer) - 2;
+    step = int64_t(offer) - 3;
     if (step == -1) return int64_t{-1};
+    if (step == kLeadFailed) {
+      if (lead) return lead_status;
+      return absl::AbortedError(StrCat("rank ", comm.rank(), ": rank 0 could not list the job's checkpoints"));
+    }
     if (step == kNoneLeft) {
       return absl::DataLossError(StrCat("no older checkpoint of job '", spec.name, "' restores on every rank"));
     }
@@ -909,7 +919,7 @@ int Main(int argc, char** argv) {
   plan->add_option("--devices-per-node", plan_devices, "Ranks per node (default: the job's resources)")
       ->check(CLI::Range(1, 1024));
   plan->add_option("--threads", common.threads, "CPU threads per rank (default: the cores / ranks)");
-  plan->add_option("--device-memory", device_memory, "Memory per rank to check against (e.g. 80GiB)");
+  plan->add_option("--device-memory", device_memory, "Memory per rank to place and check against: what each GPU has free (e.g. 79GiB)");
   bool plan_json = false;
   plan->add_flag("--json", plan_json, "Print the plan as one JSON object (bytes)");
   plan_overrides.Register(plan);

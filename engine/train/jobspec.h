@@ -79,7 +79,7 @@ struct OffloadSpec {
   // rest in memory (Colossal-AI's nvme_offload_fraction). auto sets it.
   double nvme_fraction = 1.0;
   // Per rank; 0 = the host's available memory / ranks (CPU backend), or under gemini's
-  // placement auto nine tenths of the GPU's memory.
+  // placement auto what the GPU has free when training starts.
   double memory_budget_gb = 0;
   std::string nvme_path;             // folder on a local disk (nvme); relative to the job file
   int64_t queue_depth = 32;          // I/O requests in flight

@@ -98,19 +98,23 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateWithinMemory(const JobSp
                                                                      double peak_flops, Communicator* comm) {
   const int world = comm != nullptr ? comm->world_size() : 1;
   const bool cuda = backend->name() == "cuda";
-  // The ranks share this host's memory, unless the job gives each rank a budget; a GPU's
-  // own memory, less a tenth for the CUDA context, cuBLASLt's workspaces and
-  // fragmentation.
+  // The job's budget per rank when it gives one; else what the GPU has free now (the
+  // CUDA context and the libraries' workspaces already taken), or the host's available
+  // memory shared by the ranks on the CPU backend. 0: unknown.
   int64_t budget = requested.offload.memory_budget_gb > 0
                              ? int64_t(requested.offload.memory_budget_gb * double(1 << 30))
-                         : cuda ? int64_t(double(backend->device_memory_bytes()) * 0.9)
+                         : cuda ? int64_t(backend->device_memory_bytes())
                                 : AvailableHostMemoryBytes() / world;
-  if (requested.parallel.plugin == "gemini" && requested.parallel.placement == "auto" && world > 1) {
-    // Every rank must choose the same layout: they agree on the smallest budget.
+  if (world > 1) {
+    // Every rank must decide the same (the layout, whether the job fits): they agree on
+    // the smallest budget any of them knows.
     std::vector<double> budgets(size_t(world), 0);
-    budgets[size_t(comm->rank())] = double(budget);
+    budgets[size_t(comm->rank())] = double(std::max<int64_t>(budget, 0));
     if (auto s = comm->AllReduceSum(budgets.data(), budgets.size()); !s.ok()) return s;
-    budget = int64_t(*std::min_element(budgets.begin(), budgets.end()));
+    budget = 0;
+    for (double b : budgets) {
+      if (b > 0 && (budget == 0 || int64_t(b) < budget)) budget = int64_t(b);
+    }
   }
   auto plan_of = [&](const JobSpec& s) {
     if (cuda) return PlanMemoryOn(s, /*cuda=*/true, world, 0);

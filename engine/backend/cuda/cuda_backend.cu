@@ -485,7 +485,7 @@ class CudaBackend final : public Backend {
   size_t peak_allocated_bytes() const override { return peak_; }
   size_t device_memory_bytes() const override {
     size_t free_bytes = 0, total = 0;
-    return cudaMemGetInfo(&free_bytes, &total) == cudaSuccess ? total : 0;
+    return cudaMemGetInfo(&free_bytes, &total) == cudaSuccess ? free_bytes : 0;
   }
   void ResetPeak() override { peak_ = allocated_bytes(); }
   void Synchronize() override { LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
