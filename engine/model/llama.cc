@@ -41,7 +41,7 @@ std::vector<ParamInfo> LlamaParamLayout(const ModelConfig& c) {
 LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaOptions& options)
     : config_(config), backend_(backend), options_(options), params_(LlamaParamLayout(config)) {
   num_params_ = params_.back().offset + params_.back().numel;
-  grad_end_ = param_end_ = master_end_ = num_params_;
+  grad_end_ = param_end_ = master_end_ = replicated_begin_ = num_params_;
   const bool shard = options.shard_end > options.shard_begin;
   if (shard && (options.shard_end > num_params_)) {
     std::fprintf(stderr, "llamad: LlamaModel shard [%zu, %zu) beyond the model's %zu elements\n",
@@ -49,9 +49,12 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaO
     std::abort();
   }
   if (shard && options.shard_parameters) {
-    param_begin_ = options.shard_begin;
-    param_end_ = options.shard_end;
-    params_data_ = backend_->Allocate(param_end_ - param_begin_);
+    // The shard's part before the replicated regions, if any; those after it whole.
+    replicated_begin_ = std::min(options.replicated_begin, num_params_);
+    param_begin_ = std::min(options.shard_begin, replicated_begin_);
+    param_end_ = std::min(options.shard_end, replicated_begin_);
+    params_data_ = backend_->Allocate(std::max<size_t>(1, param_end_ - param_begin_));
+    if (replicated_begin_ < num_params_) replica_ = backend_->Allocate(num_params_ - replicated_begin_);
     param_scratch_elements_ = LargestGradientRegion(config_);
     param_scratch_[0] = backend_->Allocate(param_scratch_elements_);
   } else {
@@ -74,6 +77,7 @@ LlamaModel::~LlamaModel() {
   FreeActivations();
   if (master_data_ != params_data_) backend_->Free(master_data_);
   backend_->Free(params_data_);
+  backend_->Free(replica_);
   backend_->Free(grads_data_);
   backend_->Free(grad_scratch_);
   for (void* scratch : param_scratch_) backend_->Free(scratch);
@@ -137,11 +141,13 @@ void LlamaModel::ShardGradients(size_t begin, size_t end, GradSink sink) {
 }
 
 void* LlamaModel::param_at(size_t offset) {
+  if (offset >= replicated_begin_) return static_cast<char*>(replica_) + param_byte_offset(offset - replicated_begin_);
   return static_cast<char*>(params_data_) + param_byte_offset(offset - param_begin_);
 }
 
 size_t LlamaModel::param_bytes() const {
-  return param_byte_offset(param_end_ - param_begin_ + (param_prefetch_ ? 2 : 1) * param_scratch_elements_);
+  return param_byte_offset(param_end_ - param_begin_ + (param_prefetch_ ? 2 : 1) * param_scratch_elements_ +
+                           (num_params_ - replicated_begin_));
 }
 
 void LlamaModel::GatherParametersWith(ParamGather gather, bool prefetch) {
@@ -188,7 +194,10 @@ void LlamaModel::InitWeights(uint64_t seed) {
 
 void LlamaModel::SyncParamsFromMaster() {
   if (master_data_ == params_data_ || master_data_ == nullptr) return;
-  backend_->Copy(param_at(master_begin_), master_data_, master_end_ - master_begin_);
+  // In two parts where the master weights span the shard and the replica.
+  const size_t split = std::clamp(replicated_begin_, master_begin_, master_end_);
+  if (split > master_begin_) backend_->Copy(param_at(master_begin_), master_data_, split - master_begin_);
+  if (master_end_ > split) backend_->Copy(param_at(split), master_at(split), master_end_ - split);
 }
 
 void* LlamaModel::master_at(size_t offset) {
@@ -214,6 +223,7 @@ void LlamaModel::ZeroGrads() {
 
 void* LlamaModel::ParamPtr(size_t offset) const {
   if (!param_gather_) return static_cast<char*>(params_data_) + param_byte_offset(offset);
+  if (offset >= replicated_begin_) return static_cast<char*>(replica_) + param_byte_offset(offset - replicated_begin_);
   return static_cast<char*>(param_scratch_[param_slot_]) + param_byte_offset(offset - param_region_begin_);
 }
 
@@ -234,28 +244,41 @@ LlamaModel::LayerWeights LlamaModel::LayerPointers(int layer, bool grads) const 
 void LlamaModel::UseParamRegion(const std::vector<std::pair<size_t, size_t>>& regions, size_t k) {
   if (!param_gather_) return;
   const std::pair<size_t, size_t> region = regions[k];
-  if (has_prefetch_ && prefetched_ == region) {
-    if (prefetch_wait_) prefetch_wait_();
-    param_slot_ = 1 - param_slot_;  // the prefetch went into the slot not in use
-  } else {
-    // Not prefetched (the first region of a Run). Any other prefetch is a collective
-    // already started: it must end before its slot is written again.
-    if (has_prefetch_ && prefetch_wait_) prefetch_wait_();
-    param_slot_ = param_prefetch_ ? 1 - param_slot_ : 0;
-    if (ParamWait wait = param_gather_(region.first, region.second, param_scratch_[param_slot_])) wait();
+  auto held = [&](const std::pair<size_t, size_t>& r) { return r.first >= replicated_begin_; };
+  // A region of the replica is read in place (ParamPtr); any other goes into a slot.
+  if (!held(region)) {
+    if (has_prefetch_ && prefetched_ == region) {
+      if (prefetch_wait_) prefetch_wait_();
+      param_slot_ = 1 - param_slot_;  // the prefetch went into the slot not in use
+    } else if (slot_region_[param_slot_] == region) {
+      // Still in the slot in use (the region before was read from the replica).
+    } else {
+      // Not prefetched (the first region of a Run). Any other prefetch is a collective
+      // already started: it must end before its slot is written again.
+      if (has_prefetch_ && prefetch_wait_) prefetch_wait_();
+      param_slot_ = param_prefetch_ ? 1 - param_slot_ : 0;
+      slot_region_[param_slot_] = region;
+      if (ParamWait wait = param_gather_(region.first, region.second, param_scratch_[param_slot_])) wait();
+    }
+    has_prefetch_ = false;
+    prefetch_wait_ = nullptr;
+    param_region_begin_ = region.first;
   }
-  has_prefetch_ = false;
-  prefetch_wait_ = nullptr;
-  param_region_begin_ = region.first;
-  if (param_prefetch_ && k + 1 < regions.size()) {
-    prefetched_ = regions[k + 1];
-    has_prefetch_ = true;
-    // Consecutive regions alternate slots, so the other slot still holds regions[k - 1]:
-    // the last layer, used again by the backward right after the LM head, needs no gather.
-    const bool still_there = k >= 1 && regions[k - 1] == prefetched_;
-    prefetch_wait_ =
-        still_there ? nullptr : param_gather_(prefetched_.first, prefetched_.second, param_scratch_[1 - param_slot_]);
+  // Start the gather of the next slot-held region into the slot not in use, unless it is
+  // there already (the last layer, used again by the backward right after the LM head).
+  if (!param_prefetch_ || has_prefetch_) return;
+  size_t next = k + 1;
+  while (next < regions.size() && held(regions[next])) ++next;
+  if (next >= regions.size() || regions[next] == slot_region_[param_slot_]) return;
+  const int other = 1 - param_slot_;
+  prefetched_ = regions[next];
+  has_prefetch_ = true;
+  if (slot_region_[other] == prefetched_) {
+    prefetch_wait_ = nullptr;
+    return;
   }
+  slot_region_[other] = prefetched_;
+  prefetch_wait_ = param_gather_(prefetched_.first, prefetched_.second, param_scratch_[other]);
 }
 
 size_t LayoutActivations(const ModelConfig& config, int batch, int seq, bool grad_checkpoint,
@@ -401,6 +424,8 @@ double LlamaModel::Run(const int32_t* tokens, const int32_t* targets, int batch,
   }
   size_t next_region = 0;
   auto use_next_region = [&] { UseParamRegion(regions, next_region++); };
+  // What the scratch slots held came from before the last step: gather anew.
+  slot_region_[0] = slot_region_[1] = {0, 0};
   use_next_region();  // the embedding
   be.Embedding(acts_.residual[0], tokens, param(embed), N, C);
   for (int l = 0; l < L; ++l) {

@@ -59,6 +59,12 @@ struct LlamaOptions {
   // model. shard_end 0: the whole model.
   size_t shard_begin = 0, shard_end = 0;
   bool shard_parameters = false;
+  // gemini's partial sharding (with shard_parameters): the flat elements from
+  // replicated_begin on (a region boundary, ReplicatedBegin) are held whole on every
+  // rank, in a buffer the layers read in place (replica()); the shard holds only its part
+  // before it. The optimizer updates this rank's part of the replica there, and the
+  // caller brings the others' parts after each step. SIZE_MAX: none.
+  size_t replicated_begin = SIZE_MAX;
 };
 
 struct LayerActivations {
@@ -124,11 +130,19 @@ class LlamaModel {
   // parameters' shard without separate master weights). Restores and imports write
   // these, then SyncParamsFromMaster.
   std::pair<size_t, size_t> held_master_range() const {
-    return master_data_ != params_data_ ? std::pair{master_begin_, master_end_} : std::pair{param_begin_, param_end_};
+    if (master_data_ != params_data_) return {master_begin_, master_end_};
+    // Partly replicated: the shard proper, whose parameters this rank steps (the rest of
+    // the replica comes from the others).
+    if (replica_ != nullptr) return {options_.shard_begin, options_.shard_end};
+    return {param_begin_, param_end_};
   }
   // The parameter of flat element `offset` (the whole buffer, or under ShardParameters
-  // the shard, which must hold it).
+  // the shard, which must hold it, or the replica).
   void* param_at(size_t offset);
+  // gemini's partial sharding: the parameters from replicated_begin() on, held whole
+  // (null without); replicated_begin() is num_params() without.
+  void* replica() { return replica_; }
+  size_t replicated_begin() const { return replicated_begin_; }
   // Bytes the parameters hold: the whole buffer, or the shard and the region scratch.
   size_t param_bytes() const;
   // The gradient of flat element `offset` (the whole buffer, or under ShardGradients the
@@ -250,10 +264,15 @@ class LlamaModel {
   size_t param_scratch_elements_ = 0;
   int param_slot_ = 0;
   size_t param_region_begin_ = 0;
+  // The region each scratch slot holds (or is being gathered into it), {0, 0}: none.
+  std::pair<size_t, size_t> slot_region_[2] = {{0, 0}, {0, 0}};
   // The region whose gather was started ahead (into the slot not in use), and its wait.
   bool has_prefetch_ = false;
   std::pair<size_t, size_t> prefetched_{0, 0};
   ParamWait prefetch_wait_;
+  // gemini's partial sharding: [replicated_begin_, num_params_) held whole here.
+  size_t replicated_begin_ = 0;
+  void* replica_ = nullptr;
 
   // Activations for the current (batch, seq).
   int batch_ = 0, seq_ = 0;

@@ -28,10 +28,13 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   // zero3 gathers the next region's parameters into a second scratch.
   const uint64_t region = LargestGradientRegion(spec.model);
   const bool overlapped = many && dtype == accum;
-  // gemini's partial sharding: the regions past ReplicatedBegin whole on every rank.
-  const uint64_t replicated = n - ReplicatedBegin(spec.model, spec.parallel.sharded_share);
-  plan.parameters =
-      (plugin == "zero3" && many ? shard + region * (overlapped ? 2 : 1) + replicated : n) * DTypeSize(dtype);
+  // gemini's partial sharding: the regions from ReplicatedBegin on whole on every rank,
+  // and the shard only its part before them (rank 0's: the largest).
+  const uint64_t replicated_begin = ReplicatedBegin(spec.model, spec.parallel.sharded_share);
+  plan.parameters = (plugin == "zero3" && many ? std::min(shard, replicated_begin) + region * (overlapped ? 2 : 1) +
+                                                     (n - replicated_begin)
+                                               : n) *
+                    DTypeSize(dtype);
   plan.master_weights = dtype != accum ? sharded * DTypeSize(accum) : 0;  // sharded with the moments
   plan.gradients = ((plugin == "zero2" || plugin == "zero3") && many ? shard + region : n) * DTypeSize(accum);
   if ((plugin == "zero2" || plugin == "zero3") && overlapped) plan.gradients += region * DTypeSize(accum);

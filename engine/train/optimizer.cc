@@ -157,7 +157,10 @@ absl::Status AdamWOptimizer::StepOnHost(const AdamWStep& s) {
     // up, and the device rounds them into the layers' bf16 copy, as its AdamW would (no
     // staging buffer on the device).
     backend_->UploadF32(model_->grad_at(lo), host_master_.get() + (lo - shard_begin_), hi - lo);
-    backend_->Copy(model_->param_at(lo), model_->grad_at(lo), hi - lo);
+    // In two parts where the chunk spans the parameters' shard and their replica.
+    const size_t split = std::clamp(model_->replicated_begin(), lo, hi);
+    if (split > lo) backend_->Copy(model_->param_at(lo), model_->grad_at(lo), split - lo);
+    if (hi > split) backend_->Copy(model_->param_at(split), model_->grad_at(split), hi - split);
   }
   return absl::OkStatus();
 }

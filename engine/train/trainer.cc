@@ -33,6 +33,9 @@ Trainer::Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Commu
     std::tie(options.shard_begin, options.shard_end) =
         EvenSlice(size_t(spec_.model.NumParameters()), comm_->rank(), comm_->world_size());
     options.shard_parameters = plugin == "zero3";
+    if (options.shard_parameters) {
+      options.replicated_begin = ReplicatedBegin(spec_.model, spec_.parallel.sharded_share);
+    }
   }
   model_ = std::make_unique<LlamaModel>(spec_.model, backend_, options);
   model_->InitWeights(t.seed);
@@ -52,7 +55,6 @@ Trainer::Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Commu
 Trainer::~Trainer() {
   FinishRegionReduce();
   backend_->Free(region_copy_);
-  backend_->Free(replica_);
 }
 
 void Trainer::FinishRegionReduce() {
@@ -261,7 +263,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   const double clip = t.grad_clip > 0 && m.grad_norm > t.grad_clip ? t.grad_clip / (m.grad_norm + 1e-6) : 1.0;
   m.lr = schedule_.At(m.step - 1);
   if (auto s = optimizer_->Step(m.lr, clip); !s.ok()) return s;
-  if (replica_ != nullptr) {
+  if (model_->replica() != nullptr) {
     comm_start = std::chrono::steady_clock::now();
     if (auto s = RefreshReplica(); !s.ok()) return s;
     const double gather = seconds_since(comm_start);
@@ -282,8 +284,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   }
   m.optimizer_state_bytes = optimizer_->state_bytes();
   m.gradient_bytes = model_->grad_bytes() + region_copy_bytes_;  // and zero2's copy of a region
-  m.parameter_bytes = model_->param_bytes() +
-                      (replica_ != nullptr ? model_->param_byte_offset(model_->num_params() - replicated_begin_) : 0);
+  m.parameter_bytes = model_->param_bytes();
 
   m.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   m.tokens_per_s = targets_per_step / m.step_seconds;
@@ -305,7 +306,7 @@ absl::Status Trainer::StartRanks() {
   if (zero1_) {
     // Each rank holds the master weights of its slice (seeded, imported or restored
     // there): the parameters' other slices come from their owners, as after a step.
-    if (model_->parameters_sharded()) return replica_ != nullptr ? RefreshReplica() : absl::OkStatus();
+    if (model_->parameters_sharded()) return model_->replica() != nullptr ? RefreshReplica() : absl::OkStatus();
     return AllGatherSlicesOnBackend(*comm_, *backend_, model_->param_data(), model_->num_params());
   }
   if (auto s = BroadcastOnBackend(*comm_, *backend_, model_->master_data(), model_->num_params(), 0); !s.ok()) {
@@ -373,19 +374,14 @@ void Trainer::ShardGradients() {
 }
 
 absl::Status Trainer::RefreshReplica() {
-  const size_t n = model_->num_params();
-  ForEachOwnerPart(replicated_begin_, n, [&](int owner, size_t lo, size_t hi) {
-    void* part = static_cast<char*>(replica_) + model_->param_byte_offset(lo - replicated_begin_);
-    if (owner == comm_->rank()) backend_->Copy(part, model_->param_at(lo), hi - lo);
-    return BroadcastOnBackend(*comm_, *backend_, part, hi - lo, owner);
+  // Each owner updated its part of the replica in place: it sends that part to the others.
+  ForEachOwnerPart(model_->replicated_begin(), model_->num_params(), [&](int owner, size_t lo, size_t hi) {
+    return BroadcastOnBackend(*comm_, *backend_, model_->param_at(lo), hi - lo, owner);
   });
   return model_collective_status_;
 }
 
 void Trainer::ShardParameters() {
-  const size_t n = model_->num_params();
-  replicated_begin_ = ReplicatedBegin(spec_.model, spec_.parallel.sharded_share);
-  if (replicated_begin_ < n) replica_ = backend_->Allocate(n - replicated_begin_, backend_->dtype());
   // On host memory each region's gather runs on the helper thread, started while the
   // region before it computes (prefetch); a GPU rank gathers inline.
   const bool prefetch = BuffersInHostMemory(*backend_);
@@ -397,13 +393,6 @@ void Trainer::ShardParameters() {
   };
   model_->GatherParametersWith(
       [this, prefetch, timed](size_t begin, size_t end, void* dst) -> LlamaModel::ParamWait {
-        if (begin >= replicated_begin_) {
-          // Held whole here: a local copy, on this thread (before the collectives
-          // already posted finish: it touches none of their buffers).
-          backend_->Copy(dst, static_cast<char*>(replica_) + model_->param_byte_offset(begin - replicated_begin_),
-                         end - begin);
-          return nullptr;
-        }
         // Each owner broadcasts its part of the region.
         auto gather = [this, begin, end, dst, prefetch] {
           ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {

@@ -136,12 +136,10 @@ class Trainer {
   std::unique_ptr<SerialWorker> collectives_;
   void* region_copy_ = nullptr;
   size_t region_copy_bytes_ = 0;
-  // gemini's partial sharding (zero3, spec.parallel.sharded_share < 1): every rank holds
-  // the flat parameters [replicated_begin_, n) whole in replica_, gathered from their
-  // owners after each step (RefreshReplica), and the model's gathers of those regions
-  // copy from it instead of going over the network. replicated_begin_ == n: none.
-  size_t replicated_begin_ = 0;
-  void* replica_ = nullptr;
+  // gemini's partial sharding (zero3, spec.parallel.sharded_share < 1): the model holds
+  // the regions from ReplicatedBegin on whole, in its replica, which the layers read in
+  // place. Each rank's optimizer updates its part there; after each step (and at start)
+  // each owner sends its part to the others.
   absl::Status RefreshReplica();
   std::shared_future<void> region_reduce_;
   void FinishRegionReduce();

@@ -256,8 +256,8 @@ TEST_F(DdpTest, GeminiPlacesByFractionsOrByMemoryBudget) {
   };
   auto planned = [&](const std::string& args) { return plan(args)["total"].get<double>(); };
   // In between: the regions in the first half of the parameters sharded, the rest held
-  // whole on both ranks besides their shards (refreshed once a step instead of gathered
-  // at every use): zero3's bytes and about half the parameters more.
+  // whole on both ranks (refreshed once a step instead of gathered at every use): at
+  // two ranks rank 0 then holds about half the parameters more than under zero3.
   const size_t half_params = run("-p gemini --shard-param-frac 0.5", "gemini static, half sharded").first;
   EXPECT_NEAR(double(half_params - zero3_params), 0.5 * double(full_params), 0.15 * double(full_params));
   EXPECT_EQ(double(half_params), plan("-p gemini --shard-param-frac 0.5")["parameters"].get<double>());
