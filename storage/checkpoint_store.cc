@@ -86,9 +86,8 @@ struct AlignedBuffer {
 namespace {
 
 // Opens with O_DIRECT where the file system supports it (tmpfs does not), else buffered.
-int OpenMaybeDirect(const std::string& path, int flags, bool* direct) {
+int OpenMaybeDirect(const std::string& path, int flags) {
   int fd = ::open(path.c_str(), flags | O_DIRECT | O_CLOEXEC, 0644);
-  *direct = fd >= 0;
   if (fd < 0 && errno == EINVAL) fd = ::open(path.c_str(), flags | O_CLOEXEC, 0644);
   return fd;
 }
@@ -403,8 +402,7 @@ absl::StatusOr<std::vector<PieceRecord>> WriteShardFile(const std::string& root,
   offset = (16 + header.size() + kAlign - 1) / kAlign * kAlign;
   header = build_header(offset);
 
-  bool direct = false;
-  const int fd = OpenMaybeDirect(path, O_WRONLY | O_CREAT | O_TRUNC, &direct);
+  const int fd = OpenMaybeDirect(path, O_WRONLY | O_CREAT | O_TRUNC);
   if (fd < 0) return IoError("create", path);
   // The whole file is allocated before the first write: a direct write past the end of
   // a file extends it under the inode's lock, one at a time (ext4), so the writes in
@@ -461,8 +459,6 @@ absl::StatusOr<std::vector<PieceRecord>> WriteShardFile(const std::string& root,
     if (status.ok()) status = drained;
     io->reset();
   }
-  // A failed write is this save's failure, not damage to anything committed.
-  if (absl::IsDataLoss(status)) status = absl::InternalError(status.message());
   hasher.join();
   if (status.ok()) {
     header = build_header(offset);
@@ -624,8 +620,7 @@ absl::StatusOr<CheckpointStore::Reader::OpenShard*> CheckpointStore::Reader::Sha
   }
   auto shard = std::make_unique<OpenShard>();
   shard->path = path;
-  bool direct = false;
-  shard->fd = OpenMaybeDirect(path, O_RDONLY, &direct);
+  shard->fd = OpenMaybeDirect(path, O_RDONLY);
   if (shard->fd < 0) {
     return absl::DataLossError(fmt::format("{}: cannot open shard: {}", path, std::strerror(errno)));
   }

@@ -99,7 +99,7 @@ absl::Status DirectIoQueue::ReapOne() {
 }
 
 void DirectIoQueue::RecordFailure(const Request& request, long result, size_t left) {
-  if (!errors_[request.tag].empty()) return;
+  if (!errors_[request.tag].ok()) return;
   std::string failure;
   if (result < 0) {
     failure = std::strerror(int(-result));
@@ -108,8 +108,13 @@ void DirectIoQueue::RecordFailure(const Request& request, long result, size_t le
   } else {
     failure = fmt::format("moved {} of the {} bytes left", result, left);
   }
-  errors_[request.tag] = fmt::format("{} {}: {}{}", request.write ? "writing" : "reading", what_, failure,
-                                     result == -ENOSPC ? " (the disk is full)" : "");
+  const std::string message = fmt::format("{} {}: {}{}", request.write ? "writing" : "reading", what_, failure,
+                                          result == -ENOSPC ? " (the disk is full)" : "");
+  // What was read back is damaged or missing; a write that failed damaged nothing
+  // already written, and is this machine's failure (or a full disk).
+  errors_[request.tag] = !request.write       ? absl::DataLossError(message)
+                         : result == -ENOSPC  ? absl::ResourceExhaustedError(message)
+                                              : absl::InternalError(message);
 }
 
 void DirectIoQueue::Transfer(const Request& request) {
@@ -165,12 +170,9 @@ absl::Status DirectIoQueue::Drain(size_t tag) {
   while (pending_[tag] > 0) {
     if (auto s = ReapOne(); !s.ok()) return s;
   }
-  if (!errors_[tag].empty()) {
-    std::string error;
-    std::swap(error, errors_[tag]);
-    return absl::DataLossError(error);
-  }
-  return absl::OkStatus();
+  absl::Status error;
+  std::swap(error, errors_[tag]);
+  return error;
 }
 
 absl::Status DirectIoQueue::DrainAll() {

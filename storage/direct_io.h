@@ -35,7 +35,7 @@ class DirectIoQueue {
   // `fd` stays owned by the caller and must outlive the queue. `what` names the file in
   // errors ("the NVMe swap file", a shard's path). `block_bytes` is the largest request;
   // `queue_depth` (1..4096) the most requests in flight. A request that fails to move
-  // is DataLoss from Drain; a failure of the queue itself (io_uring) is Internal.
+  // is an error from Drain; a failure of the queue itself (io_uring) is Internal.
   static absl::StatusOr<std::unique_ptr<DirectIoQueue>> Create(int fd, std::string what, size_t block_bytes,
                                                                int queue_depth);
   // Waits for whatever is still in flight (after an error) before the buffers can go.
@@ -47,8 +47,9 @@ class DirectIoQueue {
   // into requests of at most block_bytes, and submits them. Waits for completions only
   // when the queue is full. `data` must stay valid until Drain(tag) returns.
   absl::Status Queue(bool write, char* data, uint64_t offset, size_t size, size_t tag);
-  // Waits for every request queued with `tag`. A failed or incomplete request is a
-  // DataLoss error that says what failed (a full disk says so).
+  // Waits for every request queued with `tag`. A failed or incomplete request is an
+  // error that says what failed: DataLoss for a read (what should be there is not),
+  // ResourceExhausted for a write to a full disk, Internal for any other write.
   absl::Status Drain(size_t tag);
   // Drains every tag; returns the first error.
   absl::Status DrainAll();
@@ -88,7 +89,7 @@ class DirectIoQueue {
   std::vector<Request> requests_;        // indexed by id, queue_depth of them
   std::vector<uint32_t> free_requests_;  // ids not in flight
   std::vector<int> pending_;             // requests in flight per tag
-  std::vector<std::string> errors_;      // the first failure per tag
+  std::vector<absl::Status> errors_;     // the first failure per tag
   uint64_t bytes_read_ = 0, bytes_written_ = 0;
 };
 

@@ -51,7 +51,8 @@ class SwapFile {
   // For every chunk in order: calls update(i, data) on it (4 KiB aligned, chunk_size(i)
   // bytes), with the chunk read first and written after as `mode` says. Reads run ahead
   // and writes behind the update, so the disk and the update overlap.
-  // A failed request is a DataLoss error naming what failed (a full disk says so).
+  // A failed request is an error naming what failed (DirectIoQueue::Drain: DataLoss for
+  // a read, ResourceExhausted for a full disk).
   absl::Status Stream(const std::function<void(size_t chunk, char* data)>& update, Mode mode = Mode::kUpdate);
 
   // Bytes moved by Stream so far.

@@ -43,8 +43,7 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
     // The same split and chunking as AdamWOptimizer::OffloadToNvme: the last
     // nvme_fraction of the elements in the file, both moments of a range of elements per
     // chunk, whole chunks; the other moments and three chunks in memory.
-    const uint64_t swapped =
-        std::min(sharded, uint64_t(std::ceil(spec.offload.nvme_fraction * double(sharded))));
+    const uint64_t swapped = AdamWOptimizer::SwappedElements(sharded, spec.offload.nvme_fraction);
     const uint64_t chunk_elements =
         std::max<uint64_t>(1, uint64_t(spec.offload.chunk_mb * double(1 << 20)) / 4096 * 4096 / (2 * DTypeSize(accum)));
     const uint64_t chunk_bytes = chunk_elements * 2 * DTypeSize(accum);

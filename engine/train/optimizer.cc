@@ -207,8 +207,7 @@ absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload
   }
   if (swap_) return absl::OkStatus();
   // The last `fraction` of the shard's elements go to the swap.
-  const size_t n = shard_end_ - shard_begin_;
-  const size_t swapped = std::min(n, size_t(std::ceil(fraction * double(n))));
+  const size_t swapped = SwappedElements(shard_end_ - shard_begin_, fraction);
   const size_t memory_end = shard_end_ - swapped;
   chunk_elements_ = std::max<size_t>(1, options.chunk_bytes / (2 * sizeof(float)));
   offload::SwapOptions o = options;
@@ -216,22 +215,26 @@ absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload
   const size_t chunks = (swapped + chunk_elements_ - 1) / chunk_elements_;
   auto swap = offload::SwapFile::Create(dir, chunks * o.chunk_bytes, o);
   if (!swap.ok()) return swap.status();
+  swap_ = std::move(*swap);
+  memory_end_ = memory_end;
   // Moments already in memory (a restored checkpoint's): those of the swapped elements
   // move into the swap, the others into buffers of their own size. Untouched moments
   // are zeros, which a fresh swap file already reads as.
   void* kept_m = nullptr;
   void* kept_v = nullptr;
   if (m_ != nullptr) {
-    const float* m = static_cast<const float*>(m_) + (memory_end - shard_begin_);
-    const float* v = static_cast<const float*>(v_) + (memory_end - shard_begin_);
-    auto s = (*swap)->Stream(
-        [&](size_t c, char* data) {
-          const size_t lo = c * chunk_elements_, count = std::min(chunk_elements_, swapped - lo);
-          std::copy(m + lo, m + lo + count, reinterpret_cast<float*>(data));
-          std::copy(v + lo, v + lo + count, reinterpret_cast<float*>(data) + chunk_elements_);
-        },
-        offload::SwapFile::Mode::kWrite);
-    if (!s.ok()) return s;
+    const float* m = static_cast<const float*>(m_);
+    const float* v = static_cast<const float*>(v_);
+    auto s = WriteOffloadedMoments([&](size_t begin, size_t count, float* cm, float* cv) {
+      std::copy_n(m + (begin - shard_begin_), count, cm);
+      std::copy_n(v + (begin - shard_begin_), count, cv);
+      return absl::OkStatus();
+    });
+    if (!s.ok()) {  // all moments stay in memory, as before
+      swap_.reset();
+      memory_end_ = shard_end_;
+      return s;
+    }
     if (memory_end > shard_begin_) {
       kept_m = backend_->Allocate(memory_end - shard_begin_, backend_->accum_dtype());
       kept_v = backend_->Allocate(memory_end - shard_begin_, backend_->accum_dtype());
@@ -243,8 +246,6 @@ absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload
     m_ = kept_m;
     v_ = kept_v;
   }
-  swap_ = std::move(*swap);
-  memory_end_ = memory_end;
   // The moments kept in memory and the pipeline's buffers.
   state_bytes_ = 2 * (memory_end_ - shard_begin_) * sizeof(float) + 3 * o.chunk_bytes;
   return absl::OkStatus();

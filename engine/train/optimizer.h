@@ -1,6 +1,8 @@
 // AdamW over a model's parameters and the learning-rate schedule.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 
@@ -76,6 +78,11 @@ class AdamWOptimizer {
   // so parameters stay bit-identical to keeping the moments in memory. CPU backend only.
   absl::Status OffloadToNvme(const std::string& dir, const offload::SwapOptions& options, double fraction = 1.0);
   bool offloaded() const { return swap_ != nullptr; }
+  // The elements of a shard of `n` whose moments go to the swap with `fraction`: the
+  // plan counts them the same way.
+  static size_t SwappedElements(size_t n, double fraction) {
+    return std::min(n, size_t(std::ceil(fraction * double(n))));
+  }
   const offload::SwapFile* swap() const { return swap_.get(); }
   // ZeRO-Offload (offload.optimizer host; a backend with separate master weights, the
   // GPU's): the f32 master weights and both moments move to host memory, and the model's

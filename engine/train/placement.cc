@@ -44,8 +44,11 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
   // keys back at their defaults.
   auto with = [&](const char* plugin, const std::string& optimizer, double sharded_share = 1.0) {
     JobSpec s = spec;
-    s.parallel = ParallelSpec{};
-    s.parallel.bucket_mb = spec.parallel.bucket_mb;
+    const ParallelSpec defaults;
+    s.parallel.placement = defaults.placement;
+    s.parallel.shard_param_frac = defaults.shard_param_frac;
+    s.parallel.offload_optim_frac = defaults.offload_optim_frac;
+    s.parallel.offload_param_frac = defaults.offload_param_frac;
     s.parallel.plugin = plugin;
     s.parallel.sharded_share = sharded_share;
     s.offload.optimizer = optimizer;

@@ -254,6 +254,10 @@ TEST(CheckpointStoreTest, LargeTensorsRoundTripAndACutShardIsCaught) { LargeTens
 // Where io_uring is blocked (container seccomp profiles, the sysctl), shard files move
 // one request at a time with pread/pwrite, to the same results and errors.
 TEST(CheckpointStoreTest, WithoutIoUringTheSameBytesMoveOneRequestAtATime) {
+  // Set for this test only, also when an assertion ends it early.
+  struct Unset {
+    ~Unset() { ::unsetenv("LLAMAD_IO_URING"); }
+  } unset;
   ::setenv("LLAMAD_IO_URING", "0", 1);
   {
     const int fd = ::open((FreshDir("sync-queue") / "f").c_str(), O_RDWR | O_CREAT, 0644);
@@ -271,7 +275,6 @@ TEST(CheckpointStoreTest, WithoutIoUringTheSameBytesMoveOneRequestAtATime) {
   std::vector<float> got(70);
   EXPECT_TRUE(store->ReadRange("job", 1, "a", ElementType::kF32, 0, 70, got.data()).ok());
   EXPECT_EQ(got, a);
-  ::unsetenv("LLAMAD_IO_URING");
 }
 
 TEST(CheckpointStoreTest, ReadOnlyOpenTouchesNothingAndDropNewerRewinds) {
