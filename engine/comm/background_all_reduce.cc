@@ -7,10 +7,10 @@ namespace llamad {
 
 BackgroundAllReduce::BackgroundAllReduce(Communicator* comm, float* data, size_t bucket_elements)
     : comm_(comm), data_(data), bucket_elements_(std::max<size_t>(1, bucket_elements)),
-      worker_([this] { Run(); }) {}
+      worker_(std::make_unique<SerialWorker>()) {}
 
 BackgroundAllReduce::~BackgroundAllReduce() {
-  if (!finished_) Finish().IgnoreError();
+  if (worker_) Finish().IgnoreError();
 }
 
 void BackgroundAllReduce::Add(size_t begin, size_t end) {
@@ -28,45 +28,20 @@ void BackgroundAllReduce::Add(size_t begin, size_t end) {
 }
 
 void BackgroundAllReduce::Enqueue(size_t begin, size_t end) {
-  {
-    std::lock_guard lock(mu_);
-    queue_.emplace_back(begin, end);
-  }
-  cv_.notify_one();
-}
-
-void BackgroundAllReduce::Run() {
-  std::unique_lock lock(mu_);
-  while (true) {
-    cv_.wait(lock, [&] { return !queue_.empty() || closing_; });
-    if (queue_.empty()) return;  // closing and drained
-    const auto [begin, end] = queue_.front();
-    queue_.pop_front();
-    const bool failed = !status_.ok();
-    lock.unlock();
+  worker_->Post([this, begin, end] {
     // After a failure the rest is skipped: the peers are gone, and every rank stops.
-    absl::Status s;
-    if (!failed) {
-      const auto start = std::chrono::steady_clock::now();
-      s = comm_->AllReduceSum(data_ + begin, end - begin);
-      busy_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    }
-    lock.lock();
-    if (status_.ok() && !s.ok()) status_ = s;
-  }
+    if (!status_.ok()) return;
+    const auto start = std::chrono::steady_clock::now();
+    status_ = comm_->AllReduceSum(data_ + begin, end - begin);
+    busy_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  });
 }
 
 absl::Status BackgroundAllReduce::Finish() {
-  if (finished_) return status_;
+  if (!worker_) return status_;
   if (pending_end_ > pending_begin_) Enqueue(pending_begin_, pending_end_);
   pending_begin_ = pending_end_ = 0;
-  {
-    std::lock_guard lock(mu_);
-    closing_ = true;
-  }
-  cv_.notify_one();
-  worker_.join();
-  finished_ = true;
+  worker_.reset();  // runs what was queued, then stops
   return status_;
 }
 

@@ -3,12 +3,10 @@
 // on computing.
 #pragma once
 
-#include <condition_variable>
-#include <deque>
-#include <mutex>
-#include <thread>
+#include <memory>
 
 #include "comm/communicator.h"
+#include "core/serial_worker.h"
 
 namespace llamad {
 
@@ -25,24 +23,20 @@ class BackgroundAllReduce {
   // Sends what is still merged, waits for every queued collective and stops the worker.
   // Returns the first error.
   absl::Status Finish();
-  // Seconds the worker spent inside collectives.
+  // Seconds the worker spent inside collectives (read after Finish).
   double busy_seconds() const { return busy_seconds_; }
 
  private:
-  void Run();
   void Enqueue(size_t begin, size_t end);
 
   Communicator* comm_;
   float* data_;
   size_t bucket_elements_;
   size_t pending_begin_ = 0, pending_end_ = 0;  // merged, not yet queued
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::pair<size_t, size_t>> queue_;
-  bool closing_ = false, finished_ = false;
+  // Touched only by the worker until Finish has stopped it.
   absl::Status status_;
   double busy_seconds_ = 0;
-  std::thread worker_;
+  std::unique_ptr<SerialWorker> worker_;  // null once finished
 };
 
 }  // namespace llamad
