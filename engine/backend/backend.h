@@ -79,6 +79,9 @@ class Backend {
   // The memory this backend's buffers can still come from, when it is its own (what a
   // GPU has free now); 0 when the buffers share host memory with everything else.
   virtual size_t device_memory_bytes() const { return 0; }
+  // The element type of the buffer that holds [buffer, buffer + numel) (aborts when
+  // that range is not inside one buffer of this backend).
+  virtual DType BufferType(const void* buffer, size_t numel) const { return dtype(); }
   // Waits until every op issued so far has finished (a no-op for synchronous backends):
   // for timing, and before reading results through other means than Download.
   virtual void Synchronize() {}
@@ -96,6 +99,8 @@ class Backend {
   // Copies, converting from src's element type to dst's (a cast when they differ).
   virtual void Copy(void* dst, const void* src, size_t numel) = 0;
   virtual void Zero(void* buffer, size_t numel) = 0;
+  // y[i] += x[i], both of one element type (a rank's share of a reduced gradient).
+  virtual void Add(void* y, const void* x, size_t numel) = 0;
   // x[i] *= scale.
   virtual void Scale(void* x, double scale, size_t numel) = 0;
   // Fills with N(0, std^2) samples from the counter-based generator (seed, stream):

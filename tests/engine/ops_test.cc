@@ -262,6 +262,15 @@ TEST_F(OpsTest, SumSquaresAndScale) {
   EXPECT_NEAR(be_->SumSquares(x, n), 4 * expected, 1e-8);
 }
 
+TEST_F(OpsTest, AddAccumulatesElementWise) {
+  const size_t n = 10007;
+  double* y = Random(n, 3);
+  double* x = Random(n, 4);
+  std::vector<double> before(y, y + n);
+  be_->Add(y, x, n);
+  for (size_t i = 0; i < n; ++i) ASSERT_EQ(y[i], before[i] + x[i]) << i;
+}
+
 // The float32 kernels agree with the float64 ones on the same inputs.
 TEST(OpsF32Test, AttentionAndLmHeadAgreeWithF64) {
   auto f32 = MakeCpuBackend({DType::kF32, 2});

@@ -93,6 +93,12 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; ++i) p[i] = v;
   }
+  void Add(void* y, const void* x, size_t n) override {
+    T* p = P(y);
+    const T* q = C(x);
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; ++i) p[i] += q[i];
+  }
   void Scale(void* x, double scale, size_t n) override {
     T* p = P(x);
     const T s = T(scale);

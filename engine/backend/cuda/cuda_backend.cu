@@ -63,6 +63,12 @@ __global__ void ScaleKernel(T* x, size_t n, float scale) {
     x[i] = FromFloat<T>(ToFloat(x[i]) * scale);
 }
 
+template <typename T>
+__global__ void AddKernel(T* y, const T* x, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    y[i] = FromFloat<T>(ToFloat(y[i]) + ToFloat(x[i]));
+}
+
 // core/rng.h's counter-based normals on the device: the same uniforms, and the CPU's
 // Box-Muller up to the last bit of the device's double-precision log and cos.
 template <typename T>
@@ -489,6 +495,9 @@ class CudaBackend final : public Backend {
   }
   void ResetPeak() override { peak_ = allocated_bytes(); }
   void Synchronize() override { LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  DType BufferType(const void* buffer, size_t n) const override { return TypeOf(buffer, n); }
+  cudaStream_t stream() const { return stream_; }
+  int device() const { return options_.device; }
 
   void Upload(void* dst, const double* src, size_t n) override {
     std::vector<float> f(src, src + n);
@@ -559,6 +568,16 @@ class CudaBackend final : public Backend {
   }
   void Zero(void* x, size_t n) override {
     LLAMAD_CUDA_CHECK(cudaMemsetAsync(x, 0, n * DTypeSize(TypeOf(x, n)), stream_));
+  }
+  void Add(void* y, const void* x, size_t n) override {
+    const DType type = TypeOf(y, n);
+    if (TypeOf(x, n) != type) Fail("Add of buffers of different element types", __FILE__, __LINE__);
+    if (type == DType::kF32) {
+      AddKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<float*>(y), static_cast<const float*>(x), n);
+    } else {
+      AddKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(y), static_cast<const bf16*>(x), n);
+    }
+    LLAMAD_CUDA_LAUNCHED();
   }
   void Scale(void* x, double scale, size_t n) override {
     if (TypeOf(x, n) == DType::kF32) {
@@ -958,6 +977,14 @@ bool CudnnAttentionAvailable(int device, std::string* why) {
 
 std::unique_ptr<Backend> NewCudaBackend(const CudaBackendOptions& options) {
   return std::make_unique<cuda::CudaBackend>(options);
+}
+
+bool CudaStreamOf(Backend& backend, int* device, void** stream) {
+  auto* cuda = dynamic_cast<cuda::CudaBackend*>(&backend);
+  if (cuda == nullptr) return false;
+  *device = cuda->device();
+  *stream = cuda->stream();
+  return true;
 }
 
 }  // namespace llamad

@@ -39,4 +39,8 @@ bool CudnnAttentionAvailable(int device, std::string* why);
 // Creates the backend on an existing device (MakeCudaBackend checks that first).
 std::unique_ptr<Backend> NewCudaBackend(const CudaBackendOptions& options);
 
+// The device and the stream (a cudaStream_t) that a CUDA backend runs its ops on, for
+// work that must be ordered with them (NCCL's collectives); false for other backends.
+bool CudaStreamOf(Backend& backend, int* device, void** stream);
+
 }  // namespace llamad

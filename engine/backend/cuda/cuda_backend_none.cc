@@ -14,6 +14,7 @@ bool CudnnAttentionAvailable(int, std::string* why) {
   *why = "this build has no CUDA backend";
   return false;
 }
+bool CudaStreamOf(Backend&, int*, void**) { return false; }
 std::unique_ptr<Backend> NewCudaBackend(const CudaBackendOptions&) {
   std::fprintf(stderr, "llamad: this build has no CUDA backend\n");
   std::abort();
