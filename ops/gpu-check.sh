@@ -60,7 +60,7 @@ OUT=${OUT:-/tmp/llamad-gpu-check}
 mkdir -p "$OUT"
 work=$(mktemp -d)
 tar xzf "$BUNDLE_DIR/bundle.tgz" -C "$work"
-# cuBLASLt, and cuDNN with what it loads (the CUDA runtime, NVRTC): the toolkit's, then
+# cuBLASLt, cuDNN with what it loads (the CUDA runtime, NVRTC) and NCCL: the toolkit's, then
 # those PyTorch's wheels carry. The bundled libraries are for our programs alone
 # (PyTorch keeps its own C++ runtime): `ours` runs one of them.
 libs=$work/lib
@@ -70,7 +70,7 @@ import glob, os
 import nvidia
 dirs = []
 for root in nvidia.__path__:
-    for name in ("libcublasLt.so.13", "libcudnn_graph.so.9", "libcudart.so.13", "libnvrtc.so.13"):
+    for name in ("libcublasLt.so.13", "libcudnn_graph.so.9", "libcudart.so.13", "libnvrtc.so.13", "libnccl.so.2"):
         for hit in glob.glob(os.path.join(root, "**", name), recursive=True):
             if os.path.dirname(hit) not in dirs:
                 dirs.append(os.path.dirname(hit))

@@ -3,8 +3,15 @@
 #include <functional>
 #include <vector>
 
+#include "comm/device_collectives.h"
+
 namespace llamad {
 namespace {
+
+// The communicator's collectives on the GPU's own buffers, where it has them.
+DeviceCollectives* OnDevice(Communicator& comm, Backend& backend) {
+  return BuffersInHostMemory(backend) ? nullptr : comm.device_collectives();
+}
 
 // Host f32 memory for staging n elements, kept between calls: staged collectives run
 // every step, and the largest is the whole gradient.
@@ -33,33 +40,42 @@ bool BuffersInHostMemory(const Backend& backend) {
 }
 
 absl::Status AllReduceSumOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n) {
+  if (auto* device = OnDevice(comm, backend)) return device->AllReduceSum(buffer, n, backend.BufferType(buffer, n));
   return OnHost(backend, buffer, n, true, [&](float* data) { return comm.AllReduceSum(data, n); });
 }
 
 absl::Status BroadcastOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n, int root) {
+  if (auto* device = OnDevice(comm, backend)) {
+    return device->Broadcast(buffer, n, backend.BufferType(buffer, n), root);
+  }
   return OnHost(backend, buffer, n, comm.rank() == root, [&](float* data) { return comm.Broadcast(data, n, root); });
 }
 
 absl::Status ReduceAddOnBackend(Communicator& comm, Backend& backend, void* data, size_t n, int root, void* into) {
   const bool root_here = comm.rank() == root;
-  if (BuffersInHostMemory(backend)) {
+  if (auto* device = OnDevice(comm, backend)) {
+    if (auto s = device->ReduceSum(data, n, backend.BufferType(data, n), root); !s.ok() || !root_here) return s;
+  } else if (BuffersInHostMemory(backend)) {
+    // A plain loop, not the backend: this runs on a helper thread beside the backward.
     float* sum = static_cast<float*>(data);
     if (auto s = comm.ReduceSum(sum, n, root); !s.ok() || !root_here) return s;
     float* total = static_cast<float*>(into);
     for (size_t i = 0; i < n; ++i) total[i] += sum[i];
     return absl::OkStatus();
+  } else {
+    float* host = Staging(n);
+    backend.DownloadF32(host, data, n);
+    if (auto s = comm.ReduceSum(host, n, root); !s.ok() || !root_here) return s;
+    backend.UploadF32(data, host, n);
   }
-  float* host = Staging(root_here ? 2 * n : n);
-  backend.DownloadF32(host, data, n);
-  if (auto s = comm.ReduceSum(host, n, root); !s.ok() || !root_here) return s;
-  float* total = host + n;
-  backend.DownloadF32(total, into, n);
-  for (size_t i = 0; i < n; ++i) total[i] += host[i];
-  backend.UploadF32(into, total, n);
+  backend.Add(into, data, n);  // root: data now holds the sum
   return absl::OkStatus();
 }
 
 absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n) {
+  if (auto* device = OnDevice(comm, backend)) {
+    return device->AllGatherSlices(buffer, n, backend.BufferType(buffer, n));
+  }
   return OnHost(backend, buffer, n, true, [&](float* data) { return AllGatherSlices(comm, data, n); });
 }
 

@@ -1,8 +1,9 @@
 // Collectives on a backend's f32 or bf16 buffers. The CPU backend's buffers are host
-// memory and go to the communicator as they are; a GPU's are staged through host memory
-// as f32 (exact for bf16 values), so that GPU ranks reduce over the same Gloo transport
-// as CPU ranks. That staging is the correct-first path: every byte crosses PCIe and TCP
-// once per step, after the backward rather than overlapped with it.
+// memory and go to the communicator as they are. A GPU's go to the communicator's device
+// collectives (NCCL, comm/nccl_communicator.h) where it has them, ordered on the GPU with
+// the backend's ops; otherwise they are staged through host memory as f32 (exact for
+// bf16 values) over the same Gloo transport as CPU ranks, every byte crossing PCIe and
+// TCP, with the calling thread waiting.
 #pragma once
 
 #include <cstddef>

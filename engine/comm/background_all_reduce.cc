@@ -9,8 +9,11 @@ BackgroundAllReduce::BackgroundAllReduce(Communicator* comm, float* data, size_t
     : comm_(comm), data_(data), bucket_elements_(std::max<size_t>(1, bucket_elements)),
       worker_(std::make_unique<SerialWorker>()) {}
 
+BackgroundAllReduce::BackgroundAllReduce(DeviceCollectives* device, void* data, DType type, size_t bucket_elements)
+    : device_(device), data_(data), type_(type), bucket_elements_(std::max<size_t>(1, bucket_elements)) {}
+
 BackgroundAllReduce::~BackgroundAllReduce() {
-  if (worker_) Finish().IgnoreError();
+  if (!finished_) Finish().IgnoreError();
 }
 
 void BackgroundAllReduce::Add(size_t begin, size_t end) {
@@ -28,20 +31,33 @@ void BackgroundAllReduce::Add(size_t begin, size_t end) {
 }
 
 void BackgroundAllReduce::Enqueue(size_t begin, size_t end) {
+  if (device_ != nullptr) {
+    // Issuing only queues the collective on the GPU: no need for a thread.
+    if (status_.ok()) {
+      status_ = device_->AllReduceSumOverlapped(static_cast<char*>(data_) + begin * DTypeSize(type_), end - begin,
+                                                type_);
+    }
+    return;
+  }
   worker_->Post([this, begin, end] {
     // After a failure the rest is skipped: the peers are gone, and every rank stops.
     if (!status_.ok()) return;
     const auto start = std::chrono::steady_clock::now();
-    status_ = comm_->AllReduceSum(data_ + begin, end - begin);
+    status_ = comm_->AllReduceSum(static_cast<float*>(data_) + begin, end - begin);
     busy_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   });
 }
 
 absl::Status BackgroundAllReduce::Finish() {
-  if (!worker_) return status_;
+  if (finished_) return status_;
   if (pending_end_ > pending_begin_) Enqueue(pending_begin_, pending_end_);
   pending_begin_ = pending_end_ = 0;
-  worker_.reset();  // runs what was queued, then stops
+  finished_ = true;
+  if (device_ != nullptr) {
+    if (status_.ok()) status_ = device_->Join();
+  } else {
+    worker_.reset();  // runs what was queued, then stops
+  }
   return status_;
 }
 

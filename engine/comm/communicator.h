@@ -17,6 +17,8 @@
 
 namespace llamad {
 
+class DeviceCollectives;  // comm/device_collectives.h
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -34,6 +36,9 @@ class Communicator {
   // How long a collective may wait for the other ranks from now on (setup phases where
   // one rank works alone, such as preparing data, need longer than training steps).
   virtual void set_timeout(std::chrono::milliseconds timeout) = 0;
+  // Collectives on a GPU's own buffers next to these host ones (NCCL), or null: GPU
+  // ranks then stage their buffers through host memory (comm/backend_collectives.h).
+  virtual DeviceCollectives* device_collectives() { return nullptr; }
 };
 
 // The contiguous part [begin, end) of n items that rank `rank` of `world` owns: parts

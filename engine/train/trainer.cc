@@ -8,6 +8,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "comm/background_all_reduce.h"
+#include "comm/device_collectives.h"
 #include "comm/backend_collectives.h"
 #include "core/host_memory.h"
 #include "train/memory_plan.h"
@@ -170,6 +171,10 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
 
   StepMetrics m;
   m.step = optimizer_->step() + 1;
+  // A GPU rank's collectives on its own buffers (NCCL) time themselves on the GPU.
+  DeviceCollectives* device = BuffersInHostMemory(*backend_) ? nullptr : comm_->device_collectives();
+  const double device_busy = device != nullptr ? device->busy_seconds() : 0;
+  const double device_exposed = device != nullptr ? device->exposed_seconds() : 0;
   model_->ZeroGrads();
   model_collective_seconds_ = model_wait_seconds_ = 0;
   double loss_sum = 0;
@@ -207,11 +212,14 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
       }
     }
     const bool last = first + uint64_t(count) >= end;
-    if (last && !padding && comm_->world_size() > 1 && BuffersInHostMemory(*backend_) &&
+    if (last && !padding && comm_->world_size() > 1 && (BuffersInHostMemory(*backend_) || device) &&
         !model_->gradients_sharded()) {
-      reducer = std::make_unique<BackgroundAllReduce>(
-          comm_, static_cast<float*>(model_->grad_data()),
-          size_t(spec_.parallel.bucket_mb * double(1 << 20) / sizeof(float)));
+      const size_t bucket = size_t(spec_.parallel.bucket_mb * double(1 << 20) / sizeof(float));
+      if (device != nullptr) {
+        reducer = std::make_unique<BackgroundAllReduce>(device, model_->grad_data(), backend_->accum_dtype(), bucket);
+      } else {
+        reducer = std::make_unique<BackgroundAllReduce>(comm_, static_cast<float*>(model_->grad_data()), bucket);
+      }
       model_->set_grad_ready_hook([&](size_t b, size_t e) { reducer->Add(b, e); });
     }
     const double loss = model_->ForwardBackward(tokens_.data(), targets_.data(), count, seq,
@@ -233,7 +241,8 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     m.communication_seconds = model_collective_seconds_ + after;
     m.exposed_communication_seconds = model_wait_seconds_ + after;
   } else if (comm_->world_size() > 1 && !reducer) {
-    // GPU ranks: the whole gradient through host memory once the backward is done.
+    // GPU ranks without NCCL: the whole gradient through host memory once the backward
+    // is done.
     if (auto s = AllReduceSumOnBackend(*comm_, *backend_, model_->grad_data(), model_->num_params());
         !s.ok()) {
       return s;
@@ -281,6 +290,16 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     const double gather = seconds_since(comm_start);
     m.communication_seconds += gather;
     m.exposed_communication_seconds += gather;
+  }
+  if (device != nullptr && comm_->world_size() > 1) {
+    // The calling thread only queued the GPU's collectives (the times above are the
+    // host's: issuing them, and the losses' and norms' host collectives). Their own time
+    // is measured on the GPU: all of it is exposed, except that of the all-reduces that
+    // ran beside the backward (ddp), which counts from the backward's end.
+    backend_->Synchronize();
+    const double busy = device->busy_seconds() - device_busy;
+    m.communication_seconds += busy;
+    m.exposed_communication_seconds += reducer ? device->exposed_seconds() - device_exposed : busy;
   }
   m.optimizer_state_bytes = optimizer_->state_bytes();
   m.gradient_bytes = model_->grad_bytes() + region_copy_bytes_;  // and zero2's copy of a region

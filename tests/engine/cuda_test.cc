@@ -26,6 +26,9 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend.h"
+#include "comm/backend_collectives.h"
+#include "comm/device_collectives.h"
+#include "comm/nccl_communicator.h"
 #include "common/subprocess.h"
 #include "core/self_executable.h"
 #include "data/dataset.h"
@@ -395,6 +398,17 @@ TEST_F(CudaTest, MemoryOps) {
   gpu_->Scale(f.gpu, -0.5, n);
   const Vec scaled = Gpu(f);
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(scaled[i], -0.5 * fv[i]);
+  // y += x in either buffer type: one float addition, rounded to the buffer's type.
+  for (DType type : {DType::kF32, DType::kBF16}) {
+    Pair y = Make(Random(n), type), x = Make(Random(n), type);
+    const Vec yv = Gpu(y), xv = Gpu(x);
+    gpu_->Add(y.gpu, x.gpu, n);
+    const Vec sum = Gpu(y);
+    for (size_t i = 0; i < n; ++i) {
+      const float exact = float(yv[i]) + float(xv[i]);
+      ASSERT_EQ(sum[i], type == DType::kF32 ? double(exact) : RoundBf16(exact)) << DTypeName(type) << " " << i;
+    }
+  }
   // The same counter-based normals as the CPU backend, to float rounding.
   Pair normal = Zeros(n, DType::kF32);
   gpu_->FillNormal(normal.gpu, n, 0.02, 7, 3);
@@ -710,6 +724,62 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   const auto host_resumed = job.Run(2, "-p zero1 -i 0 -f " + (host_job.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
   ASSERT_EQ(host_resumed.size(), 6u);
   ExpectLosses(host_resumed, zero1_host, 6, 0, "zero1 + host checkpoint resumed");
+}
+
+// NCCL at world size 1 (the GPU check's machine has one GPU, and NCCL needs one per
+// rank): every collective of the backend's buffers goes through NCCL on its own stream,
+// in f32 and bf16, ordered with the backend's ops, and times itself on the GPU.
+TEST_F(CudaTest, NcclCollectivesRunOnTheirOwnStream) {
+  std::string version;
+  if (!NcclAvailable(&version)) GTEST_SKIP() << version;
+  auto comm = MakeNcclCommunicator(MakeLocalCommunicator(), *gpu_, std::chrono::seconds(60));
+  ASSERT_TRUE(comm.ok()) << comm.status();
+  DeviceCollectives* device = (*comm)->device_collectives();
+  ASSERT_NE(device, nullptr);
+  const size_t n = (size_t{1} << 22) + 3;
+  Pair f = Make(Random(n), DType::kF32), b = Make(Random(n), DType::kBF16), into = Make(Random(n), DType::kF32);
+  const Vec fv = Gpu(f), bv = Gpu(b), intov = Gpu(into);
+  for (int round = 0; round < 4; ++round) {
+    // The backend writes each buffer just before a collective reads it and just after
+    // it wrote it: out of order, the collective would see or leave other values.
+    gpu_->Scale(f.gpu, 4.0, n);
+    ASSERT_TRUE(AllReduceSumOnBackend(**comm, *gpu_, f.gpu, n).ok());
+    gpu_->Scale(f.gpu, 0.25, n);
+    gpu_->Scale(b.gpu, -1.0, n);
+    ASSERT_TRUE(BroadcastOnBackend(**comm, *gpu_, b.gpu, n, 0).ok());
+    ASSERT_TRUE(AllGatherSlicesOnBackend(**comm, *gpu_, b.gpu, n).ok());
+    ASSERT_TRUE(device->AllReduceSumOverlapped(f.gpu, n, DType::kF32).ok());
+    ASSERT_TRUE(device->Join().ok());
+  }
+  // The sum of one rank is its own buffer: into += f.
+  ASSERT_TRUE(ReduceAddOnBackend(**comm, *gpu_, f.gpu, n, 0, into.gpu).ok());
+  gpu_->Synchronize();
+  const Vec f_after = Gpu(f), b_after = Gpu(b), into_after = Gpu(into);
+  for (size_t i = 0; i < n; ++i) {
+    ASSERT_EQ(f_after[i], fv[i]) << i;
+    ASSERT_EQ(b_after[i], bv[i]) << i;
+    ASSERT_EQ(into_after[i], double(float(intov[i]) + float(fv[i]))) << i;
+  }
+  RecordProperty("NCCL", version);
+  EXPECT_GT(device->busy_seconds(), 0.0);
+  EXPECT_GE(device->exposed_seconds(), 0.0);
+}
+
+// Two GPU ranks with NCCL train on the loss curve of two ranks over Gloo, under ddp
+// (buckets reduced beside the backward), zero2 and zero3. Needs a GPU per rank.
+TEST_F(CudaTest, NcclRanksTrainLikeGlooRanks) {
+  if (CudaDeviceCount() < 2) GTEST_SKIP() << "NCCL needs a GPU per rank, and this machine has one";
+  std::string version;
+  if (!NcclAvailable(&version)) GTEST_SKIP() << version;
+  GpuJob job("llamad-gpu-nccl");
+  for (const std::string plugin : {"ddp", "zero2", "zero3"}) {
+    const auto gloo = job.Run(2, "--communicator gloo -p " + plugin);
+    const auto nccl = job.Run(2, "--communicator nccl -p " + plugin);
+    ASSERT_EQ(nccl.size(), 12u) << plugin;
+    // Two ranks' sums are the same in any order: the same losses.
+    ExpectLosses(nccl, gloo, 0, 1e-6, plugin + " over NCCL");
+    EXPECT_GT(nccl.back()["communication_s"].get<double>(), 0.0) << plugin;
+  }
 }
 
 // offload.optimizer host: the master weights and moments live in host memory and the

@@ -1,0 +1,566 @@
+#include "comm/nccl_communicator.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string_view>
+#include <vector>
+
+#include "backend/cuda/cuda_backend_impl.h"
+#include "comm/device_collectives.h"
+#include "core/strings.h"
+
+#ifdef LLAMAD_WITH_NCCL
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <nccl.h>
+
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+#endif
+
+namespace llamad {
+namespace {
+
+// The host collectives stay on `host`; the device ones are `device`'s.
+class CommunicatorWithDevice final : public Communicator {
+ public:
+  CommunicatorWithDevice(std::unique_ptr<Communicator> host, std::unique_ptr<DeviceCollectives> device)
+      : host_(std::move(host)), device_(std::move(device)) {}
+  ~CommunicatorWithDevice() override { device_.reset(); }  // before the host transport
+  int rank() const override { return host_->rank(); }
+  int world_size() const override { return host_->world_size(); }
+  absl::Status AllReduceSum(float* data, size_t n) override { return host_->AllReduceSum(data, n); }
+  absl::Status AllReduceSum(double* data, size_t n) override { return host_->AllReduceSum(data, n); }
+  absl::Status ReduceSum(float* data, size_t n, int root) override { return host_->ReduceSum(data, n, root); }
+  absl::Status Broadcast(float* data, size_t n, int root) override { return host_->Broadcast(data, n, root); }
+  absl::Status Barrier() override { return host_->Barrier(); }
+  void set_timeout(std::chrono::milliseconds timeout) override;
+  DeviceCollectives* device_collectives() override { return device_.get(); }
+
+ private:
+  std::unique_ptr<Communicator> host_;
+  std::unique_ptr<DeviceCollectives> device_;
+};
+
+#ifdef LLAMAD_WITH_NCCL
+
+// The NCCL entry points this file uses, from libnccl.so.2 (loaded once).
+struct NcclApi {
+  decltype(&ncclGetVersion) GetVersion;
+  decltype(&ncclGetUniqueId) GetUniqueId;
+  decltype(&ncclCommInitRankConfig) CommInitRankConfig;
+  decltype(&ncclCommGetAsyncError) CommGetAsyncError;
+  decltype(&ncclCommAbort) CommAbort;
+  decltype(&ncclCommFinalize) CommFinalize;
+  decltype(&ncclCommDestroy) CommDestroy;
+  decltype(&ncclAllReduce) AllReduce;
+  decltype(&ncclBroadcast) Broadcast;
+  decltype(&ncclReduce) Reduce;
+  decltype(&ncclGroupStart) GroupStart;
+  decltype(&ncclGroupEnd) GroupEnd;
+  decltype(&ncclGetErrorString) GetErrorString;
+  decltype(&ncclGetLastError) GetLastError;
+};
+
+const NcclApi* LoadNccl(std::string* why) {
+  static const NcclApi* api = nullptr;
+  static std::string failure;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* lib = nullptr;
+    for (const char* name : {"libnccl.so.2", "libnccl.so"}) {
+      if ((lib = dlopen(name, RTLD_NOW | RTLD_LOCAL)) != nullptr) break;
+    }
+    if (lib == nullptr) {
+      failure = "NCCL is not installed (libnccl.so.2 is not on the library path)";
+      return;
+    }
+    auto* loaded = new NcclApi;
+    bool complete = true;
+    auto find = [&](auto& fn, const char* symbol) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, symbol));
+      if (fn == nullptr && complete) {
+        complete = false;
+        failure = StrCat("libnccl.so.2 has no ", symbol, " (NCCL 2.14 or later is needed)");
+      }
+    };
+    find(loaded->GetVersion, "ncclGetVersion");
+    find(loaded->GetUniqueId, "ncclGetUniqueId");
+    find(loaded->CommInitRankConfig, "ncclCommInitRankConfig");
+    find(loaded->CommGetAsyncError, "ncclCommGetAsyncError");
+    find(loaded->CommAbort, "ncclCommAbort");
+    find(loaded->CommFinalize, "ncclCommFinalize");
+    find(loaded->CommDestroy, "ncclCommDestroy");
+    find(loaded->AllReduce, "ncclAllReduce");
+    find(loaded->Broadcast, "ncclBroadcast");
+    find(loaded->Reduce, "ncclReduce");
+    find(loaded->GroupStart, "ncclGroupStart");
+    find(loaded->GroupEnd, "ncclGroupEnd");
+    find(loaded->GetErrorString, "ncclGetErrorString");
+    find(loaded->GetLastError, "ncclGetLastError");
+    if (!complete) {
+      delete loaded;
+      return;
+    }
+    api = loaded;
+  });
+  if (api == nullptr) *why = failure;
+  return api;
+}
+
+ncclDataType_t NcclType(DType type) {
+  switch (type) {
+    case DType::kF32: return ncclFloat32;
+    case DType::kF64: return ncclFloat64;
+    case DType::kBF16: return ncclBfloat16;
+  }
+  return ncclFloat32;
+}
+
+absl::Status CudaError(cudaError_t err, std::string_view what) {
+  return absl::InternalError(StrCat("CUDA: ", what, ": ", cudaGetErrorString(err)));
+}
+
+// One GPU's NCCL communicator, its stream, and a watchdog thread that retires finished
+// collectives (their GPU time), notices NCCL's asynchronous errors and aborts the
+// communicator when a collective makes no progress for the timeout: an NCCL kernel whose
+// peer is gone would otherwise spin on the GPU, and the backend's stream behind it, forever.
+class NcclCollectives final : public DeviceCollectives {
+ public:
+  static absl::StatusOr<std::unique_ptr<NcclCollectives>> Create(const NcclApi* api, Communicator& host,
+                                                                 int device, cudaStream_t compute,
+                                                                 std::chrono::milliseconds timeout) {
+    if (cudaError_t err = cudaSetDevice(device); err != cudaSuccess) return CudaError(err, "cudaSetDevice");
+    // Rank 0 makes the unique id; the host communicator carries it (with whether rank 0
+    // managed to) to the others as 4-byte words: Gloo copies them bit for bit.
+    constexpr size_t kWords = (sizeof(ncclUniqueId) + 3) / 4 + 1;
+    float words[kWords] = {};
+    ncclUniqueId id{};
+    if (host.rank() == 0) {
+      const ncclResult_t made = api->GetUniqueId(&id);
+      words[0] = made == ncclSuccess ? 1.0f : 0.0f;
+      std::memcpy(&words[1], &id, sizeof(id));
+    }
+    if (auto s = host.Broadcast(words, kWords, 0); !s.ok()) return s;
+    if (words[0] != 1.0f) return absl::UnavailableError("NCCL: rank 0 could not make the communicator's unique id");
+    std::memcpy(&id, &words[1], sizeof(id));
+
+    auto self = std::unique_ptr<NcclCollectives>(new NcclCollectives(api, device, compute, timeout));
+    absl::Status made = self->Init(id, host.rank(), host.world_size());
+    // Every rank learns whether all of them have a communicator before any uses it.
+    float failed = made.ok() ? 0.0f : 1.0f;
+    if (auto s = host.AllReduceSum(&failed, 1); !s.ok()) return s;
+    if (!made.ok()) return made;
+    if (failed != 0) return absl::UnavailableError(StrCat("NCCL: ", int(failed), " other rank(s) failed to join the communicator"));
+    self->watchdog_ = std::thread([raw = self.get()] { raw->Watch(); });
+    return self;
+  }
+
+  ~NcclCollectives() override {
+    // Every step waits for its collectives, so anything still queued here follows a
+    // failure: it gets a grace period, then the communicator is aborted rather than
+    // holding the exit of a rank whose peers are gone.
+    constexpr auto kGrace = std::chrono::seconds(10);
+    bool drained = false;
+    {
+      std::unique_lock lock(mu_);
+      drained = idle_.wait_for(lock, kGrace, [&] { return pending_.empty() || comm_ == nullptr; });
+      stop_ = true;
+    }
+    wake_.notify_all();
+    if (watchdog_.joinable()) watchdog_.join();
+    if (comm_ != nullptr) {
+      std::lock_guard calls(calls_mu_);
+      // Finalizing flushes NCCL's own work; a communicator that cannot is aborted.
+      if (drained && Settle(api_->CommFinalize(comm_), kGrace).ok()) {
+        api_->CommDestroy(comm_);
+      } else {
+        api_->CommAbort(comm_);
+      }
+      comm_ = nullptr;
+    }
+    for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
+    if (ready_ != nullptr) cudaEventDestroy(ready_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  absl::Status AllReduceSum(void* buffer, size_t n, DType type) override {
+    return Issue(true, [&](ncclComm_t comm, cudaStream_t s) {
+      return api_->AllReduce(buffer, buffer, n, NcclType(type), ncclSum, comm, s);
+    });
+  }
+  absl::Status AllReduceSumOverlapped(void* buffer, size_t n, DType type) override {
+    return Issue(false, [&](ncclComm_t comm, cudaStream_t s) {
+      return api_->AllReduce(buffer, buffer, n, NcclType(type), ncclSum, comm, s);
+    });
+  }
+  absl::Status Broadcast(void* buffer, size_t n, DType type, int root) override {
+    return Issue(true, [&](ncclComm_t comm, cudaStream_t s) {
+      return api_->Broadcast(buffer, buffer, n, NcclType(type), root, comm, s);
+    });
+  }
+  absl::Status ReduceSum(void* buffer, size_t n, DType type, int root) override {
+    return Issue(true, [&](ncclComm_t comm, cudaStream_t s) {
+      return api_->Reduce(buffer, buffer, n, NcclType(type), ncclSum, root, comm, s);
+    });
+  }
+  absl::Status AllGatherSlices(void* buffer, size_t n, DType type) override {
+    // Slices differ in size by one at most, which ncclAllGather does not allow: one
+    // broadcast per owner, grouped into one launch.
+    return Issue(true, [&](ncclComm_t comm, cudaStream_t s) {
+      ncclResult_t r = api_->GroupStart();
+      for (int owner = 0; owner < world_ && r == ncclSuccess; ++owner) {
+        const auto [begin, end] = EvenSlice(n, owner, world_);
+        if (end == begin) continue;
+        char* part = static_cast<char*>(buffer) + begin * DTypeSize(type);
+        r = api_->Broadcast(part, part, end - begin, NcclType(type), owner, comm, s);
+      }
+      const ncclResult_t ended = api_->GroupEnd();
+      return r != ncclSuccess ? r : ended;
+    });
+  }
+
+  absl::Status Join() override {
+    if (auto s = error(); !s.ok()) return s;
+    // A marks the end of the backward, B the end of the collectives: the GPU time from A
+    // to B is communication nothing overlapped.
+    Pending join{Pending::kJoin, Event(), Event()};
+    cudaError_t err = cudaEventRecord(join.start, compute_);
+    if (err == cudaSuccess) err = cudaEventRecord(join.done, stream_);
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(compute_, join.done, 0);
+    if (err != cudaSuccess) return Fail(CudaError(err, "ordering the backend after the collectives"));
+    Track(join);
+    return absl::OkStatus();
+  }
+
+  double busy_seconds() override {
+    std::lock_guard lock(mu_);
+    RetireLocked();
+    return busy_seconds_;
+  }
+  double exposed_seconds() override {
+    std::lock_guard lock(mu_);
+    RetireLocked();
+    return exposed_seconds_;
+  }
+
+  void set_timeout(std::chrono::milliseconds timeout) {
+    std::lock_guard lock(mu_);
+    timeout_ = timeout;
+  }
+
+ private:
+  struct Pending {
+    enum Kind { kCollective, kJoin } kind;
+    cudaEvent_t start, done;  // a collective: on the NCCL stream; a join: see Join()
+  };
+
+  NcclCollectives(const NcclApi* api, int device, cudaStream_t compute, std::chrono::milliseconds timeout)
+      : api_(api), device_(device), compute_(compute), timeout_(timeout) {}
+
+  absl::Status Init(const ncclUniqueId& id, int rank, int world) {
+    world_ = world;
+    if (cudaError_t err = cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking); err != cudaSuccess) {
+      return CudaError(err, "creating the NCCL stream");
+    }
+    if (cudaError_t err = cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming); err != cudaSuccess) {
+      return CudaError(err, "creating an event");
+    }
+    // Non-blocking: set-up (and a first collective's connections) return at once and are
+    // polled, so that a rank that never joins fails the others after the timeout.
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    std::lock_guard calls(calls_mu_);
+    const ncclResult_t started = api_->CommInitRankConfig(&comm_, world, id, rank, &config);
+    if (started != ncclSuccess && started != ncclInProgress) {
+      return absl::UnavailableError(StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
+                                           api_->GetErrorString(started)));
+    }
+    if (auto s = Settle(started, timeout()); !s.ok()) {
+      if (comm_ != nullptr) api_->CommAbort(comm_);
+      comm_ = nullptr;
+      return absl::UnavailableError(StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
+                                           s.message()));
+    }
+    return absl::OkStatus();
+  }
+
+  // Waits until the communicator has taken the last call (non-blocking communicators
+  // report ncclInProgress until then), for at most `limit`. Holds calls_mu_.
+  absl::Status Settle(ncclResult_t result, std::chrono::milliseconds limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (result == ncclInProgress) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        return absl::DeadlineExceededError(StrCat("no answer from the other ranks within ",
+                                                  limit.count() / 1000, " s"));
+      }
+      std::this_thread::yield();
+      if (api_->CommGetAsyncError(comm_, &result) != ncclSuccess) break;
+    }
+    if (result == ncclSuccess) return absl::OkStatus();
+    const char* detail = comm_ != nullptr ? api_->GetLastError(comm_) : nullptr;
+    return absl::UnavailableError(StrCat(api_->GetErrorString(result),
+                                         detail != nullptr && *detail != '\0' ? StrCat(" (", detail, ")") : ""));
+  }
+
+  std::chrono::milliseconds timeout() {
+    std::lock_guard lock(mu_);
+    return timeout_;
+  }
+
+  absl::Status error() {
+    std::lock_guard lock(mu_);
+    return error_;
+  }
+
+  // Records the first error; later calls return it.
+  absl::Status Fail(absl::Status status) {
+    std::lock_guard lock(mu_);
+    if (error_.ok()) error_ = status;
+    return error_;
+  }
+
+  cudaEvent_t Event() {
+    std::lock_guard lock(mu_);
+    if (!free_events_.empty()) {
+      cudaEvent_t e = free_events_.back();
+      free_events_.pop_back();
+      return e;
+    }
+    cudaEvent_t e = nullptr;
+    cudaEventCreate(&e);
+    return e;
+  }
+
+  void Track(const Pending& p) {
+    {
+      std::lock_guard lock(mu_);
+      if (pending_.empty()) front_since_ = std::chrono::steady_clock::now();
+      pending_.push_back(p);
+    }
+    wake_.notify_all();
+  }
+
+  // Orders `op` on the NCCL stream after the backend's work so far; with `ordered` the
+  // backend's later work waits for it.
+  absl::Status Issue(bool ordered, const std::function<ncclResult_t(ncclComm_t, cudaStream_t)>& op) {
+    if (auto s = error(); !s.ok()) return s;
+    Pending p{Pending::kCollective, Event(), Event()};
+    cudaError_t err = cudaEventRecord(ready_, compute_);
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(stream_, ready_, 0);
+    if (err == cudaSuccess) err = cudaEventRecord(p.start, stream_);
+    if (err != cudaSuccess) return Fail(CudaError(err, "ordering a collective after the backend"));
+    {
+      std::lock_guard calls(calls_mu_);
+      if (comm_ == nullptr) return error();
+      if (auto s = Settle(op(comm_, stream_), timeout()); !s.ok()) {
+        return Fail(absl::UnavailableError(StrCat("NCCL on GPU ", device_, ": ", s.message())));
+      }
+    }
+    err = cudaEventRecord(p.done, stream_);
+    if (err == cudaSuccess && ordered) err = cudaStreamWaitEvent(compute_, p.done, 0);
+    if (err != cudaSuccess) return Fail(CudaError(err, "ordering the backend after a collective"));
+    Track(p);
+    return absl::OkStatus();
+  }
+
+  // Retires the finished entries at the front, in order. Holds mu_.
+  void RetireLocked() {
+    while (!pending_.empty()) {
+      Pending& p = pending_.front();
+      const cudaError_t done = cudaEventQuery(p.done);
+      if (done == cudaErrorNotReady) break;
+      if (done != cudaSuccess) {
+        if (error_.ok()) error_ = CudaError(done, "a collective");
+        break;
+      }
+      if (p.kind == Pending::kJoin && cudaEventQuery(p.start) == cudaErrorNotReady) break;
+      float ms = 0;
+      if (cudaEventElapsedTime(&ms, p.start, p.done) == cudaSuccess) {
+        (p.kind == Pending::kCollective ? busy_seconds_ : exposed_seconds_) += std::max(0.0f, ms) / 1e3;
+      } else {
+        (void)cudaGetLastError();
+      }
+      free_events_.push_back(p.start);
+      free_events_.push_back(p.done);
+      pending_.pop_front();
+      front_since_ = std::chrono::steady_clock::now();
+    }
+    idle_.notify_all();
+  }
+
+  void Watch() {
+    cudaSetDevice(device_);
+    std::unique_lock lock(mu_);
+    while (!stop_) {
+      RetireLocked();
+      if (comm_ != nullptr) {
+        std::string why;
+        ncclResult_t async = ncclSuccess;
+        if (api_->CommGetAsyncError(comm_, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress) {
+          const char* detail = api_->GetLastError(comm_);
+          why = StrCat("NCCL on GPU ", device_, ": ", api_->GetErrorString(async),
+                       detail != nullptr && *detail != '\0' ? StrCat(" (", detail, ")") : "",
+                       ": a rank stopped or lost its connection");
+        } else if (!pending_.empty() && std::chrono::steady_clock::now() - front_since_ > timeout_) {
+          why = StrCat("a collective on GPU ", device_, " made no progress for ", timeout_.count() / 1000,
+                       " s: a rank stopped or hangs");
+        }
+        // Aborting needs the calls lock: a call in progress finishes first (it is bounded
+        // by the timeout too), and is tried again on the next round.
+        if (!why.empty() && calls_mu_.try_lock()) {
+          if (error_.ok()) error_ = absl::UnavailableError(why);
+          api_->CommAbort(comm_);  // the collectives' kernels return; their results are void
+          comm_ = nullptr;
+          calls_mu_.unlock();
+          idle_.notify_all();
+        }
+      }
+      wake_.wait_for(lock, pending_.empty() ? std::chrono::milliseconds(100) : std::chrono::milliseconds(1));
+    }
+  }
+
+  const NcclApi* api_;
+  const int device_;
+  const cudaStream_t compute_;  // the backend's
+  int world_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t ready_ = nullptr;  // recorded on compute_ before each collective
+  std::mutex calls_mu_;          // held around every NCCL call on comm_ (and its abort)
+  ncclComm_t comm_ = nullptr;    // null once aborted
+
+  std::mutex mu_;  // guards what follows
+  std::condition_variable wake_, idle_;
+  std::chrono::milliseconds timeout_;
+  std::deque<Pending> pending_;
+  std::chrono::steady_clock::time_point front_since_;
+  std::vector<cudaEvent_t> free_events_;
+  absl::Status error_;
+  double busy_seconds_ = 0, exposed_seconds_ = 0;
+  bool stop_ = false;
+  std::thread watchdog_;
+};
+
+// Where this rank's GPU is, to tell whether two ranks share one: NCCL needs a GPU each.
+std::string GpuLocation(int device) {
+  char host[256] = {};
+  gethostname(host, sizeof(host) - 1);
+  char bus[64] = {};
+  if (cudaDeviceGetPCIBusId(bus, sizeof(bus), device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return StrCat(host, "/device", device);
+  }
+  return StrCat(host, "/", bus);
+}
+
+#endif  // LLAMAD_WITH_NCCL
+
+}  // namespace
+
+void CommunicatorWithDevice::set_timeout(std::chrono::milliseconds timeout) {
+  host_->set_timeout(timeout);
+#ifdef LLAMAD_WITH_NCCL
+  static_cast<NcclCollectives*>(device_.get())->set_timeout(timeout);
+#endif
+}
+
+bool NcclAvailable(std::string* version_or_why) {
+#ifdef LLAMAD_WITH_NCCL
+  const NcclApi* api = LoadNccl(version_or_why);
+  if (api == nullptr) return false;
+  int version = 0;
+  if (api->GetVersion(&version) != ncclSuccess) {
+    *version_or_why = "ncclGetVersion failed";
+    return false;
+  }
+  // 2.9.x and later encode major * 10000 + minor * 100 + patch.
+  *version_or_why = StrCat(version / 10000, ".", version / 100 % 100, ".", version % 100);
+  return true;
+#else
+  *version_or_why = "this build has no NCCL (no CUDA, or no nccl.h, when it was configured)";
+  return false;
+#endif
+}
+
+absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(std::unique_ptr<Communicator> host,
+                                                                   Backend& backend,
+                                                                   std::chrono::milliseconds timeout) {
+  int device = 0;
+  void* stream = nullptr;
+  if (!CudaStreamOf(backend, &device, &stream)) {
+    return absl::InvalidArgumentError(StrCat("NCCL moves GPU buffers: the ", backend.name(),
+                                             " backend's are host memory (Gloo reduces those)"));
+  }
+#ifdef LLAMAD_WITH_NCCL
+  std::string why;
+  const NcclApi* api = LoadNccl(&why);
+  if (api == nullptr) return absl::FailedPreconditionError(why);
+  auto collectives = NcclCollectives::Create(api, *host, device, static_cast<cudaStream_t>(stream), timeout);
+  if (!collectives.ok()) return collectives.status();
+  return std::unique_ptr<Communicator>(new CommunicatorWithDevice(std::move(host), std::move(*collectives)));
+#else
+  return absl::FailedPreconditionError("this build has no NCCL (no CUDA, or no nccl.h, when it was configured)");
+#endif
+}
+
+absl::StatusOr<std::unique_ptr<Communicator>> AttachDeviceCollectives(std::unique_ptr<Communicator> host,
+                                                                      Backend& backend, const std::string& choice,
+                                                                      std::chrono::milliseconds timeout,
+                                                                      std::string* note) {
+  note->clear();
+  if (choice != "auto" && choice != "nccl" && choice != "gloo") {
+    return absl::InvalidArgumentError(StrCat("communicator '", choice, "': expected auto, nccl or gloo"));
+  }
+  int device = 0;
+  void* stream = nullptr;
+  const bool on_gpu = CudaStreamOf(backend, &device, &stream);
+  if (choice == "nccl" && !on_gpu) {
+    return absl::InvalidArgumentError(StrCat("communicator nccl: NCCL moves GPU buffers, and this job trains on the ",
+                                             backend.name(), " backend (mixed_precision bf16 trains on GPUs)"));
+  }
+  const int world = host->world_size();
+  if (world == 1 || !on_gpu || choice == "gloo") return host;
+  // Every rank must take the same path: each says whether it can load NCCL and where its
+  // GPU is, and all decide on what all of them said.
+  std::string version_or_why;
+  const bool loads = NcclAvailable(&version_or_why);
+  std::string location = StrCat("device", device);
+#ifdef LLAMAD_WITH_NCCL
+  location = GpuLocation(device);
+#endif
+  // 52 bits of the location, exact in a double.
+  const double code = double(std::hash<std::string>{}(location) & ((uint64_t{1} << 52) - 1));
+  std::vector<double> said(size_t(world) + 1, 0.0);
+  said[0] = loads ? 0 : 1;
+  said[size_t(host->rank()) + 1] = code;
+  if (auto s = host->AllReduceSum(said.data(), said.size()); !s.ok()) return s;
+  std::string reason;
+  if (said[0] != 0) {
+    reason = loads ? StrCat(int(said[0]), " rank(s) cannot load NCCL")
+                   : StrCat("this rank cannot load NCCL: ", version_or_why);
+  } else {
+    for (int a = 0; a < world && reason.empty(); ++a) {
+      for (int b = a + 1; b < world && reason.empty(); ++b) {
+        if (said[size_t(a) + 1] == said[size_t(b) + 1]) {
+          reason = StrCat("ranks ", a, " and ", b, " share a GPU, and NCCL needs one GPU per rank");
+        }
+      }
+    }
+  }
+  if (!reason.empty()) {
+    if (choice == "nccl") return absl::FailedPreconditionError(StrCat("communicator nccl: ", reason));
+    *note = StrCat(reason, "; the GPU ranks reduce through host memory over Gloo");
+    return host;
+  }
+  auto nccl = MakeNcclCommunicator(std::move(host), backend, timeout);
+  if (nccl.ok()) *note = StrCat("GPU ranks reduce with NCCL ", version_or_why);
+  return nccl;
+}
+
+}  // namespace llamad

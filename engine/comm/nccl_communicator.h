@@ -1,0 +1,39 @@
+// NCCL between GPU ranks: gradients and parameters move device to device on a stream of
+// their own, instead of through host memory and Gloo.
+//
+// NCCL joins the host communicator the ranks already share: that one carries NCCL's
+// unique id from rank 0 to the others, and still runs every host collective (losses,
+// progress, barriers). libnccl.so.2 is loaded at run time, so a binary built with CUDA
+// runs where NCCL is not installed, and says so when a job asks for it.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "backend/backend.h"
+#include "comm/communicator.h"
+
+namespace llamad {
+
+// Whether NCCL loads here: its version ("2.28.9") in `version_or_why`, or why not.
+bool NcclAvailable(std::string* version_or_why);
+
+// `host` with NCCL collectives for `backend`'s buffers (a CUDA backend; one GPU per rank).
+// Collective: every rank of `host` calls it. A collective that makes no progress for
+// `timeout` (and NCCL's set-up) fails, and the NCCL communicator is aborted.
+absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(std::unique_ptr<Communicator> host,
+                                                                   Backend& backend,
+                                                                   std::chrono::milliseconds timeout);
+
+// What GPU ranks reduce over, from a job's parallel.communicator: "nccl" (an error where
+// it cannot run), "gloo" (through host memory) or "auto" (NCCL where every rank loads it
+// and has a GPU of its own, Gloo otherwise; `note` says why not). Collective; `host` comes
+// back unchanged for world size 1, for a host backend, and where NCCL is not used.
+absl::StatusOr<std::unique_ptr<Communicator>> AttachDeviceCollectives(std::unique_ptr<Communicator> host,
+                                                                      Backend& backend, const std::string& choice,
+                                                                      std::chrono::milliseconds timeout,
+                                                                      std::string* note);
+
+}  // namespace llamad

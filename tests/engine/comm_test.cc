@@ -1,0 +1,130 @@
+// The communicator's building blocks in one process: ranks are threads joined by real
+// Gloo over loopback. Bucketed background all-reduce, the reduce-and-add of sharded
+// gradients, and the choice of what GPU ranks reduce over (NCCL needs a GPU each: on a
+// host backend every choice but an explicit nccl keeps Gloo).
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "backend/cpu/cpu_backend.h"
+#include "comm/background_all_reduce.h"
+#include "comm/backend_collectives.h"
+#include "comm/communicator.h"
+#include "comm/nccl_communicator.h"
+
+namespace llamad {
+namespace {
+namespace fs = std::filesystem;
+
+// Runs body(rank, communicator) on `world` threads joined by Gloo through a fresh folder.
+void OnRanks(int world, const std::function<void(int, Communicator&)>& body) {
+  const fs::path store = fs::temp_directory_path() /
+                         ("llamad-comm-test-" + std::to_string(::getpid()) + "-" +
+                          ::testing::UnitTest::GetInstance()->current_test_info()->name());
+  fs::remove_all(store);
+  fs::create_directories(store);
+  std::vector<std::thread> threads;
+  for (int rank = 0; rank < world; ++rank) {
+    threads.emplace_back([&, rank] {
+      auto comm = MakeGlooCommunicator(rank, world, store.string(), std::chrono::seconds(30));
+      ASSERT_TRUE(comm.ok()) << comm.status();
+      body(rank, **comm);
+    });
+  }
+  for (auto& t : threads) t.join();
+  fs::remove_all(store);
+}
+
+float Value(int rank, size_t i) { return float(rank + 1) * 0.5f + float(i % 97); }
+
+// Ranges handed over from the back of the buffer to the front, as the backward finishes
+// them, are merged into buckets and summed: every element exactly once.
+TEST(CommTest, BackgroundAllReduceSumsEveryRangeOnce) {
+  constexpr int kWorld = 3;
+  constexpr size_t kN = 10000;
+  OnRanks(kWorld, [](int rank, Communicator& comm) {
+    std::vector<float> data(kN);
+    for (size_t i = 0; i < kN; ++i) data[i] = Value(rank, i);
+    BackgroundAllReduce reducer(&comm, data.data(), /*bucket_elements=*/1500);
+    // Uneven ranges, back to front, with one gap that is handed over last.
+    size_t end = kN;
+    for (size_t len : {700u, 1300u, 10u, 2990u, 1000u}) {
+      reducer.Add(end - len, end);
+      end -= len;
+    }
+    reducer.Add(0, end - 500);  // not adjacent: the merged ranges go out first
+    reducer.Add(end - 500, end);
+    ASSERT_TRUE(reducer.Finish().ok());
+    for (size_t i = 0; i < kN; ++i) {
+      float expected = 0;
+      for (int r = 0; r < kWorld; ++r) expected += Value(r, i);
+      ASSERT_EQ(data[i], expected) << "rank " << rank << " element " << i;
+    }
+    EXPECT_GT(reducer.busy_seconds(), 0.0);
+  });
+}
+
+// zero2's gradient reduction: the owner adds the sum over the ranks into its shard; the
+// other ranks' shard is untouched.
+TEST(CommTest, ReduceAddOnBackendAddsTheSumIntoTheOwnersShard) {
+  constexpr int kWorld = 2;
+  constexpr size_t kN = 4099;
+  OnRanks(kWorld, [](int rank, Communicator& comm) {
+    auto backend = MakeCpuBackend({DType::kF32, 1});
+    float* data = static_cast<float*>(backend->Allocate(kN));
+    float* shard = static_cast<float*>(backend->Allocate(kN));
+    for (size_t i = 0; i < kN; ++i) data[i] = Value(rank, i), shard[i] = 100.0f + float(rank);
+    ASSERT_TRUE(ReduceAddOnBackend(comm, *backend, data, kN, /*root=*/1, shard).ok());
+    for (size_t i = 0; i < kN; ++i) {
+      const float expected = rank == 1 ? 101.0f + (Value(0, i) + Value(1, i)) : 100.0f;
+      ASSERT_EQ(shard[i], expected) << "rank " << rank << " element " << i;
+    }
+  });
+}
+
+TEST(CommTest, HostBackendKeepsGlooAndRefusesNccl) {
+  auto backend = MakeCpuBackend({DType::kF32, 1});
+  std::string note;
+  std::unique_ptr<Communicator> local = MakeLocalCommunicator();
+  Communicator* raw = local.get();
+  auto kept = AttachDeviceCollectives(std::move(local), *backend, "auto", std::chrono::seconds(5), &note);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ(kept->get(), raw);
+  EXPECT_EQ((*kept)->device_collectives(), nullptr);
+  EXPECT_TRUE(note.empty()) << note;
+
+  auto nccl = AttachDeviceCollectives(MakeLocalCommunicator(), *backend, "nccl", std::chrono::seconds(5), &note);
+  ASSERT_FALSE(nccl.ok());
+  EXPECT_NE(nccl.status().message().find("bf16"), std::string::npos) << nccl.status();
+  auto made = MakeNcclCommunicator(MakeLocalCommunicator(), *backend, std::chrono::seconds(5));
+  ASSERT_FALSE(made.ok());
+  EXPECT_NE(made.status().message().find("cpu backend"), std::string::npos) << made.status();
+  auto bad = AttachDeviceCollectives(MakeLocalCommunicator(), *backend, "mpi", std::chrono::seconds(5), &note);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("'mpi'"), std::string::npos) << bad.status();
+}
+
+// A CUDA build loads NCCL at run time: where the library is, its version; where it is
+// not, a reason that names it.
+TEST(CommTest, NcclAvailabilityIsReported) {
+  std::string version_or_why;
+  if (NcclAvailable(&version_or_why)) {
+    int major = 0, minor = 0, patch = 0;
+    ASSERT_EQ(std::sscanf(version_or_why.c_str(), "%d.%d.%d", &major, &minor, &patch), 3) << version_or_why;
+    EXPECT_EQ(major, 2);
+    std::printf("NCCL %s loads here\n", version_or_why.c_str());
+  } else {
+    EXPECT_TRUE(version_or_why.find("libnccl.so.2") != std::string::npos ||
+                version_or_why.find("no NCCL") != std::string::npos)
+        << version_or_why;
+    std::printf("NCCL does not load here: %s\n", version_or_why.c_str());
+  }
+}
+
+}  // namespace
+}  // namespace llamad
