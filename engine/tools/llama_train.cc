@@ -31,6 +31,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "comm/backend_collectives.h"
 #include "comm/communicator.h"
+#include "comm/nccl_communicator.h"
 #include "data/dataset.h"
 #include "train/checkpointing.h"
 #include "train/jobspec.h"
@@ -65,7 +66,7 @@ std::string HumanBytes(double bytes) {
 
 // Command-line values that override the job file when given.
 struct Overrides {
-  std::string model, plugin, placement, precision, dataset, format, tokenizer, checkpoint_dir;
+  std::string model, plugin, communicator, placement, precision, dataset, format, tokenizer, checkpoint_dir;
   double shard_param_frac = 1, offload_optim_frac = 0, offload_param_frac = 0;
   int64_t checkpoint_interval = 0;
   int64_t max_length = 0, batch_size = 0, global_batch_size = 0, warmup_steps = 0, steps = 0;
@@ -92,6 +93,8 @@ struct Overrides {
         [this](JobSpec& s) { s.training.flash_attention = flash_attention; });
     add(app->add_option("-p,--plugin", plugin, "Parallel plugin: ddp, zero1, zero2, zero3, gemini"),
         [this](JobSpec& s) { s.parallel.plugin = plugin; });
+    add(app->add_option("--communicator", communicator, "GPU ranks: auto, nccl or gloo (through host memory)"),
+        [this](JobSpec& s) { s.parallel.communicator = communicator; });
     // gemini's placement, with Colossal-AI's names.
     add(app->add_option("--placement", placement, "gemini: static (by the fractions) or auto (by memory)"),
         [this](JobSpec& s) { s.parallel.placement = placement; });
@@ -554,6 +557,16 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   auto made = MakeBackend(rank_common, *spec, rank);
   if (!made.ok()) return Fail(made.status());
   std::unique_ptr<Backend> backend = std::move(*made);
+  {
+    // GPU ranks reduce device to device with NCCL where they can (parallel.communicator).
+    // Set-up may still keep some ranks waiting for long, as on the host.
+    std::string note;
+    auto attached = AttachDeviceCollectives(std::move(*comm), *backend, spec->parallel.communicator,
+                                            std::chrono::hours(24), &note);
+    if (!attached.ok()) return Fail(attached.status());
+    *comm = std::move(*attached);
+    if (lead && !note.empty()) std::fprintf(stderr, "llama-train: %s\n", note.c_str());
+  }
   const double peak = PeakFlops(*backend) * (*comm)->world_size();
   auto trainer = Trainer::Create(*spec, backend.get(), peak, comm->get());
   if (!trainer.ok()) return Fail(trainer.status());

@@ -14,6 +14,7 @@ namespace {
 
 constexpr std::string_view kPlugins[] = {"ddp", "zero1", "zero2", "zero3", "gemini"};
 constexpr std::string_view kPrecisions[] = {"fp32", "bf16", "fp16"};
+constexpr std::string_view kCommunicators[] = {"auto", "nccl", "gloo"};
 constexpr std::string_view kFormats[] = {"auto", "prepared", "raw", "uint32", "bytes"};
 
 template <size_t K>
@@ -102,6 +103,7 @@ absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::strin
   top.Allow("parallel");
   p.Get("plugin", &spec.parallel.plugin);
   p.Get("bucket_mb", &spec.parallel.bucket_mb);
+  p.Get("communicator", &spec.parallel.communicator);
   p.Get("placement", &spec.parallel.placement);
   p.Get("shard_param_frac", &spec.parallel.shard_param_frac);
   p.Get("offload_optim_frac", &spec.parallel.offload_optim_frac);
@@ -209,6 +211,15 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
                 StrCat("is not one of ", Choices(kPlugins)));
   }
   const ParallelSpec& par = spec.parallel;
+  if (!OneOf(par.communicator, kCommunicators)) {
+    return fail("parallel.communicator", StrCat("'", par.communicator, "'"),
+                StrCat("is not one of ", Choices(kCommunicators)));
+  }
+  if (par.communicator == "nccl" && t.mixed_precision != "bf16") {
+    return fail("parallel.communicator", "'nccl'",
+                StrCat("moves GPU buffers; training.mixed_precision ", t.mixed_precision,
+                       " trains on the CPU (bf16 trains on GPUs)"));
+  }
   if (par.placement != "static" && par.placement != "auto") {
     return fail("parallel.placement", StrCat("'", par.placement, "'"), "is not one of static, auto");
   }

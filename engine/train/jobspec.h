@@ -35,6 +35,9 @@ struct TrainingSpec {
 struct ParallelSpec {
   std::string plugin = "ddp";       // ddp | zero1 | zero2 | zero3 | gemini.
   double bucket_mb = 16;            // Gradient all-reduce buckets hold at least this much.
+  // What GPU ranks reduce over: nccl (device to device), gloo (through host memory), or
+  // auto (NCCL where every rank loads it and has a GPU of its own). CPU ranks use Gloo.
+  std::string communicator = "auto";
   // gemini (Colossal-AI's GeminiPlugin, its names): where parameters and optimizer state
   // live (train/placement.h). static: by the fractions; auto: the memory planner picks
   // the least sharding and offloading that fits the rank's memory.
