@@ -34,8 +34,8 @@ void BackgroundAllReduce::Enqueue(size_t begin, size_t end) {
   if (device_ != nullptr) {
     // Issuing only queues the collective on the GPU: no need for a thread.
     if (status_.ok()) {
-      status_ = device_->AllReduceSumOverlapped(static_cast<char*>(data_) + begin * DTypeSize(type_), end - begin,
-                                                type_);
+      status_ = device_->AllReduceSum(static_cast<char*>(data_) + begin * DTypeSize(type_), end - begin, type_,
+                                      Ordering::kBeside);
     }
     return;
   }
@@ -54,7 +54,9 @@ absl::Status BackgroundAllReduce::Finish() {
   pending_begin_ = pending_end_ = 0;
   finished_ = true;
   if (device_ != nullptr) {
-    if (status_.ok()) status_ = device_->Join();
+    // Even after a failure: the backend must not run ahead of what was already queued.
+    absl::Status joined = device_->Join();
+    if (status_.ok()) status_ = joined;
   } else {
     worker_.reset();  // runs what was queued, then stops
   }

@@ -12,27 +12,34 @@
 
 namespace llamad {
 
+// How a collective is ordered with the backend's later ops. kInline: they wait for it.
+// kBeside: they run beside it until Join(), so that the backward goes on computing while
+// finished gradients are reduced, or the next region's parameters are gathered.
+enum class Ordering { kInline, kBeside };
+
 class DeviceCollectives {
  public:
   virtual ~DeviceCollectives() = default;
   // In place: every rank ends with the element-wise sum over all ranks.
-  virtual absl::Status AllReduceSum(void* buffer, size_t n, DType type) = 0;
+  virtual absl::Status AllReduceSum(void* buffer, size_t n, DType type, Ordering order = Ordering::kInline) = 0;
   // Root's buffer to every rank.
-  virtual absl::Status Broadcast(void* buffer, size_t n, DType type, int root) = 0;
+  virtual absl::Status Broadcast(void* buffer, size_t n, DType type, int root,
+                                 Ordering order = Ordering::kInline) = 0;
   // The sum over all ranks into root's buffer, in place; the others' is left as it was.
-  virtual absl::Status ReduceSum(void* buffer, size_t n, DType type, int root) = 0;
+  virtual absl::Status ReduceSum(void* buffer, size_t n, DType type, int root, Ordering order = Ordering::kInline) = 0;
   // In place: each rank's EvenSlice of the n elements goes to every rank.
   virtual absl::Status AllGatherSlices(void* buffer, size_t n, DType type) = 0;
-
-  // An all-reduce that the backend's later ops do not wait for until Join(), so that the
-  // backward goes on computing while finished gradients are summed.
-  virtual absl::Status AllReduceSumOverlapped(void* buffer, size_t n, DType type) = 0;
   // The backend's ops issued from now on wait for every collective issued so far.
   virtual absl::Status Join() = 0;
+  // The first failure so far. A collective that fails after it was issued (a peer lost
+  // mid-way, a watchdog abort) leaves void results behind: check this once the backend
+  // has synchronized, before results are used for anything that lasts.
+  virtual absl::Status status() = 0;
 
-  // GPU time of the collectives that have finished so far, and the part of it after the
-  // backward had finished at a Join (communication that nothing overlapped). Measured
-  // with events on the GPU; exact once the backend has synchronized.
+  // GPU time of the collectives that have finished so far, and the part of it the
+  // backend waited for: all of an inline collective's, and of those beside it what was
+  // still running when the backend reached a Join. Measured with events on the GPU;
+  // exact once the backend has synchronized.
   virtual double busy_seconds() = 0;
   virtual double exposed_seconds() = 0;
 };

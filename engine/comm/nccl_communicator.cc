@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <string_view>
@@ -124,6 +125,7 @@ ncclDataType_t NcclType(DType type) {
 }
 
 absl::Status CudaError(cudaError_t err, std::string_view what) {
+  (void)cudaGetLastError();  // reported here: the backend's next launch check must not see it
   return absl::InternalError(StrCat("CUDA: ", what, ": ", cudaGetErrorString(err)));
 }
 
@@ -152,9 +154,16 @@ class NcclCollectives final : public DeviceCollectives {
     std::memcpy(&id, &words[1], sizeof(id));
 
     auto self = std::unique_ptr<NcclCollectives>(new NcclCollectives(api, device, compute, timeout));
-    absl::Status made = self->Init(id, host.rank(), host.world_size());
+    // NCCL's set-up waits for every rank: a rank that fails before it gets there must
+    // not leave the others waiting, so the ranks agree first that all of them can start.
+    const cudaError_t stream = cudaStreamCreateWithFlags(&self->stream_, cudaStreamNonBlocking);
+    float failed = stream == cudaSuccess ? 0.0f : 1.0f;
+    if (auto s = host.AllReduceSum(&failed, 1); !s.ok()) return s;
+    if (stream != cudaSuccess) return CudaError(stream, "creating the NCCL stream");
+    if (failed != 0) return absl::UnavailableError(StrCat("NCCL: ", int(failed), " other rank(s) could not start"));
+    absl::Status made = self->Init(id, host.rank(), host.world_size(), std::min(timeout, kInitLimit));
     // Every rank learns whether all of them have a communicator before any uses it.
-    float failed = made.ok() ? 0.0f : 1.0f;
+    failed = made.ok() ? 0.0f : 1.0f;
     if (auto s = host.AllReduceSum(&failed, 1); !s.ok()) return s;
     if (!made.ok()) return made;
     if (failed != 0) return absl::UnavailableError(StrCat("NCCL: ", int(failed), " other rank(s) failed to join the communicator"));
@@ -167,6 +176,9 @@ class NcclCollectives final : public DeviceCollectives {
     // failure: it gets a grace period, then the communicator is aborted rather than
     // holding the exit of a rank whose peers are gone.
     constexpr auto kGrace = std::chrono::seconds(10);
+    // Finalizing waits for the other ranks to finalize too, which may end their last
+    // step a little later (rank 0 commits the last checkpoint).
+    constexpr auto kFinalizeLimit = std::chrono::seconds(60);
     bool drained = false;
     {
       std::unique_lock lock(mu_);
@@ -178,7 +190,7 @@ class NcclCollectives final : public DeviceCollectives {
     if (comm_ != nullptr) {
       std::lock_guard calls(calls_mu_);
       // Finalizing flushes NCCL's own work; a communicator that cannot is aborted.
-      if (drained && Settle(api_->CommFinalize(comm_), kGrace).ok()) {
+      if (drained && error_.ok() && Settle(api_->CommFinalize(comm_), kFinalizeLimit).ok()) {
         api_->CommDestroy(comm_);
       } else {
         api_->CommAbort(comm_);
@@ -186,34 +198,28 @@ class NcclCollectives final : public DeviceCollectives {
       comm_ = nullptr;
     }
     for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
-    if (ready_ != nullptr) cudaEventDestroy(ready_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
-  absl::Status AllReduceSum(void* buffer, size_t n, DType type) override {
-    return Issue(true, [&](ncclComm_t comm, cudaStream_t s) {
+  absl::Status AllReduceSum(void* buffer, size_t n, DType type, Ordering order) override {
+    return Issue(order, [&](ncclComm_t comm, cudaStream_t s) {
       return api_->AllReduce(buffer, buffer, n, NcclType(type), ncclSum, comm, s);
     });
   }
-  absl::Status AllReduceSumOverlapped(void* buffer, size_t n, DType type) override {
-    return Issue(false, [&](ncclComm_t comm, cudaStream_t s) {
-      return api_->AllReduce(buffer, buffer, n, NcclType(type), ncclSum, comm, s);
-    });
-  }
-  absl::Status Broadcast(void* buffer, size_t n, DType type, int root) override {
-    return Issue(true, [&](ncclComm_t comm, cudaStream_t s) {
+  absl::Status Broadcast(void* buffer, size_t n, DType type, int root, Ordering order) override {
+    return Issue(order, [&](ncclComm_t comm, cudaStream_t s) {
       return api_->Broadcast(buffer, buffer, n, NcclType(type), root, comm, s);
     });
   }
-  absl::Status ReduceSum(void* buffer, size_t n, DType type, int root) override {
-    return Issue(true, [&](ncclComm_t comm, cudaStream_t s) {
+  absl::Status ReduceSum(void* buffer, size_t n, DType type, int root, Ordering order) override {
+    return Issue(order, [&](ncclComm_t comm, cudaStream_t s) {
       return api_->Reduce(buffer, buffer, n, NcclType(type), ncclSum, root, comm, s);
     });
   }
   absl::Status AllGatherSlices(void* buffer, size_t n, DType type) override {
     // Slices differ in size by one at most, which ncclAllGather does not allow: one
     // broadcast per owner, grouped into one launch.
-    return Issue(true, [&](ncclComm_t comm, cudaStream_t s) {
+    return Issue(Ordering::kInline, [&](ncclComm_t comm, cudaStream_t s) {
       ncclResult_t r = api_->GroupStart();
       for (int owner = 0; owner < world_ && r == ncclSuccess; ++owner) {
         const auto [begin, end] = EvenSlice(n, owner, world_);
@@ -227,17 +233,25 @@ class NcclCollectives final : public DeviceCollectives {
   }
 
   absl::Status Join() override {
-    if (auto s = error(); !s.ok()) return s;
-    // A marks the end of the backward, B the end of the collectives: the GPU time from A
-    // to B is communication nothing overlapped.
-    Pending join{Pending::kJoin, Event(), Event()};
-    cudaError_t err = cudaEventRecord(join.start, compute_);
+    // Also after a failure: the backend must not run ahead of collectives still queued
+    // (an aborted one's kernels return soon).
+    // From where the backend is (ready) to the end of the collectives (done): the backend
+    // waiting for them.
+    Pending join{Pending::kJoin, Event(), nullptr, Event()};
+    cudaError_t err = cudaEventRecord(join.ready, compute_);
     if (err == cudaSuccess) err = cudaEventRecord(join.done, stream_);
     if (err == cudaSuccess) err = cudaStreamWaitEvent(compute_, join.done, 0);
-    if (err != cudaSuccess) return Fail(CudaError(err, "ordering the backend after the collectives"));
+    if (err != cudaSuccess) {
+      std::lock_guard calls(calls_mu_);
+      Recycle(join);
+      AbortHoldingCalls(CudaError(err, "ordering the backend after the collectives"));
+      return error();
+    }
     Track(join);
-    return absl::OkStatus();
+    return error();
   }
+
+  absl::Status status() override { return error(); }
 
   double busy_seconds() override {
     std::lock_guard lock(mu_);
@@ -256,24 +270,25 @@ class NcclCollectives final : public DeviceCollectives {
   }
 
  private:
+  // A collective (inline or beside the backend) or a Join. ready: on the backend's
+  // stream, where the backend was when it was issued; start and done: on the NCCL
+  // stream, around the collective (a Join has no start).
   struct Pending {
-    enum Kind { kCollective, kJoin } kind;
-    cudaEvent_t start, done;  // a collective: on the NCCL stream; a join: see Join()
+    enum Kind { kInline, kBeside, kJoin } kind;
+    cudaEvent_t ready, start, done;
   };
 
   NcclCollectives(const NcclApi* api, int device, cudaStream_t compute, std::chrono::milliseconds timeout)
       : api_(api), device_(device), compute_(compute), timeout_(timeout) {}
 
-  absl::Status Init(const ncclUniqueId& id, int rank, int world) {
+  // Every rank reaches this together (they have just agreed to), so set-up is bounded by
+  // a limit of its own, however long the job's timeout.
+  static constexpr std::chrono::milliseconds kInitLimit = std::chrono::minutes(5);
+
+  absl::Status Init(const ncclUniqueId& id, int rank, int world, std::chrono::milliseconds limit) {
     world_ = world;
-    if (cudaError_t err = cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking); err != cudaSuccess) {
-      return CudaError(err, "creating the NCCL stream");
-    }
-    if (cudaError_t err = cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming); err != cudaSuccess) {
-      return CudaError(err, "creating an event");
-    }
     // Non-blocking: set-up (and a first collective's connections) return at once and are
-    // polled, so that a rank that never joins fails the others after the timeout.
+    // polled, so that a rank that never joins fails the others after the limit.
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
     std::lock_guard calls(calls_mu_);
@@ -282,7 +297,7 @@ class NcclCollectives final : public DeviceCollectives {
       return absl::UnavailableError(StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
                                            api_->GetErrorString(started)));
     }
-    if (auto s = Settle(started, timeout()); !s.ok()) {
+    if (auto s = Settle(started, limit); !s.ok()) {
       if (comm_ != nullptr) api_->CommAbort(comm_);
       comm_ = nullptr;
       return absl::UnavailableError(StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
@@ -300,7 +315,7 @@ class NcclCollectives final : public DeviceCollectives {
         return absl::DeadlineExceededError(StrCat("no answer from the other ranks within ",
                                                   limit.count() / 1000, " s"));
       }
-      std::this_thread::yield();
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
       if (api_->CommGetAsyncError(comm_, &result) != ncclSuccess) break;
     }
     if (result == ncclSuccess) return absl::OkStatus();
@@ -334,8 +349,32 @@ class NcclCollectives final : public DeviceCollectives {
       return e;
     }
     cudaEvent_t e = nullptr;
-    cudaEventCreate(&e);
+    if (cudaEventCreate(&e) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return nullptr;  // recording it fails, and that is reported
+    }
     return e;
+  }
+
+  void Recycle(const Pending& p) {
+    std::lock_guard lock(mu_);
+    for (cudaEvent_t e : {p.ready, p.start, p.done}) {
+      if (e != nullptr) free_events_.push_back(e);
+    }
+  }
+
+  // Takes the communicator out of use and aborts it: its kernels return (their results
+  // are void) and later calls fail with error_. Holds calls_mu_, not mu_: an abort may
+  // take long, and the watchdog and error() must not wait for it.
+  void AbortHoldingCalls(absl::Status why) {
+    ncclComm_t comm = nullptr;
+    {
+      std::lock_guard lock(mu_);
+      if (error_.ok()) error_ = std::move(why);
+      std::swap(comm, comm_);
+    }
+    idle_.notify_all();
+    if (comm != nullptr) api_->CommAbort(comm);
   }
 
   void Track(const Pending& p) {
@@ -347,59 +386,92 @@ class NcclCollectives final : public DeviceCollectives {
     wake_.notify_all();
   }
 
-  // Orders `op` on the NCCL stream after the backend's work so far; with `ordered` the
+  // Orders `op` on the NCCL stream after the backend's work so far; inline, the
   // backend's later work waits for it.
-  absl::Status Issue(bool ordered, const std::function<ncclResult_t(ncclComm_t, cudaStream_t)>& op) {
+  absl::Status Issue(Ordering order, const std::function<ncclResult_t(ncclComm_t, cudaStream_t)>& op) {
     if (auto s = error(); !s.ok()) return s;
-    Pending p{Pending::kCollective, Event(), Event()};
-    cudaError_t err = cudaEventRecord(ready_, compute_);
-    if (err == cudaSuccess) err = cudaStreamWaitEvent(stream_, ready_, 0);
+    const bool inline_ = order == Ordering::kInline;
+    Pending p{inline_ ? Pending::kInline : Pending::kBeside, Event(), Event(), Event()};
+    cudaError_t err = cudaEventRecord(p.ready, compute_);
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(stream_, p.ready, 0);
     if (err == cudaSuccess) err = cudaEventRecord(p.start, stream_);
-    if (err != cudaSuccess) return Fail(CudaError(err, "ordering a collective after the backend"));
+    if (err != cudaSuccess) {
+      Recycle(p);
+      return Fail(CudaError(err, "ordering a collective after the backend"));
+    }
     {
       std::lock_guard calls(calls_mu_);
-      if (comm_ == nullptr) return error();
+      if (comm_ == nullptr) {
+        Recycle(p);
+        return error();
+      }
       if (auto s = Settle(op(comm_, stream_), timeout()); !s.ok()) {
-        return Fail(absl::UnavailableError(StrCat("NCCL on GPU ", device_, ": ", s.message())));
+        // NCCL may still take the call later, and nothing would track it: abort.
+        Recycle(p);
+        AbortHoldingCalls(absl::UnavailableError(StrCat("NCCL on GPU ", device_, ": ", s.message())));
+        return error();
       }
     }
     err = cudaEventRecord(p.done, stream_);
-    if (err == cudaSuccess && ordered) err = cudaStreamWaitEvent(compute_, p.done, 0);
-    if (err != cudaSuccess) return Fail(CudaError(err, "ordering the backend after a collective"));
+    if (err == cudaSuccess && inline_) err = cudaStreamWaitEvent(compute_, p.done, 0);
+    if (err != cudaSuccess) {
+      // The collective is queued but cannot be tracked or waited for.
+      std::lock_guard calls(calls_mu_);
+      Recycle(p);
+      AbortHoldingCalls(CudaError(err, "ordering the backend after a collective"));
+      return error();
+    }
     Track(p);
     return absl::OkStatus();
   }
 
-  // Retires the finished entries at the front, in order. Holds mu_.
-  void RetireLocked() {
+  // Retires the finished entries at the front, in order; true when the front one's
+  // collectives are still running. Holds mu_.
+  bool RetireLocked() {
+    bool running = false;
     while (!pending_.empty()) {
       Pending& p = pending_.front();
       const cudaError_t done = cudaEventQuery(p.done);
-      if (done == cudaErrorNotReady) break;
+      if (done == cudaErrorNotReady) {
+        (void)cudaGetLastError();  // not an error; this may be the backend's thread
+        running = true;
+        break;
+      }
       if (done != cudaSuccess) {
         if (error_.ok()) error_ = CudaError(done, "a collective");
         break;
       }
-      if (p.kind == Pending::kJoin && cudaEventQuery(p.start) == cudaErrorNotReady) break;
-      float ms = 0;
-      if (cudaEventElapsedTime(&ms, p.start, p.done) == cudaSuccess) {
-        (p.kind == Pending::kCollective ? busy_seconds_ : exposed_seconds_) += std::max(0.0f, ms) / 1e3;
-      } else {
+      // A Join's ready is on the backend's stream, which may not have got there yet.
+      if (p.kind == Pending::kJoin && cudaEventQuery(p.ready) == cudaErrorNotReady) {
         (void)cudaGetLastError();
+        break;
       }
-      free_events_.push_back(p.start);
-      free_events_.push_back(p.done);
+      auto seconds = [](cudaEvent_t from, cudaEvent_t to) {
+        float ms = 0;
+        if (cudaEventElapsedTime(&ms, from, to) != cudaSuccess) {
+          (void)cudaGetLastError();
+          return 0.0;
+        }
+        return std::max(0.0f, ms) / 1e3;
+      };
+      // Inline, the backend waited from ready to done; beside it, only at a Join.
+      if (p.kind != Pending::kJoin) busy_seconds_ += seconds(p.start, p.done);
+      if (p.kind != Pending::kBeside) exposed_seconds_ += seconds(p.ready, p.done);
+      for (cudaEvent_t e : {p.ready, p.start, p.done}) {
+        if (e != nullptr) free_events_.push_back(e);
+      }
       pending_.pop_front();
       front_since_ = std::chrono::steady_clock::now();
     }
     idle_.notify_all();
+    return running;
   }
 
   void Watch() {
     cudaSetDevice(device_);
     std::unique_lock lock(mu_);
     while (!stop_) {
-      RetireLocked();
+      const bool running = RetireLocked();
       if (comm_ != nullptr) {
         std::string why;
         ncclResult_t async = ncclSuccess;
@@ -408,21 +480,20 @@ class NcclCollectives final : public DeviceCollectives {
           why = StrCat("NCCL on GPU ", device_, ": ", api_->GetErrorString(async),
                        detail != nullptr && *detail != '\0' ? StrCat(" (", detail, ")") : "",
                        ": a rank stopped or lost its connection");
-        } else if (!pending_.empty() && std::chrono::steady_clock::now() - front_since_ > timeout_) {
+        } else if (running && std::chrono::steady_clock::now() - front_since_ > timeout_) {
           why = StrCat("a collective on GPU ", device_, " made no progress for ", timeout_.count() / 1000,
                        " s: a rank stopped or hangs");
         }
         // Aborting needs the calls lock: a call in progress finishes first (it is bounded
         // by the timeout too), and is tried again on the next round.
         if (!why.empty() && calls_mu_.try_lock()) {
-          if (error_.ok()) error_ = absl::UnavailableError(why);
-          api_->CommAbort(comm_);  // the collectives' kernels return; their results are void
-          comm_ = nullptr;
+          lock.unlock();
+          AbortHoldingCalls(absl::UnavailableError(why));
           calls_mu_.unlock();
-          idle_.notify_all();
+          lock.lock();
         }
       }
-      wake_.wait_for(lock, pending_.empty() ? std::chrono::milliseconds(100) : std::chrono::milliseconds(1));
+      wake_.wait_for(lock, pending_.empty() ? std::chrono::milliseconds(100) : std::chrono::milliseconds(2));
     }
   }
 
@@ -431,7 +502,6 @@ class NcclCollectives final : public DeviceCollectives {
   const cudaStream_t compute_;  // the backend's
   int world_ = 0;
   cudaStream_t stream_ = nullptr;
-  cudaEvent_t ready_ = nullptr;  // recorded on compute_ before each collective
   std::mutex calls_mu_;          // held around every NCCL call on comm_ (and its abort)
   ncclComm_t comm_ = nullptr;    // null once aborted
 
@@ -449,14 +519,22 @@ class NcclCollectives final : public DeviceCollectives {
 
 // Where this rank's GPU is, to tell whether two ranks share one: NCCL needs a GPU each.
 std::string GpuLocation(int device) {
+  // Containers on different machines may share a host name: the boot id tells them apart.
   char host[256] = {};
   gethostname(host, sizeof(host) - 1);
+  std::string boot;
+  if (std::FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r")) {
+    char line[64] = {};
+    if (std::fgets(line, sizeof(line), f) != nullptr) boot = line;
+    std::fclose(f);
+  }
+  const std::string machine = StrCat(host, "/", boot);
   char bus[64] = {};
   if (cudaDeviceGetPCIBusId(bus, sizeof(bus), device) != cudaSuccess) {
     (void)cudaGetLastError();
-    return StrCat(host, "/device", device);
+    return StrCat(machine, "/device", device);
   }
-  return StrCat(host, "/", bus);
+  return StrCat(machine, "/", bus);
 }
 
 #endif  // LLAMAD_WITH_NCCL

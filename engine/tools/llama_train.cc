@@ -567,6 +567,15 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     *comm = std::move(*attached);
     if (lead && !note.empty()) std::fprintf(stderr, "llama-train: %s\n", note.c_str());
   }
+  // The communicator goes before the backend: NCCL's collectives are ordered with the
+  // backend's stream, which the backend drains when it goes, so after a failure NCCL must
+  // be aborted first (its destructor does that) or the drain waits for the timeout.
+  struct CommunicatorFirst {
+    absl::StatusOr<std::unique_ptr<Communicator>>& comm;
+    ~CommunicatorFirst() {
+      if (comm.ok()) comm->reset();
+    }
+  } communicator_first{comm};
   const double peak = PeakFlops(*backend) * (*comm)->world_size();
   auto trainer = Trainer::Create(*spec, backend.get(), peak, comm->get());
   if (!trainer.ok()) return Fail(trainer.status());
@@ -806,8 +815,12 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
       placed.offload.optimizer = "memory";
     }
   }
+  if (cuda) placed = FitRegionOverlap(placed, budget, plan_of);
   const MemoryPlan plan = plan_of(placed);
   const bool fits = budget == 0 || plan.total() <= budget;
+  // zero2/3's collectives run beside the backward unless only inline fits.
+  const bool inline_regions = !placed.parallel.overlap_regions && world > 1 &&
+                              (placed.parallel.plugin == "zero2" || placed.parallel.plugin == "zero3");
   if (json) {
     nlohmann::json out = {{"parameters", plan.parameters},   {"master_weights", plan.master_weights},
                           {"gradients", plan.gradients},     {"optimizer_state", plan.optimizer_state},
@@ -817,6 +830,7 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
                           {"optimizer_state_nvme", plan.optimizer_state_nvme},
                           {"total", plan.total()},           {"world_size", plan.world_size},
                           {"plugin", placed.parallel.plugin}, {"optimizer", placed.offload.optimizer},
+                          {"inline_regions", inline_regions},
                           {"budget", budget},                {"fits", fits}};
     if (!gemini->summary.empty()) out["placement"] = gemini->summary;
     std::printf("%s\n", out.dump().c_str());
@@ -828,6 +842,9 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
               (long long)spec->training.batch_size, (long long)spec->training.max_length,
               spec->training.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
               gemini->summary.empty() ? "" : (gemini->summary + "\n").c_str(), plan.Describe(budget, budget_name).c_str());
+  if (inline_regions && gemini->summary.find("inline") == std::string::npos) {
+    std::printf("zero2/3 regions reduced and gathered inline: the job fits only without their overlap's second scratch\n");
+  }
   return fits ? 0 : kExitFailure;
 }
 

@@ -49,6 +49,10 @@ struct ParallelSpec {
   // shard_param_frac below 1. zero3 shards the regions in this first share of the flat
   // parameters (ReplicatedBegin); every rank holds the rest whole.
   double sharded_share = 1.0;
+  // Not a job key: whether zero2/3 reduce and gather each region beside the backward
+  // (host memory, or GPUs with NCCL), which costs a second region scratch of gradients and
+  // of parameters. Placement turns it off for a layout that fits only without.
+  bool overlap_regions = true;
 };
 
 struct DataSpec {

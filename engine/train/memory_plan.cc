@@ -23,11 +23,14 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   const uint64_t sharded = (plugin == "zero1" || plugin == "zero2" || plugin == "zero3") && many ? shard : n;
   // zero2 and zero3 shard the gradients, zero3 the parameters too, each with one
   // region's scratch besides the shard (LlamaModel::ShardGradients,
-  // GatherParametersWith). In host memory (Trainer::ShardGradients, ShardParameters)
-  // each region's gradients are reduced from a copy while the backward goes on, and
-  // zero3 gathers the next region's parameters into a second scratch.
+  // GatherParametersWith). In host memory, and on GPUs with NCCL
+  // (Trainer::ShardGradients, ShardParameters), each region's gradients are reduced from
+  // a copy while the backward goes on, and zero3 gathers the next region's parameters
+  // into a second scratch. GPU ranks count on NCCL unless the job says gloo (where auto
+  // falls back to Gloo at run time, they hold one region less of each than planned).
   const uint64_t region = LargestGradientRegion(spec.model);
-  const bool overlapped = many && dtype == accum;
+  const bool overlapped =
+      many && spec.parallel.overlap_regions && (dtype == accum || spec.parallel.communicator != "gloo");
   // gemini's partial sharding: the regions from ReplicatedBegin on whole on every rank,
   // and the shard only its part before them (rank 0's: the largest).
   const uint64_t replicated_begin = ReplicatedBegin(spec.model, spec.parallel.sharded_share);

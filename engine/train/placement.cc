@@ -27,6 +27,7 @@ std::string Describe(const JobSpec& s, bool cuda, int world) {
                           " ranks (zero3), the rest held whole on every rank")
                  : StrCat("parameters sharded over ", world, " ranks (zero3)"))
           : StrCat("parameters replicated, gradients and optimizer state sharded over ", world, " ranks (zero2)");
+  if (!s.parallel.overlap_regions && world > 1) out += ", each region reduced and gathered inline";
   if (s.offload.optimizer == "host") return StrCat(out, ", optimizer state in host memory, updated by the CPU");
   if (s.offload.optimizer == "nvme") return StrCat(out, ", AdamW moments partly on the NVMe tier");
   if (s.offload.optimizer == "auto") return StrCat(out, ", AdamW moments in memory and, as needed, on the NVMe tier");
@@ -91,20 +92,31 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
 
   // auto: the first candidate that fits, fastest first. zero2 moves the least (no
   // parameter gathers); zero3 holds the least; offloading the optimizer state trades a
-  // slower step for room.
-  std::vector<JobSpec> candidates = {with("zero2", "memory"), with("zero3", "memory")};
+  // slower step for room. Each first with its collectives beside the backward, then
+  // inline (one region scratch less of gradients and of parameters).
+  std::vector<JobSpec> layouts = {with("zero2", "memory"), with("zero3", "memory")};
   if (cuda) {
-    candidates.push_back(with("zero3", "host"));
+    layouts.push_back(with("zero3", "host"));
   } else if (!spec.offload.nvme_path.empty()) {
     // All moments on NVMe is the least this tier can hold in memory; Trainer::Create's
     // offload.optimizer auto then keeps in memory as many as fit.
     JobSpec s = with("zero3", "nvme");
     s.offload.nvme_fraction = 1;
-    candidates.push_back(std::move(s));
+    layouts.push_back(std::move(s));
+  }
+  std::vector<JobSpec> candidates;
+  for (const JobSpec& s : layouts) {
+    candidates.push_back(s);
+    candidates.push_back(s);
+    candidates.back().parallel.overlap_regions = false;
   }
   std::string tried;
+  uint64_t overlapped_need = 0;
   for (JobSpec& s : candidates) {
     const uint64_t need = plan(s).total();
+    // Inline needs no less where nothing overlaps (one rank, or GPUs over Gloo).
+    if (!s.parallel.overlap_regions && need == overlapped_need) continue;
+    overlapped_need = need;
     if (budget == 0 || need <= budget) {
       if (s.offload.optimizer == "nvme") s.offload.optimizer = "auto";
       std::string summary = StrCat("gemini auto: ", Describe(s, cuda, world));
@@ -113,6 +125,10 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
         if (!tried.empty()) summary += StrCat(" (", tried, ")");
       }
       return GeminiPlacement{std::move(s), std::move(summary)};
+    }
+    if (!s.parallel.overlap_regions) {
+      tried += StrCat(", ", Gib(need), " inline");
+      continue;
     }
     tried += StrCat(tried.empty() ? "" : "; ", s.parallel.plugin,
                     s.offload.optimizer == "memory" ? "" : StrCat(" with the optimizer state on ",
@@ -124,6 +140,13 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
       cuda ? "more ranks, training.grad_checkpoint or a smaller -b/-l lower it"
            : (spec.offload.nvme_path.empty() ? "set offload.nvme_path for the NVMe tier, or use more ranks"
                                               : "more ranks, training.grad_checkpoint or a smaller -b/-l lower it")));
+}
+
+JobSpec FitRegionOverlap(const JobSpec& spec, uint64_t budget, const std::function<MemoryPlan(const JobSpec&)>& plan) {
+  if (budget == 0 || !spec.parallel.overlap_regions || plan(spec).total() <= budget) return spec;
+  JobSpec inline_regions = spec;
+  inline_regions.parallel.overlap_regions = false;
+  return plan(inline_regions).total() <= budget ? inline_regions : spec;
 }
 
 absl::StatusOr<JobSpec> PlaceOptimizerState(const JobSpec& spec, uint64_t budget,

@@ -47,6 +47,12 @@ struct GeminiPlacement {
 absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int world, uint64_t budget,
                                             const std::function<MemoryPlan(const JobSpec&)>& plan);
 
+// zero2/3 run each region's collectives beside the backward with a second region scratch
+// (ParallelSpec::overlap_regions); a job that fits `budget` only without that scratch
+// reduces and gathers inline. Returns the spec to run: unchanged when it fits as it is,
+// when the budget is unknown (0), or when it does not fit either way.
+JobSpec FitRegionOverlap(const JobSpec& spec, uint64_t budget, const std::function<MemoryPlan(const JobSpec&)>& plan);
+
 // The CPU backend's optimizer tiers: resolves offload.optimizer auto (memory when the
 // job fits `budget`, else as small a share of the moments on the NVMe tier as makes the
 // rest fit, in 1/1024ths) and checks that the job fits `budget` (0: unknown) as placed,

@@ -59,12 +59,31 @@ Trainer::~Trainer() {
 }
 
 void Trainer::FinishRegionReduce() {
+  if (device_region_end_ > device_region_begin_) {
+    // On the GPU: the backend's ops wait for the reductions from here on, and the owner
+    // adds its part of the sum into its shard.
+    const size_t begin = device_region_begin_, end = device_region_end_;
+    device_region_begin_ = device_region_end_ = 0;
+    if (!model_collective_status_.ok()) return;
+    model_collective_status_ = DeviceCollectivesOrNull()->Join();
+    if (!model_collective_status_.ok()) return;
+    const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
+    const size_t lo = std::max(begin, own_begin), hi = std::min(end, own_end);
+    if (lo < hi) {
+      backend_->Add(model_->grad_at(lo), static_cast<char*>(region_copy_) + model_->accum_byte_offset(lo - begin), hi - lo);
+    }
+    return;
+  }
   if (!region_reduce_.valid()) return;
   const auto start = std::chrono::steady_clock::now();
   std::shared_future<void> done = std::move(region_reduce_);
   region_reduce_ = {};
   done.get();
   model_wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+DeviceCollectives* Trainer::DeviceCollectivesOrNull() const {
+  return BuffersInHostMemory(*backend_) ? nullptr : comm_->device_collectives();
 }
 
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Backend* backend,
@@ -155,6 +174,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateWithinMemory(const JobSp
           " ranks (raise training.global_batch_size)"));
     }
   }
+  // A GPU job that fits only with its zero2/3 collectives inline runs them so.
+  if (cuda) placed = FitRegionOverlap(placed, uint64_t(std::max<int64_t>(budget, 0)), plan_of);
   auto trainer = std::unique_ptr<Trainer>(new Trainer(placed, backend, peak_flops, comm));
   trainer->placement_ = gemini->summary;
   return trainer;
@@ -172,7 +193,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   StepMetrics m;
   m.step = optimizer_->step() + 1;
   // A GPU rank's collectives on its own buffers (NCCL) time themselves on the GPU.
-  DeviceCollectives* device = BuffersInHostMemory(*backend_) ? nullptr : comm_->device_collectives();
+  DeviceCollectives* device = DeviceCollectivesOrNull();
   const double device_busy = device != nullptr ? device->busy_seconds() : 0;
   const double device_exposed = device != nullptr ? device->exposed_seconds() : 0;
   model_->ZeroGrads();
@@ -294,12 +315,13 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   if (device != nullptr && comm_->world_size() > 1) {
     // The calling thread only queued the GPU's collectives (the times above are the
     // host's: issuing them, and the losses' and norms' host collectives). Their own time
-    // is measured on the GPU: all of it is exposed, except that of the all-reduces that
-    // ran beside the backward (ddp), which counts from the backward's end.
+    // is measured on the GPU, and so is the part of it the backend waited for.
     backend_->Synchronize();
-    const double busy = device->busy_seconds() - device_busy;
-    m.communication_seconds += busy;
-    m.exposed_communication_seconds += reducer ? device->exposed_seconds() - device_exposed : busy;
+    // A collective that failed after it was issued left void sums behind: the step
+    // must not count (nor be saved).
+    if (auto s = device->status(); !s.ok()) return s;
+    m.communication_seconds += device->busy_seconds() - device_busy;
+    m.exposed_communication_seconds += device->exposed_seconds() - device_exposed;
   }
   m.optimizer_state_bytes = optimizer_->state_bytes();
   m.gradient_bytes = model_->grad_bytes() + region_copy_bytes_;  // and zero2's copy of a region
@@ -316,6 +338,17 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
 absl::Status Trainer::StartRanks() {
   const int world = comm_->world_size(), rank = comm_->rank();
   if (world == 1) return absl::OkStatus();
+  if (auto s = SendStartingState(); !s.ok()) return s;
+  // GPU collectives are only queued: the state is there once they finished, intact.
+  if (DeviceCollectives* device = DeviceCollectivesOrNull()) {
+    backend_->Synchronize();
+    return device->status();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::SendStartingState() {
+  const int rank = comm_->rank();
   // The progress, and whether rank 0 holds moments (restored ones; fresh moments are
   // zeros everywhere and not allocated yet). Exact in doubles: far below 2^53.
   double progress[3] = {0, 0, 0};
@@ -362,16 +395,19 @@ void Trainer::ForEachOwnerPart(size_t begin, size_t end,
 
 void Trainer::ShardGradients() {
   const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
-  // Overlap runs the collectives on the helper thread: not on a GPU, whose backend is
-  // not thread-safe.
-  const bool overlap = BuffersInHostMemory(*backend_);
+  // Overlap: each region's gradients are copied out of the model's scratch and reduced
+  // while the backward goes on to the next region. On host memory the collectives run on
+  // the helper thread (not the backend's: it is not thread-safe); on a GPU with NCCL they
+  // run on NCCL's stream beside the backward. GPU ranks without NCCL reduce inline.
+  DeviceCollectives* device = DeviceCollectivesOrNull();
+  const bool overlap = spec_.parallel.overlap_regions && (BuffersInHostMemory(*backend_) || device != nullptr);
   if (overlap) {
-    if (!collectives_) collectives_ = std::make_unique<SerialWorker>();
+    if (device == nullptr && !collectives_) collectives_ = std::make_unique<SerialWorker>();
     const size_t region = LargestGradientRegion(spec_.model);
     region_copy_ = backend_->Allocate(region, backend_->accum_dtype());
     region_copy_bytes_ = model_->accum_byte_offset(region);
   }
-  model_->ShardGradients(own_begin, own_end, [this, overlap](size_t begin, size_t end, void* grads) {
+  model_->ShardGradients(own_begin, own_end, [this, overlap, device](size_t begin, size_t end, void* grads) {
     // Each rank's part of the region is summed to that rank, which adds it to its shard.
     auto reduce = [this, begin, end](void* region) {
       ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
@@ -388,6 +424,17 @@ void Trainer::ShardGradients() {
     }
     FinishRegionReduce();  // the previous region's: then the copy is free
     backend_->Copy(region_copy_, grads, end - begin);
+    if (device != nullptr) {
+      // The sums land in the copy, beside the backward; FinishRegionReduce adds the
+      // owner's part into its shard once the next region (or the step) needs them.
+      ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
+        void* part = static_cast<char*>(region_copy_) + model_->accum_byte_offset(lo - begin);
+        return device->ReduceSum(part, hi - lo, backend_->accum_dtype(), owner, Ordering::kBeside);
+      });
+      device_region_begin_ = begin;
+      device_region_end_ = end;
+      return;
+    }
     region_reduce_ = collectives_->Post([reduce, this] { reduce(region_copy_); });
   });
 }
@@ -401,29 +448,35 @@ absl::Status Trainer::RefreshReplica() {
 }
 
 void Trainer::ShardParameters() {
-  // On host memory each region's gather runs on the helper thread, started while the
-  // region before it computes (prefetch); a GPU rank gathers inline.
-  const bool prefetch = BuffersInHostMemory(*backend_);
-  if (prefetch && !collectives_) collectives_ = std::make_unique<SerialWorker>();
+  // Prefetch: each region's gather starts, into the model's second scratch, while the
+  // region before it computes. On host memory it runs on the helper thread; on a GPU with
+  // NCCL on NCCL's stream beside the backend. GPU ranks without NCCL gather inline.
+  DeviceCollectives* device = DeviceCollectivesOrNull();
+  const bool prefetch = spec_.parallel.overlap_regions && (BuffersInHostMemory(*backend_) || device != nullptr);
+  if (prefetch && device == nullptr && !collectives_) collectives_ = std::make_unique<SerialWorker>();
   auto timed = [this](const std::function<void()>& wait) {
     const auto start = std::chrono::steady_clock::now();
     wait();
     model_wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
   model_->GatherParametersWith(
-      [this, prefetch, timed](size_t begin, size_t end, void* dst) -> LlamaModel::ParamWait {
+      [this, prefetch, device, timed](size_t begin, size_t end, void* dst) -> LlamaModel::ParamWait {
         // Each owner broadcasts its part of the region.
-        auto gather = [this, begin, end, dst, prefetch] {
+        auto gather = [this, begin, end, dst, prefetch, device] {
           ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
             void* part = static_cast<char*>(dst) + model_->param_byte_offset(lo - begin);
             if (owner == comm_->rank()) {
               // Off the main thread only the communicator is used: on host memory a
               // plain copy, not the backend.
-              if (prefetch) {
+              if (prefetch && device == nullptr) {
                 std::memcpy(part, model_->param_at(lo), model_->param_byte_offset(hi - lo));
               } else {
                 backend_->Copy(part, model_->param_at(lo), hi - lo);
               }
+            }
+            if (device != nullptr) {
+              return device->Broadcast(part, hi - lo, backend_->dtype(), owner,
+                                       prefetch ? Ordering::kBeside : Ordering::kInline);
             }
             return BroadcastOnBackend(*comm_, *backend_, part, hi - lo, owner);
           });
@@ -431,6 +484,12 @@ void Trainer::ShardParameters() {
         if (!prefetch) {
           timed(gather);
           return nullptr;
+        }
+        if (device != nullptr) {
+          gather();  // queued on NCCL's stream; the backend waits for it when the region is used
+          return [this, device] {
+            if (model_collective_status_.ok()) model_collective_status_ = device->Join();
+          };
         }
         std::shared_future<void> done = collectives_->Post(gather);
         return [timed, done] { timed([&] { done.get(); }); };

@@ -17,6 +17,8 @@
 
 namespace llamad {
 
+class DeviceCollectives;
+
 struct StepMetrics {
   int64_t step = 0;              // 1-based optimizer step.
   double loss = 0;               // Mean token loss over the global batch.
@@ -142,7 +144,15 @@ class Trainer {
   // each owner sends its part to the others.
   absl::Status RefreshReplica();
   std::shared_future<void> region_reduce_;
+  // zero2 on a GPU with NCCL: the region whose reductions into region_copy_ are queued
+  // beside the backward, not yet added into the shard (empty when none).
+  size_t device_region_begin_ = 0, device_region_end_ = 0;
+  // Waits for the region reduction in flight and (GPU) adds the owner's part.
   void FinishRegionReduce();
+  // StartRanks' collectives: rank 0's progress, and the state each rank lacks.
+  absl::Status SendStartingState();
+  // The communicator's collectives on this backend's GPU buffers (NCCL), or null.
+  DeviceCollectives* DeviceCollectivesOrNull() const;
 };
 
 }  // namespace llamad

@@ -748,7 +748,10 @@ TEST_F(CudaTest, NcclCollectivesRunOnTheirOwnStream) {
     gpu_->Scale(b.gpu, -1.0, n);
     ASSERT_TRUE(BroadcastOnBackend(**comm, *gpu_, b.gpu, n, 0).ok());
     ASSERT_TRUE(AllGatherSlicesOnBackend(**comm, *gpu_, b.gpu, n).ok());
-    ASSERT_TRUE(device->AllReduceSumOverlapped(f.gpu, n, DType::kF32).ok());
+    // Beside the backend: the backend's next writes wait for the Join.
+    ASSERT_TRUE(device->AllReduceSum(f.gpu, n, DType::kF32, Ordering::kBeside).ok());
+    ASSERT_TRUE(device->ReduceSum(b.gpu, n, DType::kBF16, 0, Ordering::kBeside).ok());
+    ASSERT_TRUE(device->Broadcast(b.gpu, n, DType::kBF16, 0, Ordering::kBeside).ok());
     ASSERT_TRUE(device->Join().ok());
   }
   // The sum of one rank is its own buffer: into += f.

@@ -433,6 +433,16 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
   EXPECT_EQ(on8->spec.offload.optimizer, "host");
   EXPECT_LE(total(on8, 8), gpu);
   EXPECT_NE(on8->summary.find("zero2 needs"), std::string::npos) << on8->summary;
+  // ...and only without the overlap's second region scratch (a 65B layer: its bf16
+  // parameters and f32 gradients, about 4.5 GiB).
+  EXPECT_FALSE(on8->spec.parallel.overlap_regions) << on8->summary;
+  EXPECT_NE(on8->summary.find("inline"), std::string::npos) << on8->summary;
+  JobSpec overlapped = on8->spec;
+  overlapped.parallel.overlap_regions = true;
+  const uint64_t layer = LargestGradientRegion(spec.model);
+  EXPECT_EQ(PlanMemoryOn(overlapped, /*cuda=*/true, 8, 0).total() - total(on8, 8), layer * (2 + 4));
+  EXPECT_GT(PlanMemoryOn(overlapped, /*cuda=*/true, 8, 0).total(), gpu);
+  std::printf("%s\n", on8->summary.c_str());
   auto roomy = place(spec, 8, uint64_t{1} << 40);
   ASSERT_TRUE(roomy.ok()) << roomy.status();
   EXPECT_EQ(roomy->spec.parallel.plugin, "zero2");
