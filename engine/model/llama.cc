@@ -216,6 +216,21 @@ void LlamaModel::ReleaseMasterWeights() {
   master_data_ = nullptr;
 }
 
+void LlamaModel::TrimMasterWeights(size_t end) {
+  if (master_data_ == params_data_ || master_data_ == nullptr) return;
+  end = std::clamp(end, master_begin_, master_end_);
+  if (end == master_end_) return;
+  if (end == master_begin_) {
+    ReleaseMasterWeights();
+    return;
+  }
+  void* kept = backend_->Allocate(end - master_begin_, backend_->accum_dtype());
+  backend_->Copy(kept, master_data_, end - master_begin_);
+  backend_->Free(master_data_);
+  master_data_ = kept;
+  master_end_ = end;
+}
+
 void LlamaModel::ZeroGrads() {
   EnsureGrads();
   backend_->Zero(grads_data_, grad_end_ - grad_begin_);

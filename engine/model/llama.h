@@ -166,6 +166,9 @@ class LlamaModel {
   // The optimizer took the master weights elsewhere (host memory): frees the backend's
   // copy; master_data() is null from then on.
   void ReleaseMasterWeights();
+  // The optimizer took those of [end, held end) elsewhere: keeps the others in a buffer
+  // of their size (held_master_range() ends at `end`; none kept: released).
+  void TrimMasterWeights(size_t end);
   void ZeroGrads();
 
   // One micro-batch: tokens and targets are [batch, seq] row-major int32 ids in

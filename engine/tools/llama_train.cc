@@ -101,7 +101,7 @@ struct Overrides {
     add(app->add_option("--shard-param-frac", shard_param_frac, "gemini: parameters sharded (1) or replicated (0)"),
         [this](JobSpec& s) { s.parallel.shard_param_frac = shard_param_frac; });
     add(app->add_option("--offload-optim-frac", offload_optim_frac,
-                        "gemini: share of a GPU's optimizer state in host memory (0 or 1)"),
+                        "gemini: share of a GPU's optimizer state in host memory (0 to 1)"),
         [this](JobSpec& s) { s.parallel.offload_optim_frac = offload_optim_frac; });
     add(app->add_option("--offload-param-frac", offload_param_frac, "gemini: share of the parameters in host memory"),
         [this](JobSpec& s) { s.parallel.offload_param_frac = offload_param_frac; });
@@ -644,8 +644,10 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   }
   if (lead && (*trainer)->optimizer().host_offloaded()) {
     const AdamWOptimizer& o = (*trainer)->optimizer();
-    std::fprintf(stderr, "llama-train: master weights and AdamW moments (%s per rank) in host memory, updated by the CPU\n",
-                 HumanBytes(12.0 * double(o.shard_end() - o.shard_begin())).c_str());
+    const size_t shard = std::max<size_t>(1, o.shard_end() - o.shard_begin()), hosted = o.shard_end() - o.memory_end();
+    std::fprintf(stderr, "llama-train: master weights and AdamW moments (%s per rank%s) in host memory, updated by the CPU\n",
+                 HumanBytes(12.0 * double(hosted)).c_str(),
+                 hosted == shard ? "" : fmt::format(", {:.1f}% of them", 100.0 * double(hosted) / double(shard)).c_str());
   }
   if (lead && (*trainer)->optimizer().offloaded()) {
     const AdamWOptimizer& o = (*trainer)->optimizer();
@@ -833,6 +835,7 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
                           {"inline_regions", inline_regions},
                           {"budget", budget},                {"fits", fits}};
     if (!gemini->summary.empty()) out["placement"] = gemini->summary;
+    if (placed.offload.optimizer == "host") out["host_fraction"] = placed.offload.host_fraction;
     std::printf("%s\n", out.dump().c_str());
     return fits ? 0 : kExitFailure;
   }

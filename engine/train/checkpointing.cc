@@ -149,17 +149,20 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
   // owns), the host-offloaded optimizer's arrays, or the NVMe swap.
   const size_t moment_base = optimizer.shard_begin();
   for (const Part& part : parts) {
-    const size_t count = part.hi - part.lo;
-    if (optimizer.host_offloaded()) {
-      const size_t at = part.lo - moment_base;
-      std::copy_n(optimizer.host_master() + at, count, part.dst[0]);
-      std::copy_n(optimizer.host_exp_avg() + at, count, part.dst[1]);
-      std::copy_n(optimizer.host_exp_avg_sq() + at, count, part.dst[2]);
-      continue;
+    // Host-offloaded, the state of the elements from memory_end() on is in the
+    // optimizer's host arrays (all of the shard's, or its last part).
+    const size_t device_end =
+        optimizer.host_offloaded() ? std::clamp(optimizer.memory_end(), part.lo, part.hi) : part.hi;
+    if (device_end < part.hi) {
+      const size_t at = device_end - optimizer.memory_end(), count = part.hi - device_end, into = device_end - part.lo;
+      std::copy_n(optimizer.host_master() + at, count, part.dst[0] + into);
+      std::copy_n(optimizer.host_exp_avg() + at, count, part.dst[1] + into);
+      std::copy_n(optimizer.host_exp_avg_sq() + at, count, part.dst[2] + into);
     }
-    be.DownloadF32(part.dst[0], model.master_at(part.lo), count);
+    if (device_end == part.lo) continue;
+    be.DownloadF32(part.dst[0], model.master_at(part.lo), device_end - part.lo);
     // The moments in memory; those on the NVMe tier are streamed below.
-    const size_t hi = std::min(part.hi, optimizer.memory_end());
+    const size_t hi = std::min(device_end, optimizer.memory_end());
     if (part.lo >= hi) continue;
     const size_t moment_offset = model.accum_byte_offset(part.lo - moment_base);
     be.DownloadF32(part.dst[1], static_cast<char*>(optimizer.exp_avg()) + moment_offset, hi - part.lo);

@@ -135,6 +135,7 @@ absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::strin
   o.Get("memory_budget_gb", &spec.offload.memory_budget_gb);
   get_path(o, "nvme_path", &spec.offload.nvme_path);
   o.Get("nvme_fraction", &spec.offload.nvme_fraction);
+  o.Get("host_fraction", &spec.offload.host_fraction);
   o.Get("queue_depth", &spec.offload.queue_depth);
   o.Get("chunk_mb", &spec.offload.chunk_mb);
   o.Get("block_kb", &spec.offload.block_kb);
@@ -263,6 +264,13 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   }
   if (!(o.nvme_fraction > 0 && o.nvme_fraction <= 1)) {
     return fail("offload.nvme_fraction", o.nvme_fraction, "must be within (0, 1]");
+  }
+  if (!(o.host_fraction > 0 && o.host_fraction <= 1)) {
+    return fail("offload.host_fraction", o.host_fraction, "must be within (0, 1]");
+  }
+  if (o.host_fraction != 1 && o.optimizer != "host") {
+    return fail("offload.host_fraction", o.host_fraction,
+                StrCat("is the share of offload.optimizer host; offload.optimizer is '", o.optimizer, "'"));
   }
   if (o.queue_depth < 1 || o.queue_depth > 4096) {
     return fail("offload.queue_depth", o.queue_depth, "must be within [1, 4096]");

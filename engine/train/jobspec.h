@@ -85,6 +85,10 @@ struct OffloadSpec {
   // nvme: the fraction of the rank's moments in the swap file (its last elements), the
   // rest in memory (Colossal-AI's nvme_offload_fraction). auto sets it.
   double nvme_fraction = 1.0;
+  // host: the fraction of the rank's optimizer state (master weights and moments of its
+  // last elements) in host memory, the rest on the GPU (DeepSpeed's offload ratio;
+  // gemini's offload_optim_frac sets it).
+  double host_fraction = 1.0;
   // Per rank; 0 = the host's available memory / ranks (CPU backend), or under gemini's
   // placement auto what the GPU has free when training starts.
   double memory_budget_gb = 0;

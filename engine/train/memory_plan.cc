@@ -54,12 +54,14 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
     plan.optimizer_state = 2 * (sharded - swapped) * DTypeSize(accum) + 3 * chunk_bytes;
   }
   if (spec.offload.optimizer == "host" && dtype != accum) {
-    // AdamWOptimizer::OffloadToHost: master weights and moments of the rank's shard in
-    // host f32, and two gradient chunks of at most 16 Mi elements (one updated while the
-    // next comes down); the device keeps none of them.
-    plan.optimizer_state_host = 3 * sharded * 4 + 2 * std::min<uint64_t>(sharded, AdamWOptimizer::kHostChunkElements) * 4;
-    plan.master_weights = 0;
-    plan.optimizer_state = 0;
+    // AdamWOptimizer::OffloadToHost: master weights and moments of the last
+    // host_fraction of the rank's shard in host f32, and two gradient chunks of at most
+    // 16 Mi elements (one updated while the next comes down); the device keeps those of
+    // the rest.
+    const uint64_t hosted = AdamWOptimizer::SwappedElements(sharded, spec.offload.host_fraction);
+    plan.optimizer_state_host = 3 * hosted * 4 + 2 * std::min<uint64_t>(hosted, AdamWOptimizer::kHostChunkElements) * 4;
+    plan.master_weights = (sharded - hosted) * DTypeSize(accum);
+    plan.optimizer_state = 2 * (sharded - hosted) * DTypeSize(accum);
   }
   // A rank runs micro-batches of at most batch_size sequences.
   ActivationBuffers counting;

@@ -72,8 +72,14 @@ void AdamWOptimizer::UpdateRange(size_t lo, size_t hi, char* m, char* v, AdamWSt
 absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
   ++step_;
   const AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, 0.0, step_, grad_scale};
-  if (host_) return StepOnHost(s);
   EnsureMoments();
+  if (host_) {
+    // The device's part is queued on its stream first; the host's part follows it there.
+    if (memory_end_ > shard_begin_) {
+      UpdateRange(shard_begin_, memory_end_, static_cast<char*>(m_), static_cast<char*>(v_), s);
+    }
+    return StepOnHost(s);
+  }
   if (memory_end_ > shard_begin_) {
     UpdateRange(shard_begin_, memory_end_, static_cast<char*>(m_), static_cast<char*>(v_), s);
   }
@@ -85,17 +91,22 @@ absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
   });
 }
 
-absl::Status AdamWOptimizer::OffloadToHost(int threads) {
+absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction) {
   if (host_) return absl::OkStatus();
+  if (!(fraction > 0 && fraction <= 1)) {
+    return absl::InvalidArgumentError(StrCat("offload.host_fraction ", fraction, " is not within (0, 1]"));
+  }
   if (!backend_->needs_master_weights() || backend_->accum_dtype() != DType::kF32) {
     return absl::FailedPreconditionError(StrCat(
         "offload.optimizer: host moves a GPU's f32 optimizer state to host memory; the ", backend_->name(),
         " backend keeps it there already (offload.optimizer: memory)"));
   }
   if (swap_) return absl::FailedPreconditionError("offload.optimizer: host and nvme are exclusive");
-  // The shard (all of it without ZeRO): the master weights outside it are not this
-  // rank's to update, and the parameters of the others' shards arrive gathered.
-  const size_t n = shard_end_ - shard_begin_;
+  // The last `fraction` of the shard (all of it without ZeRO): the master weights outside
+  // the shard are not this rank's to update, and the parameters of the others' shards
+  // arrive gathered. The rest of the shard keeps its state on the device.
+  const size_t n = SwappedElements(shard_end_ - shard_begin_, fraction);
+  const size_t begin = shard_end_ - n;
   auto make = [&](bool zeros) -> std::unique_ptr<float[]> {
     return std::unique_ptr<float[]>(zeros ? new (std::nothrow) float[n]() : new (std::nothrow) float[n]);
   };
@@ -113,25 +124,26 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads) {
   // What crosses PCIe every step: the gradient chunks down, the master weights up.
   backend_->PinHostMemory(host_master_.get(), n * sizeof(float));
   for (auto& g : host_grad_) backend_->PinHostMemory(g.get(), host_chunk_elements_ * sizeof(float));
-  backend_->DownloadF32(host_master_.get(), model_->master_at(shard_begin_), n);
+  backend_->DownloadF32(host_master_.get(), model_->master_at(begin), n);
   if (m_ != nullptr) {  // restored moments come along; fresh ones are the zeros above
-    backend_->DownloadF32(host_m_.get(), m_, n);
-    backend_->DownloadF32(host_v_.get(), v_, n);
-    backend_->Free(m_);
-    backend_->Free(v_);
-    m_ = v_ = nullptr;
+    const size_t at = (begin - shard_begin_) * DTypeSize(backend_->accum_dtype());
+    backend_->DownloadF32(host_m_.get(), static_cast<char*>(m_) + at, n);
+    backend_->DownloadF32(host_v_.get(), static_cast<char*>(v_) + at, n);
+    KeepMoments(shard_begin_, begin);
   }
-  model_->ReleaseMasterWeights();
+  model_->TrimMasterWeights(begin);
+  memory_end_ = begin;
   host_ = MakeCpuBackend({DType::kF32, threads});
-  state_bytes_ = 0;  // nothing of the optimizer stays on the device
+  state_bytes_ = 2 * (begin - shard_begin_) * DTypeSize(backend_->accum_dtype());  // what stays on the device
   return absl::OkStatus();
 }
 
 absl::Status AdamWOptimizer::StepOnHost(const AdamWStep& s) {
   const size_t chunk = host_chunk_elements_;
-  // Chunk c covers shard elements [c * chunk, ...); host arrays are indexed from the shard's start.
+  // Chunk c covers elements memory_end_ + [c * chunk, ...); host arrays are indexed from
+  // memory_end_, where the host's part of the shard begins.
   auto range = [&](size_t c) {
-    const size_t lo = shard_begin_ + c * chunk;
+    const size_t lo = memory_end_ + c * chunk;
     return std::pair<size_t, size_t>{lo, std::min(shard_end_, lo + chunk)};
   };
   auto download = [&](size_t c) {
@@ -148,7 +160,7 @@ absl::Status AdamWOptimizer::StepOnHost(const AdamWStep& s) {
     AdamWStep step = s;
     ForEachTensorPart(model_->params(), lo, hi, [&](const ParamInfo& p, size_t begin, size_t end) {
       step.weight_decay = p.decay ? options_.weight_decay : 0.0;  // matrices only
-      const size_t at = begin - shard_begin_;
+      const size_t at = begin - memory_end_;
       host_->AdamW(host_master_.get() + at, nullptr, grad + (begin - lo), host_m_.get() + at, host_v_.get() + at,
                    end - begin, step);
     });
@@ -156,7 +168,7 @@ absl::Status AdamWOptimizer::StepOnHost(const AdamWStep& s) {
     // The chunk's gradients are spent: their device memory carries the updated weights
     // up, and the device rounds them into the layers' bf16 copy, as its AdamW would (no
     // staging buffer on the device).
-    backend_->UploadF32(model_->grad_at(lo), host_master_.get() + (lo - shard_begin_), hi - lo);
+    backend_->UploadF32(model_->grad_at(lo), host_master_.get() + (lo - memory_end_), hi - lo);
     // In two parts where the chunk spans the parameters' shard and their replica.
     const size_t split = std::clamp(model_->replicated_begin(), lo, hi);
     if (split > lo) backend_->Copy(model_->param_at(lo), model_->grad_at(lo), split - lo);
@@ -220,8 +232,6 @@ absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload
   // Moments already in memory (a restored checkpoint's): those of the swapped elements
   // move into the swap, the others into buffers of their own size. Untouched moments
   // are zeros, which a fresh swap file already reads as.
-  void* kept_m = nullptr;
-  void* kept_v = nullptr;
   if (m_ != nullptr) {
     const float* m = static_cast<const float*>(m_);
     const float* v = static_cast<const float*>(v_);
@@ -235,16 +245,7 @@ absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload
       memory_end_ = shard_end_;
       return s;
     }
-    if (memory_end > shard_begin_) {
-      kept_m = backend_->Allocate(memory_end - shard_begin_, backend_->accum_dtype());
-      kept_v = backend_->Allocate(memory_end - shard_begin_, backend_->accum_dtype());
-      backend_->Copy(kept_m, m_, memory_end - shard_begin_);
-      backend_->Copy(kept_v, v_, memory_end - shard_begin_);
-    }
-    backend_->Free(m_);
-    backend_->Free(v_);
-    m_ = kept_m;
-    v_ = kept_v;
+    KeepMoments(shard_begin_, memory_end);
   }
   // The moments kept in memory and the pipeline's buffers.
   state_bytes_ = 2 * (memory_end_ - shard_begin_) * sizeof(float) + 3 * o.chunk_bytes;
@@ -256,20 +257,27 @@ void AdamWOptimizer::Shard(size_t begin, size_t end) {
     std::fprintf(stderr, "llamad: AdamWOptimizer::Shard after offloading\n");
     std::abort();
   }
-  const size_t elem = DTypeSize(backend_->accum_dtype());
-  if (m_ != nullptr) {  // keep this range of the moments held now
-    void* m = backend_->Allocate(end - begin, backend_->accum_dtype());
-    void* v = backend_->Allocate(end - begin, backend_->accum_dtype());
-    backend_->Copy(m, static_cast<char*>(m_) + (begin - shard_begin_) * elem, end - begin);
-    backend_->Copy(v, static_cast<char*>(v_) + (begin - shard_begin_) * elem, end - begin);
-    backend_->Free(m_);
-    backend_->Free(v_);
-    m_ = m;
-    v_ = v;
-  }
+  KeepMoments(begin, end);
   shard_begin_ = begin;
   shard_end_ = memory_end_ = end;
-  state_bytes_ = 2 * (end - begin) * elem;
+  state_bytes_ = 2 * (end - begin) * DTypeSize(backend_->accum_dtype());
+}
+
+void AdamWOptimizer::KeepMoments(size_t begin, size_t end) {
+  if (m_ == nullptr) return;  // not allocated yet: they are zeros, allocated at first use
+  const size_t elem = DTypeSize(backend_->accum_dtype());
+  void* m = nullptr;
+  void* v = nullptr;
+  if (end > begin) {
+    m = backend_->Allocate(end - begin, backend_->accum_dtype());
+    v = backend_->Allocate(end - begin, backend_->accum_dtype());
+    backend_->Copy(m, static_cast<char*>(m_) + (begin - shard_begin_) * elem, end - begin);
+    backend_->Copy(v, static_cast<char*>(v_) + (begin - shard_begin_) * elem, end - begin);
+  }
+  backend_->Free(m_);
+  backend_->Free(v_);
+  m_ = m;
+  v_ = v;
 }
 
 }  // namespace llamad

@@ -92,12 +92,16 @@ class AdamWOptimizer {
   // bf16 parameters, the gradients and the activations; the gradients are scratch after
   // such a Step. After Shard, only the shard's state moves (and only its parameters are
   // updated; the caller gathers the rest). `threads`: CPU threads for the update (0: all).
-  absl::Status OffloadToHost(int threads);
+  //
+  // With `fraction` below 1 only the state of the last `fraction` of the shard's elements
+  // moves (SwappedElements, as for the NVMe tier): from memory_end() on; the device keeps
+  // and steps the rest, the same arithmetic, so the parameters stay bit-identical.
+  absl::Status OffloadToHost(int threads, double fraction = 1.0);
   // Host-offloaded: the gradients come down in chunks of this many elements (64 MiB of
   // f32: large enough for PCIe, small next to the state), two of them in host memory.
   static constexpr size_t kHostChunkElements = size_t{16} << 20;
   bool host_offloaded() const { return host_ != nullptr; }
-  // While host-offloaded: the master weights and moments of flat elements [shard_begin(),
+  // While host-offloaded: the master weights and moments of flat elements [memory_end(),
   // shard_end()), the first at index 0.
   const float* host_master() const { return host_master_.get(); }
   const float* host_exp_avg() const { return host_m_.get(); }
@@ -116,6 +120,8 @@ class AdamWOptimizer {
 
  private:
   void EnsureMoments();
+  // Keeps the moments of [begin, end) (within those held now) in buffers of that size.
+  void KeepMoments(size_t begin, size_t end);
 
   LlamaModel* model_;
   Backend* backend_;

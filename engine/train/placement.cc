@@ -28,10 +28,31 @@ std::string Describe(const JobSpec& s, bool cuda, int world) {
                  : StrCat("parameters sharded over ", world, " ranks (zero3)"))
           : StrCat("parameters replicated, gradients and optimizer state sharded over ", world, " ranks (zero2)");
   if (!s.parallel.overlap_regions && world > 1) out += ", each region reduced and gathered inline";
+  if (s.offload.optimizer == "host" && s.offload.host_fraction < 1) {
+    return StrCat(out, ", the optimizer state of the last ", fmt::format("{:.1f}", 100 * s.offload.host_fraction),
+                  "% of each shard in host memory, updated by the CPU, the rest on the device");
+  }
   if (s.offload.optimizer == "host") return StrCat(out, ", optimizer state in host memory, updated by the CPU");
   if (s.offload.optimizer == "nvme") return StrCat(out, ", AdamW moments partly on the NVMe tier");
   if (s.offload.optimizer == "auto") return StrCat(out, ", AdamW moments in memory and, as needed, on the NVMe tier");
   return StrCat(out, cuda ? ", optimizer state on the device" : ", everything in host memory");
+}
+
+// The smallest fraction, in 1/1024ths, that `with(fraction)` fits the budget with (the
+// plan shrinks as the fraction grows), or 0 when not even all of it does.
+double SmallestFittingFraction(uint64_t budget, const std::function<MemoryPlan(const JobSpec&)>& plan,
+                               const std::function<JobSpec(double)>& with) {
+  if (plan(with(1.0)).total() > budget) return 0;
+  int lo = 1, hi = 1024;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (plan(with(mid / 1024.0)).total() <= budget) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo / 1024.0;
 }
 
 }  // namespace
@@ -75,17 +96,13 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
       }
       return GeminiPlacement{std::move(s), std::move(summary)};
     }
-    if (p.offload_optim_frac != 0 && p.offload_optim_frac != 1) {
-      return ConfigError(f, StrCat("parallel.offload_optim_frac: ", p.offload_optim_frac,
-                                   ": this build keeps all of a GPU's optimizer state on the device (0) or in host "
-                                   "memory (1)"));
-    }
     if (p.offload_param_frac != 0) {
       return ConfigError(f, StrCat("parallel.offload_param_frac: ", p.offload_param_frac,
-                                   ": this build keeps the parameters' shard on the device (0); offload_optim_frac 1 "
+                                   ": this build keeps the parameters' shard on the device (0); offload_optim_frac "
                                    "moves the optimizer state, the larger part, to host memory"));
     }
-    JobSpec s = with(plugin, p.offload_optim_frac == 1 ? "host" : "memory", share);
+    JobSpec s = with(plugin, p.offload_optim_frac > 0 ? "host" : "memory", share);
+    if (p.offload_optim_frac > 0) s.offload.host_fraction = p.offload_optim_frac;
     std::string summary = StrCat("gemini static: ", Describe(s, cuda, world));
     return GeminiPlacement{std::move(s), std::move(summary)};
   }
@@ -113,6 +130,15 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
   std::string tried;
   uint64_t overlapped_need = 0;
   for (JobSpec& s : candidates) {
+    if (s.offload.optimizer == "host" && budget > 0) {
+      // As little of the optimizer state in host memory as makes the rest fit.
+      const double fraction = SmallestFittingFraction(budget, plan, [&](double x) {
+        JobSpec t = s;
+        t.offload.host_fraction = x;
+        return t;
+      });
+      if (fraction > 0) s.offload.host_fraction = fraction;
+    }
     const uint64_t need = plan(s).total();
     // Inline needs no less where nothing overlaps (one rank, or GPUs over Gloo).
     if (!s.parallel.overlap_regions && need == overlapped_need) continue;
@@ -172,16 +198,14 @@ absl::StatusOr<JobSpec> PlaceOptimizerState(const JobSpec& spec, uint64_t budget
     }
     placed.offload.optimizer = fits ? "memory" : "nvme";
     if (!fits) {
-      int lo = 1, hi = 1024;  // the plan shrinks as the fraction grows: the smallest that fits
-      while (lo < hi) {
-        const int mid = (lo + hi) / 2;
-        if (plan_with("nvme", mid / 1024.0).total() <= budget) {
-          hi = mid;
-        } else {
-          lo = mid + 1;
-        }
-      }
-      placed.offload.nvme_fraction = lo / 1024.0;
+      // The smallest share that fits; all of it when none does (the check below says so).
+      const double fraction = SmallestFittingFraction(budget, plan, [&](double x) {
+        JobSpec t = spec;
+        t.offload.optimizer = "nvme";
+        t.offload.nvme_fraction = x;
+        return t;
+      });
+      placed.offload.nvme_fraction = fraction > 0 ? fraction : 1.0;
     }
   }
   const uint64_t needed = plan(placed).total();

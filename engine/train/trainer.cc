@@ -499,7 +499,7 @@ void Trainer::ShardParameters() {
 
 absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
   const OffloadSpec& o = spec_.offload;
-  if (o.optimizer == "host") return optimizer_->OffloadToHost(cpu_threads);
+  if (o.optimizer == "host") return optimizer_->OffloadToHost(cpu_threads, o.host_fraction);
   if (o.optimizer != "nvme") return absl::OkStatus();
   offload::SwapOptions options;
   options.chunk_bytes = size_t(o.chunk_mb * double(1 << 20)) / 4096 * 4096;

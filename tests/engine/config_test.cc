@@ -154,6 +154,8 @@ TEST(JobSpecTest, BadSpecsNameTheKeyAndValue) {
               {"parallel.shard_param_frac", "gemini", "'zero3'"});
   ExpectError("model: tiny\nparallel: {plugin: gemini, placement: auto, offload_optim_frac: 1}\n",
               {"parallel.offload_optim_frac", "placement auto"});
+  ExpectError("model: tiny\noffload: {optimizer: host, host_fraction: 0}\n", {"offload.host_fraction", "(0, 1]"});
+  ExpectError("model: tiny\noffload: {host_fraction: 0.5}\n", {"offload.host_fraction", "0.5", "'memory'"});
   ExpectError("model: tiny\noffload: {optimizer: nvme, nvme_path: swap, nvme_fraction: 0}\n",
               {"offload.nvme_fraction", "0", "(0, 1]"});
   ExpectError("model: tiny\noffload: {optimizer: nvme, nvme_path: swap, nvme_fraction: 1.5}\n",

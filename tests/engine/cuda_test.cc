@@ -718,6 +718,7 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   // with the optimizer in host memory; the same bits as those.
   ExpectLosses(run(2, "-p gemini -g"), zero3, 0, 0, "gemini static");
   ExpectLosses(run(2, "-p gemini -g --offload-optim-frac 1"), zero3_host, 0, 0, "gemini static, optimizer on host");
+  ExpectLosses(run(2, "-p gemini -g --offload-optim-frac 0.5"), zero3, 0, 0, "gemini static, half the optimizer on host");
   // Half sharded: the other half's parameters are the owners' values, gathered once a
   // step instead of at each use; the same bits.
   ExpectLosses(run(2, "-p gemini -g --shard-param-frac 0.5"), zero3, 0, 0, "gemini static, half sharded");
@@ -803,6 +804,23 @@ TEST_F(CudaTest, OptimizerOnTheHostTrainsBitIdentically) {
   const auto resumed = on_device.Run(1, "-i 0 -f " + (on_host.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
   ASSERT_EQ(resumed.size(), 6u);
   ExpectLosses(resumed, host, 6, 0, "resumed on the device");
+
+  // Part of it: the state of the last 40% of the elements on the host, the rest on the
+  // GPU, each stepped there; the same bits, and 40% of the saving. Its checkpoint (the
+  // parts gathered from both places) resumes on the device on the same curve.
+  GpuJob partly("llamad-gpu-partly", "offload: {optimizer: host, host_fraction: 0.4}\n");
+  const auto part = partly.Run(1, "-i 6");
+  ASSERT_EQ(part.size(), 12u);
+  ExpectLosses(part, device, 0, 0, "40% of the optimizer state in host memory");
+  const double part_saved =
+      device.back()["peak_memory_bytes"].get<double>() - part.back()["peak_memory_bytes"].get<double>();
+  RecordProperty("GPU bytes saved per parameter, 40% on the host", Sci(part_saved / params));
+  EXPECT_NEAR(part_saved / params, 0.4 * 12, 0.5);
+  EXPECT_NEAR(part.back()["optimizer_state_bytes"].get<double>(), 0.6 * device.back()["optimizer_state_bytes"].get<double>(),
+              0.01 * device.back()["optimizer_state_bytes"].get<double>());
+  const auto part_resumed = on_device.Run(1, "-i 0 -f " + (partly.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
+  ASSERT_EQ(part_resumed.size(), 6u);
+  ExpectLosses(part_resumed, part, 6, 0, "partly offloaded checkpoint resumed on the device");
 }
 
 }  // namespace

@@ -408,10 +408,21 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
   const uint64_t whole = uint64_t(spec.model.NumParameters()) - ReplicatedBegin(spec.model, 0.5);
   EXPECT_GE(whole, uint64_t(spec.model.NumParameters()) / 2 - uint64_t(spec.model.NumParameters()) / 40);
   EXPECT_EQ(total(partly, 32) - total(defaults, 32), 2 * whole);  // bf16
-  // What this build cannot place is refused, naming the key.
+  // offload_optim_frac 0.5: the state of the last half of each shard in host memory, the
+  // rest on the GPU: half the saving.
   JobSpec half = spec;
   half.parallel.offload_optim_frac = 0.5;
-  EXPECT_NE(place(half, 32, 0).status().message().find("parallel.offload_optim_frac: 0.5"), std::string::npos);
+  auto halfway = place(half, 32, 0);
+  ASSERT_TRUE(halfway.ok()) << halfway.status();
+  EXPECT_EQ(halfway->spec.offload.optimizer, "host");
+  EXPECT_EQ(halfway->spec.offload.host_fraction, 0.5);
+  EXPECT_NE(halfway->summary.find("last 50.0% of each shard"), std::string::npos) << halfway->summary;
+  EXPECT_NEAR(double(total(defaults, 32) - total(halfway, 32)), 6 * shard, 0.01 * 6 * shard);
+  const MemoryPlan half_plan = PlanMemoryOn(halfway->spec, /*cuda=*/true, 32, 0);
+  const MemoryPlan host_plan = PlanMemoryOn(host->spec, /*cuda=*/true, 32, 0);
+  EXPECT_NEAR(double(half_plan.optimizer_state_host), double(host_plan.optimizer_state_host) / 2,
+              0.01 * double(host_plan.optimizer_state_host));
+  // What this build cannot place is refused, naming the key.
   JobSpec params = spec;
   params.parallel.offload_param_frac = 1;
   EXPECT_NE(place(params, 32, 0).status().message().find("parallel.offload_param_frac: 1"), std::string::npos);
@@ -442,6 +453,14 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
   const uint64_t layer = LargestGradientRegion(spec.model);
   EXPECT_EQ(PlanMemoryOn(overlapped, /*cuda=*/true, 8, 0).total() - total(on8, 8), layer * (2 + 4));
   EXPECT_GT(PlanMemoryOn(overlapped, /*cuda=*/true, 8, 0).total(), gpu);
+  // Of the optimizer state, as little in host memory as fits: the smallest share in
+  // 1/1024ths, since one less would not fit.
+  const double share = on8->spec.offload.host_fraction;
+  EXPECT_LT(share, 1.0);
+  EXPECT_GT(share, 0.5);
+  JobSpec less = on8->spec;
+  less.offload.host_fraction = share - 1.0 / 1024;
+  EXPECT_GT(PlanMemoryOn(less, /*cuda=*/true, 8, 0).total(), gpu);
   std::printf("%s\n", on8->summary.c_str());
   auto roomy = place(spec, 8, uint64_t{1} << 40);
   ASSERT_TRUE(roomy.ok()) << roomy.status();
