@@ -95,6 +95,10 @@ class Backend {
   virtual void Download(double* dst, const void* src, size_t numel) = 0;
   // Copies between host float32 and a buffer (converting).
   virtual void UploadF32(void* dst, const float* src, size_t numel) = 0;
+  // UploadF32 that may return before the copy is done: `src` (page-locked with
+  // PinHostMemory, for full speed) must stay as it is until the next Synchronize or
+  // Download. For uploads in the middle of the backend's work (a gather's parameters).
+  virtual void UploadF32Async(void* dst, const float* src, size_t numel) { UploadF32(dst, src, numel); }
   virtual void DownloadF32(float* dst, const void* src, size_t numel) = 0;
   // Copies, converting from src's element type to dst's (a cast when they differ).
   virtual void Copy(void* dst, const void* src, size_t numel) = 0;

@@ -41,7 +41,7 @@ std::vector<ParamInfo> LlamaParamLayout(const ModelConfig& c) {
 LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaOptions& options)
     : config_(config), backend_(backend), options_(options), params_(LlamaParamLayout(config)) {
   num_params_ = params_.back().offset + params_.back().numel;
-  grad_end_ = param_end_ = master_end_ = replicated_begin_ = num_params_;
+  grad_end_ = param_end_ = param_held_end_ = master_end_ = replicated_begin_ = num_params_;
   const bool shard = options.shard_end > options.shard_begin;
   if (shard && (options.shard_end > num_params_)) {
     std::fprintf(stderr, "llamad: LlamaModel shard [%zu, %zu) beyond the model's %zu elements\n",
@@ -53,6 +53,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, Backend* backend, const LlamaO
     replicated_begin_ = std::min(options.replicated_begin, num_params_);
     param_begin_ = std::min(options.shard_begin, replicated_begin_);
     param_end_ = std::min(options.shard_end, replicated_begin_);
+    param_held_end_ = param_end_;
     params_data_ = backend_->Allocate(std::max<size_t>(1, param_end_ - param_begin_));
     if (replicated_begin_ < num_params_) replica_ = backend_->Allocate(num_params_ - replicated_begin_);
     param_scratch_elements_ = LargestGradientRegion(config_);
@@ -142,11 +143,16 @@ void LlamaModel::ShardGradients(size_t begin, size_t end, GradSink sink) {
 
 void* LlamaModel::param_at(size_t offset) {
   if (offset >= replicated_begin_) return static_cast<char*>(replica_) + param_byte_offset(offset - replicated_begin_);
+  if (offset >= param_held_end_ && param_held_end_ < param_end_) {
+    std::fprintf(stderr, "llamad: parameter %zu is in host memory (the device holds [%zu, %zu))\n", offset,
+                 param_begin_, param_held_end_);
+    std::abort();
+  }
   return static_cast<char*>(params_data_) + param_byte_offset(offset - param_begin_);
 }
 
 size_t LlamaModel::param_bytes() const {
-  return param_byte_offset(param_end_ - param_begin_ + (param_prefetch_ ? 2 : 1) * param_scratch_elements_ +
+  return param_byte_offset(param_held_end_ - param_begin_ + (param_prefetch_ ? 2 : 1) * param_scratch_elements_ +
                            (num_params_ - replicated_begin_));
 }
 
@@ -229,6 +235,19 @@ void LlamaModel::TrimMasterWeights(size_t end) {
   backend_->Free(master_data_);
   master_data_ = kept;
   master_end_ = end;
+}
+
+void LlamaModel::TrimParamShard(size_t end) {
+  // Parameters not sharded, or the backend's parameters are its master weights (which
+  // the optimizer steps in place): nothing to trim.
+  if (param_scratch_[0] == nullptr || master_data_ == params_data_) return;
+  end = std::clamp(end, param_begin_, param_held_end_);
+  if (end == param_held_end_) return;
+  void* kept = backend_->Allocate(std::max<size_t>(1, end - param_begin_));
+  if (end > param_begin_) backend_->Copy(kept, params_data_, end - param_begin_);
+  backend_->Free(params_data_);
+  params_data_ = kept;
+  param_held_end_ = end;
 }
 
 void LlamaModel::ZeroGrads() {

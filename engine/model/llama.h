@@ -143,6 +143,12 @@ class LlamaModel {
   // (null without); replicated_begin() is num_params() without.
   void* replica() { return replica_; }
   size_t replicated_begin() const { return replicated_begin_; }
+  // ZeRO-3 with the optimizer in host memory (gemini's offload_param_frac): the shard's
+  // parameters from `end` on leave the device; their bf16 values are the host's master
+  // weights rounded, which the gathers upload instead. param_at() of them is an error.
+  void TrimParamShard(size_t end);
+  // The end of the shard's parameters on the device (param_end without TrimParamShard).
+  size_t param_held_end() const { return param_held_end_; }
   // Bytes the parameters hold: the whole buffer, or the shard and the region scratch.
   size_t param_bytes() const;
   // The gradient of flat element `offset` (the whole buffer, or under ShardGradients the
@@ -263,6 +269,7 @@ class LlamaModel {
   ParamGather param_gather_;
   bool param_prefetch_ = false;
   size_t param_begin_ = 0, param_end_ = 0;
+  size_t param_held_end_ = 0;  // TrimParamShard
   void* param_scratch_[2] = {nullptr, nullptr};
   size_t param_scratch_elements_ = 0;
   int param_slot_ = 0;

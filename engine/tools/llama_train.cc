@@ -836,6 +836,7 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
                           {"budget", budget},                {"fits", fits}};
     if (!gemini->summary.empty()) out["placement"] = gemini->summary;
     if (placed.offload.optimizer == "host") out["host_fraction"] = placed.offload.host_fraction;
+    if (placed.parallel.params_host_share > 0) out["params_host_share"] = placed.parallel.params_host_share;
     std::printf("%s\n", out.dump().c_str());
     return fits ? 0 : kExitFailure;
   }

@@ -53,6 +53,10 @@ struct ParallelSpec {
   // (host memory, or GPUs with NCCL), which costs a second region scratch of gradients and
   // of parameters. Placement turns it off for a layout that fits only without.
   bool overlap_regions = true;
+  // Not a job key: set by PlaceGemini from offload_param_frac (zero3 with the optimizer
+  // state in host memory). The shard's parameters of this last share leave the GPU; each
+  // gather uploads them from the host's master weights (LlamaModel::TrimParamShard).
+  double params_host_share = 0;
 };
 
 struct DataSpec {

@@ -62,6 +62,10 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
     plan.optimizer_state_host = 3 * hosted * 4 + 2 * std::min<uint64_t>(hosted, AdamWOptimizer::kHostChunkElements) * 4;
     plan.master_weights = (sharded - hosted) * DTypeSize(accum);
     plan.optimizer_state = 2 * (sharded - hosted) * DTypeSize(accum);
+    if (plugin == "zero3" && many && spec.parallel.params_host_share > 0) {
+      // Trainer::OffloadOptimizerState: the shard's last parameters leave the device.
+      plan.parameters -= AdamWOptimizer::SwappedElements(sharded, spec.parallel.params_host_share) * DTypeSize(dtype);
+    }
   }
   // A rank runs micro-batches of at most batch_size sequences.
   ActivationBuffers counting;
@@ -74,6 +78,9 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   const uint64_t rows = uint64_t(LmHeadChunkRows(lm_head_chunk_elements, vocab,
                                                  int(spec.training.batch_size * spec.training.max_length)));
   plan.workspace = rows * uint64_t(vocab) * uint64_t(logit_bytes) + uint64_t(scores * double(DTypeSize(dtype)));
+  // The CUDA backend's staging buffer of bf16 copies (host-memory collectives, gathers of
+  // parameters from the host); a scratch of its own, outside the allocated bytes.
+  if (dtype != accum) plan.workspace += kCudaStagingElements * 4;
   if (spec.checkpoint.interval > 0) {
     // AsyncCheckpointer's snapshot of rank 0's part (the largest): the f32 values of each
     // tensor part in it padded to 4 KiB, three times (master weights and both moments).

@@ -73,13 +73,7 @@ absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
   ++step_;
   const AdamWStep s{lr, options_.beta1, options_.beta2, options_.eps, 0.0, step_, grad_scale};
   EnsureMoments();
-  if (host_) {
-    // The device's part is queued on its stream first; the host's part follows it there.
-    if (memory_end_ > shard_begin_) {
-      UpdateRange(shard_begin_, memory_end_, static_cast<char*>(m_), static_cast<char*>(v_), s);
-    }
-    return StepOnHost(s);
-  }
+  if (host_) return StepOnHost(s);
   if (memory_end_ > shard_begin_) {
     UpdateRange(shard_begin_, memory_end_, static_cast<char*>(m_), static_cast<char*>(v_), s);
   }
@@ -151,6 +145,11 @@ absl::Status AdamWOptimizer::StepOnHost(const AdamWStep& s) {
     backend_->DownloadF32(host_grad_[c % 2].get(), model_->grad_at(lo), hi - lo);
   };
   download(0);
+  // The device's part of the shard (host_fraction below 1) updates on its stream while
+  // the CPU updates the first chunks.
+  if (memory_end_ > shard_begin_) {
+    UpdateRange(shard_begin_, memory_end_, static_cast<char*>(m_), static_cast<char*>(v_), s);
+  }
   for (size_t c = 0; range(c).first < shard_end_; ++c) {
     const auto [lo, hi] = range(c);
     // The next chunk's gradients come down while the CPU updates this one.
@@ -168,11 +167,16 @@ absl::Status AdamWOptimizer::StepOnHost(const AdamWStep& s) {
     // The chunk's gradients are spent: their device memory carries the updated weights
     // up, and the device rounds them into the layers' bf16 copy, as its AdamW would (no
     // staging buffer on the device).
-    backend_->UploadF32(model_->grad_at(lo), host_master_.get() + (lo - memory_end_), hi - lo);
-    // In two parts where the chunk spans the parameters' shard and their replica.
+    // In two parts where the chunk spans the parameters' shard and their replica; of the
+    // shard only what the device holds (TrimParamShard: the rest is rounded from the host
+    // master weights at each gather).
     const size_t split = std::clamp(model_->replicated_begin(), lo, hi);
-    if (split > lo) backend_->Copy(model_->param_at(lo), model_->grad_at(lo), split - lo);
-    if (hi > split) backend_->Copy(model_->param_at(split), model_->grad_at(split), hi - split);
+    const size_t held = std::clamp(model_->param_held_end(), lo, split);
+    for (const auto [from, to] : {std::pair{lo, held}, std::pair{split, hi}}) {
+      if (to == from) continue;
+      backend_->UploadF32(model_->grad_at(from), host_master_.get() + (from - memory_end_), to - from);
+      backend_->Copy(model_->param_at(from), model_->grad_at(from), to - from);
+    }
   }
   return absl::OkStatus();
 }

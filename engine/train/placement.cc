@@ -28,6 +28,11 @@ std::string Describe(const JobSpec& s, bool cuda, int world) {
                  : StrCat("parameters sharded over ", world, " ranks (zero3)"))
           : StrCat("parameters replicated, gradients and optimizer state sharded over ", world, " ranks (zero2)");
   if (!s.parallel.overlap_regions && world > 1) out += ", each region reduced and gathered inline";
+  if (s.parallel.params_host_share > 0) {
+    out += world > 1 ? StrCat(", the parameters of the last ", fmt::format("{:.1f}", 100 * s.parallel.params_host_share),
+                              "% of each shard in host memory (uploaded from their master weights at each gather)")
+                     : ", the parameters on the device (one rank has no shards to move)";
+  }
   if (s.offload.optimizer == "host" && s.offload.host_fraction < 1) {
     return StrCat(out, ", the optimizer state of the last ", fmt::format("{:.1f}", 100 * s.offload.host_fraction),
                   "% of each shard in host memory, updated by the CPU, the rest on the device");
@@ -42,6 +47,7 @@ std::string Describe(const JobSpec& s, bool cuda, int world) {
 // plan shrinks as the fraction grows), or 0 when not even all of it does.
 double SmallestFittingFraction(uint64_t budget, const std::function<MemoryPlan(const JobSpec&)>& plan,
                                const std::function<JobSpec(double)>& with) {
+  if (budget == 0) return 0;
   if (plan(with(1.0)).total() > budget) return 0;
   int lo = 1, hi = 1024;
   while (lo < hi) {
@@ -73,6 +79,7 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
     s.parallel.offload_param_frac = defaults.offload_param_frac;
     s.parallel.plugin = plugin;
     s.parallel.sharded_share = sharded_share;
+    s.parallel.params_host_share = 0;
     s.offload.optimizer = optimizer;
     return s;
   };
@@ -96,13 +103,19 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
       }
       return GeminiPlacement{std::move(s), std::move(summary)};
     }
-    if (p.offload_param_frac != 0) {
+    if (p.offload_param_frac > 0 && p.shard_param_frac != 1) {
       return ConfigError(f, StrCat("parallel.offload_param_frac: ", p.offload_param_frac,
-                                   ": this build keeps the parameters' shard on the device (0); offload_optim_frac "
-                                   "moves the optimizer state, the larger part, to host memory"));
+                                   ": parameters go to host memory from their shards; set shard_param_frac 1 "
+                                   "(it is ", p.shard_param_frac, ")"));
+    }
+    if (p.offload_param_frac > p.offload_optim_frac) {
+      return ConfigError(f, StrCat("parallel.offload_param_frac: ", p.offload_param_frac,
+                                   ": the parameters in host memory are rounded from their master weights there, so "
+                                   "offload_optim_frac must be at least as large (it is ", p.offload_optim_frac, ")"));
     }
     JobSpec s = with(plugin, p.offload_optim_frac > 0 ? "host" : "memory", share);
     if (p.offload_optim_frac > 0) s.offload.host_fraction = p.offload_optim_frac;
+    s.parallel.params_host_share = p.offload_param_frac;
     std::string summary = StrCat("gemini static: ", Describe(s, cuda, world));
     return GeminiPlacement{std::move(s), std::move(summary)};
   }
@@ -114,6 +127,12 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
   std::vector<JobSpec> layouts = {with("zero2", "memory"), with("zero3", "memory")};
   if (cuda) {
     layouts.push_back(with("zero3", "host"));
+    // Last, parameters too: all the optimizer state and a share of the parameters (of
+    // shards: several ranks).
+    if (world > 1) {
+      layouts.push_back(with("zero3", "host"));
+      layouts.back().parallel.params_host_share = 1;
+    }
   } else if (!spec.offload.nvme_path.empty()) {
     // All moments on NVMe is the least this tier can hold in memory; Trainer::Create's
     // offload.optimizer auto then keeps in memory as many as fit.
@@ -127,12 +146,23 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
     candidates.push_back(s);
     candidates.back().parallel.overlap_regions = false;
   }
+  // A searched share stops 2% short of the budget: what the plan does not see (the
+  // allocator's rounding, NCCL's and the libraries' buffers) needs some room.
+  const uint64_t headroomed = budget - budget / 50;
   std::string tried;
   uint64_t overlapped_need = 0;
   for (JobSpec& s : candidates) {
-    if (s.offload.optimizer == "host" && budget > 0) {
+    if (s.parallel.params_host_share > 0 && budget > 0) {
+      // As few of the parameters in host memory as makes the rest fit.
+      const double fraction = SmallestFittingFraction(headroomed, plan, [&](double x) {
+        JobSpec t = s;
+        t.parallel.params_host_share = x;
+        return t;
+      });
+      if (fraction > 0) s.parallel.params_host_share = fraction;
+    } else if (s.offload.optimizer == "host" && budget > 0) {
       // As little of the optimizer state in host memory as makes the rest fit.
-      const double fraction = SmallestFittingFraction(budget, plan, [&](double x) {
+      const double fraction = SmallestFittingFraction(headroomed, plan, [&](double x) {
         JobSpec t = s;
         t.offload.host_fraction = x;
         return t;
@@ -159,7 +189,7 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
     tried += StrCat(tried.empty() ? "" : "; ", s.parallel.plugin,
                     s.offload.optimizer == "memory" ? "" : StrCat(" with the optimizer state on ",
                                                                   s.offload.optimizer == "host" ? "host" : "NVMe"),
-                    " needs ", Gib(need));
+                    s.parallel.params_host_share > 0 ? " and the parameters" : "", " needs ", Gib(need));
   }
   return absl::ResourceExhaustedError(StrCat(
       f, ": parallel.placement auto: no layout fits the rank's ", Gib(budget), " (", tried, "); ",

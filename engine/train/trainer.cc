@@ -471,7 +471,7 @@ void Trainer::ShardParameters() {
               if (prefetch && device == nullptr) {
                 std::memcpy(part, model_->param_at(lo), model_->param_byte_offset(hi - lo));
               } else {
-                backend_->Copy(part, model_->param_at(lo), hi - lo);
+                CopyOwnParameters(part, lo, hi);
               }
             }
             if (device != nullptr) {
@@ -497,9 +497,35 @@ void Trainer::ShardParameters() {
       prefetch);
 }
 
+void Trainer::CopyOwnParameters(void* dst, size_t lo, size_t hi) {
+  // What the device holds of the shard, and past it the host's master weights, rounded
+  // to the parameters' type on the way up (the bits the device's copy would hold).
+  const size_t held = std::clamp(model_->param_held_end(), lo, hi);
+  if (held > lo) backend_->Copy(dst, model_->param_at(lo), held - lo);
+  if (hi > held) {
+    // Page-locked, and unchanged until the step's first download has synchronized.
+    backend_->UploadF32Async(static_cast<char*>(dst) + model_->param_byte_offset(held - lo),
+                             optimizer_->host_master() + (held - optimizer_->memory_end()), hi - held);
+  }
+}
+
 absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
   const OffloadSpec& o = spec_.offload;
-  if (o.optimizer == "host") return optimizer_->OffloadToHost(cpu_threads, o.host_fraction);
+  if (o.optimizer == "host") {
+    if (auto s = optimizer_->OffloadToHost(cpu_threads, o.host_fraction); !s.ok()) return s;
+    const double share = spec_.parallel.params_host_share;
+    if (share > 0 && model_->parameters_sharded()) {
+      const size_t shard = optimizer_->shard_end() - optimizer_->shard_begin();
+      const size_t begin = optimizer_->shard_end() - AdamWOptimizer::SwappedElements(shard, share);
+      if (begin < optimizer_->memory_end()) {
+        return absl::InvalidArgumentError(StrCat(
+            spec_.path, ": parameters in host memory come from their master weights there: the share of the "
+            "optimizer state in host memory must be at least the parameters' (", share, ")"));
+      }
+      model_->TrimParamShard(begin);
+    }
+    return absl::OkStatus();
+  }
   if (o.optimizer != "nvme") return absl::OkStatus();
   offload::SwapOptions options;
   options.chunk_bytes = size_t(o.chunk_mb * double(1 << 20)) / 4096 * 4096;

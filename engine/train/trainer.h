@@ -149,6 +149,8 @@ class Trainer {
   size_t device_region_begin_ = 0, device_region_end_ = 0;
   // Waits for the region reduction in flight and (GPU) adds the owner's part.
   void FinishRegionReduce();
+  // zero3: this rank's own parameters [lo, hi) into a gather's dst.
+  void CopyOwnParameters(void* dst, size_t lo, size_t hi);
   // StartRanks' collectives: rank 0's progress, and the state each rank lacks.
   absl::Status SendStartingState();
   // The communicator's collectives on this backend's GPU buffers (NCCL), or null.

@@ -649,7 +649,9 @@ class GpuJob {
 // losses of 12 steps were identical), so 1e-5 relative is the bound, as on the CPU.
 TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   GpuJob job("llamad-gpu-ddp");
-  auto run = [&](int nproc, const std::string& args = "") { return job.Run(nproc, args); };
+  // Through host memory over Gloo, wherever this runs (NCCL needs a GPU per rank; its
+  // own test compares it with this path).
+  auto run = [&](int nproc, const std::string& args = "") { return job.Run(nproc, args + " --communicator gloo"); };
   const std::filesystem::path dir = job.dir();
   const auto one = run(1), two = run(2);
   ASSERT_EQ(one.size(), 12u);
@@ -685,7 +687,7 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   // and its step-6 checkpoint (each rank's half from host memory) resumes on the devices
   // on the same bits as well.
   GpuJob host_job("llamad-gpu-ddp-host", "offload: {optimizer: host}\n");
-  const auto zero1_host = host_job.Run(2, "-p zero1 -i 6");
+  const auto zero1_host = host_job.Run(2, "-p zero1 -i 6 --communicator gloo");
   ASSERT_EQ(zero1_host.size(), 12u);
   ExpectLosses(zero1_host, zero1, 0, 0, "zero1 + host");
   EXPECT_EQ(zero1_host.back()["optimizer_state_bytes"].get<double>(), 0);
@@ -693,7 +695,7 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   // zero2: each GPU rank also keeps half of the gradients (plus a layer's scratch), each
   // region's gradients reduced to their owners through host memory as the backward ends
   // it; with the optimizer in host memory, the same bits again.
-  const auto zero2 = run(2, "-p zero2"), zero2_host = host_job.Run(2, "-p zero2");
+  const auto zero2 = run(2, "-p zero2"), zero2_host = host_job.Run(2, "-p zero2 --communicator gloo");
   ASSERT_EQ(zero2.size(), 12u);
   ASSERT_EQ(zero2_host.size(), 12u);
   ExpectLosses(zero2, one, 0, 1e-5, "zero2");
@@ -707,7 +709,8 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   // zero3: the bf16 parameters too, each layer gathered before the forward and again
   // before the backward (and its recomputation, with -g); with activation checkpointing
   // against one rank with it, and with the optimizer in host memory the same bits.
-  const auto one_g = run(1, "-g"), zero3 = run(2, "-p zero3 -g"), zero3_host = host_job.Run(2, "-p zero3 -g");
+  const auto one_g = run(1, "-g"), zero3 = run(2, "-p zero3 -g");
+  const auto zero3_host = host_job.Run(2, "-p zero3 -g --communicator gloo");
   ASSERT_EQ(zero3.size(), 12u);
   ASSERT_EQ(zero3_host.size(), 12u);
   ASSERT_EQ(one_g.size(), 12u);
@@ -719,6 +722,12 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   ExpectLosses(run(2, "-p gemini -g"), zero3, 0, 0, "gemini static");
   ExpectLosses(run(2, "-p gemini -g --offload-optim-frac 1"), zero3_host, 0, 0, "gemini static, optimizer on host");
   ExpectLosses(run(2, "-p gemini -g --offload-optim-frac 0.5"), zero3, 0, 0, "gemini static, half the optimizer on host");
+  // And half of each shard's parameters: gathered from the host's master weights,
+  // rounded on the way up, so the same bits again, with 2 bytes a parameter less.
+  const auto params_out = run(2, "-p gemini -g --offload-optim-frac 1 --offload-param-frac 0.5");
+  ExpectLosses(params_out, zero3_host, 0, 0, "gemini static, half the parameters on host");
+  EXPECT_EQ(size_t(params_out.back()["parameter_bytes"].get<double>()),
+            size_t(zero3_host.back()["parameter_bytes"].get<double>()) - ((n + 1) / 2 + 1) / 2 * 2);
   // Half sharded: the other half's parameters are the owners' values, gathered once a
   // step instead of at each use; the same bits.
   ExpectLosses(run(2, "-p gemini -g --shard-param-frac 0.5"), zero3, 0, 0, "gemini static, half sharded");

@@ -422,10 +422,24 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
   const MemoryPlan host_plan = PlanMemoryOn(host->spec, /*cuda=*/true, 32, 0);
   EXPECT_NEAR(double(half_plan.optimizer_state_host), double(host_plan.optimizer_state_host) / 2,
               0.01 * double(host_plan.optimizer_state_host));
-  // What this build cannot place is refused, naming the key.
-  JobSpec params = spec;
-  params.parallel.offload_param_frac = 1;
-  EXPECT_NE(place(params, 32, 0).status().message().find("parallel.offload_param_frac: 1"), std::string::npos);
+  // offload_param_frac 0.5 with the optimizer state on the host: the bf16 parameters of
+  // the last half of each shard leave the GPU too (2 bytes each).
+  JobSpec params = offloaded;
+  params.parallel.offload_param_frac = 0.5;
+  auto params_out = place(params, 32, 0);
+  ASSERT_TRUE(params_out.ok()) << params_out.status();
+  EXPECT_EQ(params_out->spec.parallel.params_host_share, 0.5);
+  EXPECT_NE(params_out->summary.find("parameters of the last 50.0%"), std::string::npos) << params_out->summary;
+  EXPECT_NEAR(double(total(host, 32) - total(params_out, 32)), 2 * 0.5 * shard, 0.01 * shard);
+  // Parameters in host memory are rounded from their master weights there: not more of
+  // them than of the optimizer state, and only from a whole shard.
+  JobSpec more_params = half;
+  more_params.parallel.offload_param_frac = 1;
+  EXPECT_NE(place(more_params, 32, 0).status().message().find("parallel.offload_param_frac: 1"), std::string::npos);
+  EXPECT_NE(place(more_params, 32, 0).status().message().find("offload_optim_frac must be at least"), std::string::npos);
+  JobSpec part_params = params;
+  part_params.parallel.shard_param_frac = 0.5;
+  EXPECT_NE(place(part_params, 32, 0).status().message().find("shard_param_frac 1"), std::string::npos);
   JobSpec nvme = spec;
   nvme.offload.optimizer = "nvme";
   EXPECT_NE(place(nvme, 32, 0).status().message().find("offload.optimizer: 'nvme'"), std::string::npos);
@@ -453,22 +467,40 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
   const uint64_t layer = LargestGradientRegion(spec.model);
   EXPECT_EQ(PlanMemoryOn(overlapped, /*cuda=*/true, 8, 0).total() - total(on8, 8), layer * (2 + 4));
   EXPECT_GT(PlanMemoryOn(overlapped, /*cuda=*/true, 8, 0).total(), gpu);
-  // Of the optimizer state, as little in host memory as fits: the smallest share in
-  // 1/1024ths, since one less would not fit.
+  // Of the optimizer state, as little in host memory as fits 2% short of the budget (room
+  // for what the plan does not see): the smallest share in 1/1024ths.
+  const uint64_t headroomed = gpu - gpu / 50;
   const double share = on8->spec.offload.host_fraction;
-  EXPECT_LT(share, 1.0);
+  EXPECT_LE(share, 1.0);
   EXPECT_GT(share, 0.5);
+  EXPECT_LE(total(on8, 8), headroomed);
   JobSpec less = on8->spec;
   less.offload.host_fraction = share - 1.0 / 1024;
-  EXPECT_GT(PlanMemoryOn(less, /*cuda=*/true, 8, 0).total(), gpu);
+  EXPECT_GT(PlanMemoryOn(less, /*cuda=*/true, 8, 0).total(), headroomed);
   std::printf("%s\n", on8->summary.c_str());
   auto roomy = place(spec, 8, uint64_t{1} << 40);
   ASSERT_TRUE(roomy.ok()) << roomy.status();
   EXPECT_EQ(roomy->spec.parallel.plugin, "zero2");
+  // 70 GiB: the optimizer state and as few of the parameters as make the rest fit.
+  const uint64_t smaller = uint64_t{70} << 30;
+  auto on70 = place(spec, 8, smaller);
+  ASSERT_TRUE(on70.ok()) << on70.status();
+  EXPECT_EQ(on70->spec.offload.host_fraction, 1.0);
+  const double param_share = on70->spec.parallel.params_host_share;
+  EXPECT_GT(param_share, 0.0);
+  EXPECT_LT(param_share, 1.0);
+  EXPECT_LE(total(on70, 8), smaller - smaller / 50);
+  JobSpec fewer = on70->spec;
+  fewer.parallel.params_host_share = param_share - 1.0 / 1024;
+  EXPECT_GT(PlanMemoryOn(fewer, /*cuda=*/true, 8, 0).total(), smaller - smaller / 50);
+  std::printf("%s\n", on70->summary.c_str());
   auto tight = place(spec, 8, uint64_t{20} << 30);
   ASSERT_FALSE(tight.ok());
   EXPECT_NE(tight.status().message().find("no layout fits"), std::string::npos) << tight.status();
   EXPECT_NE(tight.status().message().find("zero3 with the optimizer state on host needs"), std::string::npos)
+      << tight.status();
+  EXPECT_NE(tight.status().message().find("zero3 with the optimizer state on host and the parameters needs"),
+            std::string::npos)
       << tight.status();
 }
 

@@ -517,11 +517,13 @@ class CudaBackend final : public Backend {
       LLAMAD_CUDA_CHECK(cudaSetDevice(options_.device));
     }
   }
-  // bf16 goes through an f32 staging buffer on the device in pieces of at most this many
-  // elements, so that copying a whole model's parameters holds no model-sized scratch.
-  static constexpr size_t kStagingElements = size_t{16} << 20;
+  static constexpr size_t kStagingElements = kCudaStagingElements;
 
   void UploadF32(void* dst, const float* src, size_t n) override {
+    UploadF32Async(dst, src, n);
+    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_));  // src may go away
+  }
+  void UploadF32Async(void* dst, const float* src, size_t n) override {
     BindDevice();
     if (TypeOf(dst, n) == DType::kF32) {
       LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * 4, cudaMemcpyHostToDevice, stream_));
@@ -535,7 +537,6 @@ class CudaBackend final : public Backend {
         LLAMAD_CUDA_LAUNCHED();
       }
     }
-    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_));  // src may go away
   }
   void DownloadF32(float* dst, const void* src, size_t n) override {
     BindDevice();

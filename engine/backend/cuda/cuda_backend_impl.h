@@ -15,6 +15,11 @@ namespace llamad {
 // kernels only.
 enum class CudaAttention { kAuto, kCudnn, kLlamad };
 
+// bf16 uploads and downloads go through an f32 staging buffer on the device in pieces of
+// at most this many elements, so that copying a whole model's parameters holds no
+// model-sized scratch (the memory planner counts it).
+constexpr size_t kCudaStagingElements = size_t{16} << 20;
+
 struct CudaBackendOptions {
   int device = 0;
   CudaAttention attention = CudaAttention::kAuto;
