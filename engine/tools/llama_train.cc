@@ -597,8 +597,9 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   // With the moments on the NVMe tier, the swap exists before they are restored, so that
   // a restore streams them into it instead of holding them in memory: a single process
   // and ZeRO ranks offload now. ddp ranks receive rank 0's restored moments in memory and
-  // offload after.
-  const bool nvme = (*trainer)->spec().offload.optimizer == "nvme";
+  // offload after, and so do GPU ranks, which restore on the device and then move the
+  // state to host memory and the moments on to the NVMe tier.
+  const bool nvme = (*trainer)->spec().offload.optimizer == "nvme" && !backend->needs_master_weights();
   bool offloaded = false;
   if (nvme && ((*comm)->world_size() == 1 || zero_ranks)) {
     if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
@@ -645,13 +646,14 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   if (lead && (*trainer)->optimizer().host_offloaded()) {
     const AdamWOptimizer& o = (*trainer)->optimizer();
     const size_t shard = std::max<size_t>(1, o.shard_end() - o.shard_begin()), hosted = o.shard_end() - o.memory_end();
+    const size_t moments = o.swap_begin() - o.memory_end();  // the rest of theirs on NVMe
     std::fprintf(stderr, "llama-train: master weights and AdamW moments (%s per rank%s) in host memory, updated by the CPU\n",
-                 HumanBytes(12.0 * double(hosted)).c_str(),
+                 HumanBytes(4.0 * double(hosted) + 8.0 * double(moments)).c_str(),
                  hosted == shard ? "" : fmt::format(", {:.1f}% of them", 100.0 * double(hosted) / double(shard)).c_str());
   }
   if (lead && (*trainer)->optimizer().offloaded()) {
     const AdamWOptimizer& o = (*trainer)->optimizer();
-    const double share = double(o.shard_end() - o.memory_end()) / double(std::max<size_t>(1, o.shard_end() - o.shard_begin()));
+    const double share = double(o.shard_end() - o.swap_begin()) / double(std::max<size_t>(1, o.shard_end() - o.shard_begin()));
     std::fprintf(stderr, "llama-train: optimizer state (%s, %.1f%% of the moments) in an NVMe swap file under %s%s\n",
                  HumanBytes(double(o.swap()->size())).c_str(), 100 * share, spec->offload.nvme_path.c_str(),
                  o.swap()->synchronous() ? " (io_uring is not available here: one request at a time)" : "");

@@ -156,8 +156,12 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
     if (device_end < part.hi) {
       const size_t at = device_end - optimizer.memory_end(), count = part.hi - device_end, into = device_end - part.lo;
       std::copy_n(optimizer.host_master() + at, count, part.dst[0] + into);
-      std::copy_n(optimizer.host_exp_avg() + at, count, part.dst[1] + into);
-      std::copy_n(optimizer.host_exp_avg_sq() + at, count, part.dst[2] + into);
+      // The host's moments end at swap_begin(); those after it are streamed below.
+      const size_t moments = std::min(part.hi, std::max(device_end, optimizer.swap_begin())) - device_end;
+      if (moments > 0) {
+        std::copy_n(optimizer.host_exp_avg() + at, moments, part.dst[1] + into);
+        std::copy_n(optimizer.host_exp_avg_sq() + at, moments, part.dst[2] + into);
+      }
     }
     if (device_end == part.lo) continue;
     be.DownloadF32(part.dst[0], model.master_at(part.lo), device_end - part.lo);
@@ -380,7 +384,7 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
       ForEachTensorPart(model.params(), first, first + count, [&](const ParamInfo& p, size_t lo, size_t hi) {
         if (!read_error.ok()) return;
         // The tensor's part on the NVMe tier, which [lo, hi) lies in.
-        const size_t part_lo = std::max(p.offset, optimizer.memory_end());
+        const size_t part_lo = std::max(p.offset, optimizer.swap_begin());
         const size_t part_hi = std::min(p.offset + p.numel, shard_end);
         if (cached != &p) {
           try {

@@ -42,24 +42,36 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   plan.gradients = ((plugin == "zero2" || plugin == "zero3") && many ? shard + region : n) * DTypeSize(accum);
   if ((plugin == "zero2" || plugin == "zero3") && overlapped) plan.gradients += region * DTypeSize(accum);
   plan.optimizer_state = 2 * sharded * DTypeSize(accum);
-  if (spec.offload.optimizer == "nvme") {
-    // The same split and chunking as AdamWOptimizer::OffloadToNvme: the last
-    // nvme_fraction of the elements in the file, both moments of a range of elements per
-    // chunk, whole chunks; the other moments and three chunks in memory.
+  // The NVMe tier's chunking (AdamWOptimizer::OffloadToNvme): both moments of a range of
+  // elements per chunk, whole chunks, three chunks in memory for the pipeline.
+  const uint64_t chunk_elements =
+      std::max<uint64_t>(1, uint64_t(spec.offload.chunk_mb * double(1 << 20)) / 4096 * 4096 / (2 * DTypeSize(accum)));
+  const uint64_t chunk_bytes = chunk_elements * 2 * DTypeSize(accum);
+  auto swap_file_bytes = [&](uint64_t swapped) { return (swapped + chunk_elements - 1) / chunk_elements * chunk_bytes; };
+  const bool on_gpu = dtype != accum;
+  if (spec.offload.optimizer == "nvme" && !on_gpu) {
+    // The last nvme_fraction of the shard's moments in the file, the others in memory.
     const uint64_t swapped = AdamWOptimizer::SwappedElements(sharded, spec.offload.nvme_fraction);
-    const uint64_t chunk_elements =
-        std::max<uint64_t>(1, uint64_t(spec.offload.chunk_mb * double(1 << 20)) / 4096 * 4096 / (2 * DTypeSize(accum)));
-    const uint64_t chunk_bytes = chunk_elements * 2 * DTypeSize(accum);
-    plan.optimizer_state_nvme = (swapped + chunk_elements - 1) / chunk_elements * chunk_bytes;
+    plan.optimizer_state_nvme = swap_file_bytes(swapped);
     plan.optimizer_state = 2 * (sharded - swapped) * DTypeSize(accum) + 3 * chunk_bytes;
   }
-  if (spec.offload.optimizer == "host" && dtype != accum) {
+  if ((spec.offload.optimizer == "host" || spec.offload.optimizer == "nvme") && on_gpu) {
     // AdamWOptimizer::OffloadToHost: master weights and moments of the last
-    // host_fraction of the rank's shard in host f32, and two gradient chunks of at most
-    // 16 Mi elements (one updated while the next comes down); the device keeps those of
-    // the rest.
-    const uint64_t hosted = AdamWOptimizer::SwappedElements(sharded, spec.offload.host_fraction);
-    plan.optimizer_state_host = 3 * hosted * 4 + 2 * std::min<uint64_t>(hosted, AdamWOptimizer::kHostChunkElements) * 4;
+    // host_fraction of the rank's shard (nvme: all of it) in host f32, and two gradient
+    // chunks of at most 16 Mi elements (one updated while the next comes down); the
+    // device keeps those of the rest. nvme then moves the last nvme_fraction of those
+    // moments to the file (ZeRO-Infinity), through the pipeline's chunks in host memory.
+    const bool nvme = spec.offload.optimizer == "nvme";
+    const uint64_t hosted = AdamWOptimizer::SwappedElements(sharded, nvme ? 1.0 : spec.offload.host_fraction);
+    const uint64_t swapped = nvme ? AdamWOptimizer::SwappedElements(hosted, spec.offload.nvme_fraction) : 0;
+    const uint64_t grad_chunk =
+        std::max<uint64_t>(1, std::min<uint64_t>(hosted - swapped, AdamWOptimizer::kHostChunkElements));
+    plan.optimizer_state_host = hosted * 4 + 2 * (hosted - swapped) * 4 + grad_chunk * 4 +
+                                (nvme ? std::max(grad_chunk, chunk_elements) : grad_chunk) * 4;
+    if (nvme) {
+      plan.optimizer_state_host += 3 * chunk_bytes;
+      plan.optimizer_state_nvme = swap_file_bytes(swapped);
+    }
     plan.master_weights = (sharded - hosted) * DTypeSize(accum);
     plan.optimizer_state = 2 * (sharded - hosted) * DTypeSize(accum);
     if (plugin == "zero3" && many && spec.parallel.params_host_share > 0) {
@@ -116,8 +128,9 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
   }
   out += fmt::format("  {:<16} {}\n", "total", gib(total()));
   if (optimizer_state_host > 0) {
-    out += fmt::format("  {:<16} {} (f32 master weights and AdamW moments, updated by the CPU)\n", "in host memory",
-                       gib(optimizer_state_host));
+    out += fmt::format("  {:<16} {} (f32 master weights and AdamW moments, updated by the CPU{})\n",
+                       "in host memory", gib(optimizer_state_host),
+                       optimizer_state_nvme > 0 ? "; moments partly on NVMe" : "");
   }
   if (optimizer_state_nvme > 0) {
     out += fmt::format("  {:<16} {} (the AdamW moments, in the NVMe swap file)\n", "on NVMe", gib(optimizer_state_nvme));

@@ -27,7 +27,8 @@ AdamWOptimizer::AdamWOptimizer(LlamaModel* model, Backend* backend, const AdamWO
       backend_(backend),
       options_(options),
       shard_end_(model->num_params()),
-      memory_end_(model->num_params()) {
+      memory_end_(model->num_params()),
+      swap_begin_(model->num_params()) {
   state_bytes_ = 2 * model_->num_params() * DTypeSize(backend_->accum_dtype());
 }
 
@@ -80,51 +81,94 @@ absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
   if (!swap_) return absl::OkStatus();
   // Chunk c is read while c-1 is written and c+1 read: the disk works during the update.
   return swap_->Stream([&](size_t c, char* data) {
-    const size_t lo = memory_end_ + c * chunk_elements_, hi = std::min(shard_end_, lo + chunk_elements_);
+    const size_t lo = swap_begin_ + c * chunk_elements_, hi = std::min(shard_end_, lo + chunk_elements_);
     if (lo < hi) UpdateRange(lo, hi, data, data + chunk_elements_ * sizeof(float), s);
   });
 }
 
-absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction) {
+absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction, const NvmeTier* nvme) {
   if (host_) return absl::OkStatus();
+  const char* tier = nvme != nullptr ? "offload.optimizer: nvme" : "offload.optimizer: host";
   if (!(fraction > 0 && fraction <= 1)) {
     return absl::InvalidArgumentError(StrCat("offload.host_fraction ", fraction, " is not within (0, 1]"));
   }
+  if (nvme != nullptr && !(nvme->fraction > 0 && nvme->fraction <= 1)) {
+    return absl::InvalidArgumentError(StrCat("offload.nvme_fraction ", nvme->fraction, " is not within (0, 1]"));
+  }
   if (!backend_->needs_master_weights() || backend_->accum_dtype() != DType::kF32) {
     return absl::FailedPreconditionError(StrCat(
-        "offload.optimizer: host moves a GPU's f32 optimizer state to host memory; the ", backend_->name(),
-        " backend keeps it there already (offload.optimizer: memory)"));
+        tier, " moves a GPU's f32 optimizer state to host memory; the ", backend_->name(),
+        " backend keeps it there already (offload.optimizer: memory, or nvme for its NVMe tier)"));
   }
   if (swap_) return absl::FailedPreconditionError("offload.optimizer: host and nvme are exclusive");
   // The last `fraction` of the shard (all of it without ZeRO): the master weights outside
   // the shard are not this rank's to update, and the parameters of the others' shards
-  // arrive gathered. The rest of the shard keeps its state on the device.
+  // arrive gathered. The rest of the shard keeps its state on the device. With the NVMe
+  // tier the last nvme->fraction of those elements keep their moments in the swap file,
+  // never in host memory.
   const size_t n = SwappedElements(shard_end_ - shard_begin_, fraction);
   const size_t begin = shard_end_ - n;
-  auto make = [&](bool zeros) -> std::unique_ptr<float[]> {
-    return std::unique_ptr<float[]>(zeros ? new (std::nothrow) float[n]() : new (std::nothrow) float[n]);
-  };
-  host_master_ = make(false);
-  host_m_ = make(true);
-  host_v_ = make(true);
-  host_chunk_elements_ = std::min<size_t>(n, kHostChunkElements);
-  for (auto& g : host_grad_) g.reset(new (std::nothrow) float[host_chunk_elements_]);
-  if (!host_master_ || !host_m_ || !host_v_ || !host_grad_[0] || !host_grad_[1]) {
+  const size_t swapped = nvme != nullptr ? SwappedElements(n, nvme->fraction) : 0;
+  const size_t kept = n - swapped, swap_begin = shard_end_ - swapped;
+  host_chunk_elements_ = std::max<size_t>(1, std::min<size_t>(kept, kHostChunkElements));
+  offload::SwapOptions swap_options;
+  if (nvme != nullptr) {
+    swap_options = nvme->options;
+    chunk_elements_ = std::max<size_t>(1, swap_options.chunk_bytes / (2 * sizeof(float)));
+    swap_options.chunk_bytes = chunk_elements_ * 2 * sizeof(float);  // exp_avg and exp_avg_sq of the same elements
+  }
+  // The first gradient buffer also takes a swap chunk's gradients.
+  const size_t grad0 = nvme != nullptr ? std::max(host_chunk_elements_, chunk_elements_) : host_chunk_elements_;
+  host_master_.reset(new (std::nothrow) float[n]);
+  host_m_.reset(new (std::nothrow) float[std::max<size_t>(kept, 1)]());
+  host_v_.reset(new (std::nothrow) float[std::max<size_t>(kept, 1)]());
+  host_grad_[0].reset(new (std::nothrow) float[grad0]);
+  host_grad_[1].reset(new (std::nothrow) float[host_chunk_elements_]);
+  auto release = [&] {
     host_master_.reset(), host_m_.reset(), host_v_.reset(), host_grad_[0].reset(), host_grad_[1].reset();
+    swap_.reset();
+    swap_begin_ = shard_end_;
+  };
+  if (!host_master_ || !host_m_ || !host_v_ || !host_grad_[0] || !host_grad_[1]) {
+    release();
     return absl::ResourceExhaustedError(StrCat(
-        "offload.optimizer: host: cannot allocate ", fmt::format("{:.2f}", 12.0 * double(n) / (1 << 30)),
-        " GiB of host memory for the master weights and AdamW moments"));
+        tier, ": cannot allocate ", fmt::format("{:.2f}", (4.0 * double(n) + 8.0 * double(kept)) / (1 << 30)),
+        " GiB of host memory for the master weights and the AdamW moments kept there"));
+  }
+  if (nvme != nullptr) {
+    const size_t chunks = (swapped + chunk_elements_ - 1) / chunk_elements_;
+    auto swap = offload::SwapFile::Create(nvme->dir, chunks * swap_options.chunk_bytes, swap_options);
+    if (!swap.ok()) {
+      release();
+      return swap.status();
+    }
+    swap_ = std::move(*swap);
+    swap_begin_ = swap_begin;
+  }
+  if (m_ != nullptr) {
+    // Restored moments come along, straight from the device into the host arrays and the
+    // swap's chunks; fresh ones are the zeros above (and a fresh swap file reads as zeros).
+    const size_t elem = DTypeSize(backend_->accum_dtype());
+    backend_->DownloadF32(host_m_.get(), static_cast<char*>(m_) + (begin - shard_begin_) * elem, kept);
+    backend_->DownloadF32(host_v_.get(), static_cast<char*>(v_) + (begin - shard_begin_) * elem, kept);
+    if (swap_) {
+      auto s = WriteOffloadedMoments([&](size_t first, size_t count, float* cm, float* cv) {
+        backend_->DownloadF32(cm, static_cast<char*>(m_) + (first - shard_begin_) * elem, count);
+        backend_->DownloadF32(cv, static_cast<char*>(v_) + (first - shard_begin_) * elem, count);
+        return absl::OkStatus();
+      });
+      if (!s.ok()) {  // everything stays on the device, as before
+        release();
+        return s;
+      }
+    }
+    KeepMoments(shard_begin_, begin);
   }
   // What crosses PCIe every step: the gradient chunks down, the master weights up.
   backend_->PinHostMemory(host_master_.get(), n * sizeof(float));
-  for (auto& g : host_grad_) backend_->PinHostMemory(g.get(), host_chunk_elements_ * sizeof(float));
+  backend_->PinHostMemory(host_grad_[0].get(), grad0 * sizeof(float));
+  backend_->PinHostMemory(host_grad_[1].get(), host_chunk_elements_ * sizeof(float));
   backend_->DownloadF32(host_master_.get(), model_->master_at(begin), n);
-  if (m_ != nullptr) {  // restored moments come along; fresh ones are the zeros above
-    const size_t at = (begin - shard_begin_) * DTypeSize(backend_->accum_dtype());
-    backend_->DownloadF32(host_m_.get(), static_cast<char*>(m_) + at, n);
-    backend_->DownloadF32(host_v_.get(), static_cast<char*>(v_) + at, n);
-    KeepMoments(shard_begin_, begin);
-  }
   model_->TrimMasterWeights(begin);
   memory_end_ = begin;
   host_ = MakeCpuBackend({DType::kF32, threads});
@@ -132,65 +176,84 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction) {
   return absl::OkStatus();
 }
 
+void AdamWOptimizer::UpdateOnHost(size_t lo, size_t hi, const float* grad, float* m, float* v, AdamWStep s) {
+  // grad, m and v hold elements [lo, hi); the master weights are indexed from memory_end_.
+  ForEachTensorPart(model_->params(), lo, hi, [&](const ParamInfo& p, size_t begin, size_t end) {
+    s.weight_decay = p.decay ? options_.weight_decay : 0.0;  // matrices only
+    host_->AdamW(host_master_.get() + (begin - memory_end_), nullptr, grad + (begin - lo), m + (begin - lo),
+                 v + (begin - lo), end - begin, s);
+  });
+}
+
+void AdamWOptimizer::SendUpdatedWeights(size_t lo, size_t hi) {
+  // The chunk's gradients are spent: their device memory carries the updated weights up,
+  // and the device rounds them into the layers' bf16 copy, as its AdamW would (no staging
+  // buffer on the device). In two parts where the chunk spans the parameters' shard and
+  // their replica; of the shard only what the device holds (TrimParamShard: the rest is
+  // rounded from the host master weights at each gather).
+  const size_t split = std::clamp(model_->replicated_begin(), lo, hi);
+  const size_t held = std::clamp(model_->param_held_end(), lo, split);
+  for (const auto [from, to] : {std::pair{lo, held}, std::pair{split, hi}}) {
+    if (to == from) continue;
+    backend_->UploadF32(model_->grad_at(from), host_master_.get() + (from - memory_end_), to - from);
+    backend_->Copy(model_->param_at(from), model_->grad_at(from), to - from);
+  }
+}
+
 absl::Status AdamWOptimizer::StepOnHost(const AdamWStep& s) {
   const size_t chunk = host_chunk_elements_;
+  // Moments in host arrays up to here; past it (ZeRO-Infinity) on the NVMe tier.
+  const size_t arrays_end = swap_ ? swap_begin_ : shard_end_;
   // Chunk c covers elements memory_end_ + [c * chunk, ...); host arrays are indexed from
   // memory_end_, where the host's part of the shard begins.
   auto range = [&](size_t c) {
     const size_t lo = memory_end_ + c * chunk;
-    return std::pair<size_t, size_t>{lo, std::min(shard_end_, lo + chunk)};
+    return std::pair<size_t, size_t>{lo, std::min(arrays_end, lo + chunk)};
   };
   auto download = [&](size_t c) {
     const auto [lo, hi] = range(c);
     backend_->DownloadF32(host_grad_[c % 2].get(), model_->grad_at(lo), hi - lo);
   };
-  download(0);
+  if (arrays_end > memory_end_) download(0);
   // The device's part of the shard (host_fraction below 1) updates on its stream while
   // the CPU updates the first chunks.
   if (memory_end_ > shard_begin_) {
     UpdateRange(shard_begin_, memory_end_, static_cast<char*>(m_), static_cast<char*>(v_), s);
   }
-  for (size_t c = 0; range(c).first < shard_end_; ++c) {
+  for (size_t c = 0; range(c).first < arrays_end; ++c) {
     const auto [lo, hi] = range(c);
     // The next chunk's gradients come down while the CPU updates this one.
     std::future<void> next;
-    if (hi < shard_end_) next = std::async(std::launch::async, download, c + 1);
-    const float* grad = host_grad_[c % 2].get();
-    AdamWStep step = s;
-    ForEachTensorPart(model_->params(), lo, hi, [&](const ParamInfo& p, size_t begin, size_t end) {
-      step.weight_decay = p.decay ? options_.weight_decay : 0.0;  // matrices only
-      const size_t at = begin - memory_end_;
-      host_->AdamW(host_master_.get() + at, nullptr, grad + (begin - lo), host_m_.get() + at, host_v_.get() + at,
-                   end - begin, step);
-    });
+    if (hi < arrays_end) next = std::async(std::launch::async, download, c + 1);
+    const size_t at = lo - memory_end_;
+    UpdateOnHost(lo, hi, host_grad_[c % 2].get(), host_m_.get() + at, host_v_.get() + at, s);
     if (next.valid()) next.get();  // before this thread issues more work on the device
-    // The chunk's gradients are spent: their device memory carries the updated weights
-    // up, and the device rounds them into the layers' bf16 copy, as its AdamW would (no
-    // staging buffer on the device).
-    // In two parts where the chunk spans the parameters' shard and their replica; of the
-    // shard only what the device holds (TrimParamShard: the rest is rounded from the host
-    // master weights at each gather).
-    const size_t split = std::clamp(model_->replicated_begin(), lo, hi);
-    const size_t held = std::clamp(model_->param_held_end(), lo, split);
-    for (const auto [from, to] : {std::pair{lo, held}, std::pair{split, hi}}) {
-      if (to == from) continue;
-      backend_->UploadF32(model_->grad_at(from), host_master_.get() + (from - memory_end_), to - from);
-      backend_->Copy(model_->param_at(from), model_->grad_at(from), to - from);
-    }
+    SendUpdatedWeights(lo, hi);
   }
-  return absl::OkStatus();
+  if (!swap_) return absl::OkStatus();
+  // The moments of the rest come through memory from the swap: the disk reads the next
+  // chunk and writes the last while the CPU updates this one.
+  return swap_->Stream([&](size_t c, char* data) {
+    const size_t lo = swap_begin_ + c * chunk_elements_, hi = std::min(shard_end_, lo + chunk_elements_);
+    if (lo >= hi) return;
+    float* grad = host_grad_[0].get();
+    backend_->DownloadF32(grad, model_->grad_at(lo), hi - lo);
+    float* m = reinterpret_cast<float*>(data);
+    UpdateOnHost(lo, hi, grad, m, m + chunk_elements_, s);
+    SendUpdatedWeights(lo, hi);
+  });
 }
 
 absl::Status AdamWOptimizer::ReadOffloadedMoments(
     const std::function<void(size_t, size_t, const float*, const float*)>& f) {
   if (!swap_) return absl::FailedPreconditionError("the optimizer state is not offloaded");
-  const size_t n = shard_end_ - memory_end_;
+  const size_t n = shard_end_ - swap_begin_;
   return swap_->Stream(
       [&](size_t c, char* data) {
         const size_t lo = c * chunk_elements_, count = lo < n ? std::min(chunk_elements_, n - lo) : 0;
         if (count == 0) return;
         const float* cm = reinterpret_cast<const float*>(data);
-        f(memory_end_ + lo, count, cm, cm + chunk_elements_);
+        f(swap_begin_ + lo, count, cm, cm + chunk_elements_);
       },
       offload::SwapFile::Mode::kRead);
 }
@@ -198,14 +261,14 @@ absl::Status AdamWOptimizer::ReadOffloadedMoments(
 absl::Status AdamWOptimizer::WriteOffloadedMoments(
     const std::function<absl::Status(size_t, size_t, float*, float*)>& f) {
   if (!swap_) return absl::FailedPreconditionError("the optimizer state is not offloaded");
-  const size_t n = shard_end_ - memory_end_;
+  const size_t n = shard_end_ - swap_begin_;
   absl::Status first_error;
   auto streamed = swap_->Stream(
       [&](size_t c, char* data) {
         const size_t lo = c * chunk_elements_, count = lo < n ? std::min(chunk_elements_, n - lo) : 0;
         if (count == 0 || !first_error.ok()) return;
         float* cm = reinterpret_cast<float*>(data);
-        first_error = f(memory_end_ + lo, count, cm, cm + chunk_elements_);
+        first_error = f(swap_begin_ + lo, count, cm, cm + chunk_elements_);
       },
       offload::SwapFile::Mode::kWrite);
   return first_error.ok() ? streamed : first_error;
@@ -215,8 +278,9 @@ absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload
                                            double fraction) {
   if (backend_->name() != "cpu" || backend_->accum_dtype() != DType::kF32) {
     return absl::FailedPreconditionError(StrCat(
-        "offload.optimizer: nvme runs with the CPU backend's fp32 state for now, not the ", backend_->name(),
-        " backend"));
+        "offload.optimizer: nvme on the ", backend_->name(),
+        " backend moves the optimizer state to host memory, and its moments on to the NVMe tier, with "
+        "OffloadToHost"));
   }
   if (!(fraction > 0 && fraction <= 1)) {
     return absl::InvalidArgumentError(StrCat("offload.nvme_fraction ", fraction, " is not within (0, 1]"));
@@ -224,7 +288,7 @@ absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload
   if (swap_) return absl::OkStatus();
   // The last `fraction` of the shard's elements go to the swap.
   const size_t swapped = SwappedElements(shard_end_ - shard_begin_, fraction);
-  const size_t memory_end = shard_end_ - swapped;
+  const size_t swap_begin = shard_end_ - swapped;
   chunk_elements_ = std::max<size_t>(1, options.chunk_bytes / (2 * sizeof(float)));
   offload::SwapOptions o = options;
   o.chunk_bytes = chunk_elements_ * 2 * sizeof(float);  // exp_avg and exp_avg_sq of the same elements
@@ -232,7 +296,7 @@ absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload
   auto swap = offload::SwapFile::Create(dir, chunks * o.chunk_bytes, o);
   if (!swap.ok()) return swap.status();
   swap_ = std::move(*swap);
-  memory_end_ = memory_end;
+  swap_begin_ = swap_begin;
   // Moments already in memory (a restored checkpoint's): those of the swapped elements
   // move into the swap, the others into buffers of their own size. Untouched moments
   // are zeros, which a fresh swap file already reads as.
@@ -246,11 +310,12 @@ absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload
     });
     if (!s.ok()) {  // all moments stay in memory, as before
       swap_.reset();
-      memory_end_ = shard_end_;
+      swap_begin_ = shard_end_;
       return s;
     }
-    KeepMoments(shard_begin_, memory_end);
+    KeepMoments(shard_begin_, swap_begin);
   }
+  memory_end_ = swap_begin;
   // The moments kept in memory and the pipeline's buffers.
   state_bytes_ = 2 * (memory_end_ - shard_begin_) * sizeof(float) + 3 * o.chunk_bytes;
   return absl::OkStatus();
@@ -263,7 +328,7 @@ void AdamWOptimizer::Shard(size_t begin, size_t end) {
   }
   KeepMoments(begin, end);
   shard_begin_ = begin;
-  shard_end_ = memory_end_ = end;
+  shard_end_ = memory_end_ = swap_begin_ = end;
   state_bytes_ = 2 * (end - begin) * DTypeSize(backend_->accum_dtype());
 }
 

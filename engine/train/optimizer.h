@@ -65,17 +65,24 @@ class AdamWOptimizer {
   void Shard(size_t begin, size_t end);
   size_t shard_begin() const { return shard_begin_; }
   size_t shard_end() const { return shard_end_; }
-  // The moments of [shard_begin(), memory_end()) are in memory; those of [memory_end(),
-  // shard_end()) on the NVMe tier (none unless offloaded).
+  // The moments of [shard_begin(), memory_end()) are in the backend's memory; those of
+  // [memory_end(), shard_end()) are elsewhere: on the NVMe tier (CPU backend), or in host
+  // memory and from swap_begin() on the NVMe tier (a GPU's, OffloadToHost).
   size_t memory_end() const { return memory_end_; }
-  // Bytes of moments held in memory now (offloaded: the pipeline's chunk buffers).
+  // The moments of [swap_begin(), shard_end()) are on the NVMe tier (shard_end() when
+  // none are): memory_end() on the CPU backend; on a GPU whose state is in host memory,
+  // the host keeps those of [memory_end(), swap_begin()).
+  size_t swap_begin() const { return swap_begin_; }
+  // Bytes of moments held in the backend's memory now (the CPU backend's NVMe tier: with
+  // the pipeline's chunk buffers).
   size_t state_bytes() const { return state_bytes_; }
 
   // The NVMe tier: moves the moments of the last `fraction` (0, 1] of the shard's
   // elements (all of the shard, after Shard, by default) into a swap file in `dir` and
   // frees them from memory; Step then updates the rest in memory and streams these
   // through memory chunk by chunk. The update is the same arithmetic on the same values,
-  // so parameters stay bit-identical to keeping the moments in memory. CPU backend only.
+  // so parameters stay bit-identical to keeping the moments in memory. CPU backend (a
+  // GPU's go through OffloadToHost).
   absl::Status OffloadToNvme(const std::string& dir, const offload::SwapOptions& options, double fraction = 1.0);
   bool offloaded() const { return swap_ != nullptr; }
   // The elements of a shard of `n` whose moments go to the swap with `fraction`: the
@@ -96,13 +103,22 @@ class AdamWOptimizer {
   // With `fraction` below 1 only the state of the last `fraction` of the shard's elements
   // moves (SwappedElements, as for the NVMe tier): from memory_end() on; the device keeps
   // and steps the rest, the same arithmetic, so the parameters stay bit-identical.
-  absl::Status OffloadToHost(int threads, double fraction = 1.0);
+  //
+  // With `nvme` (ZeRO-Infinity) the moments of the last nvme->fraction of the moved
+  // elements go on to a swap file (from swap_begin() on), never held in host memory: the
+  // CPU step streams them through the NVMe tier's pipeline after the host's chunks.
+  struct NvmeTier {
+    std::string dir;
+    offload::SwapOptions options;
+    double fraction = 1.0;
+  };
+  absl::Status OffloadToHost(int threads, double fraction = 1.0, const NvmeTier* nvme = nullptr);
   // Host-offloaded: the gradients come down in chunks of this many elements (64 MiB of
   // f32: large enough for PCIe, small next to the state), two of them in host memory.
   static constexpr size_t kHostChunkElements = size_t{16} << 20;
   bool host_offloaded() const { return host_ != nullptr; }
-  // While host-offloaded: the master weights and moments of flat elements [memory_end(),
-  // shard_end()), the first at index 0.
+  // While host-offloaded: the master weights of flat elements [memory_end(), shard_end())
+  // and the moments of [memory_end(), swap_begin()), the first at index 0.
   const float* host_master() const { return host_master_.get(); }
   const float* host_exp_avg() const { return host_m_.get(); }
   const float* host_exp_avg_sq() const { return host_v_.get(); }
@@ -130,6 +146,7 @@ class AdamWOptimizer {
   void* v_ = nullptr;
   size_t shard_begin_ = 0, shard_end_ = 0;
   size_t memory_end_ = 0;
+  size_t swap_begin_ = 0;
   size_t state_bytes_ = 0;
   int64_t step_ = 0;
   // Offloaded: chunk c of the swap holds exp_avg then exp_avg_sq of flat elements
@@ -145,6 +162,11 @@ class AdamWOptimizer {
   std::unique_ptr<float[]> host_grad_[2];  // chunk c's gradients in [c % 2]
   size_t host_chunk_elements_ = 0;
   absl::Status StepOnHost(const AdamWStep& s);
+  // The CPU's AdamW over elements [lo, hi), with their gradients and moments at grad, m, v.
+  void UpdateOnHost(size_t lo, size_t hi, const float* grad, float* m, float* v, AdamWStep s);
+  // Host-offloaded: the updated master weights of [lo, hi) up into the device's
+  // parameters, through the spent gradients of the range.
+  void SendUpdatedWeights(size_t lo, size_t hi);
 };
 
 }  // namespace llamad

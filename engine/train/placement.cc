@@ -38,6 +38,10 @@ std::string Describe(const JobSpec& s, bool cuda, int world) {
                   "% of each shard in host memory, updated by the CPU, the rest on the device");
   }
   if (s.offload.optimizer == "host") return StrCat(out, ", optimizer state in host memory, updated by the CPU");
+  if (s.offload.optimizer == "nvme" && cuda) {
+    return StrCat(out, ", optimizer state in host memory, updated by the CPU, with ",
+                  fmt::format("{:.1f}", 100 * s.offload.nvme_fraction), "% of its moments on the NVMe tier");
+  }
   if (s.offload.optimizer == "nvme") return StrCat(out, ", AdamW moments partly on the NVMe tier");
   if (s.offload.optimizer == "auto") return StrCat(out, ", AdamW moments in memory and, as needed, on the NVMe tier");
   return StrCat(out, cuda ? ", optimizer state on the device" : ", everything in host memory");
@@ -83,10 +87,20 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
     s.offload.optimizer = optimizer;
     return s;
   };
-  if (cuda && spec.offload.optimizer != "memory") {
+  // On GPUs offload_optim_frac places the optimizer state; offload.optimizer nvme only
+  // sends the moments it put in host memory on to the NVMe tier (Colossal-AI's
+  // nvme_offload_fraction), which needs all of it there.
+  const bool gpu_nvme = cuda && spec.offload.optimizer == "nvme";
+  if (cuda && spec.offload.optimizer != "memory" && !gpu_nvme) {
     return ConfigError(f, StrCat("offload.optimizer: '", spec.offload.optimizer,
                                  "': under parallel.plugin gemini, parallel.offload_optim_frac places a GPU's "
-                                 "optimizer state (1: host memory); leave offload.optimizer memory"));
+                                 "optimizer state (1: host memory); leave offload.optimizer memory, or nvme to "
+                                 "move its moments on to the NVMe tier"));
+  }
+  if (gpu_nvme && (p.placement != "static" || p.offload_optim_frac != 1)) {
+    return ConfigError(f, "offload.optimizer: 'nvme': under parallel.plugin gemini on GPUs the NVMe tier takes the "
+                          "moments of a state all in host memory: set parallel.placement static and "
+                          "offload_optim_frac 1");
   }
 
   if (p.placement == "static") {
@@ -113,8 +127,8 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
                                    ": the parameters in host memory are rounded from their master weights there, so "
                                    "offload_optim_frac must be at least as large (it is ", p.offload_optim_frac, ")"));
     }
-    JobSpec s = with(plugin, p.offload_optim_frac > 0 ? "host" : "memory", share);
-    if (p.offload_optim_frac > 0) s.offload.host_fraction = p.offload_optim_frac;
+    JobSpec s = with(plugin, gpu_nvme ? "nvme" : p.offload_optim_frac > 0 ? "host" : "memory", share);
+    if (p.offload_optim_frac > 0 && !gpu_nvme) s.offload.host_fraction = p.offload_optim_frac;
     s.parallel.params_host_share = p.offload_param_frac;
     std::string summary = StrCat("gemini static: ", Describe(s, cuda, world));
     return GeminiPlacement{std::move(s), std::move(summary)};

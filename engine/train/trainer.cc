@@ -162,10 +162,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateWithinMemory(const JobSp
     placed = *std::move(within);
   }
   if (comm != nullptr && comm->world_size() > 1) {
-    if (!BuffersInHostMemory(*backend) && spec.offload.optimizer == "nvme") {
-      return absl::InvalidArgumentError(StrCat(
-          f, ": offload.optimizer: nvme runs on the CPU backend in this build"));
-    }
     const int64_t global = spec.training.global_batch_size > 0 ? spec.training.global_batch_size
                                                                 : spec.training.batch_size;
     if (global < comm->world_size()) {
@@ -511,8 +507,19 @@ void Trainer::CopyOwnParameters(void* dst, size_t lo, size_t hi) {
 
 absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
   const OffloadSpec& o = spec_.offload;
-  if (o.optimizer == "host") {
-    if (auto s = optimizer_->OffloadToHost(cpu_threads, o.host_fraction); !s.ok()) return s;
+  // A GPU's state goes to host memory first also for nvme (ZeRO-Infinity), and then its
+  // moments on to the NVMe tier.
+  const bool gpu_nvme = o.optimizer == "nvme" && backend_->needs_master_weights();
+  offload::SwapOptions options;
+  options.chunk_bytes = size_t(o.chunk_mb * double(1 << 20)) / 4096 * 4096;
+  options.block_bytes = size_t(o.block_kb) * 1024;
+  options.queue_depth = int(o.queue_depth);
+  if (o.optimizer == "host" || gpu_nvme) {
+    const AdamWOptimizer::NvmeTier nvme{o.nvme_path, options, o.nvme_fraction};
+    if (auto s = optimizer_->OffloadToHost(cpu_threads, gpu_nvme ? 1.0 : o.host_fraction, gpu_nvme ? &nvme : nullptr);
+        !s.ok()) {
+      return s;
+    }
     const double share = spec_.parallel.params_host_share;
     if (share > 0 && model_->parameters_sharded()) {
       const size_t shard = optimizer_->shard_end() - optimizer_->shard_begin();
@@ -527,10 +534,6 @@ absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
     return absl::OkStatus();
   }
   if (o.optimizer != "nvme") return absl::OkStatus();
-  offload::SwapOptions options;
-  options.chunk_bytes = size_t(o.chunk_mb * double(1 << 20)) / 4096 * 4096;
-  options.block_bytes = size_t(o.block_kb) * 1024;
-  options.queue_depth = int(o.queue_depth);
   return optimizer_->OffloadToNvme(o.nvme_path, options, o.nvme_fraction);
 }
 

@@ -36,6 +36,7 @@
 #include "storage/checkpoint_store.h"
 #include "train/checkpointing.h"
 #include "model/llama.h"
+#include "offload/swap_file.h"
 #include "train/optimizer.h"
 #include "train/trainer.h"
 
@@ -734,6 +735,47 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   const auto host_resumed = job.Run(2, "-p zero1 -i 0 -f " + (host_job.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
   ASSERT_EQ(host_resumed.size(), 6u);
   ExpectLosses(host_resumed, zero1_host, 6, 0, "zero1 + host checkpoint resumed");
+}
+
+// ZeRO-Infinity on one GPU: the optimizer state in host memory and 60% of its moments in
+// an NVMe swap file, streamed through host memory each step. The same bits as on the
+// device, and its checkpoint (the host's part and the file's) resumes there on the curve.
+TEST_F(CudaTest, OptimizerMomentsOnNvmeTrainBitIdentically) {
+  // A folder on a disk with direct I/O: the working directory's or the temporary one's.
+  std::filesystem::path swap;
+  std::string tried;
+  for (const auto& root : {std::filesystem::current_path(), std::filesystem::temp_directory_path()}) {
+    const std::filesystem::path dir = root / ("llamad-gpu-swap-" + std::to_string(getpid()));
+    std::filesystem::create_directories(dir);
+    auto probe = offload::SwapFile::Create(dir.string(), 1 << 20, offload::SwapOptions{});
+    if (probe.ok()) {
+      swap = dir;
+      break;
+    }
+    tried += std::string(probe.status().message()) + "; ";
+    std::filesystem::remove_all(dir);
+  }
+  if (swap.empty()) GTEST_SKIP() << "no folder with direct I/O for the NVMe tier here: " << tried;
+  struct RemoveAfter {
+    std::filesystem::path path;
+    ~RemoveAfter() { std::filesystem::remove_all(path); }
+  } remove_after{swap};
+  // 4 MiB chunks: a swap chunk holds more elements than the host's gradient chunks.
+  GpuJob on_device("llamad-gpu-device-2");
+  GpuJob on_nvme("llamad-gpu-nvme",
+                 "offload: {optimizer: nvme, nvme_path: " + swap.string() + ", nvme_fraction: 0.6, chunk_mb: 4}\n");
+  const auto device = on_device.Run(1, "-i 6"), nvme = on_nvme.Run(1, "-i 6");
+  ASSERT_EQ(device.size(), 12u);
+  ASSERT_EQ(nvme.size(), 12u);
+  ExpectLosses(nvme, device, 0, 0, "optimizer moments partly on NVMe");
+  EXPECT_EQ(nvme.back()["optimizer_state_bytes"].get<double>(), 0);
+  const auto resumed = on_device.Run(1, "-i 0 -f " + (on_nvme.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
+  ASSERT_EQ(resumed.size(), 6u);
+  ExpectLosses(resumed, nvme, 6, 0, "NVMe-offloaded checkpoint resumed on the device");
+  // And the other way: the device's checkpoint, its moments streamed into the swap.
+  const auto into_nvme = on_nvme.Run(1, "-i 0 -f " + (on_device.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
+  ASSERT_EQ(into_nvme.size(), 6u);
+  ExpectLosses(into_nvme, device, 6, 0, "device checkpoint resumed with the moments on NVMe");
 }
 
 // NCCL at world size 1 (the GPU check's machine has one GPU, and NCCL needs one per

@@ -408,6 +408,28 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
   const uint64_t whole = uint64_t(spec.model.NumParameters()) - ReplicatedBegin(spec.model, 0.5);
   EXPECT_GE(whole, uint64_t(spec.model.NumParameters()) / 2 - uint64_t(spec.model.NumParameters()) / 40);
   EXPECT_EQ(total(partly, 32) - total(defaults, 32), 2 * whole);  // bf16
+  // offload.optimizer nvme with offload_optim_frac 1 (ZeRO-Infinity): the GPU holds what
+  // it holds with the state on the host; half the moments go on from host memory to the
+  // NVMe tier, through the pipeline's three 64 MiB chunks.
+  JobSpec infinity = offloaded;
+  infinity.offload.optimizer = "nvme";
+  infinity.offload.nvme_path = "/nvme";
+  infinity.offload.nvme_fraction = 0.5;
+  auto on_nvme = place(infinity, 32, 0);
+  ASSERT_TRUE(on_nvme.ok()) << on_nvme.status();
+  EXPECT_EQ(on_nvme->spec.offload.optimizer, "nvme");
+  EXPECT_NE(on_nvme->summary.find("50.0% of its moments on the NVMe tier"), std::string::npos) << on_nvme->summary;
+  EXPECT_EQ(total(on_nvme, 32), total(host, 32));
+  const MemoryPlan nvme_plan = PlanMemoryOn(on_nvme->spec, /*cuda=*/true, 32, 0);
+  const MemoryPlan hosted_plan = PlanMemoryOn(host->spec, /*cuda=*/true, 32, 0);
+  EXPECT_NEAR(double(nvme_plan.optimizer_state_nvme), 0.5 * 8 * shard, 0.01 * 8 * shard);
+  EXPECT_NEAR(double(hosted_plan.optimizer_state_host - nvme_plan.optimizer_state_host), 0.5 * 8 * shard - 3 * 64.0 * (1 << 20),
+              0.01 * 8 * shard);
+  JobSpec infinity_auto = infinity;
+  infinity_auto.parallel.placement = "auto";
+  infinity_auto.parallel.offload_optim_frac = 0;
+  EXPECT_NE(place(infinity_auto, 32, uint64_t{80} << 30).status().message().find("offload_optim_frac 1"),
+            std::string::npos);
   // offload_optim_frac 0.5: the state of the last half of each shard in host memory, the
   // rest on the GPU: half the saving.
   JobSpec half = spec;
