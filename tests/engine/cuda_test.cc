@@ -722,13 +722,6 @@ TEST_F(CudaTest, TwoRanksTrainLikeOne) {
   // with the optimizer in host memory; the same bits as those.
   ExpectLosses(run(2, "-p gemini -g"), zero3, 0, 0, "gemini static");
   ExpectLosses(run(2, "-p gemini -g --offload-optim-frac 1"), zero3_host, 0, 0, "gemini static, optimizer on host");
-  ExpectLosses(run(2, "-p gemini -g --offload-optim-frac 0.5"), zero3, 0, 0, "gemini static, half the optimizer on host");
-  // And half of each shard's parameters: gathered from the host's master weights,
-  // rounded on the way up, so the same bits again, with 2 bytes a parameter less.
-  const auto params_out = run(2, "-p gemini -g --offload-optim-frac 1 --offload-param-frac 0.5");
-  ExpectLosses(params_out, zero3_host, 0, 0, "gemini static, half the parameters on host");
-  EXPECT_EQ(size_t(params_out.back()["parameter_bytes"].get<double>()),
-            size_t(zero3_host.back()["parameter_bytes"].get<double>()) - ((n + 1) / 2 + 1) / 2 * 2);
   // Half sharded: the other half's parameters are the owners' values, gathered once a
   // step instead of at each use; the same bits.
   ExpectLosses(run(2, "-p gemini -g --shard-param-frac 0.5"), zero3, 0, 0, "gemini static, half sharded");
@@ -835,6 +828,28 @@ TEST_F(CudaTest, NcclRanksTrainLikeGlooRanks) {
     ExpectLosses(nccl, gloo, 0, 1e-6, plugin + " over NCCL");
     EXPECT_GT(nccl.back()["communication_s"].get<double>(), 0.0) << plugin;
   }
+}
+
+// gemini's offload fractions between the whole and nothing, on two ranks (through Gloo):
+// half of each shard's optimizer state in host memory, and with all of it there, half of
+// each shard's parameters too, gathered from the host's master weights and rounded on the
+// way up. The same bits as zero3 with the state on the device or on the host.
+TEST_F(CudaTest, GeminiOffloadFractionsTrainLikeTheWholeMove) {
+  GpuJob job("llamad-gpu-fractions"), host_job("llamad-gpu-fractions-host", "offload: {optimizer: host}\n");
+  const std::string gloo = " --communicator gloo";
+  const auto zero3 = job.Run(2, "-p zero3 -g" + gloo), zero3_host = host_job.Run(2, "-p zero3 -g" + gloo);
+  ASSERT_EQ(zero3.size(), 12u);
+  ExpectLosses(zero3_host, zero3, 0, 0, "zero3, optimizer on host");
+  ExpectLosses(job.Run(2, "-p gemini -g --offload-optim-frac 0.5" + gloo), zero3, 0, 0,
+               "gemini static, half the optimizer on host");
+  const auto params_out = job.Run(2, "-p gemini -g --offload-optim-frac 1 --offload-param-frac 0.5" + gloo);
+  ExpectLosses(params_out, zero3_host, 0, 0, "gemini static, half the parameters on host");
+  // Rank 0's shard is the first (n + 1) / 2 of the n parameters; half of it, rounded up,
+  // leaves the GPU (2 bytes each).
+  const size_t moved = size_t(zero3_host.back()["parameter_bytes"].get<double>() -
+                              params_out.back()["parameter_bytes"].get<double>()) / 2;
+  const size_t n = size_t(job.Run(1, "").back()["parameter_bytes"].get<double>()) / 2;  // one rank, bf16
+  EXPECT_EQ(moved, ((n + 1) / 2 + 1) / 2);
 }
 
 // offload.optimizer host: the master weights and moments live in host memory and the
