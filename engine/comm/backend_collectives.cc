@@ -72,6 +72,28 @@ absl::Status ReduceAddOnBackend(Communicator& comm, Backend& backend, void* data
   return absl::OkStatus();
 }
 
+absl::Status ReduceScatterAddOnBackend(Communicator& comm, Backend& backend, void* data, size_t begin, size_t end,
+                                       size_t n, void* own) {
+  const std::vector<OwnedPart> parts = OwnedParts(begin, end, n, comm.world_size());
+  const DType type = backend.BufferType(data, end - begin);
+  auto at = [&](const OwnedPart& p) { return static_cast<char*>(data) + p.offset * DTypeSize(type); };
+  if (auto* device = OnDevice(comm, backend)) {
+    if (auto s = device->ReduceScatter(data, parts, type); !s.ok()) return s;
+    for (const OwnedPart& p : parts) {
+      if (p.owner == comm.rank()) backend.Add(own, at(p), p.count);
+    }
+    return absl::OkStatus();
+  }
+  // Through the host communicator: one reduce per owner.
+  for (const OwnedPart& p : parts) {
+    if (auto s = ReduceAddOnBackend(comm, backend, at(p), p.count, p.owner, p.owner == comm.rank() ? own : nullptr);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n) {
   if (auto* device = OnDevice(comm, backend)) {
     return device->AllGatherSlices(buffer, n, backend.BufferType(buffer, n));

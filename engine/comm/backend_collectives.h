@@ -24,6 +24,11 @@ absl::Status BroadcastOnBackend(Communicator& comm, Backend& backend, void* buff
 // Sums n elements of `data` over all ranks and adds the sum into root's `into` (n
 // elements; the other ranks' is untouched). Every rank's `data` is scratch afterwards.
 absl::Status ReduceAddOnBackend(Communicator& comm, Backend& backend, void* data, size_t n, int root, void* into);
+// Reduce-scatter, adding: `data` holds elements [begin, end) of a flat range of n that the
+// ranks own in EvenSlices. Each rank's part of it is summed over all ranks and added into
+// `own`, this rank's part (null when it has none). Every rank's `data` is scratch after.
+absl::Status ReduceScatterAddOnBackend(Communicator& comm, Backend& backend, void* data, size_t begin, size_t end,
+                                       size_t n, void* own);
 // In place: each rank's EvenSlice of the n elements of `buffer` goes to every rank.
 absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n);
 

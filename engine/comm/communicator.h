@@ -5,6 +5,7 @@
 // that failed on one rank cannot be resumed.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <functional>
@@ -47,6 +48,23 @@ inline std::pair<size_t, size_t> EvenSlice(size_t n, int rank, int world) {
   const size_t base = n / size_t(world), extra = n % size_t(world), r = size_t(rank);
   const size_t begin = r * base + (r < extra ? r : extra);
   return {begin, begin + base + (r < extra ? 1 : 0)};
+}
+
+// A rank's part of a range [begin, end) of n elements split in EvenSlices: elements
+// [begin + offset, begin + offset + count).
+struct OwnedPart {
+  size_t offset = 0, count = 0;
+  int owner = 0;
+};
+// The non-empty parts of [begin, end), in rank order.
+inline std::vector<OwnedPart> OwnedParts(size_t begin, size_t end, size_t n, int world) {
+  std::vector<OwnedPart> parts;
+  for (int r = 0; r < world; ++r) {
+    const auto [slice_begin, slice_end] = EvenSlice(n, r, world);
+    const size_t lo = std::max(slice_begin, begin), hi = std::min(slice_end, end);
+    if (lo < hi) parts.push_back({lo - begin, hi - lo, r});
+  }
+  return parts;
 }
 
 // All-gather in place: each rank holds its EvenSlice of data[0, n) and ends with all of

@@ -7,7 +7,10 @@
 
 #include <cstddef>
 
+#include <vector>
+
 #include "absl/status/status.h"
+#include "comm/communicator.h"
 #include "core/dtype.h"
 
 namespace llamad {
@@ -29,6 +32,11 @@ class DeviceCollectives {
   virtual absl::Status ReduceSum(void* buffer, size_t n, DType type, int root, Ordering order = Ordering::kInline) = 0;
   // In place: each rank's EvenSlice of the n elements goes to every rank.
   virtual absl::Status AllGatherSlices(void* buffer, size_t n, DType type) = 0;
+  // Reduce-scatter in place: each part of the buffer is summed over the ranks into its
+  // owner's buffer. The parts may differ in size (EvenSlices), which ncclReduceScatter
+  // does not allow: one reduce per part, all in one launch.
+  virtual absl::Status ReduceScatter(void* buffer, const std::vector<OwnedPart>& parts, DType type,
+                                     Ordering order = Ordering::kInline) = 0;
   // The backend's ops issued from now on wait for every collective issued so far.
   virtual absl::Status Join() = 0;
   // The first failure so far. A collective that fails after it was issued (a peer lost

@@ -216,6 +216,17 @@ class NcclCollectives final : public DeviceCollectives {
       return api_->Reduce(buffer, buffer, n, NcclType(type), ncclSum, root, comm, s);
     });
   }
+  absl::Status ReduceScatter(void* buffer, const std::vector<OwnedPart>& parts, DType type, Ordering order) override {
+    return Issue(order, [&](ncclComm_t comm, cudaStream_t s) {
+      ncclResult_t r = api_->GroupStart();
+      for (size_t i = 0; i < parts.size() && r == ncclSuccess; ++i) {
+        char* part = static_cast<char*>(buffer) + parts[i].offset * DTypeSize(type);
+        r = api_->Reduce(part, part, parts[i].count, NcclType(type), ncclSum, parts[i].owner, comm, s);
+      }
+      const ncclResult_t ended = api_->GroupEnd();
+      return r != ncclSuccess ? r : ended;
+    });
+  }
   absl::Status AllGatherSlices(void* buffer, size_t n, DType type) override {
     // Slices differ in size by one at most, which ncclAllGather does not allow: one
     // broadcast per owner, grouped into one launch.

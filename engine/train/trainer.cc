@@ -67,8 +67,7 @@ void Trainer::FinishRegionReduce() {
     if (!model_collective_status_.ok()) return;
     model_collective_status_ = DeviceCollectivesOrNull()->Join();
     if (!model_collective_status_.ok()) return;
-    const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
-    const size_t lo = std::max(begin, own_begin), hi = std::min(end, own_end);
+    const size_t lo = std::max(begin, own_begin_), hi = std::min(end, own_end_);
     if (lo < hi) {
       backend_->Add(model_->grad_at(lo), static_cast<char*>(region_copy_) + model_->accum_byte_offset(lo - begin), hi - lo);
     }
@@ -391,6 +390,8 @@ void Trainer::ForEachOwnerPart(size_t begin, size_t end,
 
 void Trainer::ShardGradients() {
   const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
+  own_begin_ = own_begin;
+  own_end_ = own_end;
   // Overlap: each region's gradients are copied out of the model's scratch and reduced
   // while the backward goes on to the next region. On host memory the collectives run on
   // the helper thread (not the backend's: it is not thread-safe); on a GPU with NCCL they
@@ -404,13 +405,15 @@ void Trainer::ShardGradients() {
     region_copy_bytes_ = model_->accum_byte_offset(region);
   }
   model_->ShardGradients(own_begin, own_end, [this, overlap, device](size_t begin, size_t end, void* grads) {
-    // Each rank's part of the region is summed to that rank, which adds it to its shard.
-    auto reduce = [this, begin, end](void* region) {
-      ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
-        void* part = static_cast<char*>(region) + model_->accum_byte_offset(lo - begin);
-        return ReduceAddOnBackend(*comm_, *backend_, part, hi - lo, owner,
-                                  owner == comm_->rank() ? model_->grad_at(lo) : nullptr);
-      });
+    // Each rank's part of the region is summed to that rank, which adds it to its shard:
+    // a reduce-scatter of the region.
+    const size_t own_lo = std::max(begin, own_begin_), own_hi = std::min(end, own_end_);
+    auto reduce = [this, begin, end, own_lo, own_hi](void* region) {
+      if (!model_collective_status_.ok()) return;  // a peer is gone: no more collectives
+      const auto start = std::chrono::steady_clock::now();
+      model_collective_status_ = ReduceScatterAddOnBackend(*comm_, *backend_, region, begin, end, model_->num_params(),
+                                                           own_lo < own_hi ? model_->grad_at(own_lo) : nullptr);
+      model_collective_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     };
     if (!overlap) {
       const auto start = std::chrono::steady_clock::now();
@@ -423,10 +426,11 @@ void Trainer::ShardGradients() {
     if (device != nullptr) {
       // The sums land in the copy, beside the backward; FinishRegionReduce adds the
       // owner's part into its shard once the next region (or the step) needs them.
-      ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
-        void* part = static_cast<char*>(region_copy_) + model_->accum_byte_offset(lo - begin);
-        return device->ReduceSum(part, hi - lo, backend_->accum_dtype(), owner, Ordering::kBeside);
-      });
+      if (model_collective_status_.ok()) {
+        model_collective_status_ =
+            device->ReduceScatter(region_copy_, OwnedParts(begin, end, model_->num_params(), comm_->world_size()),
+                                  backend_->accum_dtype(), Ordering::kBeside);
+      }
       device_region_begin_ = begin;
       device_region_end_ = end;
       return;

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <functional>
 #include <string>
@@ -69,8 +70,35 @@ TEST(CommTest, BackgroundAllReduceSumsEveryRangeOnce) {
   });
 }
 
-// zero2's gradient reduction: the owner adds the sum over the ranks into its shard; the
-// other ranks' shard is untouched.
+// zero2's gradient reduction of a region as a reduce-scatter: ranks own EvenSlices of
+// the whole range (uneven: 10 over 3), the region [2, 9) spans all three, and each rank
+// adds the sum of its part into its own shard.
+TEST(CommTest, ReduceScatterAddsEachRanksPartIntoItsShard) {
+  constexpr int kWorld = 3;
+  static constexpr size_t kN = 10, kBegin = 2, kEnd = 9;
+  OnRanks(kWorld, [](int rank, Communicator& comm) {
+    auto backend = MakeCpuBackend({DType::kF32, 1});
+    float* region = static_cast<float*>(backend->Allocate(kEnd - kBegin));
+    for (size_t i = kBegin; i < kEnd; ++i) region[i - kBegin] = Value(rank, i);
+    const auto [own_begin, own_end] = EvenSlice(kN, rank, kWorld);  // 4, 3 and 3 elements
+    const size_t lo = std::max(own_begin, kBegin), hi = std::min(own_end, kEnd);
+    float* shard = static_cast<float*>(backend->Allocate(own_end - own_begin));
+    for (size_t i = 0; i < own_end - own_begin; ++i) shard[i] = 100.0f;
+    ASSERT_TRUE(ReduceScatterAddOnBackend(comm, *backend, region, kBegin, kEnd, kN, shard + (lo - own_begin)).ok());
+    for (size_t i = own_begin; i < own_end; ++i) {
+      float expected = 100.0f;
+      if (i >= lo && i < hi) {
+        for (int r = 0; r < kWorld; ++r) expected += Value(r, i);
+      }
+      ASSERT_EQ(shard[i - own_begin], expected) << "rank " << rank << " element " << i;
+    }
+  });
+  EXPECT_EQ(OwnedParts(kBegin, kEnd, kN, kWorld).size(), 3u);
+  EXPECT_EQ(OwnedParts(0, 4, kN, kWorld).size(), 1u);  // within rank 0's slice
+}
+
+// The owner adds the sum over the ranks into its shard; the other ranks' shard is
+// untouched.
 TEST(CommTest, ReduceAddOnBackendAddsTheSumIntoTheOwnersShard) {
   constexpr int kWorld = 2;
   constexpr size_t kN = 4099;

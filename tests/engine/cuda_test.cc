@@ -799,8 +799,8 @@ TEST_F(CudaTest, NcclCollectivesRunOnTheirOwnStream) {
     ASSERT_TRUE(device->Broadcast(b.gpu, n, DType::kBF16, 0, Ordering::kBeside).ok());
     ASSERT_TRUE(device->Join().ok());
   }
-  // The sum of one rank is its own buffer: into += f.
-  ASSERT_TRUE(ReduceAddOnBackend(**comm, *gpu_, f.gpu, n, 0, into.gpu).ok());
+  // The sum of one rank is its own buffer: into += f, by a reduce-scatter's one part.
+  ASSERT_TRUE(ReduceScatterAddOnBackend(**comm, *gpu_, f.gpu, 0, n, n, into.gpu).ok());
   gpu_->Synchronize();
   const Vec f_after = Gpu(f), b_after = Gpu(b), into_after = Gpu(into);
   for (size_t i = 0; i < n; ++i) {
