@@ -39,6 +39,12 @@ class DeviceCollectives {
                                      Ordering order = Ordering::kInline) = 0;
   // The backend's ops issued from now on wait for every collective issued so far.
   virtual absl::Status Join() = 0;
+  // A ticket for the collective issued last (0 before any), and the Join of that one
+  // alone: the backend's later ops wait for it (and for those before it: they run in
+  // order) but not for collectives issued after it, such as a reduction issued while a
+  // prefetched gather was in flight.
+  virtual uint64_t last_ticket() = 0;
+  virtual absl::Status JoinCollective(uint64_t ticket) = 0;
   // The first failure so far. A collective that fails after it was issued (a peer lost
   // mid-way, a watchdog abort) leaves void results behind: check this once the backend
   // has synchronized, before results are used for anything that lasts.

@@ -262,6 +262,41 @@ class NcclCollectives final : public DeviceCollectives {
     return error();
   }
 
+  uint64_t last_ticket() override {
+    std::lock_guard lock(mu_);
+    return last_ticket_;
+  }
+
+  absl::Status JoinCollective(uint64_t ticket) override {
+    cudaEvent_t ready = Event();
+    std::lock_guard lock(mu_);
+    // A collective no longer pending has finished: nothing to wait for. The lock keeps
+    // a pending one's done event from being retired and reused meanwhile.
+    auto it = std::find_if(pending_.begin(), pending_.end(),
+                           [&](const Pending& p) { return p.kind != Pending::kJoin && p.ticket == ticket; });
+    if (it == pending_.end()) {
+      if (ready != nullptr) free_events_.push_back(ready);
+      return error_;
+    }
+    cudaError_t err = cudaEventRecord(ready, compute_);
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(compute_, it->done, 0);
+    if (err != cudaSuccess) {
+      if (ready != nullptr) free_events_.push_back(ready);
+      if (error_.ok()) error_ = CudaError(err, "ordering the backend after a collective");
+      return error_;
+    }
+    if (it->done_lent) {  // joined before: its wait is timed there already
+      free_events_.push_back(ready);
+      return error_;
+    }
+    // From where the backend is to the collective's end: the backend waiting for it.
+    it->done_lent = true;
+    Pending join{Pending::kJoin, ready, nullptr, it->done};
+    if (pending_.empty()) front_since_ = std::chrono::steady_clock::now();
+    pending_.push_back(join);
+    return error_;
+  }
+
   absl::Status status() override { return error(); }
 
   double busy_seconds() override {
@@ -287,6 +322,8 @@ class NcclCollectives final : public DeviceCollectives {
   struct Pending {
     enum Kind { kInline, kBeside, kJoin } kind;
     cudaEvent_t ready, start, done;
+    uint64_t ticket = 0;     // a collective's (last_ticket)
+    bool done_lent = false;  // a collective's done event belongs to a JoinCollective's entry
   };
 
   NcclCollectives(const NcclApi* api, int device, cudaStream_t compute, std::chrono::milliseconds timeout)
@@ -388,10 +425,11 @@ class NcclCollectives final : public DeviceCollectives {
     if (comm != nullptr) api_->CommAbort(comm);
   }
 
-  void Track(const Pending& p) {
+  void Track(Pending p) {
     {
       std::lock_guard lock(mu_);
       if (pending_.empty()) front_since_ = std::chrono::steady_clock::now();
+      if (p.kind != Pending::kJoin) p.ticket = last_ticket_ = last_ticket_ + 1;
       pending_.push_back(p);
     }
     wake_.notify_all();
@@ -407,8 +445,12 @@ class NcclCollectives final : public DeviceCollectives {
     if (err == cudaSuccess) err = cudaStreamWaitEvent(stream_, p.ready, 0);
     if (err == cudaSuccess) err = cudaEventRecord(p.start, stream_);
     if (err != cudaSuccess) {
+      // This rank cannot take part in collectives any more: abort, so that what it has
+      // queued stops too.
+      std::lock_guard calls(calls_mu_);
       Recycle(p);
-      return Fail(CudaError(err, "ordering a collective after the backend"));
+      AbortHoldingCalls(CudaError(err, "ordering a collective after the backend"));
+      return error();
     }
     {
       std::lock_guard calls(calls_mu_);
@@ -468,7 +510,7 @@ class NcclCollectives final : public DeviceCollectives {
       // Inline, the backend waited from ready to done; beside it, only at a Join.
       if (p.kind != Pending::kJoin) busy_seconds_ += seconds(p.start, p.done);
       if (p.kind != Pending::kBeside) exposed_seconds_ += seconds(p.ready, p.done);
-      for (cudaEvent_t e : {p.ready, p.start, p.done}) {
+      for (cudaEvent_t e : {p.ready, p.start, p.done_lent ? nullptr : p.done}) {
         if (e != nullptr) free_events_.push_back(e);
       }
       pending_.pop_front();
@@ -523,6 +565,7 @@ class NcclCollectives final : public DeviceCollectives {
   std::chrono::steady_clock::time_point front_since_;
   std::vector<cudaEvent_t> free_events_;
   absl::Status error_;
+  uint64_t last_ticket_ = 0;
   double busy_seconds_ = 0, exposed_seconds_ = 0;
   bool stop_ = false;
   std::thread watchdog_;

@@ -64,8 +64,9 @@ void Trainer::FinishRegionReduce() {
     // adds its part of the sum into its shard.
     const size_t begin = device_region_begin_, end = device_region_end_;
     device_region_begin_ = device_region_end_ = 0;
-    if (!model_collective_status_.ok()) return;
-    model_collective_status_ = DeviceCollectivesOrNull()->Join();
+    // Also after a failure: the copy is written again next, and freed at the end.
+    const absl::Status joined = DeviceCollectivesOrNull()->JoinCollective(device_region_ticket_);
+    if (model_collective_status_.ok()) model_collective_status_ = joined;
     if (!model_collective_status_.ok()) return;
     const size_t lo = std::max(begin, own_begin_), hi = std::min(end, own_end_);
     if (lo < hi) {
@@ -249,10 +250,19 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   auto seconds_since = [](std::chrono::steady_clock::time_point t) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
   };
+  // The losses' and norms' sums over Gloo, timed apart: with NCCL they are the host's
+  // only communication.
+  double host_scalar_seconds = 0;
+  auto host_sum = [&](double* x) {
+    const auto begin = std::chrono::steady_clock::now();
+    absl::Status s = comm_->AllReduceSum(x, 1);
+    host_scalar_seconds += seconds_since(begin);
+    return s;
+  };
   auto comm_start = std::chrono::steady_clock::now();
   if (model_->gradients_sharded()) {
     // zero2: the gradients were reduced region by region during the backward.
-    if (auto s = comm_->AllReduceSum(&loss_sum, 1); !s.ok()) return s;
+    if (auto s = host_sum(&loss_sum); !s.ok()) return s;
     const double after = seconds_since(comm_start);
     m.communication_seconds = model_collective_seconds_ + after;
     m.exposed_communication_seconds = model_wait_seconds_ + after;
@@ -263,7 +273,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
         !s.ok()) {
       return s;
     }
-    if (auto s = comm_->AllReduceSum(&loss_sum, 1); !s.ok()) return s;
+    if (auto s = host_sum(&loss_sum); !s.ok()) return s;
     m.communication_seconds = m.exposed_communication_seconds = seconds_since(comm_start);
   }
   if (reducer) {
@@ -271,7 +281,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     if (auto s = reducer->Finish(); !s.ok()) return s;
     m.exposed_communication_seconds = seconds_since(comm_start);  // waiting for the buckets
     const auto loss_start = std::chrono::steady_clock::now();
-    if (auto s = comm_->AllReduceSum(&loss_sum, 1); !s.ok()) return s;
+    if (auto s = host_sum(&loss_sum); !s.ok()) return s;
     const double loss_reduce = seconds_since(loss_start);
     m.exposed_communication_seconds += loss_reduce;
     m.communication_seconds = reducer->busy_seconds() + loss_reduce;
@@ -280,10 +290,15 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   if (model_->gradients_sharded()) {
     const size_t begin = optimizer_->shard_begin(), end = optimizer_->shard_end();
     double squares = backend_->SumSquares(model_->grad_at(begin), end - begin);
-    if (auto s = comm_->AllReduceSum(&squares, 1); !s.ok()) return s;
+    if (auto s = host_sum(&squares); !s.ok()) return s;
     m.grad_norm = std::sqrt(squares);
   } else {
     m.grad_norm = std::sqrt(backend_->SumSquares(model_->grad_data(), model_->num_params()));
+  }
+  // The norm waited for the GPU's work, so its collectives have finished: one that failed
+  // after it was queued left void sums, which the optimizer must not step on.
+  if (device != nullptr) {
+    if (auto s = device->status(); !s.ok()) return s;
   }
   const double clip = t.grad_clip > 0 && m.grad_norm > t.grad_clip ? t.grad_clip / (m.grad_norm + 1e-6) : 1.0;
   m.lr = schedule_.At(m.step - 1);
@@ -308,15 +323,14 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     m.exposed_communication_seconds += gather;
   }
   if (device != nullptr && comm_->world_size() > 1) {
-    // The calling thread only queued the GPU's collectives (the times above are the
-    // host's: issuing them, and the losses' and norms' host collectives). Their own time
-    // is measured on the GPU, and so is the part of it the backend waited for.
+    // The calling thread only queued the GPU's collectives: the times above are the
+    // host's for issuing them. Their own time is measured on the GPU, and so is the part
+    // the backend waited for; the host's own communication is the losses' and norms' sums.
     backend_->Synchronize();
-    // A collective that failed after it was issued left void sums behind: the step
-    // must not count (nor be saved).
+    // A collective after the step (parameters' gathers) that failed must not be saved.
     if (auto s = device->status(); !s.ok()) return s;
-    m.communication_seconds += device->busy_seconds() - device_busy;
-    m.exposed_communication_seconds += device->exposed_seconds() - device_exposed;
+    m.communication_seconds = host_scalar_seconds + device->busy_seconds() - device_busy;
+    m.exposed_communication_seconds = host_scalar_seconds + device->exposed_seconds() - device_exposed;
   }
   m.optimizer_state_bytes = optimizer_->state_bytes();
   m.gradient_bytes = model_->grad_bytes() + region_copy_bytes_;  // and zero2's copy of a region
@@ -331,8 +345,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
 }
 
 absl::Status Trainer::StartRanks() {
-  const int world = comm_->world_size(), rank = comm_->rank();
-  if (world == 1) return absl::OkStatus();
+  if (comm_->world_size() == 1) return absl::OkStatus();
   if (auto s = SendStartingState(); !s.ok()) return s;
   // GPU collectives are only queued: the state is there once they finished, intact.
   if (DeviceCollectives* device = DeviceCollectivesOrNull()) {
@@ -433,6 +446,7 @@ void Trainer::ShardGradients() {
       }
       device_region_begin_ = begin;
       device_region_end_ = end;
+      device_region_ticket_ = device->last_ticket();
       return;
     }
     region_reduce_ = collectives_->Post([reduce, this] { reduce(region_copy_); });
@@ -486,9 +500,13 @@ void Trainer::ShardParameters() {
           return nullptr;
         }
         if (device != nullptr) {
-          gather();  // queued on NCCL's stream; the backend waits for it when the region is used
-          return [this, device] {
-            if (model_collective_status_.ok()) model_collective_status_ = device->Join();
+          // Queued on NCCL's stream; the backend waits for this gather alone when the
+          // region comes into use (not for reductions issued meanwhile), also after a
+          // failure, since the slot is written again.
+          gather();
+          return [this, device, ticket = device->last_ticket()] {
+            const absl::Status joined = device->JoinCollective(ticket);
+            if (model_collective_status_.ok()) model_collective_status_ = joined;
           };
         }
         std::shared_future<void> done = collectives_->Post(gather);

@@ -147,6 +147,7 @@ class Trainer {
   // zero2 on a GPU with NCCL: the region whose reductions into region_copy_ are queued
   // beside the backward, not yet added into the shard (empty when none).
   size_t device_region_begin_ = 0, device_region_end_ = 0;
+  uint64_t device_region_ticket_ = 0;  // its reduce-scatter's (DeviceCollectives::last_ticket)
   size_t own_begin_ = 0, own_end_ = 0;  // zero2: this rank's EvenSlice of the flat parameters
   // Waits for the region reduction in flight and (GPU) adds the owner's part.
   void FinishRegionReduce();

@@ -797,6 +797,10 @@ TEST_F(CudaTest, NcclCollectivesRunOnTheirOwnStream) {
     ASSERT_TRUE(device->AllReduceSum(f.gpu, n, DType::kF32, Ordering::kBeside).ok());
     ASSERT_TRUE(device->ReduceSum(b.gpu, n, DType::kBF16, 0, Ordering::kBeside).ok());
     ASSERT_TRUE(device->Broadcast(b.gpu, n, DType::kBF16, 0, Ordering::kBeside).ok());
+    // The broadcast alone, then everything.
+    const uint64_t ticket = device->last_ticket();
+    EXPECT_GT(ticket, 0u);
+    ASSERT_TRUE(device->JoinCollective(ticket).ok());
     ASSERT_TRUE(device->Join().ok());
   }
   // The sum of one rank is its own buffer: into += f, by a reduce-scatter's one part.
