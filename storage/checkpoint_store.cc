@@ -37,7 +37,6 @@ constexpr uint64_t kAlign = 4096;
 // with 2-8; reads gain less (1.4 against 1.5-1.7 GB/s). Larger requests were slower
 // there (fio read: 1087 MiB/s at 1 MiB against 811-859 MiB/s at 16-64 MiB).
 constexpr size_t kIoBlock = size_t{1} << 20;
-constexpr int kIoDepth = 4;
 
 std::string StepKey(int64_t step) { return fmt::format("{:020d}", step); }
 std::string CkptPrefix(const std::string& job) { return "ckpt/" + job + "/"; }
@@ -423,7 +422,7 @@ absl::StatusOr<std::vector<PieceRecord>> WriteShardFile(const std::string& root,
     for (size_t i = 0; i < records.size(); ++i)
       records[i].checksum = XXH3_64bits(pieces[i].data, records[i].length);
   });
-  auto io = DirectIoQueue::Create(fd, path, kIoBlock, kIoDepth);
+  auto io = DirectIoQueue::Create(fd, path, kIoBlock, CheckpointStore::kDefaultReadDepth);
   if (!io.ok()) status = io.status();
   // Queue tags: 0 for payloads sent from the caller's memory, 1 and 2 for the two
   // staging buffers (one is filled while the other's writes are in flight).

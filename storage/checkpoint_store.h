@@ -198,7 +198,8 @@ class CheckpointStore {
   };
   // A reader of checkpoint `step` of `job`, which must be committed, with `queue_depth`
   // 1 MiB requests in flight per shard file. The default keeps as many in flight as a
-  // save does; readers that run side by side can share that depth among them.
+  // save does (this is the depth a save writes with); readers that run side by side can
+  // share that depth among them.
   static constexpr int kDefaultReadDepth = 4;
   absl::StatusOr<std::unique_ptr<Reader>> OpenReader(const std::string& job, int64_t step,
                                                      int queue_depth = kDefaultReadDepth) const;

@@ -8,10 +8,6 @@
 namespace llamad {
 namespace {
 
-// The communicator's collectives on the GPU's own buffers, where it has them.
-DeviceCollectives* OnDevice(Communicator& comm, Backend& backend) {
-  return BuffersInHostMemory(backend) ? nullptr : comm.device_collectives();
-}
 
 // Host f32 memory for staging n elements, kept between calls: staged collectives run
 // every step, and the largest is the whole gradient.
@@ -35,17 +31,21 @@ absl::Status OnHost(Backend& backend, void* buffer, size_t n, bool download,
 
 }  // namespace
 
+DeviceCollectives* DeviceCollectivesFor(Communicator& comm, const Backend& backend) {
+  return BuffersInHostMemory(backend) ? nullptr : comm.device_collectives();
+}
+
 bool BuffersInHostMemory(const Backend& backend) {
   return backend.name() == "cpu" && backend.accum_dtype() == DType::kF32;
 }
 
 absl::Status AllReduceSumOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n) {
-  if (auto* device = OnDevice(comm, backend)) return device->AllReduceSum(buffer, n, backend.BufferType(buffer, n));
+  if (auto* device = DeviceCollectivesFor(comm, backend)) return device->AllReduceSum(buffer, n, backend.BufferType(buffer, n));
   return OnHost(backend, buffer, n, true, [&](float* data) { return comm.AllReduceSum(data, n); });
 }
 
 absl::Status BroadcastOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n, int root) {
-  if (auto* device = OnDevice(comm, backend)) {
+  if (auto* device = DeviceCollectivesFor(comm, backend)) {
     return device->Broadcast(buffer, n, backend.BufferType(buffer, n), root);
   }
   return OnHost(backend, buffer, n, comm.rank() == root, [&](float* data) { return comm.Broadcast(data, n, root); });
@@ -53,21 +53,18 @@ absl::Status BroadcastOnBackend(Communicator& comm, Backend& backend, void* buff
 
 absl::Status ReduceAddOnBackend(Communicator& comm, Backend& backend, void* data, size_t n, int root, void* into) {
   const bool root_here = comm.rank() == root;
-  if (auto* device = OnDevice(comm, backend)) {
-    if (auto s = device->ReduceSum(data, n, backend.BufferType(data, n), root); !s.ok() || !root_here) return s;
-  } else if (BuffersInHostMemory(backend)) {
+  if (BuffersInHostMemory(backend)) {
     // A plain loop, not the backend: this runs on a helper thread beside the backward.
     float* sum = static_cast<float*>(data);
     if (auto s = comm.ReduceSum(sum, n, root); !s.ok() || !root_here) return s;
     float* total = static_cast<float*>(into);
     for (size_t i = 0; i < n; ++i) total[i] += sum[i];
     return absl::OkStatus();
-  } else {
-    float* host = Staging(n);
-    backend.DownloadF32(host, data, n);
-    if (auto s = comm.ReduceSum(host, n, root); !s.ok() || !root_here) return s;
-    backend.UploadF32(data, host, n);
   }
+  float* host = Staging(n);
+  backend.DownloadF32(host, data, n);
+  if (auto s = comm.ReduceSum(host, n, root); !s.ok() || !root_here) return s;
+  backend.UploadF32(data, host, n);
   backend.Add(into, data, n);  // root: data now holds the sum
   return absl::OkStatus();
 }
@@ -77,7 +74,7 @@ absl::Status ReduceScatterAddOnBackend(Communicator& comm, Backend& backend, voi
   const std::vector<OwnedPart> parts = OwnedParts(begin, end, n, comm.world_size());
   const DType type = backend.BufferType(data, end - begin);
   auto at = [&](const OwnedPart& p) { return static_cast<char*>(data) + p.offset * DTypeSize(type); };
-  if (auto* device = OnDevice(comm, backend)) {
+  if (auto* device = DeviceCollectivesFor(comm, backend)) {
     if (auto s = device->ReduceScatter(data, parts, type); !s.ok()) return s;
     for (const OwnedPart& p : parts) {
       if (p.owner == comm.rank()) backend.Add(own, at(p), p.count);
@@ -95,7 +92,7 @@ absl::Status ReduceScatterAddOnBackend(Communicator& comm, Backend& backend, voi
 }
 
 absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n) {
-  if (auto* device = OnDevice(comm, backend)) {
+  if (auto* device = DeviceCollectivesFor(comm, backend)) {
     return device->AllGatherSlices(buffer, n, backend.BufferType(buffer, n));
   }
   return OnHost(backend, buffer, n, true, [&](float* data) { return AllGatherSlices(comm, data, n); });

@@ -16,13 +16,17 @@ namespace llamad {
 
 // Whether the backend's buffers are host memory a communicator can use directly.
 bool BuffersInHostMemory(const Backend& backend);
+// The communicator's collectives on the backend's own (GPU) buffers, or null: host
+// buffers, or a communicator without them.
+DeviceCollectives* DeviceCollectivesFor(Communicator& comm, const Backend& backend);
 
 // In-place sum over all ranks of n elements of `buffer`.
 absl::Status AllReduceSumOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n);
 // Copies root's n elements of `buffer` to every rank.
 absl::Status BroadcastOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n, int root);
 // Sums n elements of `data` over all ranks and adds the sum into root's `into` (n
-// elements; the other ranks' is untouched). Every rank's `data` is scratch afterwards.
+// elements; the other ranks' is untouched), over the host communicator (GPU buffers
+// through host memory). Every rank's `data` is scratch afterwards.
 absl::Status ReduceAddOnBackend(Communicator& comm, Backend& backend, void* data, size_t n, int root, void* into);
 // Reduce-scatter, adding: `data` holds elements [begin, end) of a flat range of n that the
 // ranks own in EvenSlices. Each rank's part of it is summed over all ranks and added into

@@ -28,8 +28,6 @@ class DeviceCollectives {
   // Root's buffer to every rank.
   virtual absl::Status Broadcast(void* buffer, size_t n, DType type, int root,
                                  Ordering order = Ordering::kInline) = 0;
-  // The sum over all ranks into root's buffer, in place; the others' is left as it was.
-  virtual absl::Status ReduceSum(void* buffer, size_t n, DType type, int root, Ordering order = Ordering::kInline) = 0;
   // In place: each rank's EvenSlice of the n elements goes to every rank.
   virtual absl::Status AllGatherSlices(void* buffer, size_t n, DType type) = 0;
   // Reduce-scatter in place: each part of the buffer is summed over the ranks into its

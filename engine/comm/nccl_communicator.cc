@@ -211,11 +211,6 @@ class NcclCollectives final : public DeviceCollectives {
       return api_->Broadcast(buffer, buffer, n, NcclType(type), root, comm, s);
     });
   }
-  absl::Status ReduceSum(void* buffer, size_t n, DType type, int root, Ordering order) override {
-    return Issue(order, [&](ncclComm_t comm, cudaStream_t s) {
-      return api_->Reduce(buffer, buffer, n, NcclType(type), ncclSum, root, comm, s);
-    });
-  }
   absl::Status ReduceScatter(void* buffer, const std::vector<OwnedPart>& parts, DType type, Ordering order) override {
     return Issue(order, [&](ncclComm_t comm, cudaStream_t s) {
       ncclResult_t r = api_->GroupStart();
@@ -252,12 +247,7 @@ class NcclCollectives final : public DeviceCollectives {
     cudaError_t err = cudaEventRecord(join.ready, compute_);
     if (err == cudaSuccess) err = cudaEventRecord(join.done, stream_);
     if (err == cudaSuccess) err = cudaStreamWaitEvent(compute_, join.done, 0);
-    if (err != cudaSuccess) {
-      std::lock_guard calls(calls_mu_);
-      Recycle(join);
-      AbortHoldingCalls(CudaError(err, "ordering the backend after the collectives"));
-      return error();
-    }
+    if (err != cudaSuccess) return Abandon(join, CudaError(err, "ordering the backend after the collectives"));
     Track(join);
     return error();
   }
@@ -411,6 +401,14 @@ class NcclCollectives final : public DeviceCollectives {
     }
   }
 
+  // Gives back an entry that could not be tracked and aborts the communicator.
+  absl::Status Abandon(const Pending& p, absl::Status why) {
+    std::lock_guard calls(calls_mu_);
+    Recycle(p);
+    AbortHoldingCalls(std::move(why));
+    return error();
+  }
+
   // Takes the communicator out of use and aborts it: its kernels return (their results
   // are void) and later calls fail with error_. Holds calls_mu_, not mu_: an abort may
   // take long, and the watchdog and error() must not wait for it.
@@ -437,21 +435,18 @@ class NcclCollectives final : public DeviceCollectives {
 
   // Orders `op` on the NCCL stream after the backend's work so far; inline, the
   // backend's later work waits for it.
-  absl::Status Issue(Ordering order, const std::function<ncclResult_t(ncclComm_t, cudaStream_t)>& op) {
+  // `op(comm, stream)` makes the NCCL calls (a template: no allocation per collective).
+  template <typename Op>
+  absl::Status Issue(Ordering order, Op&& op) {
     if (auto s = error(); !s.ok()) return s;
     const bool inline_ = order == Ordering::kInline;
     Pending p{inline_ ? Pending::kInline : Pending::kBeside, Event(), Event(), Event()};
     cudaError_t err = cudaEventRecord(p.ready, compute_);
     if (err == cudaSuccess) err = cudaStreamWaitEvent(stream_, p.ready, 0);
     if (err == cudaSuccess) err = cudaEventRecord(p.start, stream_);
-    if (err != cudaSuccess) {
-      // This rank cannot take part in collectives any more: abort, so that what it has
-      // queued stops too.
-      std::lock_guard calls(calls_mu_);
-      Recycle(p);
-      AbortHoldingCalls(CudaError(err, "ordering a collective after the backend"));
-      return error();
-    }
+    // This rank cannot take part in collectives any more: abort, so that what it has
+    // queued stops too.
+    if (err != cudaSuccess) return Abandon(p, CudaError(err, "ordering a collective after the backend"));
     {
       std::lock_guard calls(calls_mu_);
       if (comm_ == nullptr) {
@@ -467,13 +462,8 @@ class NcclCollectives final : public DeviceCollectives {
     }
     err = cudaEventRecord(p.done, stream_);
     if (err == cudaSuccess && inline_) err = cudaStreamWaitEvent(compute_, p.done, 0);
-    if (err != cudaSuccess) {
-      // The collective is queued but cannot be tracked or waited for.
-      std::lock_guard calls(calls_mu_);
-      Recycle(p);
-      AbortHoldingCalls(CudaError(err, "ordering the backend after a collective"));
-      return error();
-    }
+    // The collective is queued but cannot be tracked or waited for.
+    if (err != cudaSuccess) return Abandon(p, CudaError(err, "ordering the backend after a collective"));
     Track(p);
     return absl::OkStatus();
   }

@@ -250,6 +250,13 @@ absl::StatusOr<std::string> ResumeRoot(const JobSpec& spec, const Common& common
   return path->root;
 }
 
+// The newest of `steps` (ascending, as CheckpointStore::Steps lists them) older than
+// `step`, or -1.
+int64_t OlderStep(const std::vector<int64_t>& steps, int64_t step) {
+  auto it = std::lower_bound(steps.begin(), steps.end(), step);
+  return it == steps.begin() ? -1 : *std::prev(it);
+}
+
 // Restores step `step`, or with `fallback` the newest older one that restores cleanly.
 absl::Status Resume(const storage::CheckpointStore& store, const std::string& job, int64_t step,
                     bool fallback, Trainer& trainer) {
@@ -257,11 +264,10 @@ absl::Status Resume(const storage::CheckpointStore& store, const std::string& jo
   if (status.ok() || !fallback || !absl::IsDataLoss(status)) return status;
   auto steps = store.Steps(job);
   if (!steps.ok()) return steps.status();
-  for (auto it = steps->rbegin(); it != steps->rend(); ++it) {
-    if (*it >= step) continue;
+  for (int64_t older = OlderStep(*steps, step); older >= 0; older = OlderStep(*steps, older)) {
     std::fprintf(stderr, "llama-train: %s\nllama-train: falling back to checkpoint step %lld\n",
-                 std::string(status.message()).c_str(), (long long)*it);
-    status = RestoreCheckpoint(store, job, *it, trainer);
+                 std::string(status.message()).c_str(), (long long)older);
+    status = RestoreCheckpoint(store, job, older, trainer);
     if (status.ok() || !absl::IsDataLoss(status)) return status;
   }
   return status;
@@ -329,14 +335,8 @@ absl::StatusOr<int64_t> ResumeZeroRanks(Communicator& comm, const storage::Check
       std::fprintf(stderr, "llama-train: rank %d: %s\n", comm.rank(), std::string(restored.message()).c_str());
     }
     if (lead) {
-      const int64_t tried = step;
-      step = kNoneLeft;
-      for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
-        if (*it < tried) {
-          step = *it;
-          break;
-        }
-      }
+      step = OlderStep(steps, step);
+      if (step < 0) step = kNoneLeft;
       if (step >= 0) std::fprintf(stderr, "llama-train: falling back to checkpoint step %lld\n", (long long)step);
     }
   }
@@ -806,20 +806,10 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
         "--device-memory: gemini's placement auto places by the GPU's memory; give it (for example 80GiB)"));
   }
   auto plan_of = [&](const JobSpec& s) { return PlanMemoryOn(s, cuda, world, threads); };
-  auto gemini = PlaceGemini(*spec, cuda, world, budget, plan_of);
+  // As a run would place it; where nothing fits, the plan shows by how much.
+  auto gemini = PlaceJob(*spec, cuda, world, budget, plan_of, /*must_fit=*/false);
   if (!gemini.ok()) return Fail(gemini.status());
-  JobSpec placed = gemini->spec;
-  if (!cuda && placed.offload.optimizer == "auto") {
-    // Where a run would put the optimizer state; when nothing fits, the plan with it in
-    // memory shows by how much.
-    auto within = PlaceOptimizerState(placed, budget, plan_of);
-    if (within.ok()) {
-      placed = *std::move(within);
-    } else {
-      placed.offload.optimizer = "memory";
-    }
-  }
-  if (cuda) placed = FitRegionOverlap(placed, budget, plan_of);
+  const JobSpec& placed = gemini->spec;
   const MemoryPlan plan = plan_of(placed);
   const bool fits = budget == 0 || plan.total() <= budget;
   // zero2/3's collectives run beside the backward unless only inline fits.
@@ -951,9 +941,11 @@ int Main(int argc, char** argv) {
                                 ->check(CLI::Range(1, 1 << 20));
   int plan_nodes = 0, plan_devices = 0;
   plan->add_option("--nodes", plan_nodes, "Nodes (ranks: nodes x devices per node; default: the job's resources)")
-      ->check(CLI::Range(1, 100000));
+      ->check(CLI::Range(1, 100000))
+      ->excludes(plan_nproc);
   plan->add_option("--devices-per-node", plan_devices, "Ranks per node (default: the job's resources)")
-      ->check(CLI::Range(1, 1024));
+      ->check(CLI::Range(1, 1024))
+      ->excludes(plan_nproc);
   plan->add_option("--threads", common.threads, "CPU threads per rank (default: the cores / ranks)");
   plan->add_option("--device-memory", device_memory, "Memory per rank to place and check against: what each GPU has free (e.g. 79GiB)");
   bool plan_json = false;

@@ -312,10 +312,9 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   // run of consecutive items, so that it moves through the shard file front to back.
   std::sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.order < b.order; });
   // Two readers, so that one checksums and copies while the other waits for the disk,
-  // with as many requests in flight together as a save keeps (4). More do not help this
-  // project's VM disk: fio read at 1.07-1.25 GB/s with 16 in flight against 1.58-1.71
-  // with 2, and over 4 runs 4 readers x 4 requests came to 69-85% of fio against 84-106%
-  // for 2 x 2.
+  // with as many requests in flight together as a save keeps. More did not help on the
+  // disk it was measured on (README.md, "Measured": 4 readers x 4 requests came to
+  // 69-85% of fio, 2 x 2 to 84-106%).
   constexpr int kReaders = 2;
   constexpr int kDepthPerReader = storage::CheckpointStore::kDefaultReadDepth / kReaders;
   // Each reader streams its run through two 8 MiB buffers of the store's, uploading

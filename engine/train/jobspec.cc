@@ -15,6 +15,7 @@ namespace {
 constexpr std::string_view kPlugins[] = {"ddp", "zero1", "zero2", "zero3", "gemini"};
 constexpr std::string_view kPrecisions[] = {"fp32", "bf16", "fp16"};
 constexpr std::string_view kCommunicators[] = {"auto", "nccl", "gloo"};
+constexpr std::string_view kPlacements[] = {"static", "auto"};
 constexpr std::string_view kFormats[] = {"auto", "prepared", "raw", "uint32", "bytes"};
 
 template <size_t K>
@@ -221,8 +222,8 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
                 StrCat("moves GPU buffers; training.mixed_precision ", t.mixed_precision,
                        " trains on the CPU (bf16 trains on GPUs)"));
   }
-  if (par.placement != "static" && par.placement != "auto") {
-    return fail("parallel.placement", StrCat("'", par.placement, "'"), "is not one of static, auto");
+  if (!OneOf(par.placement, kPlacements)) {
+    return fail("parallel.placement", StrCat("'", par.placement, "'"), StrCat("is not one of ", Choices(kPlacements)));
   }
   const ParallelSpec defaults;
   for (const auto& [key, value, fallback] :

@@ -12,6 +12,14 @@
 
 namespace llamad {
 
+offload::SwapOptions NvmeSwapOptions(const OffloadSpec& offload) {
+  offload::SwapOptions options;
+  options.chunk_bytes = size_t(offload.chunk_mb * double(1 << 20)) / 4096 * 4096;
+  options.block_bytes = size_t(offload.block_kb) * 1024;
+  options.queue_depth = int(offload.queue_depth);
+  return options;
+}
+
 MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_size,
                       uint64_t lm_head_chunk_elements, int logit_bytes, int score_threads) {
   MemoryPlan plan;
@@ -44,9 +52,8 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   plan.optimizer_state = 2 * sharded * DTypeSize(accum);
   // The NVMe tier's chunking (AdamWOptimizer::OffloadToNvme): both moments of a range of
   // elements per chunk, whole chunks, three chunks in memory for the pipeline.
-  const uint64_t chunk_elements =
-      std::max<uint64_t>(1, uint64_t(spec.offload.chunk_mb * double(1 << 20)) / 4096 * 4096 / (2 * DTypeSize(accum)));
-  const uint64_t chunk_bytes = chunk_elements * 2 * DTypeSize(accum);
+  const uint64_t chunk_elements = AdamWOptimizer::SwapChunkElements(NvmeSwapOptions(spec.offload).chunk_bytes);
+  const uint64_t chunk_bytes = chunk_elements * 2 * sizeof(float);
   auto swap_file_bytes = [&](uint64_t swapped) { return (swapped + chunk_elements - 1) / chunk_elements * chunk_bytes; };
   const bool on_gpu = dtype != accum;
   if (spec.offload.optimizer == "nvme" && !on_gpu) {

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "core/dtype.h"
+#include "offload/swap_file.h"
 #include "train/jobspec.h"
 
 namespace llamad {
@@ -40,6 +41,10 @@ struct MemoryPlan {
   // A table, one row per kind, with the total and (budget > 0) whether it fits.
   std::string Describe(uint64_t budget, const std::string& budget_name) const;
 };
+
+// The NVMe tier's pipeline as the job sets it (offload.chunk_mb in whole 4 KiB pages,
+// block_kb, queue_depth): what the trainer opens the swap with and the plan counts.
+offload::SwapOptions NvmeSwapOptions(const OffloadSpec& offload);
 
 // `dtype` and `accum` are the backend's element types (CPU: f32 and f32; CUDA: bf16 and
 // f32). The LM head holds up to lm_head_chunk_elements logits (as many rows as fit, at

@@ -111,12 +111,7 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction, const N
   const size_t swapped = nvme != nullptr ? SwappedElements(n, nvme->fraction) : 0;
   const size_t kept = n - swapped, swap_begin = shard_end_ - swapped;
   host_chunk_elements_ = std::max<size_t>(1, std::min<size_t>(kept, kHostChunkElements));
-  offload::SwapOptions swap_options;
-  if (nvme != nullptr) {
-    swap_options = nvme->options;
-    chunk_elements_ = std::max<size_t>(1, swap_options.chunk_bytes / (2 * sizeof(float)));
-    swap_options.chunk_bytes = chunk_elements_ * 2 * sizeof(float);  // exp_avg and exp_avg_sq of the same elements
-  }
+  const offload::SwapOptions swap_options = nvme != nullptr ? ChunkedSwapOptions(nvme->options) : offload::SwapOptions{};
   // The first gradient buffer also takes a swap chunk's gradients.
   const size_t grad0 = nvme != nullptr ? std::max(host_chunk_elements_, chunk_elements_) : host_chunk_elements_;
   host_master_.reset(new (std::nothrow) float[n]);
@@ -193,7 +188,7 @@ void AdamWOptimizer::SendUpdatedWeights(size_t lo, size_t hi) {
   // rounded from the host master weights at each gather).
   const size_t split = std::clamp(model_->replicated_begin(), lo, hi);
   const size_t held = std::clamp(model_->param_held_end(), lo, split);
-  for (const auto [from, to] : {std::pair{lo, held}, std::pair{split, hi}}) {
+  for (const auto& [from, to] : {std::pair{lo, held}, std::pair{split, hi}}) {
     if (to == from) continue;
     backend_->UploadF32(model_->grad_at(from), host_master_.get() + (from - memory_end_), to - from);
     backend_->Copy(model_->param_at(from), model_->grad_at(from), to - from);
@@ -289,9 +284,7 @@ absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload
   // The last `fraction` of the shard's elements go to the swap.
   const size_t swapped = SwappedElements(shard_end_ - shard_begin_, fraction);
   const size_t swap_begin = shard_end_ - swapped;
-  chunk_elements_ = std::max<size_t>(1, options.chunk_bytes / (2 * sizeof(float)));
-  offload::SwapOptions o = options;
-  o.chunk_bytes = chunk_elements_ * 2 * sizeof(float);  // exp_avg and exp_avg_sq of the same elements
+  const offload::SwapOptions o = ChunkedSwapOptions(options);
   const size_t chunks = (swapped + chunk_elements_ - 1) / chunk_elements_;
   auto swap = offload::SwapFile::Create(dir, chunks * o.chunk_bytes, o);
   if (!swap.ok()) return swap.status();
@@ -330,6 +323,13 @@ void AdamWOptimizer::Shard(size_t begin, size_t end) {
   shard_begin_ = begin;
   shard_end_ = memory_end_ = swap_begin_ = end;
   state_bytes_ = 2 * (end - begin) * DTypeSize(backend_->accum_dtype());
+}
+
+offload::SwapOptions AdamWOptimizer::ChunkedSwapOptions(const offload::SwapOptions& options) {
+  chunk_elements_ = SwapChunkElements(options.chunk_bytes);
+  offload::SwapOptions o = options;
+  o.chunk_bytes = chunk_elements_ * 2 * sizeof(float);  // exp_avg and exp_avg_sq of the same elements
+  return o;
 }
 
 void AdamWOptimizer::KeepMoments(size_t begin, size_t end) {

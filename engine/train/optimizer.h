@@ -91,6 +91,9 @@ class AdamWOptimizer {
     return std::min(n, size_t(std::ceil(fraction * double(n))));
   }
   const offload::SwapFile* swap() const { return swap_.get(); }
+  // Elements per chunk of the NVMe tier: a chunk holds both f32 moments of a range of
+  // elements, in at most `chunk_bytes` (the plan counts them the same way).
+  static size_t SwapChunkElements(size_t chunk_bytes) { return std::max<size_t>(1, chunk_bytes / (2 * sizeof(float))); }
   // ZeRO-Offload (offload.optimizer host; a backend with separate master weights, the
   // GPU's): the f32 master weights and both moments move to host memory, and the model's
   // device copy of the master weights is freed. Step then runs AdamW on the CPU chunk by
@@ -136,6 +139,8 @@ class AdamWOptimizer {
 
  private:
   void EnsureMoments();
+  // Sets chunk_elements_ for `options` and returns them with whole chunks' bytes.
+  offload::SwapOptions ChunkedSwapOptions(const offload::SwapOptions& options);
   // Keeps the moments of [begin, end) (within those held now) in buffers of that size.
   void KeepMoments(size_t begin, size_t end);
 

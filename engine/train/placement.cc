@@ -212,6 +212,25 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
                                               : "more ranks, training.grad_checkpoint or a smaller -b/-l lower it")));
 }
 
+absl::StatusOr<GeminiPlacement> PlaceJob(const JobSpec& spec, bool cuda, int world, uint64_t budget,
+                                         const std::function<MemoryPlan(const JobSpec&)>& plan, bool must_fit) {
+  auto placed = PlaceGemini(spec, cuda, world, budget, plan);
+  if (!placed.ok()) return placed.status();
+  if (cuda) {
+    placed->spec = FitRegionOverlap(placed->spec, budget, plan);
+  } else if (must_fit || placed->spec.offload.optimizer == "auto") {
+    auto within = PlaceOptimizerState(placed->spec, budget, plan);
+    if (within.ok()) {
+      placed->spec = *std::move(within);
+    } else if (must_fit) {
+      return within.status();
+    } else {
+      placed->spec.offload.optimizer = "memory";
+    }
+  }
+  return placed;
+}
+
 JobSpec FitRegionOverlap(const JobSpec& spec, uint64_t budget, const std::function<MemoryPlan(const JobSpec&)>& plan) {
   if (budget == 0 || !spec.parallel.overlap_regions || plan(spec).total() <= budget) return spec;
   JobSpec inline_regions = spec;

@@ -11,18 +11,22 @@
 //           between: zero3 for the regions in that first share of the parameters,
 //           and every rank holds the regions after it whole, refreshed once after
 //           each step instead of gathered at every use (ParallelSpec::sharded_share).
-//           offload_optim_frac 1: the f32 master weights and moments in host memory,
-//           updated by the CPU (offload.optimizer host); 0: on the device.
-//           offload_param_frac: 0 (the parameters' shard stays on the device).
+//           offload_optim_frac: the share of each shard whose f32 master weights and
+//           moments live in host memory, updated by the CPU (offload.optimizer host,
+//           host_fraction); with offload.optimizer nvme (all of it on the host) its
+//           moments go on to the NVMe tier. offload_param_frac (zero3, at most
+//           offload_optim_frac): that share's parameters leave the device too
+//           (ParallelSpec::params_host_share).
 //   auto    the fastest layout the memory planner (train/memory_plan.h) fits into the
 //           rank's budget, tried in this order: zero2, zero3, then zero3 with the
-//           optimizer state in host memory (CUDA) or partly on the NVMe tier (CPU,
-//           offload.nvme_path set; offload.optimizer auto picks the share).
+//           smallest share of the optimizer state in host memory that fits, then all of
+//           it and the smallest share of the parameters (CUDA), or zero3 partly on the
+//           NVMe tier (CPU, offload.nvme_path set; offload.optimizer auto picks the
+//           share). Each layout first with zero2/3's collectives overlapped, then inline.
 //
 // On the CPU backend the device's memory is the host's: the offload fractions move
 // nothing there, and the NVMe tier (offload.optimizer nvme, nvme_fraction) is the one
-// below it. Offload fractions strictly between 0 and 1 are refused with an error that
-// says so: this build moves a GPU's optimizer state as a whole.
+// below it.
 #pragma once
 
 #include <cstdint>
@@ -46,6 +50,15 @@ struct GeminiPlacement {
 // not gemini comes back unchanged.
 absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int world, uint64_t budget,
                                             const std::function<MemoryPlan(const JobSpec&)>& plan);
+
+// What a job runs as on `world` ranks within `budget` per rank (0: unknown): gemini
+// placed (PlaceGemini), the CPU backend's optimizer tier placed (PlaceOptimizerState)
+// and a GPU job's zero2/3 overlap dropped where only inline fits (FitRegionOverlap).
+// With `must_fit` a CPU job that does not fit is an error; without (a plan, which shows
+// by how much), offload.optimizer auto that nothing fits stays in memory. The trainer
+// and `llama-train plan` both place with this, so a plan shows what a run would do.
+absl::StatusOr<GeminiPlacement> PlaceJob(const JobSpec& spec, bool cuda, int world, uint64_t budget,
+                                         const std::function<MemoryPlan(const JobSpec&)>& plan, bool must_fit);
 
 // zero2/3 run each region's collectives beside the backward with a second region scratch
 // (ParallelSpec::overlap_regions); a job that fits `budget` only without that scratch

@@ -23,6 +23,7 @@ Trainer::Trainer(const JobSpec& spec, Backend* backend, double peak_flops, Commu
     local_comm_ = MakeLocalCommunicator();
     comm_ = local_comm_.get();
   }
+  device_ = DeviceCollectivesFor(*comm_, *backend_);
   const TrainingSpec& t = spec_.training;
   LlamaOptions options;
   options.grad_checkpoint = t.grad_checkpoint;
@@ -65,10 +66,10 @@ void Trainer::FinishRegionReduce() {
     const size_t begin = device_region_begin_, end = device_region_end_;
     device_region_begin_ = device_region_end_ = 0;
     // Also after a failure: the copy is written again next, and freed at the end.
-    const absl::Status joined = DeviceCollectivesOrNull()->JoinCollective(device_region_ticket_);
+    const absl::Status joined = device_->JoinCollective(device_region_ticket_);
     if (model_collective_status_.ok()) model_collective_status_ = joined;
     if (!model_collective_status_.ok()) return;
-    const size_t lo = std::max(begin, own_begin_), hi = std::min(end, own_end_);
+    const size_t lo = std::max(begin, optimizer_->shard_begin()), hi = std::min(end, optimizer_->shard_end());
     if (lo < hi) {
       backend_->Add(model_->grad_at(lo), static_cast<char*>(region_copy_) + model_->accum_byte_offset(lo - begin), hi - lo);
     }
@@ -82,9 +83,7 @@ void Trainer::FinishRegionReduce() {
   model_wait_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-DeviceCollectives* Trainer::DeviceCollectivesOrNull() const {
-  return BuffersInHostMemory(*backend_) ? nullptr : comm_->device_collectives();
-}
+
 
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const JobSpec& spec, Backend* backend,
                                                          double peak_flops, Communicator* comm) {
@@ -143,9 +142,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateWithinMemory(const JobSp
     return PlanMemory(s, backend->dtype(), backend->accum_dtype(), world, CpuBackendOptions{}.lm_head_chunk_elements,
                       int(DTypeSize(backend->dtype())), 3 * CpuThreads());
   };
-  auto gemini = PlaceGemini(requested, cuda, world, uint64_t(std::max<int64_t>(budget, 0)), plan_of);
+  auto gemini = PlaceJob(requested, cuda, world, uint64_t(std::max<int64_t>(budget, 0)), plan_of, /*must_fit=*/true);
   if (!gemini.ok()) return gemini.status();
-  const JobSpec& spec = gemini->spec;  // gemini resolved to zero2/zero3 and an optimizer tier
+  const JobSpec& spec = gemini->spec;  // gemini resolved to zero2/zero3 and the optimizer's tier
   const std::string& f = spec.path;
   if (spec.offload.optimizer == "host") {
     if (!backend->needs_master_weights()) {
@@ -153,13 +152,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateWithinMemory(const JobSp
           f, ": offload.optimizer: host moves a GPU's optimizer state to host memory; the ", backend->name(),
           " backend keeps it in host memory already (use memory, or nvme for the NVMe tier)"));
     }
-  }
-  JobSpec placed = spec;
-  if (backend->name() == "cpu") {
-    // offload.optimizer auto resolved, and the job checked against the rank's memory.
-    auto within = PlaceOptimizerState(spec, uint64_t(std::max<int64_t>(budget, 0)), plan_of);
-    if (!within.ok()) return within.status();
-    placed = *std::move(within);
   }
   if (comm != nullptr && comm->world_size() > 1) {
     const int64_t global = spec.training.global_batch_size > 0 ? spec.training.global_batch_size
@@ -170,9 +162,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateWithinMemory(const JobSp
           " ranks (raise training.global_batch_size)"));
     }
   }
-  // A GPU job that fits only with its zero2/3 collectives inline runs them so.
-  if (cuda) placed = FitRegionOverlap(placed, uint64_t(std::max<int64_t>(budget, 0)), plan_of);
-  auto trainer = std::unique_ptr<Trainer>(new Trainer(placed, backend, peak_flops, comm));
+  auto trainer = std::unique_ptr<Trainer>(new Trainer(spec, backend, peak_flops, comm));
   trainer->placement_ = gemini->summary;
   return trainer;
 }
@@ -189,7 +179,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   StepMetrics m;
   m.step = optimizer_->step() + 1;
   // A GPU rank's collectives on its own buffers (NCCL) time themselves on the GPU.
-  DeviceCollectives* device = DeviceCollectivesOrNull();
+  DeviceCollectives* device = device_;
   const double device_busy = device != nullptr ? device->busy_seconds() : 0;
   const double device_exposed = device != nullptr ? device->exposed_seconds() : 0;
   model_->ZeroGrads();
@@ -348,7 +338,7 @@ absl::Status Trainer::StartRanks() {
   if (comm_->world_size() == 1) return absl::OkStatus();
   if (auto s = SendStartingState(); !s.ok()) return s;
   // GPU collectives are only queued: the state is there once they finished, intact.
-  if (DeviceCollectives* device = DeviceCollectivesOrNull()) {
+  if (DeviceCollectives* device = device_) {
     backend_->Synchronize();
     return device->status();
   }
@@ -390,12 +380,8 @@ void Trainer::ForEachOwnerPart(size_t begin, size_t end,
                                const std::function<absl::Status(int owner, size_t lo, size_t hi)>& part) {
   if (!model_collective_status_.ok()) return;  // a peer is gone: no more collectives
   const auto start = std::chrono::steady_clock::now();
-  const size_t n = model_->num_params();
-  for (int r = 0; r < comm_->world_size(); ++r) {
-    const auto [slice_begin, slice_end] = EvenSlice(n, r, comm_->world_size());
-    const size_t lo = std::max(slice_begin, begin), hi = std::min(slice_end, end);
-    if (lo >= hi) continue;
-    model_collective_status_ = part(r, lo, hi);
+  for (const OwnedPart& p : OwnedParts(begin, end, model_->num_params(), comm_->world_size())) {
+    model_collective_status_ = part(p.owner, begin + p.offset, begin + p.offset + p.count);
     if (!model_collective_status_.ok()) return;
   }
   model_collective_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -403,13 +389,11 @@ void Trainer::ForEachOwnerPart(size_t begin, size_t end,
 
 void Trainer::ShardGradients() {
   const auto [own_begin, own_end] = EvenSlice(model_->num_params(), comm_->rank(), comm_->world_size());
-  own_begin_ = own_begin;
-  own_end_ = own_end;
   // Overlap: each region's gradients are copied out of the model's scratch and reduced
   // while the backward goes on to the next region. On host memory the collectives run on
   // the helper thread (not the backend's: it is not thread-safe); on a GPU with NCCL they
   // run on NCCL's stream beside the backward. GPU ranks without NCCL reduce inline.
-  DeviceCollectives* device = DeviceCollectivesOrNull();
+  DeviceCollectives* device = device_;
   const bool overlap = spec_.parallel.overlap_regions && (BuffersInHostMemory(*backend_) || device != nullptr);
   if (overlap) {
     if (device == nullptr && !collectives_) collectives_ = std::make_unique<SerialWorker>();
@@ -420,7 +404,7 @@ void Trainer::ShardGradients() {
   model_->ShardGradients(own_begin, own_end, [this, overlap, device](size_t begin, size_t end, void* grads) {
     // Each rank's part of the region is summed to that rank, which adds it to its shard:
     // a reduce-scatter of the region.
-    const size_t own_lo = std::max(begin, own_begin_), own_hi = std::min(end, own_end_);
+    const size_t own_lo = std::max(begin, optimizer_->shard_begin()), own_hi = std::min(end, optimizer_->shard_end());
     auto reduce = [this, begin, end, own_lo, own_hi](void* region) {
       if (!model_collective_status_.ok()) return;  // a peer is gone: no more collectives
       const auto start = std::chrono::steady_clock::now();
@@ -465,7 +449,7 @@ void Trainer::ShardParameters() {
   // Prefetch: each region's gather starts, into the model's second scratch, while the
   // region before it computes. On host memory it runs on the helper thread; on a GPU with
   // NCCL on NCCL's stream beside the backend. GPU ranks without NCCL gather inline.
-  DeviceCollectives* device = DeviceCollectivesOrNull();
+  DeviceCollectives* device = device_;
   const bool prefetch = spec_.parallel.overlap_regions && (BuffersInHostMemory(*backend_) || device != nullptr);
   if (prefetch && device == nullptr && !collectives_) collectives_ = std::make_unique<SerialWorker>();
   auto timed = [this](const std::function<void()>& wait) {
@@ -532,10 +516,7 @@ absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
   // A GPU's state goes to host memory first also for nvme (ZeRO-Infinity), and then its
   // moments on to the NVMe tier.
   const bool gpu_nvme = o.optimizer == "nvme" && backend_->needs_master_weights();
-  offload::SwapOptions options;
-  options.chunk_bytes = size_t(o.chunk_mb * double(1 << 20)) / 4096 * 4096;
-  options.block_bytes = size_t(o.block_kb) * 1024;
-  options.queue_depth = int(o.queue_depth);
+  const offload::SwapOptions options = NvmeSwapOptions(o);
   if (o.optimizer == "host" || gpu_nvme) {
     const AdamWOptimizer::NvmeTier nvme{o.nvme_path, options, o.nvme_fraction};
     if (auto s = optimizer_->OffloadToHost(cpu_threads, gpu_nvme ? 1.0 : o.host_fraction, gpu_nvme ? &nvme : nullptr);
@@ -545,13 +526,10 @@ absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
     const double share = spec_.parallel.params_host_share;
     if (share > 0 && model_->parameters_sharded()) {
       const size_t shard = optimizer_->shard_end() - optimizer_->shard_begin();
-      const size_t begin = optimizer_->shard_end() - AdamWOptimizer::SwappedElements(shard, share);
-      if (begin < optimizer_->memory_end()) {
-        return absl::InvalidArgumentError(StrCat(
-            spec_.path, ": parameters in host memory come from their master weights there: the share of the "
-            "optimizer state in host memory must be at least the parameters' (", share, ")"));
-      }
-      model_->TrimParamShard(begin);
+      // Only parameters whose master weights are on the host can leave (PlaceGemini keeps
+      // the share within the optimizer state's there): the gathers upload those.
+      model_->TrimParamShard(std::max(optimizer_->memory_end(),
+                                      optimizer_->shard_end() - AdamWOptimizer::SwappedElements(shard, share)));
     }
     return absl::OkStatus();
   }

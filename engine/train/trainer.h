@@ -118,6 +118,7 @@ class Trainer {
   Backend* backend_;
   std::unique_ptr<Communicator> local_comm_;  // when no communicator was given
   Communicator* comm_;
+  DeviceCollectives* device_;  // the communicator's collectives on this backend's GPU buffers (NCCL), or null
   double peak_flops_;
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<AdamWOptimizer> optimizer_;
@@ -148,15 +149,13 @@ class Trainer {
   // beside the backward, not yet added into the shard (empty when none).
   size_t device_region_begin_ = 0, device_region_end_ = 0;
   uint64_t device_region_ticket_ = 0;  // its reduce-scatter's (DeviceCollectives::last_ticket)
-  size_t own_begin_ = 0, own_end_ = 0;  // zero2: this rank's EvenSlice of the flat parameters
   // Waits for the region reduction in flight and (GPU) adds the owner's part.
   void FinishRegionReduce();
   // zero3: this rank's own parameters [lo, hi) into a gather's dst.
   void CopyOwnParameters(void* dst, size_t lo, size_t hi);
   // StartRanks' collectives: rank 0's progress, and the state each rank lacks.
   absl::Status SendStartingState();
-  // The communicator's collectives on this backend's GPU buffers (NCCL), or null.
-  DeviceCollectives* DeviceCollectivesOrNull() const;
+
 };
 
 }  // namespace llamad

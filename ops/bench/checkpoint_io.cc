@@ -40,8 +40,8 @@ double Now() {
 // `bytes` of `file` with `queue_depth` in flight (io_uring; psync for 1), or 0 when fio
 // is missing. A write job writes a new file, as a checkpoint does (overwriting
 // allocated blocks is faster: 2.7-3.2 against 2.0-2.3 GB/s here); a read job only reads.
-double Fio(const std::string& file, const char* rw, uint64_t bytes, int queue_depth) {
-  const std::string out = fs::path(file).parent_path().string() + "/fio.json";
+// fio's report goes to `out` (outside the store: a read job reads a committed shard).
+double Fio(const std::string& file, const char* rw, uint64_t bytes, int queue_depth, const std::string& out) {
   const bool write = rw == std::string("write");
   if (write) fs::remove(file);
   const std::string engine =
@@ -114,9 +114,9 @@ int Main(int argc, char** argv) {
     if (!s.ok()) std::fprintf(stderr, "bench: save failed: %s\n", std::string(s.message()).c_str());
     commit_time = Now();
   });
-  constexpr int kDepth = 4;  // the shard files' queue depth (storage/checkpoint_store.cc)
+  constexpr int kDepth = storage::CheckpointStore::kDefaultReadDepth;  // the shard files' queue depth
   std::vector<double> stalls, writes, reads, fio_writes, fio_reads, fio_writes_qd1, fio_reads_qd1;
-  const std::string fio_file = dir + "/fio.tmp";
+  const std::string fio_file = dir + "/fio.tmp", fio_out = dir + "/fio.json";
   for (int round = 0; round < rounds; ++round) {
     const int64_t step = round + 1;
     // fio writes a file of the checkpoint's size and reads the shard the restore reads,
@@ -124,8 +124,8 @@ int Main(int argc, char** argv) {
     // the disk's host still caches of what it last did.
     const bool fio_first = round % 2 == 1;
     auto fio_write = [&] {
-      fio_writes.push_back(Fio(fio_file, "write", state_bytes, kDepth));
-      fio_writes_qd1.push_back(Fio(fio_file, "write", state_bytes, 1));
+      fio_writes.push_back(Fio(fio_file, "write", state_bytes, kDepth, fio_out));
+      fio_writes_qd1.push_back(Fio(fio_file, "write", state_bytes, 1, fio_out));
     };
     if (fio_first) fio_write();
     (*trainer)->SetProgress(step, 0);
@@ -141,8 +141,8 @@ int Main(int argc, char** argv) {
     const uint64_t shard_bytes = fs::file_size(shard);
     auto fio_read = [&] {
       DropCache(shard);
-      fio_reads.push_back(Fio(shard, "read", shard_bytes, kDepth));
-      fio_reads_qd1.push_back(Fio(shard, "read", shard_bytes, 1));
+      fio_reads.push_back(Fio(shard, "read", shard_bytes, kDepth, fio_out));
+      fio_reads_qd1.push_back(Fio(shard, "read", shard_bytes, 1, fio_out));
     };
     if (fio_first) fio_read();
     DropCache(shard);
@@ -154,7 +154,8 @@ int Main(int argc, char** argv) {
     reads.push_back(state_bytes / (Now() - t0));
     if (!fio_first) fio_read();
   }
-  fs::remove(dir + "/fio.tmp");
+  fs::remove(fio_file);
+  fs::remove(fio_out);
   std::printf("%-6s %12s %12s %12s %12s  (MiB/s)\n", "round", "write", "fio write", "restore", "fio read");
   for (int i = 0; i < rounds; ++i) {
     std::printf("%-6d %12.0f %12.0f %12.0f %12.0f\n", i + 1, writes[i] / 1048576.0, fio_writes[i] / 1048576.0,

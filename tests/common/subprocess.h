@@ -63,9 +63,9 @@ class Subprocess {
       buffer_.append(chunk, size_t(n));
     }
   }
-  // Reads everything left; returns all output read so far.
-  const std::string& Drain() {
-    while (ReadLine()) {
+  // Reads everything left (each line within `timeout_s`); returns all output read so far.
+  const std::string& Drain(double timeout_s = 60) {
+    while (ReadLine(timeout_s)) {
     }
     return output_;
   }
@@ -97,8 +97,7 @@ struct CommandResult {
 };
 inline CommandResult RunCommand(const std::string& command) {
   Subprocess p(command);
-  while (p.ReadLine(/*timeout_s=*/900)) {
-  }
+  p.Drain(/*timeout_s=*/900);
   return {p.Wait(), p.output()};
 }
 

@@ -772,8 +772,11 @@ TEST_F(CudaTest, OptimizerMomentsOnNvmeTrainBitIdentically) {
 }
 
 // NCCL at world size 1 (the GPU check's machine has one GPU, and NCCL needs one per
-// rank): every collective of the backend's buffers goes through NCCL on its own stream,
-// in f32 and bf16, ordered with the backend's ops, and times itself on the GPU.
+// rank): every collective of the backend's buffers runs through NCCL on its own stream,
+// in f32 and bf16, inline and beside the backend, with tickets and joins, and times
+// itself on the GPU. One rank's collectives leave their buffers as they were, so the
+// values show that the calls run and return the buffers intact, and that the
+// reduce-scatter's add lands; the ordering between ranks is NcclRanksTrainLikeGlooRanks'.
 TEST_F(CudaTest, NcclCollectivesRunOnTheirOwnStream) {
   std::string version;
   if (!NcclAvailable(&version)) GTEST_SKIP() << version;
@@ -785,8 +788,7 @@ TEST_F(CudaTest, NcclCollectivesRunOnTheirOwnStream) {
   Pair f = Make(Random(n), DType::kF32), b = Make(Random(n), DType::kBF16), into = Make(Random(n), DType::kF32);
   const Vec fv = Gpu(f), bv = Gpu(b), intov = Gpu(into);
   for (int round = 0; round < 4; ++round) {
-    // The backend writes each buffer just before a collective reads it and just after
-    // it wrote it: out of order, the collective would see or leave other values.
+    // The backend writes each buffer just before and just after its collectives.
     gpu_->Scale(f.gpu, 4.0, n);
     ASSERT_TRUE(AllReduceSumOnBackend(**comm, *gpu_, f.gpu, n).ok());
     gpu_->Scale(f.gpu, 0.25, n);
@@ -795,7 +797,7 @@ TEST_F(CudaTest, NcclCollectivesRunOnTheirOwnStream) {
     ASSERT_TRUE(AllGatherSlicesOnBackend(**comm, *gpu_, b.gpu, n).ok());
     // Beside the backend: the backend's next writes wait for the Join.
     ASSERT_TRUE(device->AllReduceSum(f.gpu, n, DType::kF32, Ordering::kBeside).ok());
-    ASSERT_TRUE(device->ReduceSum(b.gpu, n, DType::kBF16, 0, Ordering::kBeside).ok());
+    ASSERT_TRUE(device->ReduceScatter(b.gpu, {OwnedPart{0, n, 0}}, DType::kBF16, Ordering::kBeside).ok());
     ASSERT_TRUE(device->Broadcast(b.gpu, n, DType::kBF16, 0, Ordering::kBeside).ok());
     // The broadcast alone, then everything.
     const uint64_t ticket = device->last_ticket();
@@ -848,11 +850,14 @@ TEST_F(CudaTest, GeminiOffloadFractionsTrainLikeTheWholeMove) {
                "gemini static, half the optimizer on host");
   const auto params_out = job.Run(2, "-p gemini -g --offload-optim-frac 1 --offload-param-frac 0.5" + gloo);
   ExpectLosses(params_out, zero3_host, 0, 0, "gemini static, half the parameters on host");
-  // Rank 0's shard is the first (n + 1) / 2 of the n parameters; half of it, rounded up,
-  // leaves the GPU (2 bytes each).
+  // Rank 0's shard is the first (n + 1) / 2 of the job's n parameters; half of it,
+  // rounded up, leaves the GPU (2 bytes each).
   const size_t moved = size_t(zero3_host.back()["parameter_bytes"].get<double>() -
                               params_out.back()["parameter_bytes"].get<double>()) / 2;
-  const size_t n = size_t(job.Run(1, "").back()["parameter_bytes"].get<double>()) / 2;  // one rank, bf16
+  ModelConfig model = SmallConfig();  // GpuJob's model: SmallConfig with its vocabulary
+  model.vocab_size = 40;
+  model.max_position_embeddings = 64;
+  const size_t n = size_t(model.NumParameters());
   EXPECT_EQ(moved, ((n + 1) / 2 + 1) / 2);
 }
 
