@@ -325,6 +325,7 @@ INSTANTIATE_TEST_SUITE_P(
         ::testing::Values(CudaAttention::kLlamad, CudaAttention::kCudnn),
         ::testing::Values(AttentionShape{2, 130, 4, 2, 64},   // partial last tile, GQA 2
                           AttentionShape{1, 256, 2, 1, 128},  // head dim 128, GQA 2
+                          AttentionShape{1, 200, 4, 1, 128},  // partial 32-key and 128-query tiles, GQA 4
                           AttentionShape{2, 70, 8, 4, 32},    // the tiny preset's heads
                           AttentionShape{1, 17, 4, 4, 64})),  // shorter than one tile, MHA
     [](const ::testing::TestParamInfo<std::tuple<CudaAttention, AttentionShape>>& info) {
