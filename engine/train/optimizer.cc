@@ -186,11 +186,15 @@ void AdamWOptimizer::SendUpdatedWeights(size_t lo, size_t hi) {
   // buffer on the device). In two parts where the chunk spans the parameters' shard and
   // their replica; of the shard only what the device holds (TrimParamShard: the rest is
   // rounded from the host master weights at each gather).
+  //
+  // The upload may still run when this returns: the CPU goes on to the next chunk while
+  // the device takes this one. The master weights it reads change again only in the next
+  // step, after downloads that wait for it (the stream keeps them in order).
   const size_t split = std::clamp(model_->replicated_begin(), lo, hi);
   const size_t held = std::clamp(model_->param_held_end(), lo, split);
   for (const auto& [from, to] : {std::pair{lo, held}, std::pair{split, hi}}) {
     if (to == from) continue;
-    backend_->UploadF32(model_->grad_at(from), host_master_.get() + (from - memory_end_), to - from);
+    backend_->UploadF32Async(model_->grad_at(from), host_master_.get() + (from - memory_end_), to - from);
     backend_->Copy(model_->param_at(from), model_->grad_at(from), to - from);
   }
 }
