@@ -91,11 +91,16 @@ absl::Status ReduceScatterAddOnBackend(Communicator& comm, Backend& backend, voi
   return absl::OkStatus();
 }
 
-absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n) {
-  if (auto* device = DeviceCollectivesFor(comm, backend)) {
-    return device->AllGatherSlices(buffer, n, backend.BufferType(buffer, n));
+absl::Status GatherPartsOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t begin, size_t end,
+                                  size_t n, Ordering order) {
+  const std::vector<OwnedPart> parts = OwnedParts(begin, end, n, comm.world_size());
+  const DType type = backend.BufferType(buffer, end - begin);
+  if (auto* device = DeviceCollectivesFor(comm, backend)) return device->GatherParts(buffer, parts, type, order);
+  for (const OwnedPart& p : parts) {
+    void* part = static_cast<char*>(buffer) + p.offset * DTypeSize(type);
+    if (auto s = BroadcastOnBackend(comm, backend, part, p.count, p.owner); !s.ok()) return s;
   }
-  return OnHost(backend, buffer, n, true, [&](float* data) { return AllGatherSlices(comm, data, n); });
+  return absl::OkStatus();
 }
 
 }  // namespace llamad

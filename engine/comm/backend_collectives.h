@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "backend/backend.h"
 #include "comm/communicator.h"
+#include "comm/device_collectives.h"
 
 namespace llamad {
 
@@ -33,7 +34,11 @@ absl::Status ReduceAddOnBackend(Communicator& comm, Backend& backend, void* data
 // `own`, this rank's part (null when it has none). Every rank's `data` is scratch after.
 absl::Status ReduceScatterAddOnBackend(Communicator& comm, Backend& backend, void* data, size_t begin, size_t end,
                                        size_t n, void* own);
-// In place: each rank's EvenSlice of the n elements of `buffer` goes to every rank.
-absl::Status AllGatherSlicesOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t n);
+// All-gather in place: `buffer` holds elements [begin, end) of a flat range of n that the
+// ranks own in EvenSlices, and each rank's part of it goes to every rank. With NCCL all
+// parts go in one launch, ordered with the backend's ops by `order`; otherwise one
+// broadcast per part, the calling thread waiting.
+absl::Status GatherPartsOnBackend(Communicator& comm, Backend& backend, void* buffer, size_t begin, size_t end,
+                                  size_t n, Ordering order = Ordering::kInline);
 
 }  // namespace llamad

@@ -67,10 +67,6 @@ inline std::vector<OwnedPart> OwnedParts(size_t begin, size_t end, size_t n, int
   return parts;
 }
 
-// All-gather in place: each rank holds its EvenSlice of data[0, n) and ends with all of
-// them (one broadcast per rank).
-absl::Status AllGatherSlices(Communicator& comm, float* data, size_t n);
-
 // World size 1: every collective is the identity.
 std::unique_ptr<Communicator> MakeLocalCommunicator();
 

@@ -28,8 +28,11 @@ class DeviceCollectives {
   // Root's buffer to every rank.
   virtual absl::Status Broadcast(void* buffer, size_t n, DType type, int root,
                                  Ordering order = Ordering::kInline) = 0;
-  // In place: each rank's EvenSlice of the n elements goes to every rank.
-  virtual absl::Status AllGatherSlices(void* buffer, size_t n, DType type) = 0;
+  // In place: each part of the buffer goes from its owner to every rank (an all-gather
+  // whose parts may differ in size, which ncclAllGather does not allow: one broadcast per
+  // part, all in one launch).
+  virtual absl::Status GatherParts(void* buffer, const std::vector<OwnedPart>& parts, DType type,
+                                   Ordering order = Ordering::kInline) = 0;
   // Reduce-scatter in place: each part of the buffer is summed over the ranks into its
   // owner's buffer. The parts may differ in size (EvenSlices), which ncclReduceScatter
   // does not allow: one reduce per part, all in one launch.

@@ -102,14 +102,6 @@ class GlooCommunicator final : public Communicator {
 
 }  // namespace
 
-absl::Status AllGatherSlices(Communicator& comm, float* data, size_t n) {
-  for (int r = 0; r < comm.world_size(); ++r) {
-    const auto [begin, end] = EvenSlice(n, r, comm.world_size());
-    if (auto s = comm.Broadcast(data + begin, end - begin, r); !s.ok()) return s;
-  }
-  return absl::OkStatus();
-}
-
 std::unique_ptr<Communicator> MakeLocalCommunicator() { return std::make_unique<LocalCommunicator>(); }
 
 namespace {

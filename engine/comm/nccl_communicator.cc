@@ -222,16 +222,12 @@ class NcclCollectives final : public DeviceCollectives {
       return r != ncclSuccess ? r : ended;
     });
   }
-  absl::Status AllGatherSlices(void* buffer, size_t n, DType type) override {
-    // Slices differ in size by one at most, which ncclAllGather does not allow: one
-    // broadcast per owner, grouped into one launch.
-    return Issue(Ordering::kInline, [&](ncclComm_t comm, cudaStream_t s) {
+  absl::Status GatherParts(void* buffer, const std::vector<OwnedPart>& parts, DType type, Ordering order) override {
+    return Issue(order, [&](ncclComm_t comm, cudaStream_t s) {
       ncclResult_t r = api_->GroupStart();
-      for (int owner = 0; owner < world_ && r == ncclSuccess; ++owner) {
-        const auto [begin, end] = EvenSlice(n, owner, world_);
-        if (end == begin) continue;
-        char* part = static_cast<char*>(buffer) + begin * DTypeSize(type);
-        r = api_->Broadcast(part, part, end - begin, NcclType(type), owner, comm, s);
+      for (size_t i = 0; i < parts.size() && r == ncclSuccess; ++i) {
+        char* part = static_cast<char*>(buffer) + parts[i].offset * DTypeSize(type);
+        r = api_->Broadcast(part, part, parts[i].count, NcclType(type), parts[i].owner, comm, s);
       }
       const ncclResult_t ended = api_->GroupEnd();
       return r != ncclSuccess ? r : ended;

@@ -304,10 +304,8 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     comm_start = std::chrono::steady_clock::now();
     // Each rank updated its own slice of the parameters: gather them everywhere (on a GPU
     // the layers' bf16 copy; each rank holds the master weights of its slice only).
-    if (auto s = AllGatherSlicesOnBackend(*comm_, *backend_, model_->param_data(), model_->num_params());
-        !s.ok()) {
-      return s;
-    }
+    const size_t n = model_->num_params();
+    if (auto s = GatherPartsOnBackend(*comm_, *backend_, model_->param_data(), 0, n, n); !s.ok()) return s;
     const double gather = seconds_since(comm_start);
     m.communication_seconds += gather;
     m.exposed_communication_seconds += gather;
@@ -357,7 +355,7 @@ absl::Status Trainer::SendStartingState() {
     // Each rank holds the master weights of its slice (seeded, imported or restored
     // there): the parameters' other slices come from their owners, as after a step.
     if (model_->parameters_sharded()) return model_->replica() != nullptr ? RefreshReplica() : absl::OkStatus();
-    return AllGatherSlicesOnBackend(*comm_, *backend_, model_->param_data(), model_->num_params());
+    return GatherPartsOnBackend(*comm_, *backend_, model_->param_data(), 0, model_->num_params(), model_->num_params());
   }
   if (auto s = BroadcastOnBackend(*comm_, *backend_, model_->master_data(), model_->num_params(), 0); !s.ok()) {
     return s;
@@ -376,14 +374,10 @@ void Trainer::ShardOptimizerState() {
   optimizer_->Shard(begin, end);  // the shard's moments are allocated, as zeros, at first use
 }
 
-void Trainer::ForEachOwnerPart(size_t begin, size_t end,
-                               const std::function<absl::Status(int owner, size_t lo, size_t hi)>& part) {
+void Trainer::RunModelCollective(const std::function<absl::Status()>& collective) {
   if (!model_collective_status_.ok()) return;  // a peer is gone: no more collectives
   const auto start = std::chrono::steady_clock::now();
-  for (const OwnedPart& p : OwnedParts(begin, end, model_->num_params(), comm_->world_size())) {
-    model_collective_status_ = part(p.owner, begin + p.offset, begin + p.offset + p.count);
-    if (!model_collective_status_.ok()) return;
-  }
+  model_collective_status_ = collective();
   model_collective_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
@@ -406,11 +400,10 @@ void Trainer::ShardGradients() {
     // a reduce-scatter of the region.
     const size_t own_lo = std::max(begin, optimizer_->shard_begin()), own_hi = std::min(end, optimizer_->shard_end());
     auto reduce = [this, begin, end, own_lo, own_hi](void* region) {
-      if (!model_collective_status_.ok()) return;  // a peer is gone: no more collectives
-      const auto start = std::chrono::steady_clock::now();
-      model_collective_status_ = ReduceScatterAddOnBackend(*comm_, *backend_, region, begin, end, model_->num_params(),
-                                                           own_lo < own_hi ? model_->grad_at(own_lo) : nullptr);
-      model_collective_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      RunModelCollective([&] {
+        return ReduceScatterAddOnBackend(*comm_, *backend_, region, begin, end, model_->num_params(),
+                                         own_lo < own_hi ? model_->grad_at(own_lo) : nullptr);
+      });
     };
     if (!overlap) {
       const auto start = std::chrono::steady_clock::now();
@@ -423,11 +416,10 @@ void Trainer::ShardGradients() {
     if (device != nullptr) {
       // The sums land in the copy, beside the backward; FinishRegionReduce adds the
       // owner's part into its shard once the next region (or the step) needs them.
-      if (model_collective_status_.ok()) {
-        model_collective_status_ =
-            device->ReduceScatter(region_copy_, OwnedParts(begin, end, model_->num_params(), comm_->world_size()),
-                                  backend_->accum_dtype(), Ordering::kBeside);
-      }
+      RunModelCollective([&] {
+        return device->ReduceScatter(region_copy_, OwnedParts(begin, end, model_->num_params(), comm_->world_size()),
+                                     backend_->accum_dtype(), Ordering::kBeside);
+      });
       device_region_begin_ = begin;
       device_region_end_ = end;
       device_region_ticket_ = device->last_ticket();
@@ -439,9 +431,8 @@ void Trainer::ShardGradients() {
 
 absl::Status Trainer::RefreshReplica() {
   // Each owner updated its part of the replica in place: it sends that part to the others.
-  ForEachOwnerPart(model_->replicated_begin(), model_->num_params(), [&](int owner, size_t lo, size_t hi) {
-    return BroadcastOnBackend(*comm_, *backend_, model_->param_at(lo), hi - lo, owner);
-  });
+  const size_t begin = model_->replicated_begin(), end = model_->num_params();
+  RunModelCollective([&] { return GatherPartsOnBackend(*comm_, *backend_, model_->param_at(begin), begin, end, end); });
   return model_collective_status_;
 }
 
@@ -459,24 +450,24 @@ void Trainer::ShardParameters() {
   };
   model_->GatherParametersWith(
       [this, prefetch, device, timed](size_t begin, size_t end, void* dst) -> LlamaModel::ParamWait {
-        // Each owner broadcasts its part of the region.
+        // Each owner sends its part of the region to the others: its own part goes into
+        // the region first. Off the main thread only the communicator is used: on host
+        // memory a plain copy, not the backend.
         auto gather = [this, begin, end, dst, prefetch, device] {
-          ForEachOwnerPart(begin, end, [&](int owner, size_t lo, size_t hi) {
-            void* part = static_cast<char*>(dst) + model_->param_byte_offset(lo - begin);
-            if (owner == comm_->rank()) {
-              // Off the main thread only the communicator is used: on host memory a
-              // plain copy, not the backend.
+          RunModelCollective([&] {
+            for (const OwnedPart& p : OwnedParts(begin, end, model_->num_params(), comm_->world_size())) {
+              if (p.owner != comm_->rank()) continue;
+              void* part = static_cast<char*>(dst) + model_->param_byte_offset(p.offset);
+              const size_t lo = begin + p.offset, hi = lo + p.count;
               if (prefetch && device == nullptr) {
-                std::memcpy(part, model_->param_at(lo), model_->param_byte_offset(hi - lo));
+                std::memcpy(part, model_->param_at(lo), model_->param_byte_offset(p.count));
               } else {
                 CopyOwnParameters(part, lo, hi);
               }
             }
-            if (device != nullptr) {
-              return device->Broadcast(part, hi - lo, backend_->dtype(), owner,
-                                       prefetch ? Ordering::kBeside : Ordering::kInline);
-            }
-            return BroadcastOnBackend(*comm_, *backend_, part, hi - lo, owner);
+            // With NCCL every part in one launch, beside the backend when prefetched.
+            return GatherPartsOnBackend(*comm_, *backend_, dst, begin, end, model_->num_params(),
+                                        prefetch && device != nullptr ? Ordering::kBeside : Ordering::kInline);
           });
         };
         if (!prefetch) {

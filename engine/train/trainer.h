@@ -103,10 +103,9 @@ class Trainer {
   void ShardOptimizerState();
   void ShardGradients();
   void ShardParameters();
-  // zero2/3: part(owner, lo, hi) for each rank's part [lo, hi) of the flat range
-  // [begin, end), in rank order, until one fails (model_collective_status_ keeps it).
-  void ForEachOwnerPart(size_t begin, size_t end,
-                        const std::function<absl::Status(int owner, size_t lo, size_t hi)>& part);
+  // zero2/3: runs a collective of the model's parameters or gradients unless one failed
+  // before (model_collective_status_ keeps the first failure), and counts its time.
+  void RunModelCollective(const std::function<absl::Status()>& collective);
 
   // Create after the checks that need no memory plan: places gemini and the optimizer
   // state within the rank's memory budget, checks that the job fits, and builds.

@@ -1,7 +1,8 @@
 // The communicator's building blocks in one process: ranks are threads joined by real
 // Gloo over loopback. Bucketed background all-reduce, the reduce-and-add of sharded
-// gradients, and the choice of what GPU ranks reduce over (NCCL needs a GPU each: on a
-// host backend every choice but an explicit nccl keeps Gloo).
+// gradients, the gather of sharded parameters, and the choice of what GPU ranks reduce
+// over (NCCL needs a GPU each: on a host backend every choice but an explicit nccl keeps
+// Gloo).
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -95,6 +96,26 @@ TEST(CommTest, ReduceScatterAddsEachRanksPartIntoItsShard) {
   });
   EXPECT_EQ(OwnedParts(kBegin, kEnd, kN, kWorld).size(), 3u);
   EXPECT_EQ(OwnedParts(0, 4, kN, kWorld).size(), 1u);  // within rank 0's slice
+}
+
+// zero3's gather of a region: each rank holds its own part of [2, 9) of 10 elements
+// (EvenSlices over 3) and ends with every owner's part.
+TEST(CommTest, GatherPartsGivesEveryRankEachOwnersPart) {
+  constexpr int kWorld = 3;
+  static constexpr size_t kN = 10, kBegin = 2, kEnd = 9;
+  OnRanks(kWorld, [](int rank, Communicator& comm) {
+    auto backend = MakeCpuBackend({DType::kF32, 1});
+    float* region = static_cast<float*>(backend->Allocate(kEnd - kBegin));
+    std::fill_n(region, kEnd - kBegin, -1.0f);  // what the others own: not here yet
+    const auto [own_begin, own_end] = EvenSlice(kN, rank, kWorld);
+    for (size_t i = std::max(own_begin, kBegin); i < std::min(own_end, kEnd); ++i) region[i - kBegin] = Value(rank, i);
+    ASSERT_TRUE(GatherPartsOnBackend(comm, *backend, region, kBegin, kEnd, kN).ok());
+    for (size_t i = kBegin; i < kEnd; ++i) {
+      int owner = 0;
+      while (EvenSlice(kN, owner, kWorld).second <= i) ++owner;
+      ASSERT_EQ(region[i - kBegin], Value(owner, i)) << "rank " << rank << " element " << i;
+    }
+  });
 }
 
 // The owner adds the sum over the ranks into its shard; the other ranks' shard is

@@ -795,7 +795,7 @@ TEST_F(CudaTest, NcclCollectivesRunOnTheirOwnStream) {
     gpu_->Scale(f.gpu, 0.25, n);
     gpu_->Scale(b.gpu, -1.0, n);
     ASSERT_TRUE(BroadcastOnBackend(**comm, *gpu_, b.gpu, n, 0).ok());
-    ASSERT_TRUE(AllGatherSlicesOnBackend(**comm, *gpu_, b.gpu, n).ok());
+    ASSERT_TRUE(GatherPartsOnBackend(**comm, *gpu_, b.gpu, 0, n, n).ok());
     // Beside the backend: the backend's next writes wait for the Join.
     ASSERT_TRUE(device->AllReduceSum(f.gpu, n, DType::kF32, Ordering::kBeside).ok());
     ASSERT_TRUE(device->ReduceScatter(b.gpu, {OwnedPart{0, n, 0}}, DType::kBF16, Ordering::kBeside).ok());
