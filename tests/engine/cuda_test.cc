@@ -327,6 +327,8 @@ INSTANTIATE_TEST_SUITE_P(
                           AttentionShape{1, 256, 2, 1, 128},  // head dim 128, GQA 2
                           AttentionShape{1, 200, 4, 1, 128},  // partial 32-key and 128-query tiles, GQA 4
                           AttentionShape{2, 70, 8, 4, 32},    // the tiny preset's heads
+                          AttentionShape{1, 300, 2, 1, 32},   // several blocks and key tiles
+                          AttentionShape{1, 385, 8, 2, 64},   // GQA 4, one row past a tile
                           AttentionShape{1, 17, 4, 4, 64})),  // shorter than one tile, MHA
     [](const ::testing::TestParamInfo<std::tuple<CudaAttention, AttentionShape>>& info) {
       const AttentionShape& s = std::get<1>(info.param);

@@ -5,11 +5,12 @@
 // and results are bit-identical from run to run.
 //
 // A block is 4 warps. The forward gives each warp 32 query rows (two 16-row m-tiles), so
-// every K and V fragment read from shared memory feeds two products; the backward gives
-// each warp 16 rows of a 64-row tile. Key tiles are 64 wide. Operand fragments come from
-// shared memory through ldmatrix (ldmatrix_lanes.h); the next tile is copied in with
-// cp.async while the current one computes (two stages); the causal mask is applied only
-// to tiles that cross the diagonal or the sequence's end.
+// every K and V fragment read from shared memory feeds two products; its key tiles are
+// 64 wide, 32 at head dim 128. The backward gives each warp 16 rows of a 64-row tile.
+// Operand fragments come from shared memory through ldmatrix (ldmatrix_lanes.h); the next
+// tile is copied in with cp.async while the current one computes (two stages, or one
+// where shared memory is short); the causal mask is applied only to tiles that cross the
+// diagonal or the sequence's end.
 //
 // Layout (see backend.h): qkv rows hold H query heads, then Hkv key heads, then Hkv value
 // heads, each head_dim wide; out rows H heads; lse [B, H, T].
@@ -133,6 +134,34 @@ __device__ __forceinline__ void CToA(const float c[N][4], uint32_t a[N / 2][4]) 
     a[k][2] = Pack(c[2 * k + 1][0], c[2 * k + 1][1]);
     a[k][3] = Pack(c[2 * k + 1][2], c[2 * k + 1][3]);
   }
+}
+
+// The copy pipeline of a loop over tiles 0..count-1 in kStages shared buffers. Tile 0
+// was started (and committed) before the loop; stage(i, buffer) starts tile i's copies
+// into a buffer. With two stages tile j + 1 copies in while tile j computes; with one
+// (where shared memory is short) tile j's copy starts once tile j - 1 is done. Returns the
+// buffer tile j is in, complete and visible to every thread. The caller ends each
+// iteration with __syncthreads(), so that no copy overwrites a buffer still being read.
+template <int kStages, typename Stage>
+__device__ __forceinline__ int NextTile(int j, int count, Stage stage) {
+  static_assert(kStages == 1 || kStages == 2, "one or two stages");
+  if constexpr (kStages == 2) {
+    if (j + 1 < count) {
+      stage(j + 1, (j + 1) % 2);
+      CommitCopies();
+      WaitCopies<1>();
+    } else {
+      WaitCopies<0>();
+    }
+  } else {
+    if (j > 0) {
+      stage(j, 0);
+      CommitCopies();
+    }
+    WaitCopies<0>();
+  }
+  __syncthreads();
+  return j % kStages;
 }
 
 // s[8][4] = A . tile^T for A (16 x D) in registers and the 64 rows of `tile`: a 16 x 64
@@ -264,9 +293,12 @@ __global__ void __launch_bounds__(kThreads) ForwardKernel(bf16* __restrict__ out
   const int first_q = m0 + warp_m0, last_q = first_q + 16 * MT - 1;
   const int key_tiles = (min(d.T, m0 + kRows) + kKeys - 1) / kKeys;
 
+  auto stage_keys = [&](int tile, int buffer) {
+    CopyTileAsync<D, kKeys>(k_tile(buffer), rows, d.qkv_stride, k_col, tile * kKeys, d.T);
+    CopyTileAsync<D, kKeys>(v_tile(buffer), rows, d.qkv_stride, v_col, tile * kKeys, d.T);
+  };
   CopyTileAsync<D, kRows>(qs, rows, d.qkv_stride, h * D, m0, d.T);
-  CopyTileAsync<D, kKeys>(k_tile(0), rows, d.qkv_stride, k_col, 0, d.T);
-  CopyTileAsync<D, kKeys>(v_tile(0), rows, d.qkv_stride, v_col, 0, d.T);
+  stage_keys(0, 0);
   CommitCopies();
 
   float o[MT][D / 8][4];
@@ -280,16 +312,7 @@ __global__ void __launch_bounds__(kThreads) ForwardKernel(bf16* __restrict__ out
   }
 
   for (int j = 0; j < key_tiles; ++j) {
-    const int n0 = j * kKeys, stage = j % 2;
-    if (j + 1 < key_tiles) {  // the next tiles copy in while these compute
-      CopyTileAsync<D, kKeys>(k_tile(stage ^ 1), rows, d.qkv_stride, k_col, n0 + kKeys, d.T);
-      CopyTileAsync<D, kKeys>(v_tile(stage ^ 1), rows, d.qkv_stride, v_col, n0 + kKeys, d.T);
-      CommitCopies();
-      WaitCopies<1>();
-    } else {
-      WaitCopies<0>();
-    }
-    __syncthreads();
+    const int n0 = j * kKeys, stage = NextTile<2>(j, key_tiles, stage_keys);
     // Warp-uniform: past its last row every key of the tile is in this warp's future.
     if (n0 <= last_q) {
       const Tile<D> ks = k_tile(stage), vs = v_tile(stage);
@@ -382,13 +405,13 @@ __global__ void DeltaKernel(float* __restrict__ delta, const bf16* __restrict__ 
 }
 
 // dQ for one 64-query tile: loops over the key tiles it attends to.
-template <int D>
+template <int D, int kStages>
 __global__ void __launch_bounds__(kThreads) BackwardDqKernel(
     bf16* __restrict__ dqkv, const bf16* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, const bf16* __restrict__ qkv, Dims d, float scale) {
   constexpr int kTileElements = kTile * Tile<D>::kStride;
   extern __shared__ __align__(16) unsigned char smem[];
-  // Q and dO, then two stages of a key tile and a value tile.
+  // Q and dO, then kStages buffers of a key tile and a value tile.
   const Tile<D> qs{reinterpret_cast<bf16*>(smem)};
   const Tile<D> dos = qs.next(kTile);
   bf16* const stages = dos.row(kTile);
@@ -404,10 +427,13 @@ __global__ void __launch_bounds__(kThreads) BackwardDqKernel(
   const int first_q = m0 + warp * 16;
   const int key_tiles = (min(d.T, m0 + kTile) + kTile - 1) / kTile;
 
+  auto stage_keys = [&](int tile, int buffer) {
+    CopyTileAsync<D, kTile>(k_tile(buffer), rows, d.qkv_stride, k_col, tile * kTile, d.T);
+    CopyTileAsync<D, kTile>(v_tile(buffer), rows, d.qkv_stride, v_col, tile * kTile, d.T);
+  };
   CopyTileAsync<D, kTile>(qs, rows, d.qkv_stride, h * D, m0, d.T);
   CopyTileAsync<D, kTile>(dos, dout + size_t(b) * d.T * d.out_stride, d.out_stride, h * D, m0, d.T);
-  CopyTileAsync<D, kTile>(k_tile(0), rows, d.qkv_stride, k_col, 0, d.T);
-  CopyTileAsync<D, kTile>(v_tile(0), rows, d.qkv_stride, v_col, 0, d.T);
+  stage_keys(0, 0);
   CommitCopies();
   const int q_row[2] = {first_q + g, first_q + g + 8};
   float row_lse[2], row_delta[2];
@@ -431,16 +457,7 @@ __global__ void __launch_bounds__(kThreads) BackwardDqKernel(
   for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
 
   for (int j = 0; j < key_tiles; ++j) {
-    const int n0 = j * kTile, stage = j % 2;
-    if (j + 1 < key_tiles) {
-      CopyTileAsync<D, kTile>(k_tile(stage ^ 1), rows, d.qkv_stride, k_col, n0 + kTile, d.T);
-      CopyTileAsync<D, kTile>(v_tile(stage ^ 1), rows, d.qkv_stride, v_col, n0 + kTile, d.T);
-      CommitCopies();
-      WaitCopies<1>();
-    } else {
-      WaitCopies<0>();
-    }
-    __syncthreads();
+    const int n0 = j * kTile, stage = NextTile<kStages>(j, key_tiles, stage_keys);
     const Tile<D> ks = k_tile(stage), vs = v_tile(stage);
     float s[8][4], dp[8][4];
     TimesTileRows<D>(s, qf, ks, lane);
@@ -473,16 +490,21 @@ __global__ void __launch_bounds__(kThreads) BackwardDqKernel(
   }
 }
 
-// Shared memory of the dK/dV kernel: K and V, then two stages of a Q tile, a dO tile and
-// the tile's log-sum-exp and delta.
+// Shared memory of the backward kernels. dQ: Q and dO, then kStages buffers of K and V.
+// dK/dV: K and V, then kStages buffers of a Q tile, a dO tile and their log-sum-exp and
+// delta.
 template <int D>
-constexpr int DkvSharedBytes() {
-  return 6 * kTile * Tile<D>::kBytesPerRow + 2 * 2 * kTile * int(sizeof(float));
+constexpr int DqSharedBytes(int stages) {
+  return (2 + 2 * stages) * kTile * Tile<D>::kBytesPerRow;
+}
+template <int D>
+constexpr int DkvSharedBytes(int stages) {
+  return (2 + 2 * stages) * kTile * Tile<D>::kBytesPerRow + stages * 2 * kTile * int(sizeof(float));
 }
 
 // dK and dV for one 64-key tile of one kv head: loops over the query heads that share it
 // and the query tiles that attend to it. Works on transposed scores (keys are rows).
-template <int D>
+template <int D, int kStages>
 __global__ void __launch_bounds__(kThreads) BackwardDkvKernel(
     bf16* __restrict__ dqkv, const bf16* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, const bf16* __restrict__ qkv, Dims d, float scale) {
@@ -493,7 +515,7 @@ __global__ void __launch_bounds__(kThreads) BackwardDkvKernel(
   bf16* const stages = vs.row(kTile);
   auto q_tile = [&](int stage) { return Tile<D>{stages + 2 * stage * kTileElements}; };
   auto do_tile = [&](int stage) { return Tile<D>{stages + (2 * stage + 1) * kTileElements}; };
-  float* const stats = reinterpret_cast<float*>(stages + 4 * kTileElements);
+  float* const stats = reinterpret_cast<float*>(stages + 2 * kStages * kTileElements);
   auto lse_of = [&](int stage) { return stats + 2 * stage * kTile; };
   auto delta_of = [&](int stage) { return stats + (2 * stage + 1) * kTile; };
 
@@ -533,15 +555,7 @@ __global__ void __launch_bounds__(kThreads) BackwardDkvKernel(
   }
 
   for (int item = 0; item < items; ++item) {
-    const int stage = item % 2, m0 = m0_of(item);
-    if (item + 1 < items) {
-      stage_item(item + 1, stage ^ 1);
-      CommitCopies();
-      WaitCopies<1>();
-    } else {
-      WaitCopies<0>();
-    }
-    __syncthreads();
+    const int stage = NextTile<kStages>(item, items, stage_item), m0 = m0_of(item);
     const Tile<D> qs = q_tile(stage), dos = do_tile(stage);
     const float* lse_s = lse_of(stage);
     const float* delta_s = delta_of(stage);
@@ -622,6 +636,16 @@ Dims MakeDims(const AttentionArgs& a) {
           size_t(a.heads + 2 * a.kv_heads) * a.head_dim, size_t(a.heads) * a.head_dim};
 }
 
+// The dynamic shared memory a block may opt in to: 227 KiB on sm_90, 163 KiB on sm_80
+// and sm_87, 99 KiB on sm_86, sm_89 and sm_120 (the least of the GPUs we build for).
+constexpr int kSmallestSharedMemoryLimit = 99 * 1024;
+int SharedMemoryLimit() {
+  int device = 0, bytes = 0;
+  LLAMAD_CUDA_CHECK(cudaGetDevice(&device));
+  LLAMAD_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
+
 template <typename Kernel, typename... Args>
 void Launch(Kernel kernel, int tiles_bytes, dim3 grid, cudaStream_t stream, Args... args) {
   // Above 48 KiB of dynamic shared memory a kernel must opt in (a cheap host call).
@@ -650,10 +674,22 @@ void Backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* out, const
   LLAMAD_CUDA_LAUNCHED();
   const float scale = float(1.0 / std::sqrt(double(D)));
   const int tiles = (a.seq + kTile - 1) / kTile;
-  Launch(BackwardDqKernel<D>, 6 * kTile * Tile<D>::kBytesPerRow, dim3(tiles, a.batch * a.heads),
-         s, dqkv, dout, lse, static_cast<const float*>(delta), qkv, d, scale);
-  Launch(BackwardDkvKernel<D>, DkvSharedBytes<D>(), dim3(tiles, a.batch * a.kv_heads), s, dqkv,
-         dout, lse, static_cast<const float*>(delta), qkv, d, scale);
+  auto launch = [&](auto stages) {
+    constexpr int kStages = decltype(stages)::value;
+    Launch(BackwardDqKernel<D, kStages>, DqSharedBytes<D>(kStages), dim3(tiles, a.batch * a.heads), s, dqkv,
+           dout, lse, static_cast<const float*>(delta), qkv, d, scale);
+    Launch(BackwardDkvKernel<D, kStages>, DkvSharedBytes<D>(kStages), dim3(tiles, a.batch * a.kv_heads), s,
+           dqkv, dout, lse, static_cast<const float*>(delta), qkv, d, scale);
+  };
+  // Two stages fit every sm_80+ GPU's shared memory below head dim 128; at 128 they need
+  // 103 KiB, more than sm_86/sm_89 (RTX 30/40, A10, L4, L40) give a block.
+  if constexpr (DkvSharedBytes<D>(2) <= kSmallestSharedMemoryLimit) {
+    launch(std::integral_constant<int, 2>{});
+  } else if (DkvSharedBytes<D>(2) <= SharedMemoryLimit()) {
+    launch(std::integral_constant<int, 2>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
 }
 
 }  // namespace
