@@ -594,14 +594,15 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     }
     if (lead) std::fprintf(stderr, "llama-train: weights from %s\n", common.init_from_hf.c_str());
   }
-  // With the moments on the NVMe tier, the swap exists before they are restored, so that
-  // a restore streams them into it instead of holding them in memory: a single process
-  // and ZeRO ranks offload now. ddp ranks receive rank 0's restored moments in memory and
-  // offload after, and so do GPU ranks, which restore on the device and then move the
-  // state to host memory and the moments on to the NVMe tier.
-  const bool nvme = (*trainer)->spec().offload.optimizer == "nvme" && !backend->needs_master_weights();
+  // The optimizer state moves to its tier before a restore, so that the restore streams
+  // it there instead of holding it whole in the backend's memory on the way: the CPU
+  // backend's moments into the NVMe swap, a GPU's master weights and moments into host
+  // memory (and its moments on to the NVMe tier). A single process and ZeRO ranks move
+  // it now; ddp ranks receive rank 0's restored state in the backend's memory and move it
+  // after.
+  const std::string& tier = (*trainer)->spec().offload.optimizer;
   bool offloaded = false;
-  if (nvme && ((*comm)->world_size() == 1 || zero_ranks)) {
+  if ((tier == "host" || tier == "nvme") && ((*comm)->world_size() == 1 || zero_ranks)) {
     if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
     offloaded = true;
   }

@@ -274,38 +274,57 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
         StrCat(where, ": the checkpoint's data order comes from training.seed ",
                meta["rng"]["seed"].dump(), ", the job has ", spec.training.seed));
   }
-  if (trainer.optimizer().host_offloaded()) {
-    return absl::FailedPreconditionError(StrCat(
-        where, ": restore before moving the optimizer state to host memory (offload.optimizer host)"));
-  }
   LlamaModel& model = trainer.model();
   Backend& be = trainer.backend();
   AdamWOptimizer& optimizer = trainer.optimizer();
-  // Elements [begin, end) of a checkpointed tensor go to dst (the backend's buffers).
+  // Elements [begin, end) of a checkpointed tensor go to dst: the backend's buffers, or
+  // (in_host) host f32 memory of the optimizer's.
   struct Item {
     std::string name;
     size_t begin, end;
     void* dst;
     size_t order;  // where a save put it: by flat element, then weight, exp_avg, exp_avg_sq
+    bool in_host = false;
   };
   std::vector<Item> items;
   // The moments this optimizer holds: all, or its ZeRO shard.
   const size_t shard_begin = optimizer.shard_begin(), shard_end = optimizer.shard_end();
+  // A GPU's optimizer state already in host memory (offload.optimizer host or nvme): the
+  // master weights and moments of the elements from memory_end() on go straight into
+  // the optimizer's host arrays (the moments past swap_begin() into the swap, below), so
+  // that a restore never holds them on the device.
+  const bool host_offloaded = optimizer.host_offloaded();
+  const size_t device_end = host_offloaded ? optimizer.memory_end() : shard_end;
   // The master weights this model holds (all, or its ZeRO shard), of the elements this
   // rank steps: a ZeRO rank whose model holds all of them (the CPU's zero1/2) reads its
-  // shard and gathers the rest from the others, as after a step.
+  // shard and gathers the rest from the others, as after a step. A GPU's are its shard's.
   const auto [held_begin, held_end] = model.held_master_range();
-  const size_t weights_begin = std::max(held_begin, shard_begin), weights_end = std::min(held_end, shard_end);
+  const size_t weights_begin = std::max(held_begin, shard_begin);
+  const size_t weights_end = host_offloaded ? shard_end : std::min(held_end, shard_end);
   ForEachTensorPart(model.params(), weights_begin, weights_end, [&](const ParamInfo& p, size_t lo, size_t hi) {
-    items.push_back({p.name, lo - p.offset, hi - p.offset, model.master_at(lo), 3 * lo});
+    const size_t split = std::clamp(device_end, lo, hi);
+    if (split > lo) items.push_back({p.name, lo - p.offset, split - p.offset, model.master_at(lo), 3 * lo});
+    if (hi > split) {
+      items.push_back({p.name, split - p.offset, hi - p.offset, optimizer.mutable_host_master() + (split - device_end),
+                       3 * split, true});
+    }
   });
-  {  // the moments in memory; those on the NVMe tier are streamed into the swap below
-    ForEachTensorPart(model.params(), shard_begin, optimizer.memory_end(), [&](const ParamInfo& p, size_t lo, size_t hi) {
-      const size_t at = model.accum_byte_offset(lo - shard_begin);
-      items.push_back({ExpAvgName(p.name), lo - p.offset, hi - p.offset,
-                       static_cast<char*>(optimizer.exp_avg()) + at, 3 * lo + 1});
-      items.push_back({ExpAvgSqName(p.name), lo - p.offset, hi - p.offset,
-                       static_cast<char*>(optimizer.exp_avg_sq()) + at, 3 * lo + 2});
+  // The moments in the backend's memory, then in host memory; those on the NVMe tier are
+  // streamed into the swap below.
+  ForEachTensorPart(model.params(), shard_begin, optimizer.memory_end(), [&](const ParamInfo& p, size_t lo, size_t hi) {
+    const size_t at = model.accum_byte_offset(lo - shard_begin);
+    items.push_back({ExpAvgName(p.name), lo - p.offset, hi - p.offset,
+                     static_cast<char*>(optimizer.exp_avg()) + at, 3 * lo + 1});
+    items.push_back({ExpAvgSqName(p.name), lo - p.offset, hi - p.offset,
+                     static_cast<char*>(optimizer.exp_avg_sq()) + at, 3 * lo + 2});
+  });
+  if (host_offloaded) {
+    ForEachTensorPart(model.params(), device_end, optimizer.swap_begin(), [&](const ParamInfo& p, size_t lo, size_t hi) {
+      const size_t at = lo - device_end;
+      items.push_back({ExpAvgName(p.name), lo - p.offset, hi - p.offset, optimizer.mutable_host_exp_avg() + at,
+                       3 * lo + 1, true});
+      items.push_back({ExpAvgSqName(p.name), lo - p.offset, hi - p.offset, optimizer.mutable_host_exp_avg_sq() + at,
+                       3 * lo + 2, true});
     });
   }
   // In the order a save writes them (AsyncCheckpointer::Save): each reader streams a
@@ -350,11 +369,12 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
           const Item& item = items[i];
           ranges.push_back({item.name, storage::ElementType::kF32, item.begin, item.end,
                             [&](uint64_t from, const void* data, uint64_t count) {
-                              void* dst = static_cast<char*>(item.dst) + model.accum_byte_offset(from - item.begin);
-                              if (host_f32) {
-                                std::memcpy(dst, data, count * sizeof(float));
+                              if (host_f32 || item.in_host) {
+                                std::memcpy(static_cast<float*>(item.dst) + (from - item.begin), data,
+                                            count * sizeof(float));
                                 return;
                               }
+                              void* dst = static_cast<char*>(item.dst) + model.accum_byte_offset(from - item.begin);
                               std::lock_guard lock(upload_mu);
                               be.UploadF32(dst, static_cast<const float*>(data), count);
                             }});
@@ -410,6 +430,7 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
     if (!streamed.ok()) return absl::Status(streamed.code(), StrCat("restoring into the NVMe swap: ", streamed.message()));
   }
   model.SyncParamsFromMaster();
+  optimizer.UploadHostWeights();
   trainer.SetProgress(meta["optimizer"]["step"].get<int64_t>(),
                       meta["data"]["sampler_position"].get<uint64_t>());
   return absl::OkStatus();

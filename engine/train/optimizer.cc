@@ -180,22 +180,33 @@ void AdamWOptimizer::UpdateOnHost(size_t lo, size_t hi, const float* grad, float
   });
 }
 
+std::array<std::pair<size_t, size_t>, 2> AdamWOptimizer::DeviceParamParts(size_t lo, size_t hi) const {
+  const size_t split = std::clamp(model_->replicated_begin(), lo, hi);
+  const size_t held = std::clamp(model_->param_held_end(), lo, split);
+  return {std::pair{lo, held}, std::pair{split, hi}};
+}
+
 void AdamWOptimizer::SendUpdatedWeights(size_t lo, size_t hi) {
   // The chunk's gradients are spent: their device memory carries the updated weights up,
   // and the device rounds them into the layers' bf16 copy, as its AdamW would (no staging
-  // buffer on the device). In two parts where the chunk spans the parameters' shard and
-  // their replica; of the shard only what the device holds (TrimParamShard: the rest is
-  // rounded from the host master weights at each gather).
+  // buffer on the device).
   //
   // The upload may still run when this returns: the CPU goes on to the next chunk while
   // the device takes this one. The master weights it reads change again only in the next
   // step, after downloads that wait for it (the stream keeps them in order).
-  const size_t split = std::clamp(model_->replicated_begin(), lo, hi);
-  const size_t held = std::clamp(model_->param_held_end(), lo, split);
-  for (const auto& [from, to] : {std::pair{lo, held}, std::pair{split, hi}}) {
+  for (const auto& [from, to] : DeviceParamParts(lo, hi)) {
     if (to == from) continue;
     backend_->UploadF32Async(model_->grad_at(from), host_master_.get() + (from - memory_end_), to - from);
     backend_->Copy(model_->param_at(from), model_->grad_at(from), to - from);
+  }
+}
+
+void AdamWOptimizer::UploadHostWeights() {
+  if (!host_) return;
+  // Converted on the way up by the backend (its staging buffer: the gradients, which
+  // SendUpdatedWeights borrows, need not exist yet), with the same rounding.
+  for (const auto& [from, to] : DeviceParamParts(memory_end_, shard_end_)) {
+    if (to > from) backend_->UploadF32(model_->param_at(from), host_master_.get() + (from - memory_end_), to - from);
   }
 }
 

@@ -2,12 +2,14 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <functional>
 
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "backend/backend.h"
@@ -125,6 +127,14 @@ class AdamWOptimizer {
   const float* host_master() const { return host_master_.get(); }
   const float* host_exp_avg() const { return host_m_.get(); }
   const float* host_exp_avg_sq() const { return host_v_.get(); }
+  // The same arrays to write into: a restore puts the state there directly, never on the
+  // device, and then calls UploadHostWeights.
+  float* mutable_host_master() { return host_master_.get(); }
+  float* mutable_host_exp_avg() { return host_m_.get(); }
+  float* mutable_host_exp_avg_sq() { return host_v_.get(); }
+  // While host-offloaded: the device's parameters of the host's elements take their
+  // master weights, rounded, as after a step (for a restore into the host arrays).
+  void UploadHostWeights();
   // While offloaded: streams the moments from the swap, calling f(begin, count, m, v)
   // for flat elements [begin, begin + count) of the parameter layout, in order, without
   // holding them all in memory (a checkpoint copies them straight into its snapshot).
@@ -172,6 +182,11 @@ class AdamWOptimizer {
   // Host-offloaded: the updated master weights of [lo, hi) up into the device's
   // parameters, through the spent gradients of the range.
   void SendUpdatedWeights(size_t lo, size_t hi);
+  // The parts of host elements [lo, hi) whose parameters the device holds: in two where
+  // the range spans the parameters' shard and their replica; of the shard only what the
+  // device holds (TrimParamShard: the rest is rounded from the host master weights at
+  // each gather). Either may be empty.
+  std::array<std::pair<size_t, size_t>, 2> DeviceParamParts(size_t lo, size_t hi) const;
 };
 
 }  // namespace llamad

@@ -772,6 +772,12 @@ TEST_F(CudaTest, OptimizerMomentsOnNvmeTrainBitIdentically) {
   const auto into_nvme = on_nvme.Run(1, "-i 0 -f " + (on_device.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
   ASSERT_EQ(into_nvme.size(), 6u);
   ExpectLosses(into_nvme, device, 6, 0, "device checkpoint resumed with the moments on NVMe");
+  // Its own checkpoint: master weights into host memory, moments into host memory and
+  // the swap, none of it through the GPU.
+  const auto nvme_again = on_nvme.Run(1, "-i 0 -f " + (on_nvme.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
+  ASSERT_EQ(nvme_again.size(), 6u);
+  ExpectLosses(nvme_again, nvme, 6, 0, "NVMe-offloaded checkpoint resumed with the moments on NVMe");
+  EXPECT_LE(nvme_again.back()["peak_memory_bytes"].get<double>(), nvme.back()["peak_memory_bytes"].get<double>());
 }
 
 // NCCL at world size 1 (the GPU check's machine has one GPU, and NCCL needs one per
@@ -864,6 +870,24 @@ TEST_F(CudaTest, GeminiOffloadFractionsTrainLikeTheWholeMove) {
   EXPECT_EQ(moved, ((n + 1) / 2 + 1) / 2);
 }
 
+// ZeRO ranks with their optimizer state in host memory resume from a checkpoint straight
+// into it, on the uninterrupted run's curve: zero3, and gemini with half of each rank's
+// parameters off the GPU too (their values come from the restored host master weights).
+TEST_F(CudaTest, ZeroRanksResumeIntoHostMemory) {
+  GpuJob job("llamad-gpu-zero-resume", "offload: {optimizer: host}\n");
+  const std::string gloo = " --communicator gloo";
+  const std::string step6 = (job.dir() / "ckpt" / "gpu-ddp" / "step-6").string();
+  for (const std::string plugin : {"-p zero3 -g", "-p gemini -g --offload-optim-frac 1 --offload-param-frac 0.5"}) {
+    const auto straight = job.Run(2, plugin + " -i 6 --fresh" + gloo);
+    ASSERT_EQ(straight.size(), 12u) << plugin;
+    const auto resumed = job.Run(2, plugin + " -i 0 -f " + step6 + gloo);
+    ASSERT_EQ(resumed.size(), 6u) << plugin;
+    ExpectLosses(resumed, straight, 6, 0, plugin + ", resumed into host memory");
+    EXPECT_LE(resumed.back()["peak_memory_bytes"].get<double>(), straight.back()["peak_memory_bytes"].get<double>())
+        << plugin << ": the restore held optimizer state on the GPU";
+  }
+}
+
 // offload.optimizer host: the master weights and moments live in host memory and the
 // CPU runs AdamW, with the same arithmetic as the GPU kernel, so the losses are the same
 // bits as on the device, while the GPU holds 12 bytes per parameter less. A checkpoint
@@ -879,9 +903,18 @@ TEST_F(CudaTest, OptimizerOnTheHostTrainsBitIdentically) {
   RecordProperty("GPU bytes saved per parameter", Sci(saved / params));
   EXPECT_GE(saved, 11.9 * params) << "the f32 master weights and both moments leave the GPU";
   EXPECT_EQ(host.back()["optimizer_state_bytes"].get<double>(), 0);
-  const auto resumed = on_device.Run(1, "-i 0 -f " + (on_host.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
+  const std::string host_step6 = (on_host.dir() / "ckpt" / "gpu-ddp" / "step-6").string();
+  const auto resumed = on_device.Run(1, "-i 0 -f " + host_step6);
   ASSERT_EQ(resumed.size(), 6u);
   ExpectLosses(resumed, host, 6, 0, "resumed on the device");
+  // Resumed with the optimizer on the host again: the state goes from the checkpoint
+  // straight into host memory, so the GPU's high-water mark (start-up included) is no
+  // higher than the fresh run's; through the device it would be 12 bytes per parameter up.
+  const auto host_resumed = on_host.Run(1, "-i 0 -f " + host_step6);
+  ASSERT_EQ(host_resumed.size(), 6u);
+  ExpectLosses(host_resumed, host, 6, 0, "resumed with the optimizer on the host");
+  EXPECT_LE(host_resumed.back()["peak_memory_bytes"].get<double>(), host.back()["peak_memory_bytes"].get<double>())
+      << "the restore held optimizer state on the GPU";
 
   // Part of it: the state of the last 40% of the elements on the host, the rest on the
   // GPU, each stepped there; the same bits, and 40% of the saving. Its checkpoint (the
@@ -896,9 +929,15 @@ TEST_F(CudaTest, OptimizerOnTheHostTrainsBitIdentically) {
   EXPECT_NEAR(part_saved / params, 0.4 * 12, 0.5);
   EXPECT_NEAR(part.back()["optimizer_state_bytes"].get<double>(), 0.6 * device.back()["optimizer_state_bytes"].get<double>(),
               0.01 * device.back()["optimizer_state_bytes"].get<double>());
-  const auto part_resumed = on_device.Run(1, "-i 0 -f " + (partly.dir() / "ckpt" / "gpu-ddp" / "step-6").string());
+  const std::string part_step6 = (partly.dir() / "ckpt" / "gpu-ddp" / "step-6").string();
+  const auto part_resumed = on_device.Run(1, "-i 0 -f " + part_step6);
   ASSERT_EQ(part_resumed.size(), 6u);
   ExpectLosses(part_resumed, part, 6, 0, "partly offloaded checkpoint resumed on the device");
+  // And into the same split: each element's state to where it lives.
+  const auto part_again = partly.Run(1, "-i 0 -f " + part_step6);
+  ASSERT_EQ(part_again.size(), 6u);
+  ExpectLosses(part_again, part, 6, 0, "partly offloaded checkpoint resumed partly offloaded");
+  EXPECT_LE(part_again.back()["peak_memory_bytes"].get<double>(), part.back()["peak_memory_bytes"].get<double>());
 }
 
 }  // namespace
