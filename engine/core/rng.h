@@ -7,11 +7,7 @@
 #include <cstdint>
 
 // The generator's arithmetic also runs in CUDA kernels (the CUDA backend's FillNormal).
-#if defined(__CUDACC__)
-#define LLAMAD_HOST_DEVICE __host__ __device__
-#else
-#define LLAMAD_HOST_DEVICE
-#endif
+#include "core/host_device.h"
 
 namespace llamad {
 

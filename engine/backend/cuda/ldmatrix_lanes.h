@@ -7,11 +7,7 @@
 // elements (l / 4, 2 (l % 4) + {0, 1}); with .trans, as (2 (l % 4) + {0, 1}, l / 4).
 #pragma once
 
-#if defined(__CUDACC__)
-#define LLAMAD_HOST_DEVICE __host__ __device__
-#else
-#define LLAMAD_HOST_DEVICE
-#endif
+#include "core/host_device.h"
 
 namespace llamad::cuda {
 
@@ -36,5 +32,3 @@ LLAMAD_HOST_DEVICE constexpr LaneOffset RowMajorQuarters(int lane) {
 }
 
 }  // namespace llamad::cuda
-
-#undef LLAMAD_HOST_DEVICE
