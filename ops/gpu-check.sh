@@ -12,7 +12,9 @@
 #                               prints one table. Results go to $OUT (default
 #                               /tmp/llamad-gpu-check): tests.json, bench.json, torch.json.
 #
-# Options for --run: --batch N --seq N (the training step; default 8 x 2048).
+# Options for --run: --batch N --seq N (the training step; default 8 x 2048),
+# --test-budget SECONDS (default 150): tests not started by then are listed as not run,
+# so that the benchmarks and PyTorch's step always get their turn.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -48,10 +50,12 @@ fi
 shift
 BATCH=8
 SEQ=2048
+TEST_BUDGET=150
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --batch) BATCH=$2; shift 2 ;;
     --seq) SEQ=$2; shift 2 ;;
+    --test-budget) TEST_BUDGET=$2; shift 2 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -101,7 +105,14 @@ echo "== tests (one process each, so that a test that aborts leaves the others' 
 set +e
 mkdir -p "$work/tests"
 awk '/^[^ ]/ {suite=$1} /^  / {print suite $1}' "$OUT/tests-list.txt" > "$work/tests.txt"
+: > "$OUT/tests-not-run.txt"
+tests_start=$SECONDS
 while read -r test; do
+  if (( SECONDS - tests_start >= TEST_BUDGET )); then
+    echo "$test" >> "$OUT/tests-not-run.txt"
+    echo "skip   $test (test budget of ${TEST_BUDGET}s spent)"
+    continue
+  fi
   ours 90 "$work/bin/cuda_test" --gtest_filter="$test" \
     --gtest_output="json:$work/tests/${test//\//_}.json" >> "$OUT/tests.log" 2>&1
   rc=$?
@@ -154,6 +165,7 @@ set -e
 python3 - "$OUT" "$expected" <<'EOF'
 import json, os, sys
 out, expected = sys.argv[1], int(sys.argv[2])
+not_run = [l.strip() for l in open(os.path.join(out, "tests-not-run.txt")) if l.strip()]
 def load(name):
     try:
         with open(os.path.join(out, name)) as f:
@@ -169,10 +181,11 @@ if tests.get("testsuites"):
     failed = [name for name, t in cases if t.get("failures")]
     skipped = [name for name, t in cases if t.get("result") == "SKIPPED"]
     passed = len(cases) - len(failed) - len(skipped)
-    missing = expected - len(cases)  # aborted or timed out: no report
+    missing = expected - len(cases) - len(not_run)  # aborted or timed out: no report
     print(f"tests: {passed} passed, {len(failed)} failed, {len(skipped)} skipped, "
-          f"{missing} crashed or timed out (of {expected})"
-          + (f" (failed: {', '.join(failed)})" if failed else ""))
+          f"{missing} crashed or timed out, {len(not_run)} not run (time budget) (of {expected})"
+          + (f" (failed: {', '.join(failed)})" if failed else "")
+          + (f" (not run: {', '.join(not_run)})" if not_run else ""))
 else:
     print(f"tests: did not finish ({tests.get('error')})")
 print(f"{'kernel':30} {'shape':36} {'ms':>9} {'rate':>16}")
