@@ -594,6 +594,9 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     }
     if (lead) std::fprintf(stderr, "llama-train: weights from %s\n", common.init_from_hf.c_str());
   }
+  absl::StatusOr<ResumePoint> checkpoints = ResumePoint{};
+  if (lead) checkpoints = OpenCheckpoints(*spec, common, /*saving=*/spec->checkpoint.interval > 0);
+  if (!checkpoints.ok()) return Fail(checkpoints.status());
   // The optimizer state moves to its tier before a restore, so that the restore streams
   // it there instead of holding it whole in the backend's memory on the way: the CPU
   // backend's moments into the NVMe swap, a GPU's master weights and moments into host
@@ -606,9 +609,6 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
     offloaded = true;
   }
-  absl::StatusOr<ResumePoint> checkpoints = ResumePoint{};
-  if (lead) checkpoints = OpenCheckpoints(*spec, common, /*saving=*/spec->checkpoint.interval > 0);
-  if (!checkpoints.ok()) return Fail(checkpoints.status());
   // Rank 0 picks the step. A single process or a ddp rank 0 restores the whole state
   // (the other ddp ranks take it from there); ZeRO ranks each restore their own part.
   const storage::CheckpointStore* from =

@@ -92,9 +92,11 @@ class AsyncCheckpointer {
 // wrote it, reading only the element ranges it holds: the master weights (all, or a
 // ZeRO rank's shard, rounded into the parameters), the moments of the optimizer's shard,
 // the optimizer step and the sampler position. A ZeRO rank's other parameters come from
-// the other ranks (Trainer::StartRanks). Moments on the NVMe tier are streamed into the
-// swap. Refuses a checkpoint of another model, sequence length or seed, naming the
-// difference; damage to the checkpoint is DataLoss.
+// the other ranks (Trainer::StartRanks). State already moved to its tier goes there
+// directly: moments on the NVMe tier are streamed into the swap, and a GPU's master
+// weights and moments in host memory into the optimizer's host arrays (then rounded into
+// the device's parameters). Refuses a checkpoint of another model, sequence length or
+// seed, naming the difference; damage to the checkpoint is DataLoss.
 absl::Status RestoreCheckpoint(const storage::CheckpointStore& store, const std::string& job,
                                int64_t step, Trainer& trainer);
 

@@ -80,11 +80,12 @@ class Trainer {
   // 1/world of the parameters; under zero1/2 each rank then gathers the parameters'
   // other slices. A collective: every rank calls it once, before Train.
   absl::Status StartRanks();
-  // Before or after StartRanks (a single process or a ZeRO rank may offload to NVMe
-  // before restoring, which then streams into the swap): offload.optimizer nvme moves the moments to a
-  // swap file under offload.nvme_path (errors name the folder and what is wrong with
-  // it); host moves a GPU's master weights and moments to host memory, updated by
-  // `cpu_threads` CPU threads (0: all).
+  // Before or after StartRanks (a single process or a ZeRO rank moves the state before
+  // restoring, which then writes it where it lives): offload.optimizer nvme moves the
+  // moments to a swap file under offload.nvme_path (errors name the folder and what is
+  // wrong with it); host moves a GPU's master weights and moments to host memory, updated
+  // by `cpu_threads` CPU threads (0: all), and on a GPU nvme also the moments of a share
+  // of them on to the swap.
   absl::Status OffloadOptimizerState(int cpu_threads = 0);
 
   // Mean loss over every complete window of `data`, in file order.

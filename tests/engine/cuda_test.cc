@@ -871,16 +871,20 @@ TEST_F(CudaTest, GeminiOffloadFractionsTrainLikeTheWholeMove) {
 }
 
 // ZeRO ranks with their optimizer state in host memory resume from a checkpoint straight
-// into it, on the uninterrupted run's curve: zero3, and gemini with half of each rank's
-// parameters off the GPU too (their values come from the restored host master weights).
+// into it, on the uninterrupted run's curve: zero2, zero3, and gemini with half of each
+// rank's parameters off the GPU too (their values come from the restored host master
+// weights; gemini places the optimizer itself, from a job that leaves it in memory).
 TEST_F(CudaTest, ZeroRanksResumeIntoHostMemory) {
-  GpuJob job("llamad-gpu-zero-resume", "offload: {optimizer: host}\n");
+  GpuJob host_job("llamad-gpu-zero-resume", "offload: {optimizer: host}\n"), job("llamad-gpu-gemini-resume");
   const std::string gloo = " --communicator gloo";
-  const std::string step6 = (job.dir() / "ckpt" / "gpu-ddp" / "step-6").string();
-  for (const std::string plugin : {"-p zero3 -g", "-p gemini -g --offload-optim-frac 1 --offload-param-frac 0.5"}) {
-    const auto straight = job.Run(2, plugin + " -i 6 --fresh" + gloo);
+  for (const auto& [runs, plugin] : {std::pair<GpuJob*, std::string>{&host_job, "-p zero2"},
+                                     std::pair<GpuJob*, std::string>{&host_job, "-p zero3 -g"},
+                                     std::pair<GpuJob*, std::string>{
+                                         &job, "-p gemini -g --offload-optim-frac 1 --offload-param-frac 0.5"}}) {
+    const std::string step6 = (runs->dir() / "ckpt" / "gpu-ddp" / "step-6").string();
+    const auto straight = runs->Run(2, plugin + " -i 6 --fresh" + gloo);
     ASSERT_EQ(straight.size(), 12u) << plugin;
-    const auto resumed = job.Run(2, plugin + " -i 0 -f " + step6 + gloo);
+    const auto resumed = runs->Run(2, plugin + " -i 0 -f " + step6 + gloo);
     ASSERT_EQ(resumed.size(), 6u) << plugin;
     ExpectLosses(resumed, straight, 6, 0, plugin + ", resumed into host memory");
     EXPECT_LE(resumed.back()["peak_memory_bytes"].get<double>(), straight.back()["peak_memory_bytes"].get<double>())
@@ -909,7 +913,8 @@ TEST_F(CudaTest, OptimizerOnTheHostTrainsBitIdentically) {
   ExpectLosses(resumed, host, 6, 0, "resumed on the device");
   // Resumed with the optimizer on the host again: the state goes from the checkpoint
   // straight into host memory, so the GPU's high-water mark (start-up included) is no
-  // higher than the fresh run's; through the device it would be 12 bytes per parameter up.
+  // higher than the fresh run's; through the device the moments would add 8 bytes per
+  // parameter to the start-up's master weights.
   const auto host_resumed = on_host.Run(1, "-i 0 -f " + host_step6);
   ASSERT_EQ(host_resumed.size(), 6u);
   ExpectLosses(host_resumed, host, 6, 0, "resumed with the optimizer on the host");
