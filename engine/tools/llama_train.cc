@@ -601,11 +601,12 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   // it there instead of holding it whole in the backend's memory on the way: the CPU
   // backend's moments into the NVMe swap, a GPU's master weights and moments into host
   // memory (and its moments on to the NVMe tier). A single process and ZeRO ranks move
-  // it now; ddp ranks receive rank 0's restored state in the backend's memory and move it
-  // after.
+  // it now, and so do ddp ranks with a GPU's state in host memory, which rank 0 then
+  // sends from there; other ddp ranks receive rank 0's restored state in the backend's
+  // memory and move it after (an NVMe tier is each rank's own).
   const std::string& tier = (*trainer)->spec().offload.optimizer;
   bool offloaded = false;
-  if ((tier == "host" || tier == "nvme") && ((*comm)->world_size() == 1 || zero_ranks)) {
+  if (tier == "host" || (tier == "nvme" && ((*comm)->world_size() == 1 || zero_ranks))) {
     if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
     offloaded = true;
   }

@@ -345,10 +345,14 @@ absl::Status Trainer::StartRanks() {
 
 absl::Status Trainer::SendStartingState() {
   const int rank = comm_->rank();
-  // The progress, and whether rank 0 holds moments (restored ones; fresh moments are
-  // zeros everywhere and not allocated yet). Exact in doubles: far below 2^53.
+  // The progress, and whether rank 0 holds moments (restored ones, at a step past 0;
+  // fresh moments are zeros everywhere, and not allocated yet on the device). Exact in
+  // doubles: far below 2^53.
   double progress[3] = {0, 0, 0};
-  if (rank == 0) progress[0] = double(step()), progress[1] = double(sampler_position_), progress[2] = optimizer_->has_moments() ? 1 : 0;
+  if (rank == 0) {
+    progress[0] = double(step()), progress[1] = double(sampler_position_);
+    progress[2] = optimizer_->has_moments() || step() > 0 ? 1 : 0;
+  }
   if (auto s = comm_->AllReduceSum(progress, 3); !s.ok()) return s;
   SetProgress(int64_t(progress[0]), uint64_t(progress[1]));
   if (zero1_) {
@@ -357,13 +361,31 @@ absl::Status Trainer::SendStartingState() {
     if (model_->parameters_sharded()) return model_->replica() != nullptr ? RefreshReplica() : absl::OkStatus();
     return GatherPartsOnBackend(*comm_, *backend_, model_->param_data(), 0, model_->num_params(), model_->num_params());
   }
-  if (auto s = BroadcastOnBackend(*comm_, *backend_, model_->master_data(), model_->num_params(), 0); !s.ok()) {
-    return s;
+  // ddp: rank 0's master weights and moments go to every rank, those in the backend's
+  // memory through it, those a GPU keeps in host memory (moved there before the restore)
+  // over the host communicator from host memory.
+  const size_t n = model_->num_params();
+  const bool host = optimizer_->host_offloaded();
+  const size_t device_end = host ? optimizer_->memory_end() : n;
+  if (device_end > 0) {
+    if (auto s = BroadcastOnBackend(*comm_, *backend_, model_->master_data(), device_end, 0); !s.ok()) return s;
+  }
+  if (host && n > device_end) {
+    if (auto s = comm_->Broadcast(optimizer_->mutable_host_master(), n - device_end, 0); !s.ok()) return s;
   }
   model_->SyncParamsFromMaster();
+  optimizer_->UploadHostWeights();
   if (progress[2] == 0) return absl::OkStatus();
-  for (void* moment : {optimizer_->exp_avg(), optimizer_->exp_avg_sq()}) {
-    if (auto s = BroadcastOnBackend(*comm_, *backend_, moment, model_->num_params(), 0); !s.ok()) return s;
+  if (device_end > 0) {
+    for (void* moment : {optimizer_->exp_avg(), optimizer_->exp_avg_sq()}) {
+      if (auto s = BroadcastOnBackend(*comm_, *backend_, moment, device_end, 0); !s.ok()) return s;
+    }
+  }
+  const size_t host_moments = host ? optimizer_->swap_begin() - device_end : 0;
+  if (host_moments > 0) {
+    for (float* moment : {optimizer_->mutable_host_exp_avg(), optimizer_->mutable_host_exp_avg_sq()}) {
+      if (auto s = comm_->Broadcast(moment, host_moments, 0); !s.ok()) return s;
+    }
   }
   return absl::OkStatus();
 }

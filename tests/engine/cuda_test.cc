@@ -870,26 +870,37 @@ TEST_F(CudaTest, GeminiOffloadFractionsTrainLikeTheWholeMove) {
   EXPECT_EQ(moved, ((n + 1) / 2 + 1) / 2);
 }
 
-// ZeRO ranks with their optimizer state in host memory resume from a checkpoint straight
-// into it, on the uninterrupted run's curve: zero2, zero3, and gemini with half of each
-// rank's parameters off the GPU too (their values come from the restored host master
-// weights; gemini places the optimizer itself, from a job that leaves it in memory).
-TEST_F(CudaTest, ZeroRanksResumeIntoHostMemory) {
-  GpuJob host_job("llamad-gpu-zero-resume", "offload: {optimizer: host}\n"), job("llamad-gpu-gemini-resume");
+// Two ranks with their optimizer state in host memory resume from a checkpoint straight
+// into it, on the uninterrupted run's curve, with no higher GPU high-water mark (start-up
+// included): each run of `plugins` (llama-train options) on `job`.
+void ExpectResumeIntoHostMemory(GpuJob& job, const std::vector<std::string>& plugins) {
   const std::string gloo = " --communicator gloo";
-  for (const auto& [runs, plugin] : {std::pair<GpuJob*, std::string>{&host_job, "-p zero2"},
-                                     std::pair<GpuJob*, std::string>{&host_job, "-p zero3 -g"},
-                                     std::pair<GpuJob*, std::string>{
-                                         &job, "-p gemini -g --offload-optim-frac 1 --offload-param-frac 0.5"}}) {
-    const std::string step6 = (runs->dir() / "ckpt" / "gpu-ddp" / "step-6").string();
-    const auto straight = runs->Run(2, plugin + " -i 6 --fresh" + gloo);
+  const std::string step6 = (job.dir() / "ckpt" / "gpu-ddp" / "step-6").string();
+  for (const std::string& plugin : plugins) {
+    const auto straight = job.Run(2, plugin + " -i 6 --fresh" + gloo);
     ASSERT_EQ(straight.size(), 12u) << plugin;
-    const auto resumed = runs->Run(2, plugin + " -i 0 -f " + step6 + gloo);
+    const auto resumed = job.Run(2, plugin + " -i 0 -f " + step6 + gloo);
     ASSERT_EQ(resumed.size(), 6u) << plugin;
     ExpectLosses(resumed, straight, 6, 0, plugin + ", resumed into host memory");
     EXPECT_LE(resumed.back()["peak_memory_bytes"].get<double>(), straight.back()["peak_memory_bytes"].get<double>())
         << plugin << ": the restore held optimizer state on the GPU";
   }
+}
+
+// ddp: rank 0 restores into host memory and sends its state from there; zero2: each
+// rank restores its shard.
+TEST_F(CudaTest, DataParallelRanksResumeIntoHostMemory) {
+  GpuJob job("llamad-gpu-host-resume", "offload: {optimizer: host}\n");
+  ExpectResumeIntoHostMemory(job, {"-p ddp", "-p zero2"});
+}
+
+// zero3, and gemini with half of each rank's parameters off the GPU too: their values
+// come from the restored host master weights (gemini places the optimizer itself, from
+// a job that leaves it in memory).
+TEST_F(CudaTest, ShardedRanksResumeIntoHostMemory) {
+  GpuJob host_job("llamad-gpu-zero3-resume", "offload: {optimizer: host}\n"), job("llamad-gpu-gemini-resume");
+  ExpectResumeIntoHostMemory(host_job, {"-p zero3 -g"});
+  ExpectResumeIntoHostMemory(job, {"-p gemini -g --offload-optim-frac 1 --offload-param-frac 0.5"});
 }
 
 // offload.optimizer host: the master weights and moments live in host memory and the
