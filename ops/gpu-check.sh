@@ -55,7 +55,9 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --batch) BATCH=$2; shift 2 ;;
     --seq) SEQ=$2; shift 2 ;;
-    --test-budget) TEST_BUDGET=$2; shift 2 ;;
+    --test-budget)
+      [[ "$2" =~ ^[0-9]+$ ]] || { echo "gpu-check: --test-budget takes whole seconds, not '$2'" >&2; exit 2; }
+      TEST_BUDGET=$2; shift 2 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -114,15 +116,15 @@ while read -r test; do
     continue
   fi
   ours 90 "$work/bin/cuda_test" --gtest_filter="$test" \
-    --gtest_output="json:$work/tests/${test//\//_}.json" >> "$OUT/tests.log" 2>&1
+    --gtest_output="json:$work/tests/${test//\//_}.json" >> "$OUT/tests.log" 2>&1 < /dev/null
   rc=$?
   if [[ $rc -ne 0 ]]; then
     echo "FAILED $test (exit $rc)"
     tail -n 15 "$OUT/tests.log"
     # Bad memory accesses and races, where the machine's runtime lets the sanitizer in.
-    if command -v compute-sanitizer > /dev/null && [[ $SECONDS -lt 150 ]]; then
+    if command -v compute-sanitizer > /dev/null && (( SECONDS - tests_start < TEST_BUDGET )); then
       timeout 60 env LD_LIBRARY_PATH="$libs" compute-sanitizer --print-limit 5 "$work/bin/cuda_test" --gtest_filter="$test" \
-        >> "$OUT/sanitizer.log" 2>&1
+        >> "$OUT/sanitizer.log" 2>&1 < /dev/null
       grep -E "=========" "$OUT/sanitizer.log" | tail -n 12
     fi
   else

@@ -52,6 +52,8 @@ void* AdamWOptimizer::exp_avg_sq() {
 }
 
 AdamWOptimizer::~AdamWOptimizer() {
+  // The last step's uploads of the host master weights may still be queued.
+  if (host_) backend_->Synchronize();
   if (host_master_) backend_->UnpinHostMemory(host_master_.get());
   for (auto& g : host_grad_) {
     if (g) backend_->UnpinHostMemory(g.get());
