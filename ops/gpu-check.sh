@@ -14,7 +14,8 @@
 #
 # Options for --run: --batch N --seq N (the training step; default 8 x 2048),
 # --test-budget SECONDS (default 150): tests not started by then are listed as not run,
-# so that the benchmarks and PyTorch's step always get their turn.
+# so that the benchmarks and PyTorch's step always get their turn; --test-jobs N
+# (default 4): tests run side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -51,6 +52,7 @@ shift
 BATCH=8
 SEQ=2048
 TEST_BUDGET=150
+TEST_JOBS=4
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --batch) BATCH=$2; shift 2 ;;
@@ -58,6 +60,9 @@ while [[ $# -gt 0 ]]; do
     --test-budget)
       [[ "$2" =~ ^[0-9]+$ ]] || { echo "gpu-check: --test-budget takes whole seconds, not '$2'" >&2; exit 2; }
       TEST_BUDGET=$2; shift 2 ;;
+    --test-jobs)
+      [[ "$2" =~ ^[1-9][0-9]*$ ]] || { echo "gpu-check: --test-jobs takes a count, not '$2'" >&2; exit 2; }
+      TEST_JOBS=$2; shift 2 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -103,33 +108,50 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader \
   | tee "$OUT/nvidia-smi.txt" || true
 
-echo "== tests (one process each, so that a test that aborts leaves the others' results)"
+echo "== tests (one process each, so that a test that aborts leaves the others' results;" \
+     "$TEST_JOBS at a time: their jobs are small next to the GPU)"
 set +e
 mkdir -p "$work/tests"
 awk '/^[^ ]/ {suite=$1} /^  / {print suite $1}' "$OUT/tests-list.txt" > "$work/tests.txt"
 : > "$OUT/tests-not-run.txt"
 tests_start=$SECONDS
+run_test() {  # run_test TEST: the test in a process of its own, its output in a log of its own
+  local test=$1 name=${1//\//_}
+  ours 90 "$work/bin/cuda_test" --gtest_filter="$test" --gtest_output="json:$work/tests/$name.json" \
+    > "$work/tests/$name.log" 2>&1 < /dev/null
+  local rc=$?
+  if [[ $rc -ne 0 ]]; then
+    echo "FAILED $test (exit $rc)"
+    tail -n 15 "$work/tests/$name.log"
+    # Bad memory accesses and races, where the machine's runtime lets the sanitizer in.
+    if command -v compute-sanitizer > /dev/null && (( SECONDS - tests_start < TEST_BUDGET )); then
+      timeout 60 env LD_LIBRARY_PATH="$libs" compute-sanitizer --print-limit 5 "$work/bin/cuda_test" \
+        --gtest_filter="$test" > "$work/tests/$name.sanitizer" 2>&1 < /dev/null
+      grep -E "=========" "$work/tests/$name.sanitizer" | tail -n 12
+    fi
+  else
+    echo "ok     $test"
+  fi
+}
+running=0
 while read -r test; do
   if (( SECONDS - tests_start >= TEST_BUDGET )); then
     echo "$test" >> "$OUT/tests-not-run.txt"
     echo "skip   $test (test budget of ${TEST_BUDGET}s spent)"
     continue
   fi
-  ours 90 "$work/bin/cuda_test" --gtest_filter="$test" \
-    --gtest_output="json:$work/tests/${test//\//_}.json" >> "$OUT/tests.log" 2>&1 < /dev/null
-  rc=$?
-  if [[ $rc -ne 0 ]]; then
-    echo "FAILED $test (exit $rc)"
-    tail -n 15 "$OUT/tests.log"
-    # Bad memory accesses and races, where the machine's runtime lets the sanitizer in.
-    if command -v compute-sanitizer > /dev/null && (( SECONDS - tests_start < TEST_BUDGET )); then
-      timeout 60 env LD_LIBRARY_PATH="$libs" compute-sanitizer --print-limit 5 "$work/bin/cuda_test" --gtest_filter="$test" \
-        >> "$OUT/sanitizer.log" 2>&1 < /dev/null
-      grep -E "=========" "$OUT/sanitizer.log" | tail -n 12
-    fi
-  else
-    echo "ok     $test"
+  run_test "$test" &
+  if (( ++running >= TEST_JOBS )); then
+    wait -n
+    (( running-- ))
   fi
+done < "$work/tests.txt"
+wait
+# The logs in the list's order.
+while read -r test; do
+  for f in "$work/tests/${test//\//_}".{log,sanitizer}; do
+    [[ -f $f ]] && { echo "### $test"; cat "$f"; }
+  done >> "$OUT/tests.log"
 done < "$work/tests.txt"
 python3 - "$work/tests" "$OUT/tests.json" <<'PY'
 import glob, json, sys
@@ -178,8 +200,8 @@ tests, bench, torch = load("tests.json"), load("bench.json"), load("torch.json")
 bench7b, bench7b_host = load("bench-7b.json"), load("bench-7b-host.json")
 print()
 print(f"GPU check on {bench.get('device', '?')}")
-if tests.get("testsuites"):
-    cases = [(f"{s['name']}.{t['name']}", t) for s in tests["testsuites"] for t in s["testsuite"]]
+if tests.get("testsuites") or not_run:
+    cases = [(f"{s['name']}.{t['name']}", t) for s in tests.get("testsuites", []) for t in s["testsuite"]]
     failed = [name for name, t in cases if t.get("failures")]
     skipped = [name for name, t in cases if t.get("result") == "SKIPPED"]
     passed = len(cases) - len(failed) - len(skipped)
