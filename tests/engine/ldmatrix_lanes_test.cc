@@ -61,36 +61,31 @@ TEST(LdmatrixLanes, ColumnMajorQuartersGiveTheAFragment) {
   }
 }
 
-// Rows are the product's columns: B[k][n] = m[n][k], two n-tiles of 8.
-TEST(LdmatrixLanes, RowMajorQuartersGiveTwoBFragmentsOfTransposedRows) {
-  const Block m;
-  const Registers got = Ldmatrix(m, RowMajorQuarters, false);
+// The B fragments mma.m16n8k16 takes for n-tiles 0 and 1 of a 16 x 16 B (element (k, n)
+// from b(k, n)): registers 0, 1 for columns 0..7, then 2, 3 for columns 8..15.
+template <typename ElementOfB>
+void ExpectTwoBFragments(const Registers& got, ElementOfB b) {
   for (int lane = 0; lane < 32; ++lane) {
     const int g = lane / 4, t = lane % 4;
     for (int tile = 0; tile < 2; ++tile) {
       const int n = tile * 8 + g;
-      const Pair b0{m.at(n, 2 * t), m.at(n, 2 * t + 1)};
-      const Pair b1{m.at(n, 2 * t + 8), m.at(n, 2 * t + 9)};
+      const Pair b0{b(2 * t, n), b(2 * t + 1, n)}, b1{b(2 * t + 8, n), b(2 * t + 9, n)};
       EXPECT_EQ(got[lane][2 * tile], b0) << "lane " << lane << " n-tile " << tile << " b0";
       EXPECT_EQ(got[lane][2 * tile + 1], b1) << "lane " << lane << " n-tile " << tile << " b1";
     }
   }
 }
 
-// Rows are the product's reduction: B[k][n] = m[k][n], two n-tiles of 8, read with .trans.
+// Rows are the product's columns (K in Q K^T): B[k][n] = m[n][k].
+TEST(LdmatrixLanes, RowMajorQuartersGiveTwoBFragmentsOfTransposedRows) {
+  const Block m;
+  ExpectTwoBFragments(Ldmatrix(m, RowMajorQuarters, false), [&](int k, int n) { return m.at(n, k); });
+}
+
+// Rows are the product's reduction (V in P V): B[k][n] = m[k][n], read with .trans.
 TEST(LdmatrixLanes, TransposedColumnMajorQuartersGiveTwoBFragmentsOfColumns) {
   const Block m;
-  const Registers got = Ldmatrix(m, ColumnMajorQuarters, true);
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane / 4, t = lane % 4;
-    for (int tile = 0; tile < 2; ++tile) {
-      const int n = tile * 8 + g;
-      const Pair b0{m.at(2 * t, n), m.at(2 * t + 1, n)};
-      const Pair b1{m.at(2 * t + 8, n), m.at(2 * t + 9, n)};
-      EXPECT_EQ(got[lane][2 * tile], b0) << "lane " << lane << " n-tile " << tile << " b0";
-      EXPECT_EQ(got[lane][2 * tile + 1], b1) << "lane " << lane << " n-tile " << tile << " b1";
-    }
-  }
+  ExpectTwoBFragments(Ldmatrix(m, ColumnMajorQuarters, true), [&](int k, int n) { return m.at(k, n); });
 }
 
 }  // namespace
