@@ -320,7 +320,6 @@ class NcclCollectives final : public DeviceCollectives {
   static constexpr std::chrono::milliseconds kInitLimit = std::chrono::minutes(5);
 
   absl::Status Init(const ncclUniqueId& id, int rank, int world, std::chrono::milliseconds limit) {
-    world_ = world;
     // Non-blocking: set-up (and a first collective's connections) return at once and are
     // polled, so that a rank that never joins fails the others after the limit.
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
@@ -365,13 +364,6 @@ class NcclCollectives final : public DeviceCollectives {
 
   absl::Status error() {
     std::lock_guard lock(mu_);
-    return error_;
-  }
-
-  // Records the first error; later calls return it.
-  absl::Status Fail(absl::Status status) {
-    std::lock_guard lock(mu_);
-    if (error_.ok()) error_ = status;
     return error_;
   }
 
@@ -539,7 +531,6 @@ class NcclCollectives final : public DeviceCollectives {
   const NcclApi* api_;
   const int device_;
   const cudaStream_t compute_;  // the backend's
-  int world_ = 0;
   cudaStream_t stream_ = nullptr;
   std::mutex calls_mu_;          // held around every NCCL call on comm_ (and its abort)
   ncclComm_t comm_ = nullptr;    // null once aborted

@@ -216,18 +216,13 @@ void* LlamaModel::master_at(size_t offset) {
   return static_cast<char*>(master_data_) + accum_byte_offset(offset - master_begin_);
 }
 
-void LlamaModel::ReleaseMasterWeights() {
-  if (master_data_ == params_data_) return;
-  backend_->Free(master_data_);
-  master_data_ = nullptr;
-}
-
 void LlamaModel::TrimMasterWeights(size_t end) {
   if (master_data_ == params_data_ || master_data_ == nullptr) return;
   end = std::clamp(end, master_begin_, master_end_);
   if (end == master_end_) return;
   if (end == master_begin_) {
-    ReleaseMasterWeights();
+    backend_->Free(master_data_);
+    master_data_ = nullptr;
     return;
   }
   void* kept = backend_->Allocate(end - master_begin_, backend_->accum_dtype());

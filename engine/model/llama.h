@@ -119,8 +119,8 @@ class LlamaModel {
   // Gradients and the optimizer's copy of the parameters (accum_dtype()); the master is
   // param_data() itself when the backend keeps no separate master weights. The
   // gradients are allocated, as zeros, at their first use. master_data() holds
-  // held_master_range() (all, or a ZeRO rank's shard), and is null after
-  // ReleaseMasterWeights.
+  // held_master_range() (all, or a ZeRO rank's shard), and is null once
+  // TrimMasterWeights kept none.
   void* grad_data();
   void* master_data() { return master_data_; }
   // The master weight of flat element `offset` (the whole buffer, the shard, or without
@@ -169,11 +169,9 @@ class LlamaModel {
   // they were written (restore, load); nothing to do without separate master weights.
   // Under ZeRO-1/2 the rest of the parameters then come from the other ranks.
   void SyncParamsFromMaster();
-  // The optimizer took the master weights elsewhere (host memory): frees the backend's
-  // copy; master_data() is null from then on.
-  void ReleaseMasterWeights();
-  // The optimizer took those of [end, held end) elsewhere: keeps the others in a buffer
-  // of their size (held_master_range() ends at `end`; none kept: released).
+  // The optimizer took those of [end, held end) elsewhere (host memory): keeps the
+  // others in a buffer of their size (held_master_range() ends at `end`); with none kept
+  // the backend's copy is freed and master_data() is null from then on.
   void TrimMasterWeights(size_t end);
   void ZeroGrads();
 

@@ -840,9 +840,6 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
               (long long)spec->training.batch_size, (long long)spec->training.max_length,
               spec->training.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
               gemini->summary.empty() ? "" : (gemini->summary + "\n").c_str(), plan.Describe(budget, budget_name).c_str());
-  if (inline_regions && gemini->summary.find("inline") == std::string::npos) {
-    std::printf("zero2/3 regions reduced and gathered inline: the job fits only without their overlap's second scratch\n");
-  }
   return fits ? 0 : kExitFailure;
 }
 

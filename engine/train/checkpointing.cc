@@ -333,7 +333,7 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   // Two readers, so that one checksums and copies while the other waits for the disk,
   // with as many requests in flight together as a save keeps. More did not help on the
   // disk it was measured on (README.md, "Measured": 4 readers x 4 requests came to
-  // 69-85% of fio, 2 x 2 to 84-106%).
+  // 69-85% of fio, 2 x 2 to 79-107% over 24 runs).
   constexpr int kReaders = 2;
   constexpr int kDepthPerReader = storage::CheckpointStore::kDefaultReadDepth / kReaders;
   // Each reader streams its run through two 8 MiB buffers of the store's, uploading

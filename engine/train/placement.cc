@@ -65,6 +65,17 @@ double SmallestFittingFraction(uint64_t budget, const std::function<MemoryPlan(c
   return lo / 1024.0;
 }
 
+// zero2/3 run each region's collectives beside the backward with a second region scratch
+// (ParallelSpec::overlap_regions); a job that fits `budget` only without that scratch
+// reduces and gathers inline. Returns the spec to run: unchanged when it fits as it is,
+// when the budget is unknown (0), or when it does not fit either way.
+JobSpec FitRegionOverlap(const JobSpec& spec, uint64_t budget, const std::function<MemoryPlan(const JobSpec&)>& plan) {
+  if (budget == 0 || !spec.parallel.overlap_regions || plan(spec).total() <= budget) return spec;
+  JobSpec inline_regions = spec;
+  inline_regions.parallel.overlap_regions = false;
+  return plan(inline_regions).total() <= budget ? inline_regions : spec;
+}
+
 }  // namespace
 
 absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int world, uint64_t budget,
@@ -217,7 +228,13 @@ absl::StatusOr<GeminiPlacement> PlaceJob(const JobSpec& spec, bool cuda, int wor
   auto placed = PlaceGemini(spec, cuda, world, budget, plan);
   if (!placed.ok()) return placed.status();
   if (cuda) {
+    const bool overlapped = placed->spec.parallel.overlap_regions;
     placed->spec = FitRegionOverlap(placed->spec, budget, plan);
+    if (overlapped && !placed->spec.parallel.overlap_regions) {
+      placed->summary += StrCat(placed->summary.empty() ? "" : "\n",
+                                "zero2/3 regions reduced and gathered inline: the job fits only without their "
+                                "overlap's second scratch");
+    }
   } else if (must_fit || placed->spec.offload.optimizer == "auto") {
     auto within = PlaceOptimizerState(placed->spec, budget, plan);
     if (within.ok()) {
@@ -229,13 +246,6 @@ absl::StatusOr<GeminiPlacement> PlaceJob(const JobSpec& spec, bool cuda, int wor
     }
   }
   return placed;
-}
-
-JobSpec FitRegionOverlap(const JobSpec& spec, uint64_t budget, const std::function<MemoryPlan(const JobSpec&)>& plan) {
-  if (budget == 0 || !spec.parallel.overlap_regions || plan(spec).total() <= budget) return spec;
-  JobSpec inline_regions = spec;
-  inline_regions.parallel.overlap_regions = false;
-  return plan(inline_regions).total() <= budget ? inline_regions : spec;
 }
 
 absl::StatusOr<JobSpec> PlaceOptimizerState(const JobSpec& spec, uint64_t budget,

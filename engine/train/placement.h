@@ -53,18 +53,13 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
 
 // What a job runs as on `world` ranks within `budget` per rank (0: unknown): gemini
 // placed (PlaceGemini), the CPU backend's optimizer tier placed (PlaceOptimizerState)
-// and a GPU job's zero2/3 overlap dropped where only inline fits (FitRegionOverlap).
+// and a GPU job's zero2/3 overlap (ParallelSpec::overlap_regions) dropped where only
+// inline fits, which the summary then says.
 // With `must_fit` a CPU job that does not fit is an error; without (a plan, which shows
 // by how much), offload.optimizer auto that nothing fits stays in memory. The trainer
 // and `llama-train plan` both place with this, so a plan shows what a run would do.
 absl::StatusOr<GeminiPlacement> PlaceJob(const JobSpec& spec, bool cuda, int world, uint64_t budget,
                                          const std::function<MemoryPlan(const JobSpec&)>& plan, bool must_fit);
-
-// zero2/3 run each region's collectives beside the backward with a second region scratch
-// (ParallelSpec::overlap_regions); a job that fits `budget` only without that scratch
-// reduces and gathers inline. Returns the spec to run: unchanged when it fits as it is,
-// when the budget is unknown (0), or when it does not fit either way.
-JobSpec FitRegionOverlap(const JobSpec& spec, uint64_t budget, const std::function<MemoryPlan(const JobSpec&)>& plan);
 
 // The CPU backend's optimizer tiers: resolves offload.optimizer auto (memory when the
 // job fits `budget`, else as small a share of the moments on the NVMe tier as makes the

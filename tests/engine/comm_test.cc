@@ -44,6 +44,11 @@ void OnRanks(int world, const std::function<void(int, Communicator&)>& body) {
 
 float Value(int rank, size_t i) { return float(rank + 1) * 0.5f + float(i % 97); }
 
+// A region of zero2/3: elements [kRegionBegin, kRegionEnd) of kRegionN that kRegionRanks
+// ranks own in EvenSlices (4, 3 and 3 elements), so that it spans all three unevenly.
+constexpr int kRegionRanks = 3;
+constexpr size_t kRegionN = 10, kRegionBegin = 2, kRegionEnd = 9;
+
 // Ranges handed over from the back of the buffer to the front, as the backward finishes
 // them, are merged into buckets and summed: every element exactly once.
 TEST(CommTest, BackgroundAllReduceSumsEveryRangeOnce) {
@@ -75,45 +80,41 @@ TEST(CommTest, BackgroundAllReduceSumsEveryRangeOnce) {
 // the whole range (uneven: 10 over 3), the region [2, 9) spans all three, and each rank
 // adds the sum of its part into its own shard.
 TEST(CommTest, ReduceScatterAddsEachRanksPartIntoItsShard) {
-  constexpr int kWorld = 3;
-  static constexpr size_t kN = 10, kBegin = 2, kEnd = 9;
-  OnRanks(kWorld, [](int rank, Communicator& comm) {
+  OnRanks(kRegionRanks, [](int rank, Communicator& comm) {
     auto backend = MakeCpuBackend({DType::kF32, 1});
-    float* region = static_cast<float*>(backend->Allocate(kEnd - kBegin));
-    for (size_t i = kBegin; i < kEnd; ++i) region[i - kBegin] = Value(rank, i);
-    const auto [own_begin, own_end] = EvenSlice(kN, rank, kWorld);  // 4, 3 and 3 elements
-    const size_t lo = std::max(own_begin, kBegin), hi = std::min(own_end, kEnd);
+    float* region = static_cast<float*>(backend->Allocate(kRegionEnd - kRegionBegin));
+    for (size_t i = kRegionBegin; i < kRegionEnd; ++i) region[i - kRegionBegin] = Value(rank, i);
+    const auto [own_begin, own_end] = EvenSlice(kRegionN, rank, kRegionRanks);  // 4, 3 and 3 elements
+    const size_t lo = std::max(own_begin, kRegionBegin), hi = std::min(own_end, kRegionEnd);
     float* shard = static_cast<float*>(backend->Allocate(own_end - own_begin));
     for (size_t i = 0; i < own_end - own_begin; ++i) shard[i] = 100.0f;
-    ASSERT_TRUE(ReduceScatterAddOnBackend(comm, *backend, region, kBegin, kEnd, kN, shard + (lo - own_begin)).ok());
+    ASSERT_TRUE(ReduceScatterAddOnBackend(comm, *backend, region, kRegionBegin, kRegionEnd, kRegionN, shard + (lo - own_begin)).ok());
     for (size_t i = own_begin; i < own_end; ++i) {
       float expected = 100.0f;
       if (i >= lo && i < hi) {
-        for (int r = 0; r < kWorld; ++r) expected += Value(r, i);
+        for (int r = 0; r < kRegionRanks; ++r) expected += Value(r, i);
       }
       ASSERT_EQ(shard[i - own_begin], expected) << "rank " << rank << " element " << i;
     }
   });
-  EXPECT_EQ(OwnedParts(kBegin, kEnd, kN, kWorld).size(), 3u);
-  EXPECT_EQ(OwnedParts(0, 4, kN, kWorld).size(), 1u);  // within rank 0's slice
+  EXPECT_EQ(OwnedParts(kRegionBegin, kRegionEnd, kRegionN, kRegionRanks).size(), 3u);
+  EXPECT_EQ(OwnedParts(0, 4, kRegionN, kRegionRanks).size(), 1u);  // within rank 0's slice
 }
 
 // zero3's gather of a region: each rank holds its own part of [2, 9) of 10 elements
 // (EvenSlices over 3) and ends with every owner's part.
 TEST(CommTest, GatherPartsGivesEveryRankEachOwnersPart) {
-  constexpr int kWorld = 3;
-  static constexpr size_t kN = 10, kBegin = 2, kEnd = 9;
-  OnRanks(kWorld, [](int rank, Communicator& comm) {
+  OnRanks(kRegionRanks, [](int rank, Communicator& comm) {
     auto backend = MakeCpuBackend({DType::kF32, 1});
-    float* region = static_cast<float*>(backend->Allocate(kEnd - kBegin));
-    std::fill_n(region, kEnd - kBegin, -1.0f);  // what the others own: not here yet
-    const auto [own_begin, own_end] = EvenSlice(kN, rank, kWorld);
-    for (size_t i = std::max(own_begin, kBegin); i < std::min(own_end, kEnd); ++i) region[i - kBegin] = Value(rank, i);
-    ASSERT_TRUE(GatherPartsOnBackend(comm, *backend, region, kBegin, kEnd, kN).ok());
-    for (size_t i = kBegin; i < kEnd; ++i) {
+    float* region = static_cast<float*>(backend->Allocate(kRegionEnd - kRegionBegin));
+    std::fill_n(region, kRegionEnd - kRegionBegin, -1.0f);  // what the others own: not here yet
+    const auto [own_begin, own_end] = EvenSlice(kRegionN, rank, kRegionRanks);
+    for (size_t i = std::max(own_begin, kRegionBegin); i < std::min(own_end, kRegionEnd); ++i) region[i - kRegionBegin] = Value(rank, i);
+    ASSERT_TRUE(GatherPartsOnBackend(comm, *backend, region, kRegionBegin, kRegionEnd, kRegionN).ok());
+    for (size_t i = kRegionBegin; i < kRegionEnd; ++i) {
       int owner = 0;
-      while (EvenSlice(kN, owner, kWorld).second <= i) ++owner;
-      ASSERT_EQ(region[i - kBegin], Value(owner, i)) << "rank " << rank << " element " << i;
+      while (EvenSlice(kRegionN, owner, kRegionRanks).second <= i) ++owner;
+      ASSERT_EQ(region[i - kRegionBegin], Value(owner, i)) << "rank " << rank << " element " << i;
     }
   });
 }

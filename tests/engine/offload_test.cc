@@ -421,9 +421,9 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
   EXPECT_NE(on_nvme->summary.find("50.0% of its moments on the NVMe tier"), std::string::npos) << on_nvme->summary;
   EXPECT_EQ(total(on_nvme, 32), total(host, 32));
   const MemoryPlan nvme_plan = PlanMemoryOn(on_nvme->spec, /*cuda=*/true, 32, 0);
-  const MemoryPlan hosted_plan = PlanMemoryOn(host->spec, /*cuda=*/true, 32, 0);
+  const MemoryPlan host_plan = PlanMemoryOn(host->spec, /*cuda=*/true, 32, 0);
   EXPECT_NEAR(double(nvme_plan.optimizer_state_nvme), 0.5 * 8 * shard, 0.01 * 8 * shard);
-  EXPECT_NEAR(double(hosted_plan.optimizer_state_host - nvme_plan.optimizer_state_host), 0.5 * 8 * shard - 3 * 64.0 * (1 << 20),
+  EXPECT_NEAR(double(host_plan.optimizer_state_host - nvme_plan.optimizer_state_host), 0.5 * 8 * shard - 3 * 64.0 * (1 << 20),
               0.01 * 8 * shard);
   JobSpec infinity_auto = infinity;
   infinity_auto.parallel.placement = "auto";
@@ -441,7 +441,6 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
   EXPECT_NE(halfway->summary.find("last 50.0% of each shard"), std::string::npos) << halfway->summary;
   EXPECT_NEAR(double(total(defaults, 32) - total(halfway, 32)), 6 * shard, 0.01 * 6 * shard);
   const MemoryPlan half_plan = PlanMemoryOn(halfway->spec, /*cuda=*/true, 32, 0);
-  const MemoryPlan host_plan = PlanMemoryOn(host->spec, /*cuda=*/true, 32, 0);
   EXPECT_NEAR(double(half_plan.optimizer_state_host), double(host_plan.optimizer_state_host) / 2,
               0.01 * double(host_plan.optimizer_state_host));
   // offload_param_frac 0.5 with the optimizer state on the host: the bf16 parameters of
@@ -489,11 +488,21 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
   const uint64_t layer = LargestGradientRegion(spec.model);
   EXPECT_EQ(PlanMemoryOn(overlapped, /*cuda=*/true, 8, 0).total() - total(on8, 8), layer * (2 + 4));
   EXPECT_GT(PlanMemoryOn(overlapped, /*cuda=*/true, 8, 0).total(), gpu);
+  // The static fractions of that layout: PlaceJob turns the overlap off to fit, and the
+  // placement's summary (which a run and `plan` print) says so.
+  JobSpec fixed = spec;
+  fixed.parallel.placement = "static";
+  fixed.parallel.offload_optim_frac = 1;
+  auto fitted = PlaceJob(fixed, /*cuda=*/true, 8, gpu,
+                         [](const JobSpec& r) { return PlanMemoryOn(r, /*cuda=*/true, 8, 0); }, /*must_fit=*/false);
+  ASSERT_TRUE(fitted.ok()) << fitted.status();
+  EXPECT_FALSE(fitted->spec.parallel.overlap_regions);
+  EXPECT_NE(fitted->summary.find("gathered inline"), std::string::npos) << fitted->summary;
   // Of the optimizer state, as little in host memory as fits 2% short of the budget (room
   // for what the plan does not see): the smallest share in 1/1024ths.
   const uint64_t headroomed = gpu - gpu / 50;
   const double share = on8->spec.offload.host_fraction;
-  EXPECT_LE(share, 1.0);
+  EXPECT_EQ(std::fmod(share * 1024, 1.0), 0.0) << share << " is not a whole number of 1/1024ths";
   EXPECT_GT(share, 0.5);
   EXPECT_LE(total(on8, 8), headroomed);
   JobSpec less = on8->spec;
