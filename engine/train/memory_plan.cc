@@ -52,14 +52,14 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   plan.optimizer_state = 2 * sharded * DTypeSize(accum);
   // The NVMe tier's chunking (AdamWOptimizer::OffloadToNvme): both moments of a range of
   // elements per chunk, whole chunks, three chunks in memory for the pipeline.
-  const uint64_t chunk_elements = AdamWOptimizer::SwapChunkElements(NvmeSwapOptions(spec.offload).chunk_bytes);
+  const size_t requested_chunk = NvmeSwapOptions(spec.offload).chunk_bytes;
+  const uint64_t chunk_elements = AdamWOptimizer::SwapChunkElements(requested_chunk);
   const uint64_t chunk_bytes = chunk_elements * 2 * sizeof(float);
-  auto swap_file_bytes = [&](uint64_t swapped) { return (swapped + chunk_elements - 1) / chunk_elements * chunk_bytes; };
   const bool on_gpu = dtype != accum;
   if (spec.offload.optimizer == "nvme" && !on_gpu) {
     // The last nvme_fraction of the shard's moments in the file, the others in memory.
     const uint64_t swapped = AdamWOptimizer::SwappedElements(sharded, spec.offload.nvme_fraction);
-    plan.optimizer_state_nvme = swap_file_bytes(swapped);
+    plan.optimizer_state_nvme = AdamWOptimizer::SwapFileBytes(swapped, requested_chunk);
     plan.optimizer_state = 2 * (sharded - swapped) * DTypeSize(accum) + 3 * chunk_bytes;
   }
   if ((spec.offload.optimizer == "host" || spec.offload.optimizer == "nvme") && on_gpu) {
@@ -77,7 +77,7 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
                                 (nvme ? std::max(grad_chunk, chunk_elements) : grad_chunk) * 4;
     if (nvme) {
       plan.optimizer_state_host += 3 * chunk_bytes;
-      plan.optimizer_state_nvme = swap_file_bytes(swapped);
+      plan.optimizer_state_nvme = AdamWOptimizer::SwapFileBytes(swapped, requested_chunk);
     }
     plan.master_weights = (sharded - hosted) * DTypeSize(accum);
     plan.optimizer_state = 2 * (sharded - hosted) * DTypeSize(accum);

@@ -133,8 +133,7 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction, const N
         " GiB of host memory for the master weights and the AdamW moments kept there"));
   }
   if (nvme != nullptr) {
-    const size_t chunks = (swapped + chunk_elements_ - 1) / chunk_elements_;
-    auto swap = offload::SwapFile::Create(nvme->dir, chunks * swap_options.chunk_bytes, swap_options);
+    auto swap = offload::SwapFile::Create(nvme->dir, SwapFileBytes(swapped, swap_options.chunk_bytes), swap_options);
     if (!swap.ok()) {
       release();
       return swap.status();
@@ -302,8 +301,7 @@ absl::Status AdamWOptimizer::OffloadToNvme(const std::string& dir, const offload
   const size_t swapped = SwappedElements(shard_end_ - shard_begin_, fraction);
   const size_t swap_begin = shard_end_ - swapped;
   const offload::SwapOptions o = ChunkedSwapOptions(options);
-  const size_t chunks = (swapped + chunk_elements_ - 1) / chunk_elements_;
-  auto swap = offload::SwapFile::Create(dir, chunks * o.chunk_bytes, o);
+  auto swap = offload::SwapFile::Create(dir, SwapFileBytes(swapped, o.chunk_bytes), o);
   if (!swap.ok()) return swap.status();
   swap_ = std::move(*swap);
   swap_begin_ = swap_begin;

@@ -96,6 +96,12 @@ class AdamWOptimizer {
   // Elements per chunk of the NVMe tier: a chunk holds both f32 moments of a range of
   // elements, in at most `chunk_bytes` (the plan counts them the same way).
   static size_t SwapChunkElements(size_t chunk_bytes) { return std::max<size_t>(1, chunk_bytes / (2 * sizeof(float))); }
+  // Bytes of the swap file holding the moments of `swapped` elements, in whole chunks of
+  // at most `chunk_bytes` (the plan counts them the same way).
+  static uint64_t SwapFileBytes(size_t swapped, size_t chunk_bytes) {
+    const size_t per_chunk = SwapChunkElements(chunk_bytes);
+    return uint64_t((swapped + per_chunk - 1) / per_chunk) * per_chunk * 2 * sizeof(float);
+  }
   // ZeRO-Offload (offload.optimizer host; a backend with separate master weights, the
   // GPU's): the f32 master weights and both moments move to host memory, and the model's
   // device copy of the master weights is freed. Step then runs AdamW on the CPU chunk by

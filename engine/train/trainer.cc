@@ -219,7 +219,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
       }
     }
     const bool last = first + uint64_t(count) >= end;
-    if (last && !padding && comm_->world_size() > 1 && (BuffersInHostMemory(*backend_) || device) &&
+    if (last && !padding && comm_->world_size() > 1 && CollectivesCanRunBeside() &&
         !model_->gradients_sharded()) {
       const size_t bucket = size_t(spec_.parallel.bucket_mb * double(1 << 20) / sizeof(float));
       if (device != nullptr) {
@@ -396,6 +396,8 @@ void Trainer::ShardOptimizerState() {
   optimizer_->Shard(begin, end);  // the shard's moments are allocated, as zeros, at first use
 }
 
+bool Trainer::CollectivesCanRunBeside() const { return BuffersInHostMemory(*backend_) || device_ != nullptr; }
+
 void Trainer::RunModelCollective(const std::function<absl::Status()>& collective) {
   if (!model_collective_status_.ok()) return;  // a peer is gone: no more collectives
   const auto start = std::chrono::steady_clock::now();
@@ -410,7 +412,7 @@ void Trainer::ShardGradients() {
   // the helper thread (not the backend's: it is not thread-safe); on a GPU with NCCL they
   // run on NCCL's stream beside the backward. GPU ranks without NCCL reduce inline.
   DeviceCollectives* device = device_;
-  const bool overlap = spec_.parallel.overlap_regions && (BuffersInHostMemory(*backend_) || device != nullptr);
+  const bool overlap = spec_.parallel.overlap_regions && CollectivesCanRunBeside();
   if (overlap) {
     if (device == nullptr && !collectives_) collectives_ = std::make_unique<SerialWorker>();
     const size_t region = LargestGradientRegion(spec_.model);
@@ -463,7 +465,7 @@ void Trainer::ShardParameters() {
   // region before it computes. On host memory it runs on the helper thread; on a GPU with
   // NCCL on NCCL's stream beside the backend. GPU ranks without NCCL gather inline.
   DeviceCollectives* device = device_;
-  const bool prefetch = spec_.parallel.overlap_regions && (BuffersInHostMemory(*backend_) || device != nullptr);
+  const bool prefetch = spec_.parallel.overlap_regions && CollectivesCanRunBeside();
   if (prefetch && device == nullptr && !collectives_) collectives_ = std::make_unique<SerialWorker>();
   auto timed = [this](const std::function<void()>& wait) {
     const auto start = std::chrono::steady_clock::now();

@@ -107,6 +107,9 @@ class Trainer {
   // zero2/3: runs a collective of the model's parameters or gradients unless one failed
   // before (model_collective_status_ keeps the first failure), and counts its time.
   void RunModelCollective(const std::function<absl::Status()>& collective);
+  // Whether the model's collectives can run beside its compute: on a helper thread over
+  // host memory, or on NCCL's stream. GPU ranks without NCCL run them inline.
+  bool CollectivesCanRunBeside() const;
 
   // Create after the checks that need no memory plan: places gemini and the optimizer
   // state within the rank's memory budget, checks that the job fits, and builds.
