@@ -169,13 +169,13 @@ ours 90 "$work/bin/llama-train" train --config configs/tiny.yaml -x bf16 --steps
   -i 100 -o "$work/runs" --log-format json > "$OUT/train-tiny.jsonl" 2> "$OUT/train-tiny.log"
 echo "exit $?"; tail -n 3 "$OUT/train-tiny.log"
 echo "== llamad benchmark"
-ours 200 "$work/bin/bench-gpu" --batch "$BATCH" --seq "$SEQ" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+ours 200 "$work/bin/bench-gpu" --batch "$BATCH" --seq "$SEQ" --timeline --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 echo "== llamad 7B step on one GPU (batch 2 x seq 2048, activation checkpointing)"
 ours 150 "$work/bin/bench-gpu" --model 7b --batch 2 --seq 2048 --grad-checkpoint --no-kernels \
   --steps 3 --json "$OUT/bench-7b.json" 2>&1 | tee "$OUT/bench-7b.log"
 echo "== llamad 7B step with the optimizer state in host memory (batch 8 x seq 2048, checkpointing)"
 ours 240 "$work/bin/bench-gpu" --model 7b --batch 8 --seq 2048 --grad-checkpoint --no-kernels \
-  --offload-optimizer-host --warmup 1 --steps 2 --json "$OUT/bench-7b-host.json" 2>&1 | tee "$OUT/bench-7b-host.log"
+  --offload-optimizer-host --warmup 1 --steps 2 --timeline --json "$OUT/bench-7b-host.json" 2>&1 | tee "$OUT/bench-7b-host.log"
 flops=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['flops_per_token'])" 2>/dev/null)
 peak=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['peak_tflops'])" 2>/dev/null)
 echo "== PyTorch (transformers.LlamaForCausalLM, bf16, AdamW) on the same card"
@@ -238,6 +238,21 @@ for name, s in rows:
         err = {"pytorch": torch, "llamad": bench, "llamad 7b host-opt b8": bench7b_host}.get(
             name, bench7b).get("error", "did not finish")
         print(f"{name:22} failed: {err}")
+# One more step of each, traced (bench-gpu --timeline): how much of it the GPU was busy, and
+# its longest idle gap with the host phase and the operations around it.
+for name, b in (("llamad", bench), ("llamad 7b host-opt b8", bench7b_host)):
+    t = b.get("timeline")
+    if not t:
+        if b.get("timeline_error"):
+            print(f"timeline {name}: not recorded ({b['timeline_error']})")
+        continue
+    line = (f"timeline {name}: GPU busy {1e3 * t['busy_s']:.1f} of {1e3 * t['wall_s']:.1f} ms "
+            f"({100 * t['busy_s'] / max(t['wall_s'], 1e-12):.1f}%), {t['gaps_of_10us']} idle gaps of 10 us or more "
+            f"({1e3 * t['gaps_of_10us_s']:.1f} ms)")
+    if t["gaps"]:
+        g = t["gaps"][0]
+        line += f"; longest {1e3 * g['s']:.2f} ms in {g['phase']} ({g['after']} -> {g['before']})"
+    print(line)
 if ours and "tokens_per_s" in torch:
     print(f"llamad / pytorch tokens/s: {ours['tokens_per_s'] / torch['tokens_per_s']:.2f}x "
           f"(model {ours['model']}, batch {ours['batch']} x seq {ours['seq']})")

@@ -6,7 +6,11 @@
 //
 //   bench-gpu [--model 1b] [--batch 8] [--seq 2048] [--steps 5] [--warmup 2]
 //             [--grad-checkpoint] [--offload-optimizer-host] [--json FILE] [--no-step]
-//             [--no-kernels]
+//             [--no-kernels] [--timeline]
+//
+// --timeline: after the timed steps, one more step traced through CUPTI: the GPU's busy
+// and idle time within it, its kernels by total time, and its longest idle gaps with the
+// host phase and the operations around each.
 //
 // Inputs are random (never zeros). Times are wall clock around a synchronized loop of
 // repetitions after a warm-up; each figure is the median of five such loops.
@@ -18,8 +22,10 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
@@ -27,6 +33,7 @@
 
 #include "backend/cpu/blas_kernels.h"
 #include "backend/cuda/cuda_backend.h"
+#include "gpu_timeline.h"
 #include "model/llama.h"
 #include "train/optimizer.h"
 
@@ -39,6 +46,7 @@ struct Options {
   std::string json;
   bool step = true, kernels = true, grad_checkpoint = false;
   bool offload_host = false;  // master weights and moments in host memory, AdamW on the CPU
+  bool timeline = false;      // one more step, traced through CUPTI (gpu_timeline.h)
 };
 
 // Median seconds per call of fn over five synchronized loops of `reps` calls.
@@ -246,7 +254,8 @@ void Kernels(Backend& be, const ModelConfig& c, const Options& o, nlohmann::json
   }
 }
 
-void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann::json& out) {
+void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann::json& out,
+                  const std::function<void()>& save) {
   be.ResetPeak();
   LlamaModel model(c, &be, {o.grad_checkpoint, 64});
   model.InitWeights(1);
@@ -261,30 +270,42 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
   std::vector<int32_t> tokens(N), targets(N);
   std::mt19937 rng(7);
   std::vector<double> times, optimizer_times, losses;
-  for (int step = 0; step < o.warmup + o.steps; ++step) {
+  // One step on fresh random tokens: Trainer::Step's work (gradients, their norm, the
+  // clipped AdamW update). Returns its seconds and the optimizer's; marks the timeline's
+  // host phases when there is one.
+  auto run_step = [&](GpuTimeline* timeline) {
+    auto mark = [&](const char* phase) {
+      if (timeline != nullptr) timeline->Mark(phase);
+    };
     for (int i = 0; i < N; ++i) {
       tokens[i] = int32_t(rng() % c.vocab_size);
       targets[i] = int32_t(rng() % c.vocab_size);
     }
     be.Synchronize();
     const auto t0 = std::chrono::steady_clock::now();
-    // Trainer::Step's work: gradients, their norm, the clipped AdamW update.
+    mark("zero grads");
     model.ZeroGrads();
+    mark("fwd+bwd");
     const double loss = model.ForwardBackward(tokens.data(), targets.data(), o.batch, o.seq, 1.0 / N) / N;
+    mark("grad norm");
     const double norm = std::sqrt(be.SumSquares(model.grad_data(), model.num_params()));
     const auto t1 = std::chrono::steady_clock::now();
+    mark("optimizer");
     if (auto status = optimizer.Step(3e-4, norm > 1.0 ? 1.0 / (norm + 1e-6) : 1.0); !status.ok()) {
       std::fprintf(stderr, "bench-gpu: optimizer step: %s\n", std::string(status.message()).c_str());
       std::exit(1);
     }
     be.Synchronize();
     const auto t2 = std::chrono::steady_clock::now();
-    const double s = std::chrono::duration<double>(t2 - t0).count();
-    if (step >= o.warmup) {
-      times.push_back(s);
-      optimizer_times.push_back(std::chrono::duration<double>(t2 - t1).count());
-    }
     losses.push_back(loss);
+    return std::pair{std::chrono::duration<double>(t2 - t0).count(), std::chrono::duration<double>(t2 - t1).count()};
+  };
+  for (int step = 0; step < o.warmup + o.steps; ++step) {
+    const auto [seconds, optimizer_seconds] = run_step(nullptr);
+    if (step >= o.warmup) {
+      times.push_back(seconds);
+      optimizer_times.push_back(optimizer_seconds);
+    }
   }
   std::sort(times.begin(), times.end());
   std::sort(optimizer_times.begin(), optimizer_times.end());
@@ -319,6 +340,24 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
               o.offload_host ? ", optimizer state in host memory (AdamW on the CPU)" : "", median, optimizer_median, tokens_per_s, tflops,
               100 * tflops * 1e12 / peak, peak / 1e12, double(be.peak_allocated_bytes()) / (1 << 30),
               losses.front(), losses.back());
+  if (!o.timeline) return;
+  // One more step, traced: where the GPU sat idle within it, and what its kernels took.
+  // The timed steps' figures are saved and printed first, whatever the tracing does.
+  save();
+  std::fflush(stdout);
+  std::string why;
+  be.Synchronize();
+  std::unique_ptr<GpuTimeline> timeline = GpuTimeline::Start(&why);
+  if (timeline == nullptr) {
+    std::printf("  GPU timeline: not recorded (%s)\n", why.c_str());
+    out["timeline_error"] = why;
+    return;
+  }
+  const double traced = run_step(timeline.get()).first;
+  out["timeline"] = timeline->Stop();
+  out["timeline"]["step_s"] = traced;
+  std::printf("traced step (not among the timed ones): %.3f s\n", traced);
+  PrintGpuActivitySummary(out["timeline"]);
 }
 
 int Main(int argc, char** argv) {
@@ -342,6 +381,7 @@ int Main(int argc, char** argv) {
     else if (a == "--no-kernels") o.kernels = false;
     else if (a == "--grad-checkpoint") o.grad_checkpoint = true;
     else if (a == "--offload-optimizer-host") o.offload_host = true;
+    else if (a == "--timeline") o.timeline = true;
     else {
       std::fprintf(stderr, "bench-gpu: unknown argument '%s'\n", a.c_str());
       return 2;
@@ -377,7 +417,7 @@ int Main(int argc, char** argv) {
   save();
   std::printf("bench-gpu on %s\n", CudaDeviceDescription().c_str());
   if (o.kernels) Kernels(**backend, *config, o, out, save);
-  if (o.step) TrainingStep(**backend, *config, o, out);
+  if (o.step) TrainingStep(**backend, *config, o, out, save);
   save();
   return 0;
 }
