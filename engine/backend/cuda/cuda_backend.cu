@@ -888,8 +888,10 @@ class CudaBackend final : public Backend {
     return static_cast<T*>(s.data);
   }
 
-  // Host ids to a device scratch buffer. The copy is ordered on the stream; the host
-  // array is copied into pinned memory first so the caller may reuse it at once.
+  // Host ids to a device scratch buffer, ordered on the stream. The source is pageable
+  // (the caller's), so the call waits for the stream to drain and the copy to finish:
+  // the caller may reuse its array at once. bench-gpu --timeline shows what such waits
+  // cost a step.
   const int32_t* UploadIds(const int32_t* host, size_t n, ScratchBuffer& device) {
     int32_t* d = Scratch<int32_t>(device, n);
     LLAMAD_CUDA_CHECK(cudaMemcpyAsync(d, host, n * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
