@@ -327,6 +327,9 @@ class NcclCollectives final : public DeviceCollectives {
     std::lock_guard calls(calls_mu_);
     const ncclResult_t started = api_->CommInitRankConfig(&comm_, world, id, rank, &config);
     if (started != ncclSuccess && started != ncclInProgress) {
+      // NCCL may have made a handle before it failed: the destructor must not finalize it.
+      if (comm_ != nullptr) api_->CommAbort(comm_);
+      comm_ = nullptr;
       return absl::UnavailableError(StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
                                            api_->GetErrorString(started)));
     }
