@@ -65,14 +65,14 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
   if ((spec.offload.optimizer == "host" || spec.offload.optimizer == "nvme") && on_gpu) {
     // AdamWOptimizer::OffloadToHost: master weights and moments of the last
     // host_fraction of the rank's shard (nvme: all of it) in host f32, and two gradient
-    // chunks of at most 16 Mi elements (one updated while the next comes down); the
+    // chunks of offload.chunk_mb each (one updated while the next comes down); the
     // device keeps those of the rest. nvme then moves the last nvme_fraction of those
     // moments to the file (ZeRO-Infinity), through the pipeline's chunks in host memory.
     const bool nvme = spec.offload.optimizer == "nvme";
     const uint64_t hosted = AdamWOptimizer::SwappedElements(sharded, nvme ? 1.0 : spec.offload.host_fraction);
     const uint64_t swapped = nvme ? AdamWOptimizer::SwappedElements(hosted, spec.offload.nvme_fraction) : 0;
     const uint64_t grad_chunk =
-        std::max<uint64_t>(1, std::min<uint64_t>(hosted - swapped, AdamWOptimizer::kHostChunkElements));
+        std::max<uint64_t>(1, std::min<uint64_t>(hosted - swapped, AdamWOptimizer::HostChunkElements(requested_chunk)));
     plan.optimizer_state_host = hosted * 4 + 2 * (hosted - swapped) * 4 + grad_chunk * 4 +
                                 (nvme ? std::max(grad_chunk, chunk_elements) : grad_chunk) * 4;
     if (nvme) {

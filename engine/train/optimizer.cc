@@ -88,7 +88,7 @@ absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
   });
 }
 
-absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction, const NvmeTier* nvme) {
+absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction, const NvmeTier* nvme, size_t chunk_bytes) {
   if (host_) return absl::OkStatus();
   const char* tier = nvme != nullptr ? "offload.optimizer: nvme" : "offload.optimizer: host";
   if (!(fraction > 0 && fraction <= 1)) {
@@ -112,7 +112,7 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction, const N
   const size_t begin = shard_end_ - n;
   const size_t swapped = nvme != nullptr ? SwappedElements(n, nvme->fraction) : 0;
   const size_t kept = n - swapped, swap_begin = shard_end_ - swapped;
-  host_chunk_elements_ = std::max<size_t>(1, std::min<size_t>(kept, kHostChunkElements));
+  host_chunk_elements_ = std::max<size_t>(1, std::min<size_t>(kept, HostChunkElements(chunk_bytes)));
   const offload::SwapOptions swap_options = nvme != nullptr ? ChunkedSwapOptions(nvme->options) : offload::SwapOptions{};
   // The first gradient buffer also takes a swap chunk's gradients.
   const size_t grad0 = nvme != nullptr ? std::max(host_chunk_elements_, chunk_elements_) : host_chunk_elements_;

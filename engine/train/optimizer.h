@@ -123,10 +123,13 @@ class AdamWOptimizer {
     offload::SwapOptions options;
     double fraction = 1.0;
   };
-  absl::Status OffloadToHost(int threads, double fraction = 1.0, const NvmeTier* nvme = nullptr);
-  // Host-offloaded: the gradients come down in chunks of this many elements (64 MiB of
-  // f32: large enough for PCIe, small next to the state), two of them in host memory.
-  static constexpr size_t kHostChunkElements = size_t{16} << 20;
+  // `chunk_bytes`: the unit of the step's pipeline (offload.chunk_mb): the gradients come
+  // down in chunks of that many bytes of f32, two of them in host memory, one updated
+  // while the next comes down. 64 MiB is large enough for PCIe, small next to the state.
+  static constexpr size_t kHostChunkBytes = size_t{64} << 20;
+  absl::Status OffloadToHost(int threads, double fraction = 1.0, const NvmeTier* nvme = nullptr,
+                             size_t chunk_bytes = kHostChunkBytes);
+  static size_t HostChunkElements(size_t chunk_bytes) { return std::max<size_t>(1, chunk_bytes / sizeof(float)); }
   bool host_offloaded() const { return host_ != nullptr; }
   // While host-offloaded: the master weights of flat elements [memory_end(), shard_end())
   // and the moments of [memory_end(), swap_begin()), the first at index 0.

@@ -146,6 +146,10 @@ TEST(CliTest, PlanMatchesTheMeasuredPeak) {
   EXPECT_EQ(on_host["master_weights"].get<double>(), 0);
   EXPECT_EQ(on_host["optimizer_state"].get<double>(), 0);
   EXPECT_EQ(on_host["total"].get<double>(), on_gpu["total"].get<double>() - 3 * 4 * n);
+  // offload.chunk_mb sizes the two gradient chunks: 64 KiB of f32 here, smaller than the model.
+  const auto chunked = plan_host(SmallJob("offload: {optimizer: host, chunk_mb: 0.0625, block_kb: 4}\n", "chunked.yaml"));
+  ASSERT_GT(n, 16384);
+  EXPECT_EQ(chunked["optimizer_state_host"].get<double>(), 4 * n + 2 * 4 * n + 2 * 4 * 16384.0);
   // A ZeRO rank builds only its shard: at 8 ranks under zero3 nothing of the whole model
   // (6 bytes per parameter: bf16 parameters and f32 master weights) is ever held.
   auto plan_json = [&](const std::string& args) {
