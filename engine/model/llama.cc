@@ -223,6 +223,7 @@ void LlamaModel::TrimMasterWeights(size_t end) {
   if (end == master_begin_) {
     backend_->Free(master_data_);
     master_data_ = nullptr;
+    master_end_ = end;  // held_master_range() is empty
     return;
   }
   void* kept = backend_->Allocate(end - master_begin_, backend_->accum_dtype());
