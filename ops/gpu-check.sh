@@ -91,12 +91,12 @@ PY
 [[ -n "$wheel_libs" ]] && libs=$libs:$wheel_libs
 echo "gpu-check: libraries from $libs"
 loader=()
-ours() {  # ours SECONDS PROGRAM ARGS...: one of our programs, under a time limit
+ours() {  # ours SECONDS [NAME=VALUE...] PROGRAM ARGS...: one of our programs, under a time limit
   local limit=$1
   shift
-  # OpenMP threads sleep while they wait, as under ctest: tests run side by side, and
-  # spinning threads would take the cores the others' CPU work needs.
-  timeout "$limit" env OMP_WAIT_POLICY=PASSIVE LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  local vars=()
+  while [[ "${1:-}" == *=* ]]; do vars+=("$1"); shift; done
+  timeout "$limit" env LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "${vars[@]}" \
     "${loader[@]}" "$@"
 }
 # A machine whose C library is older than the build machine's runs our programs through
@@ -124,7 +124,9 @@ awk '/^[^ ]/ {suite=$1} /^  / {print suite $1}' "$OUT/tests-list.txt" > "$work/t
 tests_start=$SECONDS
 run_test() {  # run_test TEST: the test in a process of its own, its output in a log of its own
   local test=$1 name=${1//\//_}
-  ours 90 "$work/bin/cuda_test" --gtest_filter="$test" --gtest_output="json:$work/tests/$name.json" \
+  # OpenMP threads sleep while they wait, as under ctest: tests run side by side, and
+  # spinning threads would take the cores the others' CPU work needs.
+  ours 90 OMP_WAIT_POLICY=PASSIVE "$work/bin/cuda_test" --gtest_filter="$test" --gtest_output="json:$work/tests/$name.json" \
     > "$work/tests/$name.log" 2>&1 < /dev/null
   local rc=$?
   if [[ $rc -ne 0 ]]; then
