@@ -71,10 +71,8 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
     const bool nvme = spec.offload.optimizer == "nvme";
     const uint64_t hosted = AdamWOptimizer::SwappedElements(sharded, nvme ? 1.0 : spec.offload.host_fraction);
     const uint64_t swapped = nvme ? AdamWOptimizer::SwappedElements(hosted, spec.offload.nvme_fraction) : 0;
-    const uint64_t grad_chunk =
-        std::max<uint64_t>(1, std::min<uint64_t>(hosted - swapped, AdamWOptimizer::HostChunkElements(requested_chunk)));
-    plan.optimizer_state_host = hosted * 4 + 2 * (hosted - swapped) * 4 + grad_chunk * 4 +
-                                (nvme ? std::max(grad_chunk, chunk_elements) : grad_chunk) * 4;
+    const auto [grad0, grad1] = AdamWOptimizer::HostGradBuffers(hosted - swapped, requested_chunk, nvme);
+    plan.optimizer_state_host = hosted * 4 + 2 * (hosted - swapped) * 4 + (grad0 + grad1) * 4;
     if (nvme) {
       plan.optimizer_state_host += 3 * chunk_bytes;
       plan.optimizer_state_nvme = AdamWOptimizer::SwapFileBytes(swapped, requested_chunk);

@@ -112,10 +112,9 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction, const N
   const size_t begin = shard_end_ - n;
   const size_t swapped = nvme != nullptr ? SwappedElements(n, nvme->fraction) : 0;
   const size_t kept = n - swapped, swap_begin = shard_end_ - swapped;
-  host_chunk_elements_ = std::max<size_t>(1, std::min<size_t>(kept, HostChunkElements(chunk_bytes)));
   const offload::SwapOptions swap_options = nvme != nullptr ? ChunkedSwapOptions(nvme->options) : offload::SwapOptions{};
-  // The first gradient buffer also takes a swap chunk's gradients.
-  const size_t grad0 = nvme != nullptr ? std::max(host_chunk_elements_, chunk_elements_) : host_chunk_elements_;
+  const auto [grad0, chunk] = HostGradBuffers(kept, nvme != nullptr ? nvme->options.chunk_bytes : chunk_bytes, nvme != nullptr);
+  host_chunk_elements_ = chunk;
   host_master_.reset(new (std::nothrow) float[n]);
   host_m_.reset(new (std::nothrow) float[std::max<size_t>(kept, 1)]());
   host_v_.reset(new (std::nothrow) float[std::max<size_t>(kept, 1)]());

@@ -123,13 +123,20 @@ class AdamWOptimizer {
     offload::SwapOptions options;
     double fraction = 1.0;
   };
-  // `chunk_bytes`: the unit of the step's pipeline (offload.chunk_mb): the gradients come
-  // down in chunks of that many bytes of f32, two of them in host memory, one updated
-  // while the next comes down. 64 MiB is large enough for PCIe, small next to the state.
+  // `chunk_bytes`: the unit of the step's pipeline (offload.chunk_mb; with the NVMe tier,
+  // its options' chunk): the gradients come down in chunks of that many bytes of f32, two
+  // of them in host memory, one updated while the next comes down. 64 MiB is large
+  // enough for PCIe, small next to the state.
   static constexpr size_t kHostChunkBytes = size_t{64} << 20;
   absl::Status OffloadToHost(int threads, double fraction = 1.0, const NvmeTier* nvme = nullptr,
                              size_t chunk_bytes = kHostChunkBytes);
-  static size_t HostChunkElements(size_t chunk_bytes) { return std::max<size_t>(1, chunk_bytes / sizeof(float)); }
+  // The two pinned gradient buffers' elements: a chunk each (at most the `kept` elements
+  // whose moments stay in host memory); with the NVMe tier the first also takes a swap
+  // chunk's gradients. The allocation and the memory plan both use this.
+  static std::array<size_t, 2> HostGradBuffers(size_t kept, size_t chunk_bytes, bool nvme) {
+    const size_t chunk = std::max<size_t>(1, std::min(kept, chunk_bytes / sizeof(float)));
+    return {nvme ? std::max(chunk, SwapChunkElements(chunk_bytes)) : chunk, chunk};
+  }
   bool host_offloaded() const { return host_ != nullptr; }
   // While host-offloaded: the master weights of flat elements [memory_end(), shard_end())
   // and the moments of [memory_end(), swap_begin()), the first at index 0.

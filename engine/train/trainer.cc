@@ -534,6 +534,7 @@ absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
   const offload::SwapOptions options = NvmeSwapOptions(o);
   if (o.optimizer == "host" || gpu_nvme) {
     const AdamWOptimizer::NvmeTier nvme{o.nvme_path, options, o.nvme_fraction};
+    // offload.chunk_mb: the unit of the host's pipeline, and of the NVMe tier's.
     if (auto s = optimizer_->OffloadToHost(cpu_threads, gpu_nvme ? 1.0 : o.host_fraction, gpu_nvme ? &nvme : nullptr,
                                            options.chunk_bytes);
         !s.ok()) {

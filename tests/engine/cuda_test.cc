@@ -778,7 +778,8 @@ TEST_F(CudaTest, OptimizerMomentsOnNvmeTrainBitIdentically) {
     std::filesystem::path path;
     ~RemoveAfter() { std::filesystem::remove_all(path); }
   } remove_after{swap};
-  // 4 MiB chunks: a swap chunk holds more elements than the host's gradient chunks.
+  // 4 MiB chunks: a swap chunk (512 Ki elements) holds more than the host's gradient
+  // chunk, which the elements whose moments stay in host memory (40% here) cap.
   GpuJob on_device("llamad-gpu-device-2");
   GpuJob on_nvme("llamad-gpu-nvme",
                  "offload: {optimizer: nvme, nvme_path: " + swap.string() + ", nvme_fraction: 0.6, chunk_mb: 4}\n");
