@@ -40,13 +40,20 @@ std::string ShortKernelName(const char* raw) {
     if (nesting == 0 && name.compare(i, 2, "::") == 0) cut = i + 2;
   }
   name = name.substr(cut);
-  constexpr size_t kLongest = 64;
-  if (name.size() > kLongest) name = name.substr(0, kLongest - 3) + "...";
   return name.empty() ? "?" : name;
 }
 
+namespace {
+
+// For the printed table: library kernels' names run long, and their ends say little.
+std::string Clipped(const std::string& name, size_t longest = 64) {
+  return name.size() > longest ? name.substr(0, longest - 3) + "..." : name;
+}
+
+}  // namespace
+
 nlohmann::json SummarizeGpuActivity(std::vector<GpuActivity> activities, uint64_t begin_ns, uint64_t end_ns,
-                                    const TimelineMarks& marks, int top_kernels, int top_gaps) {
+                                    const TimelineMarks& marks, int top_kernels, int top_gaps, uint64_t dropped) {
   end_ns = std::max(end_ns, begin_ns);
   std::vector<GpuActivity> seen;
   for (GpuActivity& a : activities) {
@@ -129,6 +136,7 @@ nlohmann::json SummarizeGpuActivity(std::vector<GpuActivity> activities, uint64_
           {"busy_s", seconds(busy)},
           {"idle_s", seconds(end_ns - begin_ns - busy)},
           {"activities", seen.size()},
+          {"dropped", dropped},
           {"gaps_of_10us", counted},
           {"gaps_of_10us_s", seconds(counted_ns)},
           {"busy_by_kind_s", by_kind},
@@ -142,18 +150,22 @@ void PrintGpuActivitySummary(const nlohmann::json& s) {
               "%.2f ms together; %zu activities\n",
               1e3 * wall, 1e3 * busy, wall > 0 ? 100 * busy / wall : 0.0, 1e3 * s["idle_s"].get<double>(),
               s["gaps_of_10us"].get<int>(), 1e3 * s["gaps_of_10us_s"].get<double>(), s["activities"].get<size_t>());
+  if (s.value("dropped", uint64_t{0}) > 0) {
+    std::printf("  %llu records were dropped: the GPU was busier than shown\n",
+                static_cast<unsigned long long>(s["dropped"].get<uint64_t>()));
+  }
   std::printf("  busy by kind (each with its overlaps):");
   for (const auto& [kind, t] : s["busy_by_kind_s"].items()) std::printf(" %s %.2f ms", kind.c_str(), 1e3 * t.get<double>());
   std::printf("\n  %-64s %9s %6s\n", "kernel", "ms", "calls");
   for (const auto& k : s["kernels"]) {
-    std::printf("  %-64s %9.2f %6d\n", k["kernel"].get<std::string>().c_str(), 1e3 * k["s"].get<double>(),
+    std::printf("  %-64s %9.2f %6d\n", Clipped(k["kernel"].get<std::string>()).c_str(), 1e3 * k["s"].get<double>(),
                 k["calls"].get<int>());
   }
   std::printf("  %9s %9s  %-12s %s\n", "idle ms", "at ms", "host phase", "after -> before");
   for (const auto& g : s["gaps"]) {
     std::printf("  %9.3f %9.2f  %-12s %s -> %s\n", 1e3 * g["s"].get<double>(), 1e3 * g["at_s"].get<double>(),
-                g["phase"].get<std::string>().c_str(), g["after"].get<std::string>().c_str(),
-                g["before"].get<std::string>().c_str());
+                g["phase"].get<std::string>().c_str(), Clipped(g["after"].get<std::string>(), 48).c_str(),
+                Clipped(g["before"].get<std::string>(), 48).c_str());
   }
 }
 

@@ -23,21 +23,23 @@ struct GpuActivity {
 
 // "void llamad::cuda::(anonymous namespace)::RmsNormKernel<8>(bf16*, ...)" (or its mangled
 // form) -> "RmsNormKernel<8>": no return type, arguments or qualifiers outside template
-// arguments, at most 64 characters. Names that are not C++ ("sm90_xmma_gemm_...") stay.
+// arguments. Names that are not C++ ("sm90_xmma_gemm_...") stay whole: kernels are
+// grouped by these names, and library kernels often differ only at the end.
 std::string ShortKernelName(const char* name);
 
 // Host-side labels, each in force from its time on ("optimizer").
 using TimelineMarks = std::vector<std::pair<uint64_t, std::string>>;
 
-// The stretch [begin_ns, end_ns): wall_s, busy_s, idle_s, gaps_of_10us (how many idle gaps
+// The stretch [begin_ns, end_ns): `dropped` (records the recorder lost), wall_s, busy_s, idle_s, gaps_of_10us (how many idle gaps
 // last 10 us or more) and gaps_of_10us_s, busy_by_kind_s, the kernels by total time (top
 // `top_kernels`: kernel, s, calls) and the longest idle gaps (top `top_gaps`: s, at_s, the
 // phase in force where it began, and the activities after and before it). Activities
 // are clipped to the stretch.
 nlohmann::json SummarizeGpuActivity(std::vector<GpuActivity> activities, uint64_t begin_ns, uint64_t end_ns,
-                                    const TimelineMarks& marks, int top_kernels = 15, int top_gaps = 8);
+                                    const TimelineMarks& marks, int top_kernels = 15, int top_gaps = 8,
+                                    uint64_t dropped = 0);
 
-// A few lines of text of such a summary, indented.
+// A few lines of text of such a summary, indented; long names cut to fit.
 void PrintGpuActivitySummary(const nlohmann::json& summary);
 
 }  // namespace llamad

@@ -270,18 +270,21 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
   std::vector<int32_t> tokens(N), targets(N);
   std::mt19937 rng(7);
   std::vector<double> times, optimizer_times, losses;
-  // One step on fresh random tokens: Trainer::Step's work (gradients, their norm, the
-  // clipped AdamW update). Returns its seconds and the optimizer's; marks the timeline's
-  // host phases when there is one.
-  auto run_step = [&](GpuTimeline* timeline) {
-    auto mark = [&](const char* phase) {
-      if (timeline != nullptr) timeline->Mark(phase);
-    };
+  // Fresh random tokens for the next step, the device idle.
+  auto next_batch = [&] {
     for (int i = 0; i < N; ++i) {
       tokens[i] = int32_t(rng() % c.vocab_size);
       targets[i] = int32_t(rng() % c.vocab_size);
     }
     be.Synchronize();
+  };
+  // One step on the batch: Trainer::Step's work (gradients, their norm, the clipped AdamW
+  // update). Returns its seconds and the optimizer's; marks the timeline's host phases
+  // when there is one.
+  auto run_step = [&](GpuTimeline* timeline) {
+    auto mark = [&](const char* phase) {
+      if (timeline != nullptr) timeline->Mark(phase);
+    };
     const auto t0 = std::chrono::steady_clock::now();
     mark("zero grads");
     model.ZeroGrads();
@@ -301,6 +304,7 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
     return std::pair{std::chrono::duration<double>(t2 - t0).count(), std::chrono::duration<double>(t2 - t1).count()};
   };
   for (int step = 0; step < o.warmup + o.steps; ++step) {
+    next_batch();
     const auto [seconds, optimizer_seconds] = run_step(nullptr);
     if (step >= o.warmup) {
       times.push_back(seconds);
@@ -346,7 +350,7 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
   save();
   std::fflush(stdout);
   std::string why;
-  be.Synchronize();
+  next_batch();
   std::unique_ptr<GpuTimeline> timeline = GpuTimeline::Start(&why);
   if (timeline == nullptr) {
     std::printf("  GPU timeline: not recorded (%s)\n", why.c_str());

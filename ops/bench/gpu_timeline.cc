@@ -27,6 +27,7 @@ namespace {
 // Filled by CUPTI's buffer callback, which may run on a thread of CUPTI's own.
 std::mutex recorded_mutex;
 std::vector<GpuActivity> recorded;
+uint64_t dropped = 0;  // records CUPTI had no room for
 bool recording = false;
 
 const CUpti_ActivityKind kKinds[] = {CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL, CUPTI_ACTIVITY_KIND_MEMCPY,
@@ -45,7 +46,7 @@ void CUPTIAPI BufferRequested(uint8_t** buffer, size_t* size, size_t* max_record
   *max_records = 0;  // as many as fit
 }
 
-void CUPTIAPI BufferCompleted(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid) {
+void CUPTIAPI BufferCompleted(CUcontext context, uint32_t stream, uint8_t* buffer, size_t, size_t valid) {
   std::vector<GpuActivity> got;
   CUpti_Activity* record = nullptr;
   while (cuptiActivityGetNextRecord(buffer, valid, &record) == CUPTI_SUCCESS) {
@@ -65,8 +66,11 @@ void CUPTIAPI BufferCompleted(CUcontext, uint32_t, uint8_t* buffer, size_t, size
     }
   }
   std::free(buffer);
+  size_t lost = 0;
+  if (cuptiActivityGetNumDroppedRecords(context, stream, &lost) != CUPTI_SUCCESS) lost = 0;
   std::lock_guard<std::mutex> lock(recorded_mutex);
   recorded.insert(recorded.end(), got.begin(), got.end());
+  dropped += lost;
 }
 
 }  // namespace
@@ -84,6 +88,7 @@ std::unique_ptr<GpuTimeline> GpuTimeline::Start(std::string* why) {
   {
     std::lock_guard<std::mutex> lock(recorded_mutex);
     recorded.clear();
+    dropped = 0;
   }
   for (CUpti_ActivityKind kind : kKinds) {
     if (const CUptiResult r = cuptiActivityEnable(kind); r != CUPTI_SUCCESS) {
@@ -117,11 +122,13 @@ nlohmann::json GpuTimeline::Stop(int top_kernels, int top_gaps) {
   recording = false;
   stopped_ = true;
   std::vector<GpuActivity> activities;
+  uint64_t lost = 0;
   {
     std::lock_guard<std::mutex> lock(recorded_mutex);
     activities.swap(recorded);
+    lost = dropped;
   }
-  return SummarizeGpuActivity(std::move(activities), begin_ns_, end_ns, marks_, top_kernels, top_gaps);
+  return SummarizeGpuActivity(std::move(activities), begin_ns_, end_ns, marks_, top_kernels, top_gaps, lost);
 }
 
 #endif

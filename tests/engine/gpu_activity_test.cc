@@ -13,11 +13,11 @@ TEST(GpuActivity, KernelNamesLoseReturnTypeArgumentsAndQualifiers) {
   EXPECT_EQ(ShortKernelName("_Z9AddKernelIfEvPT_PKS0_m"), "AddKernel<float>");
   EXPECT_EQ(ShortKernelName("void llamad::cuda::(anonymous namespace)::SwiGluKernel<8>(bf16*, int)"),
             "SwiGluKernel<8>");
-  // Library kernels with C names stay as they are, up to 64 characters.
+  // Library kernels with C names stay whole, however long: they are grouped by name, and
+  // two of them may differ only at the end.
   EXPECT_EQ(ShortKernelName("sm90_xmma_gemm_bf16bf16_bf16f32"), "sm90_xmma_gemm_bf16bf16_bf16f32");
-  const std::string shortened = ShortKernelName(std::string(100, 'k').c_str());
-  EXPECT_EQ(shortened.size(), 64u);
-  EXPECT_EQ(shortened.substr(61), "...");
+  const std::string long_name = std::string(70, 'k') + "_tile128x256";
+  EXPECT_EQ(ShortKernelName(long_name.c_str()), long_name);
   EXPECT_EQ(ShortKernelName(""), "?");
   EXPECT_EQ(ShortKernelName(nullptr), "?");
 }
@@ -30,6 +30,7 @@ TEST(GpuActivity, BusyIsTheUnionAndGapsNameTheirNeighbours) {
       {100 * us, 200 * us, "kernel", "A"},
       {150 * us, 300 * us, "kernel", "B"},  // overlaps A: counted once in busy
       {400 * us, 450 * us, "host-to-device", "host-to-device"},
+      {410 * us, 420 * us, "kernel", "D"},  // inside the copy: the copy still ends last
       {1300 * us, 1400 * us, "kernel", "C"},  // after the stretch
   };
   const TimelineMarks marks = {{0, "forward"}, {350 * us, "norm"}, {900 * us, "optimizer"}};
@@ -37,18 +38,19 @@ TEST(GpuActivity, BusyIsTheUnionAndGapsNameTheirNeighbours) {
   EXPECT_NEAR(s["wall_s"].get<double>(), 1150e-6, 1e-12);
   EXPECT_NEAR(s["busy_s"].get<double>(), 360e-6, 1e-12);  // 10 + 200 + 50 + 100
   EXPECT_NEAR(s["idle_s"].get<double>(), 790e-6, 1e-12);
-  EXPECT_EQ(s["activities"].get<int>(), 5);
+  EXPECT_EQ(s["activities"].get<int>(), 6);
   EXPECT_EQ(s["gaps_of_10us"].get<int>(), 4);
   EXPECT_NEAR(s["gaps_of_10us_s"].get<double>(), 790e-6, 1e-12);
-  EXPECT_NEAR(s["busy_by_kind_s"]["kernel"].get<double>(), 350e-6, 1e-12);  // overlaps in each
+  EXPECT_NEAR(s["busy_by_kind_s"]["kernel"].get<double>(), 360e-6, 1e-12);  // overlaps in each
   EXPECT_NEAR(s["busy_by_kind_s"]["memset"].get<double>(), 10e-6, 1e-12);
   EXPECT_NEAR(s["busy_by_kind_s"]["host-to-device"].get<double>(), 50e-6, 1e-12);
 
-  ASSERT_EQ(s["kernels"].size(), 2u);  // C lies outside
+  ASSERT_EQ(s["kernels"].size(), 3u);  // C lies outside
   EXPECT_EQ(s["kernels"][0]["kernel"], "A");
   EXPECT_EQ(s["kernels"][0]["calls"], 2);
   EXPECT_NEAR(s["kernels"][0]["s"].get<double>(), 200e-6, 1e-12);
   EXPECT_EQ(s["kernels"][1]["kernel"], "B");
+  EXPECT_EQ(s["kernels"][2]["kernel"], "D");
 
   // The two longest of the gaps [60, 100), [300, 400), [450, 1000) and [1100, 1200).
   ASSERT_EQ(s["gaps"].size(), 2u);
@@ -70,6 +72,16 @@ TEST(GpuActivity, BusyIsTheUnionAndGapsNameTheirNeighbours) {
   const std::string text = ::testing::internal::GetCapturedStdout();
   EXPECT_NE(text.find("1.15 ms wall, busy 0.36 ms (31.3%), idle 0.79 ms; 4 idle gaps"), std::string::npos) << text;
   EXPECT_NE(text.find("0.550      0.40  norm         host-to-device -> A"), std::string::npos) << text;
+
+  // Long names are cut in the printed table only.
+  const std::string long_name = std::string(100, 'k');
+  const nlohmann::json one = SummarizeGpuActivity({{0, 1000, "kernel", long_name}}, 0, 1000, {});
+  EXPECT_EQ(one["kernels"][0]["kernel"], long_name);
+  ::testing::internal::CaptureStdout();
+  PrintGpuActivitySummary(one);
+  const std::string table = ::testing::internal::GetCapturedStdout();
+  EXPECT_NE(table.find(std::string(61, 'k') + "..."), std::string::npos) << table;
+  EXPECT_EQ(table.find(std::string(62, 'k')), std::string::npos) << table;
 }
 
 TEST(GpuActivity, AnIdleStretchIsOneGap) {
