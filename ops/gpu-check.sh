@@ -69,6 +69,13 @@ done
 
 OUT=${OUT:-/tmp/llamad-gpu-check}
 mkdir -p "$OUT"
+# Each part's wall time, for the table: the whole check is to stay within 5 minutes.
+: > "$OUT/times.txt"
+part_start=$SECONDS
+took() {  # took NAME: the time since the last part ended
+  echo "$1 $((SECONDS - part_start))" >> "$OUT/times.txt"
+  part_start=$SECONDS
+}
 work=$(mktemp -d)
 tar xzf "$BUNDLE_DIR/bundle.tgz" -C "$work"
 # cuBLASLt, cuDNN with what it loads (the CUDA runtime, NVRTC) and NCCL: the toolkit's, then
@@ -174,18 +181,23 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
 json.dump(merged, open(sys.argv[2], "w"), indent=1)
 PY
 expected=$(wc -l < "$work/tests.txt")
+took "unpacking and tests"
 echo "== llama-train on the CUDA backend (tiny preset, bf16, checkpoints at steps 100 and 200)"
 ours 90 "$work/bin/llama-train" train --config configs/tiny.yaml -x bf16 --steps 200 \
   -i 100 -o "$work/runs" --log-format json > "$OUT/train-tiny.jsonl" 2> "$OUT/train-tiny.log"
 echo "exit $?"; tail -n 3 "$OUT/train-tiny.log"
+took "llama-train tiny"
 echo "== llamad benchmark"
 ours 200 "$work/bin/bench-gpu" --batch "$BATCH" --seq "$SEQ" --timeline --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+took "kernels and 1b step"
 echo "== llamad 7B step on one GPU (batch 2 x seq 2048, activation checkpointing)"
 ours 150 "$work/bin/bench-gpu" --model 7b --batch 2 --seq 2048 --grad-checkpoint --no-kernels \
   --steps 3 --json "$OUT/bench-7b.json" 2>&1 | tee "$OUT/bench-7b.log"
+took "7b step"
 echo "== llamad 7B step with the optimizer state in host memory (batch 8 x seq 2048, checkpointing)"
 ours 240 "$work/bin/bench-gpu" --model 7b --batch 8 --seq 2048 --grad-checkpoint --no-kernels \
   --offload-optimizer-host --warmup 1 --steps 2 --timeline --json "$OUT/bench-7b-host.json" 2>&1 | tee "$OUT/bench-7b-host.log"
+took "7b host-optimizer step"
 flops=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['flops_per_token'])" 2>/dev/null)
 peak=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['peak_tflops'])" 2>/dev/null)
 echo "== PyTorch (transformers.LlamaForCausalLM, bf16, AdamW) on the same card"
@@ -194,6 +206,7 @@ if [[ -n "$flops" ]]; then
     --flops-per-token "$flops" --peak-tflops "$peak" --json > "$OUT/torch.json" 2> "$OUT/torch.log"
   tail -n 3 "$OUT/torch.log"
 fi
+took "pytorch step"
 set -e
 
 python3 - "$OUT" "$expected" <<'EOF'
@@ -263,6 +276,12 @@ for name, b in (("llamad", bench), ("llamad 7b host-opt b8", bench7b_host)):
         g = t["gaps"][0]
         line += f"; longest {1e3 * g['s']:.2f} ms in {g['phase']} ({g['after']} -> {g['before']})"
     print(line)
+try:
+    parts = [l.strip().rsplit(" ", 1) for l in open(os.path.join(out, "times.txt")) if l.strip()]
+    print("time: " + ", ".join(f"{name} {s} s" for name, s in parts) +
+          f"; {sum(int(s) for _, s in parts)} s in all")
+except Exception as e:
+    print(f"time: not recorded ({e})")
 if ours and "tokens_per_s" in torch:
     print(f"llamad / pytorch tokens/s: {ours['tokens_per_s'] / torch['tokens_per_s']:.2f}x "
           f"(model {ours['model']}, batch {ours['batch']} x seq {ours['seq']})")
