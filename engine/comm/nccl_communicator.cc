@@ -671,7 +671,13 @@ absl::StatusOr<std::unique_ptr<Communicator>> AttachDeviceCollectives(std::uniqu
     return host;
   }
   auto nccl = MakeNcclCommunicator(std::move(host), backend, timeout);
-  if (nccl.ok()) *note = StrCat("GPU ranks reduce with NCCL ", version_or_why);
+  if (!nccl.ok()) {
+    // Every rank failed with it (they agree before and after NCCL's set-up).
+    return absl::Status(nccl.status().code(),
+                        StrCat("communicator ", choice, ": ", nccl.status().message(),
+                               " (parallel.communicator: gloo, or --communicator gloo, reduces through host memory)"));
+  }
+  *note = StrCat("GPU ranks reduce with NCCL ", version_or_why);
   return nccl;
 }
 
