@@ -275,6 +275,8 @@ for name, b in (("llamad", bench), ("llamad 7b host-opt b8", bench7b_host)):
     if t["gaps"]:
         g = t["gaps"][0]
         line += f"; longest {1e3 * g['s']:.2f} ms in {g['phase']} ({g['after']} -> {g['before']})"
+    if t.get("dropped"):
+        line += f"; {t['dropped']} records dropped (busier than shown)"
     print(line)
 try:
     parts = [l.strip().rsplit(" ", 1) for l in open(os.path.join(out, "times.txt")) if l.strip()]

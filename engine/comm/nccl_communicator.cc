@@ -672,7 +672,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> AttachDeviceCollectives(std::uniqu
   }
   auto nccl = MakeNcclCommunicator(std::move(host), backend, timeout);
   if (!nccl.ok()) {
-    // Every rank failed with it (they agree before and after NCCL's set-up).
+    // NCCL was chosen (or auto chose it) and could not start: say what runs without it.
     return absl::Status(nccl.status().code(),
                         StrCat("communicator ", choice, ": ", nccl.status().message(),
                                " (parallel.communicator: gloo, or --communicator gloo, reduces through host memory)"));
