@@ -64,7 +64,7 @@ class Backend {
   // activations and parameters with f32 accumulators.
   virtual DType accum_dtype() const { return dtype(); }
   // Whether parameters need a separate master copy in accum_dtype() for the optimizer.
-  bool needs_master_weights() const { return accum_dtype() != dtype(); }
+  virtual bool needs_master_weights() const { return accum_dtype() != dtype(); }
 
   // ---- memory -----------------------------------------------------------------------
   // Returns a zero-filled buffer of `numel` elements of `type` (dtype() or accum_dtype());

@@ -159,6 +159,7 @@ struct Common {
   bool fresh = false;         // discard the job's existing checkpoints
   std::string init_from_hf;   // a Hugging Face model folder
   int nproc = 1;              // data-parallel ranks on this machine
+  bool cpu_master_weights = false;  // CpuBackendOptions::master_weights
 };
 
 // Opens the store of the job's checkpoint folder, or the one `resume` points into.
@@ -383,6 +384,7 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const Common& common, const
   }
   CpuBackendOptions options;
   options.threads = common.threads;
+  options.master_weights = common.cpu_master_weights;
   return MakeCpuBackend(options);
 }
 
@@ -922,6 +924,9 @@ int Main(int argc, char** argv) {
   train->add_flag("--resume-fallback", common.resume_fallback,
                   "If the checkpoint is damaged, resume from the newest older one that is intact");
   train->add_flag("--fresh", common.fresh, "Discard the job's existing checkpoints and start from step 0");
+  train->add_flag("--cpu-master-weights", common.cpu_master_weights,
+                  "fp32 on the CPU: keep master weights apart from the parameters, as bf16 training on GPUs "
+                  "does (the same results), so that offload.optimizer host runs there: for testing");
   train->add_option("--init-from-hf", common.init_from_hf, "Start from Hugging Face weights (folder)");
   train->add_option("--nproc", common.nproc, "Data-parallel ranks on this machine (processes)")
       ->check(CLI::Range(1, 256));

@@ -142,7 +142,11 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateWithinMemory(const JobSp
     return PlanMemory(s, backend->dtype(), backend->accum_dtype(), world, CpuBackendOptions{}.lm_head_chunk_elements,
                       int(DTypeSize(backend->dtype())), 3 * CpuThreads());
   };
-  auto gemini = PlaceJob(requested, cuda, world, uint64_t(std::max<int64_t>(budget, 0)), plan_of, /*must_fit=*/true);
+  // gemini's offload fractions move state out of the backend's memory: a GPU's, or the
+  // CPU's with master weights apart (CpuBackendOptions::master_weights), planned as the
+  // CPU's.
+  auto gemini = PlaceJob(requested, cuda || backend->needs_master_weights(), world,
+                         uint64_t(std::max<int64_t>(budget, 0)), plan_of, /*must_fit=*/true);
   if (!gemini.ok()) return gemini.status();
   const JobSpec& spec = gemini->spec;  // gemini resolved to zero2/zero3 and the optimizer's tier
   const std::string& f = spec.path;
@@ -483,11 +487,7 @@ void Trainer::ShardParameters() {
               if (p.owner != comm_->rank()) continue;
               void* part = static_cast<char*>(dst) + model_->param_byte_offset(p.offset);
               const size_t lo = begin + p.offset, hi = lo + p.count;
-              if (prefetch && device == nullptr) {
-                std::memcpy(part, model_->param_at(lo), model_->param_byte_offset(p.count));
-              } else {
-                CopyOwnParameters(part, lo, hi);
-              }
+              CopyOwnParameters(part, lo, hi, /*plain=*/prefetch && device == nullptr);
             }
             // With NCCL every part in one launch, beside the backend when prefetched.
             return GatherPartsOnBackend(*comm_, *backend_, dst, begin, end, model_->num_params(),
@@ -514,10 +514,19 @@ void Trainer::ShardParameters() {
       prefetch);
 }
 
-void Trainer::CopyOwnParameters(void* dst, size_t lo, size_t hi) {
+void Trainer::CopyOwnParameters(void* dst, size_t lo, size_t hi, bool plain) {
   // What the device holds of the shard, and past it the host's master weights, rounded
   // to the parameters' type on the way up (the bits the device's copy would hold).
   const size_t held = std::clamp(model_->param_held_end(), lo, hi);
+  if (plain) {
+    // f32 in host memory both (the CPU backend's): copies, which need no backend.
+    if (held > lo) std::memcpy(dst, model_->param_at(lo), model_->param_byte_offset(held - lo));
+    if (hi > held) {
+      std::memcpy(static_cast<char*>(dst) + model_->param_byte_offset(held - lo),
+                  optimizer_->host_master() + (held - optimizer_->memory_end()), (hi - held) * sizeof(float));
+    }
+    return;
+  }
   if (held > lo) backend_->Copy(dst, model_->param_at(lo), held - lo);
   if (hi > held) {
     // Page-locked, and unchanged until the step's first download has synchronized.

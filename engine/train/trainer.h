@@ -154,8 +154,9 @@ class Trainer {
   uint64_t device_region_ticket_ = 0;  // its reduce-scatter's (DeviceCollectives::last_ticket)
   // Waits for the region reduction in flight and (GPU) adds the owner's part.
   void FinishRegionReduce();
-  // zero3: this rank's own parameters [lo, hi) into a gather's dst.
-  void CopyOwnParameters(void* dst, size_t lo, size_t hi);
+  // zero3: this rank's own parameters [lo, hi) into a gather's dst. `plain`: with memcpy,
+  // not the backend (host memory, off the main thread).
+  void CopyOwnParameters(void* dst, size_t lo, size_t hi, bool plain = false);
   // StartRanks' collectives: rank 0's progress, and the state each rank lacks.
   absl::Status SendStartingState();
 

@@ -201,3 +201,85 @@ TEST(CliTest, AnNvmeJobResumesOnTheSameLosses) {
   EXPECT_NE(half.output.find("50.0% of the moments"), std::string::npos) << half.output;
   EXPECT_EQ(llamad::testing::StepLosses(half.output).at(3), a.at(3));
 }
+
+// The mixed-precision code of a GPU job on the CPU (--cpu-master-weights: master weights
+// apart from the parameters, of the same f32 type): the optimizer state in host memory,
+// updated in chunks by the host's AdamW and sent back through the gradients; a part of
+// it; the NVMe tier behind it (ZeRO-Infinity); the checkpoints of each, restored straight
+// into where the state lives and into a plain job. All on the plain job's bits.
+class MasterWeightsJob {
+ public:
+  // Each job file under its own name, the same job name: one checkpoint folder.
+  static std::string Write(const std::string& file, const std::string& offload) {
+    return SmallJob("name: offload\ncheckpoint: {dir: offload-ckpt, interval: 0}\n" + offload, file);
+  }
+  // Two ranks take a thread each.
+  static std::map<int64_t, double> Run(const std::string& job, const std::string& args, int threads = 2) {
+    const Result r = RunTrain("train --config " + job + " --log-format json --steps 12 --threads " +
+                              std::to_string(threads) + " " + args);
+    EXPECT_EQ(r.exit_code, 0) << args << "\n" << r.output;
+    return llamad::testing::StepLosses(r.output);
+  }
+  static std::string StepSix() { return (TempDir() / "offload-ckpt" / "offload" / "step-6").string(); }
+};
+
+void ExpectSameLosses(const std::map<int64_t, double>& got, const std::map<int64_t, double>& want, int64_t from,
+                      const std::string& what) {
+  ASSERT_EQ(got.size(), size_t(12 - from)) << what;
+  for (const auto& [step, loss] : got) EXPECT_EQ(loss, want.at(step)) << what << ", step " << step;
+}
+
+TEST(CliTest, HostOffloadedOptimizerOnTheCpuTrainsOnThePlainBits) {
+  // 8 KiB chunks: about 11 of them for this model's 23k parameters.
+  const std::string plain = MasterWeightsJob::Write("plain.yaml", "");
+  const std::string host =
+      MasterWeightsJob::Write("host.yaml", "offload: {optimizer: host, chunk_mb: 0.0078125, block_kb: 4}\n");
+  const std::string part = MasterWeightsJob::Write(
+      "part.yaml", "offload: {optimizer: host, host_fraction: 0.4, chunk_mb: 0.0078125, block_kb: 4}\n");
+  std::filesystem::create_directories(TempDir() / "offload-swap");
+  const std::string nvme = MasterWeightsJob::Write(
+      "nvme.yaml",
+      "offload: {optimizer: nvme, nvme_path: offload-swap, nvme_fraction: 0.6, chunk_mb: 0.0078125, block_kb: 4}\n");
+  const auto want = MasterWeightsJob::Run(plain, "--fresh");
+  ASSERT_EQ(want.size(), 12u);
+  const std::string master = " --cpu-master-weights";
+  for (const auto& [what, job] : {std::pair{"host", host}, {"40% on the host", part}, {"nvme", nvme}}) {
+    SCOPED_TRACE(what);
+    ExpectSameLosses(MasterWeightsJob::Run(job, "--fresh -i 6" + master), want, 0, what);
+    // Its checkpoint restored into the same places, and into a plain job.
+    ExpectSameLosses(MasterWeightsJob::Run(job, "-i 0 -f " + MasterWeightsJob::StepSix() + master), want, 6,
+                     std::string(what) + ", resumed");
+    ExpectSameLosses(MasterWeightsJob::Run(plain, "-i 0 -f " + MasterWeightsJob::StepSix()), want, 6,
+                     std::string(what) + ", resumed by the plain job");
+  }
+  // The plain job's checkpoint restored into host memory.
+  MasterWeightsJob::Run(plain, "--fresh -i 6");
+  ExpectSameLosses(MasterWeightsJob::Run(host, "-i 0 -f " + MasterWeightsJob::StepSix() + master), want, 6,
+                   "plain checkpoint resumed into host memory");
+}
+
+// Two ranks (Gloo), each with its shard's optimizer state in host memory, under every
+// plugin and gemini's parameter offload; each plugin's checkpoint resumed into host
+// memory (ddp: rank 0 restores and sends the host arrays). The two-rank plain bits.
+TEST(CliTest, HostOffloadedRanksOnTheCpuTrainOnThePlainBits) {
+  const std::string plain = MasterWeightsJob::Write("ranks-plain.yaml", "");
+  const std::string host =
+      MasterWeightsJob::Write("ranks-host.yaml", "offload: {optimizer: host, chunk_mb: 0.0078125, block_kb: 4}\n");
+  const auto want = MasterWeightsJob::Run(plain, "--fresh --nproc 2", 1);
+  ASSERT_EQ(want.size(), 12u);
+  const std::string master = " --cpu-master-weights --nproc 2";
+  for (const std::string plugin : {"ddp", "zero1", "zero2", "zero3"}) {
+    SCOPED_TRACE(plugin);
+    ExpectSameLosses(MasterWeightsJob::Run(host, "--fresh -i 6 -p " + plugin + master, 1), want, 0, plugin);
+    ExpectSameLosses(
+        MasterWeightsJob::Run(host, "-i 0 -f " + MasterWeightsJob::StepSix() + " -p " + plugin + master, 1), want, 6,
+        plugin + ", resumed");
+  }
+  // gemini: half of each shard's parameters in host memory, gathered from the master
+  // weights there (with activation checkpointing, gathered again for the recomputation).
+  const std::string gemini = " -p gemini -g --offload-optim-frac 1 --offload-param-frac 0.5";
+  ExpectSameLosses(MasterWeightsJob::Run(plain, "--fresh -i 6" + gemini + master, 1), want, 0, "gemini");
+  ExpectSameLosses(MasterWeightsJob::Run(plain, "-i 0 -f " + MasterWeightsJob::StepSix() + gemini + master, 1), want,
+                   6, "gemini, resumed");
+}
+

@@ -46,6 +46,7 @@ class CpuBackend final : public Backend {
 
   std::string_view name() const override { return "cpu"; }
   DType dtype() const override { return options_.dtype; }
+  bool needs_master_weights() const override { return options_.master_weights; }
 
   using Backend::Allocate;
   void* Allocate(size_t numel, DType type) override {
@@ -352,11 +353,19 @@ class CpuBackend final : public Backend {
 
   void AdamW(void* param, void* master, const void* grad, void* m, void* v, size_t n,
              const AdamWStep& s) override {
-    if (master != nullptr) {
-      std::fprintf(stderr, "llamad: the CPU backend keeps no master weights\n");
+    if ((master != nullptr) != options_.master_weights) {
+      std::fprintf(stderr, "llamad: the CPU backend %s master weights\n",
+                   options_.master_weights ? "needs" : "keeps no");
       std::abort();
     }
-    T* p = P(param);
+    // With master weights the step updates them, and the parameters take a copy.
+    T* p = P(master != nullptr ? master : param);
+    StepAdamW(p, grad, m, v, n, s);
+    if (master != nullptr) Copy(param, master, n);
+  }
+
+ private:
+  void StepAdamW(T* p, const void* grad, void* m, void* v, size_t n, const AdamWStep& s) {
     const T* g = C(grad);
     T* mp = P(m);
     T* vp = P(v);
@@ -389,7 +398,6 @@ class CpuBackend final : public Backend {
     }
   }
 
- private:
   static T* P(void* p) { return static_cast<T*>(p); }
   static const T* C(const void* p) { return static_cast<const T*>(p); }
   template <typename D, typename S>

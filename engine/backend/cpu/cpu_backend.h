@@ -14,6 +14,11 @@ struct CpuBackendOptions {
   int threads = 0;            // Worker threads for OpenMP and OpenBLAS; 0 = all cores.
   // Rows of logits the fused LM head holds at once is chunk_elements / vocab (>= 16).
   size_t lm_head_chunk_elements = size_t{8} << 20;
+  // Master weights apart from the parameters, as a GPU's bf16 training keeps them
+  // (needs_master_weights): the same type here, so the same results as without. It runs
+  // the code of mixed precision on the CPU (the optimizer state in host memory, its
+  // restore, the NVMe tier behind it) where no GPU is present: a test aid.
+  bool master_weights = false;
 };
 
 // Creates a CPU backend. Sets the process-wide OpenMP/OpenBLAS thread count.
