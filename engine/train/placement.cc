@@ -79,7 +79,8 @@ JobSpec FitRegionOverlap(const JobSpec& spec, uint64_t budget, const std::functi
 }  // namespace
 
 absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int world, uint64_t budget,
-                                            const std::function<MemoryPlan(const JobSpec&)>& plan) {
+                                            const std::function<MemoryPlan(const JobSpec&)>& plan,
+                                            bool master_weights_apart) {
   if (spec.parallel.plugin != "gemini") return GeminiPlacement{spec, ""};
   const std::string& f = spec.path;
   const ParallelSpec& p = spec.parallel;
@@ -101,8 +102,11 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
   // On GPUs offload_optim_frac places the optimizer state; offload.optimizer nvme only
   // sends the moments it put in host memory on to the NVMe tier (Colossal-AI's
   // nvme_offload_fraction), which needs all of it there.
-  const bool gpu_nvme = cuda && spec.offload.optimizer == "nvme";
-  if (cuda && spec.offload.optimizer != "memory" && !gpu_nvme) {
+  // The static fractions move state out of the backend's memory: a GPU's, or the CPU's
+  // with master weights apart (its tests).
+  const bool movable = cuda || master_weights_apart;
+  const bool gpu_nvme = movable && spec.offload.optimizer == "nvme";
+  if (movable && spec.offload.optimizer != "memory" && !gpu_nvme) {
     return ConfigError(f, StrCat("offload.optimizer: '", spec.offload.optimizer,
                                  "': under parallel.plugin gemini, parallel.offload_optim_frac places a GPU's "
                                  "optimizer state (1: host memory); leave offload.optimizer memory, or nvme to "
@@ -119,7 +123,7 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
     // parameters held whole on every rank.
     const char* plugin = p.shard_param_frac > 0 ? "zero3" : "zero2";
     const double share = p.shard_param_frac > 0 ? p.shard_param_frac : 1.0;
-    if (!cuda) {
+    if (!movable) {
       // The CPU backend's memory is the host's: nothing to move, whatever the fractions.
       JobSpec s = with(plugin, spec.offload.optimizer, share);
       std::string summary = StrCat("gemini static: ", Describe(s, cuda, world));
@@ -141,7 +145,7 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
     JobSpec s = with(plugin, gpu_nvme ? "nvme" : p.offload_optim_frac > 0 ? "host" : "memory", share);
     if (p.offload_optim_frac > 0 && !gpu_nvme) s.offload.host_fraction = p.offload_optim_frac;
     s.parallel.params_host_share = p.offload_param_frac;
-    std::string summary = StrCat("gemini static: ", Describe(s, cuda, world));
+    std::string summary = StrCat("gemini static: ", Describe(s, movable, world));
     return GeminiPlacement{std::move(s), std::move(summary)};
   }
 
@@ -224,8 +228,9 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
 }
 
 absl::StatusOr<GeminiPlacement> PlaceJob(const JobSpec& spec, bool cuda, int world, uint64_t budget,
-                                         const std::function<MemoryPlan(const JobSpec&)>& plan, bool must_fit) {
-  auto placed = PlaceGemini(spec, cuda, world, budget, plan);
+                                         const std::function<MemoryPlan(const JobSpec&)>& plan, bool must_fit,
+                                         bool master_weights_apart) {
+  auto placed = PlaceGemini(spec, cuda, world, budget, plan, master_weights_apart);
   if (!placed.ok()) return placed.status();
   if (cuda) {
     const bool overlapped = placed->spec.parallel.overlap_regions;

@@ -47,9 +47,12 @@ struct GeminiPlacement {
 // `world` ranks; `plan` gives the per-rank memory of a resolved spec on the job's
 // backend (PlanMemoryOn); `budget` is the rank's memory in bytes (the GPU's, or the
 // host's share on the CPU backend; 0: unknown, everything fits). A spec whose plugin is
-// not gemini comes back unchanged.
+// not gemini comes back unchanged. `master_weights_apart`: a CPU backend that keeps
+// master weights apart (CpuBackendOptions::master_weights) places the static offload
+// fractions as a GPU does, for its tests; all else is placed as on the CPU.
 absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int world, uint64_t budget,
-                                            const std::function<MemoryPlan(const JobSpec&)>& plan);
+                                            const std::function<MemoryPlan(const JobSpec&)>& plan,
+                                            bool master_weights_apart = false);
 
 // What a job runs as on `world` ranks within `budget` per rank (0: unknown): gemini
 // placed (PlaceGemini), the CPU backend's optimizer tier placed (PlaceOptimizerState)
@@ -59,7 +62,8 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
 // by how much), offload.optimizer auto that nothing fits stays in memory. The trainer
 // and `llama-train plan` both place with this, so a plan shows what a run would do.
 absl::StatusOr<GeminiPlacement> PlaceJob(const JobSpec& spec, bool cuda, int world, uint64_t budget,
-                                         const std::function<MemoryPlan(const JobSpec&)>& plan, bool must_fit);
+                                         const std::function<MemoryPlan(const JobSpec&)>& plan, bool must_fit,
+                                         bool master_weights_apart = false);
 
 // The CPU backend's optimizer tiers: resolves offload.optimizer auto (memory when the
 // job fits `budget`, else as small a share of the moments on the NVMe tier as makes the

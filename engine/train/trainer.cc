@@ -142,11 +142,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateWithinMemory(const JobSp
     return PlanMemory(s, backend->dtype(), backend->accum_dtype(), world, CpuBackendOptions{}.lm_head_chunk_elements,
                       int(DTypeSize(backend->dtype())), 3 * CpuThreads());
   };
-  // gemini's offload fractions move state out of the backend's memory: a GPU's, or the
-  // CPU's with master weights apart (CpuBackendOptions::master_weights), planned as the
-  // CPU's.
-  auto gemini = PlaceJob(requested, cuda || backend->needs_master_weights(), world,
-                         uint64_t(std::max<int64_t>(budget, 0)), plan_of, /*must_fit=*/true);
+  auto gemini = PlaceJob(requested, cuda, world, uint64_t(std::max<int64_t>(budget, 0)), plan_of, /*must_fit=*/true,
+                         /*master_weights_apart=*/!cuda && backend->needs_master_weights());
   if (!gemini.ok()) return gemini.status();
   const JobSpec& spec = gemini->spec;  // gemini resolved to zero2/zero3 and the optimizer's tier
   const std::string& f = spec.path;
