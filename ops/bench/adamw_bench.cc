@@ -1,7 +1,8 @@
 // CPU AdamW throughput as bytes moved per second (read p, g, m, v; write p, m, v: 28
 // bytes per f32 element), next to a STREAM-style triad (a = b + s c: 12 bytes per
 // element by STREAM's count) and a loop with AdamW's own traffic and no arithmetic, both
-// measured in the same run on the same threads, and next to the scalar path.
+// measured in the same run on the same threads, and next to the scalar path and the
+// update with bf16 moments (offload.host_moments: bf16).
 //
 //   bench-adamw [--elements 67108864] [--threads 0]
 #include <omp.h>
@@ -78,6 +79,19 @@ int Main(int argc, char** argv) {
   const cpu::SimdLevel best = cpu::DetectSimd();
   const double simd = Best([&] { adamw(best); });
   const double scalar = Best([&] { adamw(cpu::SimdLevel::kScalar); });
+  // offload.host_moments: bf16: the same update with 2-byte moments (20 bytes per element).
+  std::vector<uint16_t> m16(n), v16(n);
+  cpu::F32ToBf16(m.data(), m16.data(), n);
+  cpu::F32ToBf16(v.data(), v16.data(), n);
+  int64_t step = 0;
+  const double bf16 = Best([&] {
+    const uint32_t seed = cpu::AdamWRoundingSeed(++step);
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < chunks; ++c) {
+      const size_t b = c * kChunk, len = std::min(kChunk, n - b);
+      cpu::AdamWBf16Moments(p.data() + b, g.data() + b, m16.data() + b, v16.data() + b, len, b, seed, s, best);
+    }
+  });
   const double triad_gbs = 12.0 * n / triad / 1e9;
   std::printf("bench-adamw: %zu f32 elements (%.0f MiB per array), %d threads\n", n, n * 4.0 / (1 << 20), used);
   const double same_gbs = 28.0 * n / same_traffic / 1e9;
@@ -90,6 +104,8 @@ int Main(int argc, char** argv) {
   std::printf("  AdamW, scalar          : %7.2f GB/s  (%.0f%% of triad, %.0f%% of the same-traffic loop)\n",
               28.0 * n / scalar / 1e9, 100 * 28.0 * n / scalar / 1e9 / triad_gbs,
               100 * 28.0 * n / scalar / 1e9 / same_gbs);
+  std::printf("  AdamW, bf16 moments    : %7.2f GB/s  (20 bytes per element; %.2f G params/s, %.2fx the f32 "
+              "moments' rate)\n", 20.0 * n / bf16 / 1e9, n / bf16 / 1e9, simd / bf16);
   return 0;
 }
 

@@ -1,5 +1,6 @@
 // Every CPU op: float64 finite-difference checks of its backward, and the float32
 // kernels against the float64 ones.
+#include <bit>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -349,6 +350,93 @@ TEST(CpuAdamWTest, SimdPathsAreBitIdentical) {
     }
   }
   std::printf("AdamW paths checked: %zu (this CPU: %s)\n", levels.size(), cpu::SimdName(cpu::DetectSimd()));
+}
+
+std::vector<cpu::SimdLevel> CpuSimdLevels() {
+  std::vector<cpu::SimdLevel> levels = {cpu::SimdLevel::kScalar};
+  if (cpu::DetectSimd() != cpu::SimdLevel::kScalar) levels.push_back(cpu::SimdLevel::kAvx2);
+  if (cpu::DetectSimd() == cpu::SimdLevel::kAvx512) levels.push_back(cpu::SimdLevel::kAvx512);
+  return levels;
+}
+
+float Bf16Value(uint16_t b) {
+  const uint32_t bits = uint32_t(b) << 16;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+// bf16 moments: every SIMD path and any split of the range give the same bits (the
+// rounding's random bits follow the element's index, not the call); the parameters are
+// those of the f32 update (the stored moments are rounded, not the ones used), and each
+// stored moment is one of the two bf16 values either side of its f32 value.
+TEST(CpuAdamWTest, Bf16MomentsAreTheF32UpdateRoundedAlikeOnEveryPath) {
+  const size_t n = 100003, first = (size_t{1} << 32) - 50000;  // the index crosses 2^32 mid-range
+  std::vector<float> p0(n), g(n), m32(n), v32(n);
+  std::vector<uint16_t> m0(n), v0(n);
+  for (size_t i = 0; i < n; ++i) {
+    p0[i] = float(0.05 * RandomNormal(4, 0, i));
+    g[i] = float(RandomNormal(4, 1, i));
+    m32[i] = float(0.1 * RandomNormal(4, 2, i));
+    v32[i] = float(0.01 * std::abs(RandomNormal(4, 3, i)));
+  }
+  cpu::F32ToBf16(m32.data(), m0.data(), n);
+  cpu::F32ToBf16(v32.data(), v0.data(), n);
+  std::vector<float> mf(n), vf(n);
+  cpu::Bf16ToF32(m0.data(), mf.data(), n);
+  cpu::Bf16ToF32(v0.data(), vf.data(), n);
+  const cpu::AdamWScalars s{0.9f, 0.999f, 1e-8f, 0.5f, 1.3e-3f, 1.7f, 0.9999f};
+  const uint32_t seed = cpu::AdamWRoundingSeed(7);
+  // The f32 update from the same (bf16-valued) moments.
+  std::vector<float> want_p = p0, want_m = mf, want_v = vf;
+  cpu::AdamWF32(want_p.data(), g.data(), want_m.data(), want_v.data(), n, s, cpu::SimdLevel::kScalar);
+  std::vector<uint16_t> ref_m;
+  for (cpu::SimdLevel level : CpuSimdLevels()) {
+    for (size_t split : {n, size_t{12345}}) {
+      std::vector<float> p = p0;
+      std::vector<uint16_t> m = m0, v = v0;
+      cpu::AdamWBf16Moments(p.data(), g.data(), m.data(), v.data(), split, first, seed, s, level);
+      cpu::AdamWBf16Moments(p.data() + split, g.data() + split, m.data() + split, v.data() + split, n - split,
+                            first + split, seed, s, level);
+      const std::string where = std::string(cpu::SimdName(level)) + ", split at " + std::to_string(split);
+      ASSERT_EQ(0, std::memcmp(p.data(), want_p.data(), n * sizeof(float))) << where;
+      if (ref_m.empty()) {
+        ref_m = m;
+        for (size_t i = 0; i < n; ++i) {
+          for (auto [stored, exact] : {std::pair{m[i], want_m[i]}, std::pair{v[i], want_v[i]}}) {
+            // Truncation is the value below (in magnitude); the one above is the next bf16.
+            const uint16_t below = uint16_t(std::bit_cast<uint32_t>(exact) >> 16);
+            ASSERT_TRUE(stored == below || stored == uint16_t(below + 1))
+                << i << ": " << exact << " stored as " << Bf16Value(stored);
+          }
+        }
+      }
+      ASSERT_EQ(0, std::memcmp(m.data(), ref_m.data(), n * sizeof(uint16_t))) << where;
+    }
+  }
+}
+
+// Stochastic rounding keeps the moments' averages unbiased where round-to-nearest stalls:
+// v's increments at beta2 = 0.999 are 0.1% of v, below bf16's half step (0.2-0.4%). With
+// a constant gradient of 1, v after t steps is 1 - 0.999^t.
+TEST(CpuAdamWTest, Bf16MomentsFollowTheF32AverageOverManySteps) {
+  const size_t n = 4096;
+  const int steps = 3000;
+  std::vector<float> p(n, 0.0f), g(n, 1.0f);
+  std::vector<uint16_t> m(n, 0), v(n, 0);
+  const cpu::AdamWScalars s{0.9f, 0.999f, 1e-8f, 1.0f, 0.0f, 1.0f, 1.0f};
+  for (int t = 1; t <= steps; ++t) {
+    cpu::AdamWBf16Moments(p.data(), g.data(), m.data(), v.data(), n, 0, cpu::AdamWRoundingSeed(t), s,
+                          cpu::DetectSimd());
+  }
+  double mean_v = 0, mean_m = 0;
+  for (size_t i = 0; i < n; ++i) mean_v += Bf16Value(v[i]) / n, mean_m += Bf16Value(m[i]) / n;
+  const double want_v = 1.0 - std::pow(0.999, steps);  // 0.9503
+  // Round to nearest would stall at v = 0.25, where the increment 0.001 (1 - v) falls
+  // below half of bf16's step there (2^-10).
+  EXPECT_NEAR(mean_v, want_v, 0.002) << "mean v over " << n << " elements";
+  EXPECT_NEAR(mean_m, 1.0, 0.002);
+  RecordProperty("mean v", std::to_string(mean_v));
 }
 
 }  // namespace

@@ -36,6 +36,31 @@ void ReduceInto(T* dst, const std::vector<std::vector<T>>& partials, int dim) {
   }
 }
 
+// The f32 AdamW kernels' constants for a step (computed in double, as the other types'
+// loop does).
+cpu::AdamWScalars ScalarsOf(const AdamWStep& s) {
+  return {float(s.beta1),
+          float(s.beta2),
+          float(s.eps),
+          float(s.grad_scale),
+          float(s.lr / (1.0 - std::pow(s.beta1, double(s.step)))),
+          float(1.0 / std::sqrt(1.0 - std::pow(s.beta2, double(s.step)))),
+          float(1.0 - s.lr * s.weight_decay)};
+}
+
+// f(begin, len) over chunks of [0, n) spread over the threads: a static schedule, so the
+// chunks and their order do not depend on timing.
+template <typename F>
+void ForEachAdamWChunk(size_t n, const F& f) {
+  constexpr size_t kChunk = size_t{1} << 16;
+  const size_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (size_t c = 0; c < chunks; ++c) {
+    const size_t begin = c * kChunk;
+    f(begin, std::min(kChunk, n - begin));
+  }
+}
+
 template <typename T>
 class CpuBackend final : public Backend {
  public:
@@ -369,24 +394,19 @@ class CpuBackend final : public Backend {
     const T* g = C(grad);
     T* mp = P(m);
     T* vp = P(v);
+    if constexpr (std::is_same_v<T, float>) {
+      // The SIMD kernel (same operations, same order: identical results).
+      const cpu::AdamWScalars scalars = ScalarsOf(s);
+      const cpu::SimdLevel level = cpu::DetectSimd();
+      ForEachAdamWChunk(n, [&](size_t begin, size_t len) {
+        cpu::AdamWF32(p + begin, g + begin, mp + begin, vp + begin, len, scalars, level);
+      });
+      return;
+    }
     const T b1 = T(s.beta1), b2 = T(s.beta2), eps = T(s.eps), gs = T(s.grad_scale);
     const T step_size = T(s.lr / (1.0 - std::pow(s.beta1, double(s.step))));
     const T inv_bias2_sqrt = T(1.0 / std::sqrt(1.0 - std::pow(s.beta2, double(s.step))));
     const T decay = T(1.0 - s.lr * s.weight_decay);
-    if constexpr (std::is_same_v<T, float>) {
-      // The SIMD kernel (same operations, same order: identical results), in chunks
-      // spread over the threads.
-      const cpu::AdamWScalars scalars{b1, b2, eps, gs, step_size, inv_bias2_sqrt, decay};
-      const cpu::SimdLevel level = cpu::DetectSimd();
-      constexpr size_t kChunk = size_t{1} << 16;
-      const size_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
-      for (size_t c = 0; c < chunks; ++c) {
-        const size_t begin = c * kChunk, len = std::min(kChunk, n - begin);
-        cpu::AdamWF32(p + begin, g + begin, mp + begin, vp + begin, len, scalars, level);
-      }
-      return;
-    }
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; ++i) {
       const T gi = g[i] * gs;
@@ -418,6 +438,16 @@ class CpuBackend final : public Backend {
 }  // namespace
 
 int CpuThreads() { return omp_get_max_threads(); }
+
+void AdamWBf16MomentsOnThreads(float* p, const float* grad, uint16_t* m, uint16_t* v, size_t n, size_t first,
+                               const AdamWStep& s) {
+  const cpu::AdamWScalars scalars = ScalarsOf(s);
+  const cpu::SimdLevel level = cpu::DetectSimd();
+  const uint32_t seed = cpu::AdamWRoundingSeed(s.step);
+  ForEachAdamWChunk(n, [&](size_t begin, size_t len) {
+    cpu::AdamWBf16Moments(p + begin, grad + begin, m + begin, v + begin, len, first + begin, seed, scalars, level);
+  });
+}
 
 std::unique_ptr<Backend> MakeCpuBackend(const CpuBackendOptions& options) {
   if (options.threads > 0) {

@@ -3,6 +3,8 @@
 // OpenMP loops with static schedules, so a run is bit-identical for a given thread count.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <memory>
 
 #include "backend/backend.h"
@@ -26,6 +28,13 @@ std::unique_ptr<Backend> MakeCpuBackend(const CpuBackendOptions& options = {});
 
 // Threads the CPU kernels use.
 int CpuThreads();
+
+// AdamW on f32 weights in host memory with bf16 moments (the host-offloaded optimizer's
+// offload.host_moments: bf16, cpu::AdamWBf16Moments) over the OpenMP threads, with the
+// CPU backend's step constants. `first`: element 0's flat index, which picks the
+// stochastic rounding's random bits.
+void AdamWBf16MomentsOnThreads(float* p, const float* grad, uint16_t* m, uint16_t* v, size_t n, size_t first,
+                               const AdamWStep& s);
 
 }  // namespace llamad
 
