@@ -15,7 +15,8 @@
 # Options for --run: --batch N --seq N (the training step; default 8 x 2048),
 # --test-budget SECONDS (default 150): tests not started by then are listed as not run,
 # so that the benchmarks and PyTorch's step always get their turn; --test-jobs N
-# (default 4): tests run side by side.
+# (default 4): tests run side by side; --bf16-moments: the 7B host-optimizer step once more
+# with its moments in bf16 (offload.host_moments), beside the f32 one (about a minute more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -53,6 +54,7 @@ BATCH=8
 SEQ=2048
 TEST_BUDGET=150
 TEST_JOBS=4
+BF16_MOMENTS=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --batch) BATCH=$2; shift 2 ;;
@@ -63,6 +65,7 @@ while [[ $# -gt 0 ]]; do
     --test-jobs)
       [[ "$2" =~ ^[1-9][0-9]*$ ]] || { echo "gpu-check: --test-jobs takes a count, not '$2'" >&2; exit 2; }
       TEST_JOBS=$2; shift 2 ;;
+    --bf16-moments) BF16_MOMENTS=1; shift ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -198,6 +201,13 @@ echo "== llamad 7B step with the optimizer state in host memory (batch 8 x seq 2
 ours 240 "$work/bin/bench-gpu" --model 7b --batch 8 --seq 2048 --grad-checkpoint --no-kernels \
   --offload-optimizer-host --warmup 1 --steps 2 --timeline --json "$OUT/bench-7b-host.json" 2>&1 | tee "$OUT/bench-7b-host.log"
 took "7b host-optimizer step"
+if (( BF16_MOMENTS )); then
+  echo "== the same with the host's AdamW moments in bf16 (offload.host_moments: bf16)"
+  ours 150 "$work/bin/bench-gpu" --model 7b --batch 8 --seq 2048 --grad-checkpoint --no-kernels \
+    --offload-optimizer-host --host-moments-bf16 --warmup 1 --steps 2 --json "$OUT/bench-7b-host-bf16.json" 2>&1 |
+    tee "$OUT/bench-7b-host-bf16.log"
+  took "7b host-optimizer step, bf16 moments"
+fi
 flops=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['flops_per_token'])" 2>/dev/null)
 peak=$(python3 -c "import json; print(json.load(open('$OUT/bench.json'))['peak_tflops'])" 2>/dev/null)
 echo "== PyTorch (transformers.LlamaForCausalLM, bf16, AdamW) on the same card"
@@ -221,6 +231,7 @@ def load(name):
         return {"error": f"{name}: {e}"}
 tests, bench, torch = load("tests.json"), load("bench.json"), load("torch.json")
 bench7b, bench7b_host = load("bench-7b.json"), load("bench-7b-host.json")
+bench7b_host16 = load("bench-7b-host-bf16.json") if os.path.exists(os.path.join(out, "bench-7b-host-bf16.json")) else None
 print()
 print(f"GPU check on {bench.get('device', '?')}")
 if tests.get("testsuites") or not_run:
@@ -253,14 +264,21 @@ print(f"{'training step':22} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak G
 rows = [("llamad", ours), ("pytorch", torch if "tokens_per_s" in torch else None),
         ("llamad 7b (ckpt, b2)", bench7b.get("step")),
         ("llamad 7b host-opt b8", bench7b_host.get("step"))]
+if bench7b_host16 is not None:
+    rows.append(("llamad 7b host bf16-m", bench7b_host16.get("step")))
 for name, s in rows:
     if s:
         print(f"{name:22} {s['tokens_per_s']:10.0f} {s['tflops']:8.1f} {100 * s['mfu']:5.1f}% "
               f"{s.get('peak_mem_gib', 0):9.1f}")
     else:
-        err = {"pytorch": torch, "llamad": bench, "llamad 7b host-opt b8": bench7b_host}.get(
-            name, bench7b).get("error", "did not finish")
+        err = {"pytorch": torch, "llamad": bench, "llamad 7b host-opt b8": bench7b_host,
+               "llamad 7b host bf16-m": bench7b_host16}.get(name, bench7b).get("error", "did not finish")
         print(f"{name:22} failed: {err}")
+# The host-optimizer steps' CPU update (the optimizer's share of the step).
+for name, b in (("f32", bench7b_host), ("bf16", bench7b_host16)):
+    s = (b or {}).get("step")
+    if s:
+        print(f"7b host-opt b8, {name} moments: optimizer {s['optimizer_s']:.3f} of {s['step_s']:.3f} s per step")
 # One more step of each, traced (bench-gpu --timeline): how much of it the GPU was busy, and
 # its longest idle gap with the host phase and the operations around it.
 for name, b in (("llamad", bench), ("llamad 7b host-opt b8", bench7b_host)):

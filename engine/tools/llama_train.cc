@@ -651,8 +651,11 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     const AdamWOptimizer& o = (*trainer)->optimizer();
     const size_t shard = std::max<size_t>(1, o.shard_end() - o.shard_begin()), hosted = o.shard_end() - o.memory_end();
     const size_t moments = o.swap_begin() - o.memory_end();  // the rest of theirs on NVMe
-    std::fprintf(stderr, "llama-train: master weights and AdamW moments (%s per rank%s) in host memory, updated by the CPU\n",
-                 HumanBytes(4.0 * double(hosted) + 8.0 * double(moments)).c_str(),
+    const double moment_bytes = o.host_moments_bf16() ? 2 : 4;
+    std::fprintf(stderr,
+                 "llama-train: master weights and AdamW moments%s (%s per rank%s) in host memory, updated by the CPU\n",
+                 o.host_moments_bf16() ? " (bf16)" : "",
+                 HumanBytes(4.0 * double(hosted) + 2 * moment_bytes * double(moments)).c_str(),
                  hosted == shard ? "" : fmt::format(", {:.1f}% of them", 100.0 * double(hosted) / double(shard)).c_str());
   }
   if (lead && (*trainer)->optimizer().offloaded()) {

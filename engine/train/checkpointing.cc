@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 
 #include "comm/backend_collectives.h"
@@ -159,8 +160,8 @@ absl::StatusOr<double> AsyncCheckpointer::Save(Trainer& trainer) {
       // The host's moments end at swap_begin(); those after it are streamed below.
       const size_t moments = std::min(part.hi, std::max(device_end, optimizer.swap_begin())) - device_end;
       if (moments > 0) {
-        std::copy_n(optimizer.host_exp_avg() + at, moments, part.dst[1] + into);
-        std::copy_n(optimizer.host_exp_avg_sq() + at, moments, part.dst[2] + into);
+        optimizer.ReadHostMoment(AdamWOptimizer::kExpAvg, at, moments, part.dst[1] + into);
+        optimizer.ReadHostMoment(AdamWOptimizer::kExpAvgSq, at, moments, part.dst[2] + into);
       }
     }
     if (device_end == part.lo) continue;
@@ -278,13 +279,16 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   Backend& be = trainer.backend();
   AdamWOptimizer& optimizer = trainer.optimizer();
   // Elements [begin, end) of a checkpointed tensor go to dst: the backend's buffers, or
-  // (in_host) host f32 memory of the optimizer's.
+  // (in_host) host f32 memory of the optimizer's, or (host_moment) the optimizer's host
+  // moment from index `at` on, in whichever type it keeps them.
   struct Item {
     std::string name;
     size_t begin, end;
     void* dst;
     size_t order;  // where a save put it: by flat element, then weight, exp_avg, exp_avg_sq
     bool in_host = false;
+    std::optional<AdamWOptimizer::Moment> host_moment = std::nullopt;
+    size_t at = 0;
   };
   std::vector<Item> items;
   // The moments this optimizer holds: all, or its ZeRO shard.
@@ -321,10 +325,10 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   if (host_offloaded) {
     ForEachTensorPart(model.params(), device_end, optimizer.swap_begin(), [&](const ParamInfo& p, size_t lo, size_t hi) {
       const size_t at = lo - device_end;
-      items.push_back({ExpAvgName(p.name), lo - p.offset, hi - p.offset, optimizer.mutable_host_exp_avg() + at,
-                       3 * lo + 1, true});
-      items.push_back({ExpAvgSqName(p.name), lo - p.offset, hi - p.offset, optimizer.mutable_host_exp_avg_sq() + at,
-                       3 * lo + 2, true});
+      items.push_back({ExpAvgName(p.name), lo - p.offset, hi - p.offset, nullptr, 3 * lo + 1, true,
+                       AdamWOptimizer::kExpAvg, at});
+      items.push_back({ExpAvgSqName(p.name), lo - p.offset, hi - p.offset, nullptr, 3 * lo + 2, true,
+                       AdamWOptimizer::kExpAvgSq, at});
     });
   }
   // In the order a save writes them (AsyncCheckpointer::Save): each reader streams a
@@ -369,6 +373,11 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
           const Item& item = items[i];
           ranges.push_back({item.name, storage::ElementType::kF32, item.begin, item.end,
                             [&](uint64_t from, const void* data, uint64_t count) {
+                              if (item.host_moment) {
+                                optimizer.WriteHostMoment(*item.host_moment, item.at + (from - item.begin), count,
+                                                          static_cast<const float*>(data));
+                                return;
+                              }
                               if (host_f32 || item.in_host) {
                                 std::memcpy(static_cast<float*>(item.dst) + (from - item.begin), data,
                                             count * sizeof(float));

@@ -139,6 +139,7 @@ absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::strin
   o.Get("host_fraction", &spec.offload.host_fraction);
   o.Get("queue_depth", &spec.offload.queue_depth);
   o.Get("chunk_mb", &spec.offload.chunk_mb);
+  o.Get("host_moments", &spec.offload.host_moments);
   o.Get("block_kb", &spec.offload.block_kb);
 
   YamlSection r(root["resources"], path, "resources");
@@ -272,6 +273,14 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   if (o.host_fraction != 1 && o.optimizer != "host") {
     return fail("offload.host_fraction", o.host_fraction,
                 StrCat("is the share of offload.optimizer host; offload.optimizer is '", o.optimizer, "'"));
+  }
+  if (o.host_moments != "f32" && o.host_moments != "bf16") {
+    return fail("offload.host_moments", StrCat("'", o.host_moments, "'"), "is not one of f32, bf16");
+  }
+  if (o.host_moments != "f32" && o.optimizer != "host" && o.optimizer != "nvme") {
+    return fail("offload.host_moments", o.host_moments,
+                StrCat("is the type of the moments offload.optimizer host or nvme keeps in host memory; "
+                       "offload.optimizer is '", o.optimizer, "'"));
   }
   if (o.queue_depth < 1 || o.queue_depth > 4096) {
     return fail("offload.queue_depth", o.queue_depth, "must be within [1, 4096]");

@@ -72,7 +72,8 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
     const uint64_t hosted = AdamWOptimizer::SwappedElements(sharded, nvme ? 1.0 : spec.offload.host_fraction);
     const uint64_t swapped = nvme ? AdamWOptimizer::SwappedElements(hosted, spec.offload.nvme_fraction) : 0;
     const auto [grad0, grad1] = AdamWOptimizer::HostGradBuffers(hosted - swapped, requested_chunk, nvme);
-    plan.optimizer_state_host = hosted * 4 + 2 * (hosted - swapped) * 4 + (grad0 + grad1) * 4;
+    const uint64_t moment_bytes = spec.offload.host_moments == "bf16" ? 2 : 4;
+    plan.optimizer_state_host = hosted * 4 + 2 * (hosted - swapped) * moment_bytes + (grad0 + grad1) * 4;
     if (nvme) {
       plan.optimizer_state_host += 3 * chunk_bytes;
       plan.optimizer_state_nvme = AdamWOptimizer::SwapFileBytes(swapped, requested_chunk);

@@ -9,6 +9,7 @@
 #include <future>
 #include <new>
 
+#include "backend/cpu/adamw_simd.h"
 #include "backend/cpu/cpu_backend.h"
 #include "core/strings.h"
 
@@ -88,8 +89,9 @@ absl::Status AdamWOptimizer::Step(double lr, double grad_scale) {
   });
 }
 
-absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction, const NvmeTier* nvme, size_t chunk_bytes) {
+absl::Status AdamWOptimizer::OffloadToHost(const HostTier& host, const NvmeTier* nvme) {
   if (host_) return absl::OkStatus();
+  const double fraction = host.fraction;
   const char* tier = nvme != nullptr ? "offload.optimizer: nvme" : "offload.optimizer: host";
   if (!(fraction > 0 && fraction <= 1)) {
     return absl::InvalidArgumentError(StrCat("offload.host_fraction ", fraction, " is not within (0, 1]"));
@@ -113,22 +115,24 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction, const N
   const size_t swapped = nvme != nullptr ? SwappedElements(n, nvme->fraction) : 0;
   const size_t kept = n - swapped, swap_begin = shard_end_ - swapped;
   const offload::SwapOptions swap_options = nvme != nullptr ? ChunkedSwapOptions(nvme->options) : offload::SwapOptions{};
-  const auto [grad0, chunk] = HostGradBuffers(kept, nvme != nullptr ? nvme->options.chunk_bytes : chunk_bytes, nvme != nullptr);
+  const auto [grad0, chunk] =
+      HostGradBuffers(kept, nvme != nullptr ? nvme->options.chunk_bytes : host.chunk_bytes, nvme != nullptr);
   host_chunk_elements_ = chunk;
   host_master_.reset(new (std::nothrow) float[n]);
-  host_m_.reset(new (std::nothrow) float[std::max<size_t>(kept, 1)]());
-  host_v_.reset(new (std::nothrow) float[std::max<size_t>(kept, 1)]());
+  const bool moments_allocated = AllocateHostMoments(kept, host.bf16_moments);
   host_grad_[0].reset(new (std::nothrow) float[grad0]);
   host_grad_[1].reset(new (std::nothrow) float[host_chunk_elements_]);
   auto release = [&] {
-    host_master_.reset(), host_m_.reset(), host_v_.reset(), host_grad_[0].reset(), host_grad_[1].reset();
+    host_master_.reset(), host_grad_[0].reset(), host_grad_[1].reset();
+    for (HostMomentArray& a : host_moments_) a = {};
     swap_.reset();
     swap_begin_ = shard_end_;
   };
-  if (!host_master_ || !host_m_ || !host_v_ || !host_grad_[0] || !host_grad_[1]) {
+  if (!host_master_ || !moments_allocated || !host_grad_[0] || !host_grad_[1]) {
     release();
+    const double moment_bytes = host.bf16_moments ? 4.0 : 8.0;
     return absl::ResourceExhaustedError(StrCat(
-        tier, ": cannot allocate ", fmt::format("{:.2f}", (4.0 * double(n) + 8.0 * double(kept)) / (1 << 30)),
+        tier, ": cannot allocate ", fmt::format("{:.2f}", (4.0 * double(n) + moment_bytes * double(kept)) / (1 << 30)),
         " GiB of host memory for the master weights and the AdamW moments kept there"));
   }
   if (nvme != nullptr) {
@@ -144,8 +148,20 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction, const N
     // Restored moments come along, straight from the device into the host arrays and the
     // swap's chunks; fresh ones are the zeros above (and a fresh swap file reads as zeros).
     const size_t elem = DTypeSize(backend_->accum_dtype());
-    backend_->DownloadF32(host_m_.get(), static_cast<char*>(m_) + (begin - shard_begin_) * elem, kept);
-    backend_->DownloadF32(host_v_.get(), static_cast<char*>(v_) + (begin - shard_begin_) * elem, kept);
+    for (const auto& [which, device] : {std::pair{kExpAvg, m_}, std::pair{kExpAvgSq, v_}}) {
+      const char* from = static_cast<char*>(device) + (begin - shard_begin_) * elem;
+      if (!host_moments_bf16()) {
+        backend_->DownloadF32(host_moments_[which].f32.get(), from, kept);
+        continue;
+      }
+      // Through a gradient buffer, a chunk at a time, rounded to nearest on the way.
+      float* staging = host_grad_[1].get();
+      for (size_t at = 0; at < kept; at += host_chunk_elements_) {
+        const size_t count = std::min(host_chunk_elements_, kept - at);
+        backend_->DownloadF32(staging, from + at * elem, count);
+        WriteHostMoment(which, at, count, staging);
+      }
+    }
     if (swap_) {
       auto s = WriteOffloadedMoments([&](size_t first, size_t count, float* cm, float* cv) {
         backend_->DownloadF32(cm, static_cast<char*>(m_) + (first - shard_begin_) * elem, count);
@@ -166,18 +182,69 @@ absl::Status AdamWOptimizer::OffloadToHost(int threads, double fraction, const N
   backend_->DownloadF32(host_master_.get(), model_->master_at(begin), n);
   model_->TrimMasterWeights(begin);
   memory_end_ = begin;
-  host_ = MakeCpuBackend({DType::kF32, threads});
+  host_ = MakeCpuBackend({DType::kF32, host.threads});
   state_bytes_ = 2 * (begin - shard_begin_) * DTypeSize(backend_->accum_dtype());  // what stays on the device
   return absl::OkStatus();
 }
 
 void AdamWOptimizer::UpdateOnHost(size_t lo, size_t hi, const float* grad, float* m, float* v, AdamWStep s) {
-  // grad, m and v hold elements [lo, hi); the master weights are indexed from memory_end_.
+  // grad (and m and v, when given) hold elements [lo, hi); the master weights and the
+  // host arrays are indexed from memory_end_.
+  const bool arrays = m == nullptr;
   ForEachTensorPart(model_->params(), lo, hi, [&](const ParamInfo& p, size_t begin, size_t end) {
     s.weight_decay = p.decay ? options_.weight_decay : 0.0;  // matrices only
-    host_->AdamW(host_master_.get() + (begin - memory_end_), nullptr, grad + (begin - lo), m + (begin - lo),
-                 v + (begin - lo), end - begin, s);
+    float* master = host_master_.get() + (begin - memory_end_);
+    const float* g = grad + (begin - lo);
+    const size_t at = begin - memory_end_;
+    if (arrays && host_moments_bf16()) {
+      AdamWBf16MomentsOnThreads(master, g, host_moments_[kExpAvg].bf16.get() + at,
+                                host_moments_[kExpAvgSq].bf16.get() + at, end - begin, begin, s);
+      return;
+    }
+    float* mp = arrays ? host_moments_[kExpAvg].f32.get() + at : m + (begin - lo);
+    float* vp = arrays ? host_moments_[kExpAvgSq].f32.get() + at : v + (begin - lo);
+    host_->AdamW(master, nullptr, g, mp, vp, end - begin, s);
   });
+}
+
+bool AdamWOptimizer::AllocateHostMoments(size_t kept, bool bf16) {
+  // Zeros: fresh moments (a restore overwrites them). bf16 arrays are padded to whole
+  // 32-bit words for HostMomentWords.
+  for (HostMomentArray& a : host_moments_) {
+    a = {};
+    if (bf16) {
+      a.bf16.reset(new (std::nothrow) uint16_t[std::max<size_t>(kept, 1) + 1]());
+    } else {
+      a.f32.reset(new (std::nothrow) float[std::max<size_t>(kept, 1)]());
+    }
+    if (!a.f32 && !a.bf16) return false;
+  }
+  return true;
+}
+
+void AdamWOptimizer::ReadHostMoment(Moment which, size_t at, size_t count, float* out) const {
+  const HostMomentArray& a = host_moments_[which];
+  if (a.bf16) {
+    cpu::Bf16ToF32(a.bf16.get() + at, out, count);
+  } else {
+    std::copy_n(a.f32.get() + at, count, out);
+  }
+}
+
+void AdamWOptimizer::WriteHostMoment(Moment which, size_t at, size_t count, const float* in) {
+  HostMomentArray& a = host_moments_[which];
+  if (a.bf16) {
+    cpu::F32ToBf16(in, a.bf16.get() + at, count);
+  } else {
+    std::copy_n(in, count, a.f32.get() + at);
+  }
+}
+
+std::pair<float*, size_t> AdamWOptimizer::HostMomentWords(Moment which) {
+  const size_t kept = swap_begin_ - memory_end_;
+  HostMomentArray& a = host_moments_[which];
+  if (a.bf16) return {reinterpret_cast<float*>(a.bf16.get()), (kept + 1) / 2};
+  return {a.f32.get(), kept};
 }
 
 std::array<std::pair<size_t, size_t>, 2> AdamWOptimizer::DeviceParamParts(size_t lo, size_t hi) const {
@@ -235,8 +302,7 @@ absl::Status AdamWOptimizer::StepOnHost(const AdamWStep& s) {
     // The next chunk's gradients come down while the CPU updates this one.
     std::future<void> next;
     if (hi < arrays_end) next = std::async(std::launch::async, download, c + 1);
-    const size_t at = lo - memory_end_;
-    UpdateOnHost(lo, hi, host_grad_[c % 2].get(), host_m_.get() + at, host_v_.get() + at, s);
+    UpdateOnHost(lo, hi, host_grad_[c % 2].get(), nullptr, nullptr, s);
     if (next.valid()) next.get();  // before this thread issues more work on the device
     SendUpdatedWeights(lo, hi);
   }

@@ -384,8 +384,10 @@ absl::Status Trainer::SendStartingState() {
   }
   const size_t host_moments = host ? optimizer_->swap_begin() - device_end : 0;
   if (host_moments > 0) {
-    for (float* moment : {optimizer_->mutable_host_exp_avg(), optimizer_->mutable_host_exp_avg_sq()}) {
-      if (auto s = comm_->Broadcast(moment, host_moments, 0); !s.ok()) return s;
+    // As words, whatever type the host keeps them in (the broadcast copies bits).
+    for (AdamWOptimizer::Moment which : {AdamWOptimizer::kExpAvg, AdamWOptimizer::kExpAvgSq}) {
+      const auto [words, count] = optimizer_->HostMomentWords(which);
+      if (auto s = comm_->Broadcast(words, count, 0); !s.ok()) return s;
     }
   }
   return absl::OkStatus();
@@ -541,9 +543,9 @@ absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
   if (o.optimizer == "host" || gpu_nvme) {
     const AdamWOptimizer::NvmeTier nvme{o.nvme_path, options, o.nvme_fraction};
     // offload.chunk_mb: the unit of the host's pipeline, and of the NVMe tier's.
-    if (auto s = optimizer_->OffloadToHost(cpu_threads, gpu_nvme ? 1.0 : o.host_fraction, gpu_nvme ? &nvme : nullptr,
-                                           options.chunk_bytes);
-        !s.ok()) {
+    const AdamWOptimizer::HostTier tier{cpu_threads, gpu_nvme ? 1.0 : o.host_fraction, options.chunk_bytes,
+                                        o.host_moments == "bf16"};
+    if (auto s = optimizer_->OffloadToHost(tier, gpu_nvme ? &nvme : nullptr); !s.ok()) {
       return s;
     }
     const double share = spec_.parallel.params_host_share;
@@ -557,6 +559,11 @@ absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
     return absl::OkStatus();
   }
   if (o.optimizer != "nvme") return absl::OkStatus();
+  if (o.host_moments != "f32") {
+    return absl::FailedPreconditionError(StrCat(
+        "offload.host_moments ", o.host_moments, " is the type of the moments a GPU's optimizer keeps in host memory; the ",
+        backend_->name(), " backend's NVMe tier keeps them as f32 (offload.host_moments: f32)"));
+  }
   return optimizer_->OffloadToNvme(o.nvme_path, options, o.nvme_fraction);
 }
 

@@ -5,8 +5,8 @@
 // peak, peak memory).
 //
 //   bench-gpu [--model 1b] [--batch 8] [--seq 2048] [--steps 5] [--warmup 2]
-//             [--grad-checkpoint] [--offload-optimizer-host] [--json FILE] [--no-step]
-//             [--no-kernels] [--timeline]
+//             [--grad-checkpoint] [--offload-optimizer-host [--host-moments-bf16]]
+//             [--json FILE] [--no-step] [--no-kernels] [--timeline]
 //
 // --timeline: after the timed steps, one more step traced through CUPTI: the GPU's busy
 // and idle time within it, its kernels by total time, and its longest idle gaps with the
@@ -46,6 +46,7 @@ struct Options {
   std::string json;
   bool step = true, kernels = true, grad_checkpoint = false;
   bool offload_host = false;  // master weights and moments in host memory, AdamW on the CPU
+  bool host_moments_bf16 = false;  // those moments as bf16 (offload.host_moments: bf16)
   bool timeline = false;      // one more step, traced through CUPTI (gpu_timeline.h)
 };
 
@@ -261,7 +262,9 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
   model.InitWeights(1);
   AdamWOptimizer optimizer(&model, &be, {});
   if (o.offload_host) {
-    if (auto status = optimizer.OffloadToHost(0); !status.ok()) {
+    AdamWOptimizer::HostTier tier;
+    tier.bf16_moments = o.host_moments_bf16;
+    if (auto status = optimizer.OffloadToHost(tier); !status.ok()) {
       std::fprintf(stderr, "bench-gpu: %s\n", std::string(status.message()).c_str());
       std::exit(1);
     }
@@ -325,7 +328,7 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
                  {"batch", o.batch},
                  {"seq", o.seq},
                  {"grad_checkpoint", o.grad_checkpoint},
-                 {"optimizer", o.offload_host ? "host" : "device"},
+                 {"optimizer", o.offload_host ? (o.host_moments_bf16 ? "host-bf16" : "host") : "device"},
                  {"step_s", median},
                  {"optimizer_s", optimizer_median},
                  {"tokens_per_s", tokens_per_s},
@@ -341,7 +344,10 @@ void TrainingStep(Backend& be, const ModelConfig& c, const Options& o, nlohmann:
               "peak memory %.1f GiB  loss %.3f -> %.3f\n",
               c.name.c_str(), c.NumParameters() / 1e9, o.batch, o.seq,
               o.grad_checkpoint ? "activation checkpointing" : "no checkpointing",
-              o.offload_host ? ", optimizer state in host memory (AdamW on the CPU)" : "", median, optimizer_median, tokens_per_s, tflops,
+              o.offload_host ? (o.host_moments_bf16 ? ", optimizer state in host memory, bf16 moments (AdamW on the CPU)"
+                                                    : ", optimizer state in host memory (AdamW on the CPU)")
+                             : "",
+              median, optimizer_median, tokens_per_s, tflops,
               100 * tflops * 1e12 / peak, peak / 1e12, double(be.peak_allocated_bytes()) / (1 << 30),
               losses.front(), losses.back());
   if (!o.timeline) return;
@@ -385,6 +391,7 @@ int Main(int argc, char** argv) {
     else if (a == "--no-kernels") o.kernels = false;
     else if (a == "--grad-checkpoint") o.grad_checkpoint = true;
     else if (a == "--offload-optimizer-host") o.offload_host = true;
+    else if (a == "--host-moments-bf16") o.host_moments_bf16 = true;
     else if (a == "--timeline") o.timeline = true;
     else {
       std::fprintf(stderr, "bench-gpu: unknown argument '%s'\n", a.c_str());
@@ -393,6 +400,10 @@ int Main(int argc, char** argv) {
   }
   if (o.batch <= 0 || o.seq <= 0 || o.steps <= 0 || o.warmup < 0) {
     std::fprintf(stderr, "bench-gpu: --batch, --seq and --steps must be positive\n");
+    return 2;
+  }
+  if (o.host_moments_bf16 && !o.offload_host) {
+    std::fprintf(stderr, "bench-gpu: --host-moments-bf16 is the type of the moments --offload-optimizer-host keeps\n");
     return 2;
   }
   auto config = LoadModelConfig(o.model);

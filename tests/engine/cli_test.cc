@@ -152,6 +152,9 @@ TEST(CliTest, PlanMatchesTheMeasuredPeak) {
   const auto chunked = plan_host(SmallJob("offload: {optimizer: host, chunk_mb: 0.0625, block_kb: 4}\n", "chunked.yaml"));
   ASSERT_GT(n, 16384);
   EXPECT_EQ(chunked["optimizer_state_host"].get<double>(), 4 * n + 2 * 4 * n + 2 * 4 * 16384.0);
+  // offload.host_moments: bf16 keeps the moments in 2 bytes each.
+  const auto bf16 = plan_host(SmallJob("offload: {optimizer: host, host_moments: bf16}\n", "host-bf16.yaml"));
+  EXPECT_EQ(bf16["optimizer_state_host"].get<double>(), 4 * n + 2 * 2 * n + 2 * 4 * n);
   // A ZeRO rank builds only its shard: at 8 ranks under zero3 nothing of the whole model
   // (6 bytes per parameter: bf16 parameters and f32 master weights) is ever held.
   auto plan_json = [&](const std::string& args) {
@@ -272,6 +275,47 @@ TEST(CliTest, HostOffloadedOptimizerOnTheCpuTrainsOnThePlainBits) {
   MasterWeightsJob::Run(plain, "--fresh -i 6");
   ExpectSameLosses(MasterWeightsJob::Run(host, "-i 0 -f " + MasterWeightsJob::StepSix() + master), want, 6,
                    "plain checkpoint resumed into host memory");
+}
+
+// offload.host_moments: bf16 on the CPU: the host's moments stored as bf16, rounded
+// stochastically. The losses stay near those of f32 moments without being the same bits;
+// a resumed run continues on its own bits, since checkpoints hold the bf16 values exactly
+// (as f32): one rank, and two under ddp (rank 0's arrays sent as they are) and zero2
+// (each rank reads its shard). A plain job resumes its checkpoint from the same weights.
+TEST(CliTest, HostBf16MomentsTrainNearF32AndResumeOnTheirOwnBits) {
+  const std::string plain = MasterWeightsJob::Write("bf16-plain.yaml", "");
+  const std::string bf16 = MasterWeightsJob::Write(
+      "bf16-host.yaml", "offload: {optimizer: host, host_moments: bf16, chunk_mb: 0.0078125, block_kb: 4}\n");
+  const std::string master = " --cpu-master-weights";
+  const auto f32 = MasterWeightsJob::Run(plain, "--fresh");
+  const auto got = MasterWeightsJob::Run(bf16, "--fresh -i 6" + master, 2, {"AdamW moments (bf16)"});
+  ASSERT_EQ(f32.size(), 12u);
+  ASSERT_EQ(got.size(), 12u);
+  EXPECT_EQ(got.at(1), f32.at(1));  // the first step's weights come before any moment is stored
+  double worst = 0;
+  for (const auto& [step, loss] : got) worst = std::max(worst, std::abs(loss - f32.at(step)) / f32.at(step));
+  EXPECT_GT(worst, 0) << "bf16 moments ran on the f32 bits";
+  EXPECT_LT(worst, 0.01);
+  RecordProperty("max relative loss difference to f32 moments", std::to_string(worst));
+  ExpectSameLosses(MasterWeightsJob::Run(bf16, "-i 0 -f " + MasterWeightsJob::StepSix() + master), got, 6, "resumed");
+  const auto by_plain = MasterWeightsJob::Run(plain, "-i 0 -f " + MasterWeightsJob::StepSix());
+  ASSERT_EQ(by_plain.size(), 6u);
+  EXPECT_EQ(by_plain.at(7), got.at(7)) << "resumed by the plain job";
+  // ddp ranks with an NVMe tier restore on the device and then move the state: the host's
+  // 40% of the moments come down through the gradient buffer and are rounded there.
+  std::filesystem::create_directories(TempDir() / "bf16-swap");
+  const std::string nvme = MasterWeightsJob::Write(
+      "bf16-nvme.yaml", "offload: {optimizer: nvme, nvme_path: bf16-swap, nvme_fraction: 0.6, host_moments: bf16,\n"
+                        "          chunk_mb: 0.0078125, block_kb: 4}\n");
+  for (const auto& [job, plugin] : {std::pair{bf16, "ddp"}, std::pair{bf16, "zero2"}, std::pair{nvme, "ddp"}}) {
+    const std::string what = std::string(plugin) + (job == nvme ? ", nvme" : "");
+    SCOPED_TRACE(what);
+    const std::string ranks = master + " --nproc 2 -p " + plugin;
+    const auto two = MasterWeightsJob::Run(job, "--fresh -i 6" + ranks, 1);
+    ASSERT_EQ(two.size(), 12u);
+    ExpectSameLosses(MasterWeightsJob::Run(job, "-i 0 -f " + MasterWeightsJob::StepSix() + ranks, 1), two, 6,
+                     what + ", resumed");
+  }
 }
 
 // Two ranks (Gloo), each with its shard's optimizer state in host memory, under every

@@ -156,6 +156,9 @@ TEST(JobSpecTest, BadSpecsNameTheKeyAndValue) {
               {"parallel.offload_optim_frac", "placement auto"});
   ExpectError("model: tiny\noffload: {optimizer: host, host_fraction: 0}\n", {"offload.host_fraction", "(0, 1]"});
   ExpectError("model: tiny\noffload: {host_fraction: 0.5}\n", {"offload.host_fraction", "0.5", "'memory'"});
+  ExpectError("model: tiny\noffload: {optimizer: host, host_moments: f16}\n",
+              {"offload.host_moments", "'f16'", "f32, bf16"});
+  ExpectError("model: tiny\noffload: {host_moments: bf16}\n", {"offload.host_moments", "bf16", "'memory'"});
   ExpectError("model: tiny\noffload: {optimizer: nvme, nvme_path: swap, nvme_fraction: 0}\n",
               {"offload.nvme_fraction", "0", "(0, 1]"});
   ExpectError("model: tiny\noffload: {optimizer: nvme, nvme_path: swap, nvme_fraction: 1.5}\n",
