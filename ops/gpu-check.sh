@@ -231,7 +231,8 @@ def load(name):
         return {"error": f"{name}: {e}"}
 tests, bench, torch = load("tests.json"), load("bench.json"), load("torch.json")
 bench7b, bench7b_host = load("bench-7b.json"), load("bench-7b-host.json")
-bench7b_host16 = load("bench-7b-host-bf16.json") if os.path.exists(os.path.join(out, "bench-7b-host-bf16.json")) else None
+# Run only with --bf16-moments (which leaves its log).
+bench7b_host16 = load("bench-7b-host-bf16.json") if os.path.exists(os.path.join(out, "bench-7b-host-bf16.log")) else None
 print()
 print(f"GPU check on {bench.get('device', '?')}")
 if tests.get("testsuites") or not_run:

@@ -968,6 +968,17 @@ TEST_F(CudaTest, OptimizerOnTheHostTrainsBitIdentically) {
   const auto part_again = partly.ResumeFrom(partly, 1);
   ExpectResumedOnCurve(part_again, part, 0, "partly offloaded checkpoint resumed partly offloaded");
   EXPECT_LE(part_again.back()["peak_memory_bytes"].get<double>(), part.back()["peak_memory_bytes"].get<double>());
+
+  // The host's moments in bf16 (offload.host_moments), stochastically rounded: the GPU
+  // holds what it held, the losses stay near those of f32 moments, and a resumed run
+  // repeats its own (checkpoints hold the bf16 values exactly).
+  GpuJob bf16("llamad-gpu-host-bf16",
+              "offload: {optimizer: host, host_moments: bf16, chunk_mb: 0.0625, block_kb: 4}\n");
+  const auto rounded = bf16.Run(1, "-i 6");
+  ASSERT_EQ(rounded.size(), 12u);
+  ExpectLosses(rounded, host, 0, 1e-2, "bf16 moments on the host");
+  EXPECT_EQ(rounded.back()["peak_memory_bytes"].get<double>(), host.back()["peak_memory_bytes"].get<double>());
+  ExpectResumedOnCurve(bf16.ResumeFrom(bf16, 1), rounded, 0, "bf16 moments on the host, resumed");
 }
 
 }  // namespace
