@@ -16,7 +16,8 @@
 # --test-budget SECONDS (default 150): tests not started by then are listed as not run,
 # so that the benchmarks and PyTorch's step always get their turn; --test-jobs N
 # (default 4): tests run side by side; --bf16-moments: the 7B host-optimizer step once more
-# with its moments in bf16 (offload.host_moments), beside the f32 one (about a minute more).
+# with its moments in bf16 (offload.host_moments), beside the f32 one (one more 7B
+# host-optimizer run, limited to 150 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -72,6 +73,10 @@ done
 
 OUT=${OUT:-/tmp/llamad-gpu-check}
 mkdir -p "$OUT"
+# A reused $OUT must not show an earlier run's numbers for a part that fails or is skipped now.
+(cd "$OUT" && rm -f tests-list.txt tests-not-run.txt tests.json tests.log preflight.log nvidia-smi.txt \
+  bench.json bench.log bench-7b.json bench-7b.log bench-7b-host.json bench-7b-host.log \
+  bench-7b-host-bf16.json bench-7b-host-bf16.log train-tiny.jsonl train-tiny.log torch.json torch.log)
 # Each part's wall time, for the table: the whole check is to stay within 5 minutes.
 : > "$OUT/times.txt"
 part_start=$SECONDS

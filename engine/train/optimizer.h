@@ -135,7 +135,9 @@ class AdamWOptimizer {
     // offload.host_moments: bf16 keeps the moments in host memory as bf16, rounded
     // stochastically (cpu::AdamWBf16Moments): 4 bytes per element less host memory, and
     // 20 bytes moved per element in the CPU's update instead of 28. Checkpoints still
-    // hold f32 (the bf16 values exactly), so a run resumes the same either way.
+    // hold f32 (the bf16 values exactly), so a bf16 run resumes exactly from its own
+    // checkpoints; an f32 run's checkpoint loaded into a bf16 run has its moments
+    // rounded to the nearest bf16, and a bf16 checkpoint loads into an f32 run as is.
     bool bf16_moments = false;
   };
   absl::Status OffloadToHost(const HostTier& host, const NvmeTier* nvme = nullptr);

@@ -390,7 +390,7 @@ TEST(CpuAdamWTest, Bf16MomentsAreTheF32UpdateRoundedAlikeOnEveryPath) {
   // The f32 update from the same (bf16-valued) moments.
   std::vector<float> want_p = p0, want_m = mf, want_v = vf;
   cpu::AdamWF32(want_p.data(), g.data(), want_m.data(), want_v.data(), n, s, cpu::SimdLevel::kScalar);
-  std::vector<uint16_t> ref_m;
+  std::vector<uint16_t> ref_m, ref_v;
   for (cpu::SimdLevel level : CpuSimdLevels()) {
     for (size_t split : {n, size_t{12345}}) {
       std::vector<float> p = p0;
@@ -402,6 +402,7 @@ TEST(CpuAdamWTest, Bf16MomentsAreTheF32UpdateRoundedAlikeOnEveryPath) {
       ASSERT_EQ(0, std::memcmp(p.data(), want_p.data(), n * sizeof(float))) << where;
       if (ref_m.empty()) {
         ref_m = m;
+        ref_v = v;
         for (size_t i = 0; i < n; ++i) {
           for (auto [stored, exact] : {std::pair{m[i], want_m[i]}, std::pair{v[i], want_v[i]}}) {
             // Truncation is the value below (in magnitude); the one above is the next bf16.
@@ -412,6 +413,7 @@ TEST(CpuAdamWTest, Bf16MomentsAreTheF32UpdateRoundedAlikeOnEveryPath) {
         }
       }
       ASSERT_EQ(0, std::memcmp(m.data(), ref_m.data(), n * sizeof(uint16_t))) << where;
+      ASSERT_EQ(0, std::memcmp(v.data(), ref_v.data(), n * sizeof(uint16_t))) << where;
     }
   }
 }
