@@ -277,10 +277,11 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   if (o.host_moments != "f32" && o.host_moments != "bf16") {
     return fail("offload.host_moments", StrCat("'", o.host_moments, "'"), "is not one of f32, bf16");
   }
-  if (o.host_moments != "f32" && o.optimizer != "host" && o.optimizer != "nvme") {
+  // gemini's offload_optim_frac places the state itself, whatever offload.optimizer says.
+  if (o.host_moments != "f32" && o.optimizer != "host" && o.optimizer != "nvme" && spec.parallel.plugin != "gemini") {
     return fail("offload.host_moments", o.host_moments,
-                StrCat("is the type of the moments offload.optimizer host or nvme keeps in host memory; "
-                       "offload.optimizer is '", o.optimizer, "'"));
+                StrCat("is the type of the moments offload.optimizer host or nvme (or gemini's "
+                       "parallel.offload_optim_frac) keeps in host memory; offload.optimizer is '", o.optimizer, "'"));
   }
   if (o.queue_depth < 1 || o.queue_depth > 4096) {
     return fail("offload.queue_depth", o.queue_depth, "must be within [1, 4096]");

@@ -280,8 +280,9 @@ TEST(CliTest, HostOffloadedOptimizerOnTheCpuTrainsOnThePlainBits) {
 // offload.host_moments: bf16 on the CPU: the host's moments stored as bf16, rounded
 // stochastically. The losses stay near those of f32 moments without being the same bits;
 // a resumed run continues on its own bits, since checkpoints hold the bf16 values exactly
-// (as f32): one rank, and two under ddp (rank 0's arrays sent as they are) and zero2
-// (each rank reads its shard). A plain job resumes its checkpoint from the same weights.
+// (as f32): one rank, and two under ddp (rank 0's arrays sent as they are), zero2
+// (each rank reads its shard) and gemini. A plain job resumes its checkpoint from the
+// same weights.
 TEST(CliTest, HostBf16MomentsTrainNearF32AndResumeOnTheirOwnBits) {
   const std::string plain = MasterWeightsJob::Write("bf16-plain.yaml", "");
   const std::string bf16 = MasterWeightsJob::Write(
@@ -307,14 +308,27 @@ TEST(CliTest, HostBf16MomentsTrainNearF32AndResumeOnTheirOwnBits) {
   const std::string nvme = MasterWeightsJob::Write(
       "bf16-nvme.yaml", "offload: {optimizer: nvme, nvme_path: bf16-swap, nvme_fraction: 0.6, host_moments: bf16,\n"
                         "          chunk_mb: 0.0078125, block_kb: 4}\n");
-  for (const auto& [job, plugin] : {std::pair{bf16, "ddp"}, std::pair{bf16, "zero2"}, std::pair{nvme, "ddp"}}) {
+  // gemini's offload_optim_frac 1 puts the state in host memory with offload.optimizer
+  // left at memory: its moments take the type too.
+  const std::string gemini = MasterWeightsJob::Write(
+      "bf16-gemini.yaml", "parallel: {plugin: gemini, placement: static, offload_optim_frac: 1}\n"
+                          "offload: {host_moments: bf16, chunk_mb: 0.0078125, block_kb: 4}\n");
+  for (const auto& [job, plugin] :
+       {std::pair{bf16, "ddp"}, std::pair{bf16, "zero2"}, std::pair{nvme, "ddp"}, std::pair{gemini, "gemini"}}) {
     const std::string what = std::string(plugin) + (job == nvme ? ", nvme" : "");
     SCOPED_TRACE(what);
     const std::string ranks = master + " --nproc 2 -p " + plugin;
-    const auto two = MasterWeightsJob::Run(job, "--fresh -i 6" + ranks, 1);
+    const auto two = MasterWeightsJob::Run(job, "--fresh -i 6" + ranks, 1, {"AdamW moments (bf16)"});
     ASSERT_EQ(two.size(), 12u);
     ExpectSameLosses(MasterWeightsJob::Run(job, "-i 0 -f " + MasterWeightsJob::StepSix() + ranks, 1), two, 6,
                      what + ", resumed");
+  }
+  // The CPU backend's own state is f32 wherever it lives: the type is refused there.
+  for (const std::string& job : {gemini, nvme}) {
+    const Result r = RunTrain("train --config " + job + " --fresh --steps 1 --threads 1");
+    EXPECT_NE(r.exit_code, 0) << job;
+    EXPECT_NE(r.output.find("offload.host_moments: bf16"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("keeps its own as f32"), std::string::npos) << r.output;
   }
 }
 
