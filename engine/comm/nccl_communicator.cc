@@ -135,38 +135,51 @@ absl::Status CudaError(cudaError_t err, std::string_view what) {
 // peer is gone would otherwise spin on the GPU, and the backend's stream behind it, forever.
 class NcclCollectives final : public DeviceCollectives {
  public:
+  // Collective over `host`'s ranks. A failure that `*agreed` reports true, every rank
+  // learned of through `host` and returns as well, so the ranks can all carry on without
+  // NCCL; otherwise `host` itself failed.
   static absl::StatusOr<std::unique_ptr<NcclCollectives>> Create(const NcclApi* api, Communicator& host,
                                                                  int device, cudaStream_t compute,
-                                                                 std::chrono::milliseconds timeout) {
-    if (cudaError_t err = cudaSetDevice(device); err != cudaSuccess) return CudaError(err, "cudaSetDevice");
+                                                                 std::chrono::milliseconds timeout, bool* agreed) {
+    *agreed = false;
     // Rank 0 makes the unique id; the host communicator carries it (with whether rank 0
     // managed to) to the others as 4-byte words: Gloo copies them bit for bit.
+    const cudaError_t on_device = cudaSetDevice(device);
     constexpr size_t kWords = (sizeof(ncclUniqueId) + 3) / 4 + 1;
     float words[kWords] = {};
     ncclUniqueId id{};
-    if (host.rank() == 0) {
+    if (host.rank() == 0 && on_device == cudaSuccess) {
       const ncclResult_t made = api->GetUniqueId(&id);
       words[0] = made == ncclSuccess ? 1.0f : 0.0f;
       std::memcpy(&words[1], &id, sizeof(id));
     }
     if (auto s = host.Broadcast(words, kWords, 0); !s.ok()) return s;
-    if (words[0] != 1.0f) return absl::UnavailableError("NCCL: rank 0 could not make the communicator's unique id");
     std::memcpy(&id, &words[1], sizeof(id));
 
     auto self = std::unique_ptr<NcclCollectives>(new NcclCollectives(api, device, compute, timeout));
     // NCCL's set-up waits for every rank: a rank that fails before it gets there must
     // not leave the others waiting, so the ranks agree first that all of them can start.
-    const cudaError_t stream = cudaStreamCreateWithFlags(&self->stream_, cudaStreamNonBlocking);
+    const cudaError_t stream =
+        on_device != cudaSuccess ? on_device : cudaStreamCreateWithFlags(&self->stream_, cudaStreamNonBlocking);
     float failed = stream == cudaSuccess ? 0.0f : 1.0f;
     if (auto s = host.AllReduceSum(&failed, 1); !s.ok()) return s;
+    *agreed = true;
+    if (on_device != cudaSuccess) return CudaError(on_device, "cudaSetDevice");
     if (stream != cudaSuccess) return CudaError(stream, "creating the NCCL stream");
     if (failed != 0) return absl::UnavailableError(StrCat("NCCL: ", int(failed), " other rank(s) could not start"));
+    if (words[0] != 1.0f) return absl::UnavailableError("NCCL: rank 0 could not make the communicator's unique id");
     absl::Status made = self->Init(id, host.rank(), host.world_size(), std::min(timeout, kInitLimit));
     // Every rank learns whether all of them have a communicator before any uses it.
     failed = made.ok() ? 0.0f : 1.0f;
+    *agreed = false;
     if (auto s = host.AllReduceSum(&failed, 1); !s.ok()) return s;
+    *agreed = true;
     if (!made.ok()) return made;
-    if (failed != 0) return absl::UnavailableError(StrCat("NCCL: ", int(failed), " other rank(s) failed to join the communicator"));
+    if (failed != 0) {
+      // The others abort theirs: this one cannot finalize with them.
+      self->error_ = absl::UnavailableError("NCCL: another rank failed to join");
+      return absl::UnavailableError(StrCat("NCCL: ", int(failed), " other rank(s) failed to join the communicator"));
+    }
     self->watchdog_ = std::thread([raw = self.get()] { raw->Watch(); });
     return self;
   }
@@ -600,11 +613,12 @@ bool NcclAvailable(std::string* version_or_why) {
 #endif
 }
 
-absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(std::unique_ptr<Communicator> host,
+absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(std::unique_ptr<Communicator>& host,
                                                                    Backend& backend,
                                                                    std::chrono::milliseconds timeout) {
   int device = 0;
   void* stream = nullptr;
+  // Every rank has the same backend: all of them refuse alike, before any collective.
   if (!CudaStreamOf(backend, &device, &stream)) {
     return absl::InvalidArgumentError(StrCat("NCCL moves GPU buffers: the ", backend.name(),
                                              " backend's are host memory (Gloo reduces those)"));
@@ -612,9 +626,15 @@ absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(std::unique_p
 #ifdef LLAMAD_WITH_NCCL
   std::string why;
   const NcclApi* api = LoadNccl(&why);
+  // Where NCCL loads on one rank and not on another, the others wait in set-up until
+  // `host` times out: AttachDeviceCollectives asks every rank first.
   if (api == nullptr) return absl::FailedPreconditionError(why);
-  auto collectives = NcclCollectives::Create(api, *host, device, static_cast<cudaStream_t>(stream), timeout);
-  if (!collectives.ok()) return collectives.status();
+  bool agreed = false;
+  auto collectives = NcclCollectives::Create(api, *host, device, static_cast<cudaStream_t>(stream), timeout, &agreed);
+  if (!collectives.ok()) {
+    if (!agreed) host.reset();  // out of step with the other ranks: of no further use
+    return collectives.status();
+  }
   return std::unique_ptr<Communicator>(new CommunicatorWithDevice(std::move(host), std::move(*collectives)));
 #else
   return absl::FailedPreconditionError("this build has no NCCL (no CUDA, or no nccl.h, when it was configured)");
@@ -670,9 +690,15 @@ absl::StatusOr<std::unique_ptr<Communicator>> AttachDeviceCollectives(std::uniqu
     *note = StrCat(reason, "; the GPU ranks reduce through host memory over Gloo");
     return host;
   }
-  auto nccl = MakeNcclCommunicator(std::move(host), backend, timeout);
+  auto nccl = MakeNcclCommunicator(host, backend, timeout);
   if (!nccl.ok()) {
-    // NCCL was chosen (or auto chose it) and could not start: say what runs without it.
+    // Every rank failed alike and still shares `host`: auto carries on over Gloo.
+    if (choice == "auto" && host != nullptr) {
+      *note = StrCat("NCCL could not start (", nccl.status().message(),
+                     "); the GPU ranks reduce through host memory over Gloo");
+      return host;
+    }
+    // NCCL was chosen and could not start: say what runs without it.
     return absl::Status(nccl.status().code(),
                         StrCat("communicator ", choice, ": ", nccl.status().message(),
                                " (parallel.communicator: gloo, or --communicator gloo, reduces through host memory)"));

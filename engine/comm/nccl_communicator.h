@@ -23,13 +23,17 @@ bool NcclAvailable(std::string* version_or_why);
 // `host` with NCCL collectives for `backend`'s buffers (a CUDA backend; one GPU per rank).
 // Collective: every rank of `host` calls it. A collective that makes no progress for
 // `timeout` (and NCCL's set-up) fails, and the NCCL communicator is aborted.
-absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(std::unique_ptr<Communicator> host,
+// `host` moves into the result. On failure it stays with the caller where every rank
+// failed alike, having learned so through it (the ranks can go on without NCCL), and is
+// reset where `host` itself failed or the ranks fell out of step.
+absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(std::unique_ptr<Communicator>& host,
                                                                    Backend& backend,
                                                                    std::chrono::milliseconds timeout);
 
 // What GPU ranks reduce over, from a job's parallel.communicator: "nccl" (an error where
-// it cannot run), "gloo" (through host memory) or "auto" (NCCL where every rank loads it
-// and has a GPU of its own, Gloo otherwise; `note` says why not). Collective; `host` comes
+// it cannot run), "gloo" (through host memory) or "auto" (NCCL where every rank loads it,
+// has a GPU of its own and joins NCCL's communicator, Gloo otherwise; `note` says why
+// not). Collective; `host` comes
 // back unchanged for world size 1, for a host backend, and where NCCL is not used.
 absl::StatusOr<std::unique_ptr<Communicator>> AttachDeviceCollectives(std::unique_ptr<Communicator> host,
                                                                       Backend& backend, const std::string& choice,

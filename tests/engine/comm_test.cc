@@ -151,9 +151,11 @@ TEST(CommTest, HostBackendKeepsGlooAndRefusesNccl) {
   auto nccl = AttachDeviceCollectives(MakeLocalCommunicator(), *backend, "nccl", std::chrono::seconds(5), &note);
   ASSERT_FALSE(nccl.ok());
   EXPECT_NE(nccl.status().message().find("bf16"), std::string::npos) << nccl.status();
-  auto made = MakeNcclCommunicator(MakeLocalCommunicator(), *backend, std::chrono::seconds(5));
+  std::unique_ptr<Communicator> host = MakeLocalCommunicator();
+  auto made = MakeNcclCommunicator(host, *backend, std::chrono::seconds(5));
   ASSERT_FALSE(made.ok());
   EXPECT_NE(made.status().message().find("cpu backend"), std::string::npos) << made.status();
+  EXPECT_NE(host, nullptr) << "a refusal every rank makes alike leaves the host communicator";
   auto bad = AttachDeviceCollectives(MakeLocalCommunicator(), *backend, "mpi", std::chrono::seconds(5), &note);
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("'mpi'"), std::string::npos) << bad.status();

@@ -21,12 +21,14 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend.h"
 #include "comm/backend_collectives.h"
+#include "comm/communicator.h"
 #include "comm/device_collectives.h"
 #include "comm/nccl_communicator.h"
 #include "common/subprocess.h"
@@ -807,7 +809,8 @@ TEST_F(CudaTest, OptimizerMomentsOnNvmeTrainBitIdentically) {
 TEST_F(CudaTest, NcclCollectivesRunOnTheirOwnStream) {
   std::string version;
   if (!NcclAvailable(&version)) GTEST_SKIP() << version;
-  auto comm = MakeNcclCommunicator(MakeLocalCommunicator(), *gpu_, std::chrono::seconds(60));
+  std::unique_ptr<Communicator> host = MakeLocalCommunicator();
+  auto comm = MakeNcclCommunicator(host, *gpu_, std::chrono::seconds(60));
   ASSERT_TRUE(comm.ok()) << comm.status();
   DeviceCollectives* device = (*comm)->device_collectives();
   ASSERT_NE(device, nullptr);
@@ -846,6 +849,53 @@ TEST_F(CudaTest, NcclCollectivesRunOnTheirOwnStream) {
   // times are recorded, not checked.
   RecordProperty("busy seconds", Sci(device->busy_seconds()));
   RecordProperty("exposed seconds", Sci(device->exposed_seconds()));
+}
+
+// NCCL refuses two ranks on one GPU when they join its communicator. Both ranks learn
+// that the other failed too, and keep their Gloo communicator: a job with communicator
+// auto carries on over it instead of failing (AttachDeviceCollectives' own check of
+// shared GPUs is bypassed here, to reach NCCL's set-up).
+TEST_F(CudaTest, NcclThatCannotJoinLeavesEveryRankItsGlooCommunicator) {
+  std::string version;
+  if (!NcclAvailable(&version)) GTEST_SKIP() << version;
+  const std::filesystem::path store =
+      std::filesystem::temp_directory_path() / ("llamad-nccl-join-" + std::to_string(getpid()));
+  std::filesystem::remove_all(store);
+  std::filesystem::create_directories(store);
+  std::string outcome[2];
+  std::vector<std::thread> ranks;
+  for (int rank = 0; rank < 2; ++rank) {
+    ranks.emplace_back([&, rank] {
+      auto gloo = MakeGlooCommunicator(rank, 2, store.string(), std::chrono::seconds(60));
+      if (!gloo.ok()) {
+        outcome[rank] = "Gloo: " + gloo.status().ToString();
+        return;
+      }
+      std::unique_ptr<Communicator> host = std::move(*gloo);
+      auto nccl = MakeNcclCommunicator(host, *gpu_, std::chrono::seconds(30));
+      if (nccl.ok()) {
+        outcome[rank] = "NCCL joined two ranks on one GPU";
+        return;
+      }
+      if (host == nullptr) {
+        outcome[rank] = "the Gloo communicator was lost: " + nccl.status().ToString();
+        return;
+      }
+      // Still in step with the other rank.
+      float sum = float(rank + 1);
+      if (auto s = host->AllReduceSum(&sum, 1); !s.ok() || sum != 3.0f) {
+        outcome[rank] = "Gloo after the failure: " + s.ToString() + ", sum " + std::to_string(sum);
+        return;
+      }
+      outcome[rank] = "ok: " + nccl.status().ToString();
+    });
+  }
+  for (auto& t : ranks) t.join();
+  std::filesystem::remove_all(store);
+  for (int rank = 0; rank < 2; ++rank) {
+    EXPECT_EQ(outcome[rank].rfind("ok: ", 0), 0u) << "rank " << rank << ": " << outcome[rank];
+  }
+  RecordProperty("rank 0", outcome[0]);
 }
 
 // Two GPU ranks with NCCL train on the loss curve of two ranks over Gloo, under ddp
