@@ -33,8 +33,11 @@ if [[ "${1:-}" != "--run" ]]; then
   for exe in cuda_test bench-gpu llama-train; do
     strip --strip-unneeded -o "$stage/bin/$exe" "build/bin/$exe"
   done
+  # patchelf moves our programs onto the bundled C library where the GPU machine's is older.
+  cp "$(command -v patchelf)" "$stage/bin/"
   # Every shared library they load, except the C library, the driver and cuBLASLt.
-  ldd build/bin/cuda_test build/bin/bench-gpu build/bin/llama-train | awk '/=> \// {print $3}' | sort -u |
+  ldd build/bin/cuda_test build/bin/bench-gpu build/bin/llama-train "$(command -v patchelf)" |
+    awk '/=> \// {print $3}' | sort -u |
     grep -Ev '/(libc|libm|libpthread|libdl|librt|libcuda|libcublasLt|libcublas|ld-linux[^/]*)\.so' |
     while read -r lib; do cp -L "$lib" "$stage/lib/"; done
   # The C library too, for a GPU machine whose own is older than this one's.
@@ -105,21 +108,25 @@ PY
 )
 [[ -n "$wheel_libs" ]] && libs=$libs:$wheel_libs
 echo "gpu-check: libraries from $libs"
-loader=()
 ours() {  # ours SECONDS [NAME=VALUE...] PROGRAM ARGS...: one of our programs, under a time limit
   local limit=$1
   shift
   local vars=()
   while [[ "${1:-}" == *=* ]]; do vars+=("$1"); shift; done
-  timeout "$limit" env LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "${vars[@]}" \
-    "${loader[@]}" "$@"
+  timeout "$limit" env LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "${vars[@]}" "$@"
 }
-# A machine whose C library is older than the build machine's runs our programs through
-# the bundled one.
-if ! ours 60 "$work/bin/cuda_test" --gtest_list_tests > "$OUT/tests-list.txt" 2> "$OUT/preflight.log"; then
-  cat "$OUT/preflight.log"
-  echo "gpu-check: the programs do not start with this machine's C library; using the bundled one"
-  loader=("$work/glibc/ld-linux-x86-64.so.2" --library-path "$work/glibc:$libs")
+# A machine whose C library is older than the build machine's runs our programs on the
+# bundled one: their ELF interpreter and search path point into the bundle, so the
+# llama-train processes the tests start (the same files) get it too, while the shell and
+# Python keep the machine's. LLAMAD_GPU_CHECK_BUNDLED_GLIBC=1 takes this path anywhere.
+if [[ "${LLAMAD_GPU_CHECK_BUNDLED_GLIBC:-0}" == 1 ]] ||
+   ! ours 60 "$work/bin/cuda_test" --gtest_list_tests > "$OUT/tests-list.txt" 2> "$OUT/preflight.log"; then
+  [[ -s "$OUT/preflight.log" ]] && cat "$OUT/preflight.log"
+  echo "gpu-check: using the bundled C library"
+  for exe in cuda_test bench-gpu llama-train; do
+    "$work/glibc/ld-linux-x86-64.so.2" --library-path "$work/glibc:$work/lib" "$work/bin/patchelf" \
+      --set-interpreter "$work/glibc/ld-linux-x86-64.so.2" --force-rpath --set-rpath "$work/glibc" "$work/bin/$exe"
+  done
   ours 60 "$work/bin/cuda_test" --gtest_list_tests > "$OUT/tests-list.txt"
 fi
 

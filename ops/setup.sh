@@ -25,6 +25,7 @@ PACKAGES=(
   python3-yaml               # the cluster speed-test harness (ops/bench/cluster_bench.py)
   python3-pip                # fetches the cuDNN frontend headers (CUDA builds)
   fio                        # the checkpoint benchmark's disk baseline
+  patchelf                   # the GPU check's bundle: our programs onto the bundled C library
 )
 
 missing=()
