@@ -34,6 +34,8 @@ if [[ "${1:-}" != "--run" ]]; then
     strip --strip-unneeded -o "$stage/bin/$exe" "build/bin/$exe"
   done
   # patchelf moves our programs onto the bundled C library where the GPU machine's is older.
+  command -v patchelf > /dev/null ||
+    { echo "gpu-check: patchelf is missing (ops/setup.sh installs it)" >&2; exit 1; }
   cp "$(command -v patchelf)" "$stage/bin/"
   # Every shared library they load, except the C library, the driver and cuBLASLt.
   ldd build/bin/cuda_test build/bin/bench-gpu build/bin/llama-train "$(command -v patchelf)" |
@@ -118,14 +120,17 @@ ours() {  # ours SECONDS [NAME=VALUE...] PROGRAM ARGS...: one of our programs, u
 # A machine whose C library is older than the build machine's runs our programs on the
 # bundled one: their ELF interpreter and search path point into the bundle, so the
 # llama-train processes the tests start (the same files) get it too, while the shell and
-# Python keep the machine's. LLAMAD_GPU_CHECK_BUNDLED_GLIBC=1 takes this path anywhere.
+# Python keep the machine's. The programs also name the C library's parts that only
+# cuBLASLt asks for: its own RUNPATH would otherwise find the machine's, which do not
+# go with the bundled libc. LLAMAD_GPU_CHECK_BUNDLED_GLIBC=1 takes this path anywhere.
 if [[ "${LLAMAD_GPU_CHECK_BUNDLED_GLIBC:-0}" == 1 ]] ||
    ! ours 60 "$work/bin/cuda_test" --gtest_list_tests > "$OUT/tests-list.txt" 2> "$OUT/preflight.log"; then
   [[ -s "$OUT/preflight.log" ]] && cat "$OUT/preflight.log"
   echo "gpu-check: using the bundled C library"
   for exe in cuda_test bench-gpu llama-train; do
     "$work/glibc/ld-linux-x86-64.so.2" --library-path "$work/glibc:$work/lib" "$work/bin/patchelf" \
-      --set-interpreter "$work/glibc/ld-linux-x86-64.so.2" --force-rpath --set-rpath "$work/glibc" "$work/bin/$exe"
+      --set-interpreter "$work/glibc/ld-linux-x86-64.so.2" --force-rpath --set-rpath "$work/glibc" \
+      --add-needed libpthread.so.0 --add-needed libdl.so.2 --add-needed librt.so.1 "$work/bin/$exe"
   done
   ours 60 "$work/bin/cuda_test" --gtest_list_tests > "$OUT/tests-list.txt"
 fi

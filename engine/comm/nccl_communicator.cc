@@ -172,7 +172,10 @@ class NcclCollectives final : public DeviceCollectives {
     // Every rank learns whether all of them have a communicator before any uses it.
     failed = made.ok() ? 0.0f : 1.0f;
     *agreed = false;
-    if (auto s = host.AllReduceSum(&failed, 1); !s.ok()) return s;
+    if (auto s = host.AllReduceSum(&failed, 1); !s.ok()) {
+      self->error_ = s;  // the other ranks may be gone: abort, do not finalize with them
+      return s;
+    }
     *agreed = true;
     if (!made.ok()) return made;
     if (failed != 0) {
@@ -627,7 +630,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(std::unique_p
   std::string why;
   const NcclApi* api = LoadNccl(&why);
   // Where NCCL loads on one rank and not on another, the others wait in set-up until
-  // `host` times out: AttachDeviceCollectives asks every rank first.
+  // `host` times out (the header's precondition; AttachDeviceCollectives asks every rank first).
   if (api == nullptr) return absl::FailedPreconditionError(why);
   bool agreed = false;
   auto collectives = NcclCollectives::Create(api, *host, device, static_cast<cudaStream_t>(stream), timeout, &agreed);

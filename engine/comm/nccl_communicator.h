@@ -25,7 +25,8 @@ bool NcclAvailable(std::string* version_or_why);
 // `timeout` (and NCCL's set-up) fails, and the NCCL communicator is aborted.
 // `host` moves into the result. On failure it stays with the caller where every rank
 // failed alike, having learned so through it (the ranks can go on without NCCL), and is
-// reset where `host` itself failed or the ranks fell out of step.
+// reset where `host` itself failed or the ranks fell out of step. Every rank must get
+// the same answer from NcclAvailable (AttachDeviceCollectives checks that first).
 absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(std::unique_ptr<Communicator>& host,
                                                                    Backend& backend,
                                                                    std::chrono::milliseconds timeout);

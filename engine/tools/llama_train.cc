@@ -841,7 +841,11 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
   }
   std::printf("job '%s': model %s (%.2fM parameters), %s, plugin %s, micro-batch %lld x %lld, %s\n%s%s",
               spec->name.c_str(), spec->model.name.c_str(), spec->model.NumParameters() / 1e6,
-              cuda ? "CUDA bf16 (f32 master, gradients, moments)" : "CPU fp32", spec->parallel.plugin.c_str(),
+              !cuda ? "CPU fp32"
+              : plan.host_moments_bf16 && plan.optimizer_state_host > 0
+                  ? "CUDA bf16 (f32 master, gradients, moments; the moments in host memory bf16)"
+                  : "CUDA bf16 (f32 master, gradients, moments)",
+              spec->parallel.plugin.c_str(),
               (long long)spec->training.batch_size, (long long)spec->training.max_length,
               spec->training.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
               gemini->summary.empty() ? "" : (gemini->summary + "\n").c_str(), plan.Describe(budget, budget_name).c_str());

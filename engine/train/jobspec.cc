@@ -283,6 +283,11 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
                 StrCat("is the type of the moments offload.optimizer host or nvme (or gemini's "
                        "parallel.offload_optim_frac) keeps in host memory; offload.optimizer is '", o.optimizer, "'"));
   }
+  if (o.host_moments != "f32" && spec.parallel.plugin == "gemini" && spec.parallel.placement == "static" &&
+      spec.parallel.offload_optim_frac == 0) {
+    return fail("offload.host_moments", o.host_moments,
+                "is the type of the moments in host memory, and gemini's parallel.offload_optim_frac 0 keeps none there");
+  }
   if (o.queue_depth < 1 || o.queue_depth > 4096) {
     return fail("offload.queue_depth", o.queue_depth, "must be within [1, 4096]");
   }

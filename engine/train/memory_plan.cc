@@ -72,7 +72,8 @@ MemoryPlan PlanMemory(const JobSpec& spec, DType dtype, DType accum, int world_s
     const uint64_t hosted = AdamWOptimizer::SwappedElements(sharded, nvme ? 1.0 : spec.offload.host_fraction);
     const uint64_t swapped = nvme ? AdamWOptimizer::SwappedElements(hosted, spec.offload.nvme_fraction) : 0;
     const auto [grad0, grad1] = AdamWOptimizer::HostGradBuffers(hosted - swapped, requested_chunk, nvme);
-    const uint64_t moment_bytes = spec.offload.host_moments == "bf16" ? 2 : 4;
+    plan.host_moments_bf16 = spec.offload.host_moments == "bf16";
+    const uint64_t moment_bytes = plan.host_moments_bf16 ? 2 : 4;
     plan.optimizer_state_host = hosted * 4 + 2 * (hosted - swapped) * moment_bytes + (grad0 + grad1) * 4;
     if (nvme) {
       plan.optimizer_state_host += 3 * chunk_bytes;
@@ -134,8 +135,8 @@ std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name
   }
   out += fmt::format("  {:<16} {}\n", "total", gib(total()));
   if (optimizer_state_host > 0) {
-    out += fmt::format("  {:<16} {} (f32 master weights and AdamW moments, updated by the CPU{})\n",
-                       "in host memory", gib(optimizer_state_host),
+    out += fmt::format("  {:<16} {} (f32 master weights and {} AdamW moments, updated by the CPU{})\n",
+                       "in host memory", gib(optimizer_state_host), host_moments_bf16 ? "bf16" : "f32",
                        optimizer_state_nvme > 0 ? "; moments partly on NVMe" : "");
   }
   if (optimizer_state_nvme > 0) {

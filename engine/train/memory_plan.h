@@ -26,6 +26,7 @@ struct MemoryPlan {
   // offload.optimizer host: a GPU's f32 master weights and moments, and the gradient
   // chunk the CPU update works on, in host memory (not in total(), which is the GPU's).
   uint64_t optimizer_state_host = 0;
+  bool host_moments_bf16 = false;  // offload.host_moments: bf16, 2 bytes per host moment
   uint64_t activations = 0;      // every activation and backward scratch buffer
   uint64_t workspace = 0;        // the LM head's chunk of logits, unfused attention scores
   // Checkpoint saves (checkpoint.interval > 0): the snapshot of this rank's part (1/world

@@ -230,6 +230,19 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
 absl::StatusOr<GeminiPlacement> PlaceJob(const JobSpec& spec, bool cuda, int world, uint64_t budget,
                                          const std::function<MemoryPlan(const JobSpec&)>& plan, bool must_fit,
                                          bool master_weights_apart) {
+  if (!cuda && !master_weights_apart) {
+    // The CPU backend's optimizer state is f32 in host memory already: the settings that
+    // move a GPU's there, or choose its type there, have nothing to act on.
+    if (spec.offload.optimizer == "host") {
+      return ConfigError(spec.path, "offload.optimizer: host moves a GPU's optimizer state to host memory; the CPU "
+                                    "backend keeps it in host memory already (use memory, or nvme for the NVMe tier)");
+    }
+    if (spec.offload.host_moments != "f32") {
+      return ConfigError(spec.path, StrCat("offload.host_moments: ", spec.offload.host_moments,
+                                           " is the type of the moments a GPU's optimizer keeps in host memory; the "
+                                           "CPU backend keeps its own as f32 (offload.host_moments: f32)"));
+    }
+  }
   auto placed = PlaceGemini(spec, cuda, world, budget, plan, master_weights_apart);
   if (!placed.ok()) return placed.status();
   if (cuda) {

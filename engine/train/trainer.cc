@@ -147,19 +147,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateWithinMemory(const JobSp
   if (!gemini.ok()) return gemini.status();
   const JobSpec& spec = gemini->spec;  // gemini resolved to zero2/zero3 and the optimizer's tier
   const std::string& f = spec.path;
-  if (!backend->needs_master_weights()) {
-    if (spec.offload.optimizer == "host") {
-      return absl::InvalidArgumentError(StrCat(
-          f, ": offload.optimizer: host moves a GPU's optimizer state to host memory; the ", backend->name(),
-          " backend keeps it in host memory already (use memory, or nvme for the NVMe tier)"));
-    }
-    if (spec.offload.host_moments != "f32") {
-      return absl::InvalidArgumentError(StrCat(
-          f, ": offload.host_moments: ", spec.offload.host_moments,
-          " is the type of the moments a GPU's optimizer keeps in host memory; the ", backend->name(),
-          " backend keeps its own as f32 (offload.host_moments: f32)"));
-    }
-  }
   if (comm != nullptr && comm->world_size() > 1) {
     const int64_t global = spec.training.global_batch_size > 0 ? spec.training.global_batch_size
                                                                 : spec.training.batch_size;

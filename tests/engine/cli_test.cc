@@ -323,12 +323,17 @@ TEST(CliTest, HostBf16MomentsTrainNearF32AndResumeOnTheirOwnBits) {
     ExpectSameLosses(MasterWeightsJob::Run(job, "-i 0 -f " + MasterWeightsJob::StepSix() + ranks, 1), two, 6,
                      what + ", resumed");
   }
-  // The CPU backend's own state is f32 wherever it lives: the type is refused there.
-  for (const std::string& job : {gemini, nvme}) {
-    const Result r = RunTrain("train --config " + job + " --fresh --steps 1 --threads 1");
-    EXPECT_NE(r.exit_code, 0) << job;
-    EXPECT_NE(r.output.find("offload.host_moments: bf16"), std::string::npos) << r.output;
-    EXPECT_NE(r.output.find("keeps its own as f32"), std::string::npos) << r.output;
+  // The CPU backend's own state is f32 wherever it lives: the type is refused there, by
+  // a run and by a plan, and so is offload.optimizer host.
+  for (const auto& [job, says] : {std::pair{gemini, "offload.host_moments: bf16"},
+                                  std::pair{nvme, "offload.host_moments: bf16"},
+                                  std::pair{bf16, "offload.optimizer: host"}}) {
+    for (const std::string command : {"train --fresh --steps 1 --threads 1", "plan"}) {
+      const Result r = RunTrain(command + " --config " + job);
+      EXPECT_NE(r.exit_code, 0) << command << " " << job;
+      EXPECT_NE(r.output.find(says), std::string::npos) << r.output;
+      EXPECT_NE(r.output.find("the CPU backend keeps"), std::string::npos) << r.output;
+    }
   }
 }
 

@@ -159,6 +159,8 @@ TEST(JobSpecTest, BadSpecsNameTheKeyAndValue) {
   ExpectError("model: tiny\noffload: {optimizer: host, host_moments: f16}\n",
               {"offload.host_moments", "'f16'", "f32, bf16"});
   ExpectError("model: tiny\noffload: {host_moments: bf16}\n", {"offload.host_moments", "bf16", "'memory'"});
+  ExpectError("model: tiny\nparallel: {plugin: gemini}\noffload: {host_moments: bf16}\n",
+              {"offload.host_moments", "bf16", "offload_optim_frac 0"});
   ExpectError("model: tiny\noffload: {optimizer: nvme, nvme_path: swap, nvme_fraction: 0}\n",
               {"offload.nvme_fraction", "0", "(0, 1]"});
   ExpectError("model: tiny\noffload: {optimizer: nvme, nvme_path: swap, nvme_fraction: 1.5}\n",
