@@ -135,9 +135,9 @@ absl::Status CudaError(cudaError_t err, std::string_view what) {
 // peer is gone would otherwise spin on the GPU, and the backend's stream behind it, forever.
 class NcclCollectives final : public DeviceCollectives {
  public:
-  // Collective over `host`'s ranks. A failure that `*agreed` reports true, every rank
-  // learned of through `host` and returns as well, so the ranks can all carry on without
-  // NCCL; otherwise `host` itself failed.
+  // Collective over `host`'s ranks. On failure `*agreed` says whether every rank learned
+  // of it through `host` and fails as well, so that all of them can carry on without
+  // NCCL; false where `host` itself failed.
   static absl::StatusOr<std::unique_ptr<NcclCollectives>> Create(const NcclApi* api, Communicator& host,
                                                                  int device, cudaStream_t compute,
                                                                  std::chrono::milliseconds timeout, bool* agreed) {

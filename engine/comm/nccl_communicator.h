@@ -34,8 +34,8 @@ absl::StatusOr<std::unique_ptr<Communicator>> MakeNcclCommunicator(std::unique_p
 // What GPU ranks reduce over, from a job's parallel.communicator: "nccl" (an error where
 // it cannot run), "gloo" (through host memory) or "auto" (NCCL where every rank loads it,
 // has a GPU of its own and joins NCCL's communicator, Gloo otherwise; `note` says why
-// not). Collective; `host` comes
-// back unchanged for world size 1, for a host backend, and where NCCL is not used.
+// not). Collective; `host` comes back unchanged for world size 1, for a host backend,
+// and where NCCL is not used.
 absl::StatusOr<std::unique_ptr<Communicator>> AttachDeviceCollectives(std::unique_ptr<Communicator> host,
                                                                       Backend& backend, const std::string& choice,
                                                                       std::chrono::milliseconds timeout,

@@ -101,9 +101,8 @@ struct OffloadSpec {
   double chunk_mb = 64;              // the update pipeline's unit (reads, updates, writes)
   // f32 | bf16: the type of the AdamW moments a GPU's optimizer keeps in host memory
   // (host, nvme, gemini's offload_optim_frac): bf16 (stochastically rounded) takes 4
-  // bytes per element less memory
-  // and makes the CPU's update move 20 bytes per element instead of 28. Checkpoints
-  // hold f32 either way.
+  // bytes per element less memory and makes the CPU's update move 20 bytes per element
+  // instead of 28. Checkpoints hold f32 either way.
   std::string host_moments = "f32";
   int64_t block_kb = 1024;           // one read or write request
 };
