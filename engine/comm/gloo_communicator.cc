@@ -11,6 +11,11 @@
 #include "comm/communicator.h"
 #include "core/strings.h"
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -103,6 +108,18 @@ class GlooCommunicator final : public Communicator {
 }  // namespace
 
 std::unique_ptr<Communicator> MakeLocalCommunicator() { return std::make_unique<LocalCommunicator>(); }
+
+absl::StatusOr<int> RanksOnThisHost(Communicator& comm) {
+  if (comm.world_size() == 1) return 1;
+  char name[256] = {};
+  if (::gethostname(name, sizeof(name) - 1) != 0) std::snprintf(name, sizeof(name), "unknown");
+  // 52 bits of the name's hash, exact in the doubles the sum carries.
+  const double code = double(std::hash<std::string>{}(name) & ((uint64_t{1} << 52) - 1));
+  std::vector<double> codes(size_t(comm.world_size()), 0.0);
+  codes[size_t(comm.rank())] = code;
+  if (auto s = comm.AllReduceSum(codes.data(), codes.size()); !s.ok()) return s;
+  return int(std::count(codes.begin(), codes.end(), code));
+}
 
 namespace {
 

@@ -790,9 +790,9 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
   const bool cuda = spec->training.mixed_precision == "bf16";
   // --nproc, or --nodes times --devices-per-node, gives the world; the job's resources
   // section fills in what is not given.
-  const int world = nproc_given ? common.nproc
-                                : (nodes > 0 ? nodes : int(spec->resources.nodes)) *
-                                      (devices_per_node > 0 ? devices_per_node : int(spec->resources.devices_per_node));
+  const int per_node =
+      nproc_given ? common.nproc : (devices_per_node > 0 ? devices_per_node : int(spec->resources.devices_per_node));
+  const int world = nproc_given ? common.nproc : (nodes > 0 ? nodes : int(spec->resources.nodes)) * per_node;
   const int threads = common.threads > 0 ? common.threads : std::max(1, int(std::thread::hardware_concurrency()) / world);
   uint64_t budget = 0;
   std::string budget_name;
@@ -836,6 +836,7 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
     if (!gemini->summary.empty()) out["placement"] = gemini->summary;
     if (placed.offload.optimizer == "host") out["host_fraction"] = placed.offload.host_fraction;
     if (placed.parallel.params_host_share > 0) out["params_host_share"] = placed.parallel.params_host_share;
+    if (plan.host_bytes() > 0) out["host_bytes_per_node"] = plan.host_bytes() * uint64_t(per_node);
     std::printf("%s\n", out.dump().c_str());
     return fits ? 0 : kExitFailure;
   }
@@ -849,6 +850,12 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
               (long long)spec->training.batch_size, (long long)spec->training.max_length,
               spec->training.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
               gemini->summary.empty() ? "" : (gemini->summary + "\n").c_str(), plan.Describe(budget, budget_name).c_str());
+  if (cuda && plan.host_bytes() > 0) {
+    // The ranks of a node share its memory; a run checks it against what the node has.
+    std::printf("host memory per node: %d rank%s x %.2f GiB = %.2f GiB\n", per_node, per_node > 1 ? "s" : "",
+                double(plan.host_bytes()) / double(uint64_t{1} << 30),
+                double(plan.host_bytes() * uint64_t(per_node)) / double(uint64_t{1} << 30));
+  }
   return fits ? 0 : kExitFailure;
 }
 

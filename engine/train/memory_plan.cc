@@ -121,6 +121,25 @@ MemoryPlan PlanMemoryOn(const JobSpec& spec, bool cuda, int world_size, int cpu_
                     /*logit_bytes=*/4, 3 * cpu_threads);
 }
 
+absl::Status CheckHostMemory(const MemoryPlan& plan, int ranks_on_host, int64_t available, const std::string& job) {
+  const uint64_t each = plan.host_bytes();
+  if (each == 0 || available <= 0) return absl::OkStatus();
+  const uint64_t need = each * uint64_t(std::max(ranks_on_host, 1));
+  const uint64_t usable = uint64_t(available) - uint64_t(available) / 50;
+  if (need <= usable) return absl::OkStatus();
+  auto gib = [](uint64_t b) { return fmt::format("{:.1f} GiB", double(b) / double(uint64_t{1} << 30)); };
+  std::string parts = fmt::format("{} of optimizer state", gib(plan.optimizer_state_host));
+  if (!plan.snapshot_on_this_tier && plan.checkpoint_snapshot > 0) {
+    parts += fmt::format(", {} of checkpoint snapshot", gib(plan.checkpoint_snapshot));
+  }
+  return absl::ResourceExhaustedError(fmt::format(
+      "{}: the {} rank{} on this host need {} of host memory ({} each: {}), and it has {} available (2% kept "
+      "spare): shard the state over the ranks (parallel.plugin zero2 or zero3; ddp keeps all of it on every rank), "
+      "store its moments in bf16 (offload.host_moments: bf16), move less of it (offload.host_fraction, "
+      "gemini's offload_optim_frac), or send its moments on to NVMe (offload.optimizer: nvme)",
+      job, ranks_on_host, ranks_on_host > 1 ? "s" : "", gib(need), gib(each), parts, gib(usable)));
+}
+
 std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name) const {
   auto gib = [](uint64_t b) { return fmt::format("{:9.2f} GiB", double(b) / double(uint64_t{1} << 30)); };
   std::string out = fmt::format("per rank ({} rank{}):\n", world_size, world_size > 1 ? "s" : "");

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/status/status.h"
 #include "core/dtype.h"
 #include "offload/swap_file.h"
 #include "train/jobspec.h"
@@ -41,7 +42,16 @@ struct MemoryPlan {
   }
   // A table, one row per kind, with the total and (budget > 0) whether it fits.
   std::string Describe(uint64_t budget, const std::string& budget_name) const;
+  // Host memory a GPU rank holds beside its GPU's: the optimizer state moved there and
+  // the checkpoint snapshot (0 on the CPU backend, whose total() is host memory).
+  uint64_t host_bytes() const { return optimizer_state_host + (snapshot_on_this_tier ? 0 : checkpoint_snapshot); }
 };
+
+// Whether `ranks_on_host` GPU ranks, each holding plan.host_bytes(), fit in the host's
+// `available` bytes (MemAvailable; unknown where not positive) with 2% to spare: an
+// error for `job` that says what each needs and what lowers it. Without this check a
+// host that cannot hold the state fails when the kernel kills a rank mid-allocation.
+absl::Status CheckHostMemory(const MemoryPlan& plan, int ranks_on_host, int64_t available, const std::string& job);
 
 // The NVMe tier's pipeline as the job sets it (offload.chunk_mb in whole 4 KiB pages,
 // block_kb, queue_depth): what the trainer opens the swap with and the plan counts.

@@ -147,6 +147,31 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateWithinMemory(const JobSp
   if (!gemini.ok()) return gemini.status();
   const JobSpec& spec = gemini->spec;  // gemini resolved to zero2/zero3 and the optimizer's tier
   const std::string& f = spec.path;
+  if (cuda) {
+    // A GPU rank's host memory (the optimizer state moved there, the checkpoint snapshot)
+    // is shared with the other ranks on its host. Every rank learns whether all fit, so
+    // that none goes on to wait for one that stopped.
+    absl::Status fits = absl::OkStatus();
+    const MemoryPlan placed = plan_of(spec);  // the same on every rank
+    if (placed.host_bytes() > 0) {
+      int ranks_on_host = 1;
+      if (comm != nullptr) {
+        auto counted = RanksOnThisHost(*comm);
+        if (!counted.ok()) return counted.status();
+        ranks_on_host = *counted;
+      }
+      fits = CheckHostMemory(placed, ranks_on_host, AvailableHostMemoryBytes(), f);
+    }
+    if (world > 1) {
+      double short_ranks = fits.ok() ? 0 : 1;
+      if (auto s = comm->AllReduceSum(&short_ranks, 1); !s.ok()) return s;
+      if (fits.ok() && short_ranks > 0) {
+        return absl::ResourceExhaustedError(StrCat(f, ": ", short_ranks, " rank(s) on another host lack the host "
+                                                   "memory for their optimizer state (their logs say how much)"));
+      }
+    }
+    if (!fits.ok()) return fits;
+  }
   if (comm != nullptr && comm->world_size() > 1) {
     const int64_t global = spec.training.global_batch_size > 0 ? spec.training.global_batch_size
                                                                 : spec.training.batch_size;

@@ -155,6 +155,12 @@ TEST(CliTest, PlanMatchesTheMeasuredPeak) {
   // offload.host_moments: bf16 keeps the moments in 2 bytes each.
   const auto bf16 = plan_host(SmallJob("offload: {optimizer: host, host_moments: bf16}\n", "host-bf16.yaml"));
   EXPECT_EQ(bf16["optimizer_state_host"].get<double>(), 4 * n + 2 * 2 * n + 2 * 4 * n);
+  // The ranks of a node share its memory: two ddp ranks each hold all of it.
+  EXPECT_EQ(on_host["host_bytes_per_node"].get<double>(), on_host["optimizer_state_host"].get<double>());
+  const Result two_ranks = RunTrain("plan --config " + host_job + " --json -x bf16 --nproc 2");
+  ASSERT_EQ(two_ranks.exit_code, 0) << two_ranks.output;
+  const auto per_node = nlohmann::json::parse(two_ranks.output.substr(two_ranks.output.find('{')));
+  EXPECT_EQ(per_node["host_bytes_per_node"].get<double>(), 2 * on_host["optimizer_state_host"].get<double>());
   // A ZeRO rank builds only its shard: at 8 ranks under zero3 nothing of the whole model
   // (6 bytes per parameter: bf16 parameters and f32 master weights) is ever held.
   auto plan_json = [&](const std::string& args) {

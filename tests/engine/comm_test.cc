@@ -137,6 +137,20 @@ TEST(CommTest, ReduceAddOnBackendAddsTheSumIntoTheOwnersShard) {
   });
 }
 
+// Ranks that share a host share its memory: every rank counts the ranks on its host.
+TEST(CommTest, RanksOnThisHostCountsTheRanksThatShareIt) {
+  auto one = RanksOnThisHost(*MakeLocalCommunicator());
+  ASSERT_TRUE(one.ok()) << one.status();
+  EXPECT_EQ(*one, 1);
+  std::vector<int> counted(3, 0);
+  OnRanks(3, [&](int rank, Communicator& comm) {
+    auto n = RanksOnThisHost(comm);
+    ASSERT_TRUE(n.ok()) << n.status();
+    counted[size_t(rank)] = *n;
+  });
+  EXPECT_EQ(counted, std::vector<int>(3, 3));
+}
+
 TEST(CommTest, HostBackendKeepsGlooAndRefusesNccl) {
   auto backend = MakeCpuBackend({DType::kF32, 1});
   std::string note;

@@ -535,5 +535,62 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
       << tight.status();
 }
 
+// A GPU job's host memory: LLaMA-7B with its optimizer state in host memory on ranks
+// that share one host. The state a rank moves there (ddp: all of it, on every rank)
+// against what the host has; zero2's shards or bf16 moments make it fit.
+TEST(HostMemoryCheckTest, GpuRanksSharingAHostMustFitItsMemory) {
+  JobSpec spec;
+  spec.path = "7b.yaml";
+  auto model = LoadModelConfig("7b");
+  ASSERT_TRUE(model.ok()) << model.status();
+  spec.model = *model;
+  spec.training.max_length = 2048;
+  spec.training.batch_size = 8;
+  spec.training.grad_checkpoint = true;
+  spec.training.mixed_precision = "bf16";
+  spec.offload.optimizer = "host";
+  const int64_t gib = int64_t{1} << 30;
+  const uint64_t n = uint64_t(spec.model.NumParameters());
+  auto plan = [&](const JobSpec& s, int world) { return PlanMemoryOn(s, /*cuda=*/true, world, 0); };
+  // 12 bytes per parameter (f32 master weights and moments) and two 64 MiB gradient
+  // chunks: 75.4 GiB.
+  const MemoryPlan one = plan(spec, 1);
+  EXPECT_EQ(one.host_bytes(), 12 * n + 2 * (uint64_t{64} << 20));
+  EXPECT_TRUE(CheckHostMemory(one, 1, 80 * gib, spec.path).ok());
+  EXPECT_FALSE(CheckHostMemory(one, 1, 60 * gib, spec.path).ok());
+  // Eight ddp ranks on a 512 GiB host each hold all of it: 603.5 GiB.
+  const absl::Status ddp = CheckHostMemory(plan(spec, 8), 8, 512 * gib, spec.path);
+  ASSERT_FALSE(ddp.ok());
+  EXPECT_EQ(ddp.code(), absl::StatusCode::kResourceExhausted);
+  for (const char* says : {"7b.yaml", "8 ranks on this host", "603.5 GiB", "75.4 GiB each", "zero2 or zero3",
+                           "offload.host_moments: bf16", "501.8 GiB available"}) {
+    EXPECT_NE(ddp.message().find(says), std::string::npos) << says << " in: " << ddp.message();
+  }
+  // zero2 shards it, an eighth each; bf16 moments take 8 bytes per parameter instead of
+  // 12 (402.6 GiB for the eight, 50.3 GiB for one).
+  JobSpec zero2 = spec;
+  zero2.parallel.plugin = "zero2";
+  EXPECT_TRUE(CheckHostMemory(plan(zero2, 8), 8, 512 * gib, spec.path).ok());
+  JobSpec bf16 = spec;
+  bf16.offload.host_moments = "bf16";
+  EXPECT_TRUE(CheckHostMemory(plan(bf16, 8), 8, 512 * gib, spec.path).ok());
+  EXPECT_TRUE(CheckHostMemory(plan(bf16, 1), 1, 60 * gib, spec.path).ok());
+  // Checkpoint saves keep a snapshot of the rank's state in host memory too.
+  JobSpec saving = spec;
+  saving.checkpoint.interval = 100;
+  const MemoryPlan with_snapshot = plan(saving, 1);
+  ASSERT_GT(with_snapshot.checkpoint_snapshot, 0u);
+  EXPECT_EQ(with_snapshot.host_bytes(), one.host_bytes() + with_snapshot.checkpoint_snapshot);
+  const absl::Status short_of_snapshot = CheckHostMemory(with_snapshot, 1, 80 * gib, spec.path);
+  ASSERT_FALSE(short_of_snapshot.ok());
+  EXPECT_NE(short_of_snapshot.message().find("of checkpoint snapshot"), std::string::npos) << short_of_snapshot;
+  // Nothing in host memory, or a host that does not say what it has: nothing to check.
+  JobSpec on_gpu = spec;
+  on_gpu.offload.optimizer = "memory";
+  EXPECT_EQ(plan(on_gpu, 1).host_bytes(), 0u);
+  EXPECT_TRUE(CheckHostMemory(plan(on_gpu, 1), 8, 1, spec.path).ok());
+  EXPECT_TRUE(CheckHostMemory(plan(spec, 8), 8, -1, spec.path).ok());
+}
+
 }  // namespace
 }  // namespace llamad
