@@ -70,9 +70,9 @@ inline std::vector<OwnedPart> OwnedParts(size_t begin, size_t end, size_t n, int
 // World size 1: every collective is the identity.
 std::unique_ptr<Communicator> MakeLocalCommunicator();
 
-// How many of the ranks, this one included, run on this host (by its host name): they
-// share its memory. Collective.
-absl::StatusOr<int> RanksOnThisHost(Communicator& comm);
+// How many ranks, this one included, passed the same `key` as this one (for example
+// the memory they draw on: HostMemory::key). Collective.
+absl::StatusOr<int> CountRanksWithKey(Communicator& comm, const std::string& key);
 
 // A key-value store that ranks meet through (they publish their addresses in it).
 // Implementations are thread-compatible; one per rank.

@@ -11,14 +11,14 @@
 #include "comm/communicator.h"
 #include "core/strings.h"
 
-#include <unistd.h>
-
 #include <algorithm>
-#include <cstdio>
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <mutex>
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 namespace llamad {
 namespace {
@@ -109,12 +109,10 @@ class GlooCommunicator final : public Communicator {
 
 std::unique_ptr<Communicator> MakeLocalCommunicator() { return std::make_unique<LocalCommunicator>(); }
 
-absl::StatusOr<int> RanksOnThisHost(Communicator& comm) {
+absl::StatusOr<int> CountRanksWithKey(Communicator& comm, const std::string& key) {
   if (comm.world_size() == 1) return 1;
-  char name[256] = {};
-  if (::gethostname(name, sizeof(name) - 1) != 0) std::snprintf(name, sizeof(name), "unknown");
-  // 52 bits of the name's hash, exact in the doubles the sum carries.
-  const double code = double(std::hash<std::string>{}(name) & ((uint64_t{1} << 52) - 1));
+  // 52 bits of the key's hash, exact in the doubles the sum carries.
+  const double code = double(std::hash<std::string>{}(key) & ((uint64_t{1} << 52) - 1));
   std::vector<double> codes(size_t(comm.world_size()), 0.0);
   codes[size_t(comm.rank())] = code;
   if (auto s = comm.AllReduceSum(codes.data(), codes.size()); !s.ok()) return s;

@@ -606,6 +606,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   // it now, and so do ddp ranks with a GPU's state in host memory, which rank 0 then
   // sends from there; other ddp ranks receive rank 0's restored state in the backend's
   // memory and move it after (an NVMe tier is each rank's own).
+  if (auto s = (*trainer)->CheckHostMemory(); !s.ok()) return Fail(s);
   const std::string& tier = (*trainer)->spec().offload.optimizer;
   bool offloaded = false;
   if (tier == "host" || (tier == "nvme" && ((*comm)->world_size() == 1 || zero_ranks))) {

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
+#include <vector>
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend_impl.h"
@@ -121,23 +123,52 @@ MemoryPlan PlanMemoryOn(const JobSpec& spec, bool cuda, int world_size, int cpu_
                     /*logit_bytes=*/4, 3 * cpu_threads);
 }
 
-absl::Status CheckHostMemory(const MemoryPlan& plan, int ranks_on_host, int64_t available, const std::string& job) {
-  const uint64_t each = plan.host_bytes();
-  if (each == 0 || available <= 0) return absl::OkStatus();
-  const uint64_t need = each * uint64_t(std::max(ranks_on_host, 1));
-  const uint64_t usable = uint64_t(available) - uint64_t(available) / 50;
+HostMemoryNeed HostMemoryNeedOf(const MemoryPlan& plan) {
+  return {plan.optimizer_state_host, plan.snapshot_on_this_tier ? 0 : plan.checkpoint_snapshot, 0};
+}
+
+absl::Status CheckHostMemory(const HostMemoryNeed& each, int ranks, const HostMemory& host, const JobSpec& spec) {
+  if (each.total() == 0 || host.available < 0) return absl::OkStatus();
+  ranks = std::max(ranks, 1);
+  const uint64_t need = each.total() * uint64_t(ranks);
+  const uint64_t usable = uint64_t(host.available) - uint64_t(host.available) / 50;
   if (need <= usable) return absl::OkStatus();
   auto gib = [](uint64_t b) { return fmt::format("{:.1f} GiB", double(b) / double(uint64_t{1} << 30)); };
-  std::string parts = fmt::format("{} of optimizer state", gib(plan.optimizer_state_host));
-  if (!plan.snapshot_on_this_tier && plan.checkpoint_snapshot > 0) {
-    parts += fmt::format(", {} of checkpoint snapshot", gib(plan.checkpoint_snapshot));
+  std::vector<std::string> parts, ways;
+  const OffloadSpec& o = spec.offload;
+  if (each.optimizer_state > 0) {
+    parts.push_back(gib(each.optimizer_state) + " of optimizer state");
+    if (ranks > 1 && spec.parallel.plugin == "ddp") {
+      ways.push_back("shard the optimizer state over the ranks (parallel.plugin zero1, zero2 or zero3: ddp keeps all "
+                     "of it on every rank)");
+    }
+    if (o.host_moments == "f32") ways.push_back("store its moments in bf16 (offload.host_moments: bf16)");
+    if (o.optimizer == "host") {
+      ways.push_back("move less of it to host memory (offload.host_fraction, or gemini's offload_optim_frac)");
+      ways.push_back("send its moments on to NVMe (offload.optimizer: nvme)");
+    } else if (o.optimizer == "nvme" && o.nvme_fraction < 1) {
+      ways.push_back("send more of its moments to NVMe (offload.nvme_fraction)");
+    }
   }
+  if (each.snapshot > 0) {
+    parts.push_back(gib(each.snapshot) + " of checkpoint snapshot");
+    ways.push_back("train without checkpoint saves (checkpoint.interval: 0), whose snapshot stays in host memory");
+  }
+  if (each.staging > 0) {
+    parts.push_back(gib(each.staging) + " of collectives staged without NCCL");
+    ways.push_back("give each rank a GPU of its own and NCCL (parallel.communicator: auto or nccl)");
+  }
+  ways.push_back(ranks > 1 ? "run fewer ranks on each host" : "run on a host with more memory");
+  std::string listed, advice;
+  for (const std::string& p : parts) listed += (listed.empty() ? "" : ", ") + p;
+  for (const std::string& w : ways) advice += (advice.empty() ? "" : "; ") + w;
   return absl::ResourceExhaustedError(fmt::format(
-      "{}: the {} rank{} on this host need {} of host memory ({} each: {}), and it has {} available (2% kept "
-      "spare): shard the state over the ranks (parallel.plugin zero2 or zero3; ddp keeps all of it on every rank), "
-      "store its moments in bf16 (offload.host_moments: bf16), move less of it (offload.host_fraction, "
-      "gemini's offload_optim_frac), or send its moments on to NVMe (offload.optimizer: nvme)",
-      job, ranks_on_host, ranks_on_host > 1 ? "s" : "", gib(need), gib(each), parts, gib(usable)));
+      "{}: the {} rank{} on this host need{} {} of host memory ({}{}), and {} leaves {} ({} usable, with 2% "
+      "spare): {}",
+      spec.path.empty() ? "job" : spec.path, ranks, ranks > 1 ? "s" : "", ranks > 1 ? "" : "s", gib(need),
+      ranks > 1 ? fmt::format("{} each: ", gib(each.total())) : "", listed,
+      host.cgroup_limited ? "its cgroup's memory limit" : "MemAvailable", gib(uint64_t(host.available)), gib(usable),
+      advice));
 }
 
 std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name) const {

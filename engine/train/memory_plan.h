@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "core/dtype.h"
+#include "core/host_memory.h"
 #include "offload/swap_file.h"
 #include "train/jobspec.h"
 
@@ -47,11 +48,20 @@ struct MemoryPlan {
   uint64_t host_bytes() const { return optimizer_state_host + (snapshot_on_this_tier ? 0 : checkpoint_snapshot); }
 };
 
-// Whether `ranks_on_host` GPU ranks, each holding plan.host_bytes(), fit in the host's
-// `available` bytes (MemAvailable; unknown where not positive) with 2% to spare: an
-// error for `job` that says what each needs and what lowers it. Without this check a
-// host that cannot hold the state fails when the kernel kills a rank mid-allocation.
-absl::Status CheckHostMemory(const MemoryPlan& plan, int ranks_on_host, int64_t available, const std::string& job);
+// What a GPU rank keeps in host memory for the whole of a training run.
+struct HostMemoryNeed {
+  uint64_t optimizer_state = 0;  // MemoryPlan::optimizer_state_host
+  uint64_t snapshot = 0;         // the checkpoint snapshot (checkpoint.interval > 0)
+  uint64_t staging = 0;          // collectives of ranks without NCCL, staged in host f32
+  uint64_t total() const { return optimizer_state + snapshot + staging; }
+};
+HostMemoryNeed HostMemoryNeedOf(const MemoryPlan& plan);
+
+// Whether `ranks` GPU ranks of `spec`, each needing `each`, fit in what `host` has
+// available with 2% to spare: an error that says what each needs and which of the job's
+// settings lower it. Without this check a host that cannot hold it fails when the kernel
+// kills a rank mid-allocation.
+absl::Status CheckHostMemory(const HostMemoryNeed& each, int ranks, const HostMemory& host, const JobSpec& spec);
 
 // The NVMe tier's pipeline as the job sets it (offload.chunk_mb in whole 4 KiB pages,
 // block_kb, queue_depth): what the trainer opens the swap with and the plan counts.

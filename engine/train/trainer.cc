@@ -147,31 +147,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::CreateWithinMemory(const JobSp
   if (!gemini.ok()) return gemini.status();
   const JobSpec& spec = gemini->spec;  // gemini resolved to zero2/zero3 and the optimizer's tier
   const std::string& f = spec.path;
-  if (cuda) {
-    // A GPU rank's host memory (the optimizer state moved there, the checkpoint snapshot)
-    // is shared with the other ranks on its host. Every rank learns whether all fit, so
-    // that none goes on to wait for one that stopped.
-    absl::Status fits = absl::OkStatus();
-    const MemoryPlan placed = plan_of(spec);  // the same on every rank
-    if (placed.host_bytes() > 0) {
-      int ranks_on_host = 1;
-      if (comm != nullptr) {
-        auto counted = RanksOnThisHost(*comm);
-        if (!counted.ok()) return counted.status();
-        ranks_on_host = *counted;
-      }
-      fits = CheckHostMemory(placed, ranks_on_host, AvailableHostMemoryBytes(), f);
-    }
-    if (world > 1) {
-      double short_ranks = fits.ok() ? 0 : 1;
-      if (auto s = comm->AllReduceSum(&short_ranks, 1); !s.ok()) return s;
-      if (fits.ok() && short_ranks > 0) {
-        return absl::ResourceExhaustedError(StrCat(f, ": ", short_ranks, " rank(s) on another host lack the host "
-                                                   "memory for their optimizer state (their logs say how much)"));
-      }
-    }
-    if (!fits.ok()) return fits;
-  }
   if (comm != nullptr && comm->world_size() > 1) {
     const int64_t global = spec.training.global_batch_size > 0 ? spec.training.global_batch_size
                                                                 : spec.training.batch_size;
@@ -578,6 +553,35 @@ absl::Status Trainer::OffloadOptimizerState(int cpu_threads) {
   }
   if (o.optimizer != "nvme") return absl::OkStatus();
   return optimizer_->OffloadToNvme(o.nvme_path, options, o.nvme_fraction);
+}
+
+absl::Status Trainer::CheckHostMemory() {
+  // The CPU backend's memory is the host's: its placement checked the job against it.
+  if (backend_->name() != "cuda") return absl::OkStatus();
+  const int world = comm_->world_size();
+  HostMemoryNeed each = HostMemoryNeedOf(PlanMemoryOn(spec_, /*cuda=*/true, world, 0));
+  // Ranks without NCCL stage their collectives in host f32, up to the whole model
+  // (AllReduceSumOnBackend); whether they have it, every rank knows alike.
+  if (world > 1 && device_ == nullptr) each.staging = 4 * uint64_t(model_->num_params());
+  absl::Status fits = absl::OkStatus();
+  if (each.total() > 0) {  // the same on every rank: the spec and the world are
+    HostMemory host = ReadHostMemory();
+    if (host.key.empty()) host.key = StrCat("rank ", comm_->rank());  // counted alone
+    auto ranks = CountRanksWithKey(*comm_, host.key);
+    if (!ranks.ok()) return ranks.status();
+    fits = llamad::CheckHostMemory(each, *ranks, host, spec_);
+  }
+  // Every rank learns whether all fit, so that none goes on to wait for one that stopped.
+  if (world > 1) {
+    double short_ranks = fits.ok() ? 0 : 1;
+    if (auto s = comm_->AllReduceSum(&short_ranks, 1); !s.ok()) return s;
+    if (fits.ok() && short_ranks > 0) {
+      return absl::ResourceExhaustedError(StrCat(spec_.path, ": ", short_ranks,
+                                                 " rank(s) lack the host memory for their state (their logs say how "
+                                                 "much)"));
+    }
+  }
+  return fits;
 }
 
 void Trainer::SetProgress(int64_t step, uint64_t sampler_position) {

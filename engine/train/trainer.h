@@ -68,6 +68,13 @@ class Trainer {
   uint64_t sampler_position() const { return sampler_position_; }
   // Continue from a restored state (the parameters and moments are restored separately).
   void SetProgress(int64_t step, uint64_t sampler_position);
+
+  // A training run's check, before it moves any state to host memory: whether the GPU
+  // ranks on each host fit in its available memory (within a cgroup limit) with what
+  // they keep there for the run (the optimizer state moved there, the checkpoint
+  // snapshot, collectives staged without NCCL). ResourceExhausted, on every rank, where
+  // any does not. Collective. The CPU backend's jobs were checked at placement.
+  absl::Status CheckHostMemory();
   AdamWOptimizer& optimizer() { return *optimizer_; }
   Backend& backend() { return *backend_; }
 

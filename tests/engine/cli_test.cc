@@ -161,6 +161,12 @@ TEST(CliTest, PlanMatchesTheMeasuredPeak) {
   ASSERT_EQ(two_ranks.exit_code, 0) << two_ranks.output;
   const auto per_node = nlohmann::json::parse(two_ranks.output.substr(two_ranks.output.find('{')));
   EXPECT_EQ(per_node["host_bytes_per_node"].get<double>(), 2 * on_host["optimizer_state_host"].get<double>());
+  // Two nodes of two: two ranks per node, not the world's four.
+  const Result nodes = RunTrain("plan --config " + host_job + " --json -x bf16 --nodes 2 --devices-per-node 2");
+  ASSERT_EQ(nodes.exit_code, 0) << nodes.output;
+  const auto by_node = nlohmann::json::parse(nodes.output.substr(nodes.output.find('{')));
+  EXPECT_EQ(by_node["world_size"].get<int>(), 4);
+  EXPECT_EQ(by_node["host_bytes_per_node"].get<double>(), 2 * by_node["optimizer_state_host"].get<double>());
   // A ZeRO rank builds only its shard: at 8 ranks under zero3 nothing of the whole model
   // (6 bytes per parameter: bf16 parameters and f32 master weights) is ever held.
   auto plan_json = [&](const std::string& args) {

@@ -137,18 +137,18 @@ TEST(CommTest, ReduceAddOnBackendAddsTheSumIntoTheOwnersShard) {
   });
 }
 
-// Ranks that share a host share its memory: every rank counts the ranks on its host.
-TEST(CommTest, RanksOnThisHostCountsTheRanksThatShareIt) {
-  auto one = RanksOnThisHost(*MakeLocalCommunicator());
+// Ranks that share a host's memory count each other by its key: two of three here.
+TEST(CommTest, CountRanksWithKeyCountsTheRanksThatShareIt) {
+  auto one = CountRanksWithKey(*MakeLocalCommunicator(), "host");
   ASSERT_TRUE(one.ok()) << one.status();
   EXPECT_EQ(*one, 1);
   std::vector<int> counted(3, 0);
   OnRanks(3, [&](int rank, Communicator& comm) {
-    auto n = RanksOnThisHost(comm);
+    auto n = CountRanksWithKey(comm, rank == 2 ? "host b" : "host a");
     ASSERT_TRUE(n.ok()) << n.status();
     counted[size_t(rank)] = *n;
   });
-  EXPECT_EQ(counted, std::vector<int>(3, 3));
+  EXPECT_EQ(counted, (std::vector<int>{2, 2, 1}));
 }
 
 TEST(CommTest, HostBackendKeepsGlooAndRefusesNccl) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "core/host_memory.h"
 #include "engine/small_job.h"
 #include "offload/swap_file.h"
 #include "storage/checkpoint_store.h"
@@ -537,7 +538,7 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
 
 // A GPU job's host memory: LLaMA-7B with its optimizer state in host memory on ranks
 // that share one host. The state a rank moves there (ddp: all of it, on every rank)
-// against what the host has; zero2's shards or bf16 moments make it fit.
+// against what the host has; each way out the message names is one the job can take.
 TEST(HostMemoryCheckTest, GpuRanksSharingAHostMustFitItsMemory) {
   JobSpec spec;
   spec.path = "7b.yaml";
@@ -551,45 +552,122 @@ TEST(HostMemoryCheckTest, GpuRanksSharingAHostMustFitItsMemory) {
   spec.offload.optimizer = "host";
   const int64_t gib = int64_t{1} << 30;
   const uint64_t n = uint64_t(spec.model.NumParameters());
-  auto plan = [&](const JobSpec& s, int world) { return PlanMemoryOn(s, /*cuda=*/true, world, 0); };
+  auto need = [&](const JobSpec& s, int world) { return HostMemoryNeedOf(PlanMemoryOn(s, /*cuda=*/true, world, 0)); };
+  auto host = [&](int64_t bytes, bool cgroup = false) { return HostMemory{bytes, cgroup, "boot"}; };
   // 12 bytes per parameter (f32 master weights and moments) and two 64 MiB gradient
   // chunks: 75.4 GiB.
-  const MemoryPlan one = plan(spec, 1);
-  EXPECT_EQ(one.host_bytes(), 12 * n + 2 * (uint64_t{64} << 20));
-  EXPECT_TRUE(CheckHostMemory(one, 1, 80 * gib, spec.path).ok());
-  EXPECT_FALSE(CheckHostMemory(one, 1, 60 * gib, spec.path).ok());
+  const HostMemoryNeed one = need(spec, 1);
+  EXPECT_EQ(one.total(), 12 * n + 2 * (uint64_t{64} << 20));
+  EXPECT_TRUE(CheckHostMemory(one, 1, host(80 * gib), spec).ok());
+  const absl::Status alone = CheckHostMemory(one, 1, host(60 * gib, /*cgroup=*/true), spec);
+  ASSERT_FALSE(alone.ok());
+  for (const char* says : {"the 1 rank on this host needs 75.4 GiB", "its cgroup's memory limit leaves 60.0 GiB",
+                           "58.8 GiB usable", "offload.host_moments: bf16", "offload.host_fraction",
+                           "offload.optimizer: nvme", "a host with more memory"}) {
+    EXPECT_NE(alone.message().find(says), std::string::npos) << says << " in: " << alone.message();
+  }
+  EXPECT_EQ(alone.message().find("zero1"), std::string::npos) << "one rank has nothing to shard: " << alone;
   // Eight ddp ranks on a 512 GiB host each hold all of it: 603.5 GiB.
-  const absl::Status ddp = CheckHostMemory(plan(spec, 8), 8, 512 * gib, spec.path);
+  spec.parallel.plugin = "ddp";
+  const absl::Status ddp = CheckHostMemory(need(spec, 8), 8, host(512 * gib), spec);
   ASSERT_FALSE(ddp.ok());
   EXPECT_EQ(ddp.code(), absl::StatusCode::kResourceExhausted);
-  for (const char* says : {"7b.yaml", "8 ranks on this host", "603.5 GiB", "75.4 GiB each", "zero2 or zero3",
-                           "offload.host_moments: bf16", "501.8 GiB available"}) {
+  RecordProperty("message", std::string(ddp.message()));
+  for (const char* says : {"7b.yaml", "the 8 ranks on this host need 603.5 GiB", "75.4 GiB each",
+                           "MemAvailable leaves 512.0 GiB", "501.8 GiB usable", "zero1, zero2 or zero3",
+                           "fewer ranks on each host"}) {
     EXPECT_NE(ddp.message().find(says), std::string::npos) << says << " in: " << ddp.message();
   }
   // zero2 shards it, an eighth each; bf16 moments take 8 bytes per parameter instead of
-  // 12 (402.6 GiB for the eight, 50.3 GiB for one).
+  // 12 (402.6 GiB for the eight), and are no longer offered once set.
   JobSpec zero2 = spec;
   zero2.parallel.plugin = "zero2";
-  EXPECT_TRUE(CheckHostMemory(plan(zero2, 8), 8, 512 * gib, spec.path).ok());
+  EXPECT_TRUE(CheckHostMemory(need(zero2, 8), 8, host(512 * gib), spec).ok());
   JobSpec bf16 = spec;
   bf16.offload.host_moments = "bf16";
-  EXPECT_TRUE(CheckHostMemory(plan(bf16, 8), 8, 512 * gib, spec.path).ok());
-  EXPECT_TRUE(CheckHostMemory(plan(bf16, 1), 1, 60 * gib, spec.path).ok());
-  // Checkpoint saves keep a snapshot of the rank's state in host memory too.
+  EXPECT_TRUE(CheckHostMemory(need(bf16, 8), 8, host(512 * gib), bf16).ok());
+  const absl::Status bf16_short = CheckHostMemory(need(bf16, 8), 8, host(400 * gib), bf16);
+  ASSERT_FALSE(bf16_short.ok());
+  EXPECT_EQ(bf16_short.message().find("host_moments"), std::string::npos) << bf16_short;
+  // Checkpoint saves keep a snapshot of the rank's state in host memory too; a job with
+  // its state on the GPU is told about that alone.
   JobSpec saving = spec;
   saving.checkpoint.interval = 100;
-  const MemoryPlan with_snapshot = plan(saving, 1);
-  ASSERT_GT(with_snapshot.checkpoint_snapshot, 0u);
-  EXPECT_EQ(with_snapshot.host_bytes(), one.host_bytes() + with_snapshot.checkpoint_snapshot);
-  const absl::Status short_of_snapshot = CheckHostMemory(with_snapshot, 1, 80 * gib, spec.path);
+  saving.offload.optimizer = "memory";
+  const HostMemoryNeed snapshot_only = need(saving, 1);
+  EXPECT_EQ(snapshot_only.optimizer_state, 0u);
+  ASSERT_GE(snapshot_only.snapshot, 12 * n);  // three f32 copies of the state, padded
+  const absl::Status short_of_snapshot = CheckHostMemory(snapshot_only, 1, host(60 * gib), saving);
   ASSERT_FALSE(short_of_snapshot.ok());
   EXPECT_NE(short_of_snapshot.message().find("of checkpoint snapshot"), std::string::npos) << short_of_snapshot;
+  EXPECT_NE(short_of_snapshot.message().find("checkpoint.interval: 0"), std::string::npos) << short_of_snapshot;
+  EXPECT_EQ(short_of_snapshot.message().find("optimizer state"), std::string::npos) << short_of_snapshot;
+  // Ranks without NCCL stage the gradients in host memory.
+  HostMemoryNeed staged = need(spec, 8);
+  staged.staging = 4 * n;
+  const absl::Status no_nccl = CheckHostMemory(staged, 8, host(700 * gib), spec);
+  ASSERT_FALSE(no_nccl.ok());
+  EXPECT_NE(no_nccl.message().find("staged without NCCL"), std::string::npos) << no_nccl;
   // Nothing in host memory, or a host that does not say what it has: nothing to check.
   JobSpec on_gpu = spec;
   on_gpu.offload.optimizer = "memory";
-  EXPECT_EQ(plan(on_gpu, 1).host_bytes(), 0u);
-  EXPECT_TRUE(CheckHostMemory(plan(on_gpu, 1), 8, 1, spec.path).ok());
-  EXPECT_TRUE(CheckHostMemory(plan(spec, 8), 8, -1, spec.path).ok());
+  EXPECT_EQ(need(on_gpu, 1).total(), 0u);
+  EXPECT_TRUE(CheckHostMemory(need(on_gpu, 1), 8, host(1), spec).ok());
+  EXPECT_TRUE(CheckHostMemory(need(spec, 8), 8, host(-1), spec).ok());
+}
+
+// The host's memory as /proc and the cgroup file system give it, read from a copy of
+// their layout: MemAvailable alone, a cgroup v2 limit that binds (an ancestor's,
+// tighter than the process's own), one that does not, and a v1 limit; the key the ranks
+// sharing that memory have in common.
+TEST(HostMemoryCheckTest, ReadsMemAvailableWithinTheCgroupLimit) {
+  const fs::path root = ScratchDir("host-memory");
+  auto write = [&](const fs::path& path, const std::string& text) {
+    fs::create_directories((root / path).parent_path());
+    std::ofstream(root / path) << text;
+  };
+  const int64_t kib = 1024, gib = int64_t{1} << 30;
+  write("proc/meminfo", "MemTotal:       67108864 kB\nMemAvailable:   50331648 kB\n");  // 48 GiB
+  write("proc/sys/kernel/random/boot_id", "0b3f0c5e-1111-2222-3333-444455556666\n");
+  write("proc/self/cgroup", "0::/jobs/rank3\n");
+  const std::string proc = (root / "proc").string();
+  // No cgroup file system: MemAvailable.
+  HostMemory plain = ReadHostMemory(proc, (root / "none").string());
+  EXPECT_EQ(plain.available, 48 * gib);
+  EXPECT_FALSE(plain.cgroup_limited);
+  EXPECT_EQ(plain.key, "0b3f0c5e-1111-2222-3333-444455556666");
+  // v2: the job's folder limits to 32 GiB with 2 GiB used, the rank's own to nothing.
+  write("v2/cgroup.controllers", "cpu memory\n");
+  write("v2/jobs/memory.max", std::to_string(32 * gib) + "\n");
+  write("v2/jobs/memory.current", std::to_string(2 * gib) + "\n");
+  write("v2/jobs/rank3/memory.max", "max\n");
+  write("v2/jobs/rank3/memory.current", std::to_string(gib) + "\n");
+  HostMemory limited = ReadHostMemory(proc, (root / "v2").string());
+  EXPECT_EQ(limited.available, 30 * gib);
+  EXPECT_TRUE(limited.cgroup_limited);
+  EXPECT_EQ(limited.key.rfind(plain.key + ":cgroup:", 0), 0u) << limited.key;
+  // A limit above MemAvailable does not bind, and does not split the key.
+  write("v2/jobs/memory.max", std::to_string(100 * gib) + "\n");
+  HostMemory loose = ReadHostMemory(proc, (root / "v2").string());
+  EXPECT_EQ(loose.available, 48 * gib);
+  EXPECT_FALSE(loose.cgroup_limited);
+  EXPECT_EQ(loose.key, plain.key);
+  // v1: the memory controller's line, and its near-2^63 "no limit" at the root.
+  write("proc/self/cgroup", "5:cpu,cpuacct:/x\n4:memory:/pod7\n0::/\n");
+  write("v1/memory/memory.limit_in_bytes", "9223372036854771712\n");
+  write("v1/memory/memory.usage_in_bytes", std::to_string(40 * gib) + "\n");
+  write("v1/memory/pod7/memory.limit_in_bytes", std::to_string(16 * gib) + "\n");
+  write("v1/memory/pod7/memory.usage_in_bytes", std::to_string(4 * gib + 512 * kib) + "\n");
+  HostMemory v1 = ReadHostMemory(proc, (root / "v1").string());
+  EXPECT_EQ(v1.available, 12 * gib - 512 * kib);
+  EXPECT_TRUE(v1.cgroup_limited);
+  // Inside a cgroup namespace the process's path is not under the mount: its root.
+  write("proc/self/cgroup", "4:memory:/elsewhere/pod9\n");
+  write("v1/memory/memory.limit_in_bytes", std::to_string(20 * gib) + "\n");
+  HostMemory namespaced = ReadHostMemory(proc, (root / "v1").string());
+  EXPECT_EQ(namespaced.available, 0) << "the root's usage (40 GiB) is past its limit (20 GiB)";
+  EXPECT_TRUE(namespaced.cgroup_limited);
+  fs::remove_all(root);
 }
 
 }  // namespace
