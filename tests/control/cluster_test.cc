@@ -338,7 +338,7 @@ TEST_F(ClusterTest, SchedulerKilledMidJobLosesNothing) {
   StartNode("node2");
   // Long enough (seconds) that it is still running once the scheduler is back, even on a
   // loaded machine.
-  const std::string job = Submit(WriteSpec("survivor", 2, 300));
+  const std::string job = Submit(WriteSpec("survivor", 2, 1000));
   ASSERT_TRUE(WaitFor(job, "JOB_STATE_RUNNING", 30));
   for (int i = 0; i < 300 && std::stoi(Job(job)["progress"].value("step", "0")) < 2; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -355,7 +355,7 @@ TEST_F(ClusterTest, SchedulerKilledMidJobLosesNothing) {
   EXPECT_NE(nodes.find("node2"), std::string::npos) << nodes;
   // The same generation runs on to the end; its progress kept coming after the restart.
   ASSERT_TRUE(WaitFor(job, "JOB_STATE_SUCCEEDED", 180)) << Job(job).dump(1);
-  EXPECT_EQ(Job(job)["progress"].value("step", "0"), "300");
+  EXPECT_EQ(Job(job)["progress"].value("step", "0"), "1000");
   EXPECT_EQ(Job(job).value("generation", "0"), "1");
   std::printf("progress before the kill: step %s\n", before.c_str());
 }
