@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cstdio>
 #include <filesystem>
@@ -28,35 +29,56 @@ std::optional<int64_t> ReadBytes(const fs::path& path) {
 }
 
 struct CgroupLimit {
-  int64_t left = 0;  // bytes the limit leaves: the limit less the cgroup's usage
+  int64_t left = 0;  // bytes the limit leaves
   fs::path dir;      // the limiting cgroup's folder
+};
+
+// The `key` line of a cgroup's memory.stat (bytes), 0 where it has none.
+int64_t StatBytes(const fs::path& stat, const std::string& key) {
+  std::ifstream in(stat);
+  std::string name;
+  for (int64_t value = 0; in >> name >> value;) {
+    if (name == key) return value;
+  }
+  return 0;
+}
+
+// The names one hierarchy's files go by.
+struct CgroupFiles {
+  const char* limit;         // memory.max, memory.limit_in_bytes
+  const char* usage;         // memory.current, memory.usage_in_bytes
+  const char* inactive_file; // memory.stat's page cache the kernel reclaims first
 };
 
 // The tightest limit on the cgroup at `path` under the hierarchy's `root` and on its
 // ancestors up to `root`. Inside a cgroup namespace the process's own cgroup is the
-// root, and /proc/self/cgroup's path may not exist under it: then the root alone.
-std::optional<CgroupLimit> TightestLimit(const fs::path& root, const std::string& path, const char* limit_file,
-                                         const char* usage_file) {
+// root, and /proc/self/cgroup's path may not lie under the mount: then the root alone.
+std::optional<CgroupLimit> TightestLimit(fs::path root, const std::string& path, const CgroupFiles& files) {
+  root = root.lexically_normal();
+  if (!root.has_filename()) root = root.parent_path();  // no trailing separator
   std::error_code ec;
   fs::path dir = (root / fs::path(path).relative_path()).lexically_normal();
-  if (!fs::is_directory(dir, ec)) dir = root;
+  if (!dir.has_filename()) dir = dir.parent_path();
+  const fs::path below = dir.lexically_relative(root);
+  if (!fs::is_directory(dir, ec) || below.empty() || *below.begin() == "..") dir = root;
   std::optional<CgroupLimit> tightest;
   for (;;) {
-    const auto limit = ReadBytes(dir / limit_file), usage = ReadBytes(dir / usage_file);
+    const auto limit = ReadBytes(dir / files.limit), usage = ReadBytes(dir / files.usage);
     // cgroup v1 writes a number near 2^63 for "no limit".
     if (limit && usage && *limit < (int64_t{1} << 60)) {
-      const int64_t left = *limit > *usage ? *limit - *usage : 0;
+      const int64_t used = std::max<int64_t>(0, *usage - StatBytes(dir / "memory.stat", files.inactive_file));
+      const int64_t left = std::max<int64_t>(0, *limit - used);
       if (!tightest || left < tightest->left) tightest = CgroupLimit{left, dir};
     }
     if (dir == root || !dir.has_parent_path() || dir.parent_path() == dir) break;
     dir = dir.parent_path();
-    if (dir.native().size() < root.native().size()) break;
   }
   return tightest;
 }
 
 // The memory cgroup's limit from /proc/self/cgroup: v2 ("0::PATH", one hierarchy with
-// cgroup.controllers at its root) or v1 (the line naming the memory controller).
+// cgroup.controllers at its root) or v1 (the line naming the memory controller; on
+// hybrid systems the v2 line names a hierarchy without cgroup.controllers at this root).
 std::optional<CgroupLimit> CgroupMemoryLimit(const fs::path& proc, const fs::path& cgroup) {
   std::ifstream in(proc / "self" / "cgroup");
   std::error_code ec;
@@ -65,12 +87,13 @@ std::optional<CgroupLimit> CgroupMemoryLimit(const fs::path& proc, const fs::pat
     if (second == std::string::npos) continue;
     const std::string controllers = line.substr(first + 1, second - first - 1), path = line.substr(second + 1);
     if (controllers.empty() && fs::exists(cgroup / "cgroup.controllers", ec)) {
-      return TightestLimit(cgroup, path, "memory.max", "memory.current");
+      return TightestLimit(cgroup, path, {"memory.max", "memory.current", "inactive_file"});
     }
     std::istringstream names(controllers);
     for (std::string name; std::getline(names, name, ',');) {
       if (name == "memory" && fs::is_directory(cgroup / "memory", ec)) {
-        return TightestLimit(cgroup / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes");
+        return TightestLimit(cgroup / "memory", path,
+                             {"memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"});
       }
     }
   }
@@ -79,6 +102,11 @@ std::optional<CgroupLimit> CgroupMemoryLimit(const fs::path& proc, const fs::pat
 
 }  // namespace
 
+int64_t HostMemory::available() const {
+  if (cgroup_left >= 0 && (mem_available < 0 || cgroup_left < mem_available)) return cgroup_left;
+  return mem_available;
+}
+
 HostMemory ReadHostMemory(const std::string& proc, const std::string& cgroup) {
   HostMemory host;
   {
@@ -86,30 +114,30 @@ HostMemory ReadHostMemory(const std::string& proc, const std::string& cgroup) {
     for (std::string line; std::getline(in, line);) {
       long long kib = 0;
       if (std::sscanf(line.c_str(), "MemAvailable: %lld kB", &kib) == 1) {
-        host.available = int64_t(kib) * 1024;
+        host.mem_available = int64_t(kib) * 1024;
         break;
       }
     }
   }
   {
     std::ifstream in(fs::path(proc) / "sys" / "kernel" / "random" / "boot_id");
-    std::getline(in, host.key);
-    if (host.key.empty()) {
+    std::getline(in, host.machine_key);
+    if (host.machine_key.empty()) {
       char name[256] = {};
-      if (::gethostname(name, sizeof(name) - 1) == 0) host.key = name;
+      if (::gethostname(name, sizeof(name) - 1) == 0) host.machine_key = name;
     }
   }
-  if (auto limit = CgroupMemoryLimit(proc, cgroup); limit && (host.available < 0 || limit->left < host.available)) {
-    host.available = limit->left;
-    host.cgroup_limited = true;
+  if (auto limit = CgroupMemoryLimit(proc, cgroup)) {
+    host.cgroup_left = limit->left;
     // Cgroup folders' inode numbers are unique within a kernel, whatever a namespace
     // names them.
     struct stat st {};
-    host.key += ":cgroup:" + (::stat(limit->dir.c_str(), &st) == 0 ? std::to_string(st.st_ino) : limit->dir.string());
+    host.cgroup_key = host.machine_key + ":cgroup:" +
+                      (::stat(limit->dir.c_str(), &st) == 0 ? std::to_string(st.st_ino) : limit->dir.string());
   }
   return host;
 }
 
-int64_t AvailableHostMemoryBytes() { return ReadHostMemory().available; }
+int64_t AvailableHostMemoryBytes() { return ReadHostMemory().available(); }
 
 }  // namespace llamad

@@ -6,24 +6,27 @@
 
 namespace llamad {
 
-// The memory this process can still take from its host.
+// The memory this process can still take from its host, and who else draws on it.
 struct HostMemory {
-  // Bytes: /proc/meminfo's MemAvailable, or less where the process's cgroup has a memory
-  // limit (v2 memory.max, v1 memory.limit_in_bytes; the tightest of its cgroup and their
-  // ancestors) that leaves less. -1: unknown.
-  int64_t available = -1;
-  bool cgroup_limited = false;  // the cgroup's limit, not MemAvailable, gives `available`
-  // Processes with the same key draw on the same memory: the kernel's boot id (every
-  // container on a machine shares it; the host name where it cannot be read), and the
-  // limiting cgroup's folder where that limit binds.
-  std::string key;
+  int64_t mem_available = -1;  // /proc/meminfo's MemAvailable in bytes; -1: unknown
+  // Processes with the same key draw on the same MemAvailable: the kernel's boot id
+  // (every container on a machine shares it), or the host name where it cannot be read.
+  std::string machine_key;
+  // The tightest memory limit of the process's cgroup and its ancestors (v2 memory.max,
+  // v1 memory.limit_in_bytes): bytes it leaves, its usage less the page cache the kernel
+  // would reclaim first (inactive_file). -1: no limit.
+  int64_t cgroup_left = -1;
+  std::string cgroup_key;  // machine_key and the limiting cgroup (empty: no limit)
+
+  // What this process can take: the smaller of the two, -1 when neither is known.
+  int64_t available() const;
 };
 
 // Reads /proc (meminfo, self/cgroup, sys/kernel/random/boot_id) and the cgroup file
 // system under the given roots.
 HostMemory ReadHostMemory(const std::string& proc = "/proc", const std::string& cgroup = "/sys/fs/cgroup");
 
-// ReadHostMemory().available.
+// ReadHostMemory().available().
 int64_t AvailableHostMemoryBytes();
 
 }  // namespace llamad

@@ -584,6 +584,8 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   if (lead && !(*trainer)->placement().empty()) {
     std::fprintf(stderr, "llama-train: %s\n", (*trainer)->placement().c_str());
   }
+  // Before anything more takes host memory (weights read, state moved there).
+  if (auto s = (*trainer)->CheckHostMemory(); !s.ok()) return Fail(s);
   // ZeRO ranks are built sharded: each imports and restores its own part. Under ddp rank
   // 0 does, and the others take its state (StartRanks).
   const bool zero_ranks = (*comm)->world_size() > 1 && spec->parallel.plugin != "ddp";
@@ -606,7 +608,6 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   // it now, and so do ddp ranks with a GPU's state in host memory, which rank 0 then
   // sends from there; other ddp ranks receive rank 0's restored state in the backend's
   // memory and move it after (an NVMe tier is each rank's own).
-  if (auto s = (*trainer)->CheckHostMemory(); !s.ok()) return Fail(s);
   const std::string& tier = (*trainer)->spec().offload.optimizer;
   bool offloaded = false;
   if (tier == "host" || (tier == "nvme" && ((*comm)->world_size() == 1 || zero_ranks))) {
@@ -819,6 +820,10 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
   if (!gemini.ok()) return Fail(gemini.status());
   const JobSpec& placed = gemini->spec;
   const MemoryPlan plan = plan_of(placed);
+  // What a GPU rank keeps in host memory for the run (the plan assumes NCCL unless the
+  // job says gloo, as the device plan does).
+  const HostMemoryNeed host =
+      cuda ? HostMemoryNeedOf(plan, placed, world, placed.parallel.communicator != "gloo") : HostMemoryNeed{};
   const bool fits = budget == 0 || plan.total() <= budget;
   // zero2/3's collectives run beside the backward unless only inline fits.
   const bool inline_regions = !placed.parallel.overlap_regions && world > 1 &&
@@ -837,7 +842,7 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
     if (!gemini->summary.empty()) out["placement"] = gemini->summary;
     if (placed.offload.optimizer == "host") out["host_fraction"] = placed.offload.host_fraction;
     if (placed.parallel.params_host_share > 0) out["params_host_share"] = placed.parallel.params_host_share;
-    if (plan.host_bytes() > 0) out["host_bytes_per_node"] = plan.host_bytes() * uint64_t(per_node);
+    if (host.total() > 0) out["host_bytes_per_node"] = host.total() * uint64_t(per_node);
     std::printf("%s\n", out.dump().c_str());
     return fits ? 0 : kExitFailure;
   }
@@ -851,11 +856,12 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
               (long long)spec->training.batch_size, (long long)spec->training.max_length,
               spec->training.grad_checkpoint ? "activation checkpointing" : "no activation checkpointing",
               gemini->summary.empty() ? "" : (gemini->summary + "\n").c_str(), plan.Describe(budget, budget_name).c_str());
-  if (cuda && plan.host_bytes() > 0) {
+  if (host.total() > 0) {
     // The ranks of a node share its memory; a run checks it against what the node has.
-    std::printf("host memory per node: %d rank%s x %.2f GiB = %.2f GiB\n", per_node, per_node > 1 ? "s" : "",
-                double(plan.host_bytes()) / double(uint64_t{1} << 30),
-                double(plan.host_bytes() * uint64_t(per_node)) / double(uint64_t{1} << 30));
+    std::printf("host memory per node: %d rank%s x %.2f GiB = %.2f GiB%s\n", per_node, per_node > 1 ? "s" : "",
+                double(host.total()) / double(uint64_t{1} << 30),
+                double(host.total() * uint64_t(per_node)) / double(uint64_t{1} << 30),
+                host.staging > 0 ? " (with collectives staged without NCCL)" : "");
   }
   return fits ? 0 : kExitFailure;
 }

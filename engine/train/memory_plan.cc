@@ -123,52 +123,87 @@ MemoryPlan PlanMemoryOn(const JobSpec& spec, bool cuda, int world_size, int cpu_
                     /*logit_bytes=*/4, 3 * cpu_threads);
 }
 
-HostMemoryNeed HostMemoryNeedOf(const MemoryPlan& plan) {
-  return {plan.optimizer_state_host, plan.snapshot_on_this_tier ? 0 : plan.checkpoint_snapshot, 0};
+HostMemoryNeed HostMemoryNeedOf(const MemoryPlan& plan, const JobSpec& spec, int world, bool nccl) {
+  HostMemoryNeed need;
+  need.optimizer_state = plan.optimizer_state_host;
+  need.snapshot = plan.snapshot_on_this_tier ? 0 : plan.checkpoint_snapshot;
+  need.world = world;
+  if (world > 1 && !nccl) {
+    const uint64_t n = uint64_t(spec.model.NumParameters());
+    const std::string& plugin = spec.parallel.plugin;
+    const bool sharded_grads = plugin == "zero2" || plugin == "zero3";
+    const uint64_t shard = (n + uint64_t(world) - 1) / uint64_t(world);
+    need.staging = 4 * (sharded_grads ? std::max<uint64_t>(LargestGradientRegion(spec.model), shard) : n);
+  }
+  return need;
 }
 
-absl::Status CheckHostMemory(const HostMemoryNeed& each, int ranks, const HostMemory& host, const JobSpec& spec) {
-  if (each.total() == 0 || host.available < 0) return absl::OkStatus();
-  ranks = std::max(ranks, 1);
-  const uint64_t need = each.total() * uint64_t(ranks);
-  const uint64_t usable = uint64_t(host.available) - uint64_t(host.available) / 50;
-  if (need <= usable) return absl::OkStatus();
-  auto gib = [](uint64_t b) { return fmt::format("{:.1f} GiB", double(b) / double(uint64_t{1} << 30)); };
-  std::vector<std::string> parts, ways;
-  const OffloadSpec& o = spec.offload;
-  if (each.optimizer_state > 0) {
-    parts.push_back(gib(each.optimizer_state) + " of optimizer state");
-    if (ranks > 1 && spec.parallel.plugin == "ddp") {
-      ways.push_back("shard the optimizer state over the ranks (parallel.plugin zero1, zero2 or zero3: ddp keeps all "
-                     "of it on every rank)");
+absl::Status CheckHostMemory(const HostMemoryNeed& each, int ranks_on_machine, int ranks_in_cgroup,
+                             const HostMemory& host, const JobSpec& spec) {
+  if (each.total() == 0) return absl::OkStatus();
+  // The cgroup's limit first: where both are short, it is the one the job was given.
+  struct Bound {
+    int ranks;
+    int64_t available;
+    const char* where;
+    const char* what;
+  };
+  const Bound bounds[] = {{ranks_in_cgroup, host.cgroup_left, "in this cgroup", "its memory limit"},
+                          {ranks_on_machine, host.mem_available, "on this host", "MemAvailable"}};
+  for (const Bound& b : bounds) {
+    if (b.available < 0) continue;
+    const int ranks = std::max(b.ranks, 1);
+    const uint64_t need = each.total() * uint64_t(ranks);
+    const uint64_t usable = uint64_t(b.available) - uint64_t(b.available) / 50;
+    if (need <= usable) continue;
+    auto gib = [](uint64_t bytes) { return fmt::format("{:.1f} GiB", double(bytes) / double(uint64_t{1} << 30)); };
+    std::vector<std::string> parts, ways;
+    const OffloadSpec& o = spec.offload;
+    const std::string& plugin = spec.parallel.plugin;
+    if (each.optimizer_state > 0) {
+      parts.push_back(gib(each.optimizer_state) + " of optimizer state");
+      if (each.world > 1 && plugin == "ddp") {
+        ways.push_back("shard the optimizer state over the ranks (parallel.plugin zero1, zero2 or zero3: ddp keeps "
+                       "all of it on every rank)");
+      }
+      const bool moments_on_host = o.optimizer == "host" || (o.optimizer == "nvme" && o.nvme_fraction < 1);
+      if (o.host_moments == "f32" && moments_on_host) {
+        ways.push_back("store its moments in bf16 (offload.host_moments: bf16)");
+      }
+      if (o.optimizer == "host") {
+        ways.push_back("move less of it to host memory (offload.host_fraction, or gemini's offload_optim_frac)");
+        // The NVMe tier keeps all of the f32 master weights on the host (4 bytes a
+        // parameter) and only those: it saves where the host holds more than that.
+        const double moment_bytes = o.host_moments == "bf16" ? 2 : 4;
+        if (o.host_fraction * (4 + 2 * moment_bytes) > 4) {
+          ways.push_back("send its moments on to NVMe (offload.optimizer: nvme)");
+        }
+      } else if (o.optimizer == "nvme" && o.nvme_fraction < 1) {
+        ways.push_back("send more of its moments to NVMe (offload.nvme_fraction)");
+      }
     }
-    if (o.host_moments == "f32") ways.push_back("store its moments in bf16 (offload.host_moments: bf16)");
-    if (o.optimizer == "host") {
-      ways.push_back("move less of it to host memory (offload.host_fraction, or gemini's offload_optim_frac)");
-      ways.push_back("send its moments on to NVMe (offload.optimizer: nvme)");
-    } else if (o.optimizer == "nvme" && o.nvme_fraction < 1) {
-      ways.push_back("send more of its moments to NVMe (offload.nvme_fraction)");
+    if (each.snapshot > 0) {
+      parts.push_back(gib(each.snapshot) + " of checkpoint snapshot");
+      ways.push_back("train without checkpoint saves (checkpoint.interval: 0), whose snapshot stays in host memory");
     }
+    if (each.staging > 0) {
+      parts.push_back(gib(each.staging) + " of collectives staged without NCCL");
+      ways.push_back(plugin == "zero2" || plugin == "zero3"
+                         ? "give each rank a GPU of its own and NCCL (parallel.communicator: auto or nccl)"
+                         : "give each rank a GPU of its own and NCCL (parallel.communicator: auto or nccl), or "
+                           "shard the gradients (parallel.plugin zero2 or zero3: a region or a shard at a time)");
+    }
+    ways.push_back(ranks > 1 ? "run fewer ranks on each host" : "run on a host with more memory");
+    std::string listed, advice;
+    for (const std::string& p : parts) listed += (listed.empty() ? "" : ", ") + p;
+    for (const std::string& w : ways) advice += (advice.empty() ? "" : "; ") + w;
+    return absl::ResourceExhaustedError(fmt::format(
+        "{}: the {} rank{} {} need{} {} of host memory ({}{}), and {} leaves {} ({} usable, with 2% spare): {}",
+        spec.path.empty() ? "job" : spec.path, ranks, ranks > 1 ? "s" : "", b.where, ranks > 1 ? "" : "s",
+        gib(need), ranks > 1 ? fmt::format("{} each: ", gib(each.total())) : "", listed, b.what,
+        gib(uint64_t(b.available)), gib(usable), advice));
   }
-  if (each.snapshot > 0) {
-    parts.push_back(gib(each.snapshot) + " of checkpoint snapshot");
-    ways.push_back("train without checkpoint saves (checkpoint.interval: 0), whose snapshot stays in host memory");
-  }
-  if (each.staging > 0) {
-    parts.push_back(gib(each.staging) + " of collectives staged without NCCL");
-    ways.push_back("give each rank a GPU of its own and NCCL (parallel.communicator: auto or nccl)");
-  }
-  ways.push_back(ranks > 1 ? "run fewer ranks on each host" : "run on a host with more memory");
-  std::string listed, advice;
-  for (const std::string& p : parts) listed += (listed.empty() ? "" : ", ") + p;
-  for (const std::string& w : ways) advice += (advice.empty() ? "" : "; ") + w;
-  return absl::ResourceExhaustedError(fmt::format(
-      "{}: the {} rank{} on this host need{} {} of host memory ({}{}), and {} leaves {} ({} usable, with 2% "
-      "spare): {}",
-      spec.path.empty() ? "job" : spec.path, ranks, ranks > 1 ? "s" : "", ranks > 1 ? "" : "s", gib(need),
-      ranks > 1 ? fmt::format("{} each: ", gib(each.total())) : "", listed,
-      host.cgroup_limited ? "its cgroup's memory limit" : "MemAvailable", gib(uint64_t(host.available)), gib(usable),
-      advice));
+  return absl::OkStatus();
 }
 
 std::string MemoryPlan::Describe(uint64_t budget, const std::string& budget_name) const {

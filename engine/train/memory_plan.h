@@ -43,9 +43,6 @@ struct MemoryPlan {
   }
   // A table, one row per kind, with the total and (budget > 0) whether it fits.
   std::string Describe(uint64_t budget, const std::string& budget_name) const;
-  // Host memory a GPU rank holds beside its GPU's: the optimizer state moved there and
-  // the checkpoint snapshot (0 on the CPU backend, whose total() is host memory).
-  uint64_t host_bytes() const { return optimizer_state_host + (snapshot_on_this_tier ? 0 : checkpoint_snapshot); }
 };
 
 // What a GPU rank keeps in host memory for the whole of a training run.
@@ -53,15 +50,22 @@ struct HostMemoryNeed {
   uint64_t optimizer_state = 0;  // MemoryPlan::optimizer_state_host
   uint64_t snapshot = 0;         // the checkpoint snapshot (checkpoint.interval > 0)
   uint64_t staging = 0;          // collectives of ranks without NCCL, staged in host f32
+  int world = 1;
   uint64_t total() const { return optimizer_state + snapshot + staging; }
 };
-HostMemoryNeed HostMemoryNeedOf(const MemoryPlan& plan);
+// `plan` is `spec`'s (placed: gemini resolved) on `world` GPU ranks; `nccl`: whether
+// they reduce with NCCL. Without it their collectives pass through one host f32 buffer
+// each (backend_collectives), as large as the largest: the whole gradient under ddp and
+// zero1, a region or a shard under zero2 and zero3.
+HostMemoryNeed HostMemoryNeedOf(const MemoryPlan& plan, const JobSpec& spec, int world, bool nccl);
 
-// Whether `ranks` GPU ranks of `spec`, each needing `each`, fit in what `host` has
-// available with 2% to spare: an error that says what each needs and which of the job's
-// settings lower it. Without this check a host that cannot hold it fails when the kernel
-// kills a rank mid-allocation.
-absl::Status CheckHostMemory(const HostMemoryNeed& each, int ranks, const HostMemory& host, const JobSpec& spec);
+// Whether GPU ranks of `spec`, each needing `each`, fit in what `host` has with 2% to
+// spare: `ranks_on_machine` of them draw on its MemAvailable, `ranks_in_cgroup` on its
+// cgroup's limit (where it has one). An error that says what each needs and which of
+// the job's settings would lower it. Without this check a host that cannot hold it
+// fails when the kernel kills a rank mid-allocation.
+absl::Status CheckHostMemory(const HostMemoryNeed& each, int ranks_on_machine, int ranks_in_cgroup,
+                             const HostMemory& host, const JobSpec& spec);
 
 // The NVMe tier's pipeline as the job sets it (offload.chunk_mb in whole 4 KiB pages,
 // block_kb, queue_depth): what the trainer opens the swap with and the plan counts.

@@ -559,17 +559,19 @@ absl::Status Trainer::CheckHostMemory() {
   // The CPU backend's memory is the host's: its placement checked the job against it.
   if (backend_->name() != "cuda") return absl::OkStatus();
   const int world = comm_->world_size();
-  HostMemoryNeed each = HostMemoryNeedOf(PlanMemoryOn(spec_, /*cuda=*/true, world, 0));
-  // Ranks without NCCL stage their collectives in host f32, up to the whole model
-  // (AllReduceSumOnBackend); whether they have it, every rank knows alike.
-  if (world > 1 && device_ == nullptr) each.staging = 4 * uint64_t(model_->num_params());
+  // Whether the ranks have NCCL, every rank knows alike (AttachDeviceCollectives).
+  const HostMemoryNeed each =
+      HostMemoryNeedOf(PlanMemoryOn(spec_, /*cuda=*/true, world, 0), spec_, world, /*nccl=*/device_ != nullptr);
   absl::Status fits = absl::OkStatus();
   if (each.total() > 0) {  // the same on every rank: the spec and the world are
     HostMemory host = ReadHostMemory();
-    if (host.key.empty()) host.key = StrCat("rank ", comm_->rank());  // counted alone
-    auto ranks = CountRanksWithKey(*comm_, host.key);
-    if (!ranks.ok()) return ranks.status();
-    fits = llamad::CheckHostMemory(each, *ranks, host, spec_);
+    // Ranks that cannot tell what they share are counted alone.
+    const std::string alone = StrCat("rank ", comm_->rank());
+    auto on_machine = CountRanksWithKey(*comm_, host.machine_key.empty() ? alone : host.machine_key);
+    if (!on_machine.ok()) return on_machine.status();
+    auto in_cgroup = CountRanksWithKey(*comm_, host.cgroup_key.empty() ? alone : host.cgroup_key);
+    if (!in_cgroup.ok()) return in_cgroup.status();
+    fits = llamad::CheckHostMemory(each, *on_machine, *in_cgroup, host, spec_);
   }
   // Every rank learns whether all fit, so that none goes on to wait for one that stopped.
   if (world > 1) {

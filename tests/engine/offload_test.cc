@@ -552,24 +552,28 @@ TEST(HostMemoryCheckTest, GpuRanksSharingAHostMustFitItsMemory) {
   spec.offload.optimizer = "host";
   const int64_t gib = int64_t{1} << 30;
   const uint64_t n = uint64_t(spec.model.NumParameters());
-  auto need = [&](const JobSpec& s, int world) { return HostMemoryNeedOf(PlanMemoryOn(s, /*cuda=*/true, world, 0)); };
-  auto host = [&](int64_t bytes, bool cgroup = false) { return HostMemory{bytes, cgroup, "boot"}; };
+  auto need = [&](const JobSpec& s, int world, bool nccl = true) {
+    return HostMemoryNeedOf(PlanMemoryOn(s, /*cuda=*/true, world, 0), s, world, nccl);
+  };
+  auto machine = [&](int64_t bytes) { return HostMemory{bytes, "boot", -1, ""}; };
+  auto check = [&](const HostMemoryNeed& each, int ranks, const HostMemory& host, const JobSpec& s) {
+    return CheckHostMemory(each, ranks, ranks, host, s);
+  };
   // 12 bytes per parameter (f32 master weights and moments) and two 64 MiB gradient
   // chunks: 75.4 GiB.
   const HostMemoryNeed one = need(spec, 1);
   EXPECT_EQ(one.total(), 12 * n + 2 * (uint64_t{64} << 20));
-  EXPECT_TRUE(CheckHostMemory(one, 1, host(80 * gib), spec).ok());
-  const absl::Status alone = CheckHostMemory(one, 1, host(60 * gib, /*cgroup=*/true), spec);
+  EXPECT_TRUE(check(one, 1, machine(80 * gib), spec).ok());
+  const absl::Status alone = check(one, 1, machine(60 * gib), spec);
   ASSERT_FALSE(alone.ok());
-  for (const char* says : {"the 1 rank on this host needs 75.4 GiB", "its cgroup's memory limit leaves 60.0 GiB",
+  for (const char* says : {"the 1 rank on this host needs 75.4 GiB", "MemAvailable leaves 60.0 GiB",
                            "58.8 GiB usable", "offload.host_moments: bf16", "offload.host_fraction",
                            "offload.optimizer: nvme", "a host with more memory"}) {
     EXPECT_NE(alone.message().find(says), std::string::npos) << says << " in: " << alone.message();
   }
   EXPECT_EQ(alone.message().find("zero1"), std::string::npos) << "one rank has nothing to shard: " << alone;
   // Eight ddp ranks on a 512 GiB host each hold all of it: 603.5 GiB.
-  spec.parallel.plugin = "ddp";
-  const absl::Status ddp = CheckHostMemory(need(spec, 8), 8, host(512 * gib), spec);
+  const absl::Status ddp = check(need(spec, 8), 8, machine(512 * gib), spec);
   ASSERT_FALSE(ddp.ok());
   EXPECT_EQ(ddp.code(), absl::StatusCode::kResourceExhausted);
   RecordProperty("message", std::string(ddp.message()));
@@ -578,17 +582,36 @@ TEST(HostMemoryCheckTest, GpuRanksSharingAHostMustFitItsMemory) {
                            "fewer ranks on each host"}) {
     EXPECT_NE(ddp.message().find(says), std::string::npos) << says << " in: " << ddp.message();
   }
+  // Sharding is offered by the world's size, not the host's: one rank on each of eight.
+  EXPECT_NE(check(need(spec, 8), 1, machine(60 * gib), spec).message().find("zero1"), std::string::npos);
   // zero2 shards it, an eighth each; bf16 moments take 8 bytes per parameter instead of
-  // 12 (402.6 GiB for the eight), and are no longer offered once set.
+  // 12 (402.6 GiB for the eight), and are not offered again once set.
   JobSpec zero2 = spec;
   zero2.parallel.plugin = "zero2";
-  EXPECT_TRUE(CheckHostMemory(need(zero2, 8), 8, host(512 * gib), spec).ok());
+  EXPECT_TRUE(check(need(zero2, 8), 8, machine(512 * gib), zero2).ok());
   JobSpec bf16 = spec;
   bf16.offload.host_moments = "bf16";
-  EXPECT_TRUE(CheckHostMemory(need(bf16, 8), 8, host(512 * gib), bf16).ok());
-  const absl::Status bf16_short = CheckHostMemory(need(bf16, 8), 8, host(400 * gib), bf16);
+  EXPECT_TRUE(check(need(bf16, 8), 8, machine(512 * gib), bf16).ok());
+  const absl::Status bf16_short = check(need(bf16, 8), 8, machine(400 * gib), bf16);
   ASSERT_FALSE(bf16_short.ok());
   EXPECT_EQ(bf16_short.message().find("host_moments"), std::string::npos) << bf16_short;
+  // The NVMe tier keeps the 4 bytes of master weights: offered only where it saves.
+  JobSpec quarter = spec;
+  quarter.offload.host_fraction = 0.25;  // 3 bytes a parameter on the host
+  const absl::Status quarter_short = check(need(quarter, 1), 1, machine(10 * gib), quarter);
+  ASSERT_FALSE(quarter_short.ok());
+  EXPECT_EQ(quarter_short.message().find("offload.optimizer: nvme"), std::string::npos) << quarter_short;
+  // A cgroup's limit binds for the ranks in it, MemAvailable for all on the machine.
+  const HostMemoryNeed zero2_each = need(zero2, 8);  // 9.5 GiB
+  const HostMemory pod{512 * gib, "boot", 30 * gib, "boot:cgroup:7"};
+  EXPECT_TRUE(CheckHostMemory(zero2_each, 8, 3, pod, zero2).ok());
+  const absl::Status crowded = CheckHostMemory(zero2_each, 8, 4, pod, zero2);
+  ASSERT_FALSE(crowded.ok());
+  EXPECT_NE(crowded.message().find("the 4 ranks in this cgroup need"), std::string::npos) << crowded;
+  EXPECT_NE(crowded.message().find("its memory limit leaves 30.0 GiB"), std::string::npos) << crowded;
+  const absl::Status machine_full = CheckHostMemory(zero2_each, 64, 3, pod, zero2);
+  ASSERT_FALSE(machine_full.ok());
+  EXPECT_NE(machine_full.message().find("the 64 ranks on this host need"), std::string::npos) << machine_full;
   // Checkpoint saves keep a snapshot of the rank's state in host memory too; a job with
   // its state on the GPU is told about that alone.
   JobSpec saving = spec;
@@ -597,76 +620,99 @@ TEST(HostMemoryCheckTest, GpuRanksSharingAHostMustFitItsMemory) {
   const HostMemoryNeed snapshot_only = need(saving, 1);
   EXPECT_EQ(snapshot_only.optimizer_state, 0u);
   ASSERT_GE(snapshot_only.snapshot, 12 * n);  // three f32 copies of the state, padded
-  const absl::Status short_of_snapshot = CheckHostMemory(snapshot_only, 1, host(60 * gib), saving);
+  const absl::Status short_of_snapshot = check(snapshot_only, 1, machine(60 * gib), saving);
   ASSERT_FALSE(short_of_snapshot.ok());
   EXPECT_NE(short_of_snapshot.message().find("of checkpoint snapshot"), std::string::npos) << short_of_snapshot;
   EXPECT_NE(short_of_snapshot.message().find("checkpoint.interval: 0"), std::string::npos) << short_of_snapshot;
   EXPECT_EQ(short_of_snapshot.message().find("optimizer state"), std::string::npos) << short_of_snapshot;
-  // Ranks without NCCL stage the gradients in host memory.
-  HostMemoryNeed staged = need(spec, 8);
-  staged.staging = 4 * n;
-  const absl::Status no_nccl = CheckHostMemory(staged, 8, host(700 * gib), spec);
-  ASSERT_FALSE(no_nccl.ok());
-  EXPECT_NE(no_nccl.message().find("staged without NCCL"), std::string::npos) << no_nccl;
-  // Nothing in host memory, or a host that does not say what it has: nothing to check.
+  // Ranks without NCCL stage their collectives in host f32: the whole gradient under
+  // ddp and zero1, the larger of a layer's region and a shard under zero2 and zero3.
   JobSpec on_gpu = spec;
   on_gpu.offload.optimizer = "memory";
-  EXPECT_EQ(need(on_gpu, 1).total(), 0u);
-  EXPECT_TRUE(CheckHostMemory(need(on_gpu, 1), 8, host(1), spec).ok());
-  EXPECT_TRUE(CheckHostMemory(need(spec, 8), 8, host(-1), spec).ok());
+  EXPECT_EQ(need(on_gpu, 8, /*nccl=*/true).total(), 0u);
+  EXPECT_EQ(need(on_gpu, 1, /*nccl=*/false).total(), 0u);
+  EXPECT_EQ(need(on_gpu, 8, /*nccl=*/false).staging, 4 * n);
+  JobSpec zero3 = on_gpu;
+  zero3.parallel.plugin = "zero3";
+  EXPECT_EQ(need(zero3, 8, /*nccl=*/false).staging, 4 * ((n + 7) / 8));
+  EXPECT_EQ(need(zero3, 512, /*nccl=*/false).staging, 4 * uint64_t(LargestGradientRegion(spec.model)));
+  const absl::Status no_nccl = check(need(on_gpu, 8, /*nccl=*/false), 8, machine(100 * gib), on_gpu);
+  ASSERT_FALSE(no_nccl.ok());
+  EXPECT_NE(no_nccl.message().find("staged without NCCL"), std::string::npos) << no_nccl;
+  EXPECT_NE(no_nccl.message().find("zero2 or zero3"), std::string::npos) << no_nccl;
+  // Nothing in host memory, or a host that does not say what it has: nothing to check.
+  EXPECT_TRUE(check(need(on_gpu, 1), 8, machine(1), spec).ok());
+  EXPECT_TRUE(check(need(spec, 8), 8, machine(-1), spec).ok());
 }
 
 // The host's memory as /proc and the cgroup file system give it, read from a copy of
-// their layout: MemAvailable alone, a cgroup v2 limit that binds (an ancestor's,
-// tighter than the process's own), one that does not, and a v1 limit; the key the ranks
-// sharing that memory have in common.
-TEST(HostMemoryCheckTest, ReadsMemAvailableWithinTheCgroupLimit) {
+// their layout: MemAvailable alone; cgroup v2 limits on the process's cgroup and an
+// ancestor (the tightest binds; page cache the kernel reclaims first does not count as
+// used); a namespaced root; v1 on a hybrid system, with its "no limit"; the keys the
+// ranks sharing that memory have in common.
+TEST(HostMemoryCheckTest, ReadsMemAvailableAndTheTightestCgroupLimit) {
   const fs::path root = ScratchDir("host-memory");
   auto write = [&](const fs::path& path, const std::string& text) {
     fs::create_directories((root / path).parent_path());
     std::ofstream(root / path) << text;
   };
-  const int64_t kib = 1024, gib = int64_t{1} << 30;
+  const int64_t gib = int64_t{1} << 30;
+  const std::string boot = "0b3f0c5e-1111-2222-3333-444455556666";
   write("proc/meminfo", "MemTotal:       67108864 kB\nMemAvailable:   50331648 kB\n");  // 48 GiB
-  write("proc/sys/kernel/random/boot_id", "0b3f0c5e-1111-2222-3333-444455556666\n");
+  write("proc/sys/kernel/random/boot_id", boot + "\n");
   write("proc/self/cgroup", "0::/jobs/rank3\n");
   const std::string proc = (root / "proc").string();
   // No cgroup file system: MemAvailable.
   HostMemory plain = ReadHostMemory(proc, (root / "none").string());
-  EXPECT_EQ(plain.available, 48 * gib);
-  EXPECT_FALSE(plain.cgroup_limited);
-  EXPECT_EQ(plain.key, "0b3f0c5e-1111-2222-3333-444455556666");
-  // v2: the job's folder limits to 32 GiB with 2 GiB used, the rank's own to nothing.
+  EXPECT_EQ(plain.mem_available, 48 * gib);
+  EXPECT_EQ(plain.cgroup_left, -1);
+  EXPECT_EQ(plain.available(), 48 * gib);
+  EXPECT_EQ(plain.machine_key, boot);
+  EXPECT_EQ(plain.cgroup_key, "");
+  // v2: the job's folder limits to 32 GiB with 6 GiB charged, 4 of them reclaimable page
+  // cache; the rank's own folder to 40 GiB with 1 GiB used. Above the root a limit that
+  // is not the process's to see.
   write("v2/cgroup.controllers", "cpu memory\n");
+  write("memory.max", "1\n");
+  write("memory.current", "0\n");
   write("v2/jobs/memory.max", std::to_string(32 * gib) + "\n");
-  write("v2/jobs/memory.current", std::to_string(2 * gib) + "\n");
-  write("v2/jobs/rank3/memory.max", "max\n");
+  write("v2/jobs/memory.current", std::to_string(6 * gib) + "\n");
+  write("v2/jobs/memory.stat", "anon 2147483648\nfile 4294967296\ninactive_file " + std::to_string(4 * gib) + "\n");
+  write("v2/jobs/rank3/memory.max", std::to_string(40 * gib) + "\n");
   write("v2/jobs/rank3/memory.current", std::to_string(gib) + "\n");
   HostMemory limited = ReadHostMemory(proc, (root / "v2").string());
-  EXPECT_EQ(limited.available, 30 * gib);
-  EXPECT_TRUE(limited.cgroup_limited);
-  EXPECT_EQ(limited.key.rfind(plain.key + ":cgroup:", 0), 0u) << limited.key;
-  // A limit above MemAvailable does not bind, and does not split the key.
+  EXPECT_EQ(limited.cgroup_left, 30 * gib);
+  EXPECT_EQ(limited.available(), 30 * gib);
+  EXPECT_EQ(limited.machine_key, boot);
+  EXPECT_EQ(limited.cgroup_key.rfind(boot + ":cgroup:", 0), 0u) << limited.cgroup_key;
+  // The rank's own limit tighter: it binds, under another key.
+  write("v2/jobs/rank3/memory.max", std::to_string(9 * gib) + "\n");
+  HostMemory own = ReadHostMemory(proc, (root / "v2").string());
+  EXPECT_EQ(own.cgroup_left, 8 * gib);
+  EXPECT_NE(own.cgroup_key, limited.cgroup_key);
+  // A limit above MemAvailable: MemAvailable is what the process can take.
+  write("v2/jobs/rank3/memory.max", "max\n");
   write("v2/jobs/memory.max", std::to_string(100 * gib) + "\n");
-  HostMemory loose = ReadHostMemory(proc, (root / "v2").string());
-  EXPECT_EQ(loose.available, 48 * gib);
-  EXPECT_FALSE(loose.cgroup_limited);
-  EXPECT_EQ(loose.key, plain.key);
-  // v1: the memory controller's line, and its near-2^63 "no limit" at the root.
-  write("proc/self/cgroup", "5:cpu,cpuacct:/x\n4:memory:/pod7\n0::/\n");
+  EXPECT_EQ(ReadHostMemory(proc, (root / "v2").string()).available(), 48 * gib);
+  // Inside a cgroup namespace: "0::/" (or a path outside the mount) is the mount's root.
+  write("v2/memory.max", std::to_string(20 * gib) + "\n");
+  write("v2/memory.current", std::to_string(5 * gib) + "\n");
+  for (const char* line : {"0::/\n", "0::/../..\n"}) {
+    write("proc/self/cgroup", line);
+    EXPECT_EQ(ReadHostMemory(proc, (root / "v2").string()).cgroup_left, 15 * gib) << line;
+  }
+  // v1 on a hybrid system (a v2 line first, no cgroup.controllers at this root): the
+  // memory controller's line, and its near-2^63 "no limit" at the root.
+  write("proc/self/cgroup", "0::/user.slice\n5:cpu,cpuacct:/x\n4:memory:/pod7\n");
+  write("v1/unified/cgroup.controllers", "\n");
   write("v1/memory/memory.limit_in_bytes", "9223372036854771712\n");
   write("v1/memory/memory.usage_in_bytes", std::to_string(40 * gib) + "\n");
   write("v1/memory/pod7/memory.limit_in_bytes", std::to_string(16 * gib) + "\n");
-  write("v1/memory/pod7/memory.usage_in_bytes", std::to_string(4 * gib + 512 * kib) + "\n");
+  write("v1/memory/pod7/memory.usage_in_bytes", std::to_string(5 * gib) + "\n");
+  write("v1/memory/pod7/memory.stat", "cache 1073741824\ntotal_inactive_file " + std::to_string(gib) + "\n");
   HostMemory v1 = ReadHostMemory(proc, (root / "v1").string());
-  EXPECT_EQ(v1.available, 12 * gib - 512 * kib);
-  EXPECT_TRUE(v1.cgroup_limited);
-  // Inside a cgroup namespace the process's path is not under the mount: its root.
-  write("proc/self/cgroup", "4:memory:/elsewhere/pod9\n");
-  write("v1/memory/memory.limit_in_bytes", std::to_string(20 * gib) + "\n");
-  HostMemory namespaced = ReadHostMemory(proc, (root / "v1").string());
-  EXPECT_EQ(namespaced.available, 0) << "the root's usage (40 GiB) is past its limit (20 GiB)";
-  EXPECT_TRUE(namespaced.cgroup_limited);
+  EXPECT_EQ(v1.cgroup_left, 12 * gib);
+  EXPECT_EQ(v1.available(), 12 * gib);
   fs::remove_all(root);
 }
 
