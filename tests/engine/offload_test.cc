@@ -356,18 +356,24 @@ TEST(NvmeOffloadTest, AShortTransferIsResubmittedForTheRest) {
 namespace llamad {
 namespace {
 
-// gemini on GPUs, planned as a run places it: LLaMA-65B (sequence 2048, micro-batch 8,
-// activation checkpointing) against 80 GiB GPUs.
-TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
+// A GPU job of the speed tests' shape (ops/bench/{7b,65b}): sequence 2048, micro-batch
+// 8, activation checkpointing, bf16; `preset` names the model and the file.
+JobSpec GpuBenchJob(const std::string& preset) {
   JobSpec spec;
-  spec.path = "65b.yaml";
-  auto model = LoadModelConfig("65b");
-  ASSERT_TRUE(model.ok()) << model.status();
-  spec.model = *model;
+  spec.path = preset + ".yaml";
+  auto model = LoadModelConfig(preset);
+  EXPECT_TRUE(model.ok()) << model.status();
+  if (model.ok()) spec.model = *model;
   spec.training.max_length = 2048;
   spec.training.batch_size = 8;
   spec.training.grad_checkpoint = true;
   spec.training.mixed_precision = "bf16";
+  return spec;
+}
+
+// gemini on GPUs, planned as a run places it: LLaMA-65B against 80 GiB GPUs.
+TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
+  JobSpec spec = GpuBenchJob("65b");
   spec.parallel.plugin = "gemini";
   const uint64_t gpu = uint64_t{80} << 30;
   auto place = [&](const JobSpec& s, int world, uint64_t budget) {
@@ -540,15 +546,7 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
 // that share one host. The state a rank moves there (ddp: all of it, on every rank)
 // against what the host has; each way out the message names is one the job can take.
 TEST(HostMemoryCheckTest, GpuRanksSharingAHostMustFitItsMemory) {
-  JobSpec spec;
-  spec.path = "7b.yaml";
-  auto model = LoadModelConfig("7b");
-  ASSERT_TRUE(model.ok()) << model.status();
-  spec.model = *model;
-  spec.training.max_length = 2048;
-  spec.training.batch_size = 8;
-  spec.training.grad_checkpoint = true;
-  spec.training.mixed_precision = "bf16";
+  JobSpec spec = GpuBenchJob("7b");
   spec.offload.optimizer = "host";
   const int64_t gib = int64_t{1} << 30;
   const uint64_t n = uint64_t(spec.model.NumParameters());
