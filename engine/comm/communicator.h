@@ -70,9 +70,14 @@ inline std::vector<OwnedPart> OwnedParts(size_t begin, size_t end, size_t n, int
 // World size 1: every collective is the identity.
 std::unique_ptr<Communicator> MakeLocalCommunicator();
 
-// How many ranks, this one included, passed the same `key` as this one (for example
-// the memory they draw on: HostMemory::key). Collective.
-absl::StatusOr<int> CountRanksWithKey(Communicator& comm, const std::string& key);
+// Every rank's `keys` (as many on every rank), each as a 52-bit hash, exact in a double:
+// element [r * keys.size() + k] is rank r's key k. Ranks compare places with it (a
+// host's memory, a GPU). Collective.
+absl::StatusOr<std::vector<double>> EveryRanksKeys(Communicator& comm, const std::vector<std::string>& keys);
+
+// For each of this rank's `keys`, how many ranks (this one included) passed the same
+// key in that position. Collective.
+absl::StatusOr<std::vector<int>> CountRanksWithKeys(Communicator& comm, const std::vector<std::string>& keys);
 
 // A key-value store that ranks meet through (they publish their addresses in it).
 // Implementations are thread-compatible; one per rank.

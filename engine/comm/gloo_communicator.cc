@@ -11,7 +11,6 @@
 #include "comm/communicator.h"
 #include "core/strings.h"
 
-#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -109,14 +108,28 @@ class GlooCommunicator final : public Communicator {
 
 std::unique_ptr<Communicator> MakeLocalCommunicator() { return std::make_unique<LocalCommunicator>(); }
 
-absl::StatusOr<int> CountRanksWithKey(Communicator& comm, const std::string& key) {
-  if (comm.world_size() == 1) return 1;
-  // 52 bits of the key's hash, exact in the doubles the sum carries.
-  const double code = double(std::hash<std::string>{}(key) & ((uint64_t{1} << 52) - 1));
-  std::vector<double> codes(size_t(comm.world_size()), 0.0);
-  codes[size_t(comm.rank())] = code;
-  if (auto s = comm.AllReduceSum(codes.data(), codes.size()); !s.ok()) return s;
-  return int(std::count(codes.begin(), codes.end(), code));
+absl::StatusOr<std::vector<double>> EveryRanksKeys(Communicator& comm, const std::vector<std::string>& keys) {
+  const size_t k = keys.size();
+  std::vector<double> codes(size_t(comm.world_size()) * k, 0.0);
+  for (size_t i = 0; i < k; ++i) {
+    codes[size_t(comm.rank()) * k + i] = double(std::hash<std::string>{}(keys[i]) & ((uint64_t{1} << 52) - 1));
+  }
+  if (comm.world_size() > 1) {
+    if (auto s = comm.AllReduceSum(codes.data(), codes.size()); !s.ok()) return s;
+  }
+  return codes;
+}
+
+absl::StatusOr<std::vector<int>> CountRanksWithKeys(Communicator& comm, const std::vector<std::string>& keys) {
+  auto codes = EveryRanksKeys(comm, keys);
+  if (!codes.ok()) return codes.status();
+  const size_t k = keys.size();
+  std::vector<int> counts(k, 0);
+  for (size_t i = 0; i < k; ++i) {
+    const double mine = (*codes)[size_t(comm.rank()) * k + i];
+    for (int r = 0; r < comm.world_size(); ++r) counts[i] += (*codes)[size_t(r) * k + i] == mine;
+  }
+  return counts;
 }
 
 namespace {

@@ -669,20 +669,18 @@ absl::StatusOr<std::unique_ptr<Communicator>> AttachDeviceCollectives(std::uniqu
 #ifdef LLAMAD_WITH_NCCL
   location = GpuLocation(device);
 #endif
-  // 52 bits of the location, exact in a double.
-  const double code = double(std::hash<std::string>{}(location) & ((uint64_t{1} << 52) - 1));
-  std::vector<double> said(size_t(world) + 1, 0.0);
-  said[0] = loads ? 0 : 1;
-  said[size_t(host->rank()) + 1] = code;
-  if (auto s = host->AllReduceSum(said.data(), said.size()); !s.ok()) return s;
+  double cannot_load = loads ? 0 : 1;
+  if (auto s = host->AllReduceSum(&cannot_load, 1); !s.ok()) return s;
+  auto gpus = EveryRanksKeys(*host, {location});
+  if (!gpus.ok()) return gpus.status();
   std::string reason;
-  if (said[0] != 0) {
-    reason = loads ? StrCat(int(said[0]), " rank(s) cannot load NCCL")
+  if (cannot_load != 0) {
+    reason = loads ? StrCat(int(cannot_load), " rank(s) cannot load NCCL")
                    : StrCat("this rank cannot load NCCL: ", version_or_why);
   } else {
     for (int a = 0; a < world && reason.empty(); ++a) {
       for (int b = a + 1; b < world && reason.empty(); ++b) {
-        if (said[size_t(a) + 1] == said[size_t(b) + 1]) {
+        if ((*gpus)[size_t(a)] == (*gpus)[size_t(b)]) {
           reason = StrCat("ranks ", a, " and ", b, " share a GPU, and NCCL needs one GPU per rank");
         }
       }

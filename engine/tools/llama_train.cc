@@ -823,7 +823,7 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
   // What a GPU rank keeps in host memory for the run (the plan assumes NCCL unless the
   // job says gloo, as the device plan does).
   const HostMemoryNeed host =
-      cuda ? HostMemoryNeedOf(plan, placed, world, placed.parallel.communicator != "gloo") : HostMemoryNeed{};
+      cuda ? HostMemoryNeedOf(plan, placed, placed.parallel.communicator != "gloo") : HostMemoryNeed{};
   const bool fits = budget == 0 || plan.total() <= budget;
   // zero2/3's collectives run beside the backward unless only inline fits.
   const bool inline_regions = !placed.parallel.overlap_regions && world > 1 &&
@@ -849,7 +849,7 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
   std::printf("job '%s': model %s (%.2fM parameters), %s, plugin %s, micro-batch %lld x %lld, %s\n%s%s",
               spec->name.c_str(), spec->model.name.c_str(), spec->model.NumParameters() / 1e6,
               !cuda ? "CPU fp32"
-              : plan.host_moments_bf16 && plan.optimizer_state_host > 0
+              : plan.host_moments_bf16
                   ? "CUDA bf16 (f32 master, gradients, moments; the moments in host memory bf16)"
                   : "CUDA bf16 (f32 master, gradients, moments)",
               spec->parallel.plugin.c_str(),

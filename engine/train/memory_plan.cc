@@ -123,11 +123,11 @@ MemoryPlan PlanMemoryOn(const JobSpec& spec, bool cuda, int world_size, int cpu_
                     /*logit_bytes=*/4, 3 * cpu_threads);
 }
 
-HostMemoryNeed HostMemoryNeedOf(const MemoryPlan& plan, const JobSpec& spec, int world, bool nccl) {
+HostMemoryNeed HostMemoryNeedOf(const MemoryPlan& plan, const JobSpec& spec, bool nccl) {
   HostMemoryNeed need;
   need.optimizer_state = plan.optimizer_state_host;
   need.snapshot = plan.snapshot_on_this_tier ? 0 : plan.checkpoint_snapshot;
-  need.world = world;
+  const int world = need.world = plan.world_size;
   if (world > 1 && !nccl) {
     const uint64_t n = uint64_t(spec.model.NumParameters());
     const std::string& plugin = spec.parallel.plugin;

@@ -28,7 +28,7 @@ struct MemoryPlan {
   // offload.optimizer host: a GPU's f32 master weights and moments, and the gradient
   // chunk the CPU update works on, in host memory (not in total(), which is the GPU's).
   uint64_t optimizer_state_host = 0;
-  bool host_moments_bf16 = false;  // offload.host_moments: bf16, 2 bytes per host moment
+  bool host_moments_bf16 = false;  // the host's moments (optimizer_state_host) in bf16
   uint64_t activations = 0;      // every activation and backward scratch buffer
   uint64_t workspace = 0;        // the LM head's chunk of logits, unfused attention scores
   // Checkpoint saves (checkpoint.interval > 0): the snapshot of this rank's part (1/world
@@ -50,14 +50,14 @@ struct HostMemoryNeed {
   uint64_t optimizer_state = 0;  // MemoryPlan::optimizer_state_host
   uint64_t snapshot = 0;         // the checkpoint snapshot (checkpoint.interval > 0)
   uint64_t staging = 0;          // collectives of ranks without NCCL, staged in host f32
-  int world = 1;
+  int world = 1;  // the job's ranks (MemoryPlan::world_size)
   uint64_t total() const { return optimizer_state + snapshot + staging; }
 };
-// `plan` is `spec`'s (placed: gemini resolved) on `world` GPU ranks; `nccl`: whether
-// they reduce with NCCL. Without it their collectives pass through one host f32 buffer
-// each (backend_collectives), as large as the largest: the whole gradient under ddp and
+// `plan` is `spec`'s (placed: gemini resolved) on GPU ranks; `nccl`: whether they reduce
+// with NCCL. Without it their collectives pass through one host f32 buffer each
+// (backend_collectives), as large as the largest: the whole gradient under ddp and
 // zero1, a region or a shard under zero2 and zero3.
-HostMemoryNeed HostMemoryNeedOf(const MemoryPlan& plan, const JobSpec& spec, int world, bool nccl);
+HostMemoryNeed HostMemoryNeedOf(const MemoryPlan& plan, const JobSpec& spec, bool nccl);
 
 // Whether GPU ranks of `spec`, each needing `each`, fit in what `host` has with 2% to
 // spare: `ranks_on_machine` of them draw on its MemAvailable, `ranks_in_cgroup` on its

@@ -561,17 +561,16 @@ absl::Status Trainer::CheckHostMemory() {
   const int world = comm_->world_size();
   // Whether the ranks have NCCL, every rank knows alike (AttachDeviceCollectives).
   const HostMemoryNeed each =
-      HostMemoryNeedOf(PlanMemoryOn(spec_, /*cuda=*/true, world, 0), spec_, world, /*nccl=*/device_ != nullptr);
+      HostMemoryNeedOf(PlanMemoryOn(spec_, /*cuda=*/true, world, 0), spec_, /*nccl=*/device_ != nullptr);
   absl::Status fits = absl::OkStatus();
   if (each.total() > 0) {  // the same on every rank: the spec and the world are
-    HostMemory host = ReadHostMemory();
+    const HostMemory host = ReadHostMemory();
     // Ranks that cannot tell what they share are counted alone.
     const std::string alone = StrCat("rank ", comm_->rank());
-    auto on_machine = CountRanksWithKey(*comm_, host.machine_key.empty() ? alone : host.machine_key);
-    if (!on_machine.ok()) return on_machine.status();
-    auto in_cgroup = CountRanksWithKey(*comm_, host.cgroup_key.empty() ? alone : host.cgroup_key);
-    if (!in_cgroup.ok()) return in_cgroup.status();
-    fits = llamad::CheckHostMemory(each, *on_machine, *in_cgroup, host, spec_);
+    auto ranks = CountRanksWithKeys(*comm_, {host.machine_key.empty() ? alone : host.machine_key,
+                                             host.cgroup_key.empty() ? alone : host.cgroup_key});
+    if (!ranks.ok()) return ranks.status();
+    fits = llamad::CheckHostMemory(each, (*ranks)[0], (*ranks)[1], host, spec_);
   }
   // Every rank learns whether all fit, so that none goes on to wait for one that stopped.
   if (world > 1) {

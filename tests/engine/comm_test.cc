@@ -137,18 +137,29 @@ TEST(CommTest, ReduceAddOnBackendAddsTheSumIntoTheOwnersShard) {
   });
 }
 
-// Ranks that share a host's memory count each other by its key: two of three here.
-TEST(CommTest, CountRanksWithKeyCountsTheRanksThatShareIt) {
-  auto one = CountRanksWithKey(*MakeLocalCommunicator(), "host");
+// Ranks that share a host's memory count each other by its keys: two of three share
+// the first here, none the second; every rank sees every rank's keys.
+TEST(CommTest, CountRanksWithKeysCountsTheRanksThatShareThem) {
+  auto one = CountRanksWithKeys(*MakeLocalCommunicator(), {"host"});
   ASSERT_TRUE(one.ok()) << one.status();
-  EXPECT_EQ(*one, 1);
-  std::vector<int> counted(3, 0);
+  EXPECT_EQ(*one, std::vector<int>{1});
+  std::vector<std::vector<int>> counted(3);
+  std::vector<std::vector<double>> seen(3);
   OnRanks(3, [&](int rank, Communicator& comm) {
-    auto n = CountRanksWithKey(comm, rank == 2 ? "host b" : "host a");
+    const std::vector<std::string> keys = {rank == 2 ? "host b" : "host a", "cgroup " + std::to_string(rank)};
+    auto n = CountRanksWithKeys(comm, keys);
     ASSERT_TRUE(n.ok()) << n.status();
     counted[size_t(rank)] = *n;
+    auto codes = EveryRanksKeys(comm, keys);
+    ASSERT_TRUE(codes.ok()) << codes.status();
+    seen[size_t(rank)] = *codes;
   });
-  EXPECT_EQ(counted, (std::vector<int>{2, 2, 1}));
+  EXPECT_EQ(counted, (std::vector<std::vector<int>>{{2, 1}, {2, 1}, {1, 1}}));
+  ASSERT_EQ(seen[0].size(), 6u);
+  EXPECT_EQ(seen[0], seen[1]);
+  EXPECT_EQ(seen[0], seen[2]);
+  EXPECT_EQ(seen[0][0], seen[0][2]);  // ranks 0 and 1, first key
+  EXPECT_NE(seen[0][0], seen[0][4]);
 }
 
 TEST(CommTest, HostBackendKeepsGlooAndRefusesNccl) {

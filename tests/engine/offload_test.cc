@@ -551,7 +551,7 @@ TEST(HostMemoryCheckTest, GpuRanksSharingAHostMustFitItsMemory) {
   const int64_t gib = int64_t{1} << 30;
   const uint64_t n = uint64_t(spec.model.NumParameters());
   auto need = [&](const JobSpec& s, int world, bool nccl = true) {
-    return HostMemoryNeedOf(PlanMemoryOn(s, /*cuda=*/true, world, 0), s, world, nccl);
+    return HostMemoryNeedOf(PlanMemoryOn(s, /*cuda=*/true, world, 0), s, nccl);
   };
   auto machine = [&](int64_t bytes) { return HostMemory{bytes, "boot", -1, ""}; };
   auto check = [&](const HostMemoryNeed& each, int ranks, const HostMemory& host, const JobSpec& s) {
