@@ -344,7 +344,6 @@ int main(int argc, char** argv) {
     if (!scheduler.ok()) return Fail(scheduler.status());
     auto srv = llamad::scheduler::SchedulerServer::Start(scheduler->get(), {"127.0.0.1:0", *token, {}});
     if (!srv.ok()) return Fail(srv.status());
-    (*scheduler)->SetRendezvousAddress((*srv)->address());
     llamad::daemon::NodeAgentOptions agent_options;
     agent_options.scheduler_address = (*srv)->address();
     agent_options.token = *token;

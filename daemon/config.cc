@@ -35,7 +35,8 @@ DaemonFlags::DaemonFlags(CLI::App& app) {
   add("lease_timeout_ms", &DaemonConfig::lease_timeout_ms, "Silence after which a node is lost");
   add("worker_binary", &DaemonConfig::worker_binary, "llama-train (default: next to llamad)");
   add("worker_threads", &DaemonConfig::worker_threads, "CPU threads per rank (0 = cores / devices)");
-  add("comm_host", &DaemonConfig::comm_host, "Address this node's ranks listen on for their peers");
+  add("comm_host", &DaemonConfig::comm_host, "Address this node's ranks listen on for their peers (auto: loopback for one-node jobs, "
+      "else this machine's address on its route to the scheduler)");
   add("stop_grace_ms", &DaemonConfig::stop_grace_ms, "SIGTERM, then SIGKILL after this long");
 }
 

@@ -29,7 +29,8 @@ struct DaemonConfig {
   int64_t lease_timeout_ms = 5000;       // silence after which a node is lost
   std::string worker_binary;             // llama-train (default: next to llamad)
   int64_t worker_threads = 0;            // CPU threads per rank (0 = cores / devices)
-  std::string comm_host = "127.0.0.1";   // address this node's ranks listen on for peers
+  std::string comm_host = "auto";        // address this node's ranks listen on for peers
+                                         // (auto: AutoCommHost, daemon/comm_address.h)
   int64_t stop_grace_ms = 10000;         // SIGTERM to a worker, then SIGKILL after this
 };
 

@@ -74,17 +74,13 @@ int main(int argc, char** argv) {
     options.data_dir = (std::filesystem::path(config->data_dir) / "scheduler").string();
     options.heartbeat_interval_ms = config->heartbeat_interval_ms;
     options.lease_timeout_ms = config->lease_timeout_ms;
-    options.rendezvous_address = config->scheduler.empty() ? config->listen : config->scheduler;
     auto opened = llamad::scheduler::Scheduler::Open(options, &clock);
     if (!opened.ok()) return Fail(opened.status());
     scheduler = std::move(*opened);
     auto started = llamad::scheduler::SchedulerServer::Start(scheduler.get(), {config->listen, token, tls});
     if (!started.ok()) return Fail(started.status());
     server = std::move(*started);
-    if (scheduler_address.empty()) {
-      scheduler_address = server->address();
-      scheduler->SetRendezvousAddress(scheduler_address);
-    }
+    if (scheduler_address.empty()) scheduler_address = server->address();
     // Where a client (or a test) finds the scheduler when the port was chosen by the system.
     std::ofstream(std::filesystem::path(config->data_dir) / "scheduler.address") << server->address() << "\n";
     std::fprintf(stderr, "llamad: scheduler listening on %s%s; token file %s\n", server->address().c_str(),

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "daemon/comm_address.h"
 #include "train/jobspec.h"
 
 namespace llamad::daemon {
@@ -218,14 +219,30 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
                                    "--spec-origin", order.spec_origin(), "--log-format", "json",
                                    "--threads", std::to_string(threads)};
   if (resumable) args.insert(args.end(), {"-f", "latest"});
+  std::string comm_host = options_.comm_host;
+  if (comm_host == "auto") {
+    auto chosen = AutoCommHost(options_.scheduler_address, std::max(1, order.nodes()));
+    if (chosen.ok()) {
+      comm_host = *chosen;
+    } else {
+      // Ranks on this machine still reach it; the rank's log says why others may not.
+      comm_host = "127.0.0.1";
+      w->Keep(fmt::format("llamad: comm_host auto: {}; this node's ranks listen on {}, which only ranks on this "
+                          "machine reach",
+                          std::string(chosen.status().message()), comm_host),
+              false, options_.forward_max_lines, options_.log_max_bytes);
+    }
+  }
   std::vector<std::pair<std::string, std::string>> env = {
       {"LLAMAD_RANK", std::to_string(order.rank())},
       {"LLAMAD_WORLD_SIZE", std::to_string(order.world_size())},
       {"LLAMAD_GENERATION", std::to_string(order.generation())},
       {"LLAMAD_RENDEZVOUS",
-       fmt::format("grpc://{}/{}/{}", order.rendezvous_address(), order.job_id(), order.generation())},
+       // The scheduler, where this agent reaches it (the address it listens on may be a
+       // wildcard that no other machine can dial).
+       fmt::format("grpc://{}/{}/{}", options_.scheduler_address, order.job_id(), order.generation())},
       {"LLAMAD_TOKEN_FILE", options_.token_file},
-      {"LLAMAD_COMM_HOST", options_.comm_host},
+      {"LLAMAD_COMM_HOST", comm_host},
       {"LLAMAD_TLS_CA", options_.tls.ca},
       {"LLAMAD_TLS_CERT", options_.tls.cert},
       {"LLAMAD_TLS_KEY", options_.tls.key}};
@@ -311,9 +328,9 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
     };
     w->stdout_reader = std::thread(reader, out_pipe[0], true);
     w->stderr_reader = std::thread(reader, err_pipe[0], false);
-    std::fprintf(stderr, "llamad: started job %s generation %lld rank %d/%d (pid %d), log %s\n",
+    std::fprintf(stderr, "llamad: started job %s generation %lld rank %d/%d (pid %d, peers on %s), log %s\n",
                  order.job_id().c_str(), (long long)order.generation(), order.rank(), order.world_size(), pid,
-                 w->log_path.c_str());
+                 comm_host.c_str(), w->log_path.c_str());
   }
   std::lock_guard lock(mu_);
   workers_[key] = w;

@@ -35,7 +35,7 @@ struct NodeAgentOptions {
   std::string device_kind = "cpu";    // "cuda" (one rank per GPU) or "cpu"
   std::string data_dir;               // jobs/<job>/gen-<g>/: spec copies and rank logs
   std::string worker_binary;          // llama-train
-  std::string comm_host = "127.0.0.1";  // where this node's ranks listen for their peers
+  std::string comm_host = "auto";     // where this node's ranks listen for their peers (auto: AutoCommHost)
   int worker_threads = 0;             // CPU threads per rank (0 = cores / devices)
   int64_t stop_grace_ms = 10'000;     // SIGTERM, then SIGKILL after this long
   int64_t log_max_bytes = 64 << 20;   // per rank log file; the older half is rotated to .1

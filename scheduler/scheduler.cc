@@ -230,11 +230,6 @@ void Scheduler::FlushUnsyncedLocked(rocksdb::WriteBatch& own) {
   if (own.Count() > 0) db_->Write(rocksdb::WriteOptions(), &own);  // WAL, not fsync: see the header
 }
 
-void Scheduler::SetRendezvousAddress(const std::string& address) {
-  std::lock_guard lock(mu_);
-  options_.rendezvous_address = address;
-}
-
 // ---- jobs -----------------------------------------------------------------------------
 
 absl::StatusOr<pb::Job> Scheduler::SubmitJob(const pb::SubmitJobRequest& request) {
@@ -672,7 +667,7 @@ absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRe
     start->set_local_rank(rank.local_rank);
     start->set_spec_yaml(job.spec_yaml());
     start->set_spec_origin(job.spec_origin());
-    start->set_rendezvous_address(options_.rendezvous_address);
+    start->set_nodes(job.placement_size());
     start->set_job_name(job.name());
   }
   for (const RankKey& key : running) {

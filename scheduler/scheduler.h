@@ -48,8 +48,6 @@ struct SchedulerOptions {
   // Restarts in a row when every rank lost its peers and none failed by itself; one
   // more fails the job (a step in between starts the count again).
   int peer_lost_restarts = 3;
-  // Where workers reach the Rendezvous service ("host:port"), sent with start orders.
-  std::string rendezvous_address;
 };
 
 class Scheduler {
@@ -61,8 +59,6 @@ class Scheduler {
   ~Scheduler();
 
   const SchedulerOptions& options() const { return options_; }
-  // Where workers reach the Rendezvous service, once the server knows its port.
-  void SetRendezvousAddress(const std::string& address);
 
   // ---- jobs (the Scheduler service) ----
   // Validates the spec (INVALID_ARGUMENT naming the field), stores and queues the job,

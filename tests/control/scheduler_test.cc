@@ -49,7 +49,6 @@ class SchedulerTest : public ::testing::Test {
     options.data_dir = dir_.string();
     options.heartbeat_interval_ms = 1000;
     options.lease_timeout_ms = 5000;
-    options.rendezvous_address = "127.0.0.1:1";
     auto s = Scheduler::Open(options, &clock_);
     ASSERT_TRUE(s.ok()) << s.status();
     scheduler_ = std::move(*s);
@@ -115,6 +114,7 @@ TEST_F(SchedulerTest, GangStartsAllOrNothingAndSaysWhyItWaits) {
   pb::HeartbeatResponse orders_b = Beat("b");
   ASSERT_EQ(orders_b.start_size(), 1);
   EXPECT_EQ(orders_b.start(0).world_size(), 2);
+  EXPECT_EQ(orders_b.start(0).nodes(), 2);  // the node agent picks its ranks' address by it
   Beat("b", {Report(orders_b.start(0), pb::RANK_STATE_EXITED, 0)});
   EXPECT_EQ(Get(two.id()).state(), pb::JOB_STATE_SUCCEEDED);
   EXPECT_EQ(Get(four.id()).state(), pb::JOB_STATE_QUEUED);
