@@ -551,30 +551,14 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
     // with its own reason; a lost node's lease expiry restarts it. Only when every rank
     // left of the generation lost its peers is there nobody else to hear from.
     expected->second.lost_peer = true;
+    expected->second.lost_peer_ms = now;
     for (auto it = expected_.lower_bound({job.id(), job.generation(), std::numeric_limits<int32_t>::min()});
          it != expected_.end() && it->first.job_id == job.id() && it->first.generation == job.generation(); ++it) {
       if (!it->second.lost_peer) return;
     }
-    EndGenerationLocked(updated);
-    JobRuntime& rt = job_runtime_[job.id()];
-    if (++rt.peer_lost_restarts > options_.peer_lost_restarts) {
-      updated.set_state(pb::JOB_STATE_FAILED);
-      updated.set_exit_code(report.exit_code());
-      updated.set_failed_rank(report.rank());
-      updated.set_finished_unix_ms(now);
-      updated.clear_last_log_lines();
-      for (const std::string& line : rt.recent_stderr[report.rank()]) updated.add_last_log_lines(line);
-      updated.set_reason(fmt::format("every rank lost its peers, {} times in a row without a step in between",
-                                     rt.peer_lost_restarts));
-      if (PersistJobLocked(updated, "failed", updated.reason()).ok()) job = updated;
-      return;
-    }
-    updated.set_state(pb::JOB_STATE_QUEUED);
-    updated.set_reason(fmt::format("every rank lost its peers (rank {} on node {} last); restarting from the "
-                                   "latest checkpoint",
-                                   report.rank(), node_id));
-    rt.requeue_cause = updated.reason();
-    if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) job = updated;
+    RestartLostPeersLocked(job, report.rank(),
+                           fmt::format("every rank lost its peers (rank {} on node {} last)", report.rank(), node_id),
+                           now);
     return;
   }
   if (report.exit_code() == 0) {
@@ -697,7 +681,50 @@ void Scheduler::Tick() {
 void Scheduler::TickLocked() {
   const int64_t now = clock_->NowMs();
   ExpireLeasesLocked(now);
+  ExpireLostPeersLocked(now);
   PlaceJobsLocked(now);
+}
+
+void Scheduler::RestartLostPeersLocked(pb::Job& job, int32_t rank, const std::string& cause, int64_t now) {
+  pb::Job updated = job;
+  EndGenerationLocked(updated);
+  JobRuntime& rt = job_runtime_[job.id()];
+  if (++rt.peer_lost_restarts > options_.peer_lost_restarts) {
+    updated.set_state(pb::JOB_STATE_FAILED);
+    updated.set_exit_code(kExitPeerLost);
+    updated.set_failed_rank(rank);
+    updated.set_finished_unix_ms(now);
+    updated.clear_last_log_lines();
+    for (const std::string& line : rt.recent_stderr[rank]) updated.add_last_log_lines(line);
+    updated.set_reason(fmt::format("the ranks lost their peers {} times in a row without a step in between; the "
+                                   "last time: {}",
+                                   rt.peer_lost_restarts, cause));
+    if (PersistJobLocked(updated, "failed", updated.reason()).ok()) job = updated;
+    return;
+  }
+  updated.set_state(pb::JOB_STATE_QUEUED);
+  updated.set_reason(fmt::format("{}; restarting from the latest checkpoint", cause));
+  rt.requeue_cause = updated.reason();
+  if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) job = updated;
+}
+
+void Scheduler::ExpireLostPeersLocked(int64_t now) {
+  const int64_t grace = options_.lease_timeout_ms + 2 * options_.heartbeat_interval_ms;
+  // The first rank of each job whose lost peers have waited out the grace.
+  std::map<std::string, std::pair<int32_t, const ExpectedRank*>> overdue;
+  for (const auto& [key, rank] : expected_) {
+    if (rank.lost_peer && now - rank.lost_peer_ms > grace) overdue.try_emplace(key.job_id, key.rank, &rank);
+  }
+  for (const auto& [job_id, first] : overdue) {
+    auto job = jobs_.find(job_id);
+    if (job == jobs_.end() || job->second.state() != pb::JOB_STATE_RUNNING) continue;
+    const auto& [rank, expected] = first;
+    RestartLostPeersLocked(job->second, rank,
+                           fmt::format("rank {} on node {} lost its peers and no other rank reported a cause within "
+                                       "{} ms (a peer its host cannot reach?)",
+                                       rank, expected->node_id, now - expected->lost_peer_ms),
+                           now);
+  }
 }
 
 void Scheduler::ExpireLeasesLocked(int64_t now) {

@@ -123,8 +123,10 @@ class Scheduler {
     int32_t local_rank;
     bool seen_running = false;
     // It exited with kPeerLostExitCode: it is not restarted, and the job's fate waits
-    // for the cause (another rank's failure, or a lost node) or for all ranks to stop.
+    // for the cause (another rank's failure, or a lost node), for all ranks to stop, or
+    // for the grace of ExpireLostPeersLocked.
     bool lost_peer = false;
+    int64_t lost_peer_ms = 0;  // when that exit was reported
   };
   struct JobRuntime {
     int32_t peer_lost_restarts = 0;  // restarts in a row because every rank lost its peers
@@ -152,6 +154,16 @@ class Scheduler {
   void FlushUnsyncedLocked(rocksdb::WriteBatch& own);
   void TickLocked();
   void ExpireLeasesLocked(int64_t now);
+  // A rank lost its peers and, a lease and two heartbeats later, no cause has come (a
+  // failing rank reports within a heartbeat, a lost node within the lease) while other
+  // ranks still run: they wait for a peer that will never answer, such as one whose
+  // address their host cannot reach, and would do so for the communicator's timeout
+  // (minutes). The generation ends as if every rank had lost its peers.
+  void ExpireLostPeersLocked(int64_t now);
+  // Every rank of the job's generation lost its peers (`cause` says how we know): the
+  // job restarts from its latest checkpoint, or fails after options_.peer_lost_restarts
+  // restarts in a row without a step, with `rank`'s last stderr lines.
+  void RestartLostPeersLocked(pb::Job& job, int32_t rank, const std::string& cause, int64_t now);
   void PlaceJobsLocked(int64_t now);
   // What a heartbeat runs: placement only when a job, node or allocation changed since
   // the last pass (a pass looks at every queued job and node; 1,000 nodes beating each

@@ -213,7 +213,52 @@ TEST_F(SchedulerTest, ARankThatLostItsPeersWaitsForTheCause) {
   }
   pb::Job gave_up = Get(again.id());
   EXPECT_EQ(gave_up.state(), pb::JOB_STATE_FAILED);
-  EXPECT_NE(gave_up.reason().find("every rank lost its peers, 4 times"), std::string::npos) << gave_up.reason();
+  EXPECT_NE(gave_up.reason().find("lost their peers 4 times in a row"), std::string::npos) << gave_up.reason();
+  EXPECT_NE(gave_up.reason().find("every rank lost its peers (rank"), std::string::npos) << gave_up.reason();
+}
+
+TEST_F(SchedulerTest, RanksWaitingForAPeerThatNeverAnswersAreRestartedAfterTheGrace) {
+  AddNode("a");
+  AddNode("b");
+  pb::Job job = Submit(2);
+  // Time passes in heartbeats, so no lease runs out; b's rank runs on, waiting for a
+  // peer (say one whose address b's host cannot reach).
+  auto pass = [&](int64_t ms, const pb::StartRank& on_b) {
+    pb::HeartbeatResponse to_b;
+    for (int64_t t = 0; t < ms; t += 1000) {
+      clock_.Advance(1000);
+      Beat("a");
+      to_b = Beat("b", {Report(on_b, pb::RANK_STATE_RUNNING)});
+      scheduler_->Tick();
+    }
+    return to_b;
+  };
+  for (int generation = 1; generation <= 4; ++generation) {
+    ASSERT_EQ(Get(job.id()).generation(), generation);
+    const pb::StartRank on_a = Beat("a").start(0), on_b = Beat("b").start(0);
+    Beat("a", {Report(on_a, pb::RANK_STATE_EXITED, 75)});
+    // Within the grace (a lease and two heartbeats) a cause could still come.
+    pb::HeartbeatResponse to_b = pass(6000, on_b);
+    EXPECT_EQ(Get(job.id()).generation(), generation);
+    EXPECT_EQ(to_b.stop_size(), 0);
+    pass(2000, on_b);
+    if (generation < 4) {
+      pb::Job restarted = Get(job.id());
+      EXPECT_EQ(restarted.generation(), generation + 1) << restarted.reason();
+      EXPECT_EQ(restarted.state(), pb::JOB_STATE_RUNNING) << restarted.reason();
+    }
+    // b is told to stop the rank of the ended generation.
+    to_b = Beat("b", {Report(on_b, pb::RANK_STATE_RUNNING)});
+    ASSERT_EQ(to_b.stop_size(), 1);
+    EXPECT_EQ(to_b.stop(0).generation(), generation);
+    Beat("b", {Report(on_b, pb::RANK_STATE_EXITED, 75)});
+  }
+  pb::Job gave_up = Get(job.id());
+  EXPECT_EQ(gave_up.state(), pb::JOB_STATE_FAILED);
+  EXPECT_NE(gave_up.reason().find("lost their peers 4 times"), std::string::npos) << gave_up.reason();
+  EXPECT_NE(gave_up.reason().find("rank 0 on node a lost its peers and no other rank reported a cause"),
+            std::string::npos)
+      << gave_up.reason();
 }
 
 TEST_F(SchedulerTest, RestartLosesNoJobNodeOrEvent) {
