@@ -78,10 +78,20 @@ done
 
 OUT=${OUT:-/tmp/llamad-gpu-check}
 mkdir -p "$OUT"
-# A reused $OUT must not show an earlier run's numbers for a part that fails or is skipped now.
-(cd "$OUT" && rm -f tests-list.txt tests-not-run.txt tests.json tests.log preflight.log nvidia-smi.txt \
-  bench.json bench.log bench-7b.json bench-7b.log bench-7b-host.json bench-7b-host.log \
-  bench-7b-host-bf16.json bench-7b-host-bf16.log train-tiny.jsonl train-tiny.log torch.json torch.log)
+# A reused $OUT must not show an earlier run's numbers for a part that fails or is skipped
+# now. Each run lists the files it wrote there (whatever its parts are by then) in a
+# manifest, and the next run removes those first; nothing else in $OUT is touched.
+manifest=.gpu-check-files
+if [[ -f "$OUT/$manifest" ]]; then
+  (cd "$OUT" && while IFS= read -r f; do if [[ -n $f && $f != */* ]]; then rm -f -- "$f"; fi; done < "$manifest")
+fi
+run_stamp=$(mktemp)
+work=$(mktemp -d)
+finish() {
+  (cd "$OUT" && find . -maxdepth 1 -type f -newer "$run_stamp" ! -name "$manifest" -printf '%f\n' > "$manifest")
+  rm -rf "$run_stamp" "$work"
+}
+trap finish EXIT
 # Each part's wall time, for the table: the whole check is to stay within 5 minutes.
 : > "$OUT/times.txt"
 part_start=$SECONDS
@@ -89,7 +99,6 @@ took() {  # took NAME: the time since the last part ended
   echo "$1 $((SECONDS - part_start))" >> "$OUT/times.txt"
   part_start=$SECONDS
 }
-work=$(mktemp -d)
 tar xzf "$BUNDLE_DIR/bundle.tgz" -C "$work"
 # cuBLASLt, cuDNN with what it loads (the CUDA runtime, NVRTC) and NCCL: the toolkit's, then
 # those PyTorch's wheels carry. The bundled libraries are for our programs alone
