@@ -7,22 +7,31 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 #include <memory>
 
 namespace llamad::daemon {
 namespace {
 
-bool IsLoopback(const sockaddr* addr) {
-  if (addr->sa_family == AF_INET) {
-    return (ntohl(reinterpret_cast<const sockaddr_in*>(addr)->sin_addr.s_addr) >> 24) == 127;
+// Whether ranks on other machines could dial `literal` (a numeric address): not a
+// loopback address, and not an IPv6 link-local one (which needs its interface's scope,
+// lost in the text form).
+bool ReachableFromOtherHosts(const std::string& literal) {
+  addrinfo hints{};
+  hints.ai_flags = AI_NUMERICHOST;
+  addrinfo* parsed = nullptr;
+  if (::getaddrinfo(literal.c_str(), nullptr, &hints, &parsed) != 0) return false;
+  bool reachable = true;
+  if (parsed->ai_family == AF_INET) {
+    reachable = (ntohl(reinterpret_cast<const sockaddr_in*>(parsed->ai_addr)->sin_addr.s_addr) >> 24) != 127;
+  } else if (parsed->ai_family == AF_INET6) {
+    const in6_addr& a = reinterpret_cast<const sockaddr_in6*>(parsed->ai_addr)->sin6_addr;
+    reachable = !IN6_IS_ADDR_LOOPBACK(&a) && !IN6_IS_ADDR_LINKLOCAL(&a) &&
+                !(IN6_IS_ADDR_V4MAPPED(&a) && a.s6_addr[12] == 127);
   }
-  if (addr->sa_family == AF_INET6) {
-    const in6_addr& a = reinterpret_cast<const sockaddr_in6*>(addr)->sin6_addr;
-    if (IN6_IS_ADDR_LOOPBACK(&a)) return true;
-    return IN6_IS_ADDR_V4MAPPED(&a) && a.s6_addr[12] == 127;
-  }
-  return false;
+  ::freeaddrinfo(parsed);
+  return reachable;
 }
 
 }  // namespace
@@ -91,32 +100,25 @@ absl::StatusOr<std::string> RouteSourceToward(const std::string& host) {
 absl::StatusOr<std::string> AutoCommHost(const std::string& scheduler_address, int job_nodes) {
   if (job_nodes <= 1) return std::string("127.0.0.1");
   auto host = HostOfAddress(scheduler_address);
-  if (!host.ok())
+  if (!host.ok()) {
     return absl::InvalidArgumentError(fmt::format("scheduler address {}", std::string(host.status().message())));
+  }
   auto source = RouteSourceToward(*host);
   if (!source.ok()) return source.status();
-  addrinfo hints{};
-  hints.ai_flags = AI_NUMERICHOST;
-  addrinfo* parsed = nullptr;
-  bool loopback = false;
-  if (::getaddrinfo(source->c_str(), nullptr, &hints, &parsed) == 0) {
-    loopback = IsLoopback(parsed->ai_addr);
-    ::freeaddrinfo(parsed);
-  }
-  if (!loopback) return source;
+  if (ReachableFromOtherHosts(*source)) return source;
   // The scheduler is dialled on this machine's loopback (or a wildcard address): its
   // route says nothing of the cluster's network. The default route's source is the
-  // machine's address in most clusters. 192.0.2.1 (TEST-NET-1) is never a local
-  // address, so the kernel answers with the default route.
-  auto outward = RouteSourceToward("192.0.2.1");
-  if (outward.ok()) return outward;
-  return absl::UnavailableError(
-      fmt::format("the scheduler ({}) is reached over loopback and this machine has no default "
-                  "route, so the address "
-                  "its ranks should listen on for peers on other nodes is unknown: set comm_host "
-                  "in the llamad config "
-                  "(or --comm-host) to this machine's address on the cluster network",
-                  scheduler_address));
+  // machine's address in most clusters. 192.0.2.1 and 2001:db8::1 (documentation
+  // ranges) are never local addresses, so the kernel answers with the default route.
+  for (const char* outside : {"192.0.2.1", "2001:db8::1"}) {
+    auto outward = RouteSourceToward(outside);
+    if (outward.ok() && ReachableFromOtherHosts(*outward)) return outward;
+  }
+  return absl::UnavailableError(fmt::format(
+      "the scheduler ({}) is reached over loopback and this machine has no default route, so the address its "
+      "ranks should listen on for peers on other nodes is unknown: set comm_host in the llamad config (or "
+      "--comm-host) to this machine's address on the cluster network",
+      scheduler_address));
 }
 
 }  // namespace llamad::daemon

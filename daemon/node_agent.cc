@@ -183,6 +183,20 @@ absl::Status NodeAgent::HeartbeatOnce() {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::string> NodeAgent::AutoCommHostFor(int job_nodes) {
+  // 0: a scheduler older than the field; the route's address serves one node too.
+  if (job_nodes == 1) return AutoCommHost(options_.scheduler_address, 1);
+  // The lookup may ask DNS, on the heartbeat thread: once a minute at most.
+  const int64_t now = NowMs();
+  if (auto_comm_host_.empty() || now - auto_comm_host_ms_ > 60'000) {
+    auto chosen = AutoCommHost(options_.scheduler_address, std::max(job_nodes, 2));
+    if (!chosen.ok()) return chosen.status();
+    auto_comm_host_ = *chosen;
+    auto_comm_host_ms_ = now;
+  }
+  return auto_comm_host_;
+}
+
 void NodeAgent::SignalWorker(Worker& w, int sig) {
   if (w.pid > 0 && !w.exited) ::kill(-w.pid, sig);  // the worker's process group
 }
@@ -192,6 +206,12 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
   {
     std::lock_guard lock(mu_);
     if (workers_.contains(key) || stopping_.load()) return;  // already running, or exited and not yet reported
+    // The device's rank of an ended generation may still be stopping (its grace runs up
+    // to stop_grace_ms): the new rank waits for it, or both would hold the GPU's memory.
+    // The scheduler repeats the order with every heartbeat until the rank runs.
+    for (const auto& [other_key, other] : workers_) {
+      if (!other->exited && other->order.local_rank() == order.local_rank()) return;
+    }
   }
   auto w = std::make_shared<Worker>();
   w->order = order;
@@ -221,7 +241,7 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
   if (resumable) args.insert(args.end(), {"-f", "latest"});
   std::string comm_host = options_.comm_host;
   if (comm_host == "auto") {
-    auto chosen = AutoCommHost(options_.scheduler_address, std::max(1, order.nodes()));
+    auto chosen = AutoCommHostFor(order.nodes());
     if (chosen.ok()) {
       comm_host = *chosen;
     } else {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "llamad/v1/llamad.grpc.pb.h"
 #include "proto/rpc.h"
 
@@ -65,6 +66,8 @@ class NodeAgent {
   absl::Status Register();
   absl::Status HeartbeatOnce();
   void StartWorker(const pb::StartRank& order);
+  // comm_host auto for a job on `job_nodes` nodes (0: not known).
+  absl::StatusOr<std::string> AutoCommHostFor(int job_nodes);
   void SignalWorker(Worker& w, int sig);
   void ReapWorkers();
   std::unique_ptr<pb::Node::Stub> stub_;
@@ -73,6 +76,9 @@ class NodeAgent {
   std::atomic<bool> stopping_{false};
   std::thread loop_;
   int64_t heartbeat_interval_ms_ = 1000;
+  // The last multi-node comm_host auto gave, and when (heartbeat thread only).
+  std::string auto_comm_host_;
+  int64_t auto_comm_host_ms_ = 0;
   std::mutex mu_;
   std::map<Key, std::shared_ptr<Worker>> workers_;
 };

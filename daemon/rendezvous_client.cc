@@ -81,12 +81,13 @@ class GrpcRendezvousStore final : public RendezvousStore {
   int64_t generation_;
 };
 
-// grpc://host:port/job/generation
+// grpc://ADDRESS/job/generation, ADDRESS as the node agent dials the scheduler (which
+// may hold '/' itself: dns:///host:port), so the job and generation are read from the end.
 absl::StatusOr<std::unique_ptr<RendezvousStore>> MakeGrpcStore(const std::string& address) {
   const std::string rest = address.substr(address.find("://") + 3);
-  const size_t job_at = rest.find('/');
   const size_t gen_at = rest.rfind('/');
-  if (job_at == std::string::npos || gen_at == job_at) {
+  const size_t job_at = gen_at == std::string::npos || gen_at == 0 ? std::string::npos : rest.rfind('/', gen_at - 1);
+  if (job_at == std::string::npos || job_at == 0) {
     return absl::InvalidArgumentError(fmt::format("rendezvous {}: expected grpc://HOST:PORT/JOB/GENERATION", address));
   }
   const std::string job_id = rest.substr(job_at + 1, gen_at - job_at - 1);

@@ -710,19 +710,26 @@ void Scheduler::RestartLostPeersLocked(pb::Job& job, int32_t rank, const std::st
 
 void Scheduler::ExpireLostPeersLocked(int64_t now) {
   const int64_t grace = options_.lease_timeout_ms + 2 * options_.heartbeat_interval_ms;
-  // The first rank of each job whose lost peers have waited out the grace.
-  std::map<std::string, std::pair<int32_t, const ExpectedRank*>> overdue;
+  // The first rank of each job whose lost peers have waited out the grace (copied: the
+  // restarts below forget their jobs' expected ranks).
+  struct Overdue {
+    int32_t rank;
+    std::string node_id;
+    int64_t waited_ms;
+  };
+  std::map<std::string, Overdue> overdue;
   for (const auto& [key, rank] : expected_) {
-    if (rank.lost_peer && now - rank.lost_peer_ms > grace) overdue.try_emplace(key.job_id, key.rank, &rank);
+    if (rank.lost_peer && now - rank.lost_peer_ms > grace) {
+      overdue.try_emplace(key.job_id, Overdue{key.rank, rank.node_id, now - rank.lost_peer_ms});
+    }
   }
   for (const auto& [job_id, first] : overdue) {
     auto job = jobs_.find(job_id);
     if (job == jobs_.end() || job->second.state() != pb::JOB_STATE_RUNNING) continue;
-    const auto& [rank, expected] = first;
-    RestartLostPeersLocked(job->second, rank,
+    RestartLostPeersLocked(job->second, first.rank,
                            fmt::format("rank {} on node {} lost its peers and no other rank reported a cause within "
                                        "{} ms (a peer its host cannot reach?)",
-                                       rank, expected->node_id, now - expected->lost_peer_ms),
+                                       first.rank, first.node_id, first.waited_ms),
                            now);
   }
 }

@@ -45,7 +45,8 @@ struct SchedulerOptions {
   int64_t log_lines_kept = 50'000;
   // The last stderr lines of a failed rank copied into the job record.
   int failure_log_lines = 20;
-  // Restarts in a row when every rank lost its peers and none failed by itself; one
+  // Restarts in a row when every rank lost its peers and none failed by itself (or
+  // the rest were still waiting for peers after ExpireLostPeersLocked's grace); one
   // more fails the job (a step in between starts the count again).
   int peer_lost_restarts = 3;
 };
@@ -129,7 +130,7 @@ class Scheduler {
     int64_t lost_peer_ms = 0;  // when that exit was reported
   };
   struct JobRuntime {
-    int32_t peer_lost_restarts = 0;  // restarts in a row because every rank lost its peers
+    int32_t peer_lost_restarts = 0;  // restarts in a row because the ranks lost their peers
     int64_t next_event_seq = 1;
     int64_t next_log_seq = 1;
     int64_t first_log_seq = 1;  // the oldest line still stored

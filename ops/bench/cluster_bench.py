@@ -163,7 +163,7 @@ def follow(cluster, job_id, timeout_s):
 
 
 def start_local(n, workdir, bin_dir):
-    """A scheduler and n node daemons with one CPU slot each, on loopback."""
+    """A scheduler and n node daemons with one CPU slot each, on loopback (the ranks too)."""
     procs = []
     sched_dir = os.path.join(workdir, "scheduler")
     log = open(os.path.join(workdir, "daemons.log"), "w")
@@ -186,6 +186,7 @@ def start_local(n, workdir, bin_dir):
         hosts.append(node)
         procs.append(subprocess.Popen([os.path.join(bin_dir, "llamad"), "--role", "node", "--node-id", node,
                                        "--devices", "cpu:1", "--worker-threads", "1", "--scheduler", address,
+                                       "--comm-host", "127.0.0.1",
                                        "--token-file", token, "--data-dir", os.path.join(workdir, node)],
                                       stdout=log, stderr=subprocess.STDOUT))
     return procs, address, token, hosts

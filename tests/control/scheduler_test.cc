@@ -259,7 +259,25 @@ TEST_F(SchedulerTest, RanksWaitingForAPeerThatNeverAnswersAreRestartedAfterTheGr
   EXPECT_NE(gave_up.reason().find("rank 0 on node a lost its peers and no other rank reported a cause"),
             std::string::npos)
       << gave_up.reason();
+
+  // A cause that comes within the grace decides: b's rank fails by itself, six seconds on.
+  pb::Job other = Submit(2);
+  const pb::StartRank on_a = Beat("a").start(0), on_b = Beat("b").start(0);
+  Beat("a", {Report(on_a, pb::RANK_STATE_EXITED, 75)});
+  pass(6000, on_b);
+  Beat("b", {Report(on_b, pb::RANK_STATE_EXITED, 1)});
+  for (int i = 0; i < 4; ++i) {  // past the grace: it stays failed, with b's reason
+    clock_.Advance(1000);
+    Beat("a");
+    Beat("b");
+    scheduler_->Tick();
+  }
+  pb::Job failed = Get(other.id());
+  EXPECT_EQ(failed.state(), pb::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.generation(), 1);
+  EXPECT_NE(failed.reason().find("node b exited with status 1"), std::string::npos) << failed.reason();
 }
+
 
 TEST_F(SchedulerTest, RestartLosesNoJobNodeOrEvent) {
   AddNode("a");
