@@ -77,12 +77,16 @@ void NodeAgent::Start() {
   loop_ = std::thread([this] { Loop(); });
 }
 
+absl::Status NodeAgent::Dial() {
+  if (stub_ != nullptr) return absl::OkStatus();
+  auto channel = rpc::Dial(options_.scheduler_address, options_.tls);
+  if (!channel.ok()) return channel.status();
+  stub_ = pb::Node::NewStub(*channel);
+  return absl::OkStatus();
+}
+
 absl::Status NodeAgent::Register() {
-  if (stub_ == nullptr) {
-    auto channel = rpc::Dial(options_.scheduler_address, options_.tls);
-    if (!channel.ok()) return channel.status();
-    stub_ = pb::Node::NewStub(*channel);
-  }
+  if (auto s = Dial(); !s.ok()) return s;
   pb::RegisterNodeRequest request;
   request.set_node_id(options_.node_id);
   request.set_hostname(options_.hostname);
@@ -101,16 +105,31 @@ absl::Status NodeAgent::Register() {
 void NodeAgent::Loop() {
   bool registered = false;
   int failures = 0;
+  int64_t first_failure_ms = 0;
+  int redials = 0;
   while (!stopping_.load()) {
     absl::Status s = registered ? HeartbeatOnce() : Register();
     if (s.ok()) {
       if (!registered) {
         std::fprintf(stderr, "llamad: node %s registered with %d %s device(s) at %s\n", options_.node_id.c_str(),
                      options_.devices, options_.device_kind.c_str(), options_.scheduler_address.c_str());
+      } else if (failures > 0) {
+        // How long the scheduler did not hear from this node, against its lease.
+        std::fprintf(stderr, "llamad: heartbeats reach the scheduler again, after %d failed over %.1f s\n", failures,
+                     double(NowMs() - first_failure_ms) / 1e3);
       }
       registered = true;
       failures = 0;
+      redials = 0;
     } else {
+      if (failures == 0) first_failure_ms = NowMs();
+      // A channel whose scheduler went away reconnects on gRPC's backoff, which was seen
+      // to take 10 s after a 3 s restart (longer than a lease): every second without an
+      // answer, the next attempt dials afresh.
+      if (NowMs() - first_failure_ms >= 1000 * (redials + 1)) {
+        stub_.reset();
+        ++redials;
+      }
       if (absl::IsNotFound(s)) registered = false;  // the scheduler asked for a new registration
       // The first failure and then one in thirty: a wrong address is said, not spammed.
       if (failures++ % 30 == 0) std::fprintf(stderr, "llamad: %s\n", std::string(s.message()).c_str());
@@ -144,6 +163,7 @@ absl::Status NodeAgent::HeartbeatOnce() {
       reported.push_back(w);
     }
   }
+  if (auto s = Dial(); !s.ok()) return s;
   pb::HeartbeatResponse response;
   grpc::ClientContext context;
   rpc::PrepareCall(context, options_.token, std::max<int64_t>(2000, 3 * heartbeat_interval_ms_));

@@ -63,6 +63,8 @@ class NodeAgent {
   using Key = std::tuple<std::string, int64_t, int32_t>;  // job, generation, rank
 
   void Loop();
+  // The channel to the scheduler (a new one after stub_ was dropped).
+  absl::Status Dial();
   absl::Status Register();
   absl::Status HeartbeatOnce();
   void StartWorker(const pb::StartRank& order);

@@ -109,6 +109,13 @@ resources:
     return llamad::testing::LiveChildren(parents, "llama-train");
   }
   int Workers() { return int(WorkerPids().size()); }
+  // What the node daemons have printed so far (starts, stops with the scheduler's
+  // reason, exits), for failure messages.
+  std::string DaemonOutput() {
+    std::string all;
+    for (const auto& node : nodes_) all += "\n== llamad node\n" + node->Drain(0.2);
+    return all;
+  }
   // Every rank log the node daemons kept, for failure messages.
   std::string RankLogs() {
     std::string all;
@@ -356,7 +363,9 @@ TEST_F(ClusterTest, SchedulerKilledMidJobLosesNothing) {
   // The same generation runs on to the end; its progress kept coming after the restart.
   ASSERT_TRUE(WaitFor(job, "JOB_STATE_SUCCEEDED", 180)) << Job(job).dump(1);
   EXPECT_EQ(Job(job)["progress"].value("step", "0"), "1000");
-  EXPECT_EQ(Job(job).value("generation", "0"), "1");
+  std::string events;
+  Ctl("--json status " + job + " --wait", &events);  // every event of the ended job
+  EXPECT_EQ(Job(job).value("generation", "0"), "1") << events << DaemonOutput() << scheduler_->Drain(0.2);
   std::printf("progress before the kill: step %s\n", before.c_str());
 }
 
