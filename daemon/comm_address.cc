@@ -108,8 +108,9 @@ absl::StatusOr<std::string> AutoCommHost(const std::string& scheduler_address, i
   if (ReachableFromOtherHosts(*source)) return source;
   // The scheduler is dialled on this machine's loopback (or a wildcard address): its
   // route says nothing of the cluster's network. The default route's source is the
-  // machine's address in most clusters. 192.0.2.1 and 2001:db8::1 (documentation
-  // ranges) are never local addresses, so the kernel answers with the default route.
+  // machine's address in most clusters. 192.0.2.1 and 2001:db8::1 are documentation
+  // addresses, which no route but the default one covers (where one is this machine's
+  // own subnet, its source is this machine's address there, which serves as well).
   for (const char* outside : {"192.0.2.1", "2001:db8::1"}) {
     auto outward = RouteSourceToward(outside);
     if (outward.ok() && ReachableFromOtherHosts(*outward)) return outward;
