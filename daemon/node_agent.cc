@@ -103,14 +103,13 @@ absl::Status NodeAgent::Register() {
 }
 
 void NodeAgent::Loop() {
-  bool registered = false;
   int failures = 0;
   int64_t first_failure_ms = 0;
   int redials = 0;
   while (!stopping_.load()) {
-    absl::Status s = registered ? HeartbeatOnce() : Register();
+    absl::Status s = registered_ ? HeartbeatOnce() : Register();
     if (s.ok()) {
-      if (!registered) {
+      if (!registered_) {
         std::fprintf(stderr, "llamad: node %s registered with %d %s device(s) at %s\n", options_.node_id.c_str(),
                      options_.devices, options_.device_kind.c_str(), options_.scheduler_address.c_str());
       } else if (failures > 0) {
@@ -118,7 +117,7 @@ void NodeAgent::Loop() {
         std::fprintf(stderr, "llamad: heartbeats reach the scheduler again, after %d failed over %.1f s\n", failures,
                      double(NowMs() - first_failure_ms) / 1e3);
       }
-      registered = true;
+      registered_ = true;
       failures = 0;
       redials = 0;
     } else {
@@ -130,12 +129,12 @@ void NodeAgent::Loop() {
         stub_.reset();
         ++redials;
       }
-      if (absl::IsNotFound(s)) registered = false;  // the scheduler asked for a new registration
+      if (absl::IsNotFound(s)) registered_ = false;  // the scheduler asked for a new registration
       // The first failure and then one in thirty: a wrong address is said, not spammed.
       if (failures++ % 30 == 0) std::fprintf(stderr, "llamad: %s\n", std::string(s.message()).c_str());
     }
     ReapWorkers();
-    const int64_t wait = registered ? heartbeat_interval_ms_ : 1000;
+    const int64_t wait = registered_ ? heartbeat_interval_ms_ : 1000;
     for (int64_t waited = 0; waited < wait && !stopping_.load(); waited += 10) {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
@@ -210,7 +209,10 @@ absl::StatusOr<std::string> NodeAgent::AutoCommHostFor(int job_nodes) {
   const int64_t now = NowMs();
   if (auto_comm_host_.empty() || now - auto_comm_host_ms_ > 60'000) {
     auto chosen = AutoCommHost(options_.scheduler_address, std::max(job_nodes, 2));
-    if (!chosen.ok()) return chosen.status();
+    if (!chosen.ok()) {
+      if (auto_comm_host_.empty()) return chosen.status();
+      return auto_comm_host_;  // the last address that worked beats loopback
+    }
     auto_comm_host_ = *chosen;
     auto_comm_host_ms_ = now;
   }
@@ -230,8 +232,16 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
     // to stop_grace_ms): the new rank waits for it, or both would hold the GPU's memory.
     // The scheduler repeats the order with every heartbeat until the rank runs.
     for (const auto& [other_key, other] : workers_) {
-      if (!other->exited && other->order.local_rank() == order.local_rank()) return;
+      if (other->exited || other->order.local_rank() != order.local_rank()) continue;
+      if (waiting_for_device_.insert(key).second) {
+        std::fprintf(stderr, "llamad: job %s generation %lld rank %d waits for device %d, still held by job %s "
+                     "generation %lld rank %d\n",
+                     order.job_id().c_str(), (long long)order.generation(), order.rank(), order.local_rank(),
+                     other->order.job_id().c_str(), (long long)other->order.generation(), other->order.rank());
+      }
+      return;
     }
+    waiting_for_device_.erase(key);
   }
   auto w = std::make_shared<Worker>();
   w->order = order;
@@ -425,7 +435,7 @@ void NodeAgent::Stop(bool preempted) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   // One last beat so the scheduler learns of the exits now, not by the lease.
-  if (stub_ != nullptr) HeartbeatOnce().IgnoreError();
+  if (registered_) HeartbeatOnce().IgnoreError();
   std::lock_guard lock(mu_);
   for (auto& [key, w] : workers_) {
     if (w->stdout_reader.joinable()) w->stdout_reader.join();

@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -78,6 +79,9 @@ class NodeAgent {
   std::atomic<bool> stopping_{false};
   std::thread loop_;
   int64_t heartbeat_interval_ms_ = 1000;
+  bool registered_ = false;  // with the scheduler (heartbeat thread; Stop after it ends)
+  // Starts held back while their device's earlier rank stops (logged once each).
+  std::set<Key> waiting_for_device_;
   // The last multi-node comm_host auto gave, and when (heartbeat thread only).
   std::string auto_comm_host_;
   int64_t auto_comm_host_ms_ = 0;

@@ -116,6 +116,9 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> Dial(const std::string& address, 
   // The scheduler accepts a ping every 20 s (scheduler/server.cc).
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30'000);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10'000);
+  // Connections of this channel alone: a channel dialled again (the node agent's, after
+  // its scheduler stopped answering) must not inherit the old one's reconnect backoff.
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   if (!tls.enabled()) return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
   grpc::SslCredentialsOptions options;
   if (!tls.ca.empty()) {

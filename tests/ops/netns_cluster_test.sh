@@ -21,7 +21,7 @@ netns_start
 work="$netns_work"
 # Host s has a default route (the others need none): comm_host auto takes its address
 # for the node that dials the scheduler on loopback.
-ip -n "$netns_tag-s" route add default dev eth0
+ip -n "$netns_tag-s" route add default dev eth0 || netns_skip "no default route can be added in a namespace here"
 
 netns_scheduler s --heartbeat-interval-ms 200
 netns_node s 127.0.0.1:7070

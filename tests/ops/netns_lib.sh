@@ -1,8 +1,9 @@
 # Hosts on one machine for the tests: network namespaces joined by a bridge, host i of
 # the list at 10.213.0.i/24, each with its own loopback. Sourced by the netns_*_test.sh
 # scripts, which set `hosts` (names) before calling netns_start; `on HOST CMD...` runs a
-# command on a host, `keep PID` has a process stopped at exit. Exits 77 (skipped) where
-# namespaces cannot be made (not root, no iproute2, no permission).
+# command on a host. At exit every process left on the hosts is stopped (SIGTERM, then
+# SIGKILL) and the hosts removed. Exits 77 (skipped) where namespaces cannot be made
+# (not root, no iproute2, no permission).
 
 netns_skip() { echo "SKIPPED: $*"; exit 77; }
 [ "$(id -u)" = 0 ] || netns_skip "network namespaces need root"
@@ -10,8 +11,6 @@ command -v ip >/dev/null || netns_skip "no ip command (Debian package iproute2)"
 
 netns_tag="llnt$$"
 netns_work="$(mktemp -d /tmp/llamad-netns-XXXXXX)"
-netns_pids=()
-keep() { netns_pids+=("$1"); }
 on() { local h="$1"; shift; ip netns exec "$netns_tag-$h" "$@"; }
 netns_address() {  # the address of host $1
   local i=1 h
@@ -22,13 +21,22 @@ netns_address() {  # the address of host $1
   return 1
 }
 
+netns_processes() {  # every process on the hosts: daemons, ranks, anything they started
+  local h
+  for h in "${hosts[@]}"; do ip netns pids "$netns_tag-$h" 2>/dev/null || true; done
+}
 netns_cleanup() {
-  local pid h
-  for pid in "${netns_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${netns_pids[@]}"; do
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
+  local h pids
+  pids=$(netns_processes)
+  if [ -n "$pids" ]; then
+    kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 100); do
+      [ -z "$(netns_processes)" ] && break
+      sleep 0.1
+    done
+    pids=$(netns_processes)
+    [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+  fi
   for h in "${hosts[@]}"; do ip netns del "$netns_tag-$h" 2>/dev/null || true; done
   ip netns del "$netns_tag-hub" 2>/dev/null || true
   rm -rf "$netns_work"
@@ -72,7 +80,6 @@ netns_scheduler() {
   shift
   on "$h" "$bin_dir/llamad" --role scheduler --listen 0.0.0.0:7070 --data-dir "$netns_work/scheduler" "$@" \
     >"$netns_work/scheduler.log" 2>&1 &
-  keep $!
   for _ in $(seq 200); do [ -s "$netns_work/scheduler/scheduler.address" ] && return 0; sleep 0.05; done
   cat "$netns_work/scheduler.log"
   echo "the scheduler did not start"
@@ -85,7 +92,6 @@ netns_node() {
   on "$h" "$bin_dir/llamad" --role node --node-id "node-$h" --devices cpu:1 --worker-threads 1 \
     --scheduler "$scheduler" --token-file "$netns_token" --data-dir "$netns_work/node-$h" "$@" \
     >"$netns_work/node-$h.log" 2>&1 &
-  keep $!
 }
 # netns_ctl HOST ARGS...: llamactl on HOST against the scheduler at 10.213.0.1:7070.
 netns_ctl() {
