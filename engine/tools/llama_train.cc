@@ -451,6 +451,8 @@ int LaunchRanks(int nproc) {
       for (pid_t p : pids) {
         if (p > 0) ::kill(p, SIGKILL);
       }
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
       return kExitFailure;
     }
     if (pid == 0) {

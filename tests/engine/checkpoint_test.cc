@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "backend/cpu/cpu_backend.h"
+#include "common/scratch_dir.h"
 #include "common/flip_byte.h"
 #include "common/step_losses.h"
 #include "common/subprocess.h"
@@ -25,7 +26,7 @@ namespace fs = std::filesystem;
 using testing::Subprocess;
 
 fs::path FreshDir(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() / ("llamad-ckpt-" + std::to_string(getpid())) / name;
+  const fs::path dir = testing::ScratchDir("llamad-ckpt") / name;
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir;

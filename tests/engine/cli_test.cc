@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/scratch_dir.h"
 #include "common/step_losses.h"
 #include "common/subprocess.h"
 
@@ -21,7 +22,7 @@ using Result = llamad::testing::CommandResult;
 Result RunTrain(const std::string& args) { return llamad::testing::RunCommand(std::string(LLAMA_TRAIN_BIN) + " " + args); }
 
 std::filesystem::path TempDir() {
-  auto dir = std::filesystem::temp_directory_path() / ("llamad-cli-test-" + std::to_string(getpid()));
+  auto dir = llamad::testing::ScratchDir("llamad-cli-test");
   std::filesystem::create_directories(dir);
   return dir;
 }

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/scratch_dir.h"
 #include "model/config.h"
 #include "train/jobspec.h"
 
@@ -62,7 +63,7 @@ TEST(ModelConfigTest, ReadsHuggingFaceConfigJson) {
 
 // Writes `text` to a job file in a fresh folder and loads it.
 absl::StatusOr<JobSpec> LoadJobText(const std::string& text) {
-  const auto dir = std::filesystem::temp_directory_path() / ("llamad-config-test-" + std::to_string(getpid()));
+  const auto dir = testing::ScratchDir("llamad-config-test");
   std::filesystem::create_directories(dir);
   const auto path = dir / "job.yaml";
   std::ofstream(path) << text;

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <numeric>
 
+#include "common/scratch_dir.h"
 #include "common/flip_byte.h"
 #include "storage/direct_io.h"
 #include "storage/safetensors.h"
@@ -18,7 +19,7 @@ namespace {
 namespace fs = std::filesystem;
 
 fs::path FreshDir(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() / ("llamad-store-" + std::to_string(getpid())) / name;
+  const fs::path dir = llamad::testing::ScratchDir("llamad-store") / name;
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir;
