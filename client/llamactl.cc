@@ -2,7 +2,7 @@
 // job end to end on this machine (`llamactl run JOB.yaml`: an in-process scheduler and
 // node agent on loopback).
 //
-// Exit codes: 0 success; 1 the job failed or was cancelled (run, status --wait);
+// Exit codes: 0 success; 1 the job failed or was cancelled (run, submit --wait, resume --wait);
 // 2 bad usage or an invalid spec; 3 not found; 4 not authenticated or not allowed;
 // 5 the scheduler cannot be reached; 6 another error.
 #include <CLI/CLI.hpp>
@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -222,6 +223,33 @@ absl::StatusOr<pb::Job> Follow(Connection& c, const std::string& job_id, bool js
   return last;
 }
 
+// The job's history (`llamactl events`): every stored event, one line each (the time,
+// the generation, the kind, the message), or one JSON object each with --json.
+int PrintEvents(Connection& c, const std::string& job_id, bool json) {
+  grpc::ClientContext context;
+  llamad::rpc::PrepareCall(context, c.token, 30'000);
+  pb::WatchJobRequest request;
+  request.set_job_id(job_id);
+  request.set_stored_only(true);
+  auto reader = c.stub->WatchJob(&context, request);
+  pb::JobEvent event;
+  while (reader->Read(&event)) {
+    if (json) {
+      std::printf("%s\n", Json(event).c_str());
+      continue;
+    }
+    const std::time_t seconds = std::time_t(event.unix_ms() / 1000);
+    std::tm local{};
+    ::localtime_r(&seconds, &local);
+    char when[32];
+    std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &local);
+    std::printf("%s  gen %-3lld %-10s %s\n", when, (long long)event.job().generation(), event.kind().c_str(),
+                event.message().c_str());
+  }
+  auto s = llamad::rpc::FromGrpc(reader->Finish(), "events of " + job_id);
+  return s.ok() ? 0 : Fail(s);
+}
+
 // Exports checkpoint `step` (-1: the latest) of `job` into `out` by running
 // `llama-train export` (next to llamactl) on the job's checkpoint folder, which must be
 // reachable from here (the same machine, or a shared file system).
@@ -293,6 +321,8 @@ int main(int argc, char** argv) {
   status->add_option("job", job_id, "Job id or name");
   CLI::App* list = app.add_subcommand("list", "Jobs, newest first");
   list->add_flag("-a,--all", all, "Include finished jobs");
+  CLI::App* events = app.add_subcommand("events", "A job's history: submitted, started, requeued (and why), ended");
+  events->add_option("job", job_id, "Job id or name")->required();
   CLI::App* logs = app.add_subcommand("logs", "A job's log lines");
   logs->add_option("job", job_id, "Job id or name")->required();
   logs->add_flag("-f,--follow", follow, "Keep printing new lines until the job ends");
@@ -406,6 +436,7 @@ int main(int argc, char** argv) {
     json ? (void)std::printf("%s\n", Json(job).c_str()) : PrintJob(job);
     return 0;
   }
+  if (*events) return PrintEvents(c, job_id, json);
   if (*status || *list) {
     pb::ListJobsRequest request;
     request.set_include_finished(*list && all);

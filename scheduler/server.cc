@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <limits>
 
 #include "llamad/v1/llamad.grpc.pb.h"
 
@@ -50,6 +51,14 @@ class SchedulerServer::SchedulerService final : public pb::Scheduler::Service {
                         grpc::ServerWriter<pb::JobEvent>* writer) override {
     return Authorized(c, token_, [&]() -> absl::Status {
       int64_t after = req->after_seq(), progress_ms = 0;
+      if (req->stored_only()) {
+        auto updates = s_->WaitJobUpdates(req->job_id(), after, std::numeric_limits<int64_t>::max(), 0);
+        if (!updates.ok()) return updates.status();
+        for (const pb::JobEvent& e : updates->events) {
+          if (!writer->Write(e)) break;  // the client went away
+        }
+        return absl::OkStatus();
+      }
       while (!c->IsCancelled() && !stopping_->load()) {
         auto updates = s_->WaitJobUpdates(req->job_id(), after, progress_ms, 1000);
         if (!updates.ok()) return updates.status();

@@ -244,6 +244,11 @@ TEST_F(ClusterTest, LostNodeTakesItsWorkersAndTheJobMovesOn) {
   std::string nodes;
   EXPECT_EQ(Ctl("nodes", &nodes), 0);
   EXPECT_NE(nodes.find("lost"), std::string::npos) << nodes;
+  // The job's history says why it has a second generation.
+  std::string history;
+  EXPECT_EQ(Ctl("events " + job, &history), 0) << history;
+  EXPECT_NE(history.find("requeued   node " + victim + " lost (no heartbeat for"), std::string::npos) << history;
+  EXPECT_EQ(Ctl("events no-such-job", &history), 3) << history;
   EXPECT_EQ(Ctl("cancel " + job), 0);
   EXPECT_TRUE(WaitFor(job, "JOB_STATE_CANCELLED", 30)) << Job(job).dump(1);
 }
