@@ -74,6 +74,7 @@ int main(int argc, char** argv) {
     options.data_dir = (std::filesystem::path(config->data_dir) / "scheduler").string();
     options.heartbeat_interval_ms = config->heartbeat_interval_ms;
     options.lease_timeout_ms = config->lease_timeout_ms;
+    options.grow_after_ms = config->grow_after_ms;
     auto opened = llamad::scheduler::Scheduler::Open(options, &clock);
     if (!opened.ok()) return Fail(opened.status());
     scheduler = std::move(*opened);

@@ -682,6 +682,7 @@ void Scheduler::TickLocked() {
   const int64_t now = clock_->NowMs();
   ExpireLeasesLocked(now);
   ExpireLostPeersLocked(now);
+  GrowJobsLocked(now);
   PlaceJobsLocked(now);
 }
 
@@ -731,6 +732,49 @@ void Scheduler::ExpireLostPeersLocked(int64_t now) {
                                        "{} ms (a peer its host cannot reach?)",
                                        first.rank, first.node_id, first.waited_ms),
                            now);
+  }
+}
+
+void Scheduler::GrowJobsLocked(int64_t now) {
+  if (options_.grow_after_ms <= 0) return;
+  // Queued jobs have the first claim on free nodes.
+  for (const auto& [id, job] : jobs_) {
+    if (job.state() == pb::JOB_STATE_QUEUED) return;
+  }
+  std::map<std::string, int32_t> free;
+  for (const auto& [id, node] : nodes_) {
+    if (node.info.state() == pb::NODE_STATE_READY) free[id] = node.info.devices() - DevicesInUseLocked(id);
+  }
+  std::vector<std::string> grown;
+  for (auto& [id, job] : jobs_) {
+    const pb::Resources& r = job.resources();
+    if (job.state() != pb::JOB_STATE_RUNNING || job.placement_size() >= r.nodes() ||
+        now - job.started_unix_ms() < options_.grow_after_ms) {
+      continue;
+    }
+    JobRuntime& rt = job_runtime_[id];
+    if (!rt.saves_checkpoints) {
+      auto spec = ParseJobSpec(job.spec_yaml(), job.spec_origin());
+      rt.saves_checkpoints = spec.ok() && !spec->checkpoint.dir.empty() && spec->checkpoint.interval > 0;
+    }
+    if (!*rt.saves_checkpoints) continue;  // a restart would start it over
+    std::vector<std::string> extra;
+    for (auto& [node_id, devices] : free) {
+      if (devices >= r.devices_per_node() && job.placement_size() + int32_t(extra.size()) < r.nodes()) {
+        extra.push_back(node_id);
+      }
+    }
+    if (extra.empty()) continue;
+    for (const std::string& node_id : extra) free[node_id] -= r.devices_per_node();
+    pb::Job updated = job;
+    const int32_t before = job.placement_size();
+    EndGenerationLocked(updated);
+    updated.set_state(pb::JOB_STATE_QUEUED);
+    updated.set_reason(fmt::format("growing from {} to {} node(s) ({} free again); restarting from the latest "
+                                   "checkpoint",
+                                   before, before + int32_t(extra.size()), fmt::join(extra, ", ")));
+    rt.requeue_cause = updated.reason();
+    if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) job = updated;
   }
 }
 

@@ -49,6 +49,11 @@ struct SchedulerOptions {
   // the rest were still waiting for peers after ExpireLostPeersLocked's grace); one
   // more fails the job (a step in between starts the count again).
   int peer_lost_restarts = 3;
+  // A job that restarted on fewer nodes than it asked for (resources.nodes) grows back
+  // when nodes are free for it and no job waits in the queue, once its generation has
+  // run this long: it restarts on more nodes from its latest checkpoint, so the steps
+  // since that checkpoint are done again. Only jobs that save checkpoints grow. 0: never.
+  int64_t grow_after_ms = 60'000;
 };
 
 class Scheduler {
@@ -136,6 +141,7 @@ class Scheduler {
     int64_t first_log_seq = 1;  // the oldest line still stored
     std::map<int32_t, std::deque<std::string>> recent_stderr;  // per rank, for failures
     std::string requeue_cause;  // why a running job went back to the queue (kept in its reason)
+    std::optional<bool> saves_checkpoints;  // from its spec, read once
   };
 
   Scheduler(const SchedulerOptions& options, Clock* clock);
@@ -161,6 +167,8 @@ class Scheduler {
   // address their host cannot reach, and would do so for the communicator's timeout
   // (minutes). The generation ends as if every rank had lost its peers.
   void ExpireLostPeersLocked(int64_t now);
+  // options_.grow_after_ms: requeues shrunk jobs that free nodes can make larger.
+  void GrowJobsLocked(int64_t now);
   // Every rank of the job's generation lost its peers (`cause` says how we know): the
   // job restarts from its latest checkpoint, or fails after options_.peer_lost_restarts
   // restarts in a row without a step, with `rank`'s last stderr lines.

@@ -279,6 +279,52 @@ TEST_F(SchedulerTest, RanksWaitingForAPeerThatNeverAnswersAreRestartedAfterTheGr
 }
 
 
+TEST_F(SchedulerTest, AShrunkJobGrowsBackWhenItsNodeReturns) {
+  for (auto n : {"a", "b", "c"}) AddNode(n);
+  auto submit = [&](bool checkpoints) {
+    pb::SubmitJobRequest r;
+    r.set_spec_yaml(Spec(3) + "  min_nodes: 2\n" + (checkpoints ? "checkpoint: {dir: ckpt, interval: 10}\n" : ""));
+    r.set_spec_origin("/jobs/gang.yaml");
+    return *scheduler_->SubmitJob(r);
+  };
+  // Time passes in heartbeats of the nodes given.
+  auto pass = [&](int64_t ms, std::vector<std::string> alive) {
+    for (int64_t t = 0; t < ms; t += 1000) {
+      clock_.Advance(1000);
+      for (const auto& n : alive) Beat(n);
+      scheduler_->Tick();
+    }
+  };
+  const pb::Job job = submit(true);
+  ASSERT_EQ(Get(job.id()).placement_size(), 3);
+  pass(6000, {"a", "b"});  // c's lease runs out: the job shrinks to a and b
+  ASSERT_EQ(Get(job.id()).generation(), 2);
+  ASSERT_EQ(Get(job.id()).placement_size(), 2);
+  Beat("c");  // c is back
+  pass(50'000, {"a", "b", "c"});
+  EXPECT_EQ(Get(job.id()).generation(), 2);  // not before grow_after_ms (60 s)
+  pass(12'000, {"a", "b", "c"});
+  pb::Job grown = Get(job.id());
+  EXPECT_EQ(grown.generation(), 3) << grown.reason();
+  EXPECT_EQ(grown.placement_size(), 3) << grown.reason();
+  EXPECT_EQ(grown.state(), pb::JOB_STATE_RUNNING);
+  auto events = scheduler_->WaitJobUpdates(job.id(), 0, 0, 0);
+  ASSERT_TRUE(events.ok());
+  bool said = false;
+  for (const auto& e : events->events) said |= e.message().find("growing from 2 to 3 node(s) (c free again)") == 0;
+  EXPECT_TRUE(said);
+
+  // A job that saves no checkpoints would start over: it stays on the nodes it has.
+  ASSERT_TRUE(scheduler_->CancelJob(job.id()).ok());
+  const pb::Job plain = submit(false);
+  pass(6000, {"a", "b"});
+  ASSERT_EQ(Get(plain.id()).placement_size(), 2);
+  Beat("c");
+  pass(70'000, {"a", "b", "c"});
+  EXPECT_EQ(Get(plain.id()).generation(), 2);
+  EXPECT_EQ(Get(plain.id()).placement_size(), 2);
+}
+
 TEST_F(SchedulerTest, RestartLosesNoJobNodeOrEvent) {
   AddNode("a");
   pb::Job running = Submit(1);

@@ -5,8 +5,9 @@
 # cloud instance's network goes. Nothing closes the other ranks' connections to b: they
 # must not hang. The scheduler loses b's lease and restarts the job on s and a from its
 # latest checkpoint, with no one stepping in. When b comes back, the rank it still runs
-# ends (told to stop, or on a peer's reset), and the node is ready for work again. The
-# times each phase took are printed.
+# ends (told to stop, or on a peer's reset), the node is ready for work again, and the
+# job grows back onto it from its latest checkpoint. The times each phase took are
+# printed.
 #
 #   tests/ops/netns_partition_test.sh SOURCE_DIR BIN_DIR
 set -euo pipefail
@@ -17,7 +18,7 @@ source "$source_dir/tests/ops/netns_lib.sh"
 netns_start
 work="$netns_work"
 
-netns_scheduler s --heartbeat-interval-ms 200 --lease-timeout-ms 3000
+netns_scheduler s --heartbeat-interval-ms 200 --lease-timeout-ms 3000 --grow-after-ms 2000
 for h in s a b; do netns_node "$h" 10.213.0.1:7070 --stop-grace-ms 3000; done
 netns_wait_ready 3
 
@@ -81,14 +82,14 @@ netns_cut b
 cut_at=$(date +%s%3N)
 until_ 60 "the job runs again, on s and a" running_on 2 node-a,node-s
 restarted_at=$(date +%s%3N)
-# Its rank 0 says where it resumed, then prints its steps.
-gen2_trains() {
+# Generation $1's rank 0 says where it resumed (kept in `resumed`), then prints its steps.
+trains() {
   local log
-  log=$(ls "$work"/node-[sa]/jobs/"$job"/gen-2/rank-0.log 2>/dev/null) || return 1
+  log=$(ls "$work"/node-*/jobs/"$job"/gen-$1/rank-0.log 2>/dev/null) || return 1
   resumed=$(grep -o "resumed job 'partition' at step [0-9]*" "$log") || return 1
   grep -q '"step":' "$log"
 }
-until_ 60 "generation 2 resumes and trains" gen2_trains
+until_ 60 "generation 2 resumes and trains" trains 2
 stepping_at=$(date +%s%3N)
 [[ $resumed =~ at\ step\ ([0-9]+)$ ]] && ((BASH_REMATCH[1] >= 80)) ||
   { netns_logs; echo "generation 2 resumed before the checkpoint of step 80 ($resumed)"; exit 1; }
@@ -119,20 +120,27 @@ until_ 30 "b's rank of generation 1 ends and b reports it" b_rank_ended
 b_back_at=$(date +%s%3N)
 how_b_ended=$(grep -q "stopping job $job rank" "$work/node-b.log" && echo "stopped by its daemon" ||
   echo "exited by itself")
-# Once the scheduler has heard of that exit, the job runs on undisturbed, on s and a.
-step_then=$(job step)
-sleep 2
-running_on 2 node-a,node-s && (($(job step) > step_then)) ||
-  { job state generation nodes step; netns_logs; echo "the job was disturbed by b's return"; exit 1; }
+# With b ready and its old rank gone, the job grows back onto it (grow_after_ms 2000):
+# generation 3 on all three nodes, from the latest checkpoint.
+until_ 60 "the job grows back to three nodes" running_on 3 node-a,node-b,node-s
+resumed2=$resumed
+until_ 60 "generation 3 resumes and trains" trains 3
+grown_at=$(date +%s%3N)
+[[ $resumed2 =~ ([0-9]+)$ ]] && step2=${BASH_REMATCH[1]}
+[[ $resumed =~ ([0-9]+)$ ]] && ((BASH_REMATCH[1] >= step2)) ||
+  { netns_logs; echo "generation 3 resumed before generation 2 did ($resumed; $resumed2)"; exit 1; }
 
-# The job's history says why it has a second generation.
-netns_ctl s events "$job" | grep -q "requeued   node node-b lost (no heartbeat for" ||
-  { netns_ctl s events "$job"; echo "the job's events do not say that node-b was lost"; exit 1; }
+# The job's history says why it has a second and a third generation.
+history=$(netns_ctl s events "$job")
+grep -q "requeued   node node-b lost (no heartbeat for" <<<"$history" &&
+  grep -q "requeued   growing from 2 to 3 node(s) (node-b free again)" <<<"$history" ||
+  { echo "$history"; echo "the job's events do not say that node-b was lost and the job grew back"; exit 1; }
 
 netns_ctl s cancel "$job" >/dev/null
 until_ 30 "the job is cancelled" eval '[ "$(job state)" = JOB_STATE_CANCELLED ]'
 seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) / 1000 }'; }
 echo "partition: cut to generation 2 running $(seconds "$cut_at" "$restarted_at") s, to its first step" \
   "$(seconds "$cut_at" "$stepping_at") s ($resumed); b joined to ready with its old rank ended" \
-  "$(seconds "$joined_at" "$b_back_at") s ($how_b_ended)"
+  "$(seconds "$joined_at" "$b_back_at") s ($how_b_ended); joined to generation 3 on three nodes training" \
+  "$(seconds "$joined_at" "$grown_at") s ($resumed)"
 echo "netns partition: ok"
