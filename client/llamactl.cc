@@ -176,6 +176,19 @@ void PrintProgress(const pb::Job& job, bool tty) {
 // Follows a job's events and progress until it ends: a progress bar on a terminal, one
 // line per event (and a progress line every 10 s) otherwise, every event with --json.
 // Returns the final job.
+// A WatchJob stream of the job's events after `after`: the stored ones only, or on to
+// the job's end. `context` outlives the reader.
+std::unique_ptr<grpc::ClientReader<pb::JobEvent>> WatchJob(Connection& c, grpc::ClientContext& context,
+                                                           const std::string& job_id, int64_t after,
+                                                           bool stored_only) {
+  llamad::rpc::PrepareCall(context, c.token, stored_only ? 30'000 : 0);
+  pb::WatchJobRequest request;
+  request.set_job_id(job_id);
+  request.set_after_seq(after);
+  request.set_stored_only(stored_only);
+  return c.stub->WatchJob(&context, request);
+}
+
 absl::StatusOr<pb::Job> Follow(Connection& c, const std::string& job_id, bool json) {
   const bool tty = ::isatty(2);
   int64_t after = 0;
@@ -183,11 +196,7 @@ absl::StatusOr<pb::Job> Follow(Connection& c, const std::string& job_id, bool js
   auto last_progress_line = std::chrono::steady_clock::now() - std::chrono::hours(1);
   while (true) {
     grpc::ClientContext context;
-    llamad::rpc::PrepareCall(context, c.token, 0);
-    pb::WatchJobRequest request;
-    request.set_job_id(job_id);
-    request.set_after_seq(after);
-    auto reader = c.stub->WatchJob(&context, request);
+    auto reader = WatchJob(c, context, job_id, after, /*stored_only=*/false);
     pb::JobEvent event;
     while (reader->Read(&event)) {
       after = event.seq();
@@ -227,11 +236,7 @@ absl::StatusOr<pb::Job> Follow(Connection& c, const std::string& job_id, bool js
 // the generation, the kind, the message), or one JSON object each with --json.
 int PrintEvents(Connection& c, const std::string& job_id, bool json) {
   grpc::ClientContext context;
-  llamad::rpc::PrepareCall(context, c.token, 30'000);
-  pb::WatchJobRequest request;
-  request.set_job_id(job_id);
-  request.set_stored_only(true);
-  auto reader = c.stub->WatchJob(&context, request);
+  auto reader = WatchJob(c, context, job_id, 0, /*stored_only=*/true);
   pb::JobEvent event;
   while (reader->Read(&event)) {
     if (json) {

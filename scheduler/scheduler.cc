@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <set>
 #include <filesystem>
 
 #include "core/exit_codes.h"
@@ -129,6 +130,7 @@ absl::Status Scheduler::Load() {
     NodeRuntime& n = nodes_[node.id()];
     n.info = node;
     n.last_heartbeat_ms = now;  // a fresh lease: daemons have lease_timeout_ms to come back
+    n.ready_since_ms = now;     // unknown while the scheduler was down: from now
   }
   // Sequence numbers continue after the last stored event and log line of each job.
   for (auto& [id, rt] : job_runtime_) {
@@ -439,6 +441,9 @@ absl::StatusOr<pb::RegisterNodeResponse> Scheduler::RegisterNode(const pb::Regis
     if (!known) nodes_.erase(request.node_id());
     return s;
   }
+  if (info.state() == pb::NODE_STATE_READY && (!known || n.info.state() != pb::NODE_STATE_READY)) {
+    n.ready_since_ms = now;
+  }
   n.info = info;
   n.last_heartbeat_ms = now;
   pb::RegisterNodeResponse response;
@@ -627,6 +632,7 @@ absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRe
     // It came back after its lease expired: its old ranks were given up (they are
     // stopped below), and it takes new work again.
     node.info.set_state(pb::NODE_STATE_READY);
+    node.ready_since_ms = node.last_heartbeat_ms;
     PersistNodeLocked(node.info).IgnoreError();
   }
   std::set<RankKey> running;
@@ -741,41 +747,57 @@ void Scheduler::GrowJobsLocked(int64_t now) {
   for (const auto& [id, job] : jobs_) {
     if (job.state() == pb::JOB_STATE_QUEUED) return;
   }
+  // Nodes a job may grow onto: ready for grow_after_ms too, so that a node that keeps
+  // dropping out does not cost a restart each time it returns.
   std::map<std::string, int32_t> free;
   for (const auto& [id, node] : nodes_) {
-    if (node.info.state() == pb::NODE_STATE_READY) free[id] = node.info.devices() - DevicesInUseLocked(id);
+    if (node.info.state() == pb::NODE_STATE_READY && now - node.ready_since_ms >= options_.grow_after_ms) {
+      free[id] = node.info.devices() - DevicesInUseLocked(id);
+    }
   }
-  std::vector<std::string> grown;
+  // One job per tick, the highest priority first: placement re-places a requeued job
+  // from every free node, so two grown at once could take each other's.
+  pb::Job* chosen = nullptr;
+  std::vector<std::string> chosen_extra;
   for (auto& [id, job] : jobs_) {
     const pb::Resources& r = job.resources();
     if (job.state() != pb::JOB_STATE_RUNNING || job.placement_size() >= r.nodes() ||
-        now - job.started_unix_ms() < options_.grow_after_ms) {
+        job.finished_ranks_size() > 0 || now - job.started_unix_ms() < options_.grow_after_ms) {
       continue;
     }
+    if (chosen != nullptr && r.priority() <= chosen->resources().priority()) continue;
     JobRuntime& rt = job_runtime_[id];
     if (!rt.saves_checkpoints) {
       auto spec = ParseJobSpec(job.spec_yaml(), job.spec_origin());
       rt.saves_checkpoints = spec.ok() && !spec->checkpoint.dir.empty() && spec->checkpoint.interval > 0;
     }
     if (!*rt.saves_checkpoints) continue;  // a restart would start it over
+    // What it keeps (its nodes that are still ready) and what it gains (other nodes).
+    std::set<std::string> own;
+    int32_t kept = 0;
+    for (const pb::Placement& p : job.placement()) {
+      own.insert(p.node_id());
+      auto node = nodes_.find(p.node_id());
+      kept += node != nodes_.end() && node->second.info.state() == pb::NODE_STATE_READY;
+    }
     std::vector<std::string> extra;
-    for (auto& [node_id, devices] : free) {
-      if (devices >= r.devices_per_node() && job.placement_size() + int32_t(extra.size()) < r.nodes()) {
+    for (const auto& [node_id, devices] : free) {
+      if (!own.contains(node_id) && devices >= r.devices_per_node() && kept + int32_t(extra.size()) < r.nodes()) {
         extra.push_back(node_id);
       }
     }
-    if (extra.empty()) continue;
-    for (const std::string& node_id : extra) free[node_id] -= r.devices_per_node();
-    pb::Job updated = job;
-    const int32_t before = job.placement_size();
-    EndGenerationLocked(updated);
-    updated.set_state(pb::JOB_STATE_QUEUED);
-    updated.set_reason(fmt::format("growing from {} to {} node(s) ({} free again); restarting from the latest "
-                                   "checkpoint",
-                                   before, before + int32_t(extra.size()), fmt::join(extra, ", ")));
-    rt.requeue_cause = updated.reason();
-    if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) job = updated;
+    if (kept + int32_t(extra.size()) <= job.placement_size()) continue;  // no larger than now
+    chosen = &job;
+    chosen_extra = std::move(extra);
   }
+  if (chosen == nullptr) return;
+  pb::Job updated = *chosen;
+  EndGenerationLocked(updated);
+  updated.set_state(pb::JOB_STATE_QUEUED);
+  updated.set_reason(fmt::format("growing from {} node(s): {} free again; restarting from the latest checkpoint",
+                                 chosen->placement_size(), fmt::join(chosen_extra, ", ")));
+  job_runtime_[chosen->id()].requeue_cause = updated.reason();
+  if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) *chosen = updated;
 }
 
 void Scheduler::ExpireLeasesLocked(int64_t now) {

@@ -117,6 +117,7 @@ class Scheduler {
   struct NodeRuntime {
     pb::NodeInfo info;
     int64_t last_heartbeat_ms = 0;
+    int64_t ready_since_ms = 0;  // when it last became ready (or the scheduler started)
   };
   struct RankKey {
     std::string job_id;
@@ -167,7 +168,8 @@ class Scheduler {
   // address their host cannot reach, and would do so for the communicator's timeout
   // (minutes). The generation ends as if every rank had lost its peers.
   void ExpireLostPeersLocked(int64_t now);
-  // options_.grow_after_ms: requeues shrunk jobs that free nodes can make larger.
+  // options_.grow_after_ms: requeues the shrunk job (one per tick, the highest priority)
+  // that nodes ready for that long can make larger.
   void GrowJobsLocked(int64_t now);
   // Every rank of the job's generation lost its peers (`cause` says how we know): the
   // job restarts from its latest checkpoint, or fails after options_.peer_lost_restarts

@@ -133,7 +133,7 @@ grown_at=$(date +%s%3N)
 # The job's history says why it has a second and a third generation.
 history=$(netns_ctl s events "$job")
 grep -q "requeued   node node-b lost (no heartbeat for" <<<"$history" &&
-  grep -q "requeued   growing from 2 to 3 node(s) (node-b free again)" <<<"$history" ||
+  grep -q "requeued   growing from 2 node(s): node-b free again" <<<"$history" ||
   { echo "$history"; echo "the job's events do not say that node-b was lost and the job grew back"; exit 1; }
 
 netns_ctl s cancel "$job" >/dev/null
