@@ -23,7 +23,7 @@ PACKAGES=(
   openssl                    # certificates for the mutual TLS test
   python3 python3-numpy      # the independent numpy reference of the model (tests/reference)
   python3-yaml               # the cluster speed-test harness (ops/bench/cluster_bench.py)
-  iproute2                   # its multi-host test: hosts as network namespaces
+  iproute2 procps            # its multi-host tests: hosts as network namespaces (ip, pgrep)
   python3-pip                # fetches the cuDNN frontend headers (CUDA builds)
   fio                        # the checkpoint benchmark's disk baseline
   patchelf                   # the GPU check's bundle: our programs onto the bundled C library

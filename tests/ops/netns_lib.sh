@@ -8,6 +8,10 @@
 netns_skip() { echo "SKIPPED: $*"; exit 77; }
 [ "$(id -u)" = 0 ] || netns_skip "network namespaces need root"
 command -v ip >/dev/null || netns_skip "no ip command (Debian package iproute2)"
+command -v pgrep >/dev/null || netns_skip "no pgrep command (Debian package procps)"
+# The hosts' addresses are reached directly: a proxy from the environment would not be
+# on their network (gRPC follows these variables).
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY grpc_proxy all_proxy ALL_PROXY
 
 netns_tag="llnt$$"
 netns_work="$(mktemp -d /tmp/llamad-netns-XXXXXX)"
@@ -35,7 +39,7 @@ netns_cleanup() {
       sleep 0.1
     done
     pids=$(netns_processes)
-    [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
   fi
   for h in "${hosts[@]}"; do ip netns del "$netns_tag-$h" 2>/dev/null || true; done
   ip netns del "$netns_tag-hub" 2>/dev/null || true
@@ -68,9 +72,11 @@ netns_start() {
     netns_skip "network namespaces cannot be made here: $(tail -n 1 "$netns_work/network.log")"
 }
 
-# Cuts host $1 off the network (its processes keep running), or joins it again.
-netns_cut() { ip -n "$netns_tag-hub" link set "p$1" down; }
-netns_join() { ip -n "$netns_tag-hub" link set "p$1" up; }
+# Cuts host $1 off the network (its processes keep running), or joins it again. Its
+# port leaves the bridge with its link up, as when a switch drops a machine's traffic:
+# the host sees no carrier loss, its packets just go nowhere.
+netns_cut() { ip -n "$netns_tag-hub" link set "p$1" nomaster; }
+netns_join() { ip -n "$netns_tag-hub" link set "p$1" master br0; }
 
 # The llamad processes ($bin_dir must name the build's bin folder).
 netns_token="$netns_work/scheduler/token"
