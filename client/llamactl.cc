@@ -90,7 +90,7 @@ std::string Ago(int64_t unix_ms) {
 
 // A connection to the scheduler with the caller's token.
 struct Connection {
-  std::unique_ptr<pb::Scheduler::Stub> stub;
+  std::unique_ptr<pb::Scheduler::Stub> scheduler;  // gRPC's client of the Scheduler service
   std::string token;
 
   template <typename Request, typename Response, typename Call>
@@ -98,7 +98,7 @@ struct Connection {
                      int64_t deadline_ms = 30'000) {
     grpc::ClientContext context;
     llamad::rpc::PrepareCall(context, token, deadline_ms);
-    return llamad::rpc::FromGrpc((stub.get()->*call)(&context, request, response), what);
+    return llamad::rpc::FromGrpc((scheduler.get()->*call)(&context, request, response), what);
   }
 };
 
@@ -173,9 +173,6 @@ void PrintProgress(const pb::Job& job, bool tty) {
                (long long)p.total_steps(), p.loss(), p.tokens_per_s(), tty ? "" : "\n");
 }
 
-// Follows a job's events and progress until it ends: a progress bar on a terminal, one
-// line per event (and a progress line every 10 s) otherwise, every event with --json.
-// Returns the final job.
 // A WatchJob stream of the job's events after `after`: the stored ones only, or on to
 // the job's end. `context` outlives the reader.
 std::unique_ptr<grpc::ClientReader<pb::JobEvent>> WatchJob(Connection& c, grpc::ClientContext& context,
@@ -186,9 +183,12 @@ std::unique_ptr<grpc::ClientReader<pb::JobEvent>> WatchJob(Connection& c, grpc::
   request.set_job_id(job_id);
   request.set_after_seq(after);
   request.set_stored_only(stored_only);
-  return c.stub->WatchJob(&context, request);
+  return c.scheduler->WatchJob(&context, request);
 }
 
+// Follows a job's events and progress until it ends: a progress bar on a terminal, one
+// line per event (and a progress line every 10 s) otherwise, every event with --json.
+// Returns the final job.
 absl::StatusOr<pb::Job> Follow(Connection& c, const std::string& job_id, bool json) {
   const bool tty = ::isatty(2);
   int64_t after = 0;

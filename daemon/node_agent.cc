@@ -77,16 +77,16 @@ void NodeAgent::Start() {
   loop_ = std::thread([this] { Loop(); });
 }
 
-absl::Status NodeAgent::Dial() {
-  if (stub_ != nullptr) return absl::OkStatus();
+absl::Status NodeAgent::ConnectToScheduler() {
+  if (scheduler_rpc_ != nullptr) return absl::OkStatus();
   auto channel = rpc::Dial(options_.scheduler_address, options_.tls);
   if (!channel.ok()) return channel.status();
-  stub_ = pb::Node::NewStub(*channel);
+  scheduler_rpc_ = pb::Node::NewStub(*channel);
   return absl::OkStatus();
 }
 
 absl::Status NodeAgent::Register() {
-  if (auto s = Dial(); !s.ok()) return s;
+  if (auto s = ConnectToScheduler(); !s.ok()) return s;
   pb::RegisterNodeRequest request;
   request.set_node_id(options_.node_id);
   request.set_hostname(options_.hostname);
@@ -95,7 +95,7 @@ absl::Status NodeAgent::Register() {
   pb::RegisterNodeResponse response;
   grpc::ClientContext context;
   rpc::PrepareCall(context, options_.token, 5000);
-  auto s = rpc::FromGrpc(stub_->RegisterNode(&context, request, &response),
+  auto s = rpc::FromGrpc(scheduler_rpc_->RegisterNode(&context, request, &response),
                          fmt::format("registering with the scheduler at {}", options_.scheduler_address));
   if (!s.ok()) return s;
   heartbeat_interval_ms_ = std::max<int64_t>(10, response.heartbeat_interval_ms());
@@ -126,7 +126,7 @@ void NodeAgent::Loop() {
       // to take 10 s after a 3 s restart (longer than a lease): every second without an
       // answer, the next attempt dials afresh.
       if (NowMs() - first_failure_ms >= 1000 * (redials + 1)) {
-        stub_.reset();
+        scheduler_rpc_.reset();  // ConnectToScheduler dials again
         ++redials;
       }
       if (absl::IsNotFound(s)) registered_ = false;  // the scheduler asked for a new registration
@@ -162,11 +162,11 @@ absl::Status NodeAgent::HeartbeatOnce() {
       reported.push_back(w);
     }
   }
-  if (auto s = Dial(); !s.ok()) return s;
+  if (auto s = ConnectToScheduler(); !s.ok()) return s;
   pb::HeartbeatResponse response;
   grpc::ClientContext context;
   rpc::PrepareCall(context, options_.token, std::max<int64_t>(2000, 3 * heartbeat_interval_ms_));
-  auto s = rpc::FromGrpc(stub_->Heartbeat(&context, request, &response),
+  auto s = rpc::FromGrpc(scheduler_rpc_->Heartbeat(&context, request, &response),
                          fmt::format("heartbeat to the scheduler at {}", options_.scheduler_address));
   if (!s.ok()) return s;  // the lines stay buffered for the next beat
   // Delivered: forget the lines that were sent, and the workers whose exit was reported.

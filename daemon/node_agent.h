@@ -64,8 +64,9 @@ class NodeAgent {
   using Key = std::tuple<std::string, int64_t, int32_t>;  // job, generation, rank
 
   void Loop();
-  // The channel to the scheduler (a new one after stub_ was dropped).
-  absl::Status Dial();
+  // Connects scheduler_rpc_ to the scheduler unless it is connected (again after the
+  // heartbeat loop dropped it).
+  absl::Status ConnectToScheduler();
   absl::Status Register();
   absl::Status HeartbeatOnce();
   void StartWorker(const pb::StartRank& order);
@@ -73,7 +74,7 @@ class NodeAgent {
   absl::StatusOr<std::string> AutoCommHostFor(int job_nodes);
   void SignalWorker(Worker& w, int sig);
   void ReapWorkers();
-  std::unique_ptr<pb::Node::Stub> stub_;
+  std::unique_ptr<pb::Node::Stub> scheduler_rpc_;
 
   NodeAgentOptions options_;
   std::atomic<bool> stopping_{false};

@@ -589,10 +589,7 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
   if (report.preempted()) {
     // The node is going away (SIGTERM to its daemon): restart elsewhere, from the
     // latest checkpoint, instead of failing the job.
-    updated.set_state(pb::JOB_STATE_QUEUED);
-    updated.set_reason(fmt::format("node {} stopped (preempted); restarting from the latest checkpoint", node_id));
-    job_runtime_[job.id()].requeue_cause = updated.reason();
-    if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) job = updated;
+    RequeueLocked(job, updated, fmt::format("node {} stopped (preempted)", node_id));
     return;
   }
   updated.set_state(pb::JOB_STATE_FAILED);
@@ -709,9 +706,13 @@ void Scheduler::RestartLostPeersLocked(pb::Job& job, int32_t rank, const std::st
     if (PersistJobLocked(updated, "failed", updated.reason()).ok()) job = updated;
     return;
   }
+  RequeueLocked(job, updated, cause);
+}
+
+void Scheduler::RequeueLocked(pb::Job& job, pb::Job& updated, const std::string& cause) {
   updated.set_state(pb::JOB_STATE_QUEUED);
   updated.set_reason(fmt::format("{}; restarting from the latest checkpoint", cause));
-  rt.requeue_cause = updated.reason();
+  job_runtime_[job.id()].requeue_cause = updated.reason();
   if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) job = updated;
 }
 
@@ -743,10 +744,18 @@ void Scheduler::ExpireLostPeersLocked(int64_t now) {
 
 void Scheduler::GrowJobsLocked(int64_t now) {
   if (options_.grow_after_ms <= 0) return;
-  // Queued jobs have the first claim on free nodes.
+  // Each tick: first the cheap questions, whether any job could grow at all and whether
+  // any is queued (queued jobs have the first claim on free nodes).
+  auto shrunk = [&](const pb::Job& job) {
+    return job.state() == pb::JOB_STATE_RUNNING && job.placement_size() < job.resources().nodes() &&
+           job.finished_ranks_size() == 0 && now - job.started_unix_ms() >= options_.grow_after_ms;
+  };
+  bool any_shrunk = false;
   for (const auto& [id, job] : jobs_) {
     if (job.state() == pb::JOB_STATE_QUEUED) return;
+    any_shrunk |= shrunk(job);
   }
+  if (!any_shrunk) return;
   // Nodes a job may grow onto: ready for grow_after_ms too, so that a node that keeps
   // dropping out does not cost a restart each time it returns.
   std::map<std::string, int32_t> free;
@@ -761,10 +770,7 @@ void Scheduler::GrowJobsLocked(int64_t now) {
   std::vector<std::string> chosen_extra;
   for (auto& [id, job] : jobs_) {
     const pb::Resources& r = job.resources();
-    if (job.state() != pb::JOB_STATE_RUNNING || job.placement_size() >= r.nodes() ||
-        job.finished_ranks_size() > 0 || now - job.started_unix_ms() < options_.grow_after_ms) {
-      continue;
-    }
+    if (!shrunk(job)) continue;
     if (chosen != nullptr && r.priority() <= chosen->resources().priority()) continue;
     JobRuntime& rt = job_runtime_[id];
     if (!rt.saves_checkpoints) {
@@ -793,11 +799,9 @@ void Scheduler::GrowJobsLocked(int64_t now) {
   if (chosen == nullptr) return;
   pb::Job updated = *chosen;
   EndGenerationLocked(updated);
-  updated.set_state(pb::JOB_STATE_QUEUED);
-  updated.set_reason(fmt::format("growing from {} node(s): {} free again; restarting from the latest checkpoint",
-                                 chosen->placement_size(), fmt::join(chosen_extra, ", ")));
-  job_runtime_[chosen->id()].requeue_cause = updated.reason();
-  if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) *chosen = updated;
+  RequeueLocked(*chosen, updated,
+                fmt::format("growing from {} node(s): {} free again", chosen->placement_size(),
+                            fmt::join(chosen_extra, ", ")));
 }
 
 void Scheduler::ExpireLeasesLocked(int64_t now) {
@@ -813,11 +817,8 @@ void Scheduler::ExpireLeasesLocked(int64_t now) {
     for (const std::string& job_id : affected) {
       pb::Job updated = jobs_[job_id];
       EndGenerationLocked(updated);
-      updated.set_state(pb::JOB_STATE_QUEUED);
-      updated.set_reason(fmt::format("node {} lost (no heartbeat for {} ms); restarting from the latest checkpoint",
-                                     id, now - node.last_heartbeat_ms));
-      job_runtime_[job_id].requeue_cause = updated.reason();
-      if (PersistJobLocked(updated, "requeued", updated.reason()).ok()) jobs_[job_id] = updated;
+      RequeueLocked(jobs_[job_id], updated,
+                    fmt::format("node {} lost (no heartbeat for {} ms)", id, now - node.last_heartbeat_ms));
     }
   }
 }

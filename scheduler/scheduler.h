@@ -50,9 +50,10 @@ struct SchedulerOptions {
   // more fails the job (a step in between starts the count again).
   int peer_lost_restarts = 3;
   // A job that restarted on fewer nodes than it asked for (resources.nodes) grows back
-  // when nodes are free for it and no job waits in the queue, once its generation has
-  // run this long: it restarts on more nodes from its latest checkpoint, so the steps
-  // since that checkpoint are done again. Only jobs that save checkpoints grow. 0: never.
+  // when other nodes are free for it and no job waits in the queue, once its generation
+  // and those nodes have been up this long: it restarts on more nodes from its latest
+  // checkpoint, so the steps since that checkpoint are done again. Only jobs that save
+  // checkpoints grow. 0: never.
   int64_t grow_after_ms = 60'000;
 };
 
@@ -175,6 +176,10 @@ class Scheduler {
   // job restarts from its latest checkpoint, or fails after options_.peer_lost_restarts
   // restarts in a row without a step, with `rank`'s last stderr lines.
   void RestartLostPeersLocked(pb::Job& job, int32_t rank, const std::string& cause, int64_t now);
+  // `updated` (`job` with its generation ended) goes back in the queue to restart from
+  // its latest checkpoint: "<cause>; restarting from the latest checkpoint" is its
+  // reason and event, kept in its reason while it waits.
+  void RequeueLocked(pb::Job& job, pb::Job& updated, const std::string& cause);
   void PlaceJobsLocked(int64_t now);
   // What a heartbeat runs: placement only when a job, node or allocation changed since
   // the last pass (a pass looks at every queued job and node; 1,000 nodes beating each
