@@ -5,7 +5,8 @@ namespace llamad {
 
 inline constexpr int kExitFailure = 1;  // failed while running (an I/O error, a diverged loss)
 inline constexpr int kExitUsage = 2;    // bad input: command line, job file, data, checkpoint
-// A peer rank was lost (a collective or the connection to the other ranks failed). Not
+// A peer rank was lost (a collective or the connection to the other ranks failed), or
+// this rank stopped after a step because a peer was asked to stop (SIGTERM). Not
 // the rank's own fault: the scheduler decides the job's fate by what happened to the
 // peers (one failed: the job fails with that rank's reason; a node was lost: the job
 // restarts), not by this rank. 75 is sysexits' EX_TEMPFAIL.

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -521,6 +522,48 @@ int LaunchRanks(int nproc) {
   return result;
 }
 
+// ---- stopping when asked ---------------------------------------------------------------
+
+// A training rank asked to stop (SIGTERM from its node's daemon, which a preemption or
+// the scheduler sends, or from the launcher; SIGINT from a terminal) finishes the step in
+// flight, and every rank stops after the same step: the trainer sums the requests with the
+// step's loss. A job that saves checkpoints saves that step first, so a preempted or
+// resized job goes on from where it stopped. A second SIGINT (Ctrl-C) stops the process at
+// once; a second SIGTERM changes nothing, since supervisors send it more than once (the
+// daemon's stop and its parent-death signal) and escalate with SIGKILL.
+std::atomic<bool> g_stop_requested{false};
+volatile sig_atomic_t g_rank_stop_signal = 0;
+char g_stop_message[192];  // written by the handler, which must not format
+
+void OnRankStopSignal(int sig) {
+  if (g_rank_stop_signal != 0) {
+    if (sig == SIGINT) {  // the signal's default, termination
+      ::signal(sig, SIG_DFL);
+      ::raise(sig);
+    }
+    return;
+  }
+  g_rank_stop_signal = sig;
+  g_stop_requested.store(true);
+  [[maybe_unused]] auto written = ::write(2, g_stop_message, std::strlen(g_stop_message));
+}
+
+// From the first step on: before it, a rank has nothing to save, and the signal's default
+// (termination) stops it at once.
+void StopAfterTheStepWhenAsked(int rank, bool saves) {
+  std::snprintf(g_stop_message, sizeof(g_stop_message),
+                "llama-train: rank %d: asked to stop; the ranks stop after the step in flight%s (a second "
+                "Ctrl-C stops at once)\n",
+                rank, saves ? " and save it" : "");
+  static_assert(std::atomic<bool>::is_always_lock_free, "set from a signal handler");
+  struct sigaction on_stop {};
+  on_stop.sa_handler = OnRankStopSignal;
+  sigemptyset(&on_stop.sa_mask);
+  on_stop.sa_flags = SA_RESTART;  // the step's calls go on as if nothing happened
+  sigaction(SIGINT, &on_stop, nullptr);
+  sigaction(SIGTERM, &on_stop, nullptr);
+}
+
 int RunTrain(const Common& common, const Overrides& overrides) {
   auto spec = ReadSpec(common, overrides);
   if (!spec.ok()) return Fail(spec.status());
@@ -716,11 +759,18 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   }
   double first_loss = 0, last_loss = 0;
   const int64_t first_step = (*trainer)->step() + 1;
+  (*trainer)->set_stop_flag(&g_stop_requested);
+  StopAfterTheStepWhenAsked(rank, checkpointer != nullptr);
   const auto status = (*trainer)->Train(*data, [&](const StepMetrics& m) -> absl::Status {
     if (m.step == first_step) first_loss = m.loss;
     last_loss = m.loss;
     double stall = 0;
-    const bool save = spec->checkpoint.interval > 0 && (m.step % spec->checkpoint.interval == 0 || m.step == t.steps);
+    if (m.stop_requested && m.step < t.steps && lead) {
+      std::fprintf(stderr, "llama-train: a rank was asked to stop: stopping after step %lld of %lld%s\n",
+                   (long long)m.step, (long long)t.steps, checkpointer ? ", saving it first" : "");
+    }
+    const bool save = checkpointer != nullptr &&
+                      (m.step % spec->checkpoint.interval == 0 || m.step == t.steps || m.stop_requested);
     if (save) {
       auto seconds = checkpointer->Save(**trainer);
       if (!seconds.ok()) return seconds.status();
@@ -757,6 +807,25 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   if (!status.ok()) return Fail(status);
   if (checkpointer) {
     if (auto s = checkpointer->Wait(); !s.ok()) return Fail(absl::InternalError(s.message()));
+  }
+  if (const int64_t stopped = (*trainer)->step(); stopped < t.steps) {
+    // Stopped when asked. Whether this rank was: read now, since once a peer has left, its
+    // launcher may signal this rank too.
+    const int asked = g_rank_stop_signal;
+    // No rank leaves before rank 0 has committed the step's checkpoint: the job's next
+    // generation may start on this rank's device as soon as it exits, and must find that
+    // checkpoint. A peer that is gone already only ends the wait.
+    if ((*comm)->world_size() > 1) (*comm)->Barrier().IgnoreError();
+    if (lead) {
+      std::fprintf(stderr, "llama-train: stopped after step %lld of %lld (loss %.4f)%s\n", (long long)stopped,
+                   (long long)t.steps, last_loss,
+                   checkpointer ? "; -f latest goes on from there" : "; no checkpoints are saved, so nothing is kept");
+    }
+    // The rank that was asked ends as the signal would have ended it; the others say that
+    // a peer stopped, which leaves the job's fate to what happened to that peer.
+    if (asked != 0) return 128 + asked;
+    std::fprintf(stderr, "llama-train: rank %d stopped with the rank that was asked to\n", rank);
+    return kExitPeerLost;
   }
   if (lead) {
     std::fprintf(stderr, "llama-train: done: loss %.4f -> %.4f after %lld steps\n", first_loss,

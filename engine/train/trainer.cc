@@ -237,16 +237,28 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
   // The losses' and norms' sums over Gloo, timed apart: with NCCL they are the host's
   // only communication.
   double host_scalar_seconds = 0;
-  auto host_sum = [&](double* x) {
+  auto host_sum = [&](double* x, size_t n = 1) {
     const auto begin = std::chrono::steady_clock::now();
-    absl::Status s = comm_->AllReduceSum(x, 1);
+    absl::Status s = comm_->AllReduceSum(x, n);
     host_scalar_seconds += seconds_since(begin);
+    return s;
+  };
+  // This rank's stop request goes with the loss: every rank learns of any rank's in the
+  // same sum, so all of them stop after the same step.
+  auto stop_asked = [&] { return stop_flag_ != nullptr && stop_flag_->load() ? 1.0 : 0.0; };
+  bool stop_summed = false;
+  auto sum_loss = [&] {
+    double sums[2] = {loss_sum, stop_asked()};
+    absl::Status s = host_sum(sums, 2);
+    loss_sum = sums[0];
+    m.stop_requested = sums[1] > 0;
+    stop_summed = true;
     return s;
   };
   auto comm_start = std::chrono::steady_clock::now();
   if (model_->gradients_sharded()) {
     // zero2: the gradients were reduced region by region during the backward.
-    if (auto s = host_sum(&loss_sum); !s.ok()) return s;
+    if (auto s = sum_loss(); !s.ok()) return s;
     const double after = seconds_since(comm_start);
     m.communication_seconds = model_collective_seconds_ + after;
     m.exposed_communication_seconds = model_wait_seconds_ + after;
@@ -257,7 +269,7 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
         !s.ok()) {
       return s;
     }
-    if (auto s = host_sum(&loss_sum); !s.ok()) return s;
+    if (auto s = sum_loss(); !s.ok()) return s;
     m.communication_seconds = m.exposed_communication_seconds = seconds_since(comm_start);
   }
   if (reducer) {
@@ -265,11 +277,12 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     if (auto s = reducer->Finish(); !s.ok()) return s;
     m.exposed_communication_seconds = seconds_since(comm_start);  // waiting for the buckets
     const auto loss_start = std::chrono::steady_clock::now();
-    if (auto s = host_sum(&loss_sum); !s.ok()) return s;
+    if (auto s = sum_loss(); !s.ok()) return s;
     const double loss_reduce = seconds_since(loss_start);
     m.exposed_communication_seconds += loss_reduce;
     m.communication_seconds = reducer->busy_seconds() + loss_reduce;
   }
+  if (!stop_summed) m.stop_requested = stop_asked() > 0;  // one rank: nobody to agree with
   m.loss = loss_sum / targets_per_step;
   if (model_->gradients_sharded()) {
     const size_t begin = optimizer_->shard_begin(), end = optimizer_->shard_end();
@@ -610,6 +623,7 @@ absl::Status Trainer::Train(const TokenSource& data,
                                               " (diverged; lower training.lr or set training.grad_clip)"));
     }
     if (auto status = on_step(m); !status.ok()) return status;
+    if (m.stop_requested) break;
   }
   return absl::OkStatus();
 }

@@ -2,6 +2,7 @@
 // clipping, the LR schedule and AdamW, with per-step metrics.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <future>
 #include <memory>
@@ -38,6 +39,9 @@ struct StepMetrics {
   // overlapped with the backward).
   double communication_seconds = 0;
   double exposed_communication_seconds = 0;
+  // Some rank was asked to stop (its stop flag was set when the step's loss was summed).
+  // Every rank sees the same value for the same step, so all can stop after it together.
+  bool stop_requested = false;
 };
 
 class Trainer {
@@ -53,7 +57,8 @@ class Trainer {
   ~Trainer();  // waits for a gradient reduction still in flight
 
   // Runs the steps from the current one up to spec.training.steps over `data`, calling
-  // on_step after each; an error from on_step stops training and is returned.
+  // on_step after each; an error from on_step stops training and is returned. Returns
+  // early, after on_step, at the first step whose metrics say stop_requested.
   absl::Status Train(const TokenSource& data,
                      const std::function<absl::Status(const StepMetrics&)>& on_step);
 
@@ -61,6 +66,11 @@ class Trainer {
   // it (WindowSampler::RankSlice) in micro-batches, then the gradients summed over the
   // ranks. Fails only when a collective does (a lost rank).
   absl::StatusOr<StepMetrics> Step(WindowSampler& sampler);
+
+  // A flag this rank's stop request sets (a signal, say); null: none. Read once per step,
+  // when the loss is summed over the ranks, so that all ranks agree on the step to stop
+  // after (StepMetrics::stop_requested). It must outlive the trainer.
+  void set_stop_flag(const std::atomic<bool>* flag) { stop_flag_ = flag; }
 
   // Optimizer steps taken so far (0 before the first).
   int64_t step() const { return optimizer_->step(); }
@@ -135,6 +145,7 @@ class Trainer {
   LrSchedule schedule_;
   std::vector<int32_t> tokens_, targets_;
   uint64_t sampler_position_ = 0;
+  const std::atomic<bool>* stop_flag_ = nullptr;
   bool zero1_ = false;
   // zero2/3: the first failure of a collective inside the forward or backward, the
   // seconds spent in them this step, and the seconds the step waited for them.

@@ -12,6 +12,7 @@
 #include "backend/cpu/cpu_backend.h"
 #include "common/scratch_dir.h"
 #include "common/flip_byte.h"
+#include "common/process_table.h"
 #include "common/step_losses.h"
 #include "common/subprocess.h"
 #include "engine/small_job.h"
@@ -178,6 +179,123 @@ TEST(CheckpointProcessTest, KilledAfterASaveResumesBitIdentically) {
   for (const auto& [step, loss] : StepLosses(output)) got[step] = loss;
   ASSERT_EQ(got.size(), 20u);
   for (const auto& [step, loss] : expected) EXPECT_EQ(got[step], loss) << "step " << step;
+}
+
+// The step of a JSON step line (0 for any other line).
+int64_t StepOf(const std::string& line) {
+  const auto losses = StepLosses(line);
+  return losses.empty() ? 0 : losses.begin()->first;
+}
+
+// Reads `p`'s output up to the step line of step `step` or later; returns that step (0
+// when the output ends first).
+int64_t ReadUpToStep(Subprocess& p, int64_t step) {
+  while (auto line = p.ReadLine()) {
+    if (const int64_t at = StepOf(*line); at >= step) return at;
+  }
+  return 0;
+}
+
+// The losses of `job` up to `last_step` (from the step lines of a run killed after it).
+std::map<int64_t, double> LossesUpTo(const std::string& job_args, int64_t last_step) {
+  Subprocess run(Train(job_args + " --log-format json"));
+  EXPECT_GE(ReadUpToStep(run, last_step), last_step) << run.Drain();
+  run.Kill(SIGKILL);
+  run.Wait();
+  std::map<int64_t, double> losses;
+  for (const auto& [step, loss] : StepLosses(run.output())) {
+    if (step <= last_step) losses[step] = loss;
+  }
+  return losses;
+}
+
+// The launched rank of a `--nproc` run (its LLAMAD_RANK), or -1.
+int RankOf(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/environ", std::ios::binary);
+  for (std::string entry; std::getline(in, entry, '\0');) {
+    if (entry.starts_with("LLAMAD_RANK=")) return std::stoi(entry.substr(12));
+  }
+  return -1;
+}
+
+// That job "proc"'s newest checkpoint under `root` is `step`, and intact. The store is
+// closed again on return: a run cannot open it while another process holds it.
+void ExpectLatestCheckpoint(const fs::path& root, int64_t step) {
+  auto store = storage::CheckpointStore::Open(root.string());
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto latest = (*store)->LatestStep("proc");
+  ASSERT_TRUE(latest.ok()) << latest.status();
+  EXPECT_EQ(*latest, step);
+  EXPECT_TRUE((*store)->Verify("proc", step).ok());
+}
+
+// A run asked to stop (SIGTERM, as its node's daemon sends when the machine is preempted
+// or the job is resized) finishes the step in flight, saves it and exits as the signal
+// would have ended it; -f latest goes on from that step with the losses of a run never
+// stopped.
+TEST(CheckpointProcessTest, AStoppedRunSavesItsLastStepAndResumesFromItBitIdentically) {
+  const fs::path dir = FreshDir("proc-stopped");
+  const std::string job = WriteJob(dir, 100000, 100000);  // no save but the stop's
+  std::map<int64_t, double> got;
+  int64_t stopped = 0;
+  {
+    Subprocess first(Train("--config " + job + " --log-format json"));
+    ASSERT_GE(ReadUpToStep(first, 3), 3) << first.Drain();
+    first.Kill(SIGTERM);
+    const std::string output = first.Drain();
+    EXPECT_EQ(first.Wait(), 128 + SIGTERM) << output;
+    got = StepLosses(output);
+    ASSERT_FALSE(got.empty()) << output;
+    stopped = got.rbegin()->first;
+    EXPECT_NE(output.find("asked to stop; the ranks stop after the step in flight and save it"), std::string::npos)
+        << output;
+    EXPECT_NE(output.find("checkpoint step " + std::to_string(stopped) + " committed"), std::string::npos) << output;
+    EXPECT_NE(output.find("stopped after step " + std::to_string(stopped) + " of 100000"), std::string::npos)
+        << output;
+  }
+  ExpectLatestCheckpoint(dir / "ckpt", stopped);
+  {
+    Subprocess second(Train("--config " + job + " --log-format json -f latest"));
+    EXPECT_GE(ReadUpToStep(second, stopped + 2), stopped + 2) << second.Drain();
+    second.Kill(SIGKILL);
+    second.Wait();
+    EXPECT_NE(second.output().find("resumed job 'proc' at step " + std::to_string(stopped)), std::string::npos)
+        << second.output();
+    for (const auto& [step, loss] : StepLosses(second.output())) got[step] = loss;
+  }
+  const auto straight = LossesUpTo("--config " + WriteJob(FreshDir("proc-not-stopped"), 100000, 0), stopped + 2);
+  ASSERT_EQ(straight.size(), size_t(stopped + 2));
+  for (const auto& [step, loss] : straight) EXPECT_EQ(got[step], loss) << "step " << step;
+}
+
+// Of two ranks only rank 1 is asked to stop: both stop after the same step, rank 0
+// (which was not asked) commits it, and the job resumes from it.
+TEST(CheckpointProcessTest, RanksStopAfterTheSameStepWhenOneIsAsked) {
+  const fs::path dir = FreshDir("proc-stopped-ranks");
+  const std::string job = WriteJob(dir, 100000, 100000);
+  Subprocess run(Train("--config " + job + " --log-format json --nproc 2"));
+  ASSERT_GE(ReadUpToStep(run, 3), 3) << run.Drain();
+  pid_t rank1 = -1;
+  for (pid_t pid : testing::LiveChildren({run.pid()}, "llama-train")) {
+    if (RankOf(pid) == 1) rank1 = pid;
+  }
+  ASSERT_GT(rank1, 0) << "rank 1 of the launcher " << run.pid() << " not found";
+  ::kill(rank1, SIGTERM);
+  const std::string output = run.Drain();
+  EXPECT_NE(run.Wait(), 0) << output;
+  const auto losses = StepLosses(output);
+  ASSERT_FALSE(losses.empty()) << output;
+  const int64_t stopped = losses.rbegin()->first;
+  EXPECT_NE(output.find("rank 1: asked to stop"), std::string::npos) << output;
+  EXPECT_NE(output.find("stopped after step " + std::to_string(stopped) + " of 100000"), std::string::npos) << output;
+  EXPECT_NE(output.find("rank 0 stopped with the rank that was asked to"), std::string::npos) << output;
+  ExpectLatestCheckpoint(dir / "ckpt", stopped);
+  Subprocess resumed(Train("--config " + job + " --log-format json -f latest --nproc 2"));
+  EXPECT_EQ(ReadUpToStep(resumed, stopped + 1), stopped + 1) << resumed.Drain();
+  resumed.Kill(SIGKILL);
+  resumed.Wait();
+  EXPECT_NE(resumed.output().find("resumed job 'proc' at step " + std::to_string(stopped)), std::string::npos)
+      << resumed.output();
 }
 
 // Kills a job that saves after every step at random moments, `trials` times, resuming
