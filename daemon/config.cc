@@ -39,7 +39,7 @@ DaemonFlags::DaemonFlags(CLI::App& app) {
   add("worker_threads", &DaemonConfig::worker_threads, "CPU threads per rank (0 = cores / devices)");
   add("comm_host", &DaemonConfig::comm_host, "Address this node's ranks listen on for their peers (auto: loopback for one-node jobs, "
       "else this machine's address on its route to the scheduler)");
-  add("stop_grace_ms", &DaemonConfig::stop_grace_ms, "SIGTERM, then SIGKILL after this long");
+  add("stop_grace_ms", &DaemonConfig::stop_grace_ms, "SIGTERM (a rank saves its step), then SIGKILL after this long");
 }
 
 absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {

@@ -139,6 +139,8 @@ void NodeAgent::Loop() {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
   }
+  // On the thread that started the workers: their parent-death signal comes when it ends.
+  StopWorkers();
 }
 
 absl::Status NodeAgent::HeartbeatOnce() {
@@ -162,6 +164,7 @@ absl::Status NodeAgent::HeartbeatOnce() {
       reported.push_back(w);
     }
   }
+  request.set_stopping(stopping_.load());
   if (auto s = ConnectToScheduler(); !s.ok()) return s;
   pb::HeartbeatResponse response;
   grpc::ClientContext context;
@@ -193,9 +196,11 @@ absl::Status NodeAgent::HeartbeatOnce() {
     std::lock_guard lock(mu_);
     auto it = workers_.find({stop.job_id(), stop.generation(), stop.rank()});
     if (it == workers_.end() || it->second->kill_at_ms != 0) continue;
-    std::fprintf(stderr, "llamad: stopping job %s rank %d: %s\n", stop.job_id().c_str(), stop.rank(),
-                 stop.reason().c_str());
-    SignalWorker(*it->second, SIGTERM);
+    // SIGTERM: the rank finishes its step and saves it. Where a peer was lost that step may
+    // never finish (a collective waits for the peer): SIGKILL.
+    std::fprintf(stderr, "llamad: stopping job %s rank %d%s: %s\n", stop.job_id().c_str(), stop.rank(),
+                 stop.save_step() ? " after its step" : " at once", stop.reason().c_str());
+    SignalWorker(*it->second, stop.save_step() ? SIGTERM : SIGKILL);
     it->second->kill_at_ms = NowMs() + options_.stop_grace_ms;
   }
   for (const pb::StartRank& start : response.start()) StartWorker(start);
@@ -336,9 +341,11 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
     sigset_t none;
     sigemptyset(&none);
     ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
-    // A worker never outlives its daemon.
-    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-    if (::getppid() != parent) ::_exit(128 + SIGTERM);
+    // A worker never outlives its daemon. The signal comes when the thread that forked it
+    // ends (the daemon's loop, which outlives its workers) or the daemon dies; a daemon
+    // that stops stops its workers first, with SIGTERM, so that they save their step.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(128 + SIGKILL);
     ::signal(SIGPIPE, SIG_DFL);  // the daemon ignores it; an ignored signal survives exec
     ::dup2(out_pipe[1], 1);
     ::dup2(err_pipe[1], 2);
@@ -417,31 +424,47 @@ int NodeAgent::running_workers() {
 }
 
 void NodeAgent::Stop(bool preempted) {
+  stop_preempted_.store(preempted);
   if (stopping_.exchange(true)) {
     if (loop_.joinable()) loop_.join();
     return;
   }
-  if (loop_.joinable()) loop_.join();
-  {
-    std::lock_guard lock(mu_);
-    for (auto& [key, w] : workers_) {
-      w->preempted = preempted;
-      SignalWorker(*w, SIGTERM);
-      w->kill_at_ms = NowMs() + options_.stop_grace_ms;
-    }
+  // The loop stops the workers before it returns (StopWorkers).
+  if (loop_.joinable()) {
+    loop_.join();
+  } else {
+    StopWorkers();
   }
-  while (running_workers() > 0) {
-    ReapWorkers();
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  // One last beat so the scheduler learns of the exits now, not by the lease.
-  if (registered_) HeartbeatOnce().IgnoreError();
   std::lock_guard lock(mu_);
   for (auto& [key, w] : workers_) {
     if (w->stdout_reader.joinable()) w->stdout_reader.join();
     if (w->stderr_reader.joinable()) w->stderr_reader.join();
   }
   workers_.clear();
+}
+
+void NodeAgent::StopWorkers() {
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [key, w] : workers_) {
+      w->preempted = stop_preempted_.load();
+      SignalWorker(*w, SIGTERM);
+      w->kill_at_ms = NowMs() + options_.stop_grace_ms;
+    }
+  }
+  // The ranks finish their step and save it, which may take most of the grace: the node
+  // keeps its lease meanwhile, and says that it is stopping so that it gets no new ranks.
+  int64_t next_beat_ms = NowMs() + heartbeat_interval_ms_;
+  while (running_workers() > 0) {
+    ReapWorkers();
+    if (registered_ && NowMs() >= next_beat_ms) {
+      HeartbeatOnce().IgnoreError();
+      next_beat_ms = NowMs() + heartbeat_interval_ms_;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  // One last beat so the scheduler learns of the exits now, not by the lease.
+  if (registered_) HeartbeatOnce().IgnoreError();
 }
 
 }  // namespace llamad::daemon

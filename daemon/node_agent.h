@@ -52,8 +52,9 @@ class NodeAgent {
   // Starts the heartbeat thread. It registers first, retrying every second while the
   // scheduler cannot be reached, and says so on stderr.
   void Start();
-  // Stops every worker (SIGTERM, SIGKILL after the grace period), reports their exits
-  // (as preempted when `preempted`: the scheduler requeues their jobs), and returns.
+  // Stops every worker (SIGTERM: a rank finishes its step and saves it; SIGKILL after the
+  // grace period), heartbeating meanwhile as a node that takes no new ranks, reports their
+  // exits (as preempted when `preempted`: the scheduler requeues their jobs), and returns.
   void Stop(bool preempted);
 
   // The ranks this node runs now (tests and status).
@@ -64,6 +65,9 @@ class NodeAgent {
   using Key = std::tuple<std::string, int64_t, int32_t>;  // job, generation, rank
 
   void Loop();
+  // SIGTERM to every worker (SIGKILL after the grace period), heartbeating until they
+  // have exited, then one beat more: run by the loop as it ends, or by Stop without one.
+  void StopWorkers();
   // Connects scheduler_rpc_ to the scheduler unless it is connected (again after the
   // heartbeat loop dropped it).
   absl::Status ConnectToScheduler();
@@ -78,6 +82,7 @@ class NodeAgent {
 
   NodeAgentOptions options_;
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> stop_preempted_{false};  // Stop's argument, for StopWorkers
   std::thread loop_;
   int64_t heartbeat_interval_ms_ = 1000;
   bool registered_ = false;  // with the scheduler (heartbeat thread; Stop after it ends)

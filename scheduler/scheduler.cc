@@ -313,6 +313,7 @@ absl::StatusOr<pb::Job> Scheduler::CancelJob(const std::string& id_or_name) {
         fmt::format("job {} already ended ({})", job->id(), JobStateName(job->state())));
   }
   pb::Job updated = *job;
+  job_runtime_[job->id()].saving_generation = job->generation();
   EndGenerationLocked(updated);
   updated.set_state(pb::JOB_STATE_CANCELLED);
   updated.set_reason("cancelled by a user");
@@ -446,6 +447,7 @@ absl::StatusOr<pb::RegisterNodeResponse> Scheduler::RegisterNode(const pb::Regis
   }
   n.info = info;
   n.last_heartbeat_ms = now;
+  n.stopping = false;  // a daemon that registers has started afresh
   pb::RegisterNodeResponse response;
   response.set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
   response.set_lease_timeout_ms(options_.lease_timeout_ms);
@@ -616,6 +618,7 @@ absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRe
   }
   NodeRuntime& node = node_it->second;
   node.last_heartbeat_ms = clock_->NowMs();
+  node.stopping = request.stopping();
   // Every state change of this heartbeat (its ranks' exits, the jobs that end or start
   // because of them) goes to disk in one synced write before the node hears the answer:
   // a node whose eight ranks finish together costs one fsync, not eight.
@@ -668,6 +671,8 @@ absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRe
     stop->set_reason(job == jobs_.end() ? "unknown job"
                                         : fmt::format("job is {} (generation {})", JobStateName(job->second.state()),
                                                       job->second.generation()));
+    auto runtime = job_runtime_.find(key.job_id);
+    stop->set_save_step(runtime != job_runtime_.end() && runtime->second.saving_generation == key.generation);
   }
   response.set_state(node.info.state());
   if (auto s = CommitGroupLocked(group); !s.ok()) return s;
@@ -726,14 +731,20 @@ void Scheduler::ExpireLostPeersLocked(int64_t now) {
     int64_t waited_ms;
   };
   std::map<std::string, Overdue> overdue;
+  // Jobs with a rank still running on a node that shuts down: that rank is saving the
+  // step its peers stopped after, and its exit (or the node's lease) is the cause.
+  std::set<std::string> saving;
   for (const auto& [key, rank] : expected_) {
     if (rank.lost_peer && now - rank.lost_peer_ms > grace) {
       overdue.try_emplace(key.job_id, Overdue{key.rank, rank.node_id, now - rank.lost_peer_ms});
     }
+    if (auto node = nodes_.find(rank.node_id); !rank.lost_peer && node != nodes_.end() && node->second.stopping) {
+      saving.insert(key.job_id);
+    }
   }
   for (const auto& [job_id, first] : overdue) {
     auto job = jobs_.find(job_id);
-    if (job == jobs_.end() || job->second.state() != pb::JOB_STATE_RUNNING) continue;
+    if (job == jobs_.end() || job->second.state() != pb::JOB_STATE_RUNNING || saving.contains(job_id)) continue;
     RestartLostPeersLocked(job->second, first.rank,
                            fmt::format("rank {} on node {} lost its peers and no other rank reported a cause within "
                                        "{} ms (a peer its host cannot reach?)",
@@ -760,7 +771,7 @@ void Scheduler::GrowJobsLocked(int64_t now) {
   // dropping out does not cost a restart each time it returns.
   std::map<std::string, int32_t> free;
   for (const auto& [id, node] : nodes_) {
-    if (node.info.state() == pb::NODE_STATE_READY && now - node.ready_since_ms >= options_.grow_after_ms) {
+    if (TakesRanks(node) && now - node.ready_since_ms >= options_.grow_after_ms) {
       free[id] = node.info.devices() - DevicesInUseLocked(id);
     }
   }
@@ -784,7 +795,7 @@ void Scheduler::GrowJobsLocked(int64_t now) {
     for (const pb::Placement& p : job.placement()) {
       own.insert(p.node_id());
       auto node = nodes_.find(p.node_id());
-      kept += node != nodes_.end() && node->second.info.state() == pb::NODE_STATE_READY;
+      kept += node != nodes_.end() && TakesRanks(node->second);
     }
     std::vector<std::string> extra;
     for (const auto& [node_id, devices] : free) {
@@ -798,6 +809,7 @@ void Scheduler::GrowJobsLocked(int64_t now) {
   }
   if (chosen == nullptr) return;
   pb::Job updated = *chosen;
+  job_runtime_[chosen->id()].saving_generation = chosen->generation();
   EndGenerationLocked(updated);
   RequeueLocked(*chosen, updated,
                 fmt::format("growing from {} node(s): {} free again", chosen->placement_size(),
@@ -844,7 +856,7 @@ void Scheduler::PlaceJobsLocked(int64_t now) {
   std::map<std::string, int32_t> free;
   int32_t ready = 0;
   for (auto& [id, node] : nodes_) {
-    if (node.info.state() != pb::NODE_STATE_READY) continue;
+    if (!TakesRanks(node)) continue;
     ++ready;
     free[id] = node.info.devices() - DevicesInUseLocked(id);
   }

@@ -119,7 +119,14 @@ class Scheduler {
     pb::NodeInfo info;
     int64_t last_heartbeat_ms = 0;
     int64_t ready_since_ms = 0;  // when it last became ready (or the scheduler started)
+    // Its daemon is shutting down (HeartbeatRequest.stopping): its ranks are saving their
+    // last step. It takes no new ranks; its next registration clears this.
+    bool stopping = false;
   };
+  // Whether new ranks may be placed on the node.
+  static bool TakesRanks(const NodeRuntime& node) {
+    return node.info.state() == pb::NODE_STATE_READY && !node.stopping;
+  }
   struct RankKey {
     std::string job_id;
     int64_t generation;
@@ -144,6 +151,9 @@ class Scheduler {
     std::map<int32_t, std::deque<std::string>> recent_stderr;  // per rank, for failures
     std::string requeue_cause;  // why a running job went back to the queue (kept in its reason)
     std::optional<bool> saves_checkpoints;  // from its spec, read once
+    // A generation ended with all its ranks alive (cancelled, or restarted to grow): they
+    // are told to save the step they stop after (StopRank.save_step).
+    int64_t saving_generation = 0;
   };
 
   Scheduler(const SchedulerOptions& options, Clock* clock);

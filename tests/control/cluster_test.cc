@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -80,7 +81,8 @@ class ClusterTest : public ::testing::Test {
     }
     return false;
   }
-  std::string WriteSpec(const std::string& name, int nodes, int steps, const std::string& dataset = "tokens.u32") {
+  std::string WriteSpec(const std::string& name, int nodes, int steps, const std::string& dataset = "tokens.u32",
+                        const std::string& extra = "") {
     const fs::path path = dir_ / (name + ".yaml");
     std::ofstream(path) << "name: " << name << R"(
 model: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4,
@@ -90,7 +92,7 @@ data: {dataset: )" << dataset << R"(}
 resources:
   nodes: )" << nodes << R"(
   devices_per_node: 1
-)";
+)" << extra;
     return path.string();
   }
   std::string Submit(const std::string& spec) {
@@ -120,7 +122,7 @@ resources:
   std::string RankLogs() {
     std::string all;
     for (const auto& entry : fs::recursive_directory_iterator(dir_)) {
-      if (!entry.path().filename().string().starts_with("rank-")) continue;
+      if (!entry.path().filename().string().starts_with("rank-") || entry.path().extension() != ".log") continue;
       std::ifstream in(entry.path());
       all += "\n== " + entry.path().string() + "\n" + std::string(std::istreambuf_iterator<char>(in), {});
     }
@@ -251,6 +253,60 @@ TEST_F(ClusterTest, LostNodeTakesItsWorkersAndTheJobMovesOn) {
   EXPECT_EQ(Ctl("events no-such-job", &history), 3) << history;
   EXPECT_EQ(Ctl("cancel " + job), 0);
   EXPECT_TRUE(WaitFor(job, "JOB_STATE_CANCELLED", 30)) << Job(job).dump(1);
+}
+
+// A preempted node's daemon (SIGTERM) stops its rank, which finishes its step and saves
+// it with its peer: the job goes on on the other nodes from the step it stopped after,
+// although its checkpoint interval had saved nothing yet. The preempted rank is rank 0,
+// which commits the checkpoint that its peer's node then resumes from.
+TEST_F(ClusterTest, APreemptedJobGoesOnFromTheStepItStoppedAfter) {
+  for (auto id : {"node1", "node2", "node3"}) StartNode(id);
+  const std::string job = Submit(WriteSpec("preempted", 2, 100000, "tokens.u32",
+                                           "checkpoint: {dir: " + (dir_ / "ckpt").string() + ", interval: 100000}\n"));
+  ASSERT_TRUE(WaitFor(job, "JOB_STATE_RUNNING", 30)) << Job(job).dump(1);
+  for (int i = 0; i < 300 && std::stoll(Job(job)["progress"].value("step", "0")) < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  const int64_t before = std::stoll(Job(job)["progress"].value("step", "0"));
+  ASSERT_GE(before, 3) << Job(job).dump(1) << RankLogs();
+  const std::string victim = Job(job)["placement"][0].value("node_id", "");
+  ASSERT_TRUE(victim.starts_with("node")) << Job(job).dump(1);
+  Subprocess& daemon = *nodes_[size_t(victim.back() - '1')];
+  daemon.Kill(SIGTERM);
+  const std::string said = daemon.Drain();
+  EXPECT_EQ(daemon.Wait(), 0) << said;
+
+  // Rank 0 saved the step it stopped after, before its daemon exited.
+  std::string logs = RankLogs();
+  const size_t at = logs.find("stopped after step ");
+  ASSERT_NE(at, std::string::npos) << said << logs;
+  const int64_t stopped = std::stoll(logs.substr(at + std::strlen("stopped after step ")));
+  EXPECT_GE(stopped, before);
+  EXPECT_NE(logs.find("checkpoint step " + std::to_string(stopped) + " committed"), std::string::npos) << logs;
+  // Generation 2 runs on the two other nodes, from that step on.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  nlohmann::json moved;
+  while (std::chrono::steady_clock::now() < deadline) {
+    moved = Job(job);
+    if (moved.value("generation", "0") == "2" && moved.value("state", "") == "JOB_STATE_RUNNING" &&
+        std::stoll(moved["progress"].value("step", "0")) > stopped) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  logs = RankLogs();
+  ASSERT_EQ(moved.value("generation", "0"), "2") << moved.dump(1) << logs;
+  EXPECT_GT(std::stoll(moved["progress"].value("step", "0")), stopped) << moved.dump(1) << logs;
+  EXPECT_EQ(moved.dump().find(victim), std::string::npos) << moved.dump(1);
+  EXPECT_NE(logs.find("resumed job 'preempted' at step " + std::to_string(stopped)), std::string::npos) << logs;
+  std::string history;
+  EXPECT_EQ(Ctl("events " + job, &history), 0) << history;
+  EXPECT_NE(history.find("node " + victim + " stopped (preempted)"), std::string::npos) << history;
+  EXPECT_EQ(history.find("lost its peers"), std::string::npos) << history;
+  EXPECT_EQ(Ctl("cancel " + job), 0);
+  EXPECT_TRUE(WaitFor(job, "JOB_STATE_CANCELLED", 30)) << Job(job).dump(1);
+  std::printf("generation 1 stopped after step %lld (step %lld seen before the preemption)\n", (long long)stopped,
+              (long long)before);
 }
 
 TEST_F(ClusterTest, TokensSpecsAndAddressesAreChecked) {

@@ -70,9 +70,10 @@ class SchedulerTest : public ::testing::Test {
   }
   pb::Job Get(const std::string& id) { return *scheduler_->GetJob(id); }
   // One heartbeat of `node` reporting `ranks`; returns the orders.
-  pb::HeartbeatResponse Beat(const std::string& node, std::vector<pb::RankReport> ranks = {}) {
+  pb::HeartbeatResponse Beat(const std::string& node, std::vector<pb::RankReport> ranks = {}, bool stopping = false) {
     pb::HeartbeatRequest r;
     r.set_node_id(node);
+    r.set_stopping(stopping);
     for (auto& rank : ranks) *r.add_ranks() = rank;
     auto resp = scheduler_->Heartbeat(r);
     EXPECT_TRUE(resp.ok());
@@ -154,7 +155,10 @@ TEST_F(SchedulerTest, ExpiredLeaseRequeuesTheJobWithoutSleeping) {
   stale.set_generation(1);
   stale.set_rank(0);
   stale.set_state(pb::RANK_STATE_RUNNING);
-  EXPECT_EQ(Beat("a", {stale}).stop_size(), 1);
+  const pb::HeartbeatResponse to_a = Beat("a", {stale});
+  ASSERT_EQ(to_a.stop_size(), 1);
+  // Its peer is gone, so the step in flight may never finish: it stops at once.
+  EXPECT_FALSE(to_a.stop(0).save_step());
   // b comes back: the job starts again as generation 2.
   Beat("b");
   EXPECT_EQ(Get(job.id()).state(), pb::JOB_STATE_RUNNING);
@@ -278,6 +282,48 @@ TEST_F(SchedulerTest, RanksWaitingForAPeerThatNeverAnswersAreRestartedAfterTheGr
   EXPECT_NE(failed.reason().find("node b exited with status 1"), std::string::npos) << failed.reason();
 }
 
+TEST_F(SchedulerTest, AStoppingNodeTakesNoRanksAndItsSavingRankIsTheCause) {
+  AddNode("a");
+  AddNode("b");
+  AddNode("c");
+  pb::Job job = Submit(2);
+  ASSERT_EQ(Get(job.id()).placement(0).node_id(), "a");
+  ASSERT_EQ(Get(job.id()).placement(1).node_id(), "b");
+  const pb::StartRank on_a = Beat("a").start(0), on_b = Beat("b").start(0);
+  // b's daemon is stopping (preempted): its rank finishes the step and saves it, and a's
+  // rank, stopped with it, exits as one that lost its peer.
+  Beat("b", {Report(on_b, pb::RANK_STATE_RUNNING)}, /*stopping=*/true);
+  Beat("a", {Report(on_a, pb::RANK_STATE_EXITED, 75)});
+  // A save may take longer than the lost-peer grace: b's running rank is the cause, and
+  // the job waits for it rather than restarting with a's reason.
+  for (int t = 0; t < 10; ++t) {
+    clock_.Advance(1000);
+    Beat("a");
+    Beat("c");
+    Beat("b", {Report(on_b, pb::RANK_STATE_RUNNING)}, true);
+    scheduler_->Tick();
+  }
+  EXPECT_EQ(Get(job.id()).generation(), 1) << Get(job.id()).reason();
+  EXPECT_EQ(Get(job.id()).state(), pb::JOB_STATE_RUNNING);
+  // b's rank saved and exited as preempted: the job goes on on a and c, not on b, which
+  // is still stopping.
+  pb::RankReport preempted = Report(on_b, pb::RANK_STATE_EXITED, 128 + 15);
+  preempted.set_preempted(true);
+  EXPECT_EQ(Beat("b", {preempted}, true).start_size(), 0);
+  pb::Job moved = Get(job.id());
+  EXPECT_EQ(moved.generation(), 2) << moved.reason();
+  EXPECT_EQ(moved.state(), pb::JOB_STATE_RUNNING) << moved.reason();
+  for (const pb::Placement& p : moved.placement()) EXPECT_NE(p.node_id(), "b");
+  EXPECT_EQ(Beat("b", {}, true).start_size(), 0);
+  EXPECT_EQ(Beat("c").start_size(), 1);
+  // A daemon that registers again takes ranks.
+  pb::Job queued = Submit(1);
+  EXPECT_EQ(Get(queued.id()).state(), pb::JOB_STATE_QUEUED);
+  AddNode("b");
+  scheduler_->Tick();
+  EXPECT_EQ(Get(queued.id()).state(), pb::JOB_STATE_RUNNING) << Get(queued.id()).reason();
+  EXPECT_EQ(Beat("b").start_size(), 1);
+}
 
 TEST_F(SchedulerTest, AShrunkJobGrowsBackWhenItsNodeReturns) {
   for (auto n : {"a", "b", "c"}) AddNode(n);
@@ -313,9 +359,23 @@ TEST_F(SchedulerTest, AShrunkJobGrowsBackWhenItsNodeReturns) {
   bool said = false;
   for (const auto& e : events->events) said |= e.message().find("growing from 2 node(s): c free again") == 0;
   EXPECT_TRUE(said);
+  // Generation 2's ranks, all alive, save the step they stop after; generation 3 goes on
+  // from it. So do a cancelled job's.
+  auto stop_of = [&](const pb::Job& j, int64_t generation) {
+    pb::RankReport rank;
+    rank.set_job_id(j.id());
+    rank.set_generation(generation);
+    rank.set_rank(0);
+    rank.set_state(pb::RANK_STATE_RUNNING);
+    const pb::HeartbeatResponse orders = Beat("a", {rank});
+    EXPECT_EQ(orders.stop_size(), 1);
+    return orders.stop_size() == 1 ? orders.stop(0) : pb::StopRank();
+  };
+  EXPECT_TRUE(stop_of(job, 2).save_step());
+  ASSERT_TRUE(scheduler_->CancelJob(job.id()).ok());
+  EXPECT_TRUE(stop_of(job, 3).save_step());
 
   // A job that saves no checkpoints would start over: it stays on the nodes it has.
-  ASSERT_TRUE(scheduler_->CancelJob(job.id()).ok());
   const pb::Job plain = submit(false);
   pass(6000, {"a", "b"});
   ASSERT_EQ(Get(plain.id()).placement_size(), 2);

@@ -6,8 +6,8 @@
 # must not hang. The scheduler loses b's lease and restarts the job on s and a from its
 # latest checkpoint, with no one stepping in. When b comes back, the rank it still runs
 # ends (told to stop, or on a peer's reset), the node is ready for work again, and the
-# job grows back onto it from its latest checkpoint. The times each phase took are
-# printed.
+# job grows back onto it from the step its ranks stopped after to grow, which they saved.
+# The times each phase took are printed.
 #
 #   tests/ops/netns_partition_test.sh SOURCE_DIR BIN_DIR
 set -euo pipefail
@@ -91,6 +91,7 @@ trains() {
 }
 until_ 60 "generation 2 resumes and trains" trains 2
 stepping_at=$(date +%s%3N)
+resumed_gen2=$resumed
 [[ $resumed =~ at\ step\ ([0-9]+)$ ]] && ((BASH_REMATCH[1] >= 80)) ||
   { netns_logs; echo "generation 2 resumed before the checkpoint of step 80 ($resumed)"; exit 1; }
 # b's rank cannot know: it still runs, cut off.
@@ -121,14 +122,15 @@ b_back_at=$(date +%s%3N)
 how_b_ended=$(grep -q "stopping job $job rank" "$work/node-b.log" && echo "stopped by its daemon" ||
   echo "exited by itself")
 # With b ready and its old rank gone, the job grows back onto it (grow_after_ms 2000):
-# generation 3 on all three nodes, from the latest checkpoint.
+# generation 3 on all three nodes. Generation 2's ranks, stopped for it, save the step
+# they stopped after, and generation 3 goes on from that step.
 until_ 60 "the job grows back to three nodes" running_on 3 node-a,node-b,node-s
-resumed2=$resumed
 until_ 60 "generation 3 resumes and trains" trains 3
 grown_at=$(date +%s%3N)
-[[ $resumed2 =~ ([0-9]+)$ ]] && step2=${BASH_REMATCH[1]}
-[[ $resumed =~ ([0-9]+)$ ]] && ((BASH_REMATCH[1] >= step2)) ||
-  { netns_logs; echo "generation 3 resumed before generation 2 did ($resumed; $resumed2)"; exit 1; }
+stopped=$(grep -ho "stopped after step [0-9]*" "$work"/node-*/jobs/"$job"/gen-2/rank-0.log | grep -o "[0-9]*$")
+[[ -n $stopped && $resumed =~ at\ step\ $stopped$ ]] ||
+  { netns_logs; echo "generation 3 did not resume from the step generation 2 stopped after" \
+    "(${stopped:-no stop in its log}; $resumed)"; exit 1; }
 
 # The job's history says why it has a second and a third generation.
 history=$(netns_ctl s events "$job")
@@ -140,7 +142,7 @@ netns_ctl s cancel "$job" >/dev/null
 until_ 30 "the job is cancelled" eval '[ "$(job state)" = JOB_STATE_CANCELLED ]'
 seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) / 1000 }'; }
 echo "partition: cut to generation 2 running $(seconds "$cut_at" "$restarted_at") s, to its first step" \
-  "$(seconds "$cut_at" "$stepping_at") s ($resumed); b joined to ready with its old rank ended" \
+  "$(seconds "$cut_at" "$stepping_at") s ($resumed_gen2); b joined to ready with its old rank ended" \
   "$(seconds "$joined_at" "$b_back_at") s ($how_b_ended); joined to generation 3 on three nodes training" \
   "$(seconds "$joined_at" "$grown_at") s ($resumed)"
 echo "netns partition: ok"
