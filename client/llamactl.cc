@@ -345,6 +345,9 @@ int main(int argc, char** argv) {
   CLI::App* nodes = app.add_subcommand("nodes", "The cluster's nodes");
   CLI::App* drain = app.add_subcommand("drain", "Let a node finish its ranks and take no new ones");
   drain->add_option("node", node_id, "Node id")->required();
+  bool drain_now = false;
+  drain->add_flag("--now", drain_now,
+                  "Move its jobs now: their ranks save the step they stop after, and they restart on other nodes");
   CLI11_PARSE(app, argc, argv);
   ::signal(SIGPIPE, SIG_IGN);
 
@@ -528,6 +531,7 @@ int main(int argc, char** argv) {
   if (*drain) {
     pb::DrainNodeRequest request;
     request.set_node_id(node_id);
+    request.set_move_jobs(drain_now);
     pb::NodeInfo node;
     if (auto s = c.Unary(&pb::Scheduler::Stub::DrainNode, request, &node, "drain " + node_id); !s.ok()) return Fail(s);
     json ? (void)std::printf("%s\n", Json(node).c_str())

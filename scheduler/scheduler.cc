@@ -405,7 +405,7 @@ std::vector<pb::NodeInfo> Scheduler::ListNodes() {
   return out;
 }
 
-absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id) {
+absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bool move_jobs) {
   std::lock_guard lock(mu_);
   auto it = nodes_.find(node_id);
   if (it == nodes_.end()) return absl::NotFoundError(fmt::format("no node '{}'", node_id));
@@ -414,6 +414,20 @@ absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id) {
     info.set_state(pb::NODE_STATE_DRAINING);
     if (auto s = PersistNodeLocked(info); !s.ok()) return s;
     it->second.info = info;
+  }
+  if (move_jobs) {
+    std::set<std::string> affected;
+    for (const auto& [key, rank] : expected_) {
+      if (rank.node_id == node_id) affected.insert(key.job_id);
+    }
+    for (const std::string& job_id : affected) {
+      pb::Job& job = jobs_[job_id];
+      pb::Job updated = job;
+      job_runtime_[job_id].saving_generation = job.generation();  // every rank is alive: each saves
+      EndGenerationLocked(updated);
+      RequeueLocked(job, updated, fmt::format("node {} drained", node_id));
+    }
+    TickLocked();  // placed on the other nodes now, not at the next tick
   }
   info.set_devices_in_use(DevicesInUseLocked(node_id));
   return info;

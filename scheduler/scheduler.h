@@ -95,8 +95,9 @@ class Scheduler {
 
   // ---- nodes ----
   std::vector<pb::NodeInfo> ListNodes();
-  // The node finishes what it runs and takes nothing new.
-  absl::StatusOr<pb::NodeInfo> DrainNode(const std::string& node_id);
+  // The node takes nothing new, and finishes what it runs or (move_jobs) restarts on other
+  // nodes each job with a rank there, from the step its ranks stop after.
+  absl::StatusOr<pb::NodeInfo> DrainNode(const std::string& node_id, bool move_jobs = false);
   absl::StatusOr<pb::RegisterNodeResponse> RegisterNode(const pb::RegisterNodeRequest& request);
   // Records the node's rank reports, renews its lease, and answers with the ranks it
   // should start and stop (level-triggered: what the node should run, minus what it

@@ -256,11 +256,12 @@ TEST_F(ClusterTest, LostNodeTakesItsWorkersAndTheJobMovesOn) {
 }
 
 // A preempted node's daemon (SIGTERM) stops its rank, which finishes its step and saves
-// it with its peer: the job goes on on the other nodes from the step it stopped after,
+// it with its peer: the job goes on on other nodes from the step it stopped after,
 // although its checkpoint interval had saved nothing yet. The preempted rank is rank 0,
-// which commits the checkpoint that its peer's node then resumes from.
+// which commits the checkpoint that its peer's node then resumes from. Then a drain moves
+// the job the same way.
 TEST_F(ClusterTest, APreemptedJobGoesOnFromTheStepItStoppedAfter) {
-  for (auto id : {"node1", "node2", "node3"}) StartNode(id);
+  for (auto id : {"node1", "node2", "node3", "node4"}) StartNode(id);
   const std::string job = Submit(WriteSpec("preempted", 2, 100000, "tokens.u32",
                                            "checkpoint: {dir: " + (dir_ / "ckpt").string() + ", interval: 100000}\n"));
   ASSERT_TRUE(WaitFor(job, "JOB_STATE_RUNNING", 30)) << Job(job).dump(1);
@@ -303,10 +304,35 @@ TEST_F(ClusterTest, APreemptedJobGoesOnFromTheStepItStoppedAfter) {
   EXPECT_EQ(Ctl("events " + job, &history), 0) << history;
   EXPECT_NE(history.find("node " + victim + " stopped (preempted)"), std::string::npos) << history;
   EXPECT_EQ(history.find("lost its peers"), std::string::npos) << history;
+
+  // `llamactl drain --now` moves it again, with its daemon running on: generation 2's
+  // ranks are told to save their step too, and generation 3 goes on from it.
+  const std::string drained = moved["placement"][0].value("node_id", "");
+  std::string out;
+  ASSERT_EQ(Ctl("drain " + drained + " --now", &out), 0) << out;
+  const fs::path gen2_log = dir_ / drained / "jobs" / job / "gen-2" / "rank-0.log";
+  int64_t stopped2 = -1;
+  for (int i = 0; i < 300 && stopped2 < 0; ++i) {
+    std::ifstream in(gen2_log);
+    const std::string text(std::istreambuf_iterator<char>(in), {});
+    if (const size_t at2 = text.find("stopped after step "); at2 != std::string::npos) {
+      stopped2 = std::stoll(text.substr(at2 + std::strlen("stopped after step ")));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_GT(stopped2, stopped) << RankLogs();
+  for (int i = 0; i < 300 && RankLogs().find("resumed job 'preempted' at step " + std::to_string(stopped2)) ==
+                                 std::string::npos;
+       ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_NE(RankLogs().find("resumed job 'preempted' at step " + std::to_string(stopped2)), std::string::npos)
+      << RankLogs();
+  EXPECT_EQ(Job(job).value("generation", "0"), "3") << Job(job).dump(1);
   EXPECT_EQ(Ctl("cancel " + job), 0);
   EXPECT_TRUE(WaitFor(job, "JOB_STATE_CANCELLED", 30)) << Job(job).dump(1);
-  std::printf("generation 1 stopped after step %lld (step %lld seen before the preemption)\n", (long long)stopped,
-              (long long)before);
+  std::printf("generation 1 stopped after step %lld (step %lld seen before the preemption), generation 2 after %lld\n",
+              (long long)stopped, (long long)before, (long long)stopped2);
 }
 
 TEST_F(ClusterTest, TokensSpecsAndAddressesAreChecked) {

@@ -325,6 +325,38 @@ TEST_F(SchedulerTest, AStoppingNodeTakesNoRanksAndItsSavingRankIsTheCause) {
   EXPECT_EQ(Beat("b").start_size(), 1);
 }
 
+TEST_F(SchedulerTest, DrainingNowMovesTheJobsAndTheirRanksSaveFirst) {
+  AddNode("a");
+  AddNode("b");
+  AddNode("c");
+  pb::Job job = Submit(2);
+  ASSERT_EQ(Get(job.id()).placement(1).node_id(), "b");
+  const pb::StartRank on_a = Beat("a").start(0), on_b = Beat("b").start(0);
+  // A plain drain lets the job run on.
+  ASSERT_TRUE(scheduler_->DrainNode("b").ok());
+  EXPECT_EQ(Get(job.id()).generation(), 1);
+  EXPECT_EQ(Beat("b", {Report(on_b, pb::RANK_STATE_RUNNING)}).stop_size(), 0);
+  // --now: the job restarts on a and c; both of generation 1's ranks save their step.
+  auto drained = scheduler_->DrainNode("b", /*move_jobs=*/true);
+  ASSERT_TRUE(drained.ok()) << drained.status();
+  EXPECT_EQ(drained->devices_in_use(), 0);
+  pb::Job moved = Get(job.id());
+  EXPECT_EQ(moved.generation(), 2) << moved.reason();
+  EXPECT_EQ(moved.state(), pb::JOB_STATE_RUNNING) << moved.reason();
+  for (const pb::Placement& p : moved.placement()) EXPECT_NE(p.node_id(), "b");
+  for (const auto& [node, rank] : {std::pair{"a", on_a}, std::pair{"b", on_b}}) {
+    const pb::HeartbeatResponse orders = Beat(node, {Report(rank, pb::RANK_STATE_RUNNING)});
+    ASSERT_EQ(orders.stop_size(), 1) << node;
+    EXPECT_TRUE(orders.stop(0).save_step()) << node;
+  }
+  auto events = scheduler_->WaitJobUpdates(job.id(), 0, 0, 0);
+  ASSERT_TRUE(events.ok());
+  bool said = false;
+  for (const auto& e : events->events) said |= e.message().starts_with("node b drained");
+  EXPECT_TRUE(said);
+  EXPECT_FALSE(scheduler_->DrainNode("nope", true).ok());
+}
+
 TEST_F(SchedulerTest, AShrunkJobGrowsBackWhenItsNodeReturns) {
   for (auto n : {"a", "b", "c"}) AddNode(n);
   auto submit = [&](bool checkpoints) {
