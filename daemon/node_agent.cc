@@ -203,6 +203,15 @@ absl::Status NodeAgent::HeartbeatOnce() {
     SignalWorker(*it->second, stop.save_step() ? SIGTERM : SIGKILL);
     it->second->kill_at_ms = NowMs() + options_.stop_grace_ms;
   }
+  {
+    // An order the scheduler no longer repeats (its job moved on) waits no more.
+    std::set<Key> ordered;
+    for (const pb::StartRank& start : response.start()) {
+      ordered.insert({start.job_id(), start.generation(), start.rank()});
+    }
+    std::lock_guard lock(mu_);
+    std::erase_if(waiting_for_device_, [&](const Key& key) { return !ordered.contains(key); });
+  }
   for (const pb::StartRank& start : response.start()) StartWorker(start);
   return absl::OkStatus();
 }
