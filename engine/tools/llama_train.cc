@@ -430,6 +430,25 @@ absl::StatusOr<std::unique_ptr<Communicator>> ConnectRank() {
 // them. When one fails, the others are stopped and the failure is reported by rank.
 volatile sig_atomic_t g_stop_signal = 0;  // SIGINT/SIGTERM received by the launcher
 
+// The launcher's rendezvous folders: the prefix, its pid, a unique suffix.
+constexpr char kRendezvousPrefix[] = "/tmp/llamad-rendezvous-";
+
+// Folders of launchers that were killed (SIGKILL leaves no chance to clean up): those
+// whose pid no longer runs. A pid since reused keeps its folder, which costs nothing.
+void RemoveStaleRendezvousFolders() {
+  const std::filesystem::path prefix(kRendezvousPrefix);
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(prefix.parent_path(), ec)) {
+    const std::string name = entry.path().filename().string();
+    if (!name.starts_with(prefix.filename().string())) continue;
+    const std::string rest = name.substr(prefix.filename().string().size());
+    const size_t dash = rest.find('-');
+    if (dash == 0 || dash == std::string::npos || rest.find_first_not_of("0123456789") != dash) continue;
+    const pid_t owner = pid_t(std::stol(rest.substr(0, dash)));
+    if (::kill(owner, 0) != 0 && errno == ESRCH) std::filesystem::remove_all(entry.path(), ec);
+  }
+}
+
 int LaunchRanks(int nproc) {
   // A stop request for the job goes to every rank (they may be saving a checkpoint).
   struct sigaction on_stop {};
@@ -438,7 +457,9 @@ int LaunchRanks(int nproc) {
   on_stop.sa_flags = 0;  // no SA_RESTART: waitpid returns EINTR
   sigaction(SIGINT, &on_stop, nullptr);
   sigaction(SIGTERM, &on_stop, nullptr);
-  char dir[] = "/tmp/llamad-rendezvous-XXXXXX";
+  RemoveStaleRendezvousFolders();
+  std::string dir_name = StrCat(kRendezvousPrefix, ::getpid(), "-XXXXXX");
+  char* dir = dir_name.data();
   if (::mkdtemp(dir) == nullptr) {
     std::fprintf(stderr, "llama-train: cannot create a rendezvous folder: %s\n", std::strerror(errno));
     return kExitFailure;

@@ -1,5 +1,7 @@
 // llama-train as a real process: exit codes and messages for bad input, and a short run.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -96,6 +98,26 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
     EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.output;
     EXPECT_NE(r.output.find(c.needle), std::string::npos) << c.args << "\n" << r.output;
   }
+}
+
+// A launcher killed with SIGKILL cannot remove its ranks' rendezvous folder; the next
+// launcher removes the folders of launchers that no longer run, and its own when done.
+TEST(CliTest, LaunchersRemoveTheRendezvousFoldersOfKilledLaunchers) {
+  const pid_t dead = ::fork();
+  if (dead == 0) ::_exit(0);
+  ASSERT_GT(dead, 0);
+  ::waitpid(dead, nullptr, 0);
+  const std::filesystem::path stale = "/tmp/llamad-rendezvous-" + std::to_string(dead) + "-Xy12Zw";
+  std::filesystem::create_directories(stale);
+  std::ofstream(stale / "0") << "a killed run's key";
+  // A folder of a launcher that still runs (this test) stays.
+  const std::filesystem::path live = "/tmp/llamad-rendezvous-" + std::to_string(::getpid()) + "-Ab34Cd";
+  std::filesystem::create_directories(live);
+  const Result r = RunTrain("train --config " + SmallJob() + " --nproc 2 --threads 1");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_FALSE(std::filesystem::exists(stale));
+  EXPECT_TRUE(std::filesystem::exists(live));
+  std::filesystem::remove_all(live);
 }
 
 }  // namespace
