@@ -453,20 +453,29 @@ void NodeAgent::Stop(bool preempted) {
 }
 
 void NodeAgent::StopWorkers() {
+  int64_t last_kill_ms = NowMs();
   {
     std::lock_guard lock(mu_);
     for (auto& [key, w] : workers_) {
+      std::lock_guard wlock(w->mu);
+      if (w->exited) continue;  // its exit, a failure maybe, is reported as it was
       w->preempted = stop_preempted_.load();
-      SignalWorker(*w, SIGTERM);
-      w->kill_at_ms = NowMs() + options_.stop_grace_ms;
+      if (w->kill_at_ms == 0) {  // one the scheduler stopped already keeps its deadline
+        SignalWorker(*w, SIGTERM);
+        w->kill_at_ms = NowMs() + options_.stop_grace_ms;
+      }
+      last_kill_ms = std::max(last_kill_ms, w->kill_at_ms);
     }
   }
   // The ranks finish their step and save it, which may take most of the grace: the node
   // keeps its lease meanwhile, and says that it is stopping so that it gets no new ranks.
+  // Not for longer: a worker that outlives its SIGKILL (stuck in the kernel) must not hold
+  // its job, which the lease's expiry then moves on.
+  const int64_t beat_until_ms = last_kill_ms + 2 * heartbeat_interval_ms_;
   int64_t next_beat_ms = NowMs() + heartbeat_interval_ms_;
   while (running_workers() > 0) {
     ReapWorkers();
-    if (registered_ && NowMs() >= next_beat_ms) {
+    if (registered_ && NowMs() >= next_beat_ms && NowMs() < beat_until_ms) {
       HeartbeatOnce().IgnoreError();
       next_beat_ms = NowMs() + heartbeat_interval_ms_;
     }

@@ -304,6 +304,26 @@ void Scheduler::EndGenerationLocked(pb::Job& job) {
   job.clear_finished_ranks();
 }
 
+void Scheduler::EndGenerationSavingLocked(pb::Job& job) {
+  bool can_save = job.state() == pb::JOB_STATE_RUNNING && SavesCheckpointsLocked(job);
+  for (auto it = expected_.lower_bound({job.id(), job.generation(), std::numeric_limits<int32_t>::min()});
+       can_save && it != expected_.end() && it->first.job_id == job.id() && it->first.generation == job.generation();
+       ++it) {
+    can_save = !it->second.lost_peer;  // its peers' step may never finish
+  }
+  if (can_save) job.set_saving_generation(job.generation());
+  EndGenerationLocked(job);
+}
+
+bool Scheduler::SavesCheckpointsLocked(const pb::Job& job) {
+  JobRuntime& rt = job_runtime_[job.id()];
+  if (!rt.saves_checkpoints) {
+    auto spec = ParseJobSpec(job.spec_yaml(), job.spec_origin());
+    rt.saves_checkpoints = spec.ok() && !spec->checkpoint.dir.empty() && spec->checkpoint.interval > 0;
+  }
+  return *rt.saves_checkpoints;
+}
+
 absl::StatusOr<pb::Job> Scheduler::CancelJob(const std::string& id_or_name) {
   std::lock_guard lock(mu_);
   pb::Job* job = FindJobLocked(id_or_name);
@@ -313,8 +333,7 @@ absl::StatusOr<pb::Job> Scheduler::CancelJob(const std::string& id_or_name) {
         fmt::format("job {} already ended ({})", job->id(), JobStateName(job->state())));
   }
   pb::Job updated = *job;
-  job_runtime_[job->id()].saving_generation = job->generation();
-  EndGenerationLocked(updated);
+  EndGenerationSavingLocked(updated);
   updated.set_state(pb::JOB_STATE_CANCELLED);
   updated.set_reason("cancelled by a user");
   updated.set_finished_unix_ms(clock_->NowMs());
@@ -423,8 +442,7 @@ absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bo
     for (const std::string& job_id : affected) {
       pb::Job& job = jobs_[job_id];
       pb::Job updated = job;
-      job_runtime_[job_id].saving_generation = job.generation();  // every rank is alive: each saves
-      EndGenerationLocked(updated);
+      EndGenerationSavingLocked(updated);
       RequeueLocked(job, updated, fmt::format("node {} drained", node_id));
     }
     TickLocked();  // placed on the other nodes now, not at the next tick
@@ -685,8 +703,7 @@ absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRe
     stop->set_reason(job == jobs_.end() ? "unknown job"
                                         : fmt::format("job is {} (generation {})", JobStateName(job->second.state()),
                                                       job->second.generation()));
-    auto runtime = job_runtime_.find(key.job_id);
-    stop->set_save_step(runtime != job_runtime_.end() && runtime->second.saving_generation == key.generation);
+    stop->set_save_step(job != jobs_.end() && job->second.saving_generation() == key.generation);
   }
   response.set_state(node.info.state());
   if (auto s = CommitGroupLocked(group); !s.ok()) return s;
@@ -797,12 +814,7 @@ void Scheduler::GrowJobsLocked(int64_t now) {
     const pb::Resources& r = job.resources();
     if (!shrunk(job)) continue;
     if (chosen != nullptr && r.priority() <= chosen->resources().priority()) continue;
-    JobRuntime& rt = job_runtime_[id];
-    if (!rt.saves_checkpoints) {
-      auto spec = ParseJobSpec(job.spec_yaml(), job.spec_origin());
-      rt.saves_checkpoints = spec.ok() && !spec->checkpoint.dir.empty() && spec->checkpoint.interval > 0;
-    }
-    if (!*rt.saves_checkpoints) continue;  // a restart would start it over
+    if (!SavesCheckpointsLocked(job)) continue;  // a restart would start it over
     // What it keeps (its nodes that are still ready) and what it gains (other nodes).
     std::set<std::string> own;
     int32_t kept = 0;
@@ -823,8 +835,7 @@ void Scheduler::GrowJobsLocked(int64_t now) {
   }
   if (chosen == nullptr) return;
   pb::Job updated = *chosen;
-  job_runtime_[chosen->id()].saving_generation = chosen->generation();
-  EndGenerationLocked(updated);
+  EndGenerationSavingLocked(updated);
   RequeueLocked(*chosen, updated,
                 fmt::format("growing from {} node(s): {} free again", chosen->placement_size(),
                             fmt::join(chosen_extra, ", ")));

@@ -152,9 +152,6 @@ class Scheduler {
     std::map<int32_t, std::deque<std::string>> recent_stderr;  // per rank, for failures
     std::string requeue_cause;  // why a running job went back to the queue (kept in its reason)
     std::optional<bool> saves_checkpoints;  // from its spec, read once
-    // A generation ended with all its ranks alive (cancelled, or restarted to grow): they
-    // are told to save the step they stop after (StopRank.save_step).
-    int64_t saving_generation = 0;
   };
 
   Scheduler(const SchedulerOptions& options, Clock* clock);
@@ -202,6 +199,12 @@ class Scheduler {
   // Ends the job's current generation: forgets its expected ranks (the nodes are told
   // to stop them by the next heartbeat) and drops its rendezvous keys.
   void EndGenerationLocked(pb::Job& job);
+  // EndGenerationLocked for a generation whose ranks are all alive (a cancel, a drain, a
+  // restart to grow): where they can save the step they stop after (the job runs, saves
+  // checkpoints, and no rank has lost its peers), the job records that they should
+  // (Job.saving_generation, persisted with it; StopRank.save_step).
+  void EndGenerationSavingLocked(pb::Job& job);
+  bool SavesCheckpointsLocked(const pb::Job& job);
   void RecordRankReportLocked(const std::string& node_id, const pb::RankReport& report,
                               std::set<RankKey>& running_on_node);
   void AppendLogsLocked(pb::Job& job, const pb::RankReport& report);

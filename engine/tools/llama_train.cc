@@ -170,6 +170,9 @@ struct ResumePoint {
   int64_t step = -1;                                // -1: start fresh
 };
 
+// How long a run waits for another process to let go of its checkpoint store.
+constexpr auto kStoreHeldWait = std::chrono::minutes(2);
+
 // `saving`: this run writes checkpoints into spec.checkpoint.dir, which is then opened
 // for writing; every other store is opened read-only and left untouched.
 absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& common, bool saving) {
@@ -183,7 +186,21 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
     return absl::OkStatus();
   };
   if (saving) {
+    // The job's previous run may still be saving the step it was stopped after (its ranks
+    // get the daemon's grace for it), while this one starts on other devices: wait for it
+    // to let go of the store, as long as a save could take, rather than fail.
+    const auto deadline = std::chrono::steady_clock::now() + kStoreHeldWait;
     auto store = storage::CheckpointStore::Open(spec.checkpoint.dir, write_options);
+    for (bool said = false; absl::IsFailedPrecondition(store.status()) && std::chrono::steady_clock::now() < deadline;
+         said = true) {
+      if (!said) {
+        std::fprintf(stderr, "llama-train: %s: another process holds the checkpoint index (the job's previous run "
+                     "saving its last step?); waiting up to %lld s for it\n", spec.checkpoint.dir.c_str(),
+                     (long long)std::chrono::duration_cast<std::chrono::seconds>(kStoreHeldWait).count());
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      store = storage::CheckpointStore::Open(spec.checkpoint.dir, write_options);
+    }
     if (!store.ok()) return store.status();
     r.store = *std::move(store);
   }
@@ -429,6 +446,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> ConnectRank() {
 // `llama-train train --nproc N`: starts N ranks of this same command line and watches
 // them. When one fails, the others are stopped and the failure is reported by rank.
 volatile sig_atomic_t g_stop_signal = 0;  // SIGINT/SIGTERM received by the launcher
+volatile sig_atomic_t g_stop_count = 0;   // how many
 
 // The launcher's rendezvous folders: the prefix, its pid, a unique suffix.
 constexpr char kRendezvousPrefix[] = "/tmp/llamad-rendezvous-";
@@ -452,7 +470,10 @@ void RemoveStaleRendezvousFolders() {
 int LaunchRanks(int nproc) {
   // A stop request for the job goes to every rank (they may be saving a checkpoint).
   struct sigaction on_stop {};
-  on_stop.sa_handler = [](int sig) { g_stop_signal = sig; };
+  on_stop.sa_handler = [](int sig) {
+    g_stop_signal = sig;
+    g_stop_count = g_stop_count + 1;
+  };
   sigemptyset(&on_stop.sa_mask);
   on_stop.sa_flags = 0;  // no SA_RESTART: waitpid returns EINTR
   sigaction(SIGINT, &on_stop, nullptr);
@@ -489,16 +510,24 @@ int LaunchRanks(int nproc) {
     pids[size_t(r)] = pid;
   }
   int result = 0, running = nproc;
-  bool stopping = false;
+  bool stopping = false, killed = false;
   auto deadline = std::chrono::steady_clock::time_point::max();
+  auto kill_all = [&](int sig) {
+    for (pid_t p : pids) {
+      if (p > 0) ::kill(p, sig);
+    }
+  };
   while (running > 0) {
+    if (g_stop_count >= 2 && !killed) {  // asked again: stop at once
+      std::fprintf(stderr, "llama-train: asked again; killing the %d ranks\n", running);
+      kill_all(SIGKILL);
+      killed = true;
+    }
     int status = 0;
     const pid_t pid = ::waitpid(-1, &status, stopping ? WNOHANG : 0);
     if (pid == 0) {  // stopping, nobody exited yet: escalate after the grace period
       if (std::chrono::steady_clock::now() > deadline) {
-        for (pid_t p : pids) {
-          if (p > 0) ::kill(p, SIGKILL);
-        }
+        kill_all(SIGKILL);
         deadline = std::chrono::steady_clock::time_point::max();
       }
       ::usleep(50 * 1000);
@@ -509,9 +538,7 @@ int LaunchRanks(int nproc) {
         std::fprintf(stderr, "llama-train: %s received; stopping the %d ranks\n", strsignal(g_stop_signal), running);
         stopping = true;
         result = 128 + g_stop_signal;
-        for (pid_t p : pids) {
-          if (p > 0) ::kill(p, SIGTERM);
-        }
+        kill_all(SIGTERM);  // each finishes its step and saves it
         deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
       }
       continue;
@@ -522,7 +549,17 @@ int LaunchRanks(int nproc) {
     pids[size_t(rank)] = -1;
     --running;
     const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-    if (!ok && !stopping) {
+    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    // A rank that stopped when asked (the others stop after the same step, by themselves),
+    // or one that stopped with it.
+    const bool stopped_when_asked = WIFEXITED(status) && (code == kExitPeerLost || code == 128 + SIGTERM ||
+                                                         code == 128 + SIGINT);
+    if (!ok && stopping && result == kExitPeerLost && code != kExitPeerLost) result = code;  // the cause says more
+    if (!ok && !stopping && stopped_when_asked) {
+      result = code;
+      stopping = true;
+      deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    } else if (!ok && !stopping) {
       if (WIFSIGNALED(status)) {
         std::fprintf(stderr, "llama-train: rank %d of %d was killed by signal %d (%s); stopping the other ranks\n",
                      rank, nproc, WTERMSIG(status), strsignal(WTERMSIG(status)));
@@ -532,9 +569,7 @@ int LaunchRanks(int nproc) {
       }
       result = WIFEXITED(status) ? WEXITSTATUS(status) : kExitFailure;
       stopping = true;
-      for (pid_t p : pids) {
-        if (p > 0) ::kill(p, SIGTERM);
-      }
+      kill_all(SIGTERM);
       deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
     }
   }
@@ -564,9 +599,11 @@ void OnRankStopSignal(int sig) {
     }
     return;
   }
+  const int saved_errno = errno;  // of the call the signal interrupted
   g_rank_stop_signal = sig;
   g_stop_requested.store(true);
   [[maybe_unused]] auto written = ::write(2, g_stop_message, std::strlen(g_stop_message));
+  errno = saved_errno;
 }
 
 // From the first step on: before it, a rank has nothing to save, and the signal's default
@@ -583,6 +620,9 @@ void StopAfterTheStepWhenAsked(int rank, bool saves) {
   on_stop.sa_flags = SA_RESTART;  // the step's calls go on as if nothing happened
   sigaction(SIGINT, &on_stop, nullptr);
   sigaction(SIGTERM, &on_stop, nullptr);
+  // Ctrl-C also ends a pipe's reader (`llama-train ... | tee log`): the step lines written
+  // after it must not kill the rank before it has saved.
+  ::signal(SIGPIPE, SIG_IGN);
 }
 
 int RunTrain(const Common& common, const Overrides& overrides) {

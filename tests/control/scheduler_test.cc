@@ -329,7 +329,10 @@ TEST_F(SchedulerTest, DrainingNowMovesTheJobsAndTheirRanksSaveFirst) {
   AddNode("a");
   AddNode("b");
   AddNode("c");
-  pb::Job job = Submit(2);
+  pb::SubmitJobRequest request;
+  request.set_spec_yaml(Spec(2) + "checkpoint: {dir: ckpt, interval: 10}\n");
+  request.set_spec_origin("/jobs/gang.yaml");
+  pb::Job job = *scheduler_->SubmitJob(request);
   ASSERT_EQ(Get(job.id()).placement(1).node_id(), "b");
   const pb::StartRank on_a = Beat("a").start(0), on_b = Beat("b").start(0);
   // A plain drain lets the job run on.
@@ -355,6 +358,23 @@ TEST_F(SchedulerTest, DrainingNowMovesTheJobsAndTheirRanksSaveFirst) {
   for (const auto& e : events->events) said |= e.message().starts_with("node b drained");
   EXPECT_TRUE(said);
   EXPECT_FALSE(scheduler_->DrainNode("nope", true).ok());
+  // What the scheduler told survives its restart.
+  Reopen();
+  EXPECT_TRUE(Beat("a", {Report(on_a, pb::RANK_STATE_RUNNING)}).stop(0).save_step());
+
+  // Nothing to save: a job without checkpoints, or one with a rank that lost its peers
+  // (their step may never finish), is stopped at once.
+  ASSERT_TRUE(scheduler_->CancelJob(job.id()).ok());
+  pb::Job plain = Submit(2);
+  const pb::StartRank plain_a = Beat("a").start(0);
+  ASSERT_TRUE(scheduler_->CancelJob(plain.id()).ok());
+  EXPECT_FALSE(Beat("a", {Report(plain_a, pb::RANK_STATE_RUNNING)}).stop(0).save_step());
+  pb::Job again = *scheduler_->SubmitJob(request);
+  const pb::StartRank again_a = Beat("a").start(0);
+  const pb::StartRank again_c = Beat("c").start(0);
+  Beat("c", {Report(again_c, pb::RANK_STATE_EXITED, 75)});
+  ASSERT_TRUE(scheduler_->CancelJob(again.id()).ok());
+  EXPECT_FALSE(Beat("a", {Report(again_a, pb::RANK_STATE_RUNNING)}).stop(0).save_step());
 }
 
 TEST_F(SchedulerTest, AShrunkJobGrowsBackWhenItsNodeReturns) {

@@ -282,7 +282,9 @@ TEST(CheckpointProcessTest, RanksStopAfterTheSameStepWhenOneIsAsked) {
   ASSERT_GT(rank1, 0) << "rank 1 of the launcher " << run.pid() << " not found";
   ::kill(rank1, SIGTERM);
   const std::string output = run.Drain();
-  EXPECT_NE(run.Wait(), 0) << output;
+  // The launcher ends as its asked rank did, and signals no rank itself: they stop alone.
+  EXPECT_EQ(run.Wait(), 128 + SIGTERM) << output;
+  EXPECT_EQ(output.find("rank 0: asked to stop"), std::string::npos) << output;
   const auto losses = StepLosses(output);
   ASSERT_FALSE(losses.empty()) << output;
   const int64_t stopped = losses.rbegin()->first;
@@ -296,6 +298,34 @@ TEST(CheckpointProcessTest, RanksStopAfterTheSameStepWhenOneIsAsked) {
   resumed.Wait();
   EXPECT_NE(resumed.output().find("resumed job 'proc' at step " + std::to_string(stopped)), std::string::npos)
       << resumed.output();
+}
+
+// A run whose checkpoint store another process still holds (the job's previous run
+// saving the step it stopped after, on other devices) waits for it rather than failing.
+TEST(CheckpointProcessTest, ARunWaitsForTheStoreThatItsPreviousRunStillHolds) {
+  const fs::path dir = FreshDir("proc-store-held");
+  const std::string job = WriteJob(dir, 6, 2);
+  {
+    Subprocess first(Train("--config " + job + " --steps 4"));
+    const std::string output = first.Drain();
+    ASSERT_EQ(first.Wait(), 0) << output;
+  }
+  auto held = storage::CheckpointStore::Open((dir / "ckpt").string());
+  ASSERT_TRUE(held.ok()) << held.status();
+  Subprocess second(Train("--config " + job + " -f latest"));
+  bool waits = false;
+  while (auto line = second.ReadLine()) {
+    if (line->find("another process holds the checkpoint index") != std::string::npos) {
+      waits = true;
+      break;
+    }
+  }
+  ASSERT_TRUE(waits) << second.Drain();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  held->reset();  // the previous run exits
+  const std::string output = second.Drain();
+  EXPECT_EQ(second.Wait(), 0) << output;
+  EXPECT_NE(output.find("resumed job 'proc' at step 4"), std::string::npos) << output;
 }
 
 // Kills a job that saves after every step at random moments, `trials` times, resuming

@@ -127,7 +127,8 @@ how_b_ended=$(grep -q "stopping job $job rank" "$work/node-b.log" && echo "stopp
 until_ 60 "the job grows back to three nodes" running_on 3 node-a,node-b,node-s
 until_ 60 "generation 3 resumes and trains" trains 3
 grown_at=$(date +%s%3N)
-stopped=$(grep -ho "stopped after step [0-9]*" "$work"/node-*/jobs/"$job"/gen-2/rank-0.log | grep -o "[0-9]*$")
+stopped=$(grep -ho "stopped after step [0-9]*" "$work"/node-*/jobs/"$job"/gen-2/rank-0.log | grep -o "[0-9]*$" ||
+  true)
 [[ -n $stopped && $resumed =~ at\ step\ $stopped$ ]] ||
   { netns_logs; echo "generation 3 did not resume from the step generation 2 stopped after" \
     "(${stopped:-no stop in its log}; $resumed)"; exit 1; }
