@@ -461,7 +461,7 @@ void RemoveStaleRendezvousFolders() {
     if (!name.starts_with(prefix.filename().string())) continue;
     const std::string rest = name.substr(prefix.filename().string().size());
     const size_t dash = rest.find('-');
-    if (dash == 0 || dash == std::string::npos || rest.find_first_not_of("0123456789") != dash) continue;
+    if (dash == 0 || dash > 9 || rest.find_first_not_of("0123456789") != dash) continue;  // npos is > 9
     const pid_t owner = pid_t(std::stol(rest.substr(0, dash)));
     if (::kill(owner, 0) != 0 && errno == ESRCH) std::filesystem::remove_all(entry.path(), ec);
   }
