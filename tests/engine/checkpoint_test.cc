@@ -148,6 +148,7 @@ std::string WriteJob(const fs::path& dir, int64_t steps, int64_t interval) {
 
 std::string Train(const std::string& args) { return std::string(LLAMA_TRAIN_BIN) + " train --threads 2 " + args; }
 
+using llamad::testing::ReadUpToStep;
 using llamad::testing::StepLosses;
 
 TEST(CheckpointProcessTest, KilledAfterASaveResumesBitIdentically) {
@@ -179,21 +180,6 @@ TEST(CheckpointProcessTest, KilledAfterASaveResumesBitIdentically) {
   for (const auto& [step, loss] : StepLosses(output)) got[step] = loss;
   ASSERT_EQ(got.size(), 20u);
   for (const auto& [step, loss] : expected) EXPECT_EQ(got[step], loss) << "step " << step;
-}
-
-// The step of a JSON step line (0 for any other line).
-int64_t StepOf(const std::string& line) {
-  const auto losses = StepLosses(line);
-  return losses.empty() ? 0 : losses.begin()->first;
-}
-
-// Reads `p`'s output up to the step line of step `step` or later; returns that step (0
-// when the output ends first).
-int64_t ReadUpToStep(Subprocess& p, int64_t step) {
-  while (auto line = p.ReadLine()) {
-    if (const int64_t at = StepOf(*line); at >= step) return at;
-  }
-  return 0;
 }
 
 // The losses of `job` up to `last_step` (from the step lines of a run killed after it).

@@ -17,6 +17,7 @@
 #include <fstream>
 #include <sstream>
 #include <limits>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -31,6 +32,7 @@
 #include "comm/communicator.h"
 #include "comm/device_collectives.h"
 #include "comm/nccl_communicator.h"
+#include "common/step_losses.h"
 #include "common/subprocess.h"
 #include "core/self_executable.h"
 #include "data/dataset.h"
@@ -636,11 +638,15 @@ class GpuJob {
   ~GpuJob() { std::filesystem::remove_all(dir_); }
   const std::filesystem::path& dir() const { return dir_; }
 
-  std::vector<nlohmann::json> Run(int nproc, const std::string& args = "") {
+  // The llama-train command line of a run with `args`.
+  std::string Command(int nproc, const std::string& args = "") const {
     // llama-train sits beside this test binary, in the build and in the GPU check's bundle.
     const std::string train = (std::filesystem::path(SelfExecutable()).parent_path() / "llama-train").string();
-    testing::Subprocess p(train + " train --config " + (dir_ / "job.yaml").string() +
-                          " --log-format json --nproc " + std::to_string(nproc) + " " + args);
+    return train + " train --config " + (dir_ / "job.yaml").string() + " --log-format json --nproc " +
+           std::to_string(nproc) + " " + args;
+  }
+  std::vector<nlohmann::json> Run(int nproc, const std::string& args = "") {
+    testing::Subprocess p(Command(nproc, args));
     const std::string& output = p.Drain();
     EXPECT_EQ(p.Wait(), 0) << output;
     std::vector<nlohmann::json> steps;
@@ -659,6 +665,49 @@ class GpuJob {
  private:
   std::filesystem::path dir_;
 };
+
+// A GPU rank asked to stop (SIGTERM, as its node's daemon sends on a preemption) finishes
+// its step, saves it (the optimizer state from host memory, where the CPU updates it) and
+// exits as the signal would have ended it; -f latest goes on from that step on the bits of
+// a run never stopped.
+TEST_F(CudaTest, AStoppedRunSavesItsStepAndResumesOnItsBits) {
+  const std::string host = "offload: {optimizer: host}\n";
+  GpuJob job("llamad-gpu-stop", host);
+  const std::string endless = " --steps 100000";
+  std::map<int64_t, double> got;
+  int64_t stopped = 0;
+  {
+    testing::Subprocess first(job.Command(1, endless + " -i 100000"));
+    ASSERT_GE(testing::ReadUpToStep(first, 3), 3) << first.Drain();
+    first.Kill(SIGTERM);
+    const std::string output = first.Drain();
+    EXPECT_EQ(first.Wait(), 128 + SIGTERM) << output;
+    got = testing::StepLosses(output);
+    ASSERT_FALSE(got.empty()) << output;
+    stopped = got.rbegin()->first;
+    EXPECT_NE(output.find("checkpoint step " + std::to_string(stopped) + " committed"), std::string::npos) << output;
+  }
+  {
+    testing::Subprocess second(job.Command(1, endless + " -i 100000 -f latest"));
+    EXPECT_GE(testing::ReadUpToStep(second, stopped + 2), stopped + 2) << second.Drain();
+    second.Kill(SIGKILL);
+    second.Wait();
+    EXPECT_NE(second.output().find("resumed job 'gpu-ddp' at step " + std::to_string(stopped)), std::string::npos)
+        << second.output();
+    for (const auto& [step, loss] : testing::StepLosses(second.output())) got[step] = loss;
+  }
+  GpuJob straight_job("llamad-gpu-stop-straight", host);
+  testing::Subprocess straight(straight_job.Command(1, endless));
+  EXPECT_GE(testing::ReadUpToStep(straight, stopped + 2), stopped + 2) << straight.Drain();
+  straight.Kill(SIGKILL);
+  straight.Wait();
+  const auto want = testing::StepLosses(straight.output());
+  RecordProperty("stopped after step", std::to_string(stopped));
+  for (int64_t step = 1; step <= stopped + 2; ++step) {
+    ASSERT_TRUE(want.contains(step) && got.contains(step)) << "step " << step;
+    EXPECT_EQ(got.at(step), want.at(step)) << "step " << step;
+  }
+}
 
 // Two data-parallel GPU ranks (here sharing one GPU) train the same global batch as one
 // rank, on the same loss curve, under ddp and ZeRO-1/2/3: each rank's gradients and
