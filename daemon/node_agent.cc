@@ -307,6 +307,9 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
        fmt::format("grpc://{}/{}/{}", options_.scheduler_address, order.job_id(), order.generation())},
       {"LLAMAD_TOKEN_FILE", options_.token_file},
       {"LLAMAD_COMM_HOST", comm_host},
+      // How long a stopping rank has to save: a rank of the job's next generation waits
+      // longer than that for the checkpoint store a stopping one still holds.
+      {"LLAMAD_STOP_GRACE_MS", std::to_string(options_.stop_grace_ms)},
       {"LLAMAD_TLS_CA", options_.tls.ca},
       {"LLAMAD_TLS_CERT", options_.tls.cert},
       {"LLAMAD_TLS_KEY", options_.tls.key}};
@@ -470,7 +473,8 @@ void NodeAgent::StopWorkers() {
   // The ranks finish their step and save it, which may take most of the grace: the node
   // keeps its lease meanwhile, and says that it is stopping so that it gets no new ranks.
   // Not for longer: a worker that outlives its SIGKILL (stuck in the kernel) must not hold
-  // its job, which the lease's expiry then moves on.
+  // its job, which the lease's expiry then moves on. The daemon itself waits for it to
+  // exit (or for its service manager's stop timeout), so that no worker outlives it.
   const int64_t beat_until_ms = last_kill_ms + 2 * heartbeat_interval_ms_;
   int64_t next_beat_ms = NowMs() + heartbeat_interval_ms_;
   while (running_workers() > 0) {

@@ -311,7 +311,10 @@ void Scheduler::EndGenerationSavingLocked(pb::Job& job) {
        ++it) {
     can_save = !it->second.lost_peer;  // its peers' step may never finish
   }
-  if (can_save) job.set_saving_generation(job.generation());
+  if (can_save) {
+    job.add_saving_generations(job.generation());
+    if (job.saving_generations_size() > 4) job.mutable_saving_generations()->erase(job.saving_generations().begin());
+  }
   EndGenerationLocked(job);
 }
 
@@ -441,6 +444,8 @@ absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bo
     }
     for (const std::string& job_id : affected) {
       pb::Job& job = jobs_[job_id];
+      // Some of its ranks finished: it is ending by itself, and a restart would redo it.
+      if (job.finished_ranks_size() > 0) continue;
       pb::Job updated = job;
       EndGenerationSavingLocked(updated);
       RequeueLocked(job, updated, fmt::format("node {} drained", node_id));
@@ -703,7 +708,8 @@ absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRe
     stop->set_reason(job == jobs_.end() ? "unknown job"
                                         : fmt::format("job is {} (generation {})", JobStateName(job->second.state()),
                                                       job->second.generation()));
-    stop->set_save_step(job != jobs_.end() && job->second.saving_generation() == key.generation);
+    stop->set_save_step(job != jobs_.end() && std::ranges::find(job->second.saving_generations(), key.generation) !=
+                                                  job->second.saving_generations().end());
   }
   response.set_state(node.info.state());
   if (auto s = CommitGroupLocked(group); !s.ok()) return s;

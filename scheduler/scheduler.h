@@ -202,7 +202,7 @@ class Scheduler {
   // EndGenerationLocked for a generation whose ranks are all alive (a cancel, a drain, a
   // restart to grow): where they can save the step they stop after (the job runs, saves
   // checkpoints, and no rank has lost its peers), the job records that they should
-  // (Job.saving_generation, persisted with it; StopRank.save_step).
+  // (Job.saving_generations, persisted with it; StopRank.save_step).
   void EndGenerationSavingLocked(pb::Job& job);
   bool SavesCheckpointsLocked(const pb::Job& job);
   void RecordRankReportLocked(const std::string& node_id, const pb::RankReport& report,

@@ -8,6 +8,8 @@
 // Exit codes: 0 success, 1 runtime failure, 2 bad command line, job file or data.
 #include <CLI/CLI.hpp>
 #include <signal.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -170,8 +172,14 @@ struct ResumePoint {
   int64_t step = -1;                                // -1: start fresh
 };
 
-// How long a run waits for another process to let go of its checkpoint store.
-constexpr auto kStoreHeldWait = std::chrono::minutes(2);
+// How long a run waits for another process to let go of its checkpoint store: two
+// minutes, or under llamad a minute more than the grace its daemon gives a stopping rank
+// to save (LLAMAD_STOP_GRACE_MS), whichever is longer.
+std::chrono::milliseconds StoreHeldWait() {
+  const char* grace = std::getenv("LLAMAD_STOP_GRACE_MS");
+  const int64_t grace_ms = grace != nullptr ? std::max<int64_t>(0, std::atoll(grace)) : 0;
+  return std::chrono::milliseconds(std::max<int64_t>(120'000, grace_ms + 60'000));
+}
 
 // `saving`: this run writes checkpoints into spec.checkpoint.dir, which is then opened
 // for writing; every other store is opened read-only and left untouched.
@@ -189,18 +197,21 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
     // The job's previous run may still be saving the step it was stopped after (its ranks
     // get the daemon's grace for it), while this one starts on other devices: wait for it
     // to let go of the store, as long as a save could take, rather than fail.
-    const auto deadline = std::chrono::steady_clock::now() + kStoreHeldWait;
+    const auto wait = StoreHeldWait();
+    const auto deadline = std::chrono::steady_clock::now() + wait;
     auto store = storage::CheckpointStore::Open(spec.checkpoint.dir, write_options);
     for (bool said = false; absl::IsFailedPrecondition(store.status()) && std::chrono::steady_clock::now() < deadline;
          said = true) {
       if (!said) {
         std::fprintf(stderr, "llama-train: %s: another process holds the checkpoint index (the job's previous run "
                      "saving its last step?); waiting up to %lld s for it\n", spec.checkpoint.dir.c_str(),
-                     (long long)std::chrono::duration_cast<std::chrono::seconds>(kStoreHeldWait).count());
+                     (long long)std::chrono::duration_cast<std::chrono::seconds>(wait).count());
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
       store = storage::CheckpointStore::Open(spec.checkpoint.dir, write_options);
     }
+    // Still held: a failure while running (exit 1), not bad input.
+    if (absl::IsFailedPrecondition(store.status())) return absl::UnavailableError(store.status().message());
     if (!store.ok()) return store.status();
     r.store = *std::move(store);
   }
@@ -445,25 +456,36 @@ absl::StatusOr<std::unique_ptr<Communicator>> ConnectRank() {
 
 // `llama-train train --nproc N`: starts N ranks of this same command line and watches
 // them. When one fails, the others are stopped and the failure is reported by rank.
-volatile sig_atomic_t g_stop_signal = 0;  // SIGINT/SIGTERM received by the launcher
-volatile sig_atomic_t g_stop_count = 0;   // how many
+volatile sig_atomic_t g_stop_signal = 0;  // the first SIGINT/SIGTERM the launcher received
+volatile sig_atomic_t g_kill_now = 0;     // a SIGINT after it: stop the ranks at once
 
-// The launcher's rendezvous folders: the prefix, its pid, a unique suffix.
+// The launcher's rendezvous folders: the prefix, its pid (for people), a unique suffix.
+// The launcher holds a lock on the file kRendezvousLock inside for as long as it runs.
 constexpr char kRendezvousPrefix[] = "/tmp/llamad-rendezvous-";
+constexpr char kRendezvousLock[] = "launcher.lock";
 
 // Folders of launchers that were killed (SIGKILL leaves no chance to clean up): those
-// whose pid no longer runs. A pid since reused keeps its folder, which costs nothing.
+// whose lock nobody holds. A lock (unlike a pid) is seen across PID namespaces that share
+// /tmp. Folders younger than a minute are left alone: their launcher may be between
+// making the folder and locking it.
 void RemoveStaleRendezvousFolders() {
   const std::filesystem::path prefix(kRendezvousPrefix);
+  const auto now = std::filesystem::file_time_type::clock::now();
   std::error_code ec;
-  for (const auto& entry : std::filesystem::directory_iterator(prefix.parent_path(), ec)) {
-    const std::string name = entry.path().filename().string();
-    if (!name.starts_with(prefix.filename().string())) continue;
-    const std::string rest = name.substr(prefix.filename().string().size());
-    const size_t dash = rest.find('-');
-    if (dash == 0 || dash > 9 || rest.find_first_not_of("0123456789") != dash) continue;  // npos is > 9
-    const pid_t owner = pid_t(std::stol(rest.substr(0, dash)));
-    if (::kill(owner, 0) != 0 && errno == ESRCH) std::filesystem::remove_all(entry.path(), ec);
+  std::filesystem::directory_iterator it(prefix.parent_path(), ec), end;
+  for (; !ec && it != end; it.increment(ec)) {
+    const std::filesystem::path folder = it->path();
+    if (!folder.filename().string().starts_with(prefix.filename().string())) continue;
+    std::error_code age_ec;
+    const auto modified = std::filesystem::last_write_time(folder, age_ec);
+    if (age_ec || now - modified < std::chrono::minutes(1)) continue;
+    const int fd = ::open((folder / kRendezvousLock).c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) continue;  // not a launcher's folder of this kind
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) {
+      std::error_code remove_ec;
+      std::filesystem::remove_all(folder, remove_ec);
+    }
+    ::close(fd);  // releases the lock
   }
 }
 
@@ -471,11 +493,14 @@ int LaunchRanks(int nproc) {
   // A stop request for the job goes to every rank (they may be saving a checkpoint).
   struct sigaction on_stop {};
   on_stop.sa_handler = [](int sig) {
-    g_stop_signal = sig;
-    g_stop_count = g_stop_count + 1;
+    if (g_stop_signal == 0) {
+      g_stop_signal = sig;
+    } else if (sig == SIGINT) {  // Ctrl-C again; a repeated SIGTERM changes nothing, as for a rank
+      g_kill_now = 1;
+    }
   };
   sigemptyset(&on_stop.sa_mask);
-  on_stop.sa_flags = 0;  // no SA_RESTART: waitpid returns EINTR
+  on_stop.sa_flags = SA_RESTART;  // the loop below polls; it does not wait for signals
   sigaction(SIGINT, &on_stop, nullptr);
   sigaction(SIGTERM, &on_stop, nullptr);
   RemoveStaleRendezvousFolders();
@@ -483,6 +508,15 @@ int LaunchRanks(int nproc) {
   char* dir = dir_name.data();
   if (::mkdtemp(dir) == nullptr) {
     std::fprintf(stderr, "llama-train: cannot create a rendezvous folder: %s\n", std::strerror(errno));
+    return kExitFailure;
+  }
+  // Held until this process ends (close-on-exec: the ranks do not hold it).
+  const int lock_fd = ::open((std::filesystem::path(dir) / kRendezvousLock).c_str(),
+                             O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (lock_fd < 0 || ::flock(lock_fd, LOCK_EX) != 0) {
+    std::fprintf(stderr, "llama-train: cannot lock the rendezvous folder %s: %s\n", dir, std::strerror(errno));
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
     return kExitFailure;
   }
   std::vector<pid_t> pids(size_t(nproc), -1);
@@ -517,30 +551,29 @@ int LaunchRanks(int nproc) {
       if (p > 0) ::kill(p, sig);
     }
   };
+  // Polls, so that a signal is seen whenever it came (a blocking wait would miss one that
+  // arrived just before it).
   while (running > 0) {
-    if (g_stop_count >= 2 && !killed) {  // asked again: stop at once
+    if (g_stop_signal != 0 && !stopping) {
+      std::fprintf(stderr, "llama-train: %s received; stopping the %d ranks\n", strsignal(g_stop_signal), running);
+      stopping = true;
+      result = 128 + g_stop_signal;
+      kill_all(SIGTERM);  // each finishes its step and saves it
+      deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    }
+    if (g_kill_now != 0 && !killed) {
       std::fprintf(stderr, "llama-train: asked again; killing the %d ranks\n", running);
       kill_all(SIGKILL);
       killed = true;
     }
     int status = 0;
-    const pid_t pid = ::waitpid(-1, &status, stopping ? WNOHANG : 0);
-    if (pid == 0) {  // stopping, nobody exited yet: escalate after the grace period
-      if (std::chrono::steady_clock::now() > deadline) {
+    const pid_t pid = ::waitpid(-1, &status, WNOHANG);
+    if (pid == 0 || (pid < 0 && errno == EINTR)) {
+      if (std::chrono::steady_clock::now() > deadline) {  // stopping, and the grace is over
         kill_all(SIGKILL);
         deadline = std::chrono::steady_clock::time_point::max();
       }
-      ::usleep(50 * 1000);
-      continue;
-    }
-    if (pid < 0 && errno == EINTR) {
-      if (g_stop_signal != 0 && !stopping) {
-        std::fprintf(stderr, "llama-train: %s received; stopping the %d ranks\n", strsignal(g_stop_signal), running);
-        stopping = true;
-        result = 128 + g_stop_signal;
-        kill_all(SIGTERM);  // each finishes its step and saves it
-        deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-      }
+      ::usleep(20 * 1000);
       continue;
     }
     if (pid < 0) break;
@@ -556,6 +589,8 @@ int LaunchRanks(int nproc) {
                                                          code == 128 + SIGINT);
     if (!ok && stopping && result == kExitPeerLost && code != kExitPeerLost) result = code;  // the cause says more
     if (!ok && !stopping && stopped_when_asked) {
+      std::fprintf(stderr, "llama-train: rank %d of %d exited with code %d; waiting up to 30 s for the others to "
+                   "stop with it\n", rank, nproc, code);
       result = code;
       stopping = true;
       deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
@@ -575,6 +610,7 @@ int LaunchRanks(int nproc) {
   }
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
+  ::close(lock_fd);
   return result;
 }
 
@@ -602,6 +638,9 @@ void OnRankStopSignal(int sig) {
   const int saved_errno = errno;  // of the call the signal interrupted
   g_rank_stop_signal = sig;
   g_stop_requested.store(true);
+  // Ctrl-C also ends a pipe's reader (`llama-train ... | tee log`): the step lines written
+  // from now on must not kill the rank before it has saved.
+  ::signal(SIGPIPE, SIG_IGN);
   [[maybe_unused]] auto written = ::write(2, g_stop_message, std::strlen(g_stop_message));
   errno = saved_errno;
 }
@@ -620,9 +659,6 @@ void StopAfterTheStepWhenAsked(int rank, bool saves) {
   on_stop.sa_flags = SA_RESTART;  // the step's calls go on as if nothing happened
   sigaction(SIGINT, &on_stop, nullptr);
   sigaction(SIGTERM, &on_stop, nullptr);
-  // Ctrl-C also ends a pipe's reader (`llama-train ... | tee log`): the step lines written
-  // after it must not kill the rank before it has saved.
-  ::signal(SIGPIPE, SIG_IGN);
 }
 
 int RunTrain(const Common& common, const Overrides& overrides) {

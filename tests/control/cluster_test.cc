@@ -121,10 +121,17 @@ resources:
   // Every rank log the node daemons kept, for failure messages.
   std::string RankLogs() {
     std::string all;
-    for (const auto& entry : fs::recursive_directory_iterator(dir_)) {
-      if (!entry.path().filename().string().starts_with("rank-") || entry.path().extension() != ".log") continue;
-      std::ifstream in(entry.path());
-      all += "\n== " + entry.path().string() + "\n" + std::string(std::istreambuf_iterator<char>(in), {});
+    // Under each node's jobs/ only: checkpoint folders come and go while this reads.
+    std::error_code ec;
+    for (fs::directory_iterator node(dir_, ec), end; !ec && node != end; node.increment(ec)) {
+      std::error_code jobs_ec;
+      fs::recursive_directory_iterator it(node->path() / "jobs", jobs_ec), jobs_end;
+      for (; !jobs_ec && it != jobs_end; it.increment(jobs_ec)) {
+        const fs::path& path = it->path();
+        if (!path.filename().string().starts_with("rank-") || path.extension() != ".log") continue;
+        std::ifstream in(path);
+        all += "\n== " + path.string() + "\n" + std::string(std::istreambuf_iterator<char>(in), {});
+      }
     }
     return all;
   }

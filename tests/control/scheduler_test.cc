@@ -79,6 +79,13 @@ class SchedulerTest : public ::testing::Test {
     EXPECT_TRUE(resp.ok());
     return *resp;
   }
+  // The one stop order `node` gets for its running rank `start` (an empty order, after a
+  // failure, when there is not exactly one).
+  pb::StopRank StopOrder(const std::string& node, const pb::StartRank& start) {
+    const pb::HeartbeatResponse orders = Beat(node, {Report(start, pb::RANK_STATE_RUNNING)});
+    EXPECT_EQ(orders.stop_size(), 1) << node;
+    return orders.stop_size() == 1 ? orders.stop(0) : pb::StopRank();
+  }
   static pb::RankReport Report(const pb::StartRank& start, pb::RankState state, int exit_code = 0) {
     pb::RankReport r;
     r.set_job_id(start.job_id());
@@ -360,7 +367,7 @@ TEST_F(SchedulerTest, DrainingNowMovesTheJobsAndTheirRanksSaveFirst) {
   EXPECT_FALSE(scheduler_->DrainNode("nope", true).ok());
   // What the scheduler told survives its restart.
   Reopen();
-  EXPECT_TRUE(Beat("a", {Report(on_a, pb::RANK_STATE_RUNNING)}).stop(0).save_step());
+  EXPECT_TRUE(StopOrder("a", on_a).save_step());
 
   // Nothing to save: a job without checkpoints, or one with a rank that lost its peers
   // (their step may never finish), is stopped at once.
@@ -368,13 +375,13 @@ TEST_F(SchedulerTest, DrainingNowMovesTheJobsAndTheirRanksSaveFirst) {
   pb::Job plain = Submit(2);
   const pb::StartRank plain_a = Beat("a").start(0);
   ASSERT_TRUE(scheduler_->CancelJob(plain.id()).ok());
-  EXPECT_FALSE(Beat("a", {Report(plain_a, pb::RANK_STATE_RUNNING)}).stop(0).save_step());
+  EXPECT_FALSE(StopOrder("a", plain_a).save_step());
   pb::Job again = *scheduler_->SubmitJob(request);
   const pb::StartRank again_a = Beat("a").start(0);
   const pb::StartRank again_c = Beat("c").start(0);
   Beat("c", {Report(again_c, pb::RANK_STATE_EXITED, 75)});
   ASSERT_TRUE(scheduler_->CancelJob(again.id()).ok());
-  EXPECT_FALSE(Beat("a", {Report(again_a, pb::RANK_STATE_RUNNING)}).stop(0).save_step());
+  EXPECT_FALSE(StopOrder("a", again_a).save_step());
 }
 
 TEST_F(SchedulerTest, AShrunkJobGrowsBackWhenItsNodeReturns) {

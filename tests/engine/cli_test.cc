@@ -1,8 +1,10 @@
 // llama-train as a real process: exit codes and messages for bad input, and a short run.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -101,22 +103,29 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
 }
 
 // A launcher killed with SIGKILL cannot remove its ranks' rendezvous folder; the next
-// launcher removes the folders of launchers that no longer run, and its own when done.
+// launcher removes the folders whose launcher no longer holds their lock, and its own
+// when done.
 TEST(CliTest, LaunchersRemoveTheRendezvousFoldersOfKilledLaunchers) {
-  const pid_t dead = ::fork();
-  if (dead == 0) ::_exit(0);
-  ASSERT_GT(dead, 0);
-  ::waitpid(dead, nullptr, 0);
-  const std::filesystem::path stale = "/tmp/llamad-rendezvous-" + std::to_string(dead) + "-Xy12Zw";
-  std::filesystem::create_directories(stale);
-  std::ofstream(stale / "0") << "a killed run's key";
-  // A folder of a launcher that still runs (this test) stays.
-  const std::filesystem::path live = "/tmp/llamad-rendezvous-" + std::to_string(::getpid()) + "-Ab34Cd";
-  std::filesystem::create_directories(live);
+  auto make_folder = [](const std::string& name) {
+    const std::filesystem::path folder = "/tmp/llamad-rendezvous-" + name;
+    std::filesystem::create_directories(folder);
+    std::ofstream(folder / "launcher.lock");
+    std::ofstream(folder / "0") << "a rank's key";
+    // Older than the minute a new launcher's folder is left alone.
+    std::filesystem::last_write_time(folder, std::filesystem::file_time_type::clock::now() - std::chrono::minutes(5));
+    return folder;
+  };
+  const std::filesystem::path stale = make_folder("1-Xy12Zw");
+  // A launcher that still runs (here: this test) holds its folder's lock.
+  const std::filesystem::path live = make_folder("2-Ab34Cd");
+  const int lock = ::open((live / "launcher.lock").c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(lock, 0);
+  ASSERT_EQ(::flock(lock, LOCK_EX), 0);
   const Result r = RunTrain("train --config " + SmallJob() + " --nproc 2 --threads 1");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_FALSE(std::filesystem::exists(stale));
-  EXPECT_TRUE(std::filesystem::exists(live));
+  EXPECT_TRUE(std::filesystem::exists(live / "0"));
+  ::close(lock);
   std::filesystem::remove_all(live);
 }
 
