@@ -283,8 +283,13 @@ std::vector<pb::Job> Scheduler::ListJobs(bool include_finished, int limit) {
 }
 
 void Scheduler::EndGenerationLocked(pb::Job& job) {
+  JobRuntime& rt = job_runtime_[job.id()];
   for (auto it = expected_.begin(); it != expected_.end();) {
     if (it->first.job_id == job.id()) {
+      // A rank known to have exited (75) needs no wait; any other may still run.
+      if (!it->second.lost_peer && rt.nodes_stopping_ranks.insert(it->second.node_id).second) {
+        rt.stopping_since_ms = clock_->NowMs();
+      }
       it = ForgetRankLocked(it);
     } else {
       ++it;
@@ -302,6 +307,14 @@ void Scheduler::EndGenerationLocked(pb::Job& job) {
   }
   job.clear_placement();
   job.clear_finished_ranks();
+}
+
+bool Scheduler::PreviousRanksRunLocked(const std::string& job_id) {
+  auto rt = job_runtime_.find(job_id);
+  if (rt == job_runtime_.end() || rt->second.nodes_stopping_ranks.empty()) return false;
+  if (clock_->NowMs() - rt->second.stopping_since_ms < options_.previous_ranks_wait_ms) return true;
+  rt->second.nodes_stopping_ranks.clear();  // waited long enough (a rank stuck in the kernel?)
+  return false;
 }
 
 void Scheduler::EndGenerationSavingLocked(pb::Job& job) {
@@ -484,7 +497,8 @@ absl::StatusOr<pb::RegisterNodeResponse> Scheduler::RegisterNode(const pb::Regis
   }
   n.info = info;
   n.last_heartbeat_ms = now;
-  n.stopping = false;  // a daemon that registers has started afresh
+  n.stopping = false;  // a daemon that registers has started afresh, without ranks
+  for (auto& [job_id, rt] : job_runtime_) rt.nodes_stopping_ranks.erase(request.node_id());
   pb::RegisterNodeResponse response;
   response.set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
   response.set_lease_timeout_ms(options_.lease_timeout_ms);
@@ -674,6 +688,17 @@ absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRe
   }
   std::set<RankKey> running;
   for (const pb::RankReport& report : request.ranks()) RecordRankReportLocked(request.node_id(), report, running);
+  // This node's ranks of ended generations that no longer run.
+  for (auto& [job_id, rt] : job_runtime_) {
+    if (!rt.nodes_stopping_ranks.contains(request.node_id())) continue;
+    auto job = jobs_.find(job_id);
+    const bool still_runs = job != jobs_.end() && std::ranges::any_of(running, [&](const RankKey& key) {
+      // A rank of a generation before the current one, or of an ended job's last one.
+      return key.job_id == job_id &&
+             (key.generation < job->second.generation() || IsFinished(job->second.state()));
+    });
+    if (!still_runs) rt.nodes_stopping_ranks.erase(request.node_id());
+  }
   PlaceJobsIfChangedLocked(clock_->NowMs());
 
   // What the node should run, minus what it runs: start; what it runs but should not: stop.
@@ -683,6 +708,7 @@ absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRe
     if (running.contains(key)) continue;
     const ExpectedRank& rank = expected_.at(key);
     if (rank.lost_peer) continue;  // it exited; the job's fate is pending, not its restart
+    if (PreviousRanksRunLocked(key.job_id)) continue;
     const pb::Job& job = jobs_[key.job_id];
     pb::StartRank* start = response.add_start();
     start->set_job_id(key.job_id);
@@ -863,6 +889,8 @@ void Scheduler::ExpireLeasesLocked(int64_t now) {
       RequeueLocked(jobs_[job_id], updated,
                     fmt::format("node {} lost (no heartbeat for {} ms)", id, now - node.last_heartbeat_ms));
     }
+    // Nothing more is heard of its ranks: no job waits for them to stop.
+    for (auto& [job_id, rt] : job_runtime_) rt.nodes_stopping_ranks.erase(id);
   }
 }
 

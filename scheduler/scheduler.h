@@ -55,6 +55,9 @@ struct SchedulerOptions {
   // checkpoint, so the steps since that checkpoint are done again. Only jobs that save
   // checkpoints grow. 0: never.
   int64_t grow_after_ms = 60'000;
+  // A job's next generation starts once its previous one's ranks have stopped (they may
+  // be saving the step they stopped after, which it resumes from), or after this long.
+  int64_t previous_ranks_wait_ms = 600'000;
 };
 
 class Scheduler {
@@ -152,6 +155,12 @@ class Scheduler {
     std::map<int32_t, std::deque<std::string>> recent_stderr;  // per rank, for failures
     std::string requeue_cause;  // why a running job went back to the queue (kept in its reason)
     std::optional<bool> saves_checkpoints;  // from its spec, read once
+    // Nodes that may still run a rank of an ended generation, and since when: the next
+    // generation's ranks start once every one of them has beaten without it (or is lost),
+    // or after previous_ranks_wait_ms. Not persisted: after a scheduler restart the
+    // ranks' own wait for the checkpoint store remains.
+    std::set<std::string> nodes_stopping_ranks;
+    int64_t stopping_since_ms = 0;
   };
 
   Scheduler(const SchedulerOptions& options, Clock* clock);
@@ -204,6 +213,9 @@ class Scheduler {
   // checkpoints, and no rank has lost its peers), the job records that they should
   // (Job.saving_generations, persisted with it; StopRank.save_step).
   void EndGenerationSavingLocked(pb::Job& job);
+  // Whether a rank of the job's ended generations may still run (JobRuntime::
+  // nodes_stopping_ranks): its next generation's ranks are not started meanwhile.
+  bool PreviousRanksRunLocked(const std::string& job_id);
   bool SavesCheckpointsLocked(const pb::Job& job);
   void RecordRankReportLocked(const std::string& node_id, const pb::RankReport& report,
                               std::set<RankKey>& running_on_node);

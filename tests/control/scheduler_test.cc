@@ -384,6 +384,56 @@ TEST_F(SchedulerTest, DrainingNowMovesTheJobsAndTheirRanksSaveFirst) {
   EXPECT_FALSE(StopOrder("a", again_a).save_step());
 }
 
+TEST_F(SchedulerTest, ANewGenerationStartsOnceThePreviousRanksHaveStopped) {
+  AddNode("a");
+  AddNode("b");
+  AddNode("c");
+  pb::SubmitJobRequest request;
+  request.set_spec_yaml(Spec(2) + "checkpoint: {dir: ckpt, interval: 10}\n");
+  request.set_spec_origin("/jobs/gang.yaml");
+  const pb::Job job = *scheduler_->SubmitJob(request);
+  const pb::StartRank on_a = Beat("a").start(0), on_b = Beat("b").start(0);
+  ASSERT_TRUE(scheduler_->DrainNode("b", /*move_jobs=*/true).ok());
+  ASSERT_EQ(Get(job.id()).generation(), 2);
+  // Generation 1's ranks are saving the step generation 2 resumes from: c, free, gets
+  // no start until both have stopped.
+  EXPECT_EQ(Beat("c").start_size(), 0);
+  EXPECT_EQ(StopOrder("b", on_b).generation(), 1);
+  EXPECT_EQ(Beat("a", {Report(on_a, pb::RANK_STATE_EXITED, 75)}).start_size(), 0);
+  EXPECT_EQ(Beat("c").start_size(), 0);
+  pb::RankReport saved = Report(on_b, pb::RANK_STATE_EXITED, 128 + 15);
+  Beat("b", {saved}, /*stopping=*/false);
+  EXPECT_EQ(Beat("c").start_size(), 1);
+  EXPECT_EQ(Beat("a").start_size(), 1);
+
+  // A rank that never stops (stuck in the kernel) holds the next generation back for
+  // previous_ranks_wait_ms (10 minutes) at most.
+  ASSERT_TRUE(scheduler_->CancelJob(job.id()).ok());
+  const pb::Job next = *scheduler_->SubmitJob(request);
+  const pb::StartRank stuck = Beat("a").start(0), on_c = Beat("c").start(0);
+  ASSERT_TRUE(scheduler_->DrainNode("a", true).ok());
+  auto beat_all = [&] {  // starts on c and d
+    Beat("a", {Report(stuck, pb::RANK_STATE_RUNNING)});
+    Beat("b");
+    return Beat("c").start_size() + Beat("d").start_size();
+  };
+  Beat("c", {Report(on_c, pb::RANK_STATE_EXITED, 75)});
+  AddNode("d");  // room for generation 2 (b stays drained)
+  scheduler_->Tick();
+  ASSERT_EQ(Get(next.id()).generation(), 2) << Get(next.id()).reason();
+  int starts = 0;
+  for (int s = 0; s < 599 && starts == 0; ++s) {
+    clock_.Advance(1000);
+    starts = beat_all();
+  }
+  EXPECT_EQ(starts, 0) << "started before the wait ran out";
+  for (int s = 0; s < 3 && starts == 0; ++s) {
+    clock_.Advance(1000);
+    starts = beat_all();
+  }
+  EXPECT_EQ(starts, 2);
+}
+
 TEST_F(SchedulerTest, AShrunkJobGrowsBackWhenItsNodeReturns) {
   for (auto n : {"a", "b", "c"}) AddNode(n);
   auto submit = [&](bool checkpoints) {
