@@ -60,9 +60,10 @@ class SchedulerTest : public ::testing::Test {
     r.set_device_kind("cpu");
     ASSERT_TRUE(scheduler_->RegisterNode(r).ok());
   }
-  pb::Job Submit(int nodes, int priority = 0) {
+  // `checkpoints`: the job saves them (every 10 steps).
+  pb::Job Submit(int nodes, int priority = 0, bool checkpoints = false) {
     pb::SubmitJobRequest r;
-    r.set_spec_yaml(Spec(nodes, priority));
+    r.set_spec_yaml(Spec(nodes, priority) + (checkpoints ? "checkpoint: {dir: ckpt, interval: 10}\n" : ""));
     r.set_spec_origin("/jobs/gang.yaml");
     auto job = scheduler_->SubmitJob(r);
     EXPECT_TRUE(job.ok()) << job.status();
@@ -336,10 +337,7 @@ TEST_F(SchedulerTest, DrainingNowMovesTheJobsAndTheirRanksSaveFirst) {
   AddNode("a");
   AddNode("b");
   AddNode("c");
-  pb::SubmitJobRequest request;
-  request.set_spec_yaml(Spec(2) + "checkpoint: {dir: ckpt, interval: 10}\n");
-  request.set_spec_origin("/jobs/gang.yaml");
-  pb::Job job = *scheduler_->SubmitJob(request);
+  pb::Job job = Submit(2, 0, /*checkpoints=*/true);
   ASSERT_EQ(Get(job.id()).placement(1).node_id(), "b");
   const pb::StartRank on_a = Beat("a").start(0), on_b = Beat("b").start(0);
   // A plain drain lets the job run on.
@@ -376,7 +374,7 @@ TEST_F(SchedulerTest, DrainingNowMovesTheJobsAndTheirRanksSaveFirst) {
   const pb::StartRank plain_a = Beat("a").start(0);
   ASSERT_TRUE(scheduler_->CancelJob(plain.id()).ok());
   EXPECT_FALSE(StopOrder("a", plain_a).save_step());
-  pb::Job again = *scheduler_->SubmitJob(request);
+  pb::Job again = Submit(2, 0, true);
   const pb::StartRank again_a = Beat("a").start(0);
   const pb::StartRank again_c = Beat("c").start(0);
   Beat("c", {Report(again_c, pb::RANK_STATE_EXITED, 75)});
@@ -388,10 +386,7 @@ TEST_F(SchedulerTest, ANewGenerationStartsOnceThePreviousRanksHaveStopped) {
   AddNode("a");
   AddNode("b");
   AddNode("c");
-  pb::SubmitJobRequest request;
-  request.set_spec_yaml(Spec(2) + "checkpoint: {dir: ckpt, interval: 10}\n");
-  request.set_spec_origin("/jobs/gang.yaml");
-  const pb::Job job = *scheduler_->SubmitJob(request);
+  const pb::Job job = Submit(2, 0, /*checkpoints=*/true);
   const pb::StartRank on_a = Beat("a").start(0), on_b = Beat("b").start(0);
   ASSERT_TRUE(scheduler_->DrainNode("b", /*move_jobs=*/true).ok());
   ASSERT_EQ(Get(job.id()).generation(), 2);
@@ -409,7 +404,7 @@ TEST_F(SchedulerTest, ANewGenerationStartsOnceThePreviousRanksHaveStopped) {
   // A rank that never stops (stuck in the kernel) holds the next generation back for
   // previous_ranks_wait_ms (10 minutes) at most.
   ASSERT_TRUE(scheduler_->CancelJob(job.id()).ok());
-  const pb::Job next = *scheduler_->SubmitJob(request);
+  const pb::Job next = Submit(2, 0, true);
   const pb::StartRank stuck = Beat("a").start(0), on_c = Beat("c").start(0);
   ASSERT_TRUE(scheduler_->DrainNode("a", true).ok());
   auto beat_all = [&] {  // starts on c and d
