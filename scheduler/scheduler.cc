@@ -283,13 +283,8 @@ std::vector<pb::Job> Scheduler::ListJobs(bool include_finished, int limit) {
 }
 
 void Scheduler::EndGenerationLocked(pb::Job& job) {
-  JobRuntime& rt = job_runtime_[job.id()];
   for (auto it = expected_.begin(); it != expected_.end();) {
     if (it->first.job_id == job.id()) {
-      // A rank known to have exited (75) needs no wait; any other may still run.
-      if (!it->second.lost_peer && rt.nodes_stopping_ranks.insert(it->second.node_id).second) {
-        rt.stopping_since_ms = clock_->NowMs();
-      }
       it = ForgetRankLocked(it);
     } else {
       ++it;
@@ -309,12 +304,38 @@ void Scheduler::EndGenerationLocked(pb::Job& job) {
   job.clear_finished_ranks();
 }
 
+void Scheduler::AwaitSavingRanksLocked(const std::string& job_id, const std::string& node_id) {
+  saving_ranks_of_job_[job_id].try_emplace(node_id, clock_->NowMs());  // an earlier note keeps its time
+  saving_ranks_on_node_[node_id].insert(job_id);
+}
+
+void Scheduler::ForgetSavingRanksLocked(const std::string& job_id, const std::string& node_id) {
+  if (auto job = saving_ranks_of_job_.find(job_id); job != saving_ranks_of_job_.end()) {
+    job->second.erase(node_id);
+    if (job->second.empty()) saving_ranks_of_job_.erase(job);
+  }
+  if (auto node = saving_ranks_on_node_.find(node_id); node != saving_ranks_on_node_.end()) {
+    node->second.erase(job_id);
+    if (node->second.empty()) saving_ranks_on_node_.erase(node);
+  }
+}
+
+void Scheduler::ForgetSavingRanksOnNodeLocked(const std::string& node_id) {
+  auto node = saving_ranks_on_node_.find(node_id);
+  if (node == saving_ranks_on_node_.end()) return;
+  for (const std::string& job_id : std::set<std::string>(node->second)) ForgetSavingRanksLocked(job_id, node_id);
+}
+
 bool Scheduler::PreviousRanksRunLocked(const std::string& job_id) {
-  auto rt = job_runtime_.find(job_id);
-  if (rt == job_runtime_.end() || rt->second.nodes_stopping_ranks.empty()) return false;
-  if (clock_->NowMs() - rt->second.stopping_since_ms < options_.previous_ranks_wait_ms) return true;
-  rt->second.nodes_stopping_ranks.clear();  // waited long enough (a rank stuck in the kernel?)
-  return false;
+  auto job = saving_ranks_of_job_.find(job_id);
+  if (job == saving_ranks_of_job_.end()) return false;
+  const int64_t now = clock_->NowMs();
+  std::vector<std::string> overdue;  // waited long enough (a rank stuck in the kernel?)
+  for (const auto& [node_id, since] : job->second) {
+    if (now - since >= options_.previous_ranks_wait_ms) overdue.push_back(node_id);
+  }
+  for (const std::string& node_id : overdue) ForgetSavingRanksLocked(job_id, node_id);
+  return saving_ranks_of_job_.contains(job_id);
 }
 
 void Scheduler::EndGenerationSavingLocked(pb::Job& job) {
@@ -327,6 +348,10 @@ void Scheduler::EndGenerationSavingLocked(pb::Job& job) {
   if (can_save) {
     job.add_saving_generations(job.generation());
     if (job.saving_generations_size() > 4) job.mutable_saving_generations()->erase(job.saving_generations().begin());
+    for (auto it = expected_.lower_bound({job.id(), job.generation(), std::numeric_limits<int32_t>::min()});
+         it != expected_.end() && it->first.job_id == job.id() && it->first.generation == job.generation(); ++it) {
+      AwaitSavingRanksLocked(job.id(), it->second.node_id);
+    }
   }
   EndGenerationLocked(job);
 }
@@ -498,7 +523,7 @@ absl::StatusOr<pb::RegisterNodeResponse> Scheduler::RegisterNode(const pb::Regis
   n.info = info;
   n.last_heartbeat_ms = now;
   n.stopping = false;  // a daemon that registers has started afresh, without ranks
-  for (auto& [job_id, rt] : job_runtime_) rt.nodes_stopping_ranks.erase(request.node_id());
+  ForgetSavingRanksOnNodeLocked(request.node_id());
   pb::RegisterNodeResponse response;
   response.set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
   response.set_lease_timeout_ms(options_.lease_timeout_ms);
@@ -688,16 +713,16 @@ absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRe
   }
   std::set<RankKey> running;
   for (const pb::RankReport& report : request.ranks()) RecordRankReportLocked(request.node_id(), report, running);
-  // This node's ranks of ended generations that no longer run.
-  for (auto& [job_id, rt] : job_runtime_) {
-    if (!rt.nodes_stopping_ranks.contains(request.node_id())) continue;
-    auto job = jobs_.find(job_id);
-    const bool still_runs = job != jobs_.end() && std::ranges::any_of(running, [&](const RankKey& key) {
-      // A rank of a generation before the current one, or of an ended job's last one.
-      return key.job_id == job_id &&
-             (key.generation < job->second.generation() || IsFinished(job->second.state()));
-    });
-    if (!still_runs) rt.nodes_stopping_ranks.erase(request.node_id());
+  // Ranks told to save that this node no longer runs: any of the job's that it runs and
+  // that are not of its current generation here (expected_) are still stopping.
+  if (auto waiting = saving_ranks_on_node_.find(request.node_id()); waiting != saving_ranks_on_node_.end()) {
+    for (const std::string& job_id : std::set<std::string>(waiting->second)) {
+      const bool still_runs = std::ranges::any_of(running, [&](const RankKey& key) {
+        auto current = expected_.find(key);
+        return key.job_id == job_id && (current == expected_.end() || current->second.node_id != request.node_id());
+      });
+      if (!still_runs) ForgetSavingRanksLocked(job_id, request.node_id());
+    }
   }
   PlaceJobsIfChangedLocked(clock_->NowMs());
 
@@ -890,7 +915,7 @@ void Scheduler::ExpireLeasesLocked(int64_t now) {
                     fmt::format("node {} lost (no heartbeat for {} ms)", id, now - node.last_heartbeat_ms));
     }
     // Nothing more is heard of its ranks: no job waits for them to stop.
-    for (auto& [job_id, rt] : job_runtime_) rt.nodes_stopping_ranks.erase(id);
+    ForgetSavingRanksOnNodeLocked(id);
   }
 }
 

@@ -155,12 +155,6 @@ class Scheduler {
     std::map<int32_t, std::deque<std::string>> recent_stderr;  // per rank, for failures
     std::string requeue_cause;  // why a running job went back to the queue (kept in its reason)
     std::optional<bool> saves_checkpoints;  // from its spec, read once
-    // Nodes that may still run a rank of an ended generation, and since when: the next
-    // generation's ranks start once every one of them has beaten without it (or is lost),
-    // or after previous_ranks_wait_ms. Not persisted: after a scheduler restart the
-    // ranks' own wait for the checkpoint store remains.
-    std::set<std::string> nodes_stopping_ranks;
-    int64_t stopping_since_ms = 0;
   };
 
   Scheduler(const SchedulerOptions& options, Clock* clock);
@@ -213,8 +207,15 @@ class Scheduler {
   // checkpoints, and no rank has lost its peers), the job records that they should
   // (Job.saving_generations, persisted with it; StopRank.save_step).
   void EndGenerationSavingLocked(pb::Job& job);
-  // Whether a rank of the job's ended generations may still run (JobRuntime::
-  // nodes_stopping_ranks): its next generation's ranks are not started meanwhile.
+  // Ranks told to save the step they stop after (EndGenerationSavingLocked) may still run
+  // on these nodes: the job's next generation, which resumes from that step, starts once
+  // each node has beaten without them, has lost its lease or registered afresh, or after
+  // previous_ranks_wait_ms from when it was noted. Not persisted: after a scheduler
+  // restart the ranks' own wait for the checkpoint store remains.
+  void AwaitSavingRanksLocked(const std::string& job_id, const std::string& node_id);
+  void ForgetSavingRanksLocked(const std::string& job_id, const std::string& node_id);
+  void ForgetSavingRanksOnNodeLocked(const std::string& node_id);
+  // Whether the job's next generation must still wait (ranks above not all gone).
   bool PreviousRanksRunLocked(const std::string& job_id);
   bool SavesCheckpointsLocked(const pb::Job& job);
   void RecordRankReportLocked(const std::string& node_id, const pb::RankReport& report,
@@ -233,6 +234,10 @@ class Scheduler {
   std::condition_variable changed_;  // an event, or a rendezvous key, was added
   std::map<std::string, pb::Job> jobs_;
   std::map<std::string, JobRuntime> job_runtime_;
+  // AwaitSavingRanksLocked's notes, by job and by node (the same entries): job -> node ->
+  // since when, and node -> jobs.
+  std::map<std::string, std::map<std::string, int64_t>> saving_ranks_of_job_;
+  std::map<std::string, std::set<std::string>> saving_ranks_on_node_;
   std::map<std::string, NodeRuntime> nodes_;
   std::map<RankKey, ExpectedRank> expected_;  // ranks that should run, by job/gen/rank
   std::map<std::string, std::set<RankKey>> expected_by_node_;  // the same ranks, by node

@@ -413,6 +413,9 @@ TEST_F(SchedulerTest, ANewGenerationStartsOnceThePreviousRanksHaveStopped) {
     return Beat("c").start_size() + Beat("d").start_size();
   };
   Beat("c", {Report(on_c, pb::RANK_STATE_EXITED, 75)});
+  // While the job waits in the queue, a's rank of generation 1 still runs.
+  ASSERT_EQ(Get(next.id()).state(), pb::JOB_STATE_QUEUED);
+  Beat("a", {Report(stuck, pb::RANK_STATE_RUNNING)});
   AddNode("d");  // room for generation 2 (b stays drained)
   scheduler_->Tick();
   ASSERT_EQ(Get(next.id()).generation(), 2) << Get(next.id()).reason();
