@@ -310,9 +310,20 @@ void Scheduler::AwaitSavingRanksLocked(const std::string& job_id, const std::str
 }
 
 void Scheduler::ForgetSavingRanksLocked(const std::string& job_id, const std::string& node_id) {
-  if (auto job = saving_ranks_of_job_.find(job_id); job != saving_ranks_of_job_.end()) {
-    job->second.erase(node_id);
-    if (job->second.empty()) saving_ranks_of_job_.erase(job);
+  if (auto waiting = saving_ranks_of_job_.find(job_id); waiting != saving_ranks_of_job_.end()) {
+    waiting->second.erase(node_id);
+    if (waiting->second.empty()) {
+      saving_ranks_of_job_.erase(waiting);
+      // A running job's reason said that it waited: it no longer does.
+      auto job = jobs_.find(job_id);
+      if (job != jobs_.end() && job->second.state() == pb::JOB_STATE_RUNNING &&
+          job->second.reason() != RunningReasonLocked(job->second)) {
+        job->second.set_reason(RunningReasonLocked(job->second));
+        rocksdb::WriteBatch own;
+        UnsyncedBatchLocked(own).Put(JobKey(job_id), job->second.SerializeAsString());
+        FlushUnsyncedLocked(own);
+      }
+    }
   }
   if (auto node = saving_ranks_on_node_.find(node_id); node != saving_ranks_on_node_.end()) {
     node->second.erase(job_id);
@@ -324,6 +335,19 @@ void Scheduler::ForgetSavingRanksOnNodeLocked(const std::string& node_id) {
   auto node = saving_ranks_on_node_.find(node_id);
   if (node == saving_ranks_on_node_.end()) return;
   for (const std::string& job_id : std::set<std::string>(node->second)) ForgetSavingRanksLocked(job_id, node_id);
+}
+
+std::string Scheduler::RunningReasonLocked(const pb::Job& job) {
+  std::vector<std::string> nodes;
+  for (const pb::Placement& p : job.placement()) nodes.push_back(p.node_id());
+  std::string reason = fmt::format("generation {} on {}", job.generation(), fmt::join(nodes, ", "));
+  if (auto waiting = saving_ranks_of_job_.find(job.id()); waiting != saving_ranks_of_job_.end()) {
+    std::vector<std::string> saving;
+    for (const auto& [node_id, since] : waiting->second) saving.push_back(node_id);
+    reason += fmt::format("; its ranks start once the previous generation's on {} have saved their step and stopped",
+                          fmt::join(saving, ", "));
+  }
+  return reason;
 }
 
 bool Scheduler::PreviousRanksRunLocked(const std::string& job_id) {
@@ -975,8 +999,7 @@ void Scheduler::PlaceJobsLocked(int64_t now) {
           p->set_first_rank(i * r.devices_per_node());
           p->set_devices(r.devices_per_node());
         }
-        std::vector<std::string> names(fit.begin(), fit.begin() + take);
-        updated.set_reason(fmt::format("generation {} on {}", updated.generation(), fmt::join(names, ", ")));
+        updated.set_reason(RunningReasonLocked(updated));
         if (!PersistJobLocked(updated, "started", updated.reason()).ok()) continue;
         *job = updated;
         job_runtime_[job->id()].requeue_cause.clear();

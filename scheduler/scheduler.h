@@ -217,6 +217,8 @@ class Scheduler {
   void ForgetSavingRanksOnNodeLocked(const std::string& node_id);
   // Whether the job's next generation must still wait (ranks above not all gone).
   bool PreviousRanksRunLocked(const std::string& job_id);
+  // A running job's reason: its generation and nodes, and what its ranks wait for.
+  std::string RunningReasonLocked(const pb::Job& job);
   bool SavesCheckpointsLocked(const pb::Job& job);
   void RecordRankReportLocked(const std::string& node_id, const pb::RankReport& report,
                               std::set<RankKey>& running_on_node);

@@ -391,8 +391,10 @@ TEST_F(SchedulerTest, ANewGenerationStartsOnceThePreviousRanksHaveStopped) {
   ASSERT_TRUE(scheduler_->DrainNode("b", /*move_jobs=*/true).ok());
   ASSERT_EQ(Get(job.id()).generation(), 2);
   // Generation 1's ranks are saving the step generation 2 resumes from: c, free, gets
-  // no start until both have stopped.
+  // no start until both have stopped, and the job says so.
   EXPECT_EQ(Beat("c").start_size(), 0);
+  EXPECT_EQ(Get(job.id()).reason(), "generation 2 on a, c; its ranks start once the previous generation's on a, b "
+                                    "have saved their step and stopped");
   EXPECT_EQ(StopOrder("b", on_b).generation(), 1);
   EXPECT_EQ(Beat("a", {Report(on_a, pb::RANK_STATE_EXITED, 75)}).start_size(), 0);
   EXPECT_EQ(Beat("c").start_size(), 0);
@@ -400,6 +402,7 @@ TEST_F(SchedulerTest, ANewGenerationStartsOnceThePreviousRanksHaveStopped) {
   Beat("b", {saved}, /*stopping=*/false);
   EXPECT_EQ(Beat("c").start_size(), 1);
   EXPECT_EQ(Beat("a").start_size(), 1);
+  EXPECT_EQ(Get(job.id()).reason(), "generation 2 on a, c");
 
   // A rank that never stops (stuck in the kernel) holds the next generation back for
   // previous_ranks_wait_ms (10 minutes) at most.
