@@ -35,6 +35,8 @@ DaemonFlags::DaemonFlags(CLI::App& app) {
   add("lease_timeout_ms", &DaemonConfig::lease_timeout_ms, "Silence after which a node is lost");
   add("grow_after_ms", &DaemonConfig::grow_after_ms,
       "A job that shrank grows back onto free nodes after running this long (0: never)");
+  add("previous_ranks_wait_ms", &DaemonConfig::previous_ranks_wait_ms,
+      "A job's next generation waits this long at most for ranks saving the step they stopped after (0: do not wait)");
   add("worker_binary", &DaemonConfig::worker_binary, "llama-train (default: next to llamad)");
   add("worker_threads", &DaemonConfig::worker_threads, "CPU threads per rank (0 = cores / devices)");
   add("comm_host", &DaemonConfig::comm_host, "Address this node's ranks listen on for their peers (auto: loopback for one-node jobs, "
@@ -77,6 +79,9 @@ absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {
   if (config.worker_threads < 0) return ConfigError(where, "worker_threads: must not be negative");
   if (config.stop_grace_ms < 0) return ConfigError(where, "stop_grace_ms: must not be negative");
   if (config.grow_after_ms < 0) return ConfigError(where, "grow_after_ms: must not be negative (0: never)");
+  if (config.previous_ranks_wait_ms < 0) {
+    return ConfigError(where, "previous_ranks_wait_ms: must not be negative (0: do not wait)");
+  }
   return config;
 }
 

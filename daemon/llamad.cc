@@ -75,6 +75,7 @@ int main(int argc, char** argv) {
     options.heartbeat_interval_ms = config->heartbeat_interval_ms;
     options.lease_timeout_ms = config->lease_timeout_ms;
     options.grow_after_ms = config->grow_after_ms;
+    options.previous_ranks_wait_ms = config->previous_ranks_wait_ms;
     auto opened = llamad::scheduler::Scheduler::Open(options, &clock);
     if (!opened.ok()) return Fail(opened.status());
     scheduler = std::move(*opened);
