@@ -310,25 +310,24 @@ void Scheduler::AwaitSavingRanksLocked(const std::string& job_id, const std::str
 }
 
 void Scheduler::ForgetSavingRanksLocked(const std::string& job_id, const std::string& node_id) {
-  if (auto waiting = saving_ranks_of_job_.find(job_id); waiting != saving_ranks_of_job_.end()) {
-    waiting->second.erase(node_id);
-    if (waiting->second.empty()) {
-      saving_ranks_of_job_.erase(waiting);
-      // A running job's reason said that it waited: it no longer does.
-      auto job = jobs_.find(job_id);
-      if (job != jobs_.end() && job->second.state() == pb::JOB_STATE_RUNNING &&
-          job->second.reason() != RunningReasonLocked(job->second)) {
-        job->second.set_reason(RunningReasonLocked(job->second));
-        rocksdb::WriteBatch own;
-        UnsyncedBatchLocked(own).Put(JobKey(job_id), job->second.SerializeAsString());
-        FlushUnsyncedLocked(own);
-      }
-    }
-  }
   if (auto node = saving_ranks_on_node_.find(node_id); node != saving_ranks_on_node_.end()) {
     node->second.erase(job_id);
     if (node->second.empty()) saving_ranks_on_node_.erase(node);
   }
+  auto waiting = saving_ranks_of_job_.find(job_id);
+  if (waiting == saving_ranks_of_job_.end()) return;
+  waiting->second.erase(node_id);
+  if (!waiting->second.empty()) return;
+  saving_ranks_of_job_.erase(waiting);
+  // A running job's reason said that it waited: it no longer does.
+  auto job = jobs_.find(job_id);
+  if (job == jobs_.end() || job->second.state() != pb::JOB_STATE_RUNNING) return;
+  std::string reason = RunningReasonLocked(job->second);
+  if (job->second.reason() == reason) return;
+  job->second.set_reason(std::move(reason));
+  rocksdb::WriteBatch own;
+  UnsyncedBatchLocked(own).Put(JobKey(job_id), job->second.SerializeAsString());
+  FlushUnsyncedLocked(own);
 }
 
 void Scheduler::ForgetSavingRanksOnNodeLocked(const std::string& node_id) {
@@ -364,20 +363,27 @@ bool Scheduler::PreviousRanksRunLocked(const std::string& job_id) {
 
 void Scheduler::EndGenerationSavingLocked(pb::Job& job) {
   bool can_save = job.state() == pb::JOB_STATE_RUNNING && SavesCheckpointsLocked(job);
+  std::set<std::string> nodes;  // of its ranks
   for (auto it = expected_.lower_bound({job.id(), job.generation(), std::numeric_limits<int32_t>::min()});
        can_save && it != expected_.end() && it->first.job_id == job.id() && it->first.generation == job.generation();
        ++it) {
     can_save = !it->second.lost_peer;  // its peers' step may never finish
+    nodes.insert(it->second.node_id);
   }
   if (can_save) {
     job.add_saving_generations(job.generation());
     if (job.saving_generations_size() > 4) job.mutable_saving_generations()->erase(job.saving_generations().begin());
-    for (auto it = expected_.lower_bound({job.id(), job.generation(), std::numeric_limits<int32_t>::min()});
-         it != expected_.end() && it->first.job_id == job.id() && it->first.generation == job.generation(); ++it) {
-      AwaitSavingRanksLocked(job.id(), it->second.node_id);
-    }
+    for (const std::string& node_id : nodes) AwaitSavingRanksLocked(job.id(), node_id);
   }
   EndGenerationLocked(job);
+}
+
+std::set<std::string> Scheduler::JobsWithRanksOnLocked(const std::string& node_id) const {
+  std::set<std::string> jobs;
+  if (auto ranks = expected_by_node_.find(node_id); ranks != expected_by_node_.end()) {
+    for (const RankKey& key : ranks->second) jobs.insert(key.job_id);
+  }
+  return jobs;
 }
 
 bool Scheduler::SavesCheckpointsLocked(const pb::Job& job) {
@@ -500,11 +506,7 @@ absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bo
     it->second.info = info;
   }
   if (move_jobs) {
-    std::set<std::string> affected;
-    for (const auto& [key, rank] : expected_) {
-      if (rank.node_id == node_id) affected.insert(key.job_id);
-    }
-    for (const std::string& job_id : affected) {
+    for (const std::string& job_id : JobsWithRanksOnLocked(node_id)) {
       pb::Job& job = jobs_[job_id];
       // Some of its ranks finished: it is ending by itself, and a restart would redo it.
       if (job.finished_ranks_size() > 0) continue;
@@ -928,11 +930,7 @@ void Scheduler::ExpireLeasesLocked(int64_t now) {
     node.info.set_state(pb::NODE_STATE_LOST);
     PersistNodeLocked(node.info).IgnoreError();
     // Every job with a rank there loses its generation and goes back to the queue.
-    std::set<std::string> affected;
-    for (const auto& [key, rank] : expected_) {
-      if (rank.node_id == id) affected.insert(key.job_id);
-    }
-    for (const std::string& job_id : affected) {
+    for (const std::string& job_id : JobsWithRanksOnLocked(id)) {
       pb::Job updated = jobs_[job_id];
       EndGenerationLocked(updated);
       RequeueLocked(jobs_[job_id], updated,

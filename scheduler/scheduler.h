@@ -220,6 +220,8 @@ class Scheduler {
   // A running job's reason: its generation and nodes, and what its ranks wait for.
   std::string RunningReasonLocked(const pb::Job& job);
   bool SavesCheckpointsLocked(const pb::Job& job);
+  // The jobs with a rank of their current generation on the node (expected_by_node_).
+  std::set<std::string> JobsWithRanksOnLocked(const std::string& node_id) const;
   void RecordRankReportLocked(const std::string& node_id, const pb::RankReport& report,
                               std::set<RankKey>& running_on_node);
   void AppendLogsLocked(pb::Job& job, const pb::RankReport& report);

@@ -182,16 +182,23 @@ TEST(CheckpointProcessTest, KilledAfterASaveResumesBitIdentically) {
   for (const auto& [step, loss] : expected) EXPECT_EQ(got[step], loss) << "step " << step;
 }
 
-// The losses of `job` up to `last_step` (from the step lines of a run killed after it).
-std::map<int64_t, double> LossesUpTo(const std::string& job_args, int64_t last_step) {
-  Subprocess run(Train(job_args + " --log-format json"));
+// What a run of `args` printed up to its step line of `last_step`, after which it was
+// killed (SIGKILL).
+std::string OutputUpTo(const std::string& args, int64_t last_step) {
+  Subprocess run(Train(args + " --log-format json"));
   EXPECT_GE(ReadUpToStep(run, last_step), last_step) << run.Drain();
   run.Kill(SIGKILL);
   run.Wait();
-  std::map<int64_t, double> losses;
-  for (const auto& [step, loss] : StepLosses(run.output())) {
-    if (step <= last_step) losses[step] = loss;
-  }
+  return run.output();
+}
+
+// A run of `args` with -f latest, up to `last_step` (OutputUpTo), which must say that it
+// resumed job "proc" at step `from`: its losses from there.
+std::map<int64_t, double> ResumedLossesUpTo(const std::string& args, int64_t from, int64_t last_step) {
+  const std::string output = OutputUpTo(args + " -f latest", last_step);
+  EXPECT_NE(output.find("resumed job 'proc' at step " + std::to_string(from)), std::string::npos) << output;
+  const auto losses = StepLosses(output);
+  EXPECT_TRUE(!losses.empty() && losses.begin()->first == from + 1) << output;
   return losses;
 }
 
@@ -240,18 +247,11 @@ TEST(CheckpointProcessTest, AStoppedRunSavesItsLastStepAndResumesFromItBitIdenti
         << output;
   }
   ExpectLatestCheckpoint(dir / "ckpt", stopped);
-  {
-    Subprocess second(Train("--config " + job + " --log-format json -f latest"));
-    EXPECT_GE(ReadUpToStep(second, stopped + 2), stopped + 2) << second.Drain();
-    second.Kill(SIGKILL);
-    second.Wait();
-    EXPECT_NE(second.output().find("resumed job 'proc' at step " + std::to_string(stopped)), std::string::npos)
-        << second.output();
-    for (const auto& [step, loss] : StepLosses(second.output())) got[step] = loss;
-  }
-  const auto straight = LossesUpTo("--config " + WriteJob(FreshDir("proc-not-stopped"), 100000, 0), stopped + 2);
-  ASSERT_EQ(straight.size(), size_t(stopped + 2));
-  for (const auto& [step, loss] : straight) EXPECT_EQ(got[step], loss) << "step " << step;
+  for (const auto& [step, loss] : ResumedLossesUpTo("--config " + job, stopped, stopped + 2)) got[step] = loss;
+  const auto straight =
+      StepLosses(OutputUpTo("--config " + WriteJob(FreshDir("proc-not-stopped"), 100000, 0), stopped + 2));
+  ASSERT_GE(straight.size(), size_t(stopped + 2));
+  for (int64_t step = 1; step <= stopped + 2; ++step) EXPECT_EQ(got[step], straight.at(step)) << "step " << step;
 }
 
 // Of two ranks only rank 1 is asked to stop: both stop after the same step, rank 0
@@ -278,12 +278,7 @@ TEST(CheckpointProcessTest, RanksStopAfterTheSameStepWhenOneIsAsked) {
   EXPECT_NE(output.find("stopped after step " + std::to_string(stopped) + " of 100000"), std::string::npos) << output;
   EXPECT_NE(output.find("rank 0 stopped with the rank that was asked to"), std::string::npos) << output;
   ExpectLatestCheckpoint(dir / "ckpt", stopped);
-  Subprocess resumed(Train("--config " + job + " --log-format json -f latest --nproc 2"));
-  EXPECT_EQ(ReadUpToStep(resumed, stopped + 1), stopped + 1) << resumed.Drain();
-  resumed.Kill(SIGKILL);
-  resumed.Wait();
-  EXPECT_NE(resumed.output().find("resumed job 'proc' at step " + std::to_string(stopped)), std::string::npos)
-      << resumed.output();
+  ResumedLossesUpTo("--config " + job + " --nproc 2", stopped, stopped + 1);
 }
 
 // A run whose checkpoint store another process still holds (the job's previous run
