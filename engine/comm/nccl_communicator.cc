@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <string_view>
@@ -12,6 +13,7 @@
 
 #include "backend/cuda/cuda_backend_impl.h"
 #include "comm/device_collectives.h"
+#include "core/exit_codes.h"
 #include "core/strings.h"
 
 #ifdef LLAMAD_WITH_NCCL
@@ -122,6 +124,13 @@ ncclDataType_t NcclType(DType type) {
     case DType::kBF16: return ncclBfloat16;
   }
   return ncclFloat32;
+}
+
+// NCCL's result codes are its ABI; NcclFailureCode takes them as ints.
+static_assert(ncclSystemError == 2 && ncclRemoteError == 6 && ncclInProgress == 7);
+
+absl::Status NcclFailure(ncclResult_t result, std::string message) {
+  return absl::Status(NcclFailureCode(result), std::move(message));
 }
 
 absl::Status CudaError(cudaError_t err, std::string_view what) {
@@ -363,17 +372,16 @@ class NcclCollectives final : public DeviceCollectives {
   absl::Status Settle(ncclResult_t result, std::chrono::milliseconds limit) {
     const auto deadline = std::chrono::steady_clock::now() + limit;
     while (result == ncclInProgress) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        return absl::DeadlineExceededError(StrCat("no answer from the other ranks within ",
-                                                  limit.count() / 1000, " s"));
+      if (std::chrono::steady_clock::now() > deadline) {  // a peer is gone or stalled
+        return absl::AbortedError(StrCat("no answer from the other ranks within ", limit.count() / 1000, " s"));
       }
       std::this_thread::sleep_for(std::chrono::microseconds(50));
       if (api_->CommGetAsyncError(comm_, &result) != ncclSuccess) break;
     }
     if (result == ncclSuccess) return absl::OkStatus();
     const char* detail = comm_ != nullptr ? api_->GetLastError(comm_) : nullptr;
-    return absl::UnavailableError(StrCat(api_->GetErrorString(result),
-                                         detail != nullptr && *detail != '\0' ? StrCat(" (", detail, ")") : ""));
+    return NcclFailure(result, StrCat(api_->GetErrorString(result),
+                                      detail != nullptr && *detail != '\0' ? StrCat(" (", detail, ")") : ""));
   }
 
   std::chrono::milliseconds timeout() {
@@ -463,7 +471,7 @@ class NcclCollectives final : public DeviceCollectives {
       if (auto s = Settle(op(comm_, stream_), timeout()); !s.ok()) {
         // NCCL may still take the call later, and nothing would track it: abort.
         Recycle(p);
-        AbortHoldingCalls(absl::UnavailableError(StrCat("NCCL on GPU ", device_, ": ", s.message())));
+        AbortHoldingCalls(absl::Status(s.code(), StrCat("NCCL on GPU ", device_, ": ", s.message())));
         return error();
       }
     }
@@ -520,32 +528,59 @@ class NcclCollectives final : public DeviceCollectives {
   void Watch() {
     cudaSetDevice(device_);
     std::unique_lock lock(mu_);
+    // Since when the watchdog has wanted to abort and found calls_mu_ held.
+    std::chrono::steady_clock::time_point abort_blocked_since{};
     while (!stop_) {
       const bool running = RetireLocked();
       if (comm_ != nullptr) {
-        std::string why;
+        absl::Status why;
         ncclResult_t async = ncclSuccess;
         if (api_->CommGetAsyncError(comm_, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress) {
           const char* detail = api_->GetLastError(comm_);
-          why = StrCat("NCCL on GPU ", device_, ": ", api_->GetErrorString(async),
-                       detail != nullptr && *detail != '\0' ? StrCat(" (", detail, ")") : "",
-                       ": a rank stopped or lost its connection");
+          const absl::StatusCode code = NcclFailureCode(async);
+          why = absl::Status(code, StrCat("NCCL on GPU ", device_, ": ", api_->GetErrorString(async),
+                                          detail != nullptr && *detail != '\0' ? StrCat(" (", detail, ")") : "",
+                                          code == absl::StatusCode::kAborted ? ": a rank stopped or lost its connection"
+                                                                             : ""));
         } else if (running && std::chrono::steady_clock::now() - front_since_ > timeout_) {
-          why = StrCat("a collective on GPU ", device_, " made no progress for ", timeout_.count() / 1000,
-                       " s: a rank stopped or hangs");
+          why = absl::AbortedError(StrCat("a collective on GPU ", device_, " made no progress for ",
+                                          timeout_.count() / 1000, " s: a rank stopped or hangs"));
         }
-        // Aborting needs the calls lock: a call in progress finishes first (it is bounded
-        // by the timeout too), and is tried again on the next round.
-        if (!why.empty() && calls_mu_.try_lock()) {
+        // Aborting needs the calls lock: a call in progress finishes first (Settle bounds
+        // it by the timeout too), and is tried again on the next round.
+        if (why.ok()) {
+          abort_blocked_since = {};
+        } else if (calls_mu_.try_lock()) {
           lock.unlock();
-          AbortHoldingCalls(absl::UnavailableError(why));
+          AbortHoldingCalls(std::move(why));
           calls_mu_.unlock();
           lock.lock();
+        } else {
+          const auto now = std::chrono::steady_clock::now();
+          if (abort_blocked_since == std::chrono::steady_clock::time_point{}) abort_blocked_since = now;
+          // A call that holds the lock past its own bound is stuck where Settle cannot
+          // end it: in a launch that waits for the GPU, whose queue the stalled NCCL
+          // kernels fill. Only an abort would free it, and NCCL's calls on one
+          // communicator must not overlap, so the process ends, as a rank whose peer
+          // was lost: its supervisor (the launcher, llamad) acts on the exit.
+          if (now - abort_blocked_since > timeout_ + kStuckCallGrace) {
+            std::fprintf(stderr, "llama-train: %s; an NCCL call on GPU %d has not returned for %lld s, so the "
+                         "communicator cannot be aborted: exiting\n",
+                         std::string(why.message()).c_str(), device_,
+                         static_cast<long long>(std::chrono::duration_cast<std::chrono::seconds>(
+                                                    now - abort_blocked_since).count()));
+            std::fflush(stderr);
+            std::_Exit(kExitPeerLost);
+          }
         }
       }
       wake_.wait_for(lock, pending_.empty() ? std::chrono::milliseconds(100) : std::chrono::milliseconds(2));
     }
   }
+
+  // How much longer than the timeout a call may hold calls_mu_ while the watchdog waits
+  // to abort, before the call counts as stuck.
+  static constexpr std::chrono::seconds kStuckCallGrace{30};
 
   const NcclApi* api_;
   const int device_;
@@ -596,6 +631,16 @@ void CommunicatorWithDevice::set_timeout(std::chrono::milliseconds timeout) {
 #ifdef LLAMAD_WITH_NCCL
   static_cast<NcclCollectives*>(device_.get())->set_timeout(timeout);
 #endif
+}
+
+absl::StatusCode NcclFailureCode(int nccl_result) {
+  // ncclSystemError is a failed system call: for a running communicator, a socket to a
+  // peer that closed or reset. ncclRemoteError is a peer that went away or a network
+  // error. ncclInProgress here means the call never settled.
+  constexpr int kSystemError = 2, kRemoteError = 6, kInProgress = 7;
+  return nccl_result == kSystemError || nccl_result == kRemoteError || nccl_result == kInProgress
+             ? absl::StatusCode::kAborted
+             : absl::StatusCode::kInternal;
 }
 
 bool NcclAvailable(std::string* version_or_why) {

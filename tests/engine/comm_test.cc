@@ -203,5 +203,20 @@ TEST(CommTest, NcclAvailabilityIsReported) {
   }
 }
 
+// A collective that fails because a peer went away is ABORTED over NCCL, as over Gloo:
+// the rank then exits as a lost peer (75), and the scheduler waits for the cause (a lost
+// node restarts the job) instead of failing the job with this rank. NCCL's own errors,
+// and this GPU's, fail the job. The numbers are NCCL's result codes (its ABI).
+TEST(CommTest, NcclFailuresOfAPeerAreALostPeer) {
+  const int kUnhandledCudaError = 1, kSystemError = 2, kInternalError = 3, kInvalidArgument = 4,
+            kInvalidUsage = 5, kRemoteError = 6, kInProgress = 7;
+  for (int peer : {kSystemError, kRemoteError, kInProgress}) {
+    EXPECT_EQ(NcclFailureCode(peer), absl::StatusCode::kAborted) << "ncclResult_t " << peer;
+  }
+  for (int own : {kUnhandledCudaError, kInternalError, kInvalidArgument, kInvalidUsage}) {
+    EXPECT_EQ(NcclFailureCode(own), absl::StatusCode::kInternal) << "ncclResult_t " << own;
+  }
+}
+
 }  // namespace
 }  // namespace llamad
