@@ -20,6 +20,9 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <iterator>
+#include <map>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -172,14 +175,61 @@ struct ResumePoint {
   int64_t step = -1;                                // -1: start fresh
 };
 
-// How long a run waits for another process to let go of its checkpoint store: two
-// minutes, or under llamad a minute more than the grace its daemon gives a stopping rank
-// to save (LLAMAD_STOP_GRACE_MS), whichever is longer.
-std::chrono::milliseconds StoreHeldWait() {
+// Under llamad, the grace its daemon gives a stopping rank to finish its step and save
+// it before SIGKILL (llamad's stop_grace_ms, passed as LLAMAD_STOP_GRACE_MS); -1 elsewhere.
+int64_t DaemonStopGraceMs() {
   const char* grace = std::getenv("LLAMAD_STOP_GRACE_MS");
-  const int64_t grace_ms = grace != nullptr ? std::max<int64_t>(0, std::atoll(grace)) : 0;
-  return std::chrono::milliseconds(std::max<int64_t>(120'000, grace_ms + 60'000));
+  return grace != nullptr ? std::max<int64_t>(0, std::atoll(grace)) : -1;
 }
+
+// How long a run waits for another process to let go of its checkpoint store: two
+// minutes, or under llamad a minute more than its stop grace, whichever is longer.
+std::chrono::milliseconds StoreHeldWait() {
+  return std::chrono::milliseconds(std::max<int64_t>(120'000, DaemonStopGraceMs() + 60'000));
+}
+
+// Whether a stop fits in llamad's grace, from what this run measures: a stopped rank
+// finishes the step in flight, or the next one when the signal came after that step's
+// loss was summed, then saves it, and rank 0 commits it. Says once, on rank 0's stderr
+// (the job's log), when that takes longer than the grace: the ranks would be killed
+// mid-save, and the job would go on from its last interval checkpoint instead.
+class StopGraceCheck {
+ public:
+  explicit StopGraceCheck(int64_t grace_ms) : grace_ms_(grace_ms) {}
+
+  void StepTook(double seconds) { step_seconds_.store(seconds); }
+  void SaveStarted(int64_t step) {
+    std::lock_guard lock(mu_);
+    save_started_[step] = std::chrono::steady_clock::now();
+  }
+  // Rank 0, when `step` is committed; the seconds from its save's start.
+  double Committed(int64_t step) {
+    std::lock_guard lock(mu_);
+    auto it = save_started_.find(step);
+    if (it == save_started_.end()) return 0;
+    const double save = std::chrono::duration<double>(std::chrono::steady_clock::now() - it->second).count();
+    save_started_.erase(save_started_.begin(), std::next(it));
+    const double step_s = step_seconds_.load(), needed = 2 * step_s + save;
+    if (grace_ms_ >= 0 && !warned_ && needed * 1e3 > double(grace_ms_)) {
+      warned_ = true;
+      std::fprintf(stderr,
+                   "llama-train: warning: a stop would take about %.1f s here (up to two steps of %.1f s, then "
+                   "%.1f s to save and commit step %lld), longer than llamad's stop_grace_ms of %.1f s: ranks "
+                   "stopped for a preemption, a cancel or a move would be killed before their save, and the job "
+                   "would go on from its last interval checkpoint; raise stop_grace_ms (and the service's "
+                   "TimeoutStopSec) on the nodes\n",
+                   needed, step_s, save, (long long)step, double(grace_ms_) / 1e3);
+    }
+    return save;
+  }
+
+ private:
+  const int64_t grace_ms_;
+  std::atomic<double> step_seconds_{0};
+  std::mutex mu_;
+  std::map<int64_t, std::chrono::steady_clock::time_point> save_started_;
+  bool warned_ = false;
+};
 
 // `saving`: this run writes checkpoints into spec.checkpoint.dir, which is then opened
 // for writing; every other store is opened read-only and left untouched.
@@ -810,6 +860,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                  o.swap()->synchronous() ? " (io_uring is not available here: one request at a time)" : "");
   }
   (*comm)->set_timeout(std::chrono::minutes(10));  // a training step's collectives
+  StopGraceCheck stop_grace(DaemonStopGraceMs());  // before the checkpointer, whose commits report to it
   std::unique_ptr<AsyncCheckpointer> checkpointer;
   if (spec->checkpoint.interval > 0) {
     // Every rank writes its part of each checkpoint; rank 0 commits them together. Rank
@@ -821,8 +872,9 @@ int RunTrain(const Common& common, const Overrides& overrides) {
         checkpoints->store.get(), spec->checkpoint.dir, spec->name, rank, (*comm)->world_size(), uint64_t(run),
         [&](int64_t step, const absl::Status& s) {
           if (s.ok() && lead) {
-            std::fprintf(stderr, "llama-train: checkpoint step %lld committed (%s)\n", (long long)step,
-                         checkpoints->store->StepDir(spec->name, step).c_str());
+            const double seconds = stop_grace.Committed(step);
+            std::fprintf(stderr, "llama-train: checkpoint step %lld committed in %.2f s (%s)\n", (long long)step,
+                         seconds, checkpoints->store->StepDir(spec->name, step).c_str());
           } else if (!s.ok()) {
             std::fprintf(stderr, "llama-train: rank %d: checkpoint step %lld failed: %s\n", rank, (long long)step,
                          std::string(s.message()).c_str());
@@ -868,7 +920,9 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     }
     const bool save = checkpointer != nullptr &&
                       (m.step % spec->checkpoint.interval == 0 || m.step == t.steps || m.stop_requested);
+    stop_grace.StepTook(m.step_seconds);
     if (save) {
+      if (lead) stop_grace.SaveStarted(m.step);
       auto seconds = checkpointer->Save(**trainer);
       if (!seconds.ok()) return seconds.status();
       stall = *seconds;

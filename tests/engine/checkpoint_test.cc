@@ -254,6 +254,36 @@ TEST(CheckpointProcessTest, AStoppedRunSavesItsLastStepAndResumesFromItBitIdenti
   for (int64_t step = 1; step <= stopped + 2; ++step) EXPECT_EQ(got[step], straight.at(step)) << "step " << step;
 }
 
+// Under llamad (which passes its stop_grace_ms as LLAMAD_STOP_GRACE_MS) rank 0 says when
+// a stop could not finish its step and save it within that grace, from the steps and the
+// saves it measures; a grace that is long enough says nothing.
+TEST(CheckpointProcessTest, ARunSaysWhenAStopWouldNotFitLlamadsGrace) {
+  const fs::path dir = FreshDir("proc-grace");
+  const std::string job = WriteJob(dir, 6, 2);
+  const std::string warning = "warning: a stop would take about";
+  for (const int64_t grace_ms : {int64_t(1), int64_t(600'000), int64_t(-1)}) {
+    fs::remove_all(dir / "ckpt");
+    const std::string env = grace_ms >= 0 ? "env LLAMAD_STOP_GRACE_MS=" + std::to_string(grace_ms) + " " : "";
+    Subprocess run(env + Train("--config " + job + " --log-format json"));
+    const std::string output = run.Drain();
+    ASSERT_EQ(run.Wait(), 0) << output;
+    for (int step : {2, 4, 6}) {
+      EXPECT_NE(output.find("checkpoint step " + std::to_string(step) + " committed in "), std::string::npos)
+          << output;
+    }
+    const size_t at = output.find(warning);
+    if (grace_ms == 1) {
+      ASSERT_NE(at, std::string::npos) << output;
+      EXPECT_EQ(output.find(warning, at + 1), std::string::npos) << "said once: " << output;
+      EXPECT_NE(output.find("to save and commit step 2), longer than llamad's stop_grace_ms of 0.0 s"),
+                std::string::npos)
+          << output;
+    } else {
+      EXPECT_EQ(at, std::string::npos) << "grace " << grace_ms << " ms: " << output;
+    }
+  }
+}
+
 // Of two ranks only rank 1 is asked to stop: both stop after the same step, rank 0
 // (which was not asked) commits it, and the job resumes from it.
 TEST(CheckpointProcessTest, RanksStopAfterTheSameStepWhenOneIsAsked) {
