@@ -120,7 +120,7 @@ absl::Status Scheduler::Load() {
       return absl::DataLossError(fmt::format("scheduler state: record {} is damaged", it->key().ToString()));
     }
     jobs_[job.id()] = job;
-    job_runtime_[job.id()];
+    job_runtime_[job.id()].furthest_step = job.progress().step();
   }
   for (it->Seek("node/"); it->Valid() && it->key().starts_with("node/"); it->Next()) {
     pb::NodeInfo node;
@@ -648,7 +648,14 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
       UnsyncedBatchLocked(own).Put(JobKey(job.id()), job.SerializeAsString());
       FlushUnsyncedLocked(own);
       changed_.notify_all();
-      job_runtime_[job.id()].peer_lost_restarts = 0;  // it trains: earlier restarts were not a loop
+      // Past the furthest step so far it trains: earlier restarts were not a loop. Steps
+      // done again after a restart do not count, or a hang at a fixed step (which every
+      // rank may report as a lost peer) would restart the job forever.
+      JobRuntime& rt = job_runtime_[job.id()];
+      if (p->step() > rt.furthest_step) {
+        rt.furthest_step = p->step();
+        rt.peer_lost_restarts = 0;
+      }
     }
   }
   if (report.state() != pb::RANK_STATE_EXITED) return;
@@ -819,9 +826,9 @@ void Scheduler::RestartLostPeersLocked(pb::Job& job, int32_t rank, const std::st
     updated.set_finished_unix_ms(now);
     updated.clear_last_log_lines();
     for (const std::string& line : rt.recent_stderr[rank]) updated.add_last_log_lines(line);
-    updated.set_reason(fmt::format("the ranks lost their peers {} times in a row without a step in between; the "
+    updated.set_reason(fmt::format("the ranks lost their peers {} times in a row without getting past step {}; the "
                                    "last time: {}",
-                                   rt.peer_lost_restarts, cause));
+                                   rt.peer_lost_restarts, rt.furthest_step, cause));
     if (PersistJobLocked(updated, "failed", updated.reason()).ok()) job = updated;
     return;
   }

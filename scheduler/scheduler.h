@@ -47,7 +47,7 @@ struct SchedulerOptions {
   int failure_log_lines = 20;
   // Restarts in a row when every rank lost its peers and none failed by itself (or
   // the rest were still waiting for peers after ExpireLostPeersLocked's grace); one
-  // more fails the job (a step in between starts the count again).
+  // more fails the job (a step past the furthest one so far starts the count again).
   int peer_lost_restarts = 3;
   // A job that restarted on fewer nodes than it asked for (resources.nodes) grows back
   // when other nodes are free for it and no job waits in the queue, once its generation
@@ -148,7 +148,10 @@ class Scheduler {
     int64_t lost_peer_ms = 0;  // when that exit was reported
   };
   struct JobRuntime {
-    int32_t peer_lost_restarts = 0;  // restarts in a row because the ranks lost their peers
+    // Restarts in a row because the ranks lost their peers, since the job last got past
+    // furthest_step (the furthest step it reported).
+    int32_t peer_lost_restarts = 0;
+    int64_t furthest_step = 0;
     int64_t next_event_seq = 1;
     int64_t next_log_seq = 1;
     int64_t first_log_seq = 1;  // the oldest line still stored
@@ -185,7 +188,8 @@ class Scheduler {
   void GrowJobsLocked(int64_t now);
   // Every rank of the job's generation lost its peers (`cause` says how we know): the
   // job restarts from its latest checkpoint, or fails after options_.peer_lost_restarts
-  // restarts in a row without a step, with `rank`'s last stderr lines.
+  // restarts in a row without getting past its furthest step, with `rank`'s last stderr
+  // lines.
   void RestartLostPeersLocked(pb::Job& job, int32_t rank, const std::string& cause, int64_t now);
   // `updated` (`job` with its generation ended) goes back in the queue to restart from
   // its latest checkpoint: "<cause>; restarting from the latest checkpoint" is its

@@ -127,7 +127,7 @@ ncclDataType_t NcclType(DType type) {
 }
 
 // NCCL's result codes are its ABI; NcclFailureCode takes them as ints.
-static_assert(ncclSystemError == 2 && ncclRemoteError == 6 && ncclInProgress == 7);
+static_assert(ncclRemoteError == 6 && ncclInProgress == 7);
 
 absl::Status NcclFailure(ncclResult_t result, std::string message) {
   return absl::Status(NcclFailureCode(result), std::move(message));
@@ -543,8 +543,17 @@ class NcclCollectives final : public DeviceCollectives {
                                           code == absl::StatusCode::kAborted ? ": a rank stopped or lost its connection"
                                                                              : ""));
         } else if (running && std::chrono::steady_clock::now() - front_since_ > timeout_) {
-          why = absl::AbortedError(StrCat("a collective on GPU ", device_, " made no progress for ",
-                                          timeout_.count() / 1000, " s: a rank stopped or hangs"));
+          // Where the collective has started, this rank waits for its peers: a lost peer.
+          // Where it has not, this rank's own stream never got there (a kernel of its own
+          // hangs): its failure, or every rank would exit as a lost peer and the job
+          // restart into the same hang.
+          const Pending& front = pending_.front();
+          const bool started = front.start != nullptr && cudaEventQuery(front.start) == cudaSuccess;
+          if (!started) (void)cudaGetLastError();
+          why = started ? absl::AbortedError(StrCat("a collective on GPU ", device_, " made no progress for ",
+                                                    timeout_.count() / 1000, " s: a peer rank stopped or hangs"))
+                        : absl::InternalError(StrCat("GPU ", device_, " did not reach a collective for ",
+                                                     timeout_.count() / 1000, " s: this rank's own work hangs"));
         }
         // Aborting needs the calls lock: a call in progress finishes first (Settle bounds
         // it by the timeout too), and is tried again on the next round.
@@ -634,13 +643,13 @@ void CommunicatorWithDevice::set_timeout(std::chrono::milliseconds timeout) {
 }
 
 absl::StatusCode NcclFailureCode(int nccl_result) {
-  // ncclSystemError is a failed system call: for a running communicator, a socket to a
-  // peer that closed or reset. ncclRemoteError is a peer that went away or a network
-  // error. ncclInProgress here means the call never settled.
-  constexpr int kSystemError = 2, kRemoteError = 6, kInProgress = 7;
-  return nccl_result == kSystemError || nccl_result == kRemoteError || nccl_result == kInProgress
-             ? absl::StatusCode::kAborted
-             : absl::StatusCode::kInternal;
+  // ncclRemoteError: a peer closed or reset its connection, or the network failed (NCCL
+  // 2.12 and later report a lost peer so). ncclInProgress here: the call never settled.
+  // ncclSystemError is this host's (shared memory too small, an InfiniBand queue pair
+  // that cannot start, no memory or descriptors left): a failure that a restart repeats.
+  constexpr int kRemoteError = 6, kInProgress = 7;
+  return nccl_result == kRemoteError || nccl_result == kInProgress ? absl::StatusCode::kAborted
+                                                                   : absl::StatusCode::kInternal;
 }
 
 bool NcclAvailable(std::string* version_or_why) {

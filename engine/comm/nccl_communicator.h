@@ -18,11 +18,12 @@
 namespace llamad {
 
 // The status code of a failed NCCL call or collective, from its ncclResult_t. ABORTED
-// where a peer rank is gone or unreachable (a remote or network error, a call that never
-// settles): the rank exits with kExitPeerLost (core/exit_codes.h), as over Gloo, and the
-// scheduler restarts the job when a node was lost instead of failing it. INTERNAL for
-// the rest (NCCL's own error, this GPU's, a misuse): the job fails with this rank's reason.
-// A collective that makes no progress within the timeout is ABORTED too.
+// where a peer rank is gone or unreachable (ncclRemoteError, a call that never settles):
+// the rank exits with kExitPeerLost (core/exit_codes.h), as over Gloo, and the scheduler
+// restarts the job when a node was lost instead of failing it. INTERNAL for the rest
+// (this host's system errors, NCCL's own, this GPU's, a misuse): the job fails with this
+// rank's reason. A collective that started and makes no progress within the timeout is
+// ABORTED too; one this rank's stream never reached is INTERNAL.
 absl::StatusCode NcclFailureCode(int nccl_result);
 
 // Whether NCCL loads here: its version ("2.28.9") in `version_or_why`, or why not.

@@ -202,7 +202,8 @@ class StopGraceCheck {
     std::lock_guard lock(mu_);
     save_started_[step] = std::chrono::steady_clock::now();
   }
-  // Rank 0, when `step` is committed; the seconds from its save's start.
+  // Rank 0, when `step` is committed; the seconds since the step ended (its save waited
+  // for the previous one first, as a stop's would).
   double Committed(int64_t step) {
     std::lock_guard lock(mu_);
     auto it = save_started_.find(step);
