@@ -348,6 +348,8 @@ int main(int argc, char** argv) {
   bool drain_now = false;
   drain->add_flag("--now", drain_now,
                   "Move its jobs now: their ranks save the step they stop after, and they restart on other nodes");
+  CLI::App* undrain = app.add_subcommand("undrain", "Let a drained node take new ranks again");
+  undrain->add_option("node", node_id, "Node id")->required();
   CLI11_PARSE(app, argc, argv);
   ::signal(SIGPIPE, SIG_IGN);
 
@@ -520,12 +522,24 @@ int main(int argc, char** argv) {
       std::printf("%s\n", Json(response).c_str());
       return 0;
     }
-    std::printf("%-20s %-10s %-8s %-12s %s\n", "NODE", "STATE", "KIND", "DEVICES", "HEARTBEAT");
+    std::printf("%-20s %-10s %-8s %-12s %-14s %s\n", "NODE", "STATE", "KIND", "DEVICES", "HEARTBEAT", "DRAINED");
     for (const pb::NodeInfo& n : response.nodes()) {
-      std::printf("%-20s %-10s %-8s %-12s %s\n", n.id().c_str(), llamad::scheduler::NodeStateName(n.state()).c_str(),
-                  n.device_kind().c_str(), fmt::format("{}/{} used", n.devices_in_use(), n.devices()).c_str(),
-                  Ago(n.last_heartbeat_unix_ms()).c_str());
+      std::printf("%-20s %-10s %-8s %-12s %-14s %s\n", n.id().c_str(),
+                  llamad::scheduler::NodeStateName(n.state()).c_str(), n.device_kind().c_str(),
+                  fmt::format("{}/{} used", n.devices_in_use(), n.devices()).c_str(),
+                  Ago(n.last_heartbeat_unix_ms()).c_str(), n.drain_reason().c_str());
     }
+    return 0;
+  }
+  if (*undrain) {
+    pb::UndrainNodeRequest request;
+    request.set_node_id(node_id);
+    pb::NodeInfo node;
+    if (auto s = c.Unary(&pb::Scheduler::Stub::UndrainNode, request, &node, "undrain " + node_id); !s.ok()) {
+      return Fail(s);
+    }
+    json ? (void)std::printf("%s\n", Json(node).c_str())
+         : (void)std::printf("%s %s\n", node.id().c_str(), llamad::scheduler::NodeStateName(node.state()).c_str());
     return 0;
   }
   if (*drain) {

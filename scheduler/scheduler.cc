@@ -127,6 +127,10 @@ absl::Status Scheduler::Load() {
     if (!node.ParseFromArray(it->value().data(), int(it->value().size()))) {
       return absl::DataLossError(fmt::format("scheduler state: record {} is damaged", it->key().ToString()));
     }
+    // Drained before drains had reasons: still drained.
+    if (node.state() == pb::NODE_STATE_DRAINING && node.drain_reason().empty()) {
+      node.set_drain_reason("drained with llamactl drain");
+    }
     NodeRuntime& n = nodes_[node.id()];
     n.info = node;
     n.last_heartbeat_ms = now;  // a fresh lease: daemons have lease_timeout_ms to come back
@@ -499,12 +503,8 @@ absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bo
   std::lock_guard lock(mu_);
   auto it = nodes_.find(node_id);
   if (it == nodes_.end()) return absl::NotFoundError(fmt::format("no node '{}'", node_id));
+  if (auto s = DrainNodeLocked(it->second, "drained with llamactl drain", /*replace=*/false); !s.ok()) return s;
   pb::NodeInfo info = it->second.info;
-  if (info.state() == pb::NODE_STATE_READY) {
-    info.set_state(pb::NODE_STATE_DRAINING);
-    if (auto s = PersistNodeLocked(info); !s.ok()) return s;
-    it->second.info = info;
-  }
   if (move_jobs) {
     for (const std::string& job_id : JobsWithRanksOnLocked(node_id)) {
       pb::Job& job = jobs_[job_id];
@@ -516,6 +516,36 @@ absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bo
     }
     TickLocked();  // placed on the other nodes now, not at the next tick
   }
+  info.set_devices_in_use(DevicesInUseLocked(node_id));
+  return info;
+}
+
+absl::Status Scheduler::DrainNodeLocked(NodeRuntime& node, const std::string& reason, bool replace) {
+  if (!node.info.drain_reason().empty() && !replace) return absl::OkStatus();
+  pb::NodeInfo info = node.info;
+  info.set_drain_reason(reason);
+  // A lost node stays lost until it heartbeats, and then comes back draining.
+  if (info.state() == pb::NODE_STATE_READY) info.set_state(pb::NODE_STATE_DRAINING);
+  if (auto s = PersistNodeLocked(info); !s.ok()) return s;
+  node.info = info;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<pb::NodeInfo> Scheduler::UndrainNode(const std::string& node_id) {
+  std::lock_guard lock(mu_);
+  auto it = nodes_.find(node_id);
+  if (it == nodes_.end()) return absl::NotFoundError(fmt::format("no node '{}'", node_id));
+  NodeRuntime& node = it->second;
+  if (!node.info.drain_reason().empty()) {
+    pb::NodeInfo info = node.info;
+    info.clear_drain_reason();
+    if (info.state() == pb::NODE_STATE_DRAINING) info.set_state(pb::NODE_STATE_READY);
+    if (auto s = PersistNodeLocked(info); !s.ok()) return s;
+    if (info.state() == pb::NODE_STATE_READY) node.ready_since_ms = clock_->NowMs();
+    node.info = info;
+    TickLocked();  // queued jobs may fit now
+  }
+  pb::NodeInfo info = node.info;
   info.set_devices_in_use(DevicesInUseLocked(node_id));
   return info;
 }
@@ -536,8 +566,8 @@ absl::StatusOr<pb::RegisterNodeResponse> Scheduler::RegisterNode(const pb::Regis
   info.set_hostname(request.hostname());
   info.set_devices(request.devices());
   info.set_device_kind(request.device_kind());
-  // A node that was lost comes back ready; a draining one stays draining.
-  if (!known || info.state() != pb::NODE_STATE_DRAINING) info.set_state(pb::NODE_STATE_READY);
+  // A node comes back ready, unless it was drained: that lasts until it is undrained.
+  info.set_state(info.drain_reason().empty() ? pb::NODE_STATE_READY : pb::NODE_STATE_DRAINING);
   if (!known) info.set_registered_unix_ms(now);
   if (auto s = PersistNodeLocked(info); !s.ok()) {
     if (!known) nodes_.erase(request.node_id());
@@ -696,7 +726,23 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
     if (PersistJobLocked(updated, "succeeded", updated.reason()).ok()) job = updated;
     return;
   }
+  const int32_t local_rank = expected->second.local_rank;  // ending the generation forgets it
   EndGenerationLocked(updated);
+  if (report.exit_code() == kExitDeviceFault) {
+    // The rank's GPU failed: not the job's fault. The node takes no new ranks until its
+    // operator has looked at it, and the job restarts on others. Its other ranks are
+    // stopped at once (their step cannot finish).
+    const std::string why = fmt::format("the GPU of rank {} (device {}) failed", report.rank(), local_rank);
+    if (auto node = nodes_.find(node_id); node != nodes_.end()) {
+      DrainNodeLocked(node->second,
+                      fmt::format("{} under job {}; see that job's log, then llamactl undrain {}", why, job.id(),
+                                  node_id),
+                      /*replace=*/true)
+          .IgnoreError();  // the job's requeue below is what must not be lost
+    }
+    RequeueLocked(job, updated, fmt::format("{} on node {}, which is drained", why, node_id));
+    return;
+  }
   if (report.preempted()) {
     // The node is going away (SIGTERM to its daemon): restart elsewhere, from the
     // latest checkpoint, instead of failing the job.
@@ -739,8 +785,8 @@ absl::StatusOr<pb::HeartbeatResponse> Scheduler::Heartbeat(const pb::HeartbeatRe
   } close_group{group_};
   if (node.info.state() == pb::NODE_STATE_LOST) {
     // It came back after its lease expired: its old ranks were given up (they are
-    // stopped below), and it takes new work again.
-    node.info.set_state(pb::NODE_STATE_READY);
+    // stopped below), and it takes new work again unless it was drained.
+    node.info.set_state(node.info.drain_reason().empty() ? pb::NODE_STATE_READY : pb::NODE_STATE_DRAINING);
     node.ready_since_ms = node.last_heartbeat_ms;
     PersistNodeLocked(node.info).IgnoreError();
   }

@@ -101,6 +101,9 @@ class Scheduler {
   // The node takes nothing new, and finishes what it runs or (move_jobs) restarts on other
   // nodes each job with a rank there, from the step its ranks stop after.
   absl::StatusOr<pb::NodeInfo> DrainNode(const std::string& node_id, bool move_jobs = false);
+  // A drained node takes new ranks again (a lost one once it heartbeats). NotFound for an
+  // unknown node; a node that is not drained is left as it is.
+  absl::StatusOr<pb::NodeInfo> UndrainNode(const std::string& node_id);
   absl::StatusOr<pb::RegisterNodeResponse> RegisterNode(const pb::RegisterNodeRequest& request);
   // Records the node's rank reports, renews its lease, and answers with the ranks it
   // should start and stop (level-triggered: what the node should run, minus what it
@@ -167,6 +170,10 @@ class Scheduler {
   pb::Job* FindJobLocked(const std::string& id_or_name);
   absl::Status PersistJobLocked(const pb::Job& job, const std::string& event_kind, const std::string& message);
   absl::Status PersistNodeLocked(const pb::NodeInfo& node);
+  // Drains `node` for `reason` (NodeInfo.drain_reason, which replaces an earlier one only
+  // with `replace`: a failed GPU says more than an operator's drain): it takes no new
+  // ranks, now and when it comes back after a lost lease or a restart.
+  absl::Status DrainNodeLocked(NodeRuntime& node, const std::string& reason, bool replace);
   // While group_ is set, the two above add to it instead of writing; this writes it
   // (synced) and clears group_.
   absl::Status CommitGroupLocked(rocksdb::WriteBatch& group);

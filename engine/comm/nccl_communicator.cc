@@ -21,6 +21,8 @@
 #include <dlfcn.h>
 #include <nccl.h>
 
+#include "backend/cuda/device_fault.h"
+
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -134,6 +136,7 @@ absl::Status NcclFailure(ncclResult_t result, std::string message) {
 }
 
 absl::Status CudaError(cudaError_t err, std::string_view what) {
+  cuda::ExitOnDeviceFault(err, std::string(what).c_str());  // a failed GPU drains its node
   (void)cudaGetLastError();  // reported here: the backend's next launch check must not see it
   return absl::InternalError(StrCat("CUDA: ", what, ": ", cudaGetErrorString(err)));
 }

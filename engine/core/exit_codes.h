@@ -11,5 +11,11 @@ inline constexpr int kExitUsage = 2;    // bad input: command line, job file, da
 // peers (one failed: the job fails with that rank's reason; a node was lost: the job
 // restarts), not by this rank. 75 is sysexits' EX_TEMPFAIL.
 inline constexpr int kExitPeerLost = 75;
+// This rank's GPU failed: an error CUDA reports for a broken or vanished device (an
+// uncorrectable ECC or NVLink error, no device where there was one), never for a bug in a
+// kernel. Not the job's fault either: the scheduler drains the node, which takes no new
+// ranks until its operator undrains it, and restarts the job elsewhere from its latest
+// checkpoint. 74 is sysexits' EX_IOERR.
+inline constexpr int kExitDeviceFault = 74;
 
 }  // namespace llamad

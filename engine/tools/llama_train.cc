@@ -31,6 +31,7 @@
 #include <filesystem>
 #include <string>
 
+#include "absl/strings/cord.h"
 #include "core/strings.h"
 #include "backend/cpu/blas_kernels.h"
 #include "backend/cpu/cpu_backend.h"
@@ -52,10 +53,22 @@
 namespace llamad {
 namespace {
 
+// Marks a status as this rank's GPU having failed (DeviceFault): Fail exits with
+// kExitDeviceFault. (CUDA errors of a failed GPU end the rank where they happen instead:
+// backend/cuda/device_fault.h.)
+constexpr char kDeviceFaultPayload[] = "llamad.dev/device-fault";
+
+absl::Status DeviceFault(std::string message) {
+  absl::Status status = absl::UnavailableError(std::move(message));
+  status.SetPayload(kDeviceFaultPayload, absl::Cord("1"));
+  return status;
+}
+
 int Fail(const absl::Status& status) {
   std::fprintf(stderr, "llama-train: %s\n", std::string(status.message()).c_str());
-  // Bad input exits 2; a lost peer rank 75; other failures while running 1.
+  // Bad input exits 2; a lost peer rank 75; a failed GPU 74; other failures while running 1.
   const auto code = status.code();
+  if (status.GetPayload(kDeviceFaultPayload).has_value()) return kExitDeviceFault;
   if (code == absl::StatusCode::kAborted) return kExitPeerLost;
   return code == absl::StatusCode::kInternal || code == absl::StatusCode::kUnavailable ? kExitFailure
                                                                                       : kExitUsage;
@@ -448,7 +461,16 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const Common& common, const
   const std::string& precision = spec.training.mixed_precision;
   if (precision == "bf16") {
     CudaBackendOptions options;
-    if (const int devices = CudaDeviceCount(); devices > 0) options.device = rank % devices;
+    const int devices = CudaDeviceCount();
+    if (devices > 0) options.device = rank % devices;
+    // This rank was given a GPU (llamad gives each rank of a GPU node its own) and CUDA
+    // finds none: the GPU fell off the bus, or its driver failed. The node is at fault,
+    // not the job ("" and -1 hide every GPU on purpose).
+    const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+    if (devices == 0 && CudaBackendBuilt() && visible != nullptr && *visible != '\0' && *visible != '-') {
+      return DeviceFault(StrCat("this rank was given GPU ", visible, " (CUDA_VISIBLE_DEVICES) and CUDA finds no "
+                                "device: the GPU is gone or its driver failed"));
+    }
     auto backend = MakeCudaBackend(options);
     if (!backend.ok()) {
       return absl::FailedPreconditionError(StrCat(

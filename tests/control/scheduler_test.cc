@@ -8,6 +8,7 @@
 
 #include <filesystem>
 
+#include "core/exit_codes.h"
 #include "daemon/rendezvous_wire.h"
 
 namespace llamad::scheduler {
@@ -220,6 +221,12 @@ TEST_F(SchedulerTest, ARankThatLostItsPeersWaitsForTheCause) {
   for (int generation = 1; generation <= 4; ++generation) {
     ASSERT_EQ(Get(again.id()).generation(), generation);
     const pb::StartRank a = Beat("a").start(0), b = Beat("b").start(0);
+    for (const int step : {7, 10}) {
+      pb::RankReport line = Report(a.rank() == 0 ? a : b, pb::RANK_STATE_RUNNING);
+      line.add_metric_lines(fmt::format(R"({{"step": {}, "loss": 2.5}})", step));
+      Beat(a.rank() == 0 ? "a" : "b", {line});
+      EXPECT_EQ(Get(again.id()).progress().step(), step);
+    }
     Beat("a", {Report(a, pb::RANK_STATE_EXITED, 75)});
     for (const int step : {7, 10}) {
       pb::RankReport line = Report(a.rank() == 0 ? a : b, pb::RANK_STATE_RUNNING);
@@ -342,6 +349,66 @@ TEST_F(SchedulerTest, AStoppingNodeTakesNoRanksAndItsSavingRankIsTheCause) {
   scheduler_->Tick();
   EXPECT_EQ(Get(queued.id()).state(), pb::JOB_STATE_RUNNING) << Get(queued.id()).reason();
   EXPECT_EQ(Beat("b").start_size(), 1);
+}
+
+// A rank whose GPU failed (exit 74) fails neither itself nor its job: its node is drained,
+// with the reason, and the job restarts on another node. The drain outlasts the daemon's
+// restart and the scheduler's, until the node is undrained.
+TEST_F(SchedulerTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
+  AddNode("a");
+  AddNode("b");
+  pb::Job job = Submit(1, 0, /*checkpoints=*/true);
+  const std::string first = Get(job.id()).placement(0).node_id(), other = first == "a" ? "b" : "a";
+  const pb::StartRank start = Beat(first).start(0);
+  Beat(first, {Report(start, pb::RANK_STATE_EXITED, kExitDeviceFault)});
+  pb::Job moved = Get(job.id());
+  EXPECT_EQ(moved.state(), pb::JOB_STATE_RUNNING) << moved.reason();
+  EXPECT_EQ(moved.generation(), 2);
+  ASSERT_EQ(moved.placement_size(), 1);
+  EXPECT_EQ(moved.placement(0).node_id(), other);
+  EXPECT_EQ(Beat(other).start_size(), 1);
+  auto events = scheduler_->WaitJobUpdates(job.id(), 0, 0, 0);
+  ASSERT_TRUE(events.ok());
+  bool said = false;
+  for (const auto& e : events->events) {
+    said |= e.message().starts_with("the GPU of rank 0 (device 0) failed on node " + first + ", which is drained");
+  }
+  EXPECT_TRUE(said);
+
+  auto node_of = [&](const std::string& id) {
+    for (const pb::NodeInfo& n : scheduler_->ListNodes()) {
+      if (n.id() == id) return n;
+    }
+    return pb::NodeInfo();
+  };
+  EXPECT_EQ(node_of(first).state(), pb::NODE_STATE_DRAINING);
+  EXPECT_NE(node_of(first).drain_reason().find("the GPU of rank 0 (device 0) failed under job " + job.id()),
+            std::string::npos)
+      << node_of(first).drain_reason();
+  EXPECT_NE(node_of(first).drain_reason().find("llamactl undrain " + first), std::string::npos);
+  // Its daemon restarting, or the scheduler, does not undrain it: no new ranks there.
+  AddNode(first);
+  Reopen();
+  AddNode(first);
+  EXPECT_EQ(node_of(first).state(), pb::NODE_STATE_DRAINING);
+  pb::Job waiting = Submit(1);
+  EXPECT_EQ(Get(waiting.id()).state(), pb::JOB_STATE_QUEUED) << Get(waiting.id()).reason();
+  EXPECT_EQ(Beat(first).start_size(), 0);
+
+  auto undrained = scheduler_->UndrainNode(first);
+  ASSERT_TRUE(undrained.ok()) << undrained.status();
+  EXPECT_EQ(undrained->state(), pb::NODE_STATE_READY);
+  EXPECT_EQ(undrained->drain_reason(), "");
+  EXPECT_EQ(Get(waiting.id()).state(), pb::JOB_STATE_RUNNING) << Get(waiting.id()).reason();
+  EXPECT_EQ(Beat(first).start_size(), 1);
+  // An operator's drain says so; undraining a node that is not drained, or an unknown
+  // one, changes nothing.
+  ASSERT_TRUE(scheduler_->DrainNode(other).ok());
+  EXPECT_EQ(node_of(other).drain_reason(), "drained with llamactl drain");
+  ASSERT_TRUE(scheduler_->UndrainNode(other).ok());
+  EXPECT_TRUE(scheduler_->UndrainNode(other).ok());
+  EXPECT_EQ(node_of(other).state(), pb::NODE_STATE_READY);
+  EXPECT_EQ(scheduler_->UndrainNode("nope").status().code(), absl::StatusCode::kNotFound);
 }
 
 TEST_F(SchedulerTest, DrainingNowMovesTheJobsAndTheirRanksSaveFirst) {

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "backend/cuda/attention_args.h"
+#include "backend/cuda/device_fault.h"
 
 namespace llamad::cuda {
 
@@ -21,11 +22,19 @@ namespace llamad::cuda {
   std::abort();
 }
 
-#define LLAMAD_CUDA_CHECK(expr)                                                 \
-  do {                                                                          \
-    cudaError_t llamad_err_ = (expr);                                           \
-    if (llamad_err_ != cudaSuccess)                                             \
-      ::llamad::cuda::Fail(cudaGetErrorString(llamad_err_), __FILE__, __LINE__); \
+// A broken device ends the rank with kExitDeviceFault (device_fault.h); a bug aborts.
+[[noreturn]] inline void FailCuda(cudaError_t err, const char* file, int line) {
+  char where[256];
+  std::snprintf(where, sizeof where, "at %s:%d", file, line);
+  ExitOnDeviceFault(err, where);
+  Fail(cudaGetErrorString(err), file, line);
+}
+
+#define LLAMAD_CUDA_CHECK(expr)                                    \
+  do {                                                             \
+    cudaError_t llamad_err_ = (expr);                              \
+    if (llamad_err_ != cudaSuccess)                                \
+      ::llamad::cuda::FailCuda(llamad_err_, __FILE__, __LINE__);   \
   } while (0)
 
 // Checks the launch just issued (configuration errors show here, faults at the next sync).

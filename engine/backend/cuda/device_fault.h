@@ -1,0 +1,47 @@
+// CUDA errors that mean the GPU itself failed, and what a rank does about them. Only
+// plain C++ and the CUDA runtime's header: used by nvcc's and the host compiler's units.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "core/exit_codes.h"
+
+namespace llamad::cuda {
+
+// Errors CUDA gives for a broken or vanished device, which no kernel bug produces: an
+// uncorrectable ECC or NVLink error, a device that is gone or taken, a driver or
+// fabric that cannot start. Errors a bug can also give ("unspecified launch failure",
+// an illegal address, "unknown error") are not among them: they fail the job, where
+// draining nodes for them could take a whole cluster out of service one node at a time.
+inline bool IsDeviceFault(cudaError_t err) {
+  switch (err) {
+    case cudaErrorECCUncorrectable:
+    case cudaErrorNvlinkUncorrectable:
+    case cudaErrorDevicesUnavailable:
+    case cudaErrorNoDevice:
+    case cudaErrorInitializationError:
+    case cudaErrorSystemNotReady:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Where `err` is a device fault: says so on stderr and ends the process with
+// kExitDeviceFault, at once (destructors could wait on the failed GPU forever). Its
+// node's scheduler drains the node and restarts the job elsewhere. Otherwise returns.
+inline void ExitOnDeviceFault(cudaError_t err, const char* where) {
+  if (!IsDeviceFault(err)) return;
+  const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+  std::fprintf(stderr,
+               "llamad: the GPU failed: %s (%s; CUDA_VISIBLE_DEVICES=%s); this rank exits with %d, and under "
+               "llamad its node takes no new ranks until it is undrained\n",
+               cudaGetErrorString(err), where, visible != nullptr ? visible : "unset", kExitDeviceFault);
+  std::fflush(nullptr);
+  std::_Exit(kExitDeviceFault);
+}
+
+}  // namespace llamad::cuda
