@@ -155,6 +155,7 @@ absl::Status NodeAgent::HeartbeatOnce() {
       r->set_job_id(w->order.job_id());
       r->set_generation(w->order.generation());
       r->set_rank(w->order.rank());
+      r->set_local_rank(w->order.local_rank());
       r->set_state(w->exited ? pb::RANK_STATE_EXITED : pb::RANK_STATE_RUNNING);
       r->set_exit_code(w->exit_code);
       r->set_preempted(w->preempted);
@@ -313,7 +314,12 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
       {"LLAMAD_TLS_CA", options_.tls.ca},
       {"LLAMAD_TLS_CERT", options_.tls.cert},
       {"LLAMAD_TLS_KEY", options_.tls.key}};
-  if (options_.device_kind == "cuda") env.emplace_back("CUDA_VISIBLE_DEVICES", std::to_string(order.local_rank()));
+  if (options_.device_kind == "cuda") {
+    // Device N is the Nth GPU by PCI address, as nvidia-smi numbers them (CUDA's default
+    // order puts the fastest first), so that "device N" in a drain reason names that GPU.
+    env.emplace_back("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
+    env.emplace_back("CUDA_VISIBLE_DEVICES", std::to_string(order.local_rank()));
+  }
 
   int out_pipe[2], err_pipe[2];
   if (::pipe2(out_pipe, O_CLOEXEC) != 0 || ::pipe2(err_pipe, O_CLOEXEC) != 0) {

@@ -645,6 +645,22 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
                                        std::set<RankKey>& running_on_node) {
   const RankKey key{report.job_id(), report.generation(), report.rank()};
   if (report.state() == pb::RANK_STATE_RUNNING) running_on_node.insert(key);
+  // A rank whose GPU failed drains its node whatever became of its job meanwhile (a
+  // peer's failure may have ended the generation, or a stop the rank was saving for).
+  // Not when its node was shutting down: a GPU reset on the way down is no fault.
+  const bool gpu_failed = report.state() == pb::RANK_STATE_EXITED && report.exit_code() == kExitDeviceFault &&
+                          !report.preempted();
+  const std::string gpu_failure =
+      fmt::format("the GPU of rank {} (device {}) failed", report.rank(), report.local_rank());
+  if (gpu_failed) {
+    if (auto node = nodes_.find(node_id); node != nodes_.end()) {
+      DrainNodeLocked(node->second,
+                      fmt::format("{} under job {}; see that job's log, then llamactl undrain {}", gpu_failure,
+                                  report.job_id(), node_id),
+                      /*replace=*/true)
+          .IgnoreError();  // the job's requeue below is what must not be lost
+    }
+  }
   auto job_it = jobs_.find(report.job_id());
   if (job_it == jobs_.end()) return;
   pb::Job& job = job_it->second;
@@ -685,6 +701,7 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
       if (p->step() > rt.furthest_step) {
         rt.furthest_step = p->step();
         rt.peer_lost_restarts = 0;
+        rt.gpu_fault_restarts = 0;
       }
     }
   }
@@ -726,21 +743,26 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
     if (PersistJobLocked(updated, "succeeded", updated.reason()).ok()) job = updated;
     return;
   }
-  const int32_t local_rank = expected->second.local_rank;  // ending the generation forgets it
   EndGenerationLocked(updated);
-  if (report.exit_code() == kExitDeviceFault) {
-    // The rank's GPU failed: not the job's fault. The node takes no new ranks until its
-    // operator has looked at it, and the job restarts on others. Its other ranks are
-    // stopped at once (their step cannot finish).
-    const std::string why = fmt::format("the GPU of rank {} (device {}) failed", report.rank(), local_rank);
-    if (auto node = nodes_.find(node_id); node != nodes_.end()) {
-      DrainNodeLocked(node->second,
-                      fmt::format("{} under job {}; see that job's log, then llamactl undrain {}", why, job.id(),
-                                  node_id),
-                      /*replace=*/true)
-          .IgnoreError();  // the job's requeue below is what must not be lost
+  if (gpu_failed) {
+    // Not the job's fault: it restarts on other nodes (this one is drained above). Its
+    // other ranks are stopped at once: their step cannot finish.
+    JobRuntime& rt = job_runtime_[job.id()];
+    if (++rt.gpu_fault_restarts <= options_.gpu_fault_restarts) {
+      RequeueLocked(job, updated, fmt::format("{} on node {}, which is drained", gpu_failure, node_id));
+      return;
     }
-    RequeueLocked(job, updated, fmt::format("{} on node {}, which is drained", why, node_id));
+    updated.set_state(pb::JOB_STATE_FAILED);
+    updated.set_exit_code(kExitDeviceFault);
+    updated.set_failed_rank(report.rank());
+    updated.set_finished_unix_ms(now);
+    updated.clear_last_log_lines();
+    for (const std::string& line : rt.recent_stderr[report.rank()]) updated.add_last_log_lines(line);
+    updated.set_reason(fmt::format("GPUs failed under it {} times in a row without it getting past step {}, the "
+                                   "last: {} on node {} (drained): a fault that follows the job may be its own or "
+                                   "its build's",
+                                   rt.gpu_fault_restarts, rt.furthest_step, gpu_failure, node_id));
+    if (PersistJobLocked(updated, "failed", updated.reason()).ok()) job = updated;
     return;
   }
   if (report.preempted()) {

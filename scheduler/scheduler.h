@@ -49,6 +49,10 @@ struct SchedulerOptions {
   // the rest were still waiting for peers after ExpireLostPeersLocked's grace); one
   // more fails the job (a step past the furthest one so far starts the count again).
   int peer_lost_restarts = 3;
+  // Restarts in a row after a rank's GPU failed (each drains that node), likewise; one
+  // more fails the job: failures that follow a job from node to node without a step in
+  // between are more likely the job's or its build's than every GPU's.
+  int gpu_fault_restarts = 1;
   // A job that restarted on fewer nodes than it asked for (resources.nodes) grows back
   // when other nodes are free for it and no job waits in the queue, once its generation
   // and those nodes have been up this long: it restarts on more nodes from its latest
@@ -154,6 +158,7 @@ class Scheduler {
     // Restarts in a row because the ranks lost their peers, since the job last got past
     // furthest_step (the furthest step it reported).
     int32_t peer_lost_restarts = 0;
+    int32_t gpu_fault_restarts = 0;  // the same, after a rank's GPU failed
     int64_t furthest_step = 0;
     int64_t next_event_seq = 1;
     int64_t next_log_seq = 1;

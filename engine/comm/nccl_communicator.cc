@@ -131,6 +131,17 @@ ncclDataType_t NcclType(DType type) {
 // NCCL's result codes are its ABI; NcclFailureCode takes them as ints.
 static_assert(ncclRemoteError == 6 && ncclInProgress == 7);
 
+// NCCL reports a failed CUDA call of its own as ncclUnhandledCudaError, without the
+// error. Where the GPU failed, every call on its context returns the fault from then on:
+// one query tells, and the rank ends as a failed GPU (device_fault.h) rather than as a
+// failure of the job.
+void ExitIfTheGpuFailed(ncclResult_t result, cudaStream_t stream) {
+  if (result != ncclUnhandledCudaError) return;
+  const cudaError_t probe = cudaStreamQuery(stream);
+  cuda::ExitOnDeviceFault(probe, "an NCCL collective");
+  if (probe != cudaSuccess) (void)cudaGetLastError();  // not a fault: kept from the backend's launch checks
+}
+
 absl::Status NcclFailure(ncclResult_t result, std::string message) {
   return absl::Status(NcclFailureCode(result), std::move(message));
 }
@@ -382,6 +393,7 @@ class NcclCollectives final : public DeviceCollectives {
       if (api_->CommGetAsyncError(comm_, &result) != ncclSuccess) break;
     }
     if (result == ncclSuccess) return absl::OkStatus();
+    ExitIfTheGpuFailed(result, stream_);
     const char* detail = comm_ != nullptr ? api_->GetLastError(comm_) : nullptr;
     return NcclFailure(result, StrCat(api_->GetErrorString(result),
                                       detail != nullptr && *detail != '\0' ? StrCat(" (", detail, ")") : ""));
@@ -539,6 +551,7 @@ class NcclCollectives final : public DeviceCollectives {
         absl::Status why;
         ncclResult_t async = ncclSuccess;
         if (api_->CommGetAsyncError(comm_, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress) {
+          ExitIfTheGpuFailed(async, stream_);
           const char* detail = api_->GetLastError(comm_);
           const absl::StatusCode code = NcclFailureCode(async);
           why = absl::Status(code, StrCat("NCCL on GPU ", device_, ": ", api_->GetErrorString(async),

@@ -15,7 +15,8 @@ inline constexpr int kExitPeerLost = 75;
 // uncorrectable ECC or NVLink error, no device where there was one), never for a bug in a
 // kernel. Not the job's fault either: the scheduler drains the node, which takes no new
 // ranks until its operator undrains it, and restarts the job elsewhere from its latest
-// checkpoint. 74 is sysexits' EX_IOERR.
+// checkpoint (a second time in a row without progress, it fails the job). 74 is
+// sysexits' EX_IOERR.
 inline constexpr int kExitDeviceFault = 74;
 
 }  // namespace llamad

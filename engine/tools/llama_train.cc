@@ -463,13 +463,13 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const Common& common, const
     CudaBackendOptions options;
     const int devices = CudaDeviceCount();
     if (devices > 0) options.device = rank % devices;
-    // This rank was given a GPU (llamad gives each rank of a GPU node its own) and CUDA
-    // finds none: the GPU fell off the bus, or its driver failed. The node is at fault,
-    // not the job ("" and -1 hide every GPU on purpose).
+    // This rank was given a GPU (llamad gives each rank of a GPU node its own) and the
+    // driver finds none: the GPU fell off the bus. The node is at fault, not the job ("" and
+    // -1 hide every GPU on purpose; a missing or too old driver is the machine's setup).
     const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
-    if (devices == 0 && CudaBackendBuilt() && visible != nullptr && *visible != '\0' && *visible != '-') {
-      return DeviceFault(StrCat("this rank was given GPU ", visible, " (CUDA_VISIBLE_DEVICES) and CUDA finds no "
-                                "device: the GPU is gone or its driver failed"));
+    if (devices == 0 && visible != nullptr && *visible != '\0' && *visible != '-' && CudaDeviceVanished()) {
+      return DeviceFault(StrCat("this rank was given GPU ", visible,
+                                " (CUDA_VISIBLE_DEVICES) and the CUDA driver finds no device: the GPU is gone"));
     }
     auto backend = MakeCudaBackend(options);
     if (!backend.ok()) {

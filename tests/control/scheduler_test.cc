@@ -94,6 +94,7 @@ class SchedulerTest : public ::testing::Test {
     r.set_job_id(start.job_id());
     r.set_generation(start.generation());
     r.set_rank(start.rank());
+    r.set_local_rank(start.local_rank());
     r.set_state(state);
     r.set_exit_code(exit_code);
     return r;
@@ -352,62 +353,109 @@ TEST_F(SchedulerTest, AStoppingNodeTakesNoRanksAndItsSavingRankIsTheCause) {
 }
 
 // A rank whose GPU failed (exit 74) fails neither itself nor its job: its node is drained,
-// with the reason, and the job restarts on another node. The drain outlasts the daemon's
-// restart and the scheduler's, until the node is undrained.
+// with the reason, and the job restarts on another node. Failures that follow the job
+// from node to node without a step in between fail it. A drain outlasts the node's lost
+// lease, its daemon's restart and the scheduler's, until the node is undrained.
 TEST_F(SchedulerTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
-  AddNode("a");
-  AddNode("b");
+  for (const char* id : {"a", "b", "c"}) AddNode(id, 2);
+  pb::Job filler = Submit(1);  // takes a device, so that the job's rank is not always device 0
   pb::Job job = Submit(1, 0, /*checkpoints=*/true);
-  const std::string first = Get(job.id()).placement(0).node_id(), other = first == "a" ? "b" : "a";
-  const pb::StartRank start = Beat(first).start(0);
-  Beat(first, {Report(start, pb::RANK_STATE_EXITED, kExitDeviceFault)});
-  pb::Job moved = Get(job.id());
-  EXPECT_EQ(moved.state(), pb::JOB_STATE_RUNNING) << moved.reason();
-  EXPECT_EQ(moved.generation(), 2);
-  ASSERT_EQ(moved.placement_size(), 1);
-  EXPECT_EQ(moved.placement(0).node_id(), other);
-  EXPECT_EQ(Beat(other).start_size(), 1);
-  auto events = scheduler_->WaitJobUpdates(job.id(), 0, 0, 0);
-  ASSERT_TRUE(events.ok());
-  bool said = false;
-  for (const auto& e : events->events) {
-    said |= e.message().starts_with("the GPU of rank 0 (device 0) failed on node " + first + ", which is drained");
-  }
-  EXPECT_TRUE(said);
-
   auto node_of = [&](const std::string& id) {
     for (const pb::NodeInfo& n : scheduler_->ListNodes()) {
       if (n.id() == id) return n;
     }
     return pb::NodeInfo();
   };
-  EXPECT_EQ(node_of(first).state(), pb::NODE_STATE_DRAINING);
-  EXPECT_NE(node_of(first).drain_reason().find("the GPU of rank 0 (device 0) failed under job " + job.id()),
+  // The job's rank on its node fails with its GPU; returns the node.
+  auto gpu_fails = [&](int64_t generation, int64_t steps_before) {
+    const pb::Job running = Get(job.id());
+    EXPECT_EQ(running.generation(), generation);
+    EXPECT_EQ(running.state(), pb::JOB_STATE_RUNNING) << running.reason();
+    if (running.placement_size() != 1) {
+      ADD_FAILURE() << "generation " << generation << " is not placed: " << running.reason();
+      return std::pair{std::string(), std::string()};
+    }
+    const std::string node = running.placement(0).node_id();
+    pb::StartRank start;
+    const pb::HeartbeatResponse orders = Beat(node);
+    for (const pb::StartRank& s : orders.start()) {
+      if (s.job_id() == job.id()) start = s;
+    }
+    EXPECT_EQ(start.generation(), generation);
+    if (steps_before > 0) {
+      pb::RankReport line = Report(start, pb::RANK_STATE_RUNNING);
+      line.add_metric_lines(fmt::format(R"({{"step": {}, "loss": 2.5}})", steps_before));
+      Beat(node, {line});
+    }
+    Beat(node, {Report(start, pb::RANK_STATE_EXITED, kExitDeviceFault)});
+    const std::string why = fmt::format("the GPU of rank 0 (device {}) failed", start.local_rank());
+    EXPECT_EQ(node_of(node).state(), pb::NODE_STATE_DRAINING);
+    EXPECT_NE(node_of(node).drain_reason().find(why + " under job " + job.id()), std::string::npos)
+        << node_of(node).drain_reason();
+    EXPECT_NE(node_of(node).drain_reason().find("llamactl undrain " + node), std::string::npos);
+    return std::pair{node, why};
+  };
+  const auto [first, first_why] = gpu_fails(1, 0);
+  auto events = scheduler_->WaitJobUpdates(job.id(), 0, 0, 0);
+  ASSERT_TRUE(events.ok());
+  bool said = false;
+  for (const auto& e : events->events) said |= e.message().starts_with(first_why + " on node " + first + ", which is drained");
+  EXPECT_TRUE(said);
+  // It trains past where it was, and another GPU fails: a restart again.
+  const auto [second, second_why] = gpu_fails(2, 5);
+  EXPECT_NE(second, first);
+  // A third, without a step past 5 in between: the job fails.
+  const auto [third, third_why] = gpu_fails(3, 0);
+  const pb::Job failed = Get(job.id());
+  EXPECT_EQ(failed.state(), pb::JOB_STATE_FAILED);
+  EXPECT_EQ(failed.exit_code(), kExitDeviceFault);
+  EXPECT_NE(failed.reason().find("GPUs failed under it 2 times in a row without it getting past step 5, the last: " +
+                                 third_why + " on node " + third),
             std::string::npos)
-      << node_of(first).drain_reason();
-  EXPECT_NE(node_of(first).drain_reason().find("llamactl undrain " + first), std::string::npos);
-  // Its daemon restarting, or the scheduler, does not undrain it: no new ranks there.
-  AddNode(first);
+      << failed.reason();
+
+  // A node whose lease ran out comes back drained; so does one whose daemon or scheduler
+  // restarted. A drained node gets no new ranks.
+  for (int t = 0; t < 7; ++t) {
+    clock_.Advance(1000);
+    for (const char* id : {"b", "c"}) Beat(id);
+  }
+  scheduler_->Tick();
+  EXPECT_EQ(node_of("a").state(), pb::NODE_STATE_LOST);
+  Beat("a");
+  EXPECT_EQ(node_of("a").state(), pb::NODE_STATE_DRAINING);
+  AddNode("b", 2);
   Reopen();
-  AddNode(first);
-  EXPECT_EQ(node_of(first).state(), pb::NODE_STATE_DRAINING);
+  for (const char* id : {"a", "b", "c"}) AddNode(id, 2);
+  for (const char* id : {"a", "b", "c"}) EXPECT_EQ(node_of(id).state(), pb::NODE_STATE_DRAINING) << id;
+  scheduler_->CancelJob(filler.id()).IgnoreError();
   pb::Job waiting = Submit(1);
   EXPECT_EQ(Get(waiting.id()).state(), pb::JOB_STATE_QUEUED) << Get(waiting.id()).reason();
-  EXPECT_EQ(Beat(first).start_size(), 0);
 
-  auto undrained = scheduler_->UndrainNode(first);
+  // Undrained, it takes ranks again.
+  auto undrained = scheduler_->UndrainNode("a");
   ASSERT_TRUE(undrained.ok()) << undrained.status();
   EXPECT_EQ(undrained->state(), pb::NODE_STATE_READY);
   EXPECT_EQ(undrained->drain_reason(), "");
   EXPECT_EQ(Get(waiting.id()).state(), pb::JOB_STATE_RUNNING) << Get(waiting.id()).reason();
-  EXPECT_EQ(Beat(first).start_size(), 1);
-  // An operator's drain says so; undraining a node that is not drained, or an unknown
-  // one, changes nothing.
-  ASSERT_TRUE(scheduler_->DrainNode(other).ok());
-  EXPECT_EQ(node_of(other).drain_reason(), "drained with llamactl drain");
-  ASSERT_TRUE(scheduler_->UndrainNode(other).ok());
-  EXPECT_TRUE(scheduler_->UndrainNode(other).ok());
-  EXPECT_EQ(node_of(other).state(), pb::NODE_STATE_READY);
+  EXPECT_EQ(Beat("a").start_size(), 1);
+  // A lost node that is undrained is ready once it heartbeats.
+  for (int t = 0; t < 7; ++t) {
+    clock_.Advance(1000);
+    Beat("a");
+  }
+  scheduler_->Tick();
+  ASSERT_EQ(node_of("b").state(), pb::NODE_STATE_LOST);
+  ASSERT_TRUE(scheduler_->UndrainNode("b").ok());
+  EXPECT_EQ(node_of("b").drain_reason(), "");
+  Beat("b");
+  EXPECT_EQ(node_of("b").state(), pb::NODE_STATE_READY);
+  // An operator's drain says so; a GPU's failure replaces that reason, not the reverse.
+  ASSERT_TRUE(scheduler_->DrainNode("b").ok());
+  EXPECT_EQ(node_of("b").drain_reason(), "drained with llamactl drain");
+  ASSERT_TRUE(scheduler_->UndrainNode("b").ok());
+  EXPECT_TRUE(scheduler_->UndrainNode("b").ok());  // not drained: nothing changes
+  EXPECT_EQ(node_of("b").state(), pb::NODE_STATE_READY);
   EXPECT_EQ(scheduler_->UndrainNode("nope").status().code(), absl::StatusCode::kNotFound);
 }
 

@@ -32,6 +32,7 @@
 #include "comm/communicator.h"
 #include "comm/device_collectives.h"
 #include "comm/nccl_communicator.h"
+#include "core/exit_codes.h"
 #include "common/step_losses.h"
 #include "common/subprocess.h"
 #include "core/self_executable.h"
@@ -665,6 +666,18 @@ class GpuJob {
  private:
   std::filesystem::path dir_;
 };
+
+// A rank given a GPU that the driver cannot find (as after the GPU fell off the bus:
+// here an index past the last GPU) exits 74, so that llamad drains its node and the job
+// restarts elsewhere, rather than failing the job as bad input.
+TEST_F(CudaTest, ARankWhoseGpuIsGoneExitsAsADeviceFault) {
+  GpuJob job("llamad-gpu-gone");
+  testing::Subprocess run("env CUDA_VISIBLE_DEVICES=" + std::to_string(CudaDeviceCount() + 7) + " " +
+                          job.Command(1));
+  const std::string output = run.Drain();
+  EXPECT_EQ(run.Wait(), kExitDeviceFault) << output;
+  EXPECT_NE(output.find("the CUDA driver finds no device: the GPU is gone"), std::string::npos) << output;
+}
 
 // A GPU rank asked to stop (SIGTERM, as its node's daemon sends on a preemption) finishes
 // its step, saves it (the optimizer state from host memory, where the CPU updates it) and

@@ -925,6 +925,13 @@ int CudaDeviceCount() {
   return count;
 }
 
+bool CudaDeviceVanished() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) cudaGetLastError();
+  return err == cudaErrorNoDevice;
+}
+
 std::string CudaDeviceDescription(int device) {
   cudaDeviceProp prop{};
   if (CudaDeviceCount() <= device || cudaGetDeviceProperties(&prop, device) != cudaSuccess) {

@@ -31,6 +31,10 @@ struct CudaBackendOptions {
 bool CudaBackendBuilt();
 // Number of CUDA devices present (0 without a driver, a device, or CUDA in the build).
 int CudaDeviceCount();
+// Whether the CUDA driver runs and reports that no device is there (cudaErrorNoDevice):
+// where this process was given a GPU, it is gone. False without a driver (or one too
+// old for this build): that is the machine's setup, not a failed GPU.
+bool CudaDeviceVanished();
 // "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs, 81559 MiB)", or "no CUDA device".
 std::string CudaDeviceDescription(int device = 0);
 // Dense bf16 peak of the device in FLOP/s for MFU: the datasheet figure of known parts,

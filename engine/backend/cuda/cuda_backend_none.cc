@@ -8,6 +8,7 @@ namespace llamad {
 
 bool CudaBackendBuilt() { return false; }
 int CudaDeviceCount() { return 0; }
+bool CudaDeviceVanished() { return false; }
 std::string CudaDeviceDescription(int) { return "no CUDA backend in this build"; }
 double CudaPeakBf16Flops(int) { return 0; }
 bool CudnnAttentionAvailable(int, std::string* why) {

@@ -12,15 +12,15 @@
 namespace llamad::cuda {
 
 // Errors CUDA gives for a broken or vanished device, which no kernel bug produces: an
-// uncorrectable ECC or NVLink error, a device that is gone or taken, a driver or
-// fabric that cannot start. Errors a bug can also give ("unspecified launch failure",
-// an illegal address, "unknown error") are not among them: they fail the job, where
-// draining nodes for them could take a whole cluster out of service one node at a time.
+// uncorrectable ECC or NVLink error, a device that is gone, a driver or fabric that
+// cannot start. Errors a bug can also give ("unspecified launch failure", an illegal
+// address, "unknown error") are not among them: they fail the job, where draining nodes
+// for them could take a whole cluster out of service one node at a time. Neither is a
+// busy device (cudaErrorDevicesUnavailable: exclusive mode, another process's work).
 inline bool IsDeviceFault(cudaError_t err) {
   switch (err) {
     case cudaErrorECCUncorrectable:
     case cudaErrorNvlinkUncorrectable:
-    case cudaErrorDevicesUnavailable:
     case cudaErrorNoDevice:
     case cudaErrorInitializationError:
     case cudaErrorSystemNotReady:
@@ -36,10 +36,16 @@ inline bool IsDeviceFault(cudaError_t err) {
 inline void ExitOnDeviceFault(cudaError_t err, const char* where) {
   if (!IsDeviceFault(err)) return;
   const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+  // Which GPU, by PCI address (as nvidia-smi lists them), where CUDA can still say.
+  int device = -1;
+  char bus[32] = "unknown";
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetPCIBusId(bus, sizeof bus, device) != cudaSuccess) {
+    std::snprintf(bus, sizeof bus, "unknown");
+  }
   std::fprintf(stderr,
-               "llamad: the GPU failed: %s (%s; CUDA_VISIBLE_DEVICES=%s); this rank exits with %d, and under "
-               "llamad its node takes no new ranks until it is undrained\n",
-               cudaGetErrorString(err), where, visible != nullptr ? visible : "unset", kExitDeviceFault);
+               "llamad: the GPU failed: %s (%s; PCI %s, CUDA_VISIBLE_DEVICES=%s); this rank exits with %d, and "
+               "under llamad its node takes no new ranks until it is undrained\n",
+               cudaGetErrorString(err), where, bus, visible != nullptr ? visible : "unset", kExitDeviceFault);
   std::fflush(nullptr);
   std::_Exit(kExitDeviceFault);
 }
