@@ -882,7 +882,8 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                  HumanBytes(double(o.swap()->size())).c_str(), 100 * share, spec->offload.nvme_path.c_str(),
                  o.swap()->synchronous() ? " (io_uring is not available here: one request at a time)" : "");
   }
-  (*comm)->set_timeout(std::chrono::minutes(10));  // a training step's collectives
+  // A training step's collectives (parallel.collective_timeout_s).
+  (*comm)->set_timeout(std::chrono::milliseconds(int64_t(spec->parallel.collective_timeout_s * 1000)));
   StopGraceCheck stop_grace(DaemonStopGraceMs());  // before the checkpointer, whose commits report to it
   std::unique_ptr<AsyncCheckpointer> checkpointer;
   if (spec->checkpoint.interval > 0) {

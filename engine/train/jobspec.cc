@@ -105,6 +105,7 @@ absl::StatusOr<JobSpec> JobSpecFromYaml(const YAML::Node& root, const std::strin
   p.Get("plugin", &spec.parallel.plugin);
   p.Get("bucket_mb", &spec.parallel.bucket_mb);
   p.Get("communicator", &spec.parallel.communicator);
+  p.Get("collective_timeout_s", &spec.parallel.collective_timeout_s);
   p.Get("placement", &spec.parallel.placement);
   p.Get("shard_param_frac", &spec.parallel.shard_param_frac);
   p.Get("offload_optim_frac", &spec.parallel.offload_optim_frac);
@@ -208,6 +209,10 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   }
   if (!(spec.parallel.bucket_mb > 0) || spec.parallel.bucket_mb > 1e6) {
     return fail("parallel.bucket_mb", spec.parallel.bucket_mb, "must be within (0, 1e6]");
+  }
+  if (!(spec.parallel.collective_timeout_s >= 1) || spec.parallel.collective_timeout_s > 86400) {
+    return fail("parallel.collective_timeout_s", spec.parallel.collective_timeout_s,
+                "must be within [1, 86400] seconds");
   }
   if (!OneOf(spec.parallel.plugin, kPlugins)) {
     return fail("parallel.plugin", StrCat("'", spec.parallel.plugin, "'"),

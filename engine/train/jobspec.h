@@ -38,6 +38,10 @@ struct ParallelSpec {
   // What GPU ranks reduce over: nccl (device to device), gloo (through host memory), or
   // auto (NCCL where every rank loads it and has a GPU of its own). CPU ranks use Gloo.
   std::string communicator = "auto";
+  // A training step's collective that makes no progress for this long fails the rank as
+  // having lost a peer (a rank that stopped answering: hung, or cut off without its
+  // connections closing). Ranks that die are noticed at once, whatever this is.
+  double collective_timeout_s = 600;
   // gemini (Colossal-AI's GeminiPlugin, its names): where parameters and optimizer state
   // live (train/placement.h). static: by the fractions; auto: the memory planner picks
   // the least sharding and offloading that fits the rank's memory.

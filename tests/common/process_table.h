@@ -45,4 +45,16 @@ inline std::vector<pid_t> LiveChildren(const std::set<pid_t>& parents, const std
   return pids;
 }
 
+// The process of rank `rank` that the `llama-train --nproc` launcher `launcher` runs (the
+// child whose environment says LLAMAD_RANK=rank), or -1.
+inline pid_t LaunchedRank(pid_t launcher, int rank) {
+  for (pid_t pid : LiveChildren({launcher}, "llama-train")) {
+    std::ifstream environ("/proc/" + std::to_string(pid) + "/environ", std::ios::binary);
+    for (std::string entry; std::getline(environ, entry, '\0');) {
+      if (entry == "LLAMAD_RANK=" + std::to_string(rank)) return pid;
+    }
+  }
+  return -1;
+}
+
 }  // namespace llamad::testing

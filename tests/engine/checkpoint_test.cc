@@ -202,15 +202,6 @@ std::map<int64_t, double> ResumedLossesUpTo(const std::string& args, int64_t fro
   return losses;
 }
 
-// The launched rank of a `--nproc` run (its LLAMAD_RANK), or -1.
-int RankOf(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/environ", std::ios::binary);
-  for (std::string entry; std::getline(in, entry, '\0');) {
-    if (entry.starts_with("LLAMAD_RANK=")) return std::stoi(entry.substr(12));
-  }
-  return -1;
-}
-
 // That job "proc"'s newest checkpoint under `root` is `step`, and intact. The store is
 // closed again on return: a run cannot open it while another process holds it.
 void ExpectLatestCheckpoint(const fs::path& root, int64_t step) {
@@ -292,10 +283,7 @@ TEST(CheckpointProcessTest, RanksStopAfterTheSameStepWhenOneIsAsked) {
   const std::string job = WriteJob(dir, 100000, 100000);
   Subprocess run(Train("--config " + job + " --log-format json --nproc 2"));
   ASSERT_GE(ReadUpToStep(run, 3), 3) << run.Drain();
-  pid_t rank1 = -1;
-  for (pid_t pid : testing::LiveChildren({run.pid()}, "llama-train")) {
-    if (RankOf(pid) == 1) rank1 = pid;
-  }
+  const pid_t rank1 = testing::LaunchedRank(run.pid(), 1);
   ASSERT_GT(rank1, 0) << "rank 1 of the launcher " << run.pid() << " not found";
   ::kill(rank1, SIGTERM);
   const std::string output = run.Drain();

@@ -32,9 +32,10 @@
 #include "comm/communicator.h"
 #include "comm/device_collectives.h"
 #include "comm/nccl_communicator.h"
-#include "core/exit_codes.h"
 #include "common/step_losses.h"
+#include "common/stopped_peer.h"
 #include "common/subprocess.h"
+#include "core/exit_codes.h"
 #include "core/self_executable.h"
 #include "data/dataset.h"
 #include "engine/small_job.h"
@@ -977,6 +978,20 @@ TEST_F(CudaTest, NcclRanksTrainLikeGlooRanks) {
     ExpectLosses(nccl, gloo, 0, 1e-6, plugin + " over NCCL");
     EXPECT_GT(nccl.back()["communication_s"].get<double>(), 0.0) << plugin;
   }
+}
+
+// A GPU rank that stops answering without dying (SIGSTOP) ends its peer over NCCL after
+// the job's parallel.collective_timeout_s, as having lost a peer (75): the NCCL watchdog
+// aborts the collective that waits for it. Needs a GPU per rank.
+TEST_F(CudaTest, NcclRanksLeaveAStoppedPeerAfterTheCollectiveTimeout) {
+  if (CudaDeviceCount() < 2) GTEST_SKIP() << "NCCL needs a GPU per rank, and this machine has one";
+  std::string version;
+  if (!NcclAvailable(&version)) GTEST_SKIP() << version;
+  GpuJob job("llamad-gpu-nccl-stopped", "parallel: {collective_timeout_s: 5}\n");
+  testing::Subprocess run(job.Command(2, "--communicator nccl --steps 100000"));
+  const double seconds = testing::SecondsUntilRank0LeavesAStoppedRank1(run, 120);
+  ASSERT_GE(seconds, 5.0) << run.output();
+  std::printf("rank 0 left its stopped NCCL peer %.2f s after it stopped (timeout 5 s)\n", seconds);
 }
 
 // gemini's offload fractions between the whole and nothing, on two ranks (through Gloo):

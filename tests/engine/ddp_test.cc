@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/flip_byte.h"
+#include "common/stopped_peer.h"
 #include "common/subprocess.h"
 #include "common/synthetic_tokens.h"
 #include "storage/checkpoint_store.h"
@@ -375,6 +376,19 @@ TEST_F(DdpTest, AKilledRankStopsTheJobWithinSeconds) {
   EXPECT_LT(seconds, 15.0);
   EXPECT_NE(p.output().find("rank 1 of 3 was killed by signal 9"), std::string::npos) << p.output();
   std::printf("job stopped %.2f s after rank 1 was killed\n", seconds);
+}
+
+// A rank that stops answering without dying (SIGSTOP: hung, or cut off while its
+// connections stay open) ends its peers after the job's parallel.collective_timeout_s,
+// as having lost a peer (75), instead of after the default ten minutes.
+TEST_F(DdpTest, ARankThatStopsAnsweringEndsItsPeersAfterTheCollectiveTimeout) {
+  std::ofstream(dir_ / "job.yaml", std::ios::app) << "parallel: {collective_timeout_s: 2}\n";
+  llamad::testing::Subprocess p(std::string(LLAMA_TRAIN_BIN) + " train --config " + (dir_ / "job.yaml").string() +
+                                " --log-format json --nproc 2 --threads 1 --steps 100000");
+  const double seconds = llamad::testing::SecondsUntilRank0LeavesAStoppedRank1(p, 60);
+  ASSERT_GE(seconds, 2.0) << p.output();
+  EXPECT_NE(p.output().find("stopped answering"), std::string::npos) << p.output();
+  std::printf("rank 0 gave up on its stopped peer %.2f s after it stopped (timeout 2 s)\n", seconds);
 }
 
 }  // namespace
