@@ -348,6 +348,8 @@ int main(int argc, char** argv) {
   bool drain_now = false;
   drain->add_flag("--now", drain_now,
                   "Move its jobs now: their ranks save the step they stop after, and they restart on other nodes");
+  std::string drain_reason;
+  drain->add_option("--reason", drain_reason, "Why, shown by llamactl nodes until the node is undrained");
   CLI::App* undrain = app.add_subcommand("undrain", "Let a drained node take new ranks again");
   undrain->add_option("node", node_id, "Node id")->required();
   CLI11_PARSE(app, argc, argv);
@@ -546,6 +548,7 @@ int main(int argc, char** argv) {
     pb::DrainNodeRequest request;
     request.set_node_id(node_id);
     request.set_move_jobs(drain_now);
+    request.set_reason(drain_reason);
     pb::NodeInfo node;
     if (auto s = c.Unary(&pb::Scheduler::Stub::DrainNode, request, &node, "drain " + node_id); !s.ok()) return Fail(s);
     json ? (void)std::printf("%s\n", Json(node).c_str())

@@ -499,11 +499,13 @@ std::vector<pb::NodeInfo> Scheduler::ListNodes() {
   return out;
 }
 
-absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bool move_jobs) {
+absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bool move_jobs,
+                                                  const std::string& reason) {
   std::lock_guard lock(mu_);
   auto it = nodes_.find(node_id);
   if (it == nodes_.end()) return absl::NotFoundError(fmt::format("no node '{}'", node_id));
-  if (auto s = DrainNodeLocked(it->second, "drained with llamactl drain", /*replace=*/false); !s.ok()) return s;
+  const std::string why = reason.empty() ? "drained with llamactl drain" : "drained with llamactl drain: " + reason;
+  if (auto s = DrainNodeLocked(it->second, why, /*replace=*/false); !s.ok()) return s;
   pb::NodeInfo info = it->second.info;
   if (move_jobs) {
     for (const std::string& job_id : JobsWithRanksOnLocked(node_id)) {

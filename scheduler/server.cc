@@ -106,7 +106,7 @@ class SchedulerServer::SchedulerService final : public pb::Scheduler::Service {
     });
   }
   grpc::Status DrainNode(grpc::ServerContext* c, const pb::DrainNodeRequest* req, pb::NodeInfo* resp) override {
-    return Authorized(c, token_, [&] { return Fill(s_->DrainNode(req->node_id(), req->move_jobs()), resp); });
+    return Authorized(c, token_, [&] { return Fill(s_->DrainNode(req->node_id(), req->move_jobs(), req->reason()), resp); });
   }
   grpc::Status UndrainNode(grpc::ServerContext* c, const pb::UndrainNodeRequest* req, pb::NodeInfo* resp) override {
     return Authorized(c, token_, [&] { return Fill(s_->UndrainNode(req->node_id()), resp); });

@@ -271,10 +271,10 @@ TEST_F(ClusterTest, ADrainedNodeStaysDrainedUntilUndrained) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     Ctl("nodes", &out);
   }
-  ASSERT_EQ(Ctl("drain n1", &out), 0) << out;
+  ASSERT_EQ(Ctl("drain n1 --reason 'fan replaced, burn-in due'", &out), 0) << out;
   EXPECT_NE(out.find("n1 draining"), std::string::npos) << out;
   EXPECT_EQ(Ctl("nodes", &out), 0);
-  EXPECT_NE(out.find("drained with llamactl drain"), std::string::npos) << out;
+  EXPECT_NE(out.find("drained with llamactl drain: fan replaced, burn-in due"), std::string::npos) << out;
   // Its daemon restarts: still drained, and the job waits.
   nodes_.back()->Kill(SIGTERM);
   nodes_.back()->Wait();
