@@ -438,6 +438,10 @@ absl::StatusOr<pb::Job> Scheduler::ResumeJob(const std::string& id_or_name) {
     return s;
   }
   *job = updated;
+  // A person looked at it: earlier restarts in a row no longer count against it.
+  JobRuntime& rt = job_runtime_[job->id()];
+  rt.peer_lost_restarts = 0;
+  rt.gpu_fault_restarts = 0;
   TickLocked();
   return *job;
 }
@@ -761,8 +765,8 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
     updated.clear_last_log_lines();
     for (const std::string& line : rt.recent_stderr[report.rank()]) updated.add_last_log_lines(line);
     updated.set_reason(fmt::format("GPUs failed under it {} times in a row without it getting past step {}, the "
-                                   "last: {} on node {} (drained): a fault that follows the job may be its own or "
-                                   "its build's",
+                                   "last: {} on node {}: a fault that follows the job may be its own or its "
+                                   "build's (the nodes stay drained until undrained; see the job's events)",
                                    rt.gpu_fault_restarts, rt.furthest_step, gpu_failure, node_id));
     if (PersistJobLocked(updated, "failed", updated.reason()).ok()) job = updated;
     return;

@@ -131,12 +131,13 @@ ncclDataType_t NcclType(DType type) {
 // NCCL's result codes are its ABI; NcclFailureCode takes them as ints.
 static_assert(ncclRemoteError == 6 && ncclInProgress == 7);
 
-// NCCL reports a failed CUDA call of its own as ncclUnhandledCudaError, without the
-// error. Where the GPU failed, every call on its context returns the fault from then on:
-// one query tells, and the rank ends as a failed GPU (device_fault.h) rather than as a
-// failure of the job.
+// NCCL reports a failed GPU as one of its own errors (a CUDA call that failed, or an
+// internal, system or remote error where NVLink went down), without CUDA's error. Where
+// the GPU failed, every call on its context returns the fault from then on: one query
+// tells, and the rank ends as a failed GPU (device_fault.h) rather than as a failure of
+// the job or a lost peer.
 void ExitIfTheGpuFailed(ncclResult_t result, cudaStream_t stream) {
-  if (result != ncclUnhandledCudaError) return;
+  if (result == ncclSuccess || result == ncclInProgress) return;
   const cudaError_t probe = cudaStreamQuery(stream);
   cuda::ExitOnDeviceFault(probe, "an NCCL collective");
   if (probe != cudaSuccess) (void)cudaGetLastError();  // not a fault: kept from the backend's launch checks

@@ -210,9 +210,10 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   if (!(spec.parallel.bucket_mb > 0) || spec.parallel.bucket_mb > 1e6) {
     return fail("parallel.bucket_mb", spec.parallel.bucket_mb, "must be within (0, 1e6]");
   }
-  if (!(spec.parallel.collective_timeout_s >= 1) || spec.parallel.collective_timeout_s > 86400) {
+  if (!(spec.parallel.collective_timeout_s >= 10) || spec.parallel.collective_timeout_s > 86400) {
     return fail("parallel.collective_timeout_s", spec.parallel.collective_timeout_s,
-                "must be within [1, 86400] seconds");
+                "must be within [10, 86400] seconds (longer than any rank's longest stretch between two "
+                "collectives, a checkpoint's copy included)");
   }
   if (!OneOf(spec.parallel.plugin, kPlugins)) {
     return fail("parallel.plugin", StrCat("'", spec.parallel.plugin, "'"),

@@ -40,7 +40,9 @@ struct ParallelSpec {
   std::string communicator = "auto";
   // A training step's collective that makes no progress for this long fails the rank as
   // having lost a peer (a rank that stopped answering: hung, or cut off without its
-  // connections closing). Ranks that die are noticed at once, whatever this is.
+  // connections closing). Ranks that die are noticed at once, whatever this is. It must
+  // be longer than any rank's longest stretch of work between two collectives (a
+  // checkpoint's host copy, NVMe optimizer I/O, a slow step on a slower GPU).
   double collective_timeout_s = 600;
   // gemini (Colossal-AI's GeminiPlugin, its names): where parameters and optimizer state
   // live (train/placement.h). static: by the fractions; auto: the memory planner picks

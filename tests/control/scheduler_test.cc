@@ -246,6 +246,13 @@ TEST_F(SchedulerTest, ARankThatLostItsPeersWaitsForTheCause) {
             std::string::npos)
       << gave_up.reason();
   EXPECT_NE(gave_up.reason().find("every rank lost its peers (rank"), std::string::npos) << gave_up.reason();
+  // Resumed by a person, it gets its restarts again.
+  ASSERT_TRUE(scheduler_->ResumeJob(again.id()).ok());
+  ASSERT_EQ(Get(again.id()).state(), pb::JOB_STATE_RUNNING) << Get(again.id()).reason();
+  const pb::StartRank a = Beat("a").start(0), b = Beat("b").start(0);
+  Beat("a", {Report(a, pb::RANK_STATE_EXITED, 75)});
+  Beat("b", {Report(b, pb::RANK_STATE_EXITED, 75)});
+  EXPECT_EQ(Get(again.id()).state(), pb::JOB_STATE_RUNNING) << Get(again.id()).reason();
 }
 
 TEST_F(SchedulerTest, RanksWaitingForAPeerThatNeverAnswersAreRestartedAfterTheGrace) {

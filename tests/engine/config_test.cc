@@ -149,7 +149,7 @@ TEST(JobSpecTest, BadSpecsNameTheKeyAndValue) {
   ExpectError("model: tiny\nparallel: {plugin: gemini, placement: dynamic}\n", {"parallel.placement", "'dynamic'"});
   ExpectError("model: tiny\nparallel: {communicator: mpi}\n", {"parallel.communicator", "'mpi'", "nccl"});
   ExpectError("model: tiny\nparallel: {communicator: nccl}\n", {"parallel.communicator", "fp32", "bf16"});
-  ExpectError("model: tiny\nparallel: {collective_timeout_s: 0}\n", {"parallel.collective_timeout_s", "0", "[1, 86400]"});
+  ExpectError("model: tiny\nparallel: {collective_timeout_s: 5}\n", {"parallel.collective_timeout_s", "5", "[10, 86400]"});
   ExpectError("model: tiny\nparallel: {plugin: gemini, offload_param_frac: 1.5}\n",
               {"parallel.offload_param_frac", "1.5", "[0, 1]"});
   ExpectError("model: tiny\nparallel: {plugin: zero3, shard_param_frac: 0}\n",

@@ -673,8 +673,7 @@ class GpuJob {
 // restarts elsewhere, rather than failing the job as bad input.
 TEST_F(CudaTest, ARankWhoseGpuIsGoneExitsAsADeviceFault) {
   GpuJob job("llamad-gpu-gone");
-  testing::Subprocess run("env CUDA_VISIBLE_DEVICES=" + std::to_string(CudaDeviceCount() + 7) + " " +
-                          job.Command(1));
+  testing::Subprocess run("env CUDA_VISIBLE_DEVICES=4096 " + job.Command(1));
   const std::string output = run.Drain();
   EXPECT_EQ(run.Wait(), kExitDeviceFault) << output;
   EXPECT_NE(output.find("the CUDA driver finds no device: the GPU is gone"), std::string::npos) << output;
@@ -987,11 +986,11 @@ TEST_F(CudaTest, NcclRanksLeaveAStoppedPeerAfterTheCollectiveTimeout) {
   if (CudaDeviceCount() < 2) GTEST_SKIP() << "NCCL needs a GPU per rank, and this machine has one";
   std::string version;
   if (!NcclAvailable(&version)) GTEST_SKIP() << version;
-  GpuJob job("llamad-gpu-nccl-stopped", "parallel: {collective_timeout_s: 5}\n");
+  GpuJob job("llamad-gpu-nccl-stopped", "parallel: {collective_timeout_s: 10}\n");
   testing::Subprocess run(job.Command(2, "--communicator nccl --steps 100000"));
-  const double seconds = testing::SecondsUntilRank0LeavesAStoppedRank1(run, 120);
-  ASSERT_GE(seconds, 5.0) << run.output();
-  std::printf("rank 0 left its stopped NCCL peer %.2f s after it stopped (timeout 5 s)\n", seconds);
+  const double seconds = testing::SecondsUntilRank0LeavesAStoppedRank1(run, 60);
+  ASSERT_GE(seconds, 5.0) << run.output();  // the timeout may have started before the stop
+  std::printf("rank 0 left its stopped NCCL peer %.2f s after it stopped (timeout 10 s)\n", seconds);
 }
 
 // gemini's offload fractions between the whole and nothing, on two ranks (through Gloo):
