@@ -758,17 +758,12 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
       RequeueLocked(job, updated, fmt::format("{} on node {}, which is drained", gpu_failure, node_id));
       return;
     }
-    updated.set_state(pb::JOB_STATE_FAILED);
-    updated.set_exit_code(kExitDeviceFault);
-    updated.set_failed_rank(report.rank());
-    updated.set_finished_unix_ms(now);
-    updated.clear_last_log_lines();
-    for (const std::string& line : rt.recent_stderr[report.rank()]) updated.add_last_log_lines(line);
-    updated.set_reason(fmt::format("GPUs failed under it {} times in a row without it getting past step {}, the "
-                                   "last: {} on node {}: a fault that follows the job may be its own or its "
-                                   "build's (the nodes stay drained until undrained; see the job's events)",
-                                   rt.gpu_fault_restarts, rt.furthest_step, gpu_failure, node_id));
-    if (PersistJobLocked(updated, "failed", updated.reason()).ok()) job = updated;
+    FailJobLocked(job, updated, kExitDeviceFault, report.rank(),
+                  fmt::format("GPUs failed under it {} times in a row without it getting past step {}, the "
+                              "last: {} on node {}: a fault that follows the job may be its own or its build's "
+                              "(the nodes stay drained until undrained; see the job's events)",
+                              rt.gpu_fault_restarts, rt.furthest_step, gpu_failure, node_id),
+                  now);
     return;
   }
   if (report.preempted()) {
@@ -777,17 +772,24 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
     RequeueLocked(job, updated, fmt::format("node {} stopped (preempted)", node_id));
     return;
   }
+  FailJobLocked(job, updated, report.exit_code(), report.rank(),
+                report.exit_code() > 128
+                    ? fmt::format("rank {} on node {} was killed by signal {}", report.rank(), node_id,
+                                  report.exit_code() - 128)
+                    : fmt::format("rank {} on node {} exited with status {}", report.rank(), node_id,
+                                  report.exit_code()),
+                now);
+}
+
+void Scheduler::FailJobLocked(pb::Job& job, pb::Job& updated, int32_t exit_code, int32_t rank,
+                              const std::string& reason, int64_t now) {
   updated.set_state(pb::JOB_STATE_FAILED);
-  updated.set_exit_code(report.exit_code());
-  updated.set_failed_rank(report.rank());
+  updated.set_exit_code(exit_code);
+  updated.set_failed_rank(rank);
   updated.set_finished_unix_ms(now);
   updated.clear_last_log_lines();
-  for (const std::string& line : job_runtime_[job.id()].recent_stderr[report.rank()]) updated.add_last_log_lines(line);
-  updated.set_reason(report.exit_code() > 128
-                         ? fmt::format("rank {} on node {} was killed by signal {}", report.rank(), node_id,
-                                       report.exit_code() - 128)
-                         : fmt::format("rank {} on node {} exited with status {}", report.rank(), node_id,
-                                       report.exit_code()));
+  for (const std::string& line : job_runtime_[job.id()].recent_stderr[rank]) updated.add_last_log_lines(line);
+  updated.set_reason(reason);
   if (PersistJobLocked(updated, "failed", updated.reason()).ok()) job = updated;
 }
 
@@ -894,16 +896,11 @@ void Scheduler::RestartLostPeersLocked(pb::Job& job, int32_t rank, const std::st
   EndGenerationLocked(updated);
   JobRuntime& rt = job_runtime_[job.id()];
   if (++rt.peer_lost_restarts > options_.peer_lost_restarts) {
-    updated.set_state(pb::JOB_STATE_FAILED);
-    updated.set_exit_code(kExitPeerLost);
-    updated.set_failed_rank(rank);
-    updated.set_finished_unix_ms(now);
-    updated.clear_last_log_lines();
-    for (const std::string& line : rt.recent_stderr[rank]) updated.add_last_log_lines(line);
-    updated.set_reason(fmt::format("the ranks lost their peers {} times in a row without getting past step {}; the "
-                                   "last time: {}",
-                                   rt.peer_lost_restarts, rt.furthest_step, cause));
-    if (PersistJobLocked(updated, "failed", updated.reason()).ok()) job = updated;
+    FailJobLocked(job, updated, kExitPeerLost, rank,
+                  fmt::format("the ranks lost their peers {} times in a row without getting past step {}; the "
+                              "last time: {}",
+                              rt.peer_lost_restarts, rt.furthest_step, cause),
+                  now);
     return;
   }
   RequeueLocked(job, updated, cause);

@@ -209,6 +209,10 @@ class Scheduler {
   // its latest checkpoint: "<cause>; restarting from the latest checkpoint" is its
   // reason and event, kept in its reason while it waits.
   void RequeueLocked(pb::Job& job, pb::Job& updated, const std::string& cause);
+  // `updated` (`job` with its generation ended) fails for `reason` with `exit_code`,
+  // blaming `rank`, whose last stderr lines go into the record; persisted with an event.
+  void FailJobLocked(pb::Job& job, pb::Job& updated, int32_t exit_code, int32_t rank, const std::string& reason,
+                     int64_t now);
   void PlaceJobsLocked(int64_t now);
   // What a heartbeat runs: placement only when a job, node or allocation changed since
   // the last pass (a pass looks at every queued job and node; 1,000 nodes beating each
