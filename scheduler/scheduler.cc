@@ -508,6 +508,10 @@ absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bo
   std::lock_guard lock(mu_);
   auto it = nodes_.find(node_id);
   if (it == nodes_.end()) return absl::NotFoundError(fmt::format("no node '{}'", node_id));
+  if (reason.size() > kMaxDrainReason) {
+    return absl::InvalidArgumentError(
+        fmt::format("reason: {} characters, more than the {} a node keeps", reason.size(), kMaxDrainReason));
+  }
   const std::string why = reason.empty() ? "drained with llamactl drain" : "drained with llamactl drain: " + reason;
   if (auto s = DrainNodeLocked(it->second, why, /*replace=*/false); !s.ok()) return s;
   pb::NodeInfo info = it->second.info;

@@ -104,7 +104,8 @@ class Scheduler {
   std::vector<pb::NodeInfo> ListNodes();
   // The node takes nothing new, and finishes what it runs or (move_jobs) restarts on other
   // nodes each job with a rank there, from the step its ranks stop after.
-  // `reason`: the operator's words for llamactl nodes.
+  // `reason`: the operator's words for llamactl nodes (at most kMaxDrainReason bytes).
+  static constexpr size_t kMaxDrainReason = 1000;
   absl::StatusOr<pb::NodeInfo> DrainNode(const std::string& node_id, bool move_jobs = false,
                                          const std::string& reason = "");
   // A drained node takes new ranks again (a lost one once it heartbeats). NotFound for an

@@ -460,6 +460,9 @@ TEST_F(SchedulerTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
   // An operator's drain says so; a GPU's failure replaces that reason, not the reverse.
   ASSERT_TRUE(scheduler_->DrainNode("b").ok());
   EXPECT_EQ(node_of("b").drain_reason(), "drained with llamactl drain");
+  auto long_reason = scheduler_->DrainNode("c", false, std::string(1001, 'x'));
+  EXPECT_EQ(long_reason.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(long_reason.status().message().find("reason: 1001 characters"), std::string::npos);
   ASSERT_TRUE(scheduler_->UndrainNode("b").ok());
   EXPECT_TRUE(scheduler_->UndrainNode("b").ok());  // not drained: nothing changes
   EXPECT_EQ(node_of("b").state(), pb::NODE_STATE_READY);
