@@ -533,26 +533,23 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
-  if (*undrain) {
-    pb::UndrainNodeRequest request;
-    request.set_node_id(node_id);
+  if (*drain || *undrain) {
     pb::NodeInfo node;
-    if (auto s = c.Unary(&pb::Scheduler::Stub::UndrainNode, request, &node, "undrain " + node_id); !s.ok()) {
-      return Fail(s);
+    absl::Status s;
+    if (*drain) {
+      pb::DrainNodeRequest request;
+      request.set_node_id(node_id);
+      request.set_move_jobs(drain_now);
+      request.set_reason(drain_reason);
+      s = c.Unary(&pb::Scheduler::Stub::DrainNode, request, &node, "drain " + node_id);
+    } else {
+      pb::UndrainNodeRequest request;
+      request.set_node_id(node_id);
+      s = c.Unary(&pb::Scheduler::Stub::UndrainNode, request, &node, "undrain " + node_id);
     }
+    if (!s.ok()) return Fail(s);
     json ? (void)std::printf("%s\n", Json(node).c_str())
-         : (void)std::printf("%s %s\n", node.id().c_str(), llamad::scheduler::NodeStateName(node.state()).c_str());
-    return 0;
-  }
-  if (*drain) {
-    pb::DrainNodeRequest request;
-    request.set_node_id(node_id);
-    request.set_move_jobs(drain_now);
-    request.set_reason(drain_reason);
-    pb::NodeInfo node;
-    if (auto s = c.Unary(&pb::Scheduler::Stub::DrainNode, request, &node, "drain " + node_id); !s.ok()) return Fail(s);
-    json ? (void)std::printf("%s\n", Json(node).c_str())
-         : (void)std::printf("%s %s (%d device(s) still in use)\n", node.id().c_str(),
+         : (void)std::printf("%s %s (%d device(s) in use)\n", node.id().c_str(),
                              llamad::scheduler::NodeStateName(node.state()).c_str(), node.devices_in_use());
     return 0;
   }

@@ -661,7 +661,7 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
   const bool gpu_failed = report.state() == pb::RANK_STATE_EXITED && report.exit_code() == kExitDeviceFault &&
                           !report.preempted();
   const std::string gpu_failure =
-      fmt::format("the GPU of rank {} (device {}) failed", report.rank(), report.local_rank());
+      gpu_failed ? fmt::format("the GPU of rank {} (device {}) failed", report.rank(), report.local_rank()) : "";
   if (gpu_failed) {
     if (auto node = nodes_.find(node_id); node != nodes_.end()) {
       DrainNodeLocked(node->second,

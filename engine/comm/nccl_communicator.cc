@@ -395,9 +395,13 @@ class NcclCollectives final : public DeviceCollectives {
     }
     if (result == ncclSuccess) return absl::OkStatus();
     ExitIfTheGpuFailed(result, stream_);
+    return NcclFailure(result, ErrorText(result));
+  }
+
+  // NCCL's name for `result`, with its last message on comm_ where it has one.
+  std::string ErrorText(ncclResult_t result) {
     const char* detail = comm_ != nullptr ? api_->GetLastError(comm_) : nullptr;
-    return NcclFailure(result, StrCat(api_->GetErrorString(result),
-                                      detail != nullptr && *detail != '\0' ? StrCat(" (", detail, ")") : ""));
+    return StrCat(api_->GetErrorString(result), detail != nullptr && *detail != '\0' ? StrCat(" (", detail, ")") : "");
   }
 
   std::chrono::milliseconds timeout() {
@@ -553,10 +557,8 @@ class NcclCollectives final : public DeviceCollectives {
         ncclResult_t async = ncclSuccess;
         if (api_->CommGetAsyncError(comm_, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress) {
           ExitIfTheGpuFailed(async, stream_);
-          const char* detail = api_->GetLastError(comm_);
           const absl::StatusCode code = NcclFailureCode(async);
-          why = absl::Status(code, StrCat("NCCL on GPU ", device_, ": ", api_->GetErrorString(async),
-                                          detail != nullptr && *detail != '\0' ? StrCat(" (", detail, ")") : "",
+          why = absl::Status(code, StrCat("NCCL on GPU ", device_, ": ", ErrorText(async),
                                           code == absl::StatusCode::kAborted ? ": a rank stopped or lost its connection"
                                                                              : ""));
         } else if (running && std::chrono::steady_clock::now() - front_since_ > timeout_) {
