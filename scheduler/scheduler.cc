@@ -513,7 +513,7 @@ absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bo
         fmt::format("reason: {} characters, more than the {} a node keeps", reason.size(), kMaxDrainReason));
   }
   const std::string why = reason.empty() ? "drained with llamactl drain" : "drained with llamactl drain: " + reason;
-  if (auto s = DrainNodeLocked(it->second, why, /*replace=*/false); !s.ok()) return s;
+  if (auto s = DrainNodeLocked(it->second, why, /*gpu_fault=*/false); !s.ok()) return s;
   pb::NodeInfo info = it->second.info;
   if (move_jobs) {
     for (const std::string& job_id : JobsWithRanksOnLocked(node_id)) {
@@ -530,15 +530,31 @@ absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bo
   return info;
 }
 
-absl::Status Scheduler::DrainNodeLocked(NodeRuntime& node, const std::string& reason, bool replace) {
-  if (!node.info.drain_reason().empty() && !replace) return absl::OkStatus();
+absl::Status Scheduler::DrainNodeLocked(NodeRuntime& node, const std::string& reason, bool gpu_fault) {
+  if (!node.info.drain_reason().empty() && !gpu_fault) return absl::OkStatus();
   pb::NodeInfo info = node.info;
   info.set_drain_reason(reason);
+  info.set_drained_for_gpu_fault(gpu_fault);
   // A lost node stays lost until it heartbeats, and then comes back draining.
   if (info.state() == pb::NODE_STATE_READY) info.set_state(pb::NODE_STATE_DRAINING);
   if (auto s = PersistNodeLocked(info); !s.ok()) return s;
   node.info = info;
   return absl::OkStatus();
+}
+
+std::string Scheduler::FaultDrainRefusalLocked(const NodeRuntime& node) const {
+  if (!node.info.drain_reason().empty()) return "";  // out of service already: nothing more is lost
+  const int percent = options_.max_fault_drained_percent;
+  if (percent <= 0) return "GPU faults drain no node here (max_fault_drained_percent 0)";
+  const int64_t known = static_cast<int64_t>(nodes_.size());
+  const int64_t limit = std::max<int64_t>(1, known * percent / 100);
+  const int64_t drained = std::count_if(nodes_.begin(), nodes_.end(),
+                                        [](const auto& n) { return n.second.info.drained_for_gpu_fault(); });
+  if (drained < limit) return "";
+  return fmt::format("{} of the {} known nodes are drained for GPU faults already, as many as "
+                     "max_fault_drained_percent {} allows; many faults at once may share one cause, so look "
+                     "into them and undrain what is sound",
+                     drained, known, percent);
 }
 
 absl::StatusOr<pb::NodeInfo> Scheduler::UndrainNode(const std::string& node_id) {
@@ -549,6 +565,7 @@ absl::StatusOr<pb::NodeInfo> Scheduler::UndrainNode(const std::string& node_id) 
   if (!node.info.drain_reason().empty()) {
     pb::NodeInfo info = node.info;
     info.clear_drain_reason();
+    info.clear_drained_for_gpu_fault();
     if (info.state() == pb::NODE_STATE_DRAINING) info.set_state(pb::NODE_STATE_READY);
     if (auto s = PersistNodeLocked(info); !s.ok()) return s;
     if (info.state() == pb::NODE_STATE_READY) node.ready_since_ms = clock_->NowMs();
@@ -662,13 +679,21 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
                           !report.preempted();
   const std::string gpu_failure =
       gpu_failed ? fmt::format("the GPU of rank {} (device {}) failed", report.rank(), report.local_rank()) : "";
+  std::string node_fate;  // what became of the node, for the job's event
   if (gpu_failed) {
+    node_fate = "which is drained";
     if (auto node = nodes_.find(node_id); node != nodes_.end()) {
-      DrainNodeLocked(node->second,
-                      fmt::format("{} under job {}; see that job's log, then llamactl undrain {}", gpu_failure,
-                                  report.job_id(), node_id),
-                      /*replace=*/true)
-          .IgnoreError();  // the job's requeue below is what must not be lost
+      if (std::string refusal = FaultDrainRefusalLocked(node->second); !refusal.empty()) {
+        node_fate = "which is not drained: " + refusal;
+        std::fprintf(stderr, "llamad scheduler: %s under job %s on node %s, %s\n", gpu_failure.c_str(),
+                     report.job_id().c_str(), node_id.c_str(), node_fate.c_str());
+      } else {
+        DrainNodeLocked(node->second,
+                        fmt::format("{} under job {}; see that job's log, then llamactl undrain {}", gpu_failure,
+                                    report.job_id(), node_id),
+                        /*gpu_fault=*/true)
+            .IgnoreError();  // the job's requeue below is what must not be lost
+      }
     }
   }
   auto job_it = jobs_.find(report.job_id());
@@ -755,18 +780,18 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
   }
   EndGenerationLocked(updated);
   if (gpu_failed) {
-    // Not the job's fault: it restarts on other nodes (this one is drained above). Its
-    // other ranks are stopped at once: their step cannot finish.
+    // Not the job's fault: it restarts on other nodes (this one is drained above, unless
+    // too many are). Its other ranks are stopped at once: their step cannot finish.
     JobRuntime& rt = job_runtime_[job.id()];
     if (++rt.gpu_fault_restarts <= options_.gpu_fault_restarts) {
-      RequeueLocked(job, updated, fmt::format("{} on node {}, which is drained", gpu_failure, node_id));
+      RequeueLocked(job, updated, fmt::format("{} on node {}, {}", gpu_failure, node_id, node_fate));
       return;
     }
     FailJobLocked(job, updated, kExitDeviceFault, report.rank(),
                   fmt::format("GPUs failed under it {} times in a row without it getting past step {}, the "
-                              "last: {} on node {}: a fault that follows the job may be its own or its build's "
-                              "(the nodes stay drained until undrained; see the job's events)",
-                              rt.gpu_fault_restarts, rt.furthest_step, gpu_failure, node_id),
+                              "last: {} on node {}, {}: a fault that follows the job may be its own or its "
+                              "build's (drained nodes stay drained until undrained; see the job's events)",
+                              rt.gpu_fault_restarts, rt.furthest_step, gpu_failure, node_id, node_fate),
                   now);
     return;
   }

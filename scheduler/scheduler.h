@@ -53,6 +53,12 @@ struct SchedulerOptions {
   // more fails the job: failures that follow a job from node to node without a step in
   // between are more likely the job's or its build's than every GPU's.
   int gpu_fault_restarts = 1;
+  // GPU faults drain at most this percent of the known nodes (lost ones included), and
+  // at least one node; 0: they drain none. A fault past the limit leaves its node in
+  // service and only restarts (or fails) the job: many nodes faulting at once are more
+  // likely a shared cause (a driver, a build, a job) than as many broken GPUs, and
+  // draining them all would leave nothing to run on. Operators' drains do not count.
+  int max_fault_drained_percent = 10;
   // A job that restarted on fewer nodes than it asked for (resources.nodes) grows back
   // when other nodes are free for it and no job waits in the queue, once its generation
   // and those nodes have been up this long: it restarts on more nodes from its latest
@@ -178,10 +184,13 @@ class Scheduler {
   pb::Job* FindJobLocked(const std::string& id_or_name);
   absl::Status PersistJobLocked(const pb::Job& job, const std::string& event_kind, const std::string& message);
   absl::Status PersistNodeLocked(const pb::NodeInfo& node);
-  // Drains `node` for `reason` (NodeInfo.drain_reason, which replaces an earlier one only
-  // with `replace`: a failed GPU says more than an operator's drain): it takes no new
-  // ranks, now and when it comes back after a lost lease or a restart.
-  absl::Status DrainNodeLocked(NodeRuntime& node, const std::string& reason, bool replace);
+  // Drains `node` for `reason` (NodeInfo.drain_reason): it takes no new ranks, now and
+  // when it comes back after a lost lease or a restart. A GPU fault's reason replaces an
+  // earlier one (a failed GPU says more than an operator's drain), not the reverse.
+  absl::Status DrainNodeLocked(NodeRuntime& node, const std::string& reason, bool gpu_fault);
+  // Why a GPU fault on `node` leaves it in service (max_fault_drained_percent), or "" when
+  // the fault drains it.
+  std::string FaultDrainRefusalLocked(const NodeRuntime& node) const;
   // While group_ is set, the two above add to it instead of writing; this writes it
   // (synced) and clears group_.
   absl::Status CommitGroupLocked(rocksdb::WriteBatch& group);

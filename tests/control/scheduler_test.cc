@@ -51,6 +51,7 @@ class SchedulerTest : public ::testing::Test {
     options.data_dir = dir_.string();
     options.heartbeat_interval_ms = 1000;
     options.lease_timeout_ms = 5000;
+    options.max_fault_drained_percent = max_fault_drained_percent_;
     auto s = Scheduler::Open(options, &clock_);
     ASSERT_TRUE(s.ok()) << s.status();
     scheduler_ = std::move(*s);
@@ -89,6 +90,47 @@ class SchedulerTest : public ::testing::Test {
     EXPECT_EQ(orders.stop_size(), 1) << node;
     return orders.stop_size() == 1 ? orders.stop(0) : pb::StopRank();
   }
+  pb::NodeInfo NodeOf(const std::string& id) {
+    for (const pb::NodeInfo& n : scheduler_->ListNodes()) {
+      if (n.id() == id) return n;
+    }
+    return pb::NodeInfo();
+  }
+  // Generation `generation` of `job` (one rank) starts, reports step `steps_before` (when
+  // above 0), and its rank exits as a failed GPU. Returns its node and the failure's words.
+  std::pair<std::string, std::string> GpuFailsUnder(const pb::Job& job, int64_t generation, int64_t steps_before) {
+    const pb::Job running = Get(job.id());
+    EXPECT_EQ(running.generation(), generation);
+    EXPECT_EQ(running.state(), pb::JOB_STATE_RUNNING) << running.reason();
+    if (running.placement_size() != 1) {
+      ADD_FAILURE() << "generation " << generation << " is not placed: " << running.reason();
+      return {};
+    }
+    const std::string node = running.placement(0).node_id();
+    pb::StartRank start;
+    const pb::HeartbeatResponse orders = Beat(node);
+    for (const pb::StartRank& s : orders.start()) {
+      if (s.job_id() == job.id()) start = s;
+    }
+    EXPECT_EQ(start.generation(), generation);
+    if (steps_before > 0) {
+      pb::RankReport line = Report(start, pb::RANK_STATE_RUNNING);
+      line.add_metric_lines(fmt::format(R"({{"step": {}, "loss": 2.5}})", steps_before));
+      Beat(node, {line});
+    }
+    Beat(node, {Report(start, pb::RANK_STATE_EXITED, kExitDeviceFault)});
+    return {node, fmt::format("the GPU of rank 0 (device {}) failed", start.local_rank())};
+  }
+  // Whether an event of `job` starts with `prefix`.
+  bool SaidOf(const pb::Job& job, const std::string& prefix) {
+    auto events = scheduler_->WaitJobUpdates(job.id(), 0, 0, 0);
+    EXPECT_TRUE(events.ok()) << events.status();
+    if (!events.ok()) return false;
+    for (const auto& e : events->events) {
+      if (e.message().starts_with(prefix)) return true;
+    }
+    return false;
+  }
   static pb::RankReport Report(const pb::StartRank& start, pb::RankState state, int exit_code = 0) {
     pb::RankReport r;
     r.set_job_id(start.job_id());
@@ -101,6 +143,7 @@ class SchedulerTest : public ::testing::Test {
   }
 
   fs::path dir_;
+  int max_fault_drained_percent_ = SchedulerOptions().max_fault_drained_percent;  // at Reopen
   ManualClock clock_;
   std::unique_ptr<Scheduler> scheduler_;
 };
@@ -364,50 +407,24 @@ TEST_F(SchedulerTest, AStoppingNodeTakesNoRanksAndItsSavingRankIsTheCause) {
 // from node to node without a step in between fail it. A drain outlasts the node's lost
 // lease, its daemon's restart and the scheduler's, until the node is undrained.
 TEST_F(SchedulerTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
+  max_fault_drained_percent_ = 100;  // every node may be drained here
+  Reopen();
   for (const char* id : {"a", "b", "c"}) AddNode(id, 2);
   pb::Job filler = Submit(1);  // takes a device, so that the job's rank is not always device 0
   pb::Job job = Submit(1, 0, /*checkpoints=*/true);
-  auto node_of = [&](const std::string& id) {
-    for (const pb::NodeInfo& n : scheduler_->ListNodes()) {
-      if (n.id() == id) return n;
-    }
-    return pb::NodeInfo();
-  };
-  // The job's rank on its node fails with its GPU; returns the node.
+  auto node_of = [&](const std::string& id) { return NodeOf(id); };
+  // The job's rank on its node fails with its GPU, which drains the node.
   auto gpu_fails = [&](int64_t generation, int64_t steps_before) {
-    const pb::Job running = Get(job.id());
-    EXPECT_EQ(running.generation(), generation);
-    EXPECT_EQ(running.state(), pb::JOB_STATE_RUNNING) << running.reason();
-    if (running.placement_size() != 1) {
-      ADD_FAILURE() << "generation " << generation << " is not placed: " << running.reason();
-      return std::pair{std::string(), std::string()};
-    }
-    const std::string node = running.placement(0).node_id();
-    pb::StartRank start;
-    const pb::HeartbeatResponse orders = Beat(node);
-    for (const pb::StartRank& s : orders.start()) {
-      if (s.job_id() == job.id()) start = s;
-    }
-    EXPECT_EQ(start.generation(), generation);
-    if (steps_before > 0) {
-      pb::RankReport line = Report(start, pb::RANK_STATE_RUNNING);
-      line.add_metric_lines(fmt::format(R"({{"step": {}, "loss": 2.5}})", steps_before));
-      Beat(node, {line});
-    }
-    Beat(node, {Report(start, pb::RANK_STATE_EXITED, kExitDeviceFault)});
-    const std::string why = fmt::format("the GPU of rank 0 (device {}) failed", start.local_rank());
+    const auto [node, why] = GpuFailsUnder(job, generation, steps_before);
     EXPECT_EQ(node_of(node).state(), pb::NODE_STATE_DRAINING);
+    EXPECT_TRUE(node_of(node).drained_for_gpu_fault());
     EXPECT_NE(node_of(node).drain_reason().find(why + " under job " + job.id()), std::string::npos)
         << node_of(node).drain_reason();
     EXPECT_NE(node_of(node).drain_reason().find("llamactl undrain " + node), std::string::npos);
     return std::pair{node, why};
   };
   const auto [first, first_why] = gpu_fails(1, 0);
-  auto events = scheduler_->WaitJobUpdates(job.id(), 0, 0, 0);
-  ASSERT_TRUE(events.ok());
-  bool said = false;
-  for (const auto& e : events->events) said |= e.message().starts_with(first_why + " on node " + first + ", which is drained");
-  EXPECT_TRUE(said);
+  EXPECT_TRUE(SaidOf(job, first_why + " on node " + first + ", which is drained"));
   // It trains past where it was, and another GPU fails: a restart again.
   const auto [second, second_why] = gpu_fails(2, 5);
   EXPECT_NE(second, first);
@@ -460,6 +477,7 @@ TEST_F(SchedulerTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
   // An operator's drain says so; a GPU's failure replaces that reason, not the reverse.
   ASSERT_TRUE(scheduler_->DrainNode("b").ok());
   EXPECT_EQ(node_of("b").drain_reason(), "drained with llamactl drain");
+  EXPECT_FALSE(node_of("b").drained_for_gpu_fault());
   auto long_reason = scheduler_->DrainNode("c", false, std::string(1001, 'x'));
   EXPECT_EQ(long_reason.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(long_reason.status().message().find("reason: 1001 characters"), std::string::npos);
@@ -467,6 +485,68 @@ TEST_F(SchedulerTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
   EXPECT_TRUE(scheduler_->UndrainNode("b").ok());  // not drained: nothing changes
   EXPECT_EQ(node_of("b").state(), pb::NODE_STATE_READY);
   EXPECT_EQ(scheduler_->UndrainNode("nope").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(SchedulerTest, GpuFaultsDrainAtMostAFewNodes) {
+  for (int i = 0; i < 10; ++i) AddNode(fmt::format("n{}", i));
+  pb::Job job = Submit(1, 0, /*checkpoints=*/true);
+  // 10% of 10 nodes: the first fault drains its node.
+  const auto [first, first_why] = GpuFailsUnder(job, 1, 0);
+  EXPECT_EQ(NodeOf(first).state(), pb::NODE_STATE_DRAINING);
+  // The count survives a restart of the scheduler; operators' drains do not count.
+  Reopen();
+  for (int i = 0; i < 10; ++i) AddNode(fmt::format("n{}", i));
+  const std::string placed = Get(job.id()).placement(0).node_id();
+  const std::string idle = first != "n8" && placed != "n8" ? "n8" : first != "n9" && placed != "n9" ? "n9" : "n7";
+  ASSERT_TRUE(scheduler_->DrainNode(idle).ok());
+  // The next, after the job trained on, leaves its node in service, and says why.
+  const auto [second, second_why] = GpuFailsUnder(job, 2, 5);
+  EXPECT_NE(second, first);
+  EXPECT_EQ(NodeOf(second).state(), pb::NODE_STATE_READY);
+  EXPECT_EQ(NodeOf(second).drain_reason(), "");
+  EXPECT_TRUE(SaidOf(job, second_why + " on node " + second +
+                              ", which is not drained: 1 of the 10 known nodes are drained for GPU faults "
+                              "already, as many as max_fault_drained_percent 10 allows"));
+  EXPECT_EQ(Get(job.id()).state(), pb::JOB_STATE_RUNNING) << Get(job.id()).reason();
+  // A third fault without progress fails the job, and still drains nothing.
+  const auto [third, third_why] = GpuFailsUnder(job, 3, 0);
+  EXPECT_EQ(NodeOf(third).drain_reason(), "");
+  const pb::Job failed = Get(job.id());
+  EXPECT_EQ(failed.state(), pb::JOB_STATE_FAILED);
+  EXPECT_NE(failed.reason().find(third_why + " on node " + third + ", which is not drained: 1 of the 10"),
+            std::string::npos)
+      << failed.reason();
+  // Undraining the first node frees its place: the next fault drains again.
+  ASSERT_TRUE(scheduler_->UndrainNode(first).ok());
+  EXPECT_FALSE(NodeOf(first).drained_for_gpu_fault());
+  pb::Job next = Submit(1, 0, /*checkpoints=*/true);
+  const auto [fourth, fourth_why] = GpuFailsUnder(next, 1, 0);
+  EXPECT_EQ(NodeOf(fourth).state(), pb::NODE_STATE_DRAINING);
+  EXPECT_TRUE(NodeOf(fourth).drained_for_gpu_fault());
+  // A fault on a node an operator drained while its ranks ran replaces the reason at the
+  // limit too: that node was out of service already. It counts from then on.
+  const std::string operator_drained = Get(next.id()).placement(0).node_id();
+  ASSERT_TRUE(scheduler_->DrainNode(operator_drained).ok());
+  const auto [fifth, fifth_why] = GpuFailsUnder(next, 2, 5);
+  EXPECT_EQ(fifth, operator_drained);
+  EXPECT_TRUE(NodeOf(fifth).drained_for_gpu_fault());
+  EXPECT_NE(NodeOf(fifth).drain_reason().find(fifth_why), std::string::npos) << NodeOf(fifth).drain_reason();
+  // 30% of ten: a third node may be drained.
+  max_fault_drained_percent_ = 30;
+  Reopen();
+  for (int i = 0; i < 10; ++i) AddNode(fmt::format("n{}", i));
+  const auto [sixth, sixth_why] = GpuFailsUnder(next, 3, 10);
+  EXPECT_EQ(NodeOf(sixth).state(), pb::NODE_STATE_DRAINING);
+  EXPECT_TRUE(SaidOf(next, sixth_why + " on node " + sixth + ", which is drained"));
+  // 0: none.
+  max_fault_drained_percent_ = 0;
+  Reopen();
+  for (int i = 0; i < 10; ++i) AddNode(fmt::format("n{}", i));
+  ASSERT_TRUE(scheduler_->ResumeJob(job.id()).ok());
+  const auto [last, last_why] = GpuFailsUnder(job, 4, 0);
+  EXPECT_EQ(NodeOf(last).drain_reason(), "");
+  EXPECT_TRUE(SaidOf(job, last_why + " on node " + last +
+                              ", which is not drained: GPU faults drain no node here (max_fault_drained_percent 0)"));
 }
 
 TEST_F(SchedulerTest, DrainingNowMovesTheJobsAndTheirRanksSaveFirst) {

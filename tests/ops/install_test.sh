@@ -16,6 +16,12 @@ for f in usr/local/bin/llamad usr/local/bin/llama-train usr/local/bin/llamactl u
 done
 resolved="$("$root/usr/local/bin/llamad" --config "$root/etc/llamad/llamad.yaml" --check)"
 grep -q '^role: both$' <<<"$resolved" || { echo "$resolved"; exit 1; }
+grep -q '^max_fault_drained_percent: 10$' <<<"$resolved" || { echo "$resolved"; exit 1; }
+if out="$("$root/usr/local/bin/llamad" --config "$root/etc/llamad/llamad.yaml" --max-fault-drained-percent 101 \
+          --check 2>&1)"; then
+  echo "llamad accepted max_fault_drained_percent 101"; exit 1
+fi
+grep -q "max_fault_drained_percent: 101 is not between 0 and 100" <<<"$out" || { echo "$out"; exit 1; }
 unit="$root/etc/systemd/system/llamad.service"
 grep -q '^ExecStart=/usr/local/bin/llamad --config /etc/llamad/llamad.yaml$' "$unit" || { cat "$unit"; exit 1; }
 grep -q '^KillMode=mixed$' "$unit" || { cat "$unit"; exit 1; }
