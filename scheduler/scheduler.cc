@@ -119,8 +119,9 @@ absl::Status Scheduler::Load() {
     if (!job.ParseFromArray(it->value().data(), int(it->value().size()))) {
       return absl::DataLossError(fmt::format("scheduler state: record {} is damaged", it->key().ToString()));
     }
+    // Stored before restarts were counted in the job: from its latest step on.
+    if (!job.has_restarts_in_a_row()) job.mutable_restarts_in_a_row()->set_furthest_step(job.progress().step());
     jobs_[job.id()] = job;
-    job_runtime_[job.id()].furthest_step = job.progress().step();
   }
   for (it->Seek("node/"); it->Valid() && it->key().starts_with("node/"); it->Next()) {
     pb::NodeInfo node;
@@ -433,15 +434,14 @@ absl::StatusOr<pb::Job> Scheduler::ResumeJob(const std::string& id_or_name) {
   updated.set_exit_code(0);
   updated.set_failed_rank(-1);
   updated.clear_last_log_lines();
+  // A person looked at it: earlier restarts in a row no longer count against it.
+  updated.mutable_restarts_in_a_row()->set_lost_peers(0);
+  updated.mutable_restarts_in_a_row()->set_gpu_faults(0);
   if (auto s = PersistJobLocked(updated, "resumed", "back in the queue; ranks restore the latest checkpoint");
       !s.ok()) {
     return s;
   }
   *job = updated;
-  // A person looked at it: earlier restarts in a row no longer count against it.
-  JobRuntime& rt = job_runtime_[job->id()];
-  rt.peer_lost_restarts = 0;
-  rt.gpu_fault_restarts = 0;
   TickLocked();
   return *job;
 }
@@ -725,19 +725,19 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
       p->set_mfu(number("mfu"));
       // Strictly increasing, so a watcher that saw one update never misses the next.
       p->set_unix_ms(std::max(clock_->NowMs(), p->unix_ms() + 1));
+      // Past the furthest step so far it trains: earlier restarts were not a loop. Steps
+      // done again after a restart do not count, or a hang at a fixed step (which every
+      // rank may report as a lost peer) would restart the job forever.
+      if (p->step() > job.restarts_in_a_row().furthest_step()) {
+        pb::Job::RestartsInARow* restarts = job.mutable_restarts_in_a_row();
+        restarts->set_furthest_step(p->step());
+        restarts->set_lost_peers(0);
+        restarts->set_gpu_faults(0);
+      }
       rocksdb::WriteBatch own;
       UnsyncedBatchLocked(own).Put(JobKey(job.id()), job.SerializeAsString());
       FlushUnsyncedLocked(own);
       changed_.notify_all();
-      // Past the furthest step so far it trains: earlier restarts were not a loop. Steps
-      // done again after a restart do not count, or a hang at a fixed step (which every
-      // rank may report as a lost peer) would restart the job forever.
-      JobRuntime& rt = job_runtime_[job.id()];
-      if (p->step() > rt.furthest_step) {
-        rt.furthest_step = p->step();
-        rt.peer_lost_restarts = 0;
-        rt.gpu_fault_restarts = 0;
-      }
     }
   }
   if (report.state() != pb::RANK_STATE_EXITED) return;
@@ -782,8 +782,9 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
   if (gpu_failed) {
     // Not the job's fault: it restarts on other nodes (this one is drained above, unless
     // too many are). Its other ranks are stopped at once: their step cannot finish.
-    JobRuntime& rt = job_runtime_[job.id()];
-    if (++rt.gpu_fault_restarts <= options_.gpu_fault_restarts) {
+    pb::Job::RestartsInARow* restarts = updated.mutable_restarts_in_a_row();
+    restarts->set_gpu_faults(restarts->gpu_faults() + 1);
+    if (restarts->gpu_faults() <= options_.gpu_fault_restarts) {
       RequeueLocked(job, updated, fmt::format("{} on node {}, {}", gpu_failure, node_id, node_fate));
       return;
     }
@@ -791,7 +792,7 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
                   fmt::format("GPUs failed under it {} times in a row without it getting past step {}, the "
                               "last: {} on node {}, {}: a fault that follows the job may be its own or its "
                               "build's (drained nodes stay drained until undrained; see the job's events)",
-                              rt.gpu_fault_restarts, rt.furthest_step, gpu_failure, node_id, node_fate),
+                              restarts->gpu_faults(), restarts->furthest_step(), gpu_failure, node_id, node_fate),
                   now);
     return;
   }
@@ -923,12 +924,13 @@ void Scheduler::TickLocked() {
 void Scheduler::RestartLostPeersLocked(pb::Job& job, int32_t rank, const std::string& cause, int64_t now) {
   pb::Job updated = job;
   EndGenerationLocked(updated);
-  JobRuntime& rt = job_runtime_[job.id()];
-  if (++rt.peer_lost_restarts > options_.peer_lost_restarts) {
+  pb::Job::RestartsInARow* restarts = updated.mutable_restarts_in_a_row();
+  restarts->set_lost_peers(restarts->lost_peers() + 1);
+  if (restarts->lost_peers() > options_.peer_lost_restarts) {
     FailJobLocked(job, updated, kExitPeerLost, rank,
                   fmt::format("the ranks lost their peers {} times in a row without getting past step {}; the "
                               "last time: {}",
-                              rt.peer_lost_restarts, rt.furthest_step, cause),
+                              restarts->lost_peers(), restarts->furthest_step(), cause),
                   now);
     return;
   }

@@ -164,11 +164,6 @@ class Scheduler {
     int64_t lost_peer_ms = 0;  // when that exit was reported
   };
   struct JobRuntime {
-    // Restarts in a row because the ranks lost their peers, since the job last got past
-    // furthest_step (the furthest step it reported).
-    int32_t peer_lost_restarts = 0;
-    int32_t gpu_fault_restarts = 0;  // the same, after a rank's GPU failed
-    int64_t furthest_step = 0;
     int64_t next_event_seq = 1;
     int64_t next_log_seq = 1;
     int64_t first_log_seq = 1;  // the oldest line still stored

@@ -263,6 +263,11 @@ TEST_F(SchedulerTest, ARankThatLostItsPeersWaitsForTheCause) {
   // again after a restart are no progress.
   pb::Job again = Submit(2);
   for (int generation = 1; generation <= 4; ++generation) {
+    if (generation == 3) {  // the count survives a restart of the scheduler
+      Reopen();
+      AddNode("a");
+      AddNode("b");
+    }
     ASSERT_EQ(Get(again.id()).generation(), generation);
     const pb::StartRank a = Beat("a").start(0), b = Beat("b").start(0);
     for (const int step : {7, 10}) {
@@ -428,7 +433,10 @@ TEST_F(SchedulerTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
   // It trains past where it was, and another GPU fails: a restart again.
   const auto [second, second_why] = gpu_fails(2, 5);
   EXPECT_NE(second, first);
-  // A third, without a step past 5 in between: the job fails.
+  // A third, without a step past 5 in between, and after a restart of the scheduler
+  // (which keeps the count): the job fails.
+  Reopen();
+  for (const char* id : {"a", "b", "c"}) AddNode(id, 2);
   const auto [third, third_why] = gpu_fails(3, 0);
   const pb::Job failed = Get(job.id());
   EXPECT_EQ(failed.state(), pb::JOB_STATE_FAILED);
