@@ -138,7 +138,8 @@ absl::Status Scheduler::Load() {
     n.ready_since_ms = now;     // unknown while the scheduler was down: from now
   }
   // Sequence numbers continue after the last stored event and log line of each job.
-  for (auto& [id, rt] : job_runtime_) {
+  for (const auto& [id, job] : jobs_) {
+    JobRuntime& rt = job_runtime_[id];
     for (auto [prefix, next] : {std::pair{"event/" + id + "/", &rt.next_event_seq},
                                 std::pair{"log/" + id + "/", &rt.next_log_seq}}) {
       it->SeekForPrev(prefix + "~");

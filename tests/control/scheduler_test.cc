@@ -734,8 +734,13 @@ TEST_F(SchedulerTest, RestartLosesNoJobNodeOrEvent) {
   AddNode("a");
   pb::Job running = Submit(1);
   pb::Job queued = Submit(1);
+  const pb::StartRank start = Beat("a").start(0);
+  pb::RankReport said = Report(start, pb::RANK_STATE_RUNNING);
+  said.add_log_lines("before the restart");
+  Beat("a", {said});
   auto events_before = scheduler_->WaitJobUpdates(running.id(), 0, 0, 0);
   ASSERT_TRUE(events_before.ok());
+  ASSERT_FALSE(events_before->events.empty());
   Reopen();
   EXPECT_EQ(Get(running.id()).state(), pb::JOB_STATE_RUNNING);
   EXPECT_EQ(Get(queued.id()).state(), pb::JOB_STATE_QUEUED);
@@ -746,6 +751,24 @@ TEST_F(SchedulerTest, RestartLosesNoJobNodeOrEvent) {
   // The node's rank is still expected; new ids continue after the old ones.
   EXPECT_EQ(Beat("a").start_size(), 1);
   EXPECT_GT(Submit(1).id(), queued.id());
+  // New events and log lines continue after the stored ones, and overwrite none.
+  said.set_log_lines(0, "after the restart");
+  Beat("a", {said});
+  ASSERT_TRUE(scheduler_->CancelJob(running.id()).ok());
+  auto events_then = scheduler_->WaitJobUpdates(running.id(), 0, 0, 0);
+  ASSERT_TRUE(events_then.ok());
+  ASSERT_EQ(events_then->events.size(), events_before->events.size() + 1);
+  for (size_t i = 0; i < events_before->events.size(); ++i) {
+    EXPECT_EQ(events_then->events[i].message(), events_before->events[i].message()) << i;
+  }
+  EXPECT_EQ(events_then->events.back().seq(), events_before->events.back().seq() + 1);
+  EXPECT_EQ(events_then->events.back().kind(), "cancelled");
+  auto logs = scheduler_->GetLogs(running.id(), 0, 0);
+  ASSERT_TRUE(logs.ok()) << logs.status();
+  ASSERT_EQ(logs->size(), 2u);
+  EXPECT_EQ((*logs)[0].text(), "before the restart");
+  EXPECT_EQ((*logs)[1].text(), "after the restart");
+  EXPECT_EQ((*logs)[1].seq(), (*logs)[0].seq() + 1);
 }
 
 TEST_F(SchedulerTest, MalformedSpecNamesTheField) {
