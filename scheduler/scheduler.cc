@@ -24,6 +24,9 @@ std::string NodeKey(const std::string& id) { return "node/" + id; }
 std::string EventKey(const std::string& job, int64_t seq) { return fmt::format("event/{}/{:016d}", job, seq); }
 std::string LogKey(const std::string& job, int64_t seq) { return fmt::format("log/{}/{:016d}", job, seq); }
 constexpr char kNextJobKey[] = "meta/next_job";
+// How a GPU fault's words (and so its drain reason) begin: Load marks the nodes that
+// earlier versions drained for one.
+constexpr std::string_view kGpuFaultDrainPrefix = "the GPU of rank ";
 
 int64_t SeqOfKey(const std::string& key) { return std::stoll(key.substr(key.rfind('/') + 1)); }
 
@@ -94,6 +97,10 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Open(const SchedulerOption
         "scheduler: lease_timeout_ms ({}) must exceed heartbeat_interval_ms ({}) > 0",
         options.lease_timeout_ms, options.heartbeat_interval_ms));
   }
+  if (options.max_fault_drained_percent < 0 || options.max_fault_drained_percent > 100) {
+    return absl::InvalidArgumentError(fmt::format("scheduler: max_fault_drained_percent {} is not between 0 and 100",
+                                                  options.max_fault_drained_percent));
+  }
   std::error_code ec;
   std::filesystem::create_directories(options.data_dir, ec);
   if (ec) return absl::InvalidArgumentError(fmt::format("{}: cannot create: {}", options.data_dir, ec.message()));
@@ -132,6 +139,8 @@ absl::Status Scheduler::Load() {
     if (node.state() == pb::NODE_STATE_DRAINING && node.drain_reason().empty()) {
       node.set_drain_reason("drained with llamactl drain");
     }
+    // Drained for a GPU fault before such drains were marked: they count.
+    if (node.drain_reason().starts_with(kGpuFaultDrainPrefix)) node.set_drained_for_gpu_fault(true);
     NodeRuntime& n = nodes_[node.id()];
     n.info = node;
     n.last_heartbeat_ms = now;  // a fresh lease: daemons have lease_timeout_ms to come back
@@ -513,7 +522,11 @@ absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bo
     return absl::InvalidArgumentError(
         fmt::format("reason: {} characters, more than the {} a node keeps", reason.size(), kMaxDrainReason));
   }
-  const std::string why = reason.empty() ? "drained with llamactl drain" : "drained with llamactl drain: " + reason;
+  std::string why = reason.empty() ? "drained with llamactl drain" : "drained with llamactl drain: " + reason;
+  // An operator's drain of a node a GPU fault drained takes it over: the node stays out,
+  // and no longer counts against max_fault_drained_percent.
+  const pb::NodeInfo& before = it->second.info;
+  if (before.drained_for_gpu_fault()) why += "; before that: " + before.drain_reason();
   if (auto s = DrainNodeLocked(it->second, why, /*gpu_fault=*/false); !s.ok()) return s;
   pb::NodeInfo info = it->second.info;
   if (move_jobs) {
@@ -532,7 +545,7 @@ absl::StatusOr<pb::NodeInfo> Scheduler::DrainNode(const std::string& node_id, bo
 }
 
 absl::Status Scheduler::DrainNodeLocked(NodeRuntime& node, const std::string& reason, bool gpu_fault) {
-  if (!node.info.drain_reason().empty() && !gpu_fault) return absl::OkStatus();
+  if (!node.info.drain_reason().empty() && !gpu_fault && !node.info.drained_for_gpu_fault()) return absl::OkStatus();
   pb::NodeInfo info = node.info;
   info.set_drain_reason(reason);
   info.set_drained_for_gpu_fault(gpu_fault);
@@ -552,10 +565,10 @@ std::string Scheduler::FaultDrainRefusalLocked(const NodeRuntime& node) const {
   const int64_t drained = std::count_if(nodes_.begin(), nodes_.end(),
                                         [](const auto& n) { return n.second.info.drained_for_gpu_fault(); });
   if (drained < limit) return "";
-  return fmt::format("{} of the {} known nodes are drained for GPU faults already, as many as "
-                     "max_fault_drained_percent {} allows; many faults at once may share one cause, so look "
-                     "into them and undrain what is sound",
-                     drained, known, percent);
+  return fmt::format("{} of the {} known nodes are drained for GPU faults already, and GPU faults drain at most {} "
+                     "(max_fault_drained_percent {}, at least one); many faults at once may share one cause, so "
+                     "look into them, then undrain what is sound or drain what is not with llamactl drain",
+                     drained, known, limit, percent);
 }
 
 absl::StatusOr<pb::NodeInfo> Scheduler::UndrainNode(const std::string& node_id) {
@@ -679,7 +692,8 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
   const bool gpu_failed = report.state() == pb::RANK_STATE_EXITED && report.exit_code() == kExitDeviceFault &&
                           !report.preempted();
   const std::string gpu_failure =
-      gpu_failed ? fmt::format("the GPU of rank {} (device {}) failed", report.rank(), report.local_rank()) : "";
+      gpu_failed ? fmt::format("{}{} (device {}) failed", kGpuFaultDrainPrefix, report.rank(), report.local_rank())
+                 : "";
   std::string node_fate;  // what became of the node, for the job's event
   if (gpu_failed) {
     node_fate = "which is drained";

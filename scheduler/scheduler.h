@@ -55,9 +55,10 @@ struct SchedulerOptions {
   int gpu_fault_restarts = 1;
   // GPU faults drain at most this percent of the known nodes (lost ones included), and
   // at least one node; 0: they drain none. A fault past the limit leaves its node in
-  // service and only restarts (or fails) the job: many nodes faulting at once are more
-  // likely a shared cause (a driver, a build, a job) than as many broken GPUs, and
-  // draining them all would leave nothing to run on. Operators' drains do not count.
+  // service (jobs may be placed there again) and restarts (or fails) the job as below:
+  // many nodes faulting at once are more likely a shared cause (a driver, a build, a job)
+  // than as many broken GPUs, and draining them all would leave nothing to run on.
+  // Operators' drains do not count, and one of a fault-drained node takes it over.
   int max_fault_drained_percent = 10;
   // A job that restarted on fewer nodes than it asked for (resources.nodes) grows back
   // when other nodes are free for it and no job waits in the queue, once its generation
@@ -110,7 +111,10 @@ class Scheduler {
   std::vector<pb::NodeInfo> ListNodes();
   // The node takes nothing new, and finishes what it runs or (move_jobs) restarts on other
   // nodes each job with a rank there, from the step its ranks stop after.
-  // `reason`: the operator's words for llamactl nodes (at most kMaxDrainReason bytes).
+  // `reason`: the operator's words for llamactl nodes (at most kMaxDrainReason bytes). A
+  // node drained already keeps its reason, unless a GPU fault drained it: the operator's
+  // drain takes that over (the fault's words kept after it), and it stops counting
+  // against max_fault_drained_percent.
   static constexpr size_t kMaxDrainReason = 1000;
   absl::StatusOr<pb::NodeInfo> DrainNode(const std::string& node_id, bool move_jobs = false,
                                          const std::string& reason = "");

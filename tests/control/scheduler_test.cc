@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <rocksdb/db.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -514,7 +515,7 @@ TEST_F(SchedulerTest, GpuFaultsDrainAtMostAFewNodes) {
   EXPECT_EQ(NodeOf(second).drain_reason(), "");
   EXPECT_TRUE(SaidOf(job, second_why + " on node " + second +
                               ", which is not drained: 1 of the 10 known nodes are drained for GPU faults "
-                              "already, as many as max_fault_drained_percent 10 allows"));
+                              "already, and GPU faults drain at most 1 (max_fault_drained_percent 10, at least one)"));
   EXPECT_EQ(Get(job.id()).state(), pb::JOB_STATE_RUNNING) << Get(job.id()).reason();
   // A third fault without progress fails the job, and still drains nothing.
   const auto [third, third_why] = GpuFailsUnder(job, 3, 0);
@@ -535,17 +536,35 @@ TEST_F(SchedulerTest, GpuFaultsDrainAtMostAFewNodes) {
   // limit too: that node was out of service already. It counts from then on.
   const std::string operator_drained = Get(next.id()).placement(0).node_id();
   ASSERT_TRUE(scheduler_->DrainNode(operator_drained).ok());
+  ASSERT_TRUE(scheduler_->DrainNode(idle).ok());  // a second drain of a drained node changes nothing
+  EXPECT_EQ(NodeOf(idle).drain_reason(), "drained with llamactl drain");
   const auto [fifth, fifth_why] = GpuFailsUnder(next, 2, 5);
   EXPECT_EQ(fifth, operator_drained);
   EXPECT_TRUE(NodeOf(fifth).drained_for_gpu_fault());
   EXPECT_NE(NodeOf(fifth).drain_reason().find(fifth_why), std::string::npos) << NodeOf(fifth).drain_reason();
-  // 30% of ten: a third node may be drained.
+  // An operator's drain of a node a fault drained frees its place too, and keeps the node
+  // out and the fault's words.
+  ASSERT_TRUE(scheduler_->DrainNode(fourth, false, "bad fan").ok());
+  EXPECT_EQ(NodeOf(fourth).state(), pb::NODE_STATE_DRAINING);
+  EXPECT_FALSE(NodeOf(fourth).drained_for_gpu_fault());
+  EXPECT_TRUE(NodeOf(fourth).drain_reason().starts_with("drained with llamactl drain: bad fan; before that: " +
+                                                         fourth_why + " under job " + next.id()))
+      << NodeOf(fourth).drain_reason();
+  // 30% of ten: up to three nodes (one is counted now: fifth); the third one past it is
+  // refused.
   max_fault_drained_percent_ = 30;
   Reopen();
   for (int i = 0; i < 10; ++i) AddNode(fmt::format("n{}", i));
   const auto [sixth, sixth_why] = GpuFailsUnder(next, 3, 10);
   EXPECT_EQ(NodeOf(sixth).state(), pb::NODE_STATE_DRAINING);
   EXPECT_TRUE(SaidOf(next, sixth_why + " on node " + sixth + ", which is drained"));
+  const auto [seventh, seventh_why] = GpuFailsUnder(next, 4, 15);
+  EXPECT_EQ(NodeOf(seventh).state(), pb::NODE_STATE_DRAINING);
+  const auto [eighth, eighth_why] = GpuFailsUnder(next, 5, 20);
+  EXPECT_EQ(NodeOf(eighth).state(), pb::NODE_STATE_READY);
+  EXPECT_TRUE(SaidOf(next, eighth_why + " on node " + eighth + ", which is not drained: 3 of the 10 known nodes " +
+                               "are drained for GPU faults already, and GPU faults drain at most 3 " +
+                               "(max_fault_drained_percent 30, at least one)"));
   // 0: none.
   max_fault_drained_percent_ = 0;
   Reopen();
@@ -555,6 +574,37 @@ TEST_F(SchedulerTest, GpuFaultsDrainAtMostAFewNodes) {
   EXPECT_EQ(NodeOf(last).drain_reason(), "");
   EXPECT_TRUE(SaidOf(job, last_why + " on node " + last +
                               ", which is not drained: GPU faults drain no node here (max_fault_drained_percent 0)"));
+  // Out of range: the scheduler does not open.
+  SchedulerOptions options;
+  options.data_dir = dir_.string();
+  options.max_fault_drained_percent = -1;
+  EXPECT_NE(Scheduler::Open(options, &clock_).status().message().find("max_fault_drained_percent -1"),
+            std::string::npos);
+}
+
+TEST_F(SchedulerTest, NodesAnEarlierVersionDrainedForAGpuFaultCount) {
+  for (int i = 0; i < 10; ++i) AddNode(fmt::format("n{}", i));
+  pb::Job job = Submit(1, 0, /*checkpoints=*/true);
+  const auto [first, first_why] = GpuFailsUnder(job, 1, 0);
+  // Its record as an earlier version wrote it: the reason, without the mark.
+  scheduler_.reset();
+  {
+    rocksdb::DB* raw = nullptr;
+    ASSERT_TRUE(rocksdb::DB::Open(rocksdb::Options(), (dir_ / "state").string(), &raw).ok());
+    std::unique_ptr<rocksdb::DB> db(raw);
+    std::string value;
+    ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), "node/" + first, &value).ok());
+    pb::NodeInfo node;
+    ASSERT_TRUE(node.ParseFromString(value));
+    ASSERT_TRUE(node.drained_for_gpu_fault());
+    node.clear_drained_for_gpu_fault();
+    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), "node/" + first, node.SerializeAsString()).ok());
+  }
+  Reopen();
+  EXPECT_TRUE(NodeOf(first).drained_for_gpu_fault());
+  for (int i = 0; i < 10; ++i) AddNode(fmt::format("n{}", i));
+  const auto [second, second_why] = GpuFailsUnder(job, 2, 5);
+  EXPECT_EQ(NodeOf(second).drain_reason(), "");
 }
 
 TEST_F(SchedulerTest, DrainingNowMovesTheJobsAndTheirRanksSaveFirst) {
