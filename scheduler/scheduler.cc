@@ -700,6 +700,7 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
     if (auto node = nodes_.find(node_id); node != nodes_.end()) {
       if (std::string refusal = FaultDrainRefusalLocked(node->second); !refusal.empty()) {
         node_fate = "which is not drained: " + refusal;
+        job_runtime_[report.job_id()].undrained_fault_nodes.insert(node_id);
         std::fprintf(stderr, "llamad scheduler: %s under job %s on node %s, %s\n", gpu_failure.c_str(),
                      report.job_id().c_str(), node_id.c_str(), node_fate.c_str());
       } else {
@@ -1104,6 +1105,9 @@ void Scheduler::PlaceJobsLocked(int64_t now) {
       for (const auto& [id, devices] : free) {
         if (devices >= r.devices_per_node()) fit.push_back(id);
       }
+      // Nodes whose GPU failed under this job and stayed in service go last.
+      const std::set<std::string>& suspect = job_runtime_[job->id()].undrained_fault_nodes;
+      std::stable_partition(fit.begin(), fit.end(), [&](const std::string& id) { return !suspect.contains(id); });
       // A first start takes the requested size; a restart after a lost node may shrink
       // to min_nodes (the global batch stays; accumulation absorbs the difference).
       const int32_t need = job->generation() == 0 ? r.nodes() : r.min_nodes();

@@ -55,7 +55,7 @@ struct SchedulerOptions {
   int gpu_fault_restarts = 1;
   // GPU faults drain at most this percent of the known nodes (lost ones included), and
   // at least one node; 0: they drain none. A fault past the limit leaves its node in
-  // service (jobs may be placed there again) and restarts (or fails) the job as below:
+  // service (that job takes it last) and restarts (or fails) the job as below:
   // many nodes faulting at once are more likely a shared cause (a driver, a build, a job)
   // than as many broken GPUs, and draining them all would leave nothing to run on.
   // Operators' drains do not count, and one of a fault-drained node takes it over.
@@ -173,6 +173,9 @@ class Scheduler {
     int64_t first_log_seq = 1;  // the oldest line still stored
     std::map<int32_t, std::deque<std::string>> recent_stderr;  // per rank, for failures
     std::string requeue_cause;  // why a running job went back to the queue (kept in its reason)
+    // Nodes where a GPU failed under the job and that max_fault_drained_percent left in
+    // service: its placements take them last.
+    std::set<std::string> undrained_fault_nodes;
     std::optional<bool> saves_checkpoints;  // from its spec, read once
   };
 

@@ -517,6 +517,9 @@ TEST_F(SchedulerTest, GpuFaultsDrainAtMostAFewNodes) {
                               ", which is not drained: 1 of the 10 known nodes are drained for GPU faults "
                               "already, and GPU faults drain at most 1 (max_fault_drained_percent 10, at least one)"));
   EXPECT_EQ(Get(job.id()).state(), pb::JOB_STATE_RUNNING) << Get(job.id()).reason();
+  // Its next generation goes elsewhere (the first node in order would be that one).
+  EXPECT_EQ(second, "n1");
+  EXPECT_EQ(Get(job.id()).placement(0).node_id(), "n2");
   // A third fault without progress fails the job, and still drains nothing.
   const auto [third, third_why] = GpuFailsUnder(job, 3, 0);
   EXPECT_EQ(NodeOf(third).drain_reason(), "");
