@@ -683,10 +683,15 @@ void Backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* out, const
   };
   // Two stages fit every sm_80+ GPU's shared memory below head dim 128; at 128 they need
   // 103 KiB, more than sm_86/sm_89 (RTX 30/40, A10, L4, L40) give a block.
-  if constexpr (DkvSharedBytes<D>(2) <= kSmallestSharedMemoryLimit) {
+  if (a.backward_stages == 1) {
+    launch(std::integral_constant<int, 1>{});
+  } else if (DkvSharedBytes<D>(2) <= kSmallestSharedMemoryLimit) {
     launch(std::integral_constant<int, 2>{});
   } else if (DkvSharedBytes<D>(2) <= SharedMemoryLimit()) {
     launch(std::integral_constant<int, 2>{});
+  } else if (a.backward_stages == 2) {
+    Fail("attention: two backward stages do not fit this GPU's shared memory at head dim 128", __FILE__,
+         __LINE__);
   } else {
     launch(std::integral_constant<int, 1>{});
   }

@@ -852,10 +852,10 @@ class CudaBackend final : public Backend {
 
   static const bf16* B(const void* p) { return static_cast<const bf16*>(p); }
   static float* F(void* p) { return static_cast<float*>(p); }
-  static AttentionArgs Args(const AttentionShape& s) {
+  AttentionArgs Args(const AttentionShape& s) const {
     if (!AttentionSupportsHeadDim(s.head_dim))
       Fail(Cat("attention: head_dim ", s.head_dim, " (the CUDA kernels take 32, 64 or 128)").c_str(), __FILE__, __LINE__);
-    return {s.batch, s.seq, s.heads, s.kv_heads, s.head_dim};
+    return {s.batch, s.seq, s.heads, s.kv_heads, s.head_dim, options_.attention_backward_stages};
   }
 
   // The element type of the allocation holding [p, p + n elements).

@@ -25,6 +25,9 @@ struct CudaBackendOptions {
   CudaAttention attention = CudaAttention::kAuto;
   // The fused LM head holds at most this many f32 logits (plus as many bf16 gradients).
   size_t lm_head_chunk_elements = size_t{64} << 20;
+  // AttentionArgs::backward_stages of the own kernels: 0 as many as fit; 1 runs, on any
+  // GPU, the path that GPUs with less shared memory take (for tests).
+  int attention_backward_stages = 0;
 };
 
 // Whether this binary was built with the CUDA backend.
