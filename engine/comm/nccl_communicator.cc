@@ -14,6 +14,7 @@
 #include "backend/cuda/cuda_backend_impl.h"
 #include "comm/device_collectives.h"
 #include "core/exit_codes.h"
+#include "core/exit_unless_done.h"
 #include "core/strings.h"
 
 #ifdef LLAMAD_WITH_NCCL
@@ -138,9 +139,18 @@ static_assert(ncclRemoteError == 6 && ncclInProgress == 7);
 // the job or a lost peer.
 void ExitIfTheGpuFailed(ncclResult_t result, cudaStream_t stream) {
   if (result == ncclSuccess || result == ncclInProgress) return;
-  const cudaError_t probe = cudaStreamQuery(stream);
-  cuda::ExitOnDeviceFault(probe, "an NCCL collective");
-  if (probe != cudaSuccess) (void)cudaGetLastError();  // not a fault: kept from the backend's launch checks
+  cuda::ExitOnDeviceFault(cudaStreamQuery(stream), "an NCCL collective");
+  // What is left, the probe's error or one of NCCL's own CUDA calls on this thread, is no
+  // fault and is reported with NCCL's error: cleared, so that the backend's next launch
+  // check does not take it for its own.
+  cuda::ExitOnDeviceFault(cudaGetLastError(), "an NCCL collective");
+}
+
+// The exit status of a rank whose communicator failed with `why` where the process has
+// to end at once (the abort cannot run or does not return): a lost peer for ABORTED,
+// as the watchdog's and NCCL's classification say; this rank's failure otherwise.
+int ExitCodeOf(const absl::Status& why) {
+  return why.code() == absl::StatusCode::kAborted ? kExitPeerLost : kExitFailure;
 }
 
 absl::Status NcclFailure(ncclResult_t result, std::string message) {
@@ -233,7 +243,8 @@ class NcclCollectives final : public DeviceCollectives {
       if (drained && error_.ok() && Settle(api_->CommFinalize(comm_), kFinalizeLimit).ok()) {
         api_->CommDestroy(comm_);
       } else {
-        api_->CommAbort(comm_);
+        AbortWithin(comm_, error_.ok() ? absl::InternalError("NCCL: the communicator could not be finalized at the end")
+                                       : error_);
       }
       comm_ = nullptr;
     }
@@ -350,6 +361,7 @@ class NcclCollectives final : public DeviceCollectives {
     cudaEvent_t ready, start, done;
     uint64_t ticket = 0;     // a collective's (last_ticket)
     bool done_lent = false;  // a collective's done event belongs to a JoinCollective's entry
+    bool seen_started = false;  // the watchdog saw `start` complete (at the front)
   };
 
   NcclCollectives(const NcclApi* api, int device, cudaStream_t compute, std::chrono::milliseconds timeout)
@@ -362,24 +374,29 @@ class NcclCollectives final : public DeviceCollectives {
   absl::Status Init(const ncclUniqueId& id, int rank, int world, std::chrono::milliseconds limit) {
     // Non-blocking: set-up (and a first collective's connections) return at once and are
     // polled, so that a rank that never joins fails the others after the limit.
+    // NCCL_COMM_BLOCKING=1 would override that, and calls without a bound would hold a
+    // rank whose peer is gone (and set-up, before the watchdog exists) forever.
+    if (const char* blocking = std::getenv("NCCL_COMM_BLOCKING"); blocking != nullptr && std::atoi(blocking) != 0) {
+      return absl::UnavailableError(
+          StrCat("NCCL: NCCL_COMM_BLOCKING=", blocking, " is set: llama-train needs NCCL's non-blocking calls to "
+                 "bound them by the collective timeout; unset it"));
+    }
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
     std::lock_guard calls(calls_mu_);
     const ncclResult_t started = api_->CommInitRankConfig(&comm_, world, id, rank, &config);
+    absl::Status joined;
     if (started != ncclSuccess && started != ncclInProgress) {
-      // NCCL may have made a handle before it failed: the destructor must not finalize it.
-      if (comm_ != nullptr) api_->CommAbort(comm_);
-      comm_ = nullptr;
-      return absl::UnavailableError(StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
-                                           api_->GetErrorString(started)));
+      joined = absl::UnavailableError(StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
+                                             api_->GetErrorString(started)));
+    } else if (auto s = Settle(started, limit); !s.ok()) {
+      joined = absl::UnavailableError(StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
+                                             s.message()));
     }
-    if (auto s = Settle(started, limit); !s.ok()) {
-      if (comm_ != nullptr) api_->CommAbort(comm_);
-      comm_ = nullptr;
-      return absl::UnavailableError(StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
-                                           s.message()));
-    }
-    return absl::OkStatus();
+    // NCCL may have made a handle before it failed: the destructor must not finalize it.
+    if (!joined.ok() && comm_ != nullptr) AbortWithin(comm_, joined);
+    if (!joined.ok()) comm_ = nullptr;
+    return joined;
   }
 
   // Waits until the communicator has taken the last call (non-blocking communicators
@@ -391,7 +408,11 @@ class NcclCollectives final : public DeviceCollectives {
         return absl::AbortedError(StrCat("no answer from the other ranks within ", limit.count() / 1000, " s"));
       }
       std::this_thread::sleep_for(std::chrono::microseconds(50));
-      if (api_->CommGetAsyncError(comm_, &result) != ncclSuccess) break;
+      // A poll that fails is this rank's failure, not a call left unanswered.
+      if (const ncclResult_t polled = api_->CommGetAsyncError(comm_, &result); polled != ncclSuccess) {
+        result = polled;
+        break;
+      }
     }
     if (result == ncclSuccess) return absl::OkStatus();
     ExitIfTheGpuFailed(result, stream_);
@@ -449,13 +470,25 @@ class NcclCollectives final : public DeviceCollectives {
   // take long, and the watchdog and error() must not wait for it.
   void AbortHoldingCalls(absl::Status why) {
     ncclComm_t comm = nullptr;
+    absl::Status cause;
     {
       std::lock_guard lock(mu_);
       if (error_.ok()) error_ = std::move(why);
+      cause = error_;
       std::swap(comm, comm_);
     }
     idle_.notify_all();
-    if (comm != nullptr) api_->CommAbort(comm);
+    if (comm != nullptr) AbortWithin(comm, std::move(cause));
+  }
+
+  // ncclCommAbort(comm), ending the process with `why` if it does not return in time.
+  // The abort waits for the NCCL stream, which waits for the backend's stream: where the
+  // backend's own work hangs, or NCCL does, it would hold the rank forever, and with it
+  // every peer.
+  void AbortWithin(ncclComm_t comm, const absl::Status& why) {
+    ExitUnlessDoneWithin guard(kAbortLimit, ExitCodeOf(why),
+                               StrCat(why.message(), "; aborting the NCCL communicator on GPU ", device_));
+    api_->CommAbort(comm);
   }
 
   void Track(Pending p) {
@@ -553,35 +586,57 @@ class NcclCollectives final : public DeviceCollectives {
     while (!stop_) {
       const bool running = RetireLocked();
       if (comm_ != nullptr) {
+        // NCCL's calls on one communicator must not overlap, and on a non-blocking one
+        // even ncclCommGetAsyncError completes work that a call left (a group's
+        // connections): the watchdog asks only while no call is in progress. Taking
+        // calls_mu_ while holding mu_ is the reverse of the calls' order, hence try_lock.
+        std::unique_lock calls(calls_mu_, std::try_to_lock);
         absl::Status why;
         ncclResult_t async = ncclSuccess;
-        if (api_->CommGetAsyncError(comm_, &async) == ncclSuccess && async != ncclSuccess && async != ncclInProgress) {
+        if (calls.owns_lock() && api_->CommGetAsyncError(comm_, &async) == ncclSuccess && async != ncclSuccess &&
+            async != ncclInProgress) {
           ExitIfTheGpuFailed(async, stream_);
           const absl::StatusCode code = NcclFailureCode(async);
           why = absl::Status(code, StrCat("NCCL on GPU ", device_, ": ", ErrorText(async),
                                           code == absl::StatusCode::kAborted ? ": a rank stopped or lost its connection"
                                                                              : ""));
-        } else if (running && std::chrono::steady_clock::now() - front_since_ > timeout_) {
-          // Where the collective has started, this rank waits for its peers: a lost peer.
-          // Where it has not, this rank's own stream never got there (a kernel of its own
-          // hangs): its failure, or every rank would exit as a lost peer and the job
-          // restart into the same hang.
-          const Pending& front = pending_.front();
-          const bool started = front.start != nullptr && cudaEventQuery(front.start) == cudaSuccess;
-          if (!started) (void)cudaGetLastError();
-          why = started ? absl::AbortedError(StrCat("a collective on GPU ", device_, " made no progress for ",
-                                                    timeout_.count() / 1000, " s: a peer rank stopped or hangs"))
-                        : absl::InternalError(StrCat("GPU ", device_, " did not reach a collective for ",
-                                                     timeout_.count() / 1000, " s: this rank's own work hangs"));
+        } else if (running) {
+          const auto now = std::chrono::steady_clock::now();
+          Pending& front = pending_.front();
+          // A collective's time runs from its start: one that waited long for the
+          // backend (beside the backward) still gets the whole timeout for its peers.
+          if (!front.seen_started && front.start != nullptr) {
+            if (cudaEventQuery(front.start) == cudaSuccess) {
+              front.seen_started = true;
+              front_since_ = now;
+            } else {
+              (void)cudaGetLastError();
+            }
+          }
+          if (now - front_since_ > timeout_) {
+            // Where the collective has started, this rank waits for its peers: a lost
+            // peer. Where it has not, this rank's own stream never got there (a kernel of
+            // its own hangs): its failure, or every rank would exit as a lost peer and the
+            // job restart into the same hang. The abort would wait for that stream too,
+            // forever, so the process ends here.
+            if (!front.seen_started) {
+              std::fprintf(stderr, "llama-train: GPU %d did not reach a collective for %lld s: this rank's own work "
+                           "hangs; exiting\n", device_, static_cast<long long>(timeout_.count() / 1000));
+              std::fflush(stderr);
+              std::_Exit(kExitFailure);
+            }
+            why = absl::AbortedError(StrCat("a collective on GPU ", device_, " made no progress for ",
+                                            timeout_.count() / 1000, " s: a peer rank stopped or hangs"));
+          }
         }
-        // Aborting needs the calls lock: a call in progress finishes first (Settle bounds
-        // it by the timeout too), and is tried again on the next round.
         if (why.ok()) {
           abort_blocked_since = {};
-        } else if (calls_mu_.try_lock()) {
+        } else if (calls.owns_lock()) {
+          // Aborting needs the calls lock: a call in progress finishes first (Settle
+          // bounds it by the timeout too), and is tried again on the next round.
           lock.unlock();
           AbortHoldingCalls(std::move(why));
-          calls_mu_.unlock();
+          calls.unlock();
           lock.lock();
         } else {
           const auto now = std::chrono::steady_clock::now();
@@ -589,8 +644,9 @@ class NcclCollectives final : public DeviceCollectives {
           // A call that holds the lock past its own bound is stuck where Settle cannot
           // end it: in a launch that waits for the GPU, whose queue the stalled NCCL
           // kernels fill. Only an abort would free it, and NCCL's calls on one
-          // communicator must not overlap, so the process ends, as a rank whose peer
-          // was lost: its supervisor (the launcher, llamad) acts on the exit.
+          // communicator must not overlap, so the process ends, with the exit the
+          // abort's cause would have given: its supervisor (the launcher, llamad) acts
+          // on it.
           if (now - abort_blocked_since > timeout_ + kStuckCallGrace) {
             std::fprintf(stderr, "llama-train: %s; an NCCL call on GPU %d has not returned for %lld s, so the "
                          "communicator cannot be aborted: exiting\n",
@@ -598,7 +654,7 @@ class NcclCollectives final : public DeviceCollectives {
                          static_cast<long long>(std::chrono::duration_cast<std::chrono::seconds>(
                                                     now - abort_blocked_since).count()));
             std::fflush(stderr);
-            std::_Exit(kExitPeerLost);
+            std::_Exit(ExitCodeOf(why));
           }
         }
       }
@@ -609,6 +665,9 @@ class NcclCollectives final : public DeviceCollectives {
   // How much longer than the timeout a call may hold calls_mu_ while the watchdog waits
   // to abort, before the call counts as stuck.
   static constexpr std::chrono::seconds kStuckCallGrace{30};
+  // How long an abort may take: it returns once the backend's queued work reaches the
+  // collectives it ordered (a step's remaining kernels at most).
+  static constexpr std::chrono::seconds kAbortLimit{60};
 
   const NcclApi* api_;
   const int device_;

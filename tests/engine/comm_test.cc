@@ -18,6 +18,8 @@
 #include "comm/backend_collectives.h"
 #include "comm/communicator.h"
 #include "comm/nccl_communicator.h"
+#include "core/exit_codes.h"
+#include "core/exit_unless_done.h"
 
 namespace llamad {
 namespace {
@@ -218,6 +220,25 @@ TEST(CommTest, NcclFailuresOfAPeerAreALostPeer) {
   for (int own : {kUnhandledCudaError, kSystemError, kInternalError, kInvalidArgument, kInvalidUsage}) {
     EXPECT_EQ(NcclFailureCode(own), absl::StatusCode::kInternal) << "ncclResult_t " << own;
   }
+}
+
+// The last resort around an NCCL abort that would never return: the process ends with
+// the status given, past the limit and not before; a call that returns disarms it.
+TEST(CommTest, ACallThatNeverReturnsEndsTheProcessWithItsStatus) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        ExitUnlessDoneWithin guard(std::chrono::milliseconds(200), kExitPeerLost, "a collective made no progress");
+        std::this_thread::sleep_for(std::chrono::seconds(30));
+      },
+      ::testing::ExitedWithCode(kExitPeerLost), "llama-train: a collective made no progress \\(not done in 0.2 s\\)");
+  const auto start = std::chrono::steady_clock::now();
+  {
+    ExitUnlessDoneWithin guard(std::chrono::seconds(30), kExitPeerLost, "never printed");
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  // Disarmed: the guard's thread ended with it, long before its limit.
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
 }
 
 }  // namespace

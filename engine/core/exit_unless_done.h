@@ -1,0 +1,48 @@
+// A last resort around a call that may never return (ncclCommAbort waits for GPU work
+// that may hang): the process ends with a given status unless the guard is destroyed
+// within its limit. For where nothing else can end the wait: the caller holds what any
+// other way out would need.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <thread>
+
+namespace llamad {
+
+class ExitUnlessDoneWithin {
+ public:
+  // Past `limit`, prints "llama-train: <message> (not done in <limit> s): exiting" and
+  // ends the process with `exit_code` (no destructors run: other threads may hold locks).
+  ExitUnlessDoneWithin(std::chrono::milliseconds limit, int exit_code, std::string message)
+      : thread_([this, limit, exit_code, message = std::move(message)] {
+          std::unique_lock lock(mu_);
+          if (done_cv_.wait_for(lock, limit, [&] { return done_; })) return;
+          std::fprintf(stderr, "llama-train: %s (not done in %.1f s): exiting\n", message.c_str(),
+                       std::chrono::duration<double>(limit).count());
+          std::fflush(stderr);
+          std::_Exit(exit_code);
+        }) {}
+  ExitUnlessDoneWithin(const ExitUnlessDoneWithin&) = delete;
+  ExitUnlessDoneWithin& operator=(const ExitUnlessDoneWithin&) = delete;
+  ~ExitUnlessDoneWithin() {
+    {
+      std::lock_guard lock(mu_);
+      done_ = true;
+    }
+    done_cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable done_cv_;
+  bool done_ = false;
+  std::thread thread_;  // last: it starts once the members above exist
+};
+
+}  // namespace llamad
