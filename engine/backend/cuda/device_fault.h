@@ -14,7 +14,8 @@ namespace llamad::cuda {
 // Errors CUDA gives for a broken or vanished device, which no kernel bug produces: an
 // uncorrectable ECC or NVLink error, a device that is gone, a GPU fabric that is not
 // ready. Errors a bug can also give ("unspecified launch failure", an illegal address,
-// "unknown error") are not among them: they fail the job, where draining nodes for them
+// "unknown error", and cudaErrorContained, which an invalid access of a peer GPU's memory
+// over NVLink gives too) are not among them: they fail the job, where draining nodes for them
 // could take a whole cluster out of service one node at a time. Nor are a busy device
 // (cudaErrorDevicesUnavailable: exclusive mode, another process's work) and a driver
 // that cannot start (cudaErrorInitializationError: device files a container lacks, say),
