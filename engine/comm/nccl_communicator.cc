@@ -375,7 +375,10 @@ class NcclCollectives final : public DeviceCollectives {
     // Non-blocking: set-up (and a first collective's connections) return at once and are
     // polled, so that a rank that never joins fails the others after the limit.
     // NCCL_COMM_BLOCKING=1 would override that, and calls without a bound would hold a
-    // rank whose peer is gone (and set-up, before the watchdog exists) forever.
+    // rank whose peer is gone (and set-up, before the watchdog exists) forever. (Set in
+    // NCCL's config file instead, it reaches the environment only in NCCL's own set-up:
+    // rank 0's, which made the id, has run; where ranks then disagree, the others fail
+    // to join after kInitLimit, and all of them fall back together.)
     if (const char* blocking = std::getenv("NCCL_COMM_BLOCKING"); blocking != nullptr && std::atoi(blocking) != 0) {
       return absl::UnavailableError(
           StrCat("NCCL: NCCL_COMM_BLOCKING=", blocking, " is set: llama-train needs NCCL's non-blocking calls to "
@@ -486,7 +489,7 @@ class NcclCollectives final : public DeviceCollectives {
   // backend's own work hangs, or NCCL does, it would hold the rank forever, and with it
   // every peer.
   void AbortWithin(ncclComm_t comm, const absl::Status& why) {
-    ExitUnlessDoneWithin guard(kAbortLimit, ExitCodeOf(why),
+    ExitUnlessDoneWithin guard(std::max<std::chrono::milliseconds>(kAbortLimit, timeout()), ExitCodeOf(why),
                                StrCat(why.message(), "; aborting the NCCL communicator on GPU ", device_));
     api_->CommAbort(comm);
   }
@@ -552,9 +555,11 @@ class NcclCollectives final : public DeviceCollectives {
         if (error_.ok()) error_ = CudaError(done, "a collective");
         break;
       }
-      // A Join's ready is on the backend's stream, which may not have got there yet.
+      // A Join's ready is on the backend's stream, which may not have got there yet: still
+      // running, so that the watchdog's timeout sees a backend that never gets there.
       if (p.kind == Pending::kJoin && cudaEventQuery(p.ready) == cudaErrorNotReady) {
         (void)cudaGetLastError();
+        running = true;
         break;
       }
       auto seconds = [](cudaEvent_t from, cudaEvent_t to) {
@@ -615,13 +620,16 @@ class NcclCollectives final : public DeviceCollectives {
           }
           if (now - front_since_ > timeout_) {
             // Where the collective has started, this rank waits for its peers: a lost
-            // peer. Where it has not, this rank's own stream never got there (a kernel of
-            // its own hangs): its failure, or every rank would exit as a lost peer and the
-            // job restart into the same hang. The abort would wait for that stream too,
-            // forever, so the process ends here.
+            // peer. Where it has not (nor the backend a Join), this rank's own stream never
+            // got there (a kernel of its own hangs, or its work between two collectives
+            // takes longer than the timeout, which the timeout's contract rules out): its
+            // failure, or every rank would exit as a lost peer and the job restart into
+            // the same hang. The abort would wait for that stream too, forever, so the
+            // process ends here.
             if (!front.seen_started) {
               std::fprintf(stderr, "llama-train: GPU %d did not reach a collective for %lld s: this rank's own work "
-                           "hangs; exiting\n", device_, static_cast<long long>(timeout_.count() / 1000));
+                           "hangs, or takes longer than parallel.collective_timeout_s; exiting\n", device_,
+                           static_cast<long long>(timeout_.count() / 1000));
               std::fflush(stderr);
               std::_Exit(kExitFailure);
             }
@@ -665,8 +673,9 @@ class NcclCollectives final : public DeviceCollectives {
   // How much longer than the timeout a call may hold calls_mu_ while the watchdog waits
   // to abort, before the call counts as stuck.
   static constexpr std::chrono::seconds kStuckCallGrace{30};
-  // How long an abort may take: it returns once the backend's queued work reaches the
-  // collectives it ordered (a step's remaining kernels at most).
+  // How long an abort may take at least (the collective timeout where that is longer): it
+  // returns once the backend's queued work reaches the collectives it ordered, a step's
+  // remaining kernels at most, which the timeout's contract bounds.
   static constexpr std::chrono::seconds kAbortLimit{60};
 
   const NcclApi* api_;

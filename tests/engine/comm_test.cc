@@ -226,12 +226,14 @@ TEST(CommTest, NcclFailuresOfAPeerAreALostPeer) {
 // the status given, past the limit and not before; a call that returns disarms it.
 TEST(CommTest, ACallThatNeverReturnsEndsTheProcessWithItsStatus) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const auto fired = std::chrono::steady_clock::now();
   EXPECT_EXIT(
       {
         ExitUnlessDoneWithin guard(std::chrono::milliseconds(200), kExitPeerLost, "a collective made no progress");
         std::this_thread::sleep_for(std::chrono::seconds(30));
       },
       ::testing::ExitedWithCode(kExitPeerLost), "llama-train: a collective made no progress \\(not done in 0.2 s\\)");
+  EXPECT_GE(std::chrono::steady_clock::now() - fired, std::chrono::milliseconds(200));
   const auto start = std::chrono::steady_clock::now();
   {
     ExitUnlessDoneWithin guard(std::chrono::seconds(30), kExitPeerLost, "never printed");
