@@ -531,6 +531,15 @@ int main(int argc, char** argv) {
                   fmt::format("{}/{} used", n.devices_in_use(), n.devices()).c_str(),
                   Ago(n.last_heartbeat_unix_ms()).c_str(), n.drain_reason().c_str());
     }
+    if (response.gpu_fault_drained() > 0) {
+      std::printf("GPU faults drained %d node(s); they drain at most %d (max_fault_drained_percent %d)%s\n",
+                  response.gpu_fault_drained(), response.gpu_fault_drain_limit(),
+                  response.max_fault_drained_percent(),
+                  response.gpu_fault_drained() >= response.gpu_fault_drain_limit()
+                      ? ": a node whose GPU fails now stays in service; look into the faults, then undrain what is "
+                        "sound or drain what is not with llamactl drain"
+                      : "");
+    }
     return 0;
   }
   if (*drain || *undrain) {

@@ -556,19 +556,31 @@ absl::Status Scheduler::DrainNodeLocked(NodeRuntime& node, const std::string& re
   return absl::OkStatus();
 }
 
+Scheduler::FaultDrains Scheduler::GpuFaultDrains() {
+  std::lock_guard lock(mu_);
+  return GpuFaultDrainsLocked();
+}
+
+Scheduler::FaultDrains Scheduler::GpuFaultDrainsLocked() const {
+  FaultDrains f;
+  f.known = static_cast<int64_t>(nodes_.size());
+  const int percent = options_.max_fault_drained_percent;
+  f.limit = percent <= 0 ? 0 : std::max<int64_t>(1, f.known * percent / 100);
+  f.drained = std::count_if(nodes_.begin(), nodes_.end(),
+                            [](const auto& n) { return n.second.info.drained_for_gpu_fault(); });
+  return f;
+}
+
 std::string Scheduler::FaultDrainRefusalLocked(const NodeRuntime& node) const {
   if (!node.info.drain_reason().empty()) return "";  // out of service already: nothing more is lost
   const int percent = options_.max_fault_drained_percent;
   if (percent <= 0) return "GPU faults drain no node here (max_fault_drained_percent 0)";
-  const int64_t known = static_cast<int64_t>(nodes_.size());
-  const int64_t limit = std::max<int64_t>(1, known * percent / 100);
-  const int64_t drained = std::count_if(nodes_.begin(), nodes_.end(),
-                                        [](const auto& n) { return n.second.info.drained_for_gpu_fault(); });
-  if (drained < limit) return "";
+  const FaultDrains f = GpuFaultDrainsLocked();
+  if (f.drained < f.limit) return "";
   return fmt::format("{} of the {} known nodes are drained for GPU faults already, and GPU faults drain at most {} "
                      "(max_fault_drained_percent {}, at least one); many faults at once may share one cause, so "
                      "look into them, then undrain what is sound or drain what is not with llamactl drain",
-                     drained, known, limit, percent);
+                     f.drained, f.known, f.limit, percent);
 }
 
 absl::StatusOr<pb::NodeInfo> Scheduler::UndrainNode(const std::string& node_id) {

@@ -109,6 +109,13 @@ class Scheduler {
 
   // ---- nodes ----
   std::vector<pb::NodeInfo> ListNodes();
+  // GPU-fault drains against their limit (max_fault_drained_percent).
+  struct FaultDrains {
+    int64_t drained = 0;  // nodes drained for a GPU fault now
+    int64_t limit = 0;    // the most GPU faults drain (0: none)
+    int64_t known = 0;    // nodes the limit is a share of
+  };
+  FaultDrains GpuFaultDrains();
   // The node takes nothing new, and finishes what it runs or (move_jobs) restarts on other
   // nodes each job with a rank there, from the step its ranks stop after.
   // `reason`: the operator's words for llamactl nodes (at most kMaxDrainReason bytes). A
@@ -193,6 +200,7 @@ class Scheduler {
   // Why a GPU fault on `node` leaves it in service (max_fault_drained_percent), or "" when
   // the fault drains it.
   std::string FaultDrainRefusalLocked(const NodeRuntime& node) const;
+  FaultDrains GpuFaultDrainsLocked() const;
   // While group_ is set, the two above add to it instead of writing; this writes it
   // (synced) and clears group_.
   absl::Status CommitGroupLocked(rocksdb::WriteBatch& group);

@@ -102,6 +102,10 @@ class SchedulerServer::SchedulerService final : public pb::Scheduler::Service {
   grpc::Status ListNodes(grpc::ServerContext* c, const pb::ListNodesRequest*, pb::ListNodesResponse* resp) override {
     return Authorized(c, token_, [&] {
       for (pb::NodeInfo& node : s_->ListNodes()) *resp->add_nodes() = std::move(node);
+      const Scheduler::FaultDrains drains = s_->GpuFaultDrains();
+      resp->set_gpu_fault_drained(static_cast<int32_t>(drains.drained));
+      resp->set_gpu_fault_drain_limit(static_cast<int32_t>(drains.limit));
+      resp->set_max_fault_drained_percent(s_->options().max_fault_drained_percent);
       return absl::OkStatus();
     });
   }

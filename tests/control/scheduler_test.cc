@@ -500,8 +500,11 @@ TEST_F(SchedulerTest, GpuFaultsDrainAtMostAFewNodes) {
   for (int i = 0; i < 10; ++i) AddNode(fmt::format("n{}", i));
   pb::Job job = Submit(1, 0, /*checkpoints=*/true);
   // 10% of 10 nodes: the first fault drains its node.
+  EXPECT_EQ(scheduler_->GpuFaultDrains().limit, 1);
+  EXPECT_EQ(scheduler_->GpuFaultDrains().drained, 0);
   const auto [first, first_why] = GpuFailsUnder(job, 1, 0);
   EXPECT_EQ(NodeOf(first).state(), pb::NODE_STATE_DRAINING);
+  EXPECT_EQ(scheduler_->GpuFaultDrains().drained, 1);
   // The count survives a restart of the scheduler; operators' drains do not count.
   Reopen();
   for (int i = 0; i < 10; ++i) AddNode(fmt::format("n{}", i));
@@ -565,6 +568,9 @@ TEST_F(SchedulerTest, GpuFaultsDrainAtMostAFewNodes) {
   EXPECT_EQ(NodeOf(seventh).state(), pb::NODE_STATE_DRAINING);
   const auto [eighth, eighth_why] = GpuFailsUnder(next, 5, 20);
   EXPECT_EQ(NodeOf(eighth).state(), pb::NODE_STATE_READY);
+  EXPECT_EQ(scheduler_->GpuFaultDrains().drained, 3);
+  EXPECT_EQ(scheduler_->GpuFaultDrains().limit, 3);
+  EXPECT_EQ(scheduler_->GpuFaultDrains().known, 10);
   EXPECT_TRUE(SaidOf(next, eighth_why + " on node " + eighth + ", which is not drained: 3 of the 10 known nodes " +
                                "are drained for GPU faults already, and GPU faults drain at most 3 " +
                                "(max_fault_drained_percent 30, at least one)"));
@@ -572,6 +578,7 @@ TEST_F(SchedulerTest, GpuFaultsDrainAtMostAFewNodes) {
   max_fault_drained_percent_ = 0;
   Reopen();
   for (int i = 0; i < 10; ++i) AddNode(fmt::format("n{}", i));
+  EXPECT_EQ(scheduler_->GpuFaultDrains().limit, 0);
   ASSERT_TRUE(scheduler_->ResumeJob(job.id()).ok());
   const auto [last, last_why] = GpuFailsUnder(job, 4, 0);
   EXPECT_EQ(NodeOf(last).drain_reason(), "");
