@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -468,8 +469,14 @@ class CudaBackend final : public Backend {
     return p;
   }
   void PinHostMemory(void* host, size_t bytes) override {
-    if (cudaHostRegister(host, bytes, cudaHostRegisterDefault) != cudaSuccess) {
+    if (const cudaError_t err = cudaHostRegister(host, bytes, cudaHostRegisterDefault); err != cudaSuccess) {
       (void)cudaGetLastError();  // stays pageable: slower copies, same results
+      // Said once: the copies of that memory no longer overlap the GPU's work.
+      static std::once_flag said;
+      std::call_once(said, [&] {
+        std::fprintf(stderr, "llama-train: pinning %zu bytes of host memory failed (%s); copies of it stay "
+                     "pageable and do not overlap the GPU's work\n", bytes, cudaGetErrorString(err));
+      });
     }
   }
   void UnpinHostMemory(void* host) override {
@@ -491,7 +498,9 @@ class CudaBackend final : public Backend {
   size_t peak_allocated_bytes() const override { return peak_; }
   size_t device_memory_bytes() const override {
     size_t free_bytes = 0, total = 0;
-    return cudaMemGetInfo(&free_bytes, &total) == cudaSuccess ? free_bytes : 0;
+    if (cudaMemGetInfo(&free_bytes, &total) == cudaSuccess) return free_bytes;
+    (void)cudaGetLastError();  // answered with 0: the next launch check must not see it
+    return 0;
   }
   void ResetPeak() override { peak_ = allocated_bytes(); }
   void Synchronize() override { LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
