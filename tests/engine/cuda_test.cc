@@ -351,11 +351,22 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(s.head_dim);
     });
 
-// The own backward with one cp.async stage, as GPUs with 99 KiB of shared memory a block
-// (sm_86, sm_89, sm_120) run it at head dim 128: GPUs with more take two stages there.
-class CudaAttentionOneStageTest : public CudaTest {
+// The own kernels alone, where cuDNN would take the shape.
+class CudaOwnAttentionTest : public CudaTest {
  protected:
   CudaAttention AttentionKernels() const override { return CudaAttention::kLlamad; }
+};
+
+// More (sequence, head) pairs than a grid's y holds (65535): the kernels run in slices of
+// the batch, each from its own offsets.
+TEST_F(CudaOwnAttentionTest, BatchesPastTheGridLimitRunInSlices) {
+  CheckAttention(AttentionShape{1025, 9, 64, 1, 32});  // 65,600 pairs: slices of 1023 and 2 sequences
+}
+
+// The own backward with one cp.async stage, as GPUs with 99 KiB of shared memory a block
+// (sm_86, sm_89, sm_120) run it at head dim 128: GPUs with more take two stages there.
+class CudaAttentionOneStageTest : public CudaOwnAttentionTest {
+ protected:
   int AttentionBackwardStages() const override { return 1; }
 };
 

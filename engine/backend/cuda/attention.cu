@@ -20,6 +20,7 @@
 //   A 16x16: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
 //   B 16x8 : b0 (k 2t..2t+1, n g), b1 (k 2t+8..2t+9, n g)
 //   C 16x8 : c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 
@@ -655,14 +656,38 @@ void Launch(Kernel kernel, int tiles_bytes, dim3 grid, cudaStream_t stream, Args
   LLAMAD_CUDA_LAUNCHED();
 }
 
+// A grid's y holds (sequence, head) pairs, at most 65535 of them: a larger batch runs in
+// slices of whole sequences. `run(first, count, dims)` launches one slice, whose pointers
+// start `first` sequences in (SliceOffsets).
+constexpr int kMaxGridY = 65535;
+template <typename Run>
+void ForBatchSlices(const AttentionArgs& a, Run&& run) {
+  const int per_slice = std::max(1, kMaxGridY / a.heads);  // heads >= kv_heads: both kernels fit
+  for (int first = 0; first < a.batch; first += per_slice) {
+    AttentionArgs slice = a;
+    slice.batch = std::min(per_slice, a.batch - first);
+    run(first, slice.batch, MakeDims(slice));
+  }
+}
+// Element offsets of sequence `first` in qkv (and dqkv), in out (and dout), and in the
+// per-row statistics (lse, delta).
+struct SliceOffsets {
+  size_t qkv, out, rows;
+};
+SliceOffsets OffsetsOf(const Dims& d, int first) {
+  return {size_t(first) * d.T * d.qkv_stride, size_t(first) * d.T * d.out_stride, size_t(first) * d.H * d.T};
+}
+
 template <int D>
 void Forward(bf16* out, float* lse, const bf16* qkv, const AttentionArgs& a, cudaStream_t s) {
-  const Dims d = MakeDims(a);
   constexpr int kRows = kForwardRows;
   const int bytes = (kRows + 4 * kForwardKeys<D>) * Tile<D>::kBytesPerRow;
-  const dim3 grid((a.seq + kRows - 1) / kRows, a.batch * a.heads);
-  Launch(ForwardKernel<D>, bytes, grid, s, out, lse, qkv, d,
-            float(kLog2e / std::sqrt(double(D))));
+  ForBatchSlices(a, [&](int first, int count, const Dims& d) {
+    const SliceOffsets at = OffsetsOf(d, first);
+    const dim3 grid((a.seq + kRows - 1) / kRows, count * a.heads);
+    Launch(ForwardKernel<D>, bytes, grid, s, out + at.out, lse + at.rows, qkv + at.qkv, d,
+           float(kLog2e / std::sqrt(double(D))));
+  });
 }
 
 template <int D>
@@ -676,10 +701,14 @@ void Backward(bf16* dqkv, float* delta, const bf16* dout, const bf16* out, const
   const int tiles = (a.seq + kTile - 1) / kTile;
   auto launch = [&](auto stages) {
     constexpr int kStages = decltype(stages)::value;
-    Launch(BackwardDqKernel<D, kStages>, DqSharedBytes<D>(kStages), dim3(tiles, a.batch * a.heads), s, dqkv,
-           dout, lse, static_cast<const float*>(delta), qkv, d, scale);
-    Launch(BackwardDkvKernel<D, kStages>, DkvSharedBytes<D>(kStages), dim3(tiles, a.batch * a.kv_heads), s,
-           dqkv, dout, lse, static_cast<const float*>(delta), qkv, d, scale);
+    ForBatchSlices(a, [&](int first, int count, const Dims& sd) {
+      const SliceOffsets at = OffsetsOf(sd, first);
+      const float* slice_delta = delta + at.rows;
+      Launch(BackwardDqKernel<D, kStages>, DqSharedBytes<D>(kStages), dim3(tiles, count * a.heads), s,
+             dqkv + at.qkv, dout + at.out, lse + at.rows, slice_delta, qkv + at.qkv, sd, scale);
+      Launch(BackwardDkvKernel<D, kStages>, DkvSharedBytes<D>(kStages), dim3(tiles, count * a.kv_heads), s,
+             dqkv + at.qkv, dout + at.out, lse + at.rows, slice_delta, qkv + at.qkv, sd, scale);
+    });
   };
   // Two stages fit every sm_80+ GPU's shared memory below head dim 128; at 128 they need
   // 103 KiB, more than sm_86/sm_89 (RTX 30/40, A10, L4, L40) give a block.
