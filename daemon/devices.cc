@@ -3,6 +3,9 @@
 #include <dlfcn.h>
 #include <fmt/format.h>
 
+#include <cstdlib>
+#include <string_view>
+
 namespace llamad::daemon {
 namespace {
 
@@ -48,6 +51,30 @@ absl::StatusOr<Devices> ResolveDevices(const std::string& spec) {
     }
   }
   return Devices{kind, count};
+}
+
+std::string OwnCudaVisibleDevices() {
+  const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+  return visible != nullptr ? visible : "";
+}
+
+absl::StatusOr<RankGpu> RankGpuFor(const char* daemon_visible, int local_rank) {
+  if (daemon_visible == nullptr || *daemon_visible == '\0') {
+    return RankGpu{std::to_string(local_rank), "PCI_BUS_ID"};
+  }
+  // Comma-separated, as CUDA reads it (spaces around an entry are not part of it).
+  std::string_view rest = daemon_visible;
+  for (int entry = 0;; ++entry) {
+    const size_t comma = rest.find(',');
+    std::string_view item = rest.substr(0, comma);
+    while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+    while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
+    if (entry == local_rank && !item.empty()) return RankGpu{std::string(item), ""};
+    if (comma == std::string_view::npos) break;
+    rest.remove_prefix(comma + 1);
+  }
+  return absl::InvalidArgumentError(fmt::format(
+      "device {}: llamad's CUDA_VISIBLE_DEVICES='{}' names no GPU at that position", local_rank, daemon_visible));
 }
 
 }  // namespace llamad::daemon

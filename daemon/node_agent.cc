@@ -14,7 +14,9 @@
 #include <filesystem>
 #include <fstream>
 
+#include "core/exit_codes.h"
 #include "daemon/comm_address.h"
+#include "daemon/devices.h"
 #include "train/jobspec.h"
 
 namespace llamad::daemon {
@@ -43,6 +45,7 @@ struct NodeAgent::Worker {
   int exit_code = 0;
   int64_t kill_at_ms = 0;  // SIGKILL after this (0 = no stop requested)
   bool preempted = false;
+  std::string device;  // the GPU its CUDA_VISIBLE_DEVICES names ("" for a CPU rank)
 
   // Keeps a line: on disk always (bounded by rotation), and for the scheduler up to
   // `max_lines` (the oldest are dropped and counted).
@@ -156,6 +159,7 @@ absl::Status NodeAgent::HeartbeatOnce() {
       r->set_generation(w->order.generation());
       r->set_rank(w->order.rank());
       r->set_local_rank(w->order.local_rank());
+      r->set_device(w->device);
       r->set_state(w->exited ? pb::RANK_STATE_EXITED : pb::RANK_STATE_RUNNING);
       r->set_exit_code(w->exit_code);
       r->set_preempted(w->preempted);
@@ -316,9 +320,21 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
       {"LLAMAD_TLS_KEY", options_.tls.key}};
   if (options_.device_kind == "cuda") {
     // Device N is the Nth GPU by PCI address, as nvidia-smi numbers them (CUDA's default
-    // order puts the fastest first), so that "device N" in a drain reason names that GPU.
-    env.emplace_back("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
-    env.emplace_back("CUDA_VISIBLE_DEVICES", std::to_string(order.local_rank()));
+    // order puts the fastest first), so that "device N" in a drain reason names that GPU;
+    // or the Nth of the GPUs llamad's own CUDA_VISIBLE_DEVICES leaves it (RankGpuFor).
+    auto gpu = RankGpuFor(options_.cuda_visible_devices.c_str(), order.local_rank());
+    if (!gpu.ok()) {
+      w->exited = true;
+      w->exit_code = kExitFailure;
+      w->Keep(fmt::format("llamad: {}", std::string(gpu.status().message())), false, options_.forward_max_lines,
+              options_.log_max_bytes);
+      std::lock_guard lock(mu_);
+      workers_[key] = w;
+      return;
+    }
+    w->device = gpu->visible_devices;
+    if (!gpu->device_order.empty()) env.emplace_back("CUDA_DEVICE_ORDER", gpu->device_order);
+    env.emplace_back("CUDA_VISIBLE_DEVICES", gpu->visible_devices);
   }
 
   int out_pipe[2], err_pipe[2];

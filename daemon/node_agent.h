@@ -19,6 +19,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "daemon/devices.h"
 #include "llamad/v1/llamad.grpc.pb.h"
 #include "proto/rpc.h"
 
@@ -39,6 +40,9 @@ struct NodeAgentOptions {
   std::string worker_binary;          // llama-train
   std::string comm_host = "auto";     // where this node's ranks listen for their peers (auto: AutoCommHost)
   int worker_threads = 0;             // CPU threads per rank (0 = cores / devices)
+  // llamad's own CUDA_VISIBLE_DEVICES ("" where unset): the GPUs its ranks may take
+  // (RankGpuFor). OwnCudaVisibleDevices() reads it.
+  std::string cuda_visible_devices = OwnCudaVisibleDevices();
   int64_t stop_grace_ms = 10'000;     // SIGTERM, then SIGKILL after this long
   int64_t log_max_bytes = 64 << 20;   // per rank log file; the older half is rotated to .1
   size_t forward_max_lines = 5'000;   // lines buffered per rank between heartbeats

@@ -704,7 +704,8 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
   const bool gpu_failed = report.state() == pb::RANK_STATE_EXITED && report.exit_code() == kExitDeviceFault &&
                           !report.preempted();
   const std::string gpu_failure =
-      gpu_failed ? fmt::format("{}{} (device {}) failed", kGpuFaultDrainPrefix, report.rank(), report.local_rank())
+      gpu_failed ? fmt::format("{}{} (device {}) failed", kGpuFaultDrainPrefix, report.rank(),
+                               report.device().empty() ? std::to_string(report.local_rank()) : report.device())
                  : "";
   std::string node_fate;  // what became of the node, for the job's event
   if (gpu_failed) {

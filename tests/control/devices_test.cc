@@ -31,5 +31,30 @@ TEST(DevicesTest, SpecsResolveOrSayWhatIsWrong) {
   }
 }
 
+// A rank's GPU: its index in PCI order, or where llamad itself was given some of the
+// machine's GPUs, the entry of that list at the rank's position, under llamad's order.
+TEST(DevicesTest, RanksGetTheGpusLlamadWasGiven) {
+  for (const char* unset : {static_cast<const char*>(nullptr), ""}) {
+    auto gpu = RankGpuFor(unset, 3);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    EXPECT_EQ(gpu->visible_devices, "3");
+    EXPECT_EQ(gpu->device_order, "PCI_BUS_ID");
+  }
+  const char* kept = "2, 3,GPU-8f6a1c2e-0b1d-4e5f-9a7b-1c2d3e4f5a6b";
+  const std::pair<int, const char*> expected[] = {{0, "2"}, {1, "3"}, {2, "GPU-8f6a1c2e-0b1d-4e5f-9a7b-1c2d3e4f5a6b"}};
+  for (const auto& [local_rank, name] : expected) {
+    auto gpu = RankGpuFor(kept, local_rank);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    EXPECT_EQ(gpu->visible_devices, name) << local_rank;
+    EXPECT_EQ(gpu->device_order, "") << "llamad's own order counted the list";
+  }
+  for (const auto& [list, local_rank] : {std::pair{kept, 3}, std::pair{"0,,1", 1}, std::pair{"0", -1}}) {
+    auto gpu = RankGpuFor(list, local_rank);
+    ASSERT_FALSE(gpu.ok()) << list << " " << local_rank;
+    EXPECT_NE(gpu.status().message().find(std::string("CUDA_VISIBLE_DEVICES='") + list + "'"), std::string::npos)
+        << gpu.status();
+  }
+}
+
 }  // namespace
 }  // namespace llamad::daemon

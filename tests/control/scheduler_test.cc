@@ -483,6 +483,25 @@ TEST_F(SchedulerTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
   EXPECT_EQ(node_of("b").drain_reason(), "");
   Beat("b");
   EXPECT_EQ(node_of("b").state(), pb::NODE_STATE_READY);
+  // A rank that names its GPU (llamad's own CUDA_VISIBLE_DEVICES gave it) is reported by
+  // that name.
+  {
+    pb::Job named = Submit(1, 0, /*checkpoints=*/true);
+    ASSERT_EQ(Get(named.id()).placement_size(), 1) << Get(named.id()).reason();
+    const std::string node = Get(named.id()).placement(0).node_id();
+    pb::StartRank start;
+    const pb::HeartbeatResponse orders = Beat(node);
+    for (const pb::StartRank& s : orders.start()) {
+      if (s.job_id() == named.id()) start = s;
+    }
+    pb::RankReport failed = Report(start, pb::RANK_STATE_EXITED, kExitDeviceFault);
+    failed.set_device("GPU-8f6a1c2e");
+    Beat(node, {failed});
+    EXPECT_TRUE(SaidOf(named, "the GPU of rank 0 (device GPU-8f6a1c2e) failed on node " + node));
+    EXPECT_NE(node_of(node).drain_reason().find("(device GPU-8f6a1c2e)"), std::string::npos);
+    ASSERT_TRUE(scheduler_->CancelJob(named.id()).ok());
+    ASSERT_TRUE(scheduler_->UndrainNode(node).ok());
+  }
   // An operator's drain says so; a GPU's failure replaces that reason, not the reverse.
   ASSERT_TRUE(scheduler_->DrainNode("b").ok());
   EXPECT_EQ(node_of("b").drain_reason(), "drained with llamactl drain");
