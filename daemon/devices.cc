@@ -27,7 +27,9 @@ int CudaDeviceCount() {
 absl::StatusOr<Devices> ResolveDevices(const std::string& spec) {
   if (spec == "auto") {
     const int gpus = CudaDeviceCount();
-    return gpus > 0 ? Devices{"cuda", gpus} : Devices{"cpu", 1};
+    const Devices found = gpus > 0 ? Devices{"cuda", gpus} : Devices{"cpu", 1};
+    if (auto s = CheckRankGpus(found, OwnCudaVisibleDevices()); !s.ok()) return s;
+    return found;
   }
   const size_t colon = spec.find(':');
   const std::string kind = spec.substr(0, colon);
@@ -50,7 +52,20 @@ absl::StatusOr<Devices> ResolveDevices(const std::string& spec) {
       return absl::InvalidArgumentError(fmt::format("devices: '{}' but the CUDA driver reports {} GPU(s)", spec, gpus));
     }
   }
-  return Devices{kind, count};
+  Devices found{kind, count};
+  if (auto s = CheckRankGpus(found, OwnCudaVisibleDevices()); !s.ok()) return s;
+  return found;
+}
+
+absl::Status CheckRankGpus(const Devices& devices, const std::string& daemon_visible) {
+  if (devices.kind != "cuda") return absl::OkStatus();
+  for (int local_rank = 0; local_rank < devices.count; ++local_rank) {
+    if (auto gpu = RankGpuFor(daemon_visible.c_str(), local_rank); !gpu.ok()) {
+      return absl::InvalidArgumentError(
+          fmt::format("devices: {} GPU(s), but {}", devices.count, std::string(gpu.status().message())));
+    }
+  }
+  return absl::OkStatus();
 }
 
 std::string OwnCudaVisibleDevices() {

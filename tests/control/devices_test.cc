@@ -48,6 +48,14 @@ TEST(DevicesTest, RanksGetTheGpusLlamadWasGiven) {
     EXPECT_EQ(gpu->visible_devices, name) << local_rank;
     EXPECT_EQ(gpu->device_order, "") << "llamad's own order counted the list";
   }
+  // A list that falls short of the GPUs the driver counts stops llamad at start.
+  EXPECT_TRUE(CheckRankGpus({"cuda", 3}, kept).ok());
+  EXPECT_TRUE(CheckRankGpus({"cpu", 8}, "0").ok());
+  auto short_list = CheckRankGpus({"cuda", 2}, "0,,1");
+  ASSERT_FALSE(short_list.ok());
+  EXPECT_NE(short_list.message().find("devices: 2 GPU(s), but device 1: llamad's CUDA_VISIBLE_DEVICES='0,,1'"),
+            std::string::npos)
+      << short_list;
   for (const auto& [list, local_rank] : {std::pair{kept, 3}, std::pair{"0,,1", 1}, std::pair{"0", -1}}) {
     auto gpu = RankGpuFor(list, local_rank);
     ASSERT_FALSE(gpu.ok()) << list << " " << local_rank;
