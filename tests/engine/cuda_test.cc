@@ -26,6 +26,10 @@
 #include <tuple>
 #include <vector>
 
+#ifdef LLAMAD_TEST_CUDA_RUNTIME
+#include <cuda_runtime.h>
+#endif
+
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend.h"
 #include "comm/backend_collectives.h"
@@ -1013,6 +1017,41 @@ TEST_F(CudaTest, NcclRanksTrainLikeGlooRanks) {
     ExpectLosses(nccl, gloo, 0, 1e-6, plugin + " over NCCL");
     EXPECT_GT(nccl.back()["communication_s"].get<double>(), 0.0) << plugin;
   }
+}
+
+// A rank whose own GPU work never reaches a collective ends with 1, its own failure, once
+// the collective timeout passes: not as a lost peer (75), which would restart its job
+// into the same hang, and not through an abort, which would wait for that work forever.
+// The backend's stream is held here by a host function that sleeps. One rank.
+TEST_F(CudaTest, AnNcclRankWhoseOwnWorkHangsExitsAsItsOwnFailure) {
+#ifndef LLAMAD_TEST_CUDA_RUNTIME
+  GTEST_SKIP() << "this build has no CUDA runtime";
+#else
+  std::string version;
+  if (!NcclAvailable(&version)) GTEST_SKIP() << version;
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        const size_t n = 1024;
+        Pair f = Make(Random(n), DType::kF32);  // before the stream is held: uploads wait for it
+        std::unique_ptr<Communicator> host = MakeLocalCommunicator();
+        auto comm = MakeNcclCommunicator(host, *gpu_, std::chrono::seconds(5));
+        if (!comm.ok()) {
+          std::fprintf(stderr, "no NCCL communicator: %s\n", std::string(comm.status().message()).c_str());
+          std::_Exit(3);
+        }
+        int device = 0;
+        void* stream = nullptr;
+        if (!CudaStreamOf(*gpu_, &device, &stream)) std::_Exit(3);
+        cudaLaunchHostFunc(
+            static_cast<cudaStream_t>(stream), [](void*) { std::this_thread::sleep_for(std::chrono::minutes(5)); },
+            nullptr);
+        (void)(*comm)->device_collectives()->AllReduceSum(f.gpu, n, DType::kF32, Ordering::kBeside);
+        std::this_thread::sleep_for(std::chrono::seconds(60));  // the watchdog ends the process first
+        std::_Exit(4);
+      },
+      ::testing::ExitedWithCode(kExitFailure), "GPU [0-9]+ did not reach a collective for 5 s: this rank's own work");
+#endif
 }
 
 // A GPU rank that stops answering without dying (SIGSTOP) ends its peer over NCCL after
