@@ -295,6 +295,58 @@ TEST_F(ClusterTest, ADrainedNodeStaysDrainedUntilUndrained) {
   EXPECT_EQ(Ctl("undrain nowhere", &out), 3) << out;
 }
 
+// A rank whose GPU fails (exit 74) drains its node, and the job goes on on another node
+// from its latest checkpoint; `llamactl nodes` names the fault and counts it against the
+// limit. The nodes run llama-train through a wrapper that, the first time, kills it after
+// its third step and exits as a failed GPU would: the daemons, the scheduler and llamactl
+// are the real ones, and so is every other run.
+TEST_F(ClusterTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
+  const fs::path worker = dir_ / "llama-train-whose-gpu-fails-once";
+  std::ofstream(worker) << "#!/usr/bin/env bash\n"
+                        << "marker='" << (dir_ / "gpu-failed").string() << "'\n"
+                        << "real='" << kBin << "/llama-train'\n"
+                        << R"sh(if ! mkdir "$marker" 2>/dev/null; then exec "$real" "$@"; fi
+"$real" "$@" > >(tee "$marker/out") &
+pid=$!
+until grep -qE '"step":3[,}]' "$marker/out" 2>/dev/null; do
+  kill -0 "$pid" 2>/dev/null || exit 1
+  sleep 0.05
+done
+kill -KILL "$pid"
+echo "the GPU fails here (as llama-train exits on an uncorrectable ECC error)" >&2
+exit 74
+)sh";
+  fs::permissions(worker, fs::perms::owner_all);
+  for (auto id : {"node1", "node2"}) StartNode(id, "--worker-binary " + worker.string());
+  const std::string job = Submit(WriteSpec("faulted", 1, 12, "tokens.u32",
+                                           "checkpoint: {dir: " + (dir_ / "ckpt").string() + ", interval: 2}\n"));
+  ASSERT_TRUE(WaitFor(job, "JOB_STATE_SUCCEEDED", 120)) << Job(job).dump(1) << DaemonOutput() << RankLogs();
+  const nlohmann::json done = Job(job);
+  EXPECT_EQ(done.value("generation", "0"), "2") << done.dump(1);
+  std::string history;
+  EXPECT_EQ(Ctl("events " + job, &history), 0) << history;
+  const size_t said = history.find("requeued   the GPU of rank 0 (device 0) failed on node ");
+  ASSERT_NE(said, std::string::npos) << history;
+  const std::string faulted = history.substr(said + std::strlen("requeued   the GPU of rank 0 (device 0) failed on node "), 5);
+  EXPECT_NE(history.find(faulted + ", which is drained"), std::string::npos) << history;
+  EXPECT_EQ(done.dump().find(faulted), std::string::npos) << "generation 2 ran on the faulted node: " << done.dump(1);
+  EXPECT_NE(RankLogs().find("resumed job 'faulted' at step 2"), std::string::npos) << RankLogs();
+  std::string out;
+  EXPECT_EQ(Ctl("nodes", &out), 0);
+  EXPECT_NE(out.find("the GPU of rank 0 (device 0) failed under job " + job + "; see that job's log, then llamactl "
+                     "undrain " + faulted),
+            std::string::npos)
+      << out;
+  // Two nodes, 10%: the one drain is the limit.
+  EXPECT_NE(out.find("GPU faults drained 1 node(s); they drain at most 1 (max_fault_drained_percent 10): a node "
+                     "whose GPU fails now stays in service"),
+            std::string::npos)
+      << out;
+  ASSERT_EQ(Ctl("undrain " + faulted, &out), 0) << out;
+  EXPECT_EQ(Ctl("nodes", &out), 0);
+  EXPECT_EQ(out.find("GPU faults drained"), std::string::npos) << out;
+}
+
 // A preempted node's daemon (SIGTERM) stops its rank, which finishes its step and saves
 // it with its peer: the job goes on on other nodes from the step it stopped after,
 // although its checkpoint interval had saved nothing yet. The preempted rank is rank 0,
