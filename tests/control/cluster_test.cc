@@ -297,8 +297,8 @@ TEST_F(ClusterTest, ADrainedNodeStaysDrainedUntilUndrained) {
 
 // A rank whose GPU fails (exit 74) drains its node, and the job goes on on another node
 // from its latest checkpoint; `llamactl nodes` names the fault and counts it against the
-// limit. The nodes run llama-train through a wrapper that, the first time, kills it after
-// its third step and exits as a failed GPU would: the daemons, the scheduler and llamactl
+// limit. The nodes run llama-train through a wrapper that, the first time, kills it once
+// it has printed its third step and exits as a failed GPU would: the daemons, the scheduler and llamactl
 // are the real ones, and so is every other run.
 TEST_F(ClusterTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
   const fs::path worker = dir_ / "llama-train-whose-gpu-fails-once";
@@ -318,7 +318,7 @@ exit 74
 )sh";
   fs::permissions(worker, fs::perms::owner_all);
   for (auto id : {"node1", "node2"}) StartNode(id, "--worker-binary " + worker.string());
-  const std::string job = Submit(WriteSpec("faulted", 1, 12, "tokens.u32",
+  const std::string job = Submit(WriteSpec("faulted", 1, 40, "tokens.u32",
                                            "checkpoint: {dir: " + (dir_ / "ckpt").string() + ", interval: 2}\n"));
   ASSERT_TRUE(WaitFor(job, "JOB_STATE_SUCCEEDED", 120)) << Job(job).dump(1) << DaemonOutput() << RankLogs();
   const nlohmann::json done = Job(job);
@@ -330,7 +330,15 @@ exit 74
   const std::string faulted = history.substr(said + std::strlen("requeued   the GPU of rank 0 (device 0) failed on node "), 5);
   EXPECT_NE(history.find(faulted + ", which is drained"), std::string::npos) << history;
   EXPECT_EQ(done.dump().find(faulted), std::string::npos) << "generation 2 ran on the faulted node: " << done.dump(1);
-  EXPECT_NE(RankLogs().find("resumed job 'faulted' at step 2"), std::string::npos) << RankLogs();
+  // From a checkpoint its first generation saved (every 2 steps; it was killed at step 3
+  // or later, as its wrapper saw the step lines).
+  const std::string logs = RankLogs();
+  const size_t resumed = logs.find("resumed job 'faulted' at step ");
+  ASSERT_NE(resumed, std::string::npos) << logs;
+  const int64_t from = std::stoll(logs.substr(resumed + std::strlen("resumed job 'faulted' at step ")));
+  EXPECT_GE(from, 2) << logs;
+  EXPECT_LT(from, 40) << logs;
+  EXPECT_EQ(from % 2, 0) << logs;
   std::string out;
   EXPECT_EQ(Ctl("nodes", &out), 0);
   EXPECT_NE(out.find("the GPU of rank 0 (device 0) failed under job " + job + "; see that job's log, then llamactl "
