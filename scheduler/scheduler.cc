@@ -572,9 +572,9 @@ Scheduler::FaultDrains Scheduler::GpuFaultDrainsLocked() const {
 }
 
 std::string Scheduler::FaultDrainRefusalLocked(const NodeRuntime& node) const {
-  if (!node.info.drain_reason().empty()) return "";  // out of service already: nothing more is lost
   const int percent = options_.max_fault_drained_percent;
   if (percent <= 0) return "GPU faults drain no node here (max_fault_drained_percent 0)";
+  if (!node.info.drain_reason().empty()) return "";  // out of service already: nothing more is lost
   const FaultDrains f = GpuFaultDrainsLocked();
   if (f.drained < f.limit) return "";
   return fmt::format("{} of the {} known nodes are drained for GPU faults already, and GPU faults drain at most {} "

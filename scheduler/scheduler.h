@@ -49,13 +49,14 @@ struct SchedulerOptions {
   // the rest were still waiting for peers after ExpireLostPeersLocked's grace); one
   // more fails the job (a step past the furthest one so far starts the count again).
   int peer_lost_restarts = 3;
-  // Restarts in a row after a rank's GPU failed (each drains that node), likewise; one
+  // Restarts in a row after a rank's GPU failed (each drains that node, within
+  // max_fault_drained_percent), likewise; one
   // more fails the job: failures that follow a job from node to node without a step in
   // between are more likely the job's or its build's than every GPU's.
   int gpu_fault_restarts = 1;
   // GPU faults drain at most this percent of the known nodes (lost ones included), and
   // at least one node; 0: they drain none. A fault past the limit leaves its node in
-  // service (that job takes it last) and restarts (or fails) the job as below:
+  // service (that job takes it last) and restarts (or fails) the job as above:
   // many nodes faulting at once are more likely a shared cause (a driver, a build, a job)
   // than as many broken GPUs, and draining them all would leave nothing to run on.
   // Operators' drains do not count, and one of a fault-drained node takes it over.
@@ -195,7 +196,8 @@ class Scheduler {
   absl::Status PersistNodeLocked(const pb::NodeInfo& node);
   // Drains `node` for `reason` (NodeInfo.drain_reason): it takes no new ranks, now and
   // when it comes back after a lost lease or a restart. A GPU fault's reason replaces an
-  // earlier one (a failed GPU says more than an operator's drain), not the reverse.
+  // earlier one (a failed GPU says more than an operator's drain); an operator's replaces
+  // only a GPU fault's (DrainNode keeps the fault's words after it).
   absl::Status DrainNodeLocked(NodeRuntime& node, const std::string& reason, bool gpu_fault);
   // Why a GPU fault on `node` leaves it in service (max_fault_drained_percent), or "" when
   // the fault drains it.

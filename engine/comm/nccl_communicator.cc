@@ -243,7 +243,8 @@ class NcclCollectives final : public DeviceCollectives {
       if (drained && error_.ok() && Settle(api_->CommFinalize(comm_), kFinalizeLimit).ok()) {
         api_->CommDestroy(comm_);
       } else {
-        AbortWithin(comm_, error_.ok() ? absl::InternalError("NCCL: the communicator could not be finalized at the end")
+        AbortWithin(comm_, error_.ok() ? absl::InternalError(
+                                             "NCCL: collectives were still queued at the end, or finalizing failed")
                                        : error_);
       }
       comm_ = nullptr;
@@ -627,8 +628,9 @@ class NcclCollectives final : public DeviceCollectives {
             // the same hang. The abort would wait for that stream too, forever, so the
             // process ends here.
             if (!front.seen_started) {
-              std::fprintf(stderr, "llama-train: GPU %d did not reach a collective for %lld s: this rank's own work "
-                           "hangs, or takes longer than parallel.collective_timeout_s; exiting\n", device_,
+              std::fprintf(stderr, "llama-train: GPU %d did not reach a collective (or the wait for one) for %lld s: "
+                           "this rank's own work hangs, or takes longer than parallel.collective_timeout_s; "
+                           "exiting\n", device_,
                            static_cast<long long>(timeout_.count() / 1000));
               std::fflush(stderr);
               std::_Exit(kExitFailure);

@@ -325,9 +325,10 @@ exit 74
   EXPECT_EQ(done.value("generation", "0"), "2") << done.dump(1);
   std::string history;
   EXPECT_EQ(Ctl("events " + job, &history), 0) << history;
-  const size_t said = history.find("requeued   the GPU of rank 0 (device 0) failed on node ");
+  const std::string requeued = "requeued   the GPU of rank 0 (device 0) failed on node ";
+  const size_t said = history.find(requeued);
   ASSERT_NE(said, std::string::npos) << history;
-  const std::string faulted = history.substr(said + std::strlen("requeued   the GPU of rank 0 (device 0) failed on node "), 5);
+  const std::string faulted = history.substr(said + requeued.size(), 5);  // node1 or node2
   EXPECT_NE(history.find(faulted + ", which is drained"), std::string::npos) << history;
   EXPECT_EQ(done.dump().find(faulted), std::string::npos) << "generation 2 ran on the faulted node: " << done.dump(1);
   // From a checkpoint its first generation saved (every 2 steps; it was killed at step 3

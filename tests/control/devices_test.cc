@@ -48,7 +48,8 @@ TEST(DevicesTest, RanksGetTheGpusLlamadWasGiven) {
     EXPECT_EQ(gpu->visible_devices, name) << local_rank;
     EXPECT_EQ(gpu->device_order, "") << "llamad's own order counted the list";
   }
-  // A list that falls short of the GPUs the driver counts stops llamad at start.
+  // CheckRankGpus (which ResolveDevices runs, so llamad stops at start) refuses a list
+  // that falls short of the GPUs the driver counts.
   EXPECT_TRUE(CheckRankGpus({"cuda", 3}, kept).ok());
   EXPECT_TRUE(CheckRankGpus({"cpu", 8}, "0").ok());
   auto short_list = CheckRankGpus({"cuda", 2}, "0,,1");

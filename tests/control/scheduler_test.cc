@@ -418,15 +418,14 @@ TEST_F(SchedulerTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
   for (const char* id : {"a", "b", "c"}) AddNode(id, 2);
   pb::Job filler = Submit(1);  // takes a device, so that the job's rank is not always device 0
   pb::Job job = Submit(1, 0, /*checkpoints=*/true);
-  auto node_of = [&](const std::string& id) { return NodeOf(id); };
   // The job's rank on its node fails with its GPU, which drains the node.
   auto gpu_fails = [&](int64_t generation, int64_t steps_before) {
     const auto [node, why] = GpuFailsUnder(job, generation, steps_before);
-    EXPECT_EQ(node_of(node).state(), pb::NODE_STATE_DRAINING);
-    EXPECT_TRUE(node_of(node).drained_for_gpu_fault());
-    EXPECT_NE(node_of(node).drain_reason().find(why + " under job " + job.id()), std::string::npos)
-        << node_of(node).drain_reason();
-    EXPECT_NE(node_of(node).drain_reason().find("llamactl undrain " + node), std::string::npos);
+    EXPECT_EQ(NodeOf(node).state(), pb::NODE_STATE_DRAINING);
+    EXPECT_TRUE(NodeOf(node).drained_for_gpu_fault());
+    EXPECT_NE(NodeOf(node).drain_reason().find(why + " under job " + job.id()), std::string::npos)
+        << NodeOf(node).drain_reason();
+    EXPECT_NE(NodeOf(node).drain_reason().find("llamactl undrain " + node), std::string::npos);
     return std::pair{node, why};
   };
   const auto [first, first_why] = gpu_fails(1, 0);
@@ -454,13 +453,13 @@ TEST_F(SchedulerTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
     for (const char* id : {"b", "c"}) Beat(id);
   }
   scheduler_->Tick();
-  EXPECT_EQ(node_of("a").state(), pb::NODE_STATE_LOST);
+  EXPECT_EQ(NodeOf("a").state(), pb::NODE_STATE_LOST);
   Beat("a");
-  EXPECT_EQ(node_of("a").state(), pb::NODE_STATE_DRAINING);
+  EXPECT_EQ(NodeOf("a").state(), pb::NODE_STATE_DRAINING);
   AddNode("b", 2);
   Reopen();
   for (const char* id : {"a", "b", "c"}) AddNode(id, 2);
-  for (const char* id : {"a", "b", "c"}) EXPECT_EQ(node_of(id).state(), pb::NODE_STATE_DRAINING) << id;
+  for (const char* id : {"a", "b", "c"}) EXPECT_EQ(NodeOf(id).state(), pb::NODE_STATE_DRAINING) << id;
   scheduler_->CancelJob(filler.id()).IgnoreError();
   pb::Job waiting = Submit(1);
   EXPECT_EQ(Get(waiting.id()).state(), pb::JOB_STATE_QUEUED) << Get(waiting.id()).reason();
@@ -478,11 +477,11 @@ TEST_F(SchedulerTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
     Beat("a");
   }
   scheduler_->Tick();
-  ASSERT_EQ(node_of("b").state(), pb::NODE_STATE_LOST);
+  ASSERT_EQ(NodeOf("b").state(), pb::NODE_STATE_LOST);
   ASSERT_TRUE(scheduler_->UndrainNode("b").ok());
-  EXPECT_EQ(node_of("b").drain_reason(), "");
+  EXPECT_EQ(NodeOf("b").drain_reason(), "");
   Beat("b");
-  EXPECT_EQ(node_of("b").state(), pb::NODE_STATE_READY);
+  EXPECT_EQ(NodeOf("b").state(), pb::NODE_STATE_READY);
   // A rank that names its GPU (llamad's own CUDA_VISIBLE_DEVICES gave it) is reported by
   // that name.
   {
@@ -498,20 +497,20 @@ TEST_F(SchedulerTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
     failed.set_device("GPU-8f6a1c2e");
     Beat(node, {failed});
     EXPECT_TRUE(SaidOf(named, "the GPU of rank 0 (device GPU-8f6a1c2e) failed on node " + node));
-    EXPECT_NE(node_of(node).drain_reason().find("(device GPU-8f6a1c2e)"), std::string::npos);
+    EXPECT_NE(NodeOf(node).drain_reason().find("(device GPU-8f6a1c2e)"), std::string::npos);
     ASSERT_TRUE(scheduler_->CancelJob(named.id()).ok());
     ASSERT_TRUE(scheduler_->UndrainNode(node).ok());
   }
-  // An operator's drain says so; a GPU's failure replaces that reason, not the reverse.
+  // An operator's drain says so.
   ASSERT_TRUE(scheduler_->DrainNode("b").ok());
-  EXPECT_EQ(node_of("b").drain_reason(), "drained with llamactl drain");
-  EXPECT_FALSE(node_of("b").drained_for_gpu_fault());
+  EXPECT_EQ(NodeOf("b").drain_reason(), "drained with llamactl drain");
+  EXPECT_FALSE(NodeOf("b").drained_for_gpu_fault());
   auto long_reason = scheduler_->DrainNode("c", false, std::string(1001, 'x'));
   EXPECT_EQ(long_reason.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(long_reason.status().message().find("reason: 1001 characters"), std::string::npos);
   ASSERT_TRUE(scheduler_->UndrainNode("b").ok());
   EXPECT_TRUE(scheduler_->UndrainNode("b").ok());  // not drained: nothing changes
-  EXPECT_EQ(node_of("b").state(), pb::NODE_STATE_READY);
+  EXPECT_EQ(NodeOf("b").state(), pb::NODE_STATE_READY);
   EXPECT_EQ(scheduler_->UndrainNode("nope").status().code(), absl::StatusCode::kNotFound);
 }
 
@@ -575,8 +574,8 @@ TEST_F(SchedulerTest, GpuFaultsDrainAtMostAFewNodes) {
   EXPECT_TRUE(NodeOf(fourth).drain_reason().starts_with("drained with llamactl drain: bad fan; before that: " +
                                                          fourth_why + " under job " + next.id()))
       << NodeOf(fourth).drain_reason();
-  // 30% of ten: up to three nodes (one is counted now: fifth); the third one past it is
-  // refused.
+  // 30% of ten: up to three nodes (one is counted now: fifth); the third fault from here
+  // (eighth) is refused.
   max_fault_drained_percent_ = 30;
   Reopen();
   for (int i = 0; i < 10; ++i) AddNode(fmt::format("n{}", i));
