@@ -39,6 +39,8 @@ DaemonFlags::DaemonFlags(CLI::App& app) {
       "A job's next generation waits this long at most for ranks saving the step they stopped after (0: do not wait)");
   add("max_fault_drained_percent", &DaemonConfig::max_fault_drained_percent,
       "GPU faults drain at most this percent of the nodes, and at least one (0: none)");
+  add("forget_lost_nodes_after_ms", &DaemonConfig::forget_lost_nodes_after_ms,
+      "A node lost this long, and not drained, leaves the scheduler's state (0: never)");
   add("worker_binary", &DaemonConfig::worker_binary, "llama-train (default: next to llamad)");
   add("worker_threads", &DaemonConfig::worker_threads, "CPU threads per rank (0 = cores / devices)");
   add("comm_host", &DaemonConfig::comm_host, "Address this node's ranks listen on for their peers (auto: loopback for one-node jobs, "
@@ -83,6 +85,9 @@ absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {
   if (config.grow_after_ms < 0) return ConfigError(where, "grow_after_ms: must not be negative (0: never)");
   if (config.previous_ranks_wait_ms < 0) {
     return ConfigError(where, "previous_ranks_wait_ms: must not be negative (0: do not wait)");
+  }
+  if (config.forget_lost_nodes_after_ms < 0) {
+    return ConfigError(where, "forget_lost_nodes_after_ms: must not be negative (0: never)");
   }
   if (config.max_fault_drained_percent < 0 || config.max_fault_drained_percent > 100) {
     return ConfigError(where, fmt::format("max_fault_drained_percent: {} is not between 0 and 100",

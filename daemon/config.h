@@ -30,6 +30,7 @@ struct DaemonConfig {
   int64_t grow_after_ms = 60'000;        // a shrunk job grows back after running this long (0: never)
   int64_t previous_ranks_wait_ms = 600'000;  // a next generation waits this long at most for saving ranks
   int64_t max_fault_drained_percent = 10;  // GPU faults drain at most this % of the nodes (at least 1; 0: none)
+  int64_t forget_lost_nodes_after_ms = 24 * 3'600'000;  // undrained nodes lost this long are forgotten (0: never)
   std::string worker_binary;             // llama-train (default: next to llamad)
   int64_t worker_threads = 0;            // CPU threads per rank (0 = cores / devices)
   std::string comm_host = "auto";        // address this node's ranks listen on for peers

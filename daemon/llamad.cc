@@ -77,6 +77,7 @@ int main(int argc, char** argv) {
     options.grow_after_ms = config->grow_after_ms;
     options.previous_ranks_wait_ms = config->previous_ranks_wait_ms;
     options.max_fault_drained_percent = static_cast<int>(config->max_fault_drained_percent);
+    options.forget_lost_nodes_after_ms = config->forget_lost_nodes_after_ms;
     auto opened = llamad::scheduler::Scheduler::Open(options, &clock);
     if (!opened.ok()) return Fail(opened.status());
     scheduler = std::move(*opened);

@@ -945,6 +945,7 @@ void Scheduler::Tick() {
 void Scheduler::TickLocked() {
   const int64_t now = clock_->NowMs();
   ExpireLeasesLocked(now);
+  ForgetLostNodesLocked(now);
   ExpireLostPeersLocked(now);
   GrowJobsLocked(now);
   PlaceJobsLocked(now);
@@ -1076,6 +1077,29 @@ void Scheduler::ExpireLeasesLocked(int64_t now) {
     }
     // Nothing more is heard of its ranks: no job waits for them to stop.
     ForgetSavingRanksOnNodeLocked(id);
+  }
+}
+
+void Scheduler::ForgetLostNodesLocked(int64_t now) {
+  if (options_.forget_lost_nodes_after_ms <= 0) return;
+  for (auto it = nodes_.begin(); it != nodes_.end();) {
+    const NodeRuntime& node = it->second;
+    const bool forget = node.info.state() == pb::NODE_STATE_LOST && node.info.drain_reason().empty() &&
+                        now - node.last_heartbeat_ms > options_.forget_lost_nodes_after_ms &&
+                        DevicesInUseLocked(it->first) == 0;
+    if (!forget) {
+      ++it;
+      continue;
+    }
+    const std::string id = it->first;
+    if (auto s = FromRocks(db_->Delete(Synced(), NodeKey(id)), "forget node " + id); !s.ok()) {
+      std::fprintf(stderr, "llamad scheduler: %s\n", std::string(s.message()).c_str());
+      ++it;
+      continue;
+    }
+    std::fprintf(stderr, "llamad scheduler: forgot node %s, lost for %lld s\n", id.c_str(),
+                 static_cast<long long>((now - node.last_heartbeat_ms) / 1000));
+    it = nodes_.erase(it);
   }
 }
 

@@ -61,6 +61,13 @@ struct SchedulerOptions {
   // than as many broken GPUs, and draining them all would leave nothing to run on.
   // Operators' drains do not count, and one of a fault-drained node takes it over.
   int max_fault_drained_percent = 10;
+  // A node lost (no heartbeat) this long, and not drained, is forgotten: it leaves the
+  // state, `llamactl nodes` and the count max_fault_drained_percent is a share of.
+  // Preemptible machines often come back under new names, and their old ones would
+  // pile up. A forgotten node that heartbeats again registers anew. Drained nodes are
+  // kept until undrained. The time counts from the scheduler's start for nodes lost
+  // before it. 0: never.
+  int64_t forget_lost_nodes_after_ms = 24 * 3'600'000;
   // A job that restarted on fewer nodes than it asked for (resources.nodes) grows back
   // when other nodes are free for it and no job waits in the queue, once its generation
   // and those nodes have been up this long: it restarts on more nodes from its latest
@@ -213,6 +220,7 @@ class Scheduler {
   void FlushUnsyncedLocked(rocksdb::WriteBatch& own);
   void TickLocked();
   void ExpireLeasesLocked(int64_t now);
+  void ForgetLostNodesLocked(int64_t now);
   // A rank lost its peers and, a lease and two heartbeats later, no cause has come (a
   // failing rank reports within a heartbeat, a lost node within the lease) while other
   // ranks still run: they wait for a peer that will never answer, such as one whose

@@ -53,6 +53,7 @@ class SchedulerTest : public ::testing::Test {
     options.heartbeat_interval_ms = 1000;
     options.lease_timeout_ms = 5000;
     options.max_fault_drained_percent = max_fault_drained_percent_;
+    options.forget_lost_nodes_after_ms = forget_lost_nodes_after_ms_;
     auto s = Scheduler::Open(options, &clock_);
     ASSERT_TRUE(s.ok()) << s.status();
     scheduler_ = std::move(*s);
@@ -145,6 +146,7 @@ class SchedulerTest : public ::testing::Test {
 
   fs::path dir_;
   int max_fault_drained_percent_ = SchedulerOptions().max_fault_drained_percent;  // at Reopen
+  int64_t forget_lost_nodes_after_ms_ = SchedulerOptions().forget_lost_nodes_after_ms;  // at Reopen
   ManualClock clock_;
   std::unique_ptr<Scheduler> scheduler_;
 };
@@ -608,6 +610,60 @@ TEST_F(SchedulerTest, GpuFaultsDrainAtMostAFewNodes) {
   options.max_fault_drained_percent = -1;
   EXPECT_NE(Scheduler::Open(options, &clock_).status().message().find("max_fault_drained_percent -1"),
             std::string::npos);
+}
+
+// Lost nodes leave the state after forget_lost_nodes_after_ms (preemptible machines come
+// back under new names), unless drained; one that heartbeats again registers anew.
+TEST_F(SchedulerTest, NodesLostLongEnoughAreForgottenUnlessDrained) {
+  forget_lost_nodes_after_ms_ = 60'000;
+  Reopen();
+  for (const char* id : {"a", "b", "c", "d"}) AddNode(id);
+  pb::Job job = Submit(1);  // on a
+  ASSERT_TRUE(scheduler_->DrainNode("c").ok());
+  auto ids = [&] {
+    std::string all;
+    for (const pb::NodeInfo& n : scheduler_->ListNodes()) all += n.id();
+    return all;
+  };
+  // a, b and c go silent; d heartbeats on. Lost after the lease, a's job back in the queue.
+  for (int t = 0; t < 6; ++t) {
+    clock_.Advance(1000);
+    Beat("d");
+  }
+  scheduler_->Tick();
+  EXPECT_EQ(NodeOf("a").state(), pb::NODE_STATE_LOST);
+  EXPECT_EQ(ids(), "abcd");
+  // Not yet at a minute of silence; then past it.
+  for (int t = 0; t < 50; ++t) {
+    clock_.Advance(1000);
+    Beat("d");
+  }
+  scheduler_->Tick();
+  EXPECT_EQ(ids(), "abcd");
+  for (int t = 0; t < 10; ++t) {
+    clock_.Advance(1000);
+    Beat("d");
+  }
+  scheduler_->Tick();
+  EXPECT_EQ(ids(), "cd") << "a and b forgotten; c is drained";
+  EXPECT_EQ(scheduler_->GpuFaultDrains().known, 2);
+  EXPECT_EQ(Get(job.id()).placement(0).node_id(), "d") << Get(job.id()).reason();
+  // Gone from the state too.
+  Reopen();
+  EXPECT_EQ(ids(), "cd");
+  // A forgotten node that heartbeats is asked to register, and then is a node again.
+  EXPECT_TRUE(Beat("a").reregister());
+  AddNode("a");
+  EXPECT_EQ(NodeOf("a").state(), pb::NODE_STATE_READY);
+  // 0: never.
+  forget_lost_nodes_after_ms_ = 0;
+  Reopen();
+  for (int t = 0; t < 100; ++t) {
+    clock_.Advance(1000);
+    Beat("d");
+  }
+  scheduler_->Tick();
+  EXPECT_EQ(ids(), "acd");
 }
 
 TEST_F(SchedulerTest, NodesAnEarlierVersionDrainedForAGpuFaultCount) {

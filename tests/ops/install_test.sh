@@ -17,6 +17,7 @@ done
 resolved="$("$root/usr/local/bin/llamad" --config "$root/etc/llamad/llamad.yaml" --check)"
 grep -q '^role: both$' <<<"$resolved" || { echo "$resolved"; exit 1; }
 grep -q '^max_fault_drained_percent: 10$' <<<"$resolved" || { echo "$resolved"; exit 1; }
+grep -q '^forget_lost_nodes_after_ms: 86400000$' <<<"$resolved" || { echo "$resolved"; exit 1; }
 if out="$("$root/usr/local/bin/llamad" --config "$root/etc/llamad/llamad.yaml" --max-fault-drained-percent 101 \
           --check 2>&1)"; then
   echo "llamad accepted max_fault_drained_percent 101"; exit 1
