@@ -143,7 +143,10 @@ absl::Status Scheduler::Load() {
     if (node.drain_reason().starts_with(kGpuFaultDrainPrefix)) node.set_drained_for_gpu_fault(true);
     NodeRuntime& n = nodes_[node.id()];
     n.info = node;
-    n.last_heartbeat_ms = now;  // a fresh lease: daemons have lease_timeout_ms to come back
+    // A fresh lease: daemons have lease_timeout_ms to come back. A lost node keeps the
+    // time it was last heard of (ForgetLostNodesLocked counts from it).
+    n.last_heartbeat_ms =
+        node.state() == pb::NODE_STATE_LOST && node.last_heartbeat_unix_ms() > 0 ? node.last_heartbeat_unix_ms() : now;
     n.ready_since_ms = now;     // unknown while the scheduler was down: from now
   }
   // Sequence numbers continue after the last stored event and log line of each job.
@@ -588,17 +591,18 @@ absl::StatusOr<pb::NodeInfo> Scheduler::UndrainNode(const std::string& node_id) 
   auto it = nodes_.find(node_id);
   if (it == nodes_.end()) return absl::NotFoundError(fmt::format("no node '{}'", node_id));
   NodeRuntime& node = it->second;
-  if (!node.info.drain_reason().empty()) {
-    pb::NodeInfo info = node.info;
+  pb::NodeInfo info = node.info;
+  if (!info.drain_reason().empty()) {
     info.clear_drain_reason();
     info.clear_drained_for_gpu_fault();
     if (info.state() == pb::NODE_STATE_DRAINING) info.set_state(pb::NODE_STATE_READY);
     if (auto s = PersistNodeLocked(info); !s.ok()) return s;
     if (info.state() == pb::NODE_STATE_READY) node.ready_since_ms = clock_->NowMs();
     node.info = info;
-    TickLocked();  // queued jobs may fit now
+    // Queued jobs may fit now. The tick may forget the node (lost long enough, and no
+    // longer drained): `node` is not used after it.
+    TickLocked();
   }
-  pb::NodeInfo info = node.info;
   info.set_devices_in_use(DevicesInUseLocked(node_id));
   return info;
 }
@@ -1067,6 +1071,7 @@ void Scheduler::ExpireLeasesLocked(int64_t now) {
   for (auto& [id, node] : nodes_) {
     if (node.info.state() == pb::NODE_STATE_LOST || now - node.last_heartbeat_ms <= options_.lease_timeout_ms) continue;
     node.info.set_state(pb::NODE_STATE_LOST);
+    node.info.set_last_heartbeat_unix_ms(node.last_heartbeat_ms);  // kept across a restart
     PersistNodeLocked(node.info).IgnoreError();
     // Every job with a rank there loses its generation and goes back to the queue.
     for (const std::string& job_id : JobsWithRanksOnLocked(id)) {
@@ -1092,7 +1097,13 @@ void Scheduler::ForgetLostNodesLocked(int64_t now) {
       continue;
     }
     const std::string id = it->first;
-    if (auto s = FromRocks(db_->Delete(Synced(), NodeKey(id)), "forget node " + id); !s.ok()) {
+    absl::Status s = absl::OkStatus();
+    if (group_ != nullptr) {
+      group_->Delete(NodeKey(id));
+    } else {
+      s = FromRocks(db_->Delete(Synced(), NodeKey(id)), "forget node " + id);
+    }
+    if (!s.ok()) {
       std::fprintf(stderr, "llamad scheduler: %s\n", std::string(s.message()).c_str());
       ++it;
       continue;

@@ -65,8 +65,8 @@ struct SchedulerOptions {
   // state, `llamactl nodes` and the count max_fault_drained_percent is a share of.
   // Preemptible machines often come back under new names, and their old ones would
   // pile up. A forgotten node that heartbeats again registers anew. Drained nodes are
-  // kept until undrained. The time counts from the scheduler's start for nodes lost
-  // before it. 0: never.
+  // kept until undrained. The time counts from the last heartbeat, across scheduler
+  // restarts (NodeInfo.last_heartbeat_unix_ms of a lost node). 0: never.
   int64_t forget_lost_nodes_after_ms = 24 * 3'600'000;
   // A job that restarted on fewer nodes than it asked for (resources.nodes) grows back
   // when other nodes are free for it and no job waits in the queue, once its generation
