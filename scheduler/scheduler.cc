@@ -575,15 +575,14 @@ Scheduler::FaultDrains Scheduler::GpuFaultDrainsLocked() const {
 }
 
 std::string Scheduler::FaultDrainRefusalLocked(const NodeRuntime& node) const {
-  const int percent = options_.max_fault_drained_percent;
-  if (percent <= 0) return "GPU faults drain no node here (max_fault_drained_percent 0)";
-  if (!node.info.drain_reason().empty()) return "";  // out of service already: nothing more is lost
   const FaultDrains f = GpuFaultDrainsLocked();
+  if (f.limit == 0) return "GPU faults drain no node here (max_fault_drained_percent 0)";
+  if (!node.info.drain_reason().empty()) return "";  // out of service already: nothing more is lost
   if (f.drained < f.limit) return "";
   return fmt::format("{} of the {} known nodes are drained for GPU faults already, and GPU faults drain at most {} "
                      "(max_fault_drained_percent {}, at least one); many faults at once may share one cause, so "
                      "look into them, then undrain what is sound or drain what is not with llamactl drain",
-                     f.drained, f.known, f.limit, percent);
+                     f.drained, f.known, f.limit, options_.max_fault_drained_percent);
 }
 
 absl::StatusOr<pb::NodeInfo> Scheduler::UndrainNode(const std::string& node_id) {
