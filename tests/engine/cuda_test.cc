@@ -42,6 +42,7 @@
 #include "core/exit_codes.h"
 #include "core/self_executable.h"
 #include "data/dataset.h"
+#include "engine/relative_error.h"
 #include "engine/small_job.h"
 #include "storage/checkpoint_store.h"
 #include "train/checkpointing.h"
@@ -55,25 +56,8 @@ namespace {
 
 using Vec = std::vector<double>;
 
-double RoundBf16(double v) {
-  float f = float(v);
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// ||a - ref|| / ||ref||, or infinity when a holds a non-finite value.
-double RelError(const Vec& a, const Vec& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (!std::isfinite(a[i])) return std::numeric_limits<double>::infinity();
-    num += (a[i] - ref[i]) * (a[i] - ref[i]);
-    den += ref[i] * ref[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
+using testing::RelError;
+using testing::RoundBf16;
 
 // A relative error for the test report: three significant digits at any magnitude.
 std::string Sci(double v) {
