@@ -13,6 +13,7 @@ PACKAGES=(
   libopenblas-openmp-dev     # CPU GEMMs; the OpenMP build runs single-threaded inside our parallel regions
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev libabsl-dev
   libgtest-dev libgmock-dev
+  libboost-context-dev       # the fibers of the tests' CUDA emulator
   librocksdb-dev libxxhash-dev   # checkpoint index and checksums
   libsentencepiece-dev sentencepiece   # tokenizer (and spm_encode, the tests' reference)
   libcurl4-openssl-dev libssl-dev      # dataset download and its SHA-256 checks

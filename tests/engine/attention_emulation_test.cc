@@ -1,0 +1,306 @@
+// The own flash attention kernels' source (backend/cuda/attention_kernels.cuh), run on
+// the CPU emulator (cuda_emulator.h) against the float64 CPU backend: forward and
+// backward, at every head dimension, with both backward pipelines, batches split into
+// grid slices, and the asynchronous copies landing both as early and as late as CUDA
+// allows. This checks the kernels' indexing, fragment layouts, masking, copy pipeline
+// and shared-memory sizes where no GPU is present; their speed, and the GPU's own
+// arithmetic, are for the `gpu` tests.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "engine/cuda_emulator.h"
+// The kernels call the emulator's instructions, so they come after it.
+#include "backend/cuda/attention_kernels.cuh"
+#include "backend/cpu/cpu_backend.h"
+#include "engine/relative_error.h"
+
+namespace llamad::cuda::flash {
+// The kernels' dynamic shared memory: as much as a Hopper block may opt in to.
+alignas(16) unsigned char smem[227 * 1024];
+}  // namespace llamad::cuda::flash
+
+namespace llamad {
+namespace {
+
+using cuda::bf16;
+using testing::RelError;
+using testing::RoundBf16;
+using Vec = std::vector<double>;
+
+// attention_kernels.cuh's Device on the emulator, with a GPU's launch limits.
+struct EmulatedGpu {
+  cuda::emulator::Emulator& emulator;
+  int max_grid_y = 65535;
+  int shared_limit = 227 * 1024;
+
+  template <typename... Params, typename... Args>
+  void Launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes, Args... args) {
+    if (shared_bytes > shared_limit) {
+      throw std::runtime_error("a launch asks for " + std::to_string(shared_bytes) + " bytes of shared memory, " +
+                               "more than the " + std::to_string(shared_limit) + " a block may have");
+    }
+    if (int(grid.y) > max_grid_y) throw std::runtime_error("grid y " + std::to_string(grid.y) + " past the limit");
+    emulator.Run(grid, dim3(threads), shared_bytes, [&] { kernel(args...); });
+  }
+  int SharedMemoryLimit() const { return shared_limit; }
+};
+
+// A buffer with guard elements on both sides, so that a write past either end shows.
+template <typename T>
+class Guarded {
+ public:
+  explicit Guarded(size_t n, T fill) : v_(n + 2 * kGuard, Sentinel()) {
+    std::fill(data(), data() + n, fill);
+  }
+  T* data() { return v_.data() + kGuard; }
+  size_t size() const { return v_.size() - 2 * kGuard; }
+  bool GuardsIntact() const {
+    for (size_t i = 0; i < kGuard; ++i) {
+      if (!Same(v_[i]) || !Same(v_[v_.size() - 1 - i])) return false;
+    }
+    return true;
+  }
+
+ private:
+  static constexpr size_t kGuard = 64;
+  static T Sentinel() { return T(12345.0f); }
+  static bool Same(T x) { return float(x) == float(Sentinel()); }
+  std::vector<T> v_;
+};
+
+Vec Floats(const bf16* p, size_t n) {
+  Vec v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = __bfloat162float(p[i]);
+  return v;
+}
+Vec Floats(const float* p, size_t n) { return Vec(p, p + n); }
+
+std::string Describe(const AttentionShape& s) {
+  return "B" + std::to_string(s.batch) + " T" + std::to_string(s.seq) + " H" + std::to_string(s.heads) + " Hkv" +
+         std::to_string(s.kv_heads) + " D" + std::to_string(s.head_dim);
+}
+
+struct Case {
+  AttentionShape shape;
+  int backward_stages = 0;  // 0: as the shared memory allows
+  int shared_limit = 227 * 1024;
+  int max_grid_y = 65535;
+  cuda::emulator::Options options;
+};
+
+// The emulated kernels' outputs, as floats.
+struct Result {
+  Vec out, lse, dqkv;
+};
+
+class AttentionEmulationTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    seed_ = std::random_device{}();
+    rng_.seed(seed_);
+  }
+  void TearDown() override {
+    if (HasFailure()) std::fprintf(stderr, "attention_emulation_test: inputs drawn with seed %u\n", seed_);
+  }
+
+  Vec Random(size_t n) {
+    std::normal_distribution<double> normal(0.0, 1.0);
+    Vec v(n);
+    for (double& x : v) x = RoundBf16(normal(rng_));
+    return v;
+  }
+
+  // Runs the forward and the backward of `c` on the emulator (the backward from `dout`).
+  Result Emulate(const Case& c, const Vec& qkv_values, const Vec& dout_values) {
+    const AttentionShape& s = c.shape;
+    const size_t rows = size_t(s.batch) * s.seq, stats = size_t(s.batch) * s.heads * s.seq;
+    Guarded<bf16> qkv(qkv_values.size(), bf16(0.f)), dout(dout_values.size(), bf16(0.f));
+    for (size_t i = 0; i < qkv_values.size(); ++i) qkv.data()[i] = __float2bfloat16(float(qkv_values[i]));
+    for (size_t i = 0; i < dout_values.size(); ++i) dout.data()[i] = __float2bfloat16(float(dout_values[i]));
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    Guarded<bf16> out(rows * s.heads * s.head_dim, bf16(nan)), dqkv(qkv.size(), bf16(nan));
+    Guarded<float> lse(stats, nan), delta(stats, nan);
+
+    cuda::emulator::Emulator emulator(cuda::flash::smem, c.options);
+    emulator.AllowReads(qkv.data(), qkv.size() * sizeof(bf16));
+    emulator.AllowReads(dout.data(), dout.size() * sizeof(bf16));
+    EmulatedGpu gpu{emulator, c.max_grid_y, c.shared_limit};
+    cuda::AttentionArgs args{s.batch, s.seq, s.heads, s.kv_heads, s.head_dim, c.backward_stages};
+    cuda::flash::Forward(gpu, out.data(), lse.data(), qkv.data(), args);
+    cuda::flash::Backward(gpu, dqkv.data(), delta.data(), dout.data(), out.data(), lse.data(), qkv.data(), args);
+    EXPECT_TRUE(out.GuardsIntact() && lse.GuardsIntact() && dqkv.GuardsIntact() && delta.GuardsIntact())
+        << "a kernel wrote outside its output";
+    return {Floats(out.data(), out.size()), Floats(lse.data(), lse.size()), Floats(dqkv.data(), dqkv.size())};
+  }
+
+  struct Inputs {
+    Vec qkv, dout;
+  };
+  Inputs Draw(const AttentionShape& s) {
+    const size_t rows = size_t(s.batch) * s.seq;
+    return {Random(rows * s.row_stride()), Random(rows * s.heads * s.head_dim)};
+  }
+
+  // Emulate, with a kernel's broken rule as a test failure (and an empty result).
+  Result TryEmulate(const Case& c, const Inputs& in) {
+    try {
+      return Emulate(c, in.qkv, in.dout);
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << e.what();
+      return {};
+    }
+  }
+
+  // The emulated result against the CPU backend in float64. The emulator rounds to bf16
+  // where the kernels do and sums exactly, so its errors are the bf16 roundings alone
+  // (about 2e-3 measured): the bounds are twice that, tighter than a GPU's (cuda_test.cc).
+  void ExpectMatchesCpu(const AttentionShape& s, const Inputs& in, const Result& r) {
+    if (r.out.empty()) return;  // the run failed
+    const size_t rows = size_t(s.batch) * s.seq;
+    auto cpu = MakeCpuBackend({DType::kF64, 0});
+    std::vector<void*> buffers;
+    auto buffer = [&](const Vec& v) {
+      buffers.push_back(cpu->Allocate(v.size()));
+      cpu->Upload(buffers.back(), v.data(), v.size());
+      return buffers.back();
+    };
+    auto download = [&](const void* p, size_t n) {
+      Vec v(n);
+      cpu->Download(v.data(), p, n);
+      return v;
+    };
+    void* qkv = buffer(in.qkv);
+    void* out = buffer(r.out);
+    void* lse = buffer(r.lse);
+    cpu->Attention(out, lse, qkv, s, s.seq);
+    const double out_error = RelError(r.out, download(out, r.out.size()));
+    const double lse_error = RelError(r.lse, download(lse, r.lse.size()));
+    EXPECT_LE(out_error, 4e-3) << "out";
+    EXPECT_LE(lse_error, 1e-6) << "lse";
+    std::string errors = fmt::format("out {:.2e}, lse {:.2e}", out_error, lse_error);
+    // The backward from the emulated (rounded) output on both sides, as on the GPU.
+    void* dqkv = buffer(Vec(in.qkv.size(), 0.0));
+    cpu->AttentionBackward(dqkv, buffer(in.dout), buffer(r.out), buffer(r.lse), qkv, s, s.seq);
+    const Vec ref = download(dqkv, in.qkv.size());
+    for (void* p : buffers) cpu->Free(p);
+    const int q_cols = s.heads * s.head_dim, kv_cols = s.kv_heads * s.head_dim;
+    const std::pair<int, int> parts[] = {{0, q_cols}, {q_cols, kv_cols}, {q_cols + kv_cols, kv_cols}};
+    const char* names[] = {"dq", "dk", "dv"};
+    for (int part = 0; part < 3; ++part) {
+      Vec emulated, reference;
+      for (size_t row = 0; row < rows; ++row) {
+        for (int j = 0; j < parts[part].second; ++j) {
+          emulated.push_back(r.dqkv[row * s.row_stride() + parts[part].first + j]);
+          reference.push_back(ref[row * s.row_stride() + parts[part].first + j]);
+        }
+      }
+      const double error = RelError(emulated, reference);
+      EXPECT_LE(error, 5e-3) << names[part];
+      errors += fmt::format(", {} {:.2e}", names[part], error);
+    }
+    std::printf("%s: relative errors %s\n", Describe(s).c_str(), errors.c_str());
+  }
+
+  // Checks `c` against the CPU and returns its result.
+  Result Check(const Case& c, const Inputs& in) {
+    const Result r = TryEmulate(c, in);
+    ExpectMatchesCpu(c.shape, in, r);
+    return r;
+  }
+
+  unsigned seed_ = 0;
+  std::mt19937_64 rng_;
+};
+
+
+bool SameBits(const Result& a, const Result& b) {
+  auto same = [](const Vec& x, const Vec& y) {
+    return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(double)) == 0;
+  };
+  return same(a.out, b.out) && same(a.lse, b.lse) && same(a.dqkv, b.dqkv);
+}
+
+// The shapes of the GPU tests that reach every kind of tile edge.
+const AttentionShape kShapes[] = {
+    {2, 130, 4, 2, 64},   // partial last tile, GQA 2
+    {1, 200, 4, 1, 128},  // partial 32-key and 128-query tiles, GQA 4
+    {2, 70, 8, 4, 32},    // the tiny preset's heads
+    {1, 17, 4, 4, 64},    // shorter than one tile, MHA
+};
+
+TEST_F(AttentionEmulationTest, MatchesTheCpuBackend) {
+  std::vector<AttentionShape> shapes(std::begin(kShapes), std::end(kShapes));
+  shapes.push_back({1, 256, 2, 1, 128});  // whole tiles only, head dim 128
+  shapes.push_back({1, 300, 2, 1, 32});   // several blocks and key tiles
+  shapes.push_back({1, 385, 8, 2, 64});   // GQA 4, one row past a tile
+  for (const AttentionShape& s : shapes) {
+    SCOPED_TRACE(Describe(s));
+    Check({s}, Draw(s));
+  }
+}
+
+// The copy pipeline is right only if no thread reads a buffer before its copies are
+// waited for and no copy lands in a buffer a warp still reads. Copies landing as late as
+// CUDA allows, with the warps in step, show the first (a read finds NaN); copies landing
+// as early as it allows, with one warp far ahead of the others, show the second (other
+// bits).
+TEST_F(AttentionEmulationTest, EverySchedulingGivesTheSameBits) {
+  for (const AttentionShape& s : {kShapes[0], kShapes[1]}) {
+    for (int stages : {1, 2}) {
+      SCOPED_TRACE(Describe(s) + ", backward stages " + std::to_string(stages));
+      const Inputs in = Draw(s);
+      Case late{s, stages};
+      const Result r = Check(late, in);
+      for (cuda::emulator::Turns turns : {cuda::emulator::Turns::kFirstThreadFirst,
+                                          cuda::emulator::Turns::kLastThreadFirst}) {
+        Case c = late;
+        c.options = {.copies_land_when_issued = true, .turns = turns};
+        EXPECT_TRUE(SameBits(TryEmulate(c, in), r))
+            << "copies landing when issued, with the "
+            << (turns == cuda::emulator::Turns::kFirstThreadFirst ? "first" : "last")
+            << " warp running ahead, changed the result";
+      }
+    }
+  }
+}
+
+// One and two backward stages differ only in when copies are issued: the same bits.
+TEST_F(AttentionEmulationTest, OneAndTwoBackwardStagesGiveTheSameBits) {
+  for (const AttentionShape& s : {kShapes[0], kShapes[2]}) {
+    SCOPED_TRACE(Describe(s));
+    const Inputs in = Draw(s);
+    const Result two = Check({s, 2}, in);
+    EXPECT_TRUE(SameBits(TryEmulate({s, 1}, in), two));
+  }
+}
+
+// At head dim 128 on a GPU with 99 KiB of shared memory a block (sm_86, sm_89) the
+// backward takes one stage by itself; the launches fit.
+TEST_F(AttentionEmulationTest, SmallSharedMemoryTakesOneBackwardStage) {
+  const AttentionShape s = kShapes[1];
+  Case c{s};
+  c.shared_limit = 99 * 1024;
+  Check(c, Draw(s));
+}
+
+// A batch whose (sequence, head) pairs pass the grid's limit runs in slices; shrinking
+// the limit to 5 makes every sequence its own slice.
+TEST_F(AttentionEmulationTest, BatchesPastTheGridLimitRunInSlices) {
+  const AttentionShape s{3, 70, 4, 2, 32};
+  const Inputs in = Draw(s);
+  Case sliced{s};
+  sliced.max_grid_y = 5;
+  const Result r = Check(sliced, in);
+  EXPECT_TRUE(SameBits(TryEmulate({s}, in), r)) << "slices gave other bits than one launch";
+}
+
+}  // namespace
+}  // namespace llamad
