@@ -164,7 +164,6 @@ class AttentionEmulationTest : public ::testing::Test {
   // (about 2e-3 measured): the bounds are twice that, tighter than a GPU's (cuda_test.cc).
   void ExpectMatchesCpu(const AttentionShape& s, const Inputs& in, const Result& r) {
     if (r.out.empty()) return;  // the run failed
-    const size_t rows = size_t(s.batch) * s.seq;
     auto cpu = MakeCpuBackend({DType::kF64, 0});
     std::vector<void*> buffers;
     auto buffer = [&](const Vec& v) {
@@ -191,20 +190,12 @@ class AttentionEmulationTest : public ::testing::Test {
     cpu->AttentionBackward(dqkv, buffer(in.dout), buffer(r.out), buffer(r.lse), qkv, s, s.seq);
     const Vec ref = download(dqkv, in.qkv.size());
     for (void* p : buffers) cpu->Free(p);
-    const int q_cols = s.heads * s.head_dim, kv_cols = s.kv_heads * s.head_dim;
-    const std::pair<int, int> parts[] = {{0, q_cols}, {q_cols, kv_cols}, {q_cols + kv_cols, kv_cols}};
-    const char* names[] = {"dq", "dk", "dv"};
+    const auto emulated = testing::QkvParts(r.dqkv, s), reference = testing::QkvParts(ref, s);
     for (int part = 0; part < 3; ++part) {
-      Vec emulated, reference;
-      for (size_t row = 0; row < rows; ++row) {
-        for (int j = 0; j < parts[part].second; ++j) {
-          emulated.push_back(r.dqkv[row * s.row_stride() + parts[part].first + j]);
-          reference.push_back(ref[row * s.row_stride() + parts[part].first + j]);
-        }
-      }
-      const double error = RelError(emulated, reference);
-      EXPECT_LE(error, 5e-3) << names[part];
-      errors += fmt::format(", {} {:.2e}", names[part], error);
+      const char* name = testing::kQkvGradientNames[part];
+      const double error = RelError(emulated[part], reference[part]);
+      EXPECT_LE(error, 5e-3) << name;
+      errors += fmt::format(", {} {:.2e}", name, error);
     }
     std::printf("%s: relative errors %s\n", Describe(s).c_str(), errors.c_str());
   }

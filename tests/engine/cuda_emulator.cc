@@ -84,7 +84,6 @@ struct Block {
   int current = -1;
   int barrier_arrived = 0;
   uint64_t barrier_generation = 0;
-  uint64_t collectives = 0;
   std::string error;
 };
 Block* g_block = nullptr;
@@ -228,7 +227,6 @@ LaneOut Collective(LaneIn in) {
     Compute(s);
     s.arrived = 0;
     ++s.generation;
-    ++b.collectives;
   } else {
     WaitFor(NameOf(in.op), s.generation, generation);
   }
@@ -321,7 +319,6 @@ void Emulator::Run(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
           b.error = fmt::format("block ({},{},{}): {}", x, y, z, Deadlock(threads));
         }
         g_block = nullptr;
-        collectives_ += b.collectives;
         if (!b.error.empty()) throw std::runtime_error(b.error);
       }
     }

@@ -87,14 +87,10 @@ class Emulator {
   // thread when the kernel breaks one of the rules above.
   void Run(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& thread);
 
-  // Warp collectives run so far (a measure of the work emulated).
-  uint64_t collectives() const { return collectives_; }
-
  private:
   std::span<unsigned char> shared_;
   Options options_;
   std::vector<std::pair<const unsigned char*, size_t>> readable_;
-  uint64_t collectives_ = 0;
 };
 
 }  // namespace llamad::cuda::emulator

@@ -290,20 +290,12 @@ void CudaTest::CheckAttention(const AttentionShape& s) {
   cpu_->AttentionBackward(dqkv.cpu, dout.cpu, out.cpu, lse.cpu, qkv.cpu, s, s.seq);
   // q, k and v gradients separately: each must be right on its own.
   const Vec g = Gpu(dqkv), c = Cpu(dqkv);
-  const int q_cols = s.heads * s.head_dim, kv_cols = s.kv_heads * s.head_dim;
-  const std::pair<int, int> parts[] = {{0, q_cols}, {q_cols, kv_cols}, {q_cols + kv_cols, kv_cols}};
-  const char* names[] = {"dq", "dk", "dv"};
+  const auto gp = testing::QkvParts(g, s), cp = testing::QkvParts(c, s);
   for (int part = 0; part < 3; ++part) {
-    Vec gp, cp;
-    for (size_t r = 0; r < rows; ++r) {
-      for (int j = 0; j < parts[part].second; ++j) {
-        gp.push_back(g[r * s.row_stride() + parts[part].first + j]);
-        cp.push_back(c[r * s.row_stride() + parts[part].first + j]);
-      }
-    }
-    const double err = RelError(gp, cp);
-    EXPECT_LE(err, 2e-2) << names[part] << ": relative error " << err;
-    RecordProperty(names[part], Sci(err));
+    const char* name = testing::kQkvGradientNames[part];
+    const double err = RelError(gp[part], cp[part]);
+    EXPECT_LE(err, 2e-2) << name << ": relative error " << err;
+    RecordProperty(name, Sci(err));
   }
   // Deterministic: the same gradients again.
   Poison(dqkv);

@@ -2,11 +2,14 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#include "backend/backend.h"
 
 namespace llamad::testing {
 
@@ -29,6 +32,22 @@ inline double RelError(const std::vector<double>& a, const std::vector<double>& 
     den += ref[i] * ref[i];
   }
   return std::sqrt(num / std::max(den, 1e-300));
+}
+
+// The q, k and v parts of a q|k|v buffer (or its gradient), each rows x its heads' width,
+// so that each is measured on its own.
+inline constexpr const char* kQkvGradientNames[3] = {"dq", "dk", "dv"};
+inline std::array<std::vector<double>, 3> QkvParts(const std::vector<double>& v, const AttentionShape& s) {
+  const int q_cols = s.heads * s.head_dim, kv_cols = s.kv_heads * s.head_dim;
+  const int first[3] = {0, q_cols, q_cols + kv_cols}, width[3] = {q_cols, kv_cols, kv_cols};
+  std::array<std::vector<double>, 3> parts;
+  for (size_t row = 0; row < v.size() / size_t(s.row_stride()); ++row) {
+    for (int part = 0; part < 3; ++part) {
+      const double* at = v.data() + row * s.row_stride() + first[part];
+      parts[part].insert(parts[part].end(), at, at + width[part]);
+    }
+  }
+  return parts;
 }
 
 }  // namespace llamad::testing
