@@ -12,7 +12,6 @@
 #include <cstring>
 #include <map>
 #include <mutex>
-#include <numeric>
 #include <set>
 #include <sstream>
 #include <string>
@@ -21,7 +20,8 @@
 
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/cudnn_attention.h"
-#include "core/rng.h"
+#include "backend/cuda/gpu_device.cuh"
+#include "backend/cuda/layer_kernels.cuh"
 
 namespace llamad {
 namespace cuda {
@@ -34,299 +34,12 @@ namespace {
       ::llamad::cuda::Fail(cublasLtGetStatusString(llamad_st_), __FILE__, __LINE__);  \
   } while (0)
 
-constexpr unsigned kThreads = 256;
-
 // This file is compiled by nvcc, which is kept away from absl and fmt.
 template <typename... Args>
 std::string Cat(const Args&... args) {
   std::ostringstream out;
   (out << ... << args);
   return out.str();
-}
-
-// ---- element-wise kernels -------------------------------------------------------------
-
-template <typename D, typename S>
-__global__ void ConvertKernel(D* dst, const S* src, size_t n) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    dst[i] = FromFloat<D>(ToFloat(src[i]));
-}
-
-template <typename T>
-__global__ void FillKernel(T* x, size_t n, float value) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    x[i] = FromFloat<T>(value);
-}
-
-template <typename T>
-__global__ void ScaleKernel(T* x, size_t n, float scale) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    x[i] = FromFloat<T>(ToFloat(x[i]) * scale);
-}
-
-template <typename T>
-__global__ void AddKernel(T* y, const T* x, size_t n) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    y[i] = FromFloat<T>(ToFloat(y[i]) + ToFloat(x[i]));
-}
-
-// core/rng.h's counter-based normals on the device: the same uniforms, and the CPU's
-// Box-Muller up to the last bit of the device's double-precision log and cos.
-template <typename T>
-__global__ void FillNormalKernel(T* x, size_t n, double std, uint64_t seed, uint64_t stream, uint64_t first) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const uint64_t k = first + i;
-    const double u1 = RandomUniform(seed, stream, 2 * k), u2 = RandomUniform(seed, stream, 2 * k + 1);
-    x[i] = FromFloat<T>(float(std * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2)));
-  }
-}
-
-// Fixed grid, fixed order: each block sums a fixed strided subset in double.
-constexpr unsigned kSumBlocks = 1024;
-template <typename T>
-__global__ void SumSquaresKernel(double* partial, const T* x, size_t n) {
-  __shared__ double scratch[32];
-  double s = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const double v = ToFloat(x[i]);
-    s += v * v;
-  }
-  s = BlockSum(s, scratch);
-  if (threadIdx.x == 0) partial[blockIdx.x] = s;
-}
-
-__global__ void EmbeddingKernel(bf16* out, const int32_t* tokens, const bf16* table, int dim) {
-  const size_t row = blockIdx.x;
-  const bf16* src = table + size_t(tokens[row]) * dim;
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) out[row * dim + c] = src[c];
-}
-
-// One block per distinct token: adds its rows (in order) into its table row.
-__global__ void EmbeddingBackwardKernel(float* dtable, const bf16* dout, const int32_t* unique,
-                                        const int32_t* starts, const int32_t* rows, int dim) {
-  const int u = blockIdx.x;
-  float* dst = dtable + size_t(unique[u]) * dim;
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) {
-    float sum = 0.f;
-    for (int k = starts[u]; k < starts[u + 1]; ++k) sum += ToFloat(dout[size_t(rows[k]) * dim + c]);
-    dst[c] += sum;
-  }
-}
-
-// One block per row; each thread reads V consecutive elements at a time.
-template <int V>
-__global__ void RmsNormKernel(bf16* out, float* rstd, const bf16* x, const bf16* w, int dim,
-                              float eps) {
-  __shared__ float scratch[32];
-  const size_t row = blockIdx.x;
-  const bf16* xr = x + row * dim;
-  float s = 0.f;
-  for (int c = threadIdx.x * V; c < dim; c += blockDim.x * V) {
-    float v[V];
-    LoadBf16<V>(xr + c, v);
-#pragma unroll
-    for (int k = 0; k < V; ++k) s += v[k] * v[k];
-  }
-  s = BlockSum(s, scratch);
-  const float r = rsqrtf(s / float(dim) + eps);
-  for (int c = threadIdx.x * V; c < dim; c += blockDim.x * V) {
-    float v[V], wv[V];
-    LoadBf16<V>(xr + c, v);
-    LoadBf16<V>(w + c, wv);
-#pragma unroll
-    for (int k = 0; k < V; ++k) v[k] = v[k] * r * wv[k];
-    StoreBf16<V>(out + row * dim + c, v);
-  }
-  if (threadIdx.x == 0) rstd[row] = r;
-}
-
-// dx = r * w * g - r^3 * x * mean(g * w * x); each block also sums g * x * r over its rows
-// into its own row of `partial` [blocks, dim] (reduced in order by ReduceRowsKernel).
-// A thread always owns the same columns, so its part of the block's dw row is its own.
-template <int V>
-__global__ void RmsNormBackwardKernel(bf16* dx, float* partial, const bf16* dout, const bf16* x,
-                                      const bf16* w, const float* rstd, int n, int dim,
-                                      bool accumulate) {
-  __shared__ float scratch[32];
-  extern __shared__ float dw_s[];
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) dw_s[c] = 0.f;
-  __syncthreads();
-  for (int row = blockIdx.x; row < n; row += gridDim.x) {
-    const bf16* xr = x + size_t(row) * dim;
-    const bf16* gr = dout + size_t(row) * dim;
-    bf16* dxr = dx + size_t(row) * dim;
-    const float r = rstd[row];
-    float dot = 0.f;
-    for (int c = threadIdx.x * V; c < dim; c += blockDim.x * V) {
-      float xv[V], gv[V], wv[V];
-      LoadBf16<V>(xr + c, xv);
-      LoadBf16<V>(gr + c, gv);
-      LoadBf16<V>(w + c, wv);
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        dot += gv[k] * wv[k] * xv[k];
-        dw_s[c + k] += gv[k] * xv[k] * r;
-      }
-    }
-    dot = BlockSum(dot, scratch);
-    const float k3 = r * r * r * dot / float(dim);
-    for (int c = threadIdx.x * V; c < dim; c += blockDim.x * V) {
-      float xv[V], gv[V], wv[V], out[V];
-      LoadBf16<V>(xr + c, xv);
-      LoadBf16<V>(gr + c, gv);
-      LoadBf16<V>(w + c, wv);
-      if (accumulate) LoadBf16<V>(dxr + c, out);
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const float v = r * wv[k] * gv[k] - k3 * xv[k];
-        out[k] = accumulate ? out[k] + v : v;
-      }
-      StoreBf16<V>(dxr + c, out);
-    }
-  }
-  __syncthreads();
-  for (int c = threadIdx.x; c < dim; c += blockDim.x) partial[size_t(blockIdx.x) * dim + c] = dw_s[c];
-}
-
-__global__ void ReduceRowsKernel(float* dst, const float* partial, int rows, int dim) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= dim) return;
-  float s = 0.f;
-  for (int r = 0; r < rows; ++r) s += partial[size_t(r) * dim + c];
-  dst[c] += s;
-}
-
-__global__ void RopeTableKernel(float* table, int seq, int head_dim, double theta) {
-  const int half = head_dim / 2;
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= seq * half) return;
-  const int pos = i / half, k = i % half;
-  const double angle = pos * pow(theta, -2.0 * k / head_dim);
-  table[2 * i] = float(cos(angle));
-  table[2 * i + 1] = float(sin(angle));
-}
-
-// One thread per (row, rotated head, V consecutive i < D/2): rotates the pairs
-// (i, i + D/2) by the position's angles.
-template <int V>
-__global__ void RopeKernel(bf16* qkv, const float* table, int n, int seq, int rotated, int head_dim,
-                           int stride, float sign) {
-  const int half = head_dim / 2, groups = half / V;
-  const size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
-  if (i >= size_t(n) * rotated * groups) return;
-  const int k = int(i % groups) * V;
-  const int h = int((i / groups) % rotated);
-  const int row = int(i / (size_t(groups) * rotated));
-  const float* cs = table + (size_t(row % seq) * half + k) * 2;  // cos, sin of k, k + 1, ...
-  bf16* v = qkv + size_t(row) * stride + size_t(h) * head_dim;
-  float x1[V], x2[V];
-  LoadBf16<V>(v + k, x1);
-  LoadBf16<V>(v + k + half, x2);
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const float c = cs[2 * j], s = sign * cs[2 * j + 1];
-    const float a = x1[j], b = x2[j];
-    x1[j] = a * c - b * s;
-    x2[j] = b * c + a * s;
-  }
-  StoreBf16<V>(v + k, x1);
-  StoreBf16<V>(v + k + half, x2);
-}
-
-// One thread per V consecutive columns of one row: h = silu(gate) * up.
-template <int V>
-__global__ void SwiGluKernel(bf16* h, const bf16* gate_up, int n, int ffn) {
-  const int groups = ffn / V;
-  const size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
-  if (i >= size_t(n) * groups) return;
-  const size_t row = i / groups, c = (i % groups) * V;
-  float g[V], u[V];
-  LoadBf16<V>(gate_up + row * 2 * ffn + c, g);
-  LoadBf16<V>(gate_up + row * 2 * ffn + ffn + c, u);
-#pragma unroll
-  for (int k = 0; k < V; ++k) g[k] = g[k] / (1.f + __expf(-g[k])) * u[k];
-  StoreBf16<V>(h + row * ffn + c, g);
-}
-
-template <int V>
-__global__ void SwiGluBackwardKernel(bf16* dgate_up, const bf16* dh, const bf16* gate_up, int n,
-                                     int ffn) {
-  const int groups = ffn / V;
-  const size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
-  if (i >= size_t(n) * groups) return;
-  const size_t row = i / groups, c = (i % groups) * V;
-  float g[V], u[V], d[V];
-  LoadBf16<V>(gate_up + row * 2 * ffn + c, g);
-  LoadBf16<V>(gate_up + row * 2 * ffn + ffn + c, u);
-  LoadBf16<V>(dh + row * ffn + c, d);
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const float sig = 1.f / (1.f + __expf(-g[k]));
-    const float dgate = d[k] * u[k] * sig * (1.f + g[k] * (1.f - sig));
-    u[k] = d[k] * g[k] * sig;  // d up
-    g[k] = dgate;
-  }
-  StoreBf16<V>(dgate_up + row * 2 * ffn + c, g);
-  StoreBf16<V>(dgate_up + row * 2 * ffn + ffn + c, u);
-}
-
-// One block per row of f32 logits: the row's loss, and (dlogits != null) the gradient
-// (softmax - onehot) * grad_scale in bf16. Ignored rows (target < 0) get 0 and zeros.
-__global__ void CrossEntropyKernel(float* loss, bf16* dlogits, const float* logits,
-                                   const int32_t* targets, int vocab, float grad_scale) {
-  __shared__ float scratch[32];
-  const size_t row = blockIdx.x;
-  const float* l = logits + row * vocab;
-  const int target = targets[row];
-  if (target < 0) {
-    if (dlogits != nullptr)
-      for (int c = threadIdx.x; c < vocab; c += blockDim.x) dlogits[row * vocab + c] = FromFloat<bf16>(0.f);
-    if (threadIdx.x == 0) loss[row] = 0.f;
-    return;
-  }
-  float m = -INFINITY;
-  for (int c = threadIdx.x; c < vocab; c += blockDim.x) m = fmaxf(m, l[c]);
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  __shared__ float warp_max[32];
-  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
-  __syncthreads();
-  m = -INFINITY;
-  for (int k = 0; k < int(blockDim.x / 32); ++k) m = fmaxf(m, warp_max[k]);
-  float s = 0.f;
-  for (int c = threadIdx.x; c < vocab; c += blockDim.x) s += __expf(l[c] - m);
-  s = BlockSum(s, scratch);
-  const float lse = m + logf(s);
-  if (threadIdx.x == 0) loss[row] = lse - l[target];
-  if (dlogits != nullptr) {
-    for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
-      const float p = __expf(l[c] - lse) - (c == target ? 1.f : 0.f);
-      dlogits[row * vocab + c] = FromFloat<bf16>(p * grad_scale);
-    }
-  }
-}
-
-// AdamW on f32 master weights (or on the parameters themselves when master is null and
-// the parameters are f32), writing the bf16 rounding into param.
-template <typename P>
-__global__ void AdamWKernel(P* param, float* master, const float* grad, float* m, float* v,
-                            size_t n, float b1, float b2, float eps, float grad_scale,
-                            float step_size, float inv_bias2_sqrt, float decay) {
-  // Each operation rounded on its own (no contraction into fused multiply-adds), in the
-  // CPU kernel's order (cpu/adamw_simd.h): the host-offloaded update on the CPU and this
-  // one give bit-identical weights.
-  const float c1 = __fsub_rn(1.f, b1), c2 = __fsub_rn(1.f, b2);
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const float g = __fmul_rn(grad[i], grad_scale);
-    const float mi = __fadd_rn(__fmul_rn(b1, m[i]), __fmul_rn(c1, g));
-    const float vi = __fadd_rn(__fmul_rn(b2, v[i]), __fmul_rn(__fmul_rn(c2, g), g));
-    m[i] = mi;
-    v[i] = vi;
-    const float p0 = master != nullptr ? master[i] : ToFloat(param[i]);
-    const float denominator = __fadd_rn(__fmul_rn(__fsqrt_rn(vi), inv_bias2_sqrt), eps);
-    const float p = __fsub_rn(__fmul_rn(p0, decay), __fdiv_rn(__fmul_rn(step_size, mi), denominator));
-    if (master != nullptr) master[i] = p;
-    param[i] = FromFloat<P>(p);
-  }
 }
 
 // ---- cuBLASLt ---------------------------------------------------------------------------
@@ -424,6 +137,7 @@ class CudaBackend final : public Backend {
   explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {
     LLAMAD_CUDA_CHECK(cudaSetDevice(options.device));
     LLAMAD_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    gpu_.stream = stream_;
     gemm_ = std::make_unique<Gemm>(stream_);
     if (options.attention != CudaAttention::kLlamad) {
       std::string why;
@@ -541,9 +255,7 @@ class CudaBackend final : public Backend {
       for (size_t done = 0; done < n; done += kStagingElements) {
         const size_t count = std::min(kStagingElements, n - done);
         LLAMAD_CUDA_CHECK(cudaMemcpyAsync(staging, src + done, count * 4, cudaMemcpyHostToDevice, stream_));
-        ConvertKernel<<<Blocks(count, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(dst) + done, staging,
-                                                                          count);
-        LLAMAD_CUDA_LAUNCHED();
+        layers::Convert(gpu_, static_cast<bf16*>(dst) + done, staging, count);
       }
     }
   }
@@ -555,9 +267,7 @@ class CudaBackend final : public Backend {
       float* staging = Scratch<float>(staging_, std::min(n, kStagingElements));
       for (size_t done = 0; done < n; done += kStagingElements) {
         const size_t count = std::min(kStagingElements, n - done);
-        ConvertKernel<<<Blocks(count, kThreads), kThreads, 0, stream_>>>(
-            staging, static_cast<const bf16*>(src) + done, count);
-        LLAMAD_CUDA_LAUNCHED();
+        layers::Convert(gpu_, staging, static_cast<const bf16*>(src) + done, count);
         LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst + done, staging, count * 4, cudaMemcpyDeviceToHost, stream_));
       }
     }
@@ -570,11 +280,10 @@ class CudaBackend final : public Backend {
       return;
     }
     if (dt == DType::kBF16) {
-      ConvertKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(dst), static_cast<const float*>(src), n);
+      layers::Convert(gpu_, static_cast<bf16*>(dst), static_cast<const float*>(src), n);
     } else {
-      ConvertKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<float*>(dst), static_cast<const bf16*>(src), n);
+      layers::Convert(gpu_, static_cast<float*>(dst), static_cast<const bf16*>(src), n);
     }
-    LLAMAD_CUDA_LAUNCHED();
   }
   void Zero(void* x, size_t n) override {
     LLAMAD_CUDA_CHECK(cudaMemsetAsync(x, 0, n * DTypeSize(TypeOf(x, n)), stream_));
@@ -583,46 +292,40 @@ class CudaBackend final : public Backend {
     const DType type = TypeOf(y, n);
     if (TypeOf(x, n) != type) Fail("Add of buffers of different element types", __FILE__, __LINE__);
     if (type == DType::kF32) {
-      AddKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<float*>(y), static_cast<const float*>(x), n);
+      layers::Add(gpu_, static_cast<float*>(y), static_cast<const float*>(x), n);
     } else {
-      AddKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(y), static_cast<const bf16*>(x), n);
+      layers::Add(gpu_, static_cast<bf16*>(y), static_cast<const bf16*>(x), n);
     }
-    LLAMAD_CUDA_LAUNCHED();
   }
   void Scale(void* x, double scale, size_t n) override {
     if (TypeOf(x, n) == DType::kF32) {
-      ScaleKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<float*>(x), n, float(scale));
+      layers::Scale(gpu_, static_cast<float*>(x), n, float(scale));
     } else {
-      ScaleKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(x), n, float(scale));
+      layers::Scale(gpu_, static_cast<bf16*>(x), n, float(scale));
     }
-    LLAMAD_CUDA_LAUNCHED();
   }
   void Fill(void* x, size_t n, double value) override {
     if (TypeOf(x, n) == DType::kF32) {
-      FillKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<float*>(x), n, float(value));
+      layers::Fill(gpu_, static_cast<float*>(x), n, float(value));
     } else {
-      FillKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(x), n, float(value));
+      layers::Fill(gpu_, static_cast<bf16*>(x), n, float(value));
     }
-    LLAMAD_CUDA_LAUNCHED();
   }
   void FillNormal(void* x, size_t n, double std, uint64_t seed, uint64_t stream, uint64_t first) override {
     if (TypeOf(x, n) == DType::kF32) {
-      FillNormalKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<float*>(x), n, std, seed, stream,
-                                                                        first);
+      layers::FillNormal(gpu_, static_cast<float*>(x), n, std, seed, stream, first);
     } else {
-      FillNormalKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(static_cast<bf16*>(x), n, std, seed, stream,
-                                                                       first);
+      layers::FillNormal(gpu_, static_cast<bf16*>(x), n, std, seed, stream, first);
     }
-    LLAMAD_CUDA_LAUNCHED();
   }
   double SumSquares(const void* x, size_t n) override {
+    using layers::kSumBlocks;
     double* partial = Scratch<double>(sum_partial_, kSumBlocks);
     if (TypeOf(x, n) == DType::kF32) {
-      SumSquaresKernel<<<kSumBlocks, kThreads, 0, stream_>>>(partial, static_cast<const float*>(x), n);
+      layers::SumSquaresPartials(gpu_, partial, static_cast<const float*>(x), n);
     } else {
-      SumSquaresKernel<<<kSumBlocks, kThreads, 0, stream_>>>(partial, static_cast<const bf16*>(x), n);
+      layers::SumSquaresPartials(gpu_, partial, static_cast<const bf16*>(x), n);
     }
-    LLAMAD_CUDA_LAUNCHED();
     std::vector<double> host(kSumBlocks);
     LLAMAD_CUDA_CHECK(cudaMemcpyAsync(host.data(), partial, kSumBlocks * sizeof(double), cudaMemcpyDeviceToHost, stream_));
     LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -649,90 +352,34 @@ class CudaBackend final : public Backend {
 
   void Embedding(void* out, const int32_t* tokens, const void* table, int n, int dim) override {
     if (n == 0) return;
-    const int32_t* d_tokens = UploadIds(tokens, n, ids_);
-    EmbeddingKernel<<<n, 128, 0, stream_>>>(static_cast<bf16*>(out), d_tokens, B(table), dim);
-    LLAMAD_CUDA_LAUNCHED();
+    layers::Embedding(gpu_, static_cast<bf16*>(out), UploadIds(tokens, n, ids_), B(table), n, dim);
   }
   void EmbeddingBackward(void* dtable, const void* dout, const int32_t* tokens, int n,
                          int dim) override {
     if (n == 0) return;
-    // Rows grouped by token on the host, so that each table row is summed by one block
-    // in row order: no atomics, the same result every run.
-    std::vector<int32_t> rows(n);
-    std::iota(rows.begin(), rows.end(), 0);
-    std::stable_sort(rows.begin(), rows.end(), [&](int a, int b) { return tokens[a] < tokens[b]; });
-    std::vector<int32_t> unique, starts;
-    for (int k = 0; k < n; ++k) {
-      if (k == 0 || tokens[rows[k]] != tokens[rows[k - 1]]) {
-        unique.push_back(tokens[rows[k]]);
-        starts.push_back(k);
-      }
-    }
-    starts.push_back(n);
-    std::vector<int32_t> packed;
-    packed.reserve(unique.size() + starts.size() + rows.size());
-    packed.insert(packed.end(), unique.begin(), unique.end());
-    packed.insert(packed.end(), starts.begin(), starts.end());
-    packed.insert(packed.end(), rows.begin(), rows.end());
-    const int32_t* d = UploadIds(packed.data(), packed.size(), grouping_);
-    EmbeddingBackwardKernel<<<unsigned(unique.size()), 128, 0, stream_>>>(
-        F(dtable), B(dout), d, d + unique.size(), d + unique.size() + starts.size(), dim);
-    LLAMAD_CUDA_LAUNCHED();
+    const layers::TokenGroups groups = layers::GroupRowsByToken(tokens, n);
+    layers::EmbeddingBackward(gpu_, F(dtable), B(dout), UploadIds(groups.packed.data(), groups.packed.size(), grouping_),
+                              groups.distinct, dim);
   }
 
   void RmsNorm(void* out, void* rstd, const void* x, const void* w, int n, int dim,
                double eps) override {
     if (n == 0) return;
-    if (VectorsFit(8, dim, {out, x, w})) {
-      RmsNormKernel<8><<<n, kThreads, 0, stream_>>>(static_cast<bf16*>(out), F(rstd), B(x), B(w), dim, float(eps));
-    } else {
-      RmsNormKernel<1><<<n, kThreads, 0, stream_>>>(static_cast<bf16*>(out), F(rstd), B(x), B(w), dim, float(eps));
-    }
-    LLAMAD_CUDA_LAUNCHED();
+    layers::RmsNorm(gpu_, static_cast<bf16*>(out), F(rstd), B(x), B(w), n, dim, float(eps));
   }
   void RmsNormBackward(void* dx, void* dw, const void* dout, const void* x, const void* w,
                        const void* rstd, int n, int dim, bool accumulate_dx) override {
     if (n == 0) return;
-    const int blocks = std::min(n, 512);
-    float* partial = Scratch<float>(norm_partial_, size_t(blocks) * dim);
-    const int smem = dim * int(sizeof(float));  // the block's dw row
-    auto launch = [&](auto kernel) {
-      if (smem > 48 * 1024) {
-        LLAMAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      }
-      kernel<<<blocks, kThreads, smem, stream_>>>(static_cast<bf16*>(dx), partial, B(dout), B(x), B(w),
-                                                  static_cast<const float*>(rstd), n, dim, accumulate_dx);
-      LLAMAD_CUDA_LAUNCHED();
-    };
-    if (VectorsFit(8, dim, {dx, dout, x, w})) {
-      launch(RmsNormBackwardKernel<8>);
-    } else {
-      launch(RmsNormBackwardKernel<1>);
-    }
-    ReduceRowsKernel<<<(dim + 255) / 256, 256, 0, stream_>>>(F(dw), partial, blocks, dim);
-    LLAMAD_CUDA_LAUNCHED();
+    float* partial = Scratch<float>(norm_partial_, size_t(layers::RmsNormBackwardBlocks(n)) * dim);
+    layers::RmsNormBackward(gpu_, static_cast<bf16*>(dx), F(dw), partial, B(dout), B(x), B(w),
+                            static_cast<const float*>(rstd), n, dim, accumulate_dx);
   }
 
   void RopeTable(void* table, int seq, int head_dim, double theta) override {
-    const int n = seq * (head_dim / 2);
-    RopeTableKernel<<<(n + 255) / 256, 256, 0, stream_>>>(F(table), seq, head_dim, theta);
-    LLAMAD_CUDA_LAUNCHED();
+    layers::RopeTable(gpu_, F(table), seq, head_dim, theta);
   }
   void Rope(void* qkv, const void* table, const AttentionShape& s, bool inverse) override {
-    const int rotated = s.heads + s.kv_heads, n = s.batch * s.seq, half = s.head_dim / 2;
-    auto launch = [&](auto kernel, int v) {
-      const size_t threads = size_t(n) * rotated * (half / v);
-      kernel<<<unsigned((threads + 255) / 256), 256, 0, stream_>>>(
-          static_cast<bf16*>(qkv), static_cast<const float*>(table), n, s.seq, rotated, s.head_dim,
-          s.row_stride(), inverse ? -1.f : 1.f);
-      LLAMAD_CUDA_LAUNCHED();
-    };
-    // Pairs of columns at once where each head's halves and rows stay 4-byte aligned.
-    if (half % 2 == 0 && s.row_stride() % 2 == 0 && VectorsFit(2, 2, {qkv})) {
-      launch(RopeKernel<2>, 2);
-    } else {
-      launch(RopeKernel<1>, 1);
-    }
+    layers::Rope(gpu_, static_cast<bf16*>(qkv), static_cast<const float*>(table), s, inverse);
   }
 
   // cuDNN's fused attention where it runs the shape, else the own kernels (whose tile is
@@ -765,20 +412,10 @@ class CudaBackend final : public Backend {
   }
 
   void SwiGlu(void* h, const void* gate_up, int n, int ffn) override {
-    if (VectorsFit(8, ffn, {h, gate_up})) {
-      LaunchRows(SwiGluKernel<8>, size_t(n) * ffn / 8, static_cast<bf16*>(h), B(gate_up), n, ffn);
-    } else {
-      LaunchRows(SwiGluKernel<1>, size_t(n) * ffn, static_cast<bf16*>(h), B(gate_up), n, ffn);
-    }
+    layers::SwiGlu(gpu_, static_cast<bf16*>(h), B(gate_up), n, ffn);
   }
   void SwiGluBackward(void* dgate_up, const void* dh, const void* gate_up, int n, int ffn) override {
-    if (VectorsFit(8, ffn, {dgate_up, dh, gate_up})) {
-      LaunchRows(SwiGluBackwardKernel<8>, size_t(n) * ffn / 8, static_cast<bf16*>(dgate_up), B(dh),
-                 B(gate_up), n, ffn);
-    } else {
-      LaunchRows(SwiGluBackwardKernel<1>, size_t(n) * ffn, static_cast<bf16*>(dgate_up), B(dh),
-                 B(gate_up), n, ffn);
-    }
+    layers::SwiGluBackward(gpu_, static_cast<bf16*>(dgate_up), B(dh), B(gate_up), n, ffn);
   }
 
   double LmHeadCrossEntropy(const void* x, const void* w, const int32_t* targets, int n, int dim,
@@ -794,9 +431,7 @@ class CudaBackend final : public Backend {
       const int rows = std::min(chunk, n - r0);
       const bf16* xc = xb + size_t(r0) * dim;
       gemm_->Run(true, false, vocab, rows, dim, B(w), dim, xc, dim, 0.f, logits, CUDA_R_32F, vocab);
-      CrossEntropyKernel<<<rows, 512, 0, stream_>>>(losses + r0, dlogits, logits, d_targets + r0, vocab,
-                                                    float(grad_scale));
-      LLAMAD_CUDA_LAUNCHED();
+      layers::CrossEntropy(gpu_, losses + r0, dlogits, logits, d_targets + r0, rows, vocab, float(grad_scale));
       if (dx == nullptr) continue;
       gemm_->Run(false, false, dim, rows, vocab, B(w), dim, dlogits, vocab, 0.f,
                  static_cast<bf16*>(dx) + size_t(r0) * dim, CUDA_R_16BF, dim);
@@ -812,21 +447,12 @@ class CudaBackend final : public Backend {
 
   void AdamW(void* param, void* master, const void* grad, void* m, void* v, size_t n,
              const AdamWStep& s) override {
-    const float step_size = float(s.lr / (1.0 - std::pow(s.beta1, double(s.step))));
-    const float inv_bias2_sqrt = float(1.0 / std::sqrt(1.0 - std::pow(s.beta2, double(s.step))));
-    const float decay = float(1.0 - s.lr * s.weight_decay);
-    auto launch = [&](auto* p) {
-      AdamWKernel<<<Blocks(n, kThreads), kThreads, 0, stream_>>>(
-          p, F(master), static_cast<const float*>(grad), F(m), F(v), n, float(s.beta1),
-          float(s.beta2), float(s.eps), float(s.grad_scale), step_size, inv_bias2_sqrt, decay);
-    };
     if (TypeOf(param, n) == DType::kF32) {
-      launch(F(param));
+      layers::AdamW(gpu_, F(param), F(master), static_cast<const float*>(grad), F(m), F(v), n, s);
     } else {
       if (master == nullptr) Fail("AdamW on bf16 parameters needs f32 master weights", __FILE__, __LINE__);
-      launch(static_cast<bf16*>(param));
+      layers::AdamW(gpu_, static_cast<bf16*>(param), F(master), static_cast<const float*>(grad), F(m), F(v), n, s);
     }
-    LLAMAD_CUDA_LAUNCHED();
   }
 
  private:
@@ -838,14 +464,6 @@ class CudaBackend final : public Backend {
     void* data = nullptr;
     size_t bytes = 0;
   };
-
-  // One thread per work item (`threads` of them), 256 to a block.
-  template <typename... KernelArgs, typename... Args>
-  void LaunchRows(void (*kernel)(KernelArgs...), size_t threads, Args... args) {
-    if (threads == 0) return;
-    kernel<<<unsigned((threads + 255) / 256), 256, 0, stream_>>>(args...);
-    LLAMAD_CUDA_LAUNCHED();
-  }
 
   // After cuDNN declined a shape: an error where cuDNN was asked for, else a note (once
   // per reason) that the own kernels run instead.
@@ -910,6 +528,7 @@ class CudaBackend final : public Backend {
 
   CudaBackendOptions options_;
   cudaStream_t stream_ = nullptr;
+  Gpu gpu_{nullptr};  // layer_kernels.cuh's launches on stream_
   std::unique_ptr<Gemm> gemm_;
   std::unique_ptr<CudnnAttention> cudnn_;  // null: the own attention kernels
   std::set<std::string> fallback_reasons_;

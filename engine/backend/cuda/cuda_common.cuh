@@ -42,6 +42,16 @@ namespace llamad::cuda {
 
 using bf16 = __nv_bfloat16;
 
+// The block's dynamic shared memory: the launch's shared_bytes of it, 16-byte aligned.
+#ifdef __CUDACC__
+__device__ __forceinline__ unsigned char* DynamicSharedMemory() {
+  extern __shared__ __align__(16) unsigned char dynamic_shared_memory[];
+  return dynamic_shared_memory;
+}
+#else
+unsigned char* DynamicSharedMemory();  // the CPU emulator's (tests/engine/cuda_emulator.cc)
+#endif
+
 __device__ __forceinline__ float ToFloat(float x) { return x; }
 __device__ __forceinline__ float ToFloat(bf16 x) { return __bfloat162float(x); }
 template <typename T>
