@@ -16,72 +16,24 @@
 #include <string>
 #include <vector>
 
-#include "engine/cuda_emulator.h"
-// The kernels call the emulator's instructions, so they come after it.
+#include "engine/emulated_gpu.h"
+
+// The kernels call the emulator's intrinsics, so they come after it.
 #include "backend/cuda/attention_kernels.cuh"
 #include "backend/cpu/cpu_backend.h"
 #include "engine/relative_error.h"
-
-namespace llamad::cuda::flash {
-// The kernels' dynamic shared memory: as much as a Hopper block may opt in to.
-alignas(16) unsigned char smem[227 * 1024];
-}  // namespace llamad::cuda::flash
 
 namespace llamad {
 namespace {
 
 using cuda::bf16;
+using testing::EmulatedGpu;
+using testing::Floats;
+using testing::Guarded;
 using testing::RelError;
 using testing::RoundBf16;
 using Vec = std::vector<double>;
 
-// attention_kernels.cuh's Device on the emulator, with a GPU's launch limits.
-struct EmulatedGpu {
-  cuda::emulator::Emulator& emulator;
-  int max_grid_y = 65535;
-  int shared_limit = 227 * 1024;
-
-  template <typename... Params, typename... Args>
-  void Launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes, Args... args) {
-    if (shared_bytes > shared_limit) {
-      throw std::runtime_error("a launch asks for " + std::to_string(shared_bytes) + " bytes of shared memory, " +
-                               "more than the " + std::to_string(shared_limit) + " a block may have");
-    }
-    if (int(grid.y) > max_grid_y) throw std::runtime_error("grid y " + std::to_string(grid.y) + " past the limit");
-    emulator.Run(grid, dim3(threads), shared_bytes, [&] { kernel(args...); });
-  }
-  int SharedMemoryLimit() const { return shared_limit; }
-};
-
-// A buffer with guard elements on both sides, so that a write past either end shows.
-template <typename T>
-class Guarded {
- public:
-  explicit Guarded(size_t n, T fill) : v_(n + 2 * kGuard, Sentinel()) {
-    std::fill(data(), data() + n, fill);
-  }
-  T* data() { return v_.data() + kGuard; }
-  size_t size() const { return v_.size() - 2 * kGuard; }
-  bool GuardsIntact() const {
-    for (size_t i = 0; i < kGuard; ++i) {
-      if (!Same(v_[i]) || !Same(v_[v_.size() - 1 - i])) return false;
-    }
-    return true;
-  }
-
- private:
-  static constexpr size_t kGuard = 64;
-  static T Sentinel() { return T(12345.0f); }
-  static bool Same(T x) { return float(x) == float(Sentinel()); }
-  std::vector<T> v_;
-};
-
-Vec Floats(const bf16* p, size_t n) {
-  Vec v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = __bfloat162float(p[i]);
-  return v;
-}
-Vec Floats(const float* p, size_t n) { return Vec(p, p + n); }
 
 std::string Describe(const AttentionShape& s) {
   return "B" + std::to_string(s.batch) + " T" + std::to_string(s.seq) + " H" + std::to_string(s.heads) + " Hkv" +
@@ -129,7 +81,7 @@ class AttentionEmulationTest : public ::testing::Test {
     Guarded<bf16> out(rows * s.heads * s.head_dim, bf16(nan)), dqkv(qkv.size(), bf16(nan));
     Guarded<float> lse(stats, nan), delta(stats, nan);
 
-    cuda::emulator::Emulator emulator(cuda::flash::smem, c.options);
+    cuda::emulator::Emulator emulator(c.options);
     emulator.AllowReads(qkv.data(), qkv.size() * sizeof(bf16));
     emulator.AllowReads(dout.data(), dout.size() * sizeof(bf16));
     EmulatedGpu gpu{emulator, c.max_grid_y, c.shared_limit};

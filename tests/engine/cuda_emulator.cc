@@ -3,8 +3,10 @@
 #include <fmt/format.h>
 
 #include <boost/context/fiber.hpp>
+#include <boost/context/pooled_fixedsize_stack.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -41,14 +43,14 @@ struct LaneIn {
   const unsigned char* row;  // ldmatrix
   uint32_t a[4], b0, b1;     // mma
   float c[4];                // mma
-  float value;               // shuffle
+  double value;              // shuffle (a float or a double)
   unsigned mask;
   int lane_mask;
 };
 struct LaneOut {
   uint32_t r[4];
   float c[4];
-  float value;
+  double value;
 };
 
 // A warp's collectives alternate between two slots: a lane can only reach collective
@@ -255,7 +257,7 @@ std::string Deadlock(const std::vector<Thread>& threads) {
 
 }  // namespace
 
-Emulator::Emulator(std::span<unsigned char> shared, Options options) : shared_(shared), options_(options) {}
+Emulator::Emulator(Options options) : shared_(kSharedBytes), options_(options) {}
 
 void Emulator::AllowReads(const void* p, size_t bytes) {
   readable_.emplace_back(static_cast<const unsigned char*>(p), bytes);
@@ -269,6 +271,9 @@ void Emulator::Run(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
                                          shared_.size()));
   }
   std::vector<Thread> threads(n);
+  // Stacks come back to the pool when a block's fibers end: a launch of many blocks
+  // allocates one block's worth.
+  boost::context::pooled_fixedsize_stack stacks(kStackBytes, n);
   gridDim = grid;
   blockDim = block;
   for (unsigned z = 0; z < grid.z; ++z) {
@@ -285,7 +290,7 @@ void Emulator::Run(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
         std::memset(shared_.data(), 0xff, shared_.size());
         for (Thread& t : threads) {
           t = Thread{};
-          t.fiber = boost::context::fiber(std::allocator_arg, boost::context::fixedsize_stack(kStackBytes),
+          t.fiber = boost::context::fiber(std::allocator_arg, stacks,
                                           [&t, &thread](boost::context::fiber&& scheduler) {
                                             t.scheduler = std::move(scheduler);
                                             thread();
@@ -320,6 +325,11 @@ void Emulator::Run(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
         }
         g_block = nullptr;
         if (!b.error.empty()) throw std::runtime_error(b.error);
+        const auto past = std::find_if(shared_.begin() + shared_bytes, shared_.end(), [](unsigned char c) { return c != 0xff; });
+        if (past != shared_.end()) {
+          throw std::runtime_error(fmt::format("block ({},{},{}) wrote byte {} of shared memory, past the launch's {} bytes",
+                                               x, y, z, past - shared_.begin(), shared_bytes));
+        }
       }
     }
   }
@@ -341,7 +351,7 @@ void __syncthreads() {
   }
 }
 
-float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
+double __shfl_xor_sync(unsigned mask, double value, int lane_mask) {
   using namespace llamad::cuda::emulator;
   LaneIn in{};
   in.op = Op::kShuffle;
@@ -350,10 +360,24 @@ float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
   in.lane_mask = lane_mask;
   return Collective(in).value;
 }
+float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
+  return float(__shfl_xor_sync(mask, double(value), lane_mask));
+}
+
+float __fadd_rn(float a, float b) { return a + b; }
+float __fsub_rn(float a, float b) { return a - b; }
+float __fmul_rn(float a, float b) { return a * b; }
+float __fdiv_rn(float a, float b) { return a / b; }
+float __fsqrt_rn(float a) { return std::sqrt(a); }
+float rsqrtf(float a) { return 1.f / std::sqrt(a); }
+// glibc's math.h declares __expf (an internal name) without the library exporting it.
+extern "C" float __expf(float x) noexcept { return std::exp(x); }
 
 namespace llamad::cuda {
 
 using namespace emulator;
+
+unsigned char* DynamicSharedMemory() { return g_block->shared; }
 
 void Mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   LaneIn in{};

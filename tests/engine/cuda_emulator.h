@@ -1,5 +1,6 @@
-// A CPU emulator of as much of CUDA as the own flash attention kernels use, so that a
-// test runs their source (backend/cuda/attention_kernels.cuh) where no GPU is present.
+// A CPU emulator of as much of CUDA as the backend's own kernels use, so that tests run
+// their source (backend/cuda/attention_kernels.cuh and layer_kernels.cuh) where no GPU is
+// present.
 //
 // Every thread of a block is a fiber on one OS thread; blocks run one after another.
 // Fibers take turns only where CUDA makes threads wait for each other: __syncthreads()
@@ -8,8 +9,11 @@
 //   - every lane of a warp reaches the same collective (mma, ldmatrix, shuffle), and
 //     every thread of a block the same __syncthreads(), else it names the lanes;
 //   - ldmatrix reads and cp.async writes fall inside the launch's dynamic shared memory,
-//     16-byte aligned; cp.async reads inside the buffers the test allowed;
-//   - shared memory starts as NaN (bytes 0xff), so a read of a row no copy filled shows;
+//     16-byte aligned; cp.async reads inside the buffers the test allowed; after each
+//     block, the bytes past the launch's dynamic shared memory are as they were (no
+//     plain store went past it);
+//   - dynamic shared memory starts as NaN (bytes 0xff), so a read of a row no copy
+//     filled shows;
 //   - cp.async copies land either when issued or only when waited for (Options), and
 //     warps run in step or far apart (Turns), so a pipeline that reads a buffer too
 //     early, or overwrites one another warp still reads, gives a different answer in
@@ -24,20 +28,21 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
-#include <span>
 #include <string>
 #include <utility>
 #include <vector>
 
 // CUDA's qualifiers mean nothing on the host (cuda_runtime.h maps them to attributes
-// that g++ warns about); __forceinline__ and __align__ keep their host meanings.
+// that g++ warns about); __forceinline__ and __align__ keep their host meanings. Shared
+// memory is thread_local: every thread of a block is a fiber of one OS thread, so they
+// all see one copy, as a block's threads see one on a GPU.
 #undef __global__
 #undef __device__
 #undef __shared__
 #undef __launch_bounds__
 #define __global__
 #define __device__
-#define __shared__
+#define __shared__ thread_local
 #define __launch_bounds__(...)
 
 // The built-in variables of the thread that runs.
@@ -46,7 +51,19 @@ extern dim3 blockDim, gridDim;
 
 void __syncthreads();
 float __shfl_xor_sync(unsigned mask, float value, int lane_mask);
+double __shfl_xor_sync(unsigned mask, double value, int lane_mask);
 inline int min(int a, int b) { return a < b ? a : b; }
+
+// The device's correctly rounded float arithmetic, each operation on its own (defined
+// out of line, so that the host compiler cannot fuse them either), and rsqrtf. __expf
+// (declared by glibc's math.h, defined by the emulator) is expf here; on a GPU it is an
+// approximation within 2 ulp plus the error of scaling x by log2(e).
+float __fadd_rn(float a, float b);
+float __fsub_rn(float a, float b);
+float __fmul_rn(float a, float b);
+float __fdiv_rn(float a, float b);
+float __fsqrt_rn(float a);
+float rsqrtf(float a);
 
 // The instructions of backend/cuda/warp_ops.cuh, with the same signatures and meaning.
 namespace llamad::cuda {
@@ -76,8 +93,10 @@ struct Options {
 
 class Emulator {
  public:
-  // `shared` is the kernels' `extern __shared__` array: the emulator poisons and checks it.
-  Emulator(std::span<unsigned char> shared, Options options);
+  // The dynamic shared memory a launch may have: as much as a Hopper block may opt in to.
+  static constexpr size_t kSharedBytes = 227 * 1024;
+
+  explicit Emulator(Options options = {});
 
   // cp.async may read [p, p + bytes).
   void AllowReads(const void* p, size_t bytes);
@@ -88,7 +107,7 @@ class Emulator {
   void Run(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& thread);
 
  private:
-  std::span<unsigned char> shared_;
+  std::vector<unsigned char> shared_;  // DynamicSharedMemory() of the running block
   Options options_;
   std::vector<std::pair<const unsigned char*, size_t>> readable_;
 };

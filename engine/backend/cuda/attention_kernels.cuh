@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads) ForwardKernel(bf16* __restrict__ out
   constexpr int MT = kForwardRowTiles, kRows = kForwardRows, kKeys = kForwardKeys<D>;
   constexpr int N = kKeys / 8;  // n-tiles of scores per m-tile
   constexpr int kTileElements = kKeys * Tile<D>::kStride;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = DynamicSharedMemory();
   // The query tile, then two stages of a key tile and a value tile.
   const Tile<D> qs{reinterpret_cast<bf16*>(smem)};
   bf16* const stages = qs.row(kRows);
@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(kThreads) BackwardDqKernel(
     bf16* __restrict__ dqkv, const bf16* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, const bf16* __restrict__ qkv, Dims d, float scale) {
   constexpr int kTileElements = kTile * Tile<D>::kStride;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = DynamicSharedMemory();
   // Q and dO, then kStages buffers of a key tile and a value tile.
   const Tile<D> qs{reinterpret_cast<bf16*>(smem)};
   const Tile<D> dos = qs.next(kTile);
@@ -476,7 +476,7 @@ __global__ void __launch_bounds__(kThreads) BackwardDkvKernel(
     bf16* __restrict__ dqkv, const bf16* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, const bf16* __restrict__ qkv, Dims d, float scale) {
   constexpr int kTileElements = kTile * Tile<D>::kStride;
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = DynamicSharedMemory();
   const Tile<D> ks{reinterpret_cast<bf16*>(smem)};
   const Tile<D> vs = ks.next(kTile);
   bf16* const stages = vs.row(kTile);
@@ -610,7 +610,7 @@ inline Dims MakeDims(const AttentionArgs& a) {
 //       runs kernel(args...) over the grid with that much dynamic shared memory;
 //   int SharedMemoryLimit()   the dynamic shared memory a block may opt in to;
 //   int max_grid_y            the largest grid y.
-// attention.cu's is the GPU; the CPU emulator's runs the same kernels in tests.
+// gpu_device.cuh's is the GPU; the CPU emulator's runs the same kernels in tests.
 
 // The dynamic shared memory a block may opt in to: 227 KiB on sm_90, 163 KiB on sm_80
 // and sm_87, 99 KiB on sm_86, sm_89 and sm_120 (the least of the GPUs we build for).
