@@ -4,14 +4,15 @@
 //
 // Every thread of a block is a fiber on one OS thread; blocks run one after another.
 // Fibers take turns only where CUDA makes threads wait for each other: __syncthreads()
-// and the warp-collective instructions (Turns says in what order). The emulator checks what a GPU would leave
-// undefined or do silently wrong:
+// and the warp-collective instructions (Turns says in what order). The emulator checks
+// what a GPU would leave undefined or do silently wrong:
 //   - every lane of a warp reaches the same collective (mma, ldmatrix, shuffle), and
 //     every thread of a block the same __syncthreads(), else it names the lanes;
 //   - ldmatrix reads and cp.async writes fall inside the launch's dynamic shared memory,
 //     16-byte aligned; cp.async reads inside the buffers the test allowed; after each
-//     block, the bytes past the launch's dynamic shared memory are as they were (no
-//     plain store went past it);
+//     block, the bytes past the launch's dynamic shared memory are as they were (a plain
+//     store past its end, unless it stored bytes 0xff, fails the block; one before its
+//     start is not seen);
 //   - dynamic shared memory starts as NaN (bytes 0xff), so a read of a row no copy
 //     filled shows;
 //   - cp.async copies land either when issued or only when waited for (Options), and
@@ -33,9 +34,11 @@
 #include <vector>
 
 // CUDA's qualifiers mean nothing on the host (cuda_runtime.h maps them to attributes
-// that g++ warns about); __forceinline__ and __align__ keep their host meanings. Shared
-// memory is thread_local: every thread of a block is a fiber of one OS thread, so they
-// all see one copy, as a block's threads see one on a GPU.
+// that g++ warns about); __forceinline__ and __align__ keep their host meanings. Static
+// shared arrays are thread_local: every thread of a block is a fiber of one OS thread,
+// so they all see one copy, as a block's threads see one on a GPU. Unlike dynamic shared
+// memory they are not poisoned: they start as zeros and keep the last block's values, so
+// a read of one before any thread of the block wrote it goes unseen.
 #undef __global__
 #undef __device__
 #undef __shared__
@@ -55,9 +58,10 @@ double __shfl_xor_sync(unsigned mask, double value, int lane_mask);
 inline int min(int a, int b) { return a < b ? a : b; }
 
 // The device's correctly rounded float arithmetic, each operation on its own (defined
-// out of line, so that the host compiler cannot fuse them either), and rsqrtf. __expf
-// (declared by glibc's math.h, defined by the emulator) is expf here; on a GPU it is an
-// approximation within 2 ulp plus the error of scaling x by log2(e).
+// out of line, so that the host compiler cannot fuse them either). rsqrtf is 1 / sqrtf
+// here, and __expf (declared by glibc's math.h, defined by the emulator) expf; on a GPU
+// both are approximations (rsqrtf within 2 ulp, __expf within 2 ulp plus the error of
+// scaling x by log2(e)).
 float __fadd_rn(float a, float b);
 float __fsub_rn(float a, float b);
 float __fmul_rn(float a, float b);

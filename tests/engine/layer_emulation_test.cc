@@ -40,9 +40,32 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // result (about 1.7e-3 measured). f32 outputs of exact inputs: the f32 arithmetic alone.
 constexpr double kBf16Out = 4e-3;
 constexpr double kF32Out = 1e-5;
-// An element of a bf16 output: one rounding (2^-9 relative) and the f32 arithmetic,
-// with room to spare (about 3e-3 measured).
+// An element of a bf16 output: one rounding (at most 2^-8 relative) and the f32
+// arithmetic (about 3e-3 measured).
 constexpr double kBf16Element = 1.0 / 128;
+
+// Softmax cross-entropy of rows of logits in float64: each row's loss, and its gradient
+// (softmax - onehot) * scale. Rows whose target is negative get 0 and zeros.
+struct CrossEntropyReference {
+  Vec loss, dlogits;
+};
+CrossEntropyReference SoftmaxCrossEntropy(const Vec& logits, const std::vector<int32_t>& targets, int vocab,
+                                          double scale) {
+  CrossEntropyReference ref{Vec(targets.size(), 0.0), Vec(logits.size(), 0.0)};
+  for (size_t r = 0; r < targets.size(); ++r) {
+    if (targets[r] < 0) continue;
+    const double* l = &logits[r * vocab];
+    const double max = *std::max_element(l, l + vocab);
+    double sum = 0;
+    for (int c = 0; c < vocab; ++c) sum += std::exp(l[c] - max);
+    const double lse = max + std::log(sum);
+    ref.loss[r] = lse - l[targets[r]];
+    for (int c = 0; c < vocab; ++c) {
+      ref.dlogits[r * vocab + c] = (std::exp(l[c] - lse) - (c == targets[r] ? 1.0 : 0.0)) * scale;
+    }
+  }
+  return ref;
+}
 
 class LayerEmulationTest : public ::testing::TestWithParam<Turns> {
  protected:
@@ -153,7 +176,8 @@ class LayerEmulationTest : public ::testing::TestWithParam<Turns> {
 };
 
 // Casts, fills, scaling and adds are one float operation and one rounding each: exact.
-// n makes the grid-stride kernels' last block partial and SumSquares' 1024 blocks loop.
+// n makes the grid-stride kernels' last block partial and SumSquares' 1024 blocks loop
+// (the others loop only past 2^19 blocks of 256 threads, too many to emulate).
 TEST_P(LayerEmulationTest, MemoryOps) {
   const size_t n = 300007;
   // f32 values that bf16 cannot hold, so that the cast rounds.
@@ -223,7 +247,7 @@ TEST_P(LayerEmulationTest, MemoryOps) {
 }
 
 TEST_P(LayerEmulationTest, Embedding) {
-  const int vocab = 50, dim = 64, n = 300;  // many repeated tokens
+  const int vocab = 50, dim = 200, n = 300;  // many repeated tokens; rows wider than a block
   const std::vector<int32_t> tokens = RandomIds(n, vocab);
   const Vec table = Random(vocab * dim), dout = Random(n * dim), dtable0 = Random(vocab * dim);
   Guarded<bf16> table_d = Device<bf16>(table), out = Poisoned<bf16>(n * dim), dout_d = Device<bf16>(dout);
@@ -265,23 +289,30 @@ TEST_P(LayerEmulationTest, RmsNorm) {
     ExpectEachClose(at + "out", Values(out), Cpu(out_c, size), kBf16Element);
     ExpectClose(at + "rstd", Values(rstd), Cpu(rstd_c, s.n), 1e-6);
 
-    // The backward from the same rstd on both sides, accumulating into dx and dw. dout
-    // leans on x, so that dx's term in mean(dout * w * x), summed over the block, weighs
-    // as much as the other.
+    // The backward from the same rstd on both sides, into dx and then added to it, and
+    // added to dw. dout leans on x, so that dx's term in mean(dout * w * x), summed over
+    // the block, weighs as much as the other.
     const Vec rstd_v = Values(rstd), noise = Random(size), dx0 = Random(size), dw0 = Random(s.dim);
     Vec dout(size);
     for (size_t i = 0; i < size; ++i) dout[i] = RoundBf16(0.5 * x[i] + noise[i]);
-    Guarded<bf16> dout_d = Device<bf16>(dout), dx = Device<bf16>(dx0);
-    Guarded<float> dw = Device<float>(dw0), partial = Poisoned<float>(size_t(cuda::layers::RmsNormBackwardBlocks(s.n)) * s.dim);
-    ASSERT_TRUE(Emulate([&] {
-      cuda::layers::RmsNormBackward(gpu_, dx.data(), dw.data(), partial.data(), dout_d.data(), x_d.data(),
-                                    w_d.data(), rstd.data(), s.n, s.dim, true);
-    })) << at;
-    void* dx_c = Cpu(dx0);
+    Guarded<bf16> dout_d = Device<bf16>(dout);
+    Guarded<float> dw = Device<float>(dw0);
+    Guarded<float> partial = Poisoned<float>(size_t(cuda::layers::RmsNormBackwardBlocks(s.n)) * s.dim);
     void* dw_c = Cpu(dw0);
-    cpu_->RmsNormBackward(dx_c, dw_c, Cpu(dout), Cpu(x), Cpu(w), Cpu(rstd_v), s.n, s.dim, true);
-    ExpectClose(at + "dx", Values(dx), Cpu(dx_c, size), kBf16Out);
-    ExpectIncrementClose(at + "dw", Values(dw), Cpu(dw_c, s.dim), dw0, kF32Out);
+    for (const bool accumulate : {false, true}) {
+      const std::string what = at + (accumulate ? "dx accumulated" : "dx");
+      Guarded<bf16> dx = accumulate ? Device<bf16>(dx0) : Poisoned<bf16>(size);
+      const Vec dw_before = Values(dw);
+      ASSERT_TRUE(Emulate([&] {
+        cuda::layers::RmsNormBackward(gpu_, dx.data(), dw.data(), partial.data(), dout_d.data(), x_d.data(),
+                                      w_d.data(), rstd.data(), s.n, s.dim, accumulate);
+      })) << what;
+      void* dx_c = Cpu(accumulate ? dx0 : Vec(size, 0.0));
+      cpu_->RmsNormBackward(dx_c, dw_c, Cpu(dout), Cpu(x), Cpu(w), Cpu(rstd_v), s.n, s.dim, accumulate);
+      ExpectClose(what, Values(dx), Cpu(dx_c, size), kBf16Out);
+      ExpectEachClose(what, Values(dx), Cpu(dx_c, size), kBf16Element);
+      ExpectIncrementClose(at + "dw", Values(dw), Cpu(dw_c, s.dim), dw_before, kF32Out);
+    }
   }
 }
 
@@ -361,6 +392,10 @@ TEST_P(LayerEmulationTest, CrossEntropy) {
   }));
   const Vec loss_rows = Values(losses), g = Values(dlogits);
   EXPECT_EQ(Values(forward_losses), loss_rows) << "the loss without the gradient";
+  // Each row's loss and gradient against float64 from the same (f32) logits.
+  const CrossEntropyReference ref = SoftmaxCrossEntropy(Values(logits), targets, vocab, scale);
+  ExpectClose("losses", loss_rows, ref.loss, 1e-6);
+  ExpectEachClose("dlogits", g, ref.dlogits, kBf16Element);
   double loss = 0;
   for (int r = 0; r < n; ++r) {
     if (targets[r] < 0) EXPECT_EQ(loss_rows[r], 0.0) << "ignored row " << r;
@@ -407,21 +442,10 @@ TEST_P(LayerEmulationTest, CrossEntropyOfRowsWithOneLargeLogit) {
     cuda::layers::CrossEntropy(gpu_, losses.data(), dlogits.data(), logits.data(), targets.data(), rows, vocab,
                                scale);
   }));
-  Vec loss_ref(rows), dlogits_ref(logits_v.size());
-  for (int r = 0; r < rows; ++r) {
-    const double* l = &logits_v[size_t(r) * vocab];
-    const double max = *std::max_element(l, l + vocab);
-    double sum = 0;
-    for (int c = 0; c < vocab; ++c) sum += std::exp(l[c] - max);
-    const double lse = max + std::log(sum);
-    loss_ref[r] = lse - l[targets[r]];
-    for (int c = 0; c < vocab; ++c) {
-      dlogits_ref[size_t(r) * vocab + c] = (std::exp(l[c] - lse) - (c == targets[r] ? 1.0 : 0.0)) * scale;
-    }
-  }
-  ExpectClose("loss", Values(losses), loss_ref, 1e-6);
-  ExpectClose("dlogits", Values(dlogits), dlogits_ref, kBf16Out);
-  ExpectEachClose("dlogits", Values(dlogits), dlogits_ref, kBf16Element);
+  const CrossEntropyReference ref = SoftmaxCrossEntropy(logits_v, targets, vocab, scale);
+  ExpectClose("loss", Values(losses), ref.loss, 1e-6);
+  ExpectClose("dlogits", Values(dlogits), ref.dlogits, kBf16Out);
+  ExpectEachClose("dlogits", Values(dlogits), ref.dlogits, kBf16Element);
 }
 
 // The CPU's f32 AdamW (what offload.optimizer host runs) gives the very same bits, with

@@ -35,6 +35,7 @@
 #include "backend/cuda/ldmatrix_lanes.h"
 
 namespace llamad::cuda::flash {
+inline namespace LLAMAD_KERNELS_BUILD {
 
 constexpr int kTile = 64;       // keys per tile; queries per tile in the backward
 constexpr int kWarps = 4;
@@ -708,4 +709,5 @@ void Backward(Device& device, bf16* dqkv, float* delta, const bf16* dout, const 
   Fail("attention: head_dim must be 32, 64 or 128", __FILE__, __LINE__);
 }
 
+}  // namespace LLAMAD_KERNELS_BUILD
 }  // namespace llamad::cuda::flash

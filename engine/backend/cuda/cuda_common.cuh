@@ -42,6 +42,16 @@ namespace llamad::cuda {
 
 using bf16 = __nv_bfloat16;
 
+// The kernel headers (attention_kernels.cuh, layer_kernels.cuh) are compiled twice: by
+// nvcc for the GPU, and by g++ for the tests' CPU emulator. Their contents sit in an
+// inline namespace named for the build, so that a program linking both (a test that also
+// links the CUDA backend) never takes one build's kernel for the other's.
+#ifdef __CUDACC__
+#define LLAMAD_KERNELS_BUILD gpu
+#else
+#define LLAMAD_KERNELS_BUILD emulated
+#endif
+
 // The block's dynamic shared memory: the launch's shared_bytes of it, 16-byte aligned.
 #ifdef __CUDACC__
 __device__ __forceinline__ unsigned char* DynamicSharedMemory() {

@@ -7,9 +7,9 @@
 //       runs kernel(args...) over the grid with that much dynamic shared memory.
 // gpu_device.cuh's is a CUDA stream; the CPU emulator's (tests/engine/cuda_emulator.h)
 // runs the same kernels in tests. Pointers are the Device's memory. The CUDA backend
-// (cuda_backend.cu) keeps what only the host does: choosing element types, scratch
-// buffers and copies to and from the host. Some kernels are not templates: one
-// translation unit of a program includes this header.
+// (cuda_backend.cu) keeps the rest: choosing element types, scratch buffers and copies
+// to and from the host. Some kernels are not templates: one translation unit of a
+// program includes this header.
 #pragma once
 
 #include <algorithm>
@@ -22,6 +22,7 @@
 #include "core/rng.h"
 
 namespace llamad::cuda::layers {
+inline namespace LLAMAD_KERNELS_BUILD {
 
 constexpr unsigned kThreads = 256;
 
@@ -475,4 +476,5 @@ void AdamW(Device& device, P* param, float* master, const float* grad, float* m,
                 float(s.eps), float(s.grad_scale), step_size, inv_bias2_sqrt, decay);
 }
 
+}  // namespace LLAMAD_KERNELS_BUILD
 }  // namespace llamad::cuda::layers
