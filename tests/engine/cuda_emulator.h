@@ -33,6 +33,9 @@
 #include <utility>
 #include <vector>
 
+// Declares to a host compiler the warp-level instructions the emulator defines.
+#include "backend/cuda/warp_ops.cuh"
+
 // CUDA's qualifiers mean nothing on the host (cuda_runtime.h maps them to attributes
 // that g++ warns about); __forceinline__ and __align__ keep their host meanings. Static
 // shared arrays are thread_local: every thread of a block is a fiber of one OS thread,
@@ -68,20 +71,6 @@ float __fmul_rn(float a, float b);
 float __fdiv_rn(float a, float b);
 float __fsqrt_rn(float a);
 float rsqrtf(float a);
-
-// The instructions of backend/cuda/warp_ops.cuh, with the same signatures and meaning.
-namespace llamad::cuda {
-void Mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
-void Ldmatrix(uint32_t r[4], const __nv_bfloat16* row);
-void LdmatrixTrans(uint32_t r[4], const __nv_bfloat16* row);
-void CopyAsync16(void* dst, const void* src, bool in);
-void CommitCopies();
-void WaitCopiesFor(int pending);
-template <int kPending>
-void WaitCopies() {
-  WaitCopiesFor(kPending);
-}
-}  // namespace llamad::cuda
 
 namespace llamad::cuda::emulator {
 

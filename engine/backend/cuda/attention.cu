@@ -1,6 +1,4 @@
 // The own flash attention kernels (attention_kernels.cuh) on the GPU.
-#include "backend/cuda/warp_ops.cuh"
-// The warp-level instructions come first: the kernels call them.
 #include "backend/cuda/attention_kernels.cuh"
 #include "backend/cuda/gpu_device.cuh"
 

@@ -21,9 +21,8 @@
 //   B 16x8 : b0 (k 2t..2t+1, n g), b1 (k 2t+8..2t+9, n g)
 //   C 16x8 : c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
 //
-// The includer first includes the warp-level instructions: warp_ops.cuh on the GPU
-// (attention.cu), the emulator's on the CPU (tests/engine/cuda_emulator.h). The launch
-// code at the end takes where the kernels run as a `Device` (see Forward).
+// On the CPU the tests' emulator (tests/engine/cuda_emulator.h) is included first. The
+// launch code at the end takes where the kernels run as a `Device` (see Forward).
 #pragma once
 
 #include <algorithm>
@@ -33,6 +32,7 @@
 
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/ldmatrix_lanes.h"
+#include "backend/cuda/warp_ops.cuh"
 
 namespace llamad::cuda::flash {
 inline namespace LLAMAD_KERNELS_BUILD {

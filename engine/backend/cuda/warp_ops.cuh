@@ -1,8 +1,8 @@
 // The warp-level instructions the flash attention kernels (attention_kernels.cuh) use, as
 // inline PTX: the tensor-core product, ldmatrix and the asynchronous global-to-shared
-// copies. tests/engine/cuda_emulator.h defines the same functions for the CPU, so that a
-// test runs the kernels' own source there; the two must keep the same signatures and the
-// same meaning.
+// copies. A host compiler sees only their declarations, which the tests' CPU emulator
+// (tests/engine/cuda_emulator.cc) defines with the same meaning, so that a test runs the
+// kernels' own source there.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,6 +10,8 @@
 #include <cstdint>
 
 namespace llamad::cuda {
+
+#ifdef __CUDACC__
 
 // c (16 x 8, f32) += a (16 x 16, bf16) . b (16 x 8, bf16), one fragment of each per lane
 // (the layouts are listed in attention_kernels.cuh). Every lane of the warp calls it.
@@ -54,5 +56,20 @@ template <int kPending>
 __device__ __forceinline__ void WaitCopies() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
+
+#else  // a host compiler: the emulator's
+
+void Mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
+void Ldmatrix(uint32_t r[4], const __nv_bfloat16* row);
+void LdmatrixTrans(uint32_t r[4], const __nv_bfloat16* row);
+void CopyAsync16(void* dst, const void* src, bool in);
+void CommitCopies();
+void WaitCopiesFor(int pending);
+template <int kPending>
+void WaitCopies() {
+  WaitCopiesFor(kPending);
+}
+
+#endif
 
 }  // namespace llamad::cuda
