@@ -18,6 +18,7 @@ struct EmulatedGpu {
   cuda::emulator::Emulator& emulator;
   int max_grid_y = 65535;
   int shared_limit = 227 * 1024;
+  unsigned max_strided_blocks = 65535u * 8;
 
   template <typename... Params, typename... Args>
   void Launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes, Args... args) {

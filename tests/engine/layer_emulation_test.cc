@@ -177,7 +177,7 @@ class LayerEmulationTest : public ::testing::TestWithParam<Turns> {
 
 // Casts, fills, scaling and adds are one float operation and one rounding each: exact.
 // n makes the grid-stride kernels' last block partial and SumSquares' 1024 blocks loop
-// (the others loop only past 2^19 blocks of 256 threads, too many to emulate).
+// (GridStrideKernelsLoopPastTheirGrid makes the others loop).
 TEST_P(LayerEmulationTest, MemoryOps) {
   const size_t n = 300007;
   // f32 values that bf16 cannot hold, so that the cast rounds.
@@ -482,6 +482,47 @@ TEST_P(LayerEmulationTest, AdamWMatchesTheHostUpdateBitForBit) {
     ASSERT_EQ(float(fm[i]), host_m[i]) << "f32 exp_avg " << i;
     ASSERT_EQ(float(fv[i]), host_v[i]) << "f32 exp_avg_sq " << i;
   }
+}
+
+// The grid-stride kernels give the same bits on a grid of three blocks, where every
+// thread loops over several elements, as on a grid that covers them all.
+TEST_P(LayerEmulationTest, GridStrideKernelsLoopPastTheirGrid) {
+  const size_t n = 5003;
+  const Vec values = Random(n), other = Random(n), grad = Random(n);
+  struct Outputs {
+    Vec cast, back, scaled, sum, filled, normal, param, master, m, v;
+  };
+  auto run = [&](unsigned max_blocks) {
+    testing::EmulatedGpu gpu{emulator_};
+    gpu.max_strided_blocks = max_blocks;
+    Guarded<float> f = Device<float>(values), back = Poisoned<float>(n), y = Device<float>(other),
+                   filled = Poisoned<float>(n), normal = Poisoned<float>(n), master = Device<float>(values),
+                   grad_d = Device<float>(grad), m = Device<float>(Vec(n, 0.0)), v = Device<float>(Vec(n, 0.0));
+    Guarded<bf16> b = Poisoned<bf16>(n), param = Device<bf16>(values);
+    const AdamWStep step{1e-2, 0.9, 0.95, 1e-8, 0.1, 1, 0.5};
+    EXPECT_TRUE(Emulate([&] {
+      cuda::layers::Convert(gpu, b.data(), static_cast<const float*>(f.data()), n);
+      cuda::layers::Convert(gpu, back.data(), static_cast<const bf16*>(b.data()), n);
+      cuda::layers::Scale(gpu, f.data(), n, 0.37f);
+      cuda::layers::Add(gpu, y.data(), static_cast<const float*>(f.data()), n);
+      cuda::layers::Fill(gpu, filled.data(), n, 0.3f);
+      cuda::layers::FillNormal(gpu, normal.data(), n, 0.02, 7, 3, 11);
+      cuda::layers::AdamW(gpu, param.data(), master.data(), grad_d.data(), m.data(), v.data(), n, step);
+    }));
+    return Outputs{Values(b), Values(back), Values(f), Values(y), Values(filled), Values(normal),
+                   Values(param), Values(master), Values(m), Values(v)};
+  };
+  const Outputs looped = run(3), covered = run(65535u * 8);
+  EXPECT_EQ(looped.cast, covered.cast);
+  EXPECT_EQ(looped.back, covered.back);
+  EXPECT_EQ(looped.scaled, covered.scaled);
+  EXPECT_EQ(looped.sum, covered.sum);
+  EXPECT_EQ(looped.filled, covered.filled);
+  EXPECT_EQ(looped.normal, covered.normal);
+  EXPECT_EQ(looped.param, covered.param);
+  EXPECT_EQ(looped.master, covered.master);
+  EXPECT_EQ(looped.m, covered.m);
+  EXPECT_EQ(looped.v, covered.v);
 }
 
 // The emulator's own check that the test can fail: RMSNorm's backward launched with one

@@ -114,7 +114,8 @@ inline bool VectorsFit(int v, int width, std::initializer_list<const void*> poin
   return true;
 }
 
-inline unsigned Blocks(size_t n, unsigned threads, unsigned cap = 65535u * 8) {
+// Blocks of `threads` that cover n elements: at least one, at most `cap`.
+inline unsigned Blocks(size_t n, unsigned threads, unsigned cap) {
   size_t b = (n + threads - 1) / threads;
   return unsigned(b < 1 ? 1 : (b > cap ? cap : b));
 }

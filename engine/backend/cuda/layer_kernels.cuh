@@ -4,7 +4,8 @@
 //
 // The launch code takes where the kernels run as a `Device`, which provides
 //   void Launch(kernel, dim3 grid, int threads, int shared_bytes, args...)
-//       runs kernel(args...) over the grid with that much dynamic shared memory.
+//       runs kernel(args...) over the grid with that much dynamic shared memory;
+//   unsigned max_strided_blocks   the most blocks a grid-stride kernel is given.
 // gpu_device.cuh's is a CUDA stream; the CPU emulator's (tests/engine/cuda_emulator.h)
 // runs the same kernels in tests. Pointers are the Device's memory. The CUDA backend
 // (cuda_backend.cu) keeps the rest: choosing element types, scratch buffers and copies
@@ -319,10 +320,10 @@ void LaunchItems(Device& device, void (*kernel)(Params...), size_t items, Args..
   if (items == 0) return;
   device.Launch(kernel, dim3(unsigned((items + 255) / 256)), 256, 0, args...);
 }
-// A grid-stride kernel over n elements.
+// A grid-stride kernel over n elements, on at most device.max_strided_blocks blocks.
 template <typename Device, typename... Params, typename... Args>
 void LaunchStrided(Device& device, void (*kernel)(Params...), size_t n, Args... args) {
-  device.Launch(kernel, dim3(Blocks(n, kThreads)), kThreads, 0, args...);
+  device.Launch(kernel, dim3(Blocks(n, kThreads, device.max_strided_blocks)), kThreads, 0, args...);
 }
 
 template <typename Device, typename D, typename S>
