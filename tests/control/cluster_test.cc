@@ -298,17 +298,18 @@ TEST_F(ClusterTest, ADrainedNodeStaysDrainedUntilUndrained) {
 // A rank whose GPU fails (exit 74) drains its node, and the job goes on on another node
 // from its latest checkpoint; `llamactl nodes` names the fault and counts it against the
 // limit. The nodes run llama-train through a wrapper that, the first time, kills it once
-// it has printed its third step and exits as a failed GPU would: the daemons, the scheduler and llamactl
-// are the real ones, and so is every other run.
+// it has printed its third step and committed a checkpoint (a save is committed in the
+// background, after later steps may have printed), and exits as a failed GPU would: the
+// daemons, the scheduler and llamactl are the real ones, and so is every other run.
 TEST_F(ClusterTest, AFailedGpuDrainsItsNodeAndTheJobGoesOnElsewhere) {
   const fs::path worker = dir_ / "llama-train-whose-gpu-fails-once";
   std::ofstream(worker) << "#!/usr/bin/env bash\n"
                         << "marker='" << (dir_ / "gpu-failed").string() << "'\n"
                         << "real='" << kBin << "/llama-train'\n"
                         << R"sh(if ! mkdir "$marker" 2>/dev/null; then exec "$real" "$@"; fi
-"$real" "$@" > >(tee "$marker/out") &
+"$real" "$@" > >(tee "$marker/out") 2> >(tee "$marker/err" >&2) &
 pid=$!
-until grep -qE '"step":3[,}]' "$marker/out" 2>/dev/null; do
+until grep -qE '"step":3[,}]' "$marker/out" 2>/dev/null && grep -q ' committed in ' "$marker/err" 2>/dev/null; do
   kill -0 "$pid" 2>/dev/null || exit 1
   sleep 0.05
 done
@@ -332,7 +333,7 @@ exit 74
   EXPECT_NE(history.find(faulted + ", which is drained"), std::string::npos) << history;
   EXPECT_EQ(done.dump().find(faulted), std::string::npos) << "generation 2 ran on the faulted node: " << done.dump(1);
   // From a checkpoint its first generation saved (every 2 steps; it was killed at step 3
-  // or later, as its wrapper saw the step lines).
+  // or later, after a commit, as its wrapper saw the step and commit lines).
   const std::string logs = RankLogs();
   const size_t resumed = logs.find("resumed job 'faulted' at step ");
   ASSERT_NE(resumed, std::string::npos) << logs;
