@@ -325,10 +325,11 @@ void Emulator::Run(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
         }
         g_block = nullptr;
         if (!b.error.empty()) throw std::runtime_error(b.error);
-        const auto past = std::find_if(shared_.begin() + shared_bytes, shared_.end(), [](unsigned char c) { return c != 0xff; });
+        const auto past =
+            std::find_if(shared_.begin() + shared_bytes, shared_.end(), [](unsigned char c) { return c != 0xff; });
         if (past != shared_.end()) {
-          throw std::runtime_error(fmt::format("block ({},{},{}) wrote byte {} of shared memory, past the launch's {} bytes",
-                                               x, y, z, past - shared_.begin(), shared_bytes));
+          throw std::runtime_error(fmt::format("block ({},{},{}) wrote byte {} of shared memory, past the launch's {} "
+                                               "bytes", x, y, z, past - shared_.begin(), shared_bytes));
         }
       }
     }

@@ -358,8 +358,8 @@ class CudaBackend final : public Backend {
                          int dim) override {
     if (n == 0) return;
     const layers::TokenGroups groups = layers::GroupRowsByToken(tokens, n);
-    layers::EmbeddingBackward(gpu_, F(dtable), B(dout), UploadIds(groups.packed.data(), groups.packed.size(), grouping_),
-                              groups.distinct, dim);
+    const int32_t* device_groups = UploadIds(groups.packed.data(), groups.packed.size(), grouping_);
+    layers::EmbeddingBackward(gpu_, F(dtable), B(dout), device_groups, groups.distinct, dim);
   }
 
   void RmsNorm(void* out, void* rstd, const void* x, const void* w, int n, int dim,
