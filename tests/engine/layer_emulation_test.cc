@@ -7,9 +7,9 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <limits>
 #include <memory>
 #include <random>
 #include <stdexcept>
@@ -28,13 +28,13 @@ namespace {
 
 using cuda::bf16;
 using cuda::emulator::Turns;
-using testing::Floats;
 using testing::Guarded;
+using testing::OnDevice;
+using testing::Poisoned;
 using testing::RelError;
 using testing::RoundBf16;
+using testing::Values;
 using Vec = std::vector<double>;
-
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // Bounds on the relative error against float64. bf16 outputs: one rounding of an f32
 // result (about 1.7e-3 measured). f32 outputs of exact inputs: the f32 arithmetic alone.
@@ -67,45 +67,18 @@ CrossEntropyReference SoftmaxCrossEntropy(const Vec& logits, const std::vector<i
   return ref;
 }
 
-class LayerEmulationTest : public ::testing::TestWithParam<Turns> {
+class LayerEmulationTest : public testing::SeededTest<::testing::TestWithParam<Turns>> {
  protected:
-  void SetUp() override {
-    seed_ = std::random_device{}();
-    rng_.seed(seed_);
-  }
   void TearDown() override {
-    if (HasFailure()) std::fprintf(stderr, "layer_emulation_test: inputs drawn with seed %u\n", seed_);
+    SeededTest::TearDown();
     for (void* p : cpu_buffers_) cpu_->Free(p);
   }
 
-  Vec Random(size_t n, double std = 1.0, double mean = 0.0) {
-    std::normal_distribution<double> normal(mean, std);
-    Vec v(n);
-    for (double& x : v) x = RoundBf16(normal(rng_));
-    return v;
-  }
   std::vector<int32_t> RandomIds(int n, int below) {
     std::uniform_int_distribution<int32_t> id(0, below - 1);
     std::vector<int32_t> ids(n);
     for (auto& t : ids) t = id(rng_);
     return ids;
-  }
-
-  // `values` in the emulated device's memory, as T.
-  template <typename T>
-  static Guarded<T> Device(const Vec& values) {
-    Guarded<T> buffer(values.size(), T(0.f));
-    for (size_t i = 0; i < values.size(); ++i) buffer.data()[i] = T(float(values[i]));
-    return buffer;
-  }
-  template <typename T>
-  static Guarded<T> Poisoned(size_t n) {
-    return Guarded<T>(n, T(kNaN));
-  }
-  template <typename T>
-  static Vec Values(const Guarded<T>& buffer) {
-    EXPECT_TRUE(buffer.GuardsIntact()) << "a kernel wrote outside its output";
-    return Floats(buffer.data(), buffer.size());
   }
 
   // `values` in a CPU backend buffer, and back.
@@ -171,8 +144,6 @@ class LayerEmulationTest : public ::testing::TestWithParam<Turns> {
   std::vector<void*> cpu_buffers_;
   cuda::emulator::Emulator emulator_{{.turns = GetParam()}};
   testing::EmulatedGpu gpu_{emulator_};
-  unsigned seed_ = 0;
-  std::mt19937_64 rng_;
 };
 
 // Casts, fills, scaling and adds are one float operation and one rounding each: exact.
@@ -184,7 +155,7 @@ TEST_P(LayerEmulationTest, MemoryOps) {
   Vec values(n);
   std::normal_distribution<double> draw(0.0, 3.0);
   for (double& x : values) x = float(draw(rng_));
-  Guarded<float> f = Device<float>(values), back = Poisoned<float>(n);
+  Guarded<float> f = OnDevice<float>(values), back = Poisoned<float>(n);
   Guarded<bf16> b = Poisoned<bf16>(n);
   ASSERT_TRUE(Emulate([&] {
     cuda::layers::Convert(gpu_, b.data(), static_cast<const float*>(f.data()), n);
@@ -216,8 +187,8 @@ TEST_P(LayerEmulationTest, MemoryOps) {
 
   // y += x and fills in either element type, rounded to it.
   const Vec y0 = Random(n), x0 = Random(n);
-  Guarded<float> yf = Device<float>(y0), xf = Device<float>(x0), ff = Poisoned<float>(n);
-  Guarded<bf16> yb = Device<bf16>(y0), xb = Device<bf16>(x0), fb = Poisoned<bf16>(n);
+  Guarded<float> yf = OnDevice<float>(y0), xf = OnDevice<float>(x0), ff = Poisoned<float>(n);
+  Guarded<bf16> yb = OnDevice<bf16>(y0), xb = OnDevice<bf16>(x0), fb = Poisoned<bf16>(n);
   ASSERT_TRUE(Emulate([&] {
     cuda::layers::Add(gpu_, yf.data(), static_cast<const float*>(xf.data()), n);
     cuda::layers::Add(gpu_, yb.data(), static_cast<const bf16*>(xb.data()), n);
@@ -250,8 +221,8 @@ TEST_P(LayerEmulationTest, Embedding) {
   const int vocab = 50, dim = 200, n = 300;  // many repeated tokens; rows wider than a block
   const std::vector<int32_t> tokens = RandomIds(n, vocab);
   const Vec table = Random(vocab * dim), dout = Random(n * dim), dtable0 = Random(vocab * dim);
-  Guarded<bf16> table_d = Device<bf16>(table), out = Poisoned<bf16>(n * dim), dout_d = Device<bf16>(dout);
-  Guarded<float> dtable = Device<float>(dtable0);
+  Guarded<bf16> table_d = OnDevice<bf16>(table), out = Poisoned<bf16>(n * dim), dout_d = OnDevice<bf16>(dout);
+  Guarded<float> dtable = OnDevice<float>(dtable0);
   const cuda::layers::TokenGroups groups = cuda::layers::GroupRowsByToken(tokens.data(), n);
   ASSERT_TRUE(Emulate([&] {
     cuda::layers::Embedding(gpu_, out.data(), tokens.data(), static_cast<const bf16*>(table_d.data()), n, dim);
@@ -277,7 +248,7 @@ TEST_P(LayerEmulationTest, RmsNorm) {
     const std::string at = fmt::format("n {} dim {}: ", s.n, s.dim);
     const size_t size = size_t(s.n) * s.dim;
     const Vec x = Random(size, 2.0), w = Random(s.dim, 0.1, 1.0);
-    Guarded<bf16> x_d = Device<bf16>(x), w_d = Device<bf16>(w), out = Poisoned<bf16>(size);
+    Guarded<bf16> x_d = OnDevice<bf16>(x), w_d = OnDevice<bf16>(w), out = Poisoned<bf16>(size);
     Guarded<float> rstd = Poisoned<float>(s.n);
     ASSERT_TRUE(Emulate([&] {
       cuda::layers::RmsNorm(gpu_, out.data(), rstd.data(), x_d.data(), w_d.data(), s.n, s.dim, 1e-5f);
@@ -295,13 +266,13 @@ TEST_P(LayerEmulationTest, RmsNorm) {
     const Vec rstd_v = Values(rstd), noise = Random(size), dx0 = Random(size), dw0 = Random(s.dim);
     Vec dout(size);
     for (size_t i = 0; i < size; ++i) dout[i] = RoundBf16(0.5 * x[i] + noise[i]);
-    Guarded<bf16> dout_d = Device<bf16>(dout);
-    Guarded<float> dw = Device<float>(dw0);
+    Guarded<bf16> dout_d = OnDevice<bf16>(dout);
+    Guarded<float> dw = OnDevice<float>(dw0);
     Guarded<float> partial = Poisoned<float>(size_t(cuda::layers::RmsNormBackwardBlocks(s.n)) * s.dim);
     void* dw_c = Cpu(dw0);
     for (const bool accumulate : {false, true}) {
       const std::string what = at + (accumulate ? "dx accumulated" : "dx");
-      Guarded<bf16> dx = accumulate ? Device<bf16>(dx0) : Poisoned<bf16>(size);
+      Guarded<bf16> dx = accumulate ? OnDevice<bf16>(dx0) : Poisoned<bf16>(size);
       const Vec dw_before = Values(dw);
       ASSERT_TRUE(Emulate([&] {
         cuda::layers::RmsNormBackward(gpu_, dx.data(), dw.data(), partial.data(), dout_d.data(), x_d.data(),
@@ -330,7 +301,7 @@ TEST_P(LayerEmulationTest, Rope) {
       cpu_->RopeTable(table_c, s.seq, s.head_dim, theta);
       ExpectClose(at + "table", Values(table), Cpu(table_c, table_size), 1e-7);
 
-      Guarded<bf16> qkv = Device<bf16>(Random(size));
+      Guarded<bf16> qkv = OnDevice<bf16>(Random(size));
       for (const bool inverse : {false, true}) {
         void* qkv_c = Cpu(Values(qkv));
         ASSERT_TRUE(Emulate([&] { cuda::layers::Rope(gpu_, qkv.data(), table.data(), s, inverse); })) << at;
@@ -348,7 +319,7 @@ TEST_P(LayerEmulationTest, SwiGlu) {
     const std::string at = fmt::format("ffn {}: ", ffn);
     const int n = 45;
     const Vec gate_up = Random(size_t(n) * 2 * ffn, 2.0), dh = Random(size_t(n) * ffn);
-    Guarded<bf16> gate_up_d = Device<bf16>(gate_up), dh_d = Device<bf16>(dh);
+    Guarded<bf16> gate_up_d = OnDevice<bf16>(gate_up), dh_d = OnDevice<bf16>(dh);
     Guarded<bf16> h = Poisoned<bf16>(size_t(n) * ffn), dgate_up = Poisoned<bf16>(gate_up.size());
     ASSERT_TRUE(Emulate([&] {
       cuda::layers::SwiGlu(gpu_, h.data(), gate_up_d.data(), n, ffn);
@@ -383,7 +354,7 @@ TEST_P(LayerEmulationTest, CrossEntropy) {
     }
   }
   const float scale = 0.37f;
-  Guarded<float> logits = Device<float>(logits_v), losses = Poisoned<float>(n), forward_losses = Poisoned<float>(n);
+  Guarded<float> logits = OnDevice<float>(logits_v), losses = Poisoned<float>(n), forward_losses = Poisoned<float>(n);
   Guarded<bf16> dlogits = Poisoned<bf16>(logits_v.size());
   ASSERT_TRUE(Emulate([&] {
     cuda::layers::CrossEntropy(gpu_, losses.data(), dlogits.data(), logits.data(), targets.data(), n, vocab, scale);
@@ -436,7 +407,7 @@ TEST_P(LayerEmulationTest, CrossEntropyOfRowsWithOneLargeLogit) {
     targets[r] = r % 2 == 0 ? large : large + 1;
   }
   const float scale = 0.5f;
-  Guarded<float> logits = Device<float>(logits_v), losses = Poisoned<float>(rows);
+  Guarded<float> logits = OnDevice<float>(logits_v), losses = Poisoned<float>(rows);
   Guarded<bf16> dlogits = Poisoned<bf16>(logits_v.size());
   ASSERT_TRUE(Emulate([&] {
     cuda::layers::CrossEntropy(gpu_, losses.data(), dlogits.data(), logits.data(), targets.data(), rows, vocab,
@@ -453,15 +424,15 @@ TEST_P(LayerEmulationTest, CrossEntropyOfRowsWithOneLargeLogit) {
 TEST_P(LayerEmulationTest, AdamWMatchesTheHostUpdateBitForBit) {
   const size_t n = 5000;
   const Vec start = Random(n, 0.05);
-  Guarded<bf16> param = Device<bf16>(start);
-  Guarded<float> master = Device<float>(start), m = Device<float>(Vec(n, 0.0)), v = Device<float>(Vec(n, 0.0));
-  Guarded<float> f32_param = Device<float>(start), f32_m = Device<float>(Vec(n, 0.0)),
-                 f32_v = Device<float>(Vec(n, 0.0));
+  Guarded<bf16> param = OnDevice<bf16>(start);
+  Guarded<float> master = OnDevice<float>(start), m = OnDevice<float>(Vec(n, 0.0)), v = OnDevice<float>(Vec(n, 0.0));
+  Guarded<float> f32_param = OnDevice<float>(start), f32_m = OnDevice<float>(Vec(n, 0.0)),
+                 f32_v = OnDevice<float>(Vec(n, 0.0));
   auto host = MakeCpuBackend({DType::kF32, 2});
   std::vector<float> host_w(start.begin(), start.end()), host_m(n, 0.f), host_v(n, 0.f), host_g(n);
   for (int step = 1; step <= 3; ++step) {
     const Vec grad = Random(n);
-    Guarded<float> grad_d = Device<float>(grad);
+    Guarded<float> grad_d = OnDevice<float>(grad);
     const AdamWStep s{1e-2 / step, 0.9, 0.95, 1e-8, 0.1, step, 0.5};
     ASSERT_TRUE(Emulate([&] {
       cuda::layers::AdamW(gpu_, param.data(), master.data(), grad_d.data(), m.data(), v.data(), n, s);
@@ -495,10 +466,10 @@ TEST_P(LayerEmulationTest, GridStrideKernelsLoopPastTheirGrid) {
   auto run = [&](unsigned max_blocks) {
     testing::EmulatedGpu gpu{emulator_};
     gpu.max_strided_blocks = max_blocks;
-    Guarded<float> f = Device<float>(values), back = Poisoned<float>(n), y = Device<float>(other),
-                   filled = Poisoned<float>(n), normal = Poisoned<float>(n), master = Device<float>(values),
-                   grad_d = Device<float>(grad), m = Device<float>(Vec(n, 0.0)), v = Device<float>(Vec(n, 0.0));
-    Guarded<bf16> b = Poisoned<bf16>(n), param = Device<bf16>(values);
+    Guarded<float> f = OnDevice<float>(values), back = Poisoned<float>(n), y = OnDevice<float>(other),
+                   filled = Poisoned<float>(n), normal = Poisoned<float>(n), master = OnDevice<float>(values),
+                   grad_d = OnDevice<float>(grad), m = OnDevice<float>(Vec(n, 0.0)), v = OnDevice<float>(Vec(n, 0.0));
+    Guarded<bf16> b = Poisoned<bf16>(n), param = OnDevice<bf16>(values);
     const AdamWStep step{1e-2, 0.9, 0.95, 1e-8, 0.1, 1, 0.5};
     EXPECT_TRUE(Emulate([&] {
       cuda::layers::Convert(gpu, b.data(), static_cast<const float*>(f.data()), n);
@@ -512,7 +483,7 @@ TEST_P(LayerEmulationTest, GridStrideKernelsLoopPastTheirGrid) {
     return Outputs{Values(b), Values(back), Values(f), Values(y), Values(filled), Values(normal),
                    Values(param), Values(master), Values(m), Values(v)};
   };
-  const Outputs looped = run(3), covered = run(65535u * 8);
+  const Outputs looped = run(3), covered = run(cuda::kMaxStridedBlocks);
   EXPECT_EQ(looped.cast, covered.cast);
   EXPECT_EQ(looped.back, covered.back);
   EXPECT_EQ(looped.scaled, covered.scaled);
@@ -529,9 +500,9 @@ TEST_P(LayerEmulationTest, GridStrideKernelsLoopPastTheirGrid) {
 // float less of shared memory than its row needs writes past the launch's.
 TEST_P(LayerEmulationTest, ARowPastTheLaunchsSharedMemoryIsCaught) {
   const int n = 4, dim = 96;
-  Guarded<bf16> x = Device<bf16>(Random(n * dim)), w = Device<bf16>(Random(dim)), dout = Device<bf16>(Random(n * dim));
+  Guarded<bf16> x = OnDevice<bf16>(Random(n * dim)), w = OnDevice<bf16>(Random(dim)), dout = OnDevice<bf16>(Random(n * dim));
   Guarded<bf16> dx = Poisoned<bf16>(n * dim);
-  Guarded<float> rstd = Device<float>(Vec(n, 1.0)), partial = Poisoned<float>(n * dim);
+  Guarded<float> rstd = OnDevice<float>(Vec(n, 1.0)), partial = Poisoned<float>(n * dim);
   try {
     gpu_.Launch(cuda::layers::RmsNormBackwardKernel<8>, dim3(n), 256, dim * 4 - 4, dx.data(), partial.data(),
                 static_cast<const bf16*>(dout.data()), static_cast<const bf16*>(x.data()),

@@ -114,6 +114,11 @@ inline bool VectorsFit(int v, int width, std::initializer_list<const void*> poin
   return true;
 }
 
+// A GPU's largest grid y, and the most blocks a grid-stride kernel is given (more
+// elements loop): the defaults of the kernels' Devices (gpu_device.cuh, and the tests').
+constexpr int kMaxGridY = 65535;
+constexpr unsigned kMaxStridedBlocks = 65535u * 8;
+
 // Blocks of `threads` that cover n elements: at least one, at most `cap`.
 inline unsigned Blocks(size_t n, unsigned threads, unsigned cap) {
   size_t b = (n + threads - 1) / threads;

@@ -8,8 +8,8 @@ namespace llamad::cuda {
 
 struct Gpu {
   cudaStream_t stream;
-  int max_grid_y = 65535;
-  unsigned max_strided_blocks = 65535u * 8;  // a grid-stride kernel's grid; more elements loop
+  int max_grid_y = kMaxGridY;
+  unsigned max_strided_blocks = kMaxStridedBlocks;
 
   template <typename... Params, typename... Args>
   void Launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes, Args... args) {
