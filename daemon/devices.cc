@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <string_view>
+#include <vector>
 
 namespace llamad::daemon {
 namespace {
@@ -22,11 +23,37 @@ int CudaDeviceCount() {
   return n;
 }
 
+// The entries of a CUDA_VISIBLE_DEVICES list, up to the first empty one (after which CUDA
+// sees none), with the spaces around each taken off.
+std::vector<std::string_view> VisibleEntries(std::string_view list) {
+  std::vector<std::string_view> entries;
+  while (!list.empty()) {
+    const size_t comma = list.find(',');
+    std::string_view item = list.substr(0, comma);
+    while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+    while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
+    if (item.empty()) break;
+    entries.push_back(item);
+    if (comma == std::string_view::npos) break;
+    list.remove_prefix(comma + 1);
+  }
+  return entries;
+}
+
 }  // namespace
+
+int UsableGpuCount(int driver_count, const std::string& daemon_visible) {
+  if (driver_count < 1) return driver_count;
+  const std::vector<std::string_view> entries = VisibleEntries(daemon_visible);
+  for (std::string_view entry : entries) {
+    if (entry.starts_with("MIG-")) return static_cast<int>(entries.size());
+  }
+  return driver_count;
+}
 
 absl::StatusOr<Devices> ResolveDevices(const std::string& spec) {
   if (spec == "auto") {
-    const int gpus = CudaDeviceCount();
+    const int gpus = UsableGpuCount(CudaDeviceCount(), OwnCudaVisibleDevices());
     const Devices found = gpus > 0 ? Devices{"cuda", gpus} : Devices{"cpu", 1};
     if (auto s = CheckRankGpus(found, OwnCudaVisibleDevices()); !s.ok()) return s;
     return found;
@@ -47,9 +74,10 @@ absl::StatusOr<Devices> ResolveDevices(const std::string& spec) {
     return absl::InvalidArgumentError(fmt::format("devices: '{}': N must be a number within [1, 1024]", spec));
   }
   if (kind == "cuda") {
-    const int gpus = CudaDeviceCount();
+    const int gpus = UsableGpuCount(CudaDeviceCount(), OwnCudaVisibleDevices());
     if (count > gpus) {
-      return absl::InvalidArgumentError(fmt::format("devices: '{}' but the CUDA driver reports {} GPU(s)", spec, gpus));
+      return absl::InvalidArgumentError(
+          fmt::format("devices: '{}' but the CUDA driver reports {} GPU(s) to llamad", spec, gpus));
     }
   }
   Devices found{kind, count};
@@ -77,16 +105,9 @@ absl::StatusOr<RankGpu> RankGpuFor(const char* daemon_visible, int local_rank) {
   if (daemon_visible == nullptr || *daemon_visible == '\0') {
     return RankGpu{std::to_string(local_rank), "PCI_BUS_ID"};
   }
-  // Comma-separated, as CUDA reads it (spaces around an entry are not part of it).
-  std::string_view rest = daemon_visible;
-  for (int entry = 0;; ++entry) {
-    const size_t comma = rest.find(',');
-    std::string_view item = rest.substr(0, comma);
-    while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
-    while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
-    if (entry == local_rank && !item.empty()) return RankGpu{std::string(item), ""};
-    if (comma == std::string_view::npos) break;
-    rest.remove_prefix(comma + 1);
+  const std::vector<std::string_view> entries = VisibleEntries(daemon_visible);
+  if (local_rank >= 0 && local_rank < static_cast<int>(entries.size())) {
+    return RankGpu{std::string(entries[local_rank]), ""};
   }
   return absl::InvalidArgumentError(fmt::format(
       "device {}: llamad's CUDA_VISIBLE_DEVICES='{}' names no GPU at that position", local_rank, daemon_visible));

@@ -57,12 +57,35 @@ TEST(DevicesTest, RanksGetTheGpusLlamadWasGiven) {
   EXPECT_NE(short_list.message().find("devices: 2 GPU(s), but device 1: llamad's CUDA_VISIBLE_DEVICES='0,,1'"),
             std::string::npos)
       << short_list;
-  for (const auto& [list, local_rank] : {std::pair{kept, 3}, std::pair{"0,,1", 1}, std::pair{"0", -1}}) {
+  for (const auto& [list, local_rank] : {std::pair{kept, 3}, std::pair{"0,,1", 1}, std::pair{"0,,1", 2},
+                                    std::pair{"0", -1}}) {
     auto gpu = RankGpuFor(list, local_rank);
     ASSERT_FALSE(gpu.ok()) << list << " " << local_rank;
     EXPECT_NE(gpu.status().message().find(std::string("CUDA_VISIBLE_DEVICES='") + list + "'"), std::string::npos)
         << gpu.status();
   }
+}
+
+// CUDA shows a process at most one MIG device, so where llamad's list names MIG devices
+// the driver reports 1 to llamad: the list's entries count instead, each rank taking one.
+TEST(DevicesTest, AListOfMigDevicesGivesEachRankOne) {
+  const std::string migs =
+      "MIG-5c3b2a10-7d4e-5f60-8a9b-0c1d2e3f4a5b, MIG-6d4c3b21-8e5f-6071-9bac-1d2e3f4a5b6c,"
+      "MIG-7e5d4c32-9f60-7182-acbd-2e3f4a5b6c7d";
+  EXPECT_EQ(UsableGpuCount(1, migs), 3);
+  EXPECT_EQ(UsableGpuCount(0, migs), 0) << "no driver, no GPU";
+  EXPECT_EQ(UsableGpuCount(1, migs + ",,MIG-8f6e5d43-a071-8293-bdce-3f4a5b6c7d8e"), 3) << "CUDA stops at ''";
+  EXPECT_EQ(UsableGpuCount(2, "GPU-8f6a1c2e,MIG-5c3b2a10"), 2);
+  // Lists of whole GPUs, or none: what the driver reports.
+  EXPECT_EQ(UsableGpuCount(8, ""), 8);
+  EXPECT_EQ(UsableGpuCount(2, "3,1,0"), 2) << "the driver knows which entries it found";
+  EXPECT_EQ(UsableGpuCount(0, "0,1"), 0);
+  EXPECT_TRUE(CheckRankGpus({"cuda", 3}, migs).ok());
+  auto third = RankGpuFor(migs.c_str(), 2);
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_EQ(third->visible_devices, "MIG-7e5d4c32-9f60-7182-acbd-2e3f4a5b6c7d");
+  EXPECT_EQ(third->device_order, "");
+  EXPECT_FALSE(CheckRankGpus({"cuda", 4}, migs).ok());
 }
 
 }  // namespace
