@@ -52,10 +52,11 @@ int UsableGpuCount(int driver_count, const std::string& daemon_visible) {
 }
 
 absl::StatusOr<Devices> ResolveDevices(const std::string& spec) {
+  const std::string visible = OwnCudaVisibleDevices();
   if (spec == "auto") {
-    const int gpus = UsableGpuCount(CudaDeviceCount(), OwnCudaVisibleDevices());
+    const int gpus = UsableGpuCount(CudaDeviceCount(), visible);
     const Devices found = gpus > 0 ? Devices{"cuda", gpus} : Devices{"cpu", 1};
-    if (auto s = CheckRankGpus(found, OwnCudaVisibleDevices()); !s.ok()) return s;
+    if (auto s = CheckRankGpus(found, visible); !s.ok()) return s;
     return found;
   }
   const size_t colon = spec.find(':');
@@ -74,14 +75,14 @@ absl::StatusOr<Devices> ResolveDevices(const std::string& spec) {
     return absl::InvalidArgumentError(fmt::format("devices: '{}': N must be a number within [1, 1024]", spec));
   }
   if (kind == "cuda") {
-    const int gpus = UsableGpuCount(CudaDeviceCount(), OwnCudaVisibleDevices());
+    const int gpus = UsableGpuCount(CudaDeviceCount(), visible);
     if (count > gpus) {
       return absl::InvalidArgumentError(
           fmt::format("devices: '{}' but the CUDA driver reports {} GPU(s) to llamad", spec, gpus));
     }
   }
   Devices found{kind, count};
-  if (auto s = CheckRankGpus(found, OwnCudaVisibleDevices()); !s.ok()) return s;
+  if (auto s = CheckRankGpus(found, visible); !s.ok()) return s;
   return found;
 }
 

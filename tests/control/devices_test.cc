@@ -75,7 +75,7 @@ TEST(DevicesTest, AListOfMigDevicesGivesEachRankOne) {
   EXPECT_EQ(UsableGpuCount(1, migs), 3);
   EXPECT_EQ(UsableGpuCount(0, migs), 0) << "no driver, no GPU";
   EXPECT_EQ(UsableGpuCount(1, migs + ",,MIG-8f6e5d43-a071-8293-bdce-3f4a5b6c7d8e"), 3) << "CUDA stops at ''";
-  EXPECT_EQ(UsableGpuCount(2, "GPU-8f6a1c2e,MIG-5c3b2a10"), 2);
+  EXPECT_EQ(UsableGpuCount(1, "GPU-8f6a1c2e,MIG-5c3b2a10"), 2) << "a rank a whole GPU, a rank a MIG device";
   // Lists of whole GPUs, or none: what the driver reports.
   EXPECT_EQ(UsableGpuCount(8, ""), 8);
   EXPECT_EQ(UsableGpuCount(2, "3,1,0"), 2) << "the driver knows which entries it found";

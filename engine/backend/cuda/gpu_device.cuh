@@ -13,8 +13,9 @@ struct Gpu {
 
   template <typename... Params, typename... Args>
   void Launch(void (*kernel)(Params...), dim3 grid, int threads, int shared_bytes, Args... args) {
-    // A kernel opts in to dynamic shared memory that passes 48 KiB with its static
-    // shared memory (a cheap host call); opting in for any size counts both.
+    // Past 48 KiB of shared memory a kernel must opt in. The opt-in counts only the
+    // dynamic bytes while the limit counts static ones too, so every launch with dynamic
+    // shared memory opts in (one host call) rather than working out the kernel's total.
     if (shared_bytes > 0) {
       LLAMAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes));
     }

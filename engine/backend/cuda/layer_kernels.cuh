@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <vector>
 
 #include "backend/backend.h"
@@ -368,7 +369,7 @@ struct TokenGroups {
 };
 inline TokenGroups GroupRowsByToken(const int32_t* tokens, int n) {
   std::vector<int32_t> rows(n);
-  for (int k = 0; k < n; ++k) rows[k] = k;
+  std::iota(rows.begin(), rows.end(), 0);
   std::stable_sort(rows.begin(), rows.end(), [&](int a, int b) { return tokens[a] < tokens[b]; });
   std::vector<int32_t> distinct, starts;
   for (int k = 0; k < n; ++k) {
@@ -398,11 +399,8 @@ void EmbeddingBackward(Device& device, float* dtable, const bf16* dout, const in
 template <typename Device>
 void RmsNorm(Device& device, bf16* out, float* rstd, const bf16* x, const bf16* w, int n, int dim, float eps) {
   if (n == 0) return;
-  if (VectorsFit(8, dim, {out, x, w})) {
-    device.Launch(RmsNormKernel<8>, dim3(n), kThreads, 0, out, rstd, x, w, dim, eps);
-  } else {
-    device.Launch(RmsNormKernel<1>, dim3(n), kThreads, 0, out, rstd, x, w, dim, eps);
-  }
+  const auto kernel = VectorsFit(8, dim, {out, x, w}) ? RmsNormKernel<8> : RmsNormKernel<1>;
+  device.Launch(kernel, dim3(n), kThreads, 0, out, rstd, x, w, dim, eps);
 }
 // The backward's blocks: each sums its rows' dw into a row of `partial` [blocks, dim].
 inline int RmsNormBackwardBlocks(int n) { return std::min(n, 512); }
@@ -412,13 +410,8 @@ void RmsNormBackward(Device& device, bf16* dx, float* dw, float* partial, const 
   if (n == 0) return;
   const int blocks = RmsNormBackwardBlocks(n);
   const int shared_bytes = dim * int(sizeof(float));  // the block's dw row
-  if (VectorsFit(8, dim, {dx, dout, x, w})) {
-    device.Launch(RmsNormBackwardKernel<8>, dim3(blocks), kThreads, shared_bytes, dx, partial, dout, x, w, rstd,
-                  n, dim, accumulate_dx);
-  } else {
-    device.Launch(RmsNormBackwardKernel<1>, dim3(blocks), kThreads, shared_bytes, dx, partial, dout, x, w, rstd,
-                  n, dim, accumulate_dx);
-  }
+  const auto kernel = VectorsFit(8, dim, {dx, dout, x, w}) ? RmsNormBackwardKernel<8> : RmsNormBackwardKernel<1>;
+  device.Launch(kernel, dim3(blocks), kThreads, shared_bytes, dx, partial, dout, x, w, rstd, n, dim, accumulate_dx);
   device.Launch(ReduceRowsKernel, dim3((dim + 255) / 256), 256, 0, dw, static_cast<const float*>(partial), blocks,
                 dim);
 }
@@ -432,30 +425,21 @@ void Rope(Device& device, bf16* qkv, const float* table, const AttentionShape& s
   const int rotated = s.heads + s.kv_heads, n = s.batch * s.seq, half = s.head_dim / 2;
   const float sign = inverse ? -1.f : 1.f;
   // Pairs of columns at once where each head's halves and rows stay 4-byte aligned.
-  if (half % 2 == 0 && s.row_stride() % 2 == 0 && VectorsFit(2, 2, {qkv})) {
-    LaunchItems(device, RopeKernel<2>, size_t(n) * rotated * (half / 2), qkv, table, n, s.seq, rotated, s.head_dim,
-                s.row_stride(), sign);
-  } else {
-    LaunchItems(device, RopeKernel<1>, size_t(n) * rotated * half, qkv, table, n, s.seq, rotated, s.head_dim,
-                s.row_stride(), sign);
-  }
+  const int pairs = half % 2 == 0 && s.row_stride() % 2 == 0 && VectorsFit(2, 2, {qkv}) ? 2 : 1;
+  LaunchItems(device, pairs == 2 ? RopeKernel<2> : RopeKernel<1>, size_t(n) * rotated * (half / pairs), qkv, table,
+              n, s.seq, rotated, s.head_dim, s.row_stride(), sign);
 }
 
 template <typename Device>
 void SwiGlu(Device& device, bf16* h, const bf16* gate_up, int n, int ffn) {
-  if (VectorsFit(8, ffn, {h, gate_up})) {
-    LaunchItems(device, SwiGluKernel<8>, size_t(n) * ffn / 8, h, gate_up, n, ffn);
-  } else {
-    LaunchItems(device, SwiGluKernel<1>, size_t(n) * ffn, h, gate_up, n, ffn);
-  }
+  const int width = VectorsFit(8, ffn, {h, gate_up}) ? 8 : 1;
+  LaunchItems(device, width == 8 ? SwiGluKernel<8> : SwiGluKernel<1>, size_t(n) * ffn / width, h, gate_up, n, ffn);
 }
 template <typename Device>
 void SwiGluBackward(Device& device, bf16* dgate_up, const bf16* dh, const bf16* gate_up, int n, int ffn) {
-  if (VectorsFit(8, ffn, {dgate_up, dh, gate_up})) {
-    LaunchItems(device, SwiGluBackwardKernel<8>, size_t(n) * ffn / 8, dgate_up, dh, gate_up, n, ffn);
-  } else {
-    LaunchItems(device, SwiGluBackwardKernel<1>, size_t(n) * ffn, dgate_up, dh, gate_up, n, ffn);
-  }
+  const int width = VectorsFit(8, ffn, {dgate_up, dh, gate_up}) ? 8 : 1;
+  LaunchItems(device, width == 8 ? SwiGluBackwardKernel<8> : SwiGluBackwardKernel<1>, size_t(n) * ffn / width,
+              dgate_up, dh, gate_up, n, ffn);
 }
 
 // The loss of each of `rows` rows of f32 logits, and with dlogits the gradient.
