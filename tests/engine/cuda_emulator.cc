@@ -276,6 +276,8 @@ void Emulator::Run(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
   boost::context::pooled_fixedsize_stack stacks(kStackBytes, n);
   gridDim = grid;
   blockDim = block;
+  // Poisoned once a launch: past its own bytes, each block must leave it so.
+  std::memset(shared_.data(), 0xff, shared_.size());
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -287,7 +289,8 @@ void Emulator::Run(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
         b.index = {x, y, z};
         b.threads = &threads;
         b.slots.resize(n / 32 * 2);
-        std::memset(shared_.data(), 0xff, shared_.size());
+        // What a block may use starts unwritten; past it, the poison must stay.
+        std::memset(shared_.data(), 0xff, shared_bytes);
         for (Thread& t : threads) {
           t = Thread{};
           t.fiber = boost::context::fiber(std::allocator_arg, stacks,
@@ -325,9 +328,8 @@ void Emulator::Run(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
         }
         g_block = nullptr;
         if (!b.error.empty()) throw std::runtime_error(b.error);
-        const auto past =
-            std::find_if(shared_.begin() + shared_bytes, shared_.end(), [](unsigned char c) { return c != 0xff; });
-        if (past != shared_.end()) {
+        if (std::memcmp(shared_.data() + shared_bytes, poison_.data(), shared_.size() - shared_bytes) != 0) {
+          const auto past = std::mismatch(shared_.begin() + shared_bytes, shared_.end(), poison_.begin()).first;
           throw std::runtime_error(fmt::format("block ({},{},{}) wrote byte {} of shared memory, past the launch's {} "
                                                "bytes", x, y, z, past - shared_.begin(), shared_bytes));
         }

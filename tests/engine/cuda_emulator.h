@@ -100,7 +100,11 @@ class Emulator {
   void Run(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& thread);
 
  private:
-  std::vector<unsigned char> shared_;  // DynamicSharedMemory() of the running block
+  // DynamicSharedMemory() of the running block: 16-byte aligned, as a GPU's, by the
+  // default alignment of new.
+  static_assert(__STDCPP_DEFAULT_NEW_ALIGNMENT__ >= 16);
+  std::vector<unsigned char> shared_;
+  const std::vector<unsigned char> poison_ = std::vector<unsigned char>(kSharedBytes, 0xff);  // what it starts as
   Options options_;
   std::vector<std::pair<const unsigned char*, size_t>> readable_;
 };

@@ -43,6 +43,7 @@
 #include "core/self_executable.h"
 #include "data/dataset.h"
 #include "engine/relative_error.h"
+#include "engine/seeded_test.h"
 #include "engine/small_job.h"
 #include "storage/checkpoint_store.h"
 #include "train/checkpointing.h"
@@ -57,6 +58,7 @@ namespace {
 using Vec = std::vector<double>;
 
 using testing::RelError;
+using testing::RelIncrementError;
 using testing::RoundBf16;
 
 // A relative error for the test report: three significant digits at any magnitude.
@@ -66,9 +68,10 @@ std::string Sci(double v) {
   return text;
 }
 
-class CudaTest : public ::testing::Test {
+class CudaTest : public testing::SeededTest<> {
  protected:
   void SetUp() override {
+    SeededTest::SetUp();
     if (CudaDeviceCount() == 0) {
       GTEST_SKIP() << "no CUDA device here (" << CudaDeviceDescription()
                    << "): the GPU checks run where one is present";
@@ -85,11 +88,9 @@ class CudaTest : public ::testing::Test {
     ASSERT_TRUE(gpu.ok()) << gpu.status();
     gpu_ = std::move(*gpu);
     cpu_ = MakeCpuBackend({DType::kF64, 0});
-    seed_ = std::random_device{}();
-    rng_.seed(seed_);
   }
   void TearDown() override {
-    if (HasFailure()) std::fprintf(stderr, "cuda_test: inputs drawn with seed %u\n", seed_);
+    SeededTest::TearDown();
     for (void* p : gpu_buffers_) gpu_->Free(p);
     for (void* p : cpu_buffers_) cpu_->Free(p);
   }
@@ -102,13 +103,6 @@ class CudaTest : public ::testing::Test {
   // The forward and backward of shape `s` against the CPU reference, and the backward
   // once more: the same bits.
   void CheckAttention(const AttentionShape& s);
-
-  Vec Random(size_t n, double std = 1.0, double mean = 0.0) {
-    std::normal_distribution<double> normal(mean, std);
-    Vec v(n);
-    for (double& x : v) x = RoundBf16(normal(rng_));
-    return v;
-  }
 
   // The same values on both backends: f64 on the CPU, `type` on the GPU.
   struct Pair {
@@ -145,20 +139,13 @@ class CudaTest : public ::testing::Test {
   // For accumulated outputs: compares what each backend added to `before`, so that the
   // starting values do not dilute the error.
   void ExpectIncrementClose(const char* what, const Pair& p, const Vec& before, double tol) {
-    Vec g = Gpu(p), c = Cpu(p);
-    for (size_t i = 0; i < before.size(); ++i) {
-      g[i] -= before[i];
-      c[i] -= before[i];
-    }
-    const double err = RelError(g, c);
+    const double err = RelIncrementError(Gpu(p), Cpu(p), before);
     EXPECT_LE(err, tol) << what << " (increment): relative error " << err;
     RecordProperty(what, Sci(err));
   }
 
   std::unique_ptr<Backend> gpu_, cpu_;
   std::vector<void*> gpu_buffers_, cpu_buffers_;
-  unsigned seed_ = 0;
-  std::mt19937_64 rng_;
 };
 
 // bf16 results of f32 accumulations: one rounding (unit roundoff 2^-8, about 2^-9.5 in

@@ -1,23 +1,23 @@
 // What the emulator tests share: the launch code's Device on the CPU emulator, buffers
-// that show a write past either end, device values as doubles, and a fixture that draws
-// bf16 inputs from a seed it prints when a test fails.
+// that show a write past either end, device values as doubles, launches whose broken
+// rules fail the test, and the CPU backend's buffers for the reference.
 #pragma once
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstddef>
-#include <cstdio>
 #include <limits>
-#include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "engine/cuda_emulator.h"
 // CUDA code comes after the emulator, which gives its qualifiers their host meanings.
 #include "backend/cuda/cuda_common.cuh"
-#include "engine/relative_error.h"
+#include "backend/backend.h"
+#include "engine/seeded_test.h"
 
 namespace llamad::testing {
 
@@ -66,15 +66,6 @@ class Guarded {
   std::vector<T> v_;
 };
 
-inline std::vector<double> Floats(const __nv_bfloat16* p, size_t n) {
-  std::vector<double> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = __bfloat162float(p[i]);
-  return v;
-}
-inline std::vector<double> Floats(const float* p, size_t n) { return std::vector<double>(p, p + n); }
-inline std::vector<double> Floats(const double* p, size_t n) { return std::vector<double>(p, p + n); }
-
-
 // `values` in the emulated device's memory, as T.
 template <typename T>
 Guarded<T> OnDevice(const std::vector<double>& values) {
@@ -87,36 +78,56 @@ template <typename T>
 Guarded<T> Poisoned(size_t n) {
   return Guarded<T>(n, T(std::numeric_limits<float>::quiet_NaN()));
 }
-// A device buffer's values, once a test has checked that no kernel wrote past its ends.
+// A device buffer's values; a kernel that wrote past its ends fails the test.
 template <typename T>
 std::vector<double> Values(const Guarded<T>& buffer) {
   EXPECT_TRUE(buffer.GuardsIntact()) << "a kernel wrote outside its output";
-  return Floats(buffer.data(), buffer.size());
+  std::vector<double> v(buffer.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      v[i] = __bfloat162float(buffer.data()[i]);
+    } else {
+      v[i] = buffer.data()[i];  // float or double
+    }
+  }
+  return v;
 }
 
-// A fixture (over ::testing::Test or TestWithParam) whose inputs come from a fresh seed,
-// printed when the test fails so that the failure can be run again.
-template <typename Base = ::testing::Test>
-class SeededTest : public Base {
- protected:
-  void SetUp() override {
-    seed_ = std::random_device{}();
-    rng_.seed(seed_);
+// Runs launches on the emulator; a rule a kernel broke is a test failure.
+template <typename Launches>
+bool Emulate(Launches&& launches) {
+  try {
+    launches();
+    return true;
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << e.what();
+    return false;
   }
-  void TearDown() override {
-    if (this->HasFailure()) std::fprintf(stderr, "inputs drawn with seed %u\n", seed_);
-  }
+}
 
-  // n normal values, each rounded to bf16 so that the device holds them exactly.
-  std::vector<double> Random(size_t n, double std = 1.0, double mean = 0.0) {
-    std::normal_distribution<double> normal(mean, std);
+// Buffers of a float64 CPU backend (the reference), freed with this.
+class CpuBuffers {
+ public:
+  explicit CpuBuffers(Backend& cpu) : cpu_(cpu) {}
+  CpuBuffers(const CpuBuffers&) = delete;
+  CpuBuffers& operator=(const CpuBuffers&) = delete;
+  ~CpuBuffers() {
+    for (void* p : buffers_) cpu_.Free(p);
+  }
+  void* Upload(const std::vector<double>& values) {
+    buffers_.push_back(cpu_.Allocate(values.size()));
+    cpu_.Upload(buffers_.back(), values.data(), values.size());
+    return buffers_.back();
+  }
+  std::vector<double> Download(const void* buffer, size_t n) {
     std::vector<double> v(n);
-    for (double& x : v) x = RoundBf16(normal(rng_));
+    cpu_.Download(v.data(), buffer, n);
     return v;
   }
 
-  unsigned seed_ = 0;
-  std::mt19937_64 rng_;
+ private:
+  Backend& cpu_;
+  std::vector<void*> buffers_;
 };
 
 }  // namespace llamad::testing

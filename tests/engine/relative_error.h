@@ -34,6 +34,16 @@ inline double RelError(const std::vector<double>& a, const std::vector<double>& 
   return std::sqrt(num / std::max(den, 1e-300));
 }
 
+// For accumulated outputs: RelError of what `a` added to `before` against what `ref`
+// added, so that the starting values do not dilute the error.
+inline double RelIncrementError(std::vector<double> a, std::vector<double> ref, const std::vector<double>& before) {
+  for (size_t i = 0; i < before.size(); ++i) {
+    a[i] -= before[i];
+    ref[i] -= before[i];
+  }
+  return RelError(a, ref);
+}
+
 // The q, k and v parts of a q|k|v buffer (or its gradient), each rows x its heads' width,
 // so that each is measured on its own.
 inline constexpr const char* kQkvGradientNames[3] = {"dq", "dk", "dv"};

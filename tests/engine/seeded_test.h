@@ -1,0 +1,40 @@
+// A test fixture whose random inputs come from a fresh seed, printed when the test fails
+// so that the failure can be run again: the GPU tests' and the emulator tests'.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstddef>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "engine/relative_error.h"
+
+namespace llamad::testing {
+
+// Over ::testing::Test or TestWithParam.
+template <typename Base = ::testing::Test>
+class SeededTest : public Base {
+ protected:
+  void SetUp() override {
+    seed_ = std::random_device{}();
+    rng_.seed(seed_);
+  }
+  void TearDown() override {
+    if (this->HasFailure()) std::fprintf(stderr, "inputs drawn with seed %u\n", seed_);
+  }
+
+  // n normal values, each rounded to bf16 so that a device holds them exactly.
+  std::vector<double> Random(size_t n, double std = 1.0, double mean = 0.0) {
+    std::normal_distribution<double> normal(mean, std);
+    std::vector<double> v(n);
+    for (double& x : v) x = RoundBf16(normal(rng_));
+    return v;
+  }
+
+  unsigned seed_ = 0;
+  std::mt19937_64 rng_;
+};
+
+}  // namespace llamad::testing
