@@ -30,10 +30,11 @@ LLAMAD_HOST_DEVICE inline double RandomUniform(uint64_t seed, uint64_t stream, u
 }
 
 // Standard normal sample by Box-Muller over two independent uniforms of one counter.
-inline double RandomNormal(uint64_t seed, uint64_t stream, uint64_t index) {
+// Unqualified sqrt, log and cos: the C library's on the host, CUDA's on a device.
+LLAMAD_HOST_DEVICE inline double RandomNormal(uint64_t seed, uint64_t stream, uint64_t index) {
   const double u1 = RandomUniform(seed, stream, 2 * index);
   const double u2 = RandomUniform(seed, stream, 2 * index + 1);
-  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+  return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
 }
 
 // A small sequential generator for shuffles (deterministic for a given seed).

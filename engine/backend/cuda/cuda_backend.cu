@@ -136,24 +136,23 @@ class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(const CudaBackendOptions& options) : options_(options) {
     LLAMAD_CUDA_CHECK(cudaSetDevice(options.device));
-    LLAMAD_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    gpu_.stream = stream_;
-    gemm_ = std::make_unique<Gemm>(stream_);
+    LLAMAD_CUDA_CHECK(cudaStreamCreateWithFlags(&gpu_.stream, cudaStreamNonBlocking));
+    gemm_ = std::make_unique<Gemm>(gpu_.stream);
     if (options.attention != CudaAttention::kLlamad) {
       std::string why;
-      cudnn_ = CudnnAttention::Create(stream_, &why);
+      cudnn_ = CudnnAttention::Create(gpu_.stream, &why);
       if (cudnn_ == nullptr && options.attention == CudaAttention::kCudnn) {
         Fail(why.c_str(), __FILE__, __LINE__);  // MakeCudaBackend checked this first
       }
     }
   }
   ~CudaBackend() override {
-    cudaStreamSynchronize(stream_);
+    cudaStreamSynchronize(gpu_.stream);
     cudnn_.reset();
     gemm_.reset();
     for (auto& [address, alloc] : allocs_) cudaFree(reinterpret_cast<void*>(address));
     for (void* p : scratch_) cudaFree(p);
-    cudaStreamDestroy(stream_);
+    cudaStreamDestroy(gpu_.stream);
   }
 
   std::string_view name() const override { return "cuda"; }
@@ -176,7 +175,7 @@ class CudaBackend final : public Backend {
                    bytes, free_bytes, total, allocated_);
       std::abort();
     }
-    LLAMAD_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
+    LLAMAD_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, gpu_.stream));
     allocs_[reinterpret_cast<uintptr_t>(p)] = {bytes, type};
     allocated_ += bytes;
     peak_ = std::max(peak_, allocated_bytes());
@@ -200,7 +199,7 @@ class CudaBackend final : public Backend {
     if (buffer == nullptr) return;
     auto it = allocs_.find(reinterpret_cast<uintptr_t>(buffer));
     if (it == allocs_.end()) Fail("Free of a buffer this backend did not allocate", __FILE__, __LINE__);
-    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream));
     allocated_ -= it->second.bytes;
     allocs_.erase(it);
     LLAMAD_CUDA_CHECK(cudaFree(buffer));
@@ -217,9 +216,9 @@ class CudaBackend final : public Backend {
     return 0;
   }
   void ResetPeak() override { peak_ = allocated_bytes(); }
-  void Synchronize() override { LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void Synchronize() override { LLAMAD_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream)); }
   DType BufferType(const void* buffer, size_t n) const override { return TypeOf(buffer, n); }
-  cudaStream_t stream() const { return stream_; }
+  cudaStream_t stream() const { return gpu_.stream; }
   int device() const { return options_.device; }
 
   void Upload(void* dst, const double* src, size_t n) override {
@@ -244,17 +243,17 @@ class CudaBackend final : public Backend {
 
   void UploadF32(void* dst, const float* src, size_t n) override {
     UploadF32Async(dst, src, n);
-    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_));  // src may go away
+    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream));  // src may go away
   }
   void UploadF32Async(void* dst, const float* src, size_t n) override {
     BindDevice();
     if (TypeOf(dst, n) == DType::kF32) {
-      LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * 4, cudaMemcpyHostToDevice, stream_));
+      LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * 4, cudaMemcpyHostToDevice, gpu_.stream));
     } else {
       float* staging = Scratch<float>(staging_, std::min(n, kStagingElements));
       for (size_t done = 0; done < n; done += kStagingElements) {
         const size_t count = std::min(kStagingElements, n - done);
-        LLAMAD_CUDA_CHECK(cudaMemcpyAsync(staging, src + done, count * 4, cudaMemcpyHostToDevice, stream_));
+        LLAMAD_CUDA_CHECK(cudaMemcpyAsync(staging, src + done, count * 4, cudaMemcpyHostToDevice, gpu_.stream));
         layers::Convert(gpu_, static_cast<bf16*>(dst) + done, staging, count);
       }
     }
@@ -262,21 +261,21 @@ class CudaBackend final : public Backend {
   void DownloadF32(float* dst, const void* src, size_t n) override {
     BindDevice();
     if (TypeOf(src, n) == DType::kF32) {
-      LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * 4, cudaMemcpyDeviceToHost, stream_));
+      LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * 4, cudaMemcpyDeviceToHost, gpu_.stream));
     } else {
       float* staging = Scratch<float>(staging_, std::min(n, kStagingElements));
       for (size_t done = 0; done < n; done += kStagingElements) {
         const size_t count = std::min(kStagingElements, n - done);
         layers::Convert(gpu_, staging, static_cast<const bf16*>(src) + done, count);
-        LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst + done, staging, count * 4, cudaMemcpyDeviceToHost, stream_));
+        LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst + done, staging, count * 4, cudaMemcpyDeviceToHost, gpu_.stream));
       }
     }
-    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream));
   }
   void Copy(void* dst, const void* src, size_t n) override {
     const DType dt = TypeOf(dst, n), st = TypeOf(src, n);
     if (dt == st) {
-      LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * DTypeSize(dt), cudaMemcpyDeviceToDevice, stream_));
+      LLAMAD_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * DTypeSize(dt), cudaMemcpyDeviceToDevice, gpu_.stream));
       return;
     }
     if (dt == DType::kBF16) {
@@ -286,7 +285,7 @@ class CudaBackend final : public Backend {
     }
   }
   void Zero(void* x, size_t n) override {
-    LLAMAD_CUDA_CHECK(cudaMemsetAsync(x, 0, n * DTypeSize(TypeOf(x, n)), stream_));
+    LLAMAD_CUDA_CHECK(cudaMemsetAsync(x, 0, n * DTypeSize(TypeOf(x, n)), gpu_.stream));
   }
   void Add(void* y, const void* x, size_t n) override {
     const DType type = TypeOf(y, n);
@@ -327,8 +326,9 @@ class CudaBackend final : public Backend {
       layers::SumSquaresPartials(gpu_, partial, static_cast<const bf16*>(x), n);
     }
     std::vector<double> host(kSumBlocks);
-    LLAMAD_CUDA_CHECK(cudaMemcpyAsync(host.data(), partial, kSumBlocks * sizeof(double), cudaMemcpyDeviceToHost, stream_));
-    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    LLAMAD_CUDA_CHECK(
+        cudaMemcpyAsync(host.data(), partial, kSumBlocks * sizeof(double), cudaMemcpyDeviceToHost, gpu_.stream));
+    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream));
     double total = 0;
     for (double s : host) total += s;
     return total;
@@ -364,7 +364,6 @@ class CudaBackend final : public Backend {
 
   void RmsNorm(void* out, void* rstd, const void* x, const void* w, int n, int dim,
                double eps) override {
-    if (n == 0) return;
     layers::RmsNorm(gpu_, static_cast<bf16*>(out), F(rstd), B(x), B(w), n, dim, float(eps));
   }
   void RmsNormBackward(void* dx, void* dw, const void* dout, const void* x, const void* w,
@@ -394,7 +393,7 @@ class CudaBackend final : public Backend {
       return;
     }
     CudnnFellBack(why);
-    AttentionForward(static_cast<bf16*>(out), F(lse), B(qkv), args, stream_);
+    AttentionForward(static_cast<bf16*>(out), F(lse), B(qkv), args, gpu_.stream);
   }
   void AttentionBackward(void* dqkv, const void* dout, const void* out, const void* lse,
                          const void* qkv, const AttentionShape& s, int block) override {
@@ -408,7 +407,7 @@ class CudaBackend final : public Backend {
     CudnnFellBack(why);
     float* delta = Scratch<float>(delta_, size_t(s.batch) * s.heads * s.seq);
     cuda::AttentionBackward(static_cast<bf16*>(dqkv), delta, B(dout), B(out),
-                            static_cast<const float*>(lse), B(qkv), args, stream_);
+                            static_cast<const float*>(lse), B(qkv), args, gpu_.stream);
   }
 
   void SwiGlu(void* h, const void* gate_up, int n, int ffn) override {
@@ -438,8 +437,8 @@ class CudaBackend final : public Backend {
       gemm_->Run(false, true, dim, vocab, rows, xc, dim, dlogits, vocab, 1.f, dw, CUDA_R_32F, dim);
     }
     std::vector<float> host(n);
-    LLAMAD_CUDA_CHECK(cudaMemcpyAsync(host.data(), losses, size_t(n) * 4, cudaMemcpyDeviceToHost, stream_));
-    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    LLAMAD_CUDA_CHECK(cudaMemcpyAsync(host.data(), losses, size_t(n) * 4, cudaMemcpyDeviceToHost, gpu_.stream));
+    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream));
     double sum = 0;
     for (float l : host) sum += l;
     return sum;
@@ -503,7 +502,7 @@ class CudaBackend final : public Backend {
   T* Scratch(ScratchBuffer& s, size_t numel) {
     const size_t bytes = std::max<size_t>(numel * sizeof(T), 256);
     if (bytes > s.bytes) {
-      LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      LLAMAD_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream));
       if (s.data != nullptr) {
         scratch_.erase(std::find(scratch_.begin(), scratch_.end(), s.data));
         LLAMAD_CUDA_CHECK(cudaFree(s.data));
@@ -521,14 +520,13 @@ class CudaBackend final : public Backend {
   // cost a step.
   const int32_t* UploadIds(const int32_t* host, size_t n, ScratchBuffer& device) {
     int32_t* d = Scratch<int32_t>(device, n);
-    LLAMAD_CUDA_CHECK(cudaMemcpyAsync(d, host, n * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
-    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(stream_));  // pageable source: wait before returning
+    LLAMAD_CUDA_CHECK(cudaMemcpyAsync(d, host, n * sizeof(int32_t), cudaMemcpyHostToDevice, gpu_.stream));
+    LLAMAD_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream));  // pageable source: wait before returning
     return d;
   }
 
   CudaBackendOptions options_;
-  cudaStream_t stream_ = nullptr;
-  Gpu gpu_{nullptr};  // layer_kernels.cuh's launches on stream_
+  Gpu gpu_{nullptr};  // the backend's stream, on which every kernel and copy runs
   std::unique_ptr<Gemm> gemm_;
   std::unique_ptr<CudnnAttention> cudnn_;  // null: the own attention kernels
   std::set<std::string> fallback_reasons_;

@@ -54,15 +54,12 @@ __global__ void AddKernel(T* y, const T* x, size_t n) {
     y[i] = FromFloat<T>(ToFloat(y[i]) + ToFloat(x[i]));
 }
 
-// core/rng.h's counter-based normals on the device: the same uniforms, and the CPU's
-// Box-Muller up to the last bit of the device's double-precision log and cos.
+// core/rng.h's counter-based normals, as the CPU backend draws them: the same bits up to
+// the last bit of the device's double-precision sqrt, log and cos.
 template <typename T>
 __global__ void FillNormalKernel(T* x, size_t n, double std, uint64_t seed, uint64_t stream, uint64_t first) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const uint64_t k = first + i;
-    const double u1 = RandomUniform(seed, stream, 2 * k), u2 = RandomUniform(seed, stream, 2 * k + 1);
-    x[i] = FromFloat<T>(float(std * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2)));
-  }
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    x[i] = FromFloat<T>(float(std * RandomNormal(seed, stream, first + i)));
 }
 
 // Fixed grid, fixed order: each block sums a fixed strided subset in double.
@@ -315,11 +312,11 @@ __global__ void AdamWKernel(P* param, float* master, const float* grad, float* m
 
 // ---- launches --------------------------------------------------------------------------
 
-// One thread per work item (`items` of them), 256 to a block.
+// One thread per work item (`items` of them), kThreads to a block.
 template <typename Device, typename... Params, typename... Args>
 void LaunchItems(Device& device, void (*kernel)(Params...), size_t items, Args... args) {
   if (items == 0) return;
-  device.Launch(kernel, dim3(unsigned((items + 255) / 256)), 256, 0, args...);
+  device.Launch(kernel, dim3(unsigned((items + kThreads - 1) / kThreads)), kThreads, 0, args...);
 }
 // A grid-stride kernel over n elements, on at most device.max_strided_blocks blocks.
 template <typename Device, typename... Params, typename... Args>
@@ -412,8 +409,7 @@ void RmsNormBackward(Device& device, bf16* dx, float* dw, float* partial, const 
   const int shared_bytes = dim * int(sizeof(float));  // the block's dw row
   const auto kernel = VectorsFit(8, dim, {dx, dout, x, w}) ? RmsNormBackwardKernel<8> : RmsNormBackwardKernel<1>;
   device.Launch(kernel, dim3(blocks), kThreads, shared_bytes, dx, partial, dout, x, w, rstd, n, dim, accumulate_dx);
-  device.Launch(ReduceRowsKernel, dim3((dim + 255) / 256), 256, 0, dw, static_cast<const float*>(partial), blocks,
-                dim);
+  LaunchItems(device, ReduceRowsKernel, size_t(dim), dw, static_cast<const float*>(partial), blocks, dim);
 }
 
 template <typename Device>
