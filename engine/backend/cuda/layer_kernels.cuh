@@ -30,36 +30,39 @@ constexpr unsigned kThreads = 256;
 
 // ---- kernels -----------------------------------------------------------------------
 
+// Calls f(i) for each element i < n of this thread's grid-stride loop: from its index in
+// the grid, in steps of the grid's thread count.
+template <typename F>
+__device__ __forceinline__ void ForEachStrided(size_t n, F f) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += stride) f(i);
+}
+
 template <typename D, typename S>
 __global__ void ConvertKernel(D* dst, const S* src, size_t n) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    dst[i] = FromFloat<D>(ToFloat(src[i]));
+  ForEachStrided(n, [&](size_t i) { dst[i] = FromFloat<D>(ToFloat(src[i])); });
 }
 
 template <typename T>
 __global__ void FillKernel(T* x, size_t n, float value) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    x[i] = FromFloat<T>(value);
+  ForEachStrided(n, [&](size_t i) { x[i] = FromFloat<T>(value); });
 }
 
 template <typename T>
 __global__ void ScaleKernel(T* x, size_t n, float scale) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    x[i] = FromFloat<T>(ToFloat(x[i]) * scale);
+  ForEachStrided(n, [&](size_t i) { x[i] = FromFloat<T>(ToFloat(x[i]) * scale); });
 }
 
 template <typename T>
 __global__ void AddKernel(T* y, const T* x, size_t n) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    y[i] = FromFloat<T>(ToFloat(y[i]) + ToFloat(x[i]));
+  ForEachStrided(n, [&](size_t i) { y[i] = FromFloat<T>(ToFloat(y[i]) + ToFloat(x[i])); });
 }
 
 // core/rng.h's counter-based normals, as the CPU backend draws them: the same bits up to
 // the last bit of the device's double-precision sqrt, log and cos.
 template <typename T>
 __global__ void FillNormalKernel(T* x, size_t n, double std, uint64_t seed, uint64_t stream, uint64_t first) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    x[i] = FromFloat<T>(float(std * RandomNormal(seed, stream, first + i)));
+  ForEachStrided(n, [&](size_t i) { x[i] = FromFloat<T>(float(std * RandomNormal(seed, stream, first + i))); });
 }
 
 // Fixed grid, fixed order: each block sums a fixed strided subset in double.
@@ -68,10 +71,10 @@ template <typename T>
 __global__ void SumSquaresKernel(double* partial, const T* x, size_t n) {
   __shared__ double scratch[32];
   double s = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+  ForEachStrided(n, [&](size_t i) {
     const double v = ToFloat(x[i]);
     s += v * v;
-  }
+  });
   s = BlockSum(s, scratch);
   if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
@@ -267,12 +270,7 @@ __global__ void CrossEntropyKernel(float* loss, bf16* dlogits, const float* logi
   }
   float m = -INFINITY;
   for (int c = threadIdx.x; c < vocab; c += blockDim.x) m = fmaxf(m, l[c]);
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  __shared__ float warp_max[32];
-  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
-  __syncthreads();
-  m = -INFINITY;
-  for (int k = 0; k < int(blockDim.x / 32); ++k) m = fmaxf(m, warp_max[k]);
+  m = BlockMax(m, scratch);
   float s = 0.f;
   for (int c = threadIdx.x; c < vocab; c += blockDim.x) s += __expf(l[c] - m);
   s = BlockSum(s, scratch);
@@ -296,7 +294,7 @@ __global__ void AdamWKernel(P* param, float* master, const float* grad, float* m
   // CPU kernel's order (cpu/adamw_simd.h): the host-offloaded update on the CPU and this
   // one give bit-identical weights.
   const float c1 = __fsub_rn(1.f, b1), c2 = __fsub_rn(1.f, b2);
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+  ForEachStrided(n, [&](size_t i) {
     const float g = __fmul_rn(grad[i], grad_scale);
     const float mi = __fadd_rn(__fmul_rn(b1, m[i]), __fmul_rn(c1, g));
     const float vi = __fadd_rn(__fmul_rn(b2, v[i]), __fmul_rn(__fmul_rn(c2, g), g));
@@ -307,7 +305,7 @@ __global__ void AdamWKernel(P* param, float* master, const float* grad, float* m
     const float p = __fsub_rn(__fmul_rn(p0, decay), __fdiv_rn(__fmul_rn(step_size, mi), denominator));
     if (master != nullptr) master[i] = p;
     param[i] = FromFloat<P>(p);
-  }
+  });
 }
 
 // ---- launches --------------------------------------------------------------------------
