@@ -486,7 +486,8 @@ TEST_P(LayerEmulationTest, GridStrideKernelsLoopPastTheirGrid) {
 // float less of shared memory than its row needs writes past the launch's.
 TEST_P(LayerEmulationTest, ARowPastTheLaunchsSharedMemoryIsCaught) {
   const int n = 4, dim = 96;
-  Guarded<bf16> x = OnDevice<bf16>(Random(n * dim)), w = OnDevice<bf16>(Random(dim)), dout = OnDevice<bf16>(Random(n * dim));
+  Guarded<bf16> x = OnDevice<bf16>(Random(n * dim)), w = OnDevice<bf16>(Random(dim));
+  Guarded<bf16> dout = OnDevice<bf16>(Random(n * dim));
   Guarded<bf16> dx = Poisoned<bf16>(n * dim);
   Guarded<float> rstd = OnDevice<float>(Vec(n, 1.0)), partial = Poisoned<float>(n * dim);
   try {
