@@ -1,11 +1,13 @@
 // A test fixture whose random inputs come from a fresh seed, printed when the test fails
-// so that the failure can be run again: the GPU tests' and the emulator tests'.
+// so that the failure can be run again with the same inputs: LLAMAD_TEST_SEED=<seed> in
+// the environment fixes the seed. The GPU tests' and the emulator tests'.
 #pragma once
 
 #include <gtest/gtest.h>
 
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -19,10 +21,19 @@ class SeededTest : public Base {
  protected:
   void SetUp() override {
     seed_ = std::random_device{}();
+    if (const char* fixed = std::getenv("LLAMAD_TEST_SEED"); fixed != nullptr) {
+      char* end = nullptr;
+      const unsigned long long value = std::strtoull(fixed, &end, 10);
+      ASSERT_TRUE(*fixed != '\0' && *end == '\0' && value <= 0xffffffffull)
+          << "LLAMAD_TEST_SEED='" << fixed << "' is not a seed as a failed test prints it (a number below 2^32)";
+      seed_ = unsigned(value);
+    }
     rng_.seed(seed_);
   }
   void TearDown() override {
-    if (this->HasFailure()) std::fprintf(stderr, "inputs drawn with seed %u\n", seed_);
+    if (this->HasFailure()) {
+      std::fprintf(stderr, "inputs drawn with seed %u (LLAMAD_TEST_SEED=%u draws them again)\n", seed_, seed_);
+    }
   }
 
   // n normal values, each rounded to bf16 so that a device holds them exactly.
