@@ -5,10 +5,14 @@
 
 #include <gtest/gtest.h>
 
+#include <charconv>
 #include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
+#include <system_error>
 #include <vector>
 
 #include "engine/relative_error.h"
@@ -22,16 +26,19 @@ class SeededTest : public Base {
   void SetUp() override {
     seed_ = std::random_device{}();
     if (const char* fixed = std::getenv("LLAMAD_TEST_SEED"); fixed != nullptr) {
-      char* end = nullptr;
-      const unsigned long long value = std::strtoull(fixed, &end, 10);
-      ASSERT_TRUE(*fixed != '\0' && *end == '\0' && value <= 0xffffffffull)
+      // Digits only (from_chars takes no sign or space), below 2^32.
+      const char* end = fixed + std::strlen(fixed);
+      uint32_t value = 0;
+      const auto [stop, error] = std::from_chars(fixed, end, value);
+      ASSERT_TRUE(fixed != end && error == std::errc() && stop == end)
           << "LLAMAD_TEST_SEED='" << fixed << "' is not a seed as a failed test prints it (a number below 2^32)";
-      seed_ = unsigned(value);
+      seed_ = value;
     }
     rng_.seed(seed_);
+    seeded_ = true;
   }
   void TearDown() override {
-    if (this->HasFailure()) {
+    if (seeded_ && this->HasFailure()) {
       std::fprintf(stderr, "inputs drawn with seed %u (LLAMAD_TEST_SEED=%u draws them again)\n", seed_, seed_);
     }
   }
@@ -45,6 +52,7 @@ class SeededTest : public Base {
   }
 
   unsigned seed_ = 0;
+  bool seeded_ = false;  // SetUp got as far as seeding rng_
   std::mt19937_64 rng_;
 };
 
