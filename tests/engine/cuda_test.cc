@@ -72,6 +72,7 @@ class CudaTest : public testing::SeededTest<> {
  protected:
   void SetUp() override {
     SeededTest::SetUp();
+    if (HasFatalFailure()) return;  // LLAMAD_TEST_SEED named no seed
     if (CudaDeviceCount() == 0) {
       GTEST_SKIP() << "no CUDA device here (" << CudaDeviceDescription()
                    << "): the GPU checks run where one is present";
