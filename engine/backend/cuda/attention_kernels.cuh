@@ -368,7 +368,7 @@ __global__ void DeltaKernel(float* __restrict__ delta, const bf16* __restrict__ 
   const size_t at = (size_t(b) * d.T + q) * d.out_stride + h * D;
   float sum = 0.f;
   for (int c = lane; c < D; c += 32) sum += ToFloat(dout[at + c]) * ToFloat(out[at + c]);
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  sum = WarpReduce(sum, [](float a, float b) { return a + b; });
   if (lane == 0) delta[row] = sum;
 }
 

@@ -125,20 +125,26 @@ inline unsigned Blocks(size_t n, unsigned threads, unsigned cap) {
   return unsigned(b < 1 ? 1 : (b > cap ? cap : b));
 }
 
+// `op` (associative and commutative) over the 32 lanes of a full warp; every lane gets the
+// result. Deterministic: a fixed butterfly.
+template <typename T, typename Op>
+__device__ __forceinline__ T WarpReduce(T v, Op op) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 // `op` (associative and commutative, with `identity`) over a block of up to 1024 threads;
 // every thread gets the result. `scratch` holds 32 values. Deterministic: a fixed
 // reduction tree.
 template <typename T, typename Op>
 __device__ __forceinline__ T BlockReduce(T v, T* scratch, T identity, Op op) {
-  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  v = WarpReduce(v, op);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();  // scratch may still be read by a previous call
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   const int warps = (blockDim.x + 31) / 32;
-  T total = lane < warps ? scratch[lane] : identity;
-  for (int o = 16; o > 0; o >>= 1) total = op(total, __shfl_xor_sync(0xffffffffu, total, o));
-  return total;
+  return WarpReduce(lane < warps ? scratch[lane] : identity, op);
 }
 template <typename T>
 __device__ __forceinline__ T BlockSum(T v, T* scratch) {

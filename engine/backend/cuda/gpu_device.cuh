@@ -25,7 +25,8 @@ struct Gpu {
   // bytes while the limit counts static ones too, so a kernel opts in to whatever dynamic
   // bytes it is launched with rather than working out its total. The opt-in is a host call
   // and lasts (per kernel and device), so it is made only when a kernel needs more than it
-  // had: once per kernel in a run whose sizes do not change.
+  // had: once per kernel and launching thread in a run whose sizes do not change. The
+  // record is per thread so that a launch takes no lock.
   static void AllowDynamicSharedMemory(const void* kernel, int bytes) {
     int device = 0;
     LLAMAD_CUDA_CHECK(cudaGetDevice(&device));
