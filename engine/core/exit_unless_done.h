@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 
 namespace llamad {
@@ -18,15 +19,26 @@ class ExitUnlessDoneWithin {
  public:
   // Past `limit`, prints "llama-train: <message> (not done in <limit> s): exiting" and
   // ends the process with `exit_code` (no destructors run: other threads may hold locks).
-  ExitUnlessDoneWithin(std::chrono::milliseconds limit, int exit_code, std::string message)
-      : thread_([this, limit, exit_code, message = std::move(message)] {
-          std::unique_lock lock(mu_);
-          if (done_cv_.wait_for(lock, limit, [&] { return done_; })) return;
-          std::fprintf(stderr, "llama-train: %s (not done in %.1f s): exiting\n", message.c_str(),
-                       std::chrono::duration<double>(limit).count());
-          std::fflush(stderr);
-          std::_Exit(exit_code);
-        }) {}
+  // Where no thread can be started to watch the limit (a process short of threads or
+  // memory, as it may be on the failure paths this guards), it ends at once, with the same
+  // status: nothing else could end the wait.
+  ExitUnlessDoneWithin(std::chrono::milliseconds limit, int exit_code, const std::string& message) {
+    try {
+      thread_ = std::thread([this, limit, exit_code, message] {
+        std::unique_lock lock(mu_);
+        if (done_cv_.wait_for(lock, limit, [&] { return done_; })) return;
+        std::fprintf(stderr, "llama-train: %s (not done in %.1f s): exiting\n", message.c_str(),
+                     std::chrono::duration<double>(limit).count());
+        std::fflush(stderr);
+        std::_Exit(exit_code);
+      });
+    } catch (const std::system_error& e) {
+      std::fprintf(stderr, "llama-train: %s (cannot watch the %.1f s limit: %s): exiting\n", message.c_str(),
+                   std::chrono::duration<double>(limit).count(), e.what());
+      std::fflush(stderr);
+      std::_Exit(exit_code);
+    }
+  }
   ExitUnlessDoneWithin(const ExitUnlessDoneWithin&) = delete;
   ExitUnlessDoneWithin& operator=(const ExitUnlessDoneWithin&) = delete;
   ~ExitUnlessDoneWithin() {
@@ -42,7 +54,7 @@ class ExitUnlessDoneWithin {
   std::mutex mu_;
   std::condition_variable done_cv_;
   bool done_ = false;
-  std::thread thread_;  // last: it starts once the members above exist
+  std::thread thread_;  // started in the constructor, once the members above exist
 };
 
 }  // namespace llamad

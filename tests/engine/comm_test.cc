@@ -4,10 +4,12 @@
 // over (NCCL needs a GPU each: on a host backend every choice but an explicit nccl keeps
 // Gloo).
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <string>
 #include <thread>
@@ -241,6 +243,26 @@ TEST(CommTest, ACallThatNeverReturnsEndsTheProcessWithItsStatus) {
   }
   // Disarmed: the guard's thread ended with it, long before its limit.
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
+// Where the guard cannot start its thread (the address space is full here: no room for
+// its stack), nothing could end the wait: the process ends at once, with the status given.
+TEST(CommTest, AGuardThatCannotWatchEndsTheProcessAtOnce) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        size_t pages = 0;
+        std::ifstream("/proc/self/statm") >> pages;
+        // A few MiB beyond what is mapped now: less than a thread's stack.
+        const rlim_t limit = pages * sysconf(_SC_PAGESIZE) + (2u << 20);
+        rlimit bound;
+        bound.rlim_cur = bound.rlim_max = limit;
+        if (pages == 0 || setrlimit(RLIMIT_AS, &bound) != 0) std::_Exit(1);
+        ExitUnlessDoneWithin guard(std::chrono::seconds(30), kExitPeerLost, "an abort with no room to watch it");
+        std::_Exit(0);  // not reached when the guard ends the process
+      },
+      ::testing::ExitedWithCode(kExitPeerLost),
+      "llama-train: an abort with no room to watch it \\(cannot watch the 30.0 s limit: .*\\): exiting");
 }
 
 }  // namespace
