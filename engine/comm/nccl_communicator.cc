@@ -249,6 +249,11 @@ class NcclCollectives final : public DeviceCollectives {
       }
       comm_ = nullptr;
     }
+    // What is still pending followed a failure (or outlived the grace period): its events
+    // go too. CUDA releases an event still to complete once it does. (The watchdog has
+    // ended: nothing else holds mu_.)
+    for (const Pending& p : pending_) RecycleLocked(p);
+    pending_.clear();
     for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
@@ -306,30 +311,29 @@ class NcclCollectives final : public DeviceCollectives {
   }
 
   absl::Status JoinCollective(uint64_t ticket) override {
-    cudaEvent_t ready = Event();
-    std::lock_guard lock(mu_);
-    // A collective no longer pending has finished: nothing to wait for. The lock keeps
-    // a pending one's done event from being retired and reused meanwhile.
-    auto it = std::find_if(pending_.begin(), pending_.end(),
-                           [&](const Pending& p) { return p.kind != Pending::kJoin && p.ticket == ticket; });
-    if (it == pending_.end()) {
-      if (ready != nullptr) free_events_.push_back(ready);
-      return error_;
+    cudaEvent_t done = nullptr;
+    {
+      std::lock_guard lock(mu_);
+      // A collective no longer pending has finished: nothing to wait for. One joined before
+      // is waited for already: the backend's stream has the wait, and its entry times it.
+      auto it = std::find_if(pending_.begin(), pending_.end(),
+                             [&](const Pending& p) { return p.kind != Pending::kJoin && p.ticket == ticket; });
+      if (it == pending_.end() || it->done_lent) return error_;
+      // Lent, the done event is not retired with the collective (nor reused): the entry
+      // pushed below owns it, whatever happens meanwhile.
+      it->done_lent = true;
+      done = it->done;
     }
-    cudaError_t err = cudaEventRecord(ready, compute_);
-    if (err == cudaSuccess) err = cudaStreamWaitEvent(compute_, it->done, 0);
-    if (err != cudaSuccess) {
-      if (ready != nullptr) free_events_.push_back(ready);
-      if (error_.ok()) error_ = CudaError(err, "ordering the backend after a collective");
-      return error_;
-    }
-    if (it->done_lent) {  // joined before: its wait is timed there already
-      free_events_.push_back(ready);
-      return error_;
-    }
+    // Outside mu_: a launch blocks while the GPU's queue is full (behind stalled NCCL
+    // kernels, say), and the watchdog, which would abort them, needs mu_.
     // From where the backend is to the collective's end: the backend waiting for it.
-    it->done_lent = true;
-    Pending join{Pending::kJoin, ready, nullptr, it->done};
+    Pending join{Pending::kJoin, Event(), nullptr, done};
+    cudaError_t err = cudaEventRecord(join.ready, compute_);
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(compute_, done, 0);
+    std::lock_guard lock(mu_);
+    if (err != cudaSuccess && error_.ok()) error_ = CudaError(err, "ordering the backend after a collective");
+    // Tracked even so: the collective may still be running, so its done event may be
+    // recycled only after it ends.
     if (pending_.empty()) front_since_ = std::chrono::steady_clock::now();
     pending_.push_back(join);
     return error_;
@@ -391,10 +395,12 @@ class NcclCollectives final : public DeviceCollectives {
     const ncclResult_t started = api_->CommInitRankConfig(&comm_, world, id, rank, &config);
     absl::Status joined;
     if (started != ncclSuccess && started != ncclInProgress) {
-      joined = absl::UnavailableError(StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
-                                             api_->GetErrorString(started)));
+      joined = NcclFailure(started, StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
+                                          api_->GetErrorString(started)));
     } else if (auto s = Settle(started, limit); !s.ok()) {
-      joined = absl::UnavailableError(StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
+      // ABORTED where the other ranks never answered: a lost peer, also for the abort's
+      // exit should it hang.
+      joined = absl::Status(s.code(), StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
                                              s.message()));
     }
     // NCCL may have made a handle before it failed: the destructor must not finalize it.
@@ -454,11 +460,16 @@ class NcclCollectives final : public DeviceCollectives {
     return e;
   }
 
-  void Recycle(const Pending& p) {
-    std::lock_guard lock(mu_);
-    for (cudaEvent_t e : {p.ready, p.start, p.done}) {
+  // Gives an entry's events back for reuse; a lent done event stays with the Join entry
+  // that owns it. Holds mu_.
+  void RecycleLocked(const Pending& p) {
+    for (cudaEvent_t e : {p.ready, p.start, p.done_lent ? nullptr : p.done}) {
       if (e != nullptr) free_events_.push_back(e);
     }
+  }
+  void Recycle(const Pending& p) {
+    std::lock_guard lock(mu_);
+    RecycleLocked(p);
   }
 
   // Gives back an entry that could not be tracked and aborts the communicator.
@@ -558,7 +569,7 @@ class NcclCollectives final : public DeviceCollectives {
       }
       // A Join's ready is on the backend's stream, which may not have got there yet: still
       // running, so that the watchdog's timeout sees a backend that never gets there.
-      if (p.kind == Pending::kJoin && cudaEventQuery(p.ready) == cudaErrorNotReady) {
+      if (p.kind == Pending::kJoin && p.ready != nullptr && cudaEventQuery(p.ready) == cudaErrorNotReady) {
         (void)cudaGetLastError();
         running = true;
         break;
@@ -574,9 +585,7 @@ class NcclCollectives final : public DeviceCollectives {
       // Inline, the backend waited from ready to done; beside it, only at a Join.
       if (p.kind != Pending::kJoin) busy_seconds_ += seconds(p.start, p.done);
       if (p.kind != Pending::kBeside) exposed_seconds_ += seconds(p.ready, p.done);
-      for (cudaEvent_t e : {p.ready, p.start, p.done_lent ? nullptr : p.done}) {
-        if (e != nullptr) free_events_.push_back(e);
-      }
+      RecycleLocked(p);
       pending_.pop_front();
       front_since_ = std::chrono::steady_clock::now();
     }
