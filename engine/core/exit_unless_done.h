@@ -10,7 +10,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <string>
-#include <system_error>
+#include <exception>
 #include <thread>
 
 namespace llamad {
@@ -32,11 +32,10 @@ class ExitUnlessDoneWithin {
         std::fflush(stderr);
         std::_Exit(exit_code);
       });
-    } catch (const std::system_error& e) {
-      std::fprintf(stderr, "llama-train: %s (cannot watch the %.1f s limit: %s): exiting\n", message.c_str(),
-                   std::chrono::duration<double>(limit).count(), e.what());
-      std::fflush(stderr);
-      std::_Exit(exit_code);
+    } catch (const std::exception& e) {  // system_error from the thread, bad_alloc before it
+      CannotWatch(limit, exit_code, message, e.what());
+    } catch (...) {
+      CannotWatch(limit, exit_code, message, "unknown error");
     }
   }
   ExitUnlessDoneWithin(const ExitUnlessDoneWithin&) = delete;
@@ -51,6 +50,14 @@ class ExitUnlessDoneWithin {
   }
 
  private:
+  [[noreturn]] static void CannotWatch(std::chrono::milliseconds limit, int exit_code, const std::string& message,
+                                       const char* why) {
+    std::fprintf(stderr, "llama-train: %s (cannot watch the %.1f s limit: %s): exiting\n", message.c_str(),
+                 std::chrono::duration<double>(limit).count(), why);
+    std::fflush(stderr);
+    std::_Exit(exit_code);
+  }
+
   std::mutex mu_;
   std::condition_variable done_cv_;
   bool done_ = false;

@@ -4,6 +4,7 @@
 // over (NCCL needs a GPU each: on a host backend every choice but an explicit nccl keeps
 // Gloo).
 #include <gtest/gtest.h>
+#include <pthread.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -253,8 +254,16 @@ TEST(CommTest, AGuardThatCannotWatchEndsTheProcessAtOnce) {
       {
         size_t pages = 0;
         std::ifstream("/proc/self/statm") >> pages;
-        // A few MiB beyond what is mapped now: less than a thread's stack.
-        const rlim_t limit = pages * sysconf(_SC_PAGESIZE) + (2u << 20);
+        // Room for a few small allocations beyond what is mapped now, far less than a
+        // thread's stack (glibc's default follows `ulimit -s`).
+        pthread_attr_t defaults;
+        size_t stack = 0;
+        if (pthread_getattr_default_np(&defaults) != 0 || pthread_attr_getstacksize(&defaults, &stack) != 0) {
+          std::_Exit(1);
+        }
+        pthread_attr_destroy(&defaults);
+        const size_t room = stack == 0 ? 256u << 10 : std::min<size_t>(256u << 10, stack / 4);
+        const rlim_t limit = pages * sysconf(_SC_PAGESIZE) + room;
         rlimit bound;
         bound.rlim_cur = bound.rlim_max = limit;
         if (pages == 0 || setrlimit(RLIMIT_AS, &bound) != 0) std::_Exit(1);
