@@ -8,9 +8,9 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <mutex>
 #include <string>
-#include <exception>
 #include <thread>
 
 namespace llamad {
@@ -26,16 +26,12 @@ class ExitUnlessDoneWithin {
     try {
       thread_ = std::thread([this, limit, exit_code, message] {
         std::unique_lock lock(mu_);
-        if (done_cv_.wait_for(lock, limit, [&] { return done_; })) return;
-        std::fprintf(stderr, "llama-train: %s (not done in %.1f s): exiting\n", message.c_str(),
-                     std::chrono::duration<double>(limit).count());
-        std::fflush(stderr);
-        std::_Exit(exit_code);
+        if (!done_cv_.wait_for(lock, limit, [&] { return done_; })) Exit(exit_code, message, limit, nullptr);
       });
     } catch (const std::exception& e) {  // system_error from the thread, bad_alloc before it
-      CannotWatch(limit, exit_code, message, e.what());
+      Exit(exit_code, message, limit, e.what());
     } catch (...) {
-      CannotWatch(limit, exit_code, message, "unknown error");
+      Exit(exit_code, message, limit, "unknown error");
     }
   }
   ExitUnlessDoneWithin(const ExitUnlessDoneWithin&) = delete;
@@ -50,10 +46,17 @@ class ExitUnlessDoneWithin {
   }
 
  private:
-  [[noreturn]] static void CannotWatch(std::chrono::milliseconds limit, int exit_code, const std::string& message,
-                                       const char* why) {
-    std::fprintf(stderr, "llama-train: %s (cannot watch the %.1f s limit: %s): exiting\n", message.c_str(),
-                 std::chrono::duration<double>(limit).count(), why);
+  // Prints why (past the limit, or `cannot_watch` it) and ends the process. Formats
+  // nothing on the heap: memory may be what ran out.
+  [[noreturn]] static void Exit(int exit_code, const std::string& message, std::chrono::milliseconds limit,
+                                const char* cannot_watch) {
+    const double seconds = std::chrono::duration<double>(limit).count();
+    if (cannot_watch == nullptr) {
+      std::fprintf(stderr, "llama-train: %s (not done in %.1f s): exiting\n", message.c_str(), seconds);
+    } else {
+      std::fprintf(stderr, "llama-train: %s (cannot watch the %.1f s limit: %s): exiting\n", message.c_str(), seconds,
+                   cannot_watch);
+    }
     std::fflush(stderr);
     std::_Exit(exit_code);
   }

@@ -262,8 +262,7 @@ TEST(CommTest, AGuardThatCannotWatchEndsTheProcessAtOnce) {
           std::_Exit(1);
         }
         pthread_attr_destroy(&defaults);
-        const size_t room = stack == 0 ? 256u << 10 : std::min<size_t>(256u << 10, stack / 4);
-        const rlim_t limit = pages * sysconf(_SC_PAGESIZE) + room;
+        const rlim_t limit = pages * sysconf(_SC_PAGESIZE) + std::min<size_t>(256u << 10, stack / 4);
         rlimit bound;
         bound.rlim_cur = bound.rlim_max = limit;
         if (pages == 0 || setrlimit(RLIMIT_AS, &bound) != 0) std::_Exit(1);
