@@ -1159,7 +1159,9 @@ int RunEval(const Common& common, const Overrides& overrides, const std::string&
     if (auto s = RestoreCheckpoint(from, spec->name, checkpoints->step, **trainer); !s.ok()) return Fail(s);
     weights = from.StepDir(spec->name, checkpoints->step);
   }
-  const double loss = (*trainer)->Evaluate(*data);
+  const auto evaluated = (*trainer)->Evaluate(*data);
+  if (!evaluated.ok()) return Fail(evaluated.status());
+  const double loss = *evaluated;
   nlohmann::json out = {{"loss", loss},
                         {"perplexity", std::exp(loss)},
                         {"windows", windows},

@@ -201,15 +201,8 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     if (!padding) {
       count = int(std::min<uint64_t>(uint64_t(batch), end - first));
       sampler.Fill(sampler.position() + first, count, tokens_.data(), targets_.data());
-      // A damaged or mismatched dataset must not index past the embedding table.
-      const int64_t vocab = spec_.model.vocab_size;
-      for (size_t i = 0; i < size_t(count) * size_t(seq); ++i) {
-        if (tokens_[i] < 0 || tokens_[i] >= vocab || targets_[i] < 0 || targets_[i] >= vocab) {
-          return absl::DataLossError(StrCat(
-              "window at sample position ", sampler.position() + first + i / size_t(seq), " holds token id ",
-              tokens_[i] < 0 || tokens_[i] >= vocab ? tokens_[i] : targets_[i], ", outside the model's vocabulary of ",
-              vocab, " (a damaged shard, or a dataset prepared for another tokenizer; llama-data inspect --verify)"));
-        }
+      if (const auto bad = FirstIdOutsideVocabulary(count, seq)) {
+        return WindowIdError(StrCat("window at sample position ", sampler.position() + first + bad->window), *bad);
       }
     }
     const bool last = first + uint64_t(count) >= end;
@@ -628,7 +621,24 @@ absl::Status Trainer::Train(const TokenSource& data,
   return absl::OkStatus();
 }
 
-double Trainer::Evaluate(const TokenSource& data) {
+std::optional<Trainer::IdOutside> Trainer::FirstIdOutsideVocabulary(int count, int seq) const {
+  const int64_t vocab = spec_.model.vocab_size;
+  auto outside = [vocab](int32_t id) { return id < 0 || id >= vocab; };
+  for (size_t i = 0; i < size_t(count) * size_t(seq); ++i) {
+    if (outside(tokens_[i]) || outside(targets_[i])) {
+      return IdOutside{i / size_t(seq), outside(tokens_[i]) ? tokens_[i] : targets_[i]};
+    }
+  }
+  return std::nullopt;
+}
+
+absl::Status Trainer::WindowIdError(const std::string& window, const IdOutside& bad) const {
+  return absl::DataLossError(StrCat(
+      window, " holds token id ", bad.id, ", outside the model's vocabulary of ", spec_.model.vocab_size,
+      " (a damaged shard, or a dataset prepared for another tokenizer; llama-data inspect --verify)"));
+}
+
+absl::StatusOr<double> Trainer::Evaluate(const TokenSource& data) {
   const int seq = int(spec_.training.max_length);
   const size_t windows = data.NumWindows(seq);
   double loss_sum = 0;
@@ -639,6 +649,9 @@ double Trainer::Evaluate(const TokenSource& data) {
       data.ReadWindow(w0 + b, seq, window.data());
       std::copy_n(window.data(), seq, tokens_.data() + size_t(b) * seq);
       std::copy_n(window.data() + 1, seq, targets_.data() + size_t(b) * seq);
+    }
+    if (const auto bad = FirstIdOutsideVocabulary(batch, seq)) {
+      return WindowIdError(StrCat("window ", w0 + bad->window), *bad);
     }
     loss_sum += model_->Forward(tokens_.data(), targets_.data(), batch, seq);
   }

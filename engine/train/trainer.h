@@ -6,6 +6,7 @@
 #include <functional>
 #include <future>
 #include <memory>
+#include <optional>
 
 #include "absl/status/statusor.h"
 #include "backend/backend.h"
@@ -105,8 +106,9 @@ class Trainer {
   // of them on to the swap.
   absl::Status OffloadOptimizerState(int cpu_threads = 0);
 
-  // Mean loss over every complete window of `data`, in file order.
-  double Evaluate(const TokenSource& data);
+  // Mean loss over every complete window of `data`, in file order. DataLoss names the
+  // first window holding an id outside the model's vocabulary.
+  absl::StatusOr<double> Evaluate(const TokenSource& data);
 
   LlamaModel& model() { return *model_; }
   // The spec it runs: gemini resolved to the ZeRO stage and optimizer tier it placed
@@ -127,6 +129,15 @@ class Trainer {
   // Whether the model's collectives can run beside its compute: on a helper thread over
   // host memory, or on NCCL's stream. GPU ranks without NCCL run them inline.
   bool CollectivesCanRunBeside() const;
+  // A damaged or mismatched dataset must not index past the embedding table: the first
+  // id outside the model's vocabulary among the `count` windows of `seq` in tokens_ and
+  // targets_, and the error naming the window that holds it.
+  struct IdOutside {
+    size_t window;  // among the `count`
+    int32_t id;
+  };
+  std::optional<IdOutside> FirstIdOutsideVocabulary(int count, int seq) const;
+  absl::Status WindowIdError(const std::string& window, const IdOutside& bad) const;
 
   // Create after the checks that need no memory plan: places gemini and the optimizer
   // state within the rank's memory budget, checks that the job fits, and builds.

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "core/strings.h"
 #include "comm/communicator.h"
 #include "gradcheck.h"
 #include "model/llama.h"
@@ -287,6 +288,40 @@ TEST(TrainerTest, MemorisesAShortSequence) {
   ASSERT_EQ(steps.size(), 150u);
   EXPECT_GT(steps.front().loss, 2.5);
   EXPECT_LT(steps.back().loss, 0.05);
+}
+
+TEST(TrainerTest, IdsOutsideTheVocabularyAreRefusedBeforeTheModelReadsThem) {
+  // The vocabulary is 23; window 3 of 16 + 1 tokens holds a 23, window 5 a -1 (a damaged
+  // shard's ids): training and evaluation refuse them, naming the id.
+  for (const int32_t id : {23, -1}) {
+    std::vector<int32_t> tokens = RandomTokens(200, 23, 11);
+    const size_t window = id < 0 ? 5 : 3;
+    tokens[window * 16 + 7] = id;
+    const TokenDataset data = TokenDataset::FromTokens(tokens);
+    auto be = MakeCpuBackend({DType::kF32, 2});
+    auto trainer = Trainer::Create(SmallJob(2, 4, 100), be.get(), 0);
+    ASSERT_TRUE(trainer.ok()) << trainer.status();
+    const auto evaluated = (*trainer)->Evaluate(data);
+    EXPECT_EQ(evaluated.status().code(), absl::StatusCode::kDataLoss) << id;
+    EXPECT_NE(evaluated.status().message().find(StrCat("window ", window, " holds token id ", id)),
+              std::string::npos) << evaluated.status();
+    int steps = 0;
+    const auto trained = (*trainer)->Train(data, [&](const StepMetrics&) {
+      ++steps;
+      return absl::OkStatus();
+    });
+    EXPECT_EQ(trained.code(), absl::StatusCode::kDataLoss) << id;
+    EXPECT_NE(trained.message().find(StrCat("holds token id ", id, ", outside the model's vocabulary of 23")),
+              std::string::npos) << trained;
+    EXPECT_LT(steps, 100);
+  }
+  // Ids inside it evaluate.
+  auto be = MakeCpuBackend({DType::kF32, 2});
+  auto trainer = Trainer::Create(SmallJob(2, 4, 1), be.get(), 0);
+  ASSERT_TRUE(trainer.ok());
+  const auto loss = (*trainer)->Evaluate(TokenDataset::FromTokens(RandomTokens(200, 23, 11)));
+  ASSERT_TRUE(loss.ok()) << loss.status();
+  EXPECT_GT(*loss, 2.0);
 }
 
 TEST(TrainerTest, LearningRateScheduleWarmsUpThenDecaysToTheFloor) {
