@@ -201,10 +201,16 @@ class Reader {
     std::string pending, text;
     std::vector<char> buf(1 << 20);
     uint64_t line = 0;
+    bool skipping = false;  // inside a line longer than max_line_bytes: dropped up to its end
+    auto too_long = [&](uint64_t at) {
+      ++report_->bad_json;
+      return Problem(path, at, StrCat("line longer than ", options_.max_line_bytes, " bytes (skipped)"));
+    };
     auto on_line = [&](std::string_view view) -> absl::Status {
       ++line;
       ++report_->lines;
       if (view.empty() || view.find_first_not_of(" \t\r") == std::string_view::npos) return absl::OkStatus();
+      if (view.size() > options_.max_line_bytes) return too_long(line);
       // The JSON parser rejects invalid UTF-8 in strings: repair the line first, so that a
       // bad byte costs a character, not the document.
       std::string l(view);
@@ -228,12 +234,26 @@ class Reader {
         text.append(buf.data(), size_t(got));
         continue;
       }
+      const size_t searched = pending.size();  // the tail kept from the last read has no newline
       pending.append(buf.data(), size_t(got));
       size_t start = 0;
-      for (size_t nl; (nl = pending.find('\n', start)) != std::string::npos; start = nl + 1) {
+      for (size_t nl, from = searched; (nl = pending.find('\n', from)) != std::string::npos; start = from = nl + 1) {
+        if (skipping) {  // the end of the over-long line
+          skipping = false;
+          ++line;
+          ++report_->lines;
+          continue;
+        }
         if (auto s = on_line(std::string_view(pending).substr(start, nl - start)); !s.ok()) return s;
       }
       pending.erase(0, start);
+      if (pending.size() > options_.max_line_bytes) {
+        if (!skipping) {
+          if (auto s = too_long(line + 1); !s.ok()) return s;
+        }
+        skipping = true;
+        pending.clear();
+      }
     }
     if ((*stream)->truncated) {
       ++report_->truncated_files;
@@ -244,7 +264,10 @@ class Reader {
       }
       pending.clear();  // a cut JSON line cannot be parsed
     }
-    if (jsonl && !pending.empty()) {
+    if (skipping) {  // the over-long line was the last
+      ++line;
+      ++report_->lines;
+    } else if (jsonl && !pending.empty()) {
       if (auto s = on_line(pending); !s.ok()) return s;
     }
     if (!jsonl) return Document(std::move(text), path, 1, /*utf8_checked=*/false);

@@ -21,6 +21,9 @@ struct CorpusOptions {
   // Longer documents are split into parts of at most this many bytes (at a UTF-8
   // character boundary) and reported.
   size_t max_document_bytes = size_t{64} << 20;
+  // JSON Lines longer than this are skipped and reported, unparsed: a whole JSON array on
+  // one line (a .json file that is not JSON Lines) must not be held and parsed in memory.
+  size_t max_line_bytes = size_t{1} << 30;
 };
 
 struct CorpusIssue {
@@ -34,7 +37,7 @@ struct CorpusReport {
   uint64_t lines = 0;
   uint64_t documents = 0;       // delivered to the callback (split parts count each)
   uint64_t bytes = 0;           // of delivered text
-  uint64_t bad_json = 0;        // lines that are not a JSON object with a string "text"
+  uint64_t bad_json = 0;        // lines that are not a JSON object with a string "text", or too long
   uint64_t invalid_utf8 = 0;    // documents whose invalid bytes became U+FFFD
   uint64_t empty = 0;           // empty documents (skipped)
   uint64_t split = 0;           // documents longer than max_document_bytes (split)

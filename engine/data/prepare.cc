@@ -125,7 +125,8 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
   const std::string tmp = o.out + "/index.json.tmp";
   {
     std::ofstream f(tmp, std::ios::trunc);
-    f << index.dump(1) << "\n";
+    // The source path may hold bytes that are not UTF-8 (a legal file name): replaced.
+    f << index.dump(1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
     f.flush();
     if (!f) return absl::InternalError(StrCat(tmp, ": write failed"));
   }

@@ -43,7 +43,12 @@ absl::StatusOr<std::unique_ptr<ShardWriter>> ShardWriter::Create(const std::stri
   w->vocab_size_ = vocab_size;
   w->eos_id_ = eos_id;
   w->id_bytes_ = vocab_size <= 65536 ? 2 : 4;
-  w->fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  // A new file, never the old one truncated: a job may still have the old shard mapped,
+  // and a truncated mapping is SIGBUS in its reader.
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+    return absl::InternalError(Errno(StrCat(path, ": cannot replace")));
+  }
+  w->fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (w->fd_ < 0) return absl::InternalError(Errno(StrCat(path, ": cannot create")));
   // The header stays zero (no magic) until Finish: an unfinished shard never opens.
   const std::vector<char> zeros(kHeaderBytes, 0);
@@ -136,17 +141,19 @@ absl::StatusOr<std::unique_ptr<PreparedDataset>> PreparedDataset::Open(const std
   std::stringstream text;
   text << in.rdbuf();
   d->index_json_ = text.str();
-  nlohmann::json index = nlohmann::json::parse(d->index_json_, nullptr, false);
-  if (index.is_discarded() || index.value("format", "") != kDatasetFormat || !index.contains("shards") ||
-      !index["shards"].is_array() || !index.contains("vocab_size")) {
+  const nlohmann::json index = nlohmann::json::parse(d->index_json_, nullptr, false);
+  if (!index.is_object() || !index.contains("format") || index["format"] != kDatasetFormat ||
+      !index.contains("shards") || !index["shards"].is_array() || !index.contains("vocab_size")) {
     return absl::DataLossError(StrCat(index_path, ": not a llamad-tokens index"));
   }
-  if (index.value("version", 0) != kDatasetVersion) {
-    return absl::InvalidArgumentError(StrCat(index_path, ": version ", index.value("version", 0),
+  if (!index.contains("version") || index["version"] != kDatasetVersion) {
+    const std::string version = index.contains("version") ? index["version"].dump() : "missing";
+    return absl::InvalidArgumentError(StrCat(index_path, ": version ", version,
                                              ", this build reads version ", kDatasetVersion));
   }
   try {
     d->vocab_size_ = index["vocab_size"].get<int64_t>();
+    if (d->vocab_size_ <= 0) throw std::out_of_range(StrCat("vocab_size ", d->vocab_size_, " is not positive"));
     for (const auto& s : index["shards"]) {
       d->shards_.push_back({s.at("file").get<std::string>(), s.at("tokens").get<uint64_t>(),
                             s.at("documents").get<uint64_t>()});
@@ -179,11 +186,13 @@ absl::StatusOr<std::unique_ptr<PreparedDataset>> PreparedDataset::Open(const std
     if (std::memcmp(h.magic, kShardMagic, sizeof(h.magic)) != 0) {
       return absl::DataLossError(StrCat(path, ": no shard header (an unfinished or foreign file)"));
     }
-    if (h.version != kShardVersion || (h.id_bytes != 2 && h.id_bytes != 4) ||
-        h.tokens != info.tokens || h.documents != info.documents ||
+    // Sizes are bounded by the file before they are multiplied: no product can wrap.
+    const uint64_t body = m.bytes - kHeaderBytes;
+    if (h.version != kShardVersion || (h.id_bytes != 2 && h.id_bytes != 4) || h.tokens > body / h.id_bytes ||
+        h.documents >= body / sizeof(uint64_t) || h.tokens != info.tokens || h.documents != info.documents ||
         h.tokens_offset != kHeaderBytes || h.offsets_offset != kHeaderBytes + h.tokens * h.id_bytes ||
         h.offsets_offset + (h.documents + 1) * sizeof(uint64_t) != m.bytes ||
-        h.vocab_size != uint64_t(d->vocab_size_)) {
+        h.vocab_size != uint64_t(d->vocab_size_) || h.id_bytes != (h.vocab_size <= 65536 ? 2u : 4u)) {
       return absl::DataLossError(StrCat(path, ": header does not match the index or the file size (",
                                         h.tokens, " tokens, ", h.documents, " documents, ", m.bytes,
                                         " bytes; the index says ", info.tokens, " tokens, ",
@@ -194,6 +203,8 @@ absl::StatusOr<std::unique_ptr<PreparedDataset>> PreparedDataset::Open(const std
     mm.tokens = m.base + h.tokens_offset;
     mm.offsets = reinterpret_cast<const uint64_t*>(m.base + h.offsets_offset);
     mm.checksum = h.checksum;
+    mm.num_tokens = h.tokens;
+    mm.num_documents = h.documents;
     ::madvise(const_cast<char*>(m.base), m.bytes, MADV_RANDOM);
     d->tokens_ += h.tokens;
     d->documents_ += h.documents;
@@ -253,10 +264,20 @@ void PreparedDataset::ReadWindow(size_t window, int seq_len, int32_t* out) const
   for (int i = 0; i <= seq_len; ++i) out[i] = Token(m, first + uint64_t(i));
 }
 
-std::vector<int32_t> PreparedDataset::Document(size_t shard, uint64_t d) const {
+absl::StatusOr<std::vector<int32_t>> PreparedDataset::Document(size_t shard, uint64_t d) const {
+  const std::string name = StrCat(dir_, "/", shards_.at(shard).file);
   const Mapped& m = maps_[shard];
+  if (d >= m.num_documents) {
+    return absl::OutOfRangeError(StrCat(name, ": no document ", d, " (it holds ", m.num_documents, ")"));
+  }
+  const uint64_t begin = m.offsets[d], end = m.offsets[d + 1];
+  if (begin >= end || end > m.num_tokens) {  // every document ends with its EOS
+    return absl::DataLossError(StrCat(name, ": document ", d, " spans tokens ", begin, " to ", end, " of ",
+                                      m.num_tokens, " (the offsets are damaged)"));
+  }
   std::vector<int32_t> ids;
-  for (uint64_t i = m.offsets[d]; i + 1 < m.offsets[d + 1]; ++i) ids.push_back(Token(m, i));
+  ids.reserve(end - begin - 1);
+  for (uint64_t i = begin; i + 1 < end; ++i) ids.push_back(Token(m, i));
   return ids;
 }
 

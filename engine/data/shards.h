@@ -77,8 +77,9 @@ class PreparedDataset final : public TokenSource {
   const std::string& index_json() const { return index_json_; }
   // Recomputes every shard's checksum; DataLoss naming the shard on a mismatch.
   absl::Status Verify() const;
-  // Document d of shard s as ids (without its EOS).
-  std::vector<int32_t> Document(size_t shard, uint64_t d) const;
+  // Document d of shard s as ids (without its EOS). OutOfRange past the shard's last;
+  // DataLoss when the shard's document offsets are damaged.
+  absl::StatusOr<std::vector<int32_t>> Document(size_t shard, uint64_t d) const;
 
  private:
   struct Mapped {
@@ -88,6 +89,7 @@ class PreparedDataset final : public TokenSource {
     const char* tokens = nullptr;
     const uint64_t* offsets = nullptr;
     uint64_t checksum = 0;
+    uint64_t num_tokens = 0, num_documents = 0;
   };
   int32_t Token(const Mapped& m, uint64_t i) const;
   // Prefix sums of windows per shard for seq_len (cached); windows_mu_ held.

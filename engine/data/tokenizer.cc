@@ -53,8 +53,10 @@ int Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
 int Tokenizer::unk_id() const { return sp_->unk_id(); }
 int Tokenizer::bos_id() const { return sp_->bos_id(); }
 int Tokenizer::eos_id() const { return sp_->eos_id(); }
-std::string Tokenizer::IdToPiece(int id) const { return sp_->IdToPiece(id); }
-bool Tokenizer::IsByte(int id) const { return sp_->IsByte(id); }
+// SentencePiece indexes its pieces without a range check, and a model may have no BOS
+// (id -1): ids outside the model have no piece.
+std::string Tokenizer::IdToPiece(int id) const { return id >= 0 && id < vocab_size() ? sp_->IdToPiece(id) : ""; }
+bool Tokenizer::IsByte(int id) const { return id >= 0 && id < vocab_size() && sp_->IsByte(id); }
 
 namespace {
 

@@ -149,7 +149,9 @@ int Inspect(const std::string& dir, bool verify, int docs) {
     std::string error;
     auto tok = Tokenizer::Load(dir + "/tokenizer.model", &error);
     for (int i = 0; i < docs && uint64_t(i) < (*d)->shards()[0].documents; ++i) {
-      const auto ids = (*d)->Document(0, uint64_t(i));
+      const auto document = (*d)->Document(0, uint64_t(i));
+      if (!document.ok()) return Fail(document.status());
+      const std::vector<int32_t>& ids = *document;
       std::string text = tok ? tok->Decode(ids) : StrJoin(ids, " ");
       if (text.size() > 300) text = text.substr(0, 300) + "...";
       std::printf("  document %d (%zu tokens): %s\n", i, ids.size(), text.c_str());

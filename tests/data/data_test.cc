@@ -80,6 +80,11 @@ TEST_F(DataTest, SampleTokenizerHasLlamaLayout) {
     ASSERT_TRUE(tok->IsByte(3 + b)) << b;
     ASSERT_EQ(tok->IdToPiece(3 + b), fmt::format("<0x{:02X}>", b));
   }
+  // Ids outside the model (a tokenizer without BOS says -1) have no piece.
+  for (const int id : {-1, 4096, 1 << 30}) {
+    EXPECT_EQ(tok->IdToPiece(id), "") << id;
+    EXPECT_FALSE(tok->IsByte(id)) << id;
+  }
 }
 
 TEST_F(DataTest, TokenizerRoundTripsTheWholeCorpus) {
@@ -186,6 +191,26 @@ TEST_F(DataTest, MalformedInputIsCountedAndReported) {
   EXPECT_LT(zstd_docs, 20000);
   EXPECT_EQ(report.documents, docs.size());
 
+  // Lines over max_line_bytes are skipped unparsed, whether or not a newline ends them.
+  CorpusOptions short_lines;
+  short_lines.max_line_bytes = 1536 << 10;
+  const std::string long_line = "{\"text\": \"" + std::string(5 << 20, 'y') + "\"}";
+  const std::string just_over = "{\"text\": \"" + std::string(short_lines.max_line_bytes, 'z') + "\"}";
+  Write("long/a.jsonl", "{\"text\": \"before\"}\n" + long_line + "\n{\"text\": \"after\"}\n" + just_over + "\n");
+  Write("long/b.jsonl", "{\"text\": \"b first\"}\n" + long_line);
+  CorpusReport long_report;
+  std::vector<std::string> kept;
+  ASSERT_TRUE(ReadCorpus((dir_ / "long").string(), short_lines, &long_report,
+                         [&](std::string&& t) { kept.push_back(t); }).ok());
+  EXPECT_EQ(kept, (std::vector<std::string>{"before", "after", "b first"}));
+  EXPECT_EQ(long_report.lines, 6u);
+  EXPECT_EQ(long_report.bad_json, 3u);
+  for (const std::string where : {"a.jsonl:2: line longer than 1572864 bytes", "a.jsonl:4: line longer",
+                                  "b.jsonl:2: line longer"}) {
+    EXPECT_NE(long_report.Summary().find(where), std::string::npos)
+        << where << " missing from\n" << long_report.Summary();
+  }
+
   // A limit below one character still makes progress, one character per part.
   CorpusOptions tiny_parts;
   tiny_parts.max_document_bytes = 1;
@@ -253,7 +278,7 @@ TEST_F(DataTest, PreparedShardsHoldTheDocumentsInOrder) {
   auto tok = SampleTokenizer();
   const auto docs = SampleDocuments();
   for (size_t d : {size_t(0), size_t(1), size_t(1234), size_t(3309)}) {
-    EXPECT_EQ(tok->Decode((*a)->Document(0, d)), docs[d]);
+    EXPECT_EQ(tok->Decode((*a)->Document(0, d).value()), docs[d]);
   }
   const int seq = 64;
   std::vector<int32_t> w(seq + 1), stream;
@@ -380,6 +405,107 @@ TEST(SamplerTest, ExactlyOnceAcrossWorldSizeChanges) {
   }
 }
 
+TEST_F(DataTest, DamagedIndexesAndOffsetsAreErrorsThatNameTheFile) {
+  const std::string sample = SampleDir();
+  PrepareOptions o;
+  o.input = sample + "/sample.jsonl.zst";
+  o.tokenizer = sample + "/tokenizer.model";
+  o.out = (dir_ / "ds").string();
+  ASSERT_TRUE(PrepareDataset(o).ok());
+  const std::string index_path = o.out + "/index.json", shard = o.out + "/shard-00000.tok";
+  std::string good;
+  {
+    std::ifstream f(index_path);
+    std::stringstream text;
+    text << f.rdbuf();
+    good = text.str();
+  }
+  // Index files that parse as JSON but are not an index, or hold fields of the wrong type.
+  auto replaced = [&](const std::string& from, const std::string& to) {
+    std::string text = good;
+    const size_t at = text.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    return text.replace(at, from.size(), to);
+  };
+  for (const std::string& index : {std::string("[]"), std::string("null"), std::string("7"),
+                                   replaced("\"format\": \"llamad-tokens\"", "\"format\": 1"),
+                                   replaced("\"version\": 1", "\"version\": \"1\""),
+                                   replaced("\"vocab_size\": 4096", "\"vocab_size\": \"4096\""),
+                                   replaced("\"vocab_size\": 4096", "\"vocab_size\": -1")}) {
+    Write("ds/index.json", index);
+    const auto opened = PreparedDataset::Open(o.out);
+    EXPECT_FALSE(opened.ok()) << index.substr(0, 80);
+    EXPECT_NE(opened.status().message().find(index_path), std::string::npos) << opened.status();
+  }
+  Write("ds/index.json", good);
+  // A header whose token count, times the id width, wraps to the file's size.
+  auto patch = [&](std::streamoff at, uint64_t value) {
+    std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(at);
+    f.write(reinterpret_cast<const char*>(&value), sizeof(value));
+  };
+  uint64_t tokens = 0, documents = 0;
+  {
+    std::ifstream f(shard, std::ios::binary);
+    f.seekg(24);  // magic[8], version, id_bytes, vocab_size: then tokens, documents
+    f.read(reinterpret_cast<char*>(&tokens), 8);
+    f.read(reinterpret_cast<char*>(&documents), 8);
+  }
+  const uint64_t wrapped = tokens + (uint64_t{1} << 63);  // x 2 bytes: the same product
+  patch(24, wrapped);
+  Write("ds/index.json", replaced(fmt::format("\"tokens\": {}", tokens), fmt::format("\"tokens\": {}", wrapped)));
+  const auto wraps = PreparedDataset::Open(o.out);
+  EXPECT_EQ(wraps.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(wraps.status().message().find("shard-00000.tok: header does not match"), std::string::npos)
+      << wraps.status();
+  patch(24, tokens);
+  Write("ds/index.json", good);
+  // Damaged document offsets: the document they bound is refused, the others still read.
+  const uint64_t offsets_at = 4096 + tokens * 2;
+  patch(std::streamoff(offsets_at + 8 * 3), tokens * 4);  // document 2 ends, document 3 starts, far past the end
+  auto d = PreparedDataset::Open(o.out);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_TRUE((*d)->Document(0, 1).ok());
+  for (const uint64_t bad : {2, 3}) {
+    const auto document = (*d)->Document(0, bad);
+    EXPECT_EQ(document.status().code(), absl::StatusCode::kDataLoss) << bad;
+    EXPECT_NE(document.status().message().find(fmt::format("shard-00000.tok: document {} spans", bad)),
+              std::string::npos) << document.status();
+  }
+  EXPECT_EQ((*d)->Document(0, documents).status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_TRUE((*d)->Document(0, documents - 1).ok());
+}
+
+TEST_F(DataTest, PreparingAgainLeavesAnOpenDatasetReadable) {
+  // A job may still have the shards mapped when a dataset is prepared over: it keeps
+  // reading the old files. Also, a corpus path whose bytes are not UTF-8 is a legal name.
+  const std::string sample = SampleDir();
+  const std::string corpus = (dir_ / "latin\xe9" / "sample.jsonl.zst").string();
+  fs::create_directories(fs::path(corpus).parent_path());
+  fs::copy_file(sample + "/sample.jsonl.zst", corpus);
+  PrepareOptions o;
+  o.input = corpus;
+  o.tokenizer = sample + "/tokenizer.model";
+  o.out = (dir_ / "ds").string();
+  const auto first = PrepareDataset(o);
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto d = PreparedDataset::Open(o.out);
+  ASSERT_TRUE(d.ok()) << d.status();
+  const int seq = 128;
+  const size_t last = (*d)->NumWindows(seq) - 1;
+  std::vector<int32_t> before(seq + 1), after(seq + 1);
+  (*d)->ReadWindow(last, seq, before.data());
+  o.overwrite = true;
+  o.shard_tokens = 100000;  // other shard boundaries: the first shard gets shorter
+  ASSERT_TRUE(PrepareDataset(o).ok());
+  (*d)->ReadWindow(last, seq, after.data());
+  EXPECT_EQ(before, after);
+  EXPECT_TRUE((*d)->Verify().ok());
+  auto again = PreparedDataset::Open(o.out);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_GT((*again)->shards().size(), 1u);
+}
+
 TEST_F(DataTest, OpensAJobsDataSection) {
   auto log = [](const std::string&) {};
   DataSpec spec;
@@ -407,6 +533,11 @@ TEST_F(DataTest, OpensAJobsDataSection) {
   EXPECT_TRUE(OpenTrainingData(spec, 4096, log).ok());
   spec.dataset = "no/such/file.jsonl";
   EXPECT_EQ(OpenTrainingData(spec, 4096, log).status().code(), absl::StatusCode::kNotFound);
+  // A file of another format is read as token ids, and the error says so.
+  spec.dataset = Write("table.parquet", "PAR1PAR1");
+  const auto other = OpenTrainingData(spec, 4096, log);
+  EXPECT_FALSE(other.ok());
+  EXPECT_NE(other.status().message().find("read as uint32 token ids"), std::string::npos) << other.status();
   // A name that is no local path is a hub dataset; unreachable, it fails fast and says
   // how to train without it.
   setenv("LLAMAD_HF_ENDPOINT", "http://127.0.0.1:9", 1);
