@@ -21,6 +21,7 @@
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string_view>
 #include <thread>
 #include <vector>
@@ -344,7 +345,12 @@ absl::StatusOr<std::vector<ListedFile>> ListFiles(const std::string& endpoint,
   std::vector<ListedFile> files;
   std::string url =
       fmt::format("{}/api/datasets/{}/tree/{}?recursive=true", endpoint, dataset, revision);
+  std::set<std::string> read;  // pages that link back to one already read would never end
   while (!url.empty()) {
+    if (!read.insert(url).second) {
+      return absl::UnavailableError(
+          fmt::format("the listing's pages link back to {}, a page already read", url));
+    }
     auto page = GetPage(url, dataset, o);
     if (!page.ok()) return page.status();
     const json j = json::parse(page->body, nullptr, /*allow_exceptions=*/false);

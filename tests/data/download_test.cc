@@ -305,6 +305,14 @@ TEST_F(DownloadTest, InvalidNamesAndUnsafeListingsAreRejected) {
   EXPECT_EQ(CountRequests("/resolve/"), 0);
 }
 
+TEST_F(DownloadTest, ListingPagesThatLoopAreAnError) {
+  StartServer("--page-size 2 --loop-pages");
+  const auto folder = FetchDataset("acme/tiny", options_);
+  EXPECT_EQ(folder.status().code(), absl::StatusCode::kUnavailable) << folder.status();
+  EXPECT_NE(folder.status().message().find("link back to"), std::string::npos) << folder.status();
+  EXPECT_EQ(CountRequests("/resolve/"), 0);
+}
+
 TEST_F(DownloadTest, Sha256KnownVectors) {
   WriteFile(dir_ / "empty", "");
   WriteFile(dir_ / "abc", "abc");

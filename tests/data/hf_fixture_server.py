@@ -12,6 +12,7 @@ and can misbehave on purpose, per file (PATH is the file's path inside its repos
   --corrupt-path PATH        flips a byte of the body (the listing keeps the true sha256)
   --redirect                 resolve/ answers 302 to /cdn/..., as the Hub does for LFS
   --page-size N              pages the listing with Link: <...>; rel="next"
+  --loop-pages               with --page-size: the last page links back to the first
   --lfs-min-size N           files smaller than N bytes have no "lfs" member (plain git)
   --inject-path PATH         adds a listing entry PATH (for unsafe-path tests)
 
@@ -42,6 +43,7 @@ def parse_args():
     p.add_argument("--corrupt-path", action="append", default=[])
     p.add_argument("--redirect", action="store_true")
     p.add_argument("--page-size", type=int, default=0)
+    p.add_argument("--loop-pages", action="store_true")
     p.add_argument("--lfs-min-size", type=int, default=0)
     p.add_argument("--inject-path", action="append", default=[])
     p.add_argument("--log")
@@ -132,8 +134,10 @@ class Handler(BaseHTTPRequestHandler):
         headers = []
         if ARGS.page_size > 0:
             start = int(query.get("cursor", ["0"])[0])
-            if start + ARGS.page_size < len(entries):
-                next_url = f"http://{self.headers['Host']}{url_path}?recursive=true&cursor={start + ARGS.page_size}"
+            more = start + ARGS.page_size < len(entries)
+            if more or ARGS.loop_pages:
+                cursor = start + ARGS.page_size if more else 0
+                next_url = f"http://{self.headers['Host']}{url_path}?recursive=true&cursor={cursor}"
                 headers.append(("Link", f'<{next_url}>; rel="next"'))
             entries = entries[start:start + ARGS.page_size]
         self.send_bytes(200, json.dumps(entries).encode(), "application/json", headers)
