@@ -54,6 +54,15 @@ class DataTest : public ::testing::Test {
     EXPECT_TRUE(t) << error;
     return t;
   }
+  // Options that prepare the sample corpus with its tokenizer into dir_/out.
+  PrepareOptions SampleOptions(const std::string& out) {
+    const std::string sample = SampleDir();
+    PrepareOptions o;
+    o.input = sample + "/sample.jsonl.zst";
+    o.tokenizer = sample + "/tokenizer.model";
+    o.out = (dir_ / out).string();
+    return o;
+  }
   std::vector<std::string> SampleDocuments() {
     std::vector<std::string> docs;
     CorpusReport report;
@@ -252,12 +261,8 @@ TEST_F(DataTest, TruncatedGzipAndMissingInputAreReported) {
 }
 
 TEST_F(DataTest, PreparedShardsHoldTheDocumentsInOrder) {
-  const std::string sample = SampleDir();
   auto prepare = [&](const std::string& out, int threads, uint64_t shard_tokens) {
-    PrepareOptions o;
-    o.input = sample + "/sample.jsonl.zst";
-    o.tokenizer = sample + "/tokenizer.model";
-    o.out = (dir_ / out).string();
+    PrepareOptions o = SampleOptions(out);
     o.threads = threads;
     o.shard_tokens = shard_tokens;
     auto r = PrepareDataset(o);
@@ -300,19 +305,12 @@ TEST_F(DataTest, PreparedShardsHoldTheDocumentsInOrder) {
   EXPECT_TRUE(std::equal(std::istreambuf_iterator<char>(f1), std::istreambuf_iterator<char>(),
                          std::istreambuf_iterator<char>(f2)));
   // Preparing over an existing dataset needs --overwrite.
-  PrepareOptions o;
-  o.input = sample + "/sample.jsonl.zst";
-  o.tokenizer = sample + "/tokenizer.model";
-  o.out = one;
+  const PrepareOptions o = SampleOptions("one");
   EXPECT_EQ(PrepareDataset(o).status().code(), absl::StatusCode::kAlreadyExists);
 }
 
 TEST_F(DataTest, DamagedShardsAreDetected) {
-  const std::string sample = SampleDir();
-  PrepareOptions o;
-  o.input = sample + "/sample.jsonl.zst";
-  o.tokenizer = sample + "/tokenizer.model";
-  o.out = (dir_ / "ds").string();
+  const PrepareOptions o = SampleOptions("ds");
   ASSERT_TRUE(PrepareDataset(o).ok());
   const std::string shard = o.out + "/shard-00000.tok";
   {
@@ -406,11 +404,7 @@ TEST(SamplerTest, ExactlyOnceAcrossWorldSizeChanges) {
 }
 
 TEST_F(DataTest, DamagedIndexesAndOffsetsAreErrorsThatNameTheFile) {
-  const std::string sample = SampleDir();
-  PrepareOptions o;
-  o.input = sample + "/sample.jsonl.zst";
-  o.tokenizer = sample + "/tokenizer.model";
-  o.out = (dir_ / "ds").string();
+  const PrepareOptions o = SampleOptions("ds");
   ASSERT_TRUE(PrepareDataset(o).ok());
   const std::string index_path = o.out + "/index.json", shard = o.out + "/shard-00000.tok";
   std::string good;
@@ -479,14 +473,11 @@ TEST_F(DataTest, DamagedIndexesAndOffsetsAreErrorsThatNameTheFile) {
 TEST_F(DataTest, PreparingAgainLeavesAnOpenDatasetReadable) {
   // A job may still have the shards mapped when a dataset is prepared over: it keeps
   // reading the old files. Also, a corpus path whose bytes are not UTF-8 is a legal name.
-  const std::string sample = SampleDir();
+  PrepareOptions o = SampleOptions("ds");
   const std::string corpus = (dir_ / "latin\xe9" / "sample.jsonl.zst").string();
   fs::create_directories(fs::path(corpus).parent_path());
-  fs::copy_file(sample + "/sample.jsonl.zst", corpus);
-  PrepareOptions o;
+  fs::copy_file(o.input, corpus);
   o.input = corpus;
-  o.tokenizer = sample + "/tokenizer.model";
-  o.out = (dir_ / "ds").string();
   const auto first = PrepareDataset(o);
   ASSERT_TRUE(first.ok()) << first.status();
   auto d = PreparedDataset::Open(o.out);
