@@ -238,36 +238,33 @@ class Reader {
       pending.append(buf.data(), size_t(got));
       size_t start = 0;
       for (size_t nl, from = searched; (nl = pending.find('\n', from)) != std::string::npos; start = from = nl + 1) {
-        if (skipping) {  // the end of the over-long line
+        if (skipping) {  // the end of the over-long line, counted when it was found
           skipping = false;
-          ++line;
-          ++report_->lines;
           continue;
         }
         if (auto s = on_line(std::string_view(pending).substr(start, nl - start)); !s.ok()) return s;
       }
       pending.erase(0, start);
-      if (pending.size() > options_.max_line_bytes) {
-        if (!skipping) {
-          if (auto s = too_long(line + 1); !s.ok()) return s;
-        }
+      if (!skipping && pending.size() > options_.max_line_bytes) {
+        ++line;
+        ++report_->lines;
+        if (auto s = too_long(line); !s.ok()) return s;
         skipping = true;
-        pending.clear();
       }
+      if (skipping) pending.clear();  // the dropped line's bytes
     }
     if ((*stream)->truncated) {
       ++report_->truncated_files;
-      if (auto s = Problem(path, line + 1, jsonl ? "compressed stream ends early; the unfinished last line is lost"
-                                                 : "compressed stream ends early; the document is cut short");
+      // The unfinished line is the next, or the over-long one being dropped (counted).
+      const uint64_t at = skipping ? line : line + 1;
+      if (auto s = Problem(path, at, jsonl ? "compressed stream ends early; the unfinished last line is lost"
+                                           : "compressed stream ends early; the document is cut short");
           !s.ok()) {
         return s;
       }
       pending.clear();  // a cut JSON line cannot be parsed
     }
-    if (skipping) {  // the over-long line was the last
-      ++line;
-      ++report_->lines;
-    } else if (jsonl && !pending.empty()) {
+    if (jsonl && !skipping && !pending.empty()) {
       if (auto s = on_line(pending); !s.ok()) return s;
     }
     if (!jsonl) return Document(std::move(text), path, 1, /*utf8_checked=*/false);

@@ -183,12 +183,12 @@ absl::StatusOr<OpenedData> OpenTrainingData(const DataSpec& spec, int64_t vocab_
   OpenedData out;
   if (format == "uint32" || format == "bytes") {
     auto data = TokenDataset::Open(*path, format, vocab_size);
-    if (!data.ok() && spec.format == "auto") {  // say why it was read as ids
-      return absl::Status(data.status().code(),
+    if (!data.ok()) {
+      if (spec.format != "auto") return data.status();
+      return absl::Status(data.status().code(),  // say why it was read as ids
                           StrCat(data.status().message(), " (read as uint32 token ids: the name is not a corpus "
                                  "file's (.jsonl, .json, .txt, maybe .gz or .zst); set data.format)"));
     }
-    if (!data.ok()) return data.status();
     out.description = StrCat(*path, " (", format, ", ", data->num_tokens(), " tokens)");
     out.source = std::make_unique<TokenDataset>(std::move(*data));
     return out;

@@ -153,13 +153,15 @@ absl::StatusOr<std::unique_ptr<PreparedDataset>> PreparedDataset::Open(const std
   }
   try {
     d->vocab_size_ = index["vocab_size"].get<int64_t>();
-    if (d->vocab_size_ <= 0) throw std::out_of_range(StrCat("vocab_size ", d->vocab_size_, " is not positive"));
     for (const auto& s : index["shards"]) {
       d->shards_.push_back({s.at("file").get<std::string>(), s.at("tokens").get<uint64_t>(),
                             s.at("documents").get<uint64_t>()});
     }
   } catch (const std::exception& e) {
     return absl::DataLossError(StrCat(index_path, ": ", e.what()));
+  }
+  if (d->vocab_size_ <= 0) {
+    return absl::DataLossError(StrCat(index_path, ": vocab_size ", d->vocab_size_, " is not positive"));
   }
   for (const ShardInfo& info : d->shards_) {
     const std::string path = dir + "/" + info.file;
@@ -203,8 +205,6 @@ absl::StatusOr<std::unique_ptr<PreparedDataset>> PreparedDataset::Open(const std
     mm.tokens = m.base + h.tokens_offset;
     mm.offsets = reinterpret_cast<const uint64_t*>(m.base + h.offsets_offset);
     mm.checksum = h.checksum;
-    mm.num_tokens = h.tokens;
-    mm.num_documents = h.documents;
     ::madvise(const_cast<char*>(m.base), m.bytes, MADV_RANDOM);
     d->tokens_ += h.tokens;
     d->documents_ += h.documents;
@@ -265,15 +265,15 @@ void PreparedDataset::ReadWindow(size_t window, int seq_len, int32_t* out) const
 }
 
 absl::StatusOr<std::vector<int32_t>> PreparedDataset::Document(size_t shard, uint64_t d) const {
-  const std::string name = StrCat(dir_, "/", shards_.at(shard).file);
+  const ShardInfo& info = shards_.at(shard);  // its counts match the header (Open)
   const Mapped& m = maps_[shard];
-  if (d >= m.num_documents) {
-    return absl::OutOfRangeError(StrCat(name, ": no document ", d, " (it holds ", m.num_documents, ")"));
+  if (d >= info.documents) {
+    return absl::OutOfRangeError(StrCat(dir_, "/", info.file, ": no document ", d, " (it holds ", info.documents, ")"));
   }
   const uint64_t begin = m.offsets[d], end = m.offsets[d + 1];
-  if (begin >= end || end > m.num_tokens) {  // every document ends with its EOS
-    return absl::DataLossError(StrCat(name, ": document ", d, " spans tokens ", begin, " to ", end, " of ",
-                                      m.num_tokens, " (the offsets are damaged)"));
+  if (begin >= end || end > info.tokens) {  // every document ends with its EOS
+    return absl::DataLossError(StrCat(dir_, "/", info.file, ": document ", d, " spans tokens ", begin, " to ", end,
+                                      " of ", info.tokens, " (the offsets are damaged)"));
   }
   std::vector<int32_t> ids;
   ids.reserve(end - begin - 1);

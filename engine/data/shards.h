@@ -89,7 +89,6 @@ class PreparedDataset final : public TokenSource {
     const char* tokens = nullptr;
     const uint64_t* offsets = nullptr;
     uint64_t checksum = 0;
-    uint64_t num_tokens = 0, num_documents = 0;
   };
   int32_t Token(const Mapped& m, uint64_t i) const;
   // Prefix sums of windows per shard for seq_len (cached); windows_mu_ held.
