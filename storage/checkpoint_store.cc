@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -20,6 +21,7 @@
 #include <map>
 #include <new>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -45,6 +47,39 @@ std::string StepPrefix(const std::string& job, int64_t step) {
 }
 std::string PiecePrefix(const std::string& job, int64_t step, const std::string& name) {
   return StepPrefix(job, step) + "piece/" + name + "/";
+}
+
+// The step of a folder named step-<digits>; nothing for any other name (no sign, no
+// spaces: "step--1" is not step -1 nor the latest one).
+std::optional<int64_t> StepOfFolderName(const std::string& name) {
+  if (!name.starts_with("step-") || name.size() == 5) return std::nullopt;
+  int64_t step = 0;
+  const char* first = name.data() + 5;
+  const char* last = name.data() + name.size();
+  if (*first < '0' || *first > '9') return std::nullopt;
+  const auto [end, ec] = std::from_chars(first, last, step);
+  if (ec != std::errc() || end != last) return std::nullopt;
+  return step;
+}
+
+// Calls f(job, step, folder) for each <root>/<job>/step-<n> folder that holds nothing but
+// shard files (rank-*.shard): the folders a store writes, which it may remove.
+template <typename F>
+void ForEachShardFolder(const std::string& root, F&& f) {
+  std::error_code ec;
+  for (const auto& job_dir : fs::directory_iterator(root, ec)) {
+    if (!job_dir.is_directory(ec) || job_dir.path().filename() == "index") continue;
+    for (const auto& step_dir : fs::directory_iterator(job_dir.path(), ec)) {
+      const auto step = StepOfFolderName(step_dir.path().filename().string());
+      if (!step || !step_dir.is_directory(ec)) continue;
+      bool ours = true;
+      for (const auto& file : fs::directory_iterator(step_dir.path(), ec)) {
+        const std::string name = file.path().filename().string();
+        ours = ours && file.is_regular_file(ec) && name.starts_with("rank-") && name.ends_with(".shard");
+      }
+      if (ours) f(job_dir.path().filename().string(), *step, step_dir.path());
+    }
+  }
 }
 
 absl::Status IoError(const std::string& what, const std::string& path) {
@@ -139,8 +174,9 @@ absl::StatusOr<PieceRecord> FromJson(const nlohmann::json& j) {
     r.length = j.at("length").get<uint64_t>();
     r.checksum = std::stoull(j.at("xxh3").get<std::string>(), nullptr, 16);
     r.rank = j.at("rank").get<int>();
-    if (r.end < r.begin || r.length != (r.end - r.begin) * ElementSize(r.type) ||
-        r.offset % kAlign != 0) {
+    // (end - begin) elements of the type must be `length` bytes, a product that must not wrap.
+    if (r.end < r.begin || r.end - r.begin > UINT64_MAX / ElementSize(r.type) ||
+        r.length != (r.end - r.begin) * ElementSize(r.type) || r.offset % kAlign != 0) {
       return absl::DataLossError(
           fmt::format("checkpoint index: inconsistent record for tensor '{}'", r.name));
     }
@@ -226,6 +262,20 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
           fmt::format("{}: cannot open the checkpoint index: {}", index, s.ToString()));
     }
     return std::unique_ptr<CheckpointStore>(new CheckpointStore(root, options, db));
+  }
+  // Without its index, the store cannot tell committed steps from a save that died
+  // half-way, and would remove them all as leftovers: refuse before creating an empty one.
+  if (!fs::exists(fs::path(index) / "CURRENT", ec)) {
+    std::vector<std::string> found;
+    ForEachShardFolder(root, [&](const std::string&, int64_t, const fs::path& dir) { found.push_back(dir.string()); });
+    if (!found.empty()) {
+      std::sort(found.begin(), found.end());
+      return absl::FailedPreconditionError(fmt::format(
+          "{}: holds {} checkpoint folder(s) ({}{}) but no checkpoint index ({}/CURRENT is missing), so their "
+          "steps cannot be told committed from unfinished; restore the index folder, or move the step folders "
+          "elsewhere",
+          root, found.size(), found.front(), found.size() > 1 ? ", ..." : "", index));
+    }
   }
   fs::create_directories(root, ec);
   if (ec)
@@ -552,6 +602,7 @@ struct CheckpointStore::Reader::OpenShard {
   std::string path;
   int fd = -1;
   std::unique_ptr<DirectIoQueue> io;
+  uint64_t size = 0;  // bytes, when opened
 };
 
 CheckpointStore::Reader::Reader(const CheckpointStore& store, std::string job, int64_t step, int queue_depth)
@@ -623,6 +674,13 @@ absl::StatusOr<CheckpointStore::Reader::OpenShard*> CheckpointStore::Reader::Sha
   if (shard->fd < 0) {
     return absl::DataLossError(fmt::format("{}: cannot open shard: {}", path, std::strerror(errno)));
   }
+  struct stat st {};
+  if (::fstat(shard->fd, &st) != 0) {
+    const absl::Status error = IoError("fstat", path);
+    ::close(shard->fd);
+    return error;
+  }
+  shard->size = uint64_t(st.st_size);
   auto io = DirectIoQueue::Create(shard->fd, path, kIoBlock, queue_depth_);
   if (!io.ok()) {
     ::close(shard->fd);
@@ -667,6 +725,13 @@ absl::Status CheckpointStore::Reader::ReadRangesStreamed(const std::vector<Range
     for (PieceRecord& p : *pieces) {
       auto shard = Shard(p.file);
       if (!shard.ok()) return shard.status();
+      // The index's record must place the payload inside the file (a damaged record
+      // would otherwise be read, or planned in segments, far past its end).
+      if (p.length > (*shard)->size || p.offset > (*shard)->size - p.length) {
+        return absl::DataLossError(
+            fmt::format("{}: shorter than expected: tensor '{}' is recorded at bytes [{}, +{}) of a {}-byte file",
+                        (*shard)->path, p.name, p.offset, p.length, (*shard)->size));
+      }
       reads.push_back({std::move(p), *shard, &range});
     }
   }
@@ -818,32 +883,23 @@ absl::Status CheckpointStore::Retain(const std::string& job) {
 }
 
 absl::Status CheckpointStore::RemoveUncommitted() {
+  std::map<std::string, std::vector<int64_t>> committed;
+  absl::Status status;
   std::error_code ec;
-  for (const auto& job_dir : fs::directory_iterator(root_, ec)) {
-    if (!job_dir.is_directory() || job_dir.path().filename() == "index") continue;
-    const std::string job = job_dir.path().filename().string();
-    auto steps = Steps(job);
-    if (!steps.ok()) return steps.status();
-    for (const auto& step_dir : fs::directory_iterator(job_dir.path(), ec)) {
-      const std::string name = step_dir.path().filename().string();
-      if (!name.starts_with("step-")) continue;
-      int64_t step = -1;
-      try {
-        step = std::stoll(name.substr(5));
-      } catch (const std::exception&) {
-        continue;  // Not ours.
+  ForEachShardFolder(root_, [&](const std::string& job, int64_t step, const fs::path& dir) {
+    if (!status.ok()) return;
+    auto it = committed.find(job);
+    if (it == committed.end()) {
+      auto steps = Steps(job);
+      if (!steps.ok()) {
+        status = steps.status();
+        return;
       }
-      if (std::binary_search(steps->begin(), steps->end(), step)) continue;
-      // Only folders that hold nothing but our shard files are ours to remove.
-      bool ours = true;
-      for (const auto& f : fs::directory_iterator(step_dir.path(), ec)) {
-        const std::string file = f.path().filename().string();
-        ours = ours && f.is_regular_file() && file.starts_with("rank-") && file.ends_with(".shard");
-      }
-      if (ours) fs::remove_all(step_dir.path(), ec);
+      it = committed.emplace(job, *std::move(steps)).first;
     }
-  }
-  return absl::OkStatus();
+    if (!std::binary_search(it->second.begin(), it->second.end(), step)) fs::remove_all(dir, ec);
+  });
+  return status;
 }
 
 absl::StatusOr<CheckpointPath> ParseCheckpointPath(const std::string& step_dir) {
@@ -851,16 +907,11 @@ absl::StatusOr<CheckpointPath> ParseCheckpointPath(const std::string& step_dir) 
   if (p.filename().empty()) p = p.parent_path();
   const std::string name = p.filename().string();
   CheckpointPath out;
-  try {
-    if (name == "latest") {
-      out.step = CheckpointPath::kLatest;
-    } else {
-      if (!name.starts_with("step-")) throw std::invalid_argument(name);
-    size_t used = 0;
-      out.step = std::stoll(name.substr(5), &used);
-      if (used != name.size() - 5) throw std::invalid_argument(name);
-    }
-  } catch (const std::exception&) {
+  if (name == "latest") {
+    out.step = CheckpointPath::kLatest;
+  } else if (const auto step = StepOfFolderName(name)) {
+    out.step = *step;
+  } else {
     return absl::InvalidArgumentError(
         fmt::format("{}: not a checkpoint folder (expected <root>/<job>/step-<n> or <root>/<job>/latest)", step_dir));
   }

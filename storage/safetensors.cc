@@ -7,6 +7,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <stdexcept>
 
 namespace llamad::storage {
 namespace fs = std::filesystem;
@@ -57,13 +58,24 @@ absl::StatusOr<std::vector<SafetensorsEntry>> ReadHeader(const std::string& path
   std::vector<SafetensorsEntry> out;
   try {
     const auto j = nlohmann::json::parse(header);
+    if (!j.is_object()) return absl::InvalidArgumentError(path + ": the safetensors header is not a JSON object");
+    // Sizes must be integers: a float would be cut to one (or, past the type's range, undefined).
+    auto integers = [](const std::string& name, const nlohmann::json& v, const char* key) -> const nlohmann::json& {
+      const nlohmann::json& list = v.at(key);
+      for (const auto& x : list) {
+        if (!x.is_number_integer()) {
+          throw std::invalid_argument(fmt::format("tensor '{}': {} holds {}, not an integer", name, key, x.dump()));
+        }
+      }
+      return list;
+    };
     for (const auto& [name, v] : j.items()) {
       if (name == "__metadata__") continue;
       SafetensorsEntry e;
       e.name = name;
       e.dtype = v.at("dtype").get<std::string>();
-      e.shape = v.at("shape").get<std::vector<int64_t>>();
-      const auto offsets = v.at("data_offsets").get<std::vector<uint64_t>>();
+      e.shape = integers(name, v, "shape").get<std::vector<int64_t>>();
+      const auto offsets = integers(name, v, "data_offsets").get<std::vector<uint64_t>>();
       if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] > file_size - data_start) {
         return absl::InvalidArgumentError(fmt::format("{}: tensor '{}' has data offsets outside the file", path, name));
       }
@@ -134,11 +146,12 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
 
 absl::StatusOr<std::map<std::string, SafetensorsEntry>> ListSafetensors(const std::string& path_or_dir) {
   std::vector<std::string> files;
-  if (fs::is_directory(path_or_dir)) {
+  std::error_code ec;  // a path that cannot be looked at is reported when it is opened
+  if (fs::is_directory(path_or_dir, ec)) {
     const fs::path dir(path_or_dir);
-    if (fs::exists(dir / "model.safetensors")) {
+    if (fs::exists(dir / "model.safetensors", ec)) {
       files.push_back((dir / "model.safetensors").string());
-    } else if (fs::exists(dir / "model.safetensors.index.json")) {
+    } else if (fs::exists(dir / "model.safetensors.index.json", ec)) {
       const std::string index_path = (dir / "model.safetensors.index.json").string();
       try {
         std::ifstream in(index_path);

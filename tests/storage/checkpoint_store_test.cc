@@ -6,8 +6,12 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fmt/format.h>
 #include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
 #include <numeric>
+#include <rocksdb/db.h>
 
 #include "common/scratch_dir.h"
 #include "common/flip_byte.h"
@@ -107,6 +111,65 @@ TEST(CheckpointStoreTest, NothingExistsBeforeCommitAndLeftoversGoAtOpen) {
   EXPECT_TRUE(fs::exists(store->StepDir("job", 5)));
   EXPECT_TRUE(store->Verify("job", 5).ok());
   EXPECT_TRUE(absl::IsNotFound(store->LatestStep("other").status()));
+  // Without its index the store cannot tell committed steps from unfinished ones: it
+  // refuses to open, removes nothing, and leaves no empty index for the next open to trust.
+  const fs::path step_5 = store->StepDir("job", 5);
+  store.reset();
+  fs::remove_all(fs::path(root) / "index");
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    auto reopened = CheckpointStore::Open(root);
+    ASSERT_TRUE(absl::IsFailedPrecondition(reopened.status())) << reopened.status();
+    EXPECT_NE(reopened.status().message().find(step_5.string()), std::string::npos) << reopened.status();
+    EXPECT_TRUE(fs::exists(step_5 / "rank-0.shard"));
+  }
+}
+
+// Rewrites the index record of the first piece of tensor `name` in step `step` of "job"
+// (with the store closed: RocksDB has one writer).
+void EditPieceRecord(const std::string& root, int64_t step, const std::string& name,
+                     const std::function<void(nlohmann::json&)>& edit) {
+  rocksdb::DB* raw = nullptr;
+  ASSERT_TRUE(rocksdb::DB::Open(rocksdb::Options(), root + "/index", &raw).ok());
+  std::unique_ptr<rocksdb::DB> db(raw);
+  const std::string prefix = fmt::format("ckpt/job/{:020d}/piece/{}/", step, name);
+  std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions()));
+  it->Seek(prefix);
+  ASSERT_TRUE(it->Valid() && it->key().starts_with(prefix)) << prefix;
+  auto record = nlohmann::json::parse(it->value().ToString());
+  edit(record);
+  ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), it->key(), record.dump()).ok());
+}
+
+TEST(CheckpointStoreTest, RecordsThatWrapOrPointPastTheirShardAreDataLoss) {
+  const std::string root = FreshDir("records").string();
+  std::vector<float> a(70, 1.0f), b(33, 2.0f);
+  {
+    auto store = *CheckpointStore::Open(root);
+    WriteLayout(*store, 1, 1, a, b);
+    WriteLayout(*store, 2, 1, a, b);
+  }
+  // Raised by 2^62 elements, the range's f32 bytes wrap back to the record's length: the
+  // record would claim elements it has no bytes for.
+  EditPieceRecord(root, 1, "b", [](nlohmann::json& r) { r["end"] = r["end"].get<uint64_t>() + (uint64_t{1} << 62); });
+  // Consistent, but its 2^60 bytes lie far past the end of the shard file.
+  EditPieceRecord(root, 2, "b", [](nlohmann::json& r) {
+    r["end"] = uint64_t{1} << 58;
+    r["length"] = uint64_t{1} << 60;
+  });
+  auto store = *CheckpointStore::Open(root);
+  std::vector<float> got(40);
+  const auto wrapped = store->ReadRange("job", 1, "b", ElementType::kF32, 0, 40, got.data());
+  ASSERT_TRUE(absl::IsDataLoss(wrapped)) << wrapped;
+  EXPECT_NE(wrapped.message().find("inconsistent record for tensor 'b'"), std::string::npos) << wrapped;
+  const auto past = store->ReadRange("job", 2, "b", ElementType::kF32, 0, 33, got.data());
+  ASSERT_TRUE(absl::IsDataLoss(past)) << past;
+  EXPECT_NE(past.message().find("'b'"), std::string::npos) << past;
+  EXPECT_NE(past.message().find("rank-0.shard"), std::string::npos) << past;
+  EXPECT_FALSE(store->Verify("job", 2).ok());
+  // The damage stays with its tensor: the other one reads.
+  std::vector<float> got_a(70);
+  EXPECT_TRUE(store->ReadRange("job", 2, "a", ElementType::kF32, 0, 70, got_a.data()).ok());
+  EXPECT_EQ(got_a, a);
 }
 
 TEST(CheckpointStoreTest, RetentionKeepsTheLastKAndPinnedOnes) {
@@ -315,7 +378,11 @@ TEST(CheckpointPathTest, ParsesStepFolders) {
   EXPECT_EQ(latest->job, "my-job");
   EXPECT_EQ(latest->step, CheckpointPath::kLatest);
   EXPECT_FALSE(ParseCheckpointPath("/data/ckpt/my-job").ok());
-  EXPECT_FALSE(ParseCheckpointPath("/data/step-12x").ok());
+  // Digits only: no sign (step--1 would read as the latest step), no spaces, no empty number.
+  for (const char* bad : {"/data/step-12x", "/data/ckpt/j/step--1", "/data/ckpt/j/step-+5", "/data/ckpt/j/step- 5",
+                          "/data/ckpt/j/step-"}) {
+    EXPECT_FALSE(ParseCheckpointPath(bad).ok()) << bad;
+  }
 }
 
 TEST(SafetensorsTest, RoundTripAndHalfPrecisionReads) {
@@ -355,10 +422,14 @@ TEST(SafetensorsTest, RoundTripAndHalfPrecisionReads) {
   EXPECT_EQ(part, (std::vector<float>{3.25f, 0.0f}));
   EXPECT_FALSE(ReadAsFloat32(e, 4, 7, part.data()).ok());
 
-  // Offsets beyond the file and negative shapes are refused, naming the file.
+  // Offsets beyond the file, negative or fractional shapes and headers that are not an
+  // object of tensors are refused, naming the file.
   for (const std::string& bad_header :
        {std::string(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,18446744073709551608]}})"),
-        std::string(R"({"t":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})")}) {
+        std::string(R"({"t":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})"),
+        std::string(R"({"t":{"dtype":"F32","shape":[2.7],"data_offsets":[0,8]}})"),
+        std::string(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8.5]}})"),
+        std::string(R"([{"dtype":"F32","shape":[2],"data_offsets":[0,8]}])")}) {
     std::ofstream out(dir / "crafted.safetensors", std::ios::binary | std::ios::trunc);
     const uint64_t n = bad_header.size();
     out.write(reinterpret_cast<const char*>(&n), 8);
