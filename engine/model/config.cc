@@ -230,6 +230,13 @@ absl::StatusOr<ModelConfig> ModelConfigFromHfJson(std::string_view json_text,
   if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
     return ConfigError(source, "rope_scaling: RoPE scaling is not supported");
   }
+  // Projections with biases hold weights this model has no place for: refused, not dropped.
+  for (const char* key : {"attention_bias", "mlp_bias"}) {
+    if (j.contains(key) && j[key] != false && !j[key].is_null()) {
+      return ConfigError(source,
+                         StrCat(key, ": ", j[key].dump(), " is not supported (LLaMA's projections have no bias)"));
+    }
+  }
   ModelConfig config;
   config.name = "hf";
   auto read_int = [&](const char* key, int64_t* out, bool required) -> absl::Status {
@@ -262,13 +269,15 @@ absl::StatusOr<ModelConfig> ModelConfigFromHfJson(std::string_view json_text,
   }
   config.num_key_value_heads = config.num_attention_heads;
   if (auto s = read_int("num_key_value_heads", &config.num_key_value_heads, false); !s.ok()) return s;
-  if (j.contains("head_dim") && j["head_dim"].is_number_integer() &&
-      config.num_attention_heads > 0 &&
-      j["head_dim"].get<int64_t>() * config.num_attention_heads != config.hidden_size) {
+  if (auto s = ValidateModelConfig(config, source); !s.ok()) return s;
+  // The head dimension follows from the other sizes (compared by division: a product
+  // could wrap; a value past INT64_MAX reads as negative).
+  if (j.contains("head_dim") && !j["head_dim"].is_null() &&
+      (!j["head_dim"].is_number_integer() ||
+       j["head_dim"].get<int64_t>() != config.hidden_size / config.num_attention_heads)) {
     return ConfigError(source, StrCat("head_dim: ", j["head_dim"].dump(),
                                             " must equal hidden_size / num_attention_heads"));
   }
-  if (auto s = ValidateModelConfig(config, source); !s.ok()) return s;
   return config;
 }
 

@@ -240,6 +240,29 @@ void AsyncCheckpointer::Worker() {
 
 namespace {
 
+// What a restore and an export both require of a checkpoint's metadata: our format and
+// version, the step the index keeps it under, which its optimizer also counts (a resume
+// removes the checkpoints newer than the step it restored: a wrong step there would
+// remove good ones), and a model. `where` names the checkpoint in errors.
+absl::Status CheckMeta(const nlohmann::json& meta, int64_t step, const std::string& where) {
+  if (!meta.is_object() || meta.value("format", "") != "llamad-checkpoint" ||
+      meta.value("version", 0) != kCheckpointVersion) {
+    return absl::InvalidArgumentError(StrCat(where, ": not a version-", kCheckpointVersion, " llamad checkpoint"));
+  }
+  const nlohmann::json none;
+  const nlohmann::json& saved = meta.value("step", none);
+  const nlohmann::json& counted = meta.contains("optimizer") ? meta["optimizer"].value("step", none) : none;
+  if (saved != step || counted != step) {
+    return absl::DataLossError(StrCat(where, ": damaged checkpoint metadata: the index has step ", step,
+                                      ", the metadata says step ", saved.dump(), " and optimizer step ",
+                                      counted.dump()));
+  }
+  if (!meta.contains("model") || !meta["model"].is_object()) {
+    return absl::DataLossError(StrCat(where, ": damaged checkpoint metadata: no model configuration"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, const std::string& job,
                                         int64_t step, Trainer& trainer) {
   auto meta_text = store.Meta(job, step);
@@ -251,10 +274,10 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   } catch (const std::exception& e) {
     return absl::DataLossError(StrCat(where, ": unreadable checkpoint metadata: ", e.what()));
   }
-  if (meta.value("format", "") != "llamad-checkpoint" ||
-      meta.value("version", 0) != kCheckpointVersion) {
-    return absl::InvalidArgumentError(
-        StrCat(where, ": not a version-", kCheckpointVersion, " llamad checkpoint"));
+  if (auto s = CheckMeta(meta, step, where); !s.ok()) return s;
+  if (!meta["data"]["sampler_position"].is_number_unsigned()) {
+    return absl::DataLossError(StrCat(where, ": damaged checkpoint metadata: data.sampler_position is ",
+                                      meta["data"]["sampler_position"].dump()));
   }
   const JobSpec& spec = trainer.spec();
   const nlohmann::json ours = ModelJson(spec.model);
@@ -440,8 +463,7 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   }
   model.SyncParamsFromMaster();
   optimizer.UploadHostWeights();
-  trainer.SetProgress(meta["optimizer"]["step"].get<int64_t>(),
-                      meta["data"]["sampler_position"].get<uint64_t>());
+  trainer.SetProgress(step, meta["data"]["sampler_position"].get<uint64_t>());
   return absl::OkStatus();
 }
 
@@ -453,11 +475,21 @@ absl::StatusOr<bool> ExportTokenizer(const storage::CheckpointStore& store, cons
                                      const std::string& out) {
   auto pieces = store.Pieces(job, step);
   if (!pieces.ok()) return pieces.status();
+  // The model's bytes are one u8 tensor of shape [n], in pieces that end at n.
+  const storage::PieceRecord* record = nullptr;
   uint64_t size = 0;
   for (const storage::PieceRecord& p : *pieces) {
-    if (p.name == kTokenizerTensor && !p.shape.empty()) size = uint64_t(p.shape[0]);
+    if (p.name != kTokenizerTensor) continue;
+    record = &p;
+    size = std::max(size, p.end);
   }
-  if (size == 0) return false;
+  if (record == nullptr) return false;
+  constexpr uint64_t kLargestModel = uint64_t{1} << 30;  // SentencePiece models are megabytes
+  if (size > kLargestModel || record->shape != std::vector<int64_t>{int64_t(size)}) {
+    return absl::DataLossError(StrCat(store.StepDir(job, step), ": damaged checkpoint index: tensor '",
+                                      kTokenizerTensor, "' has shape ", nlohmann::json(record->shape).dump(),
+                                      " but pieces up to byte ", size, " (at most ", kLargestModel, ")"));
+  }
   std::string bytes(size, '\0');
   if (auto s = store.ReadRange(job, step, kTokenizerTensor, storage::ElementType::kU8, 0, size, bytes.data()); !s.ok()) {
     return s;
@@ -491,7 +523,8 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
   auto meta_text = store.Meta(job, step);
   if (!meta_text.ok()) return meta_text.status();
   const auto meta = nlohmann::json::parse(*meta_text);
-  auto config = ModelConfigFromHfJson(meta["model"].dump(), store.StepDir(job, step));
+  if (auto s = CheckMeta(meta, step, store.StepDir(job, step)); !s.ok()) return s;
+  auto config = ModelConfigFromHfJson(meta.at("model").dump(), store.StepDir(job, step));
   if (!config.ok()) return config.status();
   const std::vector<ParamInfo> params = LlamaParamLayout(*config);
   std::vector<float> data(NumParams(params));
@@ -513,7 +546,7 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
       !s.ok()) {
     return s;
   }
-  nlohmann::json hf = meta["model"];
+  nlohmann::json hf = meta.at("model");
   hf["architectures"] = {"LlamaForCausalLM"};
   hf["model_type"] = "llama";
   hf["hidden_act"] = "silu";

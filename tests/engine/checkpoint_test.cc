@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
@@ -86,20 +87,23 @@ TEST(CheckpointTrainingTest, ResumeIsBitIdentical) {
             std::string::npos);
 }
 
+// Trains `t` to its last step and saves that step, with the sample tokenizer, as `job`.
+void TrainAndSave(Trainer& t, const TokenDataset& data, storage::CheckpointStore& store, const std::string& job) {
+  ASSERT_TRUE(t.Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
+  AsyncCheckpointer checkpointer(&store, job);
+  checkpointer.set_tokenizer_model(std::string(data::SampleTokenizer()));
+  ASSERT_TRUE(checkpointer.Save(t).ok());
+  ASSERT_TRUE(checkpointer.Wait().ok());
+}
+
 TEST(CheckpointTrainingTest, HuggingFaceExportImportIsExact) {
   auto be = MakeCpuBackend({DType::kF32, 2});
   const TokenDataset data = TokenDataset::FromTokens(Tokens(2000, 40));
   const fs::path root = FreshDir("hf");
   auto store = *storage::CheckpointStore::Open(root.string());
   auto t = *Trainer::Create(SmallJob(3), be.get(), 0);
-  ASSERT_TRUE(t->Train(data, [](const StepMetrics&) { return absl::OkStatus(); }).ok());
   const std::string tokenizer(data::SampleTokenizer());
-  {
-    AsyncCheckpointer checkpointer(store.get(), "resume");
-    checkpointer.set_tokenizer_model(tokenizer);
-    ASSERT_TRUE(checkpointer.Save(*t).ok());
-    ASSERT_TRUE(checkpointer.Wait().ok());
-  }
+  TrainAndSave(*t, data, *store, "resume");
   const std::string out = (root / "hf-out").string();
   bool with_tokenizer = false;
   ASSERT_TRUE(ExportHuggingFace(*store, "resume", 3, out, &with_tokenizer).ok());
@@ -126,6 +130,63 @@ TEST(CheckpointTrainingTest, HuggingFaceExportImportIsExact) {
   const auto s = LoadHuggingFaceWeights(out, wrong, *be);
   ASSERT_FALSE(s.ok());
   EXPECT_NE(s.message().find("mlp.gate_proj.weight"), std::string::npos) << s;
+}
+
+// Metadata or index records that a damaged store could hold are errors that name the
+// checkpoint; none of them moves the trainer or reads outside what was saved.
+TEST(CheckpointTrainingTest, DamagedMetadataIsAnErrorForRestoreAndExport) {
+  auto be = MakeCpuBackend({DType::kF32, 2});
+  const TokenDataset data = TokenDataset::FromTokens(Tokens(2000, 40));
+  const fs::path root = FreshDir("damaged-meta");
+  auto store = *storage::CheckpointStore::Open(root.string());
+  TrainAndSave(**Trainer::Create(SmallJob(3), be.get(), 0), data, *store, "job");
+  const auto meta = nlohmann::json::parse(*store->Meta("job", 3));
+  const auto pieces = *store->Pieces("job", 3);
+  const std::string out = (root / "hf-out").string();
+  auto restore = [&] { return RestoreCheckpoint(*store, "job", 3, **Trainer::Create(SmallJob(3), be.get(), 0)); };
+  auto export_hf = [&] { return ExportHuggingFace(*store, "job", 3, out, nullptr); };
+  struct Case {
+    const char* what;
+    std::function<void(nlohmann::json&)> edit;
+    bool restore_fails, export_fails;
+    const char* named;
+  };
+  const std::vector<Case> cases = {
+      // A resume removes the checkpoints newer than the step it restored.
+      {"an optimizer step that is not the index's", [](nlohmann::json& m) { m["optimizer"]["step"] = 1; }, true, true,
+       "optimizer step 1"},
+      {"a step that is not the index's", [](nlohmann::json& m) { m["step"] = 7; }, true, true, "step 7"},
+      {"a negative sampler position", [](nlohmann::json& m) { m["data"]["sampler_position"] = -1; }, true, false,
+       "sampler_position"},
+      {"no model", [](nlohmann::json& m) { m.erase("model"); }, true, true, "model"},
+      {"another format", [](nlohmann::json& m) { m["format"] = "other"; }, true, true, "llamad checkpoint"},
+  };
+  for (const Case& c : cases) {
+    nlohmann::json damaged = meta;
+    c.edit(damaged);
+    ASSERT_TRUE(store->Commit("job", 3, damaged.dump(), pieces).ok());
+    for (const auto& [fails, s] : {std::pair{c.restore_fails, restore()}, std::pair{c.export_fails, export_hf()}}) {
+      if (!fails) continue;
+      ASSERT_FALSE(s.ok()) << c.what;
+      EXPECT_NE(s.message().find(store->StepDir("job", 3)), std::string::npos) << s;
+      EXPECT_NE(s.message().find(c.named), std::string::npos) << s;
+    }
+  }
+  ASSERT_TRUE(store->Commit("job", 3, meta.dump(), pieces).ok());
+  ASSERT_TRUE(restore().ok());
+  ASSERT_TRUE(export_hf().ok());
+  // The tokenizer's record sizes the export's buffer: a shape its pieces do not fill is
+  // damage, not an allocation of 2^50 bytes.
+  for (const int64_t bad : {int64_t{1} << 50, int64_t{-1}, int64_t{5}}) {
+    auto damaged = pieces;
+    for (auto& p : damaged) {
+      if (p.name == kTokenizerTensor) p.shape = {bad};
+    }
+    ASSERT_TRUE(store->Commit("job", 3, meta.dump(), damaged).ok());
+    const auto s = export_hf();
+    ASSERT_TRUE(absl::IsDataLoss(s)) << s;
+    EXPECT_NE(s.message().find(kTokenizerTensor), std::string::npos) << s;
+  }
 }
 
 // ---- llama-train as a process ------------------------------------------------------

@@ -4,6 +4,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <utility>
+#include <vector>
 
 #include "common/scratch_dir.h"
 #include "model/config.h"
@@ -53,6 +55,24 @@ TEST(ModelConfigTest, ReadsHuggingFaceConfigJson) {
     "tie_word_embeddings": true})", "tied.json");
   ASSERT_FALSE(tied.ok());
   EXPECT_NE(tied.status().message().find("tie_word_embeddings"), std::string::npos);
+  // Keys that would change the model are refused, naming the key; head_dim is compared by
+  // division (the second wraps to 4096 when multiplied by 32 heads).
+  const std::string small = R"("hidden_size": 4096, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 32, "vocab_size": 100)";
+  for (const auto& [extra, key] : std::vector<std::pair<std::string, std::string>>{
+           {R"("attention_bias": true)", "attention_bias"},
+           {R"("mlp_bias": true)", "mlp_bias"},
+           {R"("head_dim": 9223372036854775807)", "head_dim"},
+           {R"("head_dim": 9223372036854775936)", "head_dim"},
+           {R"("head_dim": 128.0)", "head_dim"},
+           {R"("head_dim": 64)", "head_dim"}}) {
+    auto refused = ModelConfigFromHfJson("{" + small + ", " + extra + "}", "extra.json");
+    ASSERT_FALSE(refused.ok()) << extra;
+    EXPECT_NE(refused.status().message().find(key), std::string::npos) << refused.status();
+  }
+  for (const char* extra : {R"("head_dim": 128)", R"("attention_bias": false, "mlp_bias": null)"}) {
+    EXPECT_TRUE(ModelConfigFromHfJson("{" + small + ", " + extra + "}", "fine.json").ok()) << extra;
+  }
   auto broken = ModelConfigFromHfJson("{\"hidden_size\": ", "broken.json");
   ASSERT_FALSE(broken.ok());
   EXPECT_NE(broken.status().message().find("broken.json"), std::string::npos);
