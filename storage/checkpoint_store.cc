@@ -269,12 +269,11 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
     std::vector<std::string> found;
     ForEachShardFolder(root, [&](const std::string&, int64_t, const fs::path& dir) { found.push_back(dir.string()); });
     if (!found.empty()) {
-      std::sort(found.begin(), found.end());
       return absl::FailedPreconditionError(fmt::format(
           "{}: holds {} checkpoint folder(s) ({}{}) but no checkpoint index ({}/CURRENT is missing), so their "
           "steps cannot be told committed from unfinished; restore the index folder, or move the step folders "
           "elsewhere",
-          root, found.size(), found.front(), found.size() > 1 ? ", ..." : "", index));
+          root, found.size(), *std::min_element(found.begin(), found.end()), found.size() > 1 ? ", ..." : "", index));
     }
   }
   fs::create_directories(root, ec);

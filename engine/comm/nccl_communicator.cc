@@ -330,13 +330,14 @@ class NcclCollectives final : public DeviceCollectives {
     Pending join{Pending::kJoin, Event(), nullptr, done};
     cudaError_t err = cudaEventRecord(join.ready, compute_);
     if (err == cudaSuccess) err = cudaStreamWaitEvent(compute_, done, 0);
-    std::lock_guard lock(mu_);
-    if (err != cudaSuccess && error_.ok()) error_ = CudaError(err, "ordering the backend after a collective");
+    if (err != cudaSuccess) {
+      std::lock_guard lock(mu_);
+      if (error_.ok()) error_ = CudaError(err, "ordering the backend after a collective");
+    }
     // Tracked even so: the collective may still be running, so its done event may be
     // recycled only after it ends.
-    if (pending_.empty()) front_since_ = std::chrono::steady_clock::now();
-    pending_.push_back(join);
-    return error_;
+    Track(join);
+    return error();
   }
 
   absl::Status status() override { return error(); }
@@ -394,14 +395,13 @@ class NcclCollectives final : public DeviceCollectives {
     std::lock_guard calls(calls_mu_);
     const ncclResult_t started = api_->CommInitRankConfig(&comm_, world, id, rank, &config);
     absl::Status joined;
+    const std::string joining = StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ");
     if (started != ncclSuccess && started != ncclInProgress) {
-      joined = NcclFailure(started, StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
-                                          api_->GetErrorString(started)));
+      joined = NcclFailure(started, StrCat(joining, api_->GetErrorString(started)));
     } else if (auto s = Settle(started, limit); !s.ok()) {
       // ABORTED where the other ranks never answered: a lost peer, also for the abort's
       // exit should it hang.
-      joined = absl::Status(s.code(), StrCat("NCCL: joining the communicator as rank ", rank, " of ", world, ": ",
-                                             s.message()));
+      joined = absl::Status(s.code(), StrCat(joining, s.message()));
     }
     // NCCL may have made a handle before it failed: the destructor must not finalize it.
     if (!joined.ok() && comm_ != nullptr) AbortWithin(comm_, joined);

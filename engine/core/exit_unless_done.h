@@ -30,8 +30,6 @@ class ExitUnlessDoneWithin {
       });
     } catch (const std::exception& e) {  // system_error from the thread, bad_alloc before it
       Exit(exit_code, message, limit, e.what());
-    } catch (...) {
-      Exit(exit_code, message, limit, "unknown error");
     }
   }
   ExitUnlessDoneWithin(const ExitUnlessDoneWithin&) = delete;

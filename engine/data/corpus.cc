@@ -202,15 +202,14 @@ class Reader {
     std::vector<char> buf(1 << 20);
     uint64_t line = 0;
     bool skipping = false;  // inside a line longer than max_line_bytes: dropped up to its end
-    auto too_long = [&](uint64_t at) {
-      ++report_->bad_json;
-      return Problem(path, at, StrCat("line longer than ", options_.max_line_bytes, " bytes (skipped)"));
-    };
     auto on_line = [&](std::string_view view) -> absl::Status {
       ++line;
       ++report_->lines;
+      if (view.size() > options_.max_line_bytes) {
+        ++report_->bad_json;
+        return Problem(path, line, StrCat("line longer than ", options_.max_line_bytes, " bytes (skipped)"));
+      }
       if (view.empty() || view.find_first_not_of(" \t\r") == std::string_view::npos) return absl::OkStatus();
-      if (view.size() > options_.max_line_bytes) return too_long(line);
       // The JSON parser rejects invalid UTF-8 in strings: repair the line first, so that a
       // bad byte costs a character, not the document.
       std::string l(view);
@@ -246,9 +245,7 @@ class Reader {
       }
       pending.erase(0, start);
       if (!skipping && pending.size() > options_.max_line_bytes) {
-        ++line;
-        ++report_->lines;
-        if (auto s = too_long(line); !s.ok()) return s;
+        if (auto s = on_line(pending); !s.ok()) return s;  // counted and reported as too long
         skipping = true;
       }
       if (skipping) pending.clear();  // the dropped line's bytes
@@ -364,7 +361,7 @@ absl::Status ListCorpusFiles(const std::string& path, std::vector<std::string>* 
   std::sort(files->begin(), files->end());
   if (files->empty()) {
     return absl::InvalidArgumentError(
-        StrCat(path, ": no corpus files (.jsonl, .json or .txt, optionally .gz or .zst) in this folder"));
+        StrCat(path, ": no corpus files (", kCorpusFileNames, ") in this folder"));
   }
   return absl::OkStatus();
 }

@@ -59,7 +59,9 @@ absl::Status ReadCorpus(const std::string& path, const CorpusOptions& options,
                         CorpusReport* report,
                         const std::function<void(std::string&& text)>& on_document);
 
-// Whether a file name is a corpus file (.jsonl, .json or .txt, maybe .gz or .zst).
+// The names of corpus files, for messages.
+inline constexpr char kCorpusFileNames[] = ".jsonl, .json or .txt, optionally .gz or .zst";
+// Whether a file name is a corpus file (kCorpusFileNames).
 bool IsCorpusFileName(const std::string& path);
 
 // Replaces invalid UTF-8 sequences by U+FFFD; returns whether anything changed.

@@ -176,7 +176,7 @@ absl::StatusOr<OpenedData> OpenTrainingData(const DataSpec& spec, int64_t vocab_
     if (fs::is_directory(*path, ec)) {
       format = fs::exists(*path + "/index.json", ec) ? "prepared" : "raw";
     } else {
-      // A corpus file by its name (.jsonl, .json, .txt, maybe compressed); else token ids.
+      // A corpus file by its name; else token ids.
       format = IsCorpusFileName(*path) ? "raw" : "uint32";
     }
   }
@@ -187,7 +187,7 @@ absl::StatusOr<OpenedData> OpenTrainingData(const DataSpec& spec, int64_t vocab_
       if (spec.format != "auto") return data.status();
       return absl::Status(data.status().code(),  // say why it was read as ids
                           StrCat(data.status().message(), " (read as uint32 token ids: the name is not a corpus "
-                                 "file's (.jsonl, .json, .txt, maybe .gz or .zst); set data.format)"));
+                                 "file's (", kCorpusFileNames, "); set data.format)"));
     }
     out.description = StrCat(*path, " (", format, ", ", data->num_tokens(), " tokens)");
     out.source = std::make_unique<TokenDataset>(std::move(*data));

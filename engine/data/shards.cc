@@ -42,7 +42,7 @@ absl::StatusOr<std::unique_ptr<ShardWriter>> ShardWriter::Create(const std::stri
   w->path_ = path;
   w->vocab_size_ = vocab_size;
   w->eos_id_ = eos_id;
-  w->id_bytes_ = vocab_size <= 65536 ? 2 : 4;
+  w->id_bytes_ = IdBytesFor(uint64_t(vocab_size));
   // A new file, never the old one truncated: a job may still have the old shard mapped,
   // and a truncated mapping is SIGBUS in its reader.
   if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
@@ -188,13 +188,14 @@ absl::StatusOr<std::unique_ptr<PreparedDataset>> PreparedDataset::Open(const std
     if (std::memcmp(h.magic, kShardMagic, sizeof(h.magic)) != 0) {
       return absl::DataLossError(StrCat(path, ": no shard header (an unfinished or foreign file)"));
     }
-    // Sizes are bounded by the file before they are multiplied: no product can wrap.
+    // Sizes are bounded by the file before they are multiplied: no product can wrap. (The
+    // id width is checked first: it divides.)
     const uint64_t body = m.bytes - kHeaderBytes;
-    if (h.version != kShardVersion || (h.id_bytes != 2 && h.id_bytes != 4) || h.tokens > body / h.id_bytes ||
+    if (h.version != kShardVersion || h.id_bytes != IdBytesFor(h.vocab_size) || h.tokens > body / h.id_bytes ||
         h.documents >= body / sizeof(uint64_t) || h.tokens != info.tokens || h.documents != info.documents ||
         h.tokens_offset != kHeaderBytes || h.offsets_offset != kHeaderBytes + h.tokens * h.id_bytes ||
         h.offsets_offset + (h.documents + 1) * sizeof(uint64_t) != m.bytes ||
-        h.vocab_size != uint64_t(d->vocab_size_) || h.id_bytes != (h.vocab_size <= 65536 ? 2u : 4u)) {
+        h.vocab_size != uint64_t(d->vocab_size_)) {
       return absl::DataLossError(StrCat(path, ": header does not match the index or the file size (",
                                         h.tokens, " tokens, ", h.documents, " documents, ", m.bytes,
                                         " bytes; the index says ", info.tokens, " tokens, ",

@@ -25,6 +25,8 @@ namespace llamad::data {
 inline constexpr char kShardMagic[8] = {'L', 'L', 'M', 'D', 'T', 'O', 'K', 'S'};
 inline constexpr uint32_t kShardVersion = 1;
 inline constexpr char kDatasetFormat[] = "llamad-tokens";
+// Bytes per token id in a shard: uint16 while every id fits, else uint32.
+constexpr uint32_t IdBytesFor(uint64_t vocab_size) { return vocab_size <= 65536 ? 2 : 4; }
 inline constexpr int kDatasetVersion = 1;
 
 // Appends documents to one shard file; Finish writes the header and syncs.

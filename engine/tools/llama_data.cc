@@ -135,7 +135,7 @@ int Inspect(const std::string& dir, bool verify, int docs) {
   std::printf("dataset %s\n  source %s\n  %llu documents, %llu tokens, vocabulary %lld (%s ids), %zu shards%s\n",
               dir.c_str(), index.value("source", "?").c_str(), (unsigned long long)(*d)->documents(),
               (unsigned long long)(*d)->num_tokens(), (long long)(*d)->vocab_size(),
-              (*d)->vocab_size() <= 65536 ? "uint16" : "uint32", (*d)->shards().size(),
+              IdBytesFor(uint64_t((*d)->vocab_size())) == 2 ? "uint16" : "uint32", (*d)->shards().size(),
               verify ? ", checksums verified" : "");
   for (const ShardInfo& s : (*d)->shards()) {
     std::printf("  %s: %llu documents, %llu tokens\n", s.file.c_str(), (unsigned long long)s.documents,

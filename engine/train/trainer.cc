@@ -201,8 +201,9 @@ absl::StatusOr<StepMetrics> Trainer::Step(WindowSampler& sampler) {
     if (!padding) {
       count = int(std::min<uint64_t>(uint64_t(batch), end - first));
       sampler.Fill(sampler.position() + first, count, tokens_.data(), targets_.data());
-      if (const auto bad = FirstIdOutsideVocabulary(count, seq)) {
-        return WindowIdError(StrCat("window at sample position ", sampler.position() + first + bad->window), *bad);
+      if (auto s = CheckIdsInVocabulary(count, seq, "window at sample position ", sampler.position() + first);
+          !s.ok()) {
+        return s;
       }
     }
     const bool last = first + uint64_t(count) >= end;
@@ -621,21 +622,18 @@ absl::Status Trainer::Train(const TokenSource& data,
   return absl::OkStatus();
 }
 
-std::optional<Trainer::IdOutside> Trainer::FirstIdOutsideVocabulary(int count, int seq) const {
+absl::Status Trainer::CheckIdsInVocabulary(int count, int seq, std::string_view label, uint64_t first) const {
   const int64_t vocab = spec_.model.vocab_size;
   auto outside = [vocab](int32_t id) { return id < 0 || id >= vocab; };
   for (size_t i = 0; i < size_t(count) * size_t(seq); ++i) {
     if (outside(tokens_[i]) || outside(targets_[i])) {
-      return IdOutside{i / size_t(seq), outside(tokens_[i]) ? tokens_[i] : targets_[i]};
+      return absl::DataLossError(StrCat(
+          label, first + i / size_t(seq), " holds token id ", outside(tokens_[i]) ? tokens_[i] : targets_[i],
+          ", outside the model's vocabulary of ", vocab,
+          " (a damaged shard, or a dataset prepared for another tokenizer; llama-data inspect --verify)"));
     }
   }
-  return std::nullopt;
-}
-
-absl::Status Trainer::WindowIdError(const std::string& window, const IdOutside& bad) const {
-  return absl::DataLossError(StrCat(
-      window, " holds token id ", bad.id, ", outside the model's vocabulary of ", spec_.model.vocab_size,
-      " (a damaged shard, or a dataset prepared for another tokenizer; llama-data inspect --verify)"));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<double> Trainer::Evaluate(const TokenSource& data) {
@@ -650,9 +648,7 @@ absl::StatusOr<double> Trainer::Evaluate(const TokenSource& data) {
       std::copy_n(window.data(), seq, tokens_.data() + size_t(b) * seq);
       std::copy_n(window.data() + 1, seq, targets_.data() + size_t(b) * seq);
     }
-    if (const auto bad = FirstIdOutsideVocabulary(batch, seq)) {
-      return WindowIdError(StrCat("window ", w0 + bad->window), *bad);
-    }
+    if (auto s = CheckIdsInVocabulary(batch, seq, "window ", w0); !s.ok()) return s;
     loss_sum += model_->Forward(tokens_.data(), targets_.data(), batch, seq);
   }
   return windows > 0 ? loss_sum / (double(windows) * seq) : 0.0;

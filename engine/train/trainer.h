@@ -6,7 +6,7 @@
 #include <functional>
 #include <future>
 #include <memory>
-#include <optional>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "backend/backend.h"
@@ -129,15 +129,10 @@ class Trainer {
   // Whether the model's collectives can run beside its compute: on a helper thread over
   // host memory, or on NCCL's stream. GPU ranks without NCCL run them inline.
   bool CollectivesCanRunBeside() const;
-  // A damaged or mismatched dataset must not index past the embedding table: the first
-  // id outside the model's vocabulary among the `count` windows of `seq` in tokens_ and
-  // targets_, and the error naming the window that holds it.
-  struct IdOutside {
-    size_t window;  // among the `count`
-    int32_t id;
-  };
-  std::optional<IdOutside> FirstIdOutsideVocabulary(int count, int seq) const;
-  absl::Status WindowIdError(const std::string& window, const IdOutside& bad) const;
+  // A damaged or mismatched dataset must not index past the embedding table: DataLoss
+  // for the first id outside the model's vocabulary among the `count` windows of `seq` in
+  // tokens_ and targets_, naming the window as `label` and its number (`first` + index).
+  absl::Status CheckIdsInVocabulary(int count, int seq, std::string_view label, uint64_t first) const;
 
   // Create after the checks that need no memory plan: places gemini and the optimizer
   // state within the rank's memory budget, checks that the job fits, and builds.
