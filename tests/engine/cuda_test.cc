@@ -224,6 +224,24 @@ TEST_F(CudaTest, RmsNorm) {
   }
 }
 
+// Past 48 KiB a kernel's shared memory is an opt-in that holds for the whole process:
+// another thread launching the same kernel with fewer bytes must not lower it under one
+// that opted in to more. (The RMSNorm backward keeps a dw row of `dim` floats.)
+TEST_F(CudaTest, ASmallerLaunchOnAnotherThreadLeavesTheSharedMemoryOptIn) {
+  const int n = 4;
+  auto backward = [&](int dim) {
+    SCOPED_TRACE("dim " + std::to_string(dim));
+    Pair x = Make(Random(n * dim, 2.0)), w = Make(Random(dim, 0.1, 1.0)), rstd = Make(Random(n, 0.5, 1.5), DType::kF32);
+    Pair dout = Make(Random(n * dim)), dx = Zeros(n * dim), dw = Zeros(dim, DType::kF32);
+    gpu_->RmsNormBackward(dx.gpu, dw.gpu, dout.gpu, x.gpu, w.gpu, rstd.gpu, n, dim, false);
+    cpu_->RmsNormBackward(dx.cpu, dw.cpu, dout.cpu, x.cpu, w.cpu, rstd.cpu, n, dim, false);
+    ExpectClose("dx", dx, kBf16Out);
+  };
+  backward(16384);                         // 64 KiB: this thread opts in
+  std::thread([&] { backward(13000); }).join();  // 52,000 bytes, on a thread that had not
+  backward(16384);                         // needs its 64 KiB still
+}
+
 TEST_F(CudaTest, Rope) {
   // Head dim 64 rotates column pairs at once; 34 (odd half) one column at a time.
   for (const AttentionShape& s :

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <map>
+#include <mutex>
 #include <utility>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -24,17 +25,26 @@ struct Gpu {
   // Past 48 KiB of shared memory a kernel must opt in. The opt-in counts only the dynamic
   // bytes while the limit counts static ones too, so a kernel opts in to whatever dynamic
   // bytes it is launched with rather than working out its total. The opt-in is a host call
-  // and lasts (per kernel and device), so it is made only when a kernel needs more than it
-  // had: once per kernel and launching thread in a run whose sizes do not change. The
-  // record is per thread so that a launch takes no lock.
+  // and lasts (per kernel and device, for the whole process), so it is made only when a
+  // kernel needs more than it had, and only ever raised: a thread launching the kernel
+  // smaller must not lower it under another. Each thread keeps what it knows is granted,
+  // so a launch takes the process-wide lock only when it needs more than that.
   static void AllowDynamicSharedMemory(const void* kernel, int bytes) {
     int device = 0;
     LLAMAD_CUDA_CHECK(cudaGetDevice(&device));
-    thread_local std::map<std::pair<const void*, int>, int> allowed;  // (kernel, device) -> bytes
-    int& granted = allowed[{kernel, device}];
-    if (bytes <= granted) return;
-    LLAMAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    granted = bytes;
+    using Key = std::pair<const void*, int>;  // (kernel, device)
+    thread_local std::map<Key, int> known;      // at most what `granted` holds
+    int& seen = known[{kernel, device}];
+    if (bytes <= seen) return;
+    static std::mutex mu;
+    static std::map<Key, int> granted;
+    std::lock_guard lock(mu);
+    int& now = granted[{kernel, device}];
+    if (bytes > now) {
+      LLAMAD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      now = bytes;
+    }
+    seen = now;
   }
 
   int SharedMemoryLimit() const {
