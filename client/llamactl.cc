@@ -167,7 +167,9 @@ absl::StatusOr<pb::Job> Submit(Connection& c, const std::string& path) {
 void PrintProgress(const pb::Job& job, bool tty) {
   const pb::Progress& p = job.progress();
   const int width = 30;
-  const int filled = p.total_steps() > 0 ? int(width * std::min(p.step(), p.total_steps()) / p.total_steps()) : 0;
+  // Clamped: the numbers come from the scheduler, and a bar must not throw.
+  const double done = p.total_steps() > 0 ? double(p.step()) / double(p.total_steps()) : 0.0;
+  const int filled = int(width * std::clamp(done, 0.0, 1.0));
   std::fprintf(stderr, "%s[%s%s] step %lld/%lld loss %.4f %.0f tok/s%s", tty ? "\r\033[K" : "",
                std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(), (long long)p.step(),
                (long long)p.total_steps(), p.loss(), p.tokens_per_s(), tty ? "" : "\n");

@@ -6,6 +6,7 @@
 #include <rocksdb/write_batch.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
@@ -39,6 +40,14 @@ rocksdb::WriteOptions Synced() {
   rocksdb::WriteOptions o;
   o.sync = true;
   return o;
+}
+
+// A client's "after this seq": the next one must exist as an int64.
+absl::Status CheckAfterSeq(int64_t after_seq) {
+  if (after_seq < 0 || after_seq == std::numeric_limits<int64_t>::max()) {
+    return absl::InvalidArgumentError(fmt::format("after_seq {} is not within [0, 2^63 - 2]", after_seq));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -119,7 +128,12 @@ absl::Status Scheduler::Load() {
   std::lock_guard lock(mu_);
   const int64_t now = clock_->NowMs();
   std::string value;
-  if (db_->Get(rocksdb::ReadOptions(), kNextJobKey, &value).ok()) next_job_number_ = std::stoll(value);
+  if (db_->Get(rocksdb::ReadOptions(), kNextJobKey, &value).ok()) {
+    const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), next_job_number_);
+    if (ec != std::errc() || end != value.data() + value.size() || next_job_number_ < 1) {
+      return absl::DataLossError(fmt::format("scheduler state: record {} is damaged (not a job number)", kNextJobKey));
+    }
+  }
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
   for (it->Seek("job/"); it->Valid() && it->key().starts_with("job/"); it->Next()) {
     pb::Job job;
@@ -461,6 +475,7 @@ absl::StatusOr<pb::Job> Scheduler::ResumeJob(const std::string& id_or_name) {
 
 absl::StatusOr<Scheduler::JobUpdates> Scheduler::WaitJobUpdates(const std::string& job_id, int64_t after_seq,
                                                                  int64_t progress_after_ms, int64_t wait_ms) {
+  if (auto s = CheckAfterSeq(after_seq); !s.ok()) return s;
   std::unique_lock lock(mu_);
   pb::Job* job = FindJobLocked(job_id);
   if (job == nullptr) return absl::NotFoundError(fmt::format("no job '{}'", job_id));
@@ -487,6 +502,7 @@ absl::StatusOr<Scheduler::JobUpdates> Scheduler::WaitJobUpdates(const std::strin
 
 absl::StatusOr<std::vector<pb::LogLine>> Scheduler::GetLogs(const std::string& id_or_name, int64_t after_seq,
                                                             int tail) {
+  if (auto s = CheckAfterSeq(after_seq); !s.ok()) return s;
   std::lock_guard lock(mu_);
   pb::Job* job = FindJobLocked(id_or_name);
   if (job == nullptr) return absl::NotFoundError(fmt::format("no job '{}'", id_or_name));
@@ -748,7 +764,7 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
       return it != line.end() && it->is_number() ? it->get<double>() : 0.0;
     };
     if (line.is_object() && line.contains("step") && line["step"].is_number_integer() &&
-        line["step"].get<int64_t>() != job.progress().step()) {
+        line["step"].get<int64_t>() >= 0 && line["step"].get<int64_t>() != job.progress().step()) {
       pb::Progress* p = job.mutable_progress();
       p->set_step(line["step"].get<int64_t>());
       p->set_loss(number("loss"));
@@ -1229,7 +1245,12 @@ absl::Status Scheduler::RendezvousSet(const pb::RendezvousScope& scope, const st
 
 absl::StatusOr<std::vector<std::string>> Scheduler::RendezvousGet(const pb::RendezvousScope& scope,
                                                                   const std::vector<std::string>& keys,
-                                                                  int64_t timeout_ms) {
+                                                                  int64_t timeout_ms,
+                                                                  const std::function<bool()>& abandoned) {
+  if (timeout_ms < 0 || timeout_ms > kMaxRendezvousWaitMs) {
+    return absl::InvalidArgumentError(fmt::format("rendezvous get: timeout_ms {} is not within [0, {}]", timeout_ms,
+                                                  kMaxRendezvousWaitMs));
+  }
   std::unique_lock lock(mu_);
   const std::string scope_key = ScopeKey(scope);
   auto all_present = [&] {
@@ -1240,10 +1261,21 @@ absl::StatusOr<std::vector<std::string>> Scheduler::RendezvousGet(const pb::Rend
     }
     return true;
   };
-  if (timeout_ms <= 0) timeout_ms = 30000;
-  if (!changed_.wait_for(lock, std::chrono::milliseconds(timeout_ms), all_present)) {
-    return absl::DeadlineExceededError(fmt::format("rendezvous: job {} generation {}: keys not set within {} ms",
-                                                   scope.job_id(), scope.generation(), timeout_ms));
+  if (timeout_ms == 0) timeout_ms = 30000;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  // In slices, so that a caller that went away (or a server shutting down, which waits
+  // for its calls) is not held for the whole timeout.
+  while (!all_present()) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) {
+      return absl::DeadlineExceededError(fmt::format("rendezvous: job {} generation {}: keys not set within {} ms",
+                                                     scope.job_id(), scope.generation(), timeout_ms));
+    }
+    if (abandoned && abandoned()) {
+      return absl::CancelledError(fmt::format("rendezvous: job {} generation {}: the wait was abandoned",
+                                              scope.job_id(), scope.generation()));
+    }
+    changed_.wait_until(lock, std::min(deadline, now + std::chrono::seconds(1)));
   }
   std::vector<std::string> values;
   for (const std::string& k : keys) values.push_back(rendezvous_[scope_key][k]);
@@ -1254,15 +1286,19 @@ absl::StatusOr<int64_t> Scheduler::RendezvousAdd(const pb::RendezvousScope& scop
                                                  int64_t delta) {
   std::lock_guard lock(mu_);
   int64_t value = 0;
-  auto& store = rendezvous_[ScopeKey(scope)];
-  if (auto it = store.find(key); it != store.end()) {
-    try {
-      value = std::stoll(it->second);
-    } catch (const std::exception&) {
-      return absl::FailedPreconditionError(fmt::format("rendezvous: key '{}' does not hold a number", key));
+  // find, not []: an add for an ended generation (refused below) leaves no entry behind.
+  if (auto store = rendezvous_.find(ScopeKey(scope)); store != rendezvous_.end()) {
+    if (auto it = store->second.find(key); it != store->second.end()) {
+      try {
+        value = std::stoll(it->second);
+      } catch (const std::exception&) {
+        return absl::FailedPreconditionError(fmt::format("rendezvous: key '{}' does not hold a number", key));
+      }
     }
   }
-  value += delta;
+  if (__builtin_add_overflow(value, delta, &value)) {
+    return absl::OutOfRangeError(fmt::format("rendezvous: adding {} to key '{}' overflows int64", delta, key));
+  }
   if (auto s = RendezvousSetLocked(scope, key, std::to_string(value)); !s.ok()) return s;
   return value;
 }

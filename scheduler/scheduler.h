@@ -14,6 +14,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <optional>
 #include <memory>
@@ -148,9 +149,14 @@ class Scheduler {
 
   // ---- rendezvous (scoped by job and generation) ----
   absl::Status RendezvousSet(const pb::RendezvousScope& scope, const std::string& key, const std::string& value);
-  // Waits until every key exists; DEADLINE_EXCEEDED after timeout_ms.
+  // Waits until every key exists: DEADLINE_EXCEEDED after timeout_ms (0 = 30 s, at most
+  // kMaxRendezvousWaitMs), CANCELLED as soon as `abandoned` (checked every second) says
+  // the caller has gone or the server is stopping.
+  static constexpr int64_t kMaxRendezvousWaitMs = 86'400'000;
   absl::StatusOr<std::vector<std::string>> RendezvousGet(const pb::RendezvousScope& scope,
-                                                         const std::vector<std::string>& keys, int64_t timeout_ms);
+                                                         const std::vector<std::string>& keys, int64_t timeout_ms,
+                                                         const std::function<bool()>& abandoned = {});
+  // Adds `delta` to the number under `key` (0 when unset); OUT_OF_RANGE past int64.
   absl::StatusOr<int64_t> RendezvousAdd(const pb::RendezvousScope& scope, const std::string& key, int64_t delta);
 
  private:

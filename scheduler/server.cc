@@ -156,13 +156,15 @@ class SchedulerServer::NodeService final : public pb::Node::Service {
 
 class SchedulerServer::RendezvousService final : public pb::Rendezvous::Service {
  public:
-  RendezvousService(Scheduler* s, std::string token) : s_(s), token_(std::move(token)) {}
+  RendezvousService(Scheduler* s, std::string token, const std::atomic<bool>* stopping)
+      : s_(s), token_(std::move(token)), stopping_(stopping) {}
   grpc::Status Set(grpc::ServerContext* c, const pb::RendezvousSetRequest* req, pb::RendezvousSetResponse*) override {
     return Authorized(c, token_, [&] { return s_->RendezvousSet(req->scope(), req->key(), req->value()); });
   }
   grpc::Status Get(grpc::ServerContext* c, const pb::RendezvousGetRequest* req, pb::RendezvousGetResponse* resp) override {
     return Authorized(c, token_, [&]() -> absl::Status {
-      auto values = s_->RendezvousGet(req->scope(), {req->keys().begin(), req->keys().end()}, req->timeout_ms());
+      auto values = s_->RendezvousGet(req->scope(), {req->keys().begin(), req->keys().end()}, req->timeout_ms(),
+                                      [&] { return c->IsCancelled() || stopping_->load(); });
       if (!values.ok()) return values.status();
       for (std::string& v : *values) resp->add_values(std::move(v));
       return absl::OkStatus();
@@ -180,6 +182,7 @@ class SchedulerServer::RendezvousService final : public pb::Rendezvous::Service 
  private:
   Scheduler* s_;
   std::string token_;
+  const std::atomic<bool>* stopping_;
 };
 
 absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(Scheduler* scheduler,
@@ -191,7 +194,7 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(Schedule
   server->scheduler_ = scheduler;
   server->scheduler_service_ = std::make_unique<SchedulerService>(scheduler, options.token, &server->stopping_);
   server->node_service_ = std::make_unique<NodeService>(scheduler, options.token);
-  server->rendezvous_service_ = std::make_unique<RendezvousService>(scheduler, options.token);
+  server->rendezvous_service_ = std::make_unique<RendezvousService>(scheduler, options.token, &server->stopping_);
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(options.listen_address, *credentials, &port);
@@ -202,6 +205,9 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(Schedule
   // Clients ping every 30 s during calls (rpc::Dial); gRPC's default would answer pings
   // more often than every 5 minutes with GOAWAY.
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 20'000);
+  // gRPC sets SO_REUSEPORT by default, which would let a second scheduler bind the same
+  // port and take half of the calls; a port in use must be an error instead.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || port == 0) {
     return absl::UnavailableError(fmt::format("scheduler: cannot listen on {} (in use, or not a local address?)",
@@ -222,11 +228,14 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(Schedule
 
 void SchedulerServer::Shutdown() {
   if (stopping_.exchange(true)) return;
+  if (server_ == nullptr) return;  // Start failed before the server or its timer existed.
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   if (timer_.joinable()) timer_.join();
 }
 
-void SchedulerServer::Wait() { server_->Wait(); }
+void SchedulerServer::Wait() {
+  if (server_ != nullptr) server_->Wait();
+}
 
 SchedulerServer::~SchedulerServer() {
   Shutdown();

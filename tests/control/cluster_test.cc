@@ -456,6 +456,16 @@ TEST_F(ClusterTest, TokensSpecsAndAddressesAreChecked) {
   auto line = lost.ReadLine(15);
   ASSERT_TRUE(line.has_value());
   EXPECT_NE(line->find("registering with the scheduler at 127.0.0.1:1"), std::string::npos) << *line;
+  // A second scheduler on the first one's port, or on an address that is not this
+  // machine's, says it cannot listen and exits; it never shares the port.
+  for (const std::string& listen : {address_, std::string("192.0.2.1:0")}) {
+    Subprocess second(kBin + "/llamad --role scheduler --listen " + listen + " --data-dir " +
+                      (dir_ / "second").string());
+    second.Drain(/*timeout_s=*/15);
+    second.Kill(SIGKILL);  // still serving: the exit code says so
+    EXPECT_EQ(second.Wait(), 2) << listen << ": " << second.output();
+    EXPECT_NE(second.output().find("cannot listen on " + listen), std::string::npos) << second.output();
+  }
 }
 
 TEST_F(ClusterTest, ExportWritesAJobsCheckpointAsAHuggingFaceModel) {

@@ -7,7 +7,9 @@
 #include <rocksdb/db.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
+#include <thread>
 
 #include "core/exit_codes.h"
 #include "daemon/rendezvous_wire.h"
@@ -910,6 +912,29 @@ TEST_F(SchedulerTest, RestartLosesNoJobNodeOrEvent) {
   EXPECT_EQ((*logs)[1].seq(), (*logs)[0].seq() + 1);
 }
 
+TEST_F(SchedulerTest, ADamagedJobCounterIsDataLossAndLosesNothing) {
+  const pb::Job job = Submit(1);
+  scheduler_.reset();
+  auto set_counter = [&](const std::string& value) {
+    rocksdb::DB* raw = nullptr;
+    ASSERT_TRUE(rocksdb::DB::Open(rocksdb::Options(), (dir_ / "state").string(), &raw).ok());
+    std::unique_ptr<rocksdb::DB> db(raw);
+    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), "meta/next_job", value).ok());
+  };
+  SchedulerOptions options;
+  options.data_dir = dir_.string();
+  for (const std::string damaged : {"x7", "", "7x", "0", "99999999999999999999"}) {
+    set_counter(damaged);
+    auto opened = Scheduler::Open(options, &clock_);
+    ASSERT_FALSE(opened.ok()) << "'" << damaged << "'";
+    EXPECT_EQ(opened.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_NE(opened.status().message().find("meta/next_job is damaged"), std::string::npos) << opened.status();
+  }
+  set_counter("2");
+  Reopen();
+  EXPECT_EQ(Get(job.id()).id(), job.id());
+}
+
 TEST_F(SchedulerTest, MalformedSpecNamesTheField) {
   pb::SubmitJobRequest r;
   r.set_spec_origin("/jobs/bad.yaml");
@@ -943,6 +968,42 @@ TEST_F(SchedulerTest, RendezvousWaitsForKeysAndIsScopedByGeneration) {
   EXPECT_EQ(scheduler_->RendezvousGet(old, {"rank0"}, 10).status().code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(*scheduler_->RendezvousAdd(scope, "n", 2), 2);
   EXPECT_EQ(*scheduler_->RendezvousAdd(scope, "n", 3), 5);
+  // Numbers from the wire are checked: a sum past int64, a timeout out of range, and
+  // an ended generation's add are refused, and the count is what it was.
+  EXPECT_EQ(scheduler_->RendezvousAdd(scope, "n", INT64_MAX).status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(scheduler_->RendezvousAdd(old, "n", 1).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(*scheduler_->RendezvousAdd(scope, "n", 0), 5);
+  for (const int64_t timeout_ms : {int64_t{-1}, Scheduler::kMaxRendezvousWaitMs + 1, INT64_MAX}) {
+    EXPECT_EQ(scheduler_->RendezvousGet(scope, {"rank0"}, timeout_ms).status().code(),
+              absl::StatusCode::kInvalidArgument) << timeout_ms;
+  }
+  // A caller that goes away ends its wait within a second, long before its timeout.
+  std::atomic<bool> gone = false;
+  std::thread leaver([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    gone = true;
+  });
+  auto abandoned = scheduler_->RendezvousGet(scope, {"never-set"}, 30'000,
+                                             [&] { return gone.load(); });
+  leaver.join();
+  EXPECT_EQ(abandoned.status().code(), absl::StatusCode::kCancelled) << abandoned.status();
+}
+
+TEST_F(SchedulerTest, ClientSequenceNumbersAndWorkerStepsOutOfRangeAreRefused) {
+  AddNode("a");
+  pb::Job job = Submit(1);
+  for (const int64_t after : {int64_t{-1}, INT64_MAX}) {
+    EXPECT_EQ(scheduler_->WaitJobUpdates(job.id(), after, 0, 0).status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(scheduler_->GetLogs(job.id(), after, 0).status().code(), absl::StatusCode::kInvalidArgument);
+  }
+  // A negative step in rank 0's metric line is not progress.
+  const pb::StartRank start = Beat("a").start(0);
+  for (const int64_t step : {int64_t{3}, int64_t{-1}}) {
+    pb::RankReport line = Report(start, pb::RANK_STATE_RUNNING);
+    line.add_metric_lines(fmt::format(R"({{"step": {}, "loss": 2.5}})", step));
+    Beat("a", {line});
+  }
+  EXPECT_EQ(Get(job.id()).progress().step(), 3);
 }
 
 // The workers' hand-encoded messages are what the generated classes read and write.
