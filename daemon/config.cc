@@ -5,6 +5,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <functional>
+#include <tuple>
 #include <variant>
 
 #include "core/yaml_fields.h"
@@ -76,18 +77,27 @@ absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {
   if (config.role == "node" && config.scheduler.empty()) {
     return ConfigError(where, "scheduler: a node needs the scheduler's address (host:port)");
   }
+  // Durations are added to clocks and multiplied by small factors; 30 days is far past any
+  // useful setting and keeps all of that inside int64.
+  constexpr int64_t kMaxDurationMs = 30LL * 24 * 3'600'000;
+  for (const auto& [key, value, zero] :
+       {std::tuple<const char*, int64_t, const char*>{"heartbeat_interval_ms", config.heartbeat_interval_ms, ""},
+        {"lease_timeout_ms", config.lease_timeout_ms, ""},
+        {"stop_grace_ms", config.stop_grace_ms, ""},
+        {"grow_after_ms", config.grow_after_ms, " (0: never)"},
+        {"previous_ranks_wait_ms", config.previous_ranks_wait_ms, " (0: do not wait)"},
+        {"forget_lost_nodes_after_ms", config.forget_lost_nodes_after_ms, " (0: never)"}}) {
+    if (value < 0 || value > kMaxDurationMs) {
+      return ConfigError(where, fmt::format("{}: {} is not within [0, {}] (30 days){}", key, value, kMaxDurationMs,
+                                            zero));
+    }
+  }
   if (config.heartbeat_interval_ms <= 0 || config.lease_timeout_ms <= config.heartbeat_interval_ms) {
     return ConfigError(where, fmt::format("lease_timeout_ms: {} must exceed heartbeat_interval_ms {} (> 0)",
                                           config.lease_timeout_ms, config.heartbeat_interval_ms));
   }
-  if (config.worker_threads < 0) return ConfigError(where, "worker_threads: must not be negative");
-  if (config.stop_grace_ms < 0) return ConfigError(where, "stop_grace_ms: must not be negative");
-  if (config.grow_after_ms < 0) return ConfigError(where, "grow_after_ms: must not be negative (0: never)");
-  if (config.previous_ranks_wait_ms < 0) {
-    return ConfigError(where, "previous_ranks_wait_ms: must not be negative (0: do not wait)");
-  }
-  if (config.forget_lost_nodes_after_ms < 0) {
-    return ConfigError(where, "forget_lost_nodes_after_ms: must not be negative (0: never)");
+  if (config.worker_threads < 0 || config.worker_threads > 4096) {
+    return ConfigError(where, fmt::format("worker_threads: {} is not within [0, 4096]", config.worker_threads));
   }
   if (config.max_fault_drained_percent < 0 || config.max_fault_drained_percent > 100) {
     return ConfigError(where, fmt::format("max_fault_drained_percent: {} is not between 0 and 100",

@@ -1,0 +1,53 @@
+// llamad's settings, from flags: out-of-range numbers name the key and the range.
+#include "daemon/config.h"
+
+#include <CLI/CLI.hpp>
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+// Resolves llamad's flags `args` (after the program name).
+absl::StatusOr<llamad::daemon::DaemonConfig> Resolve(std::vector<std::string> args) {
+  CLI::App app;
+  llamad::daemon::DaemonFlags flags(app);
+  args.insert(args.begin(), "--data-dir=/tmp/unused");
+  std::vector<std::string> reversed(args.rbegin(), args.rend());  // CLI11 takes them last first
+  app.parse(reversed);
+  return flags.Resolve();
+}
+
+TEST(DaemonConfigTest, DefaultsResolve) {
+  auto config = Resolve({});
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_GT(config->lease_timeout_ms, config->heartbeat_interval_ms);
+}
+
+TEST(DaemonConfigTest, DurationsAndThreadCountsOutOfRangeNameTheirKey) {
+  const struct {
+    std::vector<std::string> args;
+    std::string needle;
+  } cases[] = {
+      {{"--stop-grace-ms=9223372036854775807"}, "stop_grace_ms: 9223372036854775807 is not within [0, 2592000000]"},
+      {{"--heartbeat-interval-ms=3000000000000000000", "--lease-timeout-ms=9000000000000000000"},
+       "heartbeat_interval_ms: 3000000000000000000"},
+      {{"--lease-timeout-ms=2592000001"}, "lease_timeout_ms: 2592000001"},
+      {{"--grow-after-ms=-1"}, "grow_after_ms: -1"},
+      {{"--previous-ranks-wait-ms=9999999999999"}, "previous_ranks_wait_ms"},
+      {{"--forget-lost-nodes-after-ms=-5"}, "forget_lost_nodes_after_ms: -5"},
+      {{"--worker-threads=4294967297"}, "worker_threads: 4294967297 is not within [0, 4096]"},
+      {{"--heartbeat-interval-ms=5000", "--lease-timeout-ms=5000"}, "must exceed heartbeat_interval_ms 5000"},
+  };
+  for (const auto& c : cases) {
+    auto config = Resolve(c.args);
+    ASSERT_FALSE(config.ok()) << c.needle;
+    EXPECT_NE(std::string(config.status().message()).find(c.needle), std::string::npos) << config.status();
+  }
+  // The limits themselves are accepted.
+  auto at_limits = Resolve({"--lease-timeout-ms=2592000000", "--stop-grace-ms=2592000000", "--worker-threads=4096"});
+  EXPECT_TRUE(at_limits.ok()) << at_limits.status();
+}
+
+}  // namespace
