@@ -180,6 +180,11 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   if (t.global_batch_size < 0) {
     return fail("training.global_batch_size", t.global_batch_size, "must not be negative");
   }
+  // 2^40 tokens a step is far past any real run and keeps every product of it exact.
+  if (t.global_batch_size > (int64_t{1} << 40) / t.max_length) {
+    return fail("training.global_batch_size", t.global_batch_size,
+                StrCat("times training.max_length ", t.max_length, " exceeds 2^40 tokens per optimizer step"));
+  }
   if (t.global_batch_size > 0 && t.global_batch_size % t.batch_size != 0) {
     return fail("training.global_batch_size", t.global_batch_size,
                 StrCat("is not a multiple of training.batch_size ", t.batch_size));
@@ -266,7 +271,9 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   if (o.optimizer != "memory" && o.optimizer != "host" && o.optimizer != "nvme" && o.optimizer != "auto") {
     return fail("offload.optimizer", StrCat("'", o.optimizer, "'"), "is not one of memory, host, nvme, auto");
   }
-  if (!(o.memory_budget_gb >= 0)) return fail("offload.memory_budget_gb", o.memory_budget_gb, "must not be negative");
+  if (!(o.memory_budget_gb >= 0 && o.memory_budget_gb <= 1e6)) {
+    return fail("offload.memory_budget_gb", o.memory_budget_gb, "must be within [0, 1e6]");
+  }
   if (o.optimizer == "nvme" && o.nvme_path.empty()) {
     return fail("offload.nvme_path", "''", "must name a folder on a local disk for offload.optimizer nvme");
   }
@@ -311,14 +318,30 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   if (r.min_nodes < 0 || r.min_nodes > r.nodes) {
     return fail("resources.min_nodes", r.min_nodes, StrCat("must be within [0, resources.nodes ", r.nodes, "]"));
   }
-  if (r.max_nodes != 0 && r.max_nodes < r.nodes) {
-    return fail("resources.max_nodes", r.max_nodes, StrCat("must be 0 or at least resources.nodes ", r.nodes));
+  if (r.max_nodes != 0 && (r.max_nodes < r.nodes || r.max_nodes > 100000)) {
+    return fail("resources.max_nodes", r.max_nodes,
+                StrCat("must be 0 or within [resources.nodes ", r.nodes, ", 100000]"));
+  }
+  if (r.priority < -1000000 || r.priority > 1000000) {
+    return fail("resources.priority", r.priority, "must be within [-1000000, 1000000]");
   }
   if (spec.name.empty() || spec.name.find('/') != std::string::npos || spec.name == "index" ||
       spec.name == "." || spec.name == "..") {
     return fail("name", StrCat("'", spec.name, "'"), "must be a plain name (no '/'; not 'index')");
   }
-  return ValidateModelConfig(spec.model, StrCat(f, ": model"));
+  if (auto s = ValidateModelConfig(spec.model, StrCat(f, ": model")); !s.ok()) return s;
+  // An upper bound of one micro-batch's activation elements (every layer's, and the
+  // backward's scratch): within 2^56, so that their bytes and the memory plan's sums
+  // stay far inside uint64.
+  const ModelConfig& m = spec.model;
+  const double activations = double(t.batch_size * t.max_length) * double(m.num_hidden_layers + 2) *
+                             double(16 * m.hidden_size + 8 * m.intermediate_size);
+  if (activations > 0x1p56) {
+    return fail("training.batch_size", t.batch_size,
+                StrCat("times training.max_length ", t.max_length, " needs more than 2^56 activation values for a "
+                       "model of ", m.num_hidden_layers, " layers of hidden_size ", m.hidden_size));
+  }
+  return absl::OkStatus();
 }
 
 int64_t GradientAccumulationSteps(const JobSpec& spec) {

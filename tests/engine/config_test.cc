@@ -99,6 +99,10 @@ TEST(JobSpecTest, ResourcesAreValidated) {
   ExpectError(base + "resources: {nodes: 0}\n", {"resources.nodes"});
   ExpectError(base + "resources: {nodes: 2, min_nodes: 3}\n", {"resources.min_nodes"});
   ExpectError(base + "resources: {nodes: 2, max_nodes: 1}\n", {"resources.max_nodes"});
+  // Both are int32 in the scheduler's records: larger values must not wrap there.
+  ExpectError(base + "resources: {nodes: 1, max_nodes: 2147483648}\n", {"resources.max_nodes", "2147483648"});
+  ExpectError(base + "resources: {priority: 3000000000}\n", {"resources.priority", "3000000000"});
+  ExpectError(base + "resources: {priority: -3000000000}\n", {"resources.priority", "-3000000000"});
   ExpectError(base + "resources: {devices_per_node: 0}\n", {"resources.devices_per_node"});
 }
 
@@ -162,6 +166,18 @@ TEST(JobSpecTest, BadSpecsNameTheKeyAndValue) {
   ExpectError("model: tiny\ntrainng: {batch_size: 4}\n", {"unknown key 'trainng'", "'training'"});
   ExpectError("model: {preset: tiny, hiden_size: 64}\n", {"model.hiden_size", "model.hidden_size"});
   ExpectError("model: tiny\ntraining: {lr: fast}\n", {"training.lr", "'fast'", "number"});
+  ExpectError("model: tiny\ntraining: {batch_size: 1, global_batch_size: 9223372036854775807}\n",
+              {"training.global_batch_size", "9223372036854775807", "2^40"});
+  ExpectError("model: tiny\noffload: {memory_budget_gb: 1e10}\n", {"offload.memory_budget_gb", "[0, 1e6]"});
+  // Every dimension within its bound, but 2^60 parameters, or 2^64 activation values:
+  // sizes that would wrap around in the memory plan.
+  ExpectError("model: {hidden_size: 1048576, num_attention_heads: 1024, num_key_value_heads: 1024, "
+              "intermediate_size: 4194303, num_hidden_layers: 65536, vocab_size: 32768}\n",
+              {"num_hidden_layers", "65536", "parameters (at most 2^48)"});
+  ExpectError("model: {hidden_size: 4096, num_attention_heads: 32, intermediate_size: 16384, num_hidden_layers: 65536, "
+              "vocab_size: 32000, max_position_embeddings: 1048576}\n"
+              "training: {batch_size: 2047, max_length: 1048576}\n",
+              {"training.batch_size", "2047", "2^56 activation values"});
   ExpectError("model: tiny\ntraining: {batch_size: 3, global_batch_size: 10}\n",
               {"training.global_batch_size", "10", "multiple"});
   ExpectError("model: tiny\nparallel: {plugin: fsdp}\n", {"parallel.plugin", "'fsdp'", "zero3"});
