@@ -89,6 +89,7 @@ absl::StatusOr<std::unique_ptr<SwapFile>> SwapFile::Create(const std::string& di
   }
   // A file system whose direct I/O needs more than 4 KiB alignment fails here, at start.
   void* probe = std::aligned_alloc(kAlign, kAlign);
+  if (probe == nullptr) return fail(absl::ResourceExhaustedError(StrCat(dir, ": cannot allocate 4 KiB")));
   std::memset(probe, 0, kAlign);
   const ssize_t wrote = ::pwrite(fd, probe, kAlign, 0);
   const int probe_errno = errno;
