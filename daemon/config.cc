@@ -5,7 +5,6 @@
 #include <yaml-cpp/yaml.h>
 
 #include <functional>
-#include <tuple>
 #include <variant>
 
 #include "core/yaml_fields.h"
@@ -80,16 +79,11 @@ absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {
   // Durations are added to clocks and multiplied by small factors; 30 days is far past any
   // useful setting and keeps all of that inside int64.
   constexpr int64_t kMaxDurationMs = 30LL * 24 * 3'600'000;
-  for (const auto& [key, value, zero] :
-       {std::tuple<const char*, int64_t, const char*>{"heartbeat_interval_ms", config.heartbeat_interval_ms, ""},
-        {"lease_timeout_ms", config.lease_timeout_ms, ""},
-        {"stop_grace_ms", config.stop_grace_ms, ""},
-        {"grow_after_ms", config.grow_after_ms, " (0: never)"},
-        {"previous_ranks_wait_ms", config.previous_ranks_wait_ms, " (0: do not wait)"},
-        {"forget_lost_nodes_after_ms", config.forget_lost_nodes_after_ms, " (0: never)"}}) {
-    if (value < 0 || value > kMaxDurationMs) {
-      return ConfigError(where, fmt::format("{}: {} is not within [0, {}] (30 days){}", key, value, kMaxDurationMs,
-                                            zero));
+  for (const Field& f : fields_) {
+    const auto* member = std::get_if<int64_t DaemonConfig::*>(&f.member);
+    if (member == nullptr || !f.name.ends_with("_ms")) continue;
+    if (const int64_t value = config.**member; value < 0 || value > kMaxDurationMs) {
+      return ConfigError(where, fmt::format("{}: {} is not within [0, {}] (30 days)", f.name, value, kMaxDurationMs));
     }
   }
   if (config.heartbeat_interval_ms <= 0 || config.lease_timeout_ms <= config.heartbeat_interval_ms) {

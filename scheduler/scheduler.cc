@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <limits>
 #include <set>
+#include <string_view>
 #include <filesystem>
 
 #include "core/exit_codes.h"
@@ -29,7 +30,22 @@ constexpr char kNextJobKey[] = "meta/next_job";
 // earlier versions drained for one.
 constexpr std::string_view kGpuFaultDrainPrefix = "the GPU of rank ";
 
-int64_t SeqOfKey(const std::string& key) { return std::stoll(key.substr(key.rfind('/') + 1)); }
+// All of `text` as an int64, or nothing: stored values are read strictly.
+std::optional<int64_t> ParseInt64(std::string_view text) {
+  int64_t value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size()) return std::nullopt;
+  return value;
+}
+
+// The sequence number that ends a stored event or log line's key.
+absl::StatusOr<int64_t> SeqOfKey(std::string_view key) {
+  const std::optional<int64_t> seq = ParseInt64(key.substr(key.rfind('/') + 1));
+  if (!seq || *seq < 0 || *seq == std::numeric_limits<int64_t>::max()) {
+    return absl::DataLossError(fmt::format("scheduler state: key {} is damaged (no sequence number)", key));
+  }
+  return *seq;
+}
 
 absl::Status FromRocks(const rocksdb::Status& s, std::string_view what) {
   if (s.ok()) return absl::OkStatus();
@@ -129,10 +145,11 @@ absl::Status Scheduler::Load() {
   const int64_t now = clock_->NowMs();
   std::string value;
   if (db_->Get(rocksdb::ReadOptions(), kNextJobKey, &value).ok()) {
-    const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), next_job_number_);
-    if (ec != std::errc() || end != value.data() + value.size() || next_job_number_ < 1) {
+    const std::optional<int64_t> next = ParseInt64(value);
+    if (!next || *next < 1) {
       return absl::DataLossError(fmt::format("scheduler state: record {} is damaged (not a job number)", kNextJobKey));
     }
+    next_job_number_ = *next;
   }
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
   for (it->Seek("job/"); it->Valid() && it->key().starts_with("job/"); it->Next()) {
@@ -169,10 +186,17 @@ absl::Status Scheduler::Load() {
     for (auto [prefix, next] : {std::pair{"event/" + id + "/", &rt.next_event_seq},
                                 std::pair{"log/" + id + "/", &rt.next_log_seq}}) {
       it->SeekForPrev(prefix + "~");
-      if (it->Valid() && it->key().starts_with(prefix)) *next = SeqOfKey(it->key().ToString()) + 1;
+      if (!it->Valid() || !it->key().starts_with(prefix)) continue;
+      const absl::StatusOr<int64_t> last = SeqOfKey(it->key().ToStringView());
+      if (!last.ok()) return last.status();
+      *next = *last + 1;
     }
     it->Seek("log/" + id + "/");
-    if (it->Valid() && it->key().starts_with("log/" + id + "/")) rt.first_log_seq = SeqOfKey(it->key().ToString());
+    if (it->Valid() && it->key().starts_with("log/" + id + "/")) {
+      const absl::StatusOr<int64_t> first = SeqOfKey(it->key().ToStringView());
+      if (!first.ok()) return first.status();
+      rt.first_log_seq = *first;
+    }
   }
   // The ranks running jobs should have, from their placements.
   for (auto& [id, job] : jobs_) {
@@ -508,7 +532,7 @@ absl::StatusOr<std::vector<pb::LogLine>> Scheduler::GetLogs(const std::string& i
   if (job == nullptr) return absl::NotFoundError(fmt::format("no job '{}'", id_or_name));
   const JobRuntime& rt = job_runtime_[job->id()];
   int64_t from = after_seq + 1;
-  if (after_seq <= 0) from = std::max<int64_t>(rt.first_log_seq, rt.next_log_seq - (tail > 0 ? tail : 100));
+  if (after_seq == 0) from = std::max<int64_t>(rt.first_log_seq, rt.next_log_seq - (tail > 0 ? tail : 100));
   std::vector<pb::LogLine> lines;
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
   const std::string prefix = "log/" + job->id() + "/";
@@ -763,10 +787,12 @@ void Scheduler::RecordRankReportLocked(const std::string& node_id, const pb::Ran
       auto it = line.find(key);
       return it != line.end() && it->is_number() ? it->get<double>() : 0.0;
     };
-    if (line.is_object() && line.contains("step") && line["step"].is_number_integer() &&
-        line["step"].get<int64_t>() >= 0 && line["step"].get<int64_t>() != job.progress().step()) {
+    const int64_t step = line.is_object() && line.contains("step") && line["step"].is_number_integer()
+                             ? line["step"].get<int64_t>()
+                             : -1;
+    if (step >= 0 && step != job.progress().step()) {
       pb::Progress* p = job.mutable_progress();
-      p->set_step(line["step"].get<int64_t>());
+      p->set_step(step);
       p->set_loss(number("loss"));
       p->set_lr(number("lr"));
       p->set_tokens_per_s(number("tokens_per_s"));
@@ -1289,11 +1315,11 @@ absl::StatusOr<int64_t> Scheduler::RendezvousAdd(const pb::RendezvousScope& scop
   // find, not []: an add for an ended generation (refused below) leaves no entry behind.
   if (auto store = rendezvous_.find(ScopeKey(scope)); store != rendezvous_.end()) {
     if (auto it = store->second.find(key); it != store->second.end()) {
-      try {
-        value = std::stoll(it->second);
-      } catch (const std::exception&) {
+      const std::optional<int64_t> stored = ParseInt64(it->second);
+      if (!stored) {
         return absl::FailedPreconditionError(fmt::format("rendezvous: key '{}' does not hold a number", key));
       }
+      value = *stored;
     }
   }
   if (__builtin_add_overflow(value, delta, &value)) {

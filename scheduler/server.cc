@@ -219,8 +219,12 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(Schedule
   const auto period = std::chrono::milliseconds(std::max<int64_t>(50, scheduler->options().heartbeat_interval_ms / 2));
   server->timer_ = std::thread([s = server.get(), period] {
     while (!s->stopping_.load()) {
-      std::this_thread::sleep_for(period);
-      s->scheduler_->Tick();
+      // Slept in slices: Shutdown joins this thread, whatever the heartbeat interval.
+      for (auto slept = std::chrono::milliseconds(0); slept < period && !s->stopping_.load();
+           slept += std::chrono::milliseconds(10)) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+      if (!s->stopping_.load()) s->scheduler_->Tick();
     }
   });
   return server;
@@ -233,9 +237,7 @@ void SchedulerServer::Shutdown() {
   if (timer_.joinable()) timer_.join();
 }
 
-void SchedulerServer::Wait() {
-  if (server_ != nullptr) server_->Wait();
-}
+void SchedulerServer::Wait() { server_->Wait(); }
 
 SchedulerServer::~SchedulerServer() {
   Shutdown();

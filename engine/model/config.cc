@@ -149,10 +149,10 @@ absl::Status ValidateModelConfig(const ModelConfig& c, std::string_view where) {
   if (c.vocab_size > (int64_t{1} << 31) - 1) return fail("vocab_size", c.vocab_size, "is too large");
   // Each bound above holds, yet together they allow ~2^60 parameters, whose bytes in a
   // memory plan would wrap around uint64. 2^48 is thousands of times any model trained.
-  if (c.NumParameters() > (int64_t{1} << 48)) {
+  if (const int64_t n = c.NumParameters(); n > (int64_t{1} << 48)) {
     return fail("num_hidden_layers", c.num_hidden_layers,
-                StrCat("with hidden_size ", c.hidden_size, " and intermediate_size ", c.intermediate_size, " gives ",
-                       c.NumParameters(), " parameters (at most 2^48)"));
+                StrCat("with hidden_size ", c.hidden_size, " and intermediate_size ", c.intermediate_size, " gives ", n,
+                       " parameters (at most 2^48)"));
   }
   if (!(c.rms_norm_eps > 0)) return fail("rms_norm_eps", c.rms_norm_eps, "must be positive");
   if (!(c.rope_theta > 0)) return fail("rope_theta", c.rope_theta, "must be positive");

@@ -88,12 +88,9 @@ absl::StatusOr<std::unique_ptr<SwapFile>> SwapFile::Create(const std::string& di
     }
   }
   // A file system whose direct I/O needs more than 4 KiB alignment fails here, at start.
-  void* probe = std::aligned_alloc(kAlign, kAlign);
-  if (probe == nullptr) return fail(absl::ResourceExhaustedError(StrCat(dir, ": cannot allocate 4 KiB")));
-  std::memset(probe, 0, kAlign);
-  const ssize_t wrote = ::pwrite(fd, probe, kAlign, 0);
+  alignas(kAlign) static const char kZeros[kAlign] = {};
+  const ssize_t wrote = ::pwrite(fd, kZeros, kAlign, 0);
   const int probe_errno = errno;
-  std::free(probe);
   if (wrote != ssize_t(kAlign)) {
     return fail(absl::FailedPreconditionError(
         StrCat(dir, ": a 4 KiB direct write to the NVMe swap file failed (", std::strerror(probe_errno),

@@ -311,16 +311,19 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
     return fail("offload.chunk_mb", o.chunk_mb, StrCat("must be within [block_kb ", o.block_kb, " KiB, 4096]"));
   }
   const ResourcesSpec& r = spec.resources;
-  if (r.nodes < 1 || r.nodes > 100000) return fail("resources.nodes", r.nodes, "must be within [1, 100000]");
+  constexpr int64_t kMaxNodes = 100000;
+  if (r.nodes < 1 || r.nodes > kMaxNodes) {
+    return fail("resources.nodes", r.nodes, StrCat("must be within [1, ", kMaxNodes, "]"));
+  }
   if (r.devices_per_node < 1 || r.devices_per_node > 1024) {
     return fail("resources.devices_per_node", r.devices_per_node, "must be within [1, 1024]");
   }
   if (r.min_nodes < 0 || r.min_nodes > r.nodes) {
     return fail("resources.min_nodes", r.min_nodes, StrCat("must be within [0, resources.nodes ", r.nodes, "]"));
   }
-  if (r.max_nodes != 0 && (r.max_nodes < r.nodes || r.max_nodes > 100000)) {
+  if (r.max_nodes != 0 && (r.max_nodes < r.nodes || r.max_nodes > kMaxNodes)) {
     return fail("resources.max_nodes", r.max_nodes,
-                StrCat("must be 0 or within [resources.nodes ", r.nodes, ", 100000]"));
+                StrCat("must be 0 or within [resources.nodes ", r.nodes, ", ", kMaxNodes, "]"));
   }
   if (r.priority < -1000000 || r.priority > 1000000) {
     return fail("resources.priority", r.priority, "must be within [-1000000, 1000000]");

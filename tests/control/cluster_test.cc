@@ -468,6 +468,19 @@ TEST_F(ClusterTest, TokensSpecsAndAddressesAreChecked) {
   }
 }
 
+TEST_F(ClusterTest, AStopIsPromptWhateverTheHeartbeatInterval) {
+  // The lease timer ticks every half interval (here about 12 days); a stop must not wait for it.
+  Subprocess slow(kBin + "/llamad --role scheduler --listen 127.0.0.1:0 --data-dir " + (dir_ / "slow").string() +
+                  " --heartbeat-interval-ms 2000000000 --lease-timeout-ms 2000000001");
+  auto line = slow.ReadLine(15);
+  ASSERT_TRUE(line.has_value());
+  ASSERT_NE(line->find("scheduler listening"), std::string::npos) << *line;
+  slow.Kill(SIGTERM);
+  slow.Drain(/*timeout_s=*/20);
+  slow.Kill(SIGKILL);  // still running: the exit code says so
+  EXPECT_EQ(slow.Wait(), 0) << slow.output();
+}
+
 TEST_F(ClusterTest, ExportWritesAJobsCheckpointAsAHuggingFaceModel) {
   StartNode("node1");
   const std::string spec = WriteSpec("saver", 1, 4);

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <optional>
 #include <thread>
 
 #include "core/exit_codes.h"
@@ -912,25 +913,36 @@ TEST_F(SchedulerTest, RestartLosesNoJobNodeOrEvent) {
   EXPECT_EQ((*logs)[1].seq(), (*logs)[0].seq() + 1);
 }
 
-TEST_F(SchedulerTest, ADamagedJobCounterIsDataLossAndLosesNothing) {
+TEST_F(SchedulerTest, DamagedCountersAreDataLossAndLoseNothing) {
   const pb::Job job = Submit(1);
   scheduler_.reset();
-  auto set_counter = [&](const std::string& value) {
+  // Writes `value` under `key` (or deletes the key when nullopt) in the stored state.
+  auto store = [&](const std::string& key, std::optional<std::string> value) {
     rocksdb::DB* raw = nullptr;
     ASSERT_TRUE(rocksdb::DB::Open(rocksdb::Options(), (dir_ / "state").string(), &raw).ok());
     std::unique_ptr<rocksdb::DB> db(raw);
-    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), "meta/next_job", value).ok());
+    const rocksdb::WriteOptions w;
+    ASSERT_TRUE((value ? db->Put(w, key, *value) : db->Delete(w, key)).ok());
   };
-  SchedulerOptions options;
-  options.data_dir = dir_.string();
-  for (const std::string damaged : {"x7", "", "7x", "0", "99999999999999999999"}) {
-    set_counter(damaged);
+  auto expect_damaged = [&](const std::string& needle) {
+    SchedulerOptions options;
+    options.data_dir = dir_.string();
     auto opened = Scheduler::Open(options, &clock_);
-    ASSERT_FALSE(opened.ok()) << "'" << damaged << "'";
+    ASSERT_FALSE(opened.ok()) << needle;
     EXPECT_EQ(opened.status().code(), absl::StatusCode::kDataLoss);
-    EXPECT_NE(opened.status().message().find("meta/next_job is damaged"), std::string::npos) << opened.status();
+    EXPECT_NE(opened.status().message().find(needle), std::string::npos) << opened.status();
+  };
+  for (const std::string damaged : {"x7", "", "7x", "0", "99999999999999999999"}) {
+    store("meta/next_job", damaged);
+    expect_damaged("meta/next_job is damaged");
   }
-  set_counter("2");
+  store("meta/next_job", "2");
+  // The job's last event and first log line: their keys end in the sequence number.
+  for (const std::string key : {"event/" + job.id() + "/zz", "log/" + job.id() + "/-1"}) {
+    store(key, "");
+    expect_damaged("key " + key + " is damaged");
+    store(key, std::nullopt);
+  }
   Reopen();
   EXPECT_EQ(Get(job.id()).id(), job.id());
 }
@@ -973,6 +985,8 @@ TEST_F(SchedulerTest, RendezvousWaitsForKeysAndIsScopedByGeneration) {
   EXPECT_EQ(scheduler_->RendezvousAdd(scope, "n", INT64_MAX).status().code(), absl::StatusCode::kOutOfRange);
   EXPECT_EQ(scheduler_->RendezvousAdd(old, "n", 1).status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(*scheduler_->RendezvousAdd(scope, "n", 0), 5);
+  ASSERT_TRUE(scheduler_->RendezvousSet(scope, "not-a-number", "5x").ok());
+  EXPECT_EQ(scheduler_->RendezvousAdd(scope, "not-a-number", 1).status().code(), absl::StatusCode::kFailedPrecondition);
   for (const int64_t timeout_ms : {int64_t{-1}, Scheduler::kMaxRendezvousWaitMs + 1, INT64_MAX}) {
     EXPECT_EQ(scheduler_->RendezvousGet(scope, {"rank0"}, timeout_ms).status().code(),
               absl::StatusCode::kInvalidArgument) << timeout_ms;
