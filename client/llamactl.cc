@@ -25,6 +25,7 @@
 
 #include <google/protobuf/util/json_util.h>
 
+#include "core/cli_integers.h"
 #include "core/self_executable.h"
 #include "train/jobspec.h"
 #include "daemon/devices.h"
@@ -354,6 +355,7 @@ int main(int argc, char** argv) {
   drain->add_option("--reason", drain_reason, "Why, shown by llamactl nodes until the node is undrained");
   CLI::App* undrain = app.add_subcommand("undrain", "Let a drained node take new ranks again");
   undrain->add_option("node", node_id, "Node id")->required();
+  llamad::StrictIntegers(app);
   CLI11_PARSE(app, argc, argv);
   ::signal(SIGPIPE, SIG_IGN);
 

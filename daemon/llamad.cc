@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "core/cli_integers.h"
 #include "core/self_executable.h"
 #include "daemon/config.h"
 #include "daemon/devices.h"
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
   llamad::daemon::DaemonFlags flags(app);
   bool check = false;
   app.add_flag("--check", check, "Check the config (file and flags), print it resolved, and exit");
+  llamad::StrictIntegers(app);
   CLI11_PARSE(app, argc, argv);
   auto config = flags.Resolve();
   if (!config.ok()) return Fail(config.status());

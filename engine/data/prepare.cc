@@ -1,6 +1,13 @@
 #include "data/prepare.h"
 
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -21,6 +28,7 @@ namespace {
 void EncodeAll(const Tokenizer& tok, const std::vector<std::string>& docs,
                std::vector<std::vector<int32_t>>& ids, int threads) {
   ids.resize(docs.size());
+  threads = int(std::min<size_t>(size_t(threads), std::max<size_t>(1, docs.size())));
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
@@ -30,23 +38,12 @@ void EncodeAll(const Tokenizer& tok, const std::vector<std::string>& docs,
   for (auto& th : pool) th.join();
 }
 
-}  // namespace
-
-absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
+// Builds the dataset in o.out, a folder that holds no dataset (it may hold other files).
+absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokenizer& tok) {
   const auto start = std::chrono::steady_clock::now();
-  std::string error;
-  auto tok = Tokenizer::Load(o.tokenizer, &error);
-  if (!tok) return absl::InvalidArgumentError(StrCat("--tokenizer: ", error));
-  if (tok->eos_id() < 0) {
-    return absl::InvalidArgumentError(StrCat(o.tokenizer, ": the tokenizer has no EOS id (documents are joined with EOS)"));
-  }
   std::error_code ec;
-  if (fs::exists(o.out + "/index.json", ec) && !o.overwrite) {
-    return absl::AlreadyExistsError(StrCat(o.out, ": already holds a prepared dataset (pass --overwrite to replace it)"));
-  }
   fs::create_directories(o.out, ec);
   if (ec) return absl::InternalError(StrCat(o.out, ": cannot create: ", ec.message()));
-  fs::remove(o.out + "/index.json", ec);  // from here on the folder is not a dataset
 
   const int threads = o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()));
   PrepareResult result;
@@ -65,14 +62,14 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
   size_t batch_bytes = 0;
   std::vector<std::vector<int32_t>> ids;
   auto flush = [&]() -> absl::Status {
-    EncodeAll(*tok, batch, ids, threads);
+    EncodeAll(tok, batch, ids, threads);
     for (const auto& doc : ids) {
       if (writer && writer->tokens() >= o.shard_tokens) {
         if (auto s = finish_shard(); !s.ok()) return s;
       }
       if (!writer) {
         const std::string name = fmt::format("shard-{:05d}.tok", shards.size());
-        auto w = ShardWriter::Create(o.out + "/" + name, tok->vocab_size(), tok->eos_id());
+        auto w = ShardWriter::Create(o.out + "/" + name, tok.vocab_size(), tok.eos_id());
         if (!w.ok()) return w.status();
         writer = std::move(*w);
         shards.push_back({name, 0, 0});
@@ -102,14 +99,14 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
   // The tokenizer travels with the dataset, and the index goes in last (atomically).
   {
     std::ofstream t(o.out + "/tokenizer.model", std::ios::binary | std::ios::trunc);
-    t.write(tok->serialized().data(), std::streamsize(tok->serialized().size()));
+    t.write(tok.serialized().data(), std::streamsize(tok.serialized().size()));
     if (!t) return absl::InternalError(StrCat(o.out, "/tokenizer.model: write failed"));
   }
   nlohmann::json index = {{"format", kDatasetFormat},
                           {"version", kDatasetVersion},
-                          {"vocab_size", tok->vocab_size()},
-                          {"eos_id", tok->eos_id()},
-                          {"bos_id", tok->bos_id()},
+                          {"vocab_size", tok.vocab_size()},
+                          {"eos_id", tok.eos_id()},
+                          {"bos_id", tok.bos_id()},
                           {"tokenizer", "tokenizer.model"},
                           {"source", fs::absolute(o.input).string()},
                           {"tokens", result.tokens},
@@ -134,6 +131,83 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
   if (ec) return absl::InternalError(StrCat(o.out, "/index.json: ", ec.message()));
   result.shards = int(shards.size());
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return result;
+}
+
+// A file a prepared dataset writes into its folder.
+bool IsDatasetFile(const std::string& name) {
+  return name == "index.json" || name == "index.json.tmp" || name == "tokenizer.model" ||
+         (name.starts_with("shard-") && name.ends_with(".tok"));
+}
+
+// Puts the dataset built in `staging` (a sibling of `out`) in the place of the one in
+// `out`. The folders are exchanged in one step where the filesystem can, so that `out`
+// always holds a whole dataset, the old or the new. Then the old dataset's files are
+// removed; other files that were kept in `out` move back into it.
+absl::Status ReplaceDataset(const fs::path& staging, const fs::path& out) {
+  const fs::path old = staging.string() + ".old";
+  if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, out.c_str(), RENAME_EXCHANGE) == 0) {
+    std::error_code ec;
+    fs::rename(staging, old, ec);
+    if (ec) return absl::InternalError(StrCat(staging.string(), ": cannot rename: ", ec.message()));
+  } else {
+    if (errno != EINVAL && errno != ENOSYS) {
+      return absl::InternalError(StrCat(out.string(), ": cannot put the new dataset in place: ", std::strerror(errno),
+                                        " (the old one is unchanged)"));
+    }
+    // No exchange on this filesystem: two renames, undone if the second fails.
+    std::error_code ec;
+    fs::rename(out, old, ec);
+    if (ec) return absl::InternalError(StrCat(out.string(), ": cannot move the old dataset aside: ", ec.message()));
+    fs::rename(staging, out, ec);
+    if (ec) {
+      std::error_code undo;
+      fs::rename(old, out, undo);
+      return absl::InternalError(StrCat(out.string(), ": cannot put the new dataset in place: ", ec.message(),
+                                        undo ? StrCat("; the old one is in ", old.string()) : std::string()));
+    }
+  }
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(old, ec)) {
+    const fs::path name = entry.path().filename();
+    std::error_code moved;
+    if (IsDatasetFile(name.string())) {
+      fs::remove(entry.path(), moved);
+    } else if (!fs::exists(out / name, moved)) {
+      fs::rename(entry.path(), out / name, moved);
+    }
+  }
+  fs::remove(old, ec);  // left, with what could not move back, when not empty
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
+  std::string error;
+  auto tok = Tokenizer::Load(o.tokenizer, &error);
+  if (!tok) return absl::InvalidArgumentError(StrCat("--tokenizer: ", error));
+  if (tok->eos_id() < 0) {
+    return absl::InvalidArgumentError(StrCat(o.tokenizer, ": the tokenizer has no EOS id (documents are joined with EOS)"));
+  }
+  std::error_code ec;
+  if (!fs::exists(o.out + "/index.json", ec)) return BuildDataset(o, *tok);
+  if (!o.overwrite) {
+    return absl::AlreadyExistsError(StrCat(o.out, ": already holds a prepared dataset (pass --overwrite to replace it)"));
+  }
+  // The old dataset stays whole, and in use, until the new one is built beside it.
+  fs::path out = fs::absolute(o.out, ec).lexically_normal();
+  if (out.filename().empty()) out = out.parent_path();  // "DIR/"
+  const fs::path staging = out.parent_path() / StrCat(".", out.filename().string(), ".prepare-", ::getpid());
+  fs::remove_all(staging, ec);
+  PrepareOptions into = o;
+  into.out = staging.string();
+  auto result = BuildDataset(into, *tok);
+  if (!result.ok()) {
+    fs::remove_all(staging, ec);
+    return result;
+  }
+  if (auto s = ReplaceDataset(staging, out); !s.ok()) return s;
   return result;
 }
 

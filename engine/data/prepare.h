@@ -14,10 +14,12 @@ namespace llamad::data {
 struct PrepareOptions {
   std::string input;      // a corpus file or folder
   std::string tokenizer;  // a SentencePiece model file
-  std::string out;        // the dataset folder (created; must not hold a dataset already)
+  std::string out;        // the dataset folder (created)
   CorpusOptions corpus;
   int threads = 0;        // 0: all cores
   uint64_t shard_tokens = uint64_t{1} << 28;  // a new shard after this many tokens
+  // Replace a dataset already in `out`. The new one is built beside it and swapped in
+  // at the end, so a failed or interrupted run leaves the old one as it was.
   bool overwrite = false;
 };
 

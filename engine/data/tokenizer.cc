@@ -6,6 +6,7 @@
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <unordered_map>
 
 namespace llamad::data {
 
@@ -79,20 +80,32 @@ class LineIterator : public sentencepiece::SentenceIterator {
 std::string TrainTokenizer(const TokenizerTrainOptions& o,
                            const std::function<bool(std::string* line)>& next_line) {
   const int threads = o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()));
-  std::ostringstream args;
   // LLaMA's tokenizer settings: BPE with byte fallback (no unknown bytes), digits split,
-  // no normalisation and whitespace kept as is.
-  args << "--model_prefix=" << o.model_prefix << " --vocab_size=" << o.vocab_size
-       << " --model_type=bpe --byte_fallback=true --split_digits=true"
-       << " --normalization_rule_name=identity --remove_extra_whitespaces=false"
-       << " --add_dummy_prefix=true --allow_whitespace_only_pieces=true"
-       << " --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 --character_coverage=0.99995"
-       << " --num_threads=" << threads << " --input_sentence_size=" << o.input_sentence_size
-       << " --shuffle_input_sentence=true --max_sentence_length=" << o.max_sentence_length
-       << " --minloglevel=1";
+  // no normalisation and whitespace kept as is. A map, not SentencePiece's "--k=v ..."
+  // text, so that a prefix with spaces stays one value.
+  const std::unordered_map<std::string, std::string> args = {
+      {"model_prefix", o.model_prefix},
+      {"vocab_size", std::to_string(o.vocab_size)},
+      {"model_type", "bpe"},
+      {"byte_fallback", "true"},
+      {"split_digits", "true"},
+      {"normalization_rule_name", "identity"},
+      {"remove_extra_whitespaces", "false"},
+      {"add_dummy_prefix", "true"},
+      {"allow_whitespace_only_pieces", "true"},
+      {"unk_id", "0"},
+      {"bos_id", "1"},
+      {"eos_id", "2"},
+      {"pad_id", "-1"},
+      {"character_coverage", "0.99995"},
+      {"num_threads", std::to_string(threads)},
+      {"input_sentence_size", std::to_string(o.input_sentence_size)},
+      {"shuffle_input_sentence", "true"},
+      {"max_sentence_length", std::to_string(o.max_sentence_length)},
+      {"minloglevel", "1"}};
   sentencepiece::SetRandomGeneratorSeed(static_cast<unsigned>(o.seed));  // the line sample
   LineIterator lines(next_line);
-  const auto status = sentencepiece::SentencePieceTrainer::Train(args.str(), &lines);
+  const auto status = sentencepiece::SentencePieceTrainer::Train(args, &lines);
   if (!status.ok()) return std::string(status.message());
   return "";
 }

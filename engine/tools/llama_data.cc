@@ -9,13 +9,16 @@
 // "sample" (the bundled corpus) or a Hugging Face dataset name (downloaded first).
 // Exit codes: 0 success, 2 bad command line or input, 1 other failures.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 
+#include "core/cli_integers.h"
 #include "core/strings.h"
 #include "data/corpus.h"
 #include "data/dataset.h"
@@ -103,15 +106,21 @@ int Encode(const std::string& model, const std::string& input, int threads) {
   if (!tok) return Fail(absl::InvalidArgumentError(error));
   std::ifstream file;
   if (!input.empty()) {
+    std::error_code ec;
+    if (std::filesystem::is_directory(input, ec)) {
+      return Fail(absl::InvalidArgumentError(StrCat("--input ", input, ": is a folder, not a text file")));
+    }
     file.open(input);
     if (!file) return Fail(absl::NotFoundError(StrCat(input, ": cannot open")));
   }
   std::istream& in = input.empty() ? std::cin : file;
   std::vector<std::string> lines;
   for (std::string line; std::getline(in, line);) lines.push_back(std::move(line));
+  if (in.bad()) return Fail(absl::InternalError(StrCat(input.empty() ? "standard input" : input, ": read failed")));
   std::vector<std::string> out(lines.size());
   std::vector<std::thread> pool;
-  const int n = threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  const int n = int(std::min<size_t>(threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency()),
+                                      std::max<size_t>(1, lines.size())));
   for (int t = 0; t < n; ++t) {
     pool.emplace_back([&, t] {
       for (size_t i = size_t(t); i < lines.size(); i += size_t(n)) {
@@ -132,8 +141,12 @@ int Inspect(const std::string& dir, bool verify, int docs) {
     if (auto s = (*d)->Verify(); !s.ok()) return Fail(s);
   }
   const nlohmann::json index = nlohmann::json::parse((*d)->index_json());
+  // Informational fields: shown when they have the type the index gives them.
+  const auto source_field = index.find("source");
+  const std::string source =
+      source_field != index.end() && source_field->is_string() ? source_field->get<std::string>() : "?";
   std::printf("dataset %s\n  source %s\n  %llu documents, %llu tokens, vocabulary %lld (%s ids), %zu shards%s\n",
-              dir.c_str(), index.value("source", "?").c_str(), (unsigned long long)(*d)->documents(),
+              dir.c_str(), source.c_str(), (unsigned long long)(*d)->documents(),
               (unsigned long long)(*d)->num_tokens(), (long long)(*d)->vocab_size(),
               IdBytesFor(uint64_t((*d)->vocab_size())) == 2 ? "uint16" : "uint32", (*d)->shards().size(),
               verify ? ", checksums verified" : "");
@@ -170,13 +183,15 @@ int Main(int argc, char** argv) {
   bool verify = false;
   int docs = 2, threads = 0;
 
+  const CLI::Range kThreadRange(0, 1024);  // 0: all cores
   auto* prepare = app.add_subcommand("prepare", "Tokenize a corpus into a prepared dataset");
   prepare->add_option("-d,--dataset", dataset, "Corpus file or folder, 'sample', or a Hugging Face dataset")->required();
   prepare->add_option("--tokenizer", prep.tokenizer, "SentencePiece model (default for -d sample: its own)");
   prepare->add_option("--out", prep.out, "Dataset folder to create")->required();
   prepare->add_flag("--strict", prep.corpus.strict, "Fail on the first malformed input instead of skipping it");
-  prepare->add_option("--threads", prep.threads, "Tokenizer threads (default: all cores)");
-  prepare->add_option("--shard-tokens", prep.shard_tokens, "Tokens per shard");
+  prepare->add_option("--threads", prep.threads, "Tokenizer threads (default: all cores)")->check(kThreadRange);
+  prepare->add_option("--shard-tokens", prep.shard_tokens, "Tokens per shard")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{1} << 40));
   prepare->add_option("--max-document-bytes", prep.corpus.max_document_bytes, "Longer documents are split")
       ->check(CLI::Range(size_t{4}, size_t{1} << 40));
   prepare->add_flag("--overwrite", prep.overwrite, "Replace a dataset already in --out");
@@ -187,20 +202,23 @@ int Main(int argc, char** argv) {
   tok_train->add_option("-d,--dataset", dataset, "Corpus file or folder, 'sample', or a Hugging Face dataset")->required();
   tok_train->add_option("--vocab-size", train.vocab_size, "Pieces")->check(CLI::Range(260, 1 << 20));
   tok_train->add_option("--out", train.model_prefix, "Output prefix (PREFIX.model, PREFIX.vocab)")->required();
-  tok_train->add_option("--threads", train.threads, "Trainer threads");
-  tok_train->add_option("--input-sentence-size", train.input_sentence_size, "Lines sampled for training");
+  // SentencePiece's own limit.
+  tok_train->add_option("--threads", train.threads, "Trainer threads (default: all cores)")->check(CLI::Range(0, 128));
+  tok_train->add_option("--input-sentence-size", train.input_sentence_size, "Lines sampled for training (0: all)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
   tok_train->add_option("--seed", train.seed, "Seed of the line sample");
   tok_train->add_flag("--strict", corpus.strict, "Fail on the first malformed input");
   auto* tok_encode = tok->add_subcommand("encode", "Print ids per input line (as spm_encode --output_format=id)");
   tok_encode->add_option("--tokenizer", tokenizer, "SentencePiece model")->required();
   tok_encode->add_option("--input", input, "Text file (default: standard input)");
-  tok_encode->add_option("--threads", threads, "Threads");
+  tok_encode->add_option("--threads", threads, "Threads (default: all cores)")->check(kThreadRange);
 
   auto* inspect = app.add_subcommand("inspect", "Describe a prepared dataset");
   inspect->add_option("dir", out, "Dataset folder")->required();
   inspect->add_flag("--verify", verify, "Recompute every shard's checksum");
-  inspect->add_option("--docs", docs, "Documents to show decoded");
+  inspect->add_option("--docs", docs, "Documents to show decoded")->check(CLI::Range(0, 1 << 20));
 
+  StrictIntegers(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

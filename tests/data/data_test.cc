@@ -307,6 +307,66 @@ TEST_F(DataTest, PreparedShardsHoldTheDocumentsInOrder) {
   // Preparing over an existing dataset needs --overwrite.
   const PrepareOptions o = SampleOptions("one");
   EXPECT_EQ(PrepareDataset(o).status().code(), absl::StatusCode::kAlreadyExists);
+
+  // An overwrite that fails leaves the old dataset whole; one that succeeds replaces it
+  // and keeps the other files that were in the folder.
+  auto read = [](const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  };
+  const std::string index = read(one + "/index.json");
+  std::ofstream(one + "/notes.txt") << "kept";
+  PrepareOptions failing = o;
+  failing.overwrite = true;
+  failing.input = Write("empty.jsonl", "");
+  EXPECT_EQ(PrepareDataset(failing).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(read(one + "/index.json"), index);
+  ASSERT_TRUE(PreparedDataset::Open(one).ok());
+  PrepareOptions smaller = o;
+  smaller.overwrite = true;
+  smaller.shard_tokens = 50000;
+  const auto replaced = PrepareDataset(smaller);
+  ASSERT_TRUE(replaced.ok()) << replaced.status();
+  ASSERT_GT(replaced->shards, 1);
+  const auto reopened = PreparedDataset::Open(one);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  EXPECT_EQ((*reopened)->shards().size(), size_t(replaced->shards));
+  EXPECT_TRUE((*reopened)->Verify().ok());
+  EXPECT_EQ(read(one + "/notes.txt"), "kept");
+  for (const auto& entry : fs::directory_iterator(dir_)) {
+    EXPECT_EQ(entry.path().filename().string().find(".one."), std::string::npos) << entry.path();
+  }
+}
+
+// llama-data's command line: numbers in base 10 within their ranges, and inputs of the
+// wrong kind, are refused with exit 2 and the flag or file named.
+TEST_F(DataTest, BadCommandLinesExitWith2AndNameTheProblem) {
+  const std::string tokenizer = SampleDir() + "/tokenizer.model";
+  const std::string text = Write("text.txt", "hello world\n");
+  const std::string prepare = " prepare -d sample --out " + (dir_ / "cli").string();
+  const std::pair<std::string, std::string> cases[] = {
+      {prepare + " --threads 100000", "--threads: Value 100000 not in range"},
+      {prepare + " --threads 0x10", "--threads: '0x10' is not a whole number in base 10"},
+      {prepare + " --shard-tokens 0", "--shard-tokens: Value 0 not in range"},
+      {" tokenizer encode --tokenizer " + tokenizer + " --input " + text + " --threads 100000",
+       "--threads: Value 100000 not in range"},
+      {" tokenizer encode --tokenizer " + tokenizer + " --input " + dir_.string(), "is a folder, not a text file"},
+      {" tokenizer train -d sample --out " + (dir_ / "tok").string() + " --threads 129",
+       "--threads: Value 129 not in range"},
+      {" tokenizer train -d sample --out " + (dir_ / "tok").string() + " --seed -1",
+       "--seed: '-1' is not a non-negative whole number"},
+  };
+  for (const auto& [args, needle] : cases) {
+    const auto r = llamad::testing::RunCommand(LLAMA_DATA_BIN + args);
+    EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(needle), std::string::npos) << args << "\n" << r.output;
+  }
+  EXPECT_FALSE(fs::exists(dir_ / "cli" / "index.json"));
+  // More threads than lines is fine: the pool is no larger than the work.
+  const auto r = llamad::testing::RunCommand(std::string(LLAMA_DATA_BIN) + " tokenizer encode --tokenizer " +
+                                             tokenizer + " --input " + text + " --threads 64");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.output, "417 346 3986 1266\n");
 }
 
 TEST_F(DataTest, DamagedShardsAreDetected) {
