@@ -17,12 +17,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cstring>
 #include <fstream>
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -32,6 +34,7 @@
 #include <string>
 
 #include "absl/strings/cord.h"
+#include "core/cli_integers.h"
 #include "core/strings.h"
 #include "backend/cpu/blas_kernels.h"
 #include "backend/cpu/cpu_backend.h"
@@ -164,7 +167,17 @@ struct Overrides {
       if (!config.ok()) return absl::InvalidArgumentError(StrCat("--model: ", config.status().message()));
       spec.model = *config;
     }
-    return ValidateJobSpec(spec);
+    absl::Status valid = ValidateJobSpec(spec);
+    if (valid.ok()) return valid;
+    // The message names the job file's field; the value may be the command line's.
+    std::vector<std::string> given;
+    for (const auto& [option, f] : apply) {
+      if (option->count() == 0) continue;
+      given.push_back(option->get_type_size_max() == 0 ? option->get_name()
+                                                       : StrCat(option->get_name(), " ", option->results().back()));
+    }
+    if (given.empty()) return valid;
+    return absl::Status(valid.code(), StrCat(valid.message(), " (the job file with ", StrJoin(given, ", "), ")"));
   }
 };
 
@@ -176,6 +189,7 @@ struct Common {
   std::string resume;         // -f: a checkpoint folder, or "latest"
   bool resume_fallback = false;
   bool fresh = false;         // discard the job's existing checkpoints
+  bool discard_newer = false; // -f of an older step may remove the job's newer ones
   std::string init_from_hf;   // a Hugging Face model folder
   int nproc = 1;              // data-parallel ranks on this machine
   bool cpu_master_weights = false;  // CpuBackendOptions::master_weights
@@ -188,11 +202,29 @@ struct ResumePoint {
   int64_t step = -1;                                // -1: start fresh
 };
 
+// An integer that llamad or the rank launcher passes in the environment: nullopt when
+// unset; an error naming the variable when it is not a base-10 integer in [lo, hi].
+absl::StatusOr<std::optional<int64_t>> IntegerFromEnv(const char* name, int64_t lo, int64_t hi) {
+  const char* text = std::getenv(name);
+  if (text == nullptr) return std::nullopt;
+  const char* end = text + std::strlen(text);
+  int64_t value = 0;
+  const auto [stop, ec] = std::from_chars(text, end, value);
+  if (ec != std::errc() || stop != end || stop == text || value < lo || value > hi) {
+    return absl::InvalidArgumentError(
+        StrCat("environment ", name, "='", text, "': not a whole number from ", lo, " to ", hi));
+  }
+  return value;
+}
+
 // Under llamad, the grace its daemon gives a stopping rank to finish its step and save
 // it before SIGKILL (llamad's stop_grace_ms, passed as LLAMAD_STOP_GRACE_MS); -1 elsewhere.
+// llamad bounds its durations to 30 days.
+constexpr char kStopGraceEnv[] = "LLAMAD_STOP_GRACE_MS";
+constexpr int64_t kMaxStopGraceMs = 30LL * 24 * 3'600'000;
 int64_t DaemonStopGraceMs() {
-  const char* grace = std::getenv("LLAMAD_STOP_GRACE_MS");
-  return grace != nullptr ? std::max<int64_t>(0, std::atoll(grace)) : -1;
+  auto grace = IntegerFromEnv(kStopGraceEnv, 0, kMaxStopGraceMs);  // checked in Main
+  return grace.ok() && grace->has_value() ? **grace : -1;
 }
 
 // How long a run waits for another process to let go of its checkpoint store: two
@@ -331,6 +363,18 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
     auto latest = (r.source ? *r.source : *r.store).LatestStep(spec.name);
     if (!latest.ok()) return latest.status();
     r.step = *latest;
+  }
+  // The run removes the job's checkpoints past the step it resumes (see RunTrain); they
+  // are committed work, so only when asked.
+  if (r.store && !common.discard_newer) {
+    auto newest = r.store->LatestStep(spec.name);
+    if (newest.ok() && *newest > r.step) {
+      return absl::InvalidArgumentError(StrCat(
+          "-f ", common.resume, ": job '", spec.name, "' has newer checkpoints in ", spec.checkpoint.dir,
+          " (newest: step ", *newest, "), which resuming from step ", r.step,
+          " would remove; pass --discard-newer to do that, or -f latest to go on from the newest"));
+    }
+    if (!newest.ok() && !absl::IsNotFound(newest.status())) return newest.status();
   }
   return r;
 }
@@ -523,7 +567,11 @@ absl::StatusOr<std::unique_ptr<Communicator>> ConnectRank() {
   // connections close), so this only bounds a rank that hangs.
   // Under llamad, ranks on several machines listen on the address the daemon gives.
   const char* host = std::getenv("LLAMAD_COMM_HOST");
-  return MakeGlooCommunicator(std::atoi(rank), std::atoi(world), store, std::chrono::minutes(10),
+  auto world_size = IntegerFromEnv(kWorldEnv, 1, 1 << 20);
+  if (!world_size.ok()) return world_size.status();
+  auto rank_index = IntegerFromEnv(kRankEnv, 0, **world_size - 1);
+  if (!rank_index.ok()) return rank_index.status();
+  return MakeGlooCommunicator(int(**rank_index), int(**world_size), store, std::chrono::minutes(10),
                               host != nullptr && *host != '\0' ? host : "127.0.0.1");
 }
 
@@ -737,10 +785,7 @@ void StopAfterTheStepWhenAsked(int rank, bool saves) {
 int RunTrain(const Common& common, const Overrides& overrides) {
   auto spec = ReadSpec(common, overrides);
   if (!spec.ok()) return Fail(spec.status());
-  if (!common.init_from_hf.empty()) {
-    if (!common.resume.empty()) {
-      return Fail(absl::InvalidArgumentError("--init-from-hf and -f both set the weights; pass one"));
-    }
+  if (!common.init_from_hf.empty()) {  // not with -f or --model: the command line says so
     auto hf = ReadHuggingFaceConfig(common.init_from_hf);
     if (!hf.ok()) return Fail(hf.status());
     spec->model = *hf;
@@ -1002,14 +1047,17 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     std::fprintf(stderr, "llama-train: rank %d stopped with the rank that was asked to\n", rank);
     return kExitPeerLost;
   }
-  if (lead) {
+  if (lead && first_step > t.steps) {
+    std::fprintf(stderr, "llama-train: job '%s' is at step %lld already, not before its last (%lld): "
+                 "nothing to train\n", spec->name.c_str(), (long long)(first_step - 1), (long long)t.steps);
+  } else if (lead) {
     std::fprintf(stderr, "llama-train: done: loss %.4f -> %.4f after %lld steps\n", first_loss,
                  last_loss, (long long)t.steps);
   }
   return 0;
 }
 
-// "80GiB", "512MiB", "1e9" -> bytes; 0 and an error on anything else.
+// "80GiB", "512MiB", "1e9" -> bytes, from 1 byte to under 2^64; an error on anything else.
 absl::StatusOr<uint64_t> ParseBytes(const std::string& text) {
   size_t used = 0;
   double value = 0;
@@ -1024,7 +1072,12 @@ absl::StatusOr<uint64_t> ParseBytes(const std::string& text) {
                                                   {"TiB", 1099511627776.0}, {"KB", 1e3}, {"MB", 1e6},
                                                   {"GB", 1e9},  {"TB", 1e12}};
   for (const auto& [name, scale] : units) {
-    if (used > 0 && unit == name && value >= 0) return uint64_t(value * scale);
+    if (used == 0 || unit != name) continue;
+    const double bytes = value * scale;  // NaN fails both comparisons
+    if (!(bytes >= 1 && bytes < 0x1p64)) {
+      return absl::InvalidArgumentError(StrCat("'", text, "' is not a size from 1 byte to 16 EiB"));
+    }
+    return uint64_t(bytes);
   }
   return absl::InvalidArgumentError(StrCat("'", text, "' is not a size (for example 80GiB or 512MiB)"));
 }
@@ -1189,17 +1242,24 @@ int Main(int argc, char** argv) {
   add_common(train);
   train->add_option("--log-format", common.log_format, "human or json (one object per step)")
       ->check(CLI::IsMember({"human", "json"}));
-  train->add_option("-f,--resume", common.resume, "Resume from a checkpoint folder or 'latest'");
+  CLI::Option* resume = train->add_option("-f,--resume", common.resume, "Resume from a checkpoint folder or 'latest'");
   train->add_flag("--resume-fallback", common.resume_fallback,
                   "If the checkpoint is damaged, resume from the newest older one that is intact");
-  train->add_flag("--fresh", common.fresh, "Discard the job's existing checkpoints and start from step 0");
+  train->add_flag("--fresh", common.fresh, "Discard the job's existing checkpoints and start from step 0")
+      ->excludes(resume);
+  train->add_flag("--discard-newer", common.discard_newer,
+                  "With -f of an older step: remove the job's checkpoints past it (they are of another history)")
+      ->needs(resume);
   train->add_flag("--cpu-master-weights", common.cpu_master_weights,
                   "fp32 on the CPU: keep master weights apart from the parameters, as bf16 training on GPUs "
                   "does (the same results), so that offload.optimizer host runs there: for testing");
-  train->add_option("--init-from-hf", common.init_from_hf, "Start from Hugging Face weights (folder)");
+  CLI::Option* init_from_hf =
+      train->add_option("--init-from-hf", common.init_from_hf, "Start from Hugging Face weights and config (folder)")
+          ->excludes(resume);
   train->add_option("--nproc", common.nproc, "Data-parallel ranks on this machine (processes)")
       ->check(CLI::Range(1, 256));
   train_overrides.Register(train);
+  init_from_hf->excludes(train->get_option("--model"));  // its config.json is the model
   CLI::App* eval = app.add_subcommand("eval", "Mean loss of the model over a token file");
   add_common(eval);
   eval->add_option("--tokens", tokens_path, "Dataset to evaluate (any form -d takes)")->required();
@@ -1229,6 +1289,7 @@ int Main(int argc, char** argv) {
   exp->add_option("--load", load, "Checkpoint folder (<root>/<job>/step-<n>, or <root>/<job>/latest)")->required();
   exp->add_option("--hf", hf_out, "Output folder")->required();
 
+  StrictIntegers(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -1238,6 +1299,7 @@ int Main(int argc, char** argv) {
   if (common.threads < 0 || common.threads > 1024) {
     return Fail(absl::InvalidArgumentError(StrCat("--threads: ", common.threads, " is not within 0..1024")));
   }
+  if (auto grace = IntegerFromEnv(kStopGraceEnv, 0, kMaxStopGraceMs); !grace.ok()) return Fail(grace.status());
   if (*train && common.nproc > 1 && std::getenv(kRankEnv) == nullptr) return LaunchRanks(common.nproc);
   if (*train) return RunTrain(common, train_overrides);
   if (*exp) return RunExport(load, hf_out);

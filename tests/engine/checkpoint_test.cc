@@ -434,6 +434,43 @@ TEST(CheckpointProcessTest, RandomKillsOfTwoRanksNeverLeaveABrokenOrLostCheckpoi
   KillSavingJobRepeatedly("proc-crash-2", 2, 10);
 }
 
+// Resuming an older step of the job's own store would remove the newer checkpoints,
+// which are committed work: refused, with nothing removed, unless --discard-newer asks.
+TEST(CheckpointProcessTest, ResumingAnOlderStepRemovesNewerCheckpointsOnlyWhenAsked) {
+  const fs::path dir = FreshDir("proc-older");
+  const std::string job = WriteJob(dir, 6, 3);
+  Subprocess run(Train("--config " + job));
+  const std::string out = run.Drain();
+  ASSERT_EQ(run.Wait(), 0) << out;
+  const std::string three = (dir / "ckpt" / "proc" / "step-3").string();
+  auto steps = [&]() -> std::vector<int64_t> {
+    auto store = storage::CheckpointStore::Open((dir / "ckpt").string());
+    if (!store.ok()) return {};
+    auto s = (*store)->Steps("proc");
+    return s.ok() ? *s : std::vector<int64_t>{};
+  };
+  ASSERT_EQ(steps(), (std::vector<int64_t>{3, 6}));
+
+  Subprocess refused(Train("--config " + job + " -f " + three));
+  const std::string message = refused.Drain();
+  EXPECT_EQ(refused.Wait(), 2) << message;
+  EXPECT_NE(message.find("newest: step 6"), std::string::npos) << message;
+  EXPECT_NE(message.find("--discard-newer"), std::string::npos) << message;
+  EXPECT_EQ(steps(), (std::vector<int64_t>{3, 6}));
+
+  Subprocess asked(Train("--config " + job + " -f " + three + " --discard-newer --steps 4"));
+  const std::string resumed = asked.Drain();
+  EXPECT_EQ(asked.Wait(), 0) << resumed;
+  EXPECT_NE(resumed.find("removed checkpoint step 6"), std::string::npos) << resumed;
+  EXPECT_EQ(steps(), (std::vector<int64_t>{3, 4}));
+
+  // A job already at its last step says there is nothing to train.
+  Subprocess again(Train("--config " + job + " -f latest --steps 4"));
+  const std::string done = again.Drain();
+  EXPECT_EQ(again.Wait(), 0) << done;
+  EXPECT_NE(done.find("job 'proc' is at step 4 already"), std::string::npos) << done;
+}
+
 TEST(CheckpointProcessTest, CorruptionIsRefusedOrFallsBackWhenAsked) {
   const fs::path dir = FreshDir("proc-corrupt");
   const std::string job = WriteJob(dir, 6, 3);

@@ -92,6 +92,20 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
       {"train --config " + job + " -d " + WriteFile("short.bin", std::string(8, '\0')),
        "fewer than one window"},
       {"eval --config " + job, "--tokens"},
+      // Integers in base 10 only, within their type, as in the job file. (-b -4: a value
+      // read laxly would end in that error instead, not in a long run.)
+      {"train --config " + job + " -l 0100 -b -4", "--max-length: '0100' is not a whole number in base 10"},
+      {"train --config " + job + " --steps 99999999999999999999 -b -4",
+       "--steps: '99999999999999999999' is out of range"},
+      {"train --config " + job + " --seed -1 -b -4", "--seed: '-1' is not a non-negative whole number"},
+      // A job file field's error says when the command line set its value.
+      {"train --config " + job + " -l -5",
+       "max_length: -5 must be a positive integer (the job file with --max-length -5)"},
+      {"plan --config " + job + " --device-memory 1e30GiB", "--device-memory: '1e30GiB' is not a size from 1 byte"},
+      {"plan --config " + job + " --device-memory inf", "--device-memory: 'inf' is not a size from 1 byte"},
+      {"plan --config " + job + " --device-memory 0", "--device-memory: '0' is not a size from 1 byte"},
+      {"train --config " + job + " --fresh -f latest", "--resume excludes --fresh"},
+      {"train --config " + job + " -c tiny --init-from-hf " + TempDir().string(), "--init-from-hf excludes --model"},
       // Far beyond any host's memory: refused before allocating anything.
       {"train --config " + job + " -c 70b -l 4096 -b 4096 --global-batch-size 4096", "GiB of host memory"},
   };
@@ -99,6 +113,12 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
     const Result r = RunTrain(c.args);
     EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.output;
     EXPECT_NE(r.output.find(c.needle), std::string::npos) << c.args << "\n" << r.output;
+  }
+  // What llamad and the rank launcher pass in the environment is read as strictly.
+  for (const std::string env : {"LLAMAD_STOP_GRACE_MS=5x", "LLAMAD_STOP_GRACE_MS=-1"}) {
+    const Result r = llamad::testing::RunCommand("env " + env + " " + LLAMA_TRAIN_BIN + " train --config " + job);
+    EXPECT_EQ(r.exit_code, 2) << env << "\n" << r.output;
+    EXPECT_NE(r.output.find("environment LLAMAD_STOP_GRACE_MS="), std::string::npos) << env << "\n" << r.output;
   }
 }
 
