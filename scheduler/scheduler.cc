@@ -6,7 +6,6 @@
 #include <rocksdb/write_batch.h>
 
 #include <algorithm>
-#include <charconv>
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
@@ -15,6 +14,7 @@
 #include <filesystem>
 
 #include "core/exit_codes.h"
+#include "core/strings.h"
 #include "train/jobspec.h"
 
 namespace llamad::scheduler {
@@ -29,14 +29,6 @@ constexpr char kNextJobKey[] = "meta/next_job";
 // How a GPU fault's words (and so its drain reason) begin: Load marks the nodes that
 // earlier versions drained for one.
 constexpr std::string_view kGpuFaultDrainPrefix = "the GPU of rank ";
-
-// All of `text` as an int64, or nothing: stored values are read strictly.
-std::optional<int64_t> ParseInt64(std::string_view text) {
-  int64_t value = 0;
-  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (ec != std::errc() || end != text.data() + text.size()) return std::nullopt;
-  return value;
-}
 
 // The sequence number that ends a stored event or log line's key.
 absl::StatusOr<int64_t> SeqOfKey(std::string_view key) {

@@ -4,12 +4,13 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <charconv>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <optional>
 #include <sstream>
+
+#include "core/strings.h"
 
 namespace llamad {
 namespace {
@@ -22,9 +23,8 @@ std::optional<int64_t> ReadBytes(const fs::path& path) {
   std::ifstream in(path);
   std::string word;
   if (!(in >> word)) return std::nullopt;
-  int64_t value = 0;
-  const auto [end, error] = std::from_chars(word.data(), word.data() + word.size(), value);
-  if (error != std::errc() || end != word.data() + word.size() || value < 0) return std::nullopt;
+  const std::optional<int64_t> value = ParseInt64(word);
+  if (!value || *value < 0) return std::nullopt;
   return value;
 }
 

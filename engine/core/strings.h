@@ -4,7 +4,10 @@
 
 #include <fmt/format.h>
 
+#include <charconv>
+#include <cstdint>
 #include <iterator>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -45,6 +48,15 @@ std::string StrJoin(const Range& items, std::string_view separator) {
     first = false;
   }
   return out;
+}
+
+// All of `text` as a base-10 int64, or nothing: no sign '+', no spaces, no trailing bytes.
+// For numbers read back from files, stores and the environment.
+inline std::optional<int64_t> ParseInt64(std::string_view text) {
+  int64_t value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size()) return std::nullopt;
+  return value;
 }
 
 }  // namespace llamad

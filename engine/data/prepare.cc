@@ -4,14 +4,12 @@
 #include <stdio.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
-#include <thread>
 #include <vector>
 
 #include "core/strings.h"
@@ -23,21 +21,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Tokenizes docs[i] into ids[i] on `threads` threads (static split: same result for any
-// thread count, since every document is encoded on its own).
-void EncodeAll(const Tokenizer& tok, const std::vector<std::string>& docs,
-               std::vector<std::vector<int32_t>>& ids, int threads) {
-  ids.resize(docs.size());
-  threads = int(std::min<size_t>(size_t(threads), std::max<size_t>(1, docs.size())));
-  std::vector<std::thread> pool;
-  for (int t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      for (size_t i = size_t(t); i < docs.size(); i += size_t(threads)) ids[i] = tok.Encode(docs[i]);
-    });
-  }
-  for (auto& th : pool) th.join();
-}
-
 // Builds the dataset in o.out, a folder that holds no dataset (it may hold other files).
 absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokenizer& tok) {
   const auto start = std::chrono::steady_clock::now();
@@ -45,7 +28,6 @@ absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokeni
   fs::create_directories(o.out, ec);
   if (ec) return absl::InternalError(StrCat(o.out, ": cannot create: ", ec.message()));
 
-  const int threads = o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()));
   PrepareResult result;
   std::vector<ShardInfo> shards;
   std::unique_ptr<ShardWriter> writer;
@@ -60,10 +42,8 @@ absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokeni
   };
   std::vector<std::string> batch;
   size_t batch_bytes = 0;
-  std::vector<std::vector<int32_t>> ids;
   auto flush = [&]() -> absl::Status {
-    EncodeAll(tok, batch, ids, threads);
-    for (const auto& doc : ids) {
+    for (const auto& doc : EncodeAll(tok, batch, o.threads)) {
       if (writer && writer->tokens() >= o.shard_tokens) {
         if (auto s = finish_shard(); !s.ok()) return s;
       }

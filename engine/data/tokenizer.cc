@@ -3,12 +3,20 @@
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <thread>
 #include <unordered_map>
 
 namespace llamad::data {
+namespace {
+
+int ThreadsOrAllCores(int threads) {
+  return threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+}  // namespace
 
 Tokenizer::Tokenizer() : sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {}
 Tokenizer::~Tokenizer() = default;
@@ -79,7 +87,7 @@ class LineIterator : public sentencepiece::SentenceIterator {
 
 std::string TrainTokenizer(const TokenizerTrainOptions& o,
                            const std::function<bool(std::string* line)>& next_line) {
-  const int threads = o.threads > 0 ? o.threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  const int threads = ThreadsOrAllCores(o.threads);
   // LLaMA's tokenizer settings: BPE with byte fallback (no unknown bytes), digits split,
   // no normalisation and whitespace kept as is. A map, not SentencePiece's "--k=v ..."
   // text, so that a prefix with spaces stays one value.
@@ -108,6 +116,21 @@ std::string TrainTokenizer(const TokenizerTrainOptions& o,
   const auto status = sentencepiece::SentencePieceTrainer::Train(args, &lines);
   if (!status.ok()) return std::string(status.message());
   return "";
+}
+
+std::vector<std::vector<int32_t>> EncodeAll(const Tokenizer& tokenizer, const std::vector<std::string>& texts,
+                                            int threads) {
+  std::vector<std::vector<int32_t>> ids(texts.size());
+  // A static split, no larger than the work.
+  const size_t n = std::min<size_t>(size_t(ThreadsOrAllCores(threads)), std::max<size_t>(1, texts.size()));
+  std::vector<std::thread> pool;
+  for (size_t t = 0; t < n; ++t) {
+    pool.emplace_back([&, t] {
+      for (size_t i = t; i < texts.size(); i += n) ids[i] = tokenizer.Encode(texts[i]);
+    });
+  }
+  for (auto& th : pool) th.join();
+  return ids;
 }
 
 }  // namespace llamad::data

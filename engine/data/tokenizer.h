@@ -47,6 +47,11 @@ class Tokenizer {
   std::string serialized_;
 };
 
+// The ids of each of `texts` (Tokenizer::Encode), on up to `threads` threads (0: all
+// cores). The same result for any thread count: every text is encoded on its own.
+std::vector<std::vector<int32_t>> EncodeAll(const Tokenizer& tokenizer, const std::vector<std::string>& texts,
+                                            int threads);
+
 struct TokenizerTrainOptions {
   std::string model_prefix;  // writes <prefix>.model and <prefix>.vocab
   int vocab_size = 32000;

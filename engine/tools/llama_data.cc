@@ -9,14 +9,12 @@
 // "sample" (the bundled corpus) or a Hugging Face dataset name (downloaded first).
 // Exit codes: 0 success, 2 bad command line or input, 1 other failures.
 #include <CLI/CLI.hpp>
-#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
-#include <thread>
 
 #include "core/cli_integers.h"
 #include "core/strings.h"
@@ -117,20 +115,7 @@ int Encode(const std::string& model, const std::string& input, int threads) {
   std::vector<std::string> lines;
   for (std::string line; std::getline(in, line);) lines.push_back(std::move(line));
   if (in.bad()) return Fail(absl::InternalError(StrCat(input.empty() ? "standard input" : input, ": read failed")));
-  std::vector<std::string> out(lines.size());
-  std::vector<std::thread> pool;
-  const int n = int(std::min<size_t>(threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency()),
-                                      std::max<size_t>(1, lines.size())));
-  for (int t = 0; t < n; ++t) {
-    pool.emplace_back([&, t] {
-      for (size_t i = size_t(t); i < lines.size(); i += size_t(n)) {
-        const auto ids = tok->Encode(lines[i]);
-        out[i] = StrJoin(ids, " ");
-      }
-    });
-  }
-  for (auto& th : pool) th.join();
-  for (const std::string& l : out) std::fwrite((l + "\n").data(), 1, l.size() + 1, stdout);
+  for (const auto& ids : EncodeAll(*tok, lines, threads)) std::printf("%s\n", StrJoin(ids, " ").c_str());
   return 0;
 }
 

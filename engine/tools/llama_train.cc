@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <charconv>
 #include <chrono>
 #include <cstring>
 #include <fstream>
@@ -193,6 +192,7 @@ struct Common {
   std::string init_from_hf;   // a Hugging Face model folder
   int nproc = 1;              // data-parallel ranks on this machine
   bool cpu_master_weights = false;  // CpuBackendOptions::master_weights
+  int64_t stop_grace_ms = -1; // DaemonStopGraceMs
 };
 
 // Opens the store of the job's checkpoint folder, or the one `resume` points into.
@@ -207,10 +207,8 @@ struct ResumePoint {
 absl::StatusOr<std::optional<int64_t>> IntegerFromEnv(const char* name, int64_t lo, int64_t hi) {
   const char* text = std::getenv(name);
   if (text == nullptr) return std::nullopt;
-  const char* end = text + std::strlen(text);
-  int64_t value = 0;
-  const auto [stop, ec] = std::from_chars(text, end, value);
-  if (ec != std::errc() || stop != end || stop == text || value < lo || value > hi) {
+  const std::optional<int64_t> value = ParseInt64(text);
+  if (!value || *value < lo || *value > hi) {
     return absl::InvalidArgumentError(
         StrCat("environment ", name, "='", text, "': not a whole number from ", lo, " to ", hi));
   }
@@ -220,17 +218,16 @@ absl::StatusOr<std::optional<int64_t>> IntegerFromEnv(const char* name, int64_t 
 // Under llamad, the grace its daemon gives a stopping rank to finish its step and save
 // it before SIGKILL (llamad's stop_grace_ms, passed as LLAMAD_STOP_GRACE_MS); -1 elsewhere.
 // llamad bounds its durations to 30 days.
-constexpr char kStopGraceEnv[] = "LLAMAD_STOP_GRACE_MS";
-constexpr int64_t kMaxStopGraceMs = 30LL * 24 * 3'600'000;
-int64_t DaemonStopGraceMs() {
-  auto grace = IntegerFromEnv(kStopGraceEnv, 0, kMaxStopGraceMs);  // checked in Main
-  return grace.ok() && grace->has_value() ? **grace : -1;
+absl::StatusOr<int64_t> DaemonStopGraceMs() {
+  auto grace = IntegerFromEnv("LLAMAD_STOP_GRACE_MS", 0, 30LL * 24 * 3'600'000);
+  if (!grace.ok()) return grace.status();
+  return grace->value_or(-1);
 }
 
 // How long a run waits for another process to let go of its checkpoint store: two
 // minutes, or under llamad a minute more than its stop grace, whichever is longer.
-std::chrono::milliseconds StoreHeldWait() {
-  return std::chrono::milliseconds(std::max<int64_t>(120'000, DaemonStopGraceMs() + 60'000));
+std::chrono::milliseconds StoreHeldWait(int64_t stop_grace_ms) {
+  return std::chrono::milliseconds(std::max<int64_t>(120'000, stop_grace_ms + 60'000));
 }
 
 // Whether a stop fits in llamad's grace, from what this run measures: a stopped rank
@@ -293,7 +290,7 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
     // The job's previous run may still be saving the step it was stopped after (its ranks
     // get the daemon's grace for it), while this one starts on other devices: wait for it
     // to let go of the store, as long as a save could take, rather than fail.
-    const auto wait = StoreHeldWait();
+    const auto wait = StoreHeldWait(common.stop_grace_ms);
     const auto deadline = std::chrono::steady_clock::now() + wait;
     auto store = storage::CheckpointStore::Open(spec.checkpoint.dir, write_options);
     for (bool said = false; absl::IsFailedPrecondition(store.status()) && std::chrono::steady_clock::now() < deadline;
@@ -929,7 +926,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   }
   // A training step's collectives (parallel.collective_timeout_s).
   (*comm)->set_timeout(std::chrono::milliseconds(int64_t(spec->parallel.collective_timeout_s * 1000)));
-  StopGraceCheck stop_grace(DaemonStopGraceMs());  // before the checkpointer, whose commits report to it
+  StopGraceCheck stop_grace(common.stop_grace_ms);  // before the checkpointer, whose commits report to it
   std::unique_ptr<AsyncCheckpointer> checkpointer;
   if (spec->checkpoint.interval > 0) {
     // Every rank writes its part of each checkpoint; rank 0 commits them together. Rank
@@ -1232,9 +1229,10 @@ int Main(int argc, char** argv) {
   Overrides train_overrides, eval_overrides;
   std::string tokens_path;
 
+  const CLI::Range kThreadRange(0, 1024);  // 0: all cores
   auto add_common = [&](CLI::App* sub) {
     sub->add_option("--config", common.config, "Job spec YAML file")->required();
-    sub->add_option("--threads", common.threads, "CPU threads (default: all cores)");
+    sub->add_option("--threads", common.threads, "CPU threads (default: all cores)")->check(kThreadRange);
     sub->add_option("--spec-origin", common.spec_origin,
                     "Path the spec was submitted from: relative paths resolve against its folder");
   };
@@ -1279,7 +1277,8 @@ int Main(int argc, char** argv) {
   plan->add_option("--devices-per-node", plan_devices, "Ranks per node (default: the job's resources)")
       ->check(CLI::Range(1, 1024))
       ->excludes(plan_nproc);
-  plan->add_option("--threads", common.threads, "CPU threads per rank (default: the cores / ranks)");
+  plan->add_option("--threads", common.threads, "CPU threads per rank (default: the cores / ranks)")
+      ->check(kThreadRange);
   plan->add_option("--device-memory", device_memory, "Memory per rank to place and check against: what each GPU has free (e.g. 79GiB)");
   bool plan_json = false;
   plan->add_flag("--json", plan_json, "Print the plan as one JSON object (bytes)");
@@ -1296,10 +1295,9 @@ int Main(int argc, char** argv) {
     const int code = app.exit(e);
     return code == 0 ? 0 : kExitUsage;
   }
-  if (common.threads < 0 || common.threads > 1024) {
-    return Fail(absl::InvalidArgumentError(StrCat("--threads: ", common.threads, " is not within 0..1024")));
-  }
-  if (auto grace = IntegerFromEnv(kStopGraceEnv, 0, kMaxStopGraceMs); !grace.ok()) return Fail(grace.status());
+  auto grace = DaemonStopGraceMs();
+  if (!grace.ok()) return Fail(grace.status());
+  common.stop_grace_ms = *grace;
   if (*train && common.nproc > 1 && std::getenv(kRankEnv) == nullptr) return LaunchRanks(common.nproc);
   if (*train) return RunTrain(common, train_overrides);
   if (*exp) return RunExport(load, hf_out);

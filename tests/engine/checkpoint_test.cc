@@ -439,9 +439,8 @@ TEST(CheckpointProcessTest, RandomKillsOfTwoRanksNeverLeaveABrokenOrLostCheckpoi
 TEST(CheckpointProcessTest, ResumingAnOlderStepRemovesNewerCheckpointsOnlyWhenAsked) {
   const fs::path dir = FreshDir("proc-older");
   const std::string job = WriteJob(dir, 6, 3);
-  Subprocess run(Train("--config " + job));
-  const std::string out = run.Drain();
-  ASSERT_EQ(run.Wait(), 0) << out;
+  const auto saved = testing::RunCommand(Train("--config " + job));
+  ASSERT_EQ(saved.exit_code, 0) << saved.output;
   const std::string three = (dir / "ckpt" / "proc" / "step-3").string();
   auto steps = [&]() -> std::vector<int64_t> {
     auto store = storage::CheckpointStore::Open((dir / "ckpt").string());
@@ -451,24 +450,21 @@ TEST(CheckpointProcessTest, ResumingAnOlderStepRemovesNewerCheckpointsOnlyWhenAs
   };
   ASSERT_EQ(steps(), (std::vector<int64_t>{3, 6}));
 
-  Subprocess refused(Train("--config " + job + " -f " + three));
-  const std::string message = refused.Drain();
-  EXPECT_EQ(refused.Wait(), 2) << message;
-  EXPECT_NE(message.find("newest: step 6"), std::string::npos) << message;
-  EXPECT_NE(message.find("--discard-newer"), std::string::npos) << message;
+  const auto refused = testing::RunCommand(Train("--config " + job + " -f " + three));
+  EXPECT_EQ(refused.exit_code, 2) << refused.output;
+  EXPECT_NE(refused.output.find("newest: step 6"), std::string::npos) << refused.output;
+  EXPECT_NE(refused.output.find("--discard-newer"), std::string::npos) << refused.output;
   EXPECT_EQ(steps(), (std::vector<int64_t>{3, 6}));
 
-  Subprocess asked(Train("--config " + job + " -f " + three + " --discard-newer --steps 4"));
-  const std::string resumed = asked.Drain();
-  EXPECT_EQ(asked.Wait(), 0) << resumed;
-  EXPECT_NE(resumed.find("removed checkpoint step 6"), std::string::npos) << resumed;
+  const auto asked = testing::RunCommand(Train("--config " + job + " -f " + three + " --discard-newer --steps 4"));
+  EXPECT_EQ(asked.exit_code, 0) << asked.output;
+  EXPECT_NE(asked.output.find("removed checkpoint step 6"), std::string::npos) << asked.output;
   EXPECT_EQ(steps(), (std::vector<int64_t>{3, 4}));
 
   // A job already at its last step says there is nothing to train.
-  Subprocess again(Train("--config " + job + " -f latest --steps 4"));
-  const std::string done = again.Drain();
-  EXPECT_EQ(again.Wait(), 0) << done;
-  EXPECT_NE(done.find("job 'proc' is at step 4 already"), std::string::npos) << done;
+  const auto done = testing::RunCommand(Train("--config " + job + " -f latest --steps 4"));
+  EXPECT_EQ(done.exit_code, 0) << done.output;
+  EXPECT_NE(done.output.find("job 'proc' is at step 4 already"), std::string::npos) << done.output;
 }
 
 TEST(CheckpointProcessTest, CorruptionIsRefusedOrFallsBackWhenAsked) {

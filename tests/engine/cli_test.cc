@@ -98,6 +98,7 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
       {"train --config " + job + " --steps 99999999999999999999 -b -4",
        "--steps: '99999999999999999999' is out of range"},
       {"train --config " + job + " --seed -1 -b -4", "--seed: '-1' is not a non-negative whole number"},
+      {"train --config " + job + " --threads 5000", "--threads: Value 5000 not in range 0 to 1024"},
       // A job file field's error says when the command line set its value.
       {"train --config " + job + " -l -5",
        "max_length: -5 must be a positive integer (the job file with --max-length -5)"},
