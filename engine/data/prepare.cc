@@ -2,14 +2,19 @@
 
 #include <fcntl.h>
 #include <stdio.h>
+#include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <string_view>
 #include <vector>
 
 #include "core/strings.h"
@@ -120,6 +125,23 @@ bool IsDatasetFile(const std::string& name) {
          (name.starts_with("shard-") && name.ends_with(".tok"));
 }
 
+// Empties `from`, a folder that held a dataset in `out`'s place: the dataset's files are
+// removed, and other files move back into `out` unless it has one of the same name. `from`
+// itself goes when nothing is left in it.
+void EmptyInto(const fs::path& from, const fs::path& out) {
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(from, ec)) {
+    const fs::path name = entry.path().filename();
+    std::error_code moved;
+    if (IsDatasetFile(name.string())) {
+      fs::remove(entry.path(), moved);
+    } else if (!fs::exists(out / name, moved)) {
+      fs::rename(entry.path(), out / name, moved);
+    }
+  }
+  fs::remove(from, ec);  // left, with what could not move back, when not empty
+}
+
 // Puts the dataset built in `staging` (a sibling of `out`) in the place of the one in
 // `out`. The folders are exchanged in one step where the filesystem can, so that `out`
 // always holds a whole dataset, the old or the new. Then the old dataset's files are
@@ -147,18 +169,46 @@ absl::Status ReplaceDataset(const fs::path& staging, const fs::path& out) {
                                         undo ? StrCat("; the old one is in ", old.string()) : std::string()));
     }
   }
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(old, ec)) {
-    const fs::path name = entry.path().filename();
-    std::error_code moved;
-    if (IsDatasetFile(name.string())) {
-      fs::remove(entry.path(), moved);
-    } else if (!fs::exists(out / name, moved)) {
-      fs::rename(entry.path(), out / name, moved);
-    }
-  }
-  fs::remove(old, ec);  // left, with what could not move back, when not empty
+  EmptyInto(old, out);
   return absl::OkStatus();
+}
+
+// The process that owns `name` when it is one of `out`'s staging folders: ".OUT.prepare-PID",
+// or the same with ".old" after it.
+std::optional<pid_t> StagingOwner(const std::string& name, const fs::path& out) {
+  const std::string prefix = StrCat(".", out.filename().string(), ".prepare-");
+  if (!name.starts_with(prefix)) return std::nullopt;
+  std::string_view pid = std::string_view(name).substr(prefix.size());
+  if (pid.ends_with(".old")) pid.remove_suffix(4);
+  const auto value = ParseInt64(pid);
+  if (!value || *value <= 0 || *value > std::numeric_limits<pid_t>::max()) return std::nullopt;
+  return pid_t(*value);
+}
+
+// Puts right what a prepare that was killed while replacing `out` left beside it: staging
+// folders whose process is gone. If `out` itself is missing (killed between the two renames of
+// the fallback), the old dataset goes back in its place. Otherwise a staging folder holds a
+// partly built dataset, or the old one with the files that were kept beside it: the dataset's
+// files go, the others move back into `out`.
+void RecoverStaleStaging(const fs::path& out) {
+  std::error_code ec;
+  std::vector<fs::path> stale;
+  for (const auto& entry : fs::directory_iterator(out.parent_path(), ec)) {
+    const auto owner = StagingOwner(entry.path().filename().string(), out);
+    // This process prepares nothing into `out` yet, so a folder with its pid is a stale one
+    // whose pid was reused.
+    if (owner && (*owner == ::getpid() || (::kill(*owner, 0) != 0 && errno == ESRCH))) stale.push_back(entry.path());
+  }
+  // The old dataset first, so that `out` is back before the other folders are emptied into it.
+  std::stable_partition(stale.begin(), stale.end(), [](const fs::path& p) { return p.string().ends_with(".old"); });
+  for (const fs::path& folder : stale) {
+    std::error_code moved;
+    if (!fs::exists(out, moved) && folder.string().ends_with(".old") && fs::exists(folder / "index.json", moved)) {
+      fs::rename(folder, out, moved);
+      if (!moved) continue;
+    }
+    if (fs::exists(out, moved)) EmptyInto(folder, out);
+  }
 }
 
 }  // namespace
@@ -171,15 +221,15 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
     return absl::InvalidArgumentError(StrCat(o.tokenizer, ": the tokenizer has no EOS id (documents are joined with EOS)"));
   }
   std::error_code ec;
+  fs::path out = fs::absolute(o.out, ec).lexically_normal();
+  if (out.filename().empty()) out = out.parent_path();  // "DIR/"
+  RecoverStaleStaging(out);
   if (!fs::exists(o.out + "/index.json", ec)) return BuildDataset(o, *tok);
   if (!o.overwrite) {
     return absl::AlreadyExistsError(StrCat(o.out, ": already holds a prepared dataset (pass --overwrite to replace it)"));
   }
   // The old dataset stays whole, and in use, until the new one is built beside it.
-  fs::path out = fs::absolute(o.out, ec).lexically_normal();
-  if (out.filename().empty()) out = out.parent_path();  // "DIR/"
   const fs::path staging = out.parent_path() / StrCat(".", out.filename().string(), ".prepare-", ::getpid());
-  fs::remove_all(staging, ec);
   PrepareOptions into = o;
   into.out = staging.string();
   auto result = BuildDataset(into, *tok);

@@ -19,7 +19,8 @@ struct PrepareOptions {
   int threads = 0;        // 0: all cores
   uint64_t shard_tokens = uint64_t{1} << 28;  // a new shard after this many tokens
   // Replace a dataset already in `out`. The new one is built beside it and swapped in
-  // at the end, so a failed or interrupted run leaves the old one as it was.
+  // at the end, so a failed or interrupted run leaves the old one as it was. What a killed
+  // run left beside `out` is put right by the next prepare into `out`.
   bool overwrite = false;
 };
 

@@ -2,6 +2,8 @@
 // prepared shards, the sampler's exactly-once order across world-size changes, and how a
 // job's data section is opened.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <fmt/format.h>
 #include <zstd.h>
 
@@ -336,6 +338,53 @@ TEST_F(DataTest, PreparedShardsHoldTheDocumentsInOrder) {
   for (const auto& entry : fs::directory_iterator(dir_)) {
     EXPECT_EQ(entry.path().filename().string().find(".one."), std::string::npos) << entry.path();
   }
+}
+
+// A prepare killed while replacing a dataset leaves a staging folder beside it; the next
+// prepare into that folder puts things right and leaves a running prepare's folder alone.
+TEST_F(DataTest, APrepareKilledWhileReplacingIsPutRightByTheNext) {
+  PrepareOptions o = SampleOptions("ds");
+  ASSERT_TRUE(PrepareDataset(o).ok());
+  const pid_t gone = fork();
+  if (gone == 0) _exit(0);
+  ASSERT_GT(gone, 0);
+  ASSERT_EQ(waitpid(gone, nullptr, 0), gone);
+  const fs::path out = o.out;
+  const fs::path stale = dir_ / fmt::format(".ds.prepare-{}", gone);
+  const fs::path live = dir_ / fmt::format(".ds.prepare-{}", getppid());
+  auto write = [](const fs::path& path, const std::string& text) { std::ofstream(path) << text; };
+  // Killed after the exchange: the old dataset's files and a file kept beside it.
+  fs::create_directories(stale);
+  write(stale / "shard-00000.tok", "old shard");
+  write(stale / "index.json", "{}");
+  write(stale / "notes.txt", "kept");
+  fs::create_directories(live);
+  write(live / "shard-00000.tok", "being built");
+  EXPECT_EQ(PrepareDataset(o).status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_TRUE(fs::exists(out / "notes.txt"));
+  EXPECT_TRUE(fs::exists(live / "shard-00000.tok"));
+  EXPECT_TRUE(PreparedDataset::Open(out.string()).ok());
+  // Killed between the two renames where the folders cannot be exchanged: no dataset in
+  // `out`, the old one aside and the new one whole in staging. The old one comes back.
+  fs::rename(out, stale.string() + ".old");
+  o.overwrite = true;
+  o.shard_tokens = 100000;
+  fs::path built = dir_ / "built";
+  PrepareOptions other = o;
+  other.out = built.string();
+  other.overwrite = false;
+  ASSERT_TRUE(PrepareDataset(other).ok());
+  fs::rename(built, stale);
+  o.overwrite = false;
+  EXPECT_EQ(PrepareDataset(o).status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_FALSE(fs::exists(stale.string() + ".old"));
+  EXPECT_TRUE(fs::exists(out / "notes.txt"));
+  const auto restored = PreparedDataset::Open(out.string());
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_EQ((*restored)->shards().size(), 1u);
+  EXPECT_TRUE(fs::exists(live / "shard-00000.tok"));
 }
 
 // llama-data's command line: numbers in base 10 within their ranges, and inputs of the
