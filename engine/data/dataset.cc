@@ -30,20 +30,6 @@ namespace {
 
 std::string Hex(uint64_t v) { return fmt::format("{:016x}", v); }
 
-absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f.write(bytes.data(), std::streamsize(bytes.size()));
-    f.flush();
-    if (!f) return absl::InternalError(StrCat(tmp, ": write failed"));
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) return absl::InternalError(StrCat(path, ": ", ec.message()));
-  return absl::OkStatus();
-}
-
 // Prepares `input` with `tokenizer` into the cache, keyed by the corpus files' names,
 // sizes and times and the tokenizer's bytes: a changed corpus is prepared again.
 absl::StatusOr<std::string> PrepareCached(const std::string& input, const std::string& tokenizer,
@@ -211,8 +197,9 @@ absl::StatusOr<OpenedData> OpenTrainingData(const DataSpec& spec, int64_t vocab_
   }
   out.description = StrCat(spec.dataset, " (", (*prepared)->documents(), " documents, ",
                            (*prepared)->num_tokens(), " tokens, prepared in ", *path, ")");
+  const std::string tokenizer_model = (*prepared)->tokenizer_path();
+  if (!tokenizer_model.empty() && fs::exists(tokenizer_model, ec)) out.tokenizer_model = tokenizer_model;
   out.source = std::move(*prepared);
-  if (fs::exists(fs::path(*path) / "tokenizer.model", ec)) out.tokenizer_model = (fs::path(*path) / "tokenizer.model").string();
   return out;
 }
 

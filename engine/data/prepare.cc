@@ -1,8 +1,7 @@
 #include "data/prepare.h"
 
 #include <fcntl.h>
-#include <stdio.h>
-#include <signal.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,9 +10,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <limits>
+#include <functional>
 #include <nlohmann/json.hpp>
-#include <optional>
+#include <set>
 #include <string_view>
 #include <vector>
 
@@ -26,13 +25,46 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Builds the dataset in o.out, a folder that holds no dataset (it may hold other files).
-absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokenizer& tok) {
-  const auto start = std::chrono::steady_clock::now();
-  std::error_code ec;
-  fs::create_directories(o.out, ec);
-  if (ec) return absl::InternalError(StrCat(o.out, ": cannot create: ", ec.message()));
+// A dataset's files are named by generation: a new dataset is built beside the one in use
+// under names that it does not have, and the index written last says which are current.
+// Generation 0 has the plain names.
+std::string ShardName(int generation, size_t shard) {
+  return generation == 0 ? fmt::format("shard-{:05d}.tok", shard)
+                         : fmt::format("shard-g{}-{:05d}.tok", generation, shard);
+}
+std::string TokenizerName(int generation) {
+  return generation == 0 ? "tokenizer.model" : fmt::format("tokenizer-g{}.model", generation);
+}
 
+bool AllDigits(std::string_view s) {
+  return !s.empty() && s.size() <= 9 && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+// The generation whose shard or tokenizer `name` is (also as a ".tmp" being written); -1
+// for any other file.
+int GenerationOf(std::string_view name) {
+  if (name.ends_with(".tmp")) name.remove_suffix(4);
+  auto generation = [](std::string_view digits) { return AllDigits(digits) ? int(*ParseInt64(digits)) : -1; };
+  if (name == "tokenizer.model") return 0;
+  if (name.starts_with("tokenizer-g") && name.ends_with(".model")) return generation(name.substr(11, name.size() - 17));
+  if (!name.starts_with("shard-") || !name.ends_with(".tok")) return -1;
+  name = name.substr(6, name.size() - 10);
+  if (AllDigits(name)) return 0;
+  const size_t dash = name.find('-');
+  if (!name.starts_with("g") || dash == std::string_view::npos || !AllDigits(name.substr(dash + 1))) return -1;
+  return generation(name.substr(1, dash - 1));
+}
+
+// A file that preparing writes into a dataset's folder: the folder's other files are the
+// user's, and preparing never touches them.
+bool IsDatasetFile(std::string_view name) {
+  return name == "index.json" || name == "index.json.tmp" || GenerationOf(name) >= 0;
+}
+
+// Builds a dataset into o.out under `generation`'s file names, which no file in the folder
+// has, and commits it by renaming its index over index.json.
+absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokenizer& tok, int generation) {
+  const auto start = std::chrono::steady_clock::now();
   PrepareResult result;
   std::vector<ShardInfo> shards;
   std::unique_ptr<ShardWriter> writer;
@@ -53,7 +85,7 @@ absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokeni
         if (auto s = finish_shard(); !s.ok()) return s;
       }
       if (!writer) {
-        const std::string name = fmt::format("shard-{:05d}.tok", shards.size());
+        const std::string name = ShardName(generation, shards.size());
         auto w = ShardWriter::Create(o.out + "/" + name, tok.vocab_size(), tok.eos_id());
         if (!w.ok()) return w.status();
         writer = std::move(*w);
@@ -81,18 +113,15 @@ absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokeni
     return absl::InvalidArgumentError(StrCat(o.input, ": no documents to prepare\n", result.report.Summary()));
   }
 
-  // The tokenizer travels with the dataset, and the index goes in last (atomically).
-  {
-    std::ofstream t(o.out + "/tokenizer.model", std::ios::binary | std::ios::trunc);
-    t.write(tok.serialized().data(), std::streamsize(tok.serialized().size()));
-    if (!t) return absl::InternalError(StrCat(o.out, "/tokenizer.model: write failed"));
-  }
+  // The tokenizer travels with the dataset, and the index goes in last: its rename commits.
+  const std::string tokenizer = TokenizerName(generation);
+  if (auto s = WriteFileAtomically(StrCat(o.out, "/", tokenizer), tok.serialized()); !s.ok()) return s;
   nlohmann::json index = {{"format", kDatasetFormat},
                           {"version", kDatasetVersion},
                           {"vocab_size", tok.vocab_size()},
                           {"eos_id", tok.eos_id()},
                           {"bos_id", tok.bos_id()},
-                          {"tokenizer", "tokenizer.model"},
+                          {"tokenizer", tokenizer},
                           {"source", fs::absolute(o.input).string()},
                           {"tokens", result.tokens},
                           {"documents", result.documents},
@@ -104,111 +133,58 @@ absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokeni
   index["report"] = {{"files", r.files},           {"lines", r.lines},     {"documents", r.documents},
                      {"bytes", r.bytes},           {"bad_json", r.bad_json}, {"invalid_utf8", r.invalid_utf8},
                      {"empty", r.empty},           {"split", r.split},     {"truncated_files", r.truncated_files}};
-  const std::string tmp = o.out + "/index.json.tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    // The source path may hold bytes that are not UTF-8 (a legal file name): replaced.
-    f << index.dump(1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
-    f.flush();
-    if (!f) return absl::InternalError(StrCat(tmp, ": write failed"));
-  }
-  fs::rename(tmp, o.out + "/index.json", ec);
-  if (ec) return absl::InternalError(StrCat(o.out, "/index.json: ", ec.message()));
+  // The source path may hold bytes that are not UTF-8 (a legal file name): replaced.
+  const std::string text = index.dump(1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  if (auto s = WriteFileAtomically(o.out + "/index.json", text); !s.ok()) return s;
   result.shards = int(shards.size());
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return result;
 }
 
-// A file a prepared dataset writes into its folder.
-bool IsDatasetFile(const std::string& name) {
-  return name == "index.json" || name == "index.json.tmp" || name == "tokenizer.model" ||
-         (name.starts_with("shard-") && name.ends_with(".tok"));
-}
+// The dataset a folder holds: whether it has an index, and the files the index names when
+// it can be read (nothing else in the folder is in use). An index that cannot be read
+// leaves the files unknown.
+struct DatasetInFolder {
+  bool exists = false;
+  bool known = true;
+  std::set<std::string> files;
+};
 
-// Empties `from`, a folder that held a dataset in `out`'s place: the dataset's files are
-// removed, and other files move back into `out` unless it has one of the same name. `from`
-// itself goes when nothing is left in it.
-void EmptyInto(const fs::path& from, const fs::path& out) {
+DatasetInFolder ReadDatasetInFolder(const std::string& dir) {
+  DatasetInFolder d;
   std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(from, ec)) {
-    const fs::path name = entry.path().filename();
-    std::error_code moved;
-    if (IsDatasetFile(name.string())) {
-      fs::remove(entry.path(), moved);
-    } else if (!fs::exists(out / name, moved)) {
-      fs::rename(entry.path(), out / name, moved);
-    }
+  if (!fs::exists(dir + "/index.json", ec)) return d;
+  d.exists = true;
+  d.files = {"index.json"};
+  std::ifstream in(dir + "/index.json");
+  const nlohmann::json index = nlohmann::json::parse(in, nullptr, false);
+  try {
+    for (const auto& s : index.at("shards")) d.files.insert(s.at("file").get<std::string>());
+    if (index.contains("tokenizer")) d.files.insert(index["tokenizer"].get<std::string>());
+  } catch (const nlohmann::json::exception&) {
+    d.known = false;
   }
-  fs::remove(from, ec);  // left, with what could not move back, when not empty
+  return d;
 }
 
-// Puts the dataset built in `staging` (a sibling of `out`) in the place of the one in
-// `out`. The folders are exchanged in one step where the filesystem can, so that `out`
-// always holds a whole dataset, the old or the new. Then the old dataset's files are
-// removed; other files that were kept in `out` move back into it.
-absl::Status ReplaceDataset(const fs::path& staging, const fs::path& out) {
-  const fs::path old = staging.string() + ".old";
-  if (::renameat2(AT_FDCWD, staging.c_str(), AT_FDCWD, out.c_str(), RENAME_EXCHANGE) == 0) {
-    std::error_code ec;
-    fs::rename(staging, old, ec);
-    if (ec) return absl::InternalError(StrCat(staging.string(), ": cannot rename: ", ec.message()));
-  } else {
-    if (errno != EINVAL && errno != ENOSYS) {
-      return absl::InternalError(StrCat(out.string(), ": cannot put the new dataset in place: ", std::strerror(errno),
-                                        " (the old one is unchanged)"));
-    }
-    // No exchange on this filesystem: two renames, undone if the second fails.
-    std::error_code ec;
-    fs::rename(out, old, ec);
-    if (ec) return absl::InternalError(StrCat(out.string(), ": cannot move the old dataset aside: ", ec.message()));
-    fs::rename(staging, out, ec);
-    if (ec) {
-      std::error_code undo;
-      fs::rename(old, out, undo);
-      return absl::InternalError(StrCat(out.string(), ": cannot put the new dataset in place: ", ec.message(),
-                                        undo ? StrCat("; the old one is in ", old.string()) : std::string()));
-    }
-  }
-  EmptyInto(old, out);
-  return absl::OkStatus();
-}
-
-// The process that owns `name` when it is one of `out`'s staging folders: ".OUT.prepare-PID",
-// or the same with ".old" after it.
-std::optional<pid_t> StagingOwner(const std::string& name, const fs::path& out) {
-  const std::string prefix = StrCat(".", out.filename().string(), ".prepare-");
-  if (!name.starts_with(prefix)) return std::nullopt;
-  std::string_view pid = std::string_view(name).substr(prefix.size());
-  if (pid.ends_with(".old")) pid.remove_suffix(4);
-  const auto value = ParseInt64(pid);
-  if (!value || *value <= 0 || *value > std::numeric_limits<pid_t>::max()) return std::nullopt;
-  return pid_t(*value);
-}
-
-// Puts right what a prepare that was killed while replacing `out` left beside it: staging
-// folders whose process is gone. If `out` itself is missing (killed between the two renames of
-// the fallback), the old dataset goes back in its place. Otherwise a staging folder holds a
-// partly built dataset, or the old one with the files that were kept beside it: the dataset's
-// files go, the others move back into `out`.
-void RecoverStaleStaging(const fs::path& out) {
+// Removes the dataset files in `dir` that `remove` picks.
+void RemoveDatasetFiles(const std::string& dir, const std::function<bool(const std::string& name)>& remove) {
   std::error_code ec;
-  std::vector<fs::path> stale;
-  for (const auto& entry : fs::directory_iterator(out.parent_path(), ec)) {
-    const auto owner = StagingOwner(entry.path().filename().string(), out);
-    // This process prepares nothing into `out` yet, so a folder with its pid is a stale one
-    // whose pid was reused.
-    if (owner && (*owner == ::getpid() || (::kill(*owner, 0) != 0 && errno == ESRCH))) stale.push_back(entry.path());
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    std::error_code removed;
+    if (IsDatasetFile(name) && remove(name)) fs::remove(entry.path(), removed);
   }
-  // The old dataset first, so that `out` is back before the other folders are emptied into it.
-  std::stable_partition(stale.begin(), stale.end(), [](const fs::path& p) { return p.string().ends_with(".old"); });
-  for (const fs::path& folder : stale) {
-    std::error_code moved;
-    if (!fs::exists(out, moved) && folder.string().ends_with(".old") && fs::exists(folder / "index.json", moved)) {
-      fs::rename(folder, out, moved);
-      if (!moved) continue;
-    }
-    if (fs::exists(out, moved)) EmptyInto(folder, out);
-  }
+}
+
+// The lowest generation that no file in `dir` belongs to.
+int FreeGeneration(const std::string& dir) {
+  std::set<int> used;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) used.insert(GenerationOf(entry.path().filename().string()));
+  int generation = 0;
+  while (used.contains(generation)) ++generation;
+  return generation;
 }
 
 }  // namespace
@@ -221,23 +197,37 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
     return absl::InvalidArgumentError(StrCat(o.tokenizer, ": the tokenizer has no EOS id (documents are joined with EOS)"));
   }
   std::error_code ec;
-  fs::path out = fs::absolute(o.out, ec).lexically_normal();
-  if (out.filename().empty()) out = out.parent_path();  // "DIR/"
-  RecoverStaleStaging(out);
-  if (!fs::exists(o.out + "/index.json", ec)) return BuildDataset(o, *tok);
-  if (!o.overwrite) {
+  fs::create_directories(o.out, ec);
+  if (ec) return absl::InternalError(StrCat(o.out, ": cannot create: ", ec.message()));
+  // One prepare at a time into a folder: each removes the dataset files the index does not
+  // name. The lock is on the folder itself and goes with the descriptor.
+  const int dir_fd = ::open(o.out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) return absl::InternalError(StrCat(o.out, ": cannot open: ", std::strerror(errno)));
+  struct Unlock {
+    int fd;
+    ~Unlock() { ::close(fd); }
+  } unlock{dir_fd};
+  if (::flock(dir_fd, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(StrCat(o.out, ": another prepare is writing into this folder"));
+    }
+    return absl::InternalError(StrCat(o.out, ": cannot lock: ", std::strerror(errno)));
+  }
+  // The dataset in use stays whole, and readable by jobs that have it open, until the new
+  // one's index replaces its own. A killed run's files are gone first.
+  const DatasetInFolder in_use = ReadDatasetInFolder(o.out);
+  if (in_use.known) RemoveDatasetFiles(o.out, [&](const std::string& name) { return !in_use.files.contains(name); });
+  if (in_use.exists && !o.overwrite) {
     return absl::AlreadyExistsError(StrCat(o.out, ": already holds a prepared dataset (pass --overwrite to replace it)"));
   }
-  // The old dataset stays whole, and in use, until the new one is built beside it.
-  const fs::path staging = out.parent_path() / StrCat(".", out.filename().string(), ".prepare-", ::getpid());
-  PrepareOptions into = o;
-  into.out = staging.string();
-  auto result = BuildDataset(into, *tok);
+  const int generation = FreeGeneration(o.out);
+  auto result = BuildDataset(o, *tok, generation);
   if (!result.ok()) {
-    fs::remove_all(staging, ec);
+    RemoveDatasetFiles(o.out, [&](const std::string& name) { return GenerationOf(name) == generation; });
     return result;
   }
-  if (auto s = ReplaceDataset(staging, out); !s.ok()) return s;
+  const DatasetInFolder built = ReadDatasetInFolder(o.out);
+  RemoveDatasetFiles(o.out, [&](const std::string& name) { return !built.files.contains(name); });
   return result;
 }
 

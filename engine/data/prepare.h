@@ -1,6 +1,7 @@
 // Raw corpus -> prepared dataset: reads documents (corpus.h), tokenizes them on several
 // threads (the output does not depend on the thread count) and packs them into shards
 // (shards.h). The folder gets index.json last, so an interrupted run leaves no dataset.
+// The index names the dataset's files; the folder's other files are left alone.
 #pragma once
 
 #include <cstdint>
@@ -18,9 +19,10 @@ struct PrepareOptions {
   CorpusOptions corpus;
   int threads = 0;        // 0: all cores
   uint64_t shard_tokens = uint64_t{1} << 28;  // a new shard after this many tokens
-  // Replace a dataset already in `out`. The new one is built beside it and swapped in
-  // at the end, so a failed or interrupted run leaves the old one as it was. What a killed
-  // run left beside `out` is put right by the next prepare into `out`.
+  // Replace a dataset already in `out`. The new one is written beside it under other
+  // file names, and only the rename of its index switches to it: a failed or killed run
+  // leaves the old one as it was, and jobs that have the old one open keep reading it. The
+  // next prepare into `out` removes what a killed run left.
   bool overwrite = false;
 };
 

@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -28,6 +29,10 @@ inline constexpr char kDatasetFormat[] = "llamad-tokens";
 // Bytes per token id in a shard: uint16 while every id fits, else uint32.
 constexpr uint32_t IdBytesFor(uint64_t vocab_size) { return vocab_size <= 65536 ? 2 : 4; }
 inline constexpr int kDatasetVersion = 1;
+
+// Writes `bytes` to `path` by way of a synced temporary file renamed over it, then syncs
+// the folder: a reader sees the old file or the whole new one, also after a crash.
+absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes);
 
 // Appends documents to one shard file; Finish writes the header and syncs.
 class ShardWriter {
@@ -77,6 +82,8 @@ class PreparedDataset final : public TokenSource {
   const std::vector<ShardInfo>& shards() const { return shards_; }
   // The index as written (tokenizer, sources, report).
   const std::string& index_json() const { return index_json_; }
+  // The SentencePiece model that made the tokens, as the index names it; "" when it names none.
+  std::string tokenizer_path() const { return tokenizer_file_.empty() ? "" : dir_ + "/" + tokenizer_file_; }
   // Recomputes every shard's checksum; DataLoss naming the shard on a mismatch.
   absl::Status Verify() const;
   // Document d of shard s as ids (without its EOS). OutOfRange past the shard's last;
@@ -96,7 +103,7 @@ class PreparedDataset final : public TokenSource {
   // Prefix sums of windows per shard for seq_len (cached); windows_mu_ held.
   const std::vector<uint64_t>& WindowStarts(int seq_len) const;
 
-  std::string dir_, index_json_;
+  std::string dir_, index_json_, tokenizer_file_;
   int64_t vocab_size_ = 0;
   uint64_t tokens_ = 0, documents_ = 0;
   std::vector<ShardInfo> shards_;

@@ -2,7 +2,8 @@
 // prepared shards, the sampler's exactly-once order across world-size changes, and how a
 // job's data section is opened.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 #include <fmt/format.h>
 #include <zstd.h>
@@ -335,56 +336,83 @@ TEST_F(DataTest, PreparedShardsHoldTheDocumentsInOrder) {
   EXPECT_EQ((*reopened)->shards().size(), size_t(replaced->shards));
   EXPECT_TRUE((*reopened)->Verify().ok());
   EXPECT_EQ(read(one + "/notes.txt"), "kept");
-  for (const auto& entry : fs::directory_iterator(dir_)) {
-    EXPECT_EQ(entry.path().filename().string().find(".one."), std::string::npos) << entry.path();
-  }
+  // The folder holds what the new index names, and the other files.
+  std::set<std::string> named = {"index.json", "notes.txt", "tokenizer-g1.model"};
+  for (const ShardInfo& shard : (*reopened)->shards()) named.insert(shard.file);
+  std::set<std::string> found;
+  for (const auto& entry : fs::directory_iterator(one)) found.insert(entry.path().filename().string());
+  EXPECT_EQ(found, named);
 }
 
-// A prepare killed while replacing a dataset leaves a staging folder beside it; the next
-// prepare into that folder puts things right and leaves a running prepare's folder alone.
-TEST_F(DataTest, APrepareKilledWhileReplacingIsPutRightByTheNext) {
+// A prepare killed partway leaves files beside the dataset in use, which stays whole; the
+// next prepare into the folder removes them. Overwriting builds under names the dataset in
+// use does not have, and only the index's rename switches to them. One prepare at a time.
+TEST_F(DataTest, APrepareKilledPartwayLeavesTheDatasetWholeAndTheNextCleansUp) {
   PrepareOptions o = SampleOptions("ds");
   ASSERT_TRUE(PrepareDataset(o).ok());
-  const pid_t gone = fork();
-  if (gone == 0) _exit(0);
-  ASSERT_GT(gone, 0);
-  ASSERT_EQ(waitpid(gone, nullptr, 0), gone);
   const fs::path out = o.out;
-  const fs::path stale = dir_ / fmt::format(".ds.prepare-{}", gone);
-  const fs::path live = dir_ / fmt::format(".ds.prepare-{}", getppid());
-  auto write = [](const fs::path& path, const std::string& text) { std::ofstream(path) << text; };
-  // Killed after the exchange: the old dataset's files and a file kept beside it.
-  fs::create_directories(stale);
-  write(stale / "shard-00000.tok", "old shard");
-  write(stale / "index.json", "{}");
-  write(stale / "notes.txt", "kept");
-  fs::create_directories(live);
-  write(live / "shard-00000.tok", "being built");
+  auto names = [&] {
+    std::set<std::string> found;
+    for (const auto& entry : fs::directory_iterator(out)) found.insert(entry.path().filename().string());
+    return found;
+  };
+  const std::set<std::string> first = names();
+  EXPECT_TRUE(first.contains("shard-00000.tok") && first.contains("tokenizer.model"));
+  auto read_index = [&] {
+    std::ifstream f(out / "index.json");
+    return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  };
+  const std::string index = read_index();
+  // What a killed overwrite leaves, and files of the user's that look a little like them.
+  for (const char* name : {"shard-g1-00000.tok", "tokenizer-g1.model.tmp", "index.json.tmp", "shard-notes.txt",
+                           "tokenizer-v2.model", "notes.txt"}) {
+    std::ofstream(out / name) << "bytes";
+  }
+  ASSERT_TRUE(PreparedDataset::Open(out.string()).ok());
   EXPECT_EQ(PrepareDataset(o).status().code(), absl::StatusCode::kAlreadyExists);
-  EXPECT_FALSE(fs::exists(stale));
-  EXPECT_TRUE(fs::exists(out / "notes.txt"));
-  EXPECT_TRUE(fs::exists(live / "shard-00000.tok"));
-  EXPECT_TRUE(PreparedDataset::Open(out.string()).ok());
-  // Killed between the two renames where the folders cannot be exchanged: no dataset in
-  // `out`, the old one aside and the new one whole in staging. The old one comes back.
-  fs::rename(out, stale.string() + ".old");
+  std::set<std::string> expected = first;
+  expected.insert({"shard-notes.txt", "tokenizer-v2.model", "notes.txt"});
+  EXPECT_EQ(names(), expected);
+  EXPECT_EQ(read_index(), index);
+
+  // A build that fails (here: its index cannot be written) removes what it wrote.
+  fs::create_directories(out / "index.json.tmp" / "in-the-way");
+  const std::set<std::string> before = names();
   o.overwrite = true;
+  EXPECT_EQ(PrepareDataset(o).status().code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(names(), before);
+  EXPECT_EQ(read_index(), index);
+  fs::remove_all(out / "index.json.tmp");
+
+  // While another prepare writes into the folder, a second one is refused.
+  const int held = ::open(out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  ASSERT_GE(held, 0);
+  ASSERT_EQ(::flock(held, LOCK_EX), 0);
   o.shard_tokens = 100000;
-  fs::path built = dir_ / "built";
-  PrepareOptions other = o;
-  other.out = built.string();
-  other.overwrite = false;
-  ASSERT_TRUE(PrepareDataset(other).ok());
-  fs::rename(built, stale);
-  o.overwrite = false;
-  EXPECT_EQ(PrepareDataset(o).status().code(), absl::StatusCode::kAlreadyExists);
-  EXPECT_FALSE(fs::exists(stale));
-  EXPECT_FALSE(fs::exists(stale.string() + ".old"));
-  EXPECT_TRUE(fs::exists(out / "notes.txt"));
-  const auto restored = PreparedDataset::Open(out.string());
-  ASSERT_TRUE(restored.ok()) << restored.status();
-  EXPECT_EQ((*restored)->shards().size(), 1u);
-  EXPECT_TRUE(fs::exists(live / "shard-00000.tok"));
+  const auto refused = PrepareDataset(o);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(refused.status().message().find("another prepare"), std::string::npos) << refused.status();
+  ::close(held);
+
+  // The overwrite switches to the next generation's files and removes the old ones.
+  const auto replaced = PrepareDataset(o);
+  ASSERT_TRUE(replaced.ok()) << replaced.status();
+  auto d = PreparedDataset::Open(out.string());
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ((*d)->tokenizer_path(), (out / "tokenizer-g1.model").string());
+  expected = {"index.json", "tokenizer-g1.model", "shard-notes.txt", "tokenizer-v2.model", "notes.txt"};
+  for (const ShardInfo& shard : (*d)->shards()) {
+    EXPECT_TRUE(shard.file.starts_with("shard-g1-")) << shard.file;
+    expected.insert(shard.file);
+  }
+  EXPECT_GT((*d)->shards().size(), 1u);
+  EXPECT_EQ(names(), expected);
+  // And the next one goes back to the first names, free again.
+  o.shard_tokens = uint64_t{1} << 28;
+  ASSERT_TRUE(PrepareDataset(o).ok());
+  expected = first;
+  expected.insert({"shard-notes.txt", "tokenizer-v2.model", "notes.txt"});
+  EXPECT_EQ(names(), expected);
 }
 
 // llama-data's command line: numbers in base 10 within their ranges, and inputs of the
@@ -534,7 +562,9 @@ TEST_F(DataTest, DamagedIndexesAndOffsetsAreErrorsThatNameTheFile) {
                                    replaced("\"format\": \"llamad-tokens\"", "\"format\": 1"),
                                    replaced("\"version\": 1", "\"version\": \"1\""),
                                    replaced("\"vocab_size\": 4096", "\"vocab_size\": \"4096\""),
-                                   replaced("\"vocab_size\": 4096", "\"vocab_size\": -1")}) {
+                                   replaced("\"vocab_size\": 4096", "\"vocab_size\": -1"),
+                                   replaced("\"tokenizer\": \"tokenizer.model\"", "\"tokenizer\": 3"),
+                                   replaced("\"tokenizer\": \"tokenizer.model\"", "\"tokenizer\": \"../x\"")}) {
     Write("ds/index.json", index);
     const auto opened = PreparedDataset::Open(o.out);
     EXPECT_FALSE(opened.ok()) << index.substr(0, 80);
