@@ -7,6 +7,7 @@
 #include <functional>
 #include <variant>
 
+#include "core/durations.h"
 #include "core/yaml_fields.h"
 
 namespace llamad::daemon {
@@ -76,9 +77,6 @@ absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {
   if (config.role == "node" && config.scheduler.empty()) {
     return ConfigError(where, "scheduler: a node needs the scheduler's address (host:port)");
   }
-  // Durations are added to clocks and multiplied by small factors; 30 days is far past any
-  // useful setting and keeps all of that inside int64.
-  constexpr int64_t kMaxDurationMs = 30LL * 24 * 3'600'000;
   for (const Field& f : fields_) {
     const auto* member = std::get_if<int64_t DaemonConfig::*>(&f.member);
     if (member == nullptr || !f.name.ends_with("_ms")) continue;

@@ -6,12 +6,15 @@
 #include <fmt/format.h>
 
 #include <cstdlib>
+#include <optional>
+#include <string_view>
 
 #include <grpcpp/completion_queue.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/support/byte_buffer.h>
 
 #include "comm/communicator.h"
+#include "core/strings.h"
 #include "daemon/rendezvous_wire.h"
 #include "proto/rpc.h"
 
@@ -91,17 +94,15 @@ absl::StatusOr<std::unique_ptr<RendezvousStore>> MakeGrpcStore(const std::string
     return absl::InvalidArgumentError(fmt::format("rendezvous {}: expected grpc://HOST:PORT/JOB/GENERATION", address));
   }
   const std::string job_id = rest.substr(job_at + 1, gen_at - job_at - 1);
-  int64_t generation = 0;
-  try {
-    generation = std::stoll(rest.substr(gen_at + 1));
-  } catch (const std::exception&) {
-    return absl::InvalidArgumentError(fmt::format("rendezvous {}: the generation is not a number", address));
+  const std::optional<int64_t> generation = ParseInt64(std::string_view(rest).substr(gen_at + 1));
+  if (!generation) {
+    return absl::InvalidArgumentError(fmt::format("rendezvous {}: the generation is not a whole number", address));
   }
   auto token = rpc::ReadToken(Env("LLAMAD_TOKEN_FILE"));
   if (!token.ok()) return token.status();
   auto channel = rpc::Dial(rest.substr(0, job_at), {Env("LLAMAD_TLS_CA"), Env("LLAMAD_TLS_CERT"), Env("LLAMAD_TLS_KEY")});
   if (!channel.ok()) return channel.status();
-  return std::unique_ptr<RendezvousStore>(new GrpcRendezvousStore(*channel, *token, job_id, generation));
+  return std::unique_ptr<RendezvousStore>(new GrpcRendezvousStore(*channel, *token, job_id, *generation));
 }
 
 const bool registered = [] {

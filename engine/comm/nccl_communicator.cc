@@ -251,9 +251,12 @@ class NcclCollectives final : public DeviceCollectives {
     }
     // What is still pending followed a failure (or outlived the grace period): its events
     // go too. CUDA releases an event still to complete once it does. (The watchdog has
-    // ended: nothing else holds mu_.)
-    for (const Pending& p : pending_) RecycleLocked(p);
-    pending_.clear();
+    // ended: the lock is only for RecycleLocked's contract.)
+    {
+      std::lock_guard lock(mu_);
+      for (const Pending& p : pending_) RecycleLocked(p);
+      pending_.clear();
+    }
     for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }

@@ -2,8 +2,8 @@
 //
 // CLI11 2.1 reads an integer option with strtoll/strtoull in base 0: "0100" is read as
 // octal 64, "0x100" as 256, "-1" wraps to 2^64-1 in an unsigned option, and a number
-// past 64 bits saturates without an error. The job file's reader accepts base-10 whole
-// numbers only; StrictIntegers holds the command line to the same rule.
+// past 64 bits saturates without an error. StrictIntegers holds the command line to
+// base-10 whole numbers, written the one way each is shown.
 #pragma once
 
 #include <CLI/CLI.hpp>

@@ -81,9 +81,8 @@ bool YamlSection::Get(std::string_view key, int64_t* out) {
   const std::optional<YAML::Node> v = Find(key);
   if (!v) return false;
   const std::string& s = v->IsScalar() ? v->Scalar() : std::string();
-  int64_t value = 0;
-  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
-  if (!v->IsScalar() || ec != std::errc() || end != s.data() + s.size()) {
+  const std::optional<int64_t> value = ParseInt64(s);
+  if (!v->IsScalar() || !value) {
     // Accept integral floats written in exponent form ("1e6").
     double d = 0;
     auto [dend, dec] = std::from_chars(s.data(), s.data() + s.size(), d);
@@ -95,7 +94,7 @@ bool YamlSection::Get(std::string_view key, int64_t* out) {
     TypeError(key, *v, "an integer");
     return true;
   }
-  *out = value;
+  *out = *value;
   return true;
 }
 

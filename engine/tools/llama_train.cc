@@ -34,6 +34,7 @@
 
 #include "absl/strings/cord.h"
 #include "core/cli_integers.h"
+#include "core/durations.h"
 #include "core/strings.h"
 #include "backend/cpu/blas_kernels.h"
 #include "backend/cpu/cpu_backend.h"
@@ -217,9 +218,9 @@ absl::StatusOr<std::optional<int64_t>> IntegerFromEnv(const char* name, int64_t 
 
 // Under llamad, the grace its daemon gives a stopping rank to finish its step and save
 // it before SIGKILL (llamad's stop_grace_ms, passed as LLAMAD_STOP_GRACE_MS); -1 elsewhere.
-// llamad bounds its durations to 30 days.
+// llamad bounds its durations to kMaxDurationMs.
 absl::StatusOr<int64_t> DaemonStopGraceMs() {
-  auto grace = IntegerFromEnv("LLAMAD_STOP_GRACE_MS", 0, 30LL * 24 * 3'600'000);
+  auto grace = IntegerFromEnv("LLAMAD_STOP_GRACE_MS", 0, kMaxDurationMs);
   if (!grace.ok()) return grace.status();
   return grace->value_or(-1);
 }
@@ -1295,9 +1296,11 @@ int Main(int argc, char** argv) {
     const int code = app.exit(e);
     return code == 0 ? 0 : kExitUsage;
   }
-  auto grace = DaemonStopGraceMs();
-  if (!grace.ok()) return Fail(grace.status());
-  common.stop_grace_ms = *grace;
+  if (*train) {  // the only command that meets llamad's stop
+    auto grace = DaemonStopGraceMs();
+    if (!grace.ok()) return Fail(grace.status());
+    common.stop_grace_ms = *grace;
+  }
   if (*train && common.nproc > 1 && std::getenv(kRankEnv) == nullptr) return LaunchRanks(common.nproc);
   if (*train) return RunTrain(common, train_overrides);
   if (*exp) return RunExport(load, hf_out);

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
@@ -517,6 +518,37 @@ absl::StatusOr<bool> ExportTokenizer(const storage::CheckpointStore& store, cons
   return true;
 }
 
+// Every parameter of the checkpoint's model is saved with its shape, and its pieces hold
+// all its elements: the export's buffer is then no larger than what is on disk, whatever
+// the metadata's model says.
+absl::Status CheckParamsSaved(const storage::CheckpointStore& store, const std::string& job, int64_t step,
+                              const std::vector<ParamInfo>& params) {
+  auto pieces = store.Pieces(job, step);
+  if (!pieces.ok()) return pieces.status();
+  struct Saved {
+    std::vector<int64_t> shape;
+    uint64_t elements = 0;
+  };
+  std::map<std::string, Saved> saved;
+  for (const storage::PieceRecord& p : *pieces) {
+    Saved& t = saved[p.name];
+    t.shape = p.shape;
+    t.elements += p.end - p.begin;
+  }
+  for (const ParamInfo& p : params) {
+    const auto it = saved.find(p.name);
+    if (it == saved.end() || it->second.shape != p.shape || it->second.elements < p.numel) {
+      const std::string found = it == saved.end() ? std::string(" (no such tensor)")
+                                                  : StrCat(" (saved: [", StrJoin(it->second.shape, ", "), "], ",
+                                                           it->second.elements, " elements)");
+      return absl::DataLossError(StrCat(store.StepDir(job, step), ": tensor '", p.name, "' of shape [",
+                                        StrJoin(p.shape, ", "), "], which the checkpoint's model needs, is not saved",
+                                        " whole", found));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
                                         const std::string& job, int64_t step,
                                         const std::string& out, bool* with_tokenizer) {
@@ -527,6 +559,7 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
   auto config = ModelConfigFromHfJson(meta.at("model").dump(), store.StepDir(job, step));
   if (!config.ok()) return config.status();
   const std::vector<ParamInfo> params = LlamaParamLayout(*config);
+  if (auto s = CheckParamsSaved(store, job, step, params); !s.ok()) return s;
   std::vector<float> data(NumParams(params));
   std::vector<storage::TensorToWrite> tensors;
   auto reader = store.OpenReader(job, step);

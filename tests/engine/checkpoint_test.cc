@@ -160,6 +160,9 @@ TEST(CheckpointTrainingTest, DamagedMetadataIsAnErrorForRestoreAndExport) {
        "sampler_position"},
       {"no model", [](nlohmann::json& m) { m.erase("model"); }, true, true, "model"},
       {"another format", [](nlohmann::json& m) { m["format"] = "other"; }, true, true, "llamad checkpoint"},
+      // Valid, but far larger than the saved tensors: 2^37 parameters would be allocated.
+      {"a model larger than its tensors", [](nlohmann::json& m) { m["model"]["vocab_size"] = int64_t{1} << 30; },
+       false, true, "which the checkpoint's model needs"},
   };
   for (const Case& c : cases) {
     nlohmann::json damaged = meta;
