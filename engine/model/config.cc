@@ -149,7 +149,13 @@ absl::Status ValidateModelConfig(const ModelConfig& c, std::string_view where) {
   if (c.vocab_size > (int64_t{1} << 31) - 1) return fail("vocab_size", c.vocab_size, "is too large");
   // Each bound above holds, yet together they allow ~2^60 parameters, whose bytes in a
   // memory plan would wrap around uint64. 2^48 is thousands of times any model trained.
+  // The error names whichever of the layers or the vocabulary holds more of them.
   if (const int64_t n = c.NumParameters(); n > (int64_t{1} << 48)) {
+    const int64_t vocabulary = 2 * c.vocab_size * c.hidden_size;
+    if (vocabulary >= n - vocabulary) {
+      return fail("vocab_size", c.vocab_size,
+                  StrCat("with hidden_size ", c.hidden_size, " gives ", n, " parameters (at most 2^48)"));
+    }
     return fail("num_hidden_layers", c.num_hidden_layers,
                 StrCat("with hidden_size ", c.hidden_size, " and intermediate_size ", c.intermediate_size, " gives ", n,
                        " parameters (at most 2^48)"));

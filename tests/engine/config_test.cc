@@ -174,6 +174,9 @@ TEST(JobSpecTest, BadSpecsNameTheKeyAndValue) {
   ExpectError("model: {hidden_size: 1048576, num_attention_heads: 1024, num_key_value_heads: 1024, "
               "intermediate_size: 4194303, num_hidden_layers: 65536, vocab_size: 32768}\n",
               {"num_hidden_layers", "65536", "parameters (at most 2^48)"});
+  ExpectError("model: {hidden_size: 1048576, num_attention_heads: 1024, num_key_value_heads: 1024, "
+              "intermediate_size: 4, num_hidden_layers: 1, vocab_size: 2147483647}\n",
+              {"model: vocab_size: 2147483647 with hidden_size 1048576", "parameters (at most 2^48)"});
   ExpectError("model: {hidden_size: 4096, num_attention_heads: 32, intermediate_size: 16384, num_hidden_layers: 65536, "
               "vocab_size: 32000, max_position_embeddings: 1048576}\n"
               "training: {batch_size: 2047, max_length: 1048576}\n",
