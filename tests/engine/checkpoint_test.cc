@@ -158,7 +158,9 @@ TEST(CheckpointTrainingTest, DamagedMetadataIsAnErrorForRestoreAndExport) {
       {"a step that is not the index's", [](nlohmann::json& m) { m["step"] = 7; }, true, true, "step 7"},
       {"a negative sampler position", [](nlohmann::json& m) { m["data"]["sampler_position"] = -1; }, true, false,
        "sampler_position"},
-      {"no model", [](nlohmann::json& m) { m.erase("model"); }, true, true, "model"},
+      {"no model", [](nlohmann::json& m) { m.erase("model"); }, true, true, "no model configuration"},
+      {"a model that is not an object", [](nlohmann::json& m) { m["model"] = "tiny"; }, true, true,
+       "no model configuration"},
       {"another format", [](nlohmann::json& m) { m["format"] = "other"; }, true, true, "llamad checkpoint"},
       // Valid, but far larger than the saved tensors: 2^37 parameters would be allocated.
       {"a model larger than its tensors", [](nlohmann::json& m) { m["model"]["vocab_size"] = int64_t{1} << 30; },
