@@ -201,6 +201,9 @@ struct ResumePoint {
   std::unique_ptr<storage::CheckpointStore> store;  // where to save (may be null)
   std::unique_ptr<storage::CheckpointStore> source; // where to resume from, when elsewhere
   int64_t step = -1;                                // -1: start fresh
+  // --fresh with checkpoints of the job in `store`: they are removed by DiscardForFresh
+  // once the run has checked everything else it was given.
+  bool discard_all = false;
 };
 
 // An integer that llamad or the rank launcher passes in the environment: nullopt when
@@ -276,7 +279,9 @@ class StopGraceCheck {
 };
 
 // `saving`: this run writes checkpoints into spec.checkpoint.dir, which is then opened
-// for writing; every other store is opened read-only and left untouched.
+// for writing; every other store is opened read-only and left untouched. Called before
+// the data is opened, so that a resume that cannot be done is told at once; it removes
+// nothing (see DiscardForFresh).
 absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& common, bool saving) {
   ResumePoint r;
   const storage::StoreOptions write_options{int(spec.checkpoint.keep_last), false};
@@ -318,10 +323,7 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
           "); pass -f latest to continue it, or --fresh to discard them and start over"));
     }
     if (latest.ok()) {
-      auto dropped = r.store->DropNewerThan(spec.name, -1);
-      if (!dropped.ok()) return dropped.status();
-      std::fprintf(stderr, "llama-train: --fresh: removed %zu checkpoint(s) of job '%s'\n", dropped->size(),
-                   spec.name.c_str());
+      r.discard_all = true;
     } else if (!absl::IsNotFound(latest.status())) {
       return latest.status();
     }
@@ -375,6 +377,17 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
     if (!newest.ok() && !absl::IsNotFound(newest.status())) return newest.status();
   }
   return r;
+}
+
+// --fresh: removes the job's checkpoints, committed work, and so only after the data, the
+// model and any weights given have been opened without error.
+absl::Status DiscardForFresh(ResumePoint& r, const std::string& job) {
+  if (!r.discard_all) return absl::OkStatus();
+  auto dropped = r.store->DropNewerThan(job, -1);
+  if (!dropped.ok()) return dropped.status();
+  std::fprintf(stderr, "llama-train: --fresh: removed %zu checkpoint(s) of job '%s'\n", dropped->size(), job.c_str());
+  r.discard_all = false;
+  return absl::OkStatus();
 }
 
 // The checkpoint root a run resumes from (-f latest: checkpoint.dir; -f PATH: its root),
@@ -794,6 +807,9 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   if (!comm.ok()) return Fail(comm.status());
   const int rank = (*comm)->rank();
   const bool lead = rank == 0;  // rank 0 logs, prepares data, restores and saves
+  absl::StatusOr<ResumePoint> checkpoints = ResumePoint{};
+  if (lead) checkpoints = OpenCheckpoints(*spec, common, /*saving=*/spec->checkpoint.interval > 0);
+  if (!checkpoints.ok()) return Fail(checkpoints.status());
   auto open_data = [&] {
     return data::OpenTrainingData(spec->data, spec->model.vocab_size, [](const std::string& line) {
       std::fprintf(stderr, "llama-train: %s\n", line.c_str());
@@ -856,9 +872,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     }
     if (lead) std::fprintf(stderr, "llama-train: weights from %s\n", common.init_from_hf.c_str());
   }
-  absl::StatusOr<ResumePoint> checkpoints = ResumePoint{};
-  if (lead) checkpoints = OpenCheckpoints(*spec, common, /*saving=*/spec->checkpoint.interval > 0);
-  if (!checkpoints.ok()) return Fail(checkpoints.status());
+  if (auto s = DiscardForFresh(*checkpoints, spec->name); !s.ok()) return Fail(s);
   // The optimizer state moves to its tier before a restore, so that the restore streams
   // it there instead of holding it whole in the backend's memory on the way: the CPU
   // backend's moments into the NVMe swap, a GPU's master weights and moments into host

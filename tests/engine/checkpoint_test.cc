@@ -527,6 +527,23 @@ TEST(CheckpointProcessTest, ExistingCheckpointsAreNeverOverwrittenSilently) {
   const std::string out = again.Drain();
   EXPECT_EQ(again.Wait(), 2) << out;
   EXPECT_NE(out.find("already has checkpoints (newest: step 4)"), std::string::npos) << out;
+  // The checkpoints are looked at before the data: the run says what is wrong with them
+  // at once, not after preparing a corpus.
+  Subprocess no_data(Train("--config " + job + " -d missing.u32"));
+  const std::string no_data_out = no_data.Drain();
+  EXPECT_EQ(no_data.Wait(), 2) << no_data_out;
+  EXPECT_NE(no_data_out.find("already has checkpoints"), std::string::npos) << no_data_out;
+  // --fresh removes them only once the rest of the run's input has been opened: a typo
+  // in the data path loses no committed step.
+  Subprocess fresh_no_data(Train("--config " + job + " --fresh -d missing.u32"));
+  const std::string fresh_no_data_out = fresh_no_data.Drain();
+  EXPECT_EQ(fresh_no_data.Wait(), 2) << fresh_no_data_out;
+  EXPECT_NE(fresh_no_data_out.find("missing.u32"), std::string::npos) << fresh_no_data_out;
+  {
+    auto store = storage::CheckpointStore::Open((dir / "ckpt").string());
+    ASSERT_TRUE(store.ok()) << store.status();
+    EXPECT_EQ(*(*store)->Steps("proc"), (std::vector<int64_t>{2, 4}));
+  }
   Subprocess fresh(Train("--config " + job + " --fresh"));
   const std::string fresh_out = fresh.Drain();
   EXPECT_EQ(fresh.Wait(), 0) << fresh_out;
