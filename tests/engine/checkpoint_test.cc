@@ -439,6 +439,14 @@ TEST(CheckpointProcessTest, RandomKillsOfTwoRanksNeverLeaveABrokenOrLostCheckpoi
   KillSavingJobRepeatedly("proc-crash-2", 2, 10);
 }
 
+// The steps of `job` committed in the store at `root` (none when it cannot be read).
+std::vector<int64_t> SavedSteps(const fs::path& root, const std::string& job) {
+  auto store = storage::CheckpointStore::Open(root.string());
+  if (!store.ok()) return {};
+  auto steps = (*store)->Steps(job);
+  return steps.ok() ? *steps : std::vector<int64_t>{};
+}
+
 // Resuming an older step of the job's own store would remove the newer checkpoints,
 // which are committed work: refused, with nothing removed, unless --discard-newer asks.
 TEST(CheckpointProcessTest, ResumingAnOlderStepRemovesNewerCheckpointsOnlyWhenAsked) {
@@ -447,12 +455,7 @@ TEST(CheckpointProcessTest, ResumingAnOlderStepRemovesNewerCheckpointsOnlyWhenAs
   const auto saved = testing::RunCommand(Train("--config " + job));
   ASSERT_EQ(saved.exit_code, 0) << saved.output;
   const std::string three = (dir / "ckpt" / "proc" / "step-3").string();
-  auto steps = [&]() -> std::vector<int64_t> {
-    auto store = storage::CheckpointStore::Open((dir / "ckpt").string());
-    if (!store.ok()) return {};
-    auto s = (*store)->Steps("proc");
-    return s.ok() ? *s : std::vector<int64_t>{};
-  };
+  auto steps = [&] { return SavedSteps(dir / "ckpt", "proc"); };
   ASSERT_EQ(steps(), (std::vector<int64_t>{3, 6}));
 
   const auto refused = testing::RunCommand(Train("--config " + job + " -f " + three));
@@ -529,21 +532,15 @@ TEST(CheckpointProcessTest, ExistingCheckpointsAreNeverOverwrittenSilently) {
   EXPECT_NE(out.find("already has checkpoints (newest: step 4)"), std::string::npos) << out;
   // The checkpoints are looked at before the data: the run says what is wrong with them
   // at once, not after preparing a corpus.
-  Subprocess no_data(Train("--config " + job + " -d missing.u32"));
-  const std::string no_data_out = no_data.Drain();
-  EXPECT_EQ(no_data.Wait(), 2) << no_data_out;
-  EXPECT_NE(no_data_out.find("already has checkpoints"), std::string::npos) << no_data_out;
+  const auto no_data = testing::RunCommand(Train("--config " + job + " -d missing.u32"));
+  EXPECT_EQ(no_data.exit_code, 2) << no_data.output;
+  EXPECT_NE(no_data.output.find("already has checkpoints"), std::string::npos) << no_data.output;
   // --fresh removes them only once the rest of the run's input has been opened: a typo
   // in the data path loses no committed step.
-  Subprocess fresh_no_data(Train("--config " + job + " --fresh -d missing.u32"));
-  const std::string fresh_no_data_out = fresh_no_data.Drain();
-  EXPECT_EQ(fresh_no_data.Wait(), 2) << fresh_no_data_out;
-  EXPECT_NE(fresh_no_data_out.find("missing.u32"), std::string::npos) << fresh_no_data_out;
-  {
-    auto store = storage::CheckpointStore::Open((dir / "ckpt").string());
-    ASSERT_TRUE(store.ok()) << store.status();
-    EXPECT_EQ(*(*store)->Steps("proc"), (std::vector<int64_t>{2, 4}));
-  }
+  const auto fresh_no_data = testing::RunCommand(Train("--config " + job + " --fresh -d missing.u32"));
+  EXPECT_EQ(fresh_no_data.exit_code, 2) << fresh_no_data.output;
+  EXPECT_NE(fresh_no_data.output.find("missing.u32"), std::string::npos) << fresh_no_data.output;
+  EXPECT_EQ(SavedSteps(dir / "ckpt", "proc"), (std::vector<int64_t>{2, 4}));
   Subprocess fresh(Train("--config " + job + " --fresh"));
   const std::string fresh_out = fresh.Drain();
   EXPECT_EQ(fresh.Wait(), 0) << fresh_out;
