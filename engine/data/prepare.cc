@@ -44,7 +44,10 @@ bool AllDigits(std::string_view s) {
 // for any other file.
 int GenerationOf(std::string_view name) {
   if (name.ends_with(".tmp")) name.remove_suffix(4);
-  auto generation = [](std::string_view digits) { return AllDigits(digits) ? int(*ParseInt64(digits)) : -1; };
+  // As ShardName and TokenizerName write them: no leading zero.
+  auto generation = [](std::string_view digits) {
+    return AllDigits(digits) && digits[0] != '0' ? int(*ParseInt64(digits)) : -1;
+  };
   if (name == "tokenizer.model") return 0;
   if (name.starts_with("tokenizer-g") && name.ends_with(".model")) return generation(name.substr(11, name.size() - 17));
   if (!name.starts_with("shard-") || !name.ends_with(".tok")) return -1;
@@ -55,10 +58,16 @@ int GenerationOf(std::string_view name) {
   return generation(name.substr(1, dash - 1));
 }
 
-// A file that preparing writes into a dataset's folder: the folder's other files are the
-// user's, and preparing never touches them.
+// The record of a prepare under way: the generation it writes and the files of the
+// dataset it replaces. A killed run leaves it behind, and it is what lets the next run
+// remove that run's files and no others: a file of the folder's that no index and no
+// record names may be the user's (say, the tokenizer.model given to --tokenizer).
+constexpr char kPendingFile[] = "prepare.pending";
+
+// A file that preparing writes into a dataset's folder.
 bool IsDatasetFile(std::string_view name) {
-  return name == "index.json" || name == "index.json.tmp" || GenerationOf(name) >= 0;
+  return name == "index.json" || name == "index.json.tmp" || name == "prepare.pending.tmp" ||
+         GenerationOf(name) >= 0;
 }
 
 // Builds a dataset into o.out under `generation`'s file names, which no file in the folder
@@ -141,40 +150,79 @@ absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokeni
   return result;
 }
 
-// The dataset a folder holds: whether it has an index, and the files the index names when
-// it can be read (nothing else in the folder is in use). An index that cannot be read
-// leaves the files unknown.
+// The dataset a folder holds: whether it has an index, and the files it names when it
+// opens (nothing else in the folder is in use). One that does not open is left alone.
 struct DatasetInFolder {
   bool exists = false;
-  bool known = true;
+  bool opens = false;
   std::set<std::string> files;
 };
 
 DatasetInFolder ReadDatasetInFolder(const std::string& dir) {
   DatasetInFolder d;
   std::error_code ec;
-  if (!fs::exists(dir + "/index.json", ec)) return d;
-  d.exists = true;
+  d.exists = fs::exists(dir + "/index.json", ec);
+  if (!d.exists) return d;
   d.files = {"index.json"};
-  std::ifstream in(dir + "/index.json");
-  const nlohmann::json index = nlohmann::json::parse(in, nullptr, false);
-  try {
-    for (const auto& s : index.at("shards")) d.files.insert(s.at("file").get<std::string>());
-    if (index.contains("tokenizer")) d.files.insert(index["tokenizer"].get<std::string>());
-  } catch (const nlohmann::json::exception&) {
-    d.known = false;
-  }
+  auto opened = PreparedDataset::Open(dir);
+  if (!opened.ok()) return d;
+  d.opens = true;
+  for (const ShardInfo& shard : (*opened)->shards()) d.files.insert(shard.file);
+  const std::string tokenizer = (*opened)->tokenizer_path();
+  if (!tokenizer.empty()) d.files.insert(fs::path(tokenizer).filename().string());
   return d;
 }
 
-// Removes the dataset files in `dir` that `remove` picks.
-void RemoveDatasetFiles(const std::string& dir, const std::function<bool(const std::string& name)>& remove) {
+// Removes the dataset files in `dir` that `remove` picks, except `keep` (the tokenizer the
+// run was given, when it is one of them).
+void RemoveDatasetFiles(const std::string& dir, const fs::path& keep,
+                        const std::function<bool(const std::string& name)>& remove) {
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     const std::string name = entry.path().filename().string();
-    std::error_code removed;
-    if (IsDatasetFile(name) && remove(name)) fs::remove(entry.path(), removed);
+    std::error_code same, removed;
+    if (IsDatasetFile(name) && remove(name) && !fs::equivalent(entry.path(), keep, same)) {
+      fs::remove(entry.path(), removed);
+    }
   }
+}
+
+// A record the next prepare acts on: the generation being written and the files to remove
+// once it is in use.
+struct Pending {
+  int generation = -1;
+  std::set<std::string> replaces;
+};
+
+absl::Status WritePending(const std::string& dir, const Pending& p) {
+  const nlohmann::json record = {{"generation", p.generation}, {"replaces", p.replaces}};
+  return WriteFileAtomically(StrCat(dir, "/", kPendingFile), record.dump() + "\n");
+}
+
+// Finishes what a killed prepare left: its temporary files, and by its record its
+// generation's files, unless the index took them up, or else the files of the dataset
+// they replaced. Nothing while the index does not open, since then it cannot be told
+// which files are in use.
+void FinishPending(const std::string& dir, const fs::path& keep) {
+  const std::string path = StrCat(dir, "/", kPendingFile);
+  Pending p;
+  if (std::ifstream in(path); in) {
+    const nlohmann::json record = nlohmann::json::parse(in, nullptr, false);
+    try {
+      p.generation = record.at("generation").get<int>();
+      p.replaces = record.at("replaces").get<std::set<std::string>>();
+    } catch (const nlohmann::json::exception&) {
+      p = Pending{};  // not one of ours (they are written whole): its files cannot be told
+    }
+  }
+  const DatasetInFolder in_use = ReadDatasetInFolder(dir);
+  if (in_use.exists && !in_use.opens) return;
+  RemoveDatasetFiles(dir, keep, [&](const std::string& name) {
+    return !in_use.files.contains(name) && (GenerationOf(name) == p.generation || p.replaces.contains(name) ||
+                                           name == "index.json.tmp" || name == "prepare.pending.tmp");
+  });
+  std::error_code removed;
+  fs::remove(path, removed);
 }
 
 // The lowest generation that no file in `dir` belongs to.
@@ -214,20 +262,27 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
     return absl::InternalError(StrCat(o.out, ": cannot lock: ", std::strerror(errno)));
   }
   // The dataset in use stays whole, and readable by jobs that have it open, until the new
-  // one's index replaces its own. A killed run's files are gone first.
+  // one's index replaces its own. What a killed run left is gone first.
+  const fs::path keep = o.tokenizer;
+  FinishPending(o.out, keep);
   const DatasetInFolder in_use = ReadDatasetInFolder(o.out);
-  if (in_use.known) RemoveDatasetFiles(o.out, [&](const std::string& name) { return !in_use.files.contains(name); });
   if (in_use.exists && !o.overwrite) {
     return absl::AlreadyExistsError(StrCat(o.out, ": already holds a prepared dataset (pass --overwrite to replace it)"));
   }
-  const int generation = FreeGeneration(o.out);
-  auto result = BuildDataset(o, *tok, generation);
+  Pending pending{FreeGeneration(o.out), in_use.files};
+  pending.replaces.erase("index.json");  // replaced by the rename
+  if (auto s = WritePending(o.out, pending); !s.ok()) return s;
+  auto result = BuildDataset(o, *tok, pending.generation);
   if (!result.ok()) {
-    RemoveDatasetFiles(o.out, [&](const std::string& name) { return GenerationOf(name) == generation; });
-    return result;
+    RemoveDatasetFiles(o.out, keep, [&](const std::string& name) {
+      return GenerationOf(name) == pending.generation || name == "index.json.tmp";
+    });
+  } else {
+    // The new dataset's files are all of its own generation: none of them is replaced.
+    RemoveDatasetFiles(o.out, keep, [&](const std::string& name) { return pending.replaces.contains(name); });
   }
-  const DatasetInFolder built = ReadDatasetInFolder(o.out);
-  RemoveDatasetFiles(o.out, [&](const std::string& name) { return !built.files.contains(name); });
+  std::error_code removed;
+  fs::remove(StrCat(o.out, "/", kPendingFile), removed);
   return result;
 }
 

@@ -21,8 +21,9 @@ struct PrepareOptions {
   uint64_t shard_tokens = uint64_t{1} << 28;  // a new shard after this many tokens
   // Replace a dataset already in `out`. The new one is written beside it under other
   // file names, and only the rename of its index switches to it: a failed or killed run
-  // leaves the old one as it was, and jobs that have the old one open keep reading it. The
-  // next prepare into `out` removes what a killed run left.
+  // leaves the old one as it was, and jobs that have the old one open keep reading it. A
+  // run keeps a record (prepare.pending) while it works, by which the next prepare into
+  // `out` removes what a killed run left and nothing else.
   bool overwrite = false;
 };
 

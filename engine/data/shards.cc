@@ -182,7 +182,11 @@ absl::StatusOr<std::unique_ptr<PreparedDataset>> PreparedDataset::Open(const std
   }
   try {
     d->vocab_size_ = index["vocab_size"].get<int64_t>();
-    if (index.contains("tokenizer")) d->tokenizer_file_ = index["tokenizer"].get<std::string>();
+    if (index.contains("tokenizer")) {
+      d->tokenizer_file_ = index["tokenizer"].get<std::string>();
+    } else if (::access((dir + "/tokenizer.model").c_str(), F_OK) == 0) {
+      d->tokenizer_file_ = "tokenizer.model";  // the name before indexes named the tokenizer
+    }
     for (const auto& s : index["shards"]) {
       d->shards_.push_back({s.at("file").get<std::string>(), s.at("tokens").get<uint64_t>(),
                             s.at("documents").get<uint64_t>()});

@@ -82,7 +82,8 @@ class PreparedDataset final : public TokenSource {
   const std::vector<ShardInfo>& shards() const { return shards_; }
   // The index as written (tokenizer, sources, report).
   const std::string& index_json() const { return index_json_; }
-  // The SentencePiece model that made the tokens, as the index names it; "" when it names none.
+  // The SentencePiece model that made the tokens, as the index names it (an index from
+  // before it named one: tokenizer.model, when there is one); "" when it has none.
   std::string tokenizer_path() const { return tokenizer_file_.empty() ? "" : dir_ + "/" + tokenizer_file_; }
   // Recomputes every shard's checksum; DataLoss naming the shard on a mismatch.
   absl::Status Verify() const;

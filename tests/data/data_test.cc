@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <set>
 #include <sstream>
@@ -45,6 +46,15 @@ class DataTest : public ::testing::Test {
     fs::create_directories(p.parent_path());
     std::ofstream(p, std::ios::binary) << bytes;
     return p.string();
+  }
+  static std::string Read(const fs::path& path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  }
+  static std::set<std::string> FileNames(const fs::path& dir) {
+    std::set<std::string> names;
+    for (const auto& entry : fs::directory_iterator(dir)) names.insert(entry.path().filename().string());
+    return names;
   }
   std::string SampleDir() {
     auto d = UnpackSample();
@@ -246,8 +256,7 @@ TEST_F(DataTest, TruncatedGzipAndMissingInputAreReported) {
   for (int i = 0; i < 3000; ++i) lines += "{\"text\": \"gz document " + std::to_string(i) + "\"}\n";
   const std::string plain = Write("g.jsonl", lines);
   ASSERT_EQ(std::system(("gzip -kf " + plain).c_str()), 0);
-  std::ifstream in(plain + ".gz", std::ios::binary);
-  std::string gz((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string gz = Read(plain + ".gz");
   const std::string cut = Write("cut/g.jsonl.gz", gz.substr(0, gz.size() * 2 / 3));
   CorpusReport report;
   uint64_t n = 0;
@@ -304,26 +313,20 @@ TEST_F(DataTest, PreparedShardsHoldTheDocumentsInOrder) {
   EXPECT_EQ(stream, expected);
   // The same shard bytes for any thread count.
   const std::string again = prepare("again", 2, uint64_t{1} << 28);
-  std::ifstream f1(one + "/shard-00000.tok", std::ios::binary), f2(again + "/shard-00000.tok", std::ios::binary);
-  EXPECT_TRUE(std::equal(std::istreambuf_iterator<char>(f1), std::istreambuf_iterator<char>(),
-                         std::istreambuf_iterator<char>(f2)));
+  EXPECT_EQ(Read(one + "/shard-00000.tok"), Read(again + "/shard-00000.tok"));
   // Preparing over an existing dataset needs --overwrite.
   const PrepareOptions o = SampleOptions("one");
   EXPECT_EQ(PrepareDataset(o).status().code(), absl::StatusCode::kAlreadyExists);
 
   // An overwrite that fails leaves the old dataset whole; one that succeeds replaces it
   // and keeps the other files that were in the folder.
-  auto read = [](const std::string& path) {
-    std::ifstream f(path, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-  };
-  const std::string index = read(one + "/index.json");
+  const std::string index = Read(one + "/index.json");
   std::ofstream(one + "/notes.txt") << "kept";
   PrepareOptions failing = o;
   failing.overwrite = true;
   failing.input = Write("empty.jsonl", "");
   EXPECT_EQ(PrepareDataset(failing).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(read(one + "/index.json"), index);
+  EXPECT_EQ(Read(one + "/index.json"), index);
   ASSERT_TRUE(PreparedDataset::Open(one).ok());
   PrepareOptions smaller = o;
   smaller.overwrite = true;
@@ -335,53 +338,47 @@ TEST_F(DataTest, PreparedShardsHoldTheDocumentsInOrder) {
   ASSERT_TRUE(reopened.ok()) << reopened.status();
   EXPECT_EQ((*reopened)->shards().size(), size_t(replaced->shards));
   EXPECT_TRUE((*reopened)->Verify().ok());
-  EXPECT_EQ(read(one + "/notes.txt"), "kept");
+  EXPECT_EQ(Read(one + "/notes.txt"), "kept");
   // The folder holds what the new index names, and the other files.
   std::set<std::string> named = {"index.json", "notes.txt", "tokenizer-g1.model"};
   for (const ShardInfo& shard : (*reopened)->shards()) named.insert(shard.file);
-  std::set<std::string> found;
-  for (const auto& entry : fs::directory_iterator(one)) found.insert(entry.path().filename().string());
-  EXPECT_EQ(found, named);
+  EXPECT_EQ(FileNames(one), named);
 }
 
 // A prepare killed partway leaves files beside the dataset in use, which stays whole; the
-// next prepare into the folder removes them. Overwriting builds under names the dataset in
-// use does not have, and only the index's rename switches to them. One prepare at a time.
+// next prepare into the folder removes them, by the record the killed one kept, and no
+// other files. Overwriting builds under names the dataset in use does not have, and only
+// the index's rename switches to them. One prepare at a time.
 TEST_F(DataTest, APrepareKilledPartwayLeavesTheDatasetWholeAndTheNextCleansUp) {
   PrepareOptions o = SampleOptions("ds");
   ASSERT_TRUE(PrepareDataset(o).ok());
   const fs::path out = o.out;
-  auto names = [&] {
-    std::set<std::string> found;
-    for (const auto& entry : fs::directory_iterator(out)) found.insert(entry.path().filename().string());
-    return found;
-  };
-  const std::set<std::string> first = names();
+  const std::set<std::string> first = FileNames(out);
   EXPECT_TRUE(first.contains("shard-00000.tok") && first.contains("tokenizer.model"));
-  auto read_index = [&] {
-    std::ifstream f(out / "index.json");
-    return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-  };
-  const std::string index = read_index();
-  // What a killed overwrite leaves, and files of the user's that look a little like them.
-  for (const char* name : {"shard-g1-00000.tok", "tokenizer-g1.model.tmp", "index.json.tmp", "shard-notes.txt",
-                           "tokenizer-v2.model", "notes.txt"}) {
+  const std::string index = Read(out / "index.json");
+  // Files of the user's, two named like a dataset's: of another generation, and of none.
+  const std::set<std::string> users = {"shard-notes.txt", "tokenizer-v2.model", "notes.txt", "shard-g2-00000.tok",
+                                       "shard-g01-00000.tok"};
+  for (const std::string& name : users) std::ofstream(out / name) << "bytes";
+  // What an overwrite killed while it wrote generation 1 leaves: its files and its record.
+  for (const char* name : {"shard-g1-00000.tok", "tokenizer-g1.model.tmp", "index.json.tmp", "prepare.pending.tmp"}) {
     std::ofstream(out / name) << "bytes";
   }
+  std::ofstream(out / "prepare.pending") << R"({"generation": 1, "replaces": ["shard-00000.tok", "tokenizer.model"]})";
   ASSERT_TRUE(PreparedDataset::Open(out.string()).ok());
   EXPECT_EQ(PrepareDataset(o).status().code(), absl::StatusCode::kAlreadyExists);
   std::set<std::string> expected = first;
-  expected.insert({"shard-notes.txt", "tokenizer-v2.model", "notes.txt"});
-  EXPECT_EQ(names(), expected);
-  EXPECT_EQ(read_index(), index);
+  expected.insert(users.begin(), users.end());
+  EXPECT_EQ(FileNames(out), expected);
+  EXPECT_EQ(Read(out / "index.json"), index);
 
   // A build that fails (here: its index cannot be written) removes what it wrote.
   fs::create_directories(out / "index.json.tmp" / "in-the-way");
-  const std::set<std::string> before = names();
+  const std::set<std::string> before = FileNames(out);
   o.overwrite = true;
   EXPECT_EQ(PrepareDataset(o).status().code(), absl::StatusCode::kInternal);
-  EXPECT_EQ(names(), before);
-  EXPECT_EQ(read_index(), index);
+  EXPECT_EQ(FileNames(out), before);
+  EXPECT_EQ(Read(out / "index.json"), index);
   fs::remove_all(out / "index.json.tmp");
 
   // While another prepare writes into the folder, a second one is refused.
@@ -394,25 +391,78 @@ TEST_F(DataTest, APrepareKilledPartwayLeavesTheDatasetWholeAndTheNextCleansUp) {
   EXPECT_NE(refused.status().message().find("another prepare"), std::string::npos) << refused.status();
   ::close(held);
 
-  // The overwrite switches to the next generation's files and removes the old ones.
+  // The overwrite switches to the lowest free generation's files and removes the old ones.
   const auto replaced = PrepareDataset(o);
   ASSERT_TRUE(replaced.ok()) << replaced.status();
   auto d = PreparedDataset::Open(out.string());
   ASSERT_TRUE(d.ok()) << d.status();
   EXPECT_EQ((*d)->tokenizer_path(), (out / "tokenizer-g1.model").string());
-  expected = {"index.json", "tokenizer-g1.model", "shard-notes.txt", "tokenizer-v2.model", "notes.txt"};
+  expected = {"index.json", "tokenizer-g1.model"};
+  expected.insert(users.begin(), users.end());
   for (const ShardInfo& shard : (*d)->shards()) {
     EXPECT_TRUE(shard.file.starts_with("shard-g1-")) << shard.file;
     expected.insert(shard.file);
   }
   EXPECT_GT((*d)->shards().size(), 1u);
-  EXPECT_EQ(names(), expected);
+  EXPECT_EQ(FileNames(out), expected);
+  // Killed after its index went in: the next prepare removes the files it replaced.
+  for (const char* name : {"shard-00000.tok", "tokenizer.model"}) std::ofstream(out / name) << "bytes";
+  std::ofstream(out / "prepare.pending") << R"({"generation": 1, "replaces": ["shard-00000.tok", "tokenizer.model"]})";
+  o.overwrite = false;
+  EXPECT_EQ(PrepareDataset(o).status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(FileNames(out), expected);
   // And the next one goes back to the first names, free again.
+  o.overwrite = true;
   o.shard_tokens = uint64_t{1} << 28;
   ASSERT_TRUE(PrepareDataset(o).ok());
   expected = first;
-  expected.insert({"shard-notes.txt", "tokenizer-v2.model", "notes.txt"});
-  EXPECT_EQ(names(), expected);
+  expected.insert(users.begin(), users.end());
+  EXPECT_EQ(FileNames(out), expected);
+}
+
+// The tokenizer given to prepare may sit in the output folder under a dataset's name, as
+// `tokenizer train --out DIR/tokenizer` leaves it: it is the user's, and stays.
+TEST_F(DataTest, PrepareKeepsTheTokenizerItWasGivenInTheOutputFolder) {
+  PrepareOptions o = SampleOptions("ds");
+  const fs::path out = o.out;
+  fs::create_directories(out);
+  fs::copy_file(o.tokenizer, out / "tokenizer.model");
+  const std::string model = Read(out / "tokenizer.model");
+  o.tokenizer = (out / "tokenizer.model").string();
+  PrepareOptions failing = o;
+  failing.input = Write("empty.jsonl", "");
+  EXPECT_EQ(PrepareDataset(failing).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(FileNames(out), (std::set<std::string>{"tokenizer.model"}));
+  ASSERT_TRUE(PrepareDataset(o).ok());
+  o.overwrite = true;
+  ASSERT_TRUE(PrepareDataset(o).ok());
+  auto d = PreparedDataset::Open(out.string());
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ((*d)->tokenizer_path(), (out / "tokenizer-g2.model").string());
+  EXPECT_EQ(Read(out / "tokenizer.model"), model);
+  EXPECT_EQ(FileNames(out), (std::set<std::string>{"index.json", "tokenizer.model", "tokenizer-g2.model",
+                                                   "shard-g2-00000.tok"}));
+  // Given the dataset's own tokenizer, an overwrite keeps that file too.
+  o.tokenizer = (*d)->tokenizer_path();
+  ASSERT_TRUE(PrepareDataset(o).ok());
+  EXPECT_EQ(FileNames(out), (std::set<std::string>{"index.json", "tokenizer.model", "tokenizer-g1.model",
+                                                   "shard-g1-00000.tok", "tokenizer-g2.model"}));
+}
+
+// An index written before indexes named the tokenizer has it as tokenizer.model.
+TEST_F(DataTest, AnIndexThatNamesNoTokenizerHasTokenizerModel) {
+  const std::string one = (dir_ / "one").string();
+  ASSERT_TRUE(PrepareDataset(SampleOptions("one")).ok());
+  nlohmann::json index = nlohmann::json::parse(Read(one + "/index.json"));
+  index.erase("tokenizer");
+  std::ofstream(one + "/index.json", std::ios::trunc) << index.dump();
+  auto d = PreparedDataset::Open(one);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ((*d)->tokenizer_path(), one + "/tokenizer.model");
+  fs::remove(one + "/tokenizer.model");
+  d = PreparedDataset::Open(one);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ((*d)->tokenizer_path(), "");
 }
 
 // llama-data's command line: numbers in base 10 within their ranges, and inputs of the
