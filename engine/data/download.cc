@@ -1,5 +1,6 @@
 #include "data/download.h"
 #include "data/corpus.h"
+#include "data/shards.h"
 
 #include <curl/curl.h>
 #include <fcntl.h>
@@ -527,16 +528,7 @@ absl::Status WriteManifest(const fs::path& folder, const std::string& dataset, c
   json j = {{"dataset", dataset}, {"listing", json::array()}, {"verified", json::array()}};
   for (const auto& f : m.listing) j["listing"].push_back(ToJson(f));
   for (const auto& [path, f] : m.verified) j["verified"].push_back(ToJson(f));
-  const fs::path tmp = folder / (std::string(kManifest) + ".tmp");
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << j.dump(1) << "\n";
-    if (!out.flush()) return absl::InternalError(Errno("cannot write " + tmp.string()));
-  }
-  if (!FsyncPath(tmp, false) || std::rename(tmp.c_str(), (folder / kManifest).c_str()) != 0)
-    return absl::InternalError(Errno("cannot write " + (folder / kManifest).string()));
-  FsyncPath(folder, true);
-  return absl::OkStatus();
+  return WriteFileAtomically((folder / kManifest).string(), j.dump(1) + "\n");
 }
 
 // True when every wanted file of the recorded listing is verified and on disk.
