@@ -280,8 +280,8 @@ class StopGraceCheck {
 
 // `saving`: this run writes checkpoints into spec.checkpoint.dir, which is then opened
 // for writing; every other store is opened read-only and left untouched. Called before
-// the data is opened, so that a resume that cannot be done is told at once; it removes
-// nothing (see DiscardForFresh).
+// the data is opened, so that a resume that cannot be done is told at once (the store is
+// created, and held, from then on); it removes nothing (see DiscardForFresh).
 absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& common, bool saving) {
   ResumePoint r;
   const storage::StoreOptions write_options{int(spec.checkpoint.keep_last), false};
@@ -379,8 +379,8 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
   return r;
 }
 
-// --fresh: removes the job's checkpoints, committed work, and so only after the data, the
-// model and any weights given have been opened without error.
+// --fresh: removes the job's checkpoints, committed work, and so only once every rank has
+// opened the data and any weights given, and placed its state (offload tiers included).
 absl::Status DiscardForFresh(ResumePoint& r, const std::string& job) {
   if (!r.discard_all) return absl::OkStatus();
   auto dropped = r.store->DropNewerThan(job, -1);
@@ -872,7 +872,6 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     }
     if (lead) std::fprintf(stderr, "llama-train: weights from %s\n", common.init_from_hf.c_str());
   }
-  if (auto s = DiscardForFresh(*checkpoints, spec->name); !s.ok()) return Fail(s);
   // The optimizer state moves to its tier before a restore, so that the restore streams
   // it there instead of holding it whole in the backend's memory on the way: the CPU
   // backend's moments into the NVMe swap, a GPU's master weights and moments into host
@@ -939,6 +938,9 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                  HumanBytes(double(o.swap()->size())).c_str(), 100 * share, spec->offload.nvme_path.c_str(),
                  o.swap()->synchronous() ? " (io_uring is not available here: one request at a time)" : "");
   }
+  // Every rank has its state in place (StartRanks is collective): nothing of the run's
+  // input can fail any more, and --fresh may remove the checkpoints.
+  if (auto s = DiscardForFresh(*checkpoints, spec->name); !s.ok()) return Fail(s);
   // A training step's collectives (parallel.collective_timeout_s).
   (*comm)->set_timeout(std::chrono::milliseconds(int64_t(spec->parallel.collective_timeout_s * 1000)));
   StopGraceCheck stop_grace(common.stop_grace_ms);  // before the checkpointer, whose commits report to it

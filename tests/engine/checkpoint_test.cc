@@ -541,6 +541,14 @@ TEST(CheckpointProcessTest, ExistingCheckpointsAreNeverOverwrittenSilently) {
   EXPECT_EQ(fresh_no_data.exit_code, 2) << fresh_no_data.output;
   EXPECT_NE(fresh_no_data.output.find("missing.u32"), std::string::npos) << fresh_no_data.output;
   EXPECT_EQ(SavedSteps(dir / "ckpt", "proc"), (std::vector<int64_t>{2, 4}));
+  // Nor does an offload tier that cannot be set up, which the run finds after the data.
+  const std::string nvme_job = (dir / "nvme.yaml").string();
+  std::ofstream(nvme_job) << std::ifstream(job).rdbuf() << "offload: {optimizer: nvme, nvme_path: tokens.u32/swap}\n";
+  const auto fresh_no_swap = testing::RunCommand(Train("--config " + nvme_job + " --fresh"));
+  EXPECT_EQ(fresh_no_swap.exit_code, 2) << fresh_no_swap.output;
+  EXPECT_NE(fresh_no_swap.output.find("no such folder for the NVMe swap file"), std::string::npos)
+      << fresh_no_swap.output;
+  EXPECT_EQ(SavedSteps(dir / "ckpt", "proc"), (std::vector<int64_t>{2, 4}));
   Subprocess fresh(Train("--config " + job + " --fresh"));
   const std::string fresh_out = fresh.Drain();
   EXPECT_EQ(fresh.Wait(), 0) << fresh_out;
