@@ -468,40 +468,51 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   return absl::OkStatus();
 }
 
-// Writes the checkpoint's tokenizer model, if it has one, as a Hugging Face
-// LlamaTokenizer (tokenizer.model + tokenizer_config.json + special_tokens_map.json).
 namespace fs = std::filesystem;
 
-absl::StatusOr<bool> ExportTokenizer(const storage::CheckpointStore& store, const std::string& job, int64_t step,
-                                     const std::string& out) {
-  auto pieces = store.Pieces(job, step);
-  if (!pieces.ok()) return pieces.status();
+// The checkpoint's tokenizer model, if it has one: its bytes, checked to load.
+struct SavedTokenizer {
+  std::string bytes;
+  std::unique_ptr<data::Tokenizer> tokenizer;
+};
+
+absl::StatusOr<std::optional<SavedTokenizer>> ReadSavedTokenizer(const storage::CheckpointStore& store,
+                                                                 const std::string& job, int64_t step,
+                                                                 const std::vector<storage::PieceRecord>& pieces) {
   // The model's bytes are one u8 tensor of shape [n], in pieces that end at n.
   const storage::PieceRecord* record = nullptr;
   uint64_t size = 0;
-  for (const storage::PieceRecord& p : *pieces) {
+  for (const storage::PieceRecord& p : pieces) {
     if (p.name != kTokenizerTensor) continue;
     record = &p;
     size = std::max(size, p.end);
   }
-  if (record == nullptr) return false;
+  if (record == nullptr) return std::nullopt;
   constexpr uint64_t kLargestModel = uint64_t{1} << 30;  // SentencePiece models are megabytes
   if (size > kLargestModel || record->shape != std::vector<int64_t>{int64_t(size)}) {
     return absl::DataLossError(StrCat(store.StepDir(job, step), ": damaged checkpoint index: tensor '",
                                       kTokenizerTensor, "' has shape ", nlohmann::json(record->shape).dump(),
                                       " but pieces up to byte ", size, " (at most ", kLargestModel, ")"));
   }
-  std::string bytes(size, '\0');
-  if (auto s = store.ReadRange(job, step, kTokenizerTensor, storage::ElementType::kU8, 0, size, bytes.data()); !s.ok()) {
+  SavedTokenizer saved{std::string(size, '\0'), nullptr};
+  if (auto s = store.ReadRange(job, step, kTokenizerTensor, storage::ElementType::kU8, 0, size, saved.bytes.data());
+      !s.ok()) {
     return s;
   }
   std::string error;
-  auto tokenizer = data::Tokenizer::FromSerialized(bytes, &error);
-  if (!tokenizer) {
+  saved.tokenizer = data::Tokenizer::FromSerialized(saved.bytes, &error);
+  if (!saved.tokenizer) {
     return absl::DataLossError(StrCat(store.StepDir(job, step), ": the saved tokenizer does not load: ", error));
   }
+  return saved;
+}
+
+// Writes a tokenizer model as a Hugging Face LlamaTokenizer (tokenizer.model +
+// tokenizer_config.json + special_tokens_map.json).
+absl::Status WriteHuggingFaceTokenizer(const SavedTokenizer& saved, const std::string& out) {
+  const data::Tokenizer* tokenizer = saved.tokenizer.get();
   const fs::path dir(out);
-  std::ofstream(dir / "tokenizer.model", std::ios::binary | std::ios::trunc) << bytes;
+  std::ofstream(dir / "tokenizer.model", std::ios::binary | std::ios::trunc) << saved.bytes;
   const nlohmann::json special = {{"bos_token", tokenizer->IdToPiece(tokenizer->bos_id())},
                                   {"eos_token", tokenizer->IdToPiece(tokenizer->eos_id())},
                                   {"unk_token", tokenizer->IdToPiece(tokenizer->unk_id())}};
@@ -515,22 +526,20 @@ absl::StatusOr<bool> ExportTokenizer(const storage::CheckpointStore& store, cons
   std::ofstream config_out(dir / "tokenizer_config.json");
   config_out << config.dump(2) << "\n";
   if (!config_out) return absl::InternalError(StrCat(out, "/tokenizer_config.json: write failed"));
-  return true;
+  return absl::OkStatus();
 }
 
 // Every parameter of the checkpoint's model is saved with its shape, and its pieces hold
 // all its elements: the export's buffer is then no larger than what is on disk, whatever
 // the metadata's model says.
 absl::Status CheckParamsSaved(const storage::CheckpointStore& store, const std::string& job, int64_t step,
-                              const std::vector<ParamInfo>& params) {
-  auto pieces = store.Pieces(job, step);
-  if (!pieces.ok()) return pieces.status();
+                              const std::vector<storage::PieceRecord>& pieces, const std::vector<ParamInfo>& params) {
   struct Saved {
     std::vector<int64_t> shape;
     uint64_t elements = 0;
   };
   std::map<std::string, Saved> saved;
-  for (const storage::PieceRecord& p : *pieces) {
+  for (const storage::PieceRecord& p : pieces) {
     Saved& t = saved[p.name];
     t.shape = p.shape;
     t.elements += p.end - p.begin;
@@ -559,7 +568,12 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
   auto config = ModelConfigFromHfJson(meta.at("model").dump(), store.StepDir(job, step));
   if (!config.ok()) return config.status();
   const std::vector<ParamInfo> params = LlamaParamLayout(*config);
-  if (auto s = CheckParamsSaved(store, job, step, params); !s.ok()) return s;
+  // Everything is checked before anything is allocated or written.
+  auto pieces = store.Pieces(job, step);
+  if (!pieces.ok()) return pieces.status();
+  if (auto s = CheckParamsSaved(store, job, step, *pieces, params); !s.ok()) return s;
+  auto tokenizer = ReadSavedTokenizer(store, job, step, *pieces);
+  if (!tokenizer.ok()) return tokenizer.status();
   std::vector<float> data(NumParams(params));
   std::vector<storage::TensorToWrite> tensors;
   auto reader = store.OpenReader(job, step);
@@ -592,9 +606,10 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
   std::ofstream config_out(std::filesystem::path(out) / "config.json");
   config_out << hf.dump(2) << "\n";
   if (!config_out) return absl::InternalError(StrCat(out, "/config.json: write failed"));
-  auto tokenizer = ExportTokenizer(store, job, step, out);
-  if (!tokenizer.ok()) return tokenizer.status();
-  if (with_tokenizer != nullptr) *with_tokenizer = *tokenizer;
+  if (*tokenizer) {
+    if (auto s = WriteHuggingFaceTokenizer(**tokenizer, out); !s.ok()) return s;
+  }
+  if (with_tokenizer != nullptr) *with_tokenizer = tokenizer->has_value();
   return absl::OkStatus();
 }
 

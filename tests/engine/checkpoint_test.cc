@@ -186,7 +186,8 @@ TEST(CheckpointTrainingTest, DamagedMetadataIsAnErrorForRestoreAndExport) {
   ASSERT_TRUE(restore().ok());
   ASSERT_TRUE(export_hf().ok());
   // The tokenizer's record sizes the export's buffer: a shape its pieces do not fill is
-  // damage, not an allocation of 2^50 bytes.
+  // damage, not an allocation of 2^50 bytes, and found before any file is written.
+  fs::remove_all(out);
   for (const int64_t bad : {int64_t{1} << 50, int64_t{-1}, int64_t{5}}) {
     auto damaged = pieces;
     for (auto& p : damaged) {
@@ -196,6 +197,7 @@ TEST(CheckpointTrainingTest, DamagedMetadataIsAnErrorForRestoreAndExport) {
     const auto s = export_hf();
     ASSERT_TRUE(absl::IsDataLoss(s)) << s;
     EXPECT_NE(s.message().find(kTokenizerTensor), std::string::npos) << s;
+    EXPECT_FALSE(fs::exists(out)) << bad;
   }
 }
 
