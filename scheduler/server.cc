@@ -218,13 +218,11 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(Schedule
   // Leases expire even when no node calls: a timer ticks at the heartbeat interval.
   const auto period = std::chrono::milliseconds(std::max<int64_t>(50, scheduler->options().heartbeat_interval_ms / 2));
   server->timer_ = std::thread([s = server.get(), period] {
-    while (!s->stopping_.load()) {
-      // Slept in slices: Shutdown joins this thread, whatever the heartbeat interval.
-      for (auto slept = std::chrono::milliseconds(0); slept < period && !s->stopping_.load();
-           slept += std::chrono::milliseconds(10)) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
-      if (!s->stopping_.load()) s->scheduler_->Tick();
+    std::unique_lock lock(s->timer_mu_);
+    while (!s->timer_wake_.wait_for(lock, period, [s] { return s->stopping_.load(); })) {
+      lock.unlock();
+      s->scheduler_->Tick();
+      lock.lock();
     }
   });
   return server;
@@ -233,6 +231,11 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Start(Schedule
 void SchedulerServer::Shutdown() {
   if (stopping_.exchange(true)) return;
   if (server_ == nullptr) return;  // Start failed before the server or its timer existed.
+  {
+    // Taken after stopping_ is set, so the timer is either waiting (and woken) or sees it.
+    std::lock_guard lock(timer_mu_);
+  }
+  timer_wake_.notify_all();
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   if (timer_.joinable()) timer_.join();
 }

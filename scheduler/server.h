@@ -6,7 +6,9 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -48,6 +50,9 @@ class SchedulerServer {
   std::unique_ptr<RendezvousService> rendezvous_service_;
   std::unique_ptr<grpc::Server> server_;
   std::atomic<bool> stopping_{false};
+  // The lease timer waits on timer_wake_ between ticks; Shutdown wakes it.
+  std::mutex timer_mu_;
+  std::condition_variable timer_wake_;
   std::thread timer_;
 };
 
