@@ -62,24 +62,28 @@ std::optional<int64_t> StepOfFolderName(const std::string& name) {
   return step;
 }
 
-// Calls f(job, step, folder) for each <root>/<job>/step-<n> folder that holds nothing but
-// shard files (rank-*.shard): the folders a store writes, which it may remove.
+// Calls f(job, step, folder) for each <root>/<job>/step-<n> folder.
 template <typename F>
-void ForEachShardFolder(const std::string& root, F&& f) {
+void ForEachStepFolder(const std::string& root, F&& f) {
   std::error_code ec;
   for (const auto& job_dir : fs::directory_iterator(root, ec)) {
     if (!job_dir.is_directory(ec) || job_dir.path().filename() == "index") continue;
     for (const auto& step_dir : fs::directory_iterator(job_dir.path(), ec)) {
       const auto step = StepOfFolderName(step_dir.path().filename().string());
-      if (!step || !step_dir.is_directory(ec)) continue;
-      bool ours = true;
-      for (const auto& file : fs::directory_iterator(step_dir.path(), ec)) {
-        const std::string name = file.path().filename().string();
-        ours = ours && file.is_regular_file(ec) && name.starts_with("rank-") && name.ends_with(".shard");
-      }
-      if (ours) f(job_dir.path().filename().string(), *step, step_dir.path());
+      if (step && step_dir.is_directory(ec)) f(job_dir.path().filename().string(), *step, step_dir.path());
     }
   }
+}
+
+// A step folder holding nothing but shard files (rank-*.shard): one a store writes, which
+// it may remove.
+bool HoldsOnlyShards(const fs::path& dir) {
+  std::error_code ec;
+  for (const auto& file : fs::directory_iterator(dir, ec)) {
+    const std::string name = file.path().filename().string();
+    if (!file.is_regular_file(ec) || !name.starts_with("rank-") || !name.ends_with(".shard")) return false;
+  }
+  return true;
 }
 
 absl::Status IoError(const std::string& what, const std::string& path) {
@@ -252,8 +256,9 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
   db_options.max_open_files = 64;
   db_options.keep_log_file_num = 2;
   rocksdb::DB* db = nullptr;
+  const bool has_index = fs::exists(fs::path(index) / "CURRENT", ec);
   if (options.read_only) {
-    if (!fs::exists(fs::path(index) / "CURRENT", ec)) {
+    if (!has_index) {
       return absl::NotFoundError(
           fmt::format("{}: no checkpoint index here (expected {})", root, index));
     }
@@ -265,9 +270,11 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
   }
   // Without its index, the store cannot tell committed steps from a save that died
   // half-way, and would remove them all as leftovers: refuse before creating an empty one.
-  if (!fs::exists(fs::path(index) / "CURRENT", ec)) {
+  if (!has_index) {
     std::vector<std::string> found;
-    ForEachShardFolder(root, [&](const std::string&, int64_t, const fs::path& dir) { found.push_back(dir.string()); });
+    ForEachStepFolder(root, [&](const std::string&, int64_t, const fs::path& dir) {
+      if (HoldsOnlyShards(dir)) found.push_back(dir.string());
+    });
     if (!found.empty()) {
       return absl::FailedPreconditionError(fmt::format(
           "{}: holds {} checkpoint folder(s) ({}{}) but no checkpoint index ({}/CURRENT is missing), so their "
@@ -885,7 +892,7 @@ absl::Status CheckpointStore::RemoveUncommitted() {
   std::map<std::string, std::vector<int64_t>> committed;
   absl::Status status;
   std::error_code ec;
-  ForEachShardFolder(root_, [&](const std::string& job, int64_t step, const fs::path& dir) {
+  ForEachStepFolder(root_, [&](const std::string& job, int64_t step, const fs::path& dir) {
     if (!status.ok()) return;
     auto it = committed.find(job);
     if (it == committed.end()) {
@@ -896,7 +903,9 @@ absl::Status CheckpointStore::RemoveUncommitted() {
       }
       it = committed.emplace(job, *std::move(steps)).first;
     }
-    if (!std::binary_search(it->second.begin(), it->second.end(), step)) fs::remove_all(dir, ec);
+    if (!std::binary_search(it->second.begin(), it->second.end(), step) && HoldsOnlyShards(dir)) {
+      fs::remove_all(dir, ec);
+    }
   });
   return status;
 }
