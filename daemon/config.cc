@@ -81,7 +81,8 @@ absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {
     const auto* member = std::get_if<int64_t DaemonConfig::*>(&f.member);
     if (member == nullptr || !f.name.ends_with("_ms")) continue;
     if (const int64_t value = config.**member; value < 0 || value > kMaxDurationMs) {
-      return ConfigError(where, fmt::format("{}: {} is not within [0, {}] (30 days)", f.name, value, kMaxDurationMs));
+      return ConfigError(where, fmt::format("{}: {} is not within [0, {}] ({} days)", f.name, value,
+                                            kMaxDurationMs, kMaxDurationMs / 86'400'000));
     }
   }
   if (config.heartbeat_interval_ms <= 0 || config.lease_timeout_ms <= config.heartbeat_interval_ms) {
