@@ -72,11 +72,8 @@ absl::StatusOr<std::unique_ptr<ShardWriter>> ShardWriter::Create(const std::stri
   w->vocab_size_ = vocab_size;
   w->eos_id_ = eos_id;
   w->id_bytes_ = IdBytesFor(uint64_t(vocab_size));
-  // A new file, never the old one truncated: a job may still have the old shard mapped,
-  // and a truncated mapping is SIGBUS in its reader.
-  if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
-    return absl::InternalError(Errno(StrCat(path, ": cannot replace")));
-  }
+  // A new file, never one truncated: a job may have a shard mapped, and a truncated
+  // mapping is SIGBUS in its reader. (prepare picks names that no file has.)
   w->fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (w->fd_ < 0) return absl::InternalError(Errno(StrCat(path, ": cannot create")));
   // The header stays zero (no magic) until Finish: an unfinished shard never opens.
