@@ -242,7 +242,8 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
   auto tok = Tokenizer::Load(o.tokenizer, &error);
   if (!tok) return absl::InvalidArgumentError(StrCat("--tokenizer: ", error));
   if (tok->eos_id() < 0) {
-    return absl::InvalidArgumentError(StrCat(o.tokenizer, ": the tokenizer has no EOS id (documents are joined with EOS)"));
+    return absl::InvalidArgumentError(
+        StrCat(o.tokenizer, ": the tokenizer has no EOS id (documents are joined with EOS)"));
   }
   std::error_code ec;
   fs::create_directories(o.out, ec);
@@ -267,7 +268,8 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
   FinishPending(o.out, keep);
   const DatasetInFolder in_use = ReadDatasetInFolder(o.out);
   if (in_use.exists && !o.overwrite) {
-    return absl::AlreadyExistsError(StrCat(o.out, ": already holds a prepared dataset (pass --overwrite to replace it)"));
+    return absl::AlreadyExistsError(
+        StrCat(o.out, ": already holds a prepared dataset (pass --overwrite to replace it)"));
   }
   Pending pending{FreeGeneration(o.out), in_use.files};
   pending.replaces.erase("index.json");  // replaced by the rename
