@@ -34,8 +34,8 @@ absl::StatusOr<std::string> LocalDatasetPath(const std::string& dataset, const s
 struct OpenedData {
   std::unique_ptr<TokenSource> source;
   std::string description;  // what was opened, for the run's log
-  // The SentencePiece model that made the tokens (a prepared dataset's tokenizer.model);
-  // empty for bare token files, which do not say.
+  // The bytes of the SentencePiece model that made the tokens (a prepared dataset's
+  // tokenizer file); empty for bare token files, which do not say.
   std::string tokenizer_model;
 };
 

@@ -964,13 +964,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
           }
         });
     // Checkpoints carry the tokenizer that made the data, for exports.
-    if (!opened->tokenizer_model.empty()) {
-      std::ifstream in(opened->tokenizer_model, std::ios::binary);
-      std::stringstream bytes;
-      bytes << in.rdbuf();
-      if (!in) return Fail(absl::NotFoundError(opened->tokenizer_model + ": cannot read the dataset's tokenizer"));
-      checkpointer->set_tokenizer_model(bytes.str());
-    }
+    if (!opened->tokenizer_model.empty()) checkpointer->set_tokenizer_model(std::move(opened->tokenizer_model));
   }
 
   const bool json = common.log_format == "json";

@@ -671,6 +671,14 @@ TEST_F(DataTest, PreparingAgainLeavesAnOpenDatasetReadable) {
   ASSERT_TRUE(first.ok()) << first.status();
   auto d = PreparedDataset::Open(o.out);
   ASSERT_TRUE(d.ok()) << d.status();
+  // A job holds its tokenizer for its checkpoints, though the overwrite removes the file.
+  DataSpec spec;
+  spec.dataset = o.out;
+  auto job = OpenTrainingData(spec, 4096, [](const std::string&) {});
+  ASSERT_TRUE(job.ok()) << job.status();
+  const std::string tokenizer_file = (*d)->tokenizer_path(), tokenizer = Read(tokenizer_file);
+  ASSERT_FALSE(tokenizer.empty());
+  EXPECT_EQ(job->tokenizer_model, tokenizer);
   const int seq = 128;
   const size_t last = (*d)->NumWindows(seq) - 1;
   std::vector<int32_t> before(seq + 1), after(seq + 1);
@@ -680,6 +688,8 @@ TEST_F(DataTest, PreparingAgainLeavesAnOpenDatasetReadable) {
   ASSERT_TRUE(PrepareDataset(o).ok());
   (*d)->ReadWindow(last, seq, after.data());
   EXPECT_EQ(before, after);
+  EXPECT_FALSE(fs::exists(tokenizer_file));
+  EXPECT_EQ(job->tokenizer_model, tokenizer);
   EXPECT_TRUE((*d)->Verify().ok());
   auto again = PreparedDataset::Open(o.out);
   ASSERT_TRUE(again.ok()) << again.status();

@@ -8,6 +8,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include "backend/cpu/cpu_backend.h"
@@ -203,14 +204,14 @@ TEST(CheckpointTrainingTest, DamagedMetadataIsAnErrorForRestoreAndExport) {
 
 // ---- llama-train as a process ------------------------------------------------------
 
-std::string WriteJob(const fs::path& dir, int64_t steps, int64_t interval) {
+std::string WriteJob(const fs::path& dir, int64_t steps, int64_t interval, int64_t vocab_size = 40) {
   std::string tokens;
   for (int32_t id : Tokens(6000, 40)) tokens.append(reinterpret_cast<const char*>(&id), 4);
   std::ofstream(dir / "tokens.u32", std::ios::binary) << tokens;
   const std::string path = (dir / "job.yaml").string();
   std::ofstream(path) << "name: proc\n"
                       << "model: {hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2,\n"
-                      << "        num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 40,\n"
+                      << "        num_attention_heads: 4, num_key_value_heads: 2, vocab_size: " << vocab_size << ",\n"
                       << "        max_position_embeddings: 64}\n"
                       << "training: {max_length: 16, batch_size: 2, global_batch_size: 4, steps: " << steps
                       << ", lr: 3.0e-3, warmup_steps: 3}\n"
@@ -619,6 +620,21 @@ TEST(CheckpointProcessTest, ExportThenInitFromHf) {
   const std::string bad_out = bad.Drain();
   EXPECT_EQ(bad.Wait(), 2) << bad_out;
   EXPECT_NE(bad_out.find("not a checkpoint folder"), std::string::npos) << bad_out;
+}
+
+TEST(CheckpointProcessTest, AnExportCarriesTheTokenizerOfTheTrainingData) {
+  const fs::path dir = FreshDir("proc-hf-tokenizer");
+  Subprocess run(Train("--config " + WriteJob(dir, 2, 2, 4096) + " -d sample"));
+  ASSERT_EQ(run.Wait(), 0) << run.Drain();
+  const std::string hf = (dir / "hf").string();
+  Subprocess exp(std::string(LLAMA_TRAIN_BIN) + " export --load " + (dir / "ckpt/proc/step-2").string() + " --hf " + hf);
+  const std::string out = exp.Drain();
+  ASSERT_EQ(exp.Wait(), 0) << out;
+  EXPECT_NE(out.find("tokenizer.model"), std::string::npos) << out;
+  std::ifstream in(fs::path(hf) / "tokenizer.model", std::ios::binary);
+  std::stringstream tokenizer;
+  tokenizer << in.rdbuf();
+  EXPECT_EQ(tokenizer.str(), std::string(data::SampleTokenizer()));
 }
 
 }  // namespace
