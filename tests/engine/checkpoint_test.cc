@@ -221,6 +221,9 @@ std::string WriteJob(const fs::path& dir, int64_t steps, int64_t interval, int64
 }
 
 std::string Train(const std::string& args) { return std::string(LLAMA_TRAIN_BIN) + " train --threads 2 " + args; }
+std::string Export(const fs::path& step, const std::string& hf) {
+  return std::string(LLAMA_TRAIN_BIN) + " export --load " + step.string() + " --hf " + hf;
+}
 
 using llamad::testing::ReadUpToStep;
 using llamad::testing::StepLosses;
@@ -563,8 +566,7 @@ TEST(CheckpointProcessTest, ExistingCheckpointsAreNeverOverwrittenSilently) {
   EXPECT_NE(fresh_out.find("removed 2 checkpoint(s)"), std::string::npos) << fresh_out;
   // A read-only export elsewhere leaves unrelated folders alone.
   fs::create_directories(dir / "elsewhere" / "x" / "step-1");
-  Subprocess exp(std::string(LLAMA_TRAIN_BIN) + " export --load " + (dir / "elsewhere/x/step-1").string() +
-                 " --hf " + (dir / "hf").string());
+  Subprocess exp(Export(dir / "elsewhere/x/step-1", (dir / "hf").string()));
   const std::string exp_out = exp.Drain();
   EXPECT_EQ(exp.Wait(), 2) << exp_out;
   EXPECT_NE(exp_out.find("no checkpoint index"), std::string::npos) << exp_out;
@@ -595,7 +597,7 @@ TEST(CheckpointProcessTest, ExportThenInitFromHf) {
   Subprocess run(Train("--config " + job));
   ASSERT_EQ(run.Wait(), 0) << run.Drain();
   const std::string hf = (dir / "hf").string();
-  Subprocess exp(std::string(LLAMA_TRAIN_BIN) + " export --load " + (dir / "ckpt/proc/step-2").string() + " --hf " + hf);
+  Subprocess exp(Export(dir / "ckpt/proc/step-2", hf));
   ASSERT_EQ(exp.Wait(), 0) << exp.Drain();
   EXPECT_TRUE(fs::exists(fs::path(hf) / "model.safetensors"));
   Subprocess init(Train("--config " + job + " -o " + (dir / "ckpt2").string() + " --init-from-hf " + hf +
@@ -616,7 +618,7 @@ TEST(CheckpointProcessTest, ExportThenInitFromHf) {
     ASSERT_EQ(got.size(), 3u) << ranks << "\n" << zero_out;
     for (const auto& [step, loss] : expected) EXPECT_NEAR(got.at(step), loss, 1e-5 * loss) << ranks << " step " << step;
   }
-  Subprocess bad(std::string(LLAMA_TRAIN_BIN) + " export --load " + dir.string() + " --hf " + hf);
+  Subprocess bad(Export(dir, hf));
   const std::string bad_out = bad.Drain();
   EXPECT_EQ(bad.Wait(), 2) << bad_out;
   EXPECT_NE(bad_out.find("not a checkpoint folder"), std::string::npos) << bad_out;
@@ -627,7 +629,7 @@ TEST(CheckpointProcessTest, AnExportCarriesTheTokenizerOfTheTrainingData) {
   Subprocess run(Train("--config " + WriteJob(dir, 2, 2, 4096) + " -d sample"));
   ASSERT_EQ(run.Wait(), 0) << run.Drain();
   const std::string hf = (dir / "hf").string();
-  Subprocess exp(std::string(LLAMA_TRAIN_BIN) + " export --load " + (dir / "ckpt/proc/step-2").string() + " --hf " + hf);
+  Subprocess exp(Export(dir / "ckpt/proc/step-2", hf));
   const std::string out = exp.Drain();
   ASSERT_EQ(exp.Wait(), 0) << out;
   EXPECT_NE(out.find("tokenizer.model"), std::string::npos) << out;
