@@ -21,8 +21,8 @@ struct CorpusOptions {
   // Longer documents are split into parts of at most this many bytes (at a UTF-8
   // character boundary) and reported.
   size_t max_document_bytes = size_t{64} << 20;
-  // JSON Lines longer than this are skipped and reported, unparsed: a whole JSON array on
-  // one line (a .json file that is not JSON Lines) must not be held and parsed in memory.
+  // JSON Lines longer than this are skipped and reported, unparsed: it bounds what one
+  // line (say, a .json file that is a whole JSON array) holds in memory while parsed.
   size_t max_line_bytes = size_t{1} << 30;
 };
 

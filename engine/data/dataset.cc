@@ -11,7 +11,6 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 
 #include "core/strings.h"
 #include "data/corpus.h"
@@ -198,16 +197,7 @@ absl::StatusOr<OpenedData> OpenTrainingData(const DataSpec& spec, int64_t vocab_
   }
   out.description = StrCat(spec.dataset, " (", (*prepared)->documents(), " documents, ",
                            (*prepared)->num_tokens(), " tokens, prepared in ", *path, ")");
-  // The tokenizer is read now, with the shards mapped: preparing the dataset over while
-  // the job runs removes this generation's tokenizer file, and its checkpoints need it.
-  const std::string tokenizer_model = (*prepared)->tokenizer_path();
-  if (!tokenizer_model.empty() && fs::exists(tokenizer_model, ec)) {
-    std::ifstream in(tokenizer_model, std::ios::binary);
-    std::stringstream bytes;
-    bytes << in.rdbuf();
-    if (!in) return absl::NotFoundError(StrCat(tokenizer_model, ": cannot read the dataset's tokenizer"));
-    out.tokenizer_model = bytes.str();
-  }
+  out.tokenizer_model = (*prepared)->tokenizer_model();
   out.source = std::move(*prepared);
   return out;
 }

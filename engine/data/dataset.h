@@ -35,7 +35,7 @@ struct OpenedData {
   std::unique_ptr<TokenSource> source;
   std::string description;  // what was opened, for the run's log
   // The bytes of the SentencePiece model that made the tokens (a prepared dataset's
-  // tokenizer file); empty for bare token files, which do not say.
+  // tokenizer, read when it opened); empty for bare token files, which do not say.
   std::string tokenizer_model;
 };
 

@@ -151,10 +151,10 @@ absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokeni
 }
 
 // The dataset a folder holds: whether it has an index, and the files it names when it
-// opens (nothing else in the folder is in use). One that does not open is left alone.
+// can be read (nothing else in the folder is in use). One that cannot is left alone.
 struct DatasetInFolder {
   bool exists = false;
-  bool opens = false;
+  bool readable = false;
   std::set<std::string> files;
 };
 
@@ -164,12 +164,12 @@ DatasetInFolder ReadDatasetInFolder(const std::string& dir) {
   d.exists = fs::exists(dir + "/index.json", ec);
   if (!d.exists) return d;
   d.files = {"index.json"};
-  auto opened = PreparedDataset::Open(dir);
-  if (!opened.ok()) return d;
-  d.opens = true;
-  for (const ShardInfo& shard : (*opened)->shards()) d.files.insert(shard.file);
-  const std::string tokenizer = (*opened)->tokenizer_path();
-  if (!tokenizer.empty()) d.files.insert(fs::path(tokenizer).filename().string());
+  // The index alone says which files are in use: a damaged shard is still replaced.
+  auto index = ReadDatasetIndex(dir);
+  if (!index.ok()) return d;
+  d.readable = true;
+  for (const ShardInfo& shard : index->shards) d.files.insert(shard.file);
+  if (!index->tokenizer_file.empty()) d.files.insert(index->tokenizer_file);
   return d;
 }
 
@@ -201,9 +201,10 @@ absl::Status WritePending(const std::string& dir, const Pending& p) {
 
 // Finishes what a killed prepare left: its temporary files, and by its record its
 // generation's files, unless the index took them up, or else the files of the dataset
-// they replaced. Nothing while the index does not open, since then it cannot be told
-// which files are in use.
-void FinishPending(const std::string& dir, const fs::path& keep) {
+// they replaced. Returns the dataset in use. While its index cannot be read, which files
+// are in use cannot be told: nothing is removed, and the record is returned in `unfinished`
+// for the next record to carry on.
+DatasetInFolder FinishPending(const std::string& dir, const fs::path& keep, Pending* unfinished) {
   const std::string path = StrCat(dir, "/", kPendingFile);
   Pending p;
   if (std::ifstream in(path); in) {
@@ -215,14 +216,18 @@ void FinishPending(const std::string& dir, const fs::path& keep) {
       p = Pending{};  // not one of ours (they are written whole): its files cannot be told
     }
   }
-  const DatasetInFolder in_use = ReadDatasetInFolder(dir);
-  if (in_use.exists && !in_use.opens) return;
+  DatasetInFolder in_use = ReadDatasetInFolder(dir);
+  if (in_use.exists && !in_use.readable) {
+    *unfinished = std::move(p);
+    return in_use;
+  }
   RemoveDatasetFiles(dir, keep, [&](const std::string& name) {
     return !in_use.files.contains(name) && (GenerationOf(name) == p.generation || p.replaces.contains(name) ||
                                            name == "index.json.tmp" || name == "prepare.pending.tmp");
   });
   std::error_code removed;
   fs::remove(path, removed);
+  return in_use;
 }
 
 // The lowest generation that no file in `dir` belongs to.
@@ -265,14 +270,23 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
   // The dataset in use stays whole, and readable by jobs that have it open, until the new
   // one's index replaces its own. What a killed run left is gone first.
   const fs::path keep = o.tokenizer;
-  FinishPending(o.out, keep);
-  const DatasetInFolder in_use = ReadDatasetInFolder(o.out);
+  Pending unfinished;
+  const DatasetInFolder in_use = FinishPending(o.out, keep, &unfinished);
   if (in_use.exists && !o.overwrite) {
     return absl::AlreadyExistsError(
         StrCat(o.out, ": already holds a prepared dataset (pass --overwrite to replace it)"));
   }
   Pending pending{FreeGeneration(o.out), in_use.files};
   pending.replaces.erase("index.json");  // replaced by the rename
+  // A killed run's files that could not be told from those in use go with them.
+  pending.replaces.merge(unfinished.replaces);
+  for (const auto& entry : fs::directory_iterator(o.out, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (unfinished.generation >= 0 && GenerationOf(name) == unfinished.generation) pending.replaces.insert(name);
+  }
+  // The new dataset's files are all of its own generation, which a name the old index
+  // gives without a file may share: none of them is replaced.
+  std::erase_if(pending.replaces, [&](const std::string& name) { return GenerationOf(name) == pending.generation; });
   if (auto s = WritePending(o.out, pending); !s.ok()) return s;
   auto result = BuildDataset(o, *tok, pending.generation);
   if (!result.ok()) {
@@ -280,7 +294,6 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
       return GenerationOf(name) == pending.generation || name == "index.json.tmp";
     });
   } else {
-    // The new dataset's files are all of its own generation: none of them is replaced.
     RemoveDatasetFiles(o.out, keep, [&](const std::string& name) { return pending.replaces.contains(name); });
   }
   std::error_code removed;

@@ -1,7 +1,8 @@
 // Raw corpus -> prepared dataset: reads documents (corpus.h), tokenizes them on several
 // threads (the output does not depend on the thread count) and packs them into shards
-// (shards.h). The folder gets index.json last, so an interrupted run leaves no dataset.
-// The index names the dataset's files; the folder's other files are left alone.
+// (shards.h). The folder gets index.json last, so an interrupted run leaves no new
+// dataset (and an overwrite the old one whole). The index names the dataset's files; the
+// folder's other files are left alone.
 #pragma once
 
 #include <cstdint>

@@ -156,18 +156,17 @@ PreparedDataset::~PreparedDataset() {
   }
 }
 
-absl::StatusOr<std::unique_ptr<PreparedDataset>> PreparedDataset::Open(const std::string& dir) {
+absl::StatusOr<DatasetIndex> ReadDatasetIndex(const std::string& dir) {
   const std::string index_path = dir + "/index.json";
   std::ifstream in(index_path);
   if (!in) {
     return absl::NotFoundError(StrCat(dir, ": not a prepared dataset (no index.json; `llama-data prepare` makes one)"));
   }
-  std::unique_ptr<PreparedDataset> d(new PreparedDataset());
-  d->dir_ = dir;
+  DatasetIndex d;
   std::stringstream text;
   text << in.rdbuf();
-  d->index_json_ = text.str();
-  const nlohmann::json index = nlohmann::json::parse(d->index_json_, nullptr, false);
+  d.json = text.str();
+  const nlohmann::json index = nlohmann::json::parse(d.json, nullptr, false);
   if (!index.is_object() || !index.contains("format") || index["format"] != kDatasetFormat ||
       !index.contains("shards") || !index["shards"].is_array() || !index.contains("vocab_size")) {
     return absl::DataLossError(StrCat(index_path, ": not a llamad-tokens index"));
@@ -178,35 +177,58 @@ absl::StatusOr<std::unique_ptr<PreparedDataset>> PreparedDataset::Open(const std
                                              ", this build reads version ", kDatasetVersion));
   }
   try {
-    d->vocab_size_ = index["vocab_size"].get<int64_t>();
+    d.vocab_size = index["vocab_size"].get<int64_t>();
     if (index.contains("tokenizer")) {
-      d->tokenizer_file_ = index["tokenizer"].get<std::string>();
+      d.tokenizer_file = index["tokenizer"].get<std::string>();
     } else if (::access((dir + "/tokenizer.model").c_str(), F_OK) == 0) {
-      d->tokenizer_file_ = "tokenizer.model";  // the name before indexes named the tokenizer
+      d.tokenizer_file = "tokenizer.model";  // the name before indexes named the tokenizer
     }
     for (const auto& s : index["shards"]) {
-      d->shards_.push_back({s.at("file").get<std::string>(), s.at("tokens").get<uint64_t>(),
-                            s.at("documents").get<uint64_t>()});
+      d.shards.push_back({s.at("file").get<std::string>(), s.at("tokens").get<uint64_t>(),
+                          s.at("documents").get<uint64_t>()});
     }
   } catch (const std::exception& e) {
     return absl::DataLossError(StrCat(index_path, ": ", e.what()));
   }
-  if (d->vocab_size_ <= 0) {
-    return absl::DataLossError(StrCat(index_path, ": vocab_size ", d->vocab_size_, " is not positive"));
+  if (d.vocab_size <= 0) {
+    return absl::DataLossError(StrCat(index_path, ": vocab_size ", d.vocab_size, " is not positive"));
   }
   // The files the index names are in the dataset's folder.
   auto outside = [](const std::string& name) {
     return name.find("..") != std::string::npos || name.find('/') != std::string::npos;
   };
-  if (outside(d->tokenizer_file_)) {
-    return absl::DataLossError(
-        StrCat(index_path, ": tokenizer '", d->tokenizer_file_, "' is not a file in the folder"));
+  if (outside(d.tokenizer_file)) {
+    return absl::DataLossError(StrCat(index_path, ": tokenizer '", d.tokenizer_file, "' is not a file in the folder"));
   }
-  for (const ShardInfo& info : d->shards_) {
-    const std::string path = dir + "/" + info.file;
+  for (const ShardInfo& info : d.shards) {
     if (outside(info.file)) {
       return absl::DataLossError(StrCat(index_path, ": shard name '", info.file, "' is not a file in the folder"));
     }
+  }
+  return d;
+}
+
+absl::StatusOr<std::unique_ptr<PreparedDataset>> PreparedDataset::Open(const std::string& dir) {
+  auto index = ReadDatasetIndex(dir);
+  if (!index.ok()) return index.status();
+  std::unique_ptr<PreparedDataset> d(new PreparedDataset());
+  d->dir_ = dir;
+  d->index_json_ = std::move(index->json);
+  d->vocab_size_ = index->vocab_size;
+  d->tokenizer_file_ = std::move(index->tokenizer_file);
+  d->shards_ = std::move(index->shards);
+  // The tokenizer is read with the shards opened: preparing the folder over removes this
+  // generation's files, and a job that has the shards mapped still needs their tokenizer.
+  if (!d->tokenizer_file_.empty()) {
+    const std::string path = dir + "/" + d->tokenizer_file_;
+    std::ifstream model(path, std::ios::binary);
+    std::stringstream bytes;
+    bytes << model.rdbuf();
+    if (!model) return absl::NotFoundError(StrCat(path, ": the index names this tokenizer, which cannot be read"));
+    d->tokenizer_model_ = bytes.str();
+  }
+  for (const ShardInfo& info : d->shards_) {
+    const std::string path = dir + "/" + info.file;
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return absl::NotFoundError(Errno(StrCat(path, ": cannot open")));
     struct stat st{};

@@ -65,10 +65,23 @@ struct ShardInfo {
   uint64_t documents = 0;
 };
 
+// What a prepared dataset's index.json says, checked in itself but not against the files
+// it names (which are all in the dataset's folder).
+struct DatasetIndex {
+  std::string json;  // as written
+  int64_t vocab_size = 0;
+  // The SentencePiece model that made the tokens (an index from before indexes named it:
+  // tokenizer.model, when there is one); "" when it has none.
+  std::string tokenizer_file;
+  std::vector<ShardInfo> shards;
+};
+absl::StatusOr<DatasetIndex> ReadDatasetIndex(const std::string& dir);
+
 // An open, memory-mapped prepared dataset.
 class PreparedDataset final : public TokenSource {
  public:
-  // Opens dir/index.json and maps every shard, checking headers against the index.
+  // Opens dir/index.json, maps every shard, checking headers against the index, and reads
+  // the tokenizer it names.
   static absl::StatusOr<std::unique_ptr<PreparedDataset>> Open(const std::string& dir);
   ~PreparedDataset() override;
 
@@ -82,9 +95,10 @@ class PreparedDataset final : public TokenSource {
   const std::vector<ShardInfo>& shards() const { return shards_; }
   // The index as written (tokenizer, sources, report).
   const std::string& index_json() const { return index_json_; }
-  // The SentencePiece model that made the tokens, as the index names it (an index from
-  // before it named one: tokenizer.model, when there is one); "" when it has none.
+  // The index's tokenizer (DatasetIndex::tokenizer_file) in the folder; "" when it has none.
   std::string tokenizer_path() const { return tokenizer_file_.empty() ? "" : dir_ + "/" + tokenizer_file_; }
+  // That tokenizer's bytes as they were when the dataset was opened; "" when it has none.
+  const std::string& tokenizer_model() const { return tokenizer_model_; }
   // Recomputes every shard's checksum; DataLoss naming the shard on a mismatch.
   absl::Status Verify() const;
   // Document d of shard s as ids (without its EOS). OutOfRange past the shard's last;
@@ -104,7 +118,7 @@ class PreparedDataset final : public TokenSource {
   // Prefix sums of windows per shard for seq_len (cached); windows_mu_ held.
   const std::vector<uint64_t>& WindowStarts(int seq_len) const;
 
-  std::string dir_, index_json_, tokenizer_file_;
+  std::string dir_, index_json_, tokenizer_file_, tokenizer_model_;
   int64_t vocab_size_ = 0;
   uint64_t tokens_ = 0, documents_ = 0;
   std::vector<ShardInfo> shards_;

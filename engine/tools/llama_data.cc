@@ -145,7 +145,7 @@ int Inspect(const std::string& dir, bool verify, int docs) {
   }
   if (docs > 0 && !(*d)->shards().empty()) {
     std::string error;
-    auto tok = Tokenizer::Load((*d)->tokenizer_path(), &error);
+    auto tok = Tokenizer::FromSerialized((*d)->tokenizer_model(), &error);
     for (int i = 0; i < docs && uint64_t(i) < (*d)->shards()[0].documents; ++i) {
       const auto document = (*d)->Document(0, uint64_t(i));
       if (!document.ok()) return Fail(document.status());
