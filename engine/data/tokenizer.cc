@@ -87,7 +87,8 @@ class LineIterator : public sentencepiece::SentenceIterator {
 
 std::string TrainTokenizer(const TokenizerTrainOptions& o,
                            const std::function<bool(std::string* line)>& next_line) {
-  const int threads = ThreadsOrAllCores(o.threads);
+  // SentencePiece's trainer takes 1 to 128 threads; a larger machine trains on 128.
+  const int threads = std::min(ThreadsOrAllCores(o.threads), kMaxTokenizerTrainThreads);
   // LLaMA's tokenizer settings: BPE with byte fallback (no unknown bytes), digits split,
   // no normalisation and whitespace kept as is. A map, not SentencePiece's "--k=v ..."
   // text, so that a prefix with spaces stays one value.

@@ -52,11 +52,15 @@ class Tokenizer {
 std::vector<std::vector<int32_t>> EncodeAll(const Tokenizer& tokenizer, const std::vector<std::string>& texts,
                                             int threads);
 
+// SentencePiece's limits on its trainer: threads, and a line sample of 0 (all) or above 100.
+inline constexpr int kMaxTokenizerTrainThreads = 128;
+inline constexpr int64_t kMinTokenizerSentenceSample = 101;
+
 struct TokenizerTrainOptions {
   std::string model_prefix;  // writes <prefix>.model and <prefix>.vocab
   int vocab_size = 32000;
-  int threads = 0;           // 0: all cores
-  // Sentences (lines) sampled for training, and the longest line used (bytes).
+  int threads = 0;           // 0: all cores, at most kMaxTokenizerTrainThreads
+  // Sentences (lines) sampled for training (0: all), and the longest line used (bytes).
   int64_t input_sentence_size = 2000000;
   int max_sentence_length = 16384;
   uint64_t seed = 42;

@@ -187,10 +187,18 @@ int Main(int argc, char** argv) {
   tok_train->add_option("-d,--dataset", dataset, "Corpus file or folder, 'sample', or a Hugging Face dataset")->required();
   tok_train->add_option("--vocab-size", train.vocab_size, "Pieces")->check(CLI::Range(260, 1 << 20));
   tok_train->add_option("--out", train.model_prefix, "Output prefix (PREFIX.model, PREFIX.vocab)")->required();
-  // SentencePiece's own limit.
-  tok_train->add_option("--threads", train.threads, "Trainer threads (default: all cores)")->check(CLI::Range(0, 128));
+  tok_train->add_option("--threads", train.threads, "Trainer threads (default: all cores, at most 128)")
+      ->check(CLI::Range(0, kMaxTokenizerTrainThreads));
   tok_train->add_option("--input-sentence-size", train.input_sentence_size, "Lines sampled for training (0: all)")
-      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40))
+      ->check(CLI::Validator(
+          [](std::string& value) -> std::string {
+            const auto lines = ParseInt64(value);
+            if (!lines || *lines == 0 || *lines >= kMinTokenizerSentenceSample) return "";
+            return StrCat("Value ", value, " is too small a sample: 0 (all lines) or at least ",
+                          kMinTokenizerSentenceSample);
+          },
+          "0 or at least 101"));
   tok_train->add_option("--seed", train.seed, "Seed of the line sample");
   tok_train->add_flag("--strict", corpus.strict, "Fail on the first malformed input");
   auto* tok_encode = tok->add_subcommand("encode", "Print ids per input line (as spm_encode --output_format=id)");

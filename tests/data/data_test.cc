@@ -109,6 +109,31 @@ TEST_F(DataTest, SampleTokenizerHasLlamaLayout) {
   }
 }
 
+// A tokenizer trained here has LLaMA's layout and round-trips text. More threads than
+// SentencePiece's trainer takes (128) train on 128, as on a machine with more cores.
+TEST_F(DataTest, TrainsATokenizerWithLlamasLayout) {
+  const std::vector<std::string> docs = SampleDocuments();
+  TokenizerTrainOptions o;
+  o.model_prefix = (dir_ / "trained").string();
+  o.vocab_size = 600;
+  o.threads = 200;
+  size_t next = 0;
+  const std::string error = TrainTokenizer(o, [&](std::string* line) {
+    if (next == 300 || next == docs.size()) return false;
+    *line = docs[next++];
+    return true;
+  });
+  ASSERT_EQ(error, "");
+  std::string load_error;
+  auto tok = Tokenizer::Load(o.model_prefix + ".model", &load_error);
+  ASSERT_TRUE(tok) << load_error;
+  EXPECT_EQ(tok->vocab_size(), 600);
+  EXPECT_EQ(tok->eos_id(), 2);
+  EXPECT_EQ(tok->IdToPiece(3), "<0x00>");
+  const std::string text = "Tokenizers split 12345 digits, and bytes: \xe2\x82\xac.";
+  EXPECT_EQ(tok->Decode(tok->Encode(text)), text);
+}
+
 TEST_F(DataTest, TokenizerRoundTripsTheWholeCorpus) {
   auto tok = SampleTokenizer();
   const auto docs = SampleDocuments();
@@ -509,6 +534,8 @@ TEST_F(DataTest, BadCommandLinesExitWith2AndNameTheProblem) {
       {" tokenizer encode --tokenizer " + tokenizer + " --input " + dir_.string(), "is a folder, not a text file"},
       {" tokenizer train -d sample --out " + (dir_ / "tok").string() + " --threads 129",
        "--threads: Value 129 not in range"},
+      {" tokenizer train -d sample --out " + (dir_ / "tok").string() + " --input-sentence-size 100",
+       "--input-sentence-size: Value 100 is too small a sample: 0 (all lines) or at least 101"},
       {" tokenizer train -d sample --out " + (dir_ / "tok").string() + " --seed -1",
        "--seed: '-1' is not a non-negative whole number"},
   };
