@@ -276,7 +276,8 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
       if (HoldsOnlyShards(dir)) found.push_back(dir.string());
     });
     if (!found.empty()) {
-      return absl::FailedPreconditionError(fmt::format(
+      // DataLoss, not FailedPrecondition, which says another process holds the index.
+      return absl::DataLossError(fmt::format(
           "{}: holds {} checkpoint folder(s) ({}{}) but no checkpoint index ({}/CURRENT is missing), so their "
           "steps cannot be told committed from unfinished; restore the index folder, or move the step folders "
           "elsewhere",

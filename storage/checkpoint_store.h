@@ -113,8 +113,9 @@ class CheckpointStore {
  public:
   // Opens (creating) the store at `root` and removes leftovers of uncommitted saves;
   // with options.read_only, opens an existing index and touches nothing. A root that
-  // holds step folders but no index is FailedPrecondition: nothing tells their steps
-  // committed from unfinished, so nothing is removed or created.
+  // holds step folders but no index is DataLoss: nothing tells their steps committed
+  // from unfinished, so nothing is removed or created. An index another process holds
+  // open for writing is FailedPrecondition.
   static absl::StatusOr<std::unique_ptr<CheckpointStore>> Open(const std::string& root,
                                                                const StoreOptions& options = {});
   ~CheckpointStore();

@@ -403,6 +403,12 @@ TEST(CheckpointProcessTest, ARunWaitsForTheStoreThatItsPreviousRunStillHolds) {
   const std::string output = second.Drain();
   EXPECT_EQ(second.Wait(), 0) << output;
   EXPECT_NE(output.find("resumed job 'proc' at step 4"), std::string::npos) << output;
+  // A store whose index is gone is not one that another process holds: refused at once.
+  fs::remove_all(dir / "ckpt" / "index");
+  const auto no_index = testing::RunCommand(Train("--config " + job + " -f latest"));
+  EXPECT_EQ(no_index.exit_code, 2) << no_index.output;
+  EXPECT_NE(no_index.output.find("no checkpoint index"), std::string::npos) << no_index.output;
+  EXPECT_EQ(no_index.output.find("another process"), std::string::npos) << no_index.output;
 }
 
 // Kills a job that saves after every step at random moments, `trials` times, resuming
