@@ -201,8 +201,8 @@ struct ResumePoint {
   std::unique_ptr<storage::CheckpointStore> store;  // where to save (may be null)
   std::unique_ptr<storage::CheckpointStore> source; // where to resume from, when elsewhere
   int64_t step = -1;                                // -1: start fresh
-  // --fresh with checkpoints of the job in `store`: they are removed by DiscardForFresh
-  // once the run has checked everything else it was given.
+  // --fresh with checkpoints of the job in `store`: they are removed by
+  // DiscardNewerCheckpoints once the run has checked everything else it was given.
   bool discard_all = false;
 };
 
@@ -281,7 +281,7 @@ class StopGraceCheck {
 // `saving`: this run writes checkpoints into spec.checkpoint.dir, which is then opened
 // for writing; every other store is opened read-only and left untouched. Called before
 // the data is opened, so that a resume that cannot be done is told at once (the store is
-// created, and held, from then on); it removes nothing (see DiscardForFresh).
+// created, and held, from then on); it removes nothing (see DiscardNewerCheckpoints).
 absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& common, bool saving) {
   ResumePoint r;
   const storage::StoreOptions write_options{int(spec.checkpoint.keep_last), false};
@@ -364,8 +364,8 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
     if (!latest.ok()) return latest.status();
     r.step = *latest;
   }
-  // The run removes the job's checkpoints past the step it resumes (see RunTrain); they
-  // are committed work, so only when asked.
+  // The run removes the job's checkpoints past the step it resumes (see
+  // DiscardNewerCheckpoints); they are committed work, so only when asked.
   if (r.store && !common.discard_newer) {
     auto newest = r.store->LatestStep(spec.name);
     if (newest.ok() && *newest > r.step) {
@@ -379,13 +379,23 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
   return r;
 }
 
-// --fresh: removes the job's checkpoints, committed work, and so only once every rank has
-// opened the data and any weights given, and placed its state (offload tiers included).
-absl::Status DiscardForFresh(ResumePoint& r, const std::string& job) {
-  if (!r.discard_all) return absl::OkStatus();
-  auto dropped = r.store->DropNewerThan(job, -1);
+// Removes the job's checkpoints newer than the step the run resumed (`resumed`; -1 when
+// it starts fresh): another history, which this run's saves would collide with. With
+// --fresh that is all of them. They are committed work: this runs once every rank has
+// opened the data and any weights given and placed its state (offload tiers included),
+// and not at all when the run has nothing to train, and so saves nothing.
+absl::Status DiscardNewerCheckpoints(ResumePoint& r, const std::string& job, int64_t resumed, int64_t steps) {
+  if (!r.store || (resumed < 0 && !r.discard_all) || resumed >= steps) return absl::OkStatus();
+  auto dropped = r.store->DropNewerThan(job, resumed);
   if (!dropped.ok()) return dropped.status();
-  std::fprintf(stderr, "llama-train: --fresh: removed %zu checkpoint(s) of job '%s'\n", dropped->size(), job.c_str());
+  if (resumed < 0) {
+    std::fprintf(stderr, "llama-train: --fresh: removed %zu checkpoint(s) of job '%s'\n", dropped->size(),
+                 job.c_str());
+  }
+  for (int64_t step : resumed < 0 ? std::vector<int64_t>{} : *dropped) {
+    std::fprintf(stderr, "llama-train: removed checkpoint step %lld, newer than the resumed step\n",
+                 (long long)step);
+  }
   r.discard_all = false;
   return absl::OkStatus();
 }
@@ -903,23 +913,21 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   if (lead && resumed >= 0) {
     std::fprintf(stderr, "llama-train: resumed job '%s' at step %lld from %s\n", spec->name.c_str(),
                  (long long)(*trainer)->step(), from->root().c_str());
-    if (checkpoints->store) {
-      // Checkpoints past the resumed step belong to another history; this run's saves
-      // would collide with them.
-      auto dropped = checkpoints->store->DropNewerThan(spec->name, (*trainer)->step());
-      if (!dropped.ok()) return Fail(dropped.status());
-      for (int64_t step : *dropped) {
-        std::fprintf(stderr, "llama-train: removed checkpoint step %lld, newer than the resumed step\n",
-                     (long long)step);
-      }
-    }
   }
   // Every rank takes rank 0's progress; ddp ranks its state too, ZeRO ranks the
   // parameters' slices of the others.
   if (auto s = (*trainer)->StartRanks(); !s.ok()) return Fail(s);
-  if (!offloaded) {
-    if (auto s = (*trainer)->OffloadOptimizerState(rank_common.threads); !s.ok()) return Fail(s);
+  absl::Status placed = absl::OkStatus();
+  if (!offloaded) placed = (*trainer)->OffloadOptimizerState(rank_common.threads);
+  // Every rank says whether its state is in place before rank 0 may remove checkpoints.
+  if ((*comm)->world_size() > 1) {
+    double failed = placed.ok() ? 0 : 1;
+    if (auto s = (*comm)->AllReduceSum(&failed, 1); !s.ok()) return Fail(s);
+    if (placed.ok() && failed > 0) {
+      placed = absl::AbortedError("another rank could not place its optimizer state (its log says why)");
+    }
   }
+  if (!placed.ok()) return Fail(placed);
   if (lead && (*trainer)->optimizer().host_offloaded()) {
     const AdamWOptimizer& o = (*trainer)->optimizer();
     const size_t shard = std::max<size_t>(1, o.shard_end() - o.shard_begin()), hosted = o.shard_end() - o.memory_end();
@@ -938,9 +946,13 @@ int RunTrain(const Common& common, const Overrides& overrides) {
                  HumanBytes(double(o.swap()->size())).c_str(), 100 * share, spec->offload.nvme_path.c_str(),
                  o.swap()->synchronous() ? " (io_uring is not available here: one request at a time)" : "");
   }
-  // Every rank has its state in place (StartRanks is collective): nothing of the run's
-  // input can fail any more, and --fresh may remove the checkpoints.
-  if (auto s = DiscardForFresh(*checkpoints, spec->name); !s.ok()) return Fail(s);
+  // Every rank has its state in place (as the collective check above says): nothing of the
+  // run's input can fail any more, and checkpoints past the step it starts from may go.
+  if (lead) {
+    if (auto s = DiscardNewerCheckpoints(*checkpoints, spec->name, resumed, spec->training.steps); !s.ok()) {
+      return Fail(s);
+    }
+  }
   // A training step's collectives (parallel.collective_timeout_s).
   (*comm)->set_timeout(std::chrono::milliseconds(int64_t(spec->parallel.collective_timeout_s * 1000)));
   StopGraceCheck stop_grace(common.stop_grace_ms);  // before the checkpointer, whose commits report to it

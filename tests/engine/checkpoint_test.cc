@@ -481,6 +481,20 @@ TEST(CheckpointProcessTest, ResumingAnOlderStepRemovesNewerCheckpointsOnlyWhenAs
   EXPECT_NE(refused.output.find("--discard-newer"), std::string::npos) << refused.output;
   EXPECT_EQ(steps(), (std::vector<int64_t>{3, 6}));
 
+  // Asked, but the run cannot start (an offload tier that cannot be set up, which ddp ranks
+  // find after the restore), or has nothing to train: nothing is removed either.
+  const std::string nvme_job = (dir / "nvme.yaml").string();
+  std::ofstream(nvme_job) << std::ifstream(job).rdbuf() << "offload: {optimizer: nvme, nvme_path: tokens.u32/swap}\n";
+  const auto no_swap =
+      testing::RunCommand(Train("--config " + nvme_job + " -f " + three + " --discard-newer -p ddp --nproc 2"));
+  EXPECT_EQ(no_swap.exit_code, 2) << no_swap.output;
+  EXPECT_NE(no_swap.output.find("no such folder for the NVMe swap file"), std::string::npos) << no_swap.output;
+  EXPECT_EQ(steps(), (std::vector<int64_t>{3, 6}));
+  const auto nothing = testing::RunCommand(Train("--config " + job + " -f " + three + " --discard-newer --steps 3"));
+  EXPECT_EQ(nothing.exit_code, 0) << nothing.output;
+  EXPECT_NE(nothing.output.find("nothing to train"), std::string::npos) << nothing.output;
+  EXPECT_EQ(steps(), (std::vector<int64_t>{3, 6}));
+
   const auto asked = testing::RunCommand(Train("--config " + job + " -f " + three + " --discard-newer --steps 4"));
   EXPECT_EQ(asked.exit_code, 0) << asked.output;
   EXPECT_NE(asked.output.find("removed checkpoint step 6"), std::string::npos) << asked.output;
