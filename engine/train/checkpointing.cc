@@ -470,15 +470,11 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
 
 namespace fs = std::filesystem;
 
-// The checkpoint's tokenizer model, if it has one: its bytes, checked to load.
-struct SavedTokenizer {
-  std::string bytes;
-  std::unique_ptr<data::Tokenizer> tokenizer;
-};
-
-absl::StatusOr<std::optional<SavedTokenizer>> ReadSavedTokenizer(const storage::CheckpointStore& store,
-                                                                 const std::string& job, int64_t step,
-                                                                 const std::vector<storage::PieceRecord>& pieces) {
+// The checkpoint's tokenizer model, checked to load; nullptr when it has none.
+absl::StatusOr<std::unique_ptr<data::Tokenizer>> ReadSavedTokenizer(const storage::CheckpointStore& store,
+                                                                    const std::string& job, int64_t step,
+                                                                    const std::vector<storage::PieceRecord>& pieces,
+                                                                    storage::CheckpointStore::Reader& reader) {
   // The model's bytes are one u8 tensor of shape [n], in pieces that end at n.
   const storage::PieceRecord* record = nullptr;
   uint64_t size = 0;
@@ -487,35 +483,31 @@ absl::StatusOr<std::optional<SavedTokenizer>> ReadSavedTokenizer(const storage::
     record = &p;
     size = std::max(size, p.end);
   }
-  if (record == nullptr) return std::nullopt;
+  if (record == nullptr) return nullptr;
   constexpr uint64_t kLargestModel = uint64_t{1} << 30;  // SentencePiece models are megabytes
   if (size > kLargestModel || record->shape != std::vector<int64_t>{int64_t(size)}) {
     return absl::DataLossError(StrCat(store.StepDir(job, step), ": damaged checkpoint index: tensor '",
                                       kTokenizerTensor, "' has shape ", nlohmann::json(record->shape).dump(),
                                       " but pieces up to byte ", size, " (at most ", kLargestModel, ")"));
   }
-  SavedTokenizer saved{std::string(size, '\0'), nullptr};
-  if (auto s = store.ReadRange(job, step, kTokenizerTensor, storage::ElementType::kU8, 0, size, saved.bytes.data());
-      !s.ok()) {
-    return s;
-  }
+  std::string bytes(size, '\0');
+  if (auto s = reader.ReadRange(kTokenizerTensor, storage::ElementType::kU8, 0, size, bytes.data()); !s.ok()) return s;
   std::string error;
-  saved.tokenizer = data::Tokenizer::FromSerialized(saved.bytes, &error);
-  if (!saved.tokenizer) {
+  auto tokenizer = data::Tokenizer::FromSerialized(bytes, &error);
+  if (!tokenizer) {
     return absl::DataLossError(StrCat(store.StepDir(job, step), ": the saved tokenizer does not load: ", error));
   }
-  return saved;
+  return tokenizer;
 }
 
 // Writes a tokenizer model as a Hugging Face LlamaTokenizer (tokenizer.model +
 // tokenizer_config.json + special_tokens_map.json).
-absl::Status WriteHuggingFaceTokenizer(const SavedTokenizer& saved, const std::string& out) {
-  const data::Tokenizer* tokenizer = saved.tokenizer.get();
+absl::Status WriteHuggingFaceTokenizer(const data::Tokenizer& tokenizer, const std::string& out) {
   const fs::path dir(out);
-  std::ofstream(dir / "tokenizer.model", std::ios::binary | std::ios::trunc) << saved.bytes;
-  const nlohmann::json special = {{"bos_token", tokenizer->IdToPiece(tokenizer->bos_id())},
-                                  {"eos_token", tokenizer->IdToPiece(tokenizer->eos_id())},
-                                  {"unk_token", tokenizer->IdToPiece(tokenizer->unk_id())}};
+  std::ofstream(dir / "tokenizer.model", std::ios::binary | std::ios::trunc) << tokenizer.serialized();
+  const nlohmann::json special = {{"bos_token", tokenizer.IdToPiece(tokenizer.bos_id())},
+                                  {"eos_token", tokenizer.IdToPiece(tokenizer.eos_id())},
+                                  {"unk_token", tokenizer.IdToPiece(tokenizer.unk_id())}};
   nlohmann::json config = special;
   config["tokenizer_class"] = "LlamaTokenizer";
   config["add_bos_token"] = true;
@@ -572,12 +564,12 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
   auto pieces = store.Pieces(job, step);
   if (!pieces.ok()) return pieces.status();
   if (auto s = CheckParamsSaved(store, job, step, *pieces, params); !s.ok()) return s;
-  auto tokenizer = ReadSavedTokenizer(store, job, step, *pieces);
+  auto reader = store.OpenReader(job, step);
+  if (!reader.ok()) return reader.status();
+  auto tokenizer = ReadSavedTokenizer(store, job, step, *pieces, **reader);
   if (!tokenizer.ok()) return tokenizer.status();
   std::vector<float> data(NumParams(params));
   std::vector<storage::TensorToWrite> tensors;
-  auto reader = store.OpenReader(job, step);
-  if (!reader.ok()) return reader.status();
   for (const ParamInfo& p : params) {
     if (auto s = (*reader)->ReadRange(p.name, storage::ElementType::kF32, 0, p.numel, data.data() + p.offset);
         !s.ok())
@@ -609,7 +601,7 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
   if (*tokenizer) {
     if (auto s = WriteHuggingFaceTokenizer(**tokenizer, out); !s.ok()) return s;
   }
-  if (with_tokenizer != nullptr) *with_tokenizer = tokenizer->has_value();
+  if (with_tokenizer != nullptr) *with_tokenizer = *tokenizer != nullptr;
   return absl::OkStatus();
 }
 
