@@ -1240,14 +1240,19 @@ std::string Scheduler::ScopeKey(const pb::RendezvousScope& scope) const {
   return fmt::format("{}/{:010d}", scope.job_id(), scope.generation());
 }
 
-absl::Status Scheduler::RendezvousSetLocked(const pb::RendezvousScope& scope, const std::string& key,
-                                            const std::string& value) {
+absl::Status Scheduler::CheckScopeRunningLocked(const pb::RendezvousScope& scope) const {
   auto job = jobs_.find(scope.job_id());
   if (job == jobs_.end() || job->second.generation() != scope.generation() ||
       job->second.state() != pb::JOB_STATE_RUNNING) {
     return absl::FailedPreconditionError(fmt::format("rendezvous: job {} generation {} is not running",
                                                      scope.job_id(), scope.generation()));
   }
+  return absl::OkStatus();
+}
+
+absl::Status Scheduler::RendezvousSetLocked(const pb::RendezvousScope& scope, const std::string& key,
+                                            const std::string& value) {
+  if (auto s = CheckScopeRunningLocked(scope); !s.ok()) return s;
   const std::string scope_key = ScopeKey(scope);
   db_->Put(rocksdb::WriteOptions(), "rdv/" + scope_key + '\x1f' + key, value);
   rendezvous_[scope_key][key] = value;
@@ -1293,6 +1298,8 @@ absl::StatusOr<std::vector<std::string>> Scheduler::RendezvousGet(const pb::Rend
       return absl::CancelledError(fmt::format("rendezvous: job {} generation {}: the wait was abandoned",
                                               scope.job_id(), scope.generation()));
     }
+    // Keys of a generation that is not running can no longer be set.
+    if (auto s = CheckScopeRunningLocked(scope); !s.ok()) return s;
     changed_.wait_until(lock, std::min(deadline, now + std::chrono::seconds(1)));
   }
   std::vector<std::string> values;

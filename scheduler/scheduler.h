@@ -151,7 +151,8 @@ class Scheduler {
   absl::Status RendezvousSet(const pb::RendezvousScope& scope, const std::string& key, const std::string& value);
   // Waits until every key exists: DEADLINE_EXCEEDED after timeout_ms (0 = 30 s, at most
   // kMaxRendezvousWaitMs), CANCELLED as soon as `abandoned` (checked every second) says
-  // the caller has gone or the server is stopping.
+  // the caller has gone or the server is stopping, FAILED_PRECONDITION as soon as the
+  // scope's generation is not the job's running one (its keys can no longer be set).
   static constexpr int64_t kMaxRendezvousWaitMs = 86'400'000;
   absl::StatusOr<std::vector<std::string>> RendezvousGet(const pb::RendezvousScope& scope,
                                                          const std::vector<std::string>& keys, int64_t timeout_ms,
@@ -285,6 +286,8 @@ class Scheduler {
   void AppendLogsLocked(pb::Job& job, const pb::RankReport& report);
   int32_t DevicesInUseLocked(const std::string& node_id) const;
   std::string ScopeKey(const pb::RendezvousScope& scope) const;
+  // FAILED_PRECONDITION unless scope's generation is its job's current one, running.
+  absl::Status CheckScopeRunningLocked(const pb::RendezvousScope& scope) const;
   absl::Status RendezvousSetLocked(const pb::RendezvousScope& scope, const std::string& key,
                                    const std::string& value);
 
