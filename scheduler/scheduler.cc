@@ -13,6 +13,7 @@
 #include <string_view>
 #include <filesystem>
 
+#include "core/durations.h"
 #include "core/exit_codes.h"
 #include "core/strings.h"
 #include "train/jobspec.h"
@@ -109,6 +110,17 @@ Scheduler::~Scheduler() = default;
 
 absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Open(const SchedulerOptions& options, Clock* clock) {
   if (options.data_dir.empty()) return absl::InvalidArgumentError("scheduler: data_dir is empty");
+  // Bounded, so that the sums of durations and clock times taken from them stay in int64.
+  for (const auto& [name, value] : {std::pair{"heartbeat_interval_ms", options.heartbeat_interval_ms},
+                                    std::pair{"lease_timeout_ms", options.lease_timeout_ms},
+                                    std::pair{"forget_lost_nodes_after_ms", options.forget_lost_nodes_after_ms},
+                                    std::pair{"grow_after_ms", options.grow_after_ms},
+                                    std::pair{"previous_ranks_wait_ms", options.previous_ranks_wait_ms}}) {
+    if (value < 0 || value > kMaxDurationMs) {
+      return absl::InvalidArgumentError(
+          fmt::format("scheduler: {} {} is not within [0, {}]", name, value, kMaxDurationMs));
+    }
+  }
   if (options.heartbeat_interval_ms <= 0 || options.lease_timeout_ms <= options.heartbeat_interval_ms) {
     return absl::InvalidArgumentError(fmt::format(
         "scheduler: lease_timeout_ms ({}) must exceed heartbeat_interval_ms ({}) > 0",

@@ -613,6 +613,12 @@ TEST_F(SchedulerTest, GpuFaultsDrainAtMostAFewNodes) {
   options.max_fault_drained_percent = -1;
   EXPECT_NE(Scheduler::Open(options, &clock_).status().message().find("max_fault_drained_percent -1"),
             std::string::npos);
+  // Nor with a duration whose sums with clock times would overflow.
+  options.max_fault_drained_percent = 0;
+  options.grow_after_ms = INT64_MAX;
+  const auto too_long = Scheduler::Open(options, &clock_);
+  EXPECT_EQ(too_long.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(too_long.status().message().find("grow_after_ms"), std::string::npos) << too_long.status();
 }
 
 // Lost nodes leave the state after forget_lost_nodes_after_ms (preemptible machines come
