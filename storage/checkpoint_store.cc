@@ -273,7 +273,8 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
   if (!has_index) {
     std::vector<std::string> found;
     ForEachStepFolder(root, [&](const std::string&, int64_t, const fs::path& dir) {
-      if (HoldsOnlyShards(dir)) found.push_back(dir.string());
+      std::error_code empty;
+      if (!fs::is_empty(dir, empty) && HoldsOnlyShards(dir)) found.push_back(dir.string());  // a shard to lose
     });
     if (!found.empty()) {
       // DataLoss, not FailedPrecondition, which says another process holds the index.

@@ -122,6 +122,11 @@ TEST(CheckpointStoreTest, NothingExistsBeforeCommitAndLeftoversGoAtOpen) {
     EXPECT_NE(reopened.status().message().find(step_5.string()), std::string::npos) << reopened.status();
     EXPECT_TRUE(fs::exists(step_5 / "rank-0.shard"));
   }
+  // An empty step folder holds nothing to lose: a store without an index opens there.
+  const std::string bare = FreshDir("commit-bare").string();
+  fs::create_directories(fs::path(bare) / "job" / "step-1");
+  auto opened = CheckpointStore::Open(bare);
+  EXPECT_TRUE(opened.ok()) << opened.status();
 }
 
 // Rewrites the index record of the first piece of tensor `name` in step `step` of "job"
