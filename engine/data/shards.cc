@@ -327,7 +327,10 @@ void PreparedDataset::ReadWindow(size_t window, int seq_len, int32_t* out) const
 }
 
 absl::StatusOr<std::vector<int32_t>> PreparedDataset::Document(size_t shard, uint64_t d) const {
-  const ShardInfo& info = shards_.at(shard);  // its counts match the header (Open)
+  if (shard >= shards_.size()) {
+    return absl::OutOfRangeError(StrCat(dir_, ": no shard ", shard, " (the dataset has ", shards_.size(), ")"));
+  }
+  const ShardInfo& info = shards_[shard];  // its counts match the header (Open)
   const Mapped& m = maps_[shard];
   if (d >= info.documents) {
     return absl::OutOfRangeError(StrCat(dir_, "/", info.file, ": no document ", d, " (it holds ", info.documents, ")"));

@@ -712,6 +712,7 @@ TEST_F(DataTest, DamagedIndexesAndOffsetsAreErrorsThatNameTheFile) {
               std::string::npos) << document.status();
   }
   EXPECT_EQ((*d)->Document(0, documents).status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ((*d)->Document((*d)->shards().size(), 0).status().code(), absl::StatusCode::kOutOfRange);
   EXPECT_TRUE((*d)->Document(0, documents - 1).ok());
 }
 
