@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "core/files.h"
 #include "core/strings.h"
 #include "data/corpus.h"
 #include "data/download.h"

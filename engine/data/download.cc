@@ -1,6 +1,6 @@
 #include "data/download.h"
+#include "core/files.h"
 #include "data/corpus.h"
-#include "data/shards.h"
 
 #include <curl/curl.h>
 #include <fcntl.h>
@@ -122,16 +122,6 @@ absl::Status HashFile(const std::string& path, std::string* sha256, std::string*
   *sha256 = hex(a.get());
   if (git_oid) *git_oid = hex(b.get());
   return absl::OkStatus();
-}
-
-// Durability: data and the rename that publishes it must reach the disk before the
-// manifest claims the file is complete.
-bool FsyncPath(const fs::path& p, bool directory) {
-  const int fd = open(p.c_str(), (directory ? O_RDONLY | O_DIRECTORY : O_RDONLY) | O_CLOEXEC);
-  if (fd < 0) return false;
-  const bool ok = fsync(fd) == 0;
-  close(fd);
-  return ok;
 }
 
 // ---- HTTP -------------------------------------------------------------------------
@@ -485,9 +475,8 @@ absl::StatusOr<std::string> DownloadFile(const std::string& url, const fs::path&
           fmt::format("dataset {}: file {} from {} does not match the listing: expected {}, got {}",
                       dataset, f.path, url, expected, actual));
     }
-    if (!FsyncPath(partial, false) || std::rename(partial.c_str(), dest.c_str()) != 0)
-      return absl::InternalError(Errno("cannot publish " + dest.string()));
-    FsyncPath(dest.parent_path(), true);
+    // The data and its rename reach the disk before the manifest says the file is complete.
+    if (auto s = PublishFile(partial.string(), dest.string()); !s.ok()) return s;
     return sha;
   }
 }

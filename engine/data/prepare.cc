@@ -16,6 +16,7 @@
 #include <string_view>
 #include <vector>
 
+#include "core/files.h"
 #include "core/strings.h"
 #include "data/shards.h"
 #include "data/tokenizer.h"

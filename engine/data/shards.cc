@@ -36,35 +36,6 @@ std::string Errno(const std::string& what) { return StrCat(what, ": ", std::stre
 
 }  // namespace
 
-absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes) {
-  const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::InternalError(Errno(StrCat(tmp, ": cannot create")));
-  for (size_t done = 0; done < bytes.size();) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const auto error = absl::InternalError(Errno(StrCat(tmp, ": write failed")));
-      ::close(fd);
-      return error;
-    }
-    done += size_t(n);
-  }
-  const bool synced = ::fsync(fd) == 0;
-  ::close(fd);
-  if (!synced) return absl::InternalError(Errno(StrCat(tmp, ": fsync failed")));
-  if (::rename(tmp.c_str(), path.c_str()) != 0) return absl::InternalError(Errno(StrCat(path, ": cannot rename")));
-  // The rename itself is durable once the folder is synced.
-  const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
-  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd >= 0) {
-    ::fsync(dir_fd);
-    ::close(dir_fd);
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::unique_ptr<ShardWriter>> ShardWriter::Create(const std::string& path,
                                                                   int64_t vocab_size, int32_t eos_id) {
   std::unique_ptr<ShardWriter> w(new ShardWriter());

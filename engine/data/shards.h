@@ -15,7 +15,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -29,10 +28,6 @@ inline constexpr char kDatasetFormat[] = "llamad-tokens";
 // Bytes per token id in a shard: uint16 while every id fits, else uint32.
 constexpr uint32_t IdBytesFor(uint64_t vocab_size) { return vocab_size <= 65536 ? 2 : 4; }
 inline constexpr int kDatasetVersion = 1;
-
-// Writes `bytes` to `path` by way of a synced temporary file renamed over it, then syncs
-// the folder: a reader sees the old file or the whole new one, also after a crash.
-absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes);
 
 // Appends documents to one shard file; Finish writes the header and syncs.
 class ShardWriter {
