@@ -384,19 +384,19 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
 // --fresh that is all of them. They are committed work: this runs once every rank has
 // opened the data and any weights given and placed its state (offload tiers included),
 // and not at all when the run has nothing to train, and so saves nothing.
-absl::Status DiscardNewerCheckpoints(ResumePoint& r, const std::string& job, int64_t resumed, int64_t steps) {
+absl::Status DiscardNewerCheckpoints(const ResumePoint& r, const std::string& job, int64_t resumed, int64_t steps) {
   if (!r.store || (resumed < 0 && !r.discard_all) || resumed >= steps) return absl::OkStatus();
   auto dropped = r.store->DropNewerThan(job, resumed);
   if (!dropped.ok()) return dropped.status();
   if (resumed < 0) {
     std::fprintf(stderr, "llama-train: --fresh: removed %zu checkpoint(s) of job '%s'\n", dropped->size(),
                  job.c_str());
+    return absl::OkStatus();
   }
-  for (int64_t step : resumed < 0 ? std::vector<int64_t>{} : *dropped) {
+  for (int64_t step : *dropped) {
     std::fprintf(stderr, "llama-train: removed checkpoint step %lld, newer than the resumed step\n",
                  (long long)step);
   }
-  r.discard_all = false;
   return absl::OkStatus();
 }
 
