@@ -26,6 +26,7 @@
 #include <thread>
 
 #include "storage/direct_io.h"
+#include "storage/files.h"
 
 namespace llamad::storage {
 namespace fs = std::filesystem;
@@ -93,15 +94,6 @@ absl::Status IoError(const std::string& what, const std::string& path) {
 absl::Status FromRocks(const rocksdb::Status& s, const std::string& what) {
   if (s.ok()) return absl::OkStatus();
   return absl::InternalError(fmt::format("checkpoint index: {}: {}", what, s.ToString()));
-}
-
-absl::Status FsyncPath(const std::string& path, bool directory) {
-  const int fd = ::open(path.c_str(), (directory ? O_DIRECTORY : 0) | O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return IoError("open for fsync", path);
-  const int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) return IoError("fsync", path);
-  return absl::OkStatus();
 }
 
 uint64_t RoundUp(uint64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
@@ -285,10 +277,7 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
           root, found.size(), *std::min_element(found.begin(), found.end()), found.size() > 1 ? ", ..." : "", index));
     }
   }
-  fs::create_directories(root, ec);
-  if (ec)
-    return absl::InternalError(
-        fmt::format("{}: cannot create checkpoint folder: {}", root, ec.message()));
+  if (auto s = CreateFolders(root); !s.ok()) return s;
   db_options.create_if_missing = true;
   if (auto s = rocksdb::DB::Open(db_options, index, &db); !s.ok()) {
     // One process writes a store at a time; RocksDB's lock file says another has it.
@@ -344,18 +333,8 @@ absl::Status PublishShardRecords(const std::string& root, const std::string& job
     out["error"] = std::string(outcome.status().message());
   }
   const std::string dir = StepDirIn(root, job, step), path = RecordsPath(root, job, step, rank, run);
-  std::error_code ec;
-  fs::create_directories(dir, ec);  // a failed save may not have made it
-  if (ec) return absl::InternalError(fmt::format("{}: cannot create: {}", dir, ec.message()));
-  const std::string text = out.dump(), temporary = path + ".tmp";
-  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return IoError("create", temporary);
-  absl::Status written = WriteAt(fd, text.data(), text.size(), 0, temporary);
-  if (written.ok() && ::fsync(fd) != 0) written = IoError("fsync", temporary);
-  ::close(fd);
-  if (!written.ok()) return written;
-  if (::rename(temporary.c_str(), path.c_str()) != 0) return IoError("rename", temporary);
-  return FsyncPath(dir, true);
+  if (auto s = CreateFolders(dir); !s.ok()) return s;  // a failed save may not have made it
+  return WriteFileAtomically(path, out.dump());
 }
 
 absl::StatusOr<std::vector<PieceRecord>> CollectShardRecords(const std::string& root, const std::string& job,
@@ -417,9 +396,7 @@ absl::StatusOr<std::vector<PieceRecord>> WriteShardFile(const std::string& root,
                                                         int64_t step, int rank,
                                                         const std::vector<PieceToWrite>& pieces) {
   const std::string dir = StepDirIn(root, job, step);
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) return absl::InternalError(fmt::format("{}: cannot create: {}", dir, ec.message()));
+  if (auto s = CreateFolders(dir); !s.ok()) return s;
   const std::string path = ShardPathIn(root, job, step, rank);
   const std::string relative = fs::relative(path, root).string();
 
@@ -532,7 +509,7 @@ absl::StatusOr<std::vector<PieceRecord>> WriteShardFile(const std::string& root,
   ::close(fd);
   if (!status.ok()) return status;
   for (const std::string& d : {dir, fs::path(dir).parent_path().string(), root}) {
-    if (auto s = FsyncPath(d, true); !s.ok()) return s;
+    if (auto s = SyncFolder(d); !s.ok()) return s;
   }
   return records;
 }

@@ -9,6 +9,8 @@
 #include <set>
 #include <stdexcept>
 
+#include "storage/files.h"
+
 namespace llamad::storage {
 namespace fs = std::filesystem;
 namespace {
@@ -138,10 +140,7 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
     out.flush();
     if (!out) return absl::InternalError(tmp + ": write failed");
   }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) return absl::InternalError(fmt::format("{}: rename failed: {}", path, ec.message()));
-  return absl::OkStatus();
+  return PublishFile(tmp, path);
 }
 
 absl::StatusOr<std::map<std::string, SafetensorsEntry>> ListSafetensors(const std::string& path_or_dir) {

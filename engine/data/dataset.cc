@@ -12,13 +12,13 @@
 #include <filesystem>
 #include <fstream>
 
-#include "core/files.h"
 #include "core/strings.h"
 #include "data/corpus.h"
 #include "data/download.h"
 #include "data/prepare.h"
 #include "data/shards.h"
 #include "data/tokenizer.h"
+#include "storage/files.h"
 
 // The sample corpus and its tokenizer, linked in from data/sample/ (sample_assets.S).
 extern "C" const char llamad_sample_corpus_begin[], llamad_sample_corpus_end[];
@@ -58,7 +58,7 @@ absl::StatusOr<std::string> PrepareCached(const std::string& input, const std::s
   if (fs::exists(dir + "/index.json", ec)) return dir;
   // One preparer per dataset: others (another job, llama-data) wait for it, then use its
   // result.
-  fs::create_directories(CacheDir() + "/prepared", ec);
+  if (auto s = storage::CreateFolders(CacheDir() + "/prepared"); !s.ok()) return s;
   const std::string lock_path = dir + ".lock";
   const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (lock_fd < 0 || ::flock(lock_fd, LOCK_EX) != 0) {
@@ -110,15 +110,14 @@ absl::StatusOr<std::string> UnpackSample() {
   const std::string_view corpus = SampleCorpus(), tokenizer = SampleTokenizer();
   const std::string dir =
       CacheDir() + "/sample-" + Hex(XXH64(corpus.data(), corpus.size(), XXH64(tokenizer.data(), tokenizer.size(), 0)));
+  if (auto s = storage::CreateFolders(dir); !s.ok()) return s;
   std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) return absl::InternalError(StrCat(dir, ": cannot create: ", ec.message()));
   const std::pair<const char*, std::string_view> files[] = {{"sample.jsonl.zst", corpus},
                                                            {"tokenizer.model", tokenizer}};
   for (const auto& [name, bytes] : files) {
     const std::string path = dir + "/" + name;
     if (fs::exists(path, ec) && fs::file_size(path, ec) == bytes.size()) continue;
-    if (auto s = WriteFileAtomically(path, bytes); !s.ok()) return s;
+    if (auto s = storage::WriteFileAtomically(path, bytes); !s.ok()) return s;
   }
   return dir;
 }

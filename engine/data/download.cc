@@ -1,5 +1,4 @@
 #include "data/download.h"
-#include "core/files.h"
 #include "data/corpus.h"
 
 #include <curl/curl.h>
@@ -28,6 +27,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "storage/files.h"
 
 namespace llamad::data {
 namespace {
@@ -437,8 +437,8 @@ absl::StatusOr<std::string> DownloadFile(const std::string& url, const fs::path&
                                          const ListedFile& f, const std::string& dataset,
                                          const DownloadOptions& o) {
   const fs::path partial = dest.string() + ".partial";
+  if (auto s = storage::CreateFolders(dest.parent_path().string()); !s.ok()) return s;
   std::error_code ec;
-  fs::create_directories(dest.parent_path(), ec);
   bool restarted = false;
   for (int attempt = 1;;) {
     absl::Status error;
@@ -476,7 +476,7 @@ absl::StatusOr<std::string> DownloadFile(const std::string& url, const fs::path&
                       dataset, f.path, url, expected, actual));
     }
     // The data and its rename reach the disk before the manifest says the file is complete.
-    if (auto s = PublishFile(partial.string(), dest.string()); !s.ok()) return s;
+    if (auto s = storage::PublishFile(partial.string(), dest.string()); !s.ok()) return s;
     return sha;
   }
 }
@@ -517,7 +517,7 @@ absl::Status WriteManifest(const fs::path& folder, const std::string& dataset, c
   json j = {{"dataset", dataset}, {"listing", json::array()}, {"verified", json::array()}};
   for (const auto& f : m.listing) j["listing"].push_back(ToJson(f));
   for (const auto& [path, f] : m.verified) j["verified"].push_back(ToJson(f));
-  return WriteFileAtomically((folder / kManifest).string(), j.dump(1) + "\n");
+  return storage::WriteFileAtomically((folder / kManifest).string(), j.dump(1) + "\n");
 }
 
 // True when every wanted file of the recorded listing is verified and on disk.
@@ -578,8 +578,8 @@ absl::StatusOr<std::string> FetchDataset(
   Manifest m = ReadManifest(folder);
   if (Complete(folder, m, want)) return folder.string();
 
+  if (auto s = storage::CreateFolders(folder.string()); !s.ok()) return s;
   std::error_code ec;
-  fs::create_directories(folder, ec);
   // One downloader per folder: a second process waits, then finds the work done.
   const int lock = open((folder / kLock).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (lock < 0) return absl::InternalError(Errno("cannot create " + (folder / kLock).string()));

@@ -16,10 +16,10 @@
 #include <string_view>
 #include <vector>
 
-#include "core/files.h"
 #include "core/strings.h"
 #include "data/shards.h"
 #include "data/tokenizer.h"
+#include "storage/files.h"
 
 namespace llamad::data {
 namespace fs = std::filesystem;
@@ -125,7 +125,7 @@ absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokeni
 
   // The tokenizer travels with the dataset, and the index goes in last: its rename commits.
   const std::string tokenizer = TokenizerName(generation);
-  if (auto s = WriteFileAtomically(StrCat(o.out, "/", tokenizer), tok.serialized()); !s.ok()) return s;
+  if (auto s = storage::WriteFileAtomically(StrCat(o.out, "/", tokenizer), tok.serialized()); !s.ok()) return s;
   nlohmann::json index = {{"format", kDatasetFormat},
                           {"version", kDatasetVersion},
                           {"vocab_size", tok.vocab_size()},
@@ -145,7 +145,7 @@ absl::StatusOr<PrepareResult> BuildDataset(const PrepareOptions& o, const Tokeni
                      {"empty", r.empty},           {"split", r.split},     {"truncated_files", r.truncated_files}};
   // The source path may hold bytes that are not UTF-8 (a legal file name): replaced.
   const std::string text = index.dump(1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
-  if (auto s = WriteFileAtomically(o.out + "/index.json", text); !s.ok()) return s;
+  if (auto s = storage::WriteFileAtomically(o.out + "/index.json", text); !s.ok()) return s;
   result.shards = int(shards.size());
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return result;
@@ -197,7 +197,7 @@ struct Pending {
 
 absl::Status WritePending(const std::string& dir, const Pending& p) {
   const nlohmann::json record = {{"generation", p.generation}, {"replaces", p.replaces}};
-  return WriteFileAtomically(StrCat(dir, "/", kPendingFile), record.dump() + "\n");
+  return storage::WriteFileAtomically(StrCat(dir, "/", kPendingFile), record.dump() + "\n");
 }
 
 // Finishes what a killed prepare left: its temporary files, and by its record its
@@ -251,9 +251,8 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
     return absl::InvalidArgumentError(
         StrCat(o.tokenizer, ": the tokenizer has no EOS id (documents are joined with EOS)"));
   }
+  if (auto s = storage::CreateFolders(o.out); !s.ok()) return s;
   std::error_code ec;
-  fs::create_directories(o.out, ec);
-  if (ec) return absl::InternalError(StrCat(o.out, ": cannot create: ", ec.message()));
   // One prepare at a time into a folder: each removes the dataset files the index does not
   // name. The lock is on the folder itself and goes with the descriptor.
   const int dir_fd = ::open(o.out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);

@@ -24,6 +24,7 @@
 #include "data/prepare.h"
 #include "data/shards.h"
 #include "data/tokenizer.h"
+#include "storage/files.h"
 
 namespace llamad::data {
 namespace {
@@ -69,6 +70,10 @@ int Prepare(const std::string& dataset, PrepareOptions o) {
 
 int TrainTokenizerCommand(const std::string& dataset, const CorpusOptions& corpus,
                           const TokenizerTrainOptions& options) {
+  // A folder the model cannot be written to is found before the corpus is read and trained on.
+  if (const std::string folder = std::filesystem::path(options.model_prefix).parent_path().string(); !folder.empty()) {
+    if (auto s = storage::CreateFolders(folder); !s.ok()) return Fail(s);
+  }
   auto input = CorpusPath(dataset);
   if (!input.ok()) return Fail(input.status());
   // Each non-empty line of each document is one training sentence.

@@ -14,6 +14,7 @@
 #include "comm/backend_collectives.h"
 #include "core/strings.h"
 #include "data/tokenizer.h"
+#include "storage/files.h"
 #include "storage/safetensors.h"
 
 namespace llamad {
@@ -576,9 +577,7 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
       return s;
     tensors.push_back({p.name, p.shape, data.data() + p.offset});
   }
-  std::error_code ec;
-  std::filesystem::create_directories(out, ec);
-  if (ec) return absl::InternalError(StrCat(out, ": cannot create: ", ec.message()));
+  if (auto s = storage::CreateFolders(out); !s.ok()) return s;
   if (auto s = storage::WriteSafetensors(
           (std::filesystem::path(out) / "model.safetensors").string(), tensors,
           {{"format", "pt"}, {"llamad_job", job}, {"llamad_step", StrCat(step)}});

@@ -538,6 +538,9 @@ TEST_F(DataTest, BadCommandLinesExitWith2AndNameTheProblem) {
        "--input-sentence-size: Value 100 is too small a sample: 0 (all lines) or at least 101"},
       {" tokenizer train -d sample --out " + (dir_ / "tok").string() + " --seed -1",
        "--seed: '-1' is not a non-negative whole number"},
+      // Output folders that cannot be made: a file stands in the way.
+      {" prepare -d sample --out " + text + "/ds", text + "/ds: cannot create: Not a directory"},
+      {" tokenizer train -d sample --out " + text + "/tok", text + ": cannot create: Not a directory"},
   };
   for (const auto& [args, needle] : cases) {
     const auto r = llamad::testing::RunCommand(LLAMA_DATA_BIN + args);

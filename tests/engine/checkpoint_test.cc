@@ -642,6 +642,16 @@ TEST(CheckpointProcessTest, ExportThenInitFromHf) {
   const std::string bad_out = bad.Drain();
   EXPECT_EQ(bad.Wait(), 2) << bad_out;
   EXPECT_NE(bad_out.find("not a checkpoint folder"), std::string::npos) << bad_out;
+  // An output folder that cannot be made (a file stands in its way) is the caller's to fix.
+  Subprocess blocked(Export(dir / "ckpt/proc/step-2", job + "/hf"));
+  const std::string blocked_out = blocked.Drain();
+  EXPECT_EQ(blocked.Wait(), 2) << blocked_out;
+  EXPECT_NE(blocked_out.find(job + "/hf: cannot create: Not a directory"), std::string::npos) << blocked_out;
+  Subprocess blocked_run(Train("--config " + job + " -o " + job + "/ckpt --steps 1"));
+  const std::string blocked_run_out = blocked_run.Drain();
+  EXPECT_EQ(blocked_run.Wait(), 2) << blocked_run_out;
+  EXPECT_NE(blocked_run_out.find(job + "/ckpt: cannot create: Not a directory"), std::string::npos)
+      << blocked_run_out;
 }
 
 TEST(CheckpointProcessTest, AnExportCarriesTheTokenizerOfTheTrainingData) {

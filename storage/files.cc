@@ -1,0 +1,78 @@
+#include "storage/files.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <system_error>
+
+namespace llamad::storage {
+namespace {
+
+absl::Status ErrnoError(const std::string& path, const char* what, int error = errno) {
+  return absl::InternalError(path + ": " + what + ": " + std::strerror(error));
+}
+
+// Opens `path` (a file or a folder), syncs it and closes it.
+absl::Status Sync(const std::string& path, int flags) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | flags);
+  if (fd < 0) return ErrnoError(path, "cannot open");
+  const int error = ::fsync(fd) == 0 ? 0 : errno;
+  ::close(fd);
+  return error == 0 ? absl::OkStatus() : ErrnoError(path, "fsync failed", error);
+}
+
+}  // namespace
+
+absl::Status CreateFolders(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::create_directories(path, ec);
+  if (!ec) return absl::OkStatus();
+  const std::string message = path + ": cannot create: " + ec.message();
+  switch (ec.value()) {
+    case ENOTDIR:  // a file where a folder must be
+    case EEXIST:
+    case EACCES:
+    case EPERM:
+    case EROFS:
+    case ENAMETOOLONG:
+    case ENOENT:  // a file system that takes no new names, such as /proc
+    case ELOOP:
+      return absl::InvalidArgumentError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+absl::Status SyncFolder(const std::string& path) { return Sync(path, O_DIRECTORY); }
+
+absl::Status PublishFile(const std::string& tmp, const std::string& path) {
+  if (auto s = Sync(tmp, 0); !s.ok()) return s;
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) return ErrnoError(path, "cannot rename");
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  return SyncFolder(dir);
+}
+
+absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes) {
+  const std::string tmp = path + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoError(tmp, "cannot create");
+  for (size_t done = 0; done < bytes.size();) {
+    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const absl::Status error = ErrnoError(tmp, "write failed");
+      ::close(fd);
+      return error;
+    }
+    done += size_t(n);
+  }
+  if (::close(fd) != 0) return ErrnoError(tmp, "close failed");
+  return PublishFile(tmp, path);
+}
+
+}  // namespace llamad::storage

@@ -1,0 +1,28 @@
+// Creating folders and publishing files durably: a reader sees the old file or the whole
+// new one, also after a crash.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include "absl/status/status.h"
+
+namespace llamad::storage {
+
+// Creates `path` and its missing parents. A path that cannot be a folder as given (a file in
+// the way, no permission, a read-only or virtual file system, a name too long) is
+// InvalidArgument, the caller's input to fix; other failures (no space, I/O errors) are
+// Internal. The message names the path and the reason.
+absl::Status CreateFolders(const std::string& path);
+
+// Syncs the folder `path`, which makes the names created, renamed or removed in it durable.
+absl::Status SyncFolder(const std::string& path);
+
+// Syncs the finished file `tmp`, renames it over `path` and syncs the folder, which makes
+// the rename itself durable.
+absl::Status PublishFile(const std::string& tmp, const std::string& path);
+
+// Writes `bytes` to path + ".tmp" and publishes it over `path` (PublishFile).
+absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes);
+
+}  // namespace llamad::storage
