@@ -504,8 +504,6 @@ absl::StatusOr<std::unique_ptr<data::Tokenizer>> ReadSavedTokenizer(const storag
 // Writes a tokenizer model as a Hugging Face LlamaTokenizer (tokenizer.model +
 // tokenizer_config.json + special_tokens_map.json).
 absl::Status WriteHuggingFaceTokenizer(const data::Tokenizer& tokenizer, const std::string& out) {
-  const fs::path dir(out);
-  std::ofstream(dir / "tokenizer.model", std::ios::binary | std::ios::trunc) << tokenizer.serialized();
   const nlohmann::json special = {{"bos_token", tokenizer.IdToPiece(tokenizer.bos_id())},
                                   {"eos_token", tokenizer.IdToPiece(tokenizer.eos_id())},
                                   {"unk_token", tokenizer.IdToPiece(tokenizer.unk_id())}};
@@ -515,10 +513,12 @@ absl::Status WriteHuggingFaceTokenizer(const data::Tokenizer& tokenizer, const s
   config["add_eos_token"] = false;
   config["clean_up_tokenization_spaces"] = false;
   config["legacy"] = false;
-  std::ofstream(dir / "special_tokens_map.json") << special.dump(2) << "\n";
-  std::ofstream config_out(dir / "tokenizer_config.json");
-  config_out << config.dump(2) << "\n";
-  if (!config_out) return absl::InternalError(StrCat(out, "/tokenizer_config.json: write failed"));
+  const std::pair<const char*, std::string> files[] = {{"tokenizer.model", tokenizer.serialized()},
+                                                       {"special_tokens_map.json", special.dump(2) + "\n"},
+                                                       {"tokenizer_config.json", config.dump(2) + "\n"}};
+  for (const auto& [name, bytes] : files) {
+    if (auto s = storage::WriteFileAtomically(StrCat(out, "/", name), bytes); !s.ok()) return s;
+  }
   return absl::OkStatus();
 }
 
@@ -594,9 +594,7 @@ absl::Status ExportHuggingFaceUnchecked(const storage::CheckpointStore& store,
   hf["eos_token_id"] = 2;
   hf["attention_bias"] = false;
   hf["rope_scaling"] = nullptr;
-  std::ofstream config_out(std::filesystem::path(out) / "config.json");
-  config_out << hf.dump(2) << "\n";
-  if (!config_out) return absl::InternalError(StrCat(out, "/config.json: write failed"));
+  if (auto s = storage::WriteFileAtomically(StrCat(out, "/config.json"), hf.dump(2) + "\n"); !s.ok()) return s;
   if (*tokenizer) {
     if (auto s = WriteHuggingFaceTokenizer(**tokenizer, out); !s.ok()) return s;
   }
