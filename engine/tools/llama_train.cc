@@ -1046,7 +1046,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
   });
   if (!status.ok()) return Fail(status);
   if (checkpointer) {
-    if (auto s = checkpointer->Wait(); !s.ok()) return Fail(absl::InternalError(s.message()));
+    if (auto s = checkpointer->Wait(); !s.ok()) return Fail(s);
   }
   if (const int64_t stopped = (*trainer)->step(); stopped < t.steps) {
     // Stopped when asked. Whether this rank was: read now, since once a peer has left, its

@@ -232,6 +232,9 @@ void AsyncCheckpointer::Worker() {
     } catch (const std::exception& e) {  // a thread must not let an exception escape
       status = absl::InternalError(StrCat("checkpoint step ", step_, ": ", e.what()));
     }
+    // A save that fails is a failure while training, whatever its cause: a checkpoint
+    // folder that cannot be made partway through a run is not bad input (exit 2).
+    if (!status.ok()) status = absl::InternalError(status.message());
     if (on_commit_) on_commit_(step_, status);
     lock.lock();
     last_status_ = status;
@@ -468,8 +471,6 @@ absl::Status RestoreCheckpointUnchecked(const storage::CheckpointStore& store, c
   trainer.SetProgress(step, meta["data"]["sampler_position"].get<uint64_t>());
   return absl::OkStatus();
 }
-
-namespace fs = std::filesystem;
 
 // The checkpoint's tokenizer model, checked to load; nullptr when it has none.
 absl::StatusOr<std::unique_ptr<data::Tokenizer>> ReadSavedTokenizer(const storage::CheckpointStore& store,

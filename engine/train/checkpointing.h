@@ -53,7 +53,8 @@ class AsyncCheckpointer {
   // state at its current step and starts writing it. Returns the seconds spent
   // snapshotting (the training stall).
   absl::StatusOr<double> Save(Trainer& trainer);
-  // Waits for the save in flight; returns its status.
+  // Waits for the save in flight; returns its status (Internal when it failed, as Save()
+  // returns the previous save's failure).
   absl::Status Wait();
   // The tokenizer model's bytes, saved with every checkpoint (tensor "tokenizer.model",
   // u8) so that an export carries the tokenizer the model was trained with.

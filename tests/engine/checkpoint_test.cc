@@ -654,6 +654,22 @@ TEST(CheckpointProcessTest, ExportThenInitFromHf) {
       << blocked_run_out;
 }
 
+// A save that fails partway through a run is a failure while training (exit 1), whether
+// the next save or the end of the run finds it, and whatever the cause: here a file
+// stands where step 4's folder goes.
+TEST(CheckpointProcessTest, AFailedSaveFailsTheRunWithExit1) {
+  for (const int steps : {6, 4}) {
+    const fs::path dir = FreshDir("proc-save-fails");
+    const std::string job = WriteJob(dir, steps, 2);
+    fs::create_directories(dir / "ckpt/proc");
+    std::ofstream(dir / "ckpt/proc/step-4") << "not a folder";
+    Subprocess run(Train("--config " + job));
+    const std::string out = run.Drain();
+    EXPECT_EQ(run.Wait(), 1) << "steps " << steps << "\n" << out;
+    EXPECT_NE(out.find("step-4: cannot create"), std::string::npos) << "steps " << steps << "\n" << out;
+  }
+}
+
 TEST(CheckpointProcessTest, AnExportCarriesTheTokenizerOfTheTrainingData) {
   const fs::path dir = FreshDir("proc-hf-tokenizer");
   Subprocess run(Train("--config " + WriteJob(dir, 2, 2, 4096) + " -d sample"));
