@@ -289,15 +289,11 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
   std::erase_if(pending.replaces, [&](const std::string& name) { return GenerationOf(name) == pending.generation; });
   if (auto s = WritePending(o.out, pending); !s.ok()) return s;
   auto result = BuildDataset(o, *tok, pending.generation);
-  if (!result.ok()) {
-    RemoveDatasetFiles(o.out, keep, [&](const std::string& name) {
-      return GenerationOf(name) == pending.generation || name == "index.json.tmp";
-    });
-  } else {
-    RemoveDatasetFiles(o.out, keep, [&](const std::string& name) { return pending.replaces.contains(name); });
-  }
-  std::error_code removed;
-  fs::remove(StrCat(o.out, "/", kPendingFile), removed);
+  // Whether it succeeded or not, the record just written says what to remove, as for a
+  // killed run: the generation the index names now stays. A failure can come after the
+  // index's rename (the folder's sync), and then the new generation is the one in use.
+  Pending left;
+  FinishPending(o.out, keep, &left);
   return result;
 }
 

@@ -381,9 +381,12 @@ TEST_F(DataTest, APrepareKilledPartwayLeavesTheDatasetWholeAndTheNextCleansUp) {
   const std::set<std::string> first = FileNames(out);
   EXPECT_TRUE(first.contains("shard-00000.tok") && first.contains("tokenizer.model"));
   const std::string index = Read(out / "index.json");
-  // Files of the user's, two named like a dataset's: of another generation, and of none.
-  const std::set<std::string> users = {"shard-notes.txt", "tokenizer-v2.model", "notes.txt", "shard-g2-00000.tok",
-                                       "shard-g01-00000.tok"};
+  // Files of the user's, some named like a dataset's: of another generation, and of none
+  // (a leading zero, or a number too large to be one: 2^32 + 1 is not generation 1).
+  const std::set<std::string> users = {"shard-notes.txt",         "tokenizer-v2.model",
+                                       "notes.txt",               "shard-g2-00000.tok",
+                                       "shard-g01-00000.tok",     "shard-g4294967297-00000.tok",
+                                       "tokenizer-g4294967297.model", "tokenizer-g99999999999999999999.model"};
   for (const std::string& name : users) std::ofstream(out / name) << "bytes";
   // What an overwrite killed while it wrote generation 1 leaves: its files and its record.
   for (const char* name : {"shard-g1-00000.tok", "tokenizer-g1.model.tmp", "index.json.tmp", "prepare.pending.tmp"}) {
@@ -548,7 +551,7 @@ TEST_F(DataTest, BadCommandLinesExitWith2AndNameTheProblem) {
     EXPECT_NE(r.output.find(needle), std::string::npos) << args << "\n" << r.output;
   }
   EXPECT_FALSE(fs::exists(dir_ / "cli" / "index.json"));
-  // More threads than lines is fine: the pool is no larger than the work.
+  // More threads than lines is fine.
   const auto r = llamad::testing::RunCommand(std::string(LLAMA_DATA_BIN) + " tokenizer encode --tokenizer " +
                                              tokenizer + " --input " + text + " --threads 64");
   EXPECT_EQ(r.exit_code, 0) << r.output;
