@@ -1,13 +1,16 @@
 #include "storage/files.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <system_error>
+#include <utility>
 
 namespace llamad::storage {
 namespace {
@@ -47,6 +50,26 @@ absl::Status CreateFolders(const std::string& path) {
   }
 }
 
+absl::StatusOr<FileLock> FileLock::Acquire(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoError(path, "cannot create the lock file");
+  int rc;
+  while ((rc = ::flock(fd, LOCK_EX)) != 0 && errno == EINTR) {
+  }
+  if (rc != 0) {
+    const int error = errno;
+    ::close(fd);
+    return ErrnoError(path, "cannot lock", error);
+  }
+  return FileLock(fd);
+}
+
+FileLock::FileLock(FileLock&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+
+FileLock::~FileLock() {
+  if (fd_ >= 0) ::close(fd_);  // closing releases the lock
+}
+
 absl::Status SyncFolder(const std::string& path) { return Sync(path, O_DIRECTORY); }
 
 absl::Status PublishFile(const std::string& tmp, const std::string& path) {
@@ -61,18 +84,17 @@ absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes
   const std::string tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return ErrnoError(tmp, "cannot create");
-  for (size_t done = 0; done < bytes.size();) {
+  absl::Status status;
+  for (size_t done = 0; done < bytes.size() && status.ok();) {
     const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const absl::Status error = ErrnoError(tmp, "write failed");
-      ::close(fd);
-      return error;
-    }
-    done += size_t(n);
+    if (n <= 0) status = ErrnoError(tmp, "write failed", n < 0 ? errno : EIO);
+    done += size_t(std::max<ssize_t>(n, 0));
   }
-  if (::close(fd) != 0) return ErrnoError(tmp, "close failed");
-  return PublishFile(tmp, path);
+  if (::close(fd) != 0 && status.ok()) status = ErrnoError(tmp, "close failed");
+  if (status.ok()) status = PublishFile(tmp, path);
+  if (!status.ok()) ::unlink(tmp.c_str());  // a no-op once the rename has happened
+  return status;
 }
 
 }  // namespace llamad::storage

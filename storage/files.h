@@ -6,6 +6,7 @@
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace llamad::storage {
 
@@ -17,6 +18,22 @@ absl::Status CreateFolders(const std::string& path);
 
 // Syncs the folder `path`, which makes the names created, renamed or removed in it durable.
 absl::Status SyncFolder(const std::string& path);
+
+// An exclusive lock on the file `path` (made when missing), held until this object is
+// destroyed. Processes that fill a shared cache take one so that each item is written once
+// and never read half-written.
+class FileLock {
+ public:
+  // Waits while another process holds the lock.
+  static absl::StatusOr<FileLock> Acquire(const std::string& path);
+  FileLock(FileLock&& other) noexcept;
+  FileLock& operator=(FileLock&&) = delete;
+  ~FileLock();
+
+ private:
+  explicit FileLock(int fd) : fd_(fd) {}
+  int fd_;
+};
 
 // Syncs the finished file `tmp`, renames it over `path` and syncs the folder, which makes
 // the rename itself durable.

@@ -1,12 +1,6 @@
 #include "data/dataset.h"
 
-#include <fcntl.h>
-#include <sys/file.h>
-#include <unistd.h>
 #include <xxhash.h>
-
-#include <cerrno>
-#include <cstring>
 
 #include <cstdlib>
 #include <filesystem>
@@ -59,16 +53,8 @@ absl::StatusOr<std::string> PrepareCached(const std::string& input, const std::s
   // One preparer per dataset: others (another job, llama-data) wait for it, then use its
   // result.
   if (auto s = storage::CreateFolders(CacheDir() + "/prepared"); !s.ok()) return s;
-  const std::string lock_path = dir + ".lock";
-  const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (lock_fd < 0 || ::flock(lock_fd, LOCK_EX) != 0) {
-    if (lock_fd >= 0) ::close(lock_fd);
-    return absl::InternalError(StrCat(lock_path, ": cannot lock: ", std::strerror(errno)));
-  }
-  struct Unlock {
-    int fd;
-    ~Unlock() { ::close(fd); }  // closing releases the lock
-  } unlock{lock_fd};
+  auto lock = storage::FileLock::Acquire(dir + ".lock");
+  if (!lock.ok()) return lock.status();
   if (fs::exists(dir + "/index.json", ec)) return dir;
   log(StrCat("preparing ", input, " (", files.size(), " files) into ", dir));
   PrepareOptions options;
@@ -111,6 +97,9 @@ absl::StatusOr<std::string> UnpackSample() {
   const std::string dir =
       CacheDir() + "/sample-" + Hex(XXH64(corpus.data(), corpus.size(), XXH64(tokenizer.data(), tokenizer.size(), 0)));
   if (auto s = storage::CreateFolders(dir); !s.ok()) return s;
+  // Ranks of one job unpack at once: one writes, the others then find the files whole.
+  auto lock = storage::FileLock::Acquire(dir + ".lock");
+  if (!lock.ok()) return lock.status();
   std::error_code ec;
   const std::pair<const char*, std::string_view> files[] = {{"sample.jsonl.zst", corpus},
                                                            {"tokenizer.model", tokenizer}};

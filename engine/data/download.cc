@@ -5,7 +5,6 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <openssl/evp.h>
-#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -581,13 +580,8 @@ absl::StatusOr<std::string> FetchDataset(
   if (auto s = storage::CreateFolders(folder.string()); !s.ok()) return s;
   std::error_code ec;
   // One downloader per folder: a second process waits, then finds the work done.
-  const int lock = open((folder / kLock).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (lock < 0) return absl::InternalError(Errno("cannot create " + (folder / kLock).string()));
-  struct Unlock {
-    int fd;
-    ~Unlock() { close(fd); }
-  } unlock{lock};
-  flock(lock, LOCK_EX);
+  auto lock = storage::FileLock::Acquire((folder / kLock).string());
+  if (!lock.ok()) return lock.status();
   m = ReadManifest(folder);
   if (Complete(folder, m, want)) return folder.string();
 
