@@ -9,7 +9,6 @@
 #include <climits>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 
 #include "core/cli_integers.h"
 #include "core/self_executable.h"
@@ -19,6 +18,7 @@
 #include "scheduler/clock.h"
 #include "scheduler/scheduler.h"
 #include "scheduler/server.h"
+#include "storage/files.h"
 
 namespace {
 
@@ -88,7 +88,11 @@ int main(int argc, char** argv) {
     server = std::move(*started);
     if (scheduler_address.empty()) scheduler_address = server->address();
     // Where a client (or a test) finds the scheduler when the port was chosen by the system.
-    std::ofstream(std::filesystem::path(config->data_dir) / "scheduler.address") << server->address() << "\n";
+    // Written whole or not at all: a reader that finds the file finds the address.
+    const std::string address_file = (std::filesystem::path(config->data_dir) / "scheduler.address").string();
+    if (auto s = llamad::storage::WriteFileAtomically(address_file, server->address() + "\n"); !s.ok()) {
+      return Fail(s);
+    }
     std::fprintf(stderr, "llamad: scheduler listening on %s%s; token file %s\n", server->address().c_str(),
                  tls.enabled() ? " (TLS)" : "", config->token_file.c_str());
   }

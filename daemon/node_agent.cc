@@ -17,6 +17,7 @@
 #include "core/exit_codes.h"
 #include "daemon/comm_address.h"
 #include "daemon/devices.h"
+#include "storage/files.h"
 #include "train/jobspec.h"
 
 namespace llamad::daemon {
@@ -264,15 +265,21 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
   }
   auto w = std::make_shared<Worker>();
   w->order = order;
+  // A rank that cannot be started is reported as one that exited with `exit_code`: the
+  // scheduler learns why from its last line, as it would from a rank's own.
+  auto not_started = [&](int exit_code, const std::string& why) {
+    w->exited = true;
+    w->exit_code = exit_code;
+    w->Keep(fmt::format("llamad: {}", why), false, options_.forward_max_lines, options_.log_max_bytes);
+    std::lock_guard lock(mu_);
+    workers_[key] = w;
+  };
   const std::filesystem::path dir = std::filesystem::path(options_.data_dir) / "jobs" / order.job_id() /
                                     fmt::format("gen-{}", order.generation());
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
   const std::string spec_path = (dir / "job.yaml").string();
-  {
-    std::ofstream spec(spec_path, std::ios::trunc);
-    spec << order.spec_yaml();
-  }
+  auto written = storage::CreateFolders(dir.string());
+  if (written.ok()) written = storage::WriteFileAtomically(spec_path, order.spec_yaml());
+  if (!written.ok()) return not_started(kExitFailure, std::string(written.message()));
   w->log_path = (dir / fmt::format("rank-{}.log", order.rank())).string();
   w->log.open(w->log_path, std::ios::app);
 
@@ -323,29 +330,21 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
     // order puts the fastest first), so that "device N" in a drain reason names that GPU;
     // or the Nth of the GPUs llamad's own CUDA_VISIBLE_DEVICES leaves it (RankGpuFor).
     auto gpu = RankGpuFor(options_.cuda_visible_devices.c_str(), order.local_rank());
-    if (!gpu.ok()) {
-      w->exited = true;
-      w->exit_code = kExitFailure;
-      w->Keep(fmt::format("llamad: {}", std::string(gpu.status().message())), false, options_.forward_max_lines,
-              options_.log_max_bytes);
-      std::lock_guard lock(mu_);
-      workers_[key] = w;
-      return;
-    }
+    if (!gpu.ok()) return not_started(kExitFailure, std::string(gpu.status().message()));
     w->device = gpu->visible_devices;
     if (!gpu->device_order.empty()) env.emplace_back("CUDA_DEVICE_ORDER", gpu->device_order);
     env.emplace_back("CUDA_VISIBLE_DEVICES", gpu->visible_devices);
   }
 
   int out_pipe[2], err_pipe[2];
-  if (::pipe2(out_pipe, O_CLOEXEC) != 0 || ::pipe2(err_pipe, O_CLOEXEC) != 0) {
-    w->exited = true;
-    w->exit_code = 127;
-    w->Keep(fmt::format("llamad: cannot create pipes: {}", std::strerror(errno)), false, options_.forward_max_lines,
-            options_.log_max_bytes);
-    std::lock_guard lock(mu_);
-    workers_[key] = w;
-    return;
+  if (::pipe2(out_pipe, O_CLOEXEC) != 0) {
+    return not_started(127, fmt::format("cannot create pipes: {}", std::strerror(errno)));
+  }
+  if (::pipe2(err_pipe, O_CLOEXEC) != 0) {
+    const int error = errno;
+    ::close(out_pipe[0]);
+    ::close(out_pipe[1]);
+    return not_started(127, fmt::format("cannot create pipes: {}", std::strerror(error)));
   }
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());

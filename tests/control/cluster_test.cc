@@ -206,6 +206,22 @@ TEST_F(ClusterTest, GangStartsQueuesCancelsAndReportsCrashes) {
   EXPECT_NE(status.find("missing.u32"), std::string::npos) << status;
 }
 
+TEST_F(ClusterTest, ARankItsNodeCannotStartFailsTheJobSayingWhy) {
+  // A file stands where the node keeps its jobs' folders: the rank's spec cannot be
+  // written, and the job fails with the node's reason rather than a worker's guess.
+  fs::create_directories(dir_ / "node1");
+  std::ofstream(dir_ / "node1" / "jobs") << "not a folder\n";
+  StartNode("node1");
+  const std::string id = Submit(WriteSpec("blocked", 1, 4));
+  ASSERT_TRUE(WaitFor(id, "JOB_STATE_FAILED", 30)) << Job(id).dump(1) << DaemonOutput();
+  const nlohmann::json failed = Job(id);
+  EXPECT_EQ(failed.value("exit_code", 0), 1) << failed.dump(1);
+  const std::string lines = failed["last_log_lines"].dump();
+  EXPECT_NE(lines.find((dir_ / "node1" / "jobs").string()), std::string::npos) << failed.dump(1);
+  EXPECT_NE(lines.find("Not a directory"), std::string::npos) << failed.dump(1);
+  EXPECT_EQ(Workers(), 0);
+}
+
 TEST_F(ClusterTest, LostNodeTakesItsWorkersAndTheJobMovesOn) {
   for (auto id : {"node1", "node2", "node3"}) StartNode(id);
   const std::string job = Submit(WriteSpec("mover", 2, 100000));
