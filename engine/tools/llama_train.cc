@@ -36,6 +36,7 @@
 #include "core/cli_integers.h"
 #include "core/durations.h"
 #include "core/strings.h"
+#include "core/threads.h"
 #include "backend/cpu/blas_kernels.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend.h"
@@ -953,16 +954,18 @@ int RunTrain(const Common& common, const Overrides& overrides) {
       return Fail(s);
     }
   }
+  // Rank 0 draws a number for this run, which tells its ranks' saves from a killed run's.
+  // Agreeing on it is also where the other ranks wait for rank 0 to finish removing
+  // checkpoints, which may take long: it runs under the start-up timeout still.
+  double run = 0;
+  if (lead) run = double(std::random_device{}() & 0xfffffff) + 1;
+  if (auto s = (*comm)->AllReduceSum(&run, 1); !s.ok()) return Fail(s);
   // A training step's collectives (parallel.collective_timeout_s).
   (*comm)->set_timeout(std::chrono::milliseconds(int64_t(spec->parallel.collective_timeout_s * 1000)));
   StopGraceCheck stop_grace(common.stop_grace_ms);  // before the checkpointer, whose commits report to it
   std::unique_ptr<AsyncCheckpointer> checkpointer;
   if (spec->checkpoint.interval > 0) {
-    // Every rank writes its part of each checkpoint; rank 0 commits them together. Rank
-    // 0 draws a number for this run, which tells its ranks' saves from a killed run's.
-    double run = 0;
-    if (lead) run = double(std::random_device{}() & 0xfffffff) + 1;
-    if (auto s = (*comm)->AllReduceSum(&run, 1); !s.ok()) return Fail(s);
+    // Every rank writes its part of each checkpoint; rank 0 commits them together.
     checkpointer = std::make_unique<AsyncCheckpointer>(
         checkpoints->store.get(), spec->checkpoint.dir, spec->name, rank, (*comm)->world_size(), uint64_t(run),
         [&](int64_t step, const absl::Status& s) {
@@ -1252,7 +1255,7 @@ int Main(int argc, char** argv) {
   Overrides train_overrides, eval_overrides;
   std::string tokens_path;
 
-  const CLI::Range kThreadRange(0, 1024);  // 0: all cores
+  const CLI::Range kThreadRange(0, kMaxThreads);  // 0: all cores
   auto add_common = [&](CLI::App* sub) {
     sub->add_option("--config", common.config, "Job spec YAML file")->required();
     sub->add_option("--threads", common.threads, "CPU threads (default: all cores)")->check(kThreadRange);
