@@ -8,6 +8,7 @@
 #include <variant>
 
 #include "core/durations.h"
+#include "core/threads.h"
 #include "core/yaml_fields.h"
 
 namespace llamad::daemon {
@@ -89,8 +90,9 @@ absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {
     return ConfigError(where, fmt::format("lease_timeout_ms: {} must exceed heartbeat_interval_ms {} (> 0)",
                                           config.lease_timeout_ms, config.heartbeat_interval_ms));
   }
-  if (config.worker_threads < 0 || config.worker_threads > 4096) {
-    return ConfigError(where, fmt::format("worker_threads: {} is not within [0, 4096]", config.worker_threads));
+  if (config.worker_threads < 0 || config.worker_threads > kMaxThreads) {
+    return ConfigError(where, fmt::format("worker_threads: {} is not within [0, {}] (the most a rank takes)",
+                                          config.worker_threads, kMaxThreads));
   }
   if (config.max_fault_drained_percent < 0 || config.max_fault_drained_percent > 100) {
     return ConfigError(where, fmt::format("max_fault_drained_percent: {} is not between 0 and 100",

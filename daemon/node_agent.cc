@@ -15,6 +15,7 @@
 #include <fstream>
 
 #include "core/exit_codes.h"
+#include "core/threads.h"
 #include "daemon/comm_address.h"
 #include "daemon/devices.h"
 #include "storage/files.h"
@@ -277,8 +278,15 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
   const std::filesystem::path dir = std::filesystem::path(options_.data_dir) / "jobs" / order.job_id() /
                                     fmt::format("gen-{}", order.generation());
   const std::string spec_path = (dir / "job.yaml").string();
+  // The spec is new (each generation has a folder of its own) and only the rank started
+  // here reads it: a checked write does, without syncing the disk on the heartbeat's thread.
   auto written = storage::CreateFolders(dir.string());
-  if (written.ok()) written = storage::WriteFileAtomically(spec_path, order.spec_yaml());
+  if (written.ok()) {
+    std::ofstream spec(spec_path, std::ios::trunc);
+    spec << order.spec_yaml();
+    spec.close();
+    if (!spec) written = absl::InternalError(fmt::format("{}: cannot write: {}", spec_path, std::strerror(errno)));
+  }
   if (!written.ok()) return not_started(kExitFailure, std::string(written.message()));
   w->log_path = (dir / fmt::format("rank-{}.log", order.rank())).string();
   w->log.open(w->log_path, std::ios::app);
@@ -290,7 +298,8 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
   const bool resumable =
       order.generation() > 1 && spec.ok() && !spec->checkpoint.dir.empty() && spec->checkpoint.interval > 0;
   const int cores = int(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN)));
-  const int threads = options_.worker_threads > 0 ? options_.worker_threads : std::max(1, cores / options_.devices);
+  const int threads =
+      options_.worker_threads > 0 ? options_.worker_threads : std::clamp(cores / options_.devices, 1, kMaxThreads);
   std::vector<std::string> args = {options_.worker_binary, "train", "--config", spec_path,
                                    "--spec-origin", order.spec_origin(), "--log-format", "json",
                                    "--threads", std::to_string(threads)};
@@ -366,6 +375,7 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
   const std::string exec_failed = fmt::format("llamad: cannot run {}\n", args[0]);
   const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
+  const int fork_error = errno;
   if (pid == 0) {
     ::setpgid(0, 0);
     // The daemon blocks SIGINT/SIGTERM in every thread (it takes them with sigwait), and
@@ -391,37 +401,33 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
   if (pid < 0) {
     ::close(out_pipe[0]);
     ::close(err_pipe[0]);
-    w->exited = true;
-    w->exit_code = 127;
-    w->Keep(fmt::format("llamad: cannot fork: {}", std::strerror(errno)), false, options_.forward_max_lines,
-            options_.log_max_bytes);
-  } else {
-    w->pid = pid;
-    ::setpgid(pid, pid);
-    auto reader = [this, w](int fd, bool is_stdout) {
-      std::string pending;
-      char buffer[8192];
-      ssize_t n;
-      while ((n = ::read(fd, buffer, sizeof(buffer))) > 0 || (n < 0 && errno == EINTR)) {
-        if (n < 0) continue;
-        pending.append(buffer, size_t(n));
-        size_t newline;
-        while ((newline = pending.find('\n')) != std::string::npos) {
-          std::string line = pending.substr(0, newline);
-          pending.erase(0, newline + 1);
-          const bool metric = is_stdout && !line.empty() && line.front() == '{';
-          w->Keep(line, metric, options_.forward_max_lines, options_.log_max_bytes);
-        }
-      }
-      if (!pending.empty()) w->Keep(pending, false, options_.forward_max_lines, options_.log_max_bytes);
-      ::close(fd);
-    };
-    w->stdout_reader = std::thread(reader, out_pipe[0], true);
-    w->stderr_reader = std::thread(reader, err_pipe[0], false);
-    std::fprintf(stderr, "llamad: started job %s generation %lld rank %d/%d (pid %d, peers on %s), log %s\n",
-                 order.job_id().c_str(), (long long)order.generation(), order.rank(), order.world_size(), pid,
-                 comm_host.c_str(), w->log_path.c_str());
+    return not_started(127, fmt::format("cannot fork: {}", std::strerror(fork_error)));
   }
+  w->pid = pid;
+  ::setpgid(pid, pid);
+  auto reader = [this, w](int fd, bool is_stdout) {
+    std::string pending;
+    char buffer[8192];
+    ssize_t n;
+    while ((n = ::read(fd, buffer, sizeof(buffer))) > 0 || (n < 0 && errno == EINTR)) {
+      if (n < 0) continue;
+      pending.append(buffer, size_t(n));
+      size_t newline;
+      while ((newline = pending.find('\n')) != std::string::npos) {
+        std::string line = pending.substr(0, newline);
+        pending.erase(0, newline + 1);
+        const bool metric = is_stdout && !line.empty() && line.front() == '{';
+        w->Keep(line, metric, options_.forward_max_lines, options_.log_max_bytes);
+      }
+    }
+    if (!pending.empty()) w->Keep(pending, false, options_.forward_max_lines, options_.log_max_bytes);
+    ::close(fd);
+  };
+  w->stdout_reader = std::thread(reader, out_pipe[0], true);
+  w->stderr_reader = std::thread(reader, err_pipe[0], false);
+  std::fprintf(stderr, "llamad: started job %s generation %lld rank %d/%d (pid %d, peers on %s), log %s\n",
+               order.job_id().c_str(), (long long)order.generation(), order.rank(), order.world_size(), pid,
+               comm_host.c_str(), w->log_path.c_str());
   std::lock_guard lock(mu_);
   workers_[key] = w;
 }

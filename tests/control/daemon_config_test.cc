@@ -36,7 +36,8 @@ TEST(DaemonConfigTest, DurationsAndThreadCountsOutOfRangeNameTheirKey) {
       {{"--grow-after-ms=-1"}, "grow_after_ms: -1"},
       {{"--previous-ranks-wait-ms=9999999999999"}, "previous_ranks_wait_ms"},
       {{"--forget-lost-nodes-after-ms=-5"}, "forget_lost_nodes_after_ms: -5"},
-      {{"--worker-threads=4294967297"}, "worker_threads: 4294967297 is not within [0, 4096]"},
+      {{"--worker-threads=4294967297"}, "worker_threads: 4294967297 is not within [0, 1024]"},
+      {{"--worker-threads=1025"}, "worker_threads: 1025 is not within [0, 1024]"},
       {{"--heartbeat-interval-ms=5000", "--lease-timeout-ms=5000"}, "must exceed heartbeat_interval_ms 5000"},
   };
   for (const auto& c : cases) {
@@ -45,7 +46,7 @@ TEST(DaemonConfigTest, DurationsAndThreadCountsOutOfRangeNameTheirKey) {
     EXPECT_NE(std::string(config.status().message()).find(c.needle), std::string::npos) << config.status();
   }
   // The limits themselves are accepted.
-  auto at_limits = Resolve({"--lease-timeout-ms=2592000000", "--stop-grace-ms=2592000000", "--worker-threads=4096"});
+  auto at_limits = Resolve({"--lease-timeout-ms=2592000000", "--stop-grace-ms=2592000000", "--worker-threads=1024"});
   EXPECT_TRUE(at_limits.ok()) << at_limits.status();
 }
 
