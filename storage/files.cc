@@ -51,14 +51,23 @@ absl::Status CreateFolders(const std::string& path) {
 }
 
 absl::StatusOr<FileLock> FileLock::Acquire(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) return ErrnoError(path, "cannot create the lock file");
+  return Lock(path, O_RDWR | O_CREAT, LOCK_EX);
+}
+
+absl::StatusOr<FileLock> FileLock::TryAcquire(const std::string& path) {
+  return Lock(path, O_RDONLY, LOCK_EX | LOCK_NB);  // read-only opens a folder too
+}
+
+absl::StatusOr<FileLock> FileLock::Lock(const std::string& path, int open_flags, int lock_flags) {
+  const int fd = ::open(path.c_str(), open_flags | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoError(path, (open_flags & O_CREAT) ? "cannot create the lock file" : "cannot open");
   int rc;
-  while ((rc = ::flock(fd, LOCK_EX)) != 0 && errno == EINTR) {
+  while ((rc = ::flock(fd, lock_flags)) != 0 && errno == EINTR) {
   }
   if (rc != 0) {
     const int error = errno;
     ::close(fd);
+    if (error == EWOULDBLOCK) return absl::FailedPreconditionError(path + ": locked by another process");
     return ErrnoError(path, "cannot lock", error);
   }
   return FileLock(fd);
@@ -73,8 +82,12 @@ FileLock::~FileLock() {
 absl::Status SyncFolder(const std::string& path) { return Sync(path, O_DIRECTORY); }
 
 absl::Status PublishFile(const std::string& tmp, const std::string& path) {
-  if (auto s = Sync(tmp, 0); !s.ok()) return s;
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) return ErrnoError(path, "cannot rename");
+  absl::Status status = Sync(tmp, 0);
+  if (status.ok() && std::rename(tmp.c_str(), path.c_str()) != 0) status = ErrnoError(path, "cannot rename");
+  if (!status.ok()) {
+    ::unlink(tmp.c_str());
+    return status;
+  }
   const size_t slash = path.rfind('/');
   const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
   return SyncFolder(dir);
@@ -92,9 +105,11 @@ absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes
     done += size_t(std::max<ssize_t>(n, 0));
   }
   if (::close(fd) != 0 && status.ok()) status = ErrnoError(tmp, "close failed");
-  if (status.ok()) status = PublishFile(tmp, path);
-  if (!status.ok()) ::unlink(tmp.c_str());  // a no-op once the rename has happened
-  return status;
+  if (!status.ok()) {
+    ::unlink(tmp.c_str());
+    return status;
+  }
+  return PublishFile(tmp, path);
 }
 
 }  // namespace llamad::storage

@@ -26,20 +26,25 @@ class FileLock {
  public:
   // Waits while another process holds the lock.
   static absl::StatusOr<FileLock> Acquire(const std::string& path);
+  // Does not wait: FailedPrecondition while another process holds the lock. `path` must
+  // exist, and may be a folder, whose lock is on the folder itself.
+  static absl::StatusOr<FileLock> TryAcquire(const std::string& path);
   FileLock(FileLock&& other) noexcept;
   FileLock& operator=(FileLock&&) = delete;
   ~FileLock();
 
  private:
   explicit FileLock(int fd) : fd_(fd) {}
+  static absl::StatusOr<FileLock> Lock(const std::string& path, int open_flags, int lock_flags);
   int fd_;
 };
 
 // Syncs the finished file `tmp`, renames it over `path` and syncs the folder, which makes
-// the rename itself durable.
+// the rename itself durable. A failure before the rename removes `tmp`.
 absl::Status PublishFile(const std::string& tmp, const std::string& path);
 
-// Writes `bytes` to path + ".tmp" and publishes it over `path` (PublishFile).
+// Writes `bytes` to path + ".tmp" and publishes it over `path` (PublishFile). A failed
+// write leaves no temporary either.
 absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes);
 
 }  // namespace llamad::storage

@@ -138,7 +138,12 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorT
       out.write(reinterpret_cast<const char*>(t.data), std::streamsize(4 * numel));
     }
     out.flush();
-    if (!out) return absl::InternalError(tmp + ": write failed");
+    if (!out) {
+      out.close();
+      std::error_code ec;
+      fs::remove(tmp, ec);  // a model-sized partial file
+      return absl::InternalError(tmp + ": write failed");
+    }
   }
   return PublishFile(tmp, path);
 }

@@ -1,13 +1,7 @@
 #include "data/prepare.h"
 
-#include <fcntl.h>
-#include <sys/file.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -223,7 +217,8 @@ DatasetInFolder FinishPending(const std::string& dir, const fs::path& keep, Pend
     return in_use;
   }
   RemoveDatasetFiles(dir, keep, [&](const std::string& name) {
-    return !in_use.files.contains(name) && (GenerationOf(name) == p.generation || p.replaces.contains(name) ||
+    return !in_use.files.contains(name) && ((p.generation >= 0 && GenerationOf(name) == p.generation) ||
+                                           p.replaces.contains(name) ||
                                            name == "index.json.tmp" || name == "prepare.pending.tmp");
   });
   std::error_code removed;
@@ -252,21 +247,13 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
         StrCat(o.tokenizer, ": the tokenizer has no EOS id (documents are joined with EOS)"));
   }
   if (auto s = storage::CreateFolders(o.out); !s.ok()) return s;
-  std::error_code ec;
-  // One prepare at a time into a folder: each removes the dataset files the index does not
-  // name. The lock is on the folder itself and goes with the descriptor.
-  const int dir_fd = ::open(o.out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd < 0) return absl::InternalError(StrCat(o.out, ": cannot open: ", std::strerror(errno)));
-  struct Unlock {
-    int fd;
-    ~Unlock() { ::close(fd); }
-  } unlock{dir_fd};
-  if (::flock(dir_fd, LOCK_EX | LOCK_NB) != 0) {
-    if (errno == EWOULDBLOCK) {
-      return absl::FailedPreconditionError(StrCat(o.out, ": another prepare is writing into this folder"));
-    }
-    return absl::InternalError(StrCat(o.out, ": cannot lock: ", std::strerror(errno)));
+  // One prepare at a time into a folder: each removes dataset files of its own and of a
+  // killed run's. The lock is on the folder itself.
+  auto lock = storage::FileLock::TryAcquire(o.out);
+  if (absl::IsFailedPrecondition(lock.status())) {
+    return absl::FailedPreconditionError(StrCat(o.out, ": another prepare is writing into this folder"));
   }
+  if (!lock.ok()) return lock.status();
   // The dataset in use stays whole, and readable by jobs that have it open, until the new
   // one's index replaces its own. What a killed run left is gone first.
   const fs::path keep = o.tokenizer;
@@ -280,6 +267,7 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
   pending.replaces.erase("index.json");  // replaced by the rename
   // A killed run's files that could not be told from those in use go with them.
   pending.replaces.merge(unfinished.replaces);
+  std::error_code ec;
   for (const auto& entry : fs::directory_iterator(o.out, ec)) {
     const std::string name = entry.path().filename().string();
     if (unfinished.generation >= 0 && GenerationOf(name) == unfinished.generation) pending.replaces.insert(name);
