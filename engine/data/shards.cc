@@ -193,10 +193,14 @@ absl::StatusOr<std::unique_ptr<PreparedDataset>> PreparedDataset::Open(const std
   if (!d->tokenizer_file_.empty()) {
     const std::string path = dir + "/" + d->tokenizer_file_;
     std::ifstream model(path, std::ios::binary);
+    if (!model) return absl::NotFoundError(StrCat(path, ": the index names this tokenizer, which cannot be read"));
     std::stringstream bytes;
     bytes << model.rdbuf();
-    if (!model) return absl::NotFoundError(StrCat(path, ": the index names this tokenizer, which cannot be read"));
     d->tokenizer_model_ = bytes.str();
+    // An empty file (or a folder) in its place is a damaged dataset, not one without a tokenizer.
+    if (model.bad() || d->tokenizer_model_.empty()) {
+      return absl::DataLossError(StrCat(path, ": the index names this tokenizer, which is empty or cannot be read"));
+    }
   }
   for (const ShardInfo& info : d->shards_) {
     const std::string path = dir + "/" + info.file;

@@ -455,7 +455,16 @@ TEST_F(DataTest, AnOverwriteReplacesADatasetThatNoLongerOpens) {
   ASSERT_TRUE(PrepareDataset(o).ok());
   const fs::path out = o.out;
   const std::set<std::string> first = FileNames(out);
-  // The tokenizer the index names is gone, and a shard is cut short.
+  // The tokenizer the index names is empty, or a folder, or gone; and a shard is cut short.
+  for (bool folder : {false, true}) {
+    fs::remove(out / "tokenizer.model");
+    if (folder) fs::create_directory(out / "tokenizer.model");
+    if (!folder) std::ofstream(out / "tokenizer.model", std::ios::trunc).flush();
+    const auto damaged = PreparedDataset::Open(out.string());
+    EXPECT_EQ(damaged.status().code(), absl::StatusCode::kDataLoss) << "folder " << folder;
+    EXPECT_NE(damaged.status().message().find("tokenizer.model: the index names this tokenizer, which is empty"),
+              std::string::npos) << damaged.status();
+  }
   fs::remove(out / "tokenizer.model");
   const auto no_tokenizer = PreparedDataset::Open(out.string());
   EXPECT_EQ(no_tokenizer.status().code(), absl::StatusCode::kNotFound);
