@@ -63,28 +63,43 @@ std::optional<int64_t> StepOfFolderName(const std::string& name) {
   return step;
 }
 
-// Calls f(job, step, folder) for each <root>/<job>/step-<n> folder.
+// Calls f(job, step, folder) for each <root>/<job>/step-<n> folder. A root that is not a
+// folder holds none (creating it says why it cannot be one); one that cannot be listed
+// whole is an error, as a folder the listing missed may hold committed shards.
 template <typename F>
-void ForEachStepFolder(const std::string& root, F&& f) {
+absl::Status ForEachStepFolder(const std::string& root, F&& f) {
   std::error_code ec;
-  for (const auto& job_dir : fs::directory_iterator(root, ec)) {
-    if (!job_dir.is_directory(ec) || job_dir.path().filename() == "index") continue;
-    for (const auto& step_dir : fs::directory_iterator(job_dir.path(), ec)) {
-      const auto step = StepOfFolderName(step_dir.path().filename().string());
-      if (step && step_dir.is_directory(ec)) f(job_dir.path().filename().string(), *step, step_dir.path());
+  auto list_failed = [&ec](const fs::path& dir) {
+    return absl::InternalError(fmt::format("{}: cannot list the checkpoint folders: {}", dir.string(), ec.message()));
+  };
+  fs::directory_iterator jobs(root, ec);
+  if (ec == std::errc::no_such_file_or_directory || ec == std::errc::not_a_directory) return absl::OkStatus();
+  for (const fs::directory_iterator end; !ec && jobs != end; jobs.increment(ec)) {
+    std::error_code type;
+    if (!jobs->is_directory(type) || jobs->path().filename() == "index") continue;
+    for (fs::directory_iterator steps(jobs->path(), ec); !ec && steps != end; steps.increment(ec)) {
+      const auto step = StepOfFolderName(steps->path().filename().string());
+      if (step && steps->is_directory(type)) f(jobs->path().filename().string(), *step, steps->path());
     }
+    if (ec) return list_failed(jobs->path());
   }
+  return ec ? list_failed(root) : absl::OkStatus();
 }
 
-// A step folder holding nothing but shard files (rank-*.shard): one a store writes, which
-// it may remove.
-bool HoldsOnlyShards(const fs::path& dir) {
+// What a step folder holds. Only one holding nothing but shard files (rank-*.shard) is one
+// a store writes, which it may remove. One that cannot be listed whole (a stale handle on
+// shared storage) may hold shards too: the store neither removes it nor ignores it.
+enum class StepFolderContents { kOnlyShards, kOtherFiles, kUnreadable };
+
+StepFolderContents ContentsOf(const fs::path& dir) {
   std::error_code ec;
-  for (const auto& file : fs::directory_iterator(dir, ec)) {
-    const std::string name = file.path().filename().string();
-    if (!file.is_regular_file(ec) || !name.starts_with("rank-") || !name.ends_with(".shard")) return false;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const bool shard = it->is_regular_file(ec) && name.starts_with("rank-") && name.ends_with(".shard");
+    if (ec) break;
+    if (!shard) return StepFolderContents::kOtherFiles;
   }
-  return true;
+  return ec ? StepFolderContents::kUnreadable : StepFolderContents::kOnlyShards;
 }
 
 absl::Status IoError(const std::string& what, const std::string& path) {
@@ -264,10 +279,13 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
   // half-way, and would remove them all as leftovers: refuse before creating an empty one.
   if (!has_index) {
     std::vector<std::string> found;
-    ForEachStepFolder(root, [&](const std::string&, int64_t, const fs::path& dir) {
+    auto listed = ForEachStepFolder(root, [&](const std::string&, int64_t, const fs::path& dir) {
       std::error_code empty;
-      if (!fs::is_empty(dir, empty) && HoldsOnlyShards(dir)) found.push_back(dir.string());  // a shard to lose
+      if (!fs::is_empty(dir, empty) && ContentsOf(dir) != StepFolderContents::kOtherFiles) {
+        found.push_back(dir.string());  // shards to lose
+      }
     });
+    if (!listed.ok()) return listed;
     if (!found.empty()) {
       // DataLoss, not FailedPrecondition, which says another process holds the index.
       return absl::DataLossError(fmt::format(
@@ -871,7 +889,9 @@ absl::Status CheckpointStore::RemoveUncommitted() {
   std::map<std::string, std::vector<int64_t>> committed;
   absl::Status status;
   std::error_code ec;
-  ForEachStepFolder(root_, [&](const std::string& job, int64_t step, const fs::path& dir) {
+  // Cleanup, unlike Open's check without an index: what it cannot list it leaves as it is,
+  // as it leaves a folder it fails to remove.
+  (void)ForEachStepFolder(root_, [&](const std::string& job, int64_t step, const fs::path& dir) {
     if (!status.ok()) return;
     auto it = committed.find(job);
     if (it == committed.end()) {
@@ -882,7 +902,8 @@ absl::Status CheckpointStore::RemoveUncommitted() {
       }
       it = committed.emplace(job, *std::move(steps)).first;
     }
-    if (!std::binary_search(it->second.begin(), it->second.end(), step) && HoldsOnlyShards(dir)) {
+    if (!std::binary_search(it->second.begin(), it->second.end(), step) &&
+        ContentsOf(dir) == StepFolderContents::kOnlyShards) {
       fs::remove_all(dir, ec);
     }
   });

@@ -2,7 +2,10 @@
 #include "storage/checkpoint_store.h"
 
 #include <gtest/gtest.h>
+#include <dirent.h>
 #include <fcntl.h>
+#include <linux/capability.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -127,6 +130,71 @@ TEST(CheckpointStoreTest, NothingExistsBeforeCommitAndLeftoversGoAtOpen) {
   fs::create_directories(fs::path(bare) / "job" / "step-1");
   auto opened = CheckpointStore::Open(bare);
   EXPECT_TRUE(opened.ok()) << opened.status();
+}
+
+// While alive, this thread obeys file permissions even as root: CAP_DAC_OVERRIDE and
+// CAP_DAC_READ_SEARCH leave its effective set (capabilities are per thread), so a folder
+// with mode 000 cannot be listed, as a stale or failing shared folder cannot be.
+class ObeyFilePermissions {
+ public:
+  ObeyFilePermissions() {
+    if (syscall(SYS_capget, &header_, saved_) != 0) return;
+    __user_cap_data_struct reduced[2] = {saved_[0], saved_[1]};
+    reduced[0].effective &= ~((1u << CAP_DAC_OVERRIDE) | (1u << CAP_DAC_READ_SEARCH));
+    dropped_ = syscall(SYS_capset, &header_, reduced) == 0;
+  }
+  ~ObeyFilePermissions() {
+    if (dropped_) syscall(SYS_capset, &header_, saved_);
+  }
+  static bool CanList(const fs::path& dir) {
+    DIR* d = opendir(dir.c_str());
+    if (d != nullptr) closedir(d);
+    return d != nullptr;
+  }
+
+ private:
+  __user_cap_header_struct header_{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct saved_[2] = {};
+  bool dropped_ = false;
+};
+
+// A job folder the store cannot list may hold committed shards. Without an index, opening
+// there would make an empty one, and the next open (the folder readable again) would then
+// remove those shards as unfinished: the store refuses instead, naming the folder.
+TEST(CheckpointStoreTest, WithoutAnIndexAFolderThatCannotBeListedStopsTheOpen) {
+  const fs::path root = FreshDir("unlisted");
+  const fs::path job = root / "job";
+  fs::create_directories(job / "step-4");
+  std::ofstream(job / "step-4" / "rank-0.shard") << "shard bytes";
+  fs::permissions(job, fs::perms::none);
+  {
+    ObeyFilePermissions obey;
+    if (ObeyFilePermissions::CanList(job)) {
+      fs::permissions(job, fs::perms::owner_all);
+      GTEST_SKIP() << "this process lists a folder with mode 000 anyway; nothing to check";
+    }
+    auto opened = CheckpointStore::Open(root.string());
+    EXPECT_TRUE(absl::IsInternal(opened.status())) << opened.status();
+    EXPECT_NE(opened.status().message().find(job.string() + ": cannot list"), std::string::npos) << opened.status();
+  }
+  fs::permissions(job, fs::perms::owner_all);
+  EXPECT_FALSE(fs::exists(root / "index"));
+  EXPECT_TRUE(fs::exists(job / "step-4" / "rank-0.shard"));
+  // With its index, the store opens there: its cleanup of unfinished saves leaves what it
+  // cannot list as it is.
+  fs::remove_all(job);
+  ASSERT_TRUE(CheckpointStore::Open(root.string()).ok());
+  const fs::path other = root / "other";
+  fs::create_directories(other / "step-2");
+  std::ofstream(other / "step-2" / "rank-0.shard") << "shard bytes";
+  fs::permissions(other, fs::perms::none);
+  {
+    ObeyFilePermissions obey;
+    auto opened = CheckpointStore::Open(root.string());
+    EXPECT_TRUE(opened.ok()) << opened.status();
+  }
+  fs::permissions(other, fs::perms::owner_all);
+  EXPECT_TRUE(fs::exists(other / "step-2" / "rank-0.shard"));
 }
 
 // Rewrites the index record of the first piece of tensor `name` in step `step` of "job"
