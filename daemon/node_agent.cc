@@ -277,16 +277,12 @@ void NodeAgent::StartWorker(const pb::StartRank& order) {
   };
   const std::filesystem::path dir = std::filesystem::path(options_.data_dir) / "jobs" / order.job_id() /
                                     fmt::format("gen-{}", order.generation());
-  const std::string spec_path = (dir / "job.yaml").string();
-  // The spec is new (each generation has a folder of its own) and only the rank started
-  // here reads it: a checked write does, without syncing the disk on the heartbeat's thread.
+  // Each rank reads a spec of its own: a rank started later on this node never rewrites
+  // the file a running one reads. As only the rank started here reads it, a checked write
+  // does, without syncing the disk on the heartbeat's thread.
+  const std::string spec_path = (dir / fmt::format("rank-{}.yaml", order.rank())).string();
   auto written = storage::CreateFolders(dir.string());
-  if (written.ok()) {
-    std::ofstream spec(spec_path, std::ios::trunc);
-    spec << order.spec_yaml();
-    spec.close();
-    if (!spec) written = absl::InternalError(fmt::format("{}: cannot write: {}", spec_path, std::strerror(errno)));
-  }
+  if (written.ok()) written = storage::WriteFile(spec_path, order.spec_yaml());
   if (!written.ok()) return not_started(kExitFailure, std::string(written.message()));
   w->log_path = (dir / fmt::format("rank-{}.log", order.rank())).string();
   w->log.open(w->log_path, std::ios::app);

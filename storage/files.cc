@@ -28,6 +28,36 @@ absl::Status Sync(const std::string& path, int flags) {
   return error == 0 ? absl::OkStatus() : ErrnoError(path, "fsync failed", error);
 }
 
+// Writes `bytes` to `path` (replacing it), synced to disk when `sync`. A failure removes
+// the file, so no partial one is left.
+absl::Status Write(const std::string& path, std::string_view bytes, bool sync) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoError(path, "cannot create");
+  absl::Status status;
+  for (size_t done = 0; done < bytes.size() && status.ok();) {
+    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) status = ErrnoError(path, "write failed", n < 0 ? errno : EIO);
+    done += size_t(std::max<ssize_t>(n, 0));
+  }
+  if (sync && status.ok() && ::fsync(fd) != 0) status = ErrnoError(path, "fsync failed");
+  if (::close(fd) != 0 && status.ok()) status = ErrnoError(path, "close failed");
+  if (!status.ok()) ::unlink(path.c_str());
+  return status;
+}
+
+// Renames the synced file `tmp` over `path` and syncs the folder, which makes the rename
+// itself durable. A failed rename removes `tmp`.
+absl::Status RenameDurably(const std::string& tmp, const std::string& path) {
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const absl::Status status = ErrnoError(path, "cannot rename");
+    ::unlink(tmp.c_str());
+    return status;
+  }
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  return SyncFolder(dir.empty() ? "." : dir);
+}
+
 }  // namespace
 
 absl::Status CreateFolders(const std::string& path) {
@@ -82,34 +112,19 @@ FileLock::~FileLock() {
 absl::Status SyncFolder(const std::string& path) { return Sync(path, O_DIRECTORY); }
 
 absl::Status PublishFile(const std::string& tmp, const std::string& path) {
-  absl::Status status = Sync(tmp, 0);
-  if (status.ok() && std::rename(tmp.c_str(), path.c_str()) != 0) status = ErrnoError(path, "cannot rename");
-  if (!status.ok()) {
+  if (auto status = Sync(tmp, 0); !status.ok()) {
     ::unlink(tmp.c_str());
     return status;
   }
-  const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
-  return SyncFolder(dir);
+  return RenameDurably(tmp, path);
 }
+
+absl::Status WriteFile(const std::string& path, std::string_view bytes) { return Write(path, bytes, false); }
 
 absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes) {
   const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return ErrnoError(tmp, "cannot create");
-  absl::Status status;
-  for (size_t done = 0; done < bytes.size() && status.ok();) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) status = ErrnoError(tmp, "write failed", n < 0 ? errno : EIO);
-    done += size_t(std::max<ssize_t>(n, 0));
-  }
-  if (::close(fd) != 0 && status.ok()) status = ErrnoError(tmp, "close failed");
-  if (!status.ok()) {
-    ::unlink(tmp.c_str());
-    return status;
-  }
-  return PublishFile(tmp, path);
+  if (auto status = Write(tmp, bytes, true); !status.ok()) return status;
+  return RenameDurably(tmp, path);
 }
 
 }  // namespace llamad::storage

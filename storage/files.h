@@ -43,8 +43,13 @@ class FileLock {
 // the rename itself durable. A failure before the rename removes `tmp`.
 absl::Status PublishFile(const std::string& tmp, const std::string& path);
 
-// Writes `bytes` to path + ".tmp" and publishes it over `path` (PublishFile). A failed
-// write leaves no temporary either.
+// Writes `bytes` to path + ".tmp", syncs it and publishes it over `path` as PublishFile
+// does. A failed write leaves no temporary either.
 absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes);
+
+// Writes `bytes` to `path`, replacing it, without syncing the disk: for a file that a
+// crash may lose, as it is written again. A failed write removes the file, and the error
+// names it and the reason.
+absl::Status WriteFile(const std::string& path, std::string_view bytes);
 
 }  // namespace llamad::storage

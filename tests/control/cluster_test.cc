@@ -51,9 +51,10 @@ class ClusterTest : public ::testing::Test {
     std::ifstream(dir_ / "sched" / "scheduler.address") >> address_;
     ASSERT_FALSE(address_.empty()) << scheduler_->Drain();
   }
-  void StartNode(const std::string& id, const std::string& flags = "") {
+  void StartNode(const std::string& id, const std::string& flags = "", int devices = 1) {
     nodes_.push_back(std::make_unique<Subprocess>(
-        kBin + "/llamad --role node --node-id " + id + " --devices cpu:1 --worker-threads 1 --scheduler " + address_ +
+        kBin + "/llamad --role node --node-id " + id + " --devices cpu:" + std::to_string(devices) +
+        " --worker-threads 1 --scheduler " + address_ +
         " --token-file " + (dir_ / "sched" / "token").string() + " --data-dir " + (dir_ / id).string() +
         // Longer than the 5 s a cancel may take: stopping must come from SIGTERM.
         " --stop-grace-ms 10000 " + flags));
@@ -82,7 +83,7 @@ class ClusterTest : public ::testing::Test {
     return false;
   }
   std::string WriteSpec(const std::string& name, int nodes, int steps, const std::string& dataset = "tokens.u32",
-                        const std::string& extra = "") {
+                        const std::string& extra = "", int devices_per_node = 1) {
     const fs::path path = dir_ / (name + ".yaml");
     std::ofstream(path) << "name: " << name << R"(
 model: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4,
@@ -91,8 +92,7 @@ training: {max_length: 32, batch_size: 2, global_batch_size: 8, steps: )" << ste
 data: {dataset: )" << dataset << R"(}
 resources:
   nodes: )" << nodes << R"(
-  devices_per_node: 1
-)" << extra;
+  devices_per_node: )" << devices_per_node << "\n" << extra;
     return path.string();
   }
   std::string Submit(const std::string& spec) {
@@ -204,6 +204,24 @@ TEST_F(ClusterTest, GangStartsQueuesCancelsAndReportsCrashes) {
   std::string status;
   EXPECT_EQ(Ctl("status " + bad, &status), 0);
   EXPECT_NE(status.find("missing.u32"), std::string::npos) << status;
+}
+
+// Ranks that share a node each read a spec file of their own, so starting one never
+// rewrites the file another is reading.
+TEST_F(ClusterTest, RanksSharingANodeEachReadASpecOfTheirOwn) {
+  StartNode("node1", "", 2);
+  const std::string id = Submit(WriteSpec("pair", 1, 4, "tokens.u32", "", 2));
+  ASSERT_TRUE(WaitFor(id, "JOB_STATE_SUCCEEDED", 60)) << Job(id).dump(1) << RankLogs();
+  const fs::path gen = dir_ / "node1" / "jobs" / id / "gen-1";
+  std::set<std::string> specs;
+  for (const auto& entry : fs::directory_iterator(gen)) {
+    if (entry.path().extension() == ".yaml") specs.insert(entry.path().filename().string());
+  }
+  EXPECT_EQ(specs, (std::set<std::string>{"rank-0.yaml", "rank-1.yaml"}));
+  std::ifstream first(gen / "rank-1.yaml");
+  std::string line;
+  std::getline(first, line);
+  EXPECT_EQ(line, "name: pair");
 }
 
 TEST_F(ClusterTest, ARankItsNodeCannotStartFailsTheJobSayingWhy) {
