@@ -365,9 +365,9 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
     if (!latest.ok()) return latest.status();
     r.step = *latest;
   }
-  // The run removes the job's checkpoints past the step it resumes (see
-  // DiscardNewerCheckpoints); they are committed work, so only when asked.
-  if (r.store && !common.discard_newer) {
+  // A run with steps left to train removes the job's checkpoints past the step it resumes
+  // (see DiscardNewerCheckpoints); they are committed work, so only when asked.
+  if (r.store && !common.discard_newer && r.step < spec.training.steps) {
     auto newest = r.store->LatestStep(spec.name);
     if (newest.ok() && *newest > r.step) {
       return absl::InvalidArgumentError(StrCat(

@@ -465,8 +465,9 @@ std::vector<int64_t> SavedSteps(const fs::path& root, const std::string& job) {
   return steps.ok() ? *steps : std::vector<int64_t>{};
 }
 
-// Resuming an older step of the job's own store would remove the newer checkpoints,
-// which are committed work: refused, with nothing removed, unless --discard-newer asks.
+// Resuming an older step of the job's own store (with steps left to train) would remove
+// the newer checkpoints, which are committed work: refused, with nothing removed, unless
+// --discard-newer asks.
 TEST(CheckpointProcessTest, ResumingAnOlderStepRemovesNewerCheckpointsOnlyWhenAsked) {
   const fs::path dir = FreshDir("proc-older");
   const std::string job = WriteJob(dir, 6, 3);
@@ -494,6 +495,11 @@ TEST(CheckpointProcessTest, ResumingAnOlderStepRemovesNewerCheckpointsOnlyWhenAs
   const auto nothing = testing::RunCommand(Train("--config " + job + " -f " + three + " --discard-newer --steps 3"));
   EXPECT_EQ(nothing.exit_code, 0) << nothing.output;
   EXPECT_NE(nothing.output.find("nothing to train"), std::string::npos) << nothing.output;
+  EXPECT_EQ(steps(), (std::vector<int64_t>{3, 6}));
+  // Not asked, a run with nothing to train is not refused: it would remove nothing.
+  const auto unasked = testing::RunCommand(Train("--config " + job + " -f " + three + " --steps 3"));
+  EXPECT_EQ(unasked.exit_code, 0) << unasked.output;
+  EXPECT_NE(unasked.output.find("nothing to train"), std::string::npos) << unasked.output;
   EXPECT_EQ(steps(), (std::vector<int64_t>{3, 6}));
 
   const auto asked = testing::RunCommand(Train("--config " + job + " -f " + three + " --discard-newer --steps 4"));
