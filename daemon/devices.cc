@@ -7,6 +7,8 @@
 #include <string_view>
 #include <vector>
 
+#include "core/strings.h"
+
 namespace llamad::daemon {
 namespace {
 
@@ -64,13 +66,7 @@ absl::StatusOr<Devices> ResolveDevices(const std::string& spec) {
   if (colon == std::string::npos || (kind != "cpu" && kind != "cuda")) {
     return absl::InvalidArgumentError(fmt::format("devices: '{}' is not auto, cuda:N or cpu:N", spec));
   }
-  int count = 0;
-  try {
-    size_t used = 0;
-    count = std::stoi(spec.substr(colon + 1), &used);
-    if (used != spec.size() - colon - 1) count = 0;
-  } catch (const std::exception&) {
-  }
+  const int64_t count = ParseInt64(std::string_view(spec).substr(colon + 1)).value_or(0);
   if (count < 1 || count > 1024) {
     return absl::InvalidArgumentError(fmt::format("devices: '{}': N must be a number within [1, 1024]", spec));
   }
@@ -81,7 +77,7 @@ absl::StatusOr<Devices> ResolveDevices(const std::string& spec) {
           fmt::format("devices: '{}' but the CUDA driver reports {} GPU(s) to llamad", spec, gpus));
     }
   }
-  Devices found{kind, count};
+  Devices found{kind, int(count)};
   if (auto s = CheckRankGpus(found, visible); !s.ok()) return s;
   return found;
 }

@@ -240,8 +240,6 @@ void SchedulerServer::Shutdown() {
   if (timer_.joinable()) timer_.join();
 }
 
-void SchedulerServer::Wait() { server_->Wait(); }
-
 SchedulerServer::~SchedulerServer() {
   Shutdown();
   if (timer_.joinable()) timer_.join();

@@ -34,8 +34,6 @@ class SchedulerServer {
   const std::string& address() const { return address_; }
   // Stops accepting calls, ends open streams and joins the timer. Idempotent.
   void Shutdown();
-  // Blocks until Shutdown() is called (from another thread or a signal watcher).
-  void Wait();
 
  private:
   SchedulerServer() = default;

@@ -86,20 +86,23 @@ absl::Status ForEachStepFolder(const std::string& root, F&& f) {
   return ec ? list_failed(root) : absl::OkStatus();
 }
 
-// What a step folder holds. Only one holding nothing but shard files (rank-*.shard) is one
-// a store writes, which it may remove. One that cannot be listed whole (a stale handle on
-// shared storage) may hold shards too: the store neither removes it nor ignores it.
-enum class StepFolderContents { kOnlyShards, kOtherFiles, kUnreadable };
+// What a step folder holds. Only one holding nothing or nothing but shard files
+// (rank-*.shard) is one a store writes, which it may remove. One that cannot be listed
+// whole (a stale handle on shared storage) may hold shards too: the store neither removes
+// it nor ignores it.
+enum class StepFolderContents { kNothing, kOnlyShards, kOtherFiles, kUnreadable };
 
 StepFolderContents ContentsOf(const fs::path& dir) {
   std::error_code ec;
+  auto contents = StepFolderContents::kNothing;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
     const bool shard = it->is_regular_file(ec) && name.starts_with("rank-") && name.ends_with(".shard");
     if (ec) break;
     if (!shard) return StepFolderContents::kOtherFiles;
+    contents = StepFolderContents::kOnlyShards;
   }
-  return ec ? StepFolderContents::kUnreadable : StepFolderContents::kOnlyShards;
+  return ec ? StepFolderContents::kUnreadable : contents;
 }
 
 absl::Status IoError(const std::string& what, const std::string& path) {
@@ -280,8 +283,8 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
   if (!has_index) {
     std::vector<std::string> found;
     auto listed = ForEachStepFolder(root, [&](const std::string&, int64_t, const fs::path& dir) {
-      std::error_code empty;
-      if (!fs::is_empty(dir, empty) && ContentsOf(dir) != StepFolderContents::kOtherFiles) {
+      const StepFolderContents contents = ContentsOf(dir);
+      if (contents == StepFolderContents::kOnlyShards || contents == StepFolderContents::kUnreadable) {
         found.push_back(dir.string());  // shards to lose
       }
     });
@@ -902,8 +905,9 @@ absl::Status CheckpointStore::RemoveUncommitted() {
       }
       it = committed.emplace(job, *std::move(steps)).first;
     }
-    if (!std::binary_search(it->second.begin(), it->second.end(), step) &&
-        ContentsOf(dir) == StepFolderContents::kOnlyShards) {
+    if (std::binary_search(it->second.begin(), it->second.end(), step)) return;
+    const StepFolderContents contents = ContentsOf(dir);
+    if (contents == StepFolderContents::kNothing || contents == StepFolderContents::kOnlyShards) {
       fs::remove_all(dir, ec);
     }
   });

@@ -18,6 +18,7 @@
 
 #include "core/cli_integers.h"
 #include "core/strings.h"
+#include "core/threads.h"
 #include "data/corpus.h"
 #include "data/dataset.h"
 #include "data/download.h"
@@ -173,7 +174,7 @@ int Main(int argc, char** argv) {
   bool verify = false;
   int docs = 2, threads = 0;
 
-  const CLI::Range kThreadRange(0, 1024);  // 0: all cores
+  const CLI::Range kThreadRange(0, kMaxThreads);  // 0: all cores
   auto* prepare = app.add_subcommand("prepare", "Tokenize a corpus into a prepared dataset");
   prepare->add_option("-d,--dataset", dataset, "Corpus file or folder, 'sample', or a Hugging Face dataset")->required();
   prepare->add_option("--tokenizer", prep.tokenizer, "SentencePiece model (default for -d sample: its own)");

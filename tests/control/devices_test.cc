@@ -14,7 +14,7 @@ TEST(DevicesTest, SpecsResolveOrSayWhatIsWrong) {
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   EXPECT_EQ(cpu->kind, "cpu");
   EXPECT_EQ(cpu->count, 3);
-  for (const char* bad : {"gpu:2", "cpu:0", "cpu:x", "cpu:2x", "cpu:2000"}) {
+  for (const char* bad : {"gpu:2", "cpu:0", "cpu:x", "cpu:2x", "cpu:2000", "cpu: 4", "cpu:+4", "cpu:"}) {
     EXPECT_FALSE(ResolveDevices(bad).ok()) << bad;
   }
   auto any = ResolveDevices("auto");
