@@ -59,4 +59,12 @@ inline std::optional<int64_t> ParseInt64(std::string_view text) {
   return value;
 }
 
+// A size for people, in binary units with one decimal: "512 B", "18.1 MiB", "75.4 GiB".
+inline std::string BytesForPeople(double bytes) {
+  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  size_t unit = 0;
+  while (bytes >= 1024 && unit + 1 < std::size(kUnits)) bytes /= 1024, ++unit;
+  return unit == 0 ? fmt::format("{:.0f} B", bytes) : fmt::format("{:.1f} {}", bytes, kUnits[unit]);
+}
+
 }  // namespace llamad

@@ -19,9 +19,6 @@ constexpr size_t kAlign = 4096;  // direct I/O: offsets, lengths and buffers
 
 size_t RoundUp(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
-std::string Gib(double bytes) { return StrCat(int64_t(bytes / double(1 << 20)), " MiB"); }
-
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<SwapFile>> SwapFile::Create(const std::string& dir, size_t bytes,
@@ -71,18 +68,17 @@ absl::StatusOr<std::unique_ptr<SwapFile>> SwapFile::Create(const std::string& di
     const int e = errno;
     struct statvfs vfs {};
     const double free_bytes = ::fstatvfs(fd, &vfs) == 0 ? double(vfs.f_bavail) * double(vfs.f_frsize) : 0;
-    if (e == ENOSPC || e == EFBIG) {
+    auto no_space = [&] {
       return fail(absl::ResourceExhaustedError(StrCat(dir, ": not enough free space for the NVMe swap: it needs ",
-                                                      Gib(double(bytes)), ", ", Gib(free_bytes), " are free")));
-    }
+                                                      BytesForPeople(bytes), ", ", BytesForPeople(free_bytes),
+                                                      " are free")));
+    };
+    if (e == ENOSPC || e == EFBIG) return no_space();
     if (e != EOPNOTSUPP) {
       return fail(absl::InternalError(StrCat(dir, ": cannot allocate the NVMe swap file: ", std::strerror(e))));
     }
     // No fallocate here: size the file, and check the space instead.
-    if (free_bytes < double(bytes)) {
-      return fail(absl::ResourceExhaustedError(StrCat(dir, ": not enough free space for the NVMe swap: it needs ",
-                                                      Gib(double(bytes)), ", ", Gib(free_bytes), " are free")));
-    }
+    if (free_bytes < double(bytes)) return no_space();
     if (::ftruncate(fd, off_t(bytes)) != 0) {
       return fail(absl::InternalError(StrCat(dir, ": cannot size the NVMe swap file: ", std::strerror(errno))));
     }
@@ -104,7 +100,7 @@ absl::StatusOr<std::unique_ptr<SwapFile>> SwapFile::Create(const std::string& di
     swap->buffers_.emplace_back(static_cast<char*>(std::aligned_alloc(kAlign, options.chunk_bytes)), &std::free);
     if (!swap->buffers_.back()) {
       return absl::ResourceExhaustedError(
-          StrCat("NVMe swap: cannot allocate ", Gib(double(options.chunk_bytes)), " chunk buffers"));
+          StrCat("NVMe swap: cannot allocate ", BytesForPeople(double(options.chunk_bytes)), " chunk buffers"));
     }
   }
   return swap;

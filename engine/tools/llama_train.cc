@@ -78,15 +78,6 @@ int Fail(const absl::Status& status) {
                                                                                       : kExitUsage;
 }
 
-std::string HumanBytes(double bytes) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int u = 0;
-  while (bytes >= 1024 && u < 4) bytes /= 1024, ++u;
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.1f %s", bytes, units[u]);
-  return buf;
-}
-
 // Command-line values that override the job file when given.
 struct Overrides {
   std::string model, plugin, communicator, placement, precision, dataset, format, tokenizer, checkpoint_dir;
@@ -937,14 +928,14 @@ int RunTrain(const Common& common, const Overrides& overrides) {
     std::fprintf(stderr,
                  "llama-train: master weights and AdamW moments%s (%s per rank%s) in host memory, updated by the CPU\n",
                  o.host_moments_bf16() ? " (bf16)" : "",
-                 HumanBytes(4.0 * double(hosted) + 2 * moment_bytes * double(moments)).c_str(),
+                 BytesForPeople(4.0 * double(hosted) + 2 * moment_bytes * double(moments)).c_str(),
                  hosted == shard ? "" : fmt::format(", {:.1f}% of them", 100.0 * double(hosted) / double(shard)).c_str());
   }
   if (lead && (*trainer)->optimizer().offloaded()) {
     const AdamWOptimizer& o = (*trainer)->optimizer();
     const double share = double(o.shard_end() - o.swap_begin()) / double(std::max<size_t>(1, o.shard_end() - o.shard_begin()));
     std::fprintf(stderr, "llama-train: optimizer state (%s, %.1f%% of the moments) in an NVMe swap file under %s%s\n",
-                 HumanBytes(double(o.swap()->size())).c_str(), 100 * share, spec->offload.nvme_path.c_str(),
+                 BytesForPeople(double(o.swap()->size())).c_str(), 100 * share, spec->offload.nvme_path.c_str(),
                  o.swap()->synchronous() ? " (io_uring is not available here: one request at a time)" : "");
   }
   // Every rank has its state in place (as the collective check above says): nothing of the
@@ -1042,7 +1033,7 @@ int RunTrain(const Common& common, const Overrides& overrides) {
       std::printf("step %5lld/%lld  loss %.4f  lr %.3e  grad_norm %.3f  %8.0f tok/s  %6.1f GFLOP/s  "
                   "mfu %4.1f%%  mem %s\n",
                   (long long)m.step, (long long)t.steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s,
-                  m.tflops * 1e3, 100 * m.mfu, HumanBytes(double(m.peak_memory_bytes)).c_str());
+                  m.tflops * 1e3, 100 * m.mfu, BytesForPeople(double(m.peak_memory_bytes)).c_str());
       std::fflush(stdout);
     }
     return absl::OkStatus();

@@ -9,6 +9,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend_impl.h"
+#include "core/strings.h"
 #include "model/llama.h"
 #include "train/optimizer.h"
 
@@ -156,12 +157,11 @@ absl::Status CheckHostMemory(const HostMemoryNeed& each, int ranks_on_machine, i
     const uint64_t need = each.total() * uint64_t(ranks);
     const uint64_t usable = uint64_t(b.available) - uint64_t(b.available) / 50;
     if (need <= usable) continue;
-    auto gib = [](uint64_t bytes) { return fmt::format("{:.1f} GiB", double(bytes) / double(uint64_t{1} << 30)); };
     std::vector<std::string> parts, ways;
     const OffloadSpec& o = spec.offload;
     const std::string& plugin = spec.parallel.plugin;
     if (each.optimizer_state > 0) {
-      parts.push_back(gib(each.optimizer_state) + " of optimizer state");
+      parts.push_back(BytesForPeople(each.optimizer_state) + " of optimizer state");
       if (each.world > 1 && plugin == "ddp") {
         ways.push_back("shard the optimizer state over the ranks (parallel.plugin zero1, zero2 or zero3: ddp keeps "
                        "all of it on every rank)");
@@ -183,11 +183,11 @@ absl::Status CheckHostMemory(const HostMemoryNeed& each, int ranks_on_machine, i
       }
     }
     if (each.snapshot > 0) {
-      parts.push_back(gib(each.snapshot) + " of checkpoint snapshot");
+      parts.push_back(BytesForPeople(each.snapshot) + " of checkpoint snapshot");
       ways.push_back("train without checkpoint saves (checkpoint.interval: 0), whose snapshot stays in host memory");
     }
     if (each.staging > 0) {
-      parts.push_back(gib(each.staging) + " of collectives staged without NCCL");
+      parts.push_back(BytesForPeople(each.staging) + " of collectives staged without NCCL");
       ways.push_back(plugin == "zero2" || plugin == "zero3"
                          ? "give each rank a GPU of its own and NCCL (parallel.communicator: auto or nccl)"
                          : "give each rank a GPU of its own and NCCL (parallel.communicator: auto or nccl), or "
@@ -200,8 +200,8 @@ absl::Status CheckHostMemory(const HostMemoryNeed& each, int ranks_on_machine, i
     return absl::ResourceExhaustedError(fmt::format(
         "{}: the {} rank{} {} need{} {} of host memory ({}{}), and {} leaves {} ({} usable, with 2% spare): {}",
         spec.path.empty() ? "job" : spec.path, ranks, ranks > 1 ? "s" : "", b.where, ranks > 1 ? "" : "s",
-        gib(need), ranks > 1 ? fmt::format("{} each: ", gib(each.total())) : "", listed, b.what,
-        gib(uint64_t(b.available)), gib(usable), advice));
+        BytesForPeople(need), ranks > 1 ? fmt::format("{} each: ", BytesForPeople(each.total())) : "", listed, b.what,
+        BytesForPeople(uint64_t(b.available)), BytesForPeople(usable), advice));
   }
   return absl::OkStatus();
 }

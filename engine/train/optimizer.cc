@@ -1,7 +1,5 @@
 #include "train/optimizer.h"
 
-#include <fmt/format.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -131,9 +129,9 @@ absl::Status AdamWOptimizer::OffloadToHost(const HostTier& host, const NvmeTier*
   if (!host_master_ || !moments_allocated || !host_grad_[0] || !host_grad_[1]) {
     release();
     const double moment_bytes = host.bf16_moments ? 4.0 : 8.0;
-    return absl::ResourceExhaustedError(StrCat(
-        tier, ": cannot allocate ", fmt::format("{:.2f}", (4.0 * double(n) + moment_bytes * double(kept)) / (1 << 30)),
-        " GiB of host memory for the master weights and the AdamW moments kept there"));
+    return absl::ResourceExhaustedError(StrCat(tier, ": cannot allocate ",
+                                               BytesForPeople(4.0 * double(n) + moment_bytes * double(kept)),
+                                               " of host memory for the master weights and the AdamW moments kept there"));
   }
   if (nvme != nullptr) {
     auto swap = offload::SwapFile::Create(nvme->dir, SwapFileBytes(swapped, swap_options.chunk_bytes), swap_options);

@@ -10,12 +10,6 @@
 namespace llamad {
 namespace {
 
-// Bytes for people: GiB, or MiB below one GiB.
-std::string Gib(uint64_t bytes) {
-  if (bytes < (uint64_t{1} << 30)) return fmt::format("{:.1f} MiB", double(bytes) / double(1 << 20));
-  return fmt::format("{:.2f} GiB", double(bytes) / double(uint64_t{1} << 30));
-}
-
 // What a resolved layout is, in words.
 std::string Describe(const JobSpec& s, bool cuda, int world) {
   std::string out =
@@ -206,22 +200,22 @@ absl::StatusOr<GeminiPlacement> PlaceGemini(const JobSpec& spec, bool cuda, int 
       if (s.offload.optimizer == "nvme") s.offload.optimizer = "auto";
       std::string summary = StrCat("gemini auto: ", Describe(s, cuda, world));
       if (budget > 0) {
-        summary += StrCat(": ", Gib(need), " of the rank's ", Gib(budget));
+        summary += StrCat(": ", BytesForPeople(need), " of the rank's ", BytesForPeople(budget));
         if (!tried.empty()) summary += StrCat(" (", tried, ")");
       }
       return GeminiPlacement{std::move(s), std::move(summary)};
     }
     if (!s.parallel.overlap_regions) {
-      tried += StrCat(", ", Gib(need), " inline");
+      tried += StrCat(", ", BytesForPeople(need), " inline");
       continue;
     }
     tried += StrCat(tried.empty() ? "" : "; ", s.parallel.plugin,
                     s.offload.optimizer == "memory" ? "" : StrCat(" with the optimizer state on ",
                                                                   s.offload.optimizer == "host" ? "host" : "NVMe"),
-                    s.parallel.params_host_share > 0 ? " and the parameters" : "", " needs ", Gib(need));
+                    s.parallel.params_host_share > 0 ? " and the parameters" : "", " needs ", BytesForPeople(need));
   }
   return absl::ResourceExhaustedError(StrCat(
-      f, ": parallel.placement auto: no layout fits the rank's ", Gib(budget), " (", tried, "); ",
+      f, ": parallel.placement auto: no layout fits the rank's ", BytesForPeople(budget), " (", tried, "); ",
       cuda ? "more ranks, training.grad_checkpoint or a smaller -b/-l lower it"
            : (spec.offload.nvme_path.empty() ? "set offload.nvme_path for the NVMe tier, or use more ranks"
                                               : "more ranks, training.grad_checkpoint or a smaller -b/-l lower it")));
@@ -284,8 +278,9 @@ absl::StatusOr<JobSpec> PlaceOptimizerState(const JobSpec& spec, uint64_t budget
     const bool fits = budget == 0 || in_memory <= budget;
     if (!fits && o.nvme_path.empty()) {
       return absl::InvalidArgumentError(StrCat(
-          f, ": offload.optimizer auto: the job needs ", Gib(in_memory), " with the optimizer state in memory, ",
-          "more than the budget of ", Gib(budget), "; set offload.nvme_path for the NVMe tier"));
+          f, ": offload.optimizer auto: the job needs ", BytesForPeople(in_memory),
+          " with the optimizer state in memory, more than the budget of ", BytesForPeople(budget),
+          "; set offload.nvme_path for the NVMe tier"));
     }
     placed.offload.optimizer = fits ? "memory" : "nvme";
     if (!fits) {
@@ -303,8 +298,8 @@ absl::StatusOr<JobSpec> PlaceOptimizerState(const JobSpec& spec, uint64_t budget
   if (budget > 0 && needed > budget) {
     return absl::InvalidArgumentError(StrCat(
         f, ": model ", spec.model.name, " (", spec.model.NumParameters(), " parameters) with batch ",
-        spec.training.batch_size, " x ", spec.training.max_length, " needs ", Gib(needed),
-        " of host memory for weights, gradients, optimizer state and activations; ", Gib(budget), " ",
+        spec.training.batch_size, " x ", spec.training.max_length, " needs ", BytesForPeople(needed),
+        " of host memory for weights, gradients, optimizer state and activations; ", BytesForPeople(budget), " ",
         o.memory_budget_gb > 0 ? "is offload.memory_budget_gb" : "are available",
         " (a smaller model, -b, -l or -g lowers it",
         placed.offload.optimizer == "memory" ? "; so does offload.optimizer nvme" : "", ")"));

@@ -108,7 +108,7 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
       {"train --config " + job + " --fresh -f latest", "--resume excludes --fresh"},
       {"train --config " + job + " -c tiny --init-from-hf " + TempDir().string(), "--init-from-hf excludes --model"},
       // Far beyond any host's memory: refused before allocating anything.
-      {"train --config " + job + " -c 70b -l 4096 -b 4096 --global-batch-size 4096", "GiB of host memory"},
+      {"train --config " + job + " -c 70b -l 4096 -b 4096 --global-batch-size 4096", "TiB of host memory"},
   };
   for (const Case& c : cases) {
     const Result r = RunTrain(c.args);

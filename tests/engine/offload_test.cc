@@ -14,6 +14,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "core/host_memory.h"
+#include "core/strings.h"
 #include "engine/small_job.h"
 #include "offload/swap_file.h"
 #include "storage/checkpoint_store.h"
@@ -540,6 +541,18 @@ TEST(GeminiPlacementTest, PlacesAGpuJobByFractionsOrByTheDeviceBudget) {
   EXPECT_NE(tight.status().message().find("zero3 with the optimizer state on host and the parameters needs"),
             std::string::npos)
       << tight.status();
+}
+
+// Sizes in memory messages: binary units, the largest that keeps the number at 1 or more.
+TEST(HostMemoryCheckTest, SizesReadInTheLargestUnitBelowTheSize) {
+  EXPECT_EQ(BytesForPeople(0), "0 B");
+  EXPECT_EQ(BytesForPeople(1023), "1023 B");
+  EXPECT_EQ(BytesForPeople(1024), "1.0 KiB");
+  EXPECT_EQ(BytesForPeople(18.1 * (1 << 20)), "18.1 MiB");
+  EXPECT_EQ(BytesForPeople(double(uint64_t{1} << 30) - 1), "1024.0 MiB");
+  EXPECT_EQ(BytesForPeople(75.4 * double(uint64_t{1} << 30)), "75.4 GiB");
+  EXPECT_EQ(BytesForPeople(3.0 * double(uint64_t{1} << 40)), "3.0 TiB");
+  EXPECT_EQ(BytesForPeople(2048.0 * double(uint64_t{1} << 50)), "2048.0 PiB");
 }
 
 // A GPU job's host memory: LLaMA-7B with its optimizer state in host memory on ranks
