@@ -13,7 +13,6 @@
 
 namespace llamad::daemon {
 
-
 DaemonFlags::DaemonFlags(CLI::App& app) {
   app.add_option("--config", config_path_, "YAML file with the fields below (flags win)");
   auto add = [&](std::string name, auto member, std::string help) {
@@ -82,8 +81,13 @@ absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {
     const auto* member = std::get_if<int64_t DaemonConfig::*>(&f.member);
     if (member == nullptr || !f.name.ends_with("_ms")) continue;
     if (const int64_t value = config.**member; value < 0 || value > kMaxDurationMs) {
-      return ConfigError(where, fmt::format("{}: {} is not within [0, {}] ({} days)", f.name, value,
-                                            kMaxDurationMs, kMaxDurationMs / 86'400'000));
+      // A help that ends "(0: never)" says what 0 means; the error says it too.
+      const std::string& help = f.option->get_description();
+      const size_t zero = help.ends_with(")") ? help.rfind("(0: ") : std::string::npos;
+      const std::string zero_means =
+          zero == std::string::npos ? "" : "; " + help.substr(zero + 1, help.size() - zero - 2);
+      return ConfigError(where, fmt::format("{}: {} is not within [0, {}] ({} days{})", f.name, value, kMaxDurationMs,
+                                            kMaxDurationMs / 86'400'000, zero_means));
     }
   }
   if (config.heartbeat_interval_ms <= 0 || config.lease_timeout_ms <= config.heartbeat_interval_ms) {

@@ -29,13 +29,17 @@ TEST(DaemonConfigTest, DurationsAndThreadCountsOutOfRangeNameTheirKey) {
     std::vector<std::string> args;
     std::string needle;
   } cases[] = {
-      {{"--stop-grace-ms=9223372036854775807"}, "stop_grace_ms: 9223372036854775807 is not within [0, 2592000000]"},
+      {{"--stop-grace-ms=9223372036854775807"},
+       "stop_grace_ms: 9223372036854775807 is not within [0, 2592000000] (30 days)"},
       {{"--heartbeat-interval-ms=3000000000000000000", "--lease-timeout-ms=9000000000000000000"},
        "heartbeat_interval_ms: 3000000000000000000"},
       {{"--lease-timeout-ms=2592000001"}, "lease_timeout_ms: 2592000001"},
-      {{"--grow-after-ms=-1"}, "grow_after_ms: -1"},
-      {{"--previous-ranks-wait-ms=9999999999999"}, "previous_ranks_wait_ms"},
-      {{"--forget-lost-nodes-after-ms=-5"}, "forget_lost_nodes_after_ms: -5"},
+      // What 0 means, where it means something of its own, is in the error too.
+      {{"--grow-after-ms=-1"}, "grow_after_ms: -1 is not within [0, 2592000000] (30 days; 0: never)"},
+      {{"--previous-ranks-wait-ms=9999999999999"}, "previous_ranks_wait_ms: 9999999999999 is not within "
+                                                   "[0, 2592000000] (30 days; 0: do not wait)"},
+      {{"--forget-lost-nodes-after-ms=-5"}, "forget_lost_nodes_after_ms: -5 is not within [0, 2592000000] (30 days; "
+                                            "0: never)"},
       {{"--worker-threads=4294967297"}, "worker_threads: 4294967297 is not within [0, 1024]"},
       {{"--worker-threads=1025"}, "worker_threads: 1025 is not within [0, 1024]"},
       {{"--heartbeat-interval-ms=5000", "--lease-timeout-ms=5000"}, "must exceed heartbeat_interval_ms 5000"},
