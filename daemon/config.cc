@@ -15,10 +15,11 @@ namespace llamad::daemon {
 
 DaemonFlags::DaemonFlags(CLI::App& app) {
   app.add_option("--config", config_path_, "YAML file with the fields below (flags win)");
-  auto add = [&](std::string name, auto member, std::string help) {
+  auto add = [&](std::string name, auto member, std::string help, std::string zero_means = "") {
     std::string flag = "--" + name;
     std::replace(flag.begin(), flag.end(), '_', '-');
-    Field field{name, member, nullptr};
+    if (!zero_means.empty()) help += " (0: " + zero_means + ")";
+    Field field{name, member, nullptr, zero_means};
     std::visit([&](auto m) { field.option = app.add_option(flag, flags_.*m, help); }, field.member);
     fields_.push_back(field);
   };
@@ -35,13 +36,13 @@ DaemonFlags::DaemonFlags(CLI::App& app) {
   add("heartbeat_interval_ms", &DaemonConfig::heartbeat_interval_ms, "Node heartbeat interval");
   add("lease_timeout_ms", &DaemonConfig::lease_timeout_ms, "Silence after which a node is lost");
   add("grow_after_ms", &DaemonConfig::grow_after_ms,
-      "A job that shrank grows back onto free nodes after running this long (0: never)");
+      "A job that shrank grows back onto free nodes after running this long", "never");
   add("previous_ranks_wait_ms", &DaemonConfig::previous_ranks_wait_ms,
-      "A job's next generation waits this long at most for ranks saving the step they stopped after (0: do not wait)");
+      "A job's next generation waits this long at most for ranks saving the step they stopped after", "do not wait");
   add("max_fault_drained_percent", &DaemonConfig::max_fault_drained_percent,
-      "GPU faults drain at most this percent of the nodes, and at least one (0: none)");
+      "GPU faults drain at most this percent of the nodes, and at least one", "none");
   add("forget_lost_nodes_after_ms", &DaemonConfig::forget_lost_nodes_after_ms,
-      "A node lost this long, and not drained, leaves the scheduler's state (0: never)");
+      "A node lost this long, and not drained, leaves the scheduler's state", "never");
   add("worker_binary", &DaemonConfig::worker_binary, "llama-train (default: next to llamad)");
   add("worker_threads", &DaemonConfig::worker_threads, "CPU threads per rank (0 = cores / devices)");
   add("comm_host", &DaemonConfig::comm_host, "Address this node's ranks listen on for their peers (auto: loopback for one-node jobs, "
@@ -81,13 +82,9 @@ absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {
     const auto* member = std::get_if<int64_t DaemonConfig::*>(&f.member);
     if (member == nullptr || !f.name.ends_with("_ms")) continue;
     if (const int64_t value = config.**member; value < 0 || value > kMaxDurationMs) {
-      // A help that ends "(0: never)" says what 0 means; the error says it too.
-      const std::string& help = f.option->get_description();
-      const size_t zero = help.ends_with(")") ? help.rfind("(0: ") : std::string::npos;
-      const std::string zero_means =
-          zero == std::string::npos ? "" : "; " + help.substr(zero + 1, help.size() - zero - 2);
       return ConfigError(where, fmt::format("{}: {} is not within [0, {}] ({} days{})", f.name, value, kMaxDurationMs,
-                                            kMaxDurationMs / 86'400'000, zero_means));
+                                            kMaxDurationMs / 86'400'000,
+                                            f.zero_means.empty() ? "" : "; 0: " + f.zero_means));
     }
   }
   if (config.heartbeat_interval_ms <= 0 || config.lease_timeout_ms <= config.heartbeat_interval_ms) {

@@ -53,6 +53,7 @@ class DaemonFlags {
     std::string name;
     std::variant<std::string DaemonConfig::*, int64_t DaemonConfig::*> member;
     CLI::Option* option = nullptr;
+    std::string zero_means;  // what 0 means, where it means something of its own (help and errors)
   };
   std::string config_path_;
   DaemonConfig flags_;
