@@ -63,6 +63,13 @@ std::optional<int64_t> StepOfFolderName(const std::string& name) {
   return step;
 }
 
+// A folder of another user's that this one may not list (a volume's lost+found, say)
+// holds nothing a store of this user's wrote.
+bool AnotherUsersUnreadableFolder(const fs::path& dir, const std::error_code& ec) {
+  struct stat st {};
+  return ec == std::errc::permission_denied && ::stat(dir.c_str(), &st) == 0 && st.st_uid != ::geteuid();
+}
+
 // Calls f(job, step, folder) for each <root>/<job>/step-<n> folder. A root that is not a
 // folder holds none (creating it says why it cannot be one); one that cannot be listed
 // whole is an error, as a folder the listing missed may hold committed shards.
@@ -81,26 +88,31 @@ absl::Status ForEachStepFolder(const std::string& root, F&& f) {
       const auto step = StepOfFolderName(steps->path().filename().string());
       if (step && steps->is_directory(type)) f(jobs->path().filename().string(), *step, steps->path());
     }
+    if (AnotherUsersUnreadableFolder(jobs->path(), ec)) ec.clear();
     if (ec) return list_failed(jobs->path());
   }
   return ec ? list_failed(root) : absl::OkStatus();
 }
 
-// What a step folder holds. Only one holding nothing or nothing but shard files
-// (rank-*.shard) is one a store writes, which it may remove. One that cannot be listed
-// whole (a stale handle on shared storage) may hold shards too: the store neither removes
-// it nor ignores it.
-enum class StepFolderContents { kNothing, kOnlyShards, kOtherFiles, kUnreadable };
+// What a step folder holds. Only one holding nothing or nothing but the files a save
+// writes (rank-<r>.shard, and rank-<r>.run-<n>.records with its .tmp) is one a store
+// wrote, which it may remove. One that cannot be listed whole (a stale handle on shared
+// storage) may hold shards too: the store neither removes it nor ignores it.
+enum class StepFolderContents { kNothing, kOnlySaveFiles, kOtherFiles, kUnreadable };
+
+bool IsSaveFile(const std::string& name) {
+  return name.starts_with("rank-") &&
+         (name.ends_with(".shard") || name.ends_with(".records") || name.ends_with(".records.tmp"));
+}
 
 StepFolderContents ContentsOf(const fs::path& dir) {
   std::error_code ec;
   auto contents = StepFolderContents::kNothing;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    const bool shard = it->is_regular_file(ec) && name.starts_with("rank-") && name.ends_with(".shard");
+    const bool ours = it->is_regular_file(ec) && IsSaveFile(it->path().filename().string());
     if (ec) break;
-    if (!shard) return StepFolderContents::kOtherFiles;
-    contents = StepFolderContents::kOnlyShards;
+    if (!ours) return StepFolderContents::kOtherFiles;
+    contents = StepFolderContents::kOnlySaveFiles;
   }
   return ec ? StepFolderContents::kUnreadable : contents;
 }
@@ -146,8 +158,9 @@ absl::Status WriteAt(int fd, const void* data, size_t size, uint64_t offset,
   while (size > 0) {
     const ssize_t n =
         ::pwrite(fd, p, std::min<size_t>(size, kIoBlock), off_t(offset));
-    if (n < 0) {
-      if (errno == EINTR) continue;
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = EIO;  // no progress: retrying would spin
       return IoError("write", path);
     }
     p += n;
@@ -284,7 +297,7 @@ absl::StatusOr<std::unique_ptr<CheckpointStore>> CheckpointStore::Open(
     std::vector<std::string> found;
     auto listed = ForEachStepFolder(root, [&](const std::string&, int64_t, const fs::path& dir) {
       const StepFolderContents contents = ContentsOf(dir);
-      if (contents == StepFolderContents::kOnlyShards || contents == StepFolderContents::kUnreadable) {
+      if (contents == StepFolderContents::kOnlySaveFiles || contents == StepFolderContents::kUnreadable) {
         found.push_back(dir.string());  // shards to lose
       }
     });
@@ -907,7 +920,7 @@ absl::Status CheckpointStore::RemoveUncommitted() {
     }
     if (std::binary_search(it->second.begin(), it->second.end(), step)) return;
     const StepFolderContents contents = ContentsOf(dir);
-    if (contents == StepFolderContents::kNothing || contents == StepFolderContents::kOnlyShards) {
+    if (contents == StepFolderContents::kNothing || contents == StepFolderContents::kOnlySaveFiles) {
       fs::remove_all(dir, ec);
     }
   });

@@ -103,9 +103,13 @@ TEST(CheckpointStoreTest, NothingExistsBeforeCommitAndLeftoversGoAtOpen) {
   {
     auto store = *CheckpointStore::Open(root);
     WriteLayout(*store, 5, 2, a, b);
-    // A save that wrote its shard but never committed (the process died).
+    // A save that wrote its shard but never committed (the process died), after rank 1 had
+    // published its records and while another rank was writing its own.
     std::vector<PieceToWrite> pieces = {{"a", {10, 7}, ElementType::kF32, 0, 70, a.data()}};
-    ASSERT_TRUE(store->WriteShard("job", 6, 0, pieces).ok());
+    auto written = store->WriteShard("job", 6, 0, pieces);
+    ASSERT_TRUE(written.ok()) << written.status();
+    ASSERT_TRUE(PublishShardRecords(root, "job", 6, 1, 3, *written).ok());
+    std::ofstream(store->StepDir("job", 6) + "/rank-2.run-3.records.tmp") << "{";
     EXPECT_EQ(*store->LatestStep("job"), 5);
     EXPECT_TRUE(fs::exists(store->StepDir("job", 6)));
   }
@@ -195,6 +199,26 @@ TEST(CheckpointStoreTest, WithoutAnIndexAFolderThatCannotBeListedStopsTheOpen) {
   }
   fs::permissions(other, fs::perms::owner_all);
   EXPECT_TRUE(fs::exists(other / "step-2" / "rank-0.shard"));
+}
+
+// A folder of another user's that this one cannot list, such as the lost+found at the top
+// of a volume, holds nothing this user's store wrote: the first open there goes ahead.
+TEST(CheckpointStoreTest, AnotherUsersFolderItCannotListIsNoneOfItsJobs) {
+  const fs::path root = FreshDir("lost-found");
+  const fs::path lost = root / "lost+found";
+  fs::create_directories(lost);
+  if (::geteuid() != 0 || ::chown(lost.c_str(), 65534, 65534) != 0) {
+    GTEST_SKIP() << "giving a folder to another user needs root; nothing to check";
+  }
+  fs::permissions(lost, fs::perms::owner_all);
+  {
+    ObeyFilePermissions obey;
+    if (ObeyFilePermissions::CanList(lost)) GTEST_SKIP() << "this process lists another user's 0700 folder anyway";
+    auto opened = CheckpointStore::Open(root.string());
+    EXPECT_TRUE(opened.ok()) << opened.status();
+  }
+  EXPECT_TRUE(fs::exists(root / "index"));
+  EXPECT_TRUE(fs::exists(lost));
 }
 
 // Rewrites the index record of the first piece of tensor `name` in step `step` of "job"
