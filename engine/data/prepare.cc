@@ -226,16 +226,6 @@ DatasetInFolder FinishPending(const std::string& dir, const fs::path& keep, Pend
   return in_use;
 }
 
-// The lowest generation that no file in `dir` belongs to.
-int FreeGeneration(const std::string& dir) {
-  std::set<int> used;
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(dir, ec)) used.insert(GenerationOf(entry.path().filename().string()));
-  int generation = 0;
-  while (used.contains(generation)) ++generation;
-  return generation;
-}
-
 }  // namespace
 
 absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
@@ -263,15 +253,20 @@ absl::StatusOr<PrepareResult> PrepareDataset(const PrepareOptions& o) {
     return absl::AlreadyExistsError(
         StrCat(o.out, ": already holds a prepared dataset (pass --overwrite to replace it)"));
   }
-  Pending pending{FreeGeneration(o.out), in_use.files};
+  Pending pending{0, in_use.files};
   pending.replaces.erase("index.json");  // replaced by the rename
   // A killed run's files that could not be told from those in use go with them.
   pending.replaces.merge(unfinished.replaces);
+  // One listing: the generations the folder's files have, and the killed run's files.
+  std::set<int> used;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(o.out, ec)) {
     const std::string name = entry.path().filename().string();
-    if (unfinished.generation >= 0 && GenerationOf(name) == unfinished.generation) pending.replaces.insert(name);
+    const int generation = GenerationOf(name);
+    used.insert(generation);
+    if (unfinished.generation >= 0 && generation == unfinished.generation) pending.replaces.insert(name);
   }
+  while (used.contains(pending.generation)) ++pending.generation;  // the lowest no file has
   // The new dataset's files are all of its own generation, which a name the old index
   // gives without a file may share: none of them is replaced.
   std::erase_if(pending.replaces, [&](const std::string& name) { return GenerationOf(name) == pending.generation; });

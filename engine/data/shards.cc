@@ -149,11 +149,7 @@ absl::StatusOr<DatasetIndex> ReadDatasetIndex(const std::string& dir) {
   }
   try {
     d.vocab_size = index["vocab_size"].get<int64_t>();
-    if (index.contains("tokenizer")) {
-      d.tokenizer_file = index["tokenizer"].get<std::string>();
-    } else if (::access((dir + "/tokenizer.model").c_str(), F_OK) == 0) {
-      d.tokenizer_file = "tokenizer.model";  // the name before indexes named the tokenizer
-    }
+    if (index.contains("tokenizer")) d.tokenizer_file = index["tokenizer"].get<std::string>();
     for (const auto& s : index["shards"]) {
       d.shards.push_back({s.at("file").get<std::string>(), s.at("tokens").get<uint64_t>(),
                           s.at("documents").get<uint64_t>()});

@@ -65,8 +65,7 @@ struct ShardInfo {
 struct DatasetIndex {
   std::string json;  // as written
   int64_t vocab_size = 0;
-  // The SentencePiece model that made the tokens (an index from before indexes named it:
-  // tokenizer.model, when there is one); "" when it has none.
+  // The SentencePiece model that made the tokens; "" when the index names none.
   std::string tokenizer_file;
   std::vector<ShardInfo> shards;
 };

@@ -204,7 +204,7 @@ int Main(int argc, char** argv) {
             return StrCat("Value ", value, " is too small a sample: 0 (all lines) or at least ",
                           kMinTokenizerSentenceSample);
           },
-          "0 or at least 101"));
+          StrCat("0 or at least ", kMinTokenizerSentenceSample)));
   tok_train->add_option("--seed", train.seed, "Seed of the line sample");
   tok_train->add_flag("--strict", corpus.strict, "Fail on the first malformed input");
   auto* tok_encode = tok->add_subcommand("encode", "Print ids per input line (as spm_encode --output_format=id)");
