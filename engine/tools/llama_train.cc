@@ -150,6 +150,17 @@ struct Overrides {
         [this](JobSpec& s) { s.checkpoint.interval = checkpoint_interval; });
   }
 
+  // An option as the command line gave it, with its last value: "--max-length -5"; a flag
+  // by the name that set it, "--no-grad-checkpoint" rather than the option's own name.
+  static std::string AsGiven(const CLI::Option& option) {
+    const std::string& value = option.results().back();
+    if (option.get_items_expected_max() != 0) return StrCat(option.get_name(), " ", value);
+    for (const std::string& name : option.get_lnames()) {
+      if (option.get_flag_value(name, "") == value) return "--" + name;
+    }
+    return option.get_name();
+  }
+
   absl::Status ApplyTo(JobSpec& spec) const {
     for (const auto& [option, f] : apply) {
       if (option->count() > 0) f(spec);
@@ -164,9 +175,7 @@ struct Overrides {
     // The message names the job file's field; the value may be the command line's.
     std::vector<std::string> given;
     for (const auto& [option, f] : apply) {
-      if (option->count() == 0) continue;
-      given.push_back(option->get_type_size_max() == 0 ? option->get_name()
-                                                       : StrCat(option->get_name(), " ", option->results().back()));
+      if (option->count() > 0) given.push_back(AsGiven(*option));
     }
     if (given.empty()) return valid;
     return absl::Status(valid.code(), StrCat(valid.message(), " (the job file with ", StrJoin(given, ", "), ")"));

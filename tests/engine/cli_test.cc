@@ -102,6 +102,11 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
       // A job file field's error says when the command line set its value.
       {"train --config " + job + " -l -5",
        "max_length: -5 must be a positive integer (the job file with --max-length -5)"},
+      // A flag by the spelling given, last one winning.
+      {"train --config " + job + " -l -5 -a --no-flash-attention --no-grad-checkpoint -g",
+       "(the job file with --max-length -5, --grad-checkpoint, --no-flash-attention)"},
+      {"train --config " + job + " -l -5 --no-grad-checkpoint",
+       "(the job file with --max-length -5, --no-grad-checkpoint)"},
       {"plan --config " + job + " --device-memory 1e30GiB", "--device-memory: '1e30GiB' is not a size from 1 byte"},
       {"plan --config " + job + " --device-memory inf", "--device-memory: 'inf' is not a size from 1 byte"},
       {"plan --config " + job + " --device-memory 0", "--device-memory: '0' is not a size from 1 byte"},
