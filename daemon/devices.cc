@@ -66,9 +66,12 @@ absl::StatusOr<Devices> ResolveDevices(const std::string& spec) {
   if (colon == std::string::npos || (kind != "cpu" && kind != "cuda")) {
     return absl::InvalidArgumentError(fmt::format("devices: '{}' is not auto, cuda:N or cpu:N", spec));
   }
-  const int64_t count = ParseInt64(std::string_view(spec).substr(colon + 1)).value_or(0);
+  // N as it is shown back (cuda:7, not cuda:007), as every other count llamad reads.
+  const std::string_view digits = std::string_view(spec).substr(colon + 1);
+  const int64_t count = digits.starts_with('0') ? 0 : ParseInt64(digits).value_or(0);
   if (count < 1 || count > 1024) {
-    return absl::InvalidArgumentError(fmt::format("devices: '{}': N must be a number within [1, 1024]", spec));
+    return absl::InvalidArgumentError(
+        fmt::format("devices: '{}': N must be a whole number from 1 to 1024 in base 10, no leading zeros", spec));
   }
   if (kind == "cuda") {
     const int gpus = UsableGpuCount(CudaDeviceCount(), visible);

@@ -14,9 +14,12 @@ TEST(DevicesTest, SpecsResolveOrSayWhatIsWrong) {
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   EXPECT_EQ(cpu->kind, "cpu");
   EXPECT_EQ(cpu->count, 3);
-  for (const char* bad : {"gpu:2", "cpu:0", "cpu:x", "cpu:2x", "cpu:2000", "cpu: 4", "cpu:+4", "cpu:"}) {
+  for (const char* bad : {"gpu:2", "cpu:0", "cpu:x", "cpu:2x", "cpu:2000", "cpu: 4", "cpu:+4", "cpu:",
+                          "cpu:007", "cpu:03", "cpu:00"}) {
     EXPECT_FALSE(ResolveDevices(bad).ok()) << bad;
   }
+  EXPECT_EQ(ResolveDevices("cpu:007").status().message(),
+            "devices: 'cpu:007': N must be a whole number from 1 to 1024 in base 10, no leading zeros");
   auto any = ResolveDevices("auto");
   ASSERT_TRUE(any.ok()) << any.status();
   if (any->kind == "cuda") {
