@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/strings.h"
+#include "train/jobspec.h"
 
 namespace llamad::daemon {
 namespace {
@@ -69,9 +70,10 @@ absl::StatusOr<Devices> ResolveDevices(const std::string& spec) {
   // N as it is shown back (cuda:7, not cuda:007), as every other count llamad reads.
   const std::string_view digits = std::string_view(spec).substr(colon + 1);
   const int64_t count = digits.starts_with('0') ? 0 : ParseInt64(digits).value_or(0);
-  if (count < 1 || count > 1024) {
+  if (count < 1 || count > kMaxDevicesPerNode) {
     return absl::InvalidArgumentError(
-        fmt::format("devices: '{}': N must be a whole number from 1 to 1024 in base 10, no leading zeros", spec));
+        fmt::format("devices: '{}': N must be a whole number from 1 to {} in base 10, no leading zeros", spec,
+                    kMaxDevicesPerNode));
   }
   if (kind == "cuda") {
     const int gpus = UsableGpuCount(CudaDeviceCount(), visible);

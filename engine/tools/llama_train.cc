@@ -589,7 +589,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> ConnectRank() {
   // connections close), so this only bounds a rank that hangs.
   // Under llamad, ranks on several machines listen on the address the daemon gives.
   const char* host = std::getenv("LLAMAD_COMM_HOST");
-  auto world_size = IntegerFromEnv(kWorldEnv, 1, 1 << 20);
+  auto world_size = IntegerFromEnv(kWorldEnv, 1, kMaxWorldSize);
   if (!world_size.ok()) return world_size.status();
   auto rank_index = IntegerFromEnv(kRankEnv, 0, **world_size - 1);
   if (!rank_index.ok()) return rank_index.status();
@@ -1116,7 +1116,15 @@ int RunPlan(const Common& common, const Overrides& overrides, const std::string&
   // section fills in what is not given.
   const int per_node =
       nproc_given ? common.nproc : (devices_per_node > 0 ? devices_per_node : int(spec->resources.devices_per_node));
-  const int world = nproc_given ? common.nproc : (nodes > 0 ? nodes : int(spec->resources.nodes)) * per_node;
+  const int64_t node_count = nproc_given ? 1 : (nodes > 0 ? nodes : spec->resources.nodes);
+  if (node_count * per_node > kMaxWorldSize) {
+    // Each factor is within its bound (the flags' checks, the spec's); their product may not be.
+    return Fail(absl::InvalidArgumentError(StrCat(
+        nodes > 0 ? "--nodes " : "resources.nodes ", node_count, " times ",
+        devices_per_node > 0 ? "--devices-per-node " : "resources.devices_per_node ", per_node, " is ",
+        node_count * per_node, " ranks; a job runs as at most ", kMaxWorldSize)));
+  }
+  const int world = int(node_count * per_node);
   const int threads = common.threads > 0 ? common.threads : std::max(1, int(std::thread::hardware_concurrency()) / world);
   uint64_t budget = 0;
   std::string budget_name;
@@ -1295,13 +1303,13 @@ int Main(int argc, char** argv) {
   CLI::App* plan = app.add_subcommand("plan", "Per-rank memory of a job: weights, gradients, optimizer, activations");
   plan->add_option("--config", common.config, "Job spec YAML file")->required();
   CLI::Option* plan_nproc = plan->add_option("--nproc", common.nproc, "Data-parallel ranks (default: the job's resources)")
-                                ->check(CLI::Range(1, 1 << 20));
+                                ->check(CLI::Range(int64_t{1}, kMaxWorldSize));
   int plan_nodes = 0, plan_devices = 0;
   plan->add_option("--nodes", plan_nodes, "Nodes (ranks: nodes x devices per node; default: the job's resources)")
-      ->check(CLI::Range(1, 100000))
+      ->check(CLI::Range(int64_t{1}, kMaxNodes))
       ->excludes(plan_nproc);
   plan->add_option("--devices-per-node", plan_devices, "Ranks per node (default: the job's resources)")
-      ->check(CLI::Range(1, 1024))
+      ->check(CLI::Range(int64_t{1}, kMaxDevicesPerNode))
       ->excludes(plan_nproc);
   plan->add_option("--threads", common.threads, "CPU threads per rank (default: the cores / ranks)")
       ->check(kThreadRange);

@@ -311,12 +311,12 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
     return fail("offload.chunk_mb", o.chunk_mb, StrCat("must be within [block_kb ", o.block_kb, " KiB, 4096]"));
   }
   const ResourcesSpec& r = spec.resources;
-  constexpr int64_t kMaxNodes = 100000;
   if (r.nodes < 1 || r.nodes > kMaxNodes) {
     return fail("resources.nodes", r.nodes, StrCat("must be within [1, ", kMaxNodes, "]"));
   }
-  if (r.devices_per_node < 1 || r.devices_per_node > 1024) {
-    return fail("resources.devices_per_node", r.devices_per_node, "must be within [1, 1024]");
+  if (r.devices_per_node < 1 || r.devices_per_node > kMaxDevicesPerNode) {
+    return fail("resources.devices_per_node", r.devices_per_node,
+                StrCat("must be within [1, ", kMaxDevicesPerNode, "]"));
   }
   if (r.min_nodes < 0 || r.min_nodes > r.nodes) {
     return fail("resources.min_nodes", r.min_nodes, StrCat("must be within [0, resources.nodes ", r.nodes, "]"));
@@ -324,6 +324,14 @@ absl::Status ValidateJobSpec(const JobSpec& spec) {
   if (r.max_nodes != 0 && (r.max_nodes < r.nodes || r.max_nodes > kMaxNodes)) {
     return fail("resources.max_nodes", r.max_nodes,
                 StrCat("must be 0 or within [resources.nodes ", r.nodes, ", ", kMaxNodes, "]"));
+  }
+  // The most ranks the job runs as, grown to max_nodes (both factors are bounded above,
+  // so the product cannot overflow).
+  const bool grows = r.max_nodes > r.nodes;
+  if (const int64_t ranks = (grows ? r.max_nodes : r.nodes) * r.devices_per_node; ranks > kMaxWorldSize) {
+    return fail(grows ? "resources.max_nodes" : "resources.nodes", grows ? r.max_nodes : r.nodes,
+                StrCat("times resources.devices_per_node ", r.devices_per_node, " is ", ranks,
+                       " ranks; a job runs as at most ", kMaxWorldSize));
   }
   if (r.priority < -1000000 || r.priority > 1000000) {
     return fail("resources.priority", r.priority, "must be within [-1000000, 1000000]");

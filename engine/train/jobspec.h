@@ -113,6 +113,13 @@ struct OffloadSpec {
   int64_t block_kb = 1024;           // one read or write request
 };
 
+// Bounds of a job's size: ValidateJobSpec checks a job's resources against them, llamad
+// a node's device count, and a rank the world size its launcher gives it, so that a job
+// that passes the first check is never refused by the last.
+inline constexpr int64_t kMaxNodes = 100000;
+inline constexpr int64_t kMaxDevicesPerNode = 1024;
+inline constexpr int64_t kMaxWorldSize = int64_t{1} << 20;  // ranks of one job
+
 // The scheduler's section: how many nodes and devices the job runs on. llama-train reads
 // it only to validate it; the world size of a run comes from its launcher.
 struct ResourcesSpec {

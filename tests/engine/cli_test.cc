@@ -110,6 +110,9 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
       {"plan --config " + job + " --device-memory 1e30GiB", "--device-memory: '1e30GiB' is not a size from 1 byte"},
       {"plan --config " + job + " --device-memory inf", "--device-memory: 'inf' is not a size from 1 byte"},
       {"plan --config " + job + " --device-memory 0", "--device-memory: '0' is not a size from 1 byte"},
+      {"plan --config " + job + " --nodes 100000 --devices-per-node 1024",
+       "--nodes 100000 times --devices-per-node 1024 is 102400000 ranks; a job runs as at most 1048576"},
+      {"plan --config " + job + " --nodes 1025 --devices-per-node 1024", "is 1049600 ranks"},
       {"train --config " + job + " --fresh -f latest", "--resume excludes --fresh"},
       {"train --config " + job + " -c tiny --init-from-hf " + TempDir().string(), "--init-from-hf excludes --model"},
       // Far beyond any host's memory: refused before allocating anything.

@@ -104,6 +104,12 @@ TEST(JobSpecTest, ResourcesAreValidated) {
   ExpectError(base + "resources: {priority: 3000000000}\n", {"resources.priority", "3000000000"});
   ExpectError(base + "resources: {priority: -3000000000}\n", {"resources.priority", "-3000000000"});
   ExpectError(base + "resources: {devices_per_node: 0}\n", {"resources.devices_per_node"});
+  // Each within its own bound, but more ranks than a rank accepts as its world size.
+  ExpectError(base + "resources: {nodes: 1025, devices_per_node: 1024}\n",
+              {"resources.nodes: 1025 times resources.devices_per_node 1024 is 1049600 ranks", "at most 1048576"});
+  ExpectError(base + "resources: {nodes: 2, max_nodes: 1025, devices_per_node: 1024}\n",
+              {"resources.max_nodes: 1025", "1049600 ranks"});
+  EXPECT_TRUE(LoadJobText(base + "resources: {nodes: 1024, devices_per_node: 1024}\n").ok());
 }
 
 // The error for `text` mentions every string in `needles`.
