@@ -27,6 +27,19 @@ int Fail(const absl::Status& s) {
   return 2;
 }
 
+// Each rank's spec and log go under DATA_DIR/jobs. A node that cannot write there would
+// take ranks only to fail each of them, so it says so at start instead.
+absl::Status CheckJobFolders(const std::string& data_dir) {
+  const std::string jobs = (std::filesystem::path(data_dir) / "jobs").string();
+  const std::string probe = jobs + "/.write-check";
+  absl::Status s = llamad::storage::CreateFolders(jobs);
+  if (s.ok()) s = llamad::storage::WriteFile(probe, "");
+  std::error_code ignored;
+  std::filesystem::remove(probe, ignored);
+  if (s.ok()) return s;
+  return absl::InvalidArgumentError("data_dir: the ranks' folders cannot be written: " + std::string(s.message()));
+}
+
 std::string HostName() {
   char name[HOST_NAME_MAX + 1] = {};
   ::gethostname(name, sizeof(name) - 1);
@@ -106,6 +119,7 @@ int main(int argc, char** argv) {
     }
     auto devices = llamad::daemon::ResolveDevices(config->devices);
     if (!devices.ok()) return Fail(devices.status());
+    if (auto s = CheckJobFolders(config->data_dir); !s.ok()) return Fail(s);
     llamad::daemon::NodeAgentOptions options;
     options.scheduler_address = scheduler_address;
     options.tls = tls;

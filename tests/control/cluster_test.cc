@@ -225,11 +225,31 @@ TEST_F(ClusterTest, RanksSharingANodeEachReadASpecOfTheirOwn) {
 }
 
 TEST_F(ClusterTest, ARankItsNodeCannotStartFailsTheJobSayingWhy) {
-  // A file stands where the node keeps its jobs' folders: the rank's spec cannot be
-  // written, and the job fails with the node's reason rather than a worker's guess.
-  fs::create_directories(dir_ / "node1");
-  std::ofstream(dir_ / "node1" / "jobs") << "not a folder\n";
+  // A file stands where a node keeps its jobs' folders: the node says so as it starts,
+  // and takes no rank.
+  fs::create_directories(dir_ / "blocked");
+  std::ofstream(dir_ / "blocked" / "jobs") << "not a folder\n";
+  Subprocess blocked(kBin + "/llamad --role node --node-id blocked --devices cpu:1 --scheduler " + address_ +
+                     " --token-file " + (dir_ / "sched" / "token").string() + " --data-dir " +
+                     (dir_ / "blocked").string());
+  blocked.Drain(/*timeout_s=*/15);
+  blocked.Kill(SIGKILL);  // still running: the exit code says so
+  EXPECT_EQ(blocked.Wait(), 2) << blocked.output();
+  EXPECT_NE(blocked.output().find("data_dir: the ranks' folders cannot be written: " +
+                                  (dir_ / "blocked" / "jobs").string() + ": cannot create: Not a directory"),
+            std::string::npos)
+      << blocked.output();
+  // The same after the node started: the rank's spec cannot be written, and the job
+  // fails with the node's reason rather than a worker's guess.
   StartNode("node1");
+  std::string out;
+  for (int i = 0; i < 100 && out.find("node1") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    Ctl("nodes", &out);
+  }
+  ASSERT_NE(out.find("node1"), std::string::npos) << out << DaemonOutput();
+  fs::remove_all(dir_ / "node1" / "jobs");
+  std::ofstream(dir_ / "node1" / "jobs") << "not a folder\n";
   const std::string id = Submit(WriteSpec("blocked", 1, 4));
   ASSERT_TRUE(WaitFor(id, "JOB_STATE_FAILED", 30)) << Job(id).dump(1) << DaemonOutput();
   const nlohmann::json failed = Job(id);
