@@ -51,13 +51,25 @@ class ClusterTest : public ::testing::Test {
     std::ifstream(dir_ / "sched" / "scheduler.address") >> address_;
     ASSERT_FALSE(address_.empty()) << scheduler_->Drain();
   }
+  // A node daemon of this cluster, its data_dir under the test's folder.
+  std::string NodeCommand(const std::string& id, const std::string& flags = "", int devices = 1) {
+    return kBin + "/llamad --role node --node-id " + id + " --devices cpu:" + std::to_string(devices) +
+           " --worker-threads 1 --scheduler " + address_ + " --token-file " + (dir_ / "sched" / "token").string() +
+           " --data-dir " + (dir_ / id).string() +
+           // Longer than the 5 s a cancel may take: stopping must come from SIGTERM.
+           " --stop-grace-ms 10000 " + flags;
+  }
   void StartNode(const std::string& id, const std::string& flags = "", int devices = 1) {
-    nodes_.push_back(std::make_unique<Subprocess>(
-        kBin + "/llamad --role node --node-id " + id + " --devices cpu:" + std::to_string(devices) +
-        " --worker-threads 1 --scheduler " + address_ +
-        " --token-file " + (dir_ / "sched" / "token").string() + " --data-dir " + (dir_ / id).string() +
-        // Longer than the 5 s a cancel may take: stopping must come from SIGTERM.
-        " --stop-grace-ms 10000 " + flags));
+    nodes_.push_back(std::make_unique<Subprocess>(NodeCommand(id, flags, devices)));
+  }
+  // Waits up to 10 s for `llamactl nodes` to list the node.
+  bool WaitForNode(const std::string& id) {
+    std::string out;
+    for (int i = 0; i < 100; ++i) {
+      if (Ctl("nodes", &out) == 0 && out.find(id) != std::string::npos) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return false;
   }
   // Runs llamactl; returns its exit code and fills *out with what it printed.
   int Ctl(const std::string& args, std::string* out = nullptr, const std::string& token_file = "") {
@@ -229,9 +241,7 @@ TEST_F(ClusterTest, ARankItsNodeCannotStartFailsTheJobSayingWhy) {
   // and takes no rank.
   fs::create_directories(dir_ / "blocked");
   std::ofstream(dir_ / "blocked" / "jobs") << "not a folder\n";
-  Subprocess blocked(kBin + "/llamad --role node --node-id blocked --devices cpu:1 --scheduler " + address_ +
-                     " --token-file " + (dir_ / "sched" / "token").string() + " --data-dir " +
-                     (dir_ / "blocked").string());
+  Subprocess blocked(NodeCommand("blocked"));
   blocked.Drain(/*timeout_s=*/15);
   blocked.Kill(SIGKILL);  // still running: the exit code says so
   EXPECT_EQ(blocked.Wait(), 2) << blocked.output();
@@ -242,12 +252,7 @@ TEST_F(ClusterTest, ARankItsNodeCannotStartFailsTheJobSayingWhy) {
   // The same after the node started: the rank's spec cannot be written, and the job
   // fails with the node's reason rather than a worker's guess.
   StartNode("node1");
-  std::string out;
-  for (int i = 0; i < 100 && out.find("node1") == std::string::npos; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    Ctl("nodes", &out);
-  }
-  ASSERT_NE(out.find("node1"), std::string::npos) << out << DaemonOutput();
+  ASSERT_TRUE(WaitForNode("node1")) << DaemonOutput();
   fs::remove_all(dir_ / "node1" / "jobs");
   std::ofstream(dir_ / "node1" / "jobs") << "not a folder\n";
   const std::string id = Submit(WriteSpec("blocked", 1, 4));
@@ -320,11 +325,8 @@ TEST_F(ClusterTest, LostNodeTakesItsWorkersAndTheJobMovesOn) {
 // undrain`; `llamactl nodes` says why it is drained.
 TEST_F(ClusterTest, ADrainedNodeStaysDrainedUntilUndrained) {
   StartNode("n1");
+  ASSERT_TRUE(WaitForNode("n1")) << DaemonOutput();
   std::string out;
-  for (int i = 0; i < 100 && out.find("n1") == std::string::npos; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    Ctl("nodes", &out);
-  }
   ASSERT_EQ(Ctl("drain n1 --reason 'fan replaced, burn-in due'", &out), 0) << out;
   EXPECT_NE(out.find("n1 draining"), std::string::npos) << out;
   EXPECT_EQ(Ctl("nodes", &out), 0);
