@@ -10,6 +10,7 @@
 #include "core/durations.h"
 #include "core/threads.h"
 #include "core/yaml_fields.h"
+#include "proto/rpc.h"
 
 namespace llamad::daemon {
 
@@ -70,11 +71,16 @@ absl::StatusOr<DaemonConfig> DaemonFlags::Resolve() const {
   for (const Field& f : fields_) {
     if (f.option->count() > 0) std::visit([&](auto m) { config.*m = flags_.*m; }, f.member);
   }
-  const std::string where = config_path_.empty() ? std::string("llamad") : config_path_;
+  // Errors name the config file, or the command line when there is none.
+  const std::string where = config_path_.empty() ? std::string("command line") : config_path_;
   if (config.role != "node" && config.role != "scheduler" && config.role != "both") {
     return ConfigError(where, fmt::format("role: '{}' is not one of node, scheduler, both", config.role));
   }
   if (config.data_dir.empty()) return ConfigError(where, "data_dir: must not be empty");
+  // "" is the host name, which llamad checks when it starts a node.
+  if (!config.node_id.empty()) {
+    if (auto s = rpc::CheckNodeId(config.node_id); !s.ok()) return ConfigError(where, std::string(s.message()));
+  }
   if (config.role == "node" && config.scheduler.empty()) {
     return ConfigError(where, "scheduler: a node needs the scheduler's address (host:port)");
   }

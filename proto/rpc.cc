@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -155,6 +156,28 @@ grpc::Status CheckToken(const grpc::ServerContext& context, const std::string& t
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "the bearer token is not this scheduler's");
   }
   return grpc::Status::OK;
+}
+
+absl::Status CheckNodeId(std::string_view id) {
+  if (id.empty()) return absl::InvalidArgumentError("node_id: must not be empty");
+  if (id.size() > kMaxNodeIdLength) {
+    return absl::InvalidArgumentError("node_id: " + std::to_string(id.size()) + " characters, more than the " +
+                                      std::to_string(kMaxNodeIdLength) + " a node's name may have");
+  }
+  for (size_t i = 0; i < id.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(id[i]);
+    const bool allowed = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+                         c == '-' || c == '_';
+    if (!allowed) {
+      // Shown as itself when printable, else as its byte: a control character would
+      // garble the message it is named in.
+      char shown[8];
+      std::snprintf(shown, sizeof(shown), c > 0x20 && c < 0x7f ? "'%c'" : "0x%02x", c);
+      return absl::InvalidArgumentError("node_id: character " + std::to_string(i + 1) + " is " + shown +
+                                        "; a node's name holds only letters, digits, '.', '-' and '_'");
+    }
+  }
+  return absl::OkStatus();
 }
 
 grpc::Status ToGrpc(const absl::Status& status) {

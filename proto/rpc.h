@@ -11,8 +11,10 @@
 #include <grpcpp/server_context.h>
 #include <grpcpp/support/status.h>
 
+#include <cstddef>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 
@@ -45,6 +47,12 @@ void PrepareCall(grpc::ClientContext& context, const std::string& token, int64_t
 
 // OK when the call carries `authorization: Bearer <token>`; UNAUTHENTICATED otherwise.
 grpc::Status CheckToken(const grpc::ServerContext& context, const std::string& token);
+
+// A node's name, as it registers with the scheduler and as `llamactl nodes` and log lines
+// show it: 1 to kMaxNodeIdLength letters, digits, '.', '-' or '_', what a host name (the
+// default name) holds. INVALID_ARGUMENT says which rule `id` breaks.
+inline constexpr size_t kMaxNodeIdLength = 253;
+absl::Status CheckNodeId(std::string_view id);
 
 // absl::Status -> grpc::Status with the same code and message.
 grpc::Status ToGrpc(const absl::Status& status);

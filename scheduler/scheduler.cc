@@ -16,6 +16,7 @@
 #include "core/durations.h"
 #include "core/exit_codes.h"
 #include "core/strings.h"
+#include "proto/rpc.h"
 #include "train/jobspec.h"
 
 namespace llamad::scheduler {
@@ -651,11 +652,10 @@ absl::StatusOr<pb::NodeInfo> Scheduler::UndrainNode(const std::string& node_id) 
 }
 
 absl::StatusOr<pb::RegisterNodeResponse> Scheduler::RegisterNode(const pb::RegisterNodeRequest& request) {
-  if (request.node_id().empty() || request.node_id().find('/') != std::string::npos) {
-    return absl::InvalidArgumentError(fmt::format("node_id: '{}' must be a plain non-empty name", request.node_id()));
-  }
-  if (request.devices() < 1) {
-    return absl::InvalidArgumentError(fmt::format("devices: {} must be at least 1", request.devices()));
+  if (auto s = rpc::CheckNodeId(request.node_id()); !s.ok()) return s;
+  if (request.devices() < 1 || request.devices() > kMaxDevicesPerNode) {
+    return absl::InvalidArgumentError(
+        fmt::format("devices: {} is not within [1, {}]", request.devices(), kMaxDevicesPerNode));
   }
   std::lock_guard lock(mu_);
   const int64_t now = clock_->NowMs();

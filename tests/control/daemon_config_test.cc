@@ -1,4 +1,4 @@
-// llamad's settings, from flags: out-of-range numbers name the key and the range.
+// llamad's settings, from flags: out-of-range numbers and bad names name the key and the rule.
 #include "daemon/config.h"
 
 #include <CLI/CLI.hpp>
@@ -52,6 +52,29 @@ TEST(DaemonConfigTest, DurationsAndThreadCountsOutOfRangeNameTheirKey) {
   // The limits themselves are accepted.
   auto at_limits = Resolve({"--lease-timeout-ms=2592000000", "--stop-grace-ms=2592000000", "--worker-threads=1024"});
   EXPECT_TRUE(at_limits.ok()) << at_limits.status();
+}
+
+// The node's name is the one the scheduler accepts: a name it would refuse stops llamad
+// at start, instead of a node that retries its registration for ever.
+TEST(DaemonConfigTest, NodeIdIsAPlainName) {
+  const struct {
+    std::string node_id;
+    std::string needle;
+  } cases[] = {
+      {"rack1/gpu3", "node_id: character 6 is '/'"},
+      {"gpu 3", "node_id: character 4 is 0x20"},
+      {"gpu\t3", "node_id: character 4 is 0x09"},
+      {std::string(254, 'n'), "node_id: 254 characters, more than the 253 a node's name may have"},
+  };
+  for (const auto& c : cases) {
+    auto config = Resolve({"--node-id=" + c.node_id});
+    ASSERT_FALSE(config.ok()) << c.needle;
+    EXPECT_NE(std::string(config.status().message()).find(c.needle), std::string::npos) << config.status();
+  }
+  for (const std::string name : {std::string(253, 'n'), std::string("Gpu-node_07.rack3")}) {
+    auto config = Resolve({"--node-id=" + name});
+    EXPECT_TRUE(config.ok()) << config.status();
+  }
 }
 
 }  // namespace

@@ -185,6 +185,43 @@ TEST_F(SchedulerTest, GangStartsAllOrNothingAndSaysWhyItWaits) {
   EXPECT_EQ(Get(one.id()).state(), pb::JOB_STATE_QUEUED);
 }
 
+// A registration the scheduler cannot keep is refused with the field and the rule, and a
+// node already registered under that name keeps what it had.
+TEST_F(SchedulerTest, RegistrationWithABadNameOrDeviceCountIsRefused) {
+  AddNode("a", 2);
+  const struct {
+    std::string node_id;
+    int32_t devices;
+    std::string needle;
+  } cases[] = {
+      {"a", 0, "devices: 0 is not within [1, 1024]"},
+      {"a", 1025, "devices: 1025 is not within [1, 1024]"},
+      {"", 1, "node_id: must not be empty"},
+      {"rack1/a", 1, "node_id: character 6 is '/'"},
+      {"gpu a", 1, "node_id: character 4 is 0x20"},
+      {"a\n", 1, "node_id: character 2 is 0x0a"},
+      {std::string(254, 'n'), 1, "node_id: 254 characters, more than the 253"},
+  };
+  for (const auto& c : cases) {
+    pb::RegisterNodeRequest r;
+    r.set_node_id(c.node_id);
+    r.set_devices(c.devices);
+    r.set_device_kind("cpu");
+    auto refused = scheduler_->RegisterNode(r);
+    ASSERT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << c.needle;
+    EXPECT_NE(std::string(refused.status().message()).find(c.needle), std::string::npos) << refused.status();
+  }
+  ASSERT_EQ(scheduler_->ListNodes().size(), 1u);
+  EXPECT_EQ(NodeOf("a").devices(), 2);
+  EXPECT_EQ(NodeOf("a").state(), pb::NODE_STATE_READY);
+  // The limits, and every character a name may hold, are accepted.
+  AddNode("a", 1024);
+  EXPECT_EQ(NodeOf("a").devices(), 1024);
+  AddNode(std::string(253, 'n'));
+  AddNode("Gpu-node_07.rack3");
+  EXPECT_EQ(scheduler_->ListNodes().size(), 3u);
+}
+
 TEST_F(SchedulerTest, PriorityGoesFirst) {
   AddNode("a");
   pb::Job running = Submit(1);
