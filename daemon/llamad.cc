@@ -127,9 +127,12 @@ int main(int argc, char** argv) {
     options.token_file = config->token_file;
     options.hostname = HostName();
     options.node_id = config->node_id.empty() ? options.hostname : config->node_id;
-    if (auto s = llamad::rpc::CheckNodeId(options.node_id); !s.ok()) {
-      return Fail(absl::InvalidArgumentError(std::string(s.message()) +
-                                             " (it is this machine's host name: give the node a name with node_id)"));
+    // A configured name was checked with the config; the host name, the default, is here.
+    if (config->node_id.empty()) {
+      if (auto s = llamad::rpc::CheckNodeId(options.hostname); !s.ok()) {
+        return Fail(absl::InvalidArgumentError(
+            std::string(s.message()) + " (it is this machine's host name: give the node a name with node_id)"));
+      }
     }
     options.devices = devices->count;
     options.device_kind = devices->kind;

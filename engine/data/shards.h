@@ -96,8 +96,7 @@ class PreparedDataset final : public TokenSource {
   // Recomputes every shard's checksum; DataLoss naming the shard on a mismatch.
   absl::Status Verify() const;
   // Document d of shard s as ids (without its EOS). OutOfRange past the last shard or the
-  // shard's last document;
-  // DataLoss when the shard's document offsets are damaged.
+  // shard's last document; DataLoss when the shard's document offsets are damaged.
   absl::StatusOr<std::vector<int32_t>> Document(size_t shard, uint64_t d) const;
 
  private:
