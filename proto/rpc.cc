@@ -158,6 +158,18 @@ grpc::Status CheckToken(const grpc::ServerContext& context, const std::string& t
   return grpc::Status::OK;
 }
 
+namespace {
+
+// A byte as an error message shows it: itself when printable, else its value, since a
+// control character would garble the message it is named in.
+std::string ShownByte(unsigned char c) {
+  char shown[8];
+  std::snprintf(shown, sizeof(shown), c > 0x20 && c < 0x7f ? "'%c'" : "0x%02x", c);
+  return shown;
+}
+
+}  // namespace
+
 absl::Status CheckNodeId(std::string_view id) {
   if (id.empty()) return absl::InvalidArgumentError("node_id: must not be empty");
   if (id.size() > kMaxNodeIdLength) {
@@ -169,13 +181,28 @@ absl::Status CheckNodeId(std::string_view id) {
     const bool allowed = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
                          c == '-' || c == '_';
     if (!allowed) {
-      // Shown as itself when printable, else as its byte: a control character would
-      // garble the message it is named in.
-      char shown[8];
-      std::snprintf(shown, sizeof(shown), c > 0x20 && c < 0x7f ? "'%c'" : "0x%02x", c);
-      return absl::InvalidArgumentError("node_id: character " + std::to_string(i + 1) + " is " + shown +
+      return absl::InvalidArgumentError("node_id: character " + std::to_string(i + 1) + " is " + ShownByte(c) +
                                         "; a node's name holds only letters, digits, '.', '-' and '_'");
     }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckNodeDescription(std::string_view hostname, std::string_view device_kind) {
+  if (hostname.size() > kMaxNodeIdLength) {
+    return absl::InvalidArgumentError("hostname: " + std::to_string(hostname.size()) + " characters, more than the " +
+                                      std::to_string(kMaxNodeIdLength) + " a host name may have");
+  }
+  for (size_t i = 0; i < hostname.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(hostname[i]);
+    if (c < 0x20 || c == 0x7f) {
+      return absl::InvalidArgumentError("hostname: character " + std::to_string(i + 1) + " is " + ShownByte(c) +
+                                        ", a control character");
+    }
+  }
+  if (device_kind != "cuda" && device_kind != "cpu") {
+    return absl::InvalidArgumentError("device_kind: '" + std::string(device_kind.substr(0, 32)) +
+                                      "' is neither \"cuda\" nor \"cpu\"");
   }
   return absl::OkStatus();
 }

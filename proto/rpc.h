@@ -54,6 +54,11 @@ grpc::Status CheckToken(const grpc::ServerContext& context, const std::string& t
 inline constexpr size_t kMaxNodeIdLength = 253;
 absl::Status CheckNodeId(std::string_view id);
 
+// What else a node says of itself when it registers: its host name (shown as given, so at
+// most kMaxNodeIdLength bytes and no control characters; empty when unknown) and its
+// device kind, "cuda" or "cpu". INVALID_ARGUMENT names the field and what is wrong.
+absl::Status CheckNodeDescription(std::string_view hostname, std::string_view device_kind);
+
 // absl::Status -> grpc::Status with the same code and message.
 grpc::Status ToGrpc(const absl::Status& status);
 

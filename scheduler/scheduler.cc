@@ -653,6 +653,7 @@ absl::StatusOr<pb::NodeInfo> Scheduler::UndrainNode(const std::string& node_id) 
 
 absl::StatusOr<pb::RegisterNodeResponse> Scheduler::RegisterNode(const pb::RegisterNodeRequest& request) {
   if (auto s = rpc::CheckNodeId(request.node_id()); !s.ok()) return s;
+  if (auto s = rpc::CheckNodeDescription(request.hostname(), request.device_kind()); !s.ok()) return s;
   if (request.devices() < 1 || request.devices() > kMaxDevicesPerNode) {
     return absl::InvalidArgumentError(
         fmt::format("devices: {} is not within [1, {}]", request.devices(), kMaxDevicesPerNode));

@@ -187,12 +187,14 @@ TEST_F(SchedulerTest, GangStartsAllOrNothingAndSaysWhyItWaits) {
 
 // A registration the scheduler cannot keep is refused with the field and the rule, and a
 // node already registered under that name keeps what it had.
-TEST_F(SchedulerTest, RegistrationWithABadNameOrDeviceCountIsRefused) {
+TEST_F(SchedulerTest, RegistrationWithABadFieldIsRefused) {
   AddNode("a", 2);
   const struct {
     std::string node_id;
     int32_t devices;
     std::string needle;
+    std::string hostname = "a";
+    std::string device_kind = "cpu";
   } cases[] = {
       {"a", 0, "devices: 0 is not within [1, 1024]"},
       {"a", 1025, "devices: 1025 is not within [1, 1024]"},
@@ -201,12 +203,17 @@ TEST_F(SchedulerTest, RegistrationWithABadNameOrDeviceCountIsRefused) {
       {"gpu a", 1, "node_id: character 4 is 0x20"},
       {"a\n", 1, "node_id: character 2 is 0x0a"},
       {std::string(254, 'n'), 1, "node_id: 254 characters, more than the 253"},
+      {"a", 1, "hostname: 254 characters, more than the 253", std::string(254, 'h')},
+      {"a", 1, "hostname: character 4 is 0x1b, a control character", "gpu\x1b[2J"},
+      {"a", 1, "device_kind: 'gpu' is neither \"cuda\" nor \"cpu\"", "a", "gpu"},
+      {"a", 1, "device_kind: '' is neither", "a", ""},
   };
   for (const auto& c : cases) {
     pb::RegisterNodeRequest r;
     r.set_node_id(c.node_id);
     r.set_devices(c.devices);
-    r.set_device_kind("cpu");
+    r.set_hostname(c.hostname);
+    r.set_device_kind(c.device_kind);
     auto refused = scheduler_->RegisterNode(r);
     ASSERT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << c.needle;
     EXPECT_NE(std::string(refused.status().message()).find(c.needle), std::string::npos) << refused.status();
@@ -220,6 +227,15 @@ TEST_F(SchedulerTest, RegistrationWithABadNameOrDeviceCountIsRefused) {
   AddNode(std::string(253, 'n'));
   AddNode("Gpu-node_07.rack3");
   EXPECT_EQ(scheduler_->ListNodes().size(), 3u);
+  // A host name is shown as given: one of 253 bytes, with spaces, is accepted, as is "cuda".
+  pb::RegisterNodeRequest r;
+  r.set_node_id("b");
+  r.set_devices(8);
+  r.set_hostname("gpu box " + std::string(245, 'h'));
+  r.set_device_kind("cuda");
+  ASSERT_TRUE(scheduler_->RegisterNode(r).ok());
+  EXPECT_EQ(NodeOf("b").device_kind(), "cuda");
+  EXPECT_EQ(NodeOf("b").hostname().size(), 253u);
 }
 
 TEST_F(SchedulerTest, PriorityGoesFirst) {
