@@ -45,7 +45,7 @@ DaemonFlags::DaemonFlags(CLI::App& app) {
   add("forget_lost_nodes_after_ms", &DaemonConfig::forget_lost_nodes_after_ms,
       "A node lost this long, and not drained, leaves the scheduler's state", "never");
   add("worker_binary", &DaemonConfig::worker_binary, "llama-train (default: next to llamad)");
-  add("worker_threads", &DaemonConfig::worker_threads, "CPU threads per rank (0 = cores / devices)");
+  add("worker_threads", &DaemonConfig::worker_threads, "CPU threads per rank", "cores / devices");
   add("comm_host", &DaemonConfig::comm_host, "Address this node's ranks listen on for their peers (auto: loopback for one-node jobs, "
       "else this machine's address on its route to the scheduler)");
   add("stop_grace_ms", &DaemonConfig::stop_grace_ms, "SIGTERM (a rank saves its step), then SIGKILL after this long");

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/strings.h"
+#include "proto/rpc.h"
 #include "train/jobspec.h"
 
 namespace llamad::daemon {
@@ -64,7 +65,7 @@ absl::StatusOr<Devices> ResolveDevices(const std::string& spec) {
   }
   const size_t colon = spec.find(':');
   const std::string kind = spec.substr(0, colon);
-  if (colon == std::string::npos || (kind != "cpu" && kind != "cuda")) {
+  if (colon == std::string::npos || !rpc::IsDeviceKind(kind)) {
     return absl::InvalidArgumentError(fmt::format("devices: '{}' is not auto, cuda:N or cpu:N", spec));
   }
   // N as it is shown back (cuda:7, not cuda:007), as every other count llamad reads.

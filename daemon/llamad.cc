@@ -60,12 +60,21 @@ int main(int argc, char** argv) {
   auto config = flags.Resolve();
   if (!config.ok()) return Fail(config.status());
   if (config->token_file.empty()) config->token_file = (std::filesystem::path(config->data_dir) / "token").string();
+  const bool hosts_scheduler = config->role != "node";
+  const bool hosts_node = config->role != "scheduler";
+  // A configured name was checked with the config; the default, the host name, is checked
+  // here, so that --check finds a host name that cannot name the node.
+  if (hosts_node && config->node_id.empty()) {
+    config->node_id = HostName();
+    if (auto s = llamad::rpc::CheckNodeId(config->node_id); !s.ok()) {
+      return Fail(absl::InvalidArgumentError(
+          std::string(s.message()) + " (it is this machine's host name: give the node a name with node_id)"));
+    }
+  }
   if (check) {
     std::fputs(flags.ToYaml(*config).c_str(), stdout);
     return 0;
   }
-  const bool hosts_scheduler = config->role != "node";
-  const bool hosts_node = config->role != "scheduler";
 
   // Signals are taken by sigwait below, not by whichever thread they land on.
   sigset_t stop_signals;
@@ -81,6 +90,14 @@ int main(int argc, char** argv) {
   std::unique_ptr<llamad::scheduler::SchedulerServer> server;
   std::string token;
   std::string scheduler_address = config->scheduler;
+  // What a node needs of this machine is checked before a scheduler starts beside it, so
+  // that a daemon which cannot host its node exits without leaving a scheduler address.
+  absl::StatusOr<llamad::daemon::Devices> devices;
+  if (hosts_node) {
+    devices = llamad::daemon::ResolveDevices(config->devices);
+    if (!devices.ok()) return Fail(devices.status());
+    if (auto s = CheckJobFolders(config->data_dir); !s.ok()) return Fail(s);
+  }
   if (hosts_scheduler) {
     auto t = llamad::rpc::LoadOrCreateToken(config->token_file);
     if (!t.ok()) return Fail(t.status());
@@ -117,23 +134,13 @@ int main(int argc, char** argv) {
       if (!t.ok()) return Fail(t.status());
       token = *t;
     }
-    auto devices = llamad::daemon::ResolveDevices(config->devices);
-    if (!devices.ok()) return Fail(devices.status());
-    if (auto s = CheckJobFolders(config->data_dir); !s.ok()) return Fail(s);
     llamad::daemon::NodeAgentOptions options;
     options.scheduler_address = scheduler_address;
     options.tls = tls;
     options.token = token;
     options.token_file = config->token_file;
     options.hostname = HostName();
-    options.node_id = config->node_id.empty() ? options.hostname : config->node_id;
-    // A configured name was checked with the config; the host name, the default, is here.
-    if (config->node_id.empty()) {
-      if (auto s = llamad::rpc::CheckNodeId(options.hostname); !s.ok()) {
-        return Fail(absl::InvalidArgumentError(
-            std::string(s.message()) + " (it is this machine's host name: give the node a name with node_id)"));
-      }
-    }
+    options.node_id = config->node_id;
     options.devices = devices->count;
     options.device_kind = devices->kind;
     options.data_dir = config->data_dir;

@@ -200,7 +200,7 @@ absl::Status CheckNodeDescription(std::string_view hostname, std::string_view de
                                         ", a control character");
     }
   }
-  if (device_kind != "cuda" && device_kind != "cpu") {
+  if (!IsDeviceKind(device_kind)) {
     return absl::InvalidArgumentError("device_kind: '" + std::string(device_kind.substr(0, 32)) +
                                       "' is neither \"cuda\" nor \"cpu\"");
   }

@@ -58,6 +58,7 @@ absl::Status CheckNodeId(std::string_view id);
 // most kMaxNodeIdLength bytes and no control characters; empty when unknown) and its
 // device kind, "cuda" or "cpu". INVALID_ARGUMENT names the field and what is wrong.
 absl::Status CheckNodeDescription(std::string_view hostname, std::string_view device_kind);
+inline bool IsDeviceKind(std::string_view kind) { return kind == "cuda" || kind == "cpu"; }
 
 // absl::Status -> grpc::Status with the same code and message.
 grpc::Status ToGrpc(const absl::Status& status);
