@@ -366,8 +366,9 @@ absl::StatusOr<ResumePoint> OpenCheckpoints(const JobSpec& spec, const Common& c
     r.step = *latest;
   }
   // A run with steps left to train removes the job's checkpoints past the step it resumes
-  // (see DiscardNewerCheckpoints); they are committed work, so only when asked.
-  if (r.store && !common.discard_newer && r.step < spec.training.steps) {
+  // (see DiscardNewerCheckpoints); they are committed work, so only when asked. A run that
+  // may fall back to an older step may have steps left although the chosen one has none.
+  if (r.store && !common.discard_newer && (r.step < spec.training.steps || common.resume_fallback)) {
     auto newest = r.store->LatestStep(spec.name);
     if (newest.ok() && *newest > r.step) {
       return absl::InvalidArgumentError(StrCat(

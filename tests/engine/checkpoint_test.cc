@@ -499,6 +499,12 @@ TEST(CheckpointProcessTest, ResumingAnOlderStepRemovesNewerCheckpointsOnlyWhenAs
     EXPECT_NE(nothing.output.find("nothing to train"), std::string::npos) << discard << "\n" << nothing.output;
     EXPECT_EQ(steps(), (std::vector<int64_t>{3, 6})) << discard;
   }
+  // Unless it may fall back: a damaged step 3 would leave steps to train from step 2.
+  const auto may_fall_back =
+      testing::RunCommand(Train("--config " + job + " -f " + three + " --resume-fallback --steps 3"));
+  EXPECT_EQ(may_fall_back.exit_code, 2) << may_fall_back.output;
+  EXPECT_NE(may_fall_back.output.find("--discard-newer"), std::string::npos) << may_fall_back.output;
+  EXPECT_EQ(steps(), (std::vector<int64_t>{3, 6}));
 
   const auto asked = testing::RunCommand(Train("--config " + job + " -f " + three + " --discard-newer --steps 4"));
   EXPECT_EQ(asked.exit_code, 0) << asked.output;
