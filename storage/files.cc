@@ -119,6 +119,28 @@ absl::Status PublishFile(const std::string& tmp, const std::string& path) {
   return RenameDurably(tmp, path);
 }
 
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int error = errno;
+    const absl::Status status = ErrnoError(path, "cannot open", error);
+    return error == ENOENT ? absl::NotFoundError(status.message()) : status;
+  }
+  std::string bytes;
+  absl::Status status;
+  char buffer[1 << 16];
+  while (true) {
+    const ssize_t n = ::read(fd, buffer, sizeof(buffer));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) status = ErrnoError(path, "read failed");  // EISDIR for a folder
+    if (n <= 0) break;
+    bytes.append(buffer, size_t(n));
+  }
+  ::close(fd);
+  if (!status.ok()) return status;
+  return bytes;
+}
+
 absl::Status WriteFile(const std::string& path, std::string_view bytes) { return Write(path, bytes, false); }
 
 absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes) {

@@ -47,6 +47,11 @@ absl::Status PublishFile(const std::string& tmp, const std::string& path);
 // does. A failed write leaves no temporary either.
 absl::Status WriteFileAtomically(const std::string& path, std::string_view bytes);
 
+// The whole of the file `path`. NotFound when it does not exist; a folder, or a read that
+// fails part way (an I/O error), is an error that names the path and the reason, never a
+// shorter content.
+absl::StatusOr<std::string> ReadFile(const std::string& path);
+
 // Writes `bytes` to `path`, replacing it, without syncing the disk: for a file that a
 // crash may lose, as it is written again. A failed write removes the file, and the error
 // names it and the reason.

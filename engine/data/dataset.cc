@@ -4,7 +4,6 @@
 
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 
 #include "core/strings.h"
 #include "data/corpus.h"
@@ -31,12 +30,13 @@ absl::StatusOr<std::string> PrepareCached(const std::string& input, const std::s
                                           const std::function<void(const std::string&)>& log) {
   std::vector<std::string> files;
   if (auto s = ListCorpusFiles(input, &files); !s.ok()) return s;
-  std::ifstream t(tokenizer, std::ios::binary);
-  if (!t) return absl::NotFoundError(StrCat(tokenizer, ": cannot open the tokenizer model"));
-  const std::string model((std::istreambuf_iterator<char>(t)), std::istreambuf_iterator<char>());
+  auto model = storage::ReadFile(tokenizer);
+  if (!model.ok()) {
+    return absl::Status(model.status().code(), StrCat(model.status().message(), " (the tokenizer model)"));
+  }
   XXH64_state_t* h = XXH64_createState();
   XXH64_reset(h, uint64_t(kDatasetVersion));
-  XXH64_update(h, model.data(), model.size());
+  XXH64_update(h, model->data(), model->size());
   for (const std::string& f : files) {
     std::error_code ec;
     const std::string abs = fs::absolute(f).string();

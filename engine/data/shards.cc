@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "core/strings.h"
+#include "storage/files.h"
 
 namespace llamad::data {
 namespace {
@@ -188,15 +189,14 @@ absl::StatusOr<std::unique_ptr<PreparedDataset>> PreparedDataset::Open(const std
   // generation's files, and a job that has the shards mapped still needs their tokenizer.
   if (!d->tokenizer_file_.empty()) {
     const std::string path = dir + "/" + d->tokenizer_file_;
-    std::ifstream model(path, std::ios::binary);
-    if (!model) return absl::NotFoundError(StrCat(path, ": the index names this tokenizer, which cannot be read"));
-    std::stringstream bytes;
-    bytes << model.rdbuf();
-    d->tokenizer_model_ = bytes.str();
-    // An empty file (or a folder) in its place is a damaged dataset, not one without a tokenizer.
-    if (model.bad() || d->tokenizer_model_.empty()) {
-      return absl::DataLossError(StrCat(path, ": the index names this tokenizer, which is empty or cannot be read"));
+    auto model = storage::ReadFile(path);
+    if (!model.ok()) {
+      const std::string message = StrCat(model.status().message(), " (the index names this tokenizer)");
+      // A folder in its place, like an empty file, is a damaged dataset.
+      return absl::IsNotFound(model.status()) ? absl::NotFoundError(message) : absl::DataLossError(message);
     }
+    if (model->empty()) return absl::DataLossError(StrCat(path, ": the index names this tokenizer, which is empty"));
+    d->tokenizer_model_ = *std::move(model);
   }
   for (const ShardInfo& info : d->shards_) {
     const std::string path = dir + "/" + info.file;

@@ -19,6 +19,7 @@
 #include "common/scratch_dir.h"
 #include "common/flip_byte.h"
 #include "storage/direct_io.h"
+#include "storage/files.h"
 #include "storage/safetensors.h"
 
 namespace llamad::storage {
@@ -541,6 +542,30 @@ TEST(SafetensorsTest, RoundTripAndHalfPrecisionReads) {
   auto bad = ListSafetensors((dir / "bad.safetensors").string());
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("bad.safetensors"), std::string::npos);
+}
+
+// A file is read whole (past any one read's size), or the error says why: a folder is not
+// an empty file.
+TEST(FilesTest, ReadFileReadsAllOrSaysWhyNot) {
+  const fs::path dir = llamad::testing::ScratchDir("llamad-store") / "read-file";
+  fs::create_directories(dir);
+  std::string bytes(300'000, '\0');
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = char(i * 131 + i / 7);
+  ASSERT_TRUE(WriteFile((dir / "big").string(), bytes).ok());
+  auto read = ReadFile((dir / "big").string());
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_TRUE(*read == bytes) << read->size() << " bytes read";
+  ASSERT_TRUE(WriteFile((dir / "empty").string(), "").ok());
+  read = ReadFile((dir / "empty").string());
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(*read, "");
+
+  read = ReadFile((dir / "missing").string());
+  EXPECT_EQ(read.status().code(), absl::StatusCode::kNotFound) << read.status();
+  EXPECT_EQ(read.status().message(), (dir / "missing").string() + ": cannot open: No such file or directory");
+  read = ReadFile(dir.string());
+  EXPECT_EQ(read.status().code(), absl::StatusCode::kInternal) << read.status();
+  EXPECT_EQ(read.status().message(), dir.string() + ": read failed: Is a directory");
 }
 
 }  // namespace
