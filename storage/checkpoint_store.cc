@@ -72,26 +72,30 @@ bool AnotherUsersUnreadableFolder(const fs::path& dir, const std::error_code& ec
 
 // Calls f(job, step, folder) for each <root>/<job>/step-<n> folder. A root that is not a
 // folder holds none (creating it says why it cannot be one); one that cannot be listed
-// whole is an error, as a folder the listing missed may hold committed shards.
+// whole is an error, as a folder the listing missed may hold committed shards. A job
+// folder that cannot be listed does not hide the others: f still sees their steps, and
+// the first such folder is the error returned.
 template <typename F>
 absl::Status ForEachStepFolder(const std::string& root, F&& f) {
-  std::error_code ec;
-  auto list_failed = [&ec](const fs::path& dir) {
+  auto list_failed = [](const fs::path& dir, const std::error_code& ec) {
     return absl::InternalError(fmt::format("{}: cannot list the checkpoint folders: {}", dir.string(), ec.message()));
   };
+  std::error_code ec;
   fs::directory_iterator jobs(root, ec);
   if (ec == std::errc::no_such_file_or_directory || ec == std::errc::not_a_directory) return absl::OkStatus();
+  absl::Status first_unlisted;
   for (const fs::directory_iterator end; !ec && jobs != end; jobs.increment(ec)) {
     std::error_code type;
     if (!jobs->is_directory(type) || jobs->path().filename() == "index") continue;
-    for (fs::directory_iterator steps(jobs->path(), ec); !ec && steps != end; steps.increment(ec)) {
+    std::error_code listing;
+    for (fs::directory_iterator steps(jobs->path(), listing); !listing && steps != end; steps.increment(listing)) {
       const auto step = StepOfFolderName(steps->path().filename().string());
       if (step && steps->is_directory(type)) f(jobs->path().filename().string(), *step, steps->path());
     }
-    if (AnotherUsersUnreadableFolder(jobs->path(), ec)) ec.clear();
-    if (ec) return list_failed(jobs->path());
+    if (AnotherUsersUnreadableFolder(jobs->path(), listing)) listing.clear();
+    if (listing && first_unlisted.ok()) first_unlisted = list_failed(jobs->path(), listing);
   }
-  return ec ? list_failed(root) : absl::OkStatus();
+  return ec ? list_failed(root, ec) : first_unlisted;
 }
 
 // What a step folder holds. Only one holding nothing or nothing but the files a save
@@ -906,7 +910,7 @@ absl::Status CheckpointStore::RemoveUncommitted() {
   absl::Status status;
   std::error_code ec;
   // Cleanup, unlike Open's check without an index: what it cannot list it leaves as it is,
-  // as it leaves a folder it fails to remove.
+  // as it leaves a folder it fails to remove, and it still cleans the job folders it can list.
   (void)ForEachStepFolder(root_, [&](const std::string& job, int64_t step, const fs::path& dir) {
     if (!status.ok()) return;
     auto it = committed.find(job);

@@ -186,12 +186,19 @@ TEST(CheckpointStoreTest, WithoutAnIndexAFolderThatCannotBeListedStopsTheOpen) {
   EXPECT_FALSE(fs::exists(root / "index"));
   EXPECT_TRUE(fs::exists(job / "step-4" / "rank-0.shard"));
   // With its index, the store opens there: its cleanup of unfinished saves leaves what it
-  // cannot list as it is.
+  // cannot list as it is, and still removes those in the job folders it can list, whichever
+  // order the listing gives them in.
   fs::remove_all(job);
   ASSERT_TRUE(CheckpointStore::Open(root.string()).ok());
   const fs::path other = root / "other";
   fs::create_directories(other / "step-2");
   std::ofstream(other / "step-2" / "rank-0.shard") << "shard bytes";
+  std::vector<fs::path> unfinished;
+  for (int i = 0; i < 8; ++i) {
+    unfinished.push_back(root / ("job-" + std::to_string(i)) / "step-5");
+    fs::create_directories(unfinished.back());
+    std::ofstream(unfinished.back() / "rank-0.shard") << "half a save";
+  }
   fs::permissions(other, fs::perms::none);
   {
     ObeyFilePermissions obey;
@@ -200,6 +207,7 @@ TEST(CheckpointStoreTest, WithoutAnIndexAFolderThatCannotBeListedStopsTheOpen) {
   }
   fs::permissions(other, fs::perms::owner_all);
   EXPECT_TRUE(fs::exists(other / "step-2" / "rank-0.shard"));
+  for (const fs::path& dir : unfinished) EXPECT_FALSE(fs::exists(dir)) << dir;
 }
 
 // A folder of another user's that this one cannot list, such as the lost+found at the top
