@@ -85,7 +85,9 @@ absl::StatusOr<FileLock> FileLock::Acquire(const std::string& path) {
 }
 
 absl::StatusOr<FileLock> FileLock::TryAcquire(const std::string& path) {
-  return Lock(path, O_RDONLY, LOCK_EX | LOCK_NB);  // read-only opens a folder too
+  // Read-only opens a folder too; O_NONBLOCK keeps the open itself from waiting when a
+  // FIFO stands where the lock file was expected (it does not change a file's lock).
+  return Lock(path, O_RDONLY | O_NONBLOCK, LOCK_EX | LOCK_NB);
 }
 
 absl::StatusOr<FileLock> FileLock::Lock(const std::string& path, int open_flags, int lock_flags) {

@@ -5,9 +5,13 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/capability.h>
+#include <signal.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fmt/format.h>
 #include <fstream>
@@ -574,6 +578,31 @@ TEST(FilesTest, ReadFileReadsAllOrSaysWhyNot) {
   read = ReadFile(dir.string());
   EXPECT_EQ(read.status().code(), absl::StatusCode::kInternal) << read.status();
   EXPECT_EQ(read.status().message(), dir.string() + ": read failed: Is a directory");
+}
+
+// TryAcquire never waits, not even to open a FIFO found where the lock file was expected
+// (a plain read-only open of one waits for a writer). It runs in a child process, which
+// the test can kill if it hangs.
+TEST(FilesTest, TryAcquireDoesNotWaitOnAFifo) {
+  const fs::path dir = llamad::testing::ScratchDir("llamad-store") / "fifo-lock";
+  fs::create_directories(dir);
+  const fs::path fifo = dir / "launcher.lock";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0) << std::strerror(errno);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) ::_exit(FileLock::TryAcquire(fifo.string()).ok() ? 0 : 1);
+  int status = 0;
+  pid_t done = 0;
+  for (int tries = 0; tries < 200 && done == 0; ++tries) {  // up to 10 s
+    done = ::waitpid(child, &status, WNOHANG);
+    if (done == 0) ::usleep(50'000);
+  }
+  if (done == 0) {
+    ::kill(child, SIGKILL);
+    ::waitpid(child, &status, 0);
+    FAIL() << "TryAcquire on a FIFO still waited after 10 s";
+  }
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "status " << status;
 }
 
 }  // namespace
