@@ -8,8 +8,6 @@
 // Exit codes: 0 success, 1 runtime failure, 2 bad command line, job file or data.
 #include <CLI/CLI.hpp>
 #include <signal.h>
-#include <fcntl.h>
-#include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -44,6 +42,7 @@
 #include "comm/communicator.h"
 #include "comm/nccl_communicator.h"
 #include "data/dataset.h"
+#include "storage/files.h"
 #include "train/checkpointing.h"
 #include "train/jobspec.h"
 #include "train/memory_plan.h"
@@ -623,13 +622,12 @@ void RemoveStaleRendezvousFolders() {
     std::error_code age_ec;
     const auto modified = std::filesystem::last_write_time(folder, age_ec);
     if (age_ec || now - modified < std::chrono::minutes(1)) continue;
-    const int fd = ::open((folder / kRendezvousLock).c_str(), O_RDWR | O_CLOEXEC);
-    if (fd < 0) continue;  // not a launcher's folder of this kind
-    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) {
+    // Neither a missing lock file (not a launcher's folder of this kind) nor a held lock
+    // (a launcher still running) lets the folder go.
+    if (const auto lock = storage::FileLock::TryAcquire((folder / kRendezvousLock).string()); lock.ok()) {
       std::error_code remove_ec;
       std::filesystem::remove_all(folder, remove_ec);
     }
-    ::close(fd);  // releases the lock
   }
 }
 
@@ -654,11 +652,11 @@ int LaunchRanks(int nproc) {
     std::fprintf(stderr, "llama-train: cannot create a rendezvous folder: %s\n", std::strerror(errno));
     return kExitFailure;
   }
-  // Held until this process ends (close-on-exec: the ranks do not hold it).
-  const int lock_fd = ::open((std::filesystem::path(dir) / kRendezvousLock).c_str(),
-                             O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (lock_fd < 0 || ::flock(lock_fd, LOCK_EX) != 0) {
-    std::fprintf(stderr, "llama-train: cannot lock the rendezvous folder %s: %s\n", dir, std::strerror(errno));
+  // Held until the folder is removed (close-on-exec: the ranks do not hold it).
+  const auto lock = storage::FileLock::Acquire((std::filesystem::path(dir) / kRendezvousLock).string());
+  if (!lock.ok()) {
+    const std::string why(lock.status().message());
+    std::fprintf(stderr, "llama-train: cannot lock the rendezvous folder: %s\n", why.c_str());
     std::error_code ec;
     std::filesystem::remove_all(dir, ec);
     return kExitFailure;
@@ -754,7 +752,6 @@ int LaunchRanks(int nproc) {
   }
   std::error_code ec;
   std::filesystem::remove_all(dir, ec);
-  ::close(lock_fd);
   return result;
 }
 

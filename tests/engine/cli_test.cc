@@ -133,12 +133,12 @@ TEST(CliTest, BadInputExitsWithCode2AndNamesTheProblem) {
 
 // A launcher killed with SIGKILL cannot remove its ranks' rendezvous folder; the next
 // launcher removes the folders whose launcher no longer holds their lock, and its own
-// when done.
+// when done. A folder of that name without a lock file is not a launcher's: it stays.
 TEST(CliTest, LaunchersRemoveTheRendezvousFoldersOfKilledLaunchers) {
-  auto make_folder = [](const std::string& name) {
+  auto make_folder = [](const std::string& name, bool with_lock_file = true) {
     const std::filesystem::path folder = "/tmp/llamad-rendezvous-" + name;
     std::filesystem::create_directories(folder);
-    std::ofstream(folder / "launcher.lock");
+    if (with_lock_file) std::ofstream(folder / "launcher.lock");
     std::ofstream(folder / "0") << "a rank's key";
     // Older than the minute a new launcher's folder is left alone.
     std::filesystem::last_write_time(folder, std::filesystem::file_time_type::clock::now() - std::chrono::minutes(5));
@@ -150,12 +150,16 @@ TEST(CliTest, LaunchersRemoveTheRendezvousFoldersOfKilledLaunchers) {
   const int lock = ::open((live / "launcher.lock").c_str(), O_RDWR | O_CLOEXEC);
   ASSERT_GE(lock, 0);
   ASSERT_EQ(::flock(lock, LOCK_EX), 0);
+  const std::filesystem::path unknown = make_folder("3-Ef56Gh", false);
   const Result r = RunTrain("train --config " + SmallJob() + " --nproc 2 --threads 1");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_FALSE(std::filesystem::exists(stale));
   EXPECT_TRUE(std::filesystem::exists(live / "0"));
+  EXPECT_TRUE(std::filesystem::exists(unknown / "0"));
+  EXPECT_FALSE(std::filesystem::exists(unknown / "launcher.lock"));
   ::close(lock);
   std::filesystem::remove_all(live);
+  std::filesystem::remove_all(unknown);
 }
 
 }  // namespace
